@@ -1,0 +1,232 @@
+//! The generation loop: a model, its tokenizer and chat template, and the
+//! stop rules, behind one type that the CLI (and later the server) drive.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::GenerationConfig;
+use crate::error::{Error, Result};
+use crate::model::{self, CausalLm, Logits, Session};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::template::{ChatTemplate, SpecialTokens};
+use crate::tokenizer::Tokenizer;
+
+/// What the user asked the model to continue.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// One user message (and an optional system message), rendered with the
+    /// checkpoint's chat template and a generation prompt.
+    Chat {
+        system: Option<String>,
+        user: String,
+    },
+    /// Text tokenized as is.
+    Raw(String),
+    /// Token ids, fed unchanged.
+    Ids(Vec<u32>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end-of-sequence token was generated.
+    Eos,
+    /// `max_tokens` was reached, or the context is full.
+    Length,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// Prompt processing up to the first token's logits.
+    pub prefill_s: f64,
+    pub prefill_tokens: usize,
+    /// Decode steps after the first token.
+    pub decode_s: f64,
+    pub decode_tokens: usize,
+}
+
+impl Timings {
+    pub fn prefill_tok_s(&self) -> f64 {
+        rate(self.prefill_tokens, self.prefill_s)
+    }
+
+    pub fn decode_tok_s(&self) -> f64 {
+        rate(self.decode_tokens, self.decode_s)
+    }
+}
+
+fn rate(n: usize, s: f64) -> f64 {
+    if s > 0.0 {
+        n as f64 / s
+    } else {
+        0.0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids, including the end-of-sequence token if one stopped it.
+    pub tokens: Vec<u32>,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+}
+
+/// A loaded model with everything needed to turn text into text.
+pub struct Engine {
+    pub dir: PathBuf,
+    pub model: Box<dyn CausalLm>,
+    pub tokenizer: Option<Tokenizer>,
+    pub template: Option<ChatTemplate>,
+    /// Every id that ends generation: `generation_config.json`'s list and the
+    /// tokenizer's eos token.
+    pub eos_ids: Vec<u32>,
+}
+
+impl Engine {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let ckpt = Checkpoint::open(dir)?;
+        let model = model::load(&ckpt)?;
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(Tokenizer::from_dir(dir)?)
+        } else {
+            None
+        };
+        let template = if has_chat_template(dir)? {
+            Some(ChatTemplate::from_dir(dir)?)
+        } else {
+            None
+        };
+        let eos_ids = eos_ids(&ckpt.generation, dir, tokenizer.as_ref())?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            model,
+            tokenizer,
+            template,
+            eos_ids,
+        })
+    }
+
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::format(
+                &self.dir,
+                "no tokenizer.json; pass token ids with --ids instead",
+            )
+        })
+    }
+
+    /// Token ids for a prompt, rendered and tokenized as transformers would.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Ids(ids) => Ok(ids.clone()),
+            Prompt::Raw(text) => self.tokenizer()?.encode(text, true),
+            Prompt::Chat { system, user } => {
+                let template = self.template.as_ref().ok_or_else(|| {
+                    Error::format(
+                        &self.dir,
+                        "no chat template (tokenizer_config.json or chat_template.jinja); use --raw to send text as is",
+                    )
+                })?;
+                let mut messages = Vec::new();
+                if let Some(s) = system {
+                    messages.push(json!({"role": "system", "content": s}));
+                }
+                messages.push(json!({"role": "user", "content": user}));
+                let text = template.render(&Value::Array(messages), None, true, &Map::new())?;
+                self.tokenizer()?.encode(&text, false)
+            }
+        }
+    }
+
+    pub fn new_session(&self) -> Session {
+        self.model.new_session()
+    }
+
+    /// Runs `prompt` through the model after whatever the session already
+    /// holds, then samples up to `max_tokens` tokens. `on_token` sees each
+    /// token as soon as it is chosen, for streaming.
+    pub fn generate(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        params: &SamplingParams,
+        max_tokens: usize,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Generation> {
+        params.validate()?;
+        let max_ctx = self.model.config().max_position_embeddings;
+        let mut sampler = Sampler::new(params.clone());
+        let mut history: Vec<u32> = prompt.to_vec();
+        let mut tokens = Vec::new();
+        let mut timings = Timings {
+            prefill_tokens: prompt.len(),
+            ..Default::default()
+        };
+
+        let start = Instant::now();
+        let mut logits = self.model.forward(prompt, session, Logits::Last)?;
+        timings.prefill_s = start.elapsed().as_secs_f64();
+
+        let decode_start = Instant::now();
+        let stop_reason = loop {
+            if tokens.len() >= max_tokens {
+                break StopReason::Length;
+            }
+            let tok = sampler.sample(logits, &history);
+            tokens.push(tok);
+            history.push(tok);
+            on_token(tok);
+            if self.eos_ids.contains(&tok) {
+                break StopReason::Eos;
+            }
+            if tokens.len() >= max_tokens || session.len() >= max_ctx {
+                break StopReason::Length;
+            }
+            logits = self.model.forward(&[tok], session, Logits::Last)?;
+            timings.decode_tokens += 1;
+        };
+        timings.decode_s = decode_start.elapsed().as_secs_f64();
+        Ok(Generation {
+            tokens,
+            stop_reason,
+            timings,
+        })
+    }
+}
+
+/// Whether the checkpoint ships a chat template at all; a broken one is an
+/// error when it is loaded, a missing one only when a chat prompt needs it.
+fn has_chat_template(dir: &Path) -> Result<bool> {
+    if dir.join("chat_template.jinja").exists() {
+        return Ok(true);
+    }
+    let cfg = dir.join("tokenizer_config.json");
+    if !cfg.exists() {
+        return Ok(false);
+    }
+    let v = crate::error::read_json(&cfg)?;
+    Ok(v.get("chat_template").is_some_and(|t| !t.is_null()))
+}
+
+fn eos_ids(gen: &GenerationConfig, dir: &Path, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
+    let mut ids = gen.eos_token_ids.clone();
+    if let (Some(tok), Some(eos)) = (tok, SpecialTokens::from_dir(dir)?.eos) {
+        if let Some(id) = tok.token_to_id(&eos) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
+}

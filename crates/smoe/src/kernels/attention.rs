@@ -1,0 +1,89 @@
+//! Scaled dot-product attention of new queries against the KV cache.
+//!
+//! Keys and values are stored position-major (`[pos][kv_head][head_dim]`),
+//! so appending a token is one contiguous write and a head's keys are read
+//! with a fixed stride. Work is split over (token, head) pairs; each query
+//! reads only the keys its causal (and sliding-window) mask allows, so no
+//! masked score is ever computed.
+
+use rayon::prelude::*;
+
+use super::{ops::softmax, simd::dot_f32};
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Position of the first query; queries are `pos0..pos0 + t`.
+    pub pos0: usize,
+    pub window: Option<usize>,
+}
+
+/// `q` is `[t, n_heads * head_dim]`; `keys`/`values` hold positions
+/// `0..pos0 + t`; `out` is `[t, n_heads * head_dim]`.
+pub fn attention(q: &[f32], keys: &[f32], values: &[f32], s: AttnShape, out: &mut [f32]) {
+    let hd = s.head_dim;
+    let kv_stride = s.n_kv_heads * hd;
+    let group = s.n_heads / s.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (i, o)| {
+            let (tok, head) = (i / s.n_heads, i % s.n_heads);
+            let kvh = head / group;
+            let qpos = s.pos0 + tok;
+            let first = s.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+            let qv = &q[i * hd..(i + 1) * hd];
+            scores.clear();
+            scores.extend((first..=qpos).map(|p| {
+                let k = &keys[p * kv_stride + kvh * hd..][..hd];
+                dot_f32(qv, k) * scale
+            }));
+            softmax(scores);
+            o.fill(0.0);
+            for (p, w) in (first..=qpos).zip(scores.iter()) {
+                let v = &values[p * kv_stride + kvh * hd..][..hd];
+                super::simd::axpy(*w, v, o);
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_key_returns_its_value_and_window_masks() {
+        let s = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+            pos0: 0,
+            window: None,
+        };
+        let q = [1.0, 0.0, 0.0, 1.0];
+        let mut out = [0.0; 4];
+        attention(&q, &[0.5, 0.5], &[3.0, 4.0], s, &mut out);
+        assert_eq!(out, [3.0, 4.0, 3.0, 4.0]);
+
+        // Two positions, window 1: the query at position 1 sees only itself.
+        let s = AttnShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+            pos0: 1,
+            window: Some(1),
+        };
+        let mut out = [0.0; 2];
+        attention(
+            &[1.0, 1.0],
+            &[9.0, 9.0, 0.0, 0.0],
+            &[1.0, 1.0, 5.0, 6.0],
+            s,
+            &mut out,
+        );
+        assert_eq!(out, [5.0, 6.0]);
+    }
+}

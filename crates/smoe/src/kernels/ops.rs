@@ -1,0 +1,156 @@
+//! Element-wise and row-wise operations of the transformer block. They are
+//! O(hidden) per token, negligible next to the matrix products, so they are
+//! plain loops that LLVM vectorises.
+
+use crate::config::RopeScaling;
+
+/// RMSNorm of each `dim`-wide row of `x` into `out`, in f32 as transformers
+/// does (`x * rsqrt(mean(x^2) + eps) * weight`).
+pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = weight.len();
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let inv = inv_rms(xr, eps);
+        for ((o, v), w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = w * (v * inv);
+        }
+    }
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// RMSNorm in place over each `weight.len()`-wide row (per-head q/k norms).
+pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for xr in x.chunks_exact_mut(dim) {
+        let inv = inv_rms(xr, eps);
+        for (v, w) in xr.iter_mut().zip(weight) {
+            *v = w * (*v * inv);
+        }
+    }
+}
+
+/// `gate = silu(gate) * up`, the SwiGLU activation.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+pub fn add_in_place(y: &mut [f32], x: &[f32]) {
+    for (a, b) in y.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+/// Rotary position embedding in the NeoX layout (rotate-half: element `i`
+/// pairs with `i + dim/2`), which is what HF Qwen, Llama and Mixtral use.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    position_scale: f32,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
+        // Same formula and f32 rounding as transformers'
+        // compute_default_rope_parameters.
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        let position_scale = match scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => (1.0 / factor) as f32,
+        };
+        Self {
+            inv_freq,
+            position_scale,
+        }
+    }
+
+    pub fn half_dim(&self) -> usize {
+        self.inv_freq.len()
+    }
+
+    /// cos/sin tables for `positions`, `half_dim` values per position; built
+    /// once per forward call and shared by every layer and head.
+    pub fn tables(
+        &self,
+        positions: std::ops::Range<usize>,
+        cos: &mut Vec<f32>,
+        sin: &mut Vec<f32>,
+    ) {
+        cos.clear();
+        sin.clear();
+        for p in positions {
+            let p = p as f32 * self.position_scale;
+            for f in &self.inv_freq {
+                let a = p * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+
+    /// Rotates every head of one token's `x` (`n_heads * 2 * half_dim`)
+    /// with that token's table rows.
+    pub fn apply(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = cos.len();
+        for head in x.chunks_exact_mut(2 * half) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x0, x1) = (a[i], b[i]);
+                a[i] = x0 * cos[i] - x1 * sin[i];
+                b[i] = x1 * cos[i] + x0 * sin[i];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_and_keeps_norm() {
+        let rope = Rope::new(4, 10000.0, &RopeScaling::None);
+        let (mut c, mut s) = (Vec::new(), Vec::new());
+        rope.tables(0..3, &mut c, &mut s);
+        let mut x = [1.0, 2.0, 3.0, 4.0];
+        Rope::apply(&mut x, &c[0..2], &s[0..2]);
+        assert_eq!(x, [1.0, 2.0, 3.0, 4.0], "position 0 is the identity");
+        let mut y = [1.0, 0.0, 0.0, 0.0];
+        Rope::apply(&mut y, &c[2..4], &s[2..4]);
+        // Position 1, first frequency 1: (cos 1, 0, sin 1, 0).
+        assert!((y[0] - 1f32.cos()).abs() < 1e-6 && (y[2] - 1f32.sin()).abs() < 1e-6);
+        let norm: f32 = y.iter().map(|v| v * v).sum();
+        assert!((norm - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_and_norm() {
+        let mut v = [1.0, 2.0, 3.0];
+        softmax(&mut v);
+        assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-6 && v[2] > v[1]);
+        let mut x = [3.0, 4.0];
+        rms_norm(&mut x, &[1.0, 2.0], 0.0);
+        let r = (12.5f32).sqrt();
+        assert!((x[0] - 3.0 / r).abs() < 1e-6 && (x[1] - 8.0 / r).abs() < 1e-6);
+    }
+}

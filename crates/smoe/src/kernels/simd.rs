@@ -1,0 +1,344 @@
+//! Inner loops: dot products and widening of bf16/f16/f32 weight rows
+//! against f32 activations.
+//!
+//! Each has a portable version that LLVM autovectorises for the baseline
+//! target and, on x86-64, an AVX2+FMA(+F16C) version picked at run time, so
+//! one binary runs everywhere and still uses the wide units where they
+//! exist. Every SIMD path is tested against the portable one.
+
+use half::{bf16, f16};
+
+use super::DType;
+
+#[inline]
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Reinterprets little-endian bytes as u16 words. The checkpoint loader
+/// guarantees alignment (it copies the rare misaligned tensor).
+#[inline]
+pub(crate) fn as_u16(bytes: &[u8]) -> &[u16] {
+    // SAFETY: u16 has no invalid bit patterns; alignment and length are
+    // checked by align_to leaving empty prefix/suffix.
+    let (pre, mid, post) = unsafe { bytes.align_to::<u16>() };
+    assert!(
+        pre.is_empty() && post.is_empty(),
+        "weight bytes not 2-byte aligned"
+    );
+    mid
+}
+
+#[inline]
+pub(crate) fn as_f32(bytes: &[u8]) -> &[f32] {
+    // SAFETY: every bit pattern is a valid f32; see as_u16.
+    let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+    assert!(
+        pre.is_empty() && post.is_empty(),
+        "weight bytes not 4-byte aligned"
+    );
+    mid
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_f16c() -> bool {
+    has_avx2() && is_x86_feature_detected!("f16c")
+}
+
+/// `dot(w, x)` where `w` is one weight row in `dtype` and `x` is f32.
+#[inline]
+pub fn dot(dtype: DType, w: &[u8], x: &[f32]) -> f32 {
+    match dtype {
+        DType::F32 => dot_f32(as_f32(w), x),
+        DType::BF16 => {
+            let w = as_u16(w);
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU supports the features the function enables.
+                return unsafe { x86::dot_bf16(w, x) };
+            }
+            portable::dot_bf16(w, x)
+        }
+        DType::F16 => {
+            let w = as_u16(w);
+            #[cfg(target_arch = "x86_64")]
+            if has_f16c() {
+                // SAFETY: as above.
+                return unsafe { x86::dot_f16(w, x) };
+            }
+            portable::dot_f16(w, x)
+        }
+    }
+}
+
+/// `dot(w, x)` for f32 slices.
+#[inline]
+pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::dot_f32(w, x) };
+    }
+    portable::dot_f32(w, x)
+}
+
+/// Four dot products sharing one weight row: the weight is loaded once for
+/// four tokens, which is what makes prefill compute-bound rather than
+/// memory-bound.
+#[inline]
+pub fn dot4_f32(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::dot4_f32(w, x) };
+    }
+    x.map(|xi| portable::dot_f32(w, xi))
+}
+
+/// `y += a * x`.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// Widens `out.len()` elements of `dtype` from `bytes` into f32.
+pub fn widen(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    match dtype {
+        DType::F32 => out.copy_from_slice(&as_f32(bytes)[..n]),
+        DType::BF16 => {
+            for (o, &b) in out.iter_mut().zip(&as_u16(bytes)[..n]) {
+                *o = bf16_to_f32(b);
+            }
+        }
+        DType::F16 => {
+            for (o, &b) in out.iter_mut().zip(&as_u16(bytes)[..n]) {
+                *o = f16::from_bits(b).to_f32();
+            }
+        }
+    }
+}
+
+/// Plain Rust, written with independent accumulators so that LLVM can
+/// vectorise without reassociating floating-point sums.
+pub(crate) mod portable {
+    use super::*;
+
+    const LANES: usize = 16;
+
+    #[inline]
+    fn dot_with(n: usize, x: &[f32], w: impl Fn(usize) -> f32) -> f32 {
+        let mut acc = [0.0f32; LANES];
+        let full = n / LANES * LANES;
+        for base in (0..full).step_by(LANES) {
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a += w(base + l) * x[base + l];
+            }
+        }
+        let tail: f32 = (full..n).map(|i| w(i) * x[i]).sum();
+        acc.iter().sum::<f32>() + tail
+    }
+
+    pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        dot_with(n, x, |i| w[i])
+    }
+
+    pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        dot_with(n, x, |i| bf16::from_bits(w[i]).to_f32())
+    }
+
+    pub fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        dot_with(n, x, |i| f16::from_bits(w[i]).to_f32())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        let raw = _mm_loadu_si128(p.cast());
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+    }
+
+    /// The shared shape of all three dots: four 8-lane accumulators to
+    /// hide FMA latency, one 8-lane loop, then a scalar tail.
+    macro_rules! dot_body {
+        ($w:ident, $x:ident, $load:expr, $scalar:expr) => {{
+            let n = $w.len().min($x.len());
+            let (wp, xp) = ($w.as_ptr(), $x.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * k;
+                    *a = _mm256_fmadd_ps($load(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps($load(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+                i += 8;
+            }
+            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut sum = hsum(v);
+            while i < n {
+                sum += $scalar(*wp.add(i)) * *xp.add(i);
+                i += 1;
+            }
+            sum
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+        dot_body!(w, x, |p| load_bf16(p), |b: u16| f32::from_bits(
+            (b as u32) << 16
+        ))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
+        dot_body!(
+            w,
+            x,
+            |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+            |b: u16| half::f16::from_bits(b).to_f32()
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        dot_body!(w, x, |p| _mm256_loadu_ps(p), |v: f32| v)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4_f32(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        let n = x.iter().fold(w.len(), |n, xi| n.min(xi.len()));
+        let wp = w.as_ptr();
+        let xp = x.map(|xi| xi.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= n {
+            let wv = _mm256_loadu_ps(wp.add(i));
+            for k in 0..4 {
+                acc[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp[k].add(i)), acc[k]);
+            }
+            i += 8;
+        }
+        let mut out = acc.map(|a| hsum(a));
+        while i < n {
+            for k in 0..4 {
+                out[k] += *wp.add(i) * *xp[k].add(i);
+            }
+            i += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Reference in f64 so the tolerance measures the kernel, not the
+    /// reference. f32 accumulation over n terms of magnitude <= 1 errs by
+    /// about n * 2^-24 in the worst case; 1e-5 * n is a comfortable bound.
+    fn check(dtype: DType, n: usize, seed: u64) {
+        let mut s = seed;
+        let x: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+        let wf: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => wf.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::BF16 => wf
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
+                .collect(),
+            DType::F16 => wf
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
+                .collect(),
+        };
+        // Copy into u32 storage so the bytes are aligned for every dtype.
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        let wb: &mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), words.len() * 4) };
+        wb[..bytes.len()].copy_from_slice(&bytes);
+        let wb = &wb[..bytes.len()];
+        let mut widened = vec![0.0; n];
+        widen(dtype, wb, &mut widened);
+        let reference: f64 = widened
+            .iter()
+            .zip(&x)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        let got = dot(dtype, wb, &x);
+        let tol = 1e-5 * n.max(1) as f64;
+        assert!(
+            (got as f64 - reference).abs() <= tol,
+            "{dtype:?} n={n}: {got} vs {reference}"
+        );
+        let four = dot4_f32(&widened, [&x, &x, &x, &x]);
+        for v in four {
+            assert!(
+                (v as f64 - reference).abs() <= tol,
+                "dot4 n={n}: {v} vs {reference}"
+            );
+        }
+    }
+
+    #[test]
+    fn dots_match_reference_including_tails() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (i, n) in [0, 1, 7, 8, 9, 31, 32, 33, 63, 100, 257, 1000]
+                .into_iter()
+                .enumerate()
+            {
+                check(dtype, n, 17 + i as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn portable_matches_dispatched() {
+        let mut s = 5;
+        let x: Vec<f32> = (0..77).map(|_| lcg(&mut s)).collect();
+        let w: Vec<u16> = (0..77)
+            .map(|_| bf16::from_f32(lcg(&mut s)).to_bits())
+            .collect();
+        let bytes: &[u8] = unsafe { std::slice::from_raw_parts(w.as_ptr().cast(), w.len() * 2) };
+        let a = dot(DType::BF16, bytes, &x);
+        let b = portable::dot_bf16(&w, &x);
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+}

@@ -1,0 +1,1232 @@
+//! Chat templates: turns a conversation into the prompt text a model was
+//! trained on.
+//!
+//! Checkpoints ship their prompt format as a Jinja template written for
+//! Python's jinja2 as driven by HF transformers' `apply_chat_template`. A
+//! prompt that differs by a single byte from what the model saw in training
+//! can degrade it silently, so this module reproduces that rendering exactly
+//! rather than approximately: the same environment settings, the same extra
+//! filters and globals, the same preprocessing of messages, and Python's way
+//! of printing values (`None`, `True`, `1e-05`, `{'a': 1}`) and of
+//! serializing JSON (`json.dumps`). minijinja runs the template; the pieces
+//! where it behaves differently from jinja2 are replaced here.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use chrono::format::{Item, StrftimeItems};
+use chrono::NaiveDateTime;
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::{from_args, Kwargs, Rest, ValueKind};
+use minijinja::{Environment, ErrorKind, Output, State, Value};
+use serde_json::{Map, Value as Json};
+
+use crate::error::{read_json, read_to_string, Error, Result};
+
+/// Name of the main template inside the environment; it shows up in error
+/// locations as `(in chat_template:LINE)`.
+const DEFAULT_NAME: &str = "chat_template";
+/// transformers picks a template with this name over the default one when
+/// tools are passed.
+const TOOL_USE_NAME: &str = "tool_use";
+/// Where transformers looks for named templates next to `chat_template.jinja`.
+const EXTRA_TEMPLATE_DIR: &str = "additional_chat_templates";
+/// Names under which callers pass an assistant's reasoning; transformers
+/// copies the first one present to `reasoning_content` and `thinking`.
+const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+/// Variables `render` sets itself, which `extra` may not repeat (Python would
+/// fail with "got multiple values for keyword argument").
+const RESERVED_VARS: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
+/// Guards the recursive printers against self-referencing namespaces.
+const MAX_DEPTH: usize = 256;
+
+/// Special-token strings a template sees as variables.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+    pub unk: Option<String>,
+    pub pad: Option<String>,
+}
+
+impl SpecialTokens {
+    /// Reads the special tokens from `tokenizer_config.json` in `dir`. Each may
+    /// be a plain string or an `AddedToken` object with a `content` string. A
+    /// missing file gives no tokens, since a template may not need any.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer_config.json");
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let config = read_json(&path)?;
+        let Json::Object(config) = config else {
+            return Err(Error::format(&path, "expected a JSON object"));
+        };
+        let token = |key: &str| -> Result<Option<String>> {
+            match config.get(key) {
+                None | Some(Json::Null) => Ok(None),
+                Some(Json::String(s)) => Ok(Some(s.clone())),
+                Some(Json::Object(added)) => match added.get("content") {
+                    Some(Json::String(s)) => Ok(Some(s.clone())),
+                    _ => Err(Error::format(
+                        &path,
+                        format!("{key}: token object has no string \"content\""),
+                    )),
+                },
+                Some(_) => Err(Error::format(
+                    &path,
+                    format!("{key}: expected a string or an AddedToken object"),
+                )),
+            }
+        };
+        Ok(Self {
+            bos: token("bos_token")?,
+            eos: token("eos_token")?,
+            unk: token("unk_token")?,
+            pad: token("pad_token")?,
+        })
+    }
+
+    /// The tokens as template variables, in transformers' order, leaving out
+    /// unset ones so that `is defined` sees what it sees in Python.
+    fn variables(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("bos_token", &self.bos),
+            ("eos_token", &self.eos),
+            ("unk_token", &self.unk),
+            ("pad_token", &self.pad),
+        ]
+        .into_iter()
+        .filter_map(|(name, token)| token.as_deref().map(|t| (name, t)))
+    }
+}
+
+/// A compiled chat template with the special tokens it renders with.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+    has_tool_use: bool,
+    special: SpecialTokens,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source_len", &self.source.len())
+            .field("has_tool_use", &self.has_tool_use)
+            .field("special", &self.special)
+            .finish()
+    }
+}
+
+impl ChatTemplate {
+    /// Template of a checkpoint directory, found where transformers finds it:
+    /// `chat_template.jinja` (and `additional_chat_templates/*.jinja`) when
+    /// present, else `tokenizer_config.json`'s `"chat_template"`, which is a
+    /// string or a list of `{"name", "template"}` objects of which the one
+    /// named `"default"` is used. A template named `"tool_use"` is kept and
+    /// used instead when tools are passed, as transformers does.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let special = SpecialTokens::from_dir(dir)?;
+        let (default, tool_use) = find_templates(dir)?;
+        Self::build(default, tool_use, special)
+    }
+
+    /// An explicit template source (for `--chat-template FILE`), with the
+    /// special tokens given.
+    pub fn new(source: &str, special: SpecialTokens) -> Result<Self> {
+        Self::build(source.to_owned(), None, special)
+    }
+
+    fn build(source: String, tool_use: Option<String>, special: SpecialTokens) -> Result<Self> {
+        let mut env = environment()?;
+        env.add_template_owned(DEFAULT_NAME, rewrite_generation_tags(&source))
+            .map_err(template_error)?;
+        let has_tool_use = tool_use.is_some();
+        if let Some(tool_use) = tool_use {
+            env.add_template_owned(TOOL_USE_NAME, rewrite_generation_tags(&tool_use))
+                .map_err(template_error)?;
+        }
+        Ok(Self {
+            env,
+            source,
+            has_tool_use,
+            special,
+        })
+    }
+
+    /// The template text as written (the default one for a directory).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The special tokens the template sees as `bos_token` etc.
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// Renders like transformers' `apply_chat_template(tokenize=False)`.
+    ///
+    /// `messages` is a JSON array of message objects, each with a string
+    /// `"role"`; `tools` an optional JSON array of tool schemas; `extra` holds
+    /// further template variables (e.g. `enable_thinking`, `date_string`),
+    /// which override special tokens of the same name. As in transformers,
+    /// `tools` and `documents` are always defined (as `None` when absent),
+    /// keys whose value is `null` are dropped from each message, and an
+    /// assistant's reasoning is copied to both `reasoning_content` and
+    /// `thinking`.
+    pub fn render(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+        extra: &Map<String, Json>,
+    ) -> Result<String> {
+        let messages = prepare_messages(messages)?;
+        let tools = tools.map(check_tools).transpose()?;
+        if let Some(key) = RESERVED_VARS.iter().find(|k| extra.contains_key(**k)) {
+            return Err(Error::invalid(format!(
+                "template variable \"{key}\" is set by the renderer and cannot be passed as an extra"
+            )));
+        }
+        let name = if tools.is_some() && self.has_tool_use {
+            TOOL_USE_NAME
+        } else {
+            DEFAULT_NAME
+        };
+        let mut context: Vec<(&str, Value)> = self
+            .special
+            .variables()
+            .map(|(k, v)| (k, Value::from(v)))
+            .collect();
+        // Later entries replace earlier ones, so extras override special tokens.
+        context.extend(extra.iter().map(|(k, v)| (k.as_str(), json_to_value(v))));
+        context.push(("messages", messages));
+        context.push(("tools", tools.unwrap_or_else(|| Value::from(()))));
+        context.push(("documents", Value::from(())));
+        context.push(("add_generation_prompt", Value::from(add_generation_prompt)));
+        let template = self.env.get_template(name).map_err(template_error)?;
+        template
+            .render(Value::from_pairs(context))
+            .map_err(template_error)
+    }
+}
+
+/// The default template of `dir` and its `tool_use` variant, if any.
+fn find_templates(dir: &Path) -> Result<(String, Option<String>)> {
+    let file = dir.join("chat_template.jinja");
+    let extra_dir = dir.join(EXTRA_TEMPLATE_DIR);
+    let mut default = None;
+    let mut tool_use = None;
+    if file.is_file() {
+        default = Some(read_to_string(&file)?);
+    }
+    let mut other_names = Vec::new();
+    if extra_dir.is_dir() {
+        let entries = std::fs::read_dir(&extra_dir).map_err(|e| Error::io(&extra_dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(&extra_dir, e))?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some(name) = name.strip_suffix(".jinja") else {
+                continue;
+            };
+            match name {
+                "default" => default = Some(read_to_string(&path)?),
+                TOOL_USE_NAME => tool_use = Some(read_to_string(&path)?),
+                _ => other_names.push(name.to_owned()),
+            }
+        }
+    }
+    // Template files replace the config's templates entirely once any exists.
+    if default.is_some() || tool_use.is_some() || !other_names.is_empty() {
+        return match default {
+            Some(default) => Ok((default, tool_use)),
+            None => Err(Error::format(
+                dir,
+                "no default chat template: additional_chat_templates/ has no default.jinja \
+                 and there is no chat_template.jinja",
+            )),
+        };
+    }
+
+    let config_path = dir.join("tokenizer_config.json");
+    let missing = || {
+        Error::format(
+            dir,
+            "no chat template: tokenizer_config.json has no \"chat_template\" \
+             and there is no chat_template.jinja",
+        )
+    };
+    if !config_path.is_file() {
+        return Err(missing());
+    }
+    let config = read_json(&config_path)?;
+    match config.get("chat_template") {
+        None | Some(Json::Null) => Err(missing()),
+        Some(Json::String(source)) => Ok((source.clone(), None)),
+        Some(Json::Array(list)) => {
+            let mut named = Vec::new();
+            for (i, item) in list.iter().enumerate() {
+                let (Some(Json::String(name)), Some(Json::String(source))) =
+                    (item.get("name"), item.get("template"))
+                else {
+                    return Err(Error::format(
+                        &config_path,
+                        format!("chat_template[{i}]: expected {{\"name\": string, \"template\": string}}"),
+                    ));
+                };
+                named.push((name.as_str(), source.as_str()));
+            }
+            // transformers builds a dict, so a repeated name keeps the last one.
+            let find = |wanted: &str| {
+                named
+                    .iter()
+                    .rev()
+                    .find(|(name, _)| *name == wanted)
+                    .map(|(_, source)| (*source).to_owned())
+            };
+            match find("default") {
+                Some(default) => Ok((default, find(TOOL_USE_NAME))),
+                None => {
+                    let names: Vec<&str> = named.iter().map(|(name, _)| *name).collect();
+                    Err(Error::format(
+                        &config_path,
+                        format!("chat_template: no template named \"default\" among {names:?}"),
+                    ))
+                }
+            }
+        }
+        Some(_) => Err(Error::format(
+            &config_path,
+            "chat_template: expected a string or a list of {\"name\", \"template\"} objects",
+        )),
+    }
+}
+
+/// An environment configured like transformers' `ImmutableSandboxedEnvironment`.
+fn environment() -> Result<Environment<'static>> {
+    let mut env = Environment::new();
+    let syntax = SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .map_err(template_error)?;
+    env.set_syntax(syntax);
+    // Debug info clones the template source into every error; messages with
+    // the line number are enough.
+    env.set_debug(false);
+    env.set_formatter(format_output);
+    env.set_unknown_method_callback(python_method);
+    env.add_filter("tojson", tojson);
+    env.add_filter("string", |value: &Value| -> Value {
+        if value.kind() == ValueKind::String {
+            value.clone()
+        } else {
+            Value::from(py_str(value))
+        }
+    });
+    env.add_filter("trim", |value: &Value, chars: Option<&str>| {
+        py_strip(&py_str(value), chars, true, true).to_owned()
+    });
+    env.add_function("raise_exception", raise_exception);
+    env.add_function("strftime_now", |format: &str| {
+        py_strftime(&chrono::Local::now().naive_local(), format)
+    });
+    Ok(env)
+}
+
+/// transformers' `{% generation %}` extension only marks which output came
+/// from the assistant; rendering is unaffected. minijinja has no custom tags,
+/// so the tags become an always-true `if` with the same whitespace control.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        let Some(end) = tag.find("%}") else {
+            break;
+        };
+        let inner = &tag[2..end];
+        let (open, body) = split_control(inner, true);
+        let (body, close) = split_control(body, false);
+        let replacement = match body.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => write!(out, "{{%{open} {r} {close}%}}").unwrap_or(()),
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Splits a whitespace-control marker (`-` or `+`) off the start or end of a
+/// tag's inside.
+fn split_control(inner: &str, leading: bool) -> (&str, &str) {
+    let marker = |c: char| c == '-' || c == '+';
+    if leading {
+        match inner.chars().next() {
+            Some(c) if marker(c) => inner.split_at(1),
+            _ => ("", inner),
+        }
+    } else {
+        match inner.chars().last() {
+            Some(c) if marker(c) => inner.split_at(inner.len() - 1),
+            _ => (inner, ""),
+        }
+    }
+}
+
+/// Checks messages the way the rest of smoe needs them and applies
+/// transformers' preprocessing: `null` values are dropped (templates test
+/// for missing keys, and would print a literal `None`), and reasoning is
+/// aliased.
+fn prepare_messages(messages: &Json) -> Result<Value> {
+    let Json::Array(list) = messages else {
+        return Err(Error::invalid(
+            "messages: expected an array of message objects",
+        ));
+    };
+    if list.is_empty() {
+        return Err(Error::invalid("messages: the conversation is empty"));
+    }
+    let mut prepared = Vec::with_capacity(list.len());
+    for (i, message) in list.iter().enumerate() {
+        let Json::Object(message) = message else {
+            return Err(Error::invalid(format!("messages[{i}]: expected an object")));
+        };
+        match message.get("role") {
+            Some(Json::String(_)) => {}
+            None | Some(Json::Null) => {
+                return Err(Error::invalid(format!("messages[{i}]: missing \"role\"")))
+            }
+            Some(_) => {
+                return Err(Error::invalid(format!(
+                    "messages[{i}]: \"role\" must be a string"
+                )))
+            }
+        }
+        let message: Map<String, Json> = message
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        prepared.push(json_to_value(&Json::Object(alias_reasoning(message))));
+    }
+    Ok(Value::from(prepared))
+}
+
+/// transformers' `_alias_reasoning_fields`: the message becomes
+/// `{"thinking": r, **message, "reasoning_content": r}`, with Python's dict
+/// rules for where repeated keys end up (their first position, last value).
+fn alias_reasoning(message: Map<String, Json>) -> Map<String, Json> {
+    let Some(reasoning) = REASONING_FIELDS
+        .iter()
+        .find_map(|key| message.get(*key))
+        .cloned()
+    else {
+        return message;
+    };
+    let mut aliased = Map::with_capacity(message.len() + 2);
+    aliased.insert("thinking".to_owned(), reasoning.clone());
+    aliased.extend(message);
+    aliased.insert("reasoning_content".to_owned(), reasoning);
+    aliased
+}
+
+/// transformers accepts tools only as JSON-schema dicts (or Python callables,
+/// which JSON cannot carry).
+fn check_tools(tools: &Json) -> Result<Value> {
+    let Json::Array(list) = tools else {
+        return Err(Error::invalid("tools: expected an array of tool objects"));
+    };
+    if let Some(i) = list.iter().position(|tool| !tool.is_object()) {
+        return Err(Error::invalid(format!(
+            "tools[{i}]: expected a JSON schema object"
+        )));
+    }
+    Ok(json_to_value(tools))
+}
+
+/// Converts JSON keeping integers and floats apart (`1` prints as `1`, `1.0`
+/// as `1.0`) and object key order, as Python's `json.loads` does.
+fn json_to_value(json: &Json) -> Value {
+    match json {
+        Json::Null => Value::from(()),
+        Json::Bool(b) => Value::from(*b),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                n.as_f64().map(Value::from).unwrap_or_default()
+            }
+        }
+        Json::String(s) => Value::from(s.as_str()),
+        Json::Array(items) => Value::from(items.iter().map(json_to_value).collect::<Vec<_>>()),
+        Json::Object(map) => {
+            Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v))))
+        }
+    }
+}
+
+/// Carries a `raise_exception` message through minijinja so that the error
+/// reports the template author's words alone.
+#[derive(Debug)]
+struct Raised(String);
+
+impl std::fmt::Display for Raised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Raised {}
+
+fn raise_exception(message: &Value) -> std::result::Result<Value, minijinja::Error> {
+    let message = py_str(message);
+    Err(
+        minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
+            .with_source(Raised(message)),
+    )
+}
+
+fn template_error(err: minijinja::Error) -> Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = source {
+        if let Some(raised) = e.downcast_ref::<Raised>() {
+            return Error::Template(raised.0.clone());
+        }
+        source = e.source();
+    }
+    Error::Template(err.to_string())
+}
+
+fn format_output(
+    out: &mut Output,
+    _state: &mut State,
+    value: &Value,
+) -> std::result::Result<(), minijinja::Error> {
+    match value.as_str() {
+        Some(s) => out.write_str(s),
+        None => out.write_str(&py_str(value)),
+    }
+    .map_err(minijinja::Error::from)
+}
+
+/// Python's `str()` of a template value, which is what jinja2 prints.
+fn py_str(value: &Value) -> String {
+    match value.kind() {
+        ValueKind::String => value.as_str().unwrap_or_default().to_owned(),
+        ValueKind::Undefined => String::new(),
+        _ => {
+            let mut out = String::new();
+            py_repr(value, &mut out, 0);
+            out
+        }
+    }
+}
+
+/// Python's `repr()`, used for values inside printed lists and dicts.
+fn py_repr(value: &Value, out: &mut String, depth: usize) {
+    if depth > MAX_DEPTH {
+        out.push_str("...");
+        return;
+    }
+    match value.kind() {
+        ValueKind::Undefined => out.push_str("Undefined"),
+        ValueKind::None => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
+        ValueKind::Number => match as_float(value) {
+            Some(f) => out.push_str(&py_float(f)),
+            None => write!(out, "{value}").unwrap_or(()),
+        },
+        ValueKind::String => py_str_repr(value.as_str().unwrap_or_default(), out),
+        ValueKind::Seq => {
+            let tuple = value.is_tuple();
+            out.push(if tuple { '(' } else { '[' });
+            let mut count = 0;
+            if let Ok(items) = value.try_iter() {
+                for (i, item) in items.enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    py_repr(&item, out, depth + 1);
+                    count += 1;
+                }
+            }
+            if tuple && count == 1 {
+                out.push(',');
+            }
+            out.push(if tuple { ')' } else { ']' });
+        }
+        ValueKind::Map => {
+            out.push('{');
+            if let Ok(keys) = value.try_iter() {
+                for (i, key) in keys.enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    py_repr(&key, out, depth + 1);
+                    out.push_str(": ");
+                    py_repr(&value.get_item(&key).unwrap_or_default(), out, depth + 1);
+                }
+            }
+            out.push('}');
+        }
+        _ => write!(out, "{value}").unwrap_or(()),
+    }
+}
+
+/// The float inside a number value, or `None` for integers.
+fn as_float(value: &Value) -> Option<f64> {
+    if value.is_integer() {
+        None
+    } else {
+        f64::try_from(value.clone()).ok()
+    }
+}
+
+/// Python's `repr(str)`: single quotes unless only double quotes avoid
+/// escaping, and escapes for non-printable characters.
+fn py_str_repr(s: &str, out: &mut String) {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if !py_printable(c) => {
+                let code = c as u32;
+                let _ = if code < 0x100 {
+                    write!(out, "\\x{code:02x}")
+                } else if code < 0x10000 {
+                    write!(out, "\\u{code:04x}")
+                } else {
+                    write!(out, "\\U{code:08x}")
+                };
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+}
+
+/// Python's `str.isprintable` for one character: false for controls,
+/// separators other than the space, format characters and private use.
+/// Unassigned code points (which Python also escapes) need the Unicode
+/// database and are treated as printable.
+fn py_printable(c: char) -> bool {
+    !matches!(c,
+        '\0'..='\x1f' | '\x7f'..='\u{a0}' | '\u{ad}'
+        | '\u{600}'..='\u{605}' | '\u{61c}' | '\u{6dd}' | '\u{70f}' | '\u{890}'..='\u{891}'
+        | '\u{8e2}' | '\u{1680}' | '\u{180e}' | '\u{2000}'..='\u{200f}'
+        | '\u{2028}'..='\u{202f}' | '\u{205f}'..='\u{2064}' | '\u{2066}'..='\u{206f}'
+        | '\u{3000}' | '\u{e000}'..='\u{f8ff}' | '\u{fdd0}'..='\u{fdef}' | '\u{feff}'
+        | '\u{fff9}'..='\u{fffb}' | '\u{fffe}'..='\u{ffff}' | '\u{110bd}' | '\u{110cd}'
+        | '\u{13430}'..='\u{1343f}' | '\u{1bca0}'..='\u{1bca3}' | '\u{1d173}'..='\u{1d17a}'
+        | '\u{e0001}' | '\u{e0020}'..='\u{e007f}' | '\u{f0000}'..='\u{10ffff}')
+}
+
+/// Python's `repr(float)`: the shortest digits that round-trip, positional
+/// for exponents -4..16 and scientific (`1e-05`, `1e+16`) outside.
+fn py_float(f: f64) -> String {
+    if f.is_nan() {
+        return "nan".to_owned();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "inf" } else { "-inf" }.to_owned();
+    }
+    // `{:e}` gives the same shortest round-trip digits as Python's repr.
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let mut out = String::from(sign);
+    if (-4..16).contains(&exp) {
+        if exp < 0 {
+            out.push_str("0.");
+            out.extend(std::iter::repeat_n('0', (-exp - 1) as usize));
+            out.push_str(&digits);
+        } else {
+            let int_len = exp as usize + 1;
+            if digits.len() > int_len {
+                out.push_str(&digits[..int_len]);
+                out.push('.');
+                out.push_str(&digits[int_len..]);
+            } else {
+                out.push_str(&digits);
+                out.extend(std::iter::repeat_n('0', int_len - digits.len()));
+                out.push_str(".0");
+            }
+        }
+    } else {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        let _ = write!(out, "e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    out
+}
+
+/// Options of transformers' `tojson` filter, which is Python's `json.dumps`.
+struct JsonStyle {
+    ensure_ascii: bool,
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+}
+
+/// transformers' filter `tojson(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)`. Unlike minijinja's own it does not
+/// escape HTML characters, and it prints floats and separators like Python.
+fn tojson(
+    value: &Value,
+    args: Rest<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    const PARAMS: [&str; 4] = ["ensure_ascii", "indent", "separators", "sort_keys"];
+    let args = args.0;
+    if args.len() > PARAMS.len() {
+        return Err(invalid(format!(
+            "tojson() takes from 1 to 5 positional arguments but {} were given",
+            args.len() + 1
+        )));
+    }
+    let mut slots: [Option<Value>; 4] = Default::default();
+    for (slot, arg) in slots.iter_mut().zip(args) {
+        *slot = Some(arg);
+    }
+    for key in kwargs.args() {
+        let Some(i) = PARAMS.iter().position(|p| *p == key) else {
+            return Err(invalid(format!(
+                "tojson() got an unexpected keyword argument '{key}'"
+            )));
+        };
+        if slots[i].is_some() {
+            return Err(invalid(format!(
+                "tojson() got multiple values for argument '{key}'"
+            )));
+        }
+        slots[i] = Some(kwargs.get::<Value>(key)?);
+    }
+    let [ensure_ascii, indent, separators, sort_keys] = slots;
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => Some(match v.kind() {
+            ValueKind::String => v.as_str().unwrap_or_default().to_owned(),
+            ValueKind::Bool => " ".repeat(usize::from(v.is_true())),
+            _ if v.is_integer() => {
+                // Python would build any width; a bound keeps a typo from
+                // exhausting memory.
+                let n = v.as_i64().filter(|n| *n <= 1024);
+                let n = n.ok_or_else(|| invalid("tojson(): indent is too large"))?;
+                " ".repeat(usize::try_from(n).unwrap_or(0))
+            }
+            _ => return Err(invalid(format!("tojson(): bad indent {}", py_str(&v)))),
+        }),
+    };
+    let (item_sep, key_sep) = match separators {
+        Some(v) if !v.is_none() => {
+            let parts: Vec<Value> = v
+                .try_iter()
+                .map_err(|_| invalid("tojson(): separators must be a pair of strings"))?
+                .collect();
+            match parts.as_slice() {
+                [item, key] => match (item.as_str(), key.as_str()) {
+                    (Some(item), Some(key)) => (item.to_owned(), key.to_owned()),
+                    _ => return Err(invalid("tojson(): separators must be a pair of strings")),
+                },
+                _ => return Err(invalid("tojson(): separators must be a pair of strings")),
+            }
+        }
+        // json.dumps drops the space after commas when indenting, since
+        // newlines follow them.
+        _ if indent.is_some() => (",".to_owned(), ": ".to_owned()),
+        _ => (", ".to_owned(), ": ".to_owned()),
+    };
+    let style = JsonStyle {
+        ensure_ascii: ensure_ascii.is_some_and(|v| v.is_true()),
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: sort_keys.is_some_and(|v| v.is_true()),
+    };
+    let mut out = String::new();
+    write_json(value, &style, 0, &mut out)?;
+    Ok(Value::from(out))
+}
+
+fn invalid(msg: impl Into<String>) -> minijinja::Error {
+    minijinja::Error::new(ErrorKind::InvalidOperation, msg.into())
+}
+
+fn write_json(
+    value: &Value,
+    style: &JsonStyle,
+    level: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
+    if level > MAX_DEPTH {
+        return Err(invalid("tojson(): nesting too deep (circular reference?)"));
+    }
+    match value.kind() {
+        ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::Number => out.push_str(&json_number(value)),
+        ValueKind::String => write_json_str(value.as_str().unwrap_or_default(), style, out),
+        ValueKind::Seq => {
+            let items: Vec<Value> = value.try_iter()?.collect();
+            write_json_container(out, style, level, '[', ']', &items, |item, out| {
+                write_json(item, style, level + 1, out)
+            })?;
+        }
+        ValueKind::Map => {
+            let mut entries = Vec::new();
+            for key in value.try_iter()? {
+                let item = value.get_item(&key)?;
+                entries.push((key, item));
+            }
+            if style.sort_keys {
+                sort_json_keys(&mut entries)?;
+            }
+            write_json_container(out, style, level, '{', '}', &entries, |(key, item), out| {
+                let key = json_key(key)?;
+                write_json_str(&key, style, out);
+                out.push_str(&style.key_sep);
+                write_json(item, style, level + 1, out)
+            })?;
+        }
+        _ => {
+            return Err(invalid(format!(
+                "Object of type {} is not JSON serializable",
+                value.kind()
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// The bracketing and separators of one list or object, as Python's
+/// `_iterencode_list`/`_iterencode_dict` lay them out.
+fn write_json_container<T>(
+    out: &mut String,
+    style: &JsonStyle,
+    level: usize,
+    open: char,
+    close: char,
+    items: &[T],
+    mut write_item: impl FnMut(&T, &mut String) -> std::result::Result<(), minijinja::Error>,
+) -> std::result::Result<(), minijinja::Error> {
+    out.push(open);
+    if items.is_empty() {
+        out.push(close);
+        return Ok(());
+    }
+    let newline = |out: &mut String, level: usize| {
+        if let Some(indent) = &style.indent {
+            out.push('\n');
+            for _ in 0..level {
+                out.push_str(indent);
+            }
+        }
+    };
+    newline(out, level + 1);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push_str(&style.item_sep);
+            newline(out, level + 1);
+        }
+        write_item(item, out)?;
+    }
+    newline(out, level);
+    out.push(close);
+    Ok(())
+}
+
+/// `sorted(dict.items())`: Python compares the keys themselves, so strings
+/// sort by code point, numbers numerically, and mixing them is an error.
+fn sort_json_keys(entries: &mut [(Value, Value)]) -> std::result::Result<(), minijinja::Error> {
+    if entries.iter().all(|(k, _)| k.kind() == ValueKind::String) {
+        entries.sort_by(|(a, _), (b, _)| a.as_str().cmp(&b.as_str()));
+    } else if entries
+        .iter()
+        .all(|(k, _)| matches!(k.kind(), ValueKind::Number | ValueKind::Bool))
+    {
+        let num = |v: &Value| f64::try_from(v.clone()).unwrap_or(f64::NAN);
+        entries.sort_by(|(a, _), (b, _)| num(a).total_cmp(&num(b)));
+    } else {
+        return Err(invalid("tojson(): cannot sort keys of different types"));
+    }
+    Ok(())
+}
+
+/// json.dumps turns scalar keys into strings and rejects the rest.
+fn json_key(key: &Value) -> std::result::Result<String, minijinja::Error> {
+    Ok(match key.kind() {
+        ValueKind::String => key.as_str().unwrap_or_default().to_owned(),
+        ValueKind::None => "null".to_owned(),
+        ValueKind::Bool => if key.is_true() { "true" } else { "false" }.to_owned(),
+        ValueKind::Number => json_number(key),
+        kind => {
+            return Err(invalid(format!(
+                "keys must be str, int, float, bool or None, not {kind}"
+            )))
+        }
+    })
+}
+
+fn json_number(value: &Value) -> String {
+    match as_float(value) {
+        Some(f) if f.is_nan() => "NaN".to_owned(),
+        Some(f) if f.is_infinite() => if f > 0.0 { "Infinity" } else { "-Infinity" }.to_owned(),
+        Some(f) => py_float(f),
+        None => value.to_string(),
+    }
+}
+
+/// A JSON string as Python's encoder writes it: short escapes for the usual
+/// controls, `\u00XX` for the others, and with `ensure_ascii` everything past
+/// ASCII as (surrogate-paired) `\uXXXX`.
+fn write_json_str(s: &str, style: &JsonStyle, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\x08' => out.push_str("\\b"),
+            '\x0c' => out.push_str("\\f"),
+            c if c < ' ' || (style.ensure_ascii && !(' '..='~').contains(&c)) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Python string methods that minijinja_contrib's pycompat lacks or
+/// implements with Rust rather than Python semantics; the rest go to it.
+fn python_method(
+    state: &mut State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> std::result::Result<Value, minijinja::Error> {
+    if let Some(s) = value.as_str() {
+        let rv = match method {
+            "strip" | "lstrip" | "rstrip" => {
+                let (chars,): (Option<&str>,) = from_args(args)?;
+                let left = method != "rstrip";
+                let right = method != "lstrip";
+                Some(Value::from(py_strip(s, chars, left, right)))
+            }
+            "split" | "rsplit" => {
+                let (sep, maxsplit): (Option<&str>, Option<i64>) = from_args(args)?;
+                let parts = py_split(s, sep, maxsplit.unwrap_or(-1), method == "rsplit")?;
+                Some(Value::from(
+                    parts.into_iter().map(Value::from).collect::<Vec<_>>(),
+                ))
+            }
+            "splitlines" => {
+                let (keepends,): (Option<bool>,) = from_args(args)?;
+                let lines = py_splitlines(s, keepends.unwrap_or(false));
+                Some(Value::from(
+                    lines.into_iter().map(Value::from).collect::<Vec<_>>(),
+                ))
+            }
+            "title" => {
+                let () = from_args(args)?;
+                Some(Value::from(py_title(s)))
+            }
+            "removeprefix" => {
+                let (prefix,): (&str,) = from_args(args)?;
+                Some(Value::from(s.strip_prefix(prefix).unwrap_or(s)))
+            }
+            "removesuffix" => {
+                let (suffix,): (&str,) = from_args(args)?;
+                Some(Value::from(s.strip_suffix(suffix).unwrap_or(s)))
+            }
+            _ => None,
+        };
+        if let Some(rv) = rv {
+            return Ok(rv);
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// Python's `str.isspace`, which counts the ASCII separators 0x1c..0x1f
+/// that Rust's `char::is_whitespace` does not.
+fn py_space(c: char) -> bool {
+    c.is_whitespace() || ('\x1c'..='\x1f').contains(&c)
+}
+
+fn py_strip<'a>(s: &'a str, chars: Option<&str>, left: bool, right: bool) -> &'a str {
+    let strip = |c: char| match chars {
+        Some(set) => set.contains(c),
+        None => py_space(c),
+    };
+    let s = if left { s.trim_start_matches(strip) } else { s };
+    if right {
+        s.trim_end_matches(strip)
+    } else {
+        s
+    }
+}
+
+/// `str.split`/`str.rsplit`, including the whitespace mode of `sep=None`
+/// that drops empty pieces and keeps the unsplit remainder as it is.
+fn py_split(
+    s: &str,
+    sep: Option<&str>,
+    maxsplit: i64,
+    from_right: bool,
+) -> std::result::Result<Vec<String>, minijinja::Error> {
+    let limit = usize::try_from(maxsplit).ok();
+    if let Some(sep) = sep {
+        if sep.is_empty() {
+            return Err(invalid("empty separator"));
+        }
+        let parts: Vec<String> = match (limit, from_right) {
+            (None, _) => s.split(sep).map(str::to_owned).collect(),
+            (Some(n), false) => s.splitn(n + 1, sep).map(str::to_owned).collect(),
+            (Some(n), true) => {
+                let mut parts: Vec<String> = s.rsplitn(n + 1, sep).map(str::to_owned).collect();
+                parts.reverse();
+                parts
+            }
+        };
+        return Ok(parts);
+    }
+    let mut parts = Vec::new();
+    if from_right {
+        let mut rest = s.trim_end_matches(py_space);
+        while !rest.is_empty() {
+            if limit.is_some_and(|n| parts.len() == n) {
+                parts.push(rest.to_owned());
+                break;
+            }
+            let start = rest
+                .char_indices()
+                .rev()
+                .find(|(_, c)| py_space(*c))
+                .map_or(0, |(i, c)| i + c.len_utf8());
+            parts.push(rest[start..].to_owned());
+            rest = rest[..start].trim_end_matches(py_space);
+        }
+        parts.reverse();
+    } else {
+        let mut rest = s.trim_start_matches(py_space);
+        while !rest.is_empty() {
+            if limit.is_some_and(|n| parts.len() == n) {
+                parts.push(rest.to_owned());
+                break;
+            }
+            let end = rest.find(py_space).unwrap_or(rest.len());
+            parts.push(rest[..end].to_owned());
+            rest = rest[end..].trim_start_matches(py_space);
+        }
+    }
+    Ok(parts)
+}
+
+/// `str.splitlines`, which breaks at every Unicode line boundary, not only
+/// `\n` and `\r\n`.
+fn py_splitlines(s: &str, keepends: bool) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    let mut chars = s.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if !matches!(
+            c,
+            '\n' | '\r' | '\x0b' | '\x0c' | '\x1c'..='\x1e' | '\u{85}' | '\u{2028}' | '\u{2029}'
+        ) {
+            continue;
+        }
+        let mut end = i + c.len_utf8();
+        if c == '\r' && chars.peek().is_some_and(|(_, n)| *n == '\n') {
+            chars.next();
+            end += 1;
+        }
+        lines.push(&s[start..if keepends { end } else { i }]);
+        start = end;
+    }
+    if start < s.len() {
+        lines.push(&s[start..]);
+    }
+    lines
+}
+
+/// `str.title`: a letter is upper-cased after any uncased character,
+/// apostrophes and digits included ("they'Re", "1St").
+fn py_title(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut prev_cased = false;
+    for c in s.chars() {
+        if prev_cased {
+            out.extend(c.to_lowercase());
+        } else {
+            out.extend(c.to_uppercase());
+        }
+        prev_cased = c.is_lowercase() || c.is_uppercase();
+    }
+    out
+}
+
+/// Python's `datetime.strftime` on a naive local time. Python hands most
+/// directives to the C library; chrono implements the same ones, except
+/// that Python formats `%f` itself as microseconds and a naive time has an
+/// empty `%z`/`%Z`. Directives chrono does not know are copied through, as
+/// glibc does.
+fn py_strftime(time: &NaiveDateTime, format: &str) -> String {
+    let mut out = String::with_capacity(format.len() + 16);
+    let mut rest = format;
+    while let Some(pos) = rest.find('%') {
+        out.push_str(&rest[..pos]);
+        let directive = &rest[pos..];
+        let mut chars = directive.chars().skip(1);
+        let mut len = 1;
+        let mut conv = chars.next();
+        if let Some(flag @ ('-' | '_' | '0')) = conv {
+            len += flag.len_utf8();
+            conv = chars.next();
+        }
+        let Some(conv) = conv else {
+            out.push_str(directive);
+            return out;
+        };
+        len += conv.len_utf8();
+        let spec = &directive[..len];
+        match conv {
+            '%' if len == 2 => out.push('%'),
+            'f' => {
+                let _ = write!(out, "{:06}", time.and_utc().timestamp_subsec_micros());
+            }
+            'z' | 'Z' => {}
+            // chrono reads `%+` as ISO 8601; glibc does not know it.
+            '+' => out.push_str(spec),
+            _ => {
+                let items: Vec<Item> = StrftimeItems::new(spec).collect();
+                let mark = out.len();
+                if items.iter().any(|item| matches!(item, Item::Error))
+                    || write!(out, "{}", time.format_with_items(items.iter())).is_err()
+                {
+                    out.truncate(mark);
+                    out.push_str(spec);
+                }
+            }
+        }
+        rest = &directive[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_repr_matches_python() {
+        // Expected strings are Python 3's repr() of the same floats.
+        let cases = [
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (-0.0, "-0.0"),
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (1e16, "1e+16"),
+            (123456789012345.6, "123456789012345.6"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (1.5e300, "1.5e+300"),
+            (2.5e-308, "2.5e-308"),
+            (0.30000000000000004, "0.30000000000000004"),
+            (f64::INFINITY, "inf"),
+            (f64::NAN, "nan"),
+        ];
+        for (f, want) in cases {
+            assert_eq!(py_float(f), want, "{f:e}");
+        }
+    }
+
+    #[test]
+    fn strftime_matches_python() {
+        // Expected strings are datetime(2024, 7, 8, 9, 5, 3, 12345).strftime(fmt)
+        // from CPython on glibc.
+        let time = chrono::NaiveDate::from_ymd_opt(2024, 7, 8)
+            .and_then(|d| d.and_hms_micro_opt(9, 5, 3, 12345))
+            .expect("valid date");
+        let cases = [
+            ("%d %b %Y", "08 Jul 2024"),
+            ("%-d %B %Y", "8 July 2024"),
+            ("%Y-%m-%d %H:%M:%S.%f", "2024-07-08 09:05:03.012345"),
+            ("%A %a %j %p %I %y", "Monday Mon 190 AM 09 24"),
+            ("[%z][%Z] 100%%", "[][] 100%"),
+            ("%Q %", "%Q %"),
+            ("%c", "Mon Jul  8 09:05:03 2024"),
+        ];
+        for (format, want) in cases {
+            assert_eq!(py_strftime(&time, format), want, "{format}");
+        }
+    }
+
+    #[test]
+    fn split_matches_python() {
+        let split = |s, sep, n, right| py_split(s, sep, n, right).expect("split");
+        assert_eq!(split("  a  b  c ", None, -1, false), ["a", "b", "c"]);
+        assert_eq!(split("  a  b  c ", None, 1, false), ["a", "b  c "]);
+        assert_eq!(split("  a  b  c ", None, 1, true), ["  a  b", "c"]);
+        assert_eq!(split("a,b,,c", Some(","), -1, false), ["a", "b", "", "c"]);
+        assert_eq!(split("a,b,,c", Some(","), 1, true), ["a,b,", "c"]);
+        assert_eq!(split("aaa", Some("aa"), 1, true), ["a", ""]);
+        assert_eq!(split("   ", None, -1, false), Vec::<String>::new());
+        assert!(py_split("x", Some(""), -1, false).is_err());
+        assert_eq!(
+            py_splitlines("a\r\nb\rc\n\nd", false),
+            ["a", "b", "c", "", "d"]
+        );
+        assert_eq!(py_splitlines("a\r\nb\n", true), ["a\r\n", "b\n"]);
+        assert_eq!(py_title("they're 1st ÉTÉ"), "They'Re 1St Été");
+    }
+
+    #[test]
+    fn generation_tags_become_plain_blocks() {
+        assert_eq!(
+            rewrite_generation_tags("a{%- generation %}b{% endgeneration -%}c{% if x %}"),
+            "a{%- if true %}b{% endif -%}c{% if x %}"
+        );
+    }
+}
