@@ -140,11 +140,11 @@ impl ChatTemplate {
 
     fn build(source: String, tool_use: Option<String>, special: SpecialTokens) -> Result<Self> {
         let mut env = environment()?;
-        env.add_template_owned(DEFAULT_NAME, rewrite_generation_tags(&source))
+        env.add_template_owned(DEFAULT_NAME, prepare_source(&source))
             .map_err(template_error)?;
         let has_tool_use = tool_use.is_some();
         if let Some(tool_use) = tool_use {
-            env.add_template_owned(TOOL_USE_NAME, rewrite_generation_tags(&tool_use))
+            env.add_template_owned(TOOL_USE_NAME, prepare_source(&tool_use))
                 .map_err(template_error)?;
         }
         Ok(Self {
@@ -330,11 +330,27 @@ fn environment() -> Result<Environment<'static>> {
     env.add_filter("trim", |value: &Value, chars: Option<&str>| {
         py_strip(&py_str(value), chars, true, true).to_owned()
     });
+    env.add_filter("join", join);
+    env.add_filter("int", int);
+    env.add_filter("float", float);
+    let escape = |value: &Value| match value.is_safe() {
+        true => value.clone(),
+        false => Value::from_safe_string(html_escape(&py_str(value))),
+    };
+    env.add_filter("escape", escape);
+    env.add_filter("e", escape);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", |format: &str| {
         py_strftime(&chrono::Local::now().naive_local(), format)
     });
     Ok(env)
+}
+
+/// Brings a template to what jinja2 compiles: its lexer turns every `\r\n`
+/// and `\r` into `\n` before anything else, in text and string literals
+/// alike, and transformers' generation tags need rewriting.
+fn prepare_source(source: &str) -> String {
+    rewrite_generation_tags(&source.replace("\r\n", "\n").replace('\r', "\n"))
 }
 
 /// transformers' `{% generation %}` extension only marks which output came
@@ -710,32 +726,12 @@ fn tojson(
     args: Rest<Value>,
     kwargs: Kwargs,
 ) -> std::result::Result<Value, minijinja::Error> {
-    const PARAMS: [&str; 4] = ["ensure_ascii", "indent", "separators", "sort_keys"];
-    let args = args.0;
-    if args.len() > PARAMS.len() {
-        return Err(invalid(format!(
-            "tojson() takes from 1 to 5 positional arguments but {} were given",
-            args.len() + 1
-        )));
-    }
-    let mut slots: [Option<Value>; 4] = Default::default();
-    for (slot, arg) in slots.iter_mut().zip(args) {
-        *slot = Some(arg);
-    }
-    for key in kwargs.args() {
-        let Some(i) = PARAMS.iter().position(|p| *p == key) else {
-            return Err(invalid(format!(
-                "tojson() got an unexpected keyword argument '{key}'"
-            )));
-        };
-        if slots[i].is_some() {
-            return Err(invalid(format!(
-                "tojson() got multiple values for argument '{key}'"
-            )));
-        }
-        slots[i] = Some(kwargs.get::<Value>(key)?);
-    }
-    let [ensure_ascii, indent, separators, sort_keys] = slots;
+    let [ensure_ascii, indent, separators, sort_keys] = bind(
+        "tojson",
+        ["ensure_ascii", "indent", "separators", "sort_keys"],
+        args.0,
+        Some(&kwargs),
+    )?;
     let indent = match indent {
         None => None,
         Some(v) if v.is_none() => None,
@@ -785,6 +781,53 @@ fn tojson(
 
 fn invalid(msg: impl Into<String>) -> minijinja::Error {
     minijinja::Error::new(ErrorKind::InvalidOperation, msg.into())
+}
+
+/// Matches positional and keyword arguments to a Python signature's
+/// parameters (after `self`), with Python's errors for what it rejects.
+fn bind<const N: usize>(
+    name: &str,
+    params: [&str; N],
+    args: Vec<Value>,
+    kwargs: Option<&Kwargs>,
+) -> std::result::Result<[Option<Value>; N], minijinja::Error> {
+    if args.len() > N {
+        return Err(invalid(format!(
+            "{name}() takes at most {N} arguments ({} given)",
+            args.len()
+        )));
+    }
+    let mut slots: [Option<Value>; N] = std::array::from_fn(|_| None);
+    for (slot, arg) in slots.iter_mut().zip(args) {
+        *slot = Some(arg);
+    }
+    for key in kwargs.iter().flat_map(|k| k.args()) {
+        let Some(i) = params.iter().position(|p| *p == key) else {
+            return Err(invalid(format!(
+                "{name}() got an unexpected keyword argument '{key}'"
+            )));
+        };
+        if slots[i].is_some() {
+            return Err(invalid(format!(
+                "{name}() got multiple values for argument '{key}'"
+            )));
+        }
+        slots[i] = kwargs.map(|k| k.get::<Value>(key)).transpose()?;
+    }
+    Ok(slots)
+}
+
+/// Splits a method call's arguments into positional ones and keywords,
+/// which minijinja passes as a trailing map.
+fn split_kwargs(
+    args: &[Value],
+) -> std::result::Result<(Vec<Value>, Option<Kwargs>), minijinja::Error> {
+    match args.split_last() {
+        Some((last, rest)) if last.is_kwargs() => {
+            Ok((rest.to_vec(), Some(Kwargs::try_from(last.clone())?)))
+        }
+        _ => Ok((args.to_vec(), None)),
+    }
 }
 
 fn write_json(
@@ -937,6 +980,122 @@ fn write_json_str(s: &str, style: &JsonStyle, out: &mut String) {
     out.push('"');
 }
 
+/// jinja2's `join(value, d='', attribute=None)`, which prints items with
+/// Python's `str()`.
+fn join(
+    value: &Value,
+    args: Rest<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<String, minijinja::Error> {
+    let [sep, attribute] = bind("join", ["d", "attribute"], args.0, Some(&kwargs))?;
+    let sep = sep.map(|v| py_str(&v)).unwrap_or_default();
+    let mut out = String::new();
+    for (i, item) in value.try_iter()?.enumerate() {
+        if i > 0 {
+            out.push_str(&sep);
+        }
+        let item = match &attribute {
+            Some(path) => get_path(&item, path),
+            None => item,
+        };
+        out.push_str(&py_str(&item));
+    }
+    Ok(out)
+}
+
+/// jinja2's attribute getter: a dotted path whose integer parts index.
+fn get_path(item: &Value, path: &Value) -> Value {
+    let Some(path) = path.as_str() else {
+        return item.get_item(path).unwrap_or_default();
+    };
+    let mut value = item.clone();
+    for part in path.split('.') {
+        let key = part
+            .parse::<i64>()
+            .map_or_else(|_| Value::from(part), Value::from);
+        value = value.get_item(&key).unwrap_or_default();
+    }
+    value
+}
+
+/// jinja2's `int(value, default=0, base=10)`: Python's `int()`, then
+/// `int(float())`, then the default, never an error.
+fn int(
+    value: &Value,
+    args: Rest<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    let [default, base] = bind("int", ["default", "base"], args.0, Some(&kwargs))?;
+    let base = match base {
+        Some(b) => u32::try_from(b)?,
+        None => 10,
+    };
+    let parsed = match value.kind() {
+        ValueKind::Bool => Some(i64::from(value.is_true())),
+        ValueKind::Number => match as_float(value) {
+            Some(f) => float_to_int(f),
+            None => return Ok(value.clone()),
+        },
+        ValueKind::String => {
+            let text =
+                py_strip(value.as_str().unwrap_or_default(), None, true, true).replace('_', "");
+            (2..=36)
+                .contains(&base)
+                .then(|| i64::from_str_radix(&text, base).ok())
+                .flatten()
+                .or_else(|| py_parse_float(&text).and_then(float_to_int))
+        }
+        _ => None,
+    };
+    Ok(parsed.map_or_else(|| default.unwrap_or_else(|| Value::from(0)), Value::from))
+}
+
+fn float_to_int(f: f64) -> Option<i64> {
+    // The range check also rejects NaN and infinities.
+    (f.abs() < 9.2e18).then_some(f.trunc() as i64)
+}
+
+/// jinja2's `float(value, default=0.0)`.
+fn float(
+    value: &Value,
+    args: Rest<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    let [default] = bind("float", ["default"], args.0, Some(&kwargs))?;
+    let parsed = match value.kind() {
+        ValueKind::Bool => Some(if value.is_true() { 1.0 } else { 0.0 }),
+        ValueKind::Number => f64::try_from(value.clone()).ok(),
+        ValueKind::String => py_parse_float(value.as_str().unwrap_or_default()),
+        _ => None,
+    };
+    Ok(parsed.map_or_else(|| default.unwrap_or_else(|| Value::from(0.0)), Value::from))
+}
+
+/// Python's `float(str)`: surrounding whitespace and digit-group
+/// underscores allowed.
+fn py_parse_float(text: &str) -> Option<f64> {
+    py_strip(text, None, true, true)
+        .replace('_', "")
+        .parse()
+        .ok()
+}
+
+/// markupsafe's escaping, which jinja2's `escape` filter uses.
+fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&#39;"),
+            '"' => out.push_str("&#34;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Python string methods that minijinja_contrib's pycompat lacks or
 /// implements with Rust rather than Python semantics; the rest go to it.
 fn python_method(
@@ -954,18 +1113,40 @@ fn python_method(
                 Some(Value::from(py_strip(s, chars, left, right)))
             }
             "split" | "rsplit" => {
-                let (sep, maxsplit): (Option<&str>, Option<i64>) = from_args(args)?;
-                let parts = py_split(s, sep, maxsplit.unwrap_or(-1), method == "rsplit")?;
+                let (positional, kwargs) = split_kwargs(args)?;
+                let [sep, maxsplit] =
+                    bind(method, ["sep", "maxsplit"], positional, kwargs.as_ref())?;
+                let sep = sep.filter(|v| !v.is_none());
+                let sep = match &sep {
+                    Some(v) => Some(v.as_str().ok_or_else(|| invalid("must be str or None"))?),
+                    None => None,
+                };
+                let maxsplit = match maxsplit {
+                    Some(v) => i64::try_from(v)?,
+                    None => -1,
+                };
+                let parts = py_split(s, sep, maxsplit, method == "rsplit")?;
                 Some(Value::from(
                     parts.into_iter().map(Value::from).collect::<Vec<_>>(),
                 ))
             }
             "splitlines" => {
-                let (keepends,): (Option<bool>,) = from_args(args)?;
-                let lines = py_splitlines(s, keepends.unwrap_or(false));
+                let (positional, kwargs) = split_kwargs(args)?;
+                let [keepends] = bind(method, ["keepends"], positional, kwargs.as_ref())?;
+                let lines = py_splitlines(s, keepends.is_some_and(|v| v.is_true()));
                 Some(Value::from(
                     lines.into_iter().map(Value::from).collect::<Vec<_>>(),
                 ))
+            }
+            "index" | "rindex" => {
+                let (sub,): (&str,) = from_args(args)?;
+                let found = if method == "index" {
+                    s.find(sub)
+                } else {
+                    s.rfind(sub)
+                };
+                let at = found.ok_or_else(|| invalid("substring not found"))?;
+                Some(Value::from(s[..at].chars().count()))
             }
             "title" => {
                 let () = from_args(args)?;
