@@ -7,7 +7,9 @@ on the templates in fixtures/templates/ and a set of conversations, and writes
 fixtures/templates/cases.json, which crates/smoe/tests/template.rs reads.
 
 The *.jinja templates there were written for the tests, in the styles of
-popular model families; qwen3.jinja is copied from the Qwen3 tokenizer config.
+popular model families. This script also writes two: qwen3.jinja, copied from
+the Qwen3 tokenizer config, and chatml_crlf.jinja, chatml_tools.jinja with
+Windows line endings.
 
 Run from the repository root, with a Python that has transformers and jinja2:
 
@@ -180,6 +182,7 @@ PROBE = {
 # ----------------------------------------------------------- templates
 
 SPECIAL = {
+    "chatml_crlf": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     "chatml_tools": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     "qwen3": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
@@ -203,6 +206,7 @@ CASES = [
     ("chatml_tools", "think_inline", False, False, {}, False),
     ("chatml_tools", "unicode", False, True, {"enable_thinking": True}, False),
     ("chatml_tools", "hello", True, True, {"enable_thinking": False}, False),
+    ("chatml_crlf", "tool_calls", True, True, {}, False),
     ("qwen3", "hello", False, True, {}, False),
     ("qwen3", "multi", False, True, {"enable_thinking": False}, False),
     ("qwen3", "tool_calls_content", True, True, {}, False),
@@ -262,6 +266,9 @@ def main():
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     qwen3 = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
     (FIXTURES / "qwen3.jinja").write_text(qwen3, encoding="utf-8")
+    # jinja2 reads \r\n and \r as \n, in text and string literals alike.
+    chatml = (FIXTURES / "chatml_tools.jinja").read_text(encoding="utf-8")
+    (FIXTURES / "chatml_crlf.jinja").write_bytes(chatml.replace("\n", "\r\n").encode())
 
     cases = []
     names = set()
@@ -277,7 +284,8 @@ def main():
         names.add(name)
 
         template_file = f"{template}.jinja"
-        source = (FIXTURES / template_file).read_text(encoding="utf-8")
+        # Bytes as the test reads them: read_text would turn \r\n into \n.
+        source = (FIXTURES / template_file).read_bytes().decode("utf-8")
         special = SPECIAL[template]
         set_special_tokens(tok, special)
         messages = CONVERSATIONS[conversation]

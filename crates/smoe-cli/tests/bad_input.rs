@@ -31,9 +31,12 @@ fn missing_directory() {
     assert_mentions(&err, &["/nonexistent/model", "not a directory"]);
 }
 
+/// A description, an edit to config.json, and what the error must say.
+type ConfigCase = (&'static str, Box<dyn Fn(&mut Value)>, Vec<&'static str>);
+
 #[test]
 fn config_problems_are_named() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, Vec<&str>)> = vec![
+    let cases: Vec<ConfigCase> = vec![
         (
             "missing key",
             Box::new(|v| {

@@ -43,48 +43,73 @@ const MAX_DEPTH: usize = 256;
 /// Special-token strings a template sees as variables.
 #[derive(Debug, Clone, Default)]
 pub struct SpecialTokens {
+    /// `bos_token`, the beginning-of-sequence token.
     pub bos: Option<String>,
+    /// `eos_token`, the end-of-sequence token.
     pub eos: Option<String>,
+    /// `unk_token`, the unknown-token token.
     pub unk: Option<String>,
+    /// `pad_token`, the padding token.
     pub pad: Option<String>,
 }
 
 impl SpecialTokens {
     /// Reads the special tokens from `tokenizer_config.json` in `dir`. Each may
     /// be a plain string or an `AddedToken` object with a `content` string. A
-    /// missing file gives no tokens, since a template may not need any.
+    /// missing file gives no tokens, since a template may not need any. Like
+    /// transformers, tokens in a legacy `special_tokens_map.json` replace
+    /// them when the config has no `added_tokens_decoder`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("tokenizer_config.json");
-        if !path.is_file() {
-            return Ok(Self::default());
+        let mut tokens = Self::default();
+        let mut legacy = true;
+        let config_path = dir.join("tokenizer_config.json");
+        if config_path.is_file() {
+            let config = read_json(&config_path)?;
+            tokens.update(&config, &config_path)?;
+            legacy = config.get("added_tokens_decoder").is_none();
         }
-        let config = read_json(&path)?;
-        let Json::Object(config) = config else {
-            return Err(Error::format(&path, "expected a JSON object"));
+        let map_path = dir.join("special_tokens_map.json");
+        if legacy && map_path.is_file() {
+            tokens.update(&read_json(&map_path)?, &map_path)?;
+        }
+        Ok(tokens)
+    }
+
+    /// Takes the tokens that `file` (a JSON object) names.
+    fn update(&mut self, file: &Json, path: &Path) -> Result<()> {
+        let Json::Object(file) = file else {
+            return Err(Error::format(path, "expected a JSON object"));
         };
-        let token = |key: &str| -> Result<Option<String>> {
-            match config.get(key) {
-                None | Some(Json::Null) => Ok(None),
-                Some(Json::String(s)) => Ok(Some(s.clone())),
-                Some(Json::Object(added)) => match added.get("content") {
-                    Some(Json::String(s)) => Ok(Some(s.clone())),
-                    _ => Err(Error::format(
-                        &path,
-                        format!("{key}: token object has no string \"content\""),
-                    )),
+        for (key, slot) in [
+            ("bos_token", &mut self.bos),
+            ("eos_token", &mut self.eos),
+            ("unk_token", &mut self.unk),
+            ("pad_token", &mut self.pad),
+        ] {
+            let Some(value) = file.get(key) else {
+                continue;
+            };
+            *slot = match value {
+                Json::Null => None,
+                Json::String(s) => Some(s.clone()),
+                Json::Object(added) => match added.get("content") {
+                    Some(Json::String(s)) => Some(s.clone()),
+                    _ => {
+                        return Err(Error::format(
+                            path,
+                            format!("{key}: token object has no string \"content\""),
+                        ))
+                    }
                 },
-                Some(_) => Err(Error::format(
-                    &path,
-                    format!("{key}: expected a string or an AddedToken object"),
-                )),
-            }
-        };
-        Ok(Self {
-            bos: token("bos_token")?,
-            eos: token("eos_token")?,
-            unk: token("unk_token")?,
-            pad: token("pad_token")?,
-        })
+                _ => {
+                    return Err(Error::format(
+                        path,
+                        format!("{key}: expected a string or an AddedToken object"),
+                    ))
+                }
+            };
+        }
+        Ok(())
     }
 
     /// The tokens as template variables, in transformers' order, leaving out
@@ -221,7 +246,7 @@ fn find_templates(dir: &Path) -> Result<(String, Option<String>)> {
     if file.is_file() {
         default = Some(read_to_string(&file)?);
     }
-    let mut other_names = Vec::new();
+    let mut other_files = false;
     if extra_dir.is_dir() {
         let entries = std::fs::read_dir(&extra_dir).map_err(|e| Error::io(&extra_dir, e))?;
         for entry in entries {
@@ -235,12 +260,12 @@ fn find_templates(dir: &Path) -> Result<(String, Option<String>)> {
             match name {
                 "default" => default = Some(read_to_string(&path)?),
                 TOOL_USE_NAME => tool_use = Some(read_to_string(&path)?),
-                _ => other_names.push(name.to_owned()),
+                _ => other_files = true,
             }
         }
     }
     // Template files replace the config's templates entirely once any exists.
-    if default.is_some() || tool_use.is_some() || !other_names.is_empty() {
+    if default.is_some() || tool_use.is_some() || other_files {
         return match default {
             Some(default) => Ok((default, tool_use)),
             None => Err(Error::format(
@@ -333,9 +358,12 @@ fn environment() -> Result<Environment<'static>> {
     env.add_filter("join", join);
     env.add_filter("int", int);
     env.add_filter("float", float);
-    let escape = |value: &Value| match value.is_safe() {
-        true => value.clone(),
-        false => Value::from_safe_string(html_escape(&py_str(value))),
+    let escape = |value: &Value| {
+        if value.is_safe() {
+            value.clone()
+        } else {
+            Value::from_safe_string(html_escape(&py_str(value)))
+        }
     };
     env.add_filter("escape", escape);
     env.add_filter("e", escape);
@@ -362,7 +390,7 @@ fn rewrite_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        let Some(end) = tag[2..].find("%}").map(|i| i + 2) else {
             break;
         };
         let inner = &tag[2..end];
@@ -374,7 +402,9 @@ fn rewrite_generation_tags(source: &str) -> String {
             _ => None,
         };
         match replacement {
-            Some(r) => write!(out, "{{%{open} {r} {close}%}}").unwrap_or(()),
+            Some(r) => {
+                let _ = write!(out, "{{%{open} {r} {close}%}}");
+            }
             None => out.push_str(&tag[..end + 2]),
         }
         rest = &tag[end + 2..];
@@ -563,7 +593,9 @@ fn py_repr(value: &Value, out: &mut String, depth: usize) {
         ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
         ValueKind::Number => match as_float(value) {
             Some(f) => out.push_str(&py_float(f)),
-            None => write!(out, "{value}").unwrap_or(()),
+            None => {
+                let _ = write!(out, "{value}");
+            }
         },
         ValueKind::String => py_str_repr(value.as_str().unwrap_or_default(), out),
         ValueKind::Seq => {
@@ -598,7 +630,9 @@ fn py_repr(value: &Value, out: &mut String, depth: usize) {
             }
             out.push('}');
         }
-        _ => write!(out, "{value}").unwrap_or(()),
+        _ => {
+            let _ = write!(out, "{value}");
+        }
     }
 }
 
@@ -1409,5 +1443,6 @@ mod tests {
             rewrite_generation_tags("a{%- generation %}b{% endgeneration -%}c{% if x %}"),
             "a{%- if true %}b{% endif -%}c{% if x %}"
         );
+        assert_eq!(rewrite_generation_tags("{%}{%"), "{%}{%");
     }
 }

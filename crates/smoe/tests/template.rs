@@ -69,11 +69,16 @@ fn diff(expected: &str, actual: &str) -> String {
         .zip(&got)
         .position(|(a, b)| a != b)
         .unwrap_or(want.len().min(got.len()));
+    let column = match (want.get(first), got.get(first)) {
+        (Some(a), Some(b)) => a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count(),
+        _ => 0,
+    };
     let mut out = format!(
-        "expected {} bytes, got {}; first difference at line {}\n",
+        "expected {} bytes, got {}; first difference at line {}, column {}\n",
         expected.len(),
         actual.len(),
-        first + 1
+        first + 1,
+        column + 1
     );
     for line in &want[first.saturating_sub(3)..first] {
         out += &format!("    {line:?}\n");
@@ -300,6 +305,30 @@ fn special_tokens_from_dir() {
     let missing = TempDir::new("special-missing");
     let special = SpecialTokens::from_dir(&missing.0).expect("no config");
     assert!(special.bos.is_none() && special.eos.is_none());
+
+    // transformers lets a legacy special_tokens_map.json override the config,
+    // unless the config lists its added tokens.
+    let legacy = TempDir::new("special-legacy");
+    legacy
+        .write_json(
+            "tokenizer_config.json",
+            &json!({"bos_token": "<s>", "eos_token": "</s>"}),
+        )
+        .write_json(
+            "special_tokens_map.json",
+            &json!({"eos_token": {"content": "<|eot|>"}, "unk_token": "<unk>"}),
+        );
+    let special = SpecialTokens::from_dir(&legacy.0).expect("legacy map");
+    assert_eq!(special.bos.as_deref(), Some("<s>"));
+    assert_eq!(special.eos.as_deref(), Some("<|eot|>"));
+    assert_eq!(special.unk.as_deref(), Some("<unk>"));
+    legacy.write_json(
+        "tokenizer_config.json",
+        &json!({"bos_token": "<s>", "eos_token": "</s>", "added_tokens_decoder": {}}),
+    );
+    let special = SpecialTokens::from_dir(&legacy.0).expect("modern config");
+    assert_eq!(special.eos.as_deref(), Some("</s>"));
+    assert_eq!(special.unk, None);
 
     let bad = TempDir::new("special-bad");
     bad.write_json("tokenizer_config.json", &json!({"eos_token": 7}));

@@ -1,0 +1,160 @@
+//! `smoe template` prints transformers' render byte for byte (the cases in
+//! fixtures/templates/cases.json, made by tools/template_refs.py), prints
+//! ids with --ids, and exits 1 with the template's own message when it
+//! raises.
+
+mod common;
+
+use std::fs;
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn renders_every_reference_case_byte_for_byte() {
+    let dir = fixtures().join("templates");
+    let cases: Vec<Value> =
+        serde_json::from_str(&fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        // Cases that print today's date are covered by the library test,
+        // which substitutes it.
+        let special = &case["special_tokens"];
+        if case["template_file"] == "llama3.jinja" && case["extra"].get("date_string").is_none() {
+            continue;
+        }
+        let model = scratch.path().join("model");
+        fs::create_dir_all(&model).unwrap();
+        let mut cfg = serde_json::Map::new();
+        for (k, v) in special.as_object().unwrap() {
+            cfg.insert(k.clone(), v.clone());
+        }
+        fs::write(
+            model.join("tokenizer_config.json"),
+            Value::Object(cfg).to_string(),
+        )
+        .unwrap();
+        let messages = scratch.path().join("messages.json");
+        fs::write(&messages, case["messages"].to_string()).unwrap();
+        let template = dir.join(case["template_file"].as_str().unwrap());
+        let mut args: Vec<String> = [
+            "template",
+            "--model",
+            path_str(&model),
+            "--messages",
+            path_str(&messages),
+            "--chat-template",
+            path_str(&template),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(tools) = case.get("tools").filter(|t| !t.is_null()) {
+            let path = scratch.path().join("tools.json");
+            fs::write(&path, tools.to_string()).unwrap();
+            args.extend(["--tools".into(), path_str(&path).into()]);
+        }
+        if case["add_generation_prompt"] == false {
+            args.push("--no-generation-prompt".into());
+        }
+        for (k, v) in case["extra"].as_object().unwrap() {
+            args.extend(["--var".into(), format!("{k}={v}")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Some(err) = case.get("error") {
+            let line = smoe_err(&args);
+            assert!(line.contains(err.as_str().unwrap()), "{name}: {line}");
+        } else {
+            let out = smoe(&args);
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8(out.stdout).unwrap(),
+                case["expected"].as_str().unwrap(),
+                "{name}"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 30, "only {checked} cases checked");
+}
+
+#[test]
+fn ids_of_the_fixture_chat_prompt() {
+    let model = fixture("qwen3-moe-a");
+    let scratch = tempfile::tempdir().unwrap();
+    let messages = scratch.path().join("m.json");
+    fs::write(&messages, r#"[{"role":"user","content":"Say hello."}]"#).unwrap();
+    let text = smoe_ok(&[
+        "template",
+        "--model",
+        path_str(&model),
+        "--messages",
+        path_str(&messages),
+    ]);
+    assert_eq!(
+        text,
+        "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids: Vec<u32> = serde_json::from_str(&smoe_ok(&[
+        "template",
+        "--model",
+        path_str(&model),
+        "--messages",
+        path_str(&messages),
+        "--ids",
+    ]))
+    .unwrap();
+    // The special tokens are single ids, as transformers encodes them.
+    assert_eq!(ids.first(), Some(&401));
+    assert_eq!(ids.iter().filter(|&&i| i == 401).count(), 2);
+    assert_eq!(ids.iter().filter(|&&i| i == 402).count(), 1);
+    // And `run` feeds exactly these ids for the same prompt.
+    let out: Value = serde_json::from_str(&smoe_ok(&[
+        "run",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "Say hello.",
+        "--max-tokens",
+        "1",
+        "--json",
+    ]))
+    .unwrap();
+    let prompt_ids: Vec<u32> = serde_json::from_value(out["prompt_ids"].clone()).unwrap();
+    assert_eq!(prompt_ids, ids);
+}
+
+#[test]
+fn raising_template_exits_1_with_its_message() {
+    let model = fixture("qwen3-moe-a");
+    let scratch = tempfile::tempdir().unwrap();
+    let messages = scratch.path().join("m.json");
+    fs::write(&messages, r#"[{"role":"user","content":"hi"}]"#).unwrap();
+    let tpl = scratch.path().join("t.jinja");
+    fs::write(
+        &tpl,
+        "{{ raise_exception('Only assistants may speak here') }}",
+    )
+    .unwrap();
+    let args = [
+        "template",
+        "--model",
+        path_str(&model),
+        "--messages",
+        path_str(&messages),
+        "--chat-template",
+        path_str(&tpl),
+    ];
+    let err = smoe_err(&args);
+    assert!(err.contains("Only assistants may speak here"), "{err}");
+    assert!(
+        smoe(&args).stdout.is_empty(),
+        "nothing on stdout when the template raises"
+    );
+}
