@@ -11,10 +11,12 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
 use smoe::engine::{Engine, Prompt};
-use smoe::model::Logits;
+use smoe::model::{human_bytes, parse_bytes, Budget, LoadOptions, Logits, MemoryPlan};
 use smoe::sampler::SamplingParams;
 use smoe::template::{ChatTemplate, SpecialTokens};
 use smoe::tokenizer::Tokenizer;
+use smoe::vault::convert::{convert, ConvertOptions};
+use smoe::vault::Vault;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +37,55 @@ enum Command {
     Logits(LogitsArgs),
     /// Render a conversation with the checkpoint's chat template.
     Template(TemplateArgs),
+    /// Convert a Hugging Face checkpoint into a vault (done once).
+    Convert(ConvertArgs),
+    /// Check every checksum of a vault.
+    Verify(VerifyArgs),
+    /// Describe a checkpoint or vault and the memory plan on this machine.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Hugging Face checkpoint directory.
+    #[arg(value_name = "HF_DIR")]
+    source: PathBuf,
+    /// Vault directory to create.
+    #[arg(short = 'o', long = "output", value_name = "VAULT_DIR")]
+    output: PathBuf,
+    /// Routed-expert type: q4_k, q4_0, q8_0, q6_k, q5_k or bf16.
+    #[arg(long, default_value = "q4_k")]
+    experts: String,
+    /// Backbone type (2-D tensors; norms stay f32): bf16 or q8_0.
+    #[arg(long, default_value = "bf16")]
+    backbone: String,
+    /// Allow 2- and 3-bit types (they ruin fine-grained MoE models).
+    #[arg(long)]
+    allow_lossy: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Simulate a crash after N expert layers (for testing resumption).
+    #[arg(long, hide = true)]
+    stop_after_layers: Option<usize>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[arg(value_name = "VAULT_DIR")]
+    vault: PathBuf,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[arg(value_name = "PATH")]
+    path: PathBuf,
+    /// Budget to plan with, as for run.
+    #[arg(long, default_value = "auto", value_parser = parse_budget)]
+    ram_budget: Budget,
 }
 
 #[derive(Args)]
@@ -45,6 +96,15 @@ struct ModelArgs {
     /// Worker threads for the kernels (default: all cores).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// RAM for the expert cache when streaming a vault: e.g. 2GiB, or auto.
+    #[arg(long, default_value = "auto", value_parser = parse_budget)]
+    ram_budget: Budget,
+    /// Check each expert record's checksum as it is read.
+    #[arg(long)]
+    verify_experts: bool,
+    /// Context length to plan the KV cache for.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
 }
 
 #[derive(Args)]
@@ -142,6 +202,15 @@ fn parse_ids(s: &str) -> std::result::Result<Ids, String> {
     Ok(Ids(ids))
 }
 
+fn parse_budget(s: &str) -> std::result::Result<Budget, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(Budget::Auto);
+    }
+    parse_bytes(s)
+        .map(Budget::Bytes)
+        .ok_or_else(|| format!("\"{s}\" is not a size (e.g. 2GiB, 512MiB, auto)"))
+}
+
 fn parse_var(s: &str) -> std::result::Result<(String, Value), String> {
     let (k, v) = s
         .split_once('=')
@@ -156,6 +225,9 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Logits(a) => logits(a),
         Command::Template(a) => template(a),
+        Command::Convert(a) => convert_cmd(a),
+        Command::Verify(a) => verify_cmd(a),
+        Command::Inspect(a) => inspect_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,8 +238,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(m: &ModelArgs) -> Result<Engine> {
-    if let Some(n) = m.threads {
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
@@ -176,11 +248,50 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             .build_global()
             .context("setting up the thread pool")?;
     }
-    Ok(Engine::load(&m.model)?)
+    Ok(())
+}
+
+fn load(m: &ModelArgs) -> Result<Engine> {
+    set_threads(m.threads)?;
+    let opts = LoadOptions {
+        ram_budget: m.ram_budget,
+        verify_experts: m.verify_experts,
+        ctx: m.ctx,
+        ..Default::default()
+    };
+    Ok(Engine::load_with(&m.model, &opts)?)
+}
+
+fn describe_plan(p: &MemoryPlan) -> String {
+    format!(
+        "memory plan: backbone {} | expert cache {} ({} slots of {}, {:.0}% of {} experts) | KV {} for {} tokens | free {} | direct I/O {}",
+        human_bytes(p.backbone_bytes),
+        human_bytes(p.cache_bytes),
+        p.cache_slots,
+        human_bytes(p.slot_bytes),
+        100.0 * p.cache_bytes as f64 / p.expert_bytes.max(1) as f64,
+        human_bytes(p.expert_bytes),
+        human_bytes(p.kv_bytes),
+        p.ctx,
+        p.available_bytes
+            .map(|a| human_bytes(a.saturating_sub(p.backbone_bytes + p.cache_bytes + p.kv_bytes)))
+            .unwrap_or_else(|| "unknown".into()),
+        if p.direct_io { "on" } else { "off (buffered + fadvise)" },
+    )
+}
+
+/// Peak resident set of this process (VmHWM), where the OS reports it.
+fn peak_rss() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
 fn run(a: RunArgs) -> Result<()> {
     let engine = load(&a.model)?;
+    if let (Some(plan), false) = (&engine.plan, a.json) {
+        eprintln!("{}", describe_plan(plan));
+    }
     let prompt = match (a.ids, a.prompt) {
         (Some(Ids(ids)), _) => Prompt::Ids(ids),
         (None, Some(text)) if a.raw => Prompt::Raw(text),
@@ -241,6 +352,32 @@ fn run(a: RunArgs) -> Result<()> {
         None => String::new(),
     };
     let tm = &gen.timings;
+    let stats = engine.cache.as_ref().map(|c| {
+        let st = c.stats.snapshot();
+        let tokens = (tm.prefill_tokens + tm.decode_tokens).max(1) as f64;
+        json!({
+            "hits": st.hits,
+            "misses": st.misses,
+            "hit_rate": st.hit_rate(),
+            "bytes_read": st.bytes_read,
+            "bytes_read_per_token": st.bytes_read as f64 / tokens,
+            "read_gb_s": st.read_gb_s(),
+            "blocked_s": st.blocked_s,
+            "blocked_ms_per_token": 1e3 * st.blocked_s / tokens,
+            "cache_slots": c.capacity(),
+            "cache_bytes": c.capacity() * c.slot_bytes(),
+            "direct_io": c.direct_io(),
+            "peak_rss_bytes": peak_rss(),
+            "plan": engine.plan.as_ref().map(|p| json!({
+                "backbone_bytes": p.backbone_bytes,
+                "cache_bytes": p.cache_bytes,
+                "cache_slots": p.cache_slots,
+                "slot_bytes": p.slot_bytes,
+                "kv_bytes": p.kv_bytes,
+                "expert_bytes": p.expert_bytes,
+            })),
+        })
+    });
     if a.json {
         let out = json!({
             "prompt_ids": prompt_ids,
@@ -254,6 +391,10 @@ fn run(a: RunArgs) -> Result<()> {
                 "decode_tok_s": tm.decode_tok_s(),
             },
         });
+        let mut out = out;
+        if let Some(stats) = stats {
+            out["stats"] = stats;
+        }
         writeln!(stdout, "{out}")?;
     } else {
         if let Some(rest) = stream.as_mut().map(|s| s.finish()).transpose()?.flatten() {
@@ -330,6 +471,142 @@ fn template(a: TemplateArgs) -> Result<()> {
         writeln!(stdout, "{}", Value::from(ids))?;
     } else {
         stdout.write_all(text.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn convert_cmd(a: ConvertArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let parse = |flag: &str, v: &str| {
+        smoe::kernels::DType::parse(v).ok_or_else(|| {
+            anyhow::anyhow!("{flag} {v}: unknown type (q4_k, q4_0, q8_0, q6_k, q5_k, bf16)")
+        })
+    };
+    let opts = ConvertOptions {
+        experts: parse("--experts", &a.experts)?,
+        backbone: parse("--backbone", &a.backbone)?,
+        allow_lossy: a.allow_lossy,
+        stop_after_layers: a.stop_after_layers,
+    };
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} converting [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> "),
+        );
+        bar
+    };
+    let report = convert(&a.source, &a.output, &opts, &mut |p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    })?;
+    bar.finish_and_clear();
+    if !a.quiet {
+        eprintln!(
+            "wrote {} in {:.1}s: backbone {}, experts {}{}",
+            report.dir.display(),
+            report.seconds,
+            human_bytes(report.backbone_bytes),
+            human_bytes(report.expert_bytes),
+            if report.resumed_layers > 0 {
+                format!(
+                    " (resumed after {} finished expert layers)",
+                    report.resumed_layers
+                )
+            } else {
+                String::new()
+            }
+        );
+        eprintln!("quantization error (relative RMS of dequantized - original):");
+        for (class, err) in &report.quant_error {
+            eprintln!("  {class:<32} {err:.5}");
+        }
+    }
+    Ok(())
+}
+
+fn verify_cmd(a: VerifyArgs) -> Result<()> {
+    let vault = Vault::open(&a.vault)?;
+    let bad = vault.verify(&mut |_, _| {})?;
+    if bad.is_empty() {
+        println!("ok: every checksum of {} matches", a.vault.display());
+        Ok(())
+    } else {
+        for b in &bad {
+            println!("corrupt: {b}");
+        }
+        bail!(
+            "{}: {} corrupt record(s), first: {}",
+            a.vault.display(),
+            bad.len(),
+            bad[0]
+        )
+    }
+}
+
+fn inspect_cmd(a: InspectArgs) -> Result<()> {
+    let opts = LoadOptions {
+        ram_budget: a.ram_budget,
+        ..Default::default()
+    };
+    let engine = Engine::load_with(&a.path, &opts)?;
+    let c = engine.model.config();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "model: {} ({:?})", a.path.display(), c.architecture)?;
+    writeln!(
+        out,
+        "layers {} | hidden {} | heads {}/{} kv x {} | experts {} (top {}) x {} wide | vocab {} | context {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.num_experts,
+        c.num_experts_per_tok,
+        c.moe_intermediate_size,
+        c.vocab_size,
+        c.max_position_embeddings
+    )?;
+    let moe_layers = (0..c.num_hidden_layers)
+        .filter(|&i| c.is_moe_layer(i))
+        .count() as u64;
+    let expert_params =
+        moe_layers * c.num_experts as u64 * 3 * (c.hidden_size * c.moe_intermediate_size) as u64;
+    let active = moe_layers
+        * c.num_experts_per_tok as u64
+        * 3
+        * (c.hidden_size * c.moe_intermediate_size) as u64;
+    writeln!(
+        out,
+        "routed expert parameters: {:.3} B ({:.3} B active per token)",
+        expert_params as f64 / 1e9,
+        active as f64 / 1e9
+    )?;
+    if smoe::vault::is_vault(&a.path) {
+        let vault = Vault::open(&a.path)?;
+        let m = &vault.manifest;
+        writeln!(
+            out,
+            "quant: experts {}, backbone {}",
+            m.quant.experts, m.quant.backbone
+        )?;
+        writeln!(
+            out,
+            "backbone bytes: {} | expert bytes: {}",
+            human_bytes(vault.backbone_bytes()),
+            human_bytes(vault.expert_bytes())
+        )?;
+        for (class, err) in &m.quant_error {
+            writeln!(out, "  quant error {class:<32} {err:.5}")?;
+        }
+    }
+    if let Some(plan) = &engine.plan {
+        writeln!(out, "{}", describe_plan(plan))?;
     }
     Ok(())
 }

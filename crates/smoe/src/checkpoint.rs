@@ -15,9 +15,53 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::config::{GenerationConfig, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{read_json, Error, Result};
 use crate::kernels::{DType, Matrix};
+
+/// Anything that hands out named, shape-checked weights: a checkpoint, or a
+/// vault's backbone.
+pub trait TensorSource {
+    /// A tensor by name, checked against the shape the model expects.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight>;
+}
+
+/// Memory-maps a whole file for [`Weight`] views into it.
+pub fn map_file(path: &Path) -> Result<MappedFile> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: see map_safetensors.
+    let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+    Ok(MappedFile(Arc::new(Storage::Mapped(map))))
+}
+
+/// A mapped file that [`Weight`]s can point into.
+#[derive(Debug, Clone)]
+pub struct MappedFile(Arc<Storage>);
+
+impl MappedFile {
+    pub fn len(&self) -> usize {
+        self.0.bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.0.bytes()
+    }
+
+    /// A view of `range`, which must lie inside the file and be aligned
+    /// for `dtype` (the vault writes every tensor 4 KiB-aligned).
+    pub fn weight(&self, range: Range<usize>, dtype: DType, shape: Vec<usize>) -> Weight {
+        Weight {
+            storage: Arc::clone(&self.0),
+            range,
+            dtype,
+            shape,
+        }
+    }
+}
 
 /// Bytes that back weights: a file mapping, or an aligned copy for the rare
 /// file whose tensors are not aligned to their element size.
@@ -71,16 +115,25 @@ impl Weight {
         Matrix::new(self.dtype, self.bytes(), rows, cols)
     }
 
-    /// Row `i` of a 2-D weight as its own view.
-    pub fn row(&self, i: usize) -> Weight {
-        let cols = self.shape.last().copied().unwrap_or(1);
-        let row_bytes = cols * self.dtype.size();
-        let start = self.range.start + i * row_bytes;
-        Weight {
-            storage: Arc::clone(&self.storage),
-            range: start..start + row_bytes,
-            dtype: self.dtype,
-            shape: vec![cols],
+    /// Tells the OS that this tensor's pages will not be read again, so a
+    /// converter walking a 470 GB checkpoint keeps its resident set at a few
+    /// tensors instead of letting mapped pages pile up.
+    pub fn release_pages(&self) {
+        if let Storage::Mapped(map) = &*self.storage {
+            let page = 4096;
+            let start = self.range.start.div_ceil(page) * page;
+            let end = self.range.end / page * page;
+            if end > start {
+                // SAFETY: a read-only shared file mapping; dropped pages are
+                // re-read from the file if touched again, never zeroed.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
         }
     }
 
@@ -108,7 +161,6 @@ struct Entry {
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub config: ModelConfig,
-    pub generation: GenerationConfig,
     files: Vec<PathBuf>,
     tensors: HashMap<String, Entry>,
 }
@@ -122,7 +174,6 @@ impl Checkpoint {
             ));
         }
         let config = ModelConfig::from_dir(dir)?;
-        let generation = GenerationConfig::from_dir(dir)?;
         let (names, weight_map) = shard_list(dir)?;
         let mut files = Vec::with_capacity(names.len());
         let mut tensors = HashMap::new();
@@ -156,7 +207,6 @@ impl Checkpoint {
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
-            generation,
             files,
             tensors,
         })
@@ -166,8 +216,29 @@ impl Checkpoint {
         self.tensors.contains_key(name)
     }
 
-    /// A tensor by name, checked against the shape the model expects.
-    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+    /// A tensor by name, whatever its shape (for tools that copy tensors).
+    pub fn tensor_any(&self, name: &str) -> Result<Weight> {
+        let shape = self
+            .tensors
+            .get(name)
+            .map(|e| e.shape.clone())
+            .ok_or_else(|| Error::format(&self.dir, format!("missing tensor \"{name}\"")))?;
+        self.tensor(name, &shape)
+    }
+
+    /// Stored size of a tensor in bytes (0 if absent).
+    pub fn tensor_bytes(&self, name: &str) -> u64 {
+        self.tensors.get(name).map_or(0, |e| e.range.len() as u64)
+    }
+
+    /// Names of all tensors, for tools that walk the checkpoint.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+}
+
+impl TensorSource for Checkpoint {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         let e = self
             .tensors
             .get(name)
@@ -188,11 +259,6 @@ impl Checkpoint {
             dtype: e.dtype,
             shape: e.shape.clone(),
         })
-    }
-
-    /// Names of all tensors, for tools that walk the checkpoint.
-    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
     }
 }
 
@@ -265,7 +331,7 @@ fn map_safetensors(path: &Path, file: usize) -> Result<Vec<(String, Entry)>> {
         })?;
         let data = view.data();
         let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
-        let (storage, range) = if start % dtype.size() == 0 {
+        let (storage, range) = if start % dtype.row_bytes(1) == 0 {
             (Arc::clone(&map), start..start + data.len())
         } else {
             // Kernels read elements as typed slices; copying an odd tensor

@@ -6,10 +6,12 @@ use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
-use crate::checkpoint::Checkpoint;
+use std::sync::Arc;
+
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
-use crate::model::{self, CausalLm, Logits, Session};
+use crate::experts::ExpertCache;
+use crate::model::{self, CausalLm, LoadOptions, Logits, MemoryPlan, Session};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::template::{ChatTemplate, SpecialTokens};
 use crate::tokenizer::Tokenizer;
@@ -91,12 +93,20 @@ pub struct Engine {
     /// Every id that ends generation: `generation_config.json`'s list and the
     /// tokenizer's eos token.
     pub eos_ids: Vec<u32>,
+    /// The expert cache, when streaming from a vault.
+    pub cache: Option<Arc<ExpertCache>>,
+    pub plan: Option<MemoryPlan>,
 }
 
 impl Engine {
+    /// Opens a checkpoint or vault with default options.
     pub fn load(dir: &Path) -> Result<Self> {
-        let ckpt = Checkpoint::open(dir)?;
-        let model = model::load(&ckpt)?;
+        Self::load_with(dir, &LoadOptions::default())
+    }
+
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let opened = model::open(dir, opts)?;
+        let generation = GenerationConfig::from_dir(dir)?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(Tokenizer::from_dir(dir)?)
         } else {
@@ -107,13 +117,15 @@ impl Engine {
         } else {
             None
         };
-        let eos_ids = eos_ids(&ckpt.generation, dir, tokenizer.as_ref())?;
+        let eos_ids = eos_ids(&generation, dir, tokenizer.as_ref())?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            model,
+            model: opened.model,
             tokenizer,
             template,
             eos_ids,
+            cache: opened.cache,
+            plan: opened.plan,
         })
     }
 

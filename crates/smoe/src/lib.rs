@@ -10,10 +10,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod experts;
 pub mod kernels;
 pub mod model;
+pub mod quant;
 pub mod sampler;
 pub mod template;
 pub mod tokenizer;
+pub mod vault;
 
 pub use error::{Error, Result};

@@ -1,0 +1,479 @@
+//! GGML block quantization of weight rows: the formats, their sizes, and
+//! conversion to and from f32. The matrix products live in `kernels::quant`.
+//!
+//! The block layouts and the (de)quantization routines are candle's
+//! re-implementation of ggml's, used directly on our own byte slices so a
+//! quantized row is never copied: a row of `cols` weights is `cols /
+//! block_elems` consecutive blocks, each a `#[repr(C)]` struct of scales and
+//! packed integers, byte-compatible with GGUF tensor data.
+
+use std::mem::{align_of, size_of};
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, GgmlType,
+};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// A GGML block quantization format for weight rows.
+///
+/// Serialized under the same lowercase names that [`QuantType::name`]
+/// returns, so a manifest and the command line spell types alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum QuantType {
+    /// 4.5 bits: 256-weight super-blocks of eight 32-weight sub-blocks, each
+    /// with a 6-bit scale and minimum.
+    #[serde(rename = "q4_k")]
+    Q4K,
+    /// 4.5 bits: 32-weight blocks with one f16 scale, symmetric.
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// 8.5 bits: 32-weight blocks with one f16 scale; near-lossless.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// 6.5625 bits: 256-weight super-blocks of sixteen 16-weight sub-blocks.
+    #[serde(rename = "q6_k")]
+    Q6K,
+    /// 5.5 bits: like Q4K with one extra high bit per weight.
+    #[serde(rename = "q5_k")]
+    Q5K,
+    /// 3.4375 bits; visibly lossy, only for an explicit request.
+    #[serde(rename = "q3_k")]
+    Q3K,
+    /// 2.625 bits; visibly lossy, only for an explicit request.
+    #[serde(rename = "q2_k")]
+    Q2K,
+}
+
+/// Runs `$body` with `$b` bound to the candle block type of `$qt`, so each
+/// generic routine is instantiated once per format from one mapping.
+macro_rules! with_block_type {
+    ($qt:expr, $b:ident => $body:expr) => {
+        match $qt {
+            $crate::quant::QuantType::Q4K => {
+                type $b = candle_core::quantized::k_quants::BlockQ4K;
+                $body
+            }
+            $crate::quant::QuantType::Q4_0 => {
+                type $b = candle_core::quantized::k_quants::BlockQ4_0;
+                $body
+            }
+            $crate::quant::QuantType::Q8_0 => {
+                type $b = candle_core::quantized::k_quants::BlockQ8_0;
+                $body
+            }
+            $crate::quant::QuantType::Q6K => {
+                type $b = candle_core::quantized::k_quants::BlockQ6K;
+                $body
+            }
+            $crate::quant::QuantType::Q5K => {
+                type $b = candle_core::quantized::k_quants::BlockQ5K;
+                $body
+            }
+            $crate::quant::QuantType::Q3K => {
+                type $b = candle_core::quantized::k_quants::BlockQ3K;
+                $body
+            }
+            $crate::quant::QuantType::Q2K => {
+                type $b = candle_core::quantized::k_quants::BlockQ2K;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_block_type;
+
+impl QuantType {
+    /// Every format, in the order of the enum.
+    pub const ALL: [QuantType; 7] = [
+        QuantType::Q4K,
+        QuantType::Q4_0,
+        QuantType::Q8_0,
+        QuantType::Q6K,
+        QuantType::Q5K,
+        QuantType::Q3K,
+        QuantType::Q2K,
+    ];
+
+    /// The lowercase llama.cpp name: `"q4_k"`, `"q4_0"`, `"q8_0"`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::Q4K => "q4_k",
+            QuantType::Q4_0 => "q4_0",
+            QuantType::Q8_0 => "q8_0",
+            QuantType::Q6K => "q6_k",
+            QuantType::Q5K => "q5_k",
+            QuantType::Q3K => "q3_k",
+            QuantType::Q2K => "q2_k",
+        }
+    }
+
+    /// The inverse of [`QuantType::name`], ignoring ASCII case so that
+    /// llama.cpp's `Q4_K` spelling is accepted too.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+    }
+
+    /// Weights per block: 256 for the k-quants, 32 for q4_0 and q8_0.
+    pub fn block_elems(self) -> usize {
+        with_block_type!(self, B => B::BLCK_SIZE)
+    }
+
+    /// Bytes per block, scales included (144 for q4_k, 18 for q4_0, 34 for
+    /// q8_0).
+    pub fn block_bytes(self) -> usize {
+        with_block_type!(self, B => size_of::<B>())
+    }
+
+    /// Bytes of one quantized row of `cols` weights, or `None` when the row
+    /// does not split into whole blocks.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        (cols % self.block_elems() == 0).then(|| cols / self.block_elems() * self.block_bytes())
+    }
+
+    /// Storage cost including the per-block scales.
+    pub fn bits_per_weight(self) -> f64 {
+        (self.block_bytes() * 8) as f64 / self.block_elems() as f64
+    }
+
+    /// The 2- and 3-bit formats, which change a model's outputs enough that
+    /// they must never be chosen implicitly.
+    pub fn is_lossy_below_4bit(self) -> bool {
+        matches!(self, QuantType::Q3K | QuantType::Q2K)
+    }
+
+    /// The format to store a row of `cols` weights in when `self` was asked
+    /// for: `self` if the row splits into its blocks, else a 32-weight format
+    /// with at least as many bits (q4_0 for the k-quants of 4 bits or less,
+    /// q8_0 for q5_k and q6_k, as llama.cpp falls back for rows that are not
+    /// a multiple of 256), else `None`: keep the row unquantized.
+    pub fn for_row(self, cols: usize) -> Option<QuantType> {
+        let fallback = match self {
+            QuantType::Q4K | QuantType::Q3K | QuantType::Q2K | QuantType::Q4_0 => QuantType::Q4_0,
+            QuantType::Q5K | QuantType::Q6K | QuantType::Q8_0 => QuantType::Q8_0,
+        };
+        [self, fallback]
+            .into_iter()
+            .find(|t| t.row_bytes(cols).is_some())
+    }
+}
+
+/// Candle block types that may be viewed in place over arbitrary bytes.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]` structs of integers, f16 and f32 only,
+/// without padding, so that every bit pattern is a valid value.
+pub(crate) unsafe trait Block: GgmlType {}
+
+// SAFETY: all are `#[repr(C)]` structs of u8/i8/i16 arrays, f16 and f32 fields
+// whose sizes candle asserts equal the sum of their fields (no padding).
+unsafe impl Block for BlockQ4K {}
+unsafe impl Block for BlockQ4_0 {}
+unsafe impl Block for BlockQ8_0 {}
+unsafe impl Block for BlockQ6K {}
+unsafe impl Block for BlockQ5K {}
+unsafe impl Block for BlockQ3K {}
+unsafe impl Block for BlockQ2K {}
+unsafe impl Block for BlockQ8K {}
+
+/// Checks that `bytes` can be viewed as a slice of `B`: a whole number of
+/// blocks, starting at `B`'s alignment (2 for every weight format).
+fn check_blocks<B: Block>(bytes: &[u8]) -> Result<usize> {
+    let (size, align) = (size_of::<B>(), align_of::<B>());
+    if bytes.len() % size != 0 {
+        return Err(Error::invalid(format!(
+            "{} bytes are not a whole number of {:?} blocks of {size} bytes",
+            bytes.len(),
+            B::DTYPE
+        )));
+    }
+    if (bytes.as_ptr() as usize) % align != 0 {
+        return Err(Error::invalid(format!(
+            "{:?} block data at {:p} is not {align}-byte aligned",
+            B::DTYPE,
+            bytes.as_ptr()
+        )));
+    }
+    Ok(bytes.len() / size)
+}
+
+/// Views quantized bytes as blocks, without copying.
+pub(crate) fn as_blocks<B: Block>(bytes: &[u8]) -> Result<&[B]> {
+    // An empty slice's pointer is dangling and need not be aligned for `B`.
+    if bytes.is_empty() {
+        return Ok(&[]);
+    }
+    let n = check_blocks::<B>(bytes)?;
+    // SAFETY: length and alignment were checked; `Block` guarantees every bit
+    // pattern is a valid `B`.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), n) })
+}
+
+/// Views a destination for quantized data as blocks, without copying.
+pub(crate) fn as_blocks_mut<B: Block>(bytes: &mut [u8]) -> Result<&mut [B]> {
+    if bytes.is_empty() {
+        return Ok(&mut []);
+    }
+    let n = check_blocks::<B>(bytes)?;
+    // SAFETY: as in `as_blocks`; the borrow is exclusive.
+    Ok(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), n) })
+}
+
+/// The row count of an `f32` matrix `cols` wide whose quantized form is
+/// `quantized_len` bytes, after checking that both sides agree.
+fn check_rows(t: QuantType, f32_len: usize, cols: usize, quantized_len: usize) -> Result<usize> {
+    let row_bytes = t.row_bytes(cols).filter(|_| cols > 0).ok_or_else(|| {
+        Error::invalid(format!(
+            "{}: rows of {cols} weights do not split into blocks of {}",
+            t.name(),
+            t.block_elems()
+        ))
+    })?;
+    let rows = f32_len / cols;
+    if f32_len % cols != 0 || quantized_len != rows * row_bytes {
+        return Err(Error::invalid(format!(
+            "{}: {f32_len} f32 values and {quantized_len} bytes are not the same \
+             whole number of {cols}-wide rows ({row_bytes} bytes each)",
+            t.name()
+        )));
+    }
+    Ok(rows)
+}
+
+/// Rows per rayon task: quantizing is a few hundred cycles per block, so
+/// 16K weights per task amortise the scheduling.
+fn min_rows_per_task(cols: usize) -> usize {
+    (16_384 / cols).max(1)
+}
+
+/// Quantizes `src`, a row-major `[rows, cols]` f32 matrix, into `dst`, which
+/// must be exactly `rows * t.row_bytes(cols)` bytes aligned to 2 (for the
+/// k-quants' f16 scales). Rows are quantized in parallel.
+pub fn quantize_rows(t: QuantType, src: &[f32], cols: usize, dst: &mut [u8]) -> Result<()> {
+    check_rows(t, src.len(), cols, dst.len())?;
+    with_block_type!(t, B => {
+        let blocks = as_blocks_mut::<B>(dst)?;
+        blocks
+            .par_chunks_mut(cols / B::BLCK_SIZE)
+            .zip(src.par_chunks(cols))
+            .with_min_len(min_rows_per_task(cols))
+            .for_each(|(q, x)| B::from_float(x, q));
+    });
+    Ok(())
+}
+
+/// The inverse of [`quantize_rows`]: `src` holds whole quantized rows of
+/// `cols` weights, `dst` receives them as row-major f32.
+pub fn dequantize_rows(t: QuantType, src: &[u8], cols: usize, dst: &mut [f32]) -> Result<()> {
+    check_rows(t, dst.len(), cols, src.len())?;
+    with_block_type!(t, B => {
+        let blocks = as_blocks::<B>(src)?;
+        blocks
+            .par_chunks(cols / B::BLCK_SIZE)
+            .zip(dst.par_chunks_mut(cols))
+            .with_min_len(min_rows_per_task(cols))
+            .for_each(|(q, x)| B::to_float(q, x));
+    });
+    Ok(())
+}
+
+/// Relative RMS error of `dequantized` against `original`:
+/// `sqrt(sum((d - x)^2) / sum(x^2))`, accumulated in f64. Zero when both are
+/// all zeros.
+pub fn relative_rms_error(original: &[f32], dequantized: &[f32]) -> f64 {
+    assert_eq!(
+        original.len(),
+        dequantized.len(),
+        "relative_rms_error: lengths differ"
+    );
+    let (mut err, mut norm) = (0.0f64, 0.0f64);
+    for (&x, &d) in original.iter().zip(dequantized) {
+        let (x, d) = (x as f64, d as f64);
+        err += (d - x) * (d - x);
+        norm += x * x;
+    }
+    if err == 0.0 {
+        0.0
+    } else {
+        (err / norm).sqrt()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// `n` samples of N(0, 1) (Box-Muller), reproducible from `seed`.
+    pub(crate) fn normal(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut uniform = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (0..n)
+            .map(|_| {
+                let (u, v) = (1.0 - uniform(), uniform());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect()
+    }
+
+    /// Byte storage aligned to 8, as the checkpoint loader guarantees for
+    /// tensor data, so tests can also offset it to misalign on purpose.
+    pub(crate) struct Aligned(Vec<u64>, usize);
+
+    impl Aligned {
+        pub(crate) fn zeroed(len: usize) -> Self {
+            Aligned(vec![0; len.div_ceil(8)], len)
+        }
+        pub(crate) fn bytes(&self) -> &[u8] {
+            // SAFETY: the Vec holds at least `self.1` initialised bytes.
+            unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.1) }
+        }
+        pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+            // SAFETY: as above, borrowed exclusively.
+            unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.1) }
+        }
+    }
+
+    pub(crate) fn quantize(t: QuantType, src: &[f32], cols: usize) -> Aligned {
+        let rows = src.len() / cols;
+        let mut q = Aligned::zeroed(rows * t.row_bytes(cols).unwrap());
+        quantize_rows(t, src, cols, q.bytes_mut()).unwrap();
+        q
+    }
+
+    #[test]
+    fn names_parse_and_serialize_alike() {
+        for t in QuantType::ALL {
+            assert_eq!(QuantType::parse(t.name()), Some(t));
+            assert_eq!(QuantType::parse(&t.name().to_uppercase()), Some(t));
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(json, format!("\"{}\"", t.name()));
+            assert_eq!(serde_json::from_str::<QuantType>(&json).unwrap(), t);
+        }
+        assert_eq!(QuantType::parse("q4k"), None);
+    }
+
+    #[test]
+    fn sizes_match_ggml() {
+        let expect = [
+            (QuantType::Q4K, 256, 144, 4.5),
+            (QuantType::Q4_0, 32, 18, 4.5),
+            (QuantType::Q8_0, 32, 34, 8.5),
+            (QuantType::Q6K, 256, 210, 6.5625),
+            (QuantType::Q5K, 256, 176, 5.5),
+            (QuantType::Q3K, 256, 110, 3.4375),
+            (QuantType::Q2K, 256, 84, 2.625),
+        ];
+        for (t, elems, bytes, bits) in expect {
+            assert_eq!((t.block_elems(), t.block_bytes()), (elems, bytes), "{t:?}");
+            assert_eq!(t.bits_per_weight(), bits, "{t:?}");
+            assert_eq!(t.is_lossy_below_4bit(), bits < 4.0, "{t:?}");
+        }
+        assert_eq!(QuantType::Q4K.row_bytes(2048), Some(8 * 144));
+        assert_eq!(QuantType::Q4K.row_bytes(96), None);
+        assert_eq!(QuantType::Q8_0.row_bytes(96), Some(3 * 34));
+    }
+
+    #[test]
+    fn for_row_falls_back_to_32_blocks_then_none() {
+        assert_eq!(QuantType::Q4K.for_row(2048), Some(QuantType::Q4K));
+        assert_eq!(QuantType::Q4K.for_row(96), Some(QuantType::Q4_0));
+        assert_eq!(QuantType::Q2K.for_row(96), Some(QuantType::Q4_0));
+        assert_eq!(QuantType::Q6K.for_row(96), Some(QuantType::Q8_0));
+        assert_eq!(QuantType::Q8_0.for_row(96), Some(QuantType::Q8_0));
+        for t in QuantType::ALL {
+            assert_eq!(t.for_row(40), None, "{t:?}");
+        }
+    }
+
+    /// Round-trip error on N(0, 1) rows. The data and the algorithms are
+    /// deterministic, so the bounds sit ~15% above the measured values (in
+    /// the comments): loose enough for a change of seed, tight enough to
+    /// catch a format or layout that went wrong. The values follow from the
+    /// step sizes: q8_0 steps by max/127 over 32 weights, q4_0 by max/8 over
+    /// 32 with no offset, the k-quants fit a scale (and a minimum, except
+    /// q6_k and q3_k) per 16 or 32 weights.
+    #[test]
+    fn round_trip_error_per_type() {
+        let cols = 512;
+        let x = normal(64 * cols, 1);
+        let bounds = [
+            (QuantType::Q8_0, 0.0062), // measured 0.00540
+            (QuantType::Q6K, 0.021),   // measured 0.0183
+            (QuantType::Q5K, 0.042),   // measured 0.0370
+            (QuantType::Q4K, 0.086),   // measured 0.0746
+            (QuantType::Q4_0, 0.099),  // measured 0.0864
+            (QuantType::Q3K, 0.17),    // measured 0.150
+            (QuantType::Q2K, 0.33),    // measured 0.288
+        ];
+        for (t, bound) in bounds {
+            let q = quantize(t, &x, cols);
+            let mut d = vec![0.0; x.len()];
+            dequantize_rows(t, q.bytes(), cols, &mut d).unwrap();
+            let err = relative_rms_error(&x, &d);
+            println!("{}: relative RMS error {err:.5}", t.name());
+            assert!(err < bound, "{}: {err} >= {bound}", t.name());
+        }
+    }
+
+    #[test]
+    fn zero_rows_round_trip_to_zero() {
+        let x = vec![0.0f32; 2 * 256];
+        for t in QuantType::ALL {
+            let q = quantize(t, &x, 256);
+            let mut d = vec![1.0; x.len()];
+            dequantize_rows(t, q.bytes(), 256, &mut d).unwrap();
+            assert!(d.iter().all(|&v| v == 0.0), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn bad_lengths_and_alignment_are_errors() {
+        let x = normal(2 * 256, 2);
+        let t = QuantType::Q4K;
+        let mut buf = Aligned::zeroed(2 * 144 + 2);
+        let err = |r: Result<()>| r.unwrap_err().to_string();
+
+        let msg = err(quantize_rows(
+            t,
+            &x,
+            256,
+            &mut buf.bytes_mut()[..2 * 144 - 1],
+        ));
+        assert!(msg.contains("not the same whole number"), "{msg}");
+        let msg = err(quantize_rows(
+            t,
+            &x[..300],
+            256,
+            &mut buf.bytes_mut()[..144],
+        ));
+        assert!(msg.contains("not the same whole number"), "{msg}");
+        let msg = err(quantize_rows(t, &x, 96, &mut buf.bytes_mut()[..144]));
+        assert!(msg.contains("do not split into blocks of 256"), "{msg}");
+        let msg = err(quantize_rows(t, &[], 0, &mut []));
+        assert!(msg.contains("do not split"), "{msg}");
+        let msg = err(quantize_rows(
+            t,
+            &x,
+            256,
+            &mut buf.bytes_mut()[1..2 * 144 + 1],
+        ));
+        assert!(msg.contains("not 2-byte aligned"), "{msg}");
+
+        let mut d = vec![0.0; 2 * 256];
+        let msg = err(dequantize_rows(
+            t,
+            &buf.bytes()[1..2 * 144 + 1],
+            256,
+            &mut d,
+        ));
+        assert!(msg.contains("not 2-byte aligned"), "{msg}");
+        let msg = err(dequantize_rows(t, &buf.bytes()[..2 * 144 + 2], 256, &mut d));
+        assert!(msg.contains("not the same whole number"), "{msg}");
+        assert!(dequantize_rows(t, &buf.bytes()[..2 * 144], 256, &mut d).is_ok());
+    }
+}

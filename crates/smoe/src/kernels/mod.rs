@@ -8,27 +8,56 @@
 
 mod attention;
 mod ops;
+mod quant;
 mod simd;
 
 pub use attention::{attention, AttnShape};
 pub use ops::{add_in_place, rms_norm, rms_norm_rows, silu_mul, softmax, Rope};
 pub use simd::{axpy, dot, dot_f32, widen};
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
-/// Element types of stored weights.
+use crate::quant::QuantType;
+
+/// Element types of stored weights: plain floats, or GGML blocks of
+/// quantized values with their scales.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    Quant(QuantType),
 }
 
 impl DType {
-    pub fn size(self) -> usize {
+    /// Bytes of one row of `cols` elements. Quantized rows must be whole
+    /// blocks; the converter only picks a block type whose size divides the
+    /// row.
+    pub fn row_bytes(self, cols: usize) -> usize {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4 * cols,
+            DType::F16 | DType::BF16 => 2 * cols,
+            DType::Quant(q) => q.row_bytes(cols).unwrap_or(usize::MAX),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::Quant(q) => q.name(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(DType::F32),
+            "f16" => Some(DType::F16),
+            "bf16" => Some(DType::BF16),
+            other => QuantType::parse(other).map(DType::Quant),
         }
     }
 }
@@ -44,7 +73,7 @@ pub struct Matrix<'a> {
 
 impl<'a> Matrix<'a> {
     pub fn new(dtype: DType, data: &'a [u8], rows: usize, cols: usize) -> Self {
-        debug_assert_eq!(data.len(), rows * cols * dtype.size());
+        debug_assert_eq!(data.len(), rows * dtype.row_bytes(cols));
         Self {
             dtype,
             data,
@@ -54,19 +83,8 @@ impl<'a> Matrix<'a> {
     }
 
     pub fn row(&self, i: usize) -> &'a [u8] {
-        let n = self.cols * self.dtype.size();
+        let n = self.dtype.row_bytes(self.cols);
         &self.data[i * n..(i + 1) * n]
-    }
-
-    /// Rows `start..start + n` as a matrix of their own.
-    pub fn rows(&self, start: usize, n: usize) -> Matrix<'a> {
-        let b = self.cols * self.dtype.size();
-        Matrix::new(
-            self.dtype,
-            &self.data[start * b..(start + n) * b],
-            n,
-            self.cols,
-        )
     }
 }
 
@@ -104,6 +122,13 @@ pub fn matmul(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
     assert_eq!(x.len(), t * cols, "matmul: activation shape");
     assert_eq!(y.len(), t * rows, "matmul: output shape");
     if t == 0 || rows == 0 {
+        return;
+    }
+    if let DType::Quant(q) = w.dtype {
+        // The activations are quantized once per call into a per-thread
+        // buffer, so the decode loop allocates nothing once warm.
+        thread_local!(static SCRATCH: RefCell<quant::QuantScratch> = RefCell::default());
+        SCRATCH.with_borrow_mut(|s| quant::matmul_quant(q, w.data, rows, cols, x, t, y, s));
         return;
     }
     let chunk = rows_per_task(rows, cols);

@@ -73,6 +73,13 @@ pub fn dot(dtype: DType, w: &[u8], x: &[f32]) -> f32 {
             }
             portable::dot_f16(w, x)
         }
+        DType::Quant(_) => {
+            // Quantized matrices go through kernels::quant as a whole; this
+            // single-row path serves only odd callers, so it widens first.
+            let mut row = vec![0.0; x.len()];
+            widen(dtype, w, &mut row);
+            dot_f32(&row, x)
+        }
     }
 }
 
@@ -123,6 +130,8 @@ pub fn widen(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 *o = f16::from_bits(b).to_f32();
             }
         }
+        DType::Quant(q) => crate::quant::dequantize_rows(q, bytes, n, out)
+            .expect("vault validation guarantees whole, aligned blocks"),
     }
 }
 
@@ -288,6 +297,7 @@ mod tests {
                 .iter()
                 .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
                 .collect(),
+            DType::Quant(_) => unreachable!("float types only; kernels::quant tests its own"),
         };
         // Copy into u32 storage so the bytes are aligned for every dtype.
         let mut words = vec![0u32; bytes.len().div_ceil(4)];

@@ -7,9 +7,16 @@ mod qwen3_moe;
 
 pub use qwen3_moe::Qwen3Moe;
 
+use std::path::Path;
+use std::sync::Arc;
+
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
+use crate::experts::io::DirectFile;
+use crate::experts::ExpertCache;
+use crate::kernels::DType;
+use crate::vault::{self, Vault};
 
 /// Which positions the caller wants logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +46,233 @@ pub trait CausalLm: Send + Sync {
     ) -> Result<&'s mut [f32]>;
 }
 
-/// Opens the model a checkpoint's config names.
-pub fn load(ckpt: &Checkpoint) -> Result<Box<dyn CausalLm>> {
-    match ckpt.config.architecture {
-        Architecture::Qwen3Moe => Ok(Box::new(Qwen3Moe::load(ckpt)?)),
+/// How much RAM the expert cache may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Available memory minus backbone, KV cache and headroom.
+    Auto,
+    Bytes(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub ram_budget: Budget,
+    /// Check every expert record's CRC32 as it is read.
+    pub verify_experts: bool,
+    /// Reader threads: the queue depth the SSD sees.
+    pub read_threads: usize,
+    /// Context the KV cache is planned for.
+    pub ctx: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            ram_budget: Budget::Auto,
+            verify_experts: false,
+            read_threads: 16,
+            ctx: 4096,
+        }
     }
+}
+
+/// Where the memory goes, decided before anything is allocated.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryPlan {
+    /// Mapped backbone bytes the forward pass touches (the on-disk
+    /// embedding table excluded).
+    pub backbone_bytes: u64,
+    pub cache_bytes: u64,
+    pub cache_slots: usize,
+    pub slot_bytes: u64,
+    /// f32 keys and values for `ctx` positions.
+    pub kv_bytes: u64,
+    pub ctx: usize,
+    /// Memory the OS reported available at start, if known.
+    pub available_bytes: Option<u64>,
+    pub expert_bytes: u64,
+    pub direct_io: bool,
+}
+
+/// A model ready to run, and what it was built from.
+pub struct Opened {
+    pub model: Box<dyn CausalLm>,
+    pub config: ModelConfig,
+    /// Set for vaults: the streaming cache and its plan.
+    pub cache: Option<Arc<ExpertCache>>,
+    pub plan: Option<MemoryPlan>,
+}
+
+/// Opens a checkpoint directory or a vault.
+pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
+    if vault::is_vault(dir) {
+        return open_vault(dir, opts);
+    }
+    let ckpt = Checkpoint::open(dir)?;
+    let model: Box<dyn CausalLm> = match ckpt.config.architecture {
+        Architecture::Qwen3Moe => Box::new(Qwen3Moe::load(&ckpt, &ckpt.config, None, None)?),
+    };
+    Ok(Opened {
+        model,
+        config: ckpt.config.clone(),
+        cache: None,
+        plan: None,
+    })
+}
+
+fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
+    let vault = Vault::open(dir)?;
+    let cfg = ModelConfig::from_json(&vault.manifest.config, &dir.join(vault::MANIFEST))?;
+    let backbone = vault.backbone()?;
+    let embed_name = "model.embed_tokens.weight";
+    let embed = backbone.entry(embed_name).ok_or_else(|| {
+        Error::format(backbone.path(), format!("missing tensor \"{embed_name}\""))
+    })?;
+    let embed_on_disk = !cfg.tie_word_embeddings;
+    let mut plan = plan_memory(
+        &vault,
+        &cfg,
+        opts,
+        if embed_on_disk { embed.len } else { 0 },
+    )?;
+    let cache = Arc::new(ExpertCache::new(
+        &vault,
+        plan.cache_slots,
+        opts.read_threads,
+        opts.verify_experts,
+    )?);
+    plan.direct_io = cache.direct_io();
+    let rows = if embed_on_disk {
+        let dtype = DType::parse(&embed.dtype).ok_or_else(|| {
+            Error::format(backbone.path(), format!("{embed_name}: unknown dtype"))
+        })?;
+        Some(blocks::DiskRows::new(
+            DirectFile::open(backbone.path())?,
+            embed.offset,
+            dtype,
+            cfg.hidden_size,
+        ))
+    } else {
+        None
+    };
+    let model: Box<dyn CausalLm> = match cfg.architecture {
+        Architecture::Qwen3Moe => Box::new(Qwen3Moe::load(&backbone, &cfg, Some(&cache), rows)?),
+    };
+    Ok(Opened {
+        model,
+        config: cfg,
+        cache: Some(cache),
+        plan: Some(plan),
+    })
+}
+
+/// The expert cache gets the budget, in whole slots: at least one token's
+/// experts of one layer (fewer could not run a layer at all), at most every
+/// expert (more would be waste).
+fn plan_memory(
+    vault: &Vault,
+    cfg: &ModelConfig,
+    opts: &LoadOptions,
+    embed_on_disk: u64,
+) -> Result<MemoryPlan> {
+    let slot_bytes = vault
+        .manifest
+        .experts
+        .iter()
+        .map(|l| l.record_len)
+        .max()
+        .unwrap_or(0);
+    let n_records: u64 = vault
+        .manifest
+        .experts
+        .iter()
+        .map(|l| l.offsets.len() as u64)
+        .sum();
+    let backbone_bytes = vault.backbone_bytes() - embed_on_disk;
+    let ctx = opts.ctx.min(cfg.max_position_embeddings);
+    let kv_bytes =
+        (cfg.num_hidden_layers * 2 * ctx * cfg.num_key_value_heads * cfg.head_dim * 4) as u64;
+    let available_bytes = available_memory();
+    let budget = match opts.ram_budget {
+        Budget::Bytes(b) => b,
+        Budget::Auto => {
+            let avail = available_bytes.ok_or_else(|| {
+                Error::invalid(
+                    "cannot read available memory on this system; pass --ram-budget SIZE",
+                )
+            })?;
+            let headroom = (avail / 10).max(512 << 20);
+            avail.saturating_sub(backbone_bytes + kv_bytes + headroom)
+        }
+    };
+    let min_slots = cfg.num_experts_per_tok.max(1) as u64;
+    let slots = budget.checked_div(slot_bytes).unwrap_or(0).min(n_records);
+    if slot_bytes > 0 && slots < min_slots {
+        return Err(Error::invalid(format!(
+            "a RAM budget of {} holds {slots} experts of {}, but one token needs {min_slots} per layer: give --ram-budget {} or more",
+            human_bytes(budget),
+            human_bytes(slot_bytes),
+            human_bytes(min_slots * slot_bytes)
+        )));
+    }
+    Ok(MemoryPlan {
+        backbone_bytes,
+        cache_bytes: slots * slot_bytes,
+        cache_slots: slots as usize,
+        slot_bytes,
+        kv_bytes,
+        ctx,
+        available_bytes,
+        expert_bytes: vault.expert_bytes(),
+        direct_io: false,
+    })
+}
+
+/// MemAvailable from /proc/meminfo (Linux); None elsewhere.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// "1.50 GiB"-style sizes for messages.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// Parses sizes like `2GiB`, `512MiB`, `1.5GB`, `4096`.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "kb" => 1e3,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "mb" => 1e6,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "t" | "tib" => 1024f64.powi(4),
+        "tb" => 1e12,
+        _ => return None,
+    };
+    (v.is_finite() && v >= 0.0).then_some((v * mult) as u64)
 }
 
 /// Keys and values of every layer for positions `0..len`, position-major.

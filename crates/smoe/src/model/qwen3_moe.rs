@@ -5,12 +5,17 @@
 //! `mlp_only_layers` and off-step layers) a dense SwiGLU MLP, residual.
 //! Final RMSNorm and the LM head (or the tied embedding table).
 
-use crate::checkpoint::{Checkpoint, Weight};
+use std::sync::Arc;
+
+use crate::checkpoint::{TensorSource, Weight};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::experts::ExpertCache;
 use crate::kernels::{self, matmul, Rope};
 
-use super::blocks::{embed, norm, sized, Attention, Ffn, Linear, Moe, Routing};
+use super::blocks::{
+    norm, sized, Attention, DiskRows, Embedding, Experts, Ffn, Linear, Moe, Routing,
+};
 use super::{check_input, CausalLm, KvCache, Logits, Session};
 
 #[derive(Debug)]
@@ -30,7 +35,7 @@ struct Layer {
 #[derive(Debug)]
 pub struct Qwen3Moe {
     cfg: ModelConfig,
-    embed: Weight,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Weight,
@@ -38,14 +43,27 @@ pub struct Qwen3Moe {
 }
 
 impl Qwen3Moe {
-    pub fn load(ckpt: &Checkpoint) -> Result<Self> {
-        let c = &ckpt.config;
+    /// Builds the model from `ckpt`'s tensors. With a `cache`, routed
+    /// experts stream through it instead of coming from `ckpt`; with
+    /// `embed_rows`, the (untied) embedding table stays on disk.
+    pub fn load(
+        ckpt: &dyn TensorSource,
+        c: &ModelConfig,
+        cache: Option<&Arc<ExpertCache>>,
+        embed_rows: Option<DiskRows>,
+    ) -> Result<Self> {
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let embed = ckpt.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let lm_head = if c.tie_word_embeddings {
-            embed.clone()
-        } else {
-            ckpt.tensor("lm_head.weight", &[c.vocab_size, h])?
+        let table = ckpt.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let (embed, lm_head) = match (c.tie_word_embeddings, embed_rows) {
+            (true, _) => (Embedding::Mapped(table.clone()), table),
+            (false, Some(rows)) => (
+                Embedding::OnDisk(rows),
+                ckpt.tensor("lm_head.weight", &[c.vocab_size, h])?,
+            ),
+            (false, None) => (
+                Embedding::Mapped(table),
+                ckpt.tensor("lm_head.weight", &[c.vocab_size, h])?,
+            ),
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -90,16 +108,20 @@ impl Qwen3Moe {
                 window: c.sliding_window,
             };
             let mlp = if c.is_moe_layer(i) {
-                let experts = (0..c.num_experts)
-                    .map(|e| {
-                        Ffn::load(
-                            ckpt,
-                            &format!("{p}.mlp.experts.{e}"),
-                            h,
-                            c.moe_intermediate_size,
-                        )
-                    })
-                    .collect::<Result<_>>()?;
+                let experts = match cache {
+                    Some(cache) => Experts::Streamed {
+                        cache: Arc::clone(cache),
+                        layer: i,
+                    },
+                    None => Experts::Resident(
+                        (0..c.num_experts)
+                            .map(|e| {
+                                let name = format!("{p}.mlp.experts.{e}");
+                                Ffn::load(ckpt, &name, h, c.moe_intermediate_size)
+                            })
+                            .collect::<Result<_>>()?,
+                    ),
+                };
                 Mlp::Sparse(Moe {
                     router: ckpt.tensor(&format!("{p}.mlp.gate.weight"), &[c.num_experts, h])?,
                     experts,
@@ -156,10 +178,9 @@ impl CausalLm for Qwen3Moe {
         let s = &mut session.scratch;
         let kv = &mut session.kv;
 
-        let table = self.embed.matrix();
         let x = sized(&mut s.x, t * h);
         for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-            embed(&table, id, row);
+            self.embed.row(id, row)?;
         }
         self.rope.tables(pos0..pos0 + t, &mut s.cos, &mut s.sin);
 
@@ -175,7 +196,7 @@ impl CausalLm for Qwen3Moe {
             let y = sized(&mut out, t * h);
             match &layer.mlp {
                 Mlp::Dense(ffn) => ffn.forward(hn, t, y, s),
-                Mlp::Sparse(moe) => moe.forward(hn, t, y, s),
+                Mlp::Sparse(moe) => moe.forward(hn, t, y, s)?,
             }
             kernels::add_in_place(&mut s.x, y);
             s.out = out;

@@ -1,0 +1,611 @@
+//! `smoe convert`: checkpoint → vault, one tensor at a time.
+//!
+//! Memory stays at a few tensors whatever the model size: the checkpoint is
+//! memory-mapped, each tensor is read, converted, written and its pages
+//! handed back to the OS before the next. Everything is written under
+//! `VAULT.partial/` and renamed into place only when complete, so an
+//! interrupted run never leaves a vault that loads. Expert layers are
+//! journaled as they finish, so running the same command again resumes
+//! after the last finished layer instead of starting over.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    align_up, header_page, ExpertLayer, Manifest, PartEntry, QuantChoice, TensorEntry, ALIGN,
+    BACKBONE_FILE, EXPERTS_FILE, FORMAT, MANIFEST, VERSION,
+};
+use crate::checkpoint::{Checkpoint, Weight};
+use crate::error::{Error, Result};
+use crate::kernels::{widen, DType};
+use crate::quant;
+
+/// Parts of an expert record, in record order.
+pub const PARTS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Type of routed-expert weights: a quantized type or bf16.
+    pub experts: DType,
+    /// Type of 2-D backbone weights: bf16 or a quantized type.
+    pub backbone: DType,
+    /// Allow 2- and 3-bit types, which ruin fine-grained MoE models.
+    pub allow_lossy: bool,
+    /// Stop with an error after this many expert layers, leaving the
+    /// partial vault behind: how the tests simulate a crash.
+    pub stop_after_layers: Option<usize>,
+}
+
+impl ConvertOptions {
+    fn check(&self) -> Result<()> {
+        for (what, t) in [("--experts", self.experts), ("--backbone", self.backbone)] {
+            if let DType::Quant(q) = t {
+                if q.is_lossy_below_4bit() && !self.allow_lossy {
+                    return Err(Error::invalid(format!(
+                        "{what} {}: 2- and 3-bit experts destroyed fine-grained MoE models in the prior art; \
+                         4-bit is the floor. Pass --allow-lossy to convert anyway",
+                        q.name()
+                    )));
+                }
+            }
+            if matches!(t, DType::F32) {
+                return Err(Error::invalid(format!(
+                    "{what} f32 is not a storage type; use bf16"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Progress, reported in source bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// What the conversion measured.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    pub dir: PathBuf,
+    pub backbone_bytes: u64,
+    pub expert_bytes: u64,
+    /// Relative RMS error per tensor class, e.g. "experts.gate_proj".
+    pub quant_error: BTreeMap<String, f64>,
+    pub resumed_layers: usize,
+    pub seconds: f64,
+}
+
+/// Journal of a partial conversion: what was asked and how far it got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Journal {
+    source_config: serde_json::Value,
+    experts: String,
+    backbone: String,
+    conversion_id: String,
+    backbone_done: Option<BTreeMap<String, TensorEntry>>,
+    layers_done: Vec<ExpertLayer>,
+    experts_len: u64,
+    error_sums: BTreeMap<String, (f64, f64)>,
+}
+
+const JOURNAL: &str = "journal.json";
+
+/// Accumulates squared error and squared signal per tensor class.
+#[derive(Debug, Default, Clone)]
+struct ErrorSums(BTreeMap<String, (f64, f64)>);
+
+impl ErrorSums {
+    fn add(&mut self, class: &str, (err, sig): (f64, f64)) {
+        let e = self.0.entry(class.to_string()).or_default();
+        e.0 += err;
+        e.1 += sig;
+    }
+
+    fn relative_rms(&self) -> BTreeMap<String, f64> {
+        self.0
+            .iter()
+            .map(|(k, (e, s))| (k.clone(), if *s > 0.0 { (e / s).sqrt() } else { 0.0 }))
+            .collect()
+    }
+}
+
+pub fn partial_dir(dst: &Path) -> PathBuf {
+    let mut name = dst
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".partial");
+    dst.with_file_name(name)
+}
+
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ConvertReport> {
+    opts.check()?;
+    let start = Instant::now();
+    let ckpt = Checkpoint::open(src)?;
+    let cfg = &ckpt.config;
+    if dst.exists() {
+        return Err(Error::format(
+            dst,
+            "already exists; remove it or choose another output directory",
+        ));
+    }
+    let source_config = crate::error::read_json(&src.join("config.json"))?;
+    let work = partial_dir(dst);
+
+    let mut journal = load_journal(&work, &source_config, opts)?;
+    let resumed_layers = journal.layers_done.len();
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+
+    let (backbone_names, expert_layers) = classify(&ckpt)?;
+    let total: u64 = ckpt.tensor_names().map(|n| ckpt.tensor_bytes(n)).sum();
+    let mut done = 0u64;
+    let mut errors = ErrorSums(journal.error_sums.clone());
+
+    if journal.backbone_done.is_none() {
+        let entries = write_backbone(
+            &ckpt,
+            &work,
+            &backbone_names,
+            opts,
+            &journal.conversion_id,
+            &mut errors,
+            &mut |n| {
+                done += n;
+                progress(Progress { done, total });
+            },
+        )?;
+        journal.backbone_done = Some(entries);
+        journal.error_sums = errors.0.clone();
+        save_journal(&work, &journal)?;
+    } else {
+        done += backbone_names
+            .iter()
+            .map(|n| ckpt.tensor_bytes(n))
+            .sum::<u64>();
+    }
+
+    let experts_path = work.join(EXPERTS_FILE);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&experts_path)
+        .map_err(|e| Error::io(&experts_path, e))?;
+    if journal.layers_done.is_empty() {
+        file.set_len(0).map_err(|e| Error::io(&experts_path, e))?;
+        file.write_all(&header_page(&journal.conversion_id))
+            .map_err(|e| Error::io(&experts_path, e))?;
+        journal.experts_len = ALIGN;
+    } else {
+        // Anything past the journaled length is a layer that did not finish.
+        file.set_len(journal.experts_len)
+            .map_err(|e| Error::io(&experts_path, e))?;
+    }
+    file.seek(SeekFrom::Start(journal.experts_len))
+        .map_err(|e| Error::io(&experts_path, e))?;
+
+    for &layer in &expert_layers {
+        let bytes_in: u64 = (0..cfg.num_experts)
+            .flat_map(|e| PARTS.map(|p| expert_name(layer, e, p)))
+            .map(|n| ckpt.tensor_bytes(&n))
+            .sum();
+        if journal.layers_done.iter().any(|l| l.layer == layer) {
+            done += bytes_in;
+            progress(Progress { done, total });
+            continue;
+        }
+        let entry = write_expert_layer(
+            &ckpt,
+            layer,
+            opts,
+            &mut file,
+            &experts_path,
+            &mut journal.experts_len,
+            &mut errors,
+            &mut |n| {
+                done += n;
+                progress(Progress { done, total });
+            },
+        )?;
+        file.sync_data().map_err(|e| Error::io(&experts_path, e))?;
+        journal.layers_done.push(entry);
+        journal.error_sums = errors.0.clone();
+        save_journal(&work, &journal)?;
+        if opts.stop_after_layers == Some(journal.layers_done.len() - resumed_layers) {
+            return Err(Error::invalid(format!(
+                "stopped after {} expert layers as asked; run again to finish",
+                journal.layers_done.len()
+            )));
+        }
+    }
+    drop(file);
+
+    copy_side_files(src, &work)?;
+    let backbone = journal.backbone_done.clone().unwrap_or_default();
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        conversion_id: journal.conversion_id.clone(),
+        architecture: "qwen3_moe".into(),
+        config: source_config,
+        quant: QuantChoice {
+            experts: opts.experts.name().into(),
+            backbone: opts.backbone.name().into(),
+        },
+        backbone,
+        experts: journal.layers_done.clone(),
+        quant_error: errors.relative_rms(),
+    };
+    let text =
+        serde_json::to_string_pretty(&manifest).map_err(|e| Error::invalid(e.to_string()))?;
+    write_synced(&work.join(MANIFEST), text.as_bytes())?;
+    std::fs::remove_file(work.join(JOURNAL)).map_err(|e| Error::io(work.join(JOURNAL), e))?;
+    std::fs::rename(&work, dst).map_err(|e| Error::io(dst, e))?;
+
+    let vault = super::Vault::open(dst)?;
+    Ok(ConvertReport {
+        dir: dst.to_path_buf(),
+        backbone_bytes: vault.backbone_bytes(),
+        expert_bytes: vault.expert_bytes(),
+        quant_error: manifest.quant_error,
+        resumed_layers,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn expert_name(layer: usize, expert: usize, part: &str) -> String {
+    format!("model.layers.{layer}.mlp.experts.{expert}.{part}.weight")
+}
+
+/// Splits the checkpoint into backbone tensors and the layers whose routed
+/// experts go to the experts file; refuses checkpoints with missing experts.
+fn classify(ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<usize>)> {
+    let cfg = &ckpt.config;
+    let layers: Vec<usize> = (0..cfg.num_hidden_layers)
+        .filter(|&l| cfg.is_moe_layer(l))
+        .collect();
+    let mut backbone: Vec<String> = ckpt
+        .tensor_names()
+        .filter(|n| !is_expert_tensor(n))
+        .map(String::from)
+        .collect();
+    backbone.sort();
+    for &l in &layers {
+        for e in 0..cfg.num_experts {
+            for p in PARTS {
+                let n = expert_name(l, e, p);
+                if !ckpt.contains(&n) {
+                    return Err(Error::format(&ckpt.dir, format!("missing tensor \"{n}\"")));
+                }
+            }
+        }
+    }
+    Ok((backbone, layers))
+}
+
+fn is_expert_tensor(name: &str) -> bool {
+    name.contains(".mlp.experts.")
+}
+
+fn tensor_class(name: &str) -> String {
+    // "model.layers.3.self_attn.q_proj.weight" -> "self_attn.q_proj"
+    let parts: Vec<&str> = name.split('.').collect();
+    match parts.as_slice() {
+        ["model", "layers", _, rest @ ..] => rest[..rest.len().saturating_sub(1)].join("."),
+        _ => name.trim_end_matches(".weight").to_string(),
+    }
+}
+
+/// Converts one tensor's rows to `target`, returning the bytes and the
+/// (squared error, squared signal) of the conversion.
+fn encode(w: &Weight, target: DType) -> Result<(Vec<u8>, DType, (f64, f64))> {
+    let (rows, cols) = w.dims2().unwrap_or((1, w.numel()));
+    let chosen = match target {
+        DType::Quant(q) => q.for_row(cols).map(DType::Quant).unwrap_or(DType::BF16),
+        other => other,
+    };
+    if chosen == w.dtype {
+        return Ok((w.bytes().to_vec(), chosen, (0.0, 0.0)));
+    }
+    let mut f = vec![0.0f32; rows * cols];
+    widen(w.dtype, w.bytes(), &mut f);
+    let signal: f64 = f.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+    let (bytes, back) = match chosen {
+        DType::Quant(q) => {
+            let mut out = vec![0u8; rows * q.row_bytes(cols).unwrap_or(0)];
+            quant::quantize_rows(q, &f, cols, &mut out)?;
+            let mut back = vec![0.0f32; f.len()];
+            quant::dequantize_rows(q, &out, cols, &mut back)?;
+            (out, back)
+        }
+        DType::BF16 => {
+            let bits: Vec<u16> = f
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            let back = bits
+                .iter()
+                .map(|b| half::bf16::from_bits(*b).to_f32())
+                .collect();
+            (bits.iter().flat_map(|b| b.to_le_bytes()).collect(), back)
+        }
+        DType::F16 => {
+            let bits: Vec<u16> = f
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect();
+            let back = bits
+                .iter()
+                .map(|b| half::f16::from_bits(*b).to_f32())
+                .collect();
+            (bits.iter().flat_map(|b| b.to_le_bytes()).collect(), back)
+        }
+        DType::F32 => (f.iter().flat_map(|v| v.to_le_bytes()).collect(), f.clone()),
+    };
+    let err: f64 = f
+        .iter()
+        .zip(&back)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    Ok((bytes, chosen, (err, signal)))
+}
+
+fn write_backbone(
+    ckpt: &Checkpoint,
+    work: &Path,
+    names: &[String],
+    opts: &ConvertOptions,
+    conversion_id: &str,
+    errors: &mut ErrorSums,
+    progress: &mut dyn FnMut(u64),
+) -> Result<BTreeMap<String, TensorEntry>> {
+    let path = work.join(BACKBONE_FILE);
+    let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+    f.write_all(&header_page(conversion_id))
+        .map_err(|e| Error::io(&path, e))?;
+    let mut offset = ALIGN;
+    let mut entries = BTreeMap::new();
+    for name in names {
+        let w = ckpt.tensor_any(name)?;
+        // Norms and biases are tiny and read every token: keep them exact.
+        let target = if w.shape.len() == 1 {
+            DType::F32
+        } else {
+            opts.backbone
+        };
+        let (bytes, dtype, err) = encode(&w, target)?;
+        errors.add(&format!("backbone.{}", tensor_class(name)), err);
+        f.write_all(&bytes).map_err(|e| Error::io(&path, e))?;
+        let padded = align_up(bytes.len() as u64);
+        f.write_all(&vec![0u8; (padded - bytes.len() as u64) as usize])
+            .map_err(|e| Error::io(&path, e))?;
+        entries.insert(
+            name.clone(),
+            TensorEntry {
+                dtype: dtype.name().into(),
+                shape: w.shape.clone(),
+                offset,
+                len: bytes.len() as u64,
+                crc32: crc32fast::hash(&bytes),
+            },
+        );
+        offset += padded;
+        w.release_pages();
+        progress(w.bytes().len() as u64);
+    }
+    f.sync_all().map_err(|e| Error::io(&path, e))?;
+    Ok(entries)
+}
+
+/// Converts and appends all experts of one layer. Experts are converted in
+/// parallel batches (bounded memory: a batch, not a layer) and written in
+/// order.
+#[allow(clippy::too_many_arguments)]
+fn write_expert_layer(
+    ckpt: &Checkpoint,
+    layer: usize,
+    opts: &ConvertOptions,
+    file: &mut File,
+    path: &Path,
+    len: &mut u64,
+    errors: &mut ErrorSums,
+    progress: &mut dyn FnMut(u64),
+) -> Result<ExpertLayer> {
+    let n = ckpt.config.num_experts;
+    let batch = (rayon::current_num_threads() * 2).max(4);
+    let mut parts: Option<[PartEntry; 3]> = None;
+    let mut record_len = 0u64;
+    let mut offsets = Vec::with_capacity(n);
+    let mut crcs = Vec::with_capacity(n);
+    for first in (0..n).step_by(batch) {
+        let experts: Vec<usize> = (first..(first + batch).min(n)).collect();
+        let converted: Vec<Result<ExpertRecord>> = experts
+            .par_iter()
+            .map(|&e| build_record(ckpt, layer, e, opts))
+            .collect();
+        for rec in converted {
+            let rec = rec?;
+            let layout = rec.parts.clone();
+            match &parts {
+                None => {
+                    record_len = rec.bytes.len() as u64;
+                    parts = Some(layout);
+                }
+                Some(p)
+                    if p.iter()
+                        .zip(&layout)
+                        .any(|(a, b)| a.dtype != b.dtype || a.len != b.len) =>
+                {
+                    return Err(Error::format(
+                        &ckpt.dir,
+                        format!("layer {layer}: experts have different shapes"),
+                    ))
+                }
+                Some(_) => {}
+            }
+            for (class, err) in PARTS.iter().zip(rec.errors) {
+                errors.add(&format!("experts.{class}"), err);
+            }
+            file.write_all(&rec.bytes).map_err(|e| Error::io(path, e))?;
+            offsets.push(*len);
+            crcs.push(crc32fast::hash(&rec.bytes));
+            *len += rec.bytes.len() as u64;
+            progress(rec.source_bytes);
+        }
+    }
+    let parts =
+        parts.ok_or_else(|| Error::format(&ckpt.dir, format!("layer {layer} has no experts")))?;
+    Ok(ExpertLayer {
+        layer,
+        parts,
+        record_len,
+        offsets,
+        crc32: crcs,
+    })
+}
+
+struct ExpertRecord {
+    bytes: Vec<u8>,
+    parts: [PartEntry; 3],
+    errors: [(f64, f64); 3],
+    source_bytes: u64,
+}
+
+/// Parts start at 64-byte boundaries (whole cache lines, and aligned for
+/// every block type); the record is padded to [`ALIGN`].
+fn build_record(
+    ckpt: &Checkpoint,
+    layer: usize,
+    expert: usize,
+    opts: &ConvertOptions,
+) -> Result<ExpertRecord> {
+    let mut bytes = Vec::new();
+    let mut parts = Vec::with_capacity(3);
+    let mut errors = [(0.0, 0.0); 3];
+    let mut source_bytes = 0;
+    for (i, part) in PARTS.iter().enumerate() {
+        let w = ckpt.tensor_any(&expert_name(layer, expert, part))?;
+        let (rows, cols) = w.dims2().ok_or_else(|| {
+            Error::format(
+                &ckpt.dir,
+                format!("layer {layer} expert {expert} {part} is not 2-D"),
+            )
+        })?;
+        let (data, dtype, err) = encode(&w, opts.experts)?;
+        errors[i] = err;
+        source_bytes += w.bytes().len() as u64;
+        w.release_pages();
+        let offset = bytes.len().div_ceil(64) * 64;
+        bytes.resize(offset, 0);
+        bytes.extend_from_slice(&data);
+        parts.push(PartEntry {
+            dtype: dtype.name().into(),
+            shape: [rows, cols],
+            offset: offset as u64,
+            len: data.len() as u64,
+        });
+    }
+    bytes.resize(align_up(bytes.len() as u64) as usize, 0);
+    let parts: [PartEntry; 3] = parts
+        .try_into()
+        .map_err(|_| Error::invalid("three parts"))?;
+    Ok(ExpertRecord {
+        bytes,
+        parts,
+        errors,
+        source_bytes,
+    })
+}
+
+fn load_journal(
+    work: &Path,
+    source_config: &serde_json::Value,
+    opts: &ConvertOptions,
+) -> Result<Journal> {
+    let fresh = Journal {
+        source_config: source_config.clone(),
+        experts: opts.experts.name().into(),
+        backbone: opts.backbone.name().into(),
+        conversion_id: new_conversion_id(),
+        backbone_done: None,
+        layers_done: Vec::new(),
+        experts_len: 0,
+        error_sums: BTreeMap::new(),
+    };
+    let path = work.join(JOURNAL);
+    if path.exists() {
+        let text = crate::error::read_to_string(&path)?;
+        if let Ok(j) = serde_json::from_str::<Journal>(&text) {
+            if j.source_config == fresh.source_config
+                && j.experts == fresh.experts
+                && j.backbone == fresh.backbone
+            {
+                return Ok(j);
+            }
+        }
+    }
+    // Different source or options, or no usable journal: start over.
+    if work.exists() {
+        std::fs::remove_dir_all(work).map_err(|e| Error::io(work, e))?;
+    }
+    Ok(fresh)
+}
+
+fn save_journal(work: &Path, j: &Journal) -> Result<()> {
+    let text = serde_json::to_string(j).map_err(|e| Error::invalid(e.to_string()))?;
+    let tmp = work.join("journal.json.tmp");
+    write_synced(&tmp, text.as_bytes())?;
+    std::fs::rename(&tmp, work.join(JOURNAL)).map_err(|e| Error::io(work.join(JOURNAL), e))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// A random-enough id: time and process id, hashed. It only has to differ
+/// between conversions.
+fn new_conversion_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&nanos.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    format!("{nanos:x}-{:08x}", h.finalize())
+}
+
+/// Tokenizer, template and config files travel with the vault verbatim, so
+/// the vault carries the very tokenizer its weights were trained with.
+fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(src).map_err(|e| Error::io(src, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(src, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let keep = (name.ends_with(".json")
+            || name.ends_with(".jinja")
+            || name.ends_with(".txt")
+            || name.ends_with(".model"))
+            && name != "model.safetensors.index.json"
+            && name != MANIFEST;
+        if keep && entry.path().is_file() {
+            std::fs::copy(entry.path(), dst.join(&name)).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! The vault: a checkpoint converted once into the layout smoe streams from.
+//!
+//! ```text
+//! VAULT/
+//!   manifest.json   what is where: config, quant types, every tensor's and
+//!                   every expert record's offset, length and CRC32
+//!   backbone.bin    resident tensors (embeddings, attention, norms, routers,
+//!                   dense layers, LM head), each 4 KiB-aligned; memory-mapped
+//!   experts.bin     one record per (layer, expert): gate, up and down
+//!                   back to back, 4 KiB-aligned and padded, so an expert is
+//!                   exactly one aligned direct read
+//!   config.json, generation_config.json, tokenizer*.json, chat template …
+//!                   copied verbatim from the checkpoint
+//! ```
+//!
+//! Both data files start with a 4 KiB header page naming the conversion they
+//! belong to, so a backbone and an experts file from different runs are
+//! refused instead of producing quietly wrong text.
+
+pub mod convert;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{map_file, MappedFile, TensorSource, Weight};
+use crate::error::{read_json, Error, Result};
+use crate::experts::io::{AlignedBuf, DirectFile};
+use crate::kernels::DType;
+
+pub const FORMAT: &str = "smoe-vault";
+/// Bumped on any change a reader must know about; a vault from a newer
+/// smoe is refused with a message saying so.
+pub const VERSION: u32 = 1;
+/// Direct I/O needs offsets and lengths aligned to the device's logical
+/// block; 4 KiB covers every SSD in use.
+pub const ALIGN: u64 = 4096;
+pub const MANIFEST: &str = "manifest.json";
+pub const BACKBONE_FILE: &str = "backbone.bin";
+pub const EXPERTS_FILE: &str = "experts.bin";
+const MAGIC: &[u8; 16] = b"smoe-vault-data\0";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    /// Random id shared by the manifest and both data files' headers.
+    pub conversion_id: String,
+    pub architecture: String,
+    /// The checkpoint's config.json, verbatim.
+    pub config: serde_json::Value,
+    pub quant: QuantChoice,
+    pub backbone: BTreeMap<String, TensorEntry>,
+    pub experts: Vec<ExpertLayer>,
+    /// Relative RMS error of dequantized minus original, per tensor class.
+    #[serde(default)]
+    pub quant_error: BTreeMap<String, f64>,
+}
+
+/// What the user asked for; individual tensors may have fallen back to a
+/// wider type when their rows do not fit the block size (see the entries).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuantChoice {
+    pub experts: String,
+    pub backbone: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub offset: u64,
+    pub len: u64,
+    pub crc32: u32,
+}
+
+/// One part (gate, up or down) inside every record of a layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartEntry {
+    pub dtype: String,
+    /// `[rows, cols]`.
+    pub shape: [usize; 2],
+    /// Byte offset inside the record.
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExpertLayer {
+    pub layer: usize,
+    /// gate, up, down.
+    pub parts: [PartEntry; 3],
+    /// Bytes read per expert: the parts plus padding to [`ALIGN`].
+    pub record_len: u64,
+    /// Offsets in experts.bin, by expert index.
+    pub offsets: Vec<u64>,
+    pub crc32: Vec<u32>,
+}
+
+/// Rounds up to the next multiple of [`ALIGN`].
+pub fn align_up(n: u64) -> u64 {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// The first page of a data file.
+pub fn header_page(conversion_id: &str) -> Vec<u8> {
+    let mut page = vec![0u8; ALIGN as usize];
+    page[..16].copy_from_slice(MAGIC);
+    let id = conversion_id.as_bytes();
+    page[16..16 + id.len().min(64)].copy_from_slice(&id[..id.len().min(64)]);
+    page
+}
+
+fn check_header(path: &Path, conversion_id: &str) -> Result<()> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut page = vec![0u8; ALIGN as usize];
+    f.read_exact(&mut page)
+        .map_err(|_| Error::format(path, "shorter than its header page; the vault is damaged"))?;
+    if &page[..16] != MAGIC {
+        return Err(Error::format(path, "not a smoe vault data file"));
+    }
+    if page != header_page(conversion_id) {
+        return Err(Error::format(
+            path,
+            "belongs to a different conversion than manifest.json; re-run smoe convert",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `dir` looks like a vault rather than a checkpoint.
+pub fn is_vault(dir: &Path) -> bool {
+    dir.join(MANIFEST).is_file()
+}
+
+/// An opened, validated vault.
+#[derive(Debug)]
+pub struct Vault {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Vault {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let v = read_json(&path)?;
+        let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
+        if format != FORMAT {
+            return Err(Error::format(
+                &path,
+                format!("not a smoe vault manifest (format \"{format}\")"),
+            ));
+        }
+        let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0);
+        if version > VERSION as u64 {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "vault format version {version} is newer than this smoe understands ({VERSION}); upgrade smoe or re-convert"
+                ),
+            ));
+        }
+        let manifest: Manifest = serde_json::from_value(v)
+            .map_err(|e| Error::format(&path, format!("malformed manifest: {e}")))?;
+        let vault = Self {
+            dir: dir.to_path_buf(),
+            manifest,
+        };
+        vault.validate()?;
+        Ok(vault)
+    }
+
+    pub fn backbone_path(&self) -> PathBuf {
+        self.dir.join(BACKBONE_FILE)
+    }
+
+    pub fn experts_path(&self) -> PathBuf {
+        self.dir.join(EXPERTS_FILE)
+    }
+
+    /// Every offset inside its file, every dtype known, both files from
+    /// this conversion: checked once so later reads can trust the manifest.
+    fn validate(&self) -> Result<()> {
+        let m = &self.manifest;
+        let manifest_path = self.dir.join(MANIFEST);
+        for (file, end) in [
+            (
+                self.backbone_path(),
+                m.backbone
+                    .values()
+                    .map(|t| t.offset + t.len)
+                    .max()
+                    .unwrap_or(0),
+            ),
+            (
+                self.experts_path(),
+                m.experts
+                    .iter()
+                    .flat_map(|l| l.offsets.iter().map(move |o| o + l.record_len))
+                    .max()
+                    .unwrap_or(0),
+            ),
+        ] {
+            let meta = std::fs::metadata(&file).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::format(&file, "missing from the vault"),
+                _ => Error::io(&file, e),
+            })?;
+            check_header(&file, &m.conversion_id)?;
+            if meta.len() < end {
+                return Err(Error::format(
+                    &file,
+                    format!("truncated: {} bytes, the manifest needs {end}", meta.len()),
+                ));
+            }
+        }
+        for (name, t) in &m.backbone {
+            if DType::parse(&t.dtype).is_none() {
+                return Err(Error::format(
+                    &manifest_path,
+                    format!("tensor {name}: unknown dtype \"{}\"", t.dtype),
+                ));
+            }
+        }
+        for l in &m.experts {
+            if l.offsets.len() != l.crc32.len() {
+                return Err(Error::format(
+                    &manifest_path,
+                    format!("layer {}: offsets and checksums differ in count", l.layer),
+                ));
+            }
+            for p in &l.parts {
+                let dt = DType::parse(&p.dtype).ok_or_else(|| {
+                    Error::format(
+                        &manifest_path,
+                        format!("layer {}: unknown dtype \"{}\"", l.layer, p.dtype),
+                    )
+                })?;
+                if p.offset + p.len > l.record_len
+                    || dt.row_bytes(p.shape[1]) * p.shape[0] != p.len as usize
+                {
+                    return Err(Error::format(
+                        &manifest_path,
+                        format!("layer {}: part sizes are inconsistent", l.layer),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Total bytes of all expert records.
+    pub fn expert_bytes(&self) -> u64 {
+        self.manifest
+            .experts
+            .iter()
+            .map(|l| l.record_len * l.offsets.len() as u64)
+            .sum()
+    }
+
+    pub fn backbone_bytes(&self) -> u64 {
+        self.manifest.backbone.values().map(|t| t.len).sum()
+    }
+}
+
+impl Vault {
+    /// The resident part, memory-mapped.
+    pub fn backbone(&self) -> Result<Backbone> {
+        let path = self.backbone_path();
+        Ok(Backbone {
+            map: map_file(&path)?,
+            entries: self.manifest.backbone.clone(),
+            path,
+        })
+    }
+
+    /// Reads every expert record and backbone tensor and checks its CRC32.
+    /// Returns the corrupt ones by name, e.g. "layer 3 expert 17".
+    pub fn verify(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<Vec<String>> {
+        let mut bad = Vec::new();
+        let total = self.expert_bytes() + self.backbone_bytes();
+        let mut done = 0;
+        let backbone = self.backbone()?;
+        for (name, t) in &self.manifest.backbone {
+            let bytes = &backbone.map.bytes()[t.offset as usize..(t.offset + t.len) as usize];
+            if crc32fast::hash(bytes) != t.crc32 {
+                bad.push(format!("backbone tensor {name}"));
+            }
+            done += t.len;
+            progress(done, total);
+        }
+        let file = DirectFile::open(&self.experts_path())?;
+        let max = self
+            .manifest
+            .experts
+            .iter()
+            .map(|l| l.record_len)
+            .max()
+            .unwrap_or(0);
+        let buf = AlignedBuf::new(max as usize);
+        for l in &self.manifest.experts {
+            for (e, (&off, &crc)) in l.offsets.iter().zip(&l.crc32).enumerate() {
+                // SAFETY: the buffer is ours alone.
+                let data = unsafe { buf.slice_mut(0, l.record_len as usize) };
+                file.read_exact_at(data, off).map_err(|err| {
+                    Error::format(
+                        &file.path,
+                        format!("reading layer {} expert {e}: {err}", l.layer),
+                    )
+                })?;
+                if crc32fast::hash(data) != crc {
+                    bad.push(format!("layer {} expert {e}", l.layer));
+                }
+                done += l.record_len;
+                progress(done, total);
+            }
+        }
+        Ok(bad)
+    }
+}
+
+/// The vault's resident tensors.
+#[derive(Debug)]
+pub struct Backbone {
+    map: MappedFile,
+    entries: BTreeMap<String, TensorEntry>,
+    path: PathBuf,
+}
+
+impl Backbone {
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.entries.get(name)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl TensorSource for Backbone {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let t = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::format(&self.path, format!("missing tensor \"{name}\"")))?;
+        if t.shape != shape {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "tensor \"{name}\" has shape {:?}, the config implies {shape:?}",
+                    t.shape
+                ),
+            ));
+        }
+        let dtype = DType::parse(&t.dtype).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("tensor \"{name}\": unknown dtype \"{}\"", t.dtype),
+            )
+        })?;
+        let cols = *shape.last().unwrap_or(&1);
+        let rows: usize = shape.iter().rev().skip(1).product();
+        let (start, end) = (t.offset as usize, (t.offset + t.len) as usize);
+        if rows * dtype.row_bytes(cols) != t.len as usize || end > self.map.len() || start % 64 != 0
+        {
+            return Err(Error::format(
+                &self.path,
+                format!("tensor \"{name}\": size or offset inconsistent with its shape"),
+            ));
+        }
+        Ok(self.map.weight(start..end, dtype, shape.to_vec()))
+    }
+}
