@@ -253,6 +253,7 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 
 fn load(m: &ModelArgs) -> Result<Engine> {
     set_threads(m.threads)?;
+    BASE_RSS.get_or_init(current_rss);
     let opts = LoadOptions {
         ram_budget: m.ram_budget,
         verify_experts: m.verify_experts,
@@ -280,11 +281,24 @@ fn describe_plan(p: &MemoryPlan) -> String {
     )
 }
 
-/// Peak resident set of this process (VmHWM), where the OS reports it.
-fn peak_rss() -> Option<u64> {
+/// Resident set before the model loads: the binary, its libraries and the
+/// allocator, which every engine pays and no budget covers.
+static BASE_RSS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
+/// A `/proc/self/status` field in bytes, where the OS has one.
+fn proc_status(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn current_rss() -> Option<u64> {
+    proc_status("VmRSS:")
+}
+
+/// Peak resident set of this process (VmHWM).
+fn peak_rss() -> Option<u64> {
+    proc_status("VmHWM:")
 }
 
 fn run(a: RunArgs) -> Result<()> {
@@ -368,6 +382,7 @@ fn run(a: RunArgs) -> Result<()> {
             "cache_bytes": c.capacity() * c.slot_bytes(),
             "direct_io": c.direct_io(),
             "peak_rss_bytes": peak_rss(),
+            "base_rss_bytes": BASE_RSS.get().copied().flatten(),
             "plan": engine.plan.as_ref().map(|p| json!({
                 "backbone_bytes": p.backbone_bytes,
                 "cache_bytes": p.cache_bytes,

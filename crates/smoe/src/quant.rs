@@ -281,8 +281,8 @@ pub fn dequantize_rows(t: QuantType, src: &[u8], cols: usize, dst: &mut [f32]) -
 }
 
 /// Relative RMS error of `dequantized` against `original`:
-/// `sqrt(sum((d - x)^2) / sum(x^2))`, accumulated in f64. Zero when both are
-/// all zeros.
+/// `sqrt(sum((d - x)^2) / sum(x^2))`, accumulated in f64. Zero when they are
+/// equal (all zeros included), infinite when only `original` is all zeros.
 pub fn relative_rms_error(original: &[f32], dequantized: &[f32]) -> f64 {
     assert_eq!(
         original.len(),
