@@ -334,3 +334,30 @@ fn damaged_vaults_name_the_problem() {
     let err = smoe_err(&["logits", "--model", path_str(&v), "--ids", "1"]);
     assert!(err.contains("different conversion"), "{err}");
 }
+
+#[test]
+fn inspect_describes_checkpoints_and_vaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("v");
+    convert(&fixture("qwen3-moe-a"), &vault, "q8_0");
+    let text = smoe_ok(&["inspect", path_str(&vault), "--ram-budget", "1MiB"]);
+    for part in [
+        "Qwen3Moe",
+        "layers 3",
+        "experts 8 (top 2)",
+        "quant: experts q8_0, backbone bf16",
+        "expert bytes",
+        "memory plan",
+        "direct I/O",
+    ] {
+        assert!(
+            text.contains(part),
+            "inspect output lacks {part:?}:\n{text}"
+        );
+    }
+    let text = smoe_ok(&["inspect", path_str(&fixture("qwen3-moe-b"))]);
+    assert!(
+        text.contains("layers 4") && !text.contains("memory plan"),
+        "{text}"
+    );
+}

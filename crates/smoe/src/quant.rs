@@ -148,8 +148,12 @@ impl QuantType {
     /// The format to store a row of `cols` weights in when `self` was asked
     /// for: `self` if the row splits into its blocks, else a 32-weight format
     /// with at least as many bits (q4_0 for the k-quants of 4 bits or less,
-    /// q8_0 for q5_k and q6_k, as llama.cpp falls back for rows that are not
-    /// a multiple of 256), else `None`: keep the row unquantized.
+    /// q8_0 for q5_k and q6_k), else `None`: keep the row unquantized.
+    ///
+    /// llama.cpp falls back the same way for rows that are not a multiple of
+    /// 256, but to q5_0/q5_1 for q4_k/q5_k; those would cost a format whose
+    /// candle dot product has no SIMD path, for little gain on the few such
+    /// rows.
     pub fn for_row(self, cols: usize) -> Option<QuantType> {
         let fallback = match self {
             QuantType::Q4K | QuantType::Q3K | QuantType::Q2K | QuantType::Q4_0 => QuantType::Q4_0,
