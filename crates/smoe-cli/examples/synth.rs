@@ -393,7 +393,7 @@ fn fill(t: &Tensor, start: u64, out: &mut [u16]) {
     let mut n = start;
     let mut out = out;
     // Head: up to a multiple of 4.
-    while n % 4 != 0 && !out.is_empty() {
+    while !n.is_multiple_of(4) && !out.is_empty() {
         out[0] = val(word(n / 4) >> (16 * (n % 4)));
         out = &mut out[1..];
         n += 1;

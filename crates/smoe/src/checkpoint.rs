@@ -331,7 +331,7 @@ fn map_safetensors(path: &Path, file: usize) -> Result<Vec<(String, Entry)>> {
         })?;
         let data = view.data();
         let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
-        let (storage, range) = if start % dtype.row_bytes(1) == 0 {
+        let (storage, range) = if start.is_multiple_of(dtype.row_bytes(1)) {
             (Arc::clone(&map), start..start + data.len())
         } else {
             // Kernels read elements as typed slices; copying an odd tensor

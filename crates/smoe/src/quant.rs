@@ -131,7 +131,8 @@ impl QuantType {
     /// Bytes of one quantized row of `cols` weights, or `None` when the row
     /// does not split into whole blocks.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        (cols % self.block_elems() == 0).then(|| cols / self.block_elems() * self.block_bytes())
+        cols.is_multiple_of(self.block_elems())
+            .then(|| cols / self.block_elems() * self.block_bytes())
     }
 
     /// Storage cost including the per-block scales.
@@ -187,14 +188,14 @@ unsafe impl Block for BlockQ8K {}
 /// blocks, starting at `B`'s alignment (2 for every weight format).
 fn check_blocks<B: Block>(bytes: &[u8]) -> Result<usize> {
     let (size, align) = (size_of::<B>(), align_of::<B>());
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(Error::invalid(format!(
             "{} bytes are not a whole number of {:?} blocks of {size} bytes",
             bytes.len(),
             B::DTYPE
         )));
     }
-    if (bytes.as_ptr() as usize) % align != 0 {
+    if !(bytes.as_ptr() as usize).is_multiple_of(align) {
         return Err(Error::invalid(format!(
             "{:?} block data at {:p} is not {align}-byte aligned",
             B::DTYPE,
@@ -237,7 +238,7 @@ fn check_rows(t: QuantType, f32_len: usize, cols: usize, quantized_len: usize) -
         ))
     })?;
     let rows = f32_len / cols;
-    if f32_len % cols != 0 || quantized_len != rows * row_bytes {
+    if !f32_len.is_multiple_of(cols) || quantized_len != rows * row_bytes {
         return Err(Error::invalid(format!(
             "{}: {f32_len} f32 values and {quantized_len} bytes are not the same \
              whole number of {cols}-wide rows ({row_bytes} bytes each)",
