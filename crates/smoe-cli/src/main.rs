@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
 use smoe::engine::{Engine, Prompt};
+use smoe::experts::Policy;
 use smoe::model::{human_bytes, parse_bytes, Budget, LoadOptions, Logits, MemoryPlan};
 use smoe::sampler::SamplingParams;
 use smoe::template::{ChatTemplate, SpecialTokens};
@@ -105,6 +106,15 @@ struct ModelArgs {
     /// Context length to plan the KV cache for.
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
+    /// Read the next layer's predicted experts ahead: on or off.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    prefetch: String,
+    /// Expert cache eviction: lru or lfu (frequency with decay).
+    #[arg(long, default_value = "lru", value_parser = ["lru", "lfu"])]
+    cache_policy: String,
+    /// Prompt tokens per batched forward pass.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    prefill_chunk: u64,
 }
 
 #[derive(Args)]
@@ -267,6 +277,9 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         ram_budget: m.ram_budget,
         verify_experts: m.verify_experts,
         ctx: m.ctx,
+        prefetch: m.prefetch == "on",
+        policy: Policy::parse(&m.cache_policy).unwrap_or(Policy::Lru),
+        prefill_chunk: m.prefill_chunk as usize,
         ..Default::default()
     };
     Ok(Engine::load_with(&m.model, &opts)?)
@@ -376,14 +389,24 @@ fn run(a: RunArgs) -> Result<()> {
     };
     let tm = &gen.timings;
     let stats = engine.cache.as_ref().map(|c| {
-        let st = c.stats.snapshot();
+        let st = c.stats().snapshot();
         let tokens = (tm.prefill_tokens + tm.decode_tokens).max(1) as f64;
         json!({
             "hits": st.hits,
+            "prefetch_hits": st.prefetch_hits,
             "misses": st.misses,
             "hit_rate": st.hit_rate(),
-            "bytes_read": st.bytes_read,
-            "bytes_read_per_token": st.bytes_read as f64 / tokens,
+            "bytes_read": st.bytes_read(),
+            "demand_bytes": st.demand_bytes,
+            "prefetch_bytes": st.prefetch_bytes,
+            "prefetches": st.prefetches,
+            "prefetch_cancelled": st.prefetch_cancelled,
+            "prefetch_wasted": st.prefetch_wasted,
+            "recall": st.recall(),
+            "precision": st.precision(),
+            "prefetch": c.read_ahead(),
+            "cache_policy": c.policy().name(),
+            "bytes_read_per_token": st.bytes_read() as f64 / tokens,
             "read_gb_s": st.read_gb_s(),
             "blocked_s": st.blocked_s,
             "blocked_ms_per_token": 1e3 * st.blocked_s / tokens,

@@ -129,9 +129,9 @@ fn streaming_is_identical_under_every_budget() {
             "budget {b}: the first use of an expert is always a miss"
         );
         assert_eq!(
-            st["bytes_read"].as_u64().unwrap(),
+            st["demand_bytes"].as_u64().unwrap(),
             misses * len,
-            "budget {b}: bytes read"
+            "budget {b}: bytes read on demand"
         );
         if b == len * top_k {
             assert!(

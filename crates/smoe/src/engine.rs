@@ -96,6 +96,8 @@ pub struct Engine {
     /// The expert cache, when streaming from a vault.
     pub cache: Option<Arc<ExpertCache>>,
     pub plan: Option<MemoryPlan>,
+    /// Prompt tokens per forward pass.
+    pub prefill_chunk: usize,
 }
 
 impl Engine {
@@ -126,6 +128,7 @@ impl Engine {
             eos_ids,
             cache: opened.cache,
             plan: opened.plan,
+            prefill_chunk: opts.prefill_chunk.max(1),
         })
     }
 
@@ -187,7 +190,16 @@ impl Engine {
         };
 
         let start = Instant::now();
-        let mut logits = self.model.forward(prompt, session, Logits::Last)?;
+        // Layer-major over a chunk at a time: each chunk reads an expert once
+        // per layer however many of its tokens route there.
+        let (head, last) = match prompt.len() {
+            0 => (&[][..], &[][..]),
+            n => prompt.split_at(n - (n - 1) % self.prefill_chunk - 1),
+        };
+        for chunk in head.chunks(self.prefill_chunk) {
+            self.model.forward(chunk, session, Logits::Last)?;
+        }
+        let mut logits = self.model.forward(last, session, Logits::Last)?;
         timings.prefill_s = start.elapsed().as_secs_f64();
 
         let decode_start = Instant::now();

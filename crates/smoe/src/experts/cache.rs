@@ -1,22 +1,53 @@
 //! The expert cache: a fixed number of slots in one aligned allocation, each
 //! holding one expert record read straight from experts.bin.
 //!
-//! A layer asks for the experts its router picked; those already resident
-//! are hits, the rest are misses read together through the reader pool.
-//! Slots in use by the computing layer are pinned so eviction never takes
-//! them; among the unpinned, the least recently used is evicted. Eviction
-//! scans the slot table: at a few thousand slots that is microseconds,
-//! against milliseconds for the read it precedes.
+//! A layer asks for the experts its router picked ([`ExpertCache::fetch`]):
+//! resident ones are hits, the rest are read together through the reader
+//! pool and the compute thread waits for exactly those. Before that, the
+//! model may [`prefetch`](ExpertCache::prefetch) the experts it predicts for
+//! the next layer: they are read at low priority into free slots while the
+//! current layer computes, and protected from eviction until their layer
+//! asks. Slots a layer computes on are pinned. Among the rest, the policy
+//! picks the victim: least recently used, or least frequently used with
+//! decay. Eviction scans the slot table: at a few thousand slots that is
+//! microseconds, against milliseconds for the read it precedes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::io::{AlignedBuf, Batch, DirectFile, ReadJob, ReaderPool};
+use super::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool};
 use super::Stats;
 use crate::error::{Error, Result};
 use crate::kernels::{DType, Matrix};
 use crate::vault::{ExpertLayer, Vault};
+
+/// Which unpinned, unprotected slot gives way to a new expert.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Policy {
+    /// Least recently used.
+    Lru,
+    /// Least frequently used, each use's weight halving every `half_life`
+    /// expert requests, so yesterday's favourites fade.
+    Lfu { half_life: f64 },
+}
+
+impl Policy {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "lru" => Some(Policy::Lru),
+            "lfu" => Some(Policy::Lfu { half_life: 4096.0 }),
+            _ => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::Lru => "lru",
+            Policy::Lfu { .. } => "lfu",
+        }
+    }
+}
 
 /// Where each part of a record lies, per layer.
 #[derive(Debug, Clone)]
@@ -27,11 +58,29 @@ struct LayerLayout {
     crc32: Vec<u32>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fill {
+    Empty,
+    /// A read is queued or in flight.
+    Loading,
+    Ready,
+    /// The read failed; the message is kept in `State::failures`.
+    Failed,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     key: Option<(usize, u32)>,
-    last_used: u64,
+    fill: Fill,
+    /// Layers computing on the slot right now.
     pins: u32,
+    /// Predicted for a layer that has not run yet.
+    protected: bool,
+    /// Loaded by a prefetch and not yet asked for.
+    prefetched: bool,
+    last_used: u64,
+    /// Decayed use count at `last_used` (LFU).
+    freq: f64,
 }
 
 #[derive(Debug)]
@@ -39,17 +88,28 @@ struct State {
     map: HashMap<(usize, u32), usize>,
     slots: Vec<Slot>,
     tick: u64,
+    failures: HashMap<usize, String>,
+    /// Predicted experts per layer, for recall and precision.
+    predicted: HashMap<usize, Vec<u32>>,
 }
 
-pub struct ExpertCache {
+struct Inner {
     file: Arc<DirectFile>,
     layers: HashMap<usize, LayerLayout>,
     slot_len: usize,
     memory: Arc<AlignedBuf>,
     state: Mutex<State>,
-    reader: ReaderPool,
+    /// Signalled whenever a read completes.
+    loaded: Condvar,
     verify: bool,
-    pub stats: Stats,
+    policy: Policy,
+    stats: Stats,
+}
+
+pub struct ExpertCache {
+    inner: Arc<Inner>,
+    reader: ReaderPool,
+    read_ahead: bool,
 }
 
 /// Experts of one layer made resident and pinned; unpinned on drop.
@@ -58,11 +118,20 @@ pub struct Pinned<'a> {
     layer: usize,
     /// (expert, slot) in the order asked.
     slots: Vec<(u32, usize)>,
+    /// Hits, prefetch hits and misses of the request, counted once waited.
+    counts: Option<(u64, u64, u64)>,
 }
 
 impl ExpertCache {
     /// A cache of `slots` slots over the vault's experts file.
-    pub fn new(vault: &Vault, slots: usize, read_threads: usize, verify: bool) -> Result<Self> {
+    pub fn new(
+        vault: &Vault,
+        slots: usize,
+        read_threads: usize,
+        verify: bool,
+        policy: Policy,
+        read_ahead: bool,
+    ) -> Result<Self> {
         let path = vault.experts_path();
         let file = Arc::new(DirectFile::open(&path)?);
         let manifest = vault.dir.join(crate::vault::MANIFEST);
@@ -75,53 +144,145 @@ impl ExpertCache {
         if slots == 0 || slot_len == 0 {
             return Err(Error::invalid("the expert cache needs at least one slot"));
         }
+        let empty = Slot {
+            key: None,
+            fill: Fill::Empty,
+            pins: 0,
+            protected: false,
+            prefetched: false,
+            last_used: 0,
+            freq: 0.0,
+        };
         Ok(Self {
-            file,
-            layers,
-            slot_len,
-            memory: Arc::new(AlignedBuf::new(slots * slot_len)),
-            state: Mutex::new(State {
-                map: HashMap::new(),
-                slots: vec![
-                    Slot {
-                        key: None,
-                        last_used: 0,
-                        pins: 0
-                    };
-                    slots
-                ],
-                tick: 0,
+            inner: Arc::new(Inner {
+                file,
+                layers,
+                slot_len,
+                memory: Arc::new(AlignedBuf::new(slots * slot_len)),
+                state: Mutex::new(State {
+                    map: HashMap::new(),
+                    slots: vec![empty; slots],
+                    tick: 0,
+                    failures: HashMap::new(),
+                    predicted: HashMap::new(),
+                }),
+                loaded: Condvar::new(),
+                verify,
+                policy,
+                stats: Stats::default(),
             }),
             reader: ReaderPool::new(read_threads),
-            verify,
-            stats: Stats::default(),
+            read_ahead,
         })
     }
 
+    /// Whether predictions are read ahead or only scored.
+    pub fn read_ahead(&self) -> bool {
+        self.read_ahead
+    }
+
     pub fn capacity(&self) -> usize {
-        self.lock().slots.len()
+        self.inner.lock().slots.len()
     }
 
     pub fn slot_bytes(&self) -> usize {
-        self.slot_len
+        self.inner.slot_len
     }
 
     pub fn direct_io(&self) -> bool {
-        self.file.direct
+        self.inner.file.direct
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn policy(&self) -> Policy {
+        self.inner.policy
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The vault's experts file, for tools that measure the device with
+    /// the engine's own reader.
+    pub fn file(&self) -> &Arc<DirectFile> {
+        &self.inner.file
+    }
+
+    /// Records the predicted `experts` of `layer` (most likely first) for
+    /// recall and precision and, with read-ahead on, reads the missing ones into
+    /// free slots at low priority and protects them until `layer` runs.
+    /// Never waits, never evicts a pinned or protected slot, and drops the
+    /// tail of the list when no slot is free.
+    pub fn prefetch(&self, layer: usize, experts: &[u32]) {
+        let Some(lay) = self.inner.layers.get(&layer) else {
+            return;
+        };
+        let mut st = self.inner.lock();
+        st.predicted.insert(layer, experts.to_vec());
+        if !self.read_ahead {
+            return;
+        }
+        let mut jobs = Vec::new();
+        for &e in experts {
+            if e as usize >= lay.offsets.len() {
+                continue;
+            }
+            if let Some(&s) = st.map.get(&(layer, e)) {
+                st.slots[s].protected = true;
+                continue;
+            }
+            let Some(victim) = self.inner.victim(&st, false) else {
+                break;
+            };
+            self.inner.assign(&mut st, victim, (layer, e));
+            st.slots[victim].protected = true;
+            st.slots[victim].prefetched = true;
+            jobs.push(self.job(layer, lay, e, victim, Priority::Prefetch));
+        }
+        drop(st);
+        self.inner
+            .stats
+            .add_prefetches(jobs.len() as u64, (jobs.len() * lay.record_len) as u64);
+        for job in jobs {
+            self.reader.submit(job);
+        }
     }
 
     /// Makes `experts` of `layer` resident and pins them. At most
     /// [`capacity`](Self::capacity) experts at once.
     pub fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Pinned<'_>> {
-        let lay = self
-            .layers
-            .get(&layer)
-            .ok_or_else(|| Error::invalid(format!("layer {layer} has no experts in the vault")))?;
-        let mut st = self.lock();
+        let mut pinned = self.request(layer, experts)?;
+        pinned.wait()?;
+        Ok(pinned)
+    }
+
+    /// Pins `experts` of `layer` and starts reading the missing ones, without
+    /// waiting: the caller can queue prefetches behind these demand reads,
+    /// then [`Pinned::wait`].
+    pub fn request(&self, layer: usize, experts: &[u32]) -> Result<Pinned<'_>> {
+        let lay =
+            self.inner.layers.get(&layer).ok_or_else(|| {
+                Error::invalid(format!("layer {layer} has no experts in the vault"))
+            })?;
+        // Prefetches for this layer that are still queued were guesses the
+        // router just refuted: drop them before they take a reader.
+        for job in self
+            .reader
+            .cancel_prefetches(|(l, e)| l == layer && !experts.contains(&e))
+        {
+            let mut st = self.inner.lock();
+            if let Some(&s) = st.map.get(&job.key) {
+                st.map.remove(&job.key);
+                st.slots[s] = Slot {
+                    key: None,
+                    fill: Fill::Empty,
+                    protected: false,
+                    prefetched: false,
+                    ..st.slots[s]
+                };
+            }
+            self.inner.stats.cancel_prefetch(lay.record_len as u64);
+        }
+        let mut st = self.inner.lock();
         if experts.len() > st.slots.len() {
             return Err(Error::invalid(format!(
                 "{} experts requested at once but the cache has {} slots",
@@ -129,112 +290,250 @@ impl ExpertCache {
                 st.slots.len()
             )));
         }
+        if let Some(pred) = st.predicted.remove(&layer) {
+            let hit = pred.iter().filter(|e| experts.contains(e)).count();
+            self.inner
+                .stats
+                .add_prediction(pred.len() as u64, hit as u64, experts.len() as u64);
+        }
+        // This layer's predictions are being consumed now.
+        for s in st
+            .slots
+            .iter_mut()
+            .filter(|s| s.key.is_some_and(|k| k.0 == layer))
+        {
+            s.protected = false;
+        }
         let mut slots = Vec::with_capacity(experts.len());
-        let mut misses = Vec::new();
+        let mut jobs = Vec::new();
+        let (mut hits, mut prefetch_hits) = (0u64, 0u64);
         for &e in experts {
             if e as usize >= lay.offsets.len() {
                 return Err(Error::invalid(format!("layer {layer} has no expert {e}")));
             }
-            st.tick += 1;
-            let tick = st.tick;
             if let Some(&s) = st.map.get(&(layer, e)) {
+                if st.slots[s].fill == Fill::Failed {
+                    // A failed prefetch: forget it and read on demand.
+                    st.map.remove(&(layer, e));
+                    st.failures.remove(&s);
+                    st.slots[s].key = None;
+                    st.slots[s].fill = Fill::Empty;
+                }
+            }
+            if let Some(&s) = st.map.get(&(layer, e)) {
+                if st.slots[s].prefetched {
+                    prefetch_hits += 1;
+                    st.slots[s].prefetched = false;
+                } else {
+                    hits += 1;
+                }
+                self.inner.touch(&mut st, s);
                 st.slots[s].pins += 1;
-                st.slots[s].last_used = tick;
                 slots.push((e, s));
                 continue;
             }
-            // Least recently used unpinned slot; empty slots have tick 0.
-            let victim = (0..st.slots.len())
-                .filter(|&s| st.slots[s].pins == 0)
-                .min_by_key(|&s| st.slots[s].last_used)
+            // Demand beats prediction: a protected slot may go if nothing else can.
+            let victim = self
+                .inner
+                .victim(&st, false)
+                .or_else(|| self.inner.victim(&st, true))
                 .ok_or_else(|| Error::invalid("every cache slot is pinned"))?;
-            if let Some(old) = st.slots[victim].key.take() {
-                st.map.remove(&old);
-            }
-            st.slots[victim] = Slot {
-                key: Some((layer, e)),
-                last_used: tick,
-                pins: 1,
-            };
-            st.map.insert((layer, e), victim);
+            self.inner.assign(&mut st, victim, (layer, e));
+            st.slots[victim].pins += 1;
             slots.push((e, victim));
-            misses.push((e, victim));
+            jobs.push(self.job(layer, lay, e, victim, Priority::Demand));
         }
         drop(st);
-        let pinned = Pinned {
+        let misses = jobs.len() as u64;
+        for job in jobs {
+            self.reader.submit(job);
+        }
+        Ok(Pinned {
             cache: self,
             layer,
             slots,
-        };
-        let hits = experts.len() - misses.len();
-        self.stats.add_hits(hits as u64);
-        if !misses.is_empty() {
-            self.read(layer, lay, &misses)?;
-        }
-        Ok(pinned)
+            counts: Some((hits, prefetch_hits, misses)),
+        })
     }
 
-    fn read(&self, layer: usize, lay: &LayerLayout, misses: &[(u32, usize)]) -> Result<()> {
-        let start = Instant::now();
-        let batch = Batch::new(misses.len());
-        for (i, &(e, slot)) in misses.iter().enumerate() {
-            self.reader.submit(ReadJob {
-                file: Arc::clone(&self.file),
-                offset: lay.offsets[e as usize],
-                dst: Arc::clone(&self.memory),
-                dst_start: slot * self.slot_len,
-                len: lay.record_len,
-                tag: i,
-                batch: Arc::clone(&batch),
-            });
+    fn job(
+        &self,
+        layer: usize,
+        lay: &LayerLayout,
+        e: u32,
+        slot: usize,
+        priority: Priority,
+    ) -> ReadJob {
+        let inner = Arc::clone(&self.inner);
+        let crc = lay.crc32[e as usize];
+        let len = lay.record_len;
+        ReadJob {
+            file: Arc::clone(&self.inner.file),
+            offset: lay.offsets[e as usize],
+            dst: Arc::clone(&self.inner.memory),
+            dst_start: slot * self.inner.slot_len,
+            len,
+            priority,
+            key: (layer, e),
+            done: Box::new(move |result, secs| inner.complete(slot, result, secs, len, crc)),
         }
-        let (errors, busy) = batch.wait();
-        let blocked = start.elapsed().as_secs_f64();
-        let bytes = (misses.len() * lay.record_len) as u64;
-        self.stats
-            .add_misses(misses.len() as u64, bytes, busy, blocked);
-        let mut failure = errors.into_iter().next().map(|(i, e)| {
-            Error::format(
-                &self.file.path,
-                format!("reading layer {layer} expert {}: {e}", misses[i].0),
-            )
-        });
-        if failure.is_none() && self.verify {
-            for &(e, slot) in misses {
-                // SAFETY: the slot is pinned by us and its read completed.
-                let data = unsafe { self.memory.slice(slot * self.slot_len, lay.record_len) };
-                if crc32fast::hash(data) != lay.crc32[e as usize] {
-                    failure = Some(Error::format(
-                        &self.file.path,
-                        format!("layer {layer} expert {e}: checksum mismatch (corrupt record); run smoe verify"),
-                    ));
-                    break;
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The slot to reuse: never pinned or loading; protected ones only when
+    /// `take_protected`.
+    fn victim(&self, st: &State, take_protected: bool) -> Option<usize> {
+        let now = st.tick;
+        let score = |s: &Slot| match self.policy {
+            Policy::Lru => s.last_used as f64,
+            Policy::Lfu { half_life } => {
+                s.freq * 0.5f64.powf((now - s.last_used) as f64 / half_life)
+            }
+        };
+        (0..st.slots.len())
+            .filter(|&i| {
+                let s = &st.slots[i];
+                s.pins == 0 && s.fill != Fill::Loading && (take_protected || !s.protected)
+            })
+            .min_by(|&a, &b| {
+                // Empty slots first, then the policy's least valuable.
+                let (sa, sb) = (&st.slots[a], &st.slots[b]);
+                (sa.key.is_some(), score(sa))
+                    .partial_cmp(&(sb.key.is_some(), score(sb)))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+    }
+
+    fn assign(&self, st: &mut State, slot: usize, key: (usize, u32)) {
+        if let Some(old) = st.slots[slot].key.take() {
+            st.map.remove(&old);
+            if st.slots[slot].prefetched {
+                self.stats.waste_prefetch();
+            }
+        }
+        st.failures.remove(&slot);
+        st.map.insert(key, slot);
+        st.slots[slot] = Slot {
+            key: Some(key),
+            fill: Fill::Loading,
+            pins: 0,
+            protected: false,
+            prefetched: false,
+            last_used: 0,
+            freq: 0.0,
+        };
+        self.touch(st, slot);
+    }
+
+    fn touch(&self, st: &mut State, slot: usize) {
+        st.tick += 1;
+        let now = st.tick;
+        let s = &mut st.slots[slot];
+        if let Policy::Lfu { half_life } = self.policy {
+            s.freq = s.freq * 0.5f64.powf((now - s.last_used) as f64 / half_life) + 1.0;
+        }
+        s.last_used = now;
+    }
+
+    /// Called by a reader thread when a record has arrived (or failed).
+    fn complete(&self, slot: usize, result: std::io::Result<()>, secs: f64, len: usize, crc: u32) {
+        let outcome = match result {
+            Err(e) => Err(e.to_string()),
+            Ok(()) if self.verify => {
+                // SAFETY: the slot is Loading: only this job writes it and
+                // nobody reads it until it is marked Ready below.
+                let data = unsafe { self.memory.slice(slot * self.slot_len, len) };
+                if crc32fast::hash(data) == crc {
+                    Ok(())
+                } else {
+                    Err("checksum mismatch (corrupt record); run smoe verify".to_string())
                 }
             }
-        }
-        if let Some(err) = failure {
-            // Forget the failed loads so a retry reads them again.
-            let mut st = self.lock();
-            for &(e, slot) in misses {
-                st.map.remove(&(layer, e));
-                st.slots[slot].key = None;
+            Ok(()) => Ok(()),
+        };
+        self.stats.add_read_time(secs);
+        let mut st = self.lock();
+        match outcome {
+            Ok(()) => st.slots[slot].fill = Fill::Ready,
+            Err(msg) => {
+                st.slots[slot].fill = Fill::Failed;
+                st.failures.insert(slot, msg);
             }
-            return Err(err);
         }
-        Ok(())
+        drop(st);
+        self.loaded.notify_all();
     }
 }
 
 impl Pinned<'_> {
+    /// Blocks until every pinned expert is resident; counts the wait.
+    pub fn wait(&mut self) -> Result<()> {
+        let inner = &self.cache.inner;
+        let lay = &inner.layers[&self.layer];
+        let layer = self.layer;
+        let start = Instant::now();
+        let mut st = inner.lock();
+        let mut waited = false;
+        while self
+            .slots
+            .iter()
+            .any(|&(_, s)| st.slots[s].fill == Fill::Loading)
+        {
+            waited = true;
+            st = inner.loaded.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let blocked = if waited {
+            start.elapsed().as_secs_f64()
+        } else {
+            0.0
+        };
+        if let Some((hits, prefetch_hits, misses)) = self.counts.take() {
+            inner.stats.add_demand(
+                hits,
+                prefetch_hits,
+                misses,
+                misses * lay.record_len as u64,
+                blocked,
+            );
+        }
+        let failed: Vec<(u32, usize)> = self
+            .slots
+            .iter()
+            .copied()
+            .filter(|&(_, s)| st.slots[s].fill == Fill::Failed)
+            .collect();
+        if let Some(&(e, s)) = failed.first() {
+            let why = st.failures.get(&s).cloned().unwrap_or_default();
+            // Forget the failed loads so a retry reads them again.
+            for &(fe, fs) in &failed {
+                st.map.remove(&(layer, fe));
+                st.failures.remove(&fs);
+                st.slots[fs].key = None;
+                st.slots[fs].fill = Fill::Empty;
+            }
+            return Err(Error::format(
+                &inner.file.path,
+                format!("layer {layer} expert {e}: {why}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// (expert id, [gate, up, down]) for each pinned expert, in the order
     /// asked.
     pub fn experts(&self) -> impl Iterator<Item = (u32, [Matrix<'_>; 3])> + '_ {
-        let lay = &self.cache.layers[&self.layer];
+        let inner = &self.cache.inner;
+        let lay = &inner.layers[&self.layer];
         self.slots.iter().map(move |&(e, slot)| {
-            let base = slot * self.cache.slot_len;
+            let base = slot * inner.slot_len;
             let mats = lay.parts.map(|(dtype, rows, cols, off, len)| {
                 // SAFETY: the slot is pinned (not rewritten) and fully read.
-                let data = unsafe { self.cache.memory.slice(base + off, len) };
+                let data = unsafe { inner.memory.slice(base + off, len) };
                 Matrix::new(dtype, data, rows, cols)
             });
             (e, mats)
@@ -244,7 +543,7 @@ impl Pinned<'_> {
 
 impl Drop for Pinned<'_> {
     fn drop(&mut self) {
-        let mut st = self.cache.lock();
+        let mut st = self.cache.inner.lock();
         for &(_, s) in &self.slots {
             st.slots[s].pins = st.slots[s].pins.saturating_sub(1);
         }

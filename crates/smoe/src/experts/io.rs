@@ -12,10 +12,10 @@
 //! handed to the pool at once and the compute thread waits for the batch.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -155,122 +155,134 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Completion of a group of reads issued together.
-#[derive(Debug, Default)]
-pub struct Batch {
-    state: Mutex<BatchState>,
-    cv: Condvar,
+/// Demand reads block the compute thread; prefetches only guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Demand,
+    Prefetch,
 }
 
-#[derive(Debug, Default)]
-struct BatchState {
-    pending: usize,
-    errors: Vec<(usize, std::io::Error)>,
-    /// Seconds the readers spent in read calls, summed.
-    busy_s: f64,
-}
-
-impl Batch {
-    pub fn new(pending: usize) -> Arc<Self> {
-        Arc::new(Self {
-            state: Mutex::new(BatchState {
-                pending,
-                ..Default::default()
-            }),
-            cv: Condvar::new(),
-        })
-    }
-
-    fn finish(&self, tag: usize, result: std::io::Result<()>, secs: f64) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = result {
-            s.errors.push((tag, e));
-        }
-        s.busy_s += secs;
-        s.pending -= 1;
-        if s.pending == 0 {
-            self.cv.notify_all();
-        }
-    }
-
-    /// Blocks until every read finished; returns failures by tag and the
-    /// readers' busy time.
-    pub fn wait(&self) -> (Vec<(usize, std::io::Error)>, f64) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while s.pending > 0 {
-            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
-        (std::mem::take(&mut s.errors), s.busy_s)
-    }
-}
-
-/// One read: `len` bytes at `offset` of `file` into `dst`.
+/// One read: `len` bytes at `offset` of `file` into `dst`, then `done`.
 pub struct ReadJob {
     pub file: Arc<DirectFile>,
     pub offset: u64,
     pub dst: Arc<AlignedBuf>,
     pub dst_start: usize,
     pub len: usize,
-    /// Returned with an error so the caller can name the record.
-    pub tag: usize,
-    pub batch: Arc<Batch>,
+    pub priority: Priority,
+    /// What the caller needs to recognise the job when cancelling.
+    pub key: (usize, u32),
+    /// Called by the reader with the outcome and the seconds the read took.
+    pub done: Box<dyn FnOnce(std::io::Result<()>, f64) + Send>,
 }
 
-/// A fixed pool of threads executing [`ReadJob`]s; its size is the queue
-/// depth the device sees.
+#[derive(Default)]
+struct Queues {
+    demand: VecDeque<ReadJob>,
+    prefetch: VecDeque<ReadJob>,
+    prefetch_in_flight: usize,
+    stop: bool,
+}
+
+/// A fixed pool of reader threads; its size is the queue depth the device
+/// sees. Demand reads are always taken before prefetches, and prefetches
+/// may occupy at most `max_prefetch` readers, so a demand read never waits
+/// behind more than that many guesses.
 pub struct ReaderPool {
-    tx: Option<Sender<ReadJob>>,
+    shared: Arc<(Mutex<Queues>, Condvar)>,
     threads: Vec<JoinHandle<()>>,
+    max_prefetch: usize,
 }
 
 impl ReaderPool {
     pub fn new(threads: usize) -> Self {
-        let (tx, rx) = channel::<ReadJob>();
-        let rx = Arc::new(Mutex::new(rx));
-        let threads = (0..threads.max(1))
+        let threads = threads.max(1);
+        let max_prefetch = (threads / 2).max(1);
+        let shared = Arc::new((Mutex::new(Queues::default()), Condvar::new()));
+        let handles = (0..threads)
             .map(|i| {
-                let rx = Arc::clone(&rx);
+                let shared = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name(format!("smoe-read-{i}"))
-                    .spawn(move || loop {
-                        let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        };
-                        let start = Instant::now();
-                        // SAFETY: the cache gives each in-flight slot to exactly one job
-                        // and nobody reads it until the batch completes.
-                        let buf = unsafe { job.dst.slice_mut(job.dst_start, job.len) };
-                        let r = job.file.read_exact_at(buf, job.offset);
-                        job.batch.finish(job.tag, r, start.elapsed().as_secs_f64());
-                    })
+                    .spawn(move || reader_loop(&shared, max_prefetch))
                     .expect("spawning a reader thread")
             })
             .collect();
         Self {
-            tx: Some(tx),
-            threads,
+            shared,
+            threads: handles,
+            max_prefetch,
         }
     }
 
     pub fn submit(&self, job: ReadJob) {
-        if let Some(tx) = &self.tx {
-            if let Err(e) = tx.send(job) {
-                // The pool only stops on drop; fail the job rather than hang.
-                let job = e.0;
-                job.batch.finish(
-                    job.tag,
-                    Err(std::io::Error::other("reader pool stopped")),
-                    0.0,
-                );
-            }
+        let (lock, cv) = &*self.shared;
+        let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+        match job.priority {
+            Priority::Demand => q.demand.push_back(job),
+            Priority::Prefetch => q.prefetch.push_back(job),
         }
+        cv.notify_one();
+    }
+
+    /// Removes queued (not yet started) prefetches whose key matches and
+    /// returns them, so the caller can release what they reserved.
+    pub fn cancel_prefetches(&self, mut matches: impl FnMut((usize, u32)) -> bool) -> Vec<ReadJob> {
+        let (lock, _) = &*self.shared;
+        let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (cancel, keep): (Vec<_>, Vec<_>) = q.prefetch.drain(..).partition(|j| matches(j.key));
+        q.prefetch = keep.into();
+        cancel
+    }
+
+    pub fn max_prefetch(&self) -> usize {
+        self.max_prefetch
+    }
+}
+
+fn reader_loop(shared: &(Mutex<Queues>, Condvar), max_prefetch: usize) {
+    let (lock, cv) = shared;
+    loop {
+        let job = {
+            let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if q.stop {
+                    return;
+                }
+                if let Some(job) = q.demand.pop_front() {
+                    break job;
+                }
+                if q.prefetch_in_flight < max_prefetch {
+                    if let Some(job) = q.prefetch.pop_front() {
+                        q.prefetch_in_flight += 1;
+                        break job;
+                    }
+                }
+                q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let start = Instant::now();
+        // SAFETY: the cache hands each loading slot to exactly one job and
+        // nobody reads it until the job's completion marks it ready.
+        let buf = unsafe { job.dst.slice_mut(job.dst_start, job.len) };
+        let result = job.file.read_exact_at(buf, job.offset);
+        if job.priority == Priority::Prefetch {
+            let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+            q.prefetch_in_flight -= 1;
+            // A prefetch slot freed up: a waiting reader may take the next.
+            cv.notify_one();
+        }
+        (job.done)(result, start.elapsed().as_secs_f64());
     }
 }
 
 impl Drop for ReaderPool {
     fn drop(&mut self) {
-        self.tx.take();
+        {
+            let (lock, cv) = &*self.shared;
+            lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+            cv.notify_all();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -24,6 +24,7 @@ pub struct Scratch {
     pub(crate) out: Vec<f32>,
     pub(crate) cos: Vec<f32>,
     pub(crate) sin: Vec<f32>,
+    pub(crate) predict: PredictScratch,
     ffn: FfnScratch,
     moe: MoeScratch,
 }
@@ -262,7 +263,18 @@ impl Moe {
     /// Tokens are grouped by expert so that each chosen expert runs once per
     /// call as a matrix-matrix product over all of its tokens, which is what
     /// makes batched prefill cheap and what the streaming cache will need.
-    pub fn forward(&self, x: &[f32], t: usize, y: &mut [f32], s: &mut Scratch) -> Result<()> {
+    ///
+    /// With `next`, the predicted experts of the next sparse layer are
+    /// handed to the cache right after this layer's demand reads are queued,
+    /// so they load while this layer computes.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        t: usize,
+        y: &mut [f32],
+        s: &mut Scratch,
+        next: Option<NextLayer<'_>>,
+    ) -> Result<()> {
         let hidden = self.router.shape[1];
         let n_exp = self.router.shape[0];
         let m = &mut s.moe;
@@ -329,8 +341,13 @@ impl Moe {
                 // A prefill chunk may route to more experts than the cache
                 // holds: take them in groups that fit, all reads of a group
                 // in flight together.
+                let mut next = next;
                 for group in used.chunks(cache.capacity()) {
-                    let pinned = cache.fetch(*layer, group)?;
+                    let mut pinned = cache.request(*layer, group)?;
+                    if let Some(n) = next.take() {
+                        cache.prefetch(n.layer, n.experts);
+                    }
+                    pinned.wait()?;
                     for (e, mats) in pinned.experts() {
                         run(e as usize, mats, &mut s.ffn, m);
                     }
@@ -339,6 +356,56 @@ impl Moe {
         }
         m.used = used;
         Ok(())
+    }
+}
+
+/// The next sparse layer's predicted experts, most likely first.
+#[derive(Debug, Clone, Copy)]
+pub struct NextLayer<'a> {
+    pub layer: usize,
+    pub experts: &'a [u32],
+}
+
+/// Buffers for predicting a later layer's experts.
+#[derive(Debug, Default)]
+pub struct PredictScratch {
+    h: Vec<f32>,
+    logits: Vec<f32>,
+    chosen: Vec<(u32, f32)>,
+    pub(crate) experts: Vec<u32>,
+}
+
+impl Moe {
+    /// Guesses this layer's experts from an earlier hidden state: `hidden`
+    /// (the residual stream `[t, hidden]` as it is now), normed with this
+    /// layer's own pre-MLP norm and put through this layer's router. The
+    /// residual stream changes little from one layer to the next, which is
+    /// why this recalls most of the real routing. The union over tokens is
+    /// left in `s.experts`, ordered by the best router weight each got.
+    pub fn predict(
+        &self,
+        hidden: &[f32],
+        t: usize,
+        norm: &[f32],
+        eps: f32,
+        s: &mut PredictScratch,
+    ) {
+        let (n_exp, h) = (self.router.shape[0], self.router.shape[1]);
+        let hn = sized(&mut s.h, t * h);
+        kernels::rms_norm_rows(hidden, norm, eps, hn);
+        let logits = sized(&mut s.logits, t * n_exp);
+        matmul(hn, t, self.router.matrix(), logits);
+        s.chosen.clear();
+        for row in logits.chunks_exact_mut(n_exp) {
+            route(row, self.routing, &mut s.chosen);
+        }
+        s.chosen.sort_by(|a, b| b.1.total_cmp(&a.1));
+        s.experts.clear();
+        for &(e, _) in &s.chosen {
+            if !s.experts.contains(&e) {
+                s.experts.push(e);
+            }
+        }
     }
 }
 

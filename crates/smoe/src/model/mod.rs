@@ -14,7 +14,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::experts::io::DirectFile;
-use crate::experts::ExpertCache;
+use crate::experts::{ExpertCache, Policy};
 use crate::kernels::DType;
 use crate::vault::{self, Vault};
 
@@ -63,6 +63,12 @@ pub struct LoadOptions {
     pub read_threads: usize,
     /// Context the KV cache is planned for.
     pub ctx: usize,
+    /// Read the next layer's predicted experts while this one computes.
+    pub prefetch: bool,
+    pub policy: Policy,
+    /// Prompt tokens per batched forward pass. Each chunk reads every
+    /// expert it routes to at most once per layer.
+    pub prefill_chunk: usize,
 }
 
 impl Default for LoadOptions {
@@ -72,6 +78,9 @@ impl Default for LoadOptions {
             verify_experts: false,
             read_threads: 16,
             ctx: 4096,
+            prefetch: true,
+            policy: Policy::Lru,
+            prefill_chunk: 512,
         }
     }
 }
@@ -140,6 +149,8 @@ fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
         plan.cache_slots,
         opts.read_threads,
         opts.verify_experts,
+        opts.policy,
+        opts.prefetch,
     )?);
     plan.direct_io = cache.direct_io();
     let rows = if embed_on_disk {

@@ -14,7 +14,7 @@ use crate::experts::ExpertCache;
 use crate::kernels::{self, matmul, Rope};
 
 use super::blocks::{
-    norm, sized, Attention, DiskRows, Embedding, Experts, Ffn, Linear, Moe, Routing,
+    norm, sized, Attention, DiskRows, Embedding, Experts, Ffn, Linear, Moe, NextLayer, Routing,
 };
 use super::{check_input, CausalLm, KvCache, Logits, Session};
 
@@ -196,7 +196,26 @@ impl CausalLm for Qwen3Moe {
             let y = sized(&mut out, t * h);
             match &layer.mlp {
                 Mlp::Dense(ffn) => ffn.forward(hn, t, y, s),
-                Mlp::Sparse(moe) => moe.forward(hn, t, y, s)?,
+                Mlp::Sparse(moe) => {
+                    let mut pred = std::mem::take(&mut s.predict);
+                    let next = match self.layers.get(i + 1) {
+                        Some(Layer {
+                            mlp: Mlp::Sparse(next),
+                            post_norm,
+                            ..
+                        }) if matches!(next.experts, Experts::Streamed { .. }) => {
+                            next.predict(&s.x, t, post_norm, self.cfg.rms_norm_eps, &mut pred);
+                            Some(NextLayer {
+                                layer: i + 1,
+                                experts: &pred.experts,
+                            })
+                        }
+                        _ => None,
+                    };
+                    let done = moe.forward(hn, t, y, s, next);
+                    s.predict = pred;
+                    done?
+                }
             }
             kernels::add_in_place(&mut s.x, y);
             s.out = out;
