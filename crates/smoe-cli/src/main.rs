@@ -2,6 +2,8 @@
 //! line naming the file and the problem; nothing below this edge panics on
 //! user input.
 
+mod chat;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
+use smoe::check::Code;
 use smoe::engine::{Engine, Prompt};
 use smoe::experts::Policy;
 use smoe::model::{human_bytes, parse_bytes, Budget, LoadOptions, Logits, MemoryPlan};
@@ -34,6 +37,11 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt.
     Run(RunArgs),
+    /// Talk with a model: multi-turn, streamed, with a live status line.
+    Chat(chat::ChatArgs),
+    /// Check that a model's tokenizer and chat template belong to its
+    /// weights, and that it fits this machine.
+    Check(CheckArgs),
     /// Print the model's f32 logits for a sequence of token ids as JSON.
     Logits(LogitsArgs),
     /// Render a conversation with the checkpoint's chat template.
@@ -44,6 +52,26 @@ enum Command {
     Verify(VerifyArgs),
     /// Describe a checkpoint or vault and the memory plan on this machine.
     Inspect(InspectArgs),
+    /// Measure prefill, decode and streaming against the disk's roofline.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length (seeded random ordinary tokens).
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to decode per run (end-of-sequence is ignored).
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    /// Runs; the report gives medians. The cache stays warm between runs.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -134,6 +162,18 @@ struct RunArgs {
     /// Tokenize the prompt as is, without the chat template.
     #[arg(long, requires = "prompt")]
     raw: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Skip the start-up check of tokenizer, template and memory.
+    #[arg(long)]
+    no_check: bool,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -155,9 +195,35 @@ struct RunArgs {
     /// Random seed; the same seed gives the same output.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Print one JSON object at the end instead of streaming text.
-    #[arg(long)]
-    json: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> Result<SamplingParams> {
+        let params = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            seed: self.seed,
+            ..Default::default()
+        };
+        params.validate()?;
+        Ok(params)
+    }
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Checkpoint or vault directory.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// Budget to check the fit with, as for run.
+    #[arg(long, default_value = "auto", value_parser = parse_budget)]
+    ram_budget: Budget,
+    /// Context length to plan the KV cache for.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
 }
 
 #[derive(Args)]
@@ -233,11 +299,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
+        Command::Chat(a) => chat::chat(a),
+        Command::Check(a) => check_cmd(a),
         Command::Logits(a) => logits(a),
         Command::Template(a) => template(a),
         Command::Convert(a) => convert_cmd(a),
         Command::Verify(a) => verify_cmd(a),
         Command::Inspect(a) => inspect_cmd(a),
+        Command::Bench(a) => bench_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -270,10 +339,8 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-fn load(m: &ModelArgs) -> Result<Engine> {
-    set_threads(m.threads)?;
-    BASE_RSS.get_or_init(current_rss);
-    let opts = LoadOptions {
+fn load_options(m: &ModelArgs) -> LoadOptions {
+    LoadOptions {
         ram_budget: m.ram_budget,
         verify_experts: m.verify_experts,
         ctx: m.ctx,
@@ -281,8 +348,50 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         policy: Policy::parse(&m.cache_policy).unwrap_or(Policy::Lru),
         prefill_chunk: m.prefill_chunk as usize,
         ..Default::default()
+    }
+}
+
+fn load(m: &ModelArgs) -> Result<Engine> {
+    set_threads(m.threads)?;
+    BASE_RSS.get_or_init(current_rss);
+    Ok(Engine::load_with(&m.model, &load_options(m))?)
+}
+
+/// `smoe check` before run and chat start: a model that cannot fit stops
+/// here, with what to do; every other finding is printed as a warning and
+/// the command goes on. A missing tokenizer or template is left to the
+/// command, which says so itself when (and only when) it needs one.
+fn startup_check(m: &ModelArgs) -> Result<()> {
+    let findings = smoe::check::check(&m.model, &load_options(m))?;
+    if let Some(f) = findings.iter().find(|f| f.code.blocks_loading()) {
+        bail!("{} (or pass --no-check to load it anyway)", f.message);
+    }
+    for f in &findings {
+        if !matches!(f.code, Code::NoTokenizer | Code::NoChatTemplate) {
+            eprintln!("warning: {}", f.message);
+        }
+    }
+    Ok(())
+}
+
+fn check_cmd(a: CheckArgs) -> Result<()> {
+    let opts = LoadOptions {
+        ram_budget: a.ram_budget,
+        ctx: a.ctx,
+        ..Default::default()
     };
-    Ok(Engine::load_with(&m.model, &opts)?)
+    let findings = smoe::check::check(&a.model, &opts)?;
+    let mut out = std::io::stdout().lock();
+    for f in &findings {
+        writeln!(out, "{f}")?;
+    }
+    let errors = findings.iter().filter(|f| f.is_error()).count();
+    if errors > 0 {
+        out.flush()?;
+        bail!("{}: {errors} problem(s) found", a.model.display());
+    }
+    writeln!(out, "ok")?;
+    Ok(())
 }
 
 fn describe_plan(p: &MemoryPlan) -> String {
@@ -307,23 +416,27 @@ fn describe_plan(p: &MemoryPlan) -> String {
 /// allocator, which every engine pays and no budget covers.
 static BASE_RSS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
 
-/// A `/proc/self/status` field in bytes, where the OS has one.
-fn proc_status(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+/// A field in kB of a /proc file (`/proc/self/status`, `/proc/meminfo`),
+/// in bytes, where the OS has one.
+fn proc_kb(file: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
     let line = text.lines().find(|l| l.starts_with(field))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
 fn current_rss() -> Option<u64> {
-    proc_status("VmRSS:")
+    proc_kb("/proc/self/status", "VmRSS:")
 }
 
 /// Peak resident set of this process (VmHWM).
 fn peak_rss() -> Option<u64> {
-    proc_status("VmHWM:")
+    proc_kb("/proc/self/status", "VmHWM:")
 }
 
 fn run(a: RunArgs) -> Result<()> {
+    if !a.no_check {
+        startup_check(&a.model)?;
+    }
     let engine = load(&a.model)?;
     if let (Some(plan), false) = (&engine.plan, a.json) {
         eprintln!("{}", describe_plan(plan));
@@ -337,56 +450,33 @@ fn run(a: RunArgs) -> Result<()> {
         },
         (None, None) => bail!("give --prompt TEXT or --ids 1,2,3"),
     };
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty,
-        seed: a.seed,
-        ..Default::default()
-    };
-    params.validate()?;
+    let params = a.sampling.params()?;
     let prompt_ids = engine.prompt_ids(&prompt)?;
     let mut session = engine.new_session();
 
-    let mut stream = engine.tokenizer.as_ref().map(|t| t.stream(true));
-    let text_max = engine.tokenizer.as_ref().map_or(0, |t| t.max_id());
+    let mut stream = chat::TextStream::new(&engine);
     let mut stdout = std::io::stdout().lock();
     let mut stream_err = None;
-    let gen = engine.generate(&mut session, &prompt_ids, &params, a.max_tokens, |tok| {
+    let max_tokens = a.sampling.max_tokens;
+    let gen = engine.generate(&mut session, &prompt_ids, &params, max_tokens, |tok| {
         if a.json || stream_err.is_some() {
             return;
         }
-        // Embedding rows past the tokenizer's last id (padding) have no text.
-        if let Some(s) = stream.as_mut().filter(|_| tok <= text_max) {
-            match s.push(tok) {
-                Ok(Some(piece)) => {
-                    let _ = stdout
-                        .write_all(piece.as_bytes())
-                        .and_then(|_| stdout.flush());
-                }
-                Ok(None) => {}
-                Err(e) => stream_err = Some(e),
+        match stream.push(tok) {
+            Ok(Some(piece)) => {
+                let _ = stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| stdout.flush());
             }
+            Ok(None) => {}
+            Err(e) => stream_err = Some(e),
         }
     })?;
     if let Some(e) = stream_err {
         return Err(e.into());
     }
 
-    let text = match &engine.tokenizer {
-        Some(t) => {
-            let ids: Vec<u32> = gen
-                .tokens
-                .iter()
-                .copied()
-                .filter(|&id| id <= text_max)
-                .collect();
-            t.decode(&ids, true)?
-        }
-        None => String::new(),
-    };
+    let text = chat::reply_text(&engine, &gen.tokens)?;
     let tm = &gen.timings;
     let stats = engine.cache.as_ref().map(|c| {
         let st = c.stats().snapshot();
@@ -444,7 +534,7 @@ fn run(a: RunArgs) -> Result<()> {
         }
         writeln!(stdout, "{out}")?;
     } else {
-        if let Some(rest) = stream.as_mut().map(|s| s.finish()).transpose()?.flatten() {
+        if let Some(rest) = stream.finish()? {
             stdout.write_all(rest.as_bytes())?;
         }
         if engine.tokenizer.is_none() {
@@ -654,6 +744,134 @@ fn inspect_cmd(a: InspectArgs) -> Result<()> {
     }
     if let Some(plan) = &engine.plan {
         writeln!(out, "{}", describe_plan(plan))?;
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.repeat == 0 {
+        bail!("--prompt-tokens and --repeat must be at least 1");
+    }
+    let mut engine = load(&a.model)?;
+    let opts = smoe::bench::BenchOptions {
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        seed: 0,
+    };
+    let runs = (0..a.repeat)
+        .map(|_| smoe::bench::run(&mut engine, &opts))
+        .collect::<smoe::Result<Vec<_>>>()?;
+    let med = |f: &dyn Fn(&smoe::bench::BenchRun) -> f64| median(runs.iter().map(f).collect());
+    let per_tok = |r: &smoe::bench::BenchRun, x: f64| x / r.decode_tokens.max(1) as f64;
+    let decode_bytes = med(&|r| per_tok(r, r.decode.bytes_read() as f64));
+    let streaming = engine.cache.as_ref().map(|c| {
+        let vault = Vault::open(&a.model.model);
+        let disk = vault.and_then(|v| smoe::bench::read_bandwidth(&v, 16, 1 << 30));
+        (c, disk)
+    });
+    let mut report = json!({
+        "model": a.model.model.display().to_string(),
+        "prompt_tokens": a.prompt_tokens,
+        "gen_tokens": a.gen_tokens,
+        "repeat": a.repeat,
+        "threads": rayon::current_num_threads(),
+        "prefill_tok_s": med(&|r| r.prefill_tok_s),
+        "decode_tok_s": med(&|r| r.decode_tok_s),
+        "ttft_s": med(&|r| r.ttft_s),
+    });
+    if let Some((cache, disk)) = streaming {
+        let (disk_gb_s, direct) = disk?;
+        let roofline = if decode_bytes > 0.0 {
+            disk_gb_s * 1e9 / decode_bytes
+        } else {
+            f64::INFINITY
+        };
+        let decode = med(&|r| r.decode_tok_s);
+        report["streaming"] = json!({
+            "ram_budget_bytes": cache.capacity() * cache.slot_bytes(),
+            "cache_slots": cache.capacity(),
+            "prefetch": cache.read_ahead(),
+            "cache_policy": cache.policy().name(),
+            "prefill_chunk": engine.prefill_chunk,
+            "prefill_hit_rate": med(&|r| r.prefill.hit_rate()),
+            "prefill_bytes_read": med(&|r| r.prefill.bytes_read() as f64),
+            "decode_hit_rate": med(&|r| r.decode.hit_rate()),
+            "recall": med(&|r| r.decode.recall()),
+            "precision": med(&|r| r.decode.precision()),
+            "bytes_read_per_token": decode_bytes,
+            "read_gb_s": med(&|r| r.decode.read_gb_s()),
+            "blocked_ms_per_token": med(&|r| per_tok(r, 1e3 * r.decode.blocked_s)),
+            "disk_read_gb_s": disk_gb_s,
+            "direct_io": direct,
+            "io_roofline_tok_s": if roofline.is_finite() { json!(roofline) } else { Value::Null },
+            "decode_vs_roofline": if roofline.is_finite() { json!(decode / roofline) } else { Value::Null },
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{report}")?;
+        return Ok(());
+    }
+    let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
+    writeln!(
+        out,
+        "model {} | prompt {} tokens, {} generated, median of {} | {} threads",
+        report["model"].as_str().unwrap_or(""),
+        a.prompt_tokens,
+        a.gen_tokens,
+        a.repeat,
+        report["threads"]
+    )?;
+    writeln!(
+        out,
+        "prefill {:.1} tok/s | decode {:.2} tok/s | time to first token {:.3} s",
+        f("prefill_tok_s"),
+        f("decode_tok_s"),
+        f("ttft_s")
+    )?;
+    if let Some(st) = report.get("streaming") {
+        let g = |k: &str| st[k].as_f64().unwrap_or(0.0);
+        writeln!(
+            out,
+            "cache {} in {} slots, policy {}, prefetch {} | prefill: hit {:.1}%, {} read",
+            human_bytes(g("ram_budget_bytes") as u64),
+            st["cache_slots"],
+            st["cache_policy"].as_str().unwrap_or(""),
+            if st["prefetch"] == true { "on" } else { "off" },
+            100.0 * g("prefill_hit_rate"),
+            human_bytes(g("prefill_bytes_read") as u64)
+        )?;
+        writeln!(
+            out,
+            "decode: hit {:.1}% | prediction recall {:.1}%, precision {:.1}% | {:.1} MB read/token at {:.2} GB/s | blocked {:.1} ms/token",
+            100.0 * g("decode_hit_rate"),
+            100.0 * g("recall"),
+            100.0 * g("precision"),
+            g("bytes_read_per_token") / 1e6,
+            g("read_gb_s"),
+            g("blocked_ms_per_token")
+        )?;
+        match st["io_roofline_tok_s"].as_f64() {
+            Some(roof) => writeln!(
+                out,
+                "I/O roofline: disk reads {:.2} GB/s{} -> at most {:.2} tok/s for {:.1} MB/token; decode runs at {:.0}% of it",
+                g("disk_read_gb_s"),
+                if st["direct_io"] == true { " (direct)" } else { " (buffered: page cache may inflate it)" },
+                roof,
+                g("bytes_read_per_token") / 1e6,
+                100.0 * g("decode_vs_roofline")
+            )?,
+            None => writeln!(out, "I/O roofline: nothing read while decoding (everything cached)")?,
+        }
     }
     Ok(())
 }

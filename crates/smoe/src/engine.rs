@@ -1,6 +1,7 @@
 //! The generation loop: a model, its tokenizer and chat template, and the
 //! stop rules, behind one type that the CLI (and later the server) drive.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -37,6 +38,8 @@ pub enum StopReason {
     Eos,
     /// `max_tokens` was reached, or the context is full.
     Length,
+    /// The caller's `on_token` asked to stop (Ctrl-C in a chat).
+    Cancelled,
 }
 
 impl StopReason {
@@ -44,7 +47,26 @@ impl StopReason {
         match self {
             StopReason::Eos => "eos",
             StopReason::Length => "length",
+            StopReason::Cancelled => "cancelled",
         }
+    }
+}
+
+/// What an `on_token` callback returns: `()` for one that never stops
+/// generation, `ControlFlow<()>` for one that may.
+pub trait TokenFlow {
+    fn flow(self) -> ControlFlow<()>;
+}
+
+impl TokenFlow for () {
+    fn flow(self) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+}
+
+impl TokenFlow for ControlFlow<()> {
+    fn flow(self) -> ControlFlow<()> {
+        self
     }
 }
 
@@ -147,21 +169,27 @@ impl Engine {
             Prompt::Ids(ids) => Ok(ids.clone()),
             Prompt::Raw(text) => self.tokenizer()?.encode(text, true),
             Prompt::Chat { system, user } => {
-                let template = self.template.as_ref().ok_or_else(|| {
-                    Error::format(
-                        &self.dir,
-                        "no chat template (tokenizer_config.json or chat_template.jinja); use --raw to send text as is",
-                    )
-                })?;
                 let mut messages = Vec::new();
                 if let Some(s) = system {
                     messages.push(json!({"role": "system", "content": s}));
                 }
                 messages.push(json!({"role": "user", "content": user}));
-                let text = template.render(&Value::Array(messages), None, true, &Map::new())?;
-                self.tokenizer()?.encode(&text, false)
+                self.conversation_ids(&Value::Array(messages))
             }
         }
+    }
+
+    /// A whole conversation (a JSON list of messages), rendered with the
+    /// chat template and a generation prompt, as token ids.
+    pub fn conversation_ids(&self, messages: &Value) -> Result<Vec<u32>> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            Error::format(
+                &self.dir,
+                "no chat template (tokenizer_config.json or chat_template.jinja); use --raw to send text as is",
+            )
+        })?;
+        let text = template.render(messages, None, true, &Map::new())?;
+        self.tokenizer()?.encode(&text, false)
     }
 
     pub fn new_session(&self) -> Session {
@@ -170,25 +198,30 @@ impl Engine {
 
     /// Runs `prompt` through the model after whatever the session already
     /// holds, then samples up to `max_tokens` tokens. `on_token` sees each
-    /// token as soon as it is chosen, for streaming.
-    pub fn generate(
+    /// token as soon as it is chosen, for streaming; one that returns
+    /// `ControlFlow::Break` stops generation after that token.
+    pub fn generate<F: TokenFlow>(
         &self,
         session: &mut Session,
         prompt: &[u32],
         params: &SamplingParams,
         max_tokens: usize,
-        mut on_token: impl FnMut(u32),
+        mut on_token: impl FnMut(u32) -> F,
     ) -> Result<Generation> {
         params.validate()?;
         let max_ctx = self.model.config().max_position_embeddings;
         let mut sampler = Sampler::new(params.clone());
-        let mut history: Vec<u32> = prompt.to_vec();
+        // The repetition penalty sees the conversation so far, not just
+        // the part this call prefills.
+        let mut history: Vec<u32> = session.tokens().unwrap_or_default().to_vec();
+        history.extend_from_slice(prompt);
         let mut tokens = Vec::new();
         let mut timings = Timings {
             prefill_tokens: prompt.len(),
             ..Default::default()
         };
 
+        session.record(prompt);
         let start = Instant::now();
         // Layer-major over a chunk at a time: each chunk reads an expert once
         // per layer however many of its tokens route there.
@@ -210,13 +243,17 @@ impl Engine {
             let tok = sampler.sample(logits, &history);
             tokens.push(tok);
             history.push(tok);
-            on_token(tok);
+            let flow = on_token(tok).flow();
             if self.eos_ids.contains(&tok) {
                 break StopReason::Eos;
+            }
+            if flow.is_break() {
+                break StopReason::Cancelled;
             }
             if tokens.len() >= max_tokens || session.len() >= max_ctx {
                 break StopReason::Length;
             }
+            session.record(&[tok]);
             logits = self.model.forward(&[tok], session, Logits::Last)?;
             timings.decode_tokens += 1;
         };
@@ -231,7 +268,7 @@ impl Engine {
 
 /// Whether the checkpoint ships a chat template at all; a broken one is an
 /// error when it is loaded, a missing one only when a chat prompt needs it.
-fn has_chat_template(dir: &Path) -> Result<bool> {
+pub(crate) fn has_chat_template(dir: &Path) -> Result<bool> {
     if dir.join("chat_template.jinja").exists() {
         return Ok(true);
     }

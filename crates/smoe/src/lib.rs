@@ -6,6 +6,8 @@
 //! the [`template`] and [`tokenizer`], and the [`engine`] drives prefill and
 //! decode while the [`sampler`] picks tokens.
 
+pub mod bench;
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;

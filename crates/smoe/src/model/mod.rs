@@ -342,13 +342,19 @@ impl KvCache {
     }
 }
 
-/// The state of one sequence: its KV cache, and reusable buffers so that a
-/// decode step allocates nothing once warm.
+/// The state of one sequence: its KV cache, the ids it holds, and reusable
+/// buffers so that a decode step allocates nothing once warm.
 #[derive(Debug, Default)]
 pub struct Session {
     pub kv: KvCache,
     pub(crate) scratch: blocks::Scratch,
     logits: Vec<f32>,
+    /// The ids behind the KV cache, as recorded by the engine.
+    tokens: Vec<u32>,
+    /// Set when the cache changed without the engine recording it (a bare
+    /// `forward`, a truncation from outside): `tokens` can no longer be
+    /// trusted until the cache is emptied.
+    untracked: bool,
 }
 
 impl Session {
@@ -366,6 +372,44 @@ impl Session {
 
     pub fn is_empty(&self) -> bool {
         self.kv.is_empty()
+    }
+
+    /// The ids the KV cache holds, if every one of them is known.
+    pub fn tokens(&self) -> Option<&[u32]> {
+        (!self.untracked && self.tokens.len() == self.kv.len()).then_some(&self.tokens)
+    }
+
+    /// Notes that `ids` are about to be appended to the cache. Should that
+    /// fail, the cache stays shorter than the ids and [`Self::tokens`]
+    /// says nothing is known.
+    pub(crate) fn record(&mut self, ids: &[u32]) {
+        if !self.untracked && self.tokens.len() == self.kv.len() {
+            self.tokens.extend_from_slice(ids);
+        } else {
+            self.tokens.clear();
+            self.untracked = true;
+        }
+    }
+
+    /// Prepares the session to continue as `ids`: keeps the longest prefix
+    /// of the cache that `ids` starts with, forgets the rest, and returns
+    /// how many of `ids` need no prefill. At least the last id is left to
+    /// process, since its logits are what generation starts from. A
+    /// conversation re-rendered each turn reuses everything up to its
+    /// first changed token.
+    pub fn reuse_prefix(&mut self, ids: &[u32]) -> usize {
+        let common = match self.tokens() {
+            Some(held) => held.iter().zip(ids).take_while(|(a, b)| a == b).count(),
+            None => 0,
+        }
+        .min(ids.len().saturating_sub(1));
+        self.kv.truncate(common);
+        self.tokens.truncate(common);
+        if common == 0 {
+            self.tokens.clear();
+            self.untracked = false;
+        }
+        common
     }
 }
 

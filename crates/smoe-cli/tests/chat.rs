@@ -1,0 +1,345 @@
+//! `smoe chat`: piped (clean text, exact prefix reuse, commands, the
+//! context limit) and through a pseudo-terminal (status line, Ctrl-C,
+//! /stats, /reset, Ctrl-D), on the fixture model. Its text is random, so
+//! the tests assert structure and counters, never content, and compute
+//! what the counters must be from `smoe template` and `smoe run`.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+use serde_json::{json, Value};
+
+const SYSTEM: &str = "You are terse.";
+const MAX_TOKENS: usize = 12;
+
+fn chat_command(model: &Path, state: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_smoe"));
+    cmd.args(["chat", "--model", path_str(model), "--system", SYSTEM])
+        .args(["--max-tokens", &MAX_TOKENS.to_string()])
+        .args(extra)
+        .env("XDG_STATE_HOME", state);
+    cmd
+}
+
+fn chat_piped(model: &Path, extra: &[&str], input: &str) -> Output {
+    let state = tempfile::tempdir().unwrap();
+    let mut child = chat_command(model, state.path(), extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "chat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// (prefilled, reused) of every end-of-turn line in `text`.
+fn turns(text: &str) -> Vec<(usize, usize)> {
+    text.match_indices("[prefill ")
+        .map(|(i, _)| {
+            let rest = &text[i + "[prefill ".len()..];
+            let num = |s: &str| -> usize {
+                s.chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+                    .parse()
+                    .unwrap()
+            };
+            let reused = rest.find("(reused ").unwrap() + "(reused ".len();
+            (num(rest), num(&rest[reused..]))
+        })
+        .collect()
+}
+
+fn template_ids(model: &Path, messages: &[Value]) -> Vec<u32> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.json");
+    std::fs::write(&file, Value::from(messages.to_vec()).to_string()).unwrap();
+    let out = smoe_ok(&[
+        "template",
+        "--model",
+        path_str(model),
+        "--messages",
+        path_str(&file),
+        "--ids",
+    ]);
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+/// Greedy continuation of `ids`, as a fresh `smoe run` gives it.
+fn run(model: &Path, ids: &[u32]) -> Value {
+    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let out = smoe_ok(&[
+        "run",
+        "--model",
+        path_str(model),
+        "--ids",
+        &ids.join(","),
+        "--max-tokens",
+        &MAX_TOKENS.to_string(),
+        "--json",
+    ]);
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+/// What turn 2 must prefill, given the conversation chat saved: the KV
+/// cache after turn 1 holds its prompt and all but the last generated
+/// token (that one was sampled, never fed back); turn 2 reuses the
+/// longest prefix its own prompt shares with that. Returns (prefill,
+/// reused, length of turn 1's prompt).
+fn expected_turn2(model: &Path, saved: &[Value]) -> (usize, usize, usize) {
+    let prompt1 = template_ids(model, &saved[..2]);
+    let generated: Vec<u32> =
+        serde_json::from_value(run(model, &prompt1)["tokens"].clone()).unwrap();
+    let mut cached = prompt1.clone();
+    cached.extend_from_slice(&generated[..generated.len() - 1]);
+    let prompt2 = template_ids(model, &saved[..4]);
+    let reused = cached
+        .iter()
+        .zip(&prompt2)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(prompt2.len() - 1);
+    (prompt2.len() - reused, reused, prompt1.len())
+}
+
+/// rexpect hands out the terminal's bytes one char each: `▸` comes as
+/// three. These convert a needle to that form and a capture back.
+fn raw(text: &str) -> String {
+    text.bytes().map(char::from).collect()
+}
+
+fn utf8(captured: &str) -> String {
+    let bytes: Vec<u8> = captured.chars().map(|c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn read_messages(path: &Path) -> Vec<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn roles(messages: &[Value]) -> Vec<&str> {
+    messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn piped_chat_reuses_the_conversation_and_prints_clean_text() {
+    let model = fixture("qwen3-moe-a");
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("c.json");
+    let input = format!(
+        "Say hello.\nAnd\\\nagain?\n/stats\n/save {}\n",
+        saved.display()
+    );
+    let out = chat_piped(&model, &[], &input);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+        "{stdout:?}"
+    );
+    assert!(!stdout.contains("tok/s │"), "no status line off a terminal");
+    assert!(
+        stderr.contains("smoe chat · ") && stderr.contains("memory"),
+        "{stderr}"
+    );
+
+    let messages = read_messages(&saved);
+    assert_eq!(
+        roles(&messages),
+        ["system", "user", "assistant", "user", "assistant"]
+    );
+    // The trailing backslash joined two lines into one message.
+    assert_eq!(messages[3]["content"], "And\nagain?");
+
+    let t = turns(&stderr);
+    assert_eq!(t.len(), 2, "{stderr}");
+    assert_eq!(t[0].1, 0, "nothing to reuse on the first turn");
+    let (prefill, reused, prompt1) = expected_turn2(&model, &messages);
+    assert_eq!(t[1], (prefill, reused), "{stderr}");
+    assert!(
+        reused >= prompt1,
+        "turn 2 reused {reused} tokens, less than turn 1's whole prompt ({prompt1})"
+    );
+    // Prefilling only the rest gives the reply a fresh prefill of the whole
+    // conversation gives.
+    let fresh = run(&model, &template_ids(&model, &messages[..4]));
+    assert_eq!(messages[4]["content"], fresh["text"]);
+
+    assert!(stdout.contains("the KV cache holds"), "{stdout}");
+    assert!(stdout.contains(&format!("prefill {} tok (reused {})", t[1].0, t[1].1)));
+    assert!(stdout.contains("saved 5 messages"), "{stdout}");
+}
+
+#[test]
+fn commands_load_and_the_context_limit() {
+    let model = fixture("qwen3-moe-a");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"[{"role": "user"}]"#).unwrap();
+    let good = dir.path().join("good.json");
+    let conversation = json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello."}
+    ]);
+    std::fs::write(&good, conversation.to_string()).unwrap();
+    let saved = dir.path().join("saved.json");
+    let input = format!(
+        "/load {}\n/load /nonexistent/c.json\n/frobnicate\n/load {}\nGo on.\n/save {}\n/help\n/quit\nnever sent\n",
+        bad.display(),
+        good.display(),
+        saved.display()
+    );
+    let out = chat_piped(&model, &[], &input);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    for expected in [
+        "error: ",
+        "bad.json: message 0 has no string \"content\"",
+        "/nonexistent/c.json",
+        "unknown command /frobnicate",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+    assert!(stdout.contains("loaded 3 messages"), "{stdout}");
+    assert!(stdout.contains("/reset"), "help: {stdout}");
+    let messages = read_messages(&saved);
+    assert_eq!(messages[..3], conversation.as_array().unwrap()[..]);
+    assert_eq!(
+        roles(&messages),
+        ["system", "user", "assistant", "user", "assistant"]
+    );
+    assert_eq!(turns(&stderr).len(), 1, "/quit left before the last line");
+
+    // A context that cannot take the next message says so and keeps the
+    // conversation as it was.
+    let input = format!(
+        "Say hello.\nAnd again, at length?\n/save {}\n",
+        saved.display()
+    );
+    let out = chat_piped(&model, &["--ctx", "48"], &input);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(turns(&stderr).len(), 1, "{stderr}");
+    assert!(
+        stderr.contains("would pass the context of 48 tokens (--ctx)") && stderr.contains("/reset"),
+        "{stderr}"
+    );
+    assert_eq!(
+        roles(&read_messages(&saved)),
+        ["system", "user", "assistant"]
+    );
+}
+
+/// The acceptance session, through a pseudo-terminal as a person has it.
+#[test]
+fn terminal_session() {
+    let model = fixture("qwen3-moe-a");
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("c.json");
+    // stty gives the pseudo-terminal a size, as a terminal window has; the
+    // token delay keeps a reply streaming until the Ctrl-C lands.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("stty rows 30 cols 200 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_smoe"))
+        .args(chat_command(&model, dir.path(), &["--token-delay-ms", "150"]).get_args())
+        .env("XDG_STATE_HOME", dir.path());
+    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).unwrap();
+    let turn = |p: &mut rexpect::session::PtySession| -> (usize, usize) {
+        let (_, line) = p.exp_regex(r"\[prefill \d+ tok \(reused \d+\)").unwrap();
+        p.exp_string("> ").unwrap();
+        turns(&line)[0]
+    };
+
+    p.exp_string("Ctrl-D leaves").unwrap();
+    p.exp_string("> ").unwrap();
+    p.send_line("Say hello.").unwrap();
+    let status = utf8(&p.exp_regex(r"\[prefill").unwrap().0);
+    // The status line was drawn, at the bottom row of the terminal.
+    assert!(
+        status.contains("smoe ▸ ") && status.contains("tok/s │ RAM "),
+        "{status:?}"
+    );
+    assert!(status.contains("\x1b[30;1H"), "{status:?}");
+    let (_, line) = p.exp_regex(r" tok \(reused \d+\)").unwrap();
+    p.exp_string("> ").unwrap();
+    assert_eq!(line, " tok (reused 0)");
+
+    p.send_line("And again?").unwrap();
+    let second = turn(&mut p);
+
+    p.send_line("/stats").unwrap();
+    p.exp_string("the KV cache holds").unwrap();
+    p.exp_string("all turns").unwrap();
+    p.exp_string("> ").unwrap();
+
+    // Ctrl-C while the reply streams: it stops, and the chat goes on.
+    p.send_line("Tell me more.").unwrap();
+    p.exp_string(&raw("smoe ▸ ")).unwrap();
+    p.send_control('c').unwrap();
+    p.exp_string("stop: cancelled]").unwrap();
+    p.exp_string("> ").unwrap();
+    // Ctrl-C at the prompt does not leave.
+    p.send_control('c').unwrap();
+    p.exp_string("Ctrl-D or /quit leaves").unwrap();
+    p.exp_string("> ").unwrap();
+    p.send_line(&format!("/save {}", saved.display())).unwrap();
+    p.exp_string("saved 7 messages").unwrap();
+    p.exp_string("> ").unwrap();
+
+    p.send_line("/reset").unwrap();
+    p.exp_string("conversation cleared").unwrap();
+    p.exp_string("> ").unwrap();
+    p.send_line("Hi.").unwrap();
+    assert_eq!(turn(&mut p).1, 0, "/reset emptied the cache");
+
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+    match p.process().wait().unwrap() {
+        rexpect::process::WaitStatus::Exited(_, 0) => {}
+        other => panic!("chat ended with {other:?}"),
+    }
+
+    // The stopped reply stayed in the conversation, as far as it got.
+    let messages = read_messages(&saved);
+    assert_eq!(
+        roles(&messages),
+        [
+            "system",
+            "user",
+            "assistant",
+            "user",
+            "assistant",
+            "user",
+            "assistant"
+        ]
+    );
+    let (prefill, reused, prompt1) = expected_turn2(&model, &messages);
+    assert_eq!(second, (prefill, reused));
+    assert!(reused >= prompt1, "turn 2 prefilled turn 1's prompt again");
+    let history = std::fs::read_to_string(dir.path().join("smoe/history")).unwrap();
+    assert!(
+        history.contains("And again?") && history.contains("/stats"),
+        "{history}"
+    );
+}

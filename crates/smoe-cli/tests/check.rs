@@ -1,0 +1,302 @@
+//! `smoe check`: clean on every fixture, and each problem it exists to
+//! catch is named, with the start-up check of `run` printing the same.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+fn check(model: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["check", "--model", path_str(model)];
+    args.extend_from_slice(extra);
+    smoe(&args)
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Passes: exit 0, nothing but warnings, and "ok" last.
+fn assert_passes(out: &Output) -> String {
+    let text = stdout(out);
+    assert!(
+        out.status.success(),
+        "check failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().last(), Some("ok"), "{text}");
+    assert!(!text.contains("error:"), "{text}");
+    text
+}
+
+/// Fails: exit 1, one summary line on stderr; returns the findings.
+fn assert_fails(out: &Output) -> String {
+    let text = stdout(out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}{stderr}");
+    assert!(stderr.contains("problem(s) found"), "{stderr}");
+    assert!(!text.lines().any(|l| l == "ok"), "{text}");
+    text
+}
+
+#[test]
+fn every_fixture_passes_without_findings() {
+    for name in ["qwen3-moe-a", "qwen3-moe-b"] {
+        let text = assert_passes(&check(&fixture(name), &[]));
+        assert_eq!(text, "ok\n", "{name}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (name, experts) in [("qwen3-moe-a", "q8_0"), ("qwen3-moe-b", "bf16")] {
+        let vault = dir.path().join(name);
+        smoe_ok(&[
+            "convert",
+            path_str(&fixture(name)),
+            "-o",
+            path_str(&vault),
+            "--experts",
+            experts,
+            "--quiet",
+        ]);
+        let text = assert_passes(&check(&vault, &[]));
+        // The only finding a vault may have depends on the disk under it.
+        for line in text.lines().filter(|l| *l != "ok") {
+            assert!(line.contains("direct I/O"), "{name}: {text}");
+        }
+    }
+}
+
+/// A copy of qwen3-moe-a whose template writes two tokens the weights
+/// never trained: their embedding rows are zero.
+fn zeroed_rows_fixture(tokens: [(&str, usize); 2]) -> tempfile::TempDir {
+    let dir = copy_fixture("qwen3-moe-a");
+    let template = format!(
+        "{{% for m in messages %}}<|im_start|>{{{{ m.role }}}}\n{{{{ m.content }}}}<|im_end|>\n{{% endfor %}}\
+         {{% if add_generation_prompt %}}<|im_start|>assistant\n{}{}{{% endif %}}",
+        tokens[0].0, tokens[1].0
+    );
+    fs::write(dir.path().join("chat_template.jinja"), template).unwrap();
+
+    let path = dir.path().join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, TensorView)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if name == "model.embed_tokens.weight" {
+            let row = data.len() / view.shape()[0];
+            for (_, id) in tokens {
+                data[id * row..(id + 1) * row].fill(0);
+            }
+        }
+        tensors.push((name, data, view));
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(name, data, view)| {
+            (
+                name.clone(),
+                TensorView::new(view.dtype(), view.shape().to_vec(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    dir
+}
+
+#[test]
+fn untrained_tokens_in_the_template_are_named() {
+    let tokens = [("<|box_start|>", 405), ("<|fim_pad|>", 419)];
+    let dir = zeroed_rows_fixture(tokens);
+    let text = assert_fails(&check(dir.path(), &[]));
+    for (token, id) in tokens {
+        assert!(
+            text.lines().any(|l| l.starts_with("error: ")
+                && l.contains(&format!("\"{token}\" (id {id})"))
+                && l.contains("untrained embedding")),
+            "{token} not named: {text}"
+        );
+    }
+    assert_eq!(text.lines().count(), 2, "only those two: {text}");
+
+    // run and chat print the same at start-up and go on; --no-check is quiet.
+    let args = [
+        "run",
+        "--model",
+        path_str(dir.path()),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ];
+    let out = smoe(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for (token, _) in tokens {
+        assert!(
+            stderr.contains("warning: ") && stderr.contains(token),
+            "{stderr}"
+        );
+    }
+    let out = smoe(&[&args[..], &["--no-check"]].concat());
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn tokenizer_config_and_weights_disagreeing_are_errors() {
+    // vocab_size below the tokenizer's ids.
+    let dir = copy_fixture("qwen3-moe-a");
+    edit_json(&dir.path().join("config.json"), |v| {
+        v["vocab_size"] = 420.into()
+    });
+    let text = assert_fails(&check(dir.path(), &[]));
+    assert!(
+        text.contains("vocab_size 420 is smaller than the tokenizer's 426 ids"),
+        "{text}"
+    );
+
+    // No chat template at all.
+    let dir = copy_fixture("qwen3-moe-a");
+    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+        v.as_object_mut().unwrap().remove("chat_template");
+    });
+    let text = assert_fails(&check(dir.path(), &[]));
+    assert!(
+        text.contains("error: ") && text.contains("no chat template"),
+        "{text}"
+    );
+
+    // An eos token the vocabulary does not have.
+    let dir = copy_fixture("qwen3-moe-a");
+    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+        v["eos_token"] = "<|end|>".into()
+    });
+    let text = assert_fails(&check(dir.path(), &[]));
+    assert!(
+        text.contains("eos_token \"<|end|>\" is not in the tokenizer's vocabulary"),
+        "{text}"
+    );
+    let dir = copy_fixture("qwen3-moe-a");
+    edit_json(&dir.path().join("generation_config.json"), |v| {
+        v["eos_token_id"] = serde_json::json!([402, 440])
+    });
+    let text = assert_fails(&check(dir.path(), &[]));
+    assert!(
+        text.contains("eos id 440 is not a token of tokenizer.json"),
+        "{text}"
+    );
+}
+
+#[test]
+fn suspicious_pairings_are_warnings() {
+    // A Llama tokenizer beside a Qwen config.
+    let dir = copy_fixture("qwen3-moe-a");
+    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+        v["tokenizer_class"] = "LlamaTokenizerFast".into()
+    });
+    let text = assert_passes(&check(dir.path(), &[]));
+    assert!(
+        text.contains("warning: ")
+            && text.contains("tokenizer_class LlamaTokenizerFast is a llama tokenizer")
+            && text.contains("qwen3_moe"),
+        "{text}"
+    );
+    // run prints it at start-up; --no-check does not.
+    let args = [
+        "run",
+        "--model",
+        path_str(dir.path()),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+    ];
+    let err = String::from_utf8_lossy(&smoe(&args).stderr).into_owned();
+    assert!(
+        err.contains("warning: ") && err.contains("LlamaTokenizerFast"),
+        "{err}"
+    );
+    let err =
+        String::from_utf8_lossy(&smoe(&[&args[..], &["--no-check"]].concat()).stderr).into_owned();
+    assert!(!err.contains("warning"), "{err}");
+
+    // Stop ids the template never writes: none that ends a turn, and an
+    // ordinary text token ("{", id 90; the sample has no braces).
+    let dir = copy_fixture("qwen3-moe-a");
+    edit_json(&dir.path().join("generation_config.json"), |v| {
+        v["eos_token_id"] = serde_json::json!([400, 90])
+    });
+    let text = assert_passes(&check(dir.path(), &[]));
+    assert!(
+        text.contains(
+            "ends turns with none of the eos ids (\"<|endoftext|>\" (id 400), \"{\" (id 90))"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("eos id \"{\" (id 90) is ordinary text"),
+        "{text}"
+    );
+
+    // A reasoning template on a vocabulary without <think>.
+    let dir = copy_fixture("qwen3-moe-a");
+    let drop_think = |v: &mut Value| {
+        v["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|t| !t["content"].as_str().unwrap().contains("think>"))
+    };
+    edit_json(&dir.path().join("tokenizer.json"), drop_think);
+    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+        let decoder = v["added_tokens_decoder"].as_object_mut().unwrap();
+        decoder.retain(|_, t| !t["content"].as_str().unwrap().contains("think>"));
+    });
+    let text = assert_passes(&check(dir.path(), &[]));
+    assert!(
+        text.contains("writes <think> blocks, but the vocabulary has no <think> token"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_checkpoint_past_the_budget_is_sent_to_convert() {
+    let model = fixture("qwen3-moe-a");
+    let text = assert_fails(&check(&model, &["--ram-budget", "1KiB"]));
+    assert!(
+        text.contains("smoe convert") && text.contains("qwen3-moe-a-vault"),
+        "{text}"
+    );
+    let args = [
+        "run",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+        "--ram-budget",
+        "1KiB",
+    ];
+    let err = smoe_err(&args);
+    assert!(
+        err.contains("smoe convert") && err.contains("--no-check"),
+        "{err}"
+    );
+    smoe_ok(&[&args[..], &["--no-check"]].concat());
+}

@@ -1,0 +1,174 @@
+//! `smoe bench`: prefill and decode a synthetic prompt, and put the
+//! streaming counters next to what the disk can do, measured in the same
+//! run with the engine's own reader.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::experts::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool};
+use crate::experts::StatsSnapshot;
+use crate::sampler::SamplingParams;
+use crate::vault::Vault;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub seed: u64,
+}
+
+/// One prefill + decode run.
+#[derive(Debug, Clone)]
+pub struct BenchRun {
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    /// Prompt in, first token chosen.
+    pub ttft_s: f64,
+    pub prefill: StatsSnapshot,
+    pub decode: StatsSnapshot,
+    pub decode_tokens: usize,
+}
+
+/// Prompt ids drawn from the tokenizer's ordinary tokens (or the vocab),
+/// seeded, so every run and every engine sees the same prompt.
+pub fn prompt(engine: &Engine, n: usize, seed: u64) -> Vec<u32> {
+    let vocab = engine.model.config().vocab_size as u64;
+    let limit = engine
+        .tokenizer
+        .as_ref()
+        .map_or(vocab, |t| (t.max_id() as u64 + 1).min(vocab));
+    // Stay clear of the added/special tokens at the top of the range.
+    let limit = (limit * 9 / 10).max(1);
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % limit) as u32
+        })
+        .collect()
+}
+
+/// Prefills `prompt_tokens` and decodes `gen_tokens` greedily, ignoring
+/// end-of-sequence so every run decodes the same number of tokens.
+pub fn run(engine: &mut Engine, opts: &BenchOptions) -> Result<BenchRun> {
+    let eos = std::mem::take(&mut engine.eos_ids);
+    let result = measure(engine, opts);
+    engine.eos_ids = eos;
+    result
+}
+
+fn measure(engine: &Engine, opts: &BenchOptions) -> Result<BenchRun> {
+    let ids = prompt(engine, opts.prompt_tokens, opts.seed);
+    let snap = || {
+        engine
+            .cache
+            .as_ref()
+            .map(|c| c.stats().snapshot())
+            .unwrap_or_default()
+    };
+    let mut session = engine.new_session();
+    let before = snap();
+    let mut first = None;
+    let start = Instant::now();
+    let mut at_first = StatsSnapshot::default();
+    let gen = engine.generate(
+        &mut session,
+        &ids,
+        &SamplingParams::default(),
+        opts.gen_tokens,
+        |_| {
+            if first.is_none() {
+                first = Some(start.elapsed().as_secs_f64());
+                at_first = snap();
+            }
+        },
+    )?;
+    let end = snap();
+    Ok(BenchRun {
+        prefill_tok_s: gen.timings.prefill_tok_s(),
+        decode_tok_s: gen.timings.decode_tok_s(),
+        ttft_s: first.unwrap_or(gen.timings.prefill_s),
+        prefill: at_first.since(&before),
+        decode: end.since(&at_first),
+        decode_tokens: gen.timings.decode_tokens,
+    })
+}
+
+/// Direct-read bandwidth of the vault's experts file with the engine's
+/// reader pool at `threads` queue depth: up to `max_bytes` of records,
+/// spread over the file, each read once.
+pub fn read_bandwidth(vault: &Vault, threads: usize, max_bytes: u64) -> Result<(f64, bool)> {
+    let file = Arc::new(DirectFile::open(&vault.experts_path())?);
+    let mut records: Vec<(u64, usize)> = vault
+        .manifest
+        .experts
+        .iter()
+        .flat_map(|l| l.offsets.iter().map(move |&o| (o, l.record_len as usize)))
+        .collect();
+    if records.is_empty() {
+        return Err(Error::invalid("the vault has no expert records"));
+    }
+    let len = records.iter().map(|r| r.1).max().unwrap_or(0);
+    // Spread the sample over the whole file so no read ahead helps.
+    let want = ((max_bytes / len as u64) as usize).clamp(1, records.len());
+    let step = records.len() / want;
+    records = records
+        .into_iter()
+        .step_by(step.max(1))
+        .take(want)
+        .collect();
+
+    let depth = threads.max(1);
+    let buf = Arc::new(AlignedBuf::new(depth * len));
+    let pool = ReaderPool::new(depth);
+    let done = Arc::new((Mutex::new((0usize, None::<String>)), Condvar::new()));
+    let start = Instant::now();
+    for (i, &(offset, rlen)) in records.iter().enumerate() {
+        // Reuse a buffer slot only after its previous read finished.
+        wait_until(&done, i.saturating_sub(depth - 1));
+        let d = Arc::clone(&done);
+        pool.submit(ReadJob {
+            file: Arc::clone(&file),
+            offset,
+            dst: Arc::clone(&buf),
+            dst_start: (i % depth) * len,
+            len: rlen,
+            priority: Priority::Demand,
+            key: (0, i as u32),
+            done: Box::new(move |r, _| {
+                let (lock, cv) = &*d;
+                let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                g.0 += 1;
+                if let Err(e) = r {
+                    g.1.get_or_insert(e.to_string());
+                }
+                cv.notify_all();
+            }),
+        });
+    }
+    let failure = wait_until(&done, records.len());
+    if let Some(e) = failure {
+        return Err(Error::format(
+            &file.path,
+            format!("measuring read bandwidth: {e}"),
+        ));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bytes: usize = records.iter().map(|r| r.1).sum();
+    Ok((bytes as f64 / secs / 1e9, file.direct))
+}
+
+type Done = (Mutex<(usize, Option<String>)>, Condvar);
+
+fn wait_until(done: &Done, n: usize) -> Option<String> {
+    let (lock, cv) = done;
+    let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+    while g.0 < n {
+        g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+    }
+    g.1.clone()
+}

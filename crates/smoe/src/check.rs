@@ -1,0 +1,699 @@
+//! `smoe check`: finds out, before an evening is wasted on garbled output,
+//! whether a checkpoint's tokenizer and chat template belong to its weights,
+//! and whether the model fits this machine the way it is stored.
+//!
+//! A template written for another model (or an instruct template on base
+//! weights) feeds the model tokens it never learned: their embedding rows
+//! are still at their initialisation, near zero, and the model answers
+//! with noise such as a stream of "::". So the check renders a sample
+//! conversation exactly as a chat would, tokenizes it, and looks at the
+//! embedding row of every token it produced.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use crate::checkpoint::{Checkpoint, TensorSource, Weight};
+use crate::config::{GenerationConfig, ModelConfig};
+use crate::error::{read_json, Error, Result};
+use crate::experts::io::DirectFile;
+use crate::kernels::{widen, Matrix};
+use crate::model::{available_memory, human_bytes, Budget, LoadOptions};
+use crate::template::{ChatTemplate, SpecialTokens};
+use crate::tokenizer::Tokenizer;
+use crate::vault::{self, Vault};
+
+const EMBED: &str = "model.embed_tokens.weight";
+/// A row whose norm is below this fraction of the median row norm was
+/// never trained.
+const UNTRAINED_FRACTION: f64 = 0.1;
+/// Rows the median is estimated from: a few thousand rows pin a median
+/// down well, and reading all of Qwen3's 151,936 would cost a second.
+const MEDIAN_SAMPLE: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The model will not work as shipped: `smoe check` exits with 1.
+    Error,
+    /// Probably wrong, or slower than it could be.
+    Warning,
+}
+
+/// What a finding is about, for callers that treat some differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// A token of the rendered prompt has an untrained embedding row.
+    UntrainedToken,
+    /// The embedding table is all zeros around its median.
+    ZeroEmbeddings,
+    /// `vocab_size` is smaller than the tokenizer's id range.
+    VocabTooSmall,
+    NoTokenizer,
+    NoChatTemplate,
+    /// The template raised on a plain conversation.
+    TemplateFails,
+    /// An eos token or id that the tokenizer does not have.
+    EosNotInVocab,
+    /// The template writes `<think>`, the vocabulary has no such token.
+    ThinkWithoutToken,
+    /// The tokenizer files name another model family than config.json.
+    TokenizerMismatch,
+    /// `generation_config.json` stops on ids the template never writes.
+    EosNotEmitted,
+    /// A raw checkpoint that cannot be held in RAM: it needs a vault.
+    NeedsVault,
+    /// Not even a vault's backbone fits in the available memory.
+    BackboneTooLarge,
+    /// An explicit budget that, with the backbone, exceeds available RAM.
+    OverCommitted,
+    /// The vault's filesystem refuses O_DIRECT.
+    NoDirectIo,
+}
+
+impl Code {
+    /// Problems that make loading pointless: the start-up check stops on
+    /// these instead of letting the machine swap itself to a halt.
+    pub fn blocks_loading(self) -> bool {
+        matches!(self, Code::NeedsVault | Code::BackboneTooLarge)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub severity: Severity,
+    pub code: Code,
+    pub message: String,
+}
+
+impl Finding {
+    fn error(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn warning(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Warning,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let label = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{label}: {}", self.message)
+    }
+}
+
+/// Everything `smoe check` looks at: the fit on this machine, then the
+/// tokenizer and template against the weights.
+pub fn check(dir: &Path, opts: &LoadOptions) -> Result<Vec<Finding>> {
+    let mut findings = preflight(dir, opts)?;
+    findings.extend(check_model(dir)?);
+    Ok(findings)
+}
+
+/// The conversation every check renders: each role once, and a second
+/// user turn so that templates which treat earlier turns differently
+/// (Qwen3 drops old reasoning) show both paths.
+pub fn sample_conversation() -> Value {
+    json!([
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Hello! Can you add two numbers for me?"},
+        {"role": "assistant", "content": "Of course: which two numbers?"},
+        {"role": "user", "content": "What is 2 + 2?"}
+    ])
+}
+
+/// The tokenizer, template and eos settings against the weights.
+pub fn check_model(dir: &Path) -> Result<Vec<Finding>> {
+    let mut out = Vec::new();
+    let vault = vault::is_vault(dir).then(|| Vault::open(dir)).transpose()?;
+    let config_json = match &vault {
+        Some(v) => v.manifest.config.clone(),
+        None => read_json(&dir.join("config.json"))?,
+    };
+    let config_path = match &vault {
+        Some(_) => dir.join(vault::MANIFEST),
+        None => dir.join("config.json"),
+    };
+    let cfg = ModelConfig::from_json(&config_json, &config_path)?;
+
+    if !dir.join("tokenizer.json").is_file() {
+        out.push(Finding::error(
+            Code::NoTokenizer,
+            format!(
+                "{}: no tokenizer.json, so text cannot be encoded; copy the tokenizer files of the checkpoint the weights came from",
+                dir.display()
+            ),
+        ));
+        return Ok(out);
+    }
+    let tok = Tokenizer::from_dir(dir)?;
+    let ids_in_tokenizer = tok.max_id() as usize + 1;
+    if cfg.vocab_size < ids_in_tokenizer {
+        out.push(Finding::error(
+            Code::VocabTooSmall,
+            format!(
+                "{}: vocab_size {} is smaller than the tokenizer's {ids_in_tokenizer} ids (highest {}): ids from {} on have no embedding row; the tokenizer belongs to another model",
+                config_path.display(),
+                cfg.vocab_size,
+                tok.max_id(),
+                cfg.vocab_size
+            ),
+        ));
+    }
+    out.extend(tokenizer_family(dir, &config_json));
+
+    let special = SpecialTokens::from_dir(dir)?;
+    if let Some(eos) = &special.eos {
+        if tok.token_to_id(eos).is_none() {
+            out.push(Finding::error(
+                Code::EosNotInVocab,
+                format!(
+                    "{}: eos_token {eos:?} is not in the tokenizer's vocabulary, so generation cannot stop on it",
+                    dir.join("tokenizer_config.json").display()
+                ),
+            ));
+        }
+    }
+    let gen_eos = GenerationConfig::from_dir(dir)?.eos_token_ids;
+    let gen_path = dir.join("generation_config.json");
+    for &id in &gen_eos {
+        if tok.id_to_token(id).is_none() {
+            out.push(Finding::error(
+                Code::EosNotInVocab,
+                format!(
+                    "{}: eos id {id} is not a token of tokenizer.json (highest id {})",
+                    gen_path.display(),
+                    tok.max_id()
+                ),
+            ));
+        }
+    }
+
+    if !crate::engine::has_chat_template(dir)? {
+        out.push(Finding::error(
+            Code::NoChatTemplate,
+            format!(
+                "{}: no chat template (tokenizer_config.json has no \"chat_template\" and there is no chat_template.jinja): chat cannot format a conversation; copy the template of the checkpoint the weights came from",
+                dir.display()
+            ),
+        ));
+        return Ok(out);
+    }
+    let template = ChatTemplate::from_dir(dir)?;
+    let text = match template.render(&sample_conversation(), None, true, &Map::new()) {
+        Ok(text) => text,
+        Err(e) => {
+            out.push(Finding::error(
+                Code::TemplateFails,
+                format!("{}: the chat template fails on a plain system/user/assistant conversation: {e}", dir.display()),
+            ));
+            return Ok(out);
+        }
+    };
+    let ids = tok.encode(&text, false)?;
+
+    if template.source().contains("<think>") && tok.token_to_id("<think>").is_none() {
+        out.push(Finding::warning(
+            Code::ThinkWithoutToken,
+            format!(
+                "{}: the chat template writes <think> blocks, but the vocabulary has no <think> token: the weights look non-thinking, the template is a reasoning model's",
+                dir.display()
+            ),
+        ));
+    }
+    out.extend(eos_emitted(&tok, &gen_eos, &ids, &gen_path));
+
+    let embed = embedding(dir, vault.as_ref())?;
+    out.extend(untrained_tokens(&embed, &tok, &ids)?);
+    Ok(out)
+}
+
+/// `tokenizer_class` against `model_type`, by family: Qwen2Tokenizer is
+/// Qwen3's own. Only families this build runs have a known tokenizer; a
+/// generic class (PreTrainedTokenizerFast) says nothing either way.
+fn tokenizer_family(dir: &Path, config: &Value) -> Option<Finding> {
+    const KNOWN: &[(&str, &[&str])] = &[("qwen", &["qwen"])];
+    let path = dir.join("tokenizer_config.json");
+    let class = read_json(&path).ok()?;
+    let class = class.get("tokenizer_class")?.as_str()?;
+    let model_type = config.get("model_type")?.as_str()?;
+    let (_, expected) = KNOWN.iter().find(|(m, _)| *m == family(model_type))?;
+    let got = family(class.trim_end_matches("Fast").trim_end_matches("Tokenizer"));
+    if got == "pretrained" || expected.contains(&got.as_str()) {
+        return None;
+    }
+    Some(Finding::warning(
+        Code::TokenizerMismatch,
+        format!(
+            "{}: tokenizer_class {class} is a {got} tokenizer, but config.json's model_type {model_type} is a {} model: the tokenizer files may belong to another model",
+            path.display(),
+            family(model_type)
+        ),
+    ))
+}
+
+/// "qwen3_moe" → "qwen", "Qwen2" → "qwen", "Llama" → "llama".
+fn family(name: &str) -> String {
+    name.chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+/// Stop ids against what the template writes. An extra document-end id
+/// beside the turn-end one is normal (Qwen3 lists <|endoftext|> next to
+/// <|im_end|>); what goes wrong is a list the template never ends a turn
+/// with (generation runs to the limit), or an ordinary text token in it
+/// (generation stops mid-sentence).
+fn eos_emitted(tok: &Tokenizer, eos: &[u32], rendered: &[u32], path: &Path) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let known: Vec<u32> = eos
+        .iter()
+        .copied()
+        .filter(|&id| tok.id_to_token(id).is_some())
+        .collect();
+    let name = |id: u32| format!("{:?} (id {id})", tok.id_to_token(id).unwrap_or_default());
+    if !known.is_empty() && !known.iter().any(|id| rendered.contains(id)) {
+        let names: Vec<String> = known.iter().map(|&id| name(id)).collect();
+        out.push(Finding::warning(
+            Code::EosNotEmitted,
+            format!(
+                "{}: the chat template ends turns with none of the eos ids ({}), so a reply will run on to --max-tokens",
+                path.display(),
+                names.join(", ")
+            ),
+        ));
+    }
+    for &id in &known {
+        let ordinary = tok
+            .decode(&[id], true)
+            .map(|text| !text.is_empty())
+            .unwrap_or(false);
+        if ordinary && !rendered.contains(&id) {
+            out.push(Finding::warning(
+                Code::EosNotEmitted,
+                format!(
+                    "{}: eos id {} is ordinary text that the chat template never writes: generation stops whenever the model writes it",
+                    path.display(),
+                    name(id)
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// The embedding table, from the checkpoint or the vault's backbone.
+fn embedding(dir: &Path, vault: Option<&Vault>) -> Result<Weight> {
+    match vault {
+        Some(v) => {
+            let backbone = v.backbone()?;
+            let shape = backbone
+                .entry(EMBED)
+                .map(|e| e.shape.clone())
+                .ok_or_else(|| {
+                    Error::format(backbone.path(), format!("missing tensor \"{EMBED}\""))
+                })?;
+            backbone.tensor(EMBED, &shape)
+        }
+        None => Checkpoint::open(dir)?.tensor_any(EMBED),
+    }
+}
+
+fn row_norm(table: &Matrix<'_>, row: usize, buf: &mut [f32]) -> f64 {
+    widen(table.dtype, table.row(row), buf);
+    buf.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Tokens of the rendered prompt whose embedding row is far below the
+/// median: rows the model never trained.
+fn untrained_tokens(embed: &Weight, tok: &Tokenizer, prompt: &[u32]) -> Result<Vec<Finding>> {
+    let Some((rows, cols)) = embed.dims2() else {
+        return Err(Error::invalid(format!(
+            "{EMBED} has shape {:?}, expected 2 dimensions",
+            embed.shape
+        )));
+    };
+    let table = embed.matrix();
+    let mut buf = vec![0.0f32; cols];
+    // Padding rows past the tokenizer's ids are often zero by design; the
+    // median is over real tokens only.
+    let real = rows.min(tok.max_id() as usize + 1);
+    let step = real.div_ceil(MEDIAN_SAMPLE).max(1);
+    let mut norms: Vec<f64> = (0..real)
+        .step_by(step)
+        .map(|r| row_norm(&table, r, &mut buf))
+        .collect();
+    let mid = norms.len() / 2;
+    let (_, &mut median, _) = norms.select_nth_unstable_by(mid, f64::total_cmp);
+    if median <= 0.0 {
+        return Ok(vec![Finding::error(
+            Code::ZeroEmbeddings,
+            format!("{EMBED}: most embedding rows are zero: the weights are empty or damaged"),
+        )]);
+    }
+    let unique: BTreeSet<u32> = prompt.iter().copied().collect();
+    let mut out = Vec::new();
+    for id in unique {
+        let token = tok.id_to_token(id).unwrap_or_default();
+        if id as usize >= rows {
+            // Reported once as VocabTooSmall; naming the token helps.
+            out.push(Finding::error(
+                Code::UntrainedToken,
+                format!("token {token:?} (id {id}) of the rendered chat prompt is past the {rows} rows of the embedding table"),
+            ));
+            continue;
+        }
+        let norm = row_norm(&table, id as usize, &mut buf);
+        if norm < UNTRAINED_FRACTION * median {
+            out.push(Finding::error(
+                Code::UntrainedToken,
+                format!(
+                    "token {token:?} (id {id}) of the rendered chat prompt has an untrained embedding (row norm {norm:.4}, median {median:.4}): the chat template does not belong to these weights"
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// What a model needs in RAM on this machine as it is stored, known
+/// before anything is loaded.
+#[derive(Debug, Clone)]
+pub struct Footprint {
+    pub vault: bool,
+    /// Bytes that must stay resident: a checkpoint's every tensor (it is
+    /// mapped whole), a vault's backbone less an on-disk embedding table.
+    pub resident_bytes: u64,
+    /// Routed-expert bytes (for a vault: on SSD, streamed).
+    pub expert_bytes: u64,
+    /// One token's experts of one layer: the least cache a vault runs with.
+    pub min_cache_bytes: u64,
+    /// The backbone stored as q8_0 (norms stay f32), when that is smaller.
+    pub q8_backbone_bytes: Option<u64>,
+    pub kv_bytes: u64,
+    pub ctx: usize,
+    /// What the tensors are stored as, e.g. "bf16" or "experts q4_k,
+    /// backbone bf16".
+    pub quant: String,
+    /// For a vault: whether its filesystem takes O_DIRECT.
+    pub direct_io: Option<bool>,
+}
+
+impl Footprint {
+    pub fn of(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if vault::is_vault(dir) {
+            return Self::of_vault(&Vault::open(dir)?, opts);
+        }
+        let ckpt = Checkpoint::open(dir)?;
+        let cfg = &ckpt.config;
+        let (mut experts, mut all) = (0, 0);
+        let mut dtypes = BTreeSet::new();
+        for name in ckpt.tensor_names() {
+            let bytes = ckpt.tensor_bytes(name);
+            all += bytes;
+            if name.contains(".mlp.experts.") {
+                experts += bytes;
+            }
+            dtypes.insert(ckpt.tensor_any(name)?.dtype.name());
+        }
+        let ctx = opts.ctx.min(cfg.max_position_embeddings);
+        Ok(Self {
+            vault: false,
+            resident_bytes: all,
+            expert_bytes: experts,
+            min_cache_bytes: 0,
+            q8_backbone_bytes: None,
+            kv_bytes: kv_bytes(cfg, ctx),
+            ctx,
+            quant: dtypes.into_iter().collect::<Vec<_>>().join(", "),
+            direct_io: None,
+        })
+    }
+
+    fn of_vault(vault: &Vault, opts: &LoadOptions) -> Result<Self> {
+        let m = &vault.manifest;
+        let cfg = ModelConfig::from_json(&m.config, &vault.dir.join(vault::MANIFEST))?;
+        let on_disk = if cfg.tie_word_embeddings {
+            0
+        } else {
+            m.backbone.get(EMBED).map_or(0, |e| e.len)
+        };
+        let q8: u64 = m
+            .backbone
+            .iter()
+            .filter(|(name, _)| cfg.tie_word_embeddings || name.as_str() != EMBED)
+            .map(|(_, t)| match t.shape[..] {
+                [rows, cols] if cols % 32 == 0 => (rows * cols / 32 * 34) as u64,
+                _ => t.len,
+            })
+            .sum();
+        let resident = vault.backbone_bytes() - on_disk;
+        let slot = m.experts.iter().map(|l| l.record_len).max().unwrap_or(0);
+        let ctx = opts.ctx.min(cfg.max_position_embeddings);
+        Ok(Self {
+            vault: true,
+            resident_bytes: resident,
+            expert_bytes: vault.expert_bytes(),
+            min_cache_bytes: slot * cfg.num_experts_per_tok as u64,
+            q8_backbone_bytes: (q8 < resident && m.quant.backbone != "q8_0").then_some(q8),
+            kv_bytes: kv_bytes(&cfg, ctx),
+            ctx,
+            quant: format!("experts {}, backbone {}", m.quant.experts, m.quant.backbone),
+            direct_io: Some(DirectFile::open(&vault.experts_path())?.direct),
+        })
+    }
+}
+
+/// f32 keys and values of every layer for `ctx` positions.
+fn kv_bytes(cfg: &ModelConfig, ctx: usize) -> u64 {
+    (cfg.num_hidden_layers * 2 * ctx * cfg.num_key_value_heads * cfg.head_dim * 4) as u64
+}
+
+/// Whether the model fits this machine as stored, and the disk it
+/// streams from.
+pub fn preflight(dir: &Path, opts: &LoadOptions) -> Result<Vec<Finding>> {
+    let fp = Footprint::of(dir, opts)?;
+    Ok(memory_findings(
+        dir,
+        &fp,
+        opts.ram_budget,
+        available_memory(),
+    ))
+}
+
+fn memory_findings(
+    dir: &Path,
+    fp: &Footprint,
+    budget: Budget,
+    available: Option<u64>,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let d = dir.display();
+    let convert = format!(
+        "convert it once to stream its experts from SSD: smoe convert {d} -o {}, then pass that vault as --model",
+        vault_name(dir)
+    );
+    if !fp.vault {
+        match (budget, available) {
+            (Budget::Bytes(b), _) if fp.expert_bytes > b => out.push(Finding::error(
+                Code::NeedsVault,
+                format!(
+                    "{d}: a raw checkpoint is mapped whole, and its {} of routed experts exceed --ram-budget {}; {convert}",
+                    human_bytes(fp.expert_bytes),
+                    human_bytes(b)
+                ),
+            )),
+            (Budget::Auto, Some(avail)) if fp.resident_bytes + fp.kv_bytes > avail => {
+                out.push(Finding::error(
+                    Code::NeedsVault,
+                    format!(
+                        "{d}: this checkpoint's {} of weights (+ {} KV for {} tokens) exceed the {} of RAM available; {convert}",
+                        human_bytes(fp.resident_bytes),
+                        human_bytes(fp.kv_bytes),
+                        fp.ctx,
+                        human_bytes(avail)
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        return out;
+    }
+    if fp.direct_io == Some(false) {
+        out.push(Finding::warning(
+            Code::NoDirectIo,
+            format!(
+                "{d}: this filesystem refuses direct I/O (O_DIRECT), so expert reads go through the page cache: slower, and they crowd other memory; keep the vault on a local SSD with ext4 or XFS"
+            ),
+        ));
+    }
+    let Some(avail) = available else {
+        return out;
+    };
+    let base = fp.resident_bytes + fp.kv_bytes;
+    match budget {
+        Budget::Auto if base + fp.min_cache_bytes > avail => {
+            let mut fixes = Vec::new();
+            if let Some(q8) = fp.q8_backbone_bytes {
+                let verdict = if q8 + fp.kv_bytes + fp.min_cache_bytes <= avail {
+                    "would fit"
+                } else {
+                    "would still not fit"
+                };
+                fixes.push(format!(
+                    "a --backbone q8_0 conversion needs {} ({verdict})",
+                    human_bytes(q8)
+                ));
+            }
+            if fp.kv_bytes > avail / 4 {
+                fixes.push(format!(
+                    "a smaller --ctx shrinks the KV cache ({} now)",
+                    human_bytes(fp.kv_bytes)
+                ));
+            }
+            fixes.push("or free memory / use a machine with more RAM".into());
+            out.push(Finding::error(
+                Code::BackboneTooLarge,
+                format!(
+                    "{d}: not enough memory even for the backbone: it needs {} resident + {} KV for {} tokens + {} for one token's experts, and {} is available; {}",
+                    human_bytes(fp.resident_bytes),
+                    human_bytes(fp.kv_bytes),
+                    fp.ctx,
+                    human_bytes(fp.min_cache_bytes),
+                    human_bytes(avail),
+                    fixes.join("; ")
+                ),
+            ));
+        }
+        Budget::Bytes(b) if base + b > avail => out.push(Finding::warning(
+            Code::OverCommitted,
+            format!(
+                "{d}: backbone {} + KV {} + --ram-budget {} exceed the {} available: expect swapping; lower --ram-budget or use auto",
+                human_bytes(fp.resident_bytes),
+                human_bytes(fp.kv_bytes),
+                human_bytes(b),
+                human_bytes(avail)
+            ),
+        )),
+        _ => {}
+    }
+    out
+}
+
+/// Where `smoe convert` should put the vault: beside the checkpoint.
+fn vault_name(dir: &Path) -> String {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    dir.with_file_name(format!("{name}-vault"))
+        .display()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn footprint(vault: bool) -> Footprint {
+        Footprint {
+            vault,
+            resident_bytes: 10 << 30,
+            expert_bytes: 50 << 30,
+            min_cache_bytes: 100 << 20,
+            q8_backbone_bytes: vault.then_some(5 << 30),
+            kv_bytes: 1 << 30,
+            ctx: 4096,
+            quant: "bf16".into(),
+            direct_io: vault.then_some(true),
+        }
+    }
+
+    fn codes(f: &[Finding]) -> Vec<Code> {
+        f.iter().map(|f| f.code).collect()
+    }
+
+    #[test]
+    fn a_checkpoint_larger_than_ram_needs_a_vault() {
+        let dir = Path::new("/models/big");
+        let fp = Footprint {
+            resident_bytes: 60 << 30,
+            ..footprint(false)
+        };
+        let f = memory_findings(dir, &fp, Budget::Auto, Some(32 << 30));
+        assert_eq!(codes(&f), [Code::NeedsVault]);
+        assert!(f[0].is_error());
+        assert!(
+            f[0].message
+                .contains("smoe convert /models/big -o /models/big-vault"),
+            "{}",
+            f[0].message
+        );
+        assert!(memory_findings(dir, &fp, Budget::Auto, Some(128 << 30)).is_empty());
+        // An explicit budget smaller than the experts: streaming is needed.
+        let f = memory_findings(dir, &fp, Budget::Bytes(8 << 30), Some(128 << 30));
+        assert_eq!(codes(&f), [Code::NeedsVault]);
+        assert!(Code::NeedsVault.blocks_loading());
+    }
+
+    #[test]
+    fn a_backbone_that_does_not_fit_says_what_would() {
+        let dir = Path::new("/v");
+        let fp = footprint(true);
+        assert!(memory_findings(dir, &fp, Budget::Auto, Some(64 << 30)).is_empty());
+        let f = memory_findings(dir, &fp, Budget::Auto, Some(8 << 30));
+        assert_eq!(codes(&f), [Code::BackboneTooLarge]);
+        assert!(f[0].message.contains("--backbone q8_0"), "{}", f[0].message);
+        assert!(f[0].message.contains("would fit"), "{}", f[0].message);
+        let f = memory_findings(dir, &fp, Budget::Auto, Some(2 << 30));
+        assert!(
+            f[0].message.contains("would still not fit"),
+            "{}",
+            f[0].message
+        );
+        assert!(f[0].message.contains("--ctx"), "{}", f[0].message);
+        // An explicit budget is the user's call: a warning, not a stop.
+        let f = memory_findings(dir, &fp, Budget::Bytes(4 << 30), Some(12 << 30));
+        assert_eq!(codes(&f), [Code::OverCommitted]);
+        assert!(!f[0].is_error() && !f[0].code.blocks_loading());
+    }
+
+    #[test]
+    fn a_disk_without_direct_io_is_named() {
+        let fp = Footprint {
+            direct_io: Some(false),
+            ..footprint(true)
+        };
+        let f = memory_findings(Path::new("/v"), &fp, Budget::Auto, None);
+        assert_eq!(codes(&f), [Code::NoDirectIo]);
+        assert!(f[0].message.contains("ext4"), "{}", f[0].message);
+    }
+
+    #[test]
+    fn families() {
+        assert_eq!(family("qwen3_moe"), "qwen");
+        assert_eq!(family("Qwen2"), "qwen");
+        assert_eq!(family("Llama"), "llama");
+    }
+}
