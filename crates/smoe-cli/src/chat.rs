@@ -60,13 +60,13 @@ A line ending in \\ continues on the next line; pasted text may span lines.
 Ctrl-C stops a reply and keeps what was written of it.";
 
 pub fn chat(a: ChatArgs) -> Result<()> {
-    if !a.no_check {
-        crate::startup_check(&a.model)?;
-    }
     let params = a.sampling.params()?;
     let spinner = spinner(format!("loading {}", a.model.model.display()));
-    let engine = crate::load(&a.model)?;
+    let (engine, warnings) = crate::load_checked(&a.model, !a.no_check)?;
     spinner.finish_and_clear();
+    for w in warnings {
+        eprintln!("{w}");
+    }
     if engine.tokenizer.is_none() || engine.template.is_none() {
         bail!(
             "{}: smoe chat needs tokenizer.json and a chat template (smoe run --ids works without them)",
@@ -672,12 +672,12 @@ impl Chat<'_> {
             tt.decode_s,
             rate(tt.decoded, tt.decode_s)
         );
-        let gb = |b: Option<u64>| b.map_or("?".into(), |b| format!("{:.2} GB", b as f64 / 1e9));
+        let size = |b: Option<u64>| b.map_or("?".into(), human_bytes);
         out += &format!(
             "memory        RSS {} (peak {}) of {} total\n",
-            gb(crate::current_rss()),
-            gb(crate::peak_rss()),
-            gb(mem_total())
+            size(crate::current_rss()),
+            size(crate::peak_rss()),
+            size(mem_total())
         );
         if let Some(c) = &self.engine.cache {
             let all = c.stats().snapshot();
@@ -748,26 +748,34 @@ fn mem_total() -> Option<u64> {
 /// `smoe ▸ 1.84 tok/s │ RAM 21.3/48.0 GB │ cache 1534 slots 15.0 GB │ hit 84% │ SSD 2.9 GB/s`,
 /// the cache figures over the current turn; no rate before a second token.
 fn status_text(engine: &Engine, tok_s: Option<f64>, turn_start: Option<&StatsSnapshot>) -> String {
-    let gb = |b: u64| b as f64 / 1e9;
     let mut parts = vec![match tok_s {
         Some(r) => format!("{r:.2} tok/s"),
         None => "-- tok/s".into(),
     }];
     if let (Some(rss), Some(total)) = (crate::current_rss(), mem_total()) {
-        parts.push(format!("RAM {:.1}/{:.1} GB", gb(rss), gb(total)));
+        parts.push(format!("RAM {}/{}", short_size(rss), short_size(total)));
     }
     if let Some(c) = &engine.cache {
         let now = c.stats().snapshot();
         let st = turn_start.map_or(now, |b| now.since(b));
         parts.push(format!(
-            "cache {} slots {:.1} GB",
+            "cache {} slots {}",
             c.capacity(),
-            gb((c.capacity() * c.slot_bytes()) as u64)
+            short_size((c.capacity() * c.slot_bytes()) as u64)
         ));
         parts.push(format!("hit {:.0}%", 100.0 * st.hit_rate()));
         parts.push(format!("SSD {:.1} GB/s", st.read_gb_s()));
     }
     format!("smoe ▸ {}", parts.join(" │ "))
+}
+
+/// Sizes for the status line: decimal units, three figures at most.
+fn short_size(bytes: u64) -> String {
+    match bytes as f64 {
+        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.0} MB", b / 1e6),
+        b => format!("{:.0} kB", b / 1e3),
+    }
 }
 
 /// A line kept at the bottom of the terminal while text scrolls above it:

@@ -357,21 +357,28 @@ fn load(m: &ModelArgs) -> Result<Engine> {
     Ok(Engine::load_with(&m.model, &load_options(m))?)
 }
 
-/// `smoe check` before run and chat start: a model that cannot fit stops
-/// here, with what to do; every other finding is printed as a warning and
-/// the command goes on. A missing tokenizer or template is left to the
-/// command, which says so itself when (and only when) it needs one.
-fn startup_check(m: &ModelArgs) -> Result<()> {
-    let findings = smoe::check::check(&m.model, &load_options(m))?;
-    if let Some(f) = findings.iter().find(|f| f.code.blocks_loading()) {
+/// [`load`] inside `smoe check`, for run and chat: the fit first (a model
+/// that cannot fit stops here, with what to do), then the tokenizer and
+/// template, with the engine's own. Other findings come back as warning
+/// lines for the caller to print, and the command goes on; a missing
+/// tokenizer or template is left to the command, which says so itself
+/// when (and only when) it needs one.
+fn load_checked(m: &ModelArgs, check: bool) -> Result<(Engine, Vec<String>)> {
+    if !check {
+        return Ok((load(m)?, Vec::new()));
+    }
+    let fit = smoe::check::preflight(&m.model, &load_options(m))?;
+    if let Some(f) = fit.iter().find(|f| f.code.blocks_loading()) {
         bail!("{} (or pass --no-check to load it anyway)", f.message);
     }
-    for f in &findings {
-        if !matches!(f.code, Code::NoTokenizer | Code::NoChatTemplate) {
-            eprintln!("warning: {}", f.message);
-        }
-    }
-    Ok(())
+    let engine = load(m)?;
+    let warnings = fit
+        .into_iter()
+        .chain(smoe::check::check_engine(&engine)?)
+        .filter(|f| !matches!(f.code, Code::NoTokenizer | Code::NoChatTemplate))
+        .map(|f| format!("warning: {}", f.message))
+        .collect();
+    Ok((engine, warnings))
 }
 
 fn check_cmd(a: CheckArgs) -> Result<()> {
@@ -434,10 +441,10 @@ fn peak_rss() -> Option<u64> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    if !a.no_check {
-        startup_check(&a.model)?;
+    let (engine, warnings) = load_checked(&a.model, !a.no_check)?;
+    for w in warnings {
+        eprintln!("{w}");
     }
-    let engine = load(&a.model)?;
     if let (Some(plan), false) = (&engine.plan, a.json) {
         eprintln!("{}", describe_plan(plan));
     }

@@ -262,7 +262,7 @@ fn terminal_session() {
         .arg("stty rows 30 cols 200 && exec \"$@\"")
         .arg("sh")
         .arg(env!("CARGO_BIN_EXE_smoe"))
-        .args(chat_command(&model, dir.path(), &["--token-delay-ms", "150"]).get_args())
+        .args(chat_command(&model, dir.path(), &["--token-delay-ms", "250"]).get_args())
         .env("XDG_STATE_HOME", dir.path());
     let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).unwrap();
     let turn = |p: &mut rexpect::session::PtySession| -> (usize, usize) {

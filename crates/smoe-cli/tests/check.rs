@@ -131,83 +131,81 @@ fn untrained_tokens_in_the_template_are_named() {
     assert_eq!(text.lines().count(), 2, "only those two: {text}");
 
     // run and chat print the same at start-up and go on; --no-check is quiet.
-    let args = [
-        "run",
-        "--model",
-        path_str(dir.path()),
-        "--prompt",
-        "hi",
-        "--max-tokens",
-        "2",
-    ];
-    let out = smoe(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = run_stderr(dir.path(), false);
     for (token, _) in tokens {
         assert!(
             stderr.contains("warning: ") && stderr.contains(token),
             "{stderr}"
         );
     }
-    let out = smoe(&[&args[..], &["--no-check"]].concat());
-    assert!(out.status.success());
-    assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("warning"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = run_stderr(dir.path(), true);
+    assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+/// stderr of a short `smoe run`, which must succeed.
+fn run_stderr(model: &Path, no_check: bool) -> String {
+    let mut args = vec!["run", "--model", path_str(model), "--prompt", "hi"];
+    args.extend(["--max-tokens", "1"]);
+    if no_check {
+        args.push("--no-check");
+    }
+    let out = smoe(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
+/// A copy of qwen3-moe-a with one JSON file edited.
+fn edited(file: &str, edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
+    let dir = copy_fixture("qwen3-moe-a");
+    edit_json(&dir.path().join(file), edit);
+    dir
+}
+
+/// A file, an edit to it, and what `check` must say about the result.
+type Case = (&'static str, fn(&mut Value), &'static str);
 
 #[test]
 fn tokenizer_config_and_weights_disagreeing_are_errors() {
-    // vocab_size below the tokenizer's ids.
-    let dir = copy_fixture("qwen3-moe-a");
-    edit_json(&dir.path().join("config.json"), |v| {
-        v["vocab_size"] = 420.into()
-    });
-    let text = assert_fails(&check(dir.path(), &[]));
-    assert!(
-        text.contains("vocab_size 420 is smaller than the tokenizer's 426 ids"),
-        "{text}"
-    );
-
-    // No chat template at all.
-    let dir = copy_fixture("qwen3-moe-a");
-    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
-        v.as_object_mut().unwrap().remove("chat_template");
-    });
-    let text = assert_fails(&check(dir.path(), &[]));
-    assert!(
-        text.contains("error: ") && text.contains("no chat template"),
-        "{text}"
-    );
-
-    // An eos token the vocabulary does not have.
-    let dir = copy_fixture("qwen3-moe-a");
-    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
-        v["eos_token"] = "<|end|>".into()
-    });
-    let text = assert_fails(&check(dir.path(), &[]));
-    assert!(
-        text.contains("eos_token \"<|end|>\" is not in the tokenizer's vocabulary"),
-        "{text}"
-    );
-    let dir = copy_fixture("qwen3-moe-a");
-    edit_json(&dir.path().join("generation_config.json"), |v| {
-        v["eos_token_id"] = serde_json::json!([402, 440])
-    });
-    let text = assert_fails(&check(dir.path(), &[]));
-    assert!(
-        text.contains("eos id 440 is not a token of tokenizer.json"),
-        "{text}"
-    );
+    let cases: [Case; 4] = [
+        (
+            "config.json",
+            |v| v["vocab_size"] = 420.into(),
+            "vocab_size 420 is smaller than the tokenizer's 426 ids",
+        ),
+        (
+            "tokenizer_config.json",
+            |v| {
+                v.as_object_mut().unwrap().remove("chat_template");
+            },
+            "no chat template",
+        ),
+        (
+            "tokenizer_config.json",
+            |v| v["eos_token"] = "<|end|>".into(),
+            "eos_token \"<|end|>\" is not in the tokenizer's vocabulary",
+        ),
+        (
+            "generation_config.json",
+            |v| v["eos_token_id"] = serde_json::json!([402, 440]),
+            "eos id 440 is not a token of tokenizer.json",
+        ),
+    ];
+    for (file, edit, says) in cases {
+        let dir = edited(file, edit);
+        let text = assert_fails(&check(dir.path(), &[]));
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("error: ") && l.contains(says)),
+            "{file}: {text}"
+        );
+    }
 }
 
 #[test]
 fn suspicious_pairings_are_warnings() {
     // A Llama tokenizer beside a Qwen config.
-    let dir = copy_fixture("qwen3-moe-a");
-    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+    let dir = edited("tokenizer_config.json", |v| {
         v["tokenizer_class"] = "LlamaTokenizerFast".into()
     });
     let text = assert_passes(&check(dir.path(), &[]));
@@ -218,28 +216,16 @@ fn suspicious_pairings_are_warnings() {
         "{text}"
     );
     // run prints it at start-up; --no-check does not.
-    let args = [
-        "run",
-        "--model",
-        path_str(dir.path()),
-        "--prompt",
-        "hi",
-        "--max-tokens",
-        "1",
-    ];
-    let err = String::from_utf8_lossy(&smoe(&args).stderr).into_owned();
+    let err = run_stderr(dir.path(), false);
     assert!(
         err.contains("warning: ") && err.contains("LlamaTokenizerFast"),
         "{err}"
     );
-    let err =
-        String::from_utf8_lossy(&smoe(&[&args[..], &["--no-check"]].concat()).stderr).into_owned();
-    assert!(!err.contains("warning"), "{err}");
+    assert!(!run_stderr(dir.path(), true).contains("warning"));
 
     // Stop ids the template never writes: none that ends a turn, and an
     // ordinary text token ("{", id 90; the sample has no braces).
-    let dir = copy_fixture("qwen3-moe-a");
-    edit_json(&dir.path().join("generation_config.json"), |v| {
+    let dir = edited("generation_config.json", |v| {
         v["eos_token_id"] = serde_json::json!([400, 90])
     });
     let text = assert_passes(&check(dir.path(), &[]));

@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 
 use crate::checkpoint::{Checkpoint, TensorSource, Weight};
 use crate::config::{GenerationConfig, ModelConfig};
+use crate::engine::Engine;
 use crate::error::{read_json, Error, Result};
 use crate::experts::io::DirectFile;
 use crate::kernels::{widen, Matrix};
@@ -141,6 +142,32 @@ pub fn sample_conversation() -> Value {
 
 /// The tokenizer, template and eos settings against the weights.
 pub fn check_model(dir: &Path) -> Result<Vec<Finding>> {
+    let tok = dir
+        .join("tokenizer.json")
+        .is_file()
+        .then(|| Tokenizer::from_dir(dir))
+        .transpose()?;
+    let template = crate::engine::has_chat_template(dir)?
+        .then(|| ChatTemplate::from_dir(dir))
+        .transpose()?;
+    check_parts(dir, tok.as_ref(), template.as_ref())
+}
+
+/// [`check_model`] for a loaded engine, with the tokenizer and template it
+/// already holds (Qwen3's tokenizer takes a while to build).
+pub fn check_engine(engine: &Engine) -> Result<Vec<Finding>> {
+    check_parts(
+        &engine.dir,
+        engine.tokenizer.as_ref(),
+        engine.template.as_ref(),
+    )
+}
+
+fn check_parts(
+    dir: &Path,
+    tok: Option<&Tokenizer>,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<Finding>> {
     let mut out = Vec::new();
     let vault = vault::is_vault(dir).then(|| Vault::open(dir)).transpose()?;
     let config_json = match &vault {
@@ -153,7 +180,7 @@ pub fn check_model(dir: &Path) -> Result<Vec<Finding>> {
     };
     let cfg = ModelConfig::from_json(&config_json, &config_path)?;
 
-    if !dir.join("tokenizer.json").is_file() {
+    let Some(tok) = tok else {
         out.push(Finding::error(
             Code::NoTokenizer,
             format!(
@@ -162,8 +189,7 @@ pub fn check_model(dir: &Path) -> Result<Vec<Finding>> {
             ),
         ));
         return Ok(out);
-    }
-    let tok = Tokenizer::from_dir(dir)?;
+    };
     let ids_in_tokenizer = tok.max_id() as usize + 1;
     if cfg.vocab_size < ids_in_tokenizer {
         out.push(Finding::error(
@@ -206,7 +232,7 @@ pub fn check_model(dir: &Path) -> Result<Vec<Finding>> {
         }
     }
 
-    if !crate::engine::has_chat_template(dir)? {
+    let Some(template) = template else {
         out.push(Finding::error(
             Code::NoChatTemplate,
             format!(
@@ -215,8 +241,7 @@ pub fn check_model(dir: &Path) -> Result<Vec<Finding>> {
             ),
         ));
         return Ok(out);
-    }
-    let template = ChatTemplate::from_dir(dir)?;
+    };
     let text = match template.render(&sample_conversation(), None, true, &Map::new()) {
         Ok(text) => text,
         Err(e) => {
@@ -238,10 +263,10 @@ pub fn check_model(dir: &Path) -> Result<Vec<Finding>> {
             ),
         ));
     }
-    out.extend(eos_emitted(&tok, &gen_eos, &ids, &gen_path));
+    out.extend(eos_emitted(tok, &gen_eos, &ids, &gen_path));
 
     let embed = embedding(dir, vault.as_ref())?;
-    out.extend(untrained_tokens(&embed, &tok, &ids)?);
+    out.extend(untrained_tokens(&embed, tok, &ids)?);
     Ok(out)
 }
 
