@@ -15,12 +15,12 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::checkpoint::{Checkpoint, TensorSource, Weight};
+use crate::checkpoint::{Checkpoint, Weight};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::engine::Engine;
 use crate::error::{read_json, Error, Result};
 use crate::experts::io::DirectFile;
-use crate::kernels::{widen, Matrix};
+use crate::kernels::{widen, DType};
 use crate::model::{available_memory, human_bytes, Budget, LoadOptions};
 use crate::template::{ChatTemplate, SpecialTokens};
 use crate::tokenizer::Tokenizer;
@@ -265,8 +265,7 @@ fn check_parts(
     }
     out.extend(eos_emitted(tok, &gen_eos, &ids, &gen_path));
 
-    let embed = embedding(dir, vault.as_ref())?;
-    out.extend(untrained_tokens(&embed, tok, &ids)?);
+    out.extend(untrained_tokens(dir, vault.as_ref(), tok, &ids)?);
     Ok(out)
 }
 
@@ -345,41 +344,98 @@ fn eos_emitted(tok: &Tokenizer, eos: &[u32], rendered: &[u32], path: &Path) -> V
     out
 }
 
-/// The embedding table, from the checkpoint or the vault's backbone.
-fn embedding(dir: &Path, vault: Option<&Vault>) -> Result<Weight> {
-    match vault {
-        Some(v) => {
-            let backbone = v.backbone()?;
-            let shape = backbone
-                .entry(EMBED)
-                .map(|e| e.shape.clone())
-                .ok_or_else(|| {
-                    Error::format(backbone.path(), format!("missing tensor \"{EMBED}\""))
-                })?;
-            backbone.tensor(EMBED, &shape)
+/// Rows of the embedding table. A vault's are read with plain reads: the
+/// engine keeps its table on disk, and mapping it here would pull hundreds
+/// of MB into the resident set that the memory plan accounts for (a page
+/// fault maps its cached neighbours too). A checkpoint's table is mapped
+/// by the engine anyway.
+enum Embedding {
+    Mapped(Weight),
+    File {
+        file: std::fs::File,
+        path: std::path::PathBuf,
+        offset: u64,
+        dtype: DType,
+        bytes: Vec<u8>,
+    },
+}
+
+impl Embedding {
+    fn open(dir: &Path, vault: Option<&Vault>) -> Result<(Self, usize, usize)> {
+        let Some(v) = vault else {
+            let w = Checkpoint::open(dir)?.tensor_any(EMBED)?;
+            let (rows, cols) = dims2(&w.shape)?;
+            return Ok((Embedding::Mapped(w), rows, cols));
+        };
+        let path = v.backbone_path();
+        let entry = v.manifest.backbone.get(EMBED).ok_or_else(|| {
+            Error::format(
+                v.dir.join(vault::MANIFEST),
+                format!("missing tensor \"{EMBED}\""),
+            )
+        })?;
+        let (rows, cols) = dims2(&entry.shape)?;
+        let dtype = DType::parse(&entry.dtype).ok_or_else(|| {
+            Error::format(&path, format!("{EMBED}: unknown dtype \"{}\"", entry.dtype))
+        })?;
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let embedding = Embedding::File {
+            file,
+            path,
+            offset: entry.offset,
+            dtype,
+            bytes: vec![0; dtype.row_bytes(cols)],
+        };
+        Ok((embedding, rows, cols))
+    }
+
+    /// The L2 norm of row `row`, with `buf` as scratch of one row.
+    fn norm(&mut self, row: usize, buf: &mut [f32]) -> Result<f64> {
+        match self {
+            Embedding::Mapped(w) => {
+                let table = w.matrix();
+                widen(table.dtype, table.row(row), buf);
+            }
+            Embedding::File {
+                file,
+                path,
+                offset,
+                dtype,
+                bytes,
+            } => {
+                use std::os::unix::fs::FileExt;
+                let at = *offset + (row * bytes.len()) as u64;
+                file.read_exact_at(bytes, at)
+                    .map_err(|e| Error::io(&*path, e))?;
+                widen(*dtype, bytes, buf);
+            }
         }
-        None => Checkpoint::open(dir)?.tensor_any(EMBED),
+        Ok(buf
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt())
     }
 }
 
-fn row_norm(table: &Matrix<'_>, row: usize, buf: &mut [f32]) -> f64 {
-    widen(table.dtype, table.row(row), buf);
-    buf.iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
+fn dims2(shape: &[usize]) -> Result<(usize, usize)> {
+    match shape {
+        &[rows, cols] => Ok((rows, cols)),
+        _ => Err(Error::invalid(format!(
+            "{EMBED} has shape {shape:?}, expected 2 dimensions"
+        ))),
+    }
 }
 
 /// Tokens of the rendered prompt whose embedding row is far below the
 /// median: rows the model never trained.
-fn untrained_tokens(embed: &Weight, tok: &Tokenizer, prompt: &[u32]) -> Result<Vec<Finding>> {
-    let Some((rows, cols)) = embed.dims2() else {
-        return Err(Error::invalid(format!(
-            "{EMBED} has shape {:?}, expected 2 dimensions",
-            embed.shape
-        )));
-    };
-    let table = embed.matrix();
+fn untrained_tokens(
+    dir: &Path,
+    vault: Option<&Vault>,
+    tok: &Tokenizer,
+    prompt: &[u32],
+) -> Result<Vec<Finding>> {
+    let (mut embed, rows, cols) = Embedding::open(dir, vault)?;
     let mut buf = vec![0.0f32; cols];
     // Padding rows past the tokenizer's ids are often zero by design; the
     // median is over real tokens only.
@@ -387,8 +443,8 @@ fn untrained_tokens(embed: &Weight, tok: &Tokenizer, prompt: &[u32]) -> Result<V
     let step = real.div_ceil(MEDIAN_SAMPLE).max(1);
     let mut norms: Vec<f64> = (0..real)
         .step_by(step)
-        .map(|r| row_norm(&table, r, &mut buf))
-        .collect();
+        .map(|r| embed.norm(r, &mut buf))
+        .collect::<Result<_>>()?;
     let mid = norms.len() / 2;
     let (_, &mut median, _) = norms.select_nth_unstable_by(mid, f64::total_cmp);
     if median <= 0.0 {
@@ -409,7 +465,7 @@ fn untrained_tokens(embed: &Weight, tok: &Tokenizer, prompt: &[u32]) -> Result<V
             ));
             continue;
         }
-        let norm = row_norm(&table, id as usize, &mut buf);
+        let norm = embed.norm(id as usize, &mut buf)?;
         if norm < UNTRAINED_FRACTION * median {
             out.push(Finding::error(
                 Code::UntrainedToken,
