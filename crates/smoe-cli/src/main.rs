@@ -134,11 +134,12 @@ struct ModelArgs {
     /// Context length to plan the KV cache for.
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
-    /// Read the next layer's predicted experts ahead: on or off.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    /// Read the next layer's predicted experts ahead: on or off (off by
+    /// default: see the README's read-ahead measurements).
+    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
     prefetch: String,
-    /// Expert cache eviction: lru or lfu (frequency with decay).
-    #[arg(long, default_value = "lru", value_parser = ["lru", "lfu"])]
+    /// Expert cache eviction: lfu (frequency with decay) or lru.
+    #[arg(long, default_value = "lfu", value_parser = ["lru", "lfu"])]
     cache_policy: String,
     /// Prompt tokens per batched forward pass.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
@@ -345,7 +346,7 @@ fn load_options(m: &ModelArgs) -> LoadOptions {
         verify_experts: m.verify_experts,
         ctx: m.ctx,
         prefetch: m.prefetch == "on",
-        policy: Policy::parse(&m.cache_policy).unwrap_or(Policy::Lru),
+        policy: Policy::parse(&m.cache_policy).unwrap_or(LoadOptions::default().policy),
         prefill_chunk: m.prefill_chunk as usize,
         ..Default::default()
     }

@@ -550,7 +550,7 @@ impl Footprint {
             })
             .sum();
         let resident = vault.backbone_bytes() - on_disk;
-        let slot = m.experts.iter().map(|l| l.record_len).max().unwrap_or(0);
+        let slot = vault.max_record_len();
         let ctx = opts.ctx.min(cfg.max_position_embeddings);
         Ok(Self {
             vault: true,

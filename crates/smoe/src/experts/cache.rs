@@ -22,6 +22,11 @@ use crate::error::{Error, Result};
 use crate::kernels::{DType, Matrix};
 use crate::vault::{ExpertLayer, Vault};
 
+/// Expert requests after which a past use keeps half its weight (LFU): about
+/// ten tokens of Qwen3-30B-A3B (48 layers x 8 experts a token), long enough
+/// to see which experts are hot, short enough to follow a change of topic.
+pub const LFU_HALF_LIFE: f64 = 4096.0;
+
 /// Which unpinned, unprotected slot gives way to a new expert.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Policy {
@@ -36,7 +41,9 @@ impl Policy {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "lru" => Some(Policy::Lru),
-            "lfu" => Some(Policy::Lfu { half_life: 4096.0 }),
+            "lfu" => Some(Policy::Lfu {
+                half_life: LFU_HALF_LIFE,
+            }),
             _ => None,
         }
     }

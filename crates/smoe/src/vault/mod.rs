@@ -250,6 +250,16 @@ impl Vault {
         Ok(())
     }
 
+    /// Bytes of the largest expert record: one cache slot.
+    pub fn max_record_len(&self) -> u64 {
+        self.manifest
+            .experts
+            .iter()
+            .map(|l| l.record_len)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Total bytes of all expert records.
     pub fn expert_bytes(&self) -> u64 {
         self.manifest
@@ -291,14 +301,7 @@ impl Vault {
             progress(done, total);
         }
         let file = DirectFile::open(&self.experts_path())?;
-        let max = self
-            .manifest
-            .experts
-            .iter()
-            .map(|l| l.record_len)
-            .max()
-            .unwrap_or(0);
-        let buf = AlignedBuf::new(max as usize);
+        let buf = AlignedBuf::new(self.max_record_len() as usize);
         for l in &self.manifest.experts {
             for (e, (&off, &crc)) in l.offsets.iter().zip(&l.crc32).enumerate() {
                 // SAFETY: the buffer is ours alone.
