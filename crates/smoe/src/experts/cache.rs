@@ -339,12 +339,29 @@ impl ExpertCache {
                 slots.push((e, s));
                 continue;
             }
-            // Demand beats prediction: a protected slot may go if nothing else can.
-            let victim = self
-                .inner
-                .victim(&st, false)
-                .or_else(|| self.inner.victim(&st, true))
-                .ok_or_else(|| Error::invalid("every cache slot is pinned"))?;
+            // Demand beats prediction: a protected slot may go if nothing
+            // else can, and a slot still loading a guess is waited for.
+            let victim = loop {
+                if let Some(v) = self
+                    .inner
+                    .victim(&st, false)
+                    .or_else(|| self.inner.victim(&st, true))
+                {
+                    break v;
+                }
+                if !st
+                    .slots
+                    .iter()
+                    .any(|s| s.fill == Fill::Loading && s.pins == 0)
+                {
+                    return Err(Error::invalid("every cache slot is pinned"));
+                }
+                st = self
+                    .inner
+                    .loaded
+                    .wait(st)
+                    .unwrap_or_else(|e| e.into_inner());
+            };
             self.inner.assign(&mut st, victim, (layer, e));
             st.slots[victim].pins += 1;
             slots.push((e, victim));
