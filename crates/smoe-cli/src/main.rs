@@ -2,7 +2,9 @@
 //! line naming the file and the problem; nothing below this edge panics on
 //! user input.
 
+mod bench_cmd;
 mod chat;
+mod vault_cmd;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,8 +21,6 @@ use smoe::model::{human_bytes, parse_bytes, Budget, LoadOptions, Logits, MemoryP
 use smoe::sampler::SamplingParams;
 use smoe::template::{ChatTemplate, SpecialTokens};
 use smoe::tokenizer::Tokenizer;
-use smoe::vault::convert::{convert, ConvertOptions};
-use smoe::vault::Vault;
 
 #[derive(Parser)]
 #[command(
@@ -47,74 +47,13 @@ enum Command {
     /// Render a conversation with the checkpoint's chat template.
     Template(TemplateArgs),
     /// Convert a Hugging Face checkpoint into a vault (done once).
-    Convert(ConvertArgs),
+    Convert(vault_cmd::ConvertArgs),
     /// Check every checksum of a vault.
-    Verify(VerifyArgs),
+    Verify(vault_cmd::VerifyArgs),
     /// Describe a checkpoint or vault and the memory plan on this machine.
-    Inspect(InspectArgs),
+    Inspect(vault_cmd::InspectArgs),
     /// Measure prefill, decode and streaming against the disk's roofline.
-    Bench(BenchArgs),
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Prompt length (seeded random ordinary tokens).
-    #[arg(long, default_value_t = 128)]
-    prompt_tokens: usize,
-    /// Tokens to decode per run (end-of-sequence is ignored).
-    #[arg(long, default_value_t = 32)]
-    gen_tokens: usize,
-    /// Runs; the report gives medians. The cache stays warm between runs.
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
-    /// Print one JSON object.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct ConvertArgs {
-    /// Hugging Face checkpoint directory.
-    #[arg(value_name = "HF_DIR")]
-    source: PathBuf,
-    /// Vault directory to create.
-    #[arg(short = 'o', long = "output", value_name = "VAULT_DIR")]
-    output: PathBuf,
-    /// Routed-expert type: q4_k, q4_0, q8_0, q6_k, q5_k or bf16.
-    #[arg(long, default_value = "q4_k")]
-    experts: String,
-    /// Backbone type (2-D tensors; norms stay f32): bf16 or q8_0.
-    #[arg(long, default_value = "bf16")]
-    backbone: String,
-    /// Allow 2- and 3-bit types (they ruin fine-grained MoE models).
-    #[arg(long)]
-    allow_lossy: bool,
-    /// Worker threads (default: all cores).
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
-    /// Simulate a crash after N expert layers (for testing resumption).
-    #[arg(long, hide = true)]
-    stop_after_layers: Option<usize>,
-}
-
-#[derive(Args)]
-struct VerifyArgs {
-    #[arg(value_name = "VAULT_DIR")]
-    vault: PathBuf,
-}
-
-#[derive(Args)]
-struct InspectArgs {
-    #[arg(value_name = "PATH")]
-    path: PathBuf,
-    /// Budget to plan with, as for run.
-    #[arg(long, default_value = "auto", value_parser = parse_budget)]
-    ram_budget: Budget,
+    Bench(bench_cmd::BenchArgs),
 }
 
 #[derive(Args)]
@@ -304,10 +243,10 @@ fn main() -> ExitCode {
         Command::Check(a) => check_cmd(a),
         Command::Logits(a) => logits(a),
         Command::Template(a) => template(a),
-        Command::Convert(a) => convert_cmd(a),
-        Command::Verify(a) => verify_cmd(a),
-        Command::Inspect(a) => inspect_cmd(a),
-        Command::Bench(a) => bench_cmd(a),
+        Command::Convert(a) => vault_cmd::convert_cmd(a),
+        Command::Verify(a) => vault_cmd::verify_cmd(a),
+        Command::Inspect(a) => vault_cmd::inspect_cmd(a),
+        Command::Bench(a) => bench_cmd::bench_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -616,270 +555,6 @@ fn template(a: TemplateArgs) -> Result<()> {
         writeln!(stdout, "{}", Value::from(ids))?;
     } else {
         stdout.write_all(text.as_bytes())?;
-    }
-    Ok(())
-}
-
-fn convert_cmd(a: ConvertArgs) -> Result<()> {
-    set_threads(a.threads)?;
-    let parse = |flag: &str, v: &str| {
-        smoe::kernels::DType::parse(v).ok_or_else(|| {
-            anyhow::anyhow!("{flag} {v}: unknown type (q4_k, q4_0, q8_0, q6_k, q5_k, bf16)")
-        })
-    };
-    let opts = ConvertOptions {
-        experts: parse("--experts", &a.experts)?,
-        backbone: parse("--backbone", &a.backbone)?,
-        allow_lossy: a.allow_lossy,
-        stop_after_layers: a.stop_after_layers,
-    };
-    let bar = if a.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} converting [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .progress_chars("=> "),
-        );
-        bar
-    };
-    let report = convert(&a.source, &a.output, &opts, &mut |p| {
-        bar.set_length(p.total);
-        bar.set_position(p.done);
-    })?;
-    bar.finish_and_clear();
-    if !a.quiet {
-        eprintln!(
-            "wrote {} in {:.1}s: backbone {}, experts {}{}",
-            report.dir.display(),
-            report.seconds,
-            human_bytes(report.backbone_bytes),
-            human_bytes(report.expert_bytes),
-            if report.resumed_layers > 0 {
-                format!(
-                    " (resumed after {} finished expert layers)",
-                    report.resumed_layers
-                )
-            } else {
-                String::new()
-            }
-        );
-        eprintln!("quantization error (relative RMS of dequantized - original):");
-        for (class, err) in &report.quant_error {
-            eprintln!("  {class:<32} {err:.5}");
-        }
-    }
-    Ok(())
-}
-
-fn verify_cmd(a: VerifyArgs) -> Result<()> {
-    let vault = Vault::open(&a.vault)?;
-    let bad = vault.verify(&mut |_, _| {})?;
-    if bad.is_empty() {
-        println!("ok: every checksum of {} matches", a.vault.display());
-        Ok(())
-    } else {
-        for b in &bad {
-            println!("corrupt: {b}");
-        }
-        bail!(
-            "{}: {} corrupt record(s), first: {}",
-            a.vault.display(),
-            bad.len(),
-            bad[0]
-        )
-    }
-}
-
-fn inspect_cmd(a: InspectArgs) -> Result<()> {
-    let opts = LoadOptions {
-        ram_budget: a.ram_budget,
-        ..Default::default()
-    };
-    let engine = Engine::load_with(&a.path, &opts)?;
-    let c = engine.model.config();
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "model: {} ({:?})", a.path.display(), c.architecture)?;
-    writeln!(
-        out,
-        "layers {} | hidden {} | heads {}/{} kv x {} | experts {} (top {}) x {} wide | vocab {} | context {}",
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.head_dim,
-        c.num_experts,
-        c.num_experts_per_tok,
-        c.moe_intermediate_size,
-        c.vocab_size,
-        c.max_position_embeddings
-    )?;
-    let moe_layers = (0..c.num_hidden_layers)
-        .filter(|&i| c.is_moe_layer(i))
-        .count() as u64;
-    let expert_params =
-        moe_layers * c.num_experts as u64 * 3 * (c.hidden_size * c.moe_intermediate_size) as u64;
-    let active = moe_layers
-        * c.num_experts_per_tok as u64
-        * 3
-        * (c.hidden_size * c.moe_intermediate_size) as u64;
-    writeln!(
-        out,
-        "routed expert parameters: {:.3} B ({:.3} B active per token)",
-        expert_params as f64 / 1e9,
-        active as f64 / 1e9
-    )?;
-    if smoe::vault::is_vault(&a.path) {
-        let vault = Vault::open(&a.path)?;
-        let m = &vault.manifest;
-        writeln!(
-            out,
-            "quant: experts {}, backbone {}",
-            m.quant.experts, m.quant.backbone
-        )?;
-        writeln!(
-            out,
-            "backbone bytes: {} | expert bytes: {}",
-            human_bytes(vault.backbone_bytes()),
-            human_bytes(vault.expert_bytes())
-        )?;
-        for (class, err) in &m.quant_error {
-            writeln!(out, "  quant error {class:<32} {err:.5}")?;
-        }
-    }
-    if let Some(plan) = &engine.plan {
-        writeln!(out, "{}", describe_plan(plan))?;
-    }
-    Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-fn bench_cmd(a: BenchArgs) -> Result<()> {
-    if a.prompt_tokens == 0 || a.repeat == 0 {
-        bail!("--prompt-tokens and --repeat must be at least 1");
-    }
-    let mut engine = load(&a.model)?;
-    let opts = smoe::bench::BenchOptions {
-        prompt_tokens: a.prompt_tokens,
-        gen_tokens: a.gen_tokens,
-        seed: 0,
-    };
-    let runs = (0..a.repeat)
-        .map(|_| smoe::bench::run(&mut engine, &opts))
-        .collect::<smoe::Result<Vec<_>>>()?;
-    let med = |f: &dyn Fn(&smoe::bench::BenchRun) -> f64| median(runs.iter().map(f).collect());
-    let per_tok = |r: &smoe::bench::BenchRun, x: f64| x / r.decode_tokens.max(1) as f64;
-    let decode_bytes = med(&|r| per_tok(r, r.decode.bytes_read() as f64));
-    let streaming = engine.cache.as_ref().map(|c| {
-        let vault = Vault::open(&a.model.model);
-        let disk = vault.and_then(|v| smoe::bench::read_bandwidth(&v, 16, 1 << 30));
-        (c, disk)
-    });
-    let mut report = json!({
-        "model": a.model.model.display().to_string(),
-        "prompt_tokens": a.prompt_tokens,
-        "gen_tokens": a.gen_tokens,
-        "repeat": a.repeat,
-        "threads": rayon::current_num_threads(),
-        "prefill_tok_s": med(&|r| r.prefill_tok_s),
-        "decode_tok_s": med(&|r| r.decode_tok_s),
-        "ttft_s": med(&|r| r.ttft_s),
-    });
-    if let Some((cache, disk)) = streaming {
-        let (disk_gb_s, direct) = disk?;
-        let roofline = if decode_bytes > 0.0 {
-            disk_gb_s * 1e9 / decode_bytes
-        } else {
-            f64::INFINITY
-        };
-        let decode = med(&|r| r.decode_tok_s);
-        report["streaming"] = json!({
-            "ram_budget_bytes": cache.capacity() * cache.slot_bytes(),
-            "cache_slots": cache.capacity(),
-            "prefetch": cache.read_ahead(),
-            "cache_policy": cache.policy().name(),
-            "prefill_chunk": engine.prefill_chunk,
-            "prefill_hit_rate": med(&|r| r.prefill.hit_rate()),
-            "prefill_bytes_read": med(&|r| r.prefill.bytes_read() as f64),
-            "decode_hit_rate": med(&|r| r.decode.hit_rate()),
-            "recall": med(&|r| r.decode.recall()),
-            "precision": med(&|r| r.decode.precision()),
-            "bytes_read_per_token": decode_bytes,
-            "read_gb_s": med(&|r| r.decode.read_gb_s()),
-            "blocked_ms_per_token": med(&|r| per_tok(r, 1e3 * r.decode.blocked_s)),
-            "disk_read_gb_s": disk_gb_s,
-            "direct_io": direct,
-            "io_roofline_tok_s": if roofline.is_finite() { json!(roofline) } else { Value::Null },
-            "decode_vs_roofline": if roofline.is_finite() { json!(decode / roofline) } else { Value::Null },
-        });
-    }
-    let mut out = std::io::stdout().lock();
-    if a.json {
-        writeln!(out, "{report}")?;
-        return Ok(());
-    }
-    let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
-    writeln!(
-        out,
-        "model {} | prompt {} tokens, {} generated, median of {} | {} threads",
-        report["model"].as_str().unwrap_or(""),
-        a.prompt_tokens,
-        a.gen_tokens,
-        a.repeat,
-        report["threads"]
-    )?;
-    writeln!(
-        out,
-        "prefill {:.1} tok/s | decode {:.2} tok/s | time to first token {:.3} s",
-        f("prefill_tok_s"),
-        f("decode_tok_s"),
-        f("ttft_s")
-    )?;
-    if let Some(st) = report.get("streaming") {
-        let g = |k: &str| st[k].as_f64().unwrap_or(0.0);
-        writeln!(
-            out,
-            "cache {} in {} slots, policy {}, prefetch {} | prefill: hit {:.1}%, {} read",
-            human_bytes(g("ram_budget_bytes") as u64),
-            st["cache_slots"],
-            st["cache_policy"].as_str().unwrap_or(""),
-            if st["prefetch"] == true { "on" } else { "off" },
-            100.0 * g("prefill_hit_rate"),
-            human_bytes(g("prefill_bytes_read") as u64)
-        )?;
-        writeln!(
-            out,
-            "decode: hit {:.1}% | prediction recall {:.1}%, precision {:.1}% | {:.1} MB read/token at {:.2} GB/s | blocked {:.1} ms/token",
-            100.0 * g("decode_hit_rate"),
-            100.0 * g("recall"),
-            100.0 * g("precision"),
-            g("bytes_read_per_token") / 1e6,
-            g("read_gb_s"),
-            g("blocked_ms_per_token")
-        )?;
-        match st["io_roofline_tok_s"].as_f64() {
-            Some(roof) => writeln!(
-                out,
-                "I/O roofline: disk reads {:.2} GB/s{} -> at most {:.2} tok/s for {:.1} MB/token; decode runs at {:.0}% of it",
-                g("disk_read_gb_s"),
-                if st["direct_io"] == true { " (direct)" } else { " (buffered: page cache may inflate it)" },
-                roof,
-                g("bytes_read_per_token") / 1e6,
-                100.0 * g("decode_vs_roofline")
-            )?,
-            None => writeln!(out, "I/O roofline: nothing read while decoding (everything cached)")?,
-        }
     }
     Ok(())
 }

@@ -1,0 +1,159 @@
+//! `smoe bench`: medians of repeated prefill + decode runs, the streaming
+//! counters, and the I/O roofline measured with the engine's own reader.
+
+use std::io::Write;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::{json, Value};
+
+use smoe::model::human_bytes;
+use smoe::vault::Vault;
+
+use crate::{load, ModelArgs};
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length (seeded random ordinary tokens).
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to decode per run (end-of-sequence is ignored).
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    /// Runs; the report gives medians. The cache stays warm between runs.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.repeat == 0 {
+        bail!("--prompt-tokens and --repeat must be at least 1");
+    }
+    let mut engine = load(&a.model)?;
+    let opts = smoe::bench::BenchOptions {
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        seed: 0,
+    };
+    let runs = (0..a.repeat)
+        .map(|_| smoe::bench::run(&mut engine, &opts))
+        .collect::<smoe::Result<Vec<_>>>()?;
+    let med = |f: &dyn Fn(&smoe::bench::BenchRun) -> f64| median(runs.iter().map(f).collect());
+    let per_tok = |r: &smoe::bench::BenchRun, x: f64| x / r.decode_tokens.max(1) as f64;
+    let decode_bytes = med(&|r| per_tok(r, r.decode.bytes_read() as f64));
+    let streaming = engine.cache.as_ref().map(|c| {
+        let vault = Vault::open(&a.model.model);
+        let disk = vault.and_then(|v| smoe::bench::read_bandwidth(&v, 16, 1 << 30));
+        (c, disk)
+    });
+    let mut report = json!({
+        "model": a.model.model.display().to_string(),
+        "prompt_tokens": a.prompt_tokens,
+        "gen_tokens": a.gen_tokens,
+        "repeat": a.repeat,
+        "threads": rayon::current_num_threads(),
+        "prefill_tok_s": med(&|r| r.prefill_tok_s),
+        "decode_tok_s": med(&|r| r.decode_tok_s),
+        "ttft_s": med(&|r| r.ttft_s),
+    });
+    if let Some((cache, disk)) = streaming {
+        let (disk_gb_s, direct) = disk?;
+        let roofline = if decode_bytes > 0.0 {
+            disk_gb_s * 1e9 / decode_bytes
+        } else {
+            f64::INFINITY
+        };
+        let decode = med(&|r| r.decode_tok_s);
+        report["streaming"] = json!({
+            "ram_budget_bytes": cache.capacity() * cache.slot_bytes(),
+            "cache_slots": cache.capacity(),
+            "prefetch": cache.read_ahead(),
+            "cache_policy": cache.policy().name(),
+            "prefill_chunk": engine.prefill_chunk,
+            "prefill_hit_rate": med(&|r| r.prefill.hit_rate()),
+            "prefill_bytes_read": med(&|r| r.prefill.bytes_read() as f64),
+            "decode_hit_rate": med(&|r| r.decode.hit_rate()),
+            "recall": med(&|r| r.decode.recall()),
+            "precision": med(&|r| r.decode.precision()),
+            "bytes_read_per_token": decode_bytes,
+            "read_gb_s": med(&|r| r.decode.read_gb_s()),
+            "blocked_ms_per_token": med(&|r| per_tok(r, 1e3 * r.decode.blocked_s)),
+            "disk_read_gb_s": disk_gb_s,
+            "direct_io": direct,
+            "io_roofline_tok_s": if roofline.is_finite() { json!(roofline) } else { Value::Null },
+            "decode_vs_roofline": if roofline.is_finite() { json!(decode / roofline) } else { Value::Null },
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{report}")?;
+        return Ok(());
+    }
+    let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
+    writeln!(
+        out,
+        "model {} | prompt {} tokens, {} generated, median of {} | {} threads",
+        report["model"].as_str().unwrap_or(""),
+        a.prompt_tokens,
+        a.gen_tokens,
+        a.repeat,
+        report["threads"]
+    )?;
+    writeln!(
+        out,
+        "prefill {:.1} tok/s | decode {:.2} tok/s | time to first token {:.3} s",
+        f("prefill_tok_s"),
+        f("decode_tok_s"),
+        f("ttft_s")
+    )?;
+    if let Some(st) = report.get("streaming") {
+        let g = |k: &str| st[k].as_f64().unwrap_or(0.0);
+        writeln!(
+            out,
+            "cache {} in {} slots, policy {}, prefetch {} | prefill: hit {:.1}%, {} read",
+            human_bytes(g("ram_budget_bytes") as u64),
+            st["cache_slots"],
+            st["cache_policy"].as_str().unwrap_or(""),
+            if st["prefetch"] == true { "on" } else { "off" },
+            100.0 * g("prefill_hit_rate"),
+            human_bytes(g("prefill_bytes_read") as u64)
+        )?;
+        writeln!(
+            out,
+            "decode: hit {:.1}% | prediction recall {:.1}%, precision {:.1}% | {:.1} MB read/token at {:.2} GB/s | blocked {:.1} ms/token",
+            100.0 * g("decode_hit_rate"),
+            100.0 * g("recall"),
+            100.0 * g("precision"),
+            g("bytes_read_per_token") / 1e6,
+            g("read_gb_s"),
+            g("blocked_ms_per_token")
+        )?;
+        match st["io_roofline_tok_s"].as_f64() {
+            Some(roof) => writeln!(
+                out,
+                "I/O roofline: disk reads {:.2} GB/s{} -> at most {:.2} tok/s for {:.1} MB/token; decode runs at {:.0}% of it",
+                g("disk_read_gb_s"),
+                if st["direct_io"] == true { " (direct)" } else { " (buffered: page cache may inflate it)" },
+                roof,
+                g("bytes_read_per_token") / 1e6,
+                100.0 * g("decode_vs_roofline")
+            )?,
+            None => writeln!(out, "I/O roofline: nothing read while decoding (everything cached)")?,
+        }
+    }
+    Ok(())
+}

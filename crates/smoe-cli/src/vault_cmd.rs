@@ -1,0 +1,193 @@
+//! Vault commands: `smoe convert`, `smoe verify` and `smoe inspect`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use smoe::engine::Engine;
+use smoe::model::{human_bytes, Budget, LoadOptions};
+use smoe::vault::convert::{convert, ConvertOptions};
+use smoe::vault::Vault;
+
+use crate::{describe_plan, parse_budget, set_threads};
+
+#[derive(Args)]
+pub(crate) struct ConvertArgs {
+    /// Hugging Face checkpoint directory.
+    #[arg(value_name = "HF_DIR")]
+    source: PathBuf,
+    /// Vault directory to create.
+    #[arg(short = 'o', long = "output", value_name = "VAULT_DIR")]
+    output: PathBuf,
+    /// Routed-expert type: q4_k, q4_0, q8_0, q6_k, q5_k or bf16.
+    #[arg(long, default_value = "q4_k")]
+    experts: String,
+    /// Backbone type (2-D tensors; norms stay f32): bf16 or q8_0.
+    #[arg(long, default_value = "bf16")]
+    backbone: String,
+    /// Allow 2- and 3-bit types (they ruin fine-grained MoE models).
+    #[arg(long)]
+    allow_lossy: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Simulate a crash after N expert layers (for testing resumption).
+    #[arg(long, hide = true)]
+    stop_after_layers: Option<usize>,
+}
+
+#[derive(Args)]
+pub(crate) struct VerifyArgs {
+    #[arg(value_name = "VAULT_DIR")]
+    vault: PathBuf,
+}
+
+#[derive(Args)]
+pub(crate) struct InspectArgs {
+    #[arg(value_name = "PATH")]
+    path: PathBuf,
+    /// Budget to plan with, as for run.
+    #[arg(long, default_value = "auto", value_parser = parse_budget)]
+    ram_budget: Budget,
+}
+
+pub(crate) fn convert_cmd(a: ConvertArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let parse = |flag: &str, v: &str| {
+        smoe::kernels::DType::parse(v).ok_or_else(|| {
+            anyhow::anyhow!("{flag} {v}: unknown type (q4_k, q4_0, q8_0, q6_k, q5_k, bf16)")
+        })
+    };
+    let opts = ConvertOptions {
+        experts: parse("--experts", &a.experts)?,
+        backbone: parse("--backbone", &a.backbone)?,
+        allow_lossy: a.allow_lossy,
+        stop_after_layers: a.stop_after_layers,
+    };
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} converting [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> "),
+        );
+        bar
+    };
+    let report = convert(&a.source, &a.output, &opts, &mut |p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    })?;
+    bar.finish_and_clear();
+    if !a.quiet {
+        eprintln!(
+            "wrote {} in {:.1}s: backbone {}, experts {}{}",
+            report.dir.display(),
+            report.seconds,
+            human_bytes(report.backbone_bytes),
+            human_bytes(report.expert_bytes),
+            if report.resumed_layers > 0 {
+                format!(
+                    " (resumed after {} finished expert layers)",
+                    report.resumed_layers
+                )
+            } else {
+                String::new()
+            }
+        );
+        eprintln!("quantization error (relative RMS of dequantized - original):");
+        for (class, err) in &report.quant_error {
+            eprintln!("  {class:<32} {err:.5}");
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn verify_cmd(a: VerifyArgs) -> Result<()> {
+    let vault = Vault::open(&a.vault)?;
+    let bad = vault.verify(&mut |_, _| {})?;
+    if bad.is_empty() {
+        println!("ok: every checksum of {} matches", a.vault.display());
+        Ok(())
+    } else {
+        for b in &bad {
+            println!("corrupt: {b}");
+        }
+        bail!(
+            "{}: {} corrupt record(s), first: {}",
+            a.vault.display(),
+            bad.len(),
+            bad[0]
+        )
+    }
+}
+
+pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
+    let opts = LoadOptions {
+        ram_budget: a.ram_budget,
+        ..Default::default()
+    };
+    let engine = Engine::load_with(&a.path, &opts)?;
+    let c = engine.model.config();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "model: {} ({:?})", a.path.display(), c.architecture)?;
+    writeln!(
+        out,
+        "layers {} | hidden {} | heads {}/{} kv x {} | experts {} (top {}) x {} wide | vocab {} | context {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.num_experts,
+        c.num_experts_per_tok,
+        c.moe_intermediate_size,
+        c.vocab_size,
+        c.max_position_embeddings
+    )?;
+    let moe_layers = (0..c.num_hidden_layers)
+        .filter(|&i| c.is_moe_layer(i))
+        .count() as u64;
+    let expert_params =
+        moe_layers * c.num_experts as u64 * 3 * (c.hidden_size * c.moe_intermediate_size) as u64;
+    let active = moe_layers
+        * c.num_experts_per_tok as u64
+        * 3
+        * (c.hidden_size * c.moe_intermediate_size) as u64;
+    writeln!(
+        out,
+        "routed expert parameters: {:.3} B ({:.3} B active per token)",
+        expert_params as f64 / 1e9,
+        active as f64 / 1e9
+    )?;
+    if smoe::vault::is_vault(&a.path) {
+        let vault = Vault::open(&a.path)?;
+        let m = &vault.manifest;
+        writeln!(
+            out,
+            "quant: experts {}, backbone {}",
+            m.quant.experts, m.quant.backbone
+        )?;
+        writeln!(
+            out,
+            "backbone bytes: {} | expert bytes: {}",
+            human_bytes(vault.backbone_bytes()),
+            human_bytes(vault.expert_bytes())
+        )?;
+        for (class, err) in &m.quant_error {
+            writeln!(out, "  quant error {class:<32} {err:.5}")?;
+        }
+    }
+    if let Some(plan) = &engine.plan {
+        writeln!(out, "{}", describe_plan(plan))?;
+    }
+    Ok(())
+}
