@@ -61,7 +61,7 @@ struct ModelArgs {
     /// Checkpoint directory (config.json, safetensors, tokenizer files).
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
-    /// Worker threads for the kernels (default: all cores).
+    /// Worker threads for the kernels (default: one per physical core).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// RAM for the expert cache when streaming a vault: e.g. 2GiB, or auto.
@@ -266,17 +266,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// Sizes the kernel thread pool: `--threads`, else one thread per physical
+/// core. A second hyper-thread on a core shares its load units, so for
+/// memory-bound matrix-vector work it adds contention, not bandwidth.
 fn set_threads(threads: Option<usize>) -> Result<()> {
-    if let Some(n) = threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up the thread pool")?;
+    let n = match threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => match physical_cores() {
+            Some(n) => n,
+            None => return Ok(()),
+        },
+    };
+    // Commands that check before loading size the pool first; the pool is
+    // global and can be built once.
+    static SIZED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if SIZED.set(()).is_err() {
+        return Ok(());
     }
-    Ok(())
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("setting up the thread pool")
+}
+
+/// Distinct (package, core) pairs among the online CPUs (Linux sysfs).
+fn physical_cores() -> Option<usize> {
+    let mut cores = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/sys/devices/system/cpu").ok()? {
+        let path = entry.ok()?.path();
+        let is_cpu = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.strip_prefix("cpu")
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if !is_cpu {
+            continue;
+        }
+        let read = |f: &str| std::fs::read_to_string(path.join("topology").join(f)).ok();
+        if let (Some(pkg), Some(core)) = (read("physical_package_id"), read("core_id")) {
+            cores.insert((pkg.trim().to_string(), core.trim().to_string()));
+        }
+    }
+    (!cores.is_empty()).then_some(cores.len())
 }
 
 fn load_options(m: &ModelArgs) -> LoadOptions {
@@ -304,6 +335,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
 /// tokenizer or template is left to the command, which says so itself
 /// when (and only when) it needs one.
 fn load_checked(m: &ModelArgs, check: bool) -> Result<(Engine, Vec<String>)> {
+    set_threads(m.threads)?;
     if !check {
         return Ok((load(m)?, Vec::new()));
     }

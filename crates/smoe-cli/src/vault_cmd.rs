@@ -30,7 +30,7 @@ pub(crate) struct ConvertArgs {
     /// Allow 2- and 3-bit types (they ruin fine-grained MoE models).
     #[arg(long)]
     allow_lossy: bool,
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: one per physical core).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// No progress bar.
