@@ -41,7 +41,7 @@ pub(crate) fn as_f32(bytes: &[u8]) -> &[f32] {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
