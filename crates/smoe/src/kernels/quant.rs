@@ -9,17 +9,20 @@
 //! Candle chooses its SIMD dot products at compile time, by
 //! `cfg(target_feature = "avx2")` (or neon/simd128), not at run time as
 //! `kernels::simd` does: a build for the baseline x86-64 target gets its
-//! portable scalar loops, 5-8x slower per core than its AVX2 ones (see
-//! `matvec_bandwidth`).
-//! `RUSTFLAGS="-C target-cpu=x86-64-v3"` (or `native`) selects AVX2.
+//! portable scalar loops, 5-8x slower per core than its AVX2 ones; the
+//! formats smoe writes by default run our own run-time-dispatched AVX2 dot
+//! products instead (`qdot_x86`). `cargo bench -p smoe --bench kernels`
+//! measures them.
 
 use std::mem::{align_of, size_of};
 
 use candle_core::quantized::k_quants::GgmlType;
 #[cfg(target_arch = "x86_64")]
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8K};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::qdot_x86;
 use super::{rows_per_task, SharedOut};
 use crate::quant::{as_blocks, with_block_type, Block, QuantType};
 
@@ -101,11 +104,28 @@ pub fn matmul_quant(
         return;
     }
     // candle picks its SIMD dot products at compile time, so a portable
-    // build runs them scalar; the default expert type gets a run-time AVX2
-    // path of our own.
+    // build runs them scalar; the formats smoe stores by default get run-time
+    // AVX2 paths of our own.
     #[cfg(target_arch = "x86_64")]
-    if qt == QuantType::Q4K && super::simd::has_avx2() {
-        return matmul_typed::<BlockQ4K>(w, rows, cols, x, t, y, scratch, q4k_dot_avx2);
+    if qdot_x86::available() {
+        // SAFETY (each closure): `available` checked the CPU features.
+        macro_rules! avx2 {
+            ($f:ident) => {
+                |_, w, a| unsafe { qdot_x86::$f(bytes_of(w), bytes_of(a), w.len()) }
+            };
+        }
+        match qt {
+            QuantType::Q4K => {
+                return matmul_typed::<BlockQ4K>(w, rows, cols, x, t, y, scratch, avx2!(q4k))
+            }
+            QuantType::Q8_0 => {
+                return matmul_typed::<BlockQ8_0>(w, rows, cols, x, t, y, scratch, avx2!(q8_0))
+            }
+            QuantType::Q4_0 => {
+                return matmul_typed::<BlockQ4_0>(w, rows, cols, x, t, y, scratch, avx2!(q4_0))
+            }
+            _ => {}
+        }
     }
     with_block_type!(qt, B => matmul_typed::<B>(w, rows, cols, x, t, y, scratch, B::vec_dot));
 }
@@ -152,122 +172,66 @@ fn matmul_typed<B: Block>(
     });
 }
 
+/// The bytes of a block slice, for the raw-pointer kernels.
 #[cfg(target_arch = "x86_64")]
-fn q4k_dot_avx2(_n: usize, xs: &[BlockQ4K], ys: &[BlockQ8K]) -> f32 {
-    // SAFETY: both block types are repr(C) plain data; the caller checked
-    // that the CPU has AVX2 and FMA.
-    unsafe {
-        let w = std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs));
-        let a = std::slice::from_raw_parts(ys.as_ptr().cast::<u8>(), std::mem::size_of_val(ys));
-        q4k_x86::dot(w, a, xs.len().min(ys.len()))
-    }
-}
-
-/// Q4_K weights against Q8_K activations with AVX2 integer arithmetic.
-///
-/// A Q4_K block is 256 weights: f16 `d` and `dmin`, twelve bytes packing
-/// eight 6-bit scales and eight 6-bit mins, then 128 bytes of nibbles (each
-/// 32-byte run holds a 64-weight chunk: low nibbles first, high second). A
-/// Q8_K block is f32 `d`, 256 i8 and sixteen i16 sums of 16. The weight is
-/// `d*scale_j*q - dmin*min_j`, so a block's dot product is
-/// `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`; the
-/// second sum comes from the precomputed `bsums`.
-#[cfg(target_arch = "x86_64")]
-mod q4k_x86 {
-    use std::arch::x86_64::*;
-
-    const Q4K: usize = 144;
-    const Q8K: usize = 292;
-
-    /// The eight (scale, min) pairs of a block, as in ggml's get_scale_min_k4.
-    #[inline]
-    fn scales_mins(s: &[u8]) -> ([i16; 8], [i16; 8]) {
-        let (mut sc, mut mn) = ([0i16; 8], [0i16; 8]);
-        for j in 0..8 {
-            let (a, b) = if j < 4 {
-                (s[j] & 63, s[j + 4] & 63)
-            } else {
-                (
-                    (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
-                    (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-                )
-            };
-            sc[j] = a as i16;
-            mn[j] = b as i16;
-        }
-        (sc, mn)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(w: &[u8], a: &[u8], blocks: usize) -> f32 {
-        assert!(w.len() >= blocks * Q4K && a.len() >= blocks * Q8K);
-        let low = _mm256_set1_epi8(0x0F);
-        let mut total = 0.0f32;
-        for b in 0..blocks {
-            let wb = &w[b * Q4K..(b + 1) * Q4K];
-            let ab = &a[b * Q8K..(b + 1) * Q8K];
-            let d = half::f16::from_le_bytes([wb[0], wb[1]]).to_f32();
-            let dmin = half::f16::from_le_bytes([wb[2], wb[3]]).to_f32();
-            let d8 = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
-            let (sc, mn) = scales_mins(&wb[4..16]);
-            let q4 = wb[16..].as_ptr();
-            let q8 = ab[4..].as_ptr();
-            let mut acc = _mm256_setzero_si256();
-            for c in 0..4 {
-                let bits = _mm256_loadu_si256(q4.add(32 * c).cast());
-                let lo = _mm256_and_si256(bits, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low);
-                let a_lo = _mm256_loadu_si256(q8.add(64 * c).cast());
-                let a_hi = _mm256_loadu_si256(q8.add(64 * c + 32).cast());
-                // u8 x i8 pairs summed into i16: at most 2*15*128, no overflow.
-                let p_lo = _mm256_maddubs_epi16(lo, a_lo);
-                let p_hi = _mm256_maddubs_epi16(hi, a_hi);
-                let s_lo = _mm256_madd_epi16(p_lo, _mm256_set1_epi16(sc[2 * c]));
-                let s_hi = _mm256_madd_epi16(p_hi, _mm256_set1_epi16(sc[2 * c + 1]));
-                acc = _mm256_add_epi32(acc, _mm256_add_epi32(s_lo, s_hi));
-            }
-            let mut lanes = [0i32; 8];
-            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc);
-            let sumi: i32 = lanes.iter().sum();
-            let mut mins = 0i32;
-            for k in 0..16 {
-                let bs = i16::from_le_bytes([ab[260 + 2 * k], ab[261 + 2 * k]]);
-                mins += bs as i32 * mn[k / 2] as i32;
-            }
-            total += d * d8 * sumi as f32 - dmin * d8 * mins as f32;
-        }
-        total
-    }
+fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
+    // SAFETY: `Block` types are plain `repr(C)` data with no padding
+    // invariants; the byte view lives as long as the borrow.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), std::mem::size_of_val(blocks)) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The AVX2 Q4_K path against candle's portable one on the same blocks:
-    /// both sum the same integers, so only the f32 combination per block
-    /// differs; 1e-5 of the products' scale covers that.
+    /// Each AVX2 kernel against candle's portable `vec_dot_unopt` on the
+    /// same quantized blocks, over block counts that do and do not fill the
+    /// kernels' 8-lane accumulators evenly. Both sum the same exact integers
+    /// per block and differ only in the order of the f32 sums across blocks,
+    /// so they agree to f32 rounding: 1e-5 of the products' scale
+    /// `|x|*|w|`. A wrong nibble, scale or min would be off by ~10%.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn q4k_avx2_matches_candle_scalar() {
-        if !super::super::simd::has_avx2() {
-            eprintln!("no AVX2 here: nothing to compare");
+    fn avx2_kernels_match_candle_scalar() {
+        use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
+        fn check<B: Block>(qt: QuantType, kernel: unsafe fn(&[u8], &[u8], usize) -> f32)
+        where
+            B::VecDotType: Block,
+        {
+            for (i, nb) in [1usize, 2, 3, 5, 8, 9, 24].into_iter().enumerate() {
+                let cols = nb * B::BLCK_SIZE;
+                let seed = 30 + i as u64;
+                let w = quantize(qt, &normal(cols, seed), cols);
+                let wb = as_blocks::<B>(w.bytes()).unwrap();
+                // Activations of uneven magnitude, as hidden states are.
+                let x: Vec<f32> = normal(cols, seed + 100)
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| v * (1.0 + (j % 7) as f32))
+                    .collect();
+                let mut xq = vec![B::VecDotType::zeros(); nb];
+                B::VecDotType::from_float(&x, &mut xq);
+                let want = B::vec_dot_unopt(cols, wb, &xq);
+                // SAFETY: only called where `available` holds.
+                let got = unsafe { kernel(bytes_of(wb), bytes_of(&xq), nb) };
+                let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+                let mut wd = vec![0.0; cols];
+                crate::quant::dequantize_rows(qt, w.bytes(), cols, &mut wd).unwrap();
+                let scale = norm(&x) * norm(&wd);
+                assert!(
+                    (got - want).abs() <= 1e-5 * scale,
+                    "{} with {nb} blocks: {got} vs {want}",
+                    qt.name()
+                );
+            }
+        }
+        if !qdot_x86::available() {
+            eprintln!("no AVX2/FMA/F16C here: nothing to compare");
             return;
         }
-        for (i, cols) in [256usize, 512, 2048].into_iter().enumerate() {
-            let w = quantize(QuantType::Q4K, &normal(cols, 30 + i as u64), cols);
-            let wb = as_blocks::<BlockQ4K>(w.bytes()).unwrap();
-            let x = normal(cols, 40 + i as u64);
-            let mut xq = vec![BlockQ8K::zeros(); cols / 256];
-            BlockQ8K::from_float(&x, &mut xq);
-            let want = BlockQ4K::vec_dot_unopt(cols, wb, &xq);
-            let got = q4k_dot_avx2(cols, wb, &xq);
-            let scale: f32 = x.iter().map(|v| v * v).sum::<f32>().sqrt();
-            assert!(
-                (got - want).abs() <= 1e-5 * scale.max(1.0),
-                "cols {cols}: {got} vs {want}"
-            );
-        }
+        check::<BlockQ4K>(QuantType::Q4K, qdot_x86::q4k);
+        check::<BlockQ8_0>(QuantType::Q8_0, qdot_x86::q8_0);
+        check::<BlockQ4_0>(QuantType::Q4_0, qdot_x86::q4_0);
     }
     use crate::quant::dequantize_rows;
     use crate::quant::tests::{normal, quantize, Aligned};
@@ -395,60 +359,5 @@ mod tests {
         let x = [0.0; 96];
         let mut s = QuantScratch::default();
         matmul_quant(QuantType::Q4K, &[], 1, 96, &x, 1, &mut y, &mut s);
-    }
-
-    /// Weight bandwidth of one-token products at the Qwen3-30B-A3B expert
-    /// shapes. "hot" reuses one matrix (cache-resident after the first call);
-    /// "cold" cycles through copies filling 512 MiB, so weights come from
-    /// DRAM as a routed expert's do. Prints which candle dot-product path
-    /// this build compiled.
-    #[test]
-    #[ignore = "timing: cargo test -p smoe --release --lib -- --ignored --nocapture matvec_bandwidth"]
-    fn matvec_bandwidth() {
-        let path = if cfg!(target_feature = "avx2") {
-            "avx2"
-        } else {
-            "portable scalar (vec_dot_unopt)"
-        };
-        println!(
-            "candle vec_dot path: {path}; {} rayon threads",
-            rayon::current_num_threads()
-        );
-        let mut scratch = QuantScratch::default();
-        for qt in [QuantType::Q4K, QuantType::Q8_0] {
-            for (rows, cols) in [(2048, 768), (768, 2048)] {
-                let one = quantize(qt, &normal(rows * cols, 8), cols);
-                let len = one.bytes().len();
-                let copies = (512 << 20) / len + 1;
-                let mut all = Aligned::zeroed(copies * len);
-                for c in all.bytes_mut().chunks_exact_mut(len) {
-                    c.copy_from_slice(one.bytes());
-                }
-                let x = normal(cols, 9);
-                let mut y = vec![0.0; rows];
-                // Best of five rounds: the minimum is the least disturbed by
-                // other load on a shared machine.
-                let mut time = |pick: &dyn Fn(usize) -> usize| {
-                    let best = (0..5)
-                        .map(|_| {
-                            let start = std::time::Instant::now();
-                            for i in 0..copies {
-                                let w = &all.bytes()[pick(i) * len..][..len];
-                                matmul_quant(qt, w, rows, cols, &x, 1, &mut y, &mut scratch);
-                            }
-                            start.elapsed().as_secs_f64() / copies as f64
-                        })
-                        .fold(f64::INFINITY, f64::min);
-                    (best * 1e6, len as f64 / best / 1e9)
-                };
-                let (hot_us, hot_gbs) = time(&|_| 0);
-                let (cold_us, cold_gbs) = time(&|i| i);
-                println!(
-                    "{} [{rows}, {cols}] {len} bytes: hot {hot_us:.1} us {hot_gbs:.2} GB/s, \
-                     cold {cold_us:.1} us {cold_gbs:.2} GB/s",
-                    qt.name()
-                );
-            }
-        }
     }
 }

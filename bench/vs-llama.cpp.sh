@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# smoe against llama.cpp on the same synthetic Qwen3-30B-A3B (cut to $LAYERS
+# layers), same machine, same thread count, runs interleaved A/B/A/B.
+#
+#   bench/vs-llama.cpp.sh           # setup (cached) + all measurements
+#   bench/vs-llama.cpp.sh setup     # only build llama.cpp, the checkpoint, the GGUF and the vault
+#
+# Setup, cached under $SMOE_BENCH_DIR (default ~/.cache/smoe-bench):
+# - llama.cpp's source from the llama-cpp-python source package on PyPI
+#   (vendor/llama.cpp), built with cmake: llama-bench, llama-quantize (~17 min
+#   on 2 cores, once);
+# - the synthetic checkpoint from examples/synth with the real Qwen3 tokenizer
+#   (../shared/qwen3-tokenizer; llama.cpp needs a real one), converted to GGUF
+#   by the vendored convert_hf_to_gguf.py and quantized to Q4_K_M;
+# - the smoe vault of the same checkpoint: q4_k experts, $BACKBONE backbone.
+#
+# Measurements (median of $REPEAT each, engines alternating):
+# - resident: prefill tok/s of a $PP-token prompt and decode tok/s of $TG tokens;
+# - capped: decode with the process in a cgroup-v1 memory cgroup limited to
+#   $CAP_PCT% of the GGUF's size (page cache counts against the cap, so mmap'd
+#   weights beyond it are re-read from disk; llama.cpp runs with --repack 0 or
+#   it is OOM-killed while repacking).
+# Needs root for the cgroup, python3, pip, cmake (installed with apt if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LAYERS=${LAYERS:-8}
+THREADS=${THREADS:-$(lscpu -p=core | grep -v '^#' | sort -u | wc -l)}
+REPEAT=${REPEAT:-3}
+PP=${PP:-512}
+TG=${TG:-128}
+CAP_TG=${CAP_TG:-16}
+CAP_PCT=${CAP_PCT:-25}
+BACKBONE=${BACKBONE:-q4_k}
+DIR=${SMOE_BENCH_DIR:-$HOME/.cache/smoe-bench}
+TOKENIZER=${TOKENIZER:-../shared/qwen3-tokenizer}
+CKPT="$DIR/qwen3-30b-a3b-${LAYERS}l"
+VAULT="$DIR/qwen3-30b-a3b-${LAYERS}l-q4_k-bb-$BACKBONE"
+LLAMA="$DIR/llama.cpp"
+GGUF_BF16="$DIR/qwen3-30b-a3b-${LAYERS}l-bf16.gguf"
+GGUF="$DIR/qwen3-30b-a3b-${LAYERS}l-Q4_K_M.gguf"
+VENV="$DIR/venv-gguf"
+SMOE=target/release/smoe
+
+setup() {
+    mkdir -p "$DIR"
+    command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
+    if [ ! -x "$LLAMA/build/bin/llama-bench" ]; then
+        if [ ! -d "$LLAMA/src" ]; then
+            local tmp
+            tmp=$(mktemp -d)
+            pip download --quiet --no-deps --no-binary llama-cpp-python llama-cpp-python -d "$tmp"
+            tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+            rm -rf "$LLAMA" && mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$LLAMA"
+            rm -rf "$tmp"
+        fi
+        cmake -S "$LLAMA" -B "$LLAMA/build" -DCMAKE_BUILD_TYPE=Release \
+            -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+        cmake --build "$LLAMA/build" -j "$(nproc)" --target llama-bench llama-quantize
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        python3 -m venv "$VENV"
+        # convert_hf_to_gguf.py imports torch; the CPU wheel is enough.
+        "$VENV/bin/pip" install --quiet numpy sentencepiece safetensors transformers torch
+        "$VENV/bin/pip" install --quiet "$LLAMA/gguf-py"
+    fi
+    cargo build --release --quiet --bin smoe --example synth
+    [ -d "$CKPT" ] || target/release/examples/synth --preset qwen3-30b-a3b --layers "$LAYERS" --tokenizer "$TOKENIZER" -o "$CKPT"
+    if [ ! -f "$GGUF" ]; then
+        [ -f "$GGUF_BF16" ] || "$VENV/bin/python" "$LLAMA/convert_hf_to_gguf.py" "$CKPT" --outtype bf16 --outfile "$GGUF_BF16"
+        "$LLAMA/build/bin/llama-quantize" "$GGUF_BF16" "$GGUF" Q4_K_M "$THREADS"
+        rm -f "$GGUF_BF16"
+    fi
+    [ -d "$VAULT" ] || "$SMOE" convert "$CKPT" -o "$VAULT" --experts q4_k --backbone "$BACKBONE" --quiet
+}
+
+# Runs "$@" inside a fresh memory cgroup capped at $1 bytes.
+capped() {
+    local cap=$1
+    shift
+    local cg=/sys/fs/cgroup/memory/smoe-bench-$$
+    mkdir -p "$cg"
+    echo "$cap" >"$cg/memory.limit_in_bytes"
+    # Start from a cold page cache so neither engine inherits the other's pages.
+    sync && echo 1 >/proc/sys/vm/drop_caches
+    (echo $BASHPID >"$cg/cgroup.procs" && exec "$@")
+    local rc=$?
+    rmdir "$cg" 2>/dev/null || true
+    return $rc
+}
+
+llama_bench() { # prompt tokens, generated tokens, extra args...
+    local pp=$1 tg=$2
+    shift 2
+    "$LLAMA/build/bin/llama-bench" -m "$GGUF" -t "$THREADS" -p "$pp" -n "$tg" -r 1 -o json "$@" 2>/dev/null |
+        python3 -c "
+import json, sys
+for r in json.load(sys.stdin):
+    kind = 'prefill' if r['n_prompt'] > 0 else 'decode'
+    print(json.dumps({'engine': 'llama.cpp', 'kind': kind, 'tok_s': r['avg_ts']}))"
+}
+
+smoe_bench() { # prompt tokens, generated tokens, extra args...
+    local pp=$1 tg=$2
+    shift 2
+    "$SMOE" bench --model "$VAULT" --threads "$THREADS" --prompt-tokens "$pp" --gen-tokens "$tg" --repeat 1 --json "$@" |
+        python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+s = r['runs'][0] if 'runs' in r else r
+print(json.dumps({'engine': 'smoe', 'kind': 'prefill', 'tok_s': s['prefill_tok_s']}))
+print(json.dumps({'engine': 'smoe', 'kind': 'decode', 'tok_s': s['decode_tok_s'],
+                  'bytes_per_token': s.get('bytes_read_per_token')}))"
+}
+
+setup
+[ "${1:-}" = setup ] && exit 0
+
+GGUF_BYTES=$(stat -c %s "$GGUF")
+CAP=$((GGUF_BYTES * CAP_PCT / 100))
+OUT=$(mktemp)
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(lscpu | sed -n 's/^Model name: *//p')"
+echo "model: synthetic Qwen3-30B-A3B, $LAYERS layers; llama.cpp $(basename "$GGUF") ($((GGUF_BYTES / 1048576)) MiB);"
+echo "       smoe $(basename "$VAULT") (q4_k experts, $BACKBONE backbone); $THREADS threads; median of $REPEAT"
+for r in $(seq "$REPEAT"); do
+    echo "round $r/$REPEAT" >&2
+    llama_bench "$PP" 0 | sed 's/}$/, "mode": "resident"}/' >>"$OUT"
+    smoe_bench "$PP" 1 --ram-budget 100% | sed 's/}$/, "mode": "resident"}/' | grep prefill >>"$OUT"
+    llama_bench 0 "$TG" | sed 's/}$/, "mode": "resident"}/' >>"$OUT"
+    smoe_bench 8 "$TG" --ram-budget 100% | sed 's/}$/, "mode": "resident"}/' | grep decode >>"$OUT"
+    capped "$CAP" llama_bench 0 "$CAP_TG" --repack 0 | sed 's/}$/, "mode": "capped"}/' >>"$OUT"
+    capped "$CAP" smoe_bench 8 "$CAP_TG" --ram-budget auto | sed 's/}$/, "mode": "capped"}/' | grep decode >>"$OUT"
+done
+python3 - "$OUT" "$CAP" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+cap = int(sys.argv[2])
+def med(engine, kind, mode):
+    xs = [r["tok_s"] for r in rows if (r["engine"], r["kind"], r["mode"]) == (engine, kind, mode)]
+    return statistics.median(xs) if xs else float("nan")
+print(f"{'measure':<34} {'llama.cpp tok/s':>16} {'smoe tok/s':>11} {'smoe/llama.cpp':>15}")
+for label, kind, mode in [("prefill, resident", "prefill", "resident"),
+                          ("decode, resident", "decode", "resident"),
+                          (f"decode, memory cap {cap / 2**20:.0f} MiB", "decode", "capped")]:
+    l, s = med("llama.cpp", kind, mode), med("smoe", kind, mode)
+    print(f"{label:<34} {l:>16.2f} {s:>11.2f} {s / l:>15.2f}")
+bpt = [r["bytes_per_token"] for r in rows if r.get("bytes_per_token") and r["mode"] == "capped"]
+if bpt:
+    print(f"smoe expert bytes read per token under the cap: {statistics.median(bpt) / 1e6:.1f} MB")
+PY
+rm -f "$OUT"

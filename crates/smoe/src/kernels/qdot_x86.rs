@@ -1,0 +1,183 @@
+//! Integer dot products of GGML weight blocks against 8-bit activation
+//! blocks with AVX2, chosen at run time.
+//!
+//! candle has AVX2 versions of these, but selects them with
+//! `cfg(target_feature)`, so the portable x86-64 build that users install
+//! runs its scalar loops. These are the three formats smoe stores experts and
+//! backbones in by default: Q4_K and Q8_0, and Q4_0, the fallback for rows
+//! that are not a multiple of 256 (small models' down projections).
+//!
+//! Each keeps eight f32 partial sums across blocks and reduces them once per
+//! row; the products inside a block are exact integers, so results differ
+//! from candle's scalar code only in the order of f32 additions.
+//!
+//! The layouts (all little-endian, `repr(C)` in candle):
+//! - Q8_0 and Q4_0: f16 scale `d`, then 32 i8 values, or 16 bytes of nibbles
+//!   (element i in the low nibble of byte i, element i+16 in the high one,
+//!   stored offset by 8);
+//! - Q8_K: f32 `d`, 256 i8, then sixteen i16 sums of 16 consecutive values;
+//! - Q4_K: f16 `d` and `dmin`, twelve bytes packing eight 6-bit scales and
+//!   eight 6-bit mins, then 128 bytes of nibbles in four 32-byte runs, each
+//!   holding 64 weights (32 in the low nibbles, the next 32 in the high). The
+//!   weight is `d*scale_j*q - dmin*min_j`.
+
+use std::arch::x86_64::*;
+
+/// Bytes per block of each format.
+pub const Q4K: usize = 144;
+pub const Q8K: usize = 292;
+pub const Q8_0: usize = 34;
+pub const Q4_0: usize = 18;
+
+/// Whether these kernels can run here.
+pub fn available() -> bool {
+    super::simd::has_avx2() && is_x86_feature_detected!("f16c")
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+        u16::from_le_bytes([*p, *p.add(1)]) as i32,
+    )))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
+/// Signed i8 x i8 products of 32 lanes, summed in fours into 8 i32. The
+/// `maddubs` instruction wants one unsigned operand, so the sign of `x`
+/// moves onto `y`. Q8 quantizers produce [-127, 127], so no pair saturates.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
+    let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+}
+
+/// Q8_0 weights against Q8_0 activations, `blocks` blocks of each.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_0(w: &[u8], a: &[u8], blocks: usize) -> f32 {
+    assert!(w.len() >= blocks * Q8_0 && a.len() >= blocks * Q8_0);
+    let (w, a) = (w.as_ptr(), a.as_ptr());
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..blocks {
+        let (wb, ab) = (w.add(b * Q8_0), a.add(b * Q8_0));
+        let x = _mm256_loadu_si256(wb.add(2).cast());
+        let y = _mm256_loadu_si256(ab.add(2).cast());
+        let d = _mm256_set1_ps(f16_at(wb) * f16_at(ab));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(x, y)), acc);
+    }
+    hsum(acc)
+}
+
+/// Q4_0 weights against Q8_0 activations.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4_0(w: &[u8], a: &[u8], blocks: usize) -> f32 {
+    assert!(w.len() >= blocks * Q4_0 && a.len() >= blocks * Q8_0);
+    let (w, a) = (w.as_ptr(), a.as_ptr());
+    let low = _mm256_set1_epi8(0x0F);
+    let eight = _mm256_set1_epi8(8);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..blocks {
+        let (wb, ab) = (w.add(b * Q4_0), a.add(b * Q8_0));
+        let packed = _mm_loadu_si128(wb.add(2).cast());
+        // Low nibbles are elements 0..16, high nibbles 16..32.
+        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+        let x = _mm256_sub_epi8(_mm256_and_si256(both, low), eight);
+        let y = _mm256_loadu_si256(ab.add(2).cast());
+        let d = _mm256_set1_ps(f16_at(wb) * f16_at(ab));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(x, y)), acc);
+    }
+    hsum(acc)
+}
+
+/// The eight 6-bit scales and eight 6-bit mins of a Q4_K block, unpacked
+/// from its twelve bytes into one byte each: scales in bytes 0..8, mins in
+/// 8..16 (ggml's `get_scale_min_k4`, done on whole words without branches).
+#[inline]
+fn scales_mins(p: &[u8]) -> [u8; 16] {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]]);
+    let (w0, w1, w2) = (w(0), w(1), w(2));
+    let words = [
+        w0 & LOW6,
+        (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4),
+        w1 & LOW6,
+        ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4),
+    ];
+    let mut out = [0u8; 16];
+    for (o, v) in out.chunks_exact_mut(4).zip(words) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Q4_K weights against Q8_K activations. A block's product is
+/// `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`, where the
+/// sums of q8 come precomputed in the activation block.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4k(w: &[u8], a: &[u8], blocks: usize) -> f32 {
+    assert!(w.len() >= blocks * Q4K && a.len() >= blocks * Q8K);
+    let low = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_min = _mm_setzero_ps();
+    for b in 0..blocks {
+        let wb = &w[b * Q4K..(b + 1) * Q4K];
+        let ab = &a[b * Q8K..(b + 1) * Q8K];
+        let d8 = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+        let sm = scales_mins(&wb[4..16]);
+        let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr().cast()));
+        let q4 = wb[16..].as_ptr();
+        let q8 = ab[4..].as_ptr();
+
+        // The sixteen sums of 16 activations, added in pairs to match the
+        // eight mins (each covers 32 weights).
+        let bsums = _mm256_loadu_si256(ab[260..].as_ptr().cast());
+        let pair_sums = _mm_hadd_epi16(
+            _mm256_castsi256_si128(bsums),
+            _mm256_extracti128_si256(bsums, 1),
+        );
+        let mins = _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pair_sums);
+        let dmin = _mm_set1_ps(f16_at(wb.as_ptr().add(2)) * d8);
+        acc_min = _mm_fmadd_ps(dmin, _mm_cvtepi32_ps(mins), acc_min);
+
+        let mut scales = [0i16; 8];
+        _mm_storeu_si128(scales.as_mut_ptr().cast(), _mm256_castsi256_si128(sm));
+        let mut sumi = _mm256_setzero_si256();
+        for c in 0..4 {
+            let bits = _mm256_loadu_si256(q4.add(32 * c).cast());
+            let lo = _mm256_and_si256(bits, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low);
+            let a_lo = _mm256_loadu_si256(q8.add(64 * c).cast());
+            let a_hi = _mm256_loadu_si256(q8.add(64 * c + 32).cast());
+            // u8 x i8 pairs summed into i16: at most 2*15*128, no overflow.
+            let p_lo = _mm256_maddubs_epi16(lo, a_lo);
+            let p_hi = _mm256_maddubs_epi16(hi, a_hi);
+            let s_lo = _mm256_madd_epi16(p_lo, _mm256_set1_epi16(scales[2 * c]));
+            let s_hi = _mm256_madd_epi16(p_hi, _mm256_set1_epi16(scales[2 * c + 1]));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(s_lo, s_hi));
+        }
+        let d = _mm256_set1_ps(f16_at(wb.as_ptr()) * d8);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    let m = _mm_add_ps(acc_min, _mm_movehl_ps(acc_min, acc_min));
+    let m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+    hsum(acc) - _mm_cvtss_f32(m)
+}
