@@ -127,11 +127,8 @@ pub fn matmul_quant(
             _ => {}
         }
     }
-    with_block_type!(qt, B => matmul_typed::<B>(w, rows, cols, x, t, y, scratch, B::vec_dot));
+    with_block_type!(qt, B => matmul_typed::<B>(w, rows, cols, x, t, y, scratch, B::vec_dot))
 }
-
-/// A block dot product: `n` weights of a row against one activation row.
-type BlockDot<B> = fn(usize, &[B], &[<B as GgmlType>::VecDotType]) -> f32;
 
 #[allow(clippy::too_many_arguments)]
 fn matmul_typed<B: Block>(
@@ -142,7 +139,10 @@ fn matmul_typed<B: Block>(
     t: usize,
     y: &mut [f32],
     scratch: &mut QuantScratch,
-    dot: BlockDot<B>,
+    // Generic rather than a fn pointer, so each kernel is called directly:
+    // a row of a down projection is only three Q4_K blocks, where an
+    // indirect call per row is measurable.
+    dot: impl Fn(usize, &[B], &[B::VecDotType]) -> f32 + Sync,
 ) where
     B::VecDotType: Block,
 {
