@@ -86,6 +86,17 @@ impl<'a> Matrix<'a> {
         let n = self.dtype.row_bytes(self.cols);
         &self.data[i * n..(i + 1) * n]
     }
+
+    /// Rows `range` as a matrix of their own.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Matrix<'a> {
+        let n = self.dtype.row_bytes(self.cols);
+        Matrix::new(
+            self.dtype,
+            &self.data[range.start * n..range.end * n],
+            range.len(),
+            self.cols,
+        )
+    }
 }
 
 /// Output rows per parallel task: large enough that rayon's scheduling cost
