@@ -460,10 +460,12 @@ def make(name, spec, vocab_size, tok_json):
         top2 = torch.topk(logits, 2, dim=-1).values
         margin = min(margin, float((top2[:, 0] - top2[:, 1]).min()))
         # A continuation that repeats one token would not exercise the KV
-        # cache; ask for a varied one.
-        if margin >= 1e-3 and len(set(greedy)) >= 8:
+        # cache; ask for a varied one. One that emits a stop id would end
+        # smoe's generation early (transformers was told not to stop).
+        stops = {eos_id, pad_id} & set(greedy)
+        if margin >= 1e-3 and len(set(greedy)) >= 8 and not stops:
             break
-        print(f"{name}: seed {seed}: greedy margin {margin:.2e}, {len(set(greedy))} distinct tokens; retrying", file=sys.stderr)
+        print(f"{name}: seed {seed}: greedy margin {margin:.2e}, {len(set(greedy))} distinct tokens, stop ids {stops}; retrying", file=sys.stderr)
     else:
         raise SystemExit(f"{name}: no seed gave a safe greedy margin")
 

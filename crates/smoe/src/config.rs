@@ -970,4 +970,119 @@ mod tests {
             [false, true, false, true]
         );
     }
+
+    #[test]
+    fn every_family_parses_with_its_own_keys() {
+        let mixtral = parse(&json!({
+            "model_type": "mixtral", "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 128, "sliding_window": 16
+        }))
+        .unwrap();
+        assert_eq!(mixtral.architecture, Architecture::Mixtral);
+        assert_eq!(
+            (mixtral.num_experts, mixtral.moe_intermediate_size),
+            (4, 48)
+        );
+        assert_eq!((mixtral.head_dim, mixtral.sliding_window), (8, Some(16)));
+        assert!(mixtral.routing.norm_topk_prob);
+
+        let qwen2 = parse(&json!({
+            "model_type": "qwen2_moe", "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 64, "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 128, "use_sliding_window": false, "sliding_window": 4096
+        }))
+        .unwrap();
+        assert!(qwen2.attention_bias && !qwen2.o_bias && !qwen2.routing.norm_topk_prob);
+        assert_eq!(
+            (qwen2.shared_expert_intermediate_size, qwen2.sliding_window),
+            (48, None)
+        );
+
+        let v3 = parse(&json!({
+            "model_type": "deepseek_v3", "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 64, "moe_intermediate_size": 8, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 2,
+            "n_shared_experts": 2, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+            "routed_scaling_factor": 2.5, "kv_lora_rank": 16, "q_lora_rank": null,
+            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+            "max_position_embeddings": 128, "topk_method": "noaux_tc",
+            "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32,
+                             "mscale": 1.0, "mscale_all_dim": 1.0}
+        }))
+        .unwrap();
+        assert_eq!(v3.routing.scoring, Scoring::Sigmoid);
+        assert_eq!(
+            v3.routing.groups,
+            Some(GroupLimit {
+                n_group: 4,
+                topk_group: 2
+            })
+        );
+        assert!(v3.routing.norm_topk_prob && v3.routing.scale == 2.5);
+        assert_eq!(v3.shared_expert_intermediate_size, 16);
+        assert_eq!(
+            (0..3).map(|i| v3.is_moe_layer(i)).collect::<Vec<_>>(),
+            [false, true, true]
+        );
+        // The latent and the shared rotary key, not 2 * heads * head_dim.
+        assert_eq!(v3.kv_floats_per_position(), 20);
+        assert_eq!(v3.mla.unwrap().q_lora_rank, None);
+        assert!(v3.rope_interleave);
+        match &v3.rope_scaling {
+            RopeScaling::Yarn(y) => {
+                assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 32));
+                assert_eq!(y.attention_factor(), 1.0, "equal mscales cancel");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn family_specific_mistakes_are_named() {
+        let v2 = json!({
+            "model_type": "deepseek_v2", "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 64, "moe_intermediate_size": 8, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 2,
+            "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+            "max_position_embeddings": 128, "topk_method": "group_limited_greedy",
+            "n_group": 3, "topk_group": 1
+        });
+        let e = parse(&v2).unwrap_err().to_string();
+        assert!(e.contains("n_group (3) must divide the 8 experts"), "{e}");
+
+        let mut v = v2.clone();
+        v["topk_method"] = json!("noaux_tc");
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("topk_method \"noaux_tc\" is not supported for deepseek_v2"),
+            "{e}"
+        );
+
+        let mut v = v2.clone();
+        v.as_object_mut().unwrap().remove("kv_lora_rank");
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("missing key \"kv_lora_rank\""), "{e}");
+
+        let mut v = v2;
+        v["model_type"] = json!("deepseek_v3");
+        v["scoring_func"] = json!("softmax");
+        v["topk_method"] = json!("noaux_tc");
+        v["n_group"] = json!(4);
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("\"scoring_func\" \"softmax\" is not supported for deepseek_v3"),
+            "{e}"
+        );
+
+        let mut v = base();
+        v["model_type"] = json!("gpt_oss");
+        let e = parse(&v).unwrap_err().to_string();
+        for t in SUPPORTED_MODEL_TYPES {
+            assert!(e.contains(t), "{e}");
+        }
+    }
 }

@@ -498,6 +498,23 @@ pub struct SharedExpert {
     pub gate: Option<Weight>,
 }
 
+impl SharedExpert {
+    /// `prefix.{gate,up,down}_proj`, `shared_expert_intermediate_size`
+    /// wide, with the gate vector `gate` when named.
+    pub fn load(
+        ckpt: &dyn TensorSource,
+        c: &ModelConfig,
+        prefix: &str,
+        gate: Option<&str>,
+    ) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            ffn: Ffn::load(ckpt, prefix, h, c.shared_expert_intermediate_size)?,
+            gate: gate.map(|g| ckpt.tensor(g, &[1, h])).transpose()?,
+        })
+    }
+}
+
 /// A sparse block: a linear router over all experts, routing in f32
 /// ([`route`]), each chosen expert's SwiGLU output weighted and summed,
 /// plus the shared expert's output when there is one.
@@ -859,5 +876,70 @@ impl DiskRows {
             &mut out[..self.cols],
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routed(logits: &[f32], r: Routing, bias: Option<&[f32]>) -> Vec<(u32, f32)> {
+        let (mut l, mut choice, mut chosen) = (logits.to_vec(), Vec::new(), Vec::new());
+        route(&mut l, &r, bias, &mut choice, &mut chosen);
+        chosen
+    }
+
+    #[test]
+    fn group_limits_and_correction_bias_steer_the_choice() {
+        let plain = Routing {
+            top_k: 2,
+            scoring: Scoring::Softmax,
+            groups: None,
+            norm_topk_prob: false,
+            scale: 1.0,
+        };
+        let logits = [3.0, 2.9, 0.0, 2.8, 0.1, 0.2];
+        let ids = |c: Vec<(u32, f32)>| c.iter().map(|c| c.0).collect::<Vec<_>>();
+        assert_eq!(ids(routed(&logits, plain, None)), [0, 1]);
+
+        // Three groups of two, one allowed: group {0, 1} has the best
+        // expert, so both picks come from it.
+        let grouped = Routing {
+            groups: Some(GroupLimit {
+                n_group: 3,
+                topk_group: 1,
+            }),
+            ..plain
+        };
+        assert_eq!(ids(routed(&logits, grouped, None)), [0, 1]);
+        let logits = [3.0, -5.0, 2.9, 2.8, 0.0, 0.0];
+        // Max-scored groups: {0,1} wins on 3.0 alone, so expert 1 is
+        // chosen over 2 and 3 although its score is the lowest.
+        assert_eq!(ids(routed(&logits, grouped, None)), [0, 1]);
+        let sigmoid = Routing {
+            scoring: Scoring::Sigmoid,
+            norm_topk_prob: true,
+            scale: 2.0,
+            ..grouped
+        };
+        // Best-two sums: {2, 3} beats {0, 1}.
+        let chosen = routed(&logits, sigmoid, None);
+        assert_eq!(ids(chosen.clone()), [2, 3]);
+        let sum: f32 = chosen.iter().map(|c| c.1).sum();
+        assert!((sum - 2.0).abs() < 1e-6, "renormalised, then scaled");
+
+        // The bias changes the choice but not the weights.
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 9.0];
+        let chosen = routed(
+            &logits,
+            Routing {
+                norm_topk_prob: false,
+                scale: 1.0,
+                ..sigmoid
+            },
+            Some(&bias),
+        );
+        assert_eq!(chosen[0].0, 5);
+        assert!((chosen[0].1 - 0.5).abs() < 1e-6, "sigmoid(0), unbiased");
     }
 }

@@ -40,14 +40,45 @@ pub enum Mlp {
     Sparse(Moe),
 }
 
-/// Builds layer `i`'s attention and MLP. Routed experts come from
-/// `cache` when there is one (a vault), else from `ckpt`.
-pub type LayerFn = fn(
-    ckpt: &dyn TensorSource,
-    c: &ModelConfig,
-    i: usize,
-    cache: Option<&Arc<ExpertCache>>,
-) -> Result<(Attn, Mlp)>;
+/// What a family builds its layers from: the tensors, the config, and
+/// the expert cache when routed experts stream from a vault.
+pub struct Source<'a> {
+    pub ckpt: &'a dyn TensorSource,
+    pub cfg: &'a ModelConfig,
+    pub cache: Option<&'a Arc<ExpertCache>>,
+}
+
+impl Source<'_> {
+    /// The routed-expert block most families share: router at
+    /// `{prefix}.gate.weight`, experts by the family's names.
+    pub fn sparse(&self, i: usize, prefix: &str) -> Result<Moe> {
+        let c = self.cfg;
+        Ok(Moe {
+            router: self.ckpt.tensor(
+                &format!("{prefix}.gate.weight"),
+                &[c.num_experts, c.hidden_size],
+            )?,
+            score_bias: None,
+            experts: Experts::load(self.ckpt, c, i, self.cache)?,
+            routing: c.routing,
+            shared: None,
+        })
+    }
+
+    /// A dense SwiGLU MLP at `prefix`, `intermediate_size` wide.
+    pub fn dense(&self, prefix: &str) -> Result<Mlp> {
+        let c = self.cfg;
+        Ok(Mlp::Dense(Ffn::load(
+            self.ckpt,
+            prefix,
+            c.hidden_size,
+            c.intermediate_size,
+        )?))
+    }
+}
+
+/// Builds layer `i`'s attention and MLP.
+pub type LayerFn = fn(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)>;
 
 #[derive(Debug)]
 struct Layer {
@@ -97,10 +128,15 @@ impl Decoder {
                 ckpt.tensor("lm_head.weight", &[c.vocab_size, h])?,
             ),
         };
+        let src = Source {
+            ckpt,
+            cfg: c,
+            cache,
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let (attn, mlp) = layer(ckpt, c, i, cache)?;
+            let (attn, mlp) = layer(&src, i)?;
             layers.push(Layer {
                 input_norm: norm(ckpt, &format!("{p}.input_layernorm.weight"), h)?,
                 attn,
@@ -117,27 +153,6 @@ impl Decoder {
             rope: Rope::new(c.rope_dim(), c.rope_theta, &c.rope_scaling),
         })
     }
-}
-
-/// The routed-expert block most families share: router at
-/// `{prefix}.gate.weight`, experts by the family's names.
-pub fn sparse(
-    ckpt: &dyn TensorSource,
-    c: &ModelConfig,
-    i: usize,
-    prefix: &str,
-    cache: Option<&Arc<ExpertCache>>,
-) -> Result<Moe> {
-    Ok(Moe {
-        router: ckpt.tensor(
-            &format!("{prefix}.gate.weight"),
-            &[c.num_experts, c.hidden_size],
-        )?,
-        score_bias: None,
-        experts: Experts::load(ckpt, c, i, cache)?,
-        routing: c.routing,
-        shared: None,
-    })
 }
 
 impl CausalLm for Decoder {

@@ -11,50 +11,30 @@
 //! greedy choice, V3 sigmoid with `e_score_correction_bias` and
 //! group-limited top-k; both scaled by `routed_scaling_factor`.
 
-use std::sync::Arc;
-
 use crate::checkpoint::TensorSource;
 use crate::config::{ModelConfig, RopeScaling, Scoring, Yarn};
 use crate::error::{Error, Result};
-use crate::experts::ExpertCache;
 
-use super::blocks::{norm, Ffn, LatentAttention, Linear, QueryProj, SharedExpert};
-use super::decoder::{sparse, Attn, Mlp};
+use super::blocks::{norm, LatentAttention, Linear, QueryProj, SharedExpert};
+use super::decoder::{Attn, Mlp, Source};
 
-pub fn layer(
-    ckpt: &dyn TensorSource,
-    c: &ModelConfig,
-    i: usize,
-    cache: Option<&Arc<ExpertCache>>,
-) -> Result<(Attn, Mlp)> {
+pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
+    let (ckpt, c) = (src.ckpt, src.cfg);
     let p = format!("model.layers.{i}");
-    let h = c.hidden_size;
     let attn = attention(ckpt, c, &format!("{p}.self_attn"))?;
     let mlp = if c.is_moe_layer(i) {
-        let mut moe = sparse(ckpt, c, i, &format!("{p}.mlp"), cache)?;
+        let mut moe = src.sparse(i, &format!("{p}.mlp"))?;
         if c.routing.scoring == Scoring::Sigmoid {
             let bias = format!("{p}.mlp.gate.e_score_correction_bias");
             moe.score_bias = Some(ckpt.tensor(&bias, &[c.num_experts])?.to_f32());
         }
         if c.shared_expert_intermediate_size > 0 {
-            moe.shared = Some(SharedExpert {
-                ffn: Ffn::load(
-                    ckpt,
-                    &format!("{p}.mlp.shared_experts"),
-                    h,
-                    c.shared_expert_intermediate_size,
-                )?,
-                gate: None,
-            });
+            let prefix = format!("{p}.mlp.shared_experts");
+            moe.shared = Some(SharedExpert::load(ckpt, c, &prefix, None)?);
         }
         Mlp::Sparse(moe)
     } else {
-        Mlp::Dense(Ffn::load(
-            ckpt,
-            &format!("{p}.mlp"),
-            h,
-            c.intermediate_size,
-        )?)
+        src.dense(&format!("{p}.mlp"))?
     };
     Ok((Attn::Latent(attn), mlp))
 }

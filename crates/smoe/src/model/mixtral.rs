@@ -6,24 +6,14 @@
 //! `intermediate_size`, router at `block_sparse_moe.gate`: softmax, top-k,
 //! renormalised.
 
-use std::sync::Arc;
-
-use crate::checkpoint::TensorSource;
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::experts::ExpertCache;
 
 use super::blocks::{Attention, QkNorm};
-use super::decoder::{sparse, Attn, Mlp};
+use super::decoder::{Attn, Mlp, Source};
 
-pub fn layer(
-    ckpt: &dyn TensorSource,
-    c: &ModelConfig,
-    i: usize,
-    cache: Option<&Arc<ExpertCache>>,
-) -> Result<(Attn, Mlp)> {
+pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
     let p = format!("model.layers.{i}");
-    let attn = Attention::load(ckpt, c, &format!("{p}.self_attn"), QkNorm::None)?;
-    let moe = sparse(ckpt, c, i, &format!("{p}.block_sparse_moe"), cache)?;
+    let attn = Attention::load(src.ckpt, src.cfg, &format!("{p}.self_attn"), QkNorm::None)?;
+    let moe = src.sparse(i, &format!("{p}.block_sparse_moe"))?;
     Ok((Attn::Grouped(attn), Mlp::Sparse(moe)))
 }

@@ -6,24 +6,14 @@
 //! `mlp.experts.E.{gate,up,down}_proj` and a softmax top-k router at
 //! `mlp.gate`.
 
-use std::sync::Arc;
-
-use crate::checkpoint::TensorSource;
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::experts::ExpertCache;
 
 use super::blocks::{Attention, QkNorm};
-use super::decoder::{sparse, Attn, Mlp};
+use super::decoder::{Attn, Mlp, Source};
 
-pub fn layer(
-    ckpt: &dyn TensorSource,
-    c: &ModelConfig,
-    i: usize,
-    cache: Option<&Arc<ExpertCache>>,
-) -> Result<(Attn, Mlp)> {
+pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
     let p = format!("model.layers.{i}");
-    let attn = Attention::load(ckpt, c, &format!("{p}.self_attn"), QkNorm::Whole)?;
-    let moe = sparse(ckpt, c, i, &format!("{p}.mlp"), cache)?;
+    let attn = Attention::load(src.ckpt, src.cfg, &format!("{p}.self_attn"), QkNorm::Whole)?;
+    let moe = src.sparse(i, &format!("{p}.mlp"))?;
     Ok((Attn::Grouped(attn), Mlp::Sparse(moe)))
 }

@@ -5,44 +5,26 @@
 //! expert (`mlp.shared_expert`) scaled by `sigmoid(shared_expert_gate . x)`;
 //! `mlp_only_layers` and off-step layers are dense.
 
-use std::sync::Arc;
-
-use crate::checkpoint::TensorSource;
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::experts::ExpertCache;
 
-use super::blocks::{Attention, Ffn, QkNorm, SharedExpert};
-use super::decoder::{sparse, Attn, Mlp};
+use super::blocks::{Attention, QkNorm, SharedExpert};
+use super::decoder::{Attn, Mlp, Source};
 
-pub fn layer(
-    ckpt: &dyn TensorSource,
-    c: &ModelConfig,
-    i: usize,
-    cache: Option<&Arc<ExpertCache>>,
-) -> Result<(Attn, Mlp)> {
+pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
     let p = format!("model.layers.{i}");
-    let h = c.hidden_size;
-    let attn = Attention::load(ckpt, c, &format!("{p}.self_attn"), QkNorm::None)?;
-    let mlp = if c.is_moe_layer(i) {
-        let mut moe = sparse(ckpt, c, i, &format!("{p}.mlp"), cache)?;
-        moe.shared = Some(SharedExpert {
-            ffn: Ffn::load(
-                ckpt,
-                &format!("{p}.mlp.shared_expert"),
-                h,
-                c.shared_expert_intermediate_size,
-            )?,
-            gate: Some(ckpt.tensor(&format!("{p}.mlp.shared_expert_gate.weight"), &[1, h])?),
-        });
+    let attn = Attention::load(src.ckpt, src.cfg, &format!("{p}.self_attn"), QkNorm::None)?;
+    let mlp = if src.cfg.is_moe_layer(i) {
+        let mut moe = src.sparse(i, &format!("{p}.mlp"))?;
+        let gate = format!("{p}.mlp.shared_expert_gate.weight");
+        moe.shared = Some(SharedExpert::load(
+            src.ckpt,
+            src.cfg,
+            &format!("{p}.mlp.shared_expert"),
+            Some(&gate),
+        )?);
         Mlp::Sparse(moe)
     } else {
-        Mlp::Dense(Ffn::load(
-            ckpt,
-            &format!("{p}.mlp"),
-            h,
-            c.intermediate_size,
-        )?)
+        src.dense(&format!("{p}.mlp"))?
     };
     Ok((Attn::Grouped(attn), mlp))
 }

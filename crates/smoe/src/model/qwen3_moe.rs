@@ -5,33 +5,23 @@
 //! `mlp.gate` (renormalised when `norm_topk_prob`), or a dense SwiGLU MLP
 //! for `mlp_only_layers` and off-step layers.
 
-use std::sync::Arc;
-
-use crate::checkpoint::TensorSource;
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::experts::ExpertCache;
 
-use super::blocks::{Attention, Ffn, QkNorm};
-use super::decoder::{sparse, Attn, Mlp};
+use super::blocks::{Attention, QkNorm};
+use super::decoder::{Attn, Mlp, Source};
 
-pub fn layer(
-    ckpt: &dyn TensorSource,
-    c: &ModelConfig,
-    i: usize,
-    cache: Option<&Arc<ExpertCache>>,
-) -> Result<(Attn, Mlp)> {
+pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
     let p = format!("model.layers.{i}");
-    let attn = Attention::load(ckpt, c, &format!("{p}.self_attn"), QkNorm::PerHead)?;
-    let mlp = if c.is_moe_layer(i) {
-        Mlp::Sparse(sparse(ckpt, c, i, &format!("{p}.mlp"), cache)?)
+    let attn = Attention::load(
+        src.ckpt,
+        src.cfg,
+        &format!("{p}.self_attn"),
+        QkNorm::PerHead,
+    )?;
+    let mlp = if src.cfg.is_moe_layer(i) {
+        Mlp::Sparse(src.sparse(i, &format!("{p}.mlp"))?)
     } else {
-        Mlp::Dense(Ffn::load(
-            ckpt,
-            &format!("{p}.mlp"),
-            c.hidden_size,
-            c.intermediate_size,
-        )?)
+        src.dense(&format!("{p}.mlp"))?
     };
     Ok((Attn::Grouped(attn), mlp))
 }
