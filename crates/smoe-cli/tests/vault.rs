@@ -172,6 +172,52 @@ fn streaming_is_identical_under_every_budget() {
 }
 
 #[test]
+fn layers_past_num_hidden_layers_stay_behind() {
+    // DeepSeek-V3 checkpoints carry a multi-token-prediction layer after
+    // the last one inference runs; a copy of the fixture gets one.
+    let src = copy_fixture("deepseek-v3");
+    let path = src.path().join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    let extra: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .filter_map(|(name, view)| {
+            let rest = name.strip_prefix("model.layers.2.")?;
+            Some((format!("model.layers.3.{rest}"), view.clone()))
+        })
+        .collect();
+    assert!(extra.iter().any(|(n, _)| n.contains(".mlp.experts.")));
+    tensors.extend(extra);
+    safetensors::serialize_to_file(tensors, None, &path).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("v");
+    convert(src.path(), &vault, "bf16");
+    let m = manifest(&vault);
+    let names: Vec<&String> = m["backbone"].as_object().unwrap().keys().collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("model.layers.3.")),
+        "{names:?}"
+    );
+    assert!(m["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["layer"].as_u64().unwrap() < 3));
+    let ids = ids_arg(&reference("deepseek-v3")["prompt_ids"]);
+    let want = smoe_ok(&[
+        "logits",
+        "--model",
+        path_str(&fixture("deepseek-v3")),
+        "--ids",
+        &ids,
+        "--all",
+    ]);
+    assert_eq!(logits_all(&vault, &ids, "auto"), want);
+}
+
+#[test]
 fn too_small_a_budget_is_explained() {
     let dir = tempfile::tempdir().unwrap();
     let vault = dir.path().join("v");

@@ -270,15 +270,16 @@ fn check_parts(
 }
 
 /// `tokenizer_class` against `model_type`, by family: Qwen2Tokenizer is
-/// Qwen3's own, Mixtral and DeepSeek publish Llama tokenizers, OLMoE
-/// GPT-NeoX's. Only families this build runs have a known tokenizer; a
+/// Qwen3's own, Mixtral and DeepSeek publish Llama tokenizers (Moonlight,
+/// a `deepseek_v3`, and Kimi-K2 a tiktoken one), OLMoE GPT-NeoX's. Only families this build runs have a known tokenizer; a
 /// generic class (PreTrainedTokenizerFast) says nothing either way.
 fn tokenizer_family(dir: &Path, config: &Value) -> Option<Finding> {
     const KNOWN: &[(&str, &[&str])] = &[
         ("qwen", &["qwen"]),
         ("mixtral", &["llama", "mistral"]),
         ("olmoe", &["gptneox", "olmo"]),
-        ("deepseek", &["llama", "deepseek"]),
+        ("deepseek", &["llama", "deepseek", "tiktoken"]),
+        ("kimi", &["tiktoken"]),
     ];
     let path = dir.join("tokenizer_config.json");
     let class = read_json(&path).ok()?;

@@ -22,6 +22,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "olmoe",
     "deepseek_v2",
     "deepseek_v3",
+    "kimi_k2",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +46,8 @@ impl Architecture {
             "mixtral" => Self::Mixtral,
             "olmoe" => Self::Olmoe,
             "deepseek_v2" => Self::DeepseekV2,
-            "deepseek_v3" => Self::DeepseekV3,
+            // Kimi-K2 ships DeepSeek-V3's architecture under its own name.
+            "deepseek_v3" | "kimi_k2" => Self::DeepseekV3,
             _ => return None,
         })
     }
@@ -1078,6 +1080,40 @@ mod tests {
             "{e}"
         );
 
+        let mut v = base();
+        v["model_type"] = json!("gpt_oss");
+        let e = parse(&v).unwrap_err().to_string();
+        for t in SUPPORTED_MODEL_TYPES {
+            assert!(e.contains(t), "{e}");
+        }
+    }
+
+    #[test]
+    fn kimi_k2_is_deepseek_v3() {
+        let mut v = base();
+        let m = v.as_object_mut().unwrap();
+        m.remove("num_experts");
+        for (k, val) in [
+            ("model_type", json!("kimi_k2")),
+            ("n_routed_experts", json!(8)),
+            ("kv_lora_rank", json!(16)),
+            ("q_lora_rank", json!(12)),
+            ("qk_nope_head_dim", json!(8)),
+            ("qk_rope_head_dim", json!(4)),
+            ("v_head_dim", json!(8)),
+            ("n_group", json!(1)),
+            ("topk_group", json!(1)),
+            ("routed_scaling_factor", json!(2.827)),
+        ] {
+            m.insert(k.into(), val);
+        }
+        let c = parse(&v).unwrap();
+        assert_eq!(c.architecture, Architecture::DeepseekV3);
+        assert_eq!(c.routing.scoring, Scoring::Sigmoid);
+    }
+
+    #[test]
+    fn unsupported_types_list_the_supported() {
         let mut v = base();
         v["model_type"] = json!("gpt_oss");
         let e = parse(&v).unwrap_err().to_string();

@@ -151,7 +151,14 @@ pub fn convert(
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
 
     let (backbone_names, expert_layers) = classify(&ckpt)?;
-    let total: u64 = ckpt.tensor_names().map(|n| ckpt.tensor_bytes(n)).sum();
+    let total: u64 = backbone_names
+        .iter()
+        .cloned()
+        .chain(expert_layers.iter().flat_map(|&l| {
+            (0..cfg.num_experts).flat_map(move |e| expert_tensor_names(cfg.architecture, l, e))
+        }))
+        .map(|n| ckpt.tensor_bytes(&n))
+        .sum();
     let mut done = 0u64;
     let mut errors = ErrorSums(journal.error_sums.clone());
 
@@ -274,9 +281,17 @@ fn classify(ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<usize>)> {
     let layers: Vec<usize> = (0..cfg.num_hidden_layers)
         .filter(|&l| cfg.is_moe_layer(l))
         .collect();
+    // DeepSeek-V3 checkpoints carry a multi-token-prediction layer past
+    // `num_hidden_layers` that inference never runs: it stays behind.
+    let beyond = |name: &str| {
+        name.strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i >= cfg.num_hidden_layers)
+    };
     let mut backbone: Vec<String> = ckpt
         .tensor_names()
-        .filter(|n| !is_routed_expert_tensor(n))
+        .filter(|n| !is_routed_expert_tensor(n) && !beyond(n))
         .map(String::from)
         .collect();
     backbone.sort();
