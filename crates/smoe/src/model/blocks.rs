@@ -57,8 +57,7 @@ struct MoeScratch {
     yg: Vec<f32>,
     /// Experts with at least one token, ascending.
     used: Vec<u32>,
-    /// Router scores used for the choice (bias-corrected ones, for V3).
-    choice: Vec<f32>,
+    route: RouteScratch,
     shared_gate: Vec<f32>,
 }
 
@@ -66,6 +65,8 @@ struct MoeScratch {
 struct MlaScratch {
     /// Absorbed queries, head-major `[head][t][kv_lora_rank]`.
     absorbed: Vec<f32>,
+    /// A widened `kv_b_proj` row per head.
+    rows: Vec<f32>,
     /// One head's latent outputs `[t][kv_lora_rank]` and its values.
     latent: Vec<f32>,
     values: Vec<f32>,
@@ -319,9 +320,13 @@ impl LatentAttention {
         let kv_b = self.kv_b.matrix();
         let m = &mut s.mla;
         let absorbed = sized(&mut m.absorbed, nh * t * rank);
-        absorbed.par_chunks_mut(t * rank).enumerate().for_each_init(
-            || vec![0.0f32; rank],
-            |w, (head, out)| {
+        // One widened weight row per head, kept between calls.
+        let rows = sized(&mut m.rows, nh * rank);
+        absorbed
+            .par_chunks_mut(t * rank)
+            .zip(rows.par_chunks_mut(rank))
+            .enumerate()
+            .for_each(|(head, (out, w))| {
                 out.fill(0.0);
                 for i in 0..nope {
                     kernels::widen(kv_b.dtype, kv_b.row(head * (nope + self.v_dim) + i), w);
@@ -330,8 +335,7 @@ impl LatentAttention {
                         kernels::axpy(qv, w, &mut out[tok * rank..][..rank]);
                     }
                 }
-            },
-        );
+            });
         let qa = sized(&mut s.k, t * nh * row);
         for tok in 0..t {
             for head in 0..nh {
@@ -558,7 +562,7 @@ impl Moe {
                 row,
                 &self.routing,
                 self.score_bias.as_deref(),
-                &mut m.choice,
+                &mut m.route,
                 &mut m.chosen,
             );
         }
@@ -667,7 +671,7 @@ pub struct NextLayer<'a> {
 pub struct PredictScratch {
     h: Vec<f32>,
     logits: Vec<f32>,
-    choice: Vec<f32>,
+    route: RouteScratch,
     chosen: Vec<(u32, f32)>,
     pub(crate) experts: Vec<u32>,
 }
@@ -698,7 +702,7 @@ impl Moe {
                 row,
                 &self.routing,
                 self.score_bias.as_deref(),
-                &mut s.choice,
+                &mut s.route,
                 &mut s.chosen,
             );
         }
@@ -710,6 +714,15 @@ impl Moe {
             }
         }
     }
+}
+
+/// Buffers of [`route`], kept between calls.
+#[derive(Debug, Default)]
+pub struct RouteScratch {
+    /// Scores the choice is made on (bias-corrected ones, for V3).
+    choice: Vec<f32>,
+    /// (group, score), best first.
+    groups: Vec<(usize, f32)>,
 }
 
 /// Turns one token's router logits into `top_k` (expert, weight) pairs
@@ -724,14 +737,15 @@ impl Moe {
 /// - the `top_k` best win, ties to the lower index; their weights are
 ///   optionally renormalised, then multiplied by `scale`.
 ///
-/// `logits` is overwritten with the scores; `choice` is scratch.
+/// `logits` is overwritten with the scores.
 pub fn route(
     logits: &mut [f32],
     r: &Routing,
     bias: Option<&[f32]>,
-    choice: &mut Vec<f32>,
+    scratch: &mut RouteScratch,
     chosen: &mut Vec<(u32, f32)>,
 ) {
+    let RouteScratch { choice, groups } = scratch;
     match r.scoring {
         Scoring::Softmax => kernels::softmax(logits),
         Scoring::Sigmoid => {
@@ -762,12 +776,9 @@ pub fn route(
                 a + b
             }
         };
-        let mut groups: Vec<(usize, f32)> = choice
-            .chunks_exact(per)
-            .map(group_score)
-            .enumerate()
-            .collect();
-        groups.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        groups.clear();
+        groups.extend(choice.chunks_exact(per).map(group_score).enumerate());
+        groups.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         for &(grp, _) in &groups[g.topk_group..] {
             choice[grp * per..(grp + 1) * per].fill(f32::NEG_INFINITY);
         }
@@ -884,8 +895,8 @@ mod tests {
     use super::*;
 
     fn routed(logits: &[f32], r: Routing, bias: Option<&[f32]>) -> Vec<(u32, f32)> {
-        let (mut l, mut choice, mut chosen) = (logits.to_vec(), Vec::new(), Vec::new());
-        route(&mut l, &r, bias, &mut choice, &mut chosen);
+        let (mut l, mut chosen) = (logits.to_vec(), Vec::new());
+        route(&mut l, &r, bias, &mut RouteScratch::default(), &mut chosen);
         chosen
     }
 
