@@ -12,7 +12,7 @@ mod quant;
 mod simd;
 
 pub use attention::{attention, AttnShape};
-pub use ops::{add_in_place, rms_norm, rms_norm_rows, silu_mul, softmax, Rope};
+pub use ops::{add_in_place, rms_norm, rms_norm_rows, sigmoid, silu_mul, softmax, Rope};
 pub use simd::{axpy, dot, dot_f32, widen};
 
 use std::cell::RefCell;

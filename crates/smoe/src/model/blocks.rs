@@ -12,12 +12,12 @@ use rayon::prelude::*;
 pub use crate::config::{GroupLimit, Routing, Scoring};
 
 use crate::checkpoint::{TensorSource, Weight};
+use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::ExpertCache;
 use crate::kernels::{self, matmul, AttnShape, Matrix, Rope};
 
 use super::KvCache;
-use crate::config::ModelConfig;
 
 /// Reusable activation buffers, grown on first use and then kept.
 #[derive(Debug, Default)]
@@ -253,9 +253,9 @@ pub enum QueryProj {
 /// its normed latent (`rank` wide) and one rotary key shared by all heads:
 /// `rank + rope` floats instead of `2 * heads * head_dim`.
 ///
-/// Keys and values are never expanded. Head `h`'s key is `W_k[h] c + k_pe`
-/// and its value `W_v[h] c`, where `c` is the latent and `W_k`, `W_v` are
-/// `kv_b_proj`'s rows, so the score `q_nope . W_k[h] c` equals
+/// Keys and values are never expanded. Head `h`'s key is `W_k[h] c` followed
+/// by `k_pe` and its value `W_v[h] c`, where `c` is the latent and `W_k`,
+/// `W_v` are `kv_b_proj`'s rows, so the score's `q_nope . W_k[h] c` equals
 /// `(W_k[h]^T q_nope) . c`: queries are absorbed into latent space once,
 /// attention runs over the cached latents as one shared KV head, and each
 /// head's latent output goes through `W_v[h]` at the end.
@@ -649,7 +649,7 @@ impl Moe {
                         .zip(y.chunks_exact_mut(hidden))
                         .zip(g)
                     {
-                        kernels::axpy(1.0 / (1.0 + (-*g).exp()), row, yrow);
+                        kernels::axpy(kernels::sigmoid(*g), row, yrow);
                     }
                 }
                 None => kernels::add_in_place(y, ys),
@@ -750,7 +750,7 @@ pub fn route(
         Scoring::Softmax => kernels::softmax(logits),
         Scoring::Sigmoid => {
             for v in logits.iter_mut() {
-                *v = 1.0 / (1.0 + (-*v).exp());
+                *v = kernels::sigmoid(*v);
             }
         }
     }
