@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Tiny random Qwen3-MoE checkpoints and HF transformers' outputs on them.
+"""Tiny random MoE checkpoints of every supported family and HF transformers'
+outputs on them.
 
 The Rust test suite compares smoe against what this script records, so CI
 needs no Python. Run from the repository root with torch and transformers
 installed:
 
-    python tools/make_fixtures.py
+    python tools/make_fixtures.py [NAME ...]
 
 Each fixture is a hub-style checkpoint (bf16 safetensors with per-expert
 tensor names, hub-style config.json) plus `reference.json`:
@@ -22,37 +23,113 @@ are O(1): with near-zero logits a broken attention or router would still
 pass a 1e-3 tolerance.
 """
 
+import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 TOKENIZER = FIXTURES / "tokenizer"
 
+# What every family's hub config carries, whatever the spec says.
+COMMON = {
+    "max_position_embeddings": 512,
+    "hidden_act": "silu",
+    "attention_dropout": 0.0,
+    "output_router_logits": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "initializer_range": 0.02,
+}
+
+# Per family: the hub config's fixed keys, and the tokenizer class its real
+# checkpoints name (so that `smoe check`'s family test sees a real pairing).
+FAMILIES = {
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        tokenizer_class="Qwen2Tokenizer",
+        base={
+            "rms_norm_eps": 1e-6,
+            "attention_bias": False,
+            "rope_scaling": None,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "router_aux_loss_coef": 0.001,
+            "transformers_version": "4.51.0",
+        },
+    ),
+    "mixtral": dict(
+        architectures=["MixtralForCausalLM"],
+        tokenizer_class="LlamaTokenizer",
+        base={"rms_norm_eps": 1e-5, "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0,
+              "transformers_version": "4.36.0"},
+    ),
+    "qwen2_moe": dict(
+        architectures=["Qwen2MoeForCausalLM"],
+        tokenizer_class="Qwen2Tokenizer",
+        base={"rms_norm_eps": 1e-6, "use_sliding_window": False, "sliding_window": 32768,
+              "max_window_layers": 21, "router_aux_loss_coef": 0.001, "transformers_version": "4.40.0"},
+    ),
+    "olmoe": dict(
+        architectures=["OlmoeForCausalLM"],
+        tokenizer_class="GPTNeoXTokenizer",
+        base={"rms_norm_eps": 1e-5, "attention_bias": False, "rope_scaling": None,
+              "router_aux_loss_coef": 0.01, "transformers_version": "4.43.0"},
+    ),
+    "deepseek_v2": dict(
+        architectures=["DeepseekV2ForCausalLM"],
+        tokenizer_class="LlamaTokenizerFast",
+        base={"rms_norm_eps": 1e-6, "attention_bias": False, "aux_loss_alpha": 0.001,
+              "transformers_version": "4.39.3"},
+    ),
+    "deepseek_v3": dict(
+        architectures=["DeepseekV3ForCausalLM"],
+        tokenizer_class="LlamaTokenizerFast",
+        base={"rms_norm_eps": 1e-6, "attention_bias": False, "scoring_func": "sigmoid",
+              "topk_method": "noaux_tc", "transformers_version": "4.33.1"},
+    ),
+}
+
+# Real DeepSeek configs stretch RoPE with YaRN; the fixtures do too, with a
+# factor large enough that interpolation, the ramp and mscale all matter.
+YARN = {
+    "type": "yarn",
+    "factor": 8,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+
 FIXTURE_SPECS = {
     # Plain: every layer sparse, head_dim * heads == hidden, separate LM head,
     # renormalised top-k, single safetensors file, generation_config with a list.
     "qwen3-moe-a": dict(
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=8,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        tie_word_embeddings=False,
-        rope_theta=1000000.0,
+        family="qwen3_moe",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            tie_word_embeddings=False,
+            rope_theta=1000000.0,
+        ),
         shards=1,
         seed=1,
     ),
@@ -60,22 +137,187 @@ FIXTURE_SPECS = {
     # decoder_sparse_step, tied embeddings, no renormalisation, and
     # heads * head_dim (6 * 16 = 96) != hidden_size (48); sharded weights.
     "qwen3-moe-b": dict(
-        hidden_size=48,
-        intermediate_size=80,
-        moe_intermediate_size=24,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=6,
-        num_experts_per_tok=3,
-        norm_topk_prob=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=[0, 2],
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
+        family="qwen3_moe",
+        config=dict(
+            hidden_size=48,
+            intermediate_size=80,
+            moe_intermediate_size=24,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=6,
+            num_experts_per_tok=3,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[0, 2],
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+        ),
         shards=3,
         seed=2,
+    ),
+    # Mixtral: block_sparse_moe.experts.E.{w1,w3,w2}, top-2 renormalised,
+    # experts as wide as intermediate_size, no head_dim key, and a sliding
+    # window shorter than the prompt so that the mask matters.
+    "mixtral": dict(
+        family="mixtral",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=6,
+            tie_word_embeddings=False,
+            rope_theta=1000000.0,
+        ),
+        shards=1,
+        seed=3,
+    ),
+    # Qwen1.5-MoE: q/k/v biases, a sigmoid-gated shared expert, no
+    # renormalisation, and one dense layer.
+    "qwen2-moe": dict(
+        family="qwen2_moe",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_experts=8,
+            num_experts_per_tok=3,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            tie_word_embeddings=False,
+            rope_theta=1000000.0,
+        ),
+        shards=1,
+        seed=4,
+    ),
+    # OLMoE: q/k norms over the whole projection, clip_qkv, experts as wide
+    # as intermediate_size.
+    "olmoe": dict(
+        family="olmoe",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            clip_qkv=1.5,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+        ),
+        shards=1,
+        seed=5,
+    ),
+    # DeepSeek-V2-Lite: MLA without a query LoRA, YaRN, a dense first layer,
+    # two shared experts, greedy softmax routing with a scaling factor.
+    "deepseek-v2-lite": dict(
+        family="deepseek_v2",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=32,
+            q_lora_rank=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            moe_layer_freq=1,
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.5,
+            scoring_func="softmax",
+            rope_scaling=YARN,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+        ),
+        shards=1,
+        seed=6,
+    ),
+    # DeepSeek-V2: a query LoRA and group-limited greedy routing.
+    "deepseek-v2": dict(
+        family="deepseek_v2",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=32,
+            q_lora_rank=24,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            moe_layer_freq=1,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=False,
+            routed_scaling_factor=2.0,
+            scoring_func="softmax",
+            rope_scaling=YARN,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+        ),
+        shards=1,
+        seed=7,
+    ),
+    # DeepSeek-V3 / Kimi-K2 style: sigmoid scores with a correction bias,
+    # noaux_tc group-limited top-k, renormalised and scaled.
+    "deepseek-v3": dict(
+        family="deepseek_v3",
+        config=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=32,
+            q_lora_rank=24,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=3,
+            first_k_dense_replace=1,
+            moe_layer_freq=1,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=1.0),
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+        ),
+        shards=1,
+        seed=8,
     ),
 }
 
@@ -94,41 +336,19 @@ def tokenizer_vocab():
 
 
 def hub_config(spec, vocab_size, eos_id, pad_id):
-    """config.json as the hub writes it (num_experts, top-level rope_theta,
-    torch_dtype), not as transformers 5 would re-save it."""
-    keys = [
-        "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
-        "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-        "tie_word_embeddings", "rope_theta",
-    ]
-    cfg = {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "rope_scaling": None,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "bos_token_id": pad_id,
-        "eos_token_id": eos_id,
-        "output_router_logits": False,
-        "router_aux_loss_coef": 0.001,
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.51.0",
-        "use_cache": True,
-        "initializer_range": 0.02,
-    }
-    for k in keys:
-        cfg[k] = spec[k]
+    """config.json as the hub writes it (top-level rope_theta and
+    rope_scaling, torch_dtype, each family's own key names), not as
+    transformers 5 would re-save it."""
+    family = FAMILIES[spec["family"]]
+    cfg = {"architectures": family["architectures"], "model_type": spec["family"], "vocab_size": vocab_size}
+    cfg.update(COMMON)
+    cfg.update(family["base"])
+    cfg.update({"bos_token_id": pad_id, "eos_token_id": eos_id})
+    cfg.update(spec["config"])
     return cfg
 
 
-def randomize(model, spec, gen):
+def randomize(model, gen):
     """Weights with O(1) activations: linear layers ~ N(0, 1/fan_in) scaled
     so residual updates matter, norms near 1, embeddings ~ N(0, 1)."""
     with torch.no_grad():
@@ -140,28 +360,26 @@ def randomize(model, spec, gen):
             else:
                 fan_in = p.shape[-1]
                 p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / fan_in**0.5))
+        for name, b in model.named_buffers():
+            # DeepSeek-V3's router correction bias: large enough to change
+            # which experts win.
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
 
 
 def hub_state_dict(model, spec):
-    """Translate transformers 5's fused expert tensors back to the per-expert
-    names every published Qwen3-MoE checkpoint uses."""
-    out = {}
-    inter = spec["moe_intermediate_size"]
-    for name, t in model.state_dict().items():
-        if spec["tie_word_embeddings"] and name == "lm_head.weight":
-            continue
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name[: -len("gate_up_proj")]
-            for e in range(t.shape[0]):
-                out[f"{prefix}{e}.gate_proj.weight"] = t[e, :inter, :]
-                out[f"{prefix}{e}.up_proj.weight"] = t[e, inter:, :]
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            for e in range(t.shape[0]):
-                out[f"{prefix}{e}.down_proj.weight"] = t[e]
-        else:
-            out[name] = t
-    return {k: v.to(torch.bfloat16).contiguous() for k, v in out.items()}
+    """The checkpoint under the names published checkpoints use (per-expert
+    tensors, each family's own spelling): transformers' own save_pretrained
+    translates its fused expert tensors back, so the names are exactly the
+    ones its loader expects."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tensors = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            tensors.update(load_file(f))
+    if spec["config"]["tie_word_embeddings"]:
+        tensors.pop("lm_head.weight", None)
+    return {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
 
 
 def save_shards(tensors, out_dir, shards):
@@ -209,19 +427,21 @@ def make(name, spec, vocab_size, tok_json):
     eos_id, pad_id = added["<|im_end|>"], added["<|endoftext|>"]
     cfg_json = hub_config(spec, vocab_size, eos_id, pad_id)
 
+    (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
+    gen_cfg = {"bos_token_id": pad_id, "eos_token_id": [eos_id, pad_id], "do_sample": False}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+    # transformers reads the hub config as it would from the hub.
+    hf_cfg = AutoConfig.from_pretrained(out_dir)
+
     for attempt in range(20):
         seed = spec["seed"] * 1000 + attempt
         gen = torch.Generator().manual_seed(seed)
-        cfg = Qwen3MoeConfig(**{k: v for k, v in cfg_json.items() if k not in ("architectures", "torch_dtype", "transformers_version")})
-        model = Qwen3MoeForCausalLM(cfg).float().eval()
-        randomize(model, spec, gen)
+        model = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+        randomize(model, gen)
         tensors = hub_state_dict(model, spec)
         for f in out_dir.glob("model*.safetensors*"):
             f.unlink()
         save_shards(tensors, out_dir, spec["shards"])
-        (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n")
-        gen_cfg = {"bos_token_id": pad_id, "eos_token_id": [eos_id, pad_id], "do_sample": False}
-        (out_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
 
         # Reload through transformers' own hub-format loader, in f32, so the
         # reference sees exactly the bf16-rounded weights smoe will see.
@@ -240,15 +460,21 @@ def make(name, spec, vocab_size, tok_json):
         top2 = torch.topk(logits, 2, dim=-1).values
         margin = min(margin, float((top2[:, 0] - top2[:, 1]).min()))
         # A continuation that repeats one token would not exercise the KV
-        # cache; ask for a varied one.
-        if margin >= 1e-3 and len(set(greedy)) >= 8:
+        # cache; ask for a varied one. One that emits a stop id would end
+        # smoe's generation early (transformers was told not to stop).
+        stops = {eos_id, pad_id} & set(greedy)
+        if margin >= 1e-3 and len(set(greedy)) >= 8 and not stops:
             break
-        print(f"{name}: seed {seed}: greedy margin {margin:.2e}, {len(set(greedy))} distinct tokens; retrying", file=sys.stderr)
+        print(f"{name}: seed {seed}: greedy margin {margin:.2e}, {len(set(greedy))} distinct tokens, stop ids {stops}; retrying", file=sys.stderr)
     else:
         raise SystemExit(f"{name}: no seed gave a safe greedy margin")
 
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / f, out_dir / f)
+    tok_cfg = json.loads((TOKENIZER / "tokenizer_config.json").read_text())
+    if tok_cfg["tokenizer_class"] != FAMILIES[spec["family"]]["tokenizer_class"]:
+        tok_cfg["tokenizer_class"] = FAMILIES[spec["family"]]["tokenizer_class"]
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     reference = {
         "prompt_ids": prompt[0].tolist(),
         "logits": [[round(float(x), 6) for x in row] for row in logits],
@@ -263,10 +489,13 @@ def make(name, spec, vocab_size, tok_json):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="fixtures to (re)make; all by default")
+    args = parser.parse_args()
     torch.set_num_threads(2)
     vocab_size, tok_json = tokenizer_vocab()
-    for name, spec in FIXTURE_SPECS.items():
-        make(name, spec, vocab_size, tok_json)
+    for name in args.names or FIXTURE_SPECS:
+        make(name, FIXTURE_SPECS[name], vocab_size, tok_json)
 
 
 if __name__ == "__main__":

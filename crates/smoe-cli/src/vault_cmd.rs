@@ -153,6 +153,9 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
         c.vocab_size,
         c.max_position_embeddings
     )?;
+    for line in c.describe() {
+        writeln!(out, "{line}")?;
+    }
     let moe_layers = (0..c.num_hidden_layers)
         .filter(|&i| c.is_moe_layer(i))
         .count() as u64;

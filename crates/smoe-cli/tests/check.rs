@@ -53,12 +53,19 @@ fn assert_fails(out: &Output) -> String {
 
 #[test]
 fn every_fixture_passes_without_findings() {
-    for name in ["qwen3-moe-a", "qwen3-moe-b"] {
+    // Each family's fixture names the tokenizer class its real checkpoints
+    // ship (Llama for Mixtral and DeepSeek, GPT-NeoX for OLMoE): no
+    // family warning may fire.
+    for &name in MODELS {
         let text = assert_passes(&check(&fixture(name), &[]));
         assert_eq!(text, "ok\n", "{name}");
     }
     let dir = tempfile::tempdir().unwrap();
-    for (name, experts) in [("qwen3-moe-a", "q8_0"), ("qwen3-moe-b", "bf16")] {
+    for (name, experts) in [
+        ("qwen3-moe-a", "q8_0"),
+        ("qwen3-moe-b", "bf16"),
+        ("deepseek-v3", "q8_0"),
+    ] {
         let vault = dir.path().join(name);
         smoe_ok(&[
             "convert",
@@ -237,6 +244,18 @@ fn suspicious_pairings_are_warnings() {
         "{err}"
     );
     assert!(!run_stderr(dir.path(), true).contains("warning"));
+
+    // And the other way round: Qwen's tokenizer beside a Mixtral config.
+    let dir = copy_fixture("mixtral");
+    edit_json(&dir.path().join("tokenizer_config.json"), |v| {
+        v["tokenizer_class"] = "Qwen2Tokenizer".into()
+    });
+    let text = assert_passes(&check(dir.path(), &[]));
+    assert!(
+        text.contains("tokenizer_class Qwen2Tokenizer is a qwen tokenizer")
+            && text.contains("model_type mixtral"),
+        "{text}"
+    );
 
     // Stop ids the template never writes: none that ends a turn, and an
     // ordinary text token ("{", id 90; the sample has no braces).

@@ -1,13 +1,11 @@
-//! smoe against HF transformers on the committed fixtures (made by
-//! tools/make_fixtures.py): logits at every position within 1e-3 and
-//! identical greedy continuations.
+//! smoe against HF transformers on the committed fixtures of every family
+//! (made by tools/make_fixtures.py): logits at every position within 1e-3
+//! and identical greedy continuations.
 
 mod common;
 
 use common::*;
 use serde_json::Value;
-
-const FIXTURES: &[&str] = &["qwen3-moe-a", "qwen3-moe-b"];
 
 fn rows(v: &Value) -> Vec<Vec<f64>> {
     v.as_array()
@@ -30,7 +28,7 @@ const TOL: f64 = 1e-3;
 
 #[test]
 fn logits_match_transformers_at_every_position() {
-    for name in FIXTURES {
+    for name in MODELS {
         let reference = reference(name);
         let ids = ids_arg(&reference["prompt_ids"]);
         let model = fixture(name);
@@ -78,7 +76,7 @@ fn logits_match_transformers_at_every_position() {
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    for name in FIXTURES {
+    for name in MODELS {
         let reference = reference(name);
         let want: Vec<u64> = reference["greedy_ids"]
             .as_array()

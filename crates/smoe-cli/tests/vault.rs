@@ -68,7 +68,7 @@ fn record_len(vault: &Path) -> (u64, u64) {
 
 #[test]
 fn bf16_vault_matches_the_checkpoint_bit_for_bit() {
-    for name in ["qwen3-moe-a", "qwen3-moe-b"] {
+    for &name in MODELS {
         let dir = tempfile::tempdir().unwrap();
         let vault = dir.path().join("v");
         convert(&fixture(name), &vault, "bf16");
@@ -98,58 +98,123 @@ fn bf16_vault_matches_the_checkpoint_bit_for_bit() {
     }
 }
 
+/// Top-k and the number of sparse layers, from a vault's config and
+/// manifest.
+fn routing_shape(vault: &Path) -> (u64, u64) {
+    let m = manifest(vault);
+    let top_k = m["config"]["num_experts_per_tok"].as_u64().unwrap();
+    (top_k, m["experts"].as_array().unwrap().len() as u64)
+}
+
 #[test]
 fn streaming_is_identical_under_every_budget() {
+    // Every family, quantized: streaming must not change a single bit of
+    // what the same vault computes with every expert cached.
+    let cases = MODELS
+        .iter()
+        .map(|&m| (m, if m == "qwen3-moe-a" { "q4_k" } else { "q8_0" }));
+    for (name, experts) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = dir.path().join("v");
+        convert(&fixture(name), &vault, experts);
+        let r = reference(name);
+        let ids = ids_arg(&r["prompt_ids"]);
+        let (len, n) = record_len(&vault);
+        let (top_k, sparse_layers) = routing_shape(&vault);
+        // One layer's top-k, a middle budget, everything.
+        let budgets = [len * top_k, (len * n / 2).max(len * top_k), len * n];
+        let resident = logits_all(&vault, &ids, &budgets[2].to_string());
+        let resident_run = run_json(&vault, &ids, &budgets[2].to_string(), 24);
+        for b in budgets {
+            assert_eq!(
+                logits_all(&vault, &ids, &b.to_string()),
+                resident,
+                "{name}: logits at budget {b}"
+            );
+            let got = run_json(&vault, &ids, &b.to_string(), 24);
+            assert_eq!(
+                got["tokens"], resident_run["tokens"],
+                "{name}: tokens at budget {b}"
+            );
+            let st = &got["stats"];
+            let (hits, misses) = (st["hits"].as_u64().unwrap(), st["misses"].as_u64().unwrap());
+            assert!(
+                misses > 0,
+                "{name}, budget {b}: the first use of an expert is always a miss"
+            );
+            assert_eq!(
+                st["demand_bytes"].as_u64().unwrap(),
+                misses * len,
+                "{name}, budget {b}: bytes read on demand"
+            );
+            if b == len * top_k {
+                assert!(
+                    misses > hits,
+                    "{name}, budget {b}: a one-layer cache should mostly miss ({hits} hits, {misses} misses)"
+                );
+            }
+            if b == len * n {
+                assert!(
+                    misses <= n,
+                    "{name}: everything fits: each expert is read at most once"
+                );
+            }
+        }
+        // Every decode step asks each sparse layer for top-k experts.
+        let st = &resident_run["stats"];
+        let decode = resident_run["tokens"].as_array().unwrap().len() as u64 - 1;
+        assert!(
+            st["hits"].as_u64().unwrap() + st["misses"].as_u64().unwrap()
+                >= decode * sparse_layers * top_k,
+            "{name}: expert requests"
+        );
+    }
+}
+
+#[test]
+fn layers_past_num_hidden_layers_stay_behind() {
+    // DeepSeek-V3 checkpoints carry a multi-token-prediction layer after
+    // the last one inference runs; a copy of the fixture gets one.
+    let src = copy_fixture("deepseek-v3");
+    let path = src.path().join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    let extra: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .filter_map(|(name, view)| {
+            let rest = name.strip_prefix("model.layers.2.")?;
+            Some((format!("model.layers.3.{rest}"), view.clone()))
+        })
+        .collect();
+    assert!(extra.iter().any(|(n, _)| n.contains(".mlp.experts.")));
+    tensors.extend(extra);
+    safetensors::serialize_to_file(tensors, None, &path).unwrap();
+
     let dir = tempfile::tempdir().unwrap();
     let vault = dir.path().join("v");
-    convert(&fixture("qwen3-moe-a"), &vault, "q4_k");
-    let r = reference("qwen3-moe-a");
-    let ids = ids_arg(&r["prompt_ids"]);
-    let (len, n) = record_len(&vault);
-    let top_k = 2;
-    // One layer's top-k, a middle budget, everything.
-    let budgets = [len * top_k, len * n / 2, len * n];
-    let resident = logits_all(&vault, &ids, &budgets[2].to_string());
-    let resident_run = run_json(&vault, &ids, &budgets[2].to_string(), 24);
-    for b in budgets {
-        assert_eq!(
-            logits_all(&vault, &ids, &b.to_string()),
-            resident,
-            "logits at budget {b}"
-        );
-        let got = run_json(&vault, &ids, &b.to_string(), 24);
-        assert_eq!(
-            got["tokens"], resident_run["tokens"],
-            "tokens at budget {b}"
-        );
-        let st = &got["stats"];
-        let (hits, misses) = (st["hits"].as_u64().unwrap(), st["misses"].as_u64().unwrap());
-        assert!(
-            misses > 0,
-            "budget {b}: the first use of an expert is always a miss"
-        );
-        assert_eq!(
-            st["demand_bytes"].as_u64().unwrap(),
-            misses * len,
-            "budget {b}: bytes read on demand"
-        );
-        if b == len * top_k {
-            assert!(
-                misses > hits,
-                "budget {b}: a one-layer cache should mostly miss ({hits} hits, {misses} misses)"
-            );
-        }
-        if b == len * n {
-            assert!(
-                misses <= n,
-                "everything fits: each expert is read at most once"
-            );
-        }
-    }
-    // Every decode step asks each of the 3 sparse layers for top-k experts.
-    let st = &resident_run["stats"];
-    let decode = resident_run["tokens"].as_array().unwrap().len() as u64 - 1;
-    assert!(st["hits"].as_u64().unwrap() + st["misses"].as_u64().unwrap() >= decode * 3 * top_k);
+    convert(src.path(), &vault, "bf16");
+    let m = manifest(&vault);
+    let names: Vec<&String> = m["backbone"].as_object().unwrap().keys().collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("model.layers.3.")),
+        "{names:?}"
+    );
+    assert!(m["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["layer"].as_u64().unwrap() < 3));
+    let ids = ids_arg(&reference("deepseek-v3")["prompt_ids"]);
+    let want = smoe_ok(&[
+        "logits",
+        "--model",
+        path_str(&fixture("deepseek-v3")),
+        "--ids",
+        &ids,
+        "--all",
+    ]);
+    assert_eq!(logits_all(&vault, &ids, "auto"), want);
 }
 
 #[test]
@@ -360,4 +425,62 @@ fn inspect_describes_checkpoints_and_vaults() {
         text.contains("layers 4") && !text.contains("memory plan"),
         "{text}"
     );
+
+    // Each family's own traits.
+    for (name, parts) in [
+        (
+            "mixtral",
+            &[
+                "Mixtral",
+                "sliding window 6",
+                "softmax top-2 of 4, renormalised",
+            ][..],
+        ),
+        (
+            "qwen2-moe",
+            &[
+                "Qwen2Moe",
+                "q/k/v biases",
+                "dense layers: 1 of 3",
+                "sigmoid-gated",
+            ][..],
+        ),
+        (
+            "olmoe",
+            &["Olmoe", "whole-width q/k norm", "clip_qkv 1.5"][..],
+        ),
+        (
+            "deepseek-v2",
+            &[
+                "DeepseekV2",
+                "multi-head latent",
+                "q_lora_rank 24",
+                "within the best 2 of 4 groups",
+                "scaled by 2",
+            ][..],
+        ),
+        (
+            "deepseek-v2-lite",
+            &[
+                "q_lora_rank none",
+                "dense layers: 1 of 3; shared expert 48 wide",
+            ][..],
+        ),
+        (
+            "deepseek-v3",
+            &[
+                "DeepseekV3",
+                "sigmoid with correction bias top-3",
+                "renormalised, scaled by 2.5",
+            ][..],
+        ),
+    ] {
+        let text = smoe_ok(&["inspect", path_str(&fixture(name))]);
+        for part in parts {
+            assert!(
+                text.contains(part),
+                "{name}: inspect lacks {part:?}:\n{text}"
+            );
+        }
+    }
 }

@@ -270,10 +270,17 @@ fn check_parts(
 }
 
 /// `tokenizer_class` against `model_type`, by family: Qwen2Tokenizer is
-/// Qwen3's own. Only families this build runs have a known tokenizer; a
+/// Qwen3's own, Mixtral and DeepSeek publish Llama tokenizers (Moonlight,
+/// a `deepseek_v3`, and Kimi-K2 a tiktoken one), OLMoE GPT-NeoX's. Only families this build runs have a known tokenizer; a
 /// generic class (PreTrainedTokenizerFast) says nothing either way.
 fn tokenizer_family(dir: &Path, config: &Value) -> Option<Finding> {
-    const KNOWN: &[(&str, &[&str])] = &[("qwen", &["qwen"])];
+    const KNOWN: &[(&str, &[&str])] = &[
+        ("qwen", &["qwen"]),
+        ("mixtral", &["llama", "mistral"]),
+        ("olmoe", &["gptneox", "olmo"]),
+        ("deepseek", &["llama", "deepseek", "tiktoken"]),
+        ("kimi", &["tiktoken"]),
+    ];
     let path = dir.join("tokenizer_config.json");
     let class = read_json(&path).ok()?;
     let class = class.get("tokenizer_class")?.as_str()?;
@@ -513,7 +520,7 @@ impl Footprint {
         for name in ckpt.tensor_names() {
             let bytes = ckpt.tensor_bytes(name);
             all += bytes;
-            if name.contains(".mlp.experts.") {
+            if crate::model::is_routed_expert_tensor(name) {
                 experts += bytes;
             }
             dtypes.insert(ckpt.tensor_any(name)?.dtype.name());
@@ -525,7 +532,7 @@ impl Footprint {
             expert_bytes: experts,
             min_cache_bytes: 0,
             q8_backbone_bytes: None,
-            kv_bytes: kv_bytes(cfg, ctx),
+            kv_bytes: cfg.kv_bytes(ctx),
             ctx,
             quant: dtypes.into_iter().collect::<Vec<_>>().join(", "),
             direct_io: None,
@@ -558,17 +565,12 @@ impl Footprint {
             expert_bytes: vault.expert_bytes(),
             min_cache_bytes: slot * cfg.num_experts_per_tok as u64,
             q8_backbone_bytes: (q8 < resident && m.quant.backbone != "q8_0").then_some(q8),
-            kv_bytes: kv_bytes(&cfg, ctx),
+            kv_bytes: cfg.kv_bytes(ctx),
             ctx,
             quant: format!("experts {}, backbone {}", m.quant.experts, m.quant.backbone),
             direct_io: Some(DirectFile::open(&vault.experts_path())?.direct),
         })
     }
-}
-
-/// f32 keys and values of every layer for `ctx` positions.
-fn kv_bytes(cfg: &ModelConfig, ctx: usize) -> u64 {
-    (cfg.num_hidden_layers * 2 * ctx * cfg.num_key_value_heads * cfg.head_dim * 4) as u64
 }
 
 /// Whether the model fits this machine as stored, and the disk it

@@ -15,11 +15,99 @@ use serde_json::{Map, Value};
 use crate::error::{read_json, Error, Result};
 
 /// Architectures this build can run, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen3_moe"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "kimi_k2",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Qwen3Moe,
+    /// Qwen1.5-MoE and Qwen2-MoE.
+    Qwen2Moe,
+    Mixtral,
+    Olmoe,
+    /// DeepSeek-V2 and V2-Lite.
+    DeepseekV2,
+    /// DeepSeek-V3, Moonlight, Kimi-K2.
+    DeepseekV3,
+}
+
+impl Architecture {
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "qwen3_moe" => Self::Qwen3Moe,
+            "qwen2_moe" => Self::Qwen2Moe,
+            "mixtral" => Self::Mixtral,
+            "olmoe" => Self::Olmoe,
+            "deepseek_v2" => Self::DeepseekV2,
+            // Kimi-K2 ships DeepSeek-V3's architecture under its own name.
+            "deepseek_v3" | "kimi_k2" => Self::DeepseekV3,
+            _ => return None,
+        })
+    }
+
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Qwen3Moe => "qwen3_moe",
+            Self::Qwen2Moe => "qwen2_moe",
+            Self::Mixtral => "mixtral",
+            Self::Olmoe => "olmoe",
+            Self::DeepseekV2 => "deepseek_v2",
+            Self::DeepseekV3 => "deepseek_v3",
+        }
+    }
+
+    fn is_deepseek(self) -> bool {
+        matches!(self, Self::DeepseekV2 | Self::DeepseekV3)
+    }
+}
+
+/// How router logits become expert weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Routing {
+    pub top_k: usize,
+    pub scoring: Scoring,
+    /// Experts are chosen only within the best `topk_group` of `n_group`
+    /// equal groups (DeepSeek's group-limited routing).
+    pub groups: Option<GroupLimit>,
+    /// Renormalise the chosen weights to sum to one.
+    pub norm_topk_prob: bool,
+    /// Multiplies the final weights (`routed_scaling_factor`).
+    pub scale: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// Softmax over all experts; the top-k probabilities are the weights.
+    Softmax,
+    /// Independent sigmoids; a per-expert correction bias steers the choice
+    /// but not the weights (DeepSeek-V3's `noaux_tc`).
+    Sigmoid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimit {
+    pub n_group: usize,
+    pub topk_group: usize,
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3): keys and values are
+/// expanded per head from one compressed latent per position, which is
+/// all the cache keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mla {
+    /// Queries go through a low-rank bottleneck when set.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
 }
 
 /// How positions are turned into rotary angles.
@@ -29,6 +117,44 @@ pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (`rope_type: linear`).
     Linear { factor: f64 },
+    /// YaRN: low frequencies interpolated by `factor`, high ones kept,
+    /// a linear ramp between, and cos/sin scaled by an attention factor.
+    Yarn(Yarn),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    pub attention_factor: Option<f64>,
+    pub truncate: bool,
+}
+
+impl Yarn {
+    /// `0.1 * mscale * ln(scale) + 1` for `scale > 1`, as DeepSeek and
+    /// transformers define it.
+    pub fn get_mscale(scale: f64, mscale: f64) -> f64 {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * mscale * scale.ln() + 1.0
+        }
+    }
+
+    /// The factor cos and sin are multiplied by.
+    pub fn attention_factor(&self) -> f64 {
+        match (self.attention_factor, self.mscale, self.mscale_all_dim) {
+            (Some(a), _, _) => a,
+            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                Self::get_mscale(self.factor, m) / Self::get_mscale(self.factor, all)
+            }
+            _ => Self::get_mscale(self.factor, 1.0),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -46,15 +172,30 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub num_experts: usize,
     pub num_experts_per_tok: usize,
-    pub norm_topk_prob: bool,
+    pub routing: Routing,
+    /// Width of the always-on shared expert(s) of a sparse layer, 0 for
+    /// none (Qwen2-MoE's `shared_expert_intermediate_size`, DeepSeek's
+    /// `n_shared_experts * moe_intermediate_size`).
+    pub shared_expert_intermediate_size: usize,
     pub decoder_sparse_step: usize,
     pub mlp_only_layers: Vec<usize>,
+    /// The first this many layers are dense (DeepSeek).
+    pub first_k_dense_replace: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// Biases on the q/k/v projections (and DeepSeek's down-projections).
     pub attention_bias: bool,
+    /// A bias on the output projection.
+    pub o_bias: bool,
+    /// q, k and v are clamped to `[-clip, clip]` (OLMoE).
+    pub clip_qkv: Option<f32>,
+    /// Set for multi-head latent attention.
+    pub mla: Option<Mla>,
+    /// Rotary pairs are adjacent elements rather than the two halves.
+    pub rope_interleave: bool,
     /// Keys older than this many positions are masked out, when set.
     pub sliding_window: Option<usize>,
     /// The dtype the checkpoint declares (`torch_dtype` or `dtype`).
@@ -77,60 +218,134 @@ impl ModelConfig {
         let keys = Keys { obj, path };
 
         let model_type = keys.string("model_type")?;
-        let architecture = match model_type.as_str() {
-            "qwen3_moe" => Architecture::Qwen3Moe,
-            other => {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "unsupported model_type \"{other}\"; supported: {}",
-                        SUPPORTED_MODEL_TYPES.join(", ")
-                    ),
-                ))
-            }
-        };
+        let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
+            Error::format(
+                path,
+                format!(
+                    "unsupported model_type \"{model_type}\"; supported: {}",
+                    SUPPORTED_MODEL_TYPES.join(", ")
+                ),
+            )
+        })?;
+        use Architecture as A;
+        let deepseek = architecture.is_deepseek();
 
         let hidden_size = keys.usize("hidden_size")?;
         let num_attention_heads = keys.usize("num_attention_heads")?;
         let num_key_value_heads = keys
             .opt_usize("num_key_value_heads")?
             .unwrap_or(num_attention_heads);
-        let head_dim = match keys.opt_usize("head_dim")? {
-            Some(d) => d,
-            None if num_attention_heads > 0 => hidden_size / num_attention_heads,
-            None => 0,
+        let mla = if deepseek {
+            Some(Mla {
+                q_lora_rank: keys.opt_usize("q_lora_rank")?,
+                kv_lora_rank: keys.usize("kv_lora_rank")?,
+                qk_nope_head_dim: keys.usize("qk_nope_head_dim")?,
+                qk_rope_head_dim: keys.usize("qk_rope_head_dim")?,
+                v_head_dim: keys.usize("v_head_dim")?,
+            })
+        } else {
+            None
         };
-        let num_experts = keys.agreeing_usize("num_experts", "num_local_experts")?;
+        let head_dim = match (&mla, keys.opt_usize("head_dim")?) {
+            // DeepSeek's `head_dim`, where present, is the rotary part only.
+            (Some(m), _) => m.qk_nope_head_dim + m.qk_rope_head_dim,
+            (None, Some(d)) => d,
+            (None, None) if num_attention_heads > 0 => hidden_size / num_attention_heads,
+            (None, None) => 0,
+        };
+        let num_experts = if deepseek {
+            keys.agreeing_usize("n_routed_experts", "num_local_experts")?
+        } else {
+            keys.agreeing_usize("num_experts", "num_local_experts")?
+        };
+        let num_experts = num_experts.ok_or_else(|| {
+            Error::format(
+                path,
+                "missing key \"num_experts\" (or \"num_local_experts\")",
+            )
+        })?;
         let (rope_theta, rope_scaling) = keys.rope()?;
         let dtype = keys.agreeing_string("torch_dtype", "dtype")?;
+        let intermediate_size = keys.usize("intermediate_size")?;
+        // Mixtral's and OLMoE's experts are as wide as `intermediate_size`.
+        let moe_intermediate_size = match architecture {
+            A::Mixtral | A::Olmoe => intermediate_size,
+            _ => keys.usize("moe_intermediate_size")?,
+        };
+        let top_k = keys.usize("num_experts_per_tok")?;
+        let routing = keys.routing(architecture, top_k)?;
+        let shared_expert_intermediate_size = match architecture {
+            A::Qwen2Moe => keys.usize("shared_expert_intermediate_size")?,
+            A::DeepseekV2 | A::DeepseekV3 => {
+                keys.opt_usize("n_shared_experts")?.unwrap_or(0) * moe_intermediate_size
+            }
+            _ => 0,
+        };
+        if deepseek {
+            if let Some(f) = keys.opt_usize("moe_layer_freq")?.filter(|&f| f != 1) {
+                return Err(Error::format(
+                    path,
+                    format!("moe_layer_freq {f} is not supported (only 1, as in every published DeepSeek model)"),
+                ));
+            }
+        }
+        let attention_bias = match architecture {
+            A::Qwen2Moe => keys.opt_bool("qkv_bias")?.unwrap_or(true),
+            A::Mixtral => false,
+            _ => keys.opt_bool("attention_bias")?.unwrap_or(false),
+        };
+        let o_bias = match architecture {
+            A::Olmoe | A::DeepseekV2 | A::DeepseekV3 => attention_bias,
+            _ => false,
+        };
+        let rope_interleave = match architecture {
+            A::DeepseekV2 => true,
+            A::DeepseekV3 => keys.opt_bool("rope_interleave")?.unwrap_or(true),
+            _ => false,
+        };
+        let sliding_window = match architecture {
+            A::Mixtral => keys.opt_usize("sliding_window")?,
+            A::Qwen3Moe => keys.sliding_window()?,
+            A::Qwen2Moe if keys.opt_bool("use_sliding_window")?.unwrap_or(false) => {
+                return Err(Error::format(
+                    path,
+                    "use_sliding_window is not supported for qwen2_moe (no published checkpoint sets it)",
+                ))
+            }
+            _ => None,
+        };
 
         let cfg = ModelConfig {
             architecture,
             vocab_size: keys.usize("vocab_size")?,
             hidden_size,
-            intermediate_size: keys.usize("intermediate_size")?,
-            moe_intermediate_size: keys.usize("moe_intermediate_size")?,
+            intermediate_size,
+            moe_intermediate_size,
             num_hidden_layers: keys.usize("num_hidden_layers")?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            num_experts: num_experts.ok_or_else(|| {
-                Error::format(
-                    path,
-                    "missing key \"num_experts\" (or \"num_local_experts\")",
-                )
-            })?,
-            num_experts_per_tok: keys.usize("num_experts_per_tok")?,
-            norm_topk_prob: keys.opt_bool("norm_topk_prob")?.unwrap_or(false),
+            num_experts,
+            num_experts_per_tok: top_k,
+            routing,
+            shared_expert_intermediate_size,
             decoder_sparse_step: keys.opt_usize("decoder_sparse_step")?.unwrap_or(1),
             mlp_only_layers: keys.usize_list("mlp_only_layers")?,
+            first_k_dense_replace: keys.opt_usize("first_k_dense_replace")?.unwrap_or(0),
             rms_norm_eps: keys.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
             rope_theta,
             rope_scaling,
             max_position_embeddings: keys.usize("max_position_embeddings")?,
             tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias: keys.opt_bool("attention_bias")?.unwrap_or(false),
-            sliding_window: keys.sliding_window()?,
+            attention_bias,
+            o_bias,
+            clip_qkv: match architecture {
+                A::Olmoe => keys.opt_f64("clip_qkv")?.map(|c| c as f32),
+                _ => None,
+            },
+            mla,
+            rope_interleave,
+            sliding_window,
             dtype,
         };
         cfg.validate(path)?;
@@ -141,8 +356,103 @@ impl ModelConfig {
     /// by the same rule as transformers' Qwen3MoeDecoderLayer.
     pub fn is_moe_layer(&self, i: usize) -> bool {
         !self.mlp_only_layers.contains(&i)
+            && i >= self.first_k_dense_replace
             && self.num_experts > 0
             && (i + 1).is_multiple_of(self.decoder_sparse_step)
+    }
+
+    /// What sets this model apart from its siblings, one line each: the
+    /// attention variant, the routing rule, the shared and dense parts.
+    pub fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        out.push(match self.mla {
+            Some(m) => format!(
+                "attention: multi-head latent, {} heads, kv_lora_rank {}, q_lora_rank {}, nope/rope/v head dims {}/{}/{}; the cache holds the latent",
+                self.num_attention_heads,
+                m.kv_lora_rank,
+                m.q_lora_rank.map_or("none".into(), |r| r.to_string()),
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim
+            ),
+            None => {
+                let mut a = format!(
+                    "attention: grouped-query, {} heads / {} kv heads x {}",
+                    self.num_attention_heads, self.num_key_value_heads, self.head_dim
+                );
+                match self.architecture {
+                    Architecture::Qwen3Moe => a += ", per-head q/k norm",
+                    Architecture::Olmoe => a += ", whole-width q/k norm",
+                    _ => {}
+                }
+                if self.attention_bias {
+                    a += ", q/k/v biases";
+                }
+                if let Some(c) = self.clip_qkv {
+                    a += &format!(", clip_qkv {c}");
+                }
+                if let Some(w) = self.sliding_window {
+                    a += &format!(", sliding window {w}");
+                }
+                a
+            }
+        });
+        let r = &self.routing;
+        let mut routing = format!(
+            "routing: {} top-{} of {}",
+            match r.scoring {
+                Scoring::Softmax => "softmax",
+                Scoring::Sigmoid => "sigmoid with correction bias",
+            },
+            r.top_k,
+            self.num_experts
+        );
+        if let Some(g) = r.groups.filter(|g| g.n_group > 1) {
+            routing += &format!(" within the best {} of {} groups", g.topk_group, g.n_group);
+        }
+        if r.norm_topk_prob {
+            routing += ", renormalised";
+        }
+        if r.scale != 1.0 {
+            routing += &format!(", scaled by {}", r.scale);
+        }
+        out.push(routing);
+        let dense = (0..self.num_hidden_layers)
+            .filter(|&i| !self.is_moe_layer(i))
+            .count();
+        let mut resident = format!("dense layers: {dense} of {}", self.num_hidden_layers);
+        if self.shared_expert_intermediate_size > 0 {
+            resident += &format!(
+                "; shared expert {} wide{} in every sparse layer (resident)",
+                self.shared_expert_intermediate_size,
+                if self.architecture == Architecture::Qwen2Moe {
+                    ", sigmoid-gated,"
+                } else {
+                    ""
+                }
+            );
+        }
+        out.push(resident);
+        out
+    }
+
+    /// Dimensions that RoPE rotates per head.
+    pub fn rope_dim(&self) -> usize {
+        self.mla.map_or(self.head_dim, |m| m.qk_rope_head_dim)
+    }
+
+    /// f32 values the KV cache holds per layer and position: keys and
+    /// values of every KV head, or MLA's latent and shared rotary key.
+    pub fn kv_floats_per_position(&self) -> usize {
+        match self.mla {
+            Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
+            None => 2 * self.num_key_value_heads * self.head_dim,
+        }
+    }
+
+    /// KV cache bytes for `ctx` positions.
+    pub fn kv_bytes(&self, ctx: usize) -> u64 {
+        (self.num_hidden_layers * ctx * self.kv_floats_per_position() * 4) as u64
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
@@ -170,11 +480,48 @@ impl ModelConfig {
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if !self.rope_dim().is_multiple_of(2) {
             return bad(format!(
-                "head_dim ({}) must be even for rotary embeddings",
-                self.head_dim
+                "the rotary head dimension ({}) must be even",
+                self.rope_dim()
             ));
+        }
+        if let Some(m) = self.mla {
+            for (name, v) in [
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("qk_rope_head_dim", m.qk_rope_head_dim),
+                ("v_head_dim", m.v_head_dim),
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(1)),
+            ] {
+                if v == 0 {
+                    return bad(format!("\"{name}\" must be positive"));
+                }
+            }
+        }
+        if let Some(g) = self.routing.groups {
+            if g.n_group == 0
+                || !self.num_experts.is_multiple_of(g.n_group)
+                || g.topk_group == 0
+                || g.topk_group > g.n_group
+            {
+                return bad(format!(
+                    "n_group ({}) must divide the {} experts and topk_group ({}) must be between 1 and n_group",
+                    g.n_group, self.num_experts, g.topk_group
+                ));
+            }
+            let per_group = self.num_experts / g.n_group;
+            if self.routing.scoring == Scoring::Sigmoid && per_group < 2 {
+                return bad(format!(
+                    "noaux_tc routing scores groups by their best two experts, but each of the {} groups has {per_group}",
+                    g.n_group
+                ));
+            }
+            if g.topk_group * per_group < self.num_experts_per_tok {
+                return bad(format!(
+                    "topk_group ({}) groups of {per_group} experts cannot hold num_experts_per_tok ({})",
+                    g.topk_group, self.num_experts_per_tok
+                ));
+            }
         }
         let any_moe = (0..self.num_hidden_layers).any(|i| self.is_moe_layer(i));
         if any_moe {
@@ -204,6 +551,9 @@ impl ModelConfig {
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad(format!("rope_theta ({}) must be positive", self.rope_theta));
+        }
+        if self.clip_qkv.is_some_and(|c| c.is_nan() || c <= 0.0) {
+            return bad("\"clip_qkv\" must be positive".into());
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
             return bad(format!("rms_norm_eps ({}) must be >= 0", self.rms_norm_eps));
@@ -369,15 +719,107 @@ impl Keys<'_> {
                         }
                         RopeScaling::Linear { factor }
                     }
+                    "yarn" => {
+                        let num = |k: &str| m.get(k).and_then(Value::as_f64);
+                        let factor = num("factor").ok_or_else(|| {
+                            self.err("yarn rope scaling needs a numeric \"factor\"".into())
+                        })?;
+                        if factor.is_nan() || factor <= 0.0 {
+                            return Err(
+                                self.err(format!("rope scaling factor {factor} must be positive"))
+                            );
+                        }
+                        let original = m
+                            .get("original_max_position_embeddings")
+                            .and_then(Value::as_u64)
+                            .ok_or_else(|| {
+                                self.err("yarn rope scaling needs \"original_max_position_embeddings\"".into())
+                            })?;
+                        RopeScaling::Yarn(Yarn {
+                            factor,
+                            original_max_position_embeddings: original as usize,
+                            beta_fast: num("beta_fast").filter(|&b| b != 0.0).unwrap_or(32.0),
+                            beta_slow: num("beta_slow").filter(|&b| b != 0.0).unwrap_or(1.0),
+                            mscale: num("mscale"),
+                            mscale_all_dim: num("mscale_all_dim"),
+                            attention_factor: num("attention_factor"),
+                            truncate: m.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                        })
+                    }
                     other => {
                         return Err(self.err(format!(
-                            "unsupported rope scaling type \"{other}\" (supported: default, linear)"
+                            "unsupported rope scaling type \"{other}\" (supported: default, linear, yarn)"
                         )))
                     }
                 }
             }
         };
         Ok((theta, scaling))
+    }
+
+    /// Each family's routing rule, with its parameters from the config.
+    fn routing(&self, arch: Architecture, top_k: usize) -> Result<Routing> {
+        let softmax = |norm_topk_prob| Routing {
+            top_k,
+            scoring: Scoring::Softmax,
+            groups: None,
+            norm_topk_prob,
+            scale: 1.0,
+        };
+        let scale =
+            || -> Result<f32> { Ok(self.opt_f64("routed_scaling_factor")?.unwrap_or(1.0) as f32) };
+        let groups = || -> Result<Option<GroupLimit>> {
+            Ok(Some(GroupLimit {
+                n_group: self.opt_usize("n_group")?.unwrap_or(1),
+                topk_group: self.opt_usize("topk_group")?.unwrap_or(1),
+            }))
+        };
+        let expect = |key: &str, want: &str| -> Result<()> {
+            match self.present(key) {
+                None => Ok(()),
+                Some(Value::String(s)) if s == want => Ok(()),
+                Some(v) => Err(self.err(format!(
+                    "\"{key}\" {v} is not supported for {} (only \"{want}\")",
+                    arch.model_type()
+                ))),
+            }
+        };
+        Ok(match arch {
+            Architecture::Mixtral => softmax(true),
+            Architecture::Qwen3Moe | Architecture::Qwen2Moe | Architecture::Olmoe => {
+                softmax(self.opt_bool("norm_topk_prob")?.unwrap_or(false))
+            }
+            // transformers' DeepSeek-V2 never renormalises; its published
+            // configs all say norm_topk_prob false anyway.
+            Architecture::DeepseekV2 => {
+                expect("scoring_func", "softmax")?;
+                let groups = match self.present("topk_method").and_then(Value::as_str) {
+                    None | Some("greedy") => None,
+                    Some("group_limited_greedy") => groups()?,
+                    Some(other) => {
+                        return Err(self.err(format!(
+                            "topk_method \"{other}\" is not supported for deepseek_v2 (greedy, group_limited_greedy)"
+                        )))
+                    }
+                };
+                Routing {
+                    groups,
+                    scale: scale()?,
+                    ..softmax(false)
+                }
+            }
+            Architecture::DeepseekV3 => {
+                expect("scoring_func", "sigmoid")?;
+                expect("topk_method", "noaux_tc")?;
+                Routing {
+                    top_k,
+                    scoring: Scoring::Sigmoid,
+                    groups: groups()?,
+                    norm_topk_prob: self.opt_bool("norm_topk_prob")?.unwrap_or(true),
+                    scale: scale()?,
+                }
+            }
+        })
     }
 
     /// Qwen3 configs carry `sliding_window` even when it is off; only
@@ -529,5 +971,154 @@ mod tests {
             (0..4).map(|i| c.is_moe_layer(i)).collect::<Vec<_>>(),
             [false, true, false, true]
         );
+    }
+
+    #[test]
+    fn every_family_parses_with_its_own_keys() {
+        let mixtral = parse(&json!({
+            "model_type": "mixtral", "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 128, "sliding_window": 16
+        }))
+        .unwrap();
+        assert_eq!(mixtral.architecture, Architecture::Mixtral);
+        assert_eq!(
+            (mixtral.num_experts, mixtral.moe_intermediate_size),
+            (4, 48)
+        );
+        assert_eq!((mixtral.head_dim, mixtral.sliding_window), (8, Some(16)));
+        assert!(mixtral.routing.norm_topk_prob);
+
+        let qwen2 = parse(&json!({
+            "model_type": "qwen2_moe", "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 64, "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 128, "use_sliding_window": false, "sliding_window": 4096
+        }))
+        .unwrap();
+        assert!(qwen2.attention_bias && !qwen2.o_bias && !qwen2.routing.norm_topk_prob);
+        assert_eq!(
+            (qwen2.shared_expert_intermediate_size, qwen2.sliding_window),
+            (48, None)
+        );
+
+        let v3 = parse(&json!({
+            "model_type": "deepseek_v3", "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 64, "moe_intermediate_size": 8, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 2,
+            "n_shared_experts": 2, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+            "routed_scaling_factor": 2.5, "kv_lora_rank": 16, "q_lora_rank": null,
+            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+            "max_position_embeddings": 128, "topk_method": "noaux_tc",
+            "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32,
+                             "mscale": 1.0, "mscale_all_dim": 1.0}
+        }))
+        .unwrap();
+        assert_eq!(v3.routing.scoring, Scoring::Sigmoid);
+        assert_eq!(
+            v3.routing.groups,
+            Some(GroupLimit {
+                n_group: 4,
+                topk_group: 2
+            })
+        );
+        assert!(v3.routing.norm_topk_prob && v3.routing.scale == 2.5);
+        assert_eq!(v3.shared_expert_intermediate_size, 16);
+        assert_eq!(
+            (0..3).map(|i| v3.is_moe_layer(i)).collect::<Vec<_>>(),
+            [false, true, true]
+        );
+        // The latent and the shared rotary key, not 2 * heads * head_dim.
+        assert_eq!(v3.kv_floats_per_position(), 20);
+        assert_eq!(v3.mla.unwrap().q_lora_rank, None);
+        assert!(v3.rope_interleave);
+        match &v3.rope_scaling {
+            RopeScaling::Yarn(y) => {
+                assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 32));
+                assert_eq!(y.attention_factor(), 1.0, "equal mscales cancel");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn family_specific_mistakes_are_named() {
+        let v2 = json!({
+            "model_type": "deepseek_v2", "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 64, "moe_intermediate_size": 8, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 2,
+            "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+            "max_position_embeddings": 128, "topk_method": "group_limited_greedy",
+            "n_group": 3, "topk_group": 1
+        });
+        let e = parse(&v2).unwrap_err().to_string();
+        assert!(e.contains("n_group (3) must divide the 8 experts"), "{e}");
+
+        let mut v = v2.clone();
+        v["topk_method"] = json!("noaux_tc");
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("topk_method \"noaux_tc\" is not supported for deepseek_v2"),
+            "{e}"
+        );
+
+        let mut v = v2.clone();
+        v.as_object_mut().unwrap().remove("kv_lora_rank");
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("missing key \"kv_lora_rank\""), "{e}");
+
+        let mut v = v2;
+        v["model_type"] = json!("deepseek_v3");
+        v["scoring_func"] = json!("softmax");
+        v["topk_method"] = json!("noaux_tc");
+        v["n_group"] = json!(4);
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("\"scoring_func\" \"softmax\" is not supported for deepseek_v3"),
+            "{e}"
+        );
+
+        let mut v = base();
+        v["model_type"] = json!("gpt_oss");
+        let e = parse(&v).unwrap_err().to_string();
+        for t in SUPPORTED_MODEL_TYPES {
+            assert!(e.contains(t), "{e}");
+        }
+    }
+
+    #[test]
+    fn kimi_k2_is_deepseek_v3() {
+        let mut v = base();
+        let m = v.as_object_mut().unwrap();
+        m.remove("num_experts");
+        for (k, val) in [
+            ("model_type", json!("kimi_k2")),
+            ("n_routed_experts", json!(8)),
+            ("kv_lora_rank", json!(16)),
+            ("q_lora_rank", json!(12)),
+            ("qk_nope_head_dim", json!(8)),
+            ("qk_rope_head_dim", json!(4)),
+            ("v_head_dim", json!(8)),
+            ("n_group", json!(1)),
+            ("topk_group", json!(1)),
+            ("routed_scaling_factor", json!(2.827)),
+        ] {
+            m.insert(k.into(), val);
+        }
+        let c = parse(&v).unwrap();
+        assert_eq!(c.architecture, Architecture::DeepseekV3);
+        assert_eq!(c.routing.scoring, Scoring::Sigmoid);
+    }
+
+    #[test]
+    fn unsupported_types_list_the_supported() {
+        let mut v = base();
+        v["model_type"] = json!("gpt_oss");
+        let e = parse(&v).unwrap_err().to_string();
+        for t in SUPPORTED_MODEL_TYPES {
+            assert!(e.contains(t), "{e}");
+        }
     }
 }

@@ -29,7 +29,9 @@ fn greedy(
 
 #[test]
 fn reusing_a_prefix_continues_exactly_like_a_fresh_prefill() {
-    for name in ["qwen3-moe-a", "qwen3-moe-b"] {
+    // Grouped-query caches, a sliding window (mixtral) and latent caches
+    // (deepseek) all truncate to a shared prefix.
+    for name in ["qwen3-moe-a", "qwen3-moe-b", "mixtral", "deepseek-v3"] {
         let engine = Engine::load(&fixture(name)).unwrap();
         let turn1: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 400).collect();
         let mut session = engine.new_session();

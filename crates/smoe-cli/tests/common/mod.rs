@@ -8,6 +8,19 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+/// Every committed model fixture (tools/make_fixtures.py): each family's
+/// tiny random checkpoint with transformers' outputs on it.
+pub const MODELS: &[&str] = &[
+    "qwen3-moe-a",
+    "qwen3-moe-b",
+    "mixtral",
+    "qwen2-moe",
+    "olmoe",
+    "deepseek-v2-lite",
+    "deepseek-v2",
+    "deepseek-v3",
+];
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }

@@ -1,8 +1,9 @@
 //! Scaled dot-product attention of new queries against the KV cache.
 //!
-//! Keys and values are stored position-major (`[pos][kv_head][head_dim]`),
-//! so appending a token is one contiguous write and a head's keys are read
-//! with a fixed stride. Work is split over (token, head) pairs; each query
+//! Keys and values are stored position-major (`[pos][kv_head][dim]`), so
+//! appending a token is one contiguous write and a head's keys are read
+//! with a fixed stride. Keys and values may share one buffer: multi-head
+//! latent attention's values are the first `v_dim` elements of its keys. Work is split over (token, head) pairs; each query
 //! reads only the keys its causal (and sliding-window) mask allows, so no
 //! masked score is ever computed.
 
@@ -15,20 +16,50 @@ use super::{ops::softmax, simd::dot_f32};
 pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Query and key elements per head.
     pub head_dim: usize,
+    /// Value (and output) elements per head.
+    pub v_dim: usize,
+    /// Elements per position in `keys` and in `values`.
+    pub k_stride: usize,
+    pub v_stride: usize,
+    /// Multiplies the scores before the softmax.
+    pub scale: f32,
     /// Position of the first query; queries are `pos0..pos0 + t`.
     pub pos0: usize,
     pub window: Option<usize>,
 }
 
+impl AttnShape {
+    /// Grouped-query attention: keys and values of `n_kv_heads` heads of
+    /// `head_dim` each, scores scaled by `1/sqrt(head_dim)`.
+    pub fn grouped(
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        window: Option<usize>,
+    ) -> Self {
+        Self {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            v_dim: head_dim,
+            k_stride: n_kv_heads * head_dim,
+            v_stride: n_kv_heads * head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            pos0,
+            window,
+        }
+    }
+}
+
 /// `q` is `[t, n_heads * head_dim]`; `keys`/`values` hold positions
-/// `0..pos0 + t`; `out` is `[t, n_heads * head_dim]`.
+/// `0..pos0 + t`; `out` is `[t, n_heads * v_dim]`.
 pub fn attention(q: &[f32], keys: &[f32], values: &[f32], s: AttnShape, out: &mut [f32]) {
-    let hd = s.head_dim;
-    let kv_stride = s.n_kv_heads * hd;
+    let (hd, vd) = (s.head_dim, s.v_dim);
     let group = s.n_heads / s.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd)
+    out.par_chunks_mut(vd)
         .enumerate()
         .for_each_init(Vec::new, |scores, (i, o)| {
             let (tok, head) = (i / s.n_heads, i % s.n_heads);
@@ -38,13 +69,13 @@ pub fn attention(q: &[f32], keys: &[f32], values: &[f32], s: AttnShape, out: &mu
             let qv = &q[i * hd..(i + 1) * hd];
             scores.clear();
             scores.extend((first..=qpos).map(|p| {
-                let k = &keys[p * kv_stride + kvh * hd..][..hd];
-                dot_f32(qv, k) * scale
+                let k = &keys[p * s.k_stride + kvh * hd..][..hd];
+                dot_f32(qv, k) * s.scale
             }));
             softmax(scores);
             o.fill(0.0);
             for (p, w) in (first..=qpos).zip(scores.iter()) {
-                let v = &values[p * kv_stride + kvh * hd..][..hd];
+                let v = &values[p * s.v_stride + kvh * vd..][..vd];
                 super::simd::axpy(*w, v, o);
             }
         });
@@ -56,26 +87,14 @@ mod tests {
 
     #[test]
     fn single_key_returns_its_value_and_window_masks() {
-        let s = AttnShape {
-            n_heads: 2,
-            n_kv_heads: 1,
-            head_dim: 2,
-            pos0: 0,
-            window: None,
-        };
+        let s = AttnShape::grouped(2, 1, 2, 0, None);
         let q = [1.0, 0.0, 0.0, 1.0];
         let mut out = [0.0; 4];
         attention(&q, &[0.5, 0.5], &[3.0, 4.0], s, &mut out);
         assert_eq!(out, [3.0, 4.0, 3.0, 4.0]);
 
         // Two positions, window 1: the query at position 1 sees only itself.
-        let s = AttnShape {
-            n_heads: 1,
-            n_kv_heads: 1,
-            head_dim: 2,
-            pos0: 1,
-            window: Some(1),
-        };
+        let s = AttnShape::grouped(1, 1, 2, 1, Some(1));
         let mut out = [0.0; 2];
         attention(
             &[1.0, 1.0],

@@ -14,7 +14,7 @@ mod quant;
 mod simd;
 
 pub use attention::{attention, AttnShape};
-pub use ops::{add_in_place, rms_norm, rms_norm_rows, silu_mul, softmax, Rope};
+pub use ops::{add_in_place, rms_norm, rms_norm_rows, sigmoid, silu_mul, softmax, Rope};
 pub use simd::{axpy, dot, dot_f32, widen};
 
 use std::cell::RefCell;
@@ -87,6 +87,17 @@ impl<'a> Matrix<'a> {
     pub fn row(&self, i: usize) -> &'a [u8] {
         let n = self.dtype.row_bytes(self.cols);
         &self.data[i * n..(i + 1) * n]
+    }
+
+    /// Rows `range` as a matrix of their own.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Matrix<'a> {
+        let n = self.dtype.row_bytes(self.cols);
+        Matrix::new(
+            self.dtype,
+            &self.data[range.start * n..range.end * n],
+            range.len(),
+            self.cols,
+        )
     }
 }
 

@@ -2,7 +2,7 @@
 //! O(hidden) per token, negligible next to the matrix products, so they are
 //! plain loops that LLVM vectorises.
 
-use crate::config::RopeScaling;
+use crate::config::{RopeScaling, Yarn};
 
 /// RMSNorm of each `dim`-wide row of `x` into `out`, in f32 as transformers
 /// does (`x * rsqrt(mean(x^2) + eps) * weight`).
@@ -39,6 +39,10 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
 /// Numerically stable softmax in place.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -59,28 +63,38 @@ pub fn add_in_place(y: &mut [f32], x: &[f32]) {
     }
 }
 
-/// Rotary position embedding in the NeoX layout (rotate-half: element `i`
-/// pairs with `i + dim/2`), which is what HF Qwen, Llama and Mixtral use.
+/// Rotary position embedding. [`Rope::apply`] is the NeoX layout
+/// (rotate-half: element `i` pairs with `i + dim/2`), which is what HF Qwen,
+/// Llama, Mixtral and OLMoE use; [`Rope::apply_interleaved`] pairs adjacent
+/// elements, as DeepSeek does.
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
     position_scale: f32,
+    /// cos and sin are multiplied by this (YaRN's attention factor).
+    magnitude: f32,
 }
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
         // Same formula and f32 rounding as transformers'
         // compute_default_rope_parameters.
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        let base: Vec<f64> = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
             .collect();
-        let position_scale = match scaling {
-            RopeScaling::None => 1.0,
-            RopeScaling::Linear { factor } => (1.0 / factor) as f32,
+        let (inv_freq, position_scale, magnitude) = match scaling {
+            RopeScaling::None => (base, 1.0, 1.0),
+            RopeScaling::Linear { factor } => (base, 1.0 / factor, 1.0),
+            RopeScaling::Yarn(y) => (
+                yarn_inv_freq(&base, head_dim, theta, y),
+                1.0,
+                y.attention_factor(),
+            ),
         };
         Self {
-            inv_freq,
-            position_scale,
+            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+            position_scale: position_scale as f32,
+            magnitude: magnitude as f32,
         }
     }
 
@@ -102,8 +116,8 @@ impl Rope {
             let p = p as f32 * self.position_scale;
             for f in &self.inv_freq {
                 let a = p * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * self.magnitude);
+                sin.push(a.sin() * self.magnitude);
             }
         }
     }
@@ -121,6 +135,48 @@ impl Rope {
             }
         }
     }
+
+    /// Like [`Rope::apply`] with pairs `(2i, 2i + 1)`.
+    pub fn apply_interleaved(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = cos.len();
+        for head in x.chunks_exact_mut(2 * half) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * cos[i] - x1 * sin[i];
+                pair[1] = x1 * cos[i] + x0 * sin[i];
+            }
+        }
+    }
+}
+
+/// YaRN's frequencies (transformers' `_compute_yarn_parameters`): each
+/// frequency blends its interpolated (divided by `factor`) and original
+/// value along a linear ramp between the dimensions that turn `beta_fast`
+/// and `beta_slow` times over the original context.
+fn yarn_inv_freq(base: &[f64], dim: usize, theta: f64, y: &Yarn) -> Vec<f64> {
+    let correction_dim = |rotations: f64| {
+        dim as f64
+            * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI))
+                .ln()
+            / (2.0 * theta.ln())
+    };
+    let (mut low, mut high) = (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
+    if y.truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    base.iter()
+        .enumerate()
+        .map(|(i, &f)| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let extrapolation = 1.0 - ramp;
+            f / y.factor * (1.0 - extrapolation) + f * extrapolation
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,11 +1,18 @@
-//! Building blocks shared by the architectures: grouped-query attention with
-//! optional per-head q/k norms, the SwiGLU MLP, and the routed-expert block.
+//! Building blocks shared by the architectures: grouped-query attention
+//! (with the q/k norms, biases and clipping some families add), multi-head
+//! latent attention, the SwiGLU MLP, the routers, and the routed-expert
+//! block with its optional shared expert.
 //! Each works on a batch of `t` tokens at once (row-major `[t, width]`), so
 //! prefill is matrix-matrix and decode is the `t = 1` case of the same code.
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
+pub use crate::config::{GroupLimit, Routing, Scoring};
+
 use crate::checkpoint::{TensorSource, Weight};
+use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::ExpertCache;
 use crate::kernels::{self, matmul, AttnShape, Matrix, Rope};
@@ -27,6 +34,7 @@ pub struct Scratch {
     pub(crate) predict: PredictScratch,
     ffn: FfnScratch,
     moe: MoeScratch,
+    mla: MlaScratch,
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +57,19 @@ struct MoeScratch {
     yg: Vec<f32>,
     /// Experts with at least one token, ascending.
     used: Vec<u32>,
+    route: RouteScratch,
+    shared_gate: Vec<f32>,
+}
+
+#[derive(Debug, Default)]
+struct MlaScratch {
+    /// Absorbed queries, head-major `[head][t][kv_lora_rank]`.
+    absorbed: Vec<f32>,
+    /// A widened `kv_b_proj` row per head.
+    rows: Vec<f32>,
+    /// One head's latent outputs `[t][kv_lora_rank]` and its values.
+    latent: Vec<f32>,
+    values: Vec<f32>,
 }
 
 /// Resizes a buffer to exactly `n` elements; within capacity this is free.
@@ -101,16 +122,30 @@ pub fn norm(ckpt: &dyn TensorSource, name: &str, dim: usize) -> Result<Vec<f32>>
     Ok(ckpt.tensor(name, &[dim])?.to_f32())
 }
 
-/// Multi-head attention with grouped KV heads, RoPE, optional per-head
-/// RMSNorm on q and k (Qwen3), and a KV cache.
+/// Where a family puts RMSNorms on q and k, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// One `head_dim` weight applied to every head (Qwen3).
+    PerHead,
+    /// One weight over the whole projection (OLMoE).
+    Whole,
+}
+
+/// Multi-head attention with grouped KV heads, NeoX RoPE, optional q/k
+/// RMSNorms (per head or over the whole projection), optional clipping of
+/// q, k and v, and a KV cache.
 #[derive(Debug)]
 pub struct Attention {
     pub q: Linear,
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    /// RMSNorm weights as wide as the rows they normalise: `head_dim` for
+    /// a per-head norm, the whole projection otherwise.
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
+    pub clip: Option<f32>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -119,6 +154,45 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// `{prefix}.{q,k,v,o}_proj` (and `q_norm`/`k_norm`) with the config's
+    /// shapes, biases and clipping.
+    pub fn load(
+        ckpt: &dyn TensorSource,
+        c: &ModelConfig,
+        prefix: &str,
+        qk_norm: QkNorm,
+    ) -> Result<Self> {
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (nq, nkv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let bias = c.attention_bias;
+        let widths = match qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some((hd, hd)),
+            QkNorm::Whole => Some((nq, nkv)),
+        };
+        let (q_norm, k_norm) = match widths {
+            None => (None, None),
+            Some((q, k)) => (
+                Some(norm(ckpt, &format!("{prefix}.q_norm.weight"), q)?),
+                Some(norm(ckpt, &format!("{prefix}.k_norm.weight"), k)?),
+            ),
+        };
+        Ok(Self {
+            q: Linear::load(ckpt, &format!("{prefix}.q_proj"), nq, h, bias)?,
+            k: Linear::load(ckpt, &format!("{prefix}.k_proj"), nkv, h, bias)?,
+            v: Linear::load(ckpt, &format!("{prefix}.v_proj"), nkv, h, bias)?,
+            o: Linear::load(ckpt, &format!("{prefix}.o_proj"), h, nq, c.o_bias)?,
+            q_norm,
+            k_norm,
+            clip: c.clip_qkv,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+            eps: c.rms_norm_eps,
+            window: c.sliding_window,
+        })
+    }
+
     /// `h` is the normed input `[t, hidden]`; the result `[t, hidden]` is
     /// written to `s.out`. RoPE tables for the call's positions must be in
     /// `s.cos`/`s.sin`.
@@ -140,6 +214,11 @@ impl Attention {
         if let Some(w) = &self.k_norm {
             kernels::rms_norm(k, w, self.eps);
         }
+        if let Some(c) = self.clip {
+            for x in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
+                *x = x.clamp(-c, c);
+            }
+        }
         let half = hd / 2;
         for tok in 0..t {
             let (c, sn) = (&s.cos[tok * half..][..half], &s.sin[tok * half..][..half]);
@@ -150,14 +229,151 @@ impl Attention {
         kv.append(layer, k, v);
         let (keys, values) = kv.layer(layer);
         let attn = sized(&mut s.attn, t * nq);
-        let shape = AttnShape {
-            n_heads: self.n_heads,
-            n_kv_heads: self.n_kv_heads,
-            head_dim: hd,
-            pos0,
-            window: self.window,
-        };
+        let shape = AttnShape::grouped(self.n_heads, self.n_kv_heads, hd, pos0, self.window);
         kernels::attention(q, keys, values, shape, attn);
+        let out = sized(&mut s.out, t * self.o.out_dim());
+        self.o.forward(attn, t, out);
+    }
+}
+
+/// How multi-head latent attention makes its queries.
+#[derive(Debug)]
+pub enum QueryProj {
+    /// One projection (`q_lora_rank` null: DeepSeek-V2-Lite).
+    Full(Linear),
+    /// Down-projection, RMSNorm, up-projection.
+    LowRank {
+        a: Linear,
+        norm: Vec<f32>,
+        b: Linear,
+    },
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3). Each position is cached as
+/// its normed latent (`rank` wide) and one rotary key shared by all heads:
+/// `rank + rope` floats instead of `2 * heads * head_dim`.
+///
+/// Keys and values are never expanded. Head `h`'s key is `W_k[h] c` followed
+/// by `k_pe` and its value `W_v[h] c`, where `c` is the latent and `W_k`,
+/// `W_v` are `kv_b_proj`'s rows, so the score's `q_nope . W_k[h] c` equals
+/// `(W_k[h]^T q_nope) . c`: queries are absorbed into latent space once,
+/// attention runs over the cached latents as one shared KV head, and each
+/// head's latent output goes through `W_v[h]` at the end.
+#[derive(Debug)]
+pub struct LatentAttention {
+    pub q: QueryProj,
+    /// `[rank + rope, hidden]`: the latent and the rotary key.
+    pub kv_a: Linear,
+    pub kv_norm: Vec<f32>,
+    /// `[heads * (nope + v), rank]`.
+    pub kv_b: Weight,
+    pub o: Linear,
+    pub n_heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v_dim: usize,
+    pub rank: usize,
+    pub eps: f32,
+    pub scale: f32,
+    /// Rotary pairs are adjacent elements (DeepSeek's layout).
+    pub interleave: bool,
+}
+
+impl LatentAttention {
+    /// Same contract as [`Attention::forward`].
+    pub fn forward(&self, layer: usize, h: &[f32], t: usize, kv: &mut KvCache, s: &mut Scratch) {
+        let (nh, nope, rope, rank) = (self.n_heads, self.nope, self.rope, self.rank);
+        let qk = nope + rope;
+        let q = sized(&mut s.q, t * nh * qk);
+        match &self.q {
+            QueryProj::Full(p) => p.forward(h, t, q),
+            QueryProj::LowRank { a, norm, b } => {
+                let qa = sized(&mut s.k, t * a.out_dim());
+                a.forward(h, t, qa);
+                kernels::rms_norm(qa, norm, self.eps);
+                b.forward(qa, t, q);
+            }
+        }
+        let row = rank + rope;
+        let latent = sized(&mut s.v, t * row);
+        self.kv_a.forward(h, t, latent);
+        let half = rope / 2;
+        let rotate = if self.interleave {
+            Rope::apply_interleaved
+        } else {
+            Rope::apply
+        };
+        for tok in 0..t {
+            let (c, sn) = (&s.cos[tok * half..][..half], &s.sin[tok * half..][..half]);
+            let (lat, k_pe) = latent[tok * row..][..row].split_at_mut(rank);
+            kernels::rms_norm(lat, &self.kv_norm, self.eps);
+            rotate(k_pe, c, sn);
+            for head in q[tok * nh * qk..][..nh * qk].chunks_exact_mut(qk) {
+                rotate(&mut head[nope..], c, sn);
+            }
+        }
+        let pos0 = kv.len();
+        kv.append(layer, latent, &[]);
+        let (cached, _) = kv.layer(layer);
+
+        // Absorb: query h becomes [W_k[h]^T q_nope | q_pe], width `row`.
+        let kv_b = self.kv_b.matrix();
+        let m = &mut s.mla;
+        let absorbed = sized(&mut m.absorbed, nh * t * rank);
+        // One widened weight row per head, kept between calls.
+        let rows = sized(&mut m.rows, nh * rank);
+        absorbed
+            .par_chunks_mut(t * rank)
+            .zip(rows.par_chunks_mut(rank))
+            .enumerate()
+            .for_each(|(head, (out, w))| {
+                out.fill(0.0);
+                for i in 0..nope {
+                    kernels::widen(kv_b.dtype, kv_b.row(head * (nope + self.v_dim) + i), w);
+                    for tok in 0..t {
+                        let qv = q[(tok * nh + head) * qk + i];
+                        kernels::axpy(qv, w, &mut out[tok * rank..][..rank]);
+                    }
+                }
+            });
+        let qa = sized(&mut s.k, t * nh * row);
+        for tok in 0..t {
+            for head in 0..nh {
+                let dst = &mut qa[(tok * nh + head) * row..][..row];
+                dst[..rank].copy_from_slice(&absorbed[(head * t + tok) * rank..][..rank]);
+                dst[rank..].copy_from_slice(&q[(tok * nh + head) * qk + nope..][..rope]);
+            }
+        }
+        let out_lat = sized(&mut s.attn, t * nh * rank);
+        let shape = AttnShape {
+            n_heads: nh,
+            n_kv_heads: 1,
+            head_dim: row,
+            v_dim: rank,
+            k_stride: row,
+            v_stride: row,
+            scale: self.scale,
+            pos0,
+            window: None,
+        };
+        kernels::attention(qa, cached, cached, shape, out_lat);
+
+        // Each head's latent output through its value rows.
+        let vd = self.v_dim;
+        let attn = sized(&mut s.q, t * nh * vd);
+        for head in 0..nh {
+            let lat = sized(&mut m.latent, t * rank);
+            for tok in 0..t {
+                lat[tok * rank..][..rank]
+                    .copy_from_slice(&out_lat[(tok * nh + head) * rank..][..rank]);
+            }
+            let first = head * (nope + vd) + nope;
+            let vals = sized(&mut m.values, t * vd);
+            matmul(lat, t, kv_b.rows(first..first + vd), vals);
+            for tok in 0..t {
+                attn[(tok * nh + head) * vd..][..vd].copy_from_slice(&vals[tok * vd..][..vd]);
+            }
+        }
         let out = sized(&mut s.out, t * self.o.out_dim());
         self.o.forward(attn, t, out);
     }
@@ -179,10 +395,21 @@ impl Ffn {
         hidden: usize,
         inter: usize,
     ) -> Result<Self> {
+        let names = ["gate_proj", "up_proj", "down_proj"].map(|p| format!("{prefix}.{p}.weight"));
+        Self::load_named(ckpt, &names, hidden, inter)
+    }
+
+    /// Gate, up and down projections under the given names.
+    pub fn load_named(
+        ckpt: &dyn TensorSource,
+        [gate, up, down]: &[String; 3],
+        hidden: usize,
+        inter: usize,
+    ) -> Result<Self> {
         Ok(Self {
-            gate: ckpt.tensor(&format!("{prefix}.gate_proj.weight"), &[inter, hidden])?,
-            up: ckpt.tensor(&format!("{prefix}.up_proj.weight"), &[inter, hidden])?,
-            down: ckpt.tensor(&format!("{prefix}.down_proj.weight"), &[hidden, inter])?,
+            gate: ckpt.tensor(gate, &[inter, hidden])?,
+            up: ckpt.tensor(up, &[inter, hidden])?,
+            down: ckpt.tensor(down, &[hidden, inter])?,
         })
     }
 
@@ -240,21 +467,70 @@ impl std::fmt::Debug for Experts {
     }
 }
 
-/// How router probabilities become expert weights.
-#[derive(Debug, Clone, Copy)]
-pub struct Routing {
-    pub top_k: usize,
-    /// Renormalise the chosen weights to sum to one.
-    pub norm_topk_prob: bool,
+impl Experts {
+    /// Layer `layer`'s routed experts: streamed through `cache` when there
+    /// is one, else mapped from `ckpt` under the family's names.
+    pub fn load(
+        ckpt: &dyn TensorSource,
+        c: &ModelConfig,
+        layer: usize,
+        cache: Option<&Arc<ExpertCache>>,
+    ) -> Result<Self> {
+        Ok(match cache {
+            Some(cache) => Experts::Streamed {
+                cache: Arc::clone(cache),
+                layer,
+            },
+            None => Experts::Resident(
+                (0..c.num_experts)
+                    .map(|e| {
+                        let names = super::expert_tensor_names(c.architecture, layer, e);
+                        Ffn::load_named(ckpt, &names, c.hidden_size, c.moe_intermediate_size)
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
 }
 
-/// A sparse block: a linear router over all experts, softmax in f32, top-k,
-/// then each chosen expert's SwiGLU output weighted and summed.
+/// An always-on expert beside the routed ones: resident, part of the
+/// backbone. Qwen2-MoE scales it by `sigmoid(gate . x)`.
+#[derive(Debug)]
+pub struct SharedExpert {
+    pub ffn: Ffn,
+    /// `[1, hidden]`.
+    pub gate: Option<Weight>,
+}
+
+impl SharedExpert {
+    /// `prefix.{gate,up,down}_proj`, `shared_expert_intermediate_size`
+    /// wide, with the gate vector `gate` when named.
+    pub fn load(
+        ckpt: &dyn TensorSource,
+        c: &ModelConfig,
+        prefix: &str,
+        gate: Option<&str>,
+    ) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            ffn: Ffn::load(ckpt, prefix, h, c.shared_expert_intermediate_size)?,
+            gate: gate.map(|g| ckpt.tensor(g, &[1, h])).transpose()?,
+        })
+    }
+}
+
+/// A sparse block: a linear router over all experts, routing in f32
+/// ([`route`]), each chosen expert's SwiGLU output weighted and summed,
+/// plus the shared expert's output when there is one.
 #[derive(Debug)]
 pub struct Moe {
     pub router: Weight,
+    /// Per-expert bias added to the scores for the choice only
+    /// (DeepSeek-V3's `e_score_correction_bias`).
+    pub score_bias: Option<Vec<f32>>,
     pub experts: Experts,
     pub routing: Routing,
+    pub shared: Option<SharedExpert>,
 }
 
 impl Moe {
@@ -282,7 +558,13 @@ impl Moe {
         matmul(x, t, self.router.matrix(), logits);
         m.chosen.clear();
         for row in logits.chunks_exact_mut(n_exp) {
-            route(row, self.routing, &mut m.chosen);
+            route(
+                row,
+                &self.routing,
+                self.score_bias.as_deref(),
+                &mut m.route,
+                &mut m.chosen,
+            );
         }
 
         // Counting sort of (token, slot) pairs by expert.
@@ -355,6 +637,24 @@ impl Moe {
             }
         }
         m.used = used;
+        if let Some(shared) = &self.shared {
+            let ys = sized(&mut m.yg, t * hidden);
+            shared.ffn.run(x, t, ys, &mut s.ffn);
+            match &shared.gate {
+                Some(gate) => {
+                    let g = sized(&mut m.shared_gate, t);
+                    matmul(x, t, gate.matrix(), g);
+                    for ((row, yrow), g) in ys
+                        .chunks_exact(hidden)
+                        .zip(y.chunks_exact_mut(hidden))
+                        .zip(g)
+                    {
+                        kernels::axpy(kernels::sigmoid(*g), row, yrow);
+                    }
+                }
+                None => kernels::add_in_place(y, ys),
+            }
+        }
         Ok(())
     }
 }
@@ -371,6 +671,7 @@ pub struct NextLayer<'a> {
 pub struct PredictScratch {
     h: Vec<f32>,
     logits: Vec<f32>,
+    route: RouteScratch,
     chosen: Vec<(u32, f32)>,
     pub(crate) experts: Vec<u32>,
 }
@@ -397,7 +698,13 @@ impl Moe {
         matmul(hn, t, self.router.matrix(), logits);
         s.chosen.clear();
         for row in logits.chunks_exact_mut(n_exp) {
-            route(row, self.routing, &mut s.chosen);
+            route(
+                row,
+                &self.routing,
+                self.score_bias.as_deref(),
+                &mut s.route,
+                &mut s.chosen,
+            );
         }
         s.chosen.sort_by(|a, b| b.1.total_cmp(&a.1));
         s.experts.clear();
@@ -409,25 +716,93 @@ impl Moe {
     }
 }
 
-/// Softmax over all experts in f32, the `top_k` largest (ties to the lower
-/// index), optionally renormalised; appends `top_k` pairs to `chosen`.
-pub fn route(logits: &mut [f32], r: Routing, chosen: &mut Vec<(u32, f32)>) {
-    kernels::softmax(logits);
+/// Buffers of [`route`], kept between calls.
+#[derive(Debug, Default)]
+pub struct RouteScratch {
+    /// Scores the choice is made on (bias-corrected ones, for V3).
+    choice: Vec<f32>,
+    /// (group, score), best first.
+    groups: Vec<(usize, f32)>,
+}
+
+/// Turns one token's router logits into `top_k` (expert, weight) pairs
+/// appended to `chosen`, as transformers does for each family:
+///
+/// - scores: softmax over all experts, or independent sigmoids;
+/// - the choice is made on the scores plus `bias` when given (the weights
+///   stay the unbiased scores);
+/// - with a group limit, only experts of the best `topk_group` groups
+///   compete, a group scored by its best expert (softmax) or the sum of
+///   its best two (sigmoid);
+/// - the `top_k` best win, ties to the lower index; their weights are
+///   optionally renormalised, then multiplied by `scale`.
+///
+/// `logits` is overwritten with the scores.
+pub fn route(
+    logits: &mut [f32],
+    r: &Routing,
+    bias: Option<&[f32]>,
+    scratch: &mut RouteScratch,
+    chosen: &mut Vec<(u32, f32)>,
+) {
+    let RouteScratch { choice, groups } = scratch;
+    match r.scoring {
+        Scoring::Softmax => kernels::softmax(logits),
+        Scoring::Sigmoid => {
+            for v in logits.iter_mut() {
+                *v = kernels::sigmoid(*v);
+            }
+        }
+    }
+    let scores = &*logits;
+    choice.clear();
+    match bias {
+        Some(b) => choice.extend(scores.iter().zip(b).map(|(s, b)| s + b)),
+        None => choice.extend_from_slice(scores),
+    }
+    if let Some(g) = r.groups {
+        let per = choice.len() / g.n_group;
+        let group_score = |grp: &[f32]| match r.scoring {
+            Scoring::Softmax => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            Scoring::Sigmoid => {
+                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                for &v in grp {
+                    if v > a {
+                        (a, b) = (v, a);
+                    } else if v > b {
+                        b = v;
+                    }
+                }
+                a + b
+            }
+        };
+        groups.clear();
+        groups.extend(choice.chunks_exact(per).map(group_score).enumerate());
+        groups.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for &(grp, _) in &groups[g.topk_group..] {
+            choice[grp * per..(grp + 1) * per].fill(f32::NEG_INFINITY);
+        }
+    }
     let first = chosen.len();
     for _ in 0..r.top_k {
-        let mut best = usize::MAX;
-        for (e, &p) in logits.iter().enumerate() {
-            if best == usize::MAX || p > logits[best] {
+        let mut best = 0;
+        for (e, &p) in choice.iter().enumerate() {
+            if p > choice[best] {
                 best = e;
             }
         }
-        chosen.push((best as u32, logits[best]));
-        logits[best] = f32::NEG_INFINITY;
+        chosen.push((best as u32, scores[best]));
+        choice[best] = f32::NEG_INFINITY;
     }
     if r.norm_topk_prob {
         let sum: f32 = chosen[first..].iter().map(|c| c.1).sum();
         for c in &mut chosen[first..] {
             c.1 /= sum;
+        }
+    }
+    if r.scale != 1.0 {
+        for c in &mut chosen[first..] {
+            c.1 *= r.scale;
         }
     }
 }
@@ -512,5 +887,70 @@ impl DiskRows {
             &mut out[..self.cols],
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routed(logits: &[f32], r: Routing, bias: Option<&[f32]>) -> Vec<(u32, f32)> {
+        let (mut l, mut chosen) = (logits.to_vec(), Vec::new());
+        route(&mut l, &r, bias, &mut RouteScratch::default(), &mut chosen);
+        chosen
+    }
+
+    #[test]
+    fn group_limits_and_correction_bias_steer_the_choice() {
+        let plain = Routing {
+            top_k: 2,
+            scoring: Scoring::Softmax,
+            groups: None,
+            norm_topk_prob: false,
+            scale: 1.0,
+        };
+        let logits = [3.0, 2.9, 0.0, 2.8, 0.1, 0.2];
+        let ids = |c: Vec<(u32, f32)>| c.iter().map(|c| c.0).collect::<Vec<_>>();
+        assert_eq!(ids(routed(&logits, plain, None)), [0, 1]);
+
+        // Three groups of two, one allowed: group {0, 1} has the best
+        // expert, so both picks come from it.
+        let grouped = Routing {
+            groups: Some(GroupLimit {
+                n_group: 3,
+                topk_group: 1,
+            }),
+            ..plain
+        };
+        assert_eq!(ids(routed(&logits, grouped, None)), [0, 1]);
+        let logits = [3.0, -5.0, 2.9, 2.8, 0.0, 0.0];
+        // Max-scored groups: {0,1} wins on 3.0 alone, so expert 1 is
+        // chosen over 2 and 3 although its score is the lowest.
+        assert_eq!(ids(routed(&logits, grouped, None)), [0, 1]);
+        let sigmoid = Routing {
+            scoring: Scoring::Sigmoid,
+            norm_topk_prob: true,
+            scale: 2.0,
+            ..grouped
+        };
+        // Best-two sums: {2, 3} beats {0, 1}.
+        let chosen = routed(&logits, sigmoid, None);
+        assert_eq!(ids(chosen.clone()), [2, 3]);
+        let sum: f32 = chosen.iter().map(|c| c.1).sum();
+        assert!((sum - 2.0).abs() < 1e-6, "renormalised, then scaled");
+
+        // The bias changes the choice but not the weights.
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 9.0];
+        let chosen = routed(
+            &logits,
+            Routing {
+                norm_topk_prob: false,
+                scale: 1.0,
+                ..sigmoid
+            },
+            Some(&bias),
+        );
+        assert_eq!(chosen[0].0, 5);
+        assert!((chosen[0].1 - 0.5).abs() < 1e-6, "sigmoid(0), unbiased");
     }
 }

@@ -3,9 +3,14 @@
 //! of its operations; the arithmetic lives in the blocks and the kernels.
 
 pub mod blocks;
+mod decoder;
+mod deepseek;
+mod mixtral;
+mod olmoe;
+mod qwen2_moe;
 mod qwen3_moe;
 
-pub use qwen3_moe::Qwen3Moe;
+pub use decoder::Decoder;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +22,25 @@ use crate::experts::io::DirectFile;
 use crate::experts::{ExpertCache, Policy, LFU_HALF_LIFE};
 use crate::kernels::DType;
 use crate::vault::{self, Vault};
+
+/// The checkpoint names of routed expert `expert` of `layer`: gate, up and
+/// down projections, in the family's own spelling.
+pub fn expert_tensor_names(arch: Architecture, layer: usize, expert: usize) -> [String; 3] {
+    let p = format!("model.layers.{layer}");
+    match arch {
+        Architecture::Mixtral => {
+            ["w1", "w3", "w2"].map(|w| format!("{p}.block_sparse_moe.experts.{expert}.{w}.weight"))
+        }
+        _ => ["gate_proj", "up_proj", "down_proj"]
+            .map(|w| format!("{p}.mlp.experts.{expert}.{w}.weight")),
+    }
+}
+
+/// Whether a checkpoint tensor belongs to a routed expert (what a vault
+/// streams) rather than the backbone. Shared experts are backbone.
+pub fn is_routed_expert_tensor(name: &str) -> bool {
+    name.contains(".mlp.experts.") || name.contains(".block_sparse_moe.experts.")
+}
 
 /// Which positions the caller wants logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,9 +147,7 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
         return open_vault(dir, opts);
     }
     let ckpt = Checkpoint::open(dir)?;
-    let model: Box<dyn CausalLm> = match ckpt.config.architecture {
-        Architecture::Qwen3Moe => Box::new(Qwen3Moe::load(&ckpt, &ckpt.config, None, None)?),
-    };
+    let model = Box::new(Decoder::load(&ckpt, &ckpt.config, None, None)?);
     Ok(Opened {
         model,
         config: ckpt.config.clone(),
@@ -171,9 +193,7 @@ fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     } else {
         None
     };
-    let model: Box<dyn CausalLm> = match cfg.architecture {
-        Architecture::Qwen3Moe => Box::new(Qwen3Moe::load(&backbone, &cfg, Some(&cache), rows)?),
-    };
+    let model = Box::new(Decoder::load(&backbone, &cfg, Some(&cache), rows)?);
     Ok(Opened {
         model,
         config: cfg,
@@ -200,8 +220,7 @@ fn plan_memory(
         .sum();
     let backbone_bytes = vault.backbone_bytes() - embed_on_disk;
     let ctx = opts.ctx.min(cfg.max_position_embeddings);
-    let kv_bytes =
-        (cfg.num_hidden_layers * 2 * ctx * cfg.num_key_value_heads * cfg.head_dim * 4) as u64;
+    let kv_bytes = cfg.kv_bytes(ctx);
     let available_bytes = available_memory();
     let budget = match opts.ram_budget {
         Budget::Bytes(b) => b,
@@ -285,19 +304,23 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
     (v.is_finite() && v >= 0.0).then_some((v * mult) as u64)
 }
 
-/// Keys and values of every layer for positions `0..len`, position-major.
+/// Keys and values of every layer for positions `0..len`, position-major:
+/// `k_width` and `v_width` floats per position (multi-head latent
+/// attention keeps only its latent, as "keys" with no separate values).
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
-    width: usize,
+    k_width: usize,
+    v_width: usize,
     len: usize,
 }
 
 impl KvCache {
-    pub fn new(n_layers: usize, width: usize) -> Self {
+    pub fn new(n_layers: usize, k_width: usize, v_width: usize) -> Self {
         Self {
             layers: (0..n_layers).map(|_| Default::default()).collect(),
-            width,
+            k_width,
+            v_width,
             len: 0,
         }
     }
@@ -316,8 +339,8 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
         for (k, v) in &mut self.layers {
-            k.truncate(self.len * self.width);
-            v.truncate(self.len * self.width);
+            k.truncate(self.len * self.k_width);
+            v.truncate(self.len * self.v_width);
         }
     }
 
@@ -325,8 +348,8 @@ impl KvCache {
     /// layer has.
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         let (kc, vc) = &mut self.layers[layer];
-        kc.truncate(self.len * self.width);
-        vc.truncate(self.len * self.width);
+        kc.truncate(self.len * self.k_width);
+        vc.truncate(self.len * self.v_width);
         kc.extend_from_slice(k);
         vc.extend_from_slice(v);
     }

@@ -24,6 +24,7 @@ use super::{
 use crate::checkpoint::{Checkpoint, Weight};
 use crate::error::{Error, Result};
 use crate::kernels::{widen, DType};
+use crate::model::{expert_tensor_names, is_routed_expert_tensor};
 use crate::quant;
 
 /// Parts of an expert record, in record order.
@@ -150,7 +151,14 @@ pub fn convert(
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
 
     let (backbone_names, expert_layers) = classify(&ckpt)?;
-    let total: u64 = ckpt.tensor_names().map(|n| ckpt.tensor_bytes(n)).sum();
+    let total: u64 = backbone_names
+        .iter()
+        .cloned()
+        .chain(expert_layers.iter().flat_map(|&l| {
+            (0..cfg.num_experts).flat_map(move |e| expert_tensor_names(cfg.architecture, l, e))
+        }))
+        .map(|n| ckpt.tensor_bytes(&n))
+        .sum();
     let mut done = 0u64;
     let mut errors = ErrorSums(journal.error_sums.clone());
 
@@ -199,7 +207,7 @@ pub fn convert(
 
     for &layer in &expert_layers {
         let bytes_in: u64 = (0..cfg.num_experts)
-            .flat_map(|e| PARTS.map(|p| expert_name(layer, e, p)))
+            .flat_map(|e| expert_tensor_names(cfg.architecture, layer, e))
             .map(|n| ckpt.tensor_bytes(&n))
             .sum();
         if journal.layers_done.iter().any(|l| l.layer == layer) {
@@ -239,7 +247,7 @@ pub fn convert(
         format: FORMAT.into(),
         version: VERSION,
         conversion_id: journal.conversion_id.clone(),
-        architecture: "qwen3_moe".into(),
+        architecture: cfg.architecture.model_type().into(),
         config: source_config,
         quant: QuantChoice {
             experts: opts.experts.name().into(),
@@ -266,10 +274,6 @@ pub fn convert(
     })
 }
 
-fn expert_name(layer: usize, expert: usize, part: &str) -> String {
-    format!("model.layers.{layer}.mlp.experts.{expert}.{part}.weight")
-}
-
 /// Splits the checkpoint into backbone tensors and the layers whose routed
 /// experts go to the experts file; refuses checkpoints with missing experts.
 fn classify(ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<usize>)> {
@@ -277,16 +281,23 @@ fn classify(ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<usize>)> {
     let layers: Vec<usize> = (0..cfg.num_hidden_layers)
         .filter(|&l| cfg.is_moe_layer(l))
         .collect();
+    // DeepSeek-V3 checkpoints carry a multi-token-prediction layer past
+    // `num_hidden_layers` that inference never runs: it stays behind.
+    let beyond = |name: &str| {
+        name.strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i >= cfg.num_hidden_layers)
+    };
     let mut backbone: Vec<String> = ckpt
         .tensor_names()
-        .filter(|n| !is_expert_tensor(n))
+        .filter(|n| !is_routed_expert_tensor(n) && !beyond(n))
         .map(String::from)
         .collect();
     backbone.sort();
     for &l in &layers {
         for e in 0..cfg.num_experts {
-            for p in PARTS {
-                let n = expert_name(l, e, p);
+            for n in expert_tensor_names(cfg.architecture, l, e) {
                 if !ckpt.contains(&n) {
                     return Err(Error::format(&ckpt.dir, format!("missing tensor \"{n}\"")));
                 }
@@ -294,10 +305,6 @@ fn classify(ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<usize>)> {
         }
     }
     Ok((backbone, layers))
-}
-
-fn is_expert_tensor(name: &str) -> bool {
-    name.contains(".mlp.experts.")
 }
 
 fn tensor_class(name: &str) -> String {
@@ -496,8 +503,9 @@ fn build_record(
     let mut parts = Vec::with_capacity(3);
     let mut errors = [(0.0, 0.0); 3];
     let mut source_bytes = 0;
-    for (i, part) in PARTS.iter().enumerate() {
-        let w = ckpt.tensor_any(&expert_name(layer, expert, part))?;
+    let names = expert_tensor_names(ckpt.config.architecture, layer, expert);
+    for (i, (part, name)) in PARTS.iter().zip(&names).enumerate() {
+        let w = ckpt.tensor_any(name)?;
         let (rows, cols) = w.dims2().ok_or_else(|| {
             Error::format(
                 &ckpt.dir,
