@@ -19,7 +19,9 @@
 # - capped: decode with the process in a cgroup-v1 memory cgroup limited to
 #   $CAP_PCT% of the GGUF's size (page cache counts against the cap, so mmap'd
 #   weights beyond it are re-read from disk; llama.cpp runs with --repack 0 or
-#   it is OOM-killed while repacking).
+#   it is OOM-killed while repacking). smoe's `--ram-budget auto` reads the
+#   cgroup's limit and sizes its expert cache to what the backbone and a
+#   512-token KV cache leave.
 # Needs root for the cgroup, python3, pip, cmake (installed with apt if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +76,8 @@ setup() {
     [ -d "$VAULT" ] || "$SMOE" convert "$CKPT" -o "$VAULT" --experts q4_k --backbone "$BACKBONE" --quiet
 }
 
+tag() { sed "s/}\$/, \"mode\": \"$1\"}/"; }
+
 # Runs "$@" inside a fresh memory cgroup capped at $1 bytes.
 capped() {
     local cap=$1
@@ -83,8 +87,8 @@ capped() {
     echo "$cap" >"$cg/memory.limit_in_bytes"
     # Start from a cold page cache so neither engine inherits the other's pages.
     sync && echo 1 >/proc/sys/vm/drop_caches
-    (echo $BASHPID >"$cg/cgroup.procs" && exec "$@")
-    local rc=$?
+    local rc=0
+    (echo $BASHPID >"$cg/cgroup.procs" && "$@") || rc=$?
     rmdir "$cg" 2>/dev/null || true
     return $rc
 }
@@ -100,17 +104,17 @@ for r in json.load(sys.stdin):
     print(json.dumps({'engine': 'llama.cpp', 'kind': kind, 'tok_s': r['avg_ts']}))"
 }
 
-smoe_bench() { # prompt tokens, generated tokens, extra args...
-    local pp=$1 tg=$2
-    shift 2
-    "$SMOE" bench --model "$VAULT" --threads "$THREADS" --prompt-tokens "$pp" --gen-tokens "$tg" --repeat 1 --json "$@" |
+smoe_bench() { # prompt tokens, generated tokens, runs, extra args...
+    local pp=$1 tg=$2 runs=$3
+    shift 3
+    "$SMOE" bench --model "$VAULT" --threads "$THREADS" --prompt-tokens "$pp" --gen-tokens "$tg" \
+        --repeat "$runs" --json "$@" |
         python3 -c "
 import json, sys
 r = json.load(sys.stdin)
-s = r['runs'][0] if 'runs' in r else r
-print(json.dumps({'engine': 'smoe', 'kind': 'prefill', 'tok_s': s['prefill_tok_s']}))
-print(json.dumps({'engine': 'smoe', 'kind': 'decode', 'tok_s': s['decode_tok_s'],
-                  'bytes_per_token': s.get('bytes_read_per_token')}))"
+print(json.dumps({'engine': 'smoe', 'kind': 'prefill', 'tok_s': r['prefill_tok_s']}))
+print(json.dumps({'engine': 'smoe', 'kind': 'decode', 'tok_s': r['decode_tok_s'],
+                  'bytes_per_token': r['streaming']['bytes_read_per_token']}))"
 }
 
 setup
@@ -124,12 +128,14 @@ echo "model: synthetic Qwen3-30B-A3B, $LAYERS layers; llama.cpp $(basename "$GGU
 echo "       smoe $(basename "$VAULT") (q4_k experts, $BACKBONE backbone); $THREADS threads; median of $REPEAT"
 for r in $(seq "$REPEAT"); do
     echo "round $r/$REPEAT" >&2
-    llama_bench "$PP" 0 | sed 's/}$/, "mode": "resident"}/' >>"$OUT"
-    smoe_bench "$PP" 1 --ram-budget 100% | sed 's/}$/, "mode": "resident"}/' | grep prefill >>"$OUT"
-    llama_bench 0 "$TG" | sed 's/}$/, "mode": "resident"}/' >>"$OUT"
-    smoe_bench 8 "$TG" --ram-budget 100% | sed 's/}$/, "mode": "resident"}/' | grep decode >>"$OUT"
-    capped "$CAP" llama_bench 0 "$CAP_TG" --repack 0 | sed 's/}$/, "mode": "capped"}/' >>"$OUT"
-    capped "$CAP" smoe_bench 8 "$CAP_TG" --ram-budget auto | sed 's/}$/, "mode": "capped"}/' | grep decode >>"$OUT"
+    # llama-bench warms up before it measures; smoe bench's median of three
+    # runs is a warm one (the first fills the expert cache from disk).
+    llama_bench "$PP" 0 | tag resident >>"$OUT"
+    smoe_bench "$PP" 1 3 --ram-budget 8GiB | grep prefill | tag resident >>"$OUT"
+    llama_bench 0 "$TG" | tag resident >>"$OUT"
+    smoe_bench 8 "$TG" 3 --ram-budget 8GiB | grep decode | tag resident >>"$OUT"
+    capped "$CAP" llama_bench 0 "$CAP_TG" --repack 0 | tag capped >>"$OUT"
+    capped "$CAP" smoe_bench 8 "$CAP_TG" 1 --ram-budget auto --ctx 512 | grep decode | tag capped >>"$OUT"
 done
 python3 - "$OUT" "$CAP" <<'PY'
 import json, statistics, sys

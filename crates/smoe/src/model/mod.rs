@@ -257,12 +257,82 @@ fn plan_memory(
     })
 }
 
-/// MemAvailable from /proc/meminfo (Linux); None elsewhere.
+/// Memory this process can still use: MemAvailable from /proc/meminfo,
+/// capped by what its memory cgroup has left. In a container (or under a
+/// systemd or cgroup limit) the host's free memory is not ours, and a budget
+/// derived from it would get the process OOM-killed. None where neither is
+/// known (not Linux).
 pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let host = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        });
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|own| cgroup_headroom(&own, Path::new("/sys/fs/cgroup")));
+    match (host, cgroup) {
+        (Some(h), Some(c)) => Some(h.min(c)),
+        (h, c) => h.or(c),
+    }
+}
+
+/// Limit minus usage of the memory cgroup named in `own` (the text of
+/// /proc/self/cgroup), under the cgroup filesystem at `root`: v2's
+/// `memory.max`/`memory.current`, or v1's `memory/…/memory.limit_in_bytes`/
+/// `memory.usage_in_bytes`. Usage counts the page cache, so its inactive
+/// file pages, which the kernel reclaims before it kills anything, are
+/// counted as free. None without a finite limit.
+fn cgroup_headroom(own: &str, root: &Path) -> Option<u64> {
+    let read = |dir: &Path, file: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let stat = |dir: &Path, key: &str| -> u64 {
+        std::fs::read_to_string(dir.join("memory.stat"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    // Unlimited v1 groups report a page-rounded i64::MAX.
+    const UNLIMITED: u64 = 1 << 60;
+    for line in own.lines() {
+        // hierarchy-id:controllers:path
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let rel = path.trim_start_matches('/');
+        let (limit, usage, inactive) = if controllers.is_empty() {
+            let dir = root.join(rel);
+            (
+                read(&dir, "memory.max"),
+                read(&dir, "memory.current"),
+                stat(&dir, "inactive_file"),
+            )
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let dir = root.join("memory").join(rel);
+            (
+                read(&dir, "memory.limit_in_bytes"),
+                read(&dir, "memory.usage_in_bytes"),
+                stat(&dir, "total_inactive_file"),
+            )
+        } else {
+            continue;
+        };
+        if let (Some(limit), Some(usage)) = (limit, usage) {
+            if limit < UNLIMITED {
+                return Some(limit.saturating_sub(usage.saturating_sub(inactive)));
+            }
+        }
+    }
+    None
 }
 
 /// "1.50 GiB"-style sizes for messages.
@@ -456,4 +526,34 @@ pub(crate) fn check_input(cfg: &ModelConfig, ids: &[u32], cached: usize) -> Resu
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cgroup_headroom_reads_v1_and_v2_limits() {
+        let root = tempfile::tempdir().unwrap();
+        let v2 = root.path().join("user.slice/job");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join("memory.max"), "1073741824\n").unwrap();
+        std::fs::write(v2.join("memory.current"), "400000000\n").unwrap();
+        std::fs::write(v2.join("memory.stat"), "anon 1\ninactive_file 100000000\n").unwrap();
+        let own = "0::/user.slice/job\n";
+        assert_eq!(
+            super::cgroup_headroom(own, root.path()),
+            Some(1073741824 - 300000000)
+        );
+        std::fs::write(v2.join("memory.max"), "max\n").unwrap();
+        assert_eq!(super::cgroup_headroom(own, root.path()), None);
+
+        let v1 = root.path().join("memory/bench");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("memory.limit_in_bytes"), "536870912\n").unwrap();
+        std::fs::write(v1.join("memory.usage_in_bytes"), "600000000\n").unwrap();
+        let own = "12:pids:/x\n9:memory:/bench\n0::/\n";
+        // Over the limit with no reclaimable cache: nothing is left.
+        assert_eq!(super::cgroup_headroom(own, root.path()), Some(0));
+        std::fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        assert_eq!(super::cgroup_headroom(own, root.path()), None);
+    }
 }
