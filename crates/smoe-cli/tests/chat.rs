@@ -6,9 +6,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::*;
 use serde_json::{json, Value};
@@ -27,25 +26,7 @@ fn chat_command(model: &Path, state: &Path, extra: &[&str]) -> Command {
 
 fn chat_piped(model: &Path, extra: &[&str], input: &str) -> Output {
     let state = tempfile::tempdir().unwrap();
-    let mut child = chat_command(model, state.path(), extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "chat failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_piped(&mut chat_command(model, state.path(), extra), input)
 }
 
 /// (prefilled, reused) of every end-of-turn line in `text`.
