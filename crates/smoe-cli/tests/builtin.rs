@@ -28,19 +28,22 @@ fn smoe_in(cache: &Path, args: &[&str]) -> Output {
 }
 
 fn run_json(cache: &Path, prompt: &str) -> Value {
-    let out = smoe_in(
-        cache,
-        &[
-            "run",
-            "--prompt",
-            prompt,
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "64",
-            "--json",
-        ],
-    );
+    run_json_with(cache, prompt, &[])
+}
+
+fn run_json_with(cache: &Path, prompt: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "run",
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "64",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = smoe_in(cache, &args);
     serde_json::from_slice(&out.stdout).expect("run --json prints one JSON object")
 }
 
@@ -95,6 +98,32 @@ fn streams_under_a_quarter_of_its_experts() {
     assert!(stats["hits"].as_u64().unwrap() > 0, "{stats}");
     assert!(stats["misses"].as_u64().unwrap() > 0, "{stats}");
     assert!(stats["bytes_read"].as_u64().unwrap() > 0, "{stats}");
+}
+
+/// Streaming changes where the experts come from, never what they
+/// compute: a quarter budget, with and without read-ahead, writes the
+/// tokens the whole model in the cache writes, on text with real routing.
+#[test]
+fn any_budget_gives_the_same_replies() {
+    let cache = tempfile::tempdir().unwrap();
+    let prompts = [
+        "Say hello.",
+        "What is 47 + 38?",
+        "Spell the word garden.",
+        "Who are you?",
+    ];
+    for prompt in prompts {
+        let whole = run_json_with(cache.path(), prompt, &["--ram-budget", "64MiB"]);
+        let plan = &whole["stats"]["plan"];
+        assert!(
+            plan["cache_bytes"].as_u64() >= plan["expert_bytes"].as_u64(),
+            "{plan}"
+        );
+        for extra in [&[][..], &["--prefetch", "on"][..]] {
+            let streamed = run_json_with(cache.path(), prompt, extra);
+            assert_eq!(streamed["tokens"], whole["tokens"], "{prompt:?} {extra:?}");
+        }
+    }
 }
 
 /// The held-out set: prompts the training corpus never contained
