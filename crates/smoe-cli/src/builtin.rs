@@ -52,7 +52,12 @@ fn cache_root() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache").join("smoe"))
 }
 
-/// Names the embedded files and the vault format they convert to.
+/// Routed-expert type of the vault. q4_0 and not the converter's default
+/// q4_k: the model's rows of 128 and 64 weights are not whole q4_k blocks,
+/// and a vault that says q4_k while holding q4_0 would mislead.
+const EXPERTS: &str = "q4_0";
+
+/// Names the embedded files and what they convert to.
 fn key() -> String {
     let mut crc = crc32fast::Hasher::new();
     for (name, bytes) in FILES {
@@ -60,7 +65,7 @@ fn key() -> String {
         crc.update(&(bytes.len() as u64).to_le_bytes());
         crc.update(bytes);
     }
-    format!("builtin-v{VERSION}-{:08x}", crc.finalize())
+    format!("builtin-v{VERSION}-{EXPERTS}-{:08x}", crc.finalize())
 }
 
 /// The built-in model's vault, converted on first use. Concurrent first
@@ -86,7 +91,7 @@ pub fn vault() -> Result<PathBuf> {
             let source = dir.join("source");
             write_source(&source)?;
             let opts = ConvertOptions {
-                experts: DType::parse("q4_k").context("q4_k is a known type")?,
+                experts: DType::parse(EXPERTS).context("a known type")?,
                 backbone: DType::BF16,
                 allow_lossy: false,
                 stop_after_layers: None,
