@@ -4,14 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn builtin_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/builtin")
-}
 
 fn smoe_in(cache: &Path, args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_smoe"))
@@ -70,7 +66,7 @@ fn say_hello_converts_once_and_stops_on_im_end() {
     assert_eq!(json["stop_reason"], "eos");
     let im_end = json["tokens"].as_array().unwrap().last().unwrap().clone();
     let tok: Value = serde_json::from_str(
-        &std::fs::read_to_string(builtin_dir().join("tokenizer.json")).unwrap(),
+        &std::fs::read_to_string(common::builtin_model().join("tokenizer.json")).unwrap(),
     )
     .unwrap();
     let id = tok["added_tokens"]
@@ -131,7 +127,7 @@ fn any_budget_gives_the_same_replies() {
 #[test]
 fn held_out_evaluation_scores_at_least_80_percent() {
     let cache = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(builtin_dir().join("eval.json")).unwrap();
+    let text = std::fs::read_to_string(common::builtin_model().join("eval.json")).unwrap();
     let items: Vec<Value> = serde_json::from_str(&text).unwrap();
     assert!(items.len() >= 40, "{} prompts", items.len());
     let mut misses = Vec::new();
@@ -170,7 +166,11 @@ fn check_passes_on_the_builtin_model() {
     // The checkpoint in the repository passes as well as its vault.
     let out = smoe_in(
         cache.path(),
-        &["check", "--model", common::path_str(&builtin_dir())],
+        &[
+            "check",
+            "--model",
+            common::path_str(&common::builtin_model()),
+        ],
     );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().lines().last(),

@@ -1,8 +1,8 @@
 //! `smoe chat`: piped (clean text, exact prefix reuse, commands, the
 //! context limit) and through a pseudo-terminal (status line, Ctrl-C,
-//! /stats, /reset, Ctrl-D), on the fixture model. Its text is random, so
-//! the tests assert structure and counters, never content, and compute
-//! what the counters must be from `smoe template` and `smoe run`.
+//! /stats, /reset, Ctrl-D), on the built-in model (piped) and the fixture
+//! model (terminal). The tests assert structure and counters, not content,
+//! and compute what the counters must be from `smoe template` and `smoe run`.
 
 mod common;
 
@@ -123,7 +123,7 @@ fn roles(messages: &[Value]) -> Vec<&str> {
 
 #[test]
 fn piped_chat_reuses_the_conversation_and_prints_clean_text() {
-    let model = fixture("qwen3-moe-a");
+    let model = builtin_model();
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("c.json");
     let input = format!(
@@ -172,7 +172,7 @@ fn piped_chat_reuses_the_conversation_and_prints_clean_text() {
 
 #[test]
 fn commands_load_and_the_context_limit() {
-    let model = fixture("qwen3-moe-a");
+    let model = builtin_model();
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"[{"role": "user"}]"#).unwrap();

@@ -17,6 +17,12 @@ pub fn fixture(name: &str) -> PathBuf {
     fixtures().join(name)
 }
 
+/// The built-in model's checkpoint (models/builtin): trained, so its
+/// replies are text, unlike the random fixtures'.
+pub fn builtin_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/builtin")
+}
+
 pub fn smoe(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_smoe"))
         .args(args)
