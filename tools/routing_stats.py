@@ -13,7 +13,9 @@ experts the router picks for every token in every layer. Reports, per layer:
             usage distributions of the domains: 0 would mean every domain
             uses the experts alike;
   shuffled  the same JSD with the domain labels shuffled over the prompts
-            (mean of 20 seeded shuffles): what sampling noise alone gives.
+            (mean of 20 seeded shuffles): what sampling noise alone gives;
+  replies   JSD and shuffled JSD again over the reply tokens only (the
+            chat template around every prompt is the same in all domains).
 
 Needs torch, transformers and tokenizers (e.g. /root/venv-ref).
 """
@@ -70,29 +72,34 @@ def main():
     n_layers, n_experts, k = cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok
 
     items = json.loads(eval_path.read_text())
-    per_item, labels = [], []
+    per_item, per_reply, labels = [], [], []
     for item in items:
-        text = (f"<|im_start|>user\n{item['prompt']}<|im_end|>\n<|im_start|>assistant\n"
-                f"{item['expected']}<|im_end|>")
+        prompt = f"<|im_start|>user\n{item['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+        head = len(tok.encode(prompt, add_special_tokens=False).ids)
+        text = prompt + f"{item['expected']}<|im_end|>"
         ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
         with torch.no_grad():
             out = model(ids, output_router_logits=True)
-        counts = []
+        counts, reply = [], []
         for logits in out.router_logits:
-            top = logits.reshape(-1, n_experts).topk(k, dim=-1).indices.flatten()
-            counts.append(torch.bincount(top, minlength=n_experts).tolist())
+            top = logits.reshape(-1, n_experts).topk(k, dim=-1).indices
+            counts.append(torch.bincount(top.flatten(), minlength=n_experts).tolist())
+            reply.append(torch.bincount(top[head:].flatten(), minlength=n_experts).tolist())
         per_item.append(counts)
+        per_reply.append(reply)
         labels.append(item["domain"])
 
     layers = []
     for layer in range(n_layers):
         usage = normalize([sum(c[layer][e] for c in per_item) for e in range(n_experts)])
         real = mean_pairwise_jsd(per_item, labels, layer, n_experts)
-        shuffled = []
+        real_reply = mean_pairwise_jsd(per_reply, labels, layer, n_experts)
+        shuffled, shuffled_reply = [], []
         for seed in range(20):
             perm = labels[:]
             random.Random(seed).shuffle(perm)
             shuffled.append(mean_pairwise_jsd(per_item, perm, layer, n_experts))
+            shuffled_reply.append(mean_pairwise_jsd(per_reply, perm, layer, n_experts))
         layers.append({
             "layer": layer,
             "entropy_bits": entropy(usage),
@@ -100,6 +107,8 @@ def main():
             "max_share": max(usage),
             "domain_jsd": real,
             "shuffled_jsd": sum(shuffled) / len(shuffled),
+            "reply_jsd": real_reply,
+            "reply_shuffled_jsd": sum(shuffled_reply) / len(shuffled_reply),
         })
     report = {
         "prompts": len(items),
@@ -112,11 +121,13 @@ def main():
         return
     print(f"{len(items)} prompts, domains {', '.join(report['domains'])}; "
           f"uniform use would be {math.log2(n_experts):.2f} bits")
-    print("| layer | usage entropy (bits) | effective experts | busiest expert's share | domain JSD | shuffled-label JSD |")
-    print("|---|---|---|---|---|---|")
+    print("| layer | usage entropy (bits) | effective experts | busiest expert's share "
+          "| domain JSD | shuffled-label JSD | reply-token JSD | shuffled |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in layers:
         print(f"| {r['layer']} | {r['entropy_bits']:.2f} | {r['effective_experts']:.1f} | "
-              f"{100 * r['max_share']:.1f}% | {r['domain_jsd']:.3f} | {r['shuffled_jsd']:.3f} |")
+              f"{100 * r['max_share']:.1f}% | {r['domain_jsd']:.3f} | {r['shuffled_jsd']:.3f} | "
+              f"{r['reply_jsd']:.3f} | {r['reply_shuffled_jsd']:.3f} |")
 
 
 if __name__ == "__main__":
