@@ -79,6 +79,36 @@ fn say_hello_converts_once_and_stops_on_im_end() {
     assert_eq!(im_end, id, "the reply ends on <|im_end|>");
 }
 
+/// A first use that died half way leaves a partial source and a partial
+/// vault behind; the next run converts again and answers.
+#[test]
+fn an_interrupted_first_use_converts_again() {
+    let cache = tempfile::tempdir().unwrap();
+    smoe_in(cache.path(), &["check"]);
+    let root = cache.path().join("smoe");
+    let dir = std::fs::read_dir(&root)
+        .unwrap()
+        .next()
+        .expect("a built-in model directory")
+        .unwrap()
+        .path();
+    std::fs::remove_dir_all(dir.join("vault")).unwrap();
+    for partial in ["source.partial", "vault.partial"] {
+        std::fs::create_dir_all(dir.join(partial)).unwrap();
+    }
+    std::fs::write(dir.join("source.partial/config.json"), "{\"trunc").unwrap();
+    std::fs::write(dir.join("vault.partial/journal.json"), "{\"trunc").unwrap();
+    std::fs::write(dir.join("vault.partial/experts.bin"), [0u8; 100]).unwrap();
+
+    let out = smoe_in(
+        cache.path(),
+        &["run", "--prompt", "Say hello.", "--temperature", "0"],
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "Hello, world!\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("first use, converting"));
+    assert!(!dir.join("vault.partial").exists() && !dir.join("source").exists());
+}
+
 #[test]
 fn streams_under_a_quarter_of_its_experts() {
     let cache = tempfile::tempdir().unwrap();
