@@ -1,12 +1,15 @@
-//! `smoe bench`: medians of repeated prefill + decode runs, the streaming
-//! counters, and the I/O roofline measured with the engine's own reader.
+//! `smoe bench`: medians of repeated prefill + decode runs (of a synthetic
+//! prompt, or of a file of chat prompts), the streaming counters, and the
+//! I/O roofline measured with the engine's own reader.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
+use smoe::engine::{Engine, Prompt};
 use smoe::model::human_bytes;
 use smoe::vault::Vault;
 
@@ -22,6 +25,12 @@ pub(crate) struct BenchArgs {
     /// Tokens to decode per run (end-of-sequence is ignored).
     #[arg(long, default_value_t = 32)]
     gen_tokens: usize,
+    /// Chat prompts to run instead of a synthetic one: a JSON list of
+    /// strings or of objects with a "prompt" (models/builtin/eval.json).
+    /// Each run answers them all in turn, greedily, each reply ending on its
+    /// end-of-turn token or --gen-tokens; the counters are their sums.
+    #[arg(long, value_name = "FILE.json")]
+    prompts: Option<PathBuf>,
     /// Runs; the report gives medians. The cache stays warm between runs.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -39,7 +48,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
+pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
+    a.model.resolve()?;
     if a.prompt_tokens == 0 || a.repeat == 0 {
         bail!("--prompt-tokens and --repeat must be at least 1");
     }
@@ -49,8 +59,16 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
         gen_tokens: a.gen_tokens,
         seed: 0,
     };
+    let chats = a
+        .prompts
+        .as_deref()
+        .map(|f| chat_prompts(&engine, f))
+        .transpose()?;
     let runs = (0..a.repeat)
-        .map(|_| smoe::bench::run(&mut engine, &opts))
+        .map(|_| match &chats {
+            Some(p) => smoe::bench::run_prompts(&engine, p, a.gen_tokens),
+            None => smoe::bench::run(&mut engine, &opts),
+        })
         .collect::<smoe::Result<Vec<_>>>()?;
     let med = |f: &dyn Fn(&smoe::bench::BenchRun) -> f64| median(runs.iter().map(f).collect());
     let per_tok = |r: &smoe::bench::BenchRun, x: f64| x / r.decode_tokens.max(1) as f64;
@@ -62,8 +80,9 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
     });
     let mut report = json!({
         "model": a.model.model.display().to_string(),
-        "prompt_tokens": a.prompt_tokens,
-        "gen_tokens": a.gen_tokens,
+        "prompts": chats.as_ref().map(|p| p.len()),
+        "prompt_tokens": med(&|r| r.prefill_tokens as f64) as u64,
+        "gen_tokens": med(&|r| r.decode_tokens as f64) as u64,
         "repeat": a.repeat,
         "threads": rayon::current_num_threads(),
         "prefill_tok_s": med(&|r| r.prefill_tok_s),
@@ -106,10 +125,13 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
     let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
     writeln!(
         out,
-        "model {} | prompt {} tokens, {} generated, median of {} | {} threads",
+        "model {} | {}prompt {} tokens, {} generated, median of {} | {} threads",
         report["model"].as_str().unwrap_or(""),
-        a.prompt_tokens,
-        a.gen_tokens,
+        chats
+            .as_ref()
+            .map_or(String::new(), |p| format!("{} chat prompts: ", p.len())),
+        report["prompt_tokens"],
+        report["gen_tokens"],
         a.repeat,
         report["threads"]
     )?;
@@ -156,4 +178,33 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The chat-templated ids of each prompt in a JSON list of strings or of
+/// objects with a "prompt".
+fn chat_prompts(engine: &Engine, file: &Path) -> Result<Vec<Vec<u32>>> {
+    let list = smoe::error::read_json(file)?;
+    let items = list
+        .as_array()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("{}: expected a non-empty JSON list", file.display()))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let user = item
+                .as_str()
+                .or_else(|| item["prompt"].as_str())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: item {i} is neither a string nor an object with a \"prompt\"",
+                        file.display()
+                    )
+                })?;
+            Ok(engine.prompt_ids(&Prompt::Chat {
+                system: None,
+                user: user.to_string(),
+            })?)
+        })
+        .collect()
 }

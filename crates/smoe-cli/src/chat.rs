@@ -59,7 +59,8 @@ const HELP: &str = "\
 A line ending in \\ continues on the next line; pasted text may span lines.
 Ctrl-C stops a reply and keeps what was written of it.";
 
-pub fn chat(a: ChatArgs) -> Result<()> {
+pub fn chat(mut a: ChatArgs) -> Result<()> {
+    a.model.resolve()?;
     let params = a.sampling.params()?;
     let spinner = spinner(format!("loading {}", a.model.model.display()));
     let (engine, warnings) = crate::load_checked(&a.model, !a.no_check)?;

@@ -3,6 +3,7 @@
 //! user input.
 
 mod bench_cmd;
+mod builtin;
 mod chat;
 mod vault_cmd;
 
@@ -58,13 +59,18 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Checkpoint directory (config.json, safetensors, tokenizer files).
-    #[arg(long, value_name = "PATH")]
+    /// Checkpoint or vault directory (default: the built-in model, converted
+    /// to a vault in the cache directory on first use).
+    #[arg(long = "model", value_name = "PATH")]
+    given: Option<PathBuf>,
+    /// The directory in use, set by [`ModelArgs::resolve`].
+    #[arg(skip)]
     model: PathBuf,
     /// Worker threads for the kernels (default: one per physical core).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
-    /// RAM for the expert cache when streaming a vault: e.g. 2GiB, or auto.
+    /// RAM for the expert cache when streaming a vault: e.g. 2GiB, or auto
+    /// (the built-in model: a quarter of its experts, to show streaming).
     #[arg(long, default_value = "auto", value_parser = parse_budget)]
     ram_budget: Budget,
     /// Check each expert record's checksum as it is read.
@@ -83,6 +89,27 @@ struct ModelArgs {
     /// Prompt tokens per batched forward pass.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     prefill_chunk: u64,
+}
+
+impl ModelArgs {
+    /// Sets the model directory: `--model`, else the built-in model's
+    /// vault, converted on first use, whose automatic budget is a quarter
+    /// of its expert bytes so that it streams.
+    fn resolve(&mut self) -> Result<()> {
+        // Before the conversion, whose workers would claim the global pool.
+        set_threads(self.threads)?;
+        match &self.given {
+            Some(dir) => self.model = dir.clone(),
+            None => {
+                self.model = builtin::vault()?;
+                if matches!(self.ram_budget, Budget::Auto) {
+                    let experts = smoe::vault::Vault::open(&self.model)?.expert_bytes();
+                    self.ram_budget = Budget::Bytes(experts / builtin::DEFAULT_BUDGET_FRACTION);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -155,9 +182,9 @@ impl SamplingArgs {
 
 #[derive(Args)]
 struct CheckArgs {
-    /// Checkpoint or vault directory.
+    /// Checkpoint or vault directory (default: the built-in model).
     #[arg(long, value_name = "PATH")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Budget to check the fit with, as for run.
     #[arg(long, default_value = "auto", value_parser = parse_budget)]
     ram_budget: Budget,
@@ -354,12 +381,16 @@ fn load_checked(m: &ModelArgs, check: bool) -> Result<(Engine, Vec<String>)> {
 }
 
 fn check_cmd(a: CheckArgs) -> Result<()> {
+    let model = match a.model {
+        Some(dir) => dir,
+        None => builtin::vault()?,
+    };
     let opts = LoadOptions {
         ram_budget: a.ram_budget,
         ctx: a.ctx,
         ..Default::default()
     };
-    let findings = smoe::check::check(&a.model, &opts)?;
+    let findings = smoe::check::check(&model, &opts)?;
     let mut out = std::io::stdout().lock();
     for f in &findings {
         writeln!(out, "{f}")?;
@@ -367,7 +398,7 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
     let errors = findings.iter().filter(|f| f.is_error()).count();
     if errors > 0 {
         out.flush()?;
-        bail!("{}: {errors} problem(s) found", a.model.display());
+        bail!("{}: {errors} problem(s) found", model.display());
     }
     writeln!(out, "ok")?;
     Ok(())
@@ -412,7 +443,8 @@ fn peak_rss() -> Option<u64> {
     proc_kb("/proc/self/status", "VmHWM:")
 }
 
-fn run(a: RunArgs) -> Result<()> {
+fn run(mut a: RunArgs) -> Result<()> {
+    a.model.resolve()?;
     let (engine, warnings) = load_checked(&a.model, !a.no_check)?;
     for w in warnings {
         eprintln!("{w}");
@@ -532,7 +564,8 @@ fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn logits(a: LogitsArgs) -> Result<()> {
+fn logits(mut a: LogitsArgs) -> Result<()> {
+    a.model.resolve()?;
     let engine = load(&a.model)?;
     let mut session = engine.new_session();
     let mode = if a.all { Logits::All } else { Logits::Last };

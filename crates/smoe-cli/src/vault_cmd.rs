@@ -1,7 +1,7 @@
 //! Vault commands: `smoe convert`, `smoe verify` and `smoe inspect`.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -69,7 +69,18 @@ pub(crate) fn convert_cmd(a: ConvertArgs) -> Result<()> {
         allow_lossy: a.allow_lossy,
         stop_after_layers: a.stop_after_layers,
     };
-    let bar = if a.quiet {
+    convert_with_progress(&a.source, &a.output, &opts, a.quiet)
+}
+
+/// Converts behind a progress bar and reports sizes and quantization error
+/// (unless `quiet`): `smoe convert`, and the built-in model on first use.
+pub(crate) fn convert_with_progress(
+    source: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+    quiet: bool,
+) -> Result<()> {
+    let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
         let bar = indicatif::ProgressBar::new(0);
@@ -82,12 +93,12 @@ pub(crate) fn convert_cmd(a: ConvertArgs) -> Result<()> {
         );
         bar
     };
-    let report = convert(&a.source, &a.output, &opts, &mut |p| {
+    let report = convert(source, output, opts, &mut |p| {
         bar.set_length(p.total);
         bar.set_position(p.done);
     })?;
     bar.finish_and_clear();
-    if !a.quiet {
+    if !quiet {
         eprintln!(
             "wrote {} in {:.1}s: backbone {}, experts {}{}",
             report.dir.display(),

@@ -1,14 +1,13 @@
 //! `smoe chat`: piped (clean text, exact prefix reuse, commands, the
 //! context limit) and through a pseudo-terminal (status line, Ctrl-C,
-//! /stats, /reset, Ctrl-D), on the fixture model. Its text is random, so
-//! the tests assert structure and counters, never content, and compute
-//! what the counters must be from `smoe template` and `smoe run`.
+//! /stats, /reset, Ctrl-D), on the built-in model (piped) and the fixture
+//! model (terminal). The tests assert structure and counters, not content,
+//! and compute what the counters must be from `smoe template` and `smoe run`.
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::*;
 use serde_json::{json, Value};
@@ -27,25 +26,7 @@ fn chat_command(model: &Path, state: &Path, extra: &[&str]) -> Command {
 
 fn chat_piped(model: &Path, extra: &[&str], input: &str) -> Output {
     let state = tempfile::tempdir().unwrap();
-    let mut child = chat_command(model, state.path(), extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "chat failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_piped(&mut chat_command(model, state.path(), extra), input)
 }
 
 /// (prefilled, reused) of every end-of-turn line in `text`.
@@ -142,7 +123,7 @@ fn roles(messages: &[Value]) -> Vec<&str> {
 
 #[test]
 fn piped_chat_reuses_the_conversation_and_prints_clean_text() {
-    let model = fixture("qwen3-moe-a");
+    let model = builtin_model();
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("c.json");
     let input = format!(
@@ -191,7 +172,7 @@ fn piped_chat_reuses_the_conversation_and_prints_clean_text() {
 
 #[test]
 fn commands_load_and_the_context_limit() {
-    let model = fixture("qwen3-moe-a");
+    let model = builtin_model();
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"[{"role": "user"}]"#).unwrap();

@@ -1,6 +1,6 @@
-//! `smoe bench`: prefill and decode a synthetic prompt, and put the
-//! streaming counters next to what the disk can do, measured in the same
-//! run with the engine's own reader.
+//! `smoe bench`: prefill and decode a synthetic prompt (or a list of chat
+//! prompts), and put the streaming counters next to what the disk can do,
+//! measured in the same run with the engine's own reader.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
@@ -28,7 +28,41 @@ pub struct BenchRun {
     pub ttft_s: f64,
     pub prefill: StatsSnapshot,
     pub decode: StatsSnapshot,
+    pub prefill_tokens: usize,
     pub decode_tokens: usize,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+impl BenchRun {
+    /// Runs one after another taken as one: counters and times summed,
+    /// rates over the sums, the mean time to first token.
+    fn total(runs: &[BenchRun]) -> BenchRun {
+        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        let mut t = BenchRun {
+            prefill_tok_s: 0.0,
+            decode_tok_s: 0.0,
+            ttft_s: 0.0,
+            prefill: StatsSnapshot::default(),
+            decode: StatsSnapshot::default(),
+            prefill_tokens: 0,
+            decode_tokens: 0,
+            prefill_s: 0.0,
+            decode_s: 0.0,
+        };
+        for r in runs {
+            t.prefill += r.prefill;
+            t.decode += r.decode;
+            t.prefill_tokens += r.prefill_tokens;
+            t.decode_tokens += r.decode_tokens;
+            t.prefill_s += r.prefill_s;
+            t.decode_s += r.decode_s;
+            t.ttft_s += r.ttft_s / runs.len() as f64;
+        }
+        t.prefill_tok_s = rate(t.prefill_tokens, t.prefill_s);
+        t.decode_tok_s = rate(t.decode_tokens, t.decode_s);
+        t
+    }
 }
 
 /// Prompt ids drawn from the tokenizer's ordinary tokens (or the vocab),
@@ -55,14 +89,26 @@ pub fn prompt(engine: &Engine, n: usize, seed: u64) -> Vec<u32> {
 /// Prefills `prompt_tokens` and decodes `gen_tokens` greedily, ignoring
 /// end-of-sequence so every run decodes the same number of tokens.
 pub fn run(engine: &mut Engine, opts: &BenchOptions) -> Result<BenchRun> {
+    let ids = prompt(engine, opts.prompt_tokens, opts.seed);
     let eos = std::mem::take(&mut engine.eos_ids);
-    let result = measure(engine, opts);
+    let result = measure(engine, &ids, opts.gen_tokens);
     engine.eos_ids = eos;
     result
 }
 
-fn measure(engine: &Engine, opts: &BenchOptions) -> Result<BenchRun> {
-    let ids = prompt(engine, opts.prompt_tokens, opts.seed);
+/// Chat prompts one after another through one engine, as a server would
+/// see them: each reply runs greedily to its end-of-turn token (or
+/// `max_tokens`), the expert cache stays warm from prompt to prompt, and
+/// the counters are summed over all of them.
+pub fn run_prompts(engine: &Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Result<BenchRun> {
+    let runs = prompts
+        .iter()
+        .map(|ids| measure(engine, ids, max_tokens))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(BenchRun::total(&runs))
+}
+
+fn measure(engine: &Engine, ids: &[u32], gen_tokens: usize) -> Result<BenchRun> {
     let snap = || {
         engine
             .cache
@@ -77,9 +123,9 @@ fn measure(engine: &Engine, opts: &BenchOptions) -> Result<BenchRun> {
     let mut at_first = StatsSnapshot::default();
     let gen = engine.generate(
         &mut session,
-        &ids,
+        ids,
         &SamplingParams::default(),
-        opts.gen_tokens,
+        gen_tokens,
         |_| {
             if first.is_none() {
                 first = Some(start.elapsed().as_secs_f64());
@@ -94,7 +140,10 @@ fn measure(engine: &Engine, opts: &BenchOptions) -> Result<BenchRun> {
         ttft_s: first.unwrap_or(gen.timings.prefill_s),
         prefill: at_first.since(&before),
         decode: end.since(&at_first),
+        prefill_tokens: gen.timings.prefill_tokens,
         decode_tokens: gen.timings.decode_tokens,
+        prefill_s: gen.timings.prefill_s,
+        decode_s: gen.timings.decode_s,
     })
 }
 

@@ -128,6 +128,25 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
+/// Counters of separate stretches of work, taken together.
+impl std::ops::AddAssign for StatsSnapshot {
+    fn add_assign(&mut self, o: StatsSnapshot) {
+        self.hits += o.hits;
+        self.prefetch_hits += o.prefetch_hits;
+        self.misses += o.misses;
+        self.demand_bytes += o.demand_bytes;
+        self.prefetches += o.prefetches;
+        self.prefetch_bytes += o.prefetch_bytes;
+        self.prefetch_cancelled += o.prefetch_cancelled;
+        self.prefetch_wasted += o.prefetch_wasted;
+        self.predicted += o.predicted;
+        self.predicted_used += o.predicted_used;
+        self.routed += o.routed;
+        self.read_s += o.read_s;
+        self.blocked_s += o.blocked_s;
+    }
+}
+
 impl StatsSnapshot {
     pub fn since(&self, e: &StatsSnapshot) -> StatsSnapshot {
         StatsSnapshot {
