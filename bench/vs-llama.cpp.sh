@@ -60,17 +60,20 @@ setup() {
             -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
         cmake --build "$LLAMA/build" -j "$(nproc)" --target llama-bench llama-quantize
     fi
-    if [ ! -x "$VENV/bin/python" ]; then
-        python3 -m venv "$VENV"
-        # convert_hf_to_gguf.py imports torch; the CPU wheel is enough.
-        "$VENV/bin/pip" install --quiet numpy sentencepiece safetensors transformers torch
-        "$VENV/bin/pip" install --quiet "$LLAMA/gguf-py"
-    fi
     cargo build --release --quiet --bin smoe --example synth
     [ -d "$CKPT" ] || target/release/examples/synth --preset qwen3-30b-a3b --layers "$LAYERS" --tokenizer "$TOKENIZER" -o "$CKPT"
     if [ ! -f "$GGUF" ]; then
-        [ -f "$GGUF_BF16" ] || "$VENV/bin/python" "$LLAMA/convert_hf_to_gguf.py" "$CKPT" --outtype bf16 --outfile "$GGUF_BF16"
-        "$LLAMA/build/bin/llama-quantize" "$GGUF_BF16" "$GGUF" Q4_K_M "$THREADS"
+        if [ ! -f "$GGUF_BF16" ]; then
+            # convert_hf_to_gguf.py imports torch and transformers (~6 GB);
+            # the venv goes as soon as the GGUF exists.
+            python3 -m venv "$VENV"
+            "$VENV/bin/pip" install --quiet numpy sentencepiece safetensors transformers torch "$LLAMA/gguf-py"
+            "$VENV/bin/python" "$LLAMA/convert_hf_to_gguf.py" "$CKPT" --outtype bf16 --outfile "$GGUF_BF16.tmp"
+            mv "$GGUF_BF16.tmp" "$GGUF_BF16"
+            rm -rf "$VENV"
+        fi
+        "$LLAMA/build/bin/llama-quantize" "$GGUF_BF16" "$GGUF.tmp" Q4_K_M "$THREADS"
+        mv "$GGUF.tmp" "$GGUF"
         rm -f "$GGUF_BF16"
     fi
     [ -d "$VAULT" ] || "$SMOE" convert "$CKPT" -o "$VAULT" --experts q4_k --backbone "$BACKBONE" --quiet
