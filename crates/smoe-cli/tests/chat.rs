@@ -47,21 +47,6 @@ fn turns(text: &str) -> Vec<(usize, usize)> {
         .collect()
 }
 
-fn template_ids(model: &Path, messages: &[Value]) -> Vec<u32> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("m.json");
-    std::fs::write(&file, Value::from(messages.to_vec()).to_string()).unwrap();
-    let out = smoe_ok(&[
-        "template",
-        "--model",
-        path_str(model),
-        "--messages",
-        path_str(&file),
-        "--ids",
-    ]);
-    serde_json::from_str(out.trim()).unwrap()
-}
-
 /// Greedy continuation of `ids`, as a fresh `smoe run` gives it.
 fn run(model: &Path, ids: &[u32]) -> Value {
     let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
@@ -162,6 +147,8 @@ fn piped_chat_reuses_the_conversation_and_prints_clean_text() {
         roles(&messages),
         ["system", "user", "assistant", "user", "assistant"]
     );
+    assert_eq!(messages[2]["content"], "Hello, world!");
+    assert!(stdout.starts_with("Hello, world!\n"), "{stdout}");
     // The trailing backslash joined two lines into one message.
     assert_eq!(messages[3]["content"], "And\nagain?");
 

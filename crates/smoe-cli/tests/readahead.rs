@@ -31,27 +31,12 @@ fn builtin_vault(dir: &Path) -> PathBuf {
 }
 
 /// The chat prompt's token ids for one user message.
-fn prompt_ids(model: &Path, message: &str) -> Vec<u64> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("m.json");
-    std::fs::write(
-        &file,
-        json!([{"role": "user", "content": message}]).to_string(),
-    )
-    .unwrap();
-    let out = smoe_ok(&[
-        "template",
-        "--model",
-        path_str(model),
-        "--messages",
-        path_str(&file),
-        "--ids",
-    ]);
-    serde_json::from_str(out.trim()).unwrap()
+fn prompt_ids(model: &Path, message: &str) -> Vec<u32> {
+    template_ids(model, &[json!({"role": "user", "content": message})])
 }
 
-fn join(ids: &[u64]) -> String {
-    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+fn join(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 fn record(v: &Path) -> (u64, u64) {
@@ -106,7 +91,7 @@ fn prefetch_and_policy_never_change_the_output() {
     assert_eq!(want["text"], COUNTED, "{want}");
     // Logits at every position of the prompt and the reply: each decode
     // step's experts, not just the prompt's.
-    let tokens: Vec<u64> = serde_json::from_value(want["tokens"].clone()).unwrap();
+    let tokens: Vec<u32> = serde_json::from_value(want["tokens"].clone()).unwrap();
     let conversation = join(&[prompt, tokens].concat());
     let logits = |budget: &str, prefetch: &str, policy: &str| {
         smoe_ok(&[
