@@ -114,6 +114,7 @@ pub(crate) fn convert_with_progress(
                 String::new()
             }
         );
+        eprintln!("stored as {}", report.quant);
         eprintln!("quantization error (relative RMS of dequantized - original):");
         for (class, err) in &report.quant_error {
             eprintln!("  {class:<32} {err:.5}");
@@ -185,11 +186,7 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
     if smoe::vault::is_vault(&a.path) {
         let vault = Vault::open(&a.path)?;
         let m = &vault.manifest;
-        writeln!(
-            out,
-            "quant: experts {}, backbone {}",
-            m.quant.experts, m.quant.backbone
-        )?;
+        writeln!(out, "quant: {}", m.stored_quant())?;
         writeln!(
             out,
             "backbone bytes: {} | expert bytes: {}",

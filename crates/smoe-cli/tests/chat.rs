@@ -1,8 +1,8 @@
 //! `smoe chat`: piped (clean text, exact prefix reuse, commands, the
 //! context limit) and through a pseudo-terminal (status line, Ctrl-C,
-//! /stats, /reset, Ctrl-D), on the built-in model (piped) and the fixture
-//! model (terminal). The tests assert structure and counters, not content,
-//! and compute what the counters must be from `smoe template` and `smoe run`.
+//! /stats, /reset, Ctrl-D), on the built-in model, whose replies are text:
+//! the tests check the replies it was trained to give, and compute what
+//! the counters must be from `smoe template` and `smoe run`.
 
 mod common;
 
@@ -45,21 +45,6 @@ fn turns(text: &str) -> Vec<(usize, usize)> {
             (num(rest), num(&rest[reused..]))
         })
         .collect()
-}
-
-fn template_ids(model: &Path, messages: &[Value]) -> Vec<u32> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("m.json");
-    std::fs::write(&file, Value::from(messages.to_vec()).to_string()).unwrap();
-    let out = smoe_ok(&[
-        "template",
-        "--model",
-        path_str(model),
-        "--messages",
-        path_str(&file),
-        "--ids",
-    ]);
-    serde_json::from_str(out.trim()).unwrap()
 }
 
 /// Greedy continuation of `ids`, as a fresh `smoe run` gives it.
@@ -110,6 +95,20 @@ fn utf8(captured: &str) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// What the terminal shows of `captured` in the scrolling region: the
+/// status line, drawn between tokens inside a cursor save (`ESC 7`) and
+/// restore (`ESC 8`), taken out.
+fn visible(captured: &str) -> String {
+    let mut text = utf8(captured);
+    while let Some(start) = text.find("\x1b7") {
+        let end = text[start..]
+            .find("\x1b8")
+            .map_or(text.len(), |e| start + e + 2);
+        text.replace_range(start..end, "");
+    }
+    text
+}
+
 fn read_messages(path: &Path) -> Vec<Value> {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -148,6 +147,8 @@ fn piped_chat_reuses_the_conversation_and_prints_clean_text() {
         roles(&messages),
         ["system", "user", "assistant", "user", "assistant"]
     );
+    assert_eq!(messages[2]["content"], "Hello, world!");
+    assert!(stdout.starts_with("Hello, world!\n"), "{stdout}");
     // The trailing backslash joined two lines into one message.
     assert_eq!(messages[3]["content"], "And\nagain?");
 
@@ -233,7 +234,7 @@ fn commands_load_and_the_context_limit() {
 /// The acceptance session, through a pseudo-terminal as a person has it.
 #[test]
 fn terminal_session() {
-    let model = fixture("qwen3-moe-a");
+    let model = builtin_model();
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("c.json");
     // stty gives the pseudo-terminal a size, as a terminal window has; the
@@ -246,28 +247,34 @@ fn terminal_session() {
         .args(chat_command(&model, dir.path(), &["--token-delay-ms", "250"]).get_args())
         .env("XDG_STATE_HOME", dir.path());
     let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).unwrap();
-    let turn = |p: &mut rexpect::session::PtySession| -> (usize, usize) {
-        let (_, line) = p.exp_regex(r"\[prefill \d+ tok \(reused \d+\)").unwrap();
+    // Sends `line` and returns what the reply showed and its (prefilled,
+    // reused).
+    let turn = |p: &mut rexpect::session::PtySession, line: &str| -> (String, (usize, usize)) {
+        p.send_line(line).unwrap();
+        let (shown, counts) = p.exp_regex(r"\[prefill \d+ tok \(reused \d+\)").unwrap();
         p.exp_string("> ").unwrap();
-        turns(&line)[0]
+        (visible(&shown), turns(&counts)[0])
     };
 
     p.exp_string("Ctrl-D leaves").unwrap();
     p.exp_string("> ").unwrap();
     p.send_line("Say hello.").unwrap();
-    let status = utf8(&p.exp_regex(r"\[prefill").unwrap().0);
-    // The status line was drawn, at the bottom row of the terminal.
+    let (shown, _) = p.exp_regex(r"\[prefill").unwrap();
+    let status = utf8(&shown);
+    // The status line was drawn, at the bottom row of the terminal, and
+    // the reply streamed above it.
     assert!(
         status.contains("smoe ▸ ") && status.contains("tok/s │ RAM "),
         "{status:?}"
     );
     assert!(status.contains("\x1b[30;1H"), "{status:?}");
+    assert!(visible(&shown).contains("Hello, world!"), "{status:?}");
     let (_, line) = p.exp_regex(r" tok \(reused \d+\)").unwrap();
     p.exp_string("> ").unwrap();
     assert_eq!(line, " tok (reused 0)");
 
-    p.send_line("And again?").unwrap();
-    let second = turn(&mut p);
+    let (shown, second) = turn(&mut p, "What is 2 + 3?");
+    assert!(shown.contains("2 + 3 = 5."), "{shown:?}");
 
     p.send_line("/stats").unwrap();
     p.exp_string("the KV cache holds").unwrap();
@@ -275,7 +282,7 @@ fn terminal_session() {
     p.exp_string("> ").unwrap();
 
     // Ctrl-C while the reply streams: it stops, and the chat goes on.
-    p.send_line("Tell me more.").unwrap();
+    p.send_line("Count from 1 to 9.").unwrap();
     p.exp_string(&raw("smoe ▸ ")).unwrap();
     p.send_control('c').unwrap();
     p.exp_string("stop: cancelled]").unwrap();
@@ -291,8 +298,12 @@ fn terminal_session() {
     p.send_line("/reset").unwrap();
     p.exp_string("conversation cleared").unwrap();
     p.exp_string("> ").unwrap();
-    p.send_line("Hi.").unwrap();
-    assert_eq!(turn(&mut p).1, 0, "/reset emptied the cache");
+    let (shown, after_reset) = turn(&mut p, "Hi.");
+    assert_eq!(after_reset.1, 0, "/reset emptied the cache");
+    assert!(
+        shown.contains("Hello! How can I help you today?"),
+        "{shown:?}"
+    );
 
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
@@ -301,7 +312,6 @@ fn terminal_session() {
         other => panic!("chat ended with {other:?}"),
     }
 
-    // The stopped reply stayed in the conversation, as far as it got.
     let messages = read_messages(&saved);
     assert_eq!(
         roles(&messages),
@@ -315,12 +325,26 @@ fn terminal_session() {
             "assistant"
         ]
     );
+    assert_eq!(messages[2]["content"], "Hello, world!");
+    assert_eq!(messages[4]["content"], "2 + 3 = 5.");
+    // The stopped reply stayed in the conversation, as far as it got: the
+    // start of the count the whole reply gives.
+    let whole = run(&model, &template_ids(&model, &messages[..6]))["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stopped = messages[6]["content"].as_str().unwrap();
+    assert!(
+        whole.starts_with("1, 2, 3") && whole.starts_with(stopped) && stopped.len() < whole.len(),
+        "stopped at {stopped:?}, the whole reply is {whole:?}"
+    );
+    // Turn 2 prefilled only its new tokens.
     let (prefill, reused, prompt1) = expected_turn2(&model, &messages);
     assert_eq!(second, (prefill, reused));
     assert!(reused >= prompt1, "turn 2 prefilled turn 1's prompt again");
     let history = std::fs::read_to_string(dir.path().join("smoe/history")).unwrap();
     assert!(
-        history.contains("And again?") && history.contains("/stats"),
+        history.contains("What is 2 + 3?") && history.contains("/stats"),
         "{history}"
     );
 }

@@ -400,6 +400,51 @@ fn damaged_vaults_name_the_problem() {
     assert!(err.contains("different conversion"), "{err}");
 }
 
+/// The built-in model's expert rows (64 and 128 weights) are no whole
+/// q4_k block (256): asked for q4_k, they are stored as q4_0, and every
+/// summary says what is stored, not what was asked.
+#[test]
+fn summaries_report_the_stored_quant_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("v");
+    let out = smoe(&[
+        "convert",
+        path_str(&builtin_model()),
+        "-o",
+        path_str(&vault),
+        "--experts",
+        "q4_k",
+    ]);
+    let convert = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{convert}");
+    let stored =
+        "experts q4_0 (asked q4_k: rows of 64 and 128 weights are not whole q4_k blocks), \
+                  backbone bf16";
+    assert!(
+        convert.contains(&format!("stored as {stored}")),
+        "{convert}"
+    );
+    let parts = &manifest(&vault)["experts"][0]["parts"];
+    assert!(
+        (0..3).all(|i| parts[i]["dtype"] == "q4_0"),
+        "the manifest records the fallback: {parts}"
+    );
+
+    let inspect = smoe_ok(&["inspect", path_str(&vault)]);
+    assert!(inspect.contains(&format!("quant: {stored}")), "{inspect}");
+
+    let state = tempfile::tempdir().unwrap();
+    let mut chat = std::process::Command::new(env!("CARGO_BIN_EXE_smoe"));
+    chat.args(["chat", "--model", path_str(&vault), "--max-tokens", "8"])
+        .env("XDG_STATE_HOME", state.path());
+    let out = run_piped(&mut chat, "/quit\n");
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        summary.contains(&format!("weights  vault: {stored}")),
+        "{summary}"
+    );
+}
+
 #[test]
 fn inspect_describes_checkpoints_and_vaults() {
     let dir = tempfile::tempdir().unwrap();

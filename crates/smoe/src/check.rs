@@ -567,7 +567,7 @@ impl Footprint {
             q8_backbone_bytes: (q8 < resident && m.quant.backbone != "q8_0").then_some(q8),
             kv_bytes: cfg.kv_bytes(ctx),
             ctx,
-            quant: format!("experts {}, backbone {}", m.quant.experts, m.quant.backbone),
+            quant: m.stored_quant(),
             direct_io: Some(DirectFile::open(&vault.experts_path())?.direct),
         })
     }

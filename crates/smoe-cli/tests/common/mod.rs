@@ -126,3 +126,20 @@ pub fn run_piped(cmd: &mut Command, input: &str) -> Output {
     );
     out
 }
+
+/// The token ids `smoe template` renders `messages` to, with the
+/// generation prompt.
+pub fn template_ids(model: &Path, messages: &[Value]) -> Vec<u32> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.json");
+    std::fs::write(&file, Value::from(messages.to_vec()).to_string()).unwrap();
+    let out = smoe_ok(&[
+        "template",
+        "--model",
+        path_str(model),
+        "--messages",
+        path_str(&file),
+        "--ids",
+    ]);
+    serde_json::from_str(out.trim()).unwrap()
+}

@@ -78,6 +78,8 @@ pub struct ConvertReport {
     pub dir: PathBuf,
     pub backbone_bytes: u64,
     pub expert_bytes: u64,
+    /// What the weights are stored as: [`super::Manifest::stored_quant`].
+    pub quant: String,
     /// Relative RMS error per tensor class, e.g. "experts.gate_proj".
     pub quant_error: BTreeMap<String, f64>,
     pub resumed_layers: usize,
@@ -268,6 +270,7 @@ pub fn convert(
         dir: dst.to_path_buf(),
         backbone_bytes: vault.backbone_bytes(),
         expert_bytes: vault.expert_bytes(),
+        quant: manifest.stored_quant(),
         quant_error: manifest.quant_error,
         resumed_layers,
         seconds: start.elapsed().as_secs_f64(),

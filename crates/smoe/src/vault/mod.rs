@@ -19,7 +19,7 @@
 
 pub mod convert;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -59,8 +59,64 @@ pub struct Manifest {
     pub quant_error: BTreeMap<String, f64>,
 }
 
+impl Manifest {
+    /// What the weights are stored as, which [`QuantChoice`] alone would
+    /// misstate wherever rows fell back to another type, e.g. "experts q4_0
+    /// (asked q4_k: rows of 64 and 128 weights are not whole q4_k blocks),
+    /// backbone bf16". Norms and biases, always f32, are left out.
+    pub fn stored_quant(&self) -> String {
+        let experts = self
+            .experts
+            .iter()
+            .flat_map(|l| l.parts.iter().map(|p| (p.dtype.as_str(), p.shape[1])));
+        let backbone = self
+            .backbone
+            .values()
+            .filter(|t| t.shape.len() == 2)
+            .map(|t| (t.dtype.as_str(), t.shape[1]));
+        format!(
+            "experts {}, backbone {}",
+            stored_as(&self.quant.experts, experts),
+            stored_as(&self.quant.backbone, backbone)
+        )
+    }
+}
+
+/// One group of tensors' stored types, each with its number of tensors
+/// when they differ, and why they are not `asked`.
+fn stored_as<'a>(asked: &str, tensors: impl Iterator<Item = (&'a str, usize)>) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut widths = BTreeSet::new();
+    for (dtype, cols) in tensors {
+        *counts.entry(dtype).or_default() += 1;
+        if dtype != asked {
+            widths.insert(cols);
+        }
+    }
+    if widths.is_empty() {
+        return asked.to_string();
+    }
+    let mut counts: Vec<(&str, usize)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let types = match &counts[..] {
+        [(only, _)] => only.to_string(),
+        many => many
+            .iter()
+            .map(|(t, n)| format!("{t} ×{n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let widths: Vec<String> = widths.iter().map(usize::to_string).collect();
+    let widths = match widths.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => widths.concat(),
+    };
+    format!("{types} (asked {asked}: rows of {widths} weights are not whole {asked} blocks)")
+}
+
 /// What the user asked for; individual tensors may have fallen back to a
-/// wider type when their rows do not fit the block size (see the entries).
+/// wider type when their rows do not fit the block size (see the entries
+/// and [`Manifest::stored_quant`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QuantChoice {
     pub experts: String,
@@ -373,5 +429,27 @@ impl TensorSource for Backbone {
             ));
         }
         Ok(self.map.weight(start..end, dtype, shape.to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stored_as;
+
+    #[test]
+    fn stored_types_say_what_fell_back_and_why() {
+        let same = [("q8_0", 64), ("q8_0", 32)];
+        assert_eq!(stored_as("q8_0", same.into_iter()), "q8_0");
+        let all = [("q4_0", 128), ("q4_0", 128), ("q4_0", 64)];
+        assert_eq!(
+            stored_as("q4_k", all.into_iter()),
+            "q4_0 (asked q4_k: rows of 64 and 128 weights are not whole q4_k blocks)"
+        );
+        let some = [("q4_k", 512), ("q4_k", 512), ("q4_0", 96), ("bf16", 40)];
+        assert_eq!(
+            stored_as("q4_k", some.into_iter()),
+            "q4_k ×2, bf16 ×1, q4_0 ×1 \
+             (asked q4_k: rows of 40 and 96 weights are not whole q4_k blocks)"
+        );
     }
 }
