@@ -213,9 +213,15 @@ impl Engine {
         let mut sampler = Sampler::new(params.clone());
         // The repetition penalty sees the conversation so far, not just
         // the part this call prefills.
-        let mut history: Vec<u32> = session.tokens().unwrap_or_default().to_vec();
+        // Everything that grows per token is sized for the whole call up
+        // front, so the decode loop does not allocate.
+        let held = session.len();
+        let room = max_tokens.min(max_ctx.saturating_sub(held + prompt.len()));
+        session.reserve(prompt.len() + room);
+        let mut history: Vec<u32> = Vec::with_capacity(held + prompt.len() + room);
+        history.extend_from_slice(session.tokens().unwrap_or_default());
         history.extend_from_slice(prompt);
-        let mut tokens = Vec::new();
+        let mut tokens = Vec::with_capacity(room);
         let mut timings = Timings {
             prefill_tokens: prompt.len(),
             ..Default::default()

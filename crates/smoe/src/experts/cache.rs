@@ -98,6 +98,11 @@ struct State {
     failures: HashMap<usize, String>,
     /// Predicted experts per layer, for recall and precision.
     predicted: HashMap<usize, Vec<u32>>,
+    /// Slot lists of released [`Pinned`]s and the read list of the last
+    /// request, kept for the next one so that decode allocates nothing but
+    /// each read's completion.
+    spare_pins: Vec<Vec<(u32, usize)>>,
+    spare_jobs: Vec<ReadJob>,
 }
 
 struct Inner {
@@ -172,6 +177,8 @@ impl ExpertCache {
                     tick: 0,
                     failures: HashMap::new(),
                     predicted: HashMap::new(),
+                    spare_pins: Vec::new(),
+                    spare_jobs: Vec::new(),
                 }),
                 loaded: Condvar::new(),
                 verify,
@@ -224,11 +231,14 @@ impl ExpertCache {
             return;
         };
         let mut st = self.inner.lock();
-        st.predicted.insert(layer, experts.to_vec());
+        // Reuse the layer's list: the decode loop allocates nothing.
+        let pred = st.predicted.entry(layer).or_default();
+        pred.clear();
+        pred.extend_from_slice(experts);
         if !self.read_ahead {
             return;
         }
-        let mut jobs = Vec::new();
+        let mut jobs = std::mem::take(&mut st.spare_jobs);
         for &e in experts {
             if e as usize >= lay.offsets.len() {
                 continue;
@@ -249,9 +259,10 @@ impl ExpertCache {
         self.inner
             .stats
             .add_prefetches(jobs.len() as u64, (jobs.len() * lay.record_len) as u64);
-        for job in jobs {
+        for job in jobs.drain(..) {
             self.reader.submit(job);
         }
+        self.inner.lock().spare_jobs = jobs;
     }
 
     /// Makes `experts` of `layer` resident and pins them. At most
@@ -297,11 +308,12 @@ impl ExpertCache {
                 st.slots.len()
             )));
         }
-        if let Some(pred) = st.predicted.remove(&layer) {
+        if let Some(pred) = st.predicted.get_mut(&layer).filter(|p| !p.is_empty()) {
             let hit = pred.iter().filter(|e| experts.contains(e)).count();
             self.inner
                 .stats
                 .add_prediction(pred.len() as u64, hit as u64, experts.len() as u64);
+            pred.clear();
         }
         // This layer's predictions are being consumed now.
         for s in st
@@ -311,8 +323,9 @@ impl ExpertCache {
         {
             s.protected = false;
         }
-        let mut slots = Vec::with_capacity(experts.len());
-        let mut jobs = Vec::new();
+        let mut slots = st.spare_pins.pop().unwrap_or_default();
+        slots.clear();
+        let mut jobs = std::mem::take(&mut st.spare_jobs);
         let (mut hits, mut prefetch_hits) = (0u64, 0u64);
         for &e in experts {
             if e as usize >= lay.offsets.len() {
@@ -369,9 +382,10 @@ impl ExpertCache {
         }
         drop(st);
         let misses = jobs.len() as u64;
-        for job in jobs {
+        for job in jobs.drain(..) {
             self.reader.submit(job);
         }
+        self.inner.lock().spare_jobs = jobs;
         Ok(Pinned {
             cache: self,
             layer,
@@ -571,6 +585,7 @@ impl Drop for Pinned<'_> {
         for &(_, s) in &self.slots {
             st.slots[s].pins = st.slots[s].pins.saturating_sub(1);
         }
+        st.spare_pins.push(std::mem::take(&mut self.slots));
     }
 }
 

@@ -176,6 +176,18 @@ pub struct ReadJob {
     pub done: Box<dyn FnOnce(std::io::Result<()>, f64) + Send>,
 }
 
+/// Everything but the callback, which has nothing to show.
+impl std::fmt::Debug for ReadJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadJob")
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .field("priority", &self.priority)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Default)]
 struct Queues {
     demand: VecDeque<ReadJob>,

@@ -59,9 +59,8 @@ impl AttnShape {
 pub fn attention(q: &[f32], keys: &[f32], values: &[f32], s: AttnShape, out: &mut [f32]) {
     let (hd, vd) = (s.head_dim, s.v_dim);
     let group = s.n_heads / s.n_kv_heads;
-    out.par_chunks_mut(vd)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (i, o)| {
+    out.par_chunks_mut(vd).enumerate().for_each(|(i, o)| {
+        super::with_scratch(|scores| {
             let (tok, head) = (i / s.n_heads, i % s.n_heads);
             let kvh = head / group;
             let qpos = s.pos0 + tok;
@@ -78,7 +77,8 @@ pub fn attention(q: &[f32], keys: &[f32], values: &[f32], s: AttnShape, out: &mu
                 let v = &values[p * s.v_stride + kvh * vd..][..vd];
                 super::simd::axpy(*w, v, o);
             }
-        });
+        })
+    });
 }
 
 #[cfg(test)]

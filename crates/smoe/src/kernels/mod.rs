@@ -109,6 +109,18 @@ fn rows_per_task(rows: usize, cols: usize) -> usize {
     (rows / (threads * 4)).max(min_rows).min(rows.max(1))
 }
 
+/// Runs `f` with this thread's reusable f32 buffer (contents unspecified):
+/// per-task buffers from `for_each_init` are allocated anew for every split
+/// rayon makes, which is every call. Work stealing inside `f` could re-enter
+/// on the same thread; that rare case gets a fresh buffer.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    thread_local!(static BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) });
+    BUF.with(|b| match b.try_borrow_mut() {
+        Ok(mut v) => f(&mut v),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 /// A raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -156,9 +168,9 @@ pub fn matmul(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
     }
     let out = SharedOut(y.as_mut_ptr());
     let n_tasks = rows.div_ceil(chunk);
-    (0..n_tasks).into_par_iter().for_each_init(
-        || vec![0.0f32; cols],
-        |wrow, c| {
+    (0..n_tasks).into_par_iter().for_each(|c| {
+        with_scratch(|wrow| {
+            wrow.resize(cols, 0.0);
             for r in c * chunk..((c + 1) * chunk).min(rows) {
                 widen(w.dtype, w.row(r), wrow);
                 let mut tok = 0;
@@ -177,8 +189,8 @@ pub fn matmul(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
                     unsafe { *out.at(tk * rows + r) = val };
                 }
             }
-        },
-    );
+        })
+    });
 }
 
 #[cfg(test)]

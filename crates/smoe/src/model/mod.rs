@@ -414,6 +414,15 @@ impl KvCache {
         }
     }
 
+    /// Makes room for `extra` more positions in every layer at once.
+    pub fn reserve(&mut self, extra: usize) {
+        let (kw, vw) = (self.k_width, self.v_width);
+        for (k, v) in &mut self.layers {
+            k.reserve(((self.len + extra) * kw).saturating_sub(k.len()));
+            v.reserve(((self.len + extra) * vw).saturating_sub(v.len()));
+        }
+    }
+
     /// Appends `t` positions to one layer; `advance` commits them once every
     /// layer has.
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
@@ -455,6 +464,13 @@ impl Session {
             kv,
             ..Default::default()
         }
+    }
+
+    /// Makes room for `extra` more positions in the KV cache and the id
+    /// record, so that a generation allocates once instead of per doubling.
+    pub fn reserve(&mut self, extra: usize) {
+        self.kv.reserve(extra);
+        self.tokens.reserve(extra);
     }
 
     /// Tokens already processed.

@@ -1,0 +1,129 @@
+//! A warm decode step allocates nothing: every buffer of the forward pass,
+//! the kernels' quantized activations and the expert cache's bookkeeping
+//! are sized once and reused. Counted with a global allocator
+//! (this test binary only), resident and streamed from a q8_0 vault whose
+//! cache holds a third of the experts, so that misses, reads and evictions
+//! happen during the counted steps.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use smoe::engine::Engine;
+use smoe::kernels::DType;
+use smoe::model::{Budget, LoadOptions};
+use smoe::quant::QuantType;
+use smoe::sampler::SamplingParams;
+use smoe::vault::convert::{convert, ConvertOptions};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+/// Allocations made by decode steps 8 to 32 of one greedy generation, read
+/// from the token callback, so the prefill and the warm-up of every buffer
+/// (first steps) are outside the window; and the expert reads in the window.
+fn decode_allocations(engine: &Engine) -> (usize, u64) {
+    // transformers' greedy continuation of this prompt runs 32 tokens
+    // without an end-of-sequence id (fixtures/qwen3-moe-a/reference.json).
+    let prompt = [
+        50, 375, 289, 169, 233, 353, 150, 137, 340, 224, 104, 212, 25, 109,
+    ];
+    let misses = || {
+        engine
+            .cache
+            .as_ref()
+            .map_or(0, |c| c.stats().snapshot().misses)
+    };
+    let mut at = [(0usize, 0u64); 2];
+    let mut step = 0;
+    let mut session = engine.new_session();
+    let out = engine
+        .generate(
+            &mut session,
+            &prompt,
+            &SamplingParams::default(),
+            32,
+            |_| {
+                step += 1;
+                if step == 8 || step == 32 {
+                    at[step / 32] = (ALLOCATIONS.load(Ordering::Relaxed), misses());
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(out.tokens.len(), 32, "generation stopped early");
+    (at[1].0 - at[0].0, at[1].1 - at[0].1)
+}
+
+#[test]
+fn warm_decode_steps_allocate_nothing() {
+    let engine = Engine::load(&fixture("qwen3-moe-a")).unwrap();
+    let (resident, _) = decode_allocations(&engine);
+
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("vault");
+    let opts = ConvertOptions {
+        experts: DType::Quant(QuantType::Q8_0),
+        backbone: DType::BF16,
+        allow_lossy: false,
+        stop_after_layers: None,
+    };
+    convert(&fixture("qwen3-moe-a"), &vault, &opts, &mut |_| ()).unwrap();
+    let load = LoadOptions {
+        // 8 KiB records: 8 slots of 24 experts, a third of them.
+        ram_budget: Budget::Bytes(64 << 10),
+        ..LoadOptions::default()
+    };
+    let engine = Engine::load_with(&vault, &load).unwrap();
+    let (streamed, reads) = decode_allocations(&engine);
+    let stats = engine
+        .cache
+        .as_ref()
+        .expect("a vault streams")
+        .stats()
+        .snapshot();
+    assert!(stats.misses > 0 && stats.demand_bytes > 0, "{stats:?}");
+
+    // What may remain: each kernel thread's attention-score buffer grows
+    // with the context (doubling, so at most once or twice in this window),
+    // and each expert read carries its completion callback. One allocation
+    // per step would show as 24 or more.
+    let threads = rayon::current_num_threads();
+    println!(
+        "24 decode steps: {resident} allocations resident; {streamed} streamed, with {reads} reads"
+    );
+    assert!(
+        resident <= 2 * threads,
+        "24 warm decode steps allocated {resident} times"
+    );
+    assert!(reads > 0, "the window should read experts");
+    assert!(
+        streamed as u64 <= 2 * threads as u64 + reads,
+        "24 warm decode steps with {reads} expert reads allocated {streamed} times"
+    );
+}
