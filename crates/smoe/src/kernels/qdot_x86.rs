@@ -7,9 +7,13 @@
 //! backbones in by default: Q4_K and Q8_0, and Q4_0, the fallback for rows
 //! that are not a multiple of 256 (small models' down projections).
 //!
-//! Each keeps eight f32 partial sums across blocks and reduces them once per
-//! row; the products inside a block are exact integers, so results differ
-//! from candle's scalar code only in the order of f32 additions.
+//! Each takes one weight row and `N` activation rows (tokens) at once: a
+//! weight block is loaded and unpacked once and then applied to every token,
+//! which is what makes prefill fast, since unpacking nibbles and scales costs
+//! as much as the products themselves. `N = 1` is the matrix-vector product
+//! of decode. Each token keeps eight f32 partial sums across blocks, reduced
+//! once per row; the products inside a block are exact integers, so results
+//! differ from candle's scalar code only in the order of f32 additions.
 //!
 //! The layouts (all little-endian, `repr(C)` in candle):
 //! - Q8_0 and Q4_0: f16 scale `d`, then 32 i8 values, or 16 bytes of nibbles
@@ -50,57 +54,66 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
 
-/// Signed i8 x i8 products of 32 lanes, summed in fours into 8 i32. The
-/// `maddubs` instruction wants one unsigned operand, so the sign of `x`
-/// moves onto `y`. Q8 quantizers produce [-127, 127], so no pair saturates.
+/// Adds one block's products of 32 signed weights `x` (scale `dw`) with the
+/// Q8_0 block at `a[k]` of each token to `acc[k]`.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
-    let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block32<const N: usize>(acc: &mut [__m256; N], x: __m256i, dw: f32, a: [*const u8; N]) {
+    // `maddubs` wants one unsigned operand, so the sign of `x` moves onto
+    // the activations. Q8 quantizers produce [-127, 127], so no pair of
+    // products saturates its i16.
+    let ax = _mm256_sign_epi8(x, x);
+    let ones = _mm256_set1_epi16(1);
+    for k in 0..N {
+        let y = _mm256_loadu_si256(a[k].add(2).cast());
+        let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(y, x));
+        let d = _mm256_set1_ps(dw * f16_at(a[k]));
+        acc[k] = _mm256_fmadd_ps(
+            d,
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)),
+            acc[k],
+        );
+    }
 }
 
-/// Q8_0 weights against Q8_0 activations, `blocks` blocks of each.
+/// Q8_0 weights against the Q8_0 activations of `N` tokens, `blocks` blocks
+/// of each.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0(w: &[u8], a: &[u8], blocks: usize) -> f32 {
-    assert!(w.len() >= blocks * Q8_0 && a.len() >= blocks * Q8_0);
-    let (w, a) = (w.as_ptr(), a.as_ptr());
-    let mut acc = _mm256_setzero_ps();
+pub unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q8_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
+    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
+    let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..blocks {
-        let (wb, ab) = (w.add(b * Q8_0), a.add(b * Q8_0));
+        let wb = w.add(b * Q8_0);
         let x = _mm256_loadu_si256(wb.add(2).cast());
-        let y = _mm256_loadu_si256(ab.add(2).cast());
-        let d = _mm256_set1_ps(f16_at(wb) * f16_at(ab));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(x, y)), acc);
+        block32(&mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
     }
-    hsum(acc)
+    acc.map(|v| hsum(v))
 }
 
-/// Q4_0 weights against Q8_0 activations.
+/// Q4_0 weights against the Q8_0 activations of `N` tokens.
 ///
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_0(w: &[u8], a: &[u8], blocks: usize) -> f32 {
-    assert!(w.len() >= blocks * Q4_0 && a.len() >= blocks * Q8_0);
-    let (w, a) = (w.as_ptr(), a.as_ptr());
+pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q4_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
+    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
     let low = _mm256_set1_epi8(0x0F);
     let eight = _mm256_set1_epi8(8);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..blocks {
-        let (wb, ab) = (w.add(b * Q4_0), a.add(b * Q8_0));
+        let wb = w.add(b * Q4_0);
         let packed = _mm_loadu_si128(wb.add(2).cast());
         // Low nibbles are elements 0..16, high nibbles 16..32.
         let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
         let x = _mm256_sub_epi8(_mm256_and_si256(both, low), eight);
-        let y = _mm256_loadu_si256(ab.add(2).cast());
-        let d = _mm256_set1_ps(f16_at(wb) * f16_at(ab));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(x, y)), acc);
+        block32(&mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
     }
-    hsum(acc)
+    acc.map(|v| hsum(v))
 }
 
 /// The eight 6-bit scales and eight 6-bit mins of a Q4_K block, unpacked
@@ -126,58 +139,61 @@ fn scales_mins(p: &[u8]) -> [u8; 16] {
     out
 }
 
-/// Q4_K weights against Q8_K activations. A block's product is
-/// `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`, where the
-/// sums of q8 come precomputed in the activation block.
+/// Q4_K weights against the Q8_K activations of `N` tokens. A block's
+/// product is `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`,
+/// where the sums of q8 come precomputed in the activation block.
 ///
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k(w: &[u8], a: &[u8], blocks: usize) -> f32 {
-    assert!(w.len() >= blocks * Q4K && a.len() >= blocks * Q8K);
+pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q4K && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
     let low = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_min = _mm_setzero_ps();
-    for b in 0..blocks {
-        let wb = &w[b * Q4K..(b + 1) * Q4K];
-        let ab = &a[b * Q8K..(b + 1) * Q8K];
-        let d8 = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (b, wb) in w.chunks_exact(Q4K).take(blocks).enumerate() {
+        let ab = a.map(|a| a.add(b * Q8K));
         let sm = scales_mins(&wb[4..16]);
         let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr().cast()));
-        let q4 = wb[16..].as_ptr();
-        let q8 = ab[4..].as_ptr();
-
-        // The sixteen sums of 16 activations, added in pairs to match the
-        // eight mins (each covers 32 weights).
-        let bsums = _mm256_loadu_si256(ab[260..].as_ptr().cast());
-        let pair_sums = _mm_hadd_epi16(
-            _mm256_castsi256_si128(bsums),
-            _mm256_extracti128_si256(bsums, 1),
-        );
-        let mins = _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pair_sums);
-        let dmin = _mm_set1_ps(f16_at(wb.as_ptr().add(2)) * d8);
-        acc_min = _mm_fmadd_ps(dmin, _mm_cvtepi32_ps(mins), acc_min);
-
         let mut scales = [0i16; 8];
         _mm_storeu_si128(scales.as_mut_ptr().cast(), _mm256_castsi256_si128(sm));
-        let mut sumi = _mm256_setzero_si256();
+        let q4 = wb[16..].as_ptr();
+
+        let mut sumi = [_mm256_setzero_si256(); N];
         for c in 0..4 {
             let bits = _mm256_loadu_si256(q4.add(32 * c).cast());
             let lo = _mm256_and_si256(bits, low);
             let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low);
-            let a_lo = _mm256_loadu_si256(q8.add(64 * c).cast());
-            let a_hi = _mm256_loadu_si256(q8.add(64 * c + 32).cast());
-            // u8 x i8 pairs summed into i16: at most 2*15*128, no overflow.
-            let p_lo = _mm256_maddubs_epi16(lo, a_lo);
-            let p_hi = _mm256_maddubs_epi16(hi, a_hi);
-            let s_lo = _mm256_madd_epi16(p_lo, _mm256_set1_epi16(scales[2 * c]));
-            let s_hi = _mm256_madd_epi16(p_hi, _mm256_set1_epi16(scales[2 * c + 1]));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(s_lo, s_hi));
+            let s_lo = _mm256_set1_epi16(scales[2 * c]);
+            let s_hi = _mm256_set1_epi16(scales[2 * c + 1]);
+            for k in 0..N {
+                let q8 = ab[k].add(4 + 64 * c);
+                let a_lo = _mm256_loadu_si256(q8.cast());
+                let a_hi = _mm256_loadu_si256(q8.add(32).cast());
+                // u8 x i8 pairs summed into i16: at most 2*15*128, no overflow.
+                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a_lo), s_lo);
+                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a_hi), s_hi);
+                sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(p_lo, p_hi));
+            }
         }
-        let d = _mm256_set1_ps(f16_at(wb.as_ptr()) * d8);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+
+        let mins = _mm256_extracti128_si256(sm, 1);
+        let (d, dmin) = (f16_at(wb.as_ptr()), f16_at(wb.as_ptr().add(2)));
+        for k in 0..N {
+            let d8 = ab[k].cast::<f32>().read_unaligned();
+            // The sixteen sums of 16 activations, added in pairs to match the
+            // eight mins (each covers 32 weights); their four i32 products
+            // take the low lanes of an eight-lane vector.
+            let bsums = _mm256_loadu_si256(ab[k].add(260).cast());
+            let pair_sums = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256(bsums, 1),
+            );
+            let m = _mm_madd_epi16(mins, pair_sums);
+            let m = _mm256_cvtepi32_ps(_mm256_set_m128i(_mm_setzero_si128(), m));
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+            acc[k] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * d8), m, acc[k]);
+        }
     }
-    let m = _mm_add_ps(acc_min, _mm_movehl_ps(acc_min, acc_min));
-    let m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
-    hsum(acc) - _mm_cvtss_f32(m)
+    acc.map(|v| hsum(v))
 }

@@ -65,7 +65,9 @@ impl QuantScratch {
 ///
 /// Output rows are split across rayon's global pool; within a task each
 /// weight row is dotted with every token before the next is loaded, so with
-/// several tokens a row is read from memory once. Quantizing the activations
+/// several tokens a row is read from memory once, and each kernel call
+/// applies the row to `pass` tokens (at most [`MAX_PASS`]), unpacking each
+/// weight block once for all of them. Quantizing the activations
 /// to 8 bits costs each dot product an RMS error of 0.5-0.8% of
 /// `sqrt(sum_i (w_i x_i)^2)`, compared with f32 products of the dequantized
 /// weights.
@@ -83,6 +85,7 @@ pub fn matmul_quant(
     t: usize,
     y: &mut [f32],
     scratch: &mut QuantScratch,
+    pass: usize,
 ) {
     assert_eq!(x.len(), t * cols, "matmul_quant: activation shape");
     assert_eq!(y.len(), t * rows, "matmul_quant: output shape");
@@ -108,30 +111,75 @@ pub fn matmul_quant(
     // AVX2 paths of our own.
     #[cfg(target_arch = "x86_64")]
     if qdot_x86::available() {
-        // SAFETY (each closure): `available` checked the CPU features.
-        macro_rules! avx2 {
-            ($f:ident) => {
-                |_, w, a| unsafe { qdot_x86::$f(bytes_of(w), bytes_of(a), w.len()) }
-            };
-        }
         match qt {
             QuantType::Q4K => {
-                return matmul_typed::<BlockQ4K>(w, rows, cols, x, t, y, scratch, avx2!(q4k))
+                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q4K);
             }
             QuantType::Q8_0 => {
-                return matmul_typed::<BlockQ8_0>(w, rows, cols, x, t, y, scratch, avx2!(q8_0))
+                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q8_0);
             }
             QuantType::Q4_0 => {
-                return matmul_typed::<BlockQ4_0>(w, rows, cols, x, t, y, scratch, avx2!(q4_0))
+                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q4_0);
             }
             _ => {}
         }
     }
-    with_block_type!(qt, B => matmul_typed::<B>(w, rows, cols, x, t, y, scratch, B::vec_dot))
+    with_block_type!(qt, B => matmul_typed::<B, _>(w, rows, cols, x, t, y, scratch, pass, Candle))
 }
 
+/// The most tokens a kernel call takes: four tokens' accumulators plus one
+/// unpacked weight block fill AVX2's sixteen registers.
+pub const MAX_PASS: usize = 4;
+
+/// Dot products of one weight row with `N` activation rows. Generic rather
+/// than a fn pointer, so each kernel is called directly: a row of a down
+/// projection is only three Q4_K blocks, where an indirect call per row is
+/// measurable.
+trait RowDot<B: Block>: Sync
+where
+    B::VecDotType: Block,
+{
+    fn dot<const N: usize>(&self, w: &[B], a: [&[B::VecDotType]; N]) -> [f32; N];
+}
+
+/// candle's dot products, one token at a time.
+struct Candle;
+
+impl<B: Block> RowDot<B> for Candle
+where
+    B::VecDotType: Block,
+{
+    fn dot<const N: usize>(&self, w: &[B], a: [&[B::VecDotType]; N]) -> [f32; N] {
+        a.map(|a| B::vec_dot(w.len() * B::BLCK_SIZE, w, a))
+    }
+}
+
+/// The `qdot_x86` kernels, constructed only where `qdot_x86::available()`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx2_kernel {
+    ($name:ident, $block:ty, $f:ident) => {
+        struct $name;
+        impl RowDot<$block> for $name {
+            fn dot<const N: usize>(
+                &self,
+                w: &[$block],
+                a: [&[<$block as GgmlType>::VecDotType]; N],
+            ) -> [f32; N] {
+                // SAFETY: the kernel type exists only once `available` held.
+                unsafe { qdot_x86::$f(bytes_of(w), a.map(bytes_of), w.len()) }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+avx2_kernel!(Avx2Q4K, BlockQ4K, q4k);
+#[cfg(target_arch = "x86_64")]
+avx2_kernel!(Avx2Q8_0, BlockQ8_0, q8_0);
+#[cfg(target_arch = "x86_64")]
+avx2_kernel!(Avx2Q4_0, BlockQ4_0, q4_0);
+
 #[allow(clippy::too_many_arguments)]
-fn matmul_typed<B: Block>(
+fn matmul_typed<B: Block, K: RowDot<B>>(
     w: &[u8],
     rows: usize,
     cols: usize,
@@ -139,10 +187,8 @@ fn matmul_typed<B: Block>(
     t: usize,
     y: &mut [f32],
     scratch: &mut QuantScratch,
-    // Generic rather than a fn pointer, so each kernel is called directly:
-    // a row of a down projection is only three Q4_K blocks, where an
-    // indirect call per row is measurable.
-    dot: impl Fn(usize, &[B], &[B::VecDotType]) -> f32 + Sync,
+    pass: usize,
+    kernel: K,
 ) where
     B::VecDotType: Block,
 {
@@ -150,6 +196,7 @@ fn matmul_typed<B: Block>(
     const { assert!(B::BLCK_SIZE == B::VecDotType::BLCK_SIZE) };
     let w = as_blocks::<B>(w).unwrap_or_else(|e| panic!("matmul_quant: {e}"));
     let nb = cols / B::BLCK_SIZE;
+    let pass = pass.clamp(1, MAX_PASS);
 
     let xq = scratch.blocks::<B::VecDotType>(t * nb);
     xq.par_chunks_mut(nb)
@@ -163,10 +210,24 @@ fn matmul_typed<B: Block>(
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
         for r in c * chunk..((c + 1) * chunk).min(rows) {
             let wr = &w[r * nb..(r + 1) * nb];
-            for (tk, xr) in xq.chunks_exact(nb).enumerate() {
-                let v = dot(cols, wr, xr);
-                // SAFETY: row r belongs to this task only; tk * rows + r < t * rows.
-                unsafe { *out.at(tk * rows + r) = v };
+            let mut tk = 0;
+            while tk < t {
+                let n = pass.min(t - tk);
+                let put = |vals: &[f32]| {
+                    for (k, &v) in vals.iter().enumerate() {
+                        // SAFETY: row r belongs to this task only;
+                        // (tk + k) * rows + r < t * rows.
+                        unsafe { *out.at((tk + k) * rows + r) = v };
+                    }
+                };
+                let tok = |k: usize| &xq[(tk + k) * nb..(tk + k + 1) * nb];
+                match n {
+                    1 => put(&kernel.dot(wr, [tok(0)])),
+                    2 => put(&kernel.dot(wr, [tok(0), tok(1)])),
+                    3 => put(&kernel.dot(wr, [tok(0), tok(1), tok(2)])),
+                    _ => put(&kernel.dot(wr, [tok(0), tok(1), tok(2), tok(3)])),
+                }
+                tk += n;
             }
         }
     });
@@ -184,54 +245,67 @@ fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
 mod tests {
     use super::*;
 
-    /// Each AVX2 kernel against candle's portable `vec_dot_unopt` on the
-    /// same quantized blocks, over block counts that do and do not fill the
-    /// kernels' 8-lane accumulators evenly. Both sum the same exact integers
+    /// Every output of the AVX2 kernels, called with one to four tokens at
+    /// once, against candle's portable `vec_dot_unopt` on the same quantized
+    /// blocks: random row, block and token counts, including token counts
+    /// that leave each remainder of a four-token pass and block counts that
+    /// do not fill the accumulators evenly. Both sum the same exact integers
     /// per block and differ only in the order of the f32 sums across blocks,
     /// so they agree to f32 rounding: 1e-5 of the products' scale
-    /// `|x|*|w|`. A wrong nibble, scale or min would be off by ~10%.
+    /// `|x|*|w|`. A wrong nibble, scale, min or token would be off by ~10%.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_kernels_match_candle_scalar() {
-        use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
-        fn check<B: Block>(qt: QuantType, kernel: unsafe fn(&[u8], &[u8], usize) -> f32)
+        use rand_chacha::rand_core::{RngCore, SeedableRng};
+        fn check<B: Block>(qt: QuantType, rng: &mut rand_chacha::ChaCha8Rng)
         where
             B::VecDotType: Block,
         {
-            for (i, nb) in [1usize, 2, 3, 5, 8, 9, 24].into_iter().enumerate() {
+            let mut scratch = QuantScratch::default();
+            let mut upto = |n: u64| 1 + (rng.next_u64() % n) as usize;
+            for case in 0..12u64 {
+                let (nb, rows, t) = (upto(12), upto(13), upto(13));
                 let cols = nb * B::BLCK_SIZE;
-                let seed = 30 + i as u64;
-                let w = quantize(qt, &normal(cols, seed), cols);
+                let w = quantize(qt, &normal(rows * cols, 30 + case), cols);
                 let wb = as_blocks::<B>(w.bytes()).unwrap();
+                let mut wd = vec![0.0; rows * cols];
+                dequantize_rows(qt, w.bytes(), cols, &mut wd).unwrap();
                 // Activations of uneven magnitude, as hidden states are.
-                let x: Vec<f32> = normal(cols, seed + 100)
+                let x: Vec<f32> = normal(t * cols, 130 + case)
                     .iter()
                     .enumerate()
                     .map(|(j, v)| v * (1.0 + (j % 7) as f32))
                     .collect();
-                let mut xq = vec![B::VecDotType::zeros(); nb];
-                B::VecDotType::from_float(&x, &mut xq);
-                let want = B::vec_dot_unopt(cols, wb, &xq);
-                // SAFETY: only called where `available` holds.
-                let got = unsafe { kernel(bytes_of(wb), bytes_of(&xq), nb) };
+                let mut xq = vec![B::VecDotType::zeros(); t * nb];
+                for (q, xr) in xq.chunks_mut(nb).zip(x.chunks(cols)) {
+                    B::VecDotType::from_float(xr, q);
+                }
                 let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
-                let mut wd = vec![0.0; cols];
-                crate::quant::dequantize_rows(qt, w.bytes(), cols, &mut wd).unwrap();
-                let scale = norm(&x) * norm(&wd);
-                assert!(
-                    (got - want).abs() <= 1e-5 * scale,
-                    "{} with {nb} blocks: {got} vs {want}",
-                    qt.name()
-                );
+                for pass in 1..=MAX_PASS {
+                    let mut y = vec![f32::NAN; t * rows];
+                    matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, &mut scratch, pass);
+                    for (i, &got) in y.iter().enumerate() {
+                        let (tk, r) = (i / rows, i % rows);
+                        let xr = &xq[tk * nb..(tk + 1) * nb];
+                        let want = B::vec_dot_unopt(cols, &wb[r * nb..(r + 1) * nb], xr);
+                        let scale = norm(&x[tk * cols..][..cols]) * norm(&wd[r * cols..][..cols]);
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale,
+                            "{} [{rows}, {cols}] t={t} pass={pass} y[{tk}, {r}]: {got} vs {want}",
+                            qt.name()
+                        );
+                    }
+                }
             }
         }
         if !qdot_x86::available() {
             eprintln!("no AVX2/FMA/F16C here: nothing to compare");
             return;
         }
-        check::<BlockQ4K>(QuantType::Q4K, qdot_x86::q4k);
-        check::<BlockQ8_0>(QuantType::Q8_0, qdot_x86::q8_0);
-        check::<BlockQ4_0>(QuantType::Q4_0, qdot_x86::q4_0);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+        check::<BlockQ4K>(QuantType::Q4K, &mut rng);
+        check::<BlockQ8_0>(QuantType::Q8_0, &mut rng);
+        check::<BlockQ4_0>(QuantType::Q4_0, &mut rng);
     }
     use crate::quant::dequantize_rows;
     use crate::quant::tests::{normal, quantize, Aligned};
@@ -268,12 +342,14 @@ mod tests {
             }
             for (rows, cols) in shapes {
                 let w = quantize(qt, &normal(rows * cols, 10), cols);
-                for t in [1, 3, 5] {
+                let w = w.bytes();
+                for t in [1, 3, 5, 9] {
                     let x = normal(t * cols, 20 + t as u64);
                     let mut y = vec![f32::NAN; t * rows];
-                    matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, &mut scratch);
+                    let s = &mut scratch;
+                    matmul_quant(qt, w, rows, cols, &x, t, &mut y, s, MAX_PASS);
                     for (i, (&got, (want, scale))) in
-                        y.iter().zip(reference(qt, w.bytes(), cols, &x)).enumerate()
+                        y.iter().zip(reference(qt, w, cols, &x)).enumerate()
                     {
                         let rel = (got as f64 - want).abs() / scale;
                         worst = worst.max(rel);
@@ -304,8 +380,9 @@ mod tests {
         let mut run = |t: usize| {
             let x = normal(t * cols, 6);
             let mut y = vec![0.0; t * rows];
-            matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, &mut scratch);
-            scratch.words.as_ptr()
+            let s = &mut scratch;
+            matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, s, MAX_PASS);
+            s.words.as_ptr()
         };
         let warm = run(4);
         assert_eq!(run(1), warm);
@@ -316,10 +393,10 @@ mod tests {
     fn zero_tokens_rows_or_cols_are_empty_products() {
         let (qt, mut s) = (QuantType::Q8_0, QuantScratch::default());
         let w = quantize(qt, &normal(2 * 32, 7), 32);
-        matmul_quant(qt, w.bytes(), 2, 32, &[], 0, &mut [], &mut s);
-        matmul_quant(qt, &[], 0, 32, &[1.0; 32], 1, &mut [], &mut s);
+        matmul_quant(qt, w.bytes(), 2, 32, &[], 0, &mut [], &mut s, MAX_PASS);
+        matmul_quant(qt, &[], 0, 32, &[1.0; 32], 1, &mut [], &mut s, MAX_PASS);
         let mut y = [f32::NAN; 3];
-        matmul_quant(qt, &[], 3, 0, &[], 1, &mut y, &mut s);
+        matmul_quant(qt, &[], 3, 0, &[], 1, &mut y, &mut s, MAX_PASS);
         assert_eq!(y, [0.0; 3]);
     }
 
@@ -339,6 +416,7 @@ mod tests {
             1,
             &mut y,
             &mut s,
+            MAX_PASS,
         );
     }
 
@@ -349,7 +427,7 @@ mod tests {
         let mut y = [0.0; 2];
         let x = [0.0; 256];
         let mut s = QuantScratch::default();
-        matmul_quant(QuantType::Q4K, w.bytes(), 2, 256, &x, 1, &mut y, &mut s);
+        matmul_quant(QuantType::Q4K, w.bytes(), 2, 256, &x, 1, &mut y, &mut s, 1);
     }
 
     #[test]
@@ -358,6 +436,6 @@ mod tests {
         let mut y = [0.0];
         let x = [0.0; 96];
         let mut s = QuantScratch::default();
-        matmul_quant(QuantType::Q4K, &[], 1, 96, &x, 1, &mut y, &mut s);
+        matmul_quant(QuantType::Q4K, &[], 1, 96, &x, 1, &mut y, &mut s, 1);
     }
 }
