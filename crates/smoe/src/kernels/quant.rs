@@ -131,52 +131,86 @@ pub fn matmul_quant(
 /// unpacked weight block fill AVX2's sixteen registers.
 pub const MAX_PASS: usize = 4;
 
-/// Dot products of one weight row with `N` activation rows. Generic rather
-/// than a fn pointer, so each kernel is called directly: a row of a down
-/// projection is only three Q4_K blocks, where an indirect call per row is
-/// measurable.
+/// Dot products of `R` weight rows with `N` activation rows: `[k][r]` is row
+/// `r` dotted with token `k`. Generic rather than a fn pointer, so each
+/// kernel is called directly: a row of a down projection is only three Q4_K
+/// blocks, where an indirect call per row is measurable.
 trait RowDot<B: Block>: Sync
 where
     B::VecDotType: Block,
 {
-    fn dot<const N: usize>(&self, w: &[B], a: [&[B::VecDotType]; N]) -> [f32; N];
+    fn dot<const R: usize, const N: usize>(
+        &self,
+        w: [&[B]; R],
+        a: [&[B::VecDotType]; N],
+    ) -> [[f32; R]; N];
 }
 
-/// candle's dot products, one token at a time.
+/// candle's dot products, one row and token at a time.
 struct Candle;
 
 impl<B: Block> RowDot<B> for Candle
 where
     B::VecDotType: Block,
 {
-    fn dot<const N: usize>(&self, w: &[B], a: [&[B::VecDotType]; N]) -> [f32; N] {
-        a.map(|a| B::vec_dot(w.len() * B::BLCK_SIZE, w, a))
+    fn dot<const R: usize, const N: usize>(
+        &self,
+        w: [&[B]; R],
+        a: [&[B::VecDotType]; N],
+    ) -> [[f32; R]; N] {
+        a.map(|a| w.map(|w| B::vec_dot(w.len() * B::BLCK_SIZE, w, a)))
     }
 }
 
-/// The `qdot_x86` kernels, constructed only where `qdot_x86::available()`.
+/// The `qdot_x86` kernels, constructed only where `qdot_x86::available()`:
+/// one row at a time, with the tokens of a call sharing each unpacked block.
 #[cfg(target_arch = "x86_64")]
 macro_rules! avx2_kernel {
     ($name:ident, $block:ty, $f:ident) => {
         struct $name;
         impl RowDot<$block> for $name {
-            fn dot<const N: usize>(
+            fn dot<const R: usize, const N: usize>(
                 &self,
-                w: &[$block],
+                w: [&[$block]; R],
                 a: [&[<$block as GgmlType>::VecDotType]; N],
-            ) -> [f32; N] {
+            ) -> [[f32; R]; N] {
+                let a = a.map(bytes_of);
                 // SAFETY: the kernel type exists only once `available` held.
-                unsafe { qdot_x86::$f(bytes_of(w), a.map(bytes_of), w.len()) }
+                let by_row = w.map(|w| unsafe { qdot_x86::$f(bytes_of(w), a, w.len()) });
+                std::array::from_fn(|k| by_row.map(|v| v[k]))
             }
         }
     };
 }
 #[cfg(target_arch = "x86_64")]
-avx2_kernel!(Avx2Q4K, BlockQ4K, q4k);
-#[cfg(target_arch = "x86_64")]
 avx2_kernel!(Avx2Q8_0, BlockQ8_0, q8_0);
 #[cfg(target_arch = "x86_64")]
 avx2_kernel!(Avx2Q4_0, BlockQ4_0, q4_0);
+
+/// Q4_K's kernels: four rows at a time share each token's activation loads
+/// and half the scale multiplies ([`qdot_x86::q4k_rows4`]), where there are
+/// four rows and several tokens; otherwise one row at a time.
+#[cfg(target_arch = "x86_64")]
+struct Avx2Q4K;
+
+#[cfg(target_arch = "x86_64")]
+impl RowDot<BlockQ4K> for Avx2Q4K {
+    fn dot<const R: usize, const N: usize>(
+        &self,
+        w: [&[BlockQ4K]; R],
+        a: [&[<BlockQ4K as GgmlType>::VecDotType]; N],
+    ) -> [[f32; R]; N] {
+        let a = a.map(bytes_of);
+        let blocks = w.first().map_or(0, |w| w.len());
+        // SAFETY (both): the kernel type exists only once `available` held.
+        if let (Ok(w4), true) = (<[&[BlockQ4K]; 4]>::try_from(&w[..]), N > 1) {
+            let v = unsafe { qdot_x86::q4k_rows4(w4.map(bytes_of), a, blocks) };
+            return std::array::from_fn(|k| std::array::from_fn(|r| v[k][r]));
+        }
+        let by_row = w.map(|w| unsafe { qdot_x86::q4k(bytes_of(w), a, w.len()) });
+        std::array::from_fn(|k| by_row.map(|v| v[k]))
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 fn matmul_typed<B: Block, K: RowDot<B>>(
@@ -208,29 +242,70 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
     let chunk = rows_per_task(rows, cols);
     let out = SharedOut(y.as_mut_ptr());
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        for r in c * chunk..((c + 1) * chunk).min(rows) {
-            let wr = &w[r * nb..(r + 1) * nb];
-            let mut tk = 0;
-            while tk < t {
-                let n = pass.min(t - tk);
-                let put = |vals: &[f32]| {
-                    for (k, &v) in vals.iter().enumerate() {
-                        // SAFETY: row r belongs to this task only;
-                        // (tk + k) * rows + r < t * rows.
-                        unsafe { *out.at((tk + k) * rows + r) = v };
-                    }
-                };
-                let tok = |k: usize| &xq[(tk + k) * nb..(tk + k + 1) * nb];
-                match n {
-                    1 => put(&kernel.dot(wr, [tok(0)])),
-                    2 => put(&kernel.dot(wr, [tok(0), tok(1)])),
-                    3 => put(&kernel.dot(wr, [tok(0), tok(1), tok(2)])),
-                    _ => put(&kernel.dot(wr, [tok(0), tok(1), tok(2), tok(3)])),
-                }
-                tk += n;
+        let end = ((c + 1) * chunk).min(rows);
+        let mut r = c * chunk;
+        while r < end {
+            let group = RowGroup {
+                w,
+                xq,
+                nb,
+                first: r,
+                rows,
+                pass,
+                out,
+            };
+            if end - r >= 4 {
+                group.run::<4, _>(&kernel);
+                r += 4;
+            } else {
+                group.run::<1, _>(&kernel);
+                r += 1;
             }
         }
     });
+}
+
+/// Rows `first..first + R` of a product, to be dotted with every token.
+struct RowGroup<'a, B: Block> {
+    w: &'a [B],
+    xq: &'a [B::VecDotType],
+    nb: usize,
+    first: usize,
+    rows: usize,
+    pass: usize,
+    out: SharedOut,
+}
+
+impl<B: Block> RowGroup<'_, B>
+where
+    B::VecDotType: Block,
+{
+    fn run<const R: usize, K: RowDot<B>>(&self, kernel: &K) {
+        let (nb, first) = (self.nb, self.first);
+        let wr: [&[B]; R] = std::array::from_fn(|i| &self.w[(first + i) * nb..][..nb]);
+        let t = self.xq.len() / nb;
+        let mut tk = 0;
+        while tk < t {
+            let n = self.pass.min(t - tk);
+            let put = |vals: &[[f32; R]]| {
+                for (k, v) in vals.iter().enumerate() {
+                    for (i, &v) in v.iter().enumerate() {
+                        // SAFETY: rows first..first + R belong to this task
+                        // only; (tk + k) * rows + first + i < t * rows.
+                        unsafe { *self.out.at((tk + k) * self.rows + first + i) = v };
+                    }
+                }
+            };
+            let tok = |k: usize| &self.xq[(tk + k) * nb..][..nb];
+            match n {
+                1 => put(&kernel.dot(wr, [tok(0)])),
+                2 => put(&kernel.dot(wr, [tok(0), tok(1)])),
+                3 => put(&kernel.dot(wr, [tok(0), tok(1), tok(2)])),
+                _ => put(&kernel.dot(wr, [tok(0), tok(1), tok(2), tok(3)])),
+            }
+            tk += n;
+        }
+    }
 }
 
 /// The bytes of a block slice, for the raw-pointer kernels.
