@@ -321,3 +321,72 @@ pub unsafe fn q4k_rows4<const N: usize>(
         [s[0], s[1], s[4], s[5]]
     })
 }
+
+/// Quantizes rows of 256 activations to Q8_K blocks, bit for bit as
+/// candle's `BlockQ8K::from_float` does (whose `f32::round` is a libm call
+/// per value, a tenth of a Q4_K prefill product's time): `d = max/-128` with
+/// `max` the first value of largest magnitude, each value rounded half away
+/// from zero and capped at 127, and the sums of each 16.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
+    let blocks = out.len() / Q8K;
+    assert!(x.len() == blocks * 256 && out.len() == blocks * Q8K);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let half = _mm256_set1_ps(0.5);
+    let cap = _mm256_set1_ps(127.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let ones = _mm256_set1_epi16(1);
+    for (xs, y) in x.chunks_exact(256).zip(out.chunks_exact_mut(Q8K)) {
+        let mut m = _mm256_setzero_ps();
+        for v in xs.chunks_exact(8) {
+            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(v.as_ptr()), abs));
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let Some(&max) = xs.iter().find(|v| v.abs() == amax).filter(|_| amax != 0.0) else {
+            // All zeros, or a NaN that makes the product meaningless anyway.
+            y.fill(0);
+            continue;
+        };
+        let iscale = -128.0 / max;
+        let scale = _mm256_set1_ps(iscale);
+        let (qs, rest) = y[4..].split_at_mut(256);
+        for (g, (xg, q)) in xs.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
+            let i = [0, 1, 2, 3].map(|k| {
+                let v = _mm256_mul_ps(scale, _mm256_loadu_ps(xg.as_ptr().add(8 * k)));
+                // Round half away from zero: truncate, then step away from
+                // zero where the dropped fraction is at least one half.
+                let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let frac = _mm256_and_ps(_mm256_sub_ps(v, t), abs);
+                let step =
+                    _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), _mm256_set1_ps(1.0));
+                let sign = _mm256_andnot_ps(abs, v);
+                let r = _mm256_add_ps(t, _mm256_or_ps(step, sign));
+                _mm256_cvttps_epi32(_mm256_min_ps(r, cap))
+            });
+            let w01 = _mm256_packs_epi32(i[0], i[1]);
+            let w23 = _mm256_packs_epi32(i[2], i[3]);
+            let b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), order);
+            _mm256_storeu_si256(q.as_mut_ptr().cast(), b);
+            for h in 0..2 {
+                let part = if h == 0 {
+                    _mm256_castsi256_si128(b)
+                } else {
+                    _mm256_extracti128_si256(b, 1)
+                };
+                let s = _mm256_madd_epi16(_mm256_cvtepi8_epi16(part), ones);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                let j = 2 * g + h;
+                rest[2 * j..2 * j + 2]
+                    .copy_from_slice(&(_mm_cvtsi128_si32(s) as i16).to_le_bytes());
+            }
+        }
+        y[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}

@@ -18,7 +18,7 @@ use std::mem::{align_of, size_of};
 
 use candle_core::quantized::k_quants::GgmlType;
 #[cfg(target_arch = "x86_64")]
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -144,6 +144,11 @@ where
         w: [&[B]; R],
         a: [&[B::VecDotType]; N],
     ) -> [[f32; R]; N];
+
+    /// One row of activations in the kernels' format.
+    fn quantize(&self, x: &[f32], q: &mut [B::VecDotType]) {
+        B::VecDotType::from_float(x, q)
+    }
 }
 
 /// candle's dot products, one row and token at a time.
@@ -210,6 +215,15 @@ impl RowDot<BlockQ4K> for Avx2Q4K {
         let by_row = w.map(|w| unsafe { qdot_x86::q4k(bytes_of(w), a, w.len()) });
         std::array::from_fn(|k| by_row.map(|v| v[k]))
     }
+
+    fn quantize(&self, x: &[f32], q: &mut [BlockQ8K]) {
+        // SAFETY: as above; `Block` types accept any bytes.
+        unsafe {
+            let bytes =
+                std::slice::from_raw_parts_mut(q.as_mut_ptr().cast(), std::mem::size_of_val(q));
+            qdot_x86::quantize_q8k(x, bytes)
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -236,7 +250,7 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
     xq.par_chunks_mut(nb)
         .zip(x.par_chunks(cols))
         .with_min_len((16_384 / cols).max(1))
-        .for_each(|(q, x)| B::VecDotType::from_float(x, q));
+        .for_each(|(q, x)| kernel.quantize(x, q));
     let xq = &*xq;
 
     let chunk = rows_per_task(rows, cols);
@@ -382,6 +396,41 @@ mod tests {
         check::<BlockQ8_0>(QuantType::Q8_0, &mut rng);
         check::<BlockQ4_0>(QuantType::Q4_0, &mut rng);
     }
+    /// The AVX2 Q8_K quantizer writes the bytes candle's does: rows of
+    /// uneven magnitude, an all-zero block, a block of exact halves (the
+    /// rounding rule shows) and one whose largest magnitude occurs with both
+    /// signs (the first sets the scale's sign).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_q8k_quantizer_matches_candle() {
+        if !qdot_x86::available() {
+            eprintln!("no AVX2/FMA/F16C here: nothing to compare");
+            return;
+        }
+        let mut x: Vec<f32> = normal(256 * 6, 3)
+            .iter()
+            .enumerate()
+            .map(|(j, v)| v * (1.0 + (j % 7) as f32))
+            .collect();
+        x[256..512].fill(0.0);
+        // -128 first makes the scale 1, so the others are rounded from k + 0.5.
+        for (j, v) in x[512..768].iter_mut().enumerate() {
+            *v = if j == 0 { -128.0 } else { j as f32 - 128.5 };
+        }
+        for v in &mut x[768..1024] {
+            *v *= 0.1;
+        }
+        (x[780], x[900]) = (3.0, -3.0);
+        let mut want = vec![BlockQ8K::zeros(); 6];
+        BlockQ8K::from_float(&x, &mut want);
+        let mut got = vec![0u8; 6 * qdot_x86::Q8K];
+        // SAFETY: only called where `available` holds.
+        unsafe { qdot_x86::quantize_q8k(&x, &mut got) };
+        for (b, (w, g)) in want.iter().zip(got.chunks(qdot_x86::Q8K)).enumerate() {
+            assert_eq!(bytes_of(std::slice::from_ref(w)), g, "block {b}");
+        }
+    }
+
     use crate::quant::dequantize_rows;
     use crate::quant::tests::{normal, quantize, Aligned};
 
