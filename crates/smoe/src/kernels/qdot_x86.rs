@@ -335,9 +335,6 @@ pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
     let blocks = out.len() / Q8K;
     assert!(x.len() == blocks * 256 && out.len() == blocks * Q8K);
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let half = _mm256_set1_ps(0.5);
-    let cap = _mm256_set1_ps(127.0);
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let ones = _mm256_set1_epi16(1);
     for (xs, y) in x.chunks_exact(256).zip(out.chunks_exact_mut(Q8K)) {
         let mut m = _mm256_setzero_ps();
@@ -356,21 +353,7 @@ pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
         let scale = _mm256_set1_ps(iscale);
         let (qs, rest) = y[4..].split_at_mut(256);
         for (g, (xg, q)) in xs.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
-            let i = [0, 1, 2, 3].map(|k| {
-                let v = _mm256_mul_ps(scale, _mm256_loadu_ps(xg.as_ptr().add(8 * k)));
-                // Round half away from zero: truncate, then step away from
-                // zero where the dropped fraction is at least one half.
-                let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-                let frac = _mm256_and_ps(_mm256_sub_ps(v, t), abs);
-                let step =
-                    _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), _mm256_set1_ps(1.0));
-                let sign = _mm256_andnot_ps(abs, v);
-                let r = _mm256_add_ps(t, _mm256_or_ps(step, sign));
-                _mm256_cvttps_epi32(_mm256_min_ps(r, cap))
-            });
-            let w01 = _mm256_packs_epi32(i[0], i[1]);
-            let w23 = _mm256_packs_epi32(i[2], i[3]);
-            let b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), order);
+            let b = quantize32(xg, scale, 127.0);
             _mm256_storeu_si256(q.as_mut_ptr().cast(), b);
             for h in 0..2 {
                 let part = if h == 0 {
@@ -388,5 +371,54 @@ pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
             }
         }
         y[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}
+
+/// 32 values times `scale`, each rounded half away from zero (as
+/// `f32::round`), capped at `cap` and saturated to i8, in order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize32(x: &[f32], scale: __m256, cap: f32) -> __m256i {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let i = [0, 1, 2, 3].map(|k| {
+        let v = _mm256_mul_ps(scale, _mm256_loadu_ps(x[8 * k..8 * k + 8].as_ptr()));
+        // Truncate, then step away from zero where the dropped fraction is
+        // at least one half.
+        let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        let frac = _mm256_and_ps(_mm256_sub_ps(v, t), abs);
+        let ge_half = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5), _CMP_GE_OQ);
+        let step = _mm256_and_ps(ge_half, _mm256_set1_ps(1.0));
+        let r = _mm256_add_ps(t, _mm256_or_ps(step, _mm256_andnot_ps(abs, v)));
+        _mm256_cvttps_epi32(_mm256_min_ps(r, _mm256_set1_ps(cap)))
+    });
+    // The packs interleave 128-bit halves; the permutation restores order.
+    let w01 = _mm256_packs_epi32(i[0], i[1]);
+    let w23 = _mm256_packs_epi32(i[2], i[3]);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), order)
+}
+
+/// Quantizes rows of activations to Q8_0 blocks, bit for bit as candle's
+/// `BlockQ8_0::from_float` does: `d = amax/127` (stored as f16), each value
+/// times `1/d` rounded half away from zero.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    let blocks = out.len() / Q8_0;
+    assert!(x.len() == blocks * 32 && out.len() == blocks * Q8_0);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for (xs, y) in x.chunks_exact(32).zip(out.chunks_exact_mut(Q8_0)) {
+        let v = [0, 1, 2, 3].map(|k| _mm256_and_ps(_mm256_loadu_ps(xs[8 * k..].as_ptr()), abs));
+        let m = _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        y[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        let q = quantize32(xs, _mm256_set1_ps(id), 127.0);
+        _mm256_storeu_si256(y[2..].as_mut_ptr().cast(), q);
     }
 }

@@ -184,6 +184,11 @@ macro_rules! avx2_kernel {
                 let by_row = w.map(|w| unsafe { qdot_x86::$f(bytes_of(w), a, w.len()) });
                 std::array::from_fn(|k| by_row.map(|v| v[k]))
             }
+
+            fn quantize(&self, x: &[f32], q: &mut [BlockQ8_0]) {
+                // SAFETY: as above.
+                unsafe { qdot_x86::quantize_q8_0(x, bytes_of_mut(q)) }
+            }
         }
     };
 }
@@ -217,12 +222,8 @@ impl RowDot<BlockQ4K> for Avx2Q4K {
     }
 
     fn quantize(&self, x: &[f32], q: &mut [BlockQ8K]) {
-        // SAFETY: as above; `Block` types accept any bytes.
-        unsafe {
-            let bytes =
-                std::slice::from_raw_parts_mut(q.as_mut_ptr().cast(), std::mem::size_of_val(q));
-            qdot_x86::quantize_q8k(x, bytes)
-        }
+        // SAFETY: as above.
+        unsafe { qdot_x86::quantize_q8k(x, bytes_of_mut(q)) }
     }
 }
 
@@ -319,6 +320,15 @@ where
             }
             tk += n;
         }
+    }
+}
+
+/// The bytes of a block slice, for the quantizers.
+#[cfg(target_arch = "x86_64")]
+fn bytes_of_mut<B: Block>(blocks: &mut [B]) -> &mut [u8] {
+    // SAFETY: as `bytes_of`; `Block` types accept any bytes.
+    unsafe {
+        std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), std::mem::size_of_val(blocks))
     }
 }
 
@@ -427,6 +437,40 @@ mod tests {
         // SAFETY: only called where `available` holds.
         unsafe { qdot_x86::quantize_q8k(&x, &mut got) };
         for (b, (w, g)) in want.iter().zip(got.chunks(qdot_x86::Q8K)).enumerate() {
+            assert_eq!(bytes_of(std::slice::from_ref(w)), g, "block {b}");
+        }
+    }
+
+    /// The AVX2 Q8_0 quantizer writes the bytes candle's does, on the same
+    /// kinds of blocks as above.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_q8_0_quantizer_matches_candle() {
+        if !qdot_x86::available() {
+            eprintln!("no AVX2/FMA/F16C here: nothing to compare");
+            return;
+        }
+        let mut x: Vec<f32> = normal(32 * 40, 4)
+            .iter()
+            .enumerate()
+            .map(|(j, v)| v * (1.0 + (j % 7) as f32))
+            .collect();
+        x[32..64].fill(0.0);
+        // Largest magnitude 127 makes the scale 1, so the others are
+        // rounded from k + 0.5.
+        for (j, v) in x[64..96].iter_mut().enumerate() {
+            *v = if j == 0 {
+                -127.0
+            } else {
+                j as f32 * 3.0 - 60.5
+            };
+        }
+        let mut want = vec![BlockQ8_0::zeros(); 40];
+        BlockQ8_0::from_float(&x, &mut want);
+        let mut got = vec![0u8; 40 * qdot_x86::Q8_0];
+        // SAFETY: only called where `available` holds.
+        unsafe { qdot_x86::quantize_q8_0(&x, &mut got) };
+        for (b, (w, g)) in want.iter().zip(got.chunks(qdot_x86::Q8_0)).enumerate() {
             assert_eq!(bytes_of(std::slice::from_ref(w)), g, "block {b}");
         }
     }
