@@ -406,73 +406,45 @@ mod tests {
         check::<BlockQ8_0>(QuantType::Q8_0, &mut rng);
         check::<BlockQ4_0>(QuantType::Q4_0, &mut rng);
     }
-    /// The AVX2 Q8_K quantizer writes the bytes candle's does: rows of
-    /// uneven magnitude, an all-zero block, a block of exact halves (the
-    /// rounding rule shows) and one whose largest magnitude occurs with both
-    /// signs (the first sets the scale's sign).
+    /// The AVX2 quantizers write the bytes candle's do: blocks of uneven
+    /// magnitude, an all-zero block, a block of exact halves (the rounding
+    /// rule shows) and one whose largest magnitude occurs with both signs
+    /// (for Q8_K, the first sets the scale's sign).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_q8k_quantizer_matches_candle() {
+    fn avx2_quantizers_match_candle() {
+        /// `full`: the largest magnitude that makes the scale exactly 1.
+        fn check<B: Block>(quantize: unsafe fn(&[f32], &mut [u8]), full: f32) {
+            let (n, blocks) = (B::BLCK_SIZE, 8);
+            let mut x: Vec<f32> = normal(n * blocks, 3)
+                .iter()
+                .enumerate()
+                .map(|(j, v)| v * (1.0 + (j % 7) as f32))
+                .collect();
+            x[n..2 * n].fill(0.0);
+            for (j, v) in x[2 * n..3 * n].iter_mut().enumerate() {
+                *v = if j == 0 { -full } else { j as f32 - full - 0.5 };
+            }
+            for v in &mut x[3 * n..4 * n] {
+                *v *= 0.1;
+            }
+            (x[3 * n + 5], x[4 * n - 3]) = (3.0, -3.0);
+            let mut want = vec![B::zeros(); blocks];
+            B::from_float(&x, &mut want);
+            let mut got = vec![0u8; std::mem::size_of_val(&want[..])];
+            // SAFETY: only called where `available` holds.
+            unsafe { quantize(&x, &mut got) };
+            let size = size_of::<B>();
+            for (b, (w, g)) in want.iter().zip(got.chunks(size)).enumerate() {
+                assert_eq!(bytes_of(std::slice::from_ref(w)), g, "block {b}");
+            }
+        }
         if !qdot_x86::available() {
             eprintln!("no AVX2/FMA/F16C here: nothing to compare");
             return;
         }
-        let mut x: Vec<f32> = normal(256 * 6, 3)
-            .iter()
-            .enumerate()
-            .map(|(j, v)| v * (1.0 + (j % 7) as f32))
-            .collect();
-        x[256..512].fill(0.0);
-        // -128 first makes the scale 1, so the others are rounded from k + 0.5.
-        for (j, v) in x[512..768].iter_mut().enumerate() {
-            *v = if j == 0 { -128.0 } else { j as f32 - 128.5 };
-        }
-        for v in &mut x[768..1024] {
-            *v *= 0.1;
-        }
-        (x[780], x[900]) = (3.0, -3.0);
-        let mut want = vec![BlockQ8K::zeros(); 6];
-        BlockQ8K::from_float(&x, &mut want);
-        let mut got = vec![0u8; 6 * qdot_x86::Q8K];
-        // SAFETY: only called where `available` holds.
-        unsafe { qdot_x86::quantize_q8k(&x, &mut got) };
-        for (b, (w, g)) in want.iter().zip(got.chunks(qdot_x86::Q8K)).enumerate() {
-            assert_eq!(bytes_of(std::slice::from_ref(w)), g, "block {b}");
-        }
-    }
-
-    /// The AVX2 Q8_0 quantizer writes the bytes candle's does, on the same
-    /// kinds of blocks as above.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx2_q8_0_quantizer_matches_candle() {
-        if !qdot_x86::available() {
-            eprintln!("no AVX2/FMA/F16C here: nothing to compare");
-            return;
-        }
-        let mut x: Vec<f32> = normal(32 * 40, 4)
-            .iter()
-            .enumerate()
-            .map(|(j, v)| v * (1.0 + (j % 7) as f32))
-            .collect();
-        x[32..64].fill(0.0);
-        // Largest magnitude 127 makes the scale 1, so the others are
-        // rounded from k + 0.5.
-        for (j, v) in x[64..96].iter_mut().enumerate() {
-            *v = if j == 0 {
-                -127.0
-            } else {
-                j as f32 * 3.0 - 60.5
-            };
-        }
-        let mut want = vec![BlockQ8_0::zeros(); 40];
-        BlockQ8_0::from_float(&x, &mut want);
-        let mut got = vec![0u8; 40 * qdot_x86::Q8_0];
-        // SAFETY: only called where `available` holds.
-        unsafe { qdot_x86::quantize_q8_0(&x, &mut got) };
-        for (b, (w, g)) in want.iter().zip(got.chunks(qdot_x86::Q8_0)).enumerate() {
-            assert_eq!(bytes_of(std::slice::from_ref(w)), g, "block {b}");
-        }
+        check::<BlockQ8K>(qdot_x86::quantize_q8k, 128.0);
+        check::<BlockQ8_0>(qdot_x86::quantize_q8_0, 127.0);
     }
 
     use crate::quant::dequantize_rows;
