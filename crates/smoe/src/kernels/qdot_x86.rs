@@ -7,13 +7,15 @@
 //! backbones in by default: Q4_K and Q8_0, and Q4_0, the fallback for rows
 //! that are not a multiple of 256 (small models' down projections).
 //!
-//! Each takes one weight row and `N` activation rows (tokens) at once: a
-//! weight block is loaded and unpacked once and then applied to every token,
-//! which is what makes prefill fast, since unpacking nibbles and scales costs
-//! as much as the products themselves. `N = 1` is the matrix-vector product
-//! of decode. Each token keeps eight f32 partial sums across blocks, reduced
-//! once per row; the products inside a block are exact integers, so results
-//! differ from candle's scalar code only in the order of f32 additions.
+//! Each takes one weight row (four for Q4_K's `q4k_rows4`) and `N`
+//! activation rows (tokens) at once: a weight block is loaded and unpacked
+//! once and then applied to every token, which is what makes prefill fast,
+//! since unpacking nibbles and scales costs as much as the products
+//! themselves. `N = 1` is the matrix-vector product of decode. Each token
+//! keeps eight f32 partial sums across blocks, reduced once per row; the
+//! products inside a block are exact integers, so results differ from
+//! candle's scalar code only in the order of f32 additions. The activation
+//! quantizers here write exactly candle's bytes, only faster.
 //!
 //! The layouts (all little-endian, `repr(C)` in candle):
 //! - Q8_0 and Q4_0: f16 scale `d`, then 32 i8 values, or 16 bytes of nibbles
