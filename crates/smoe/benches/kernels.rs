@@ -1,6 +1,8 @@
 //! Kernel micro-benchmarks: weight bandwidth of quantized matrix-vector and
 //! matrix-matrix products at Qwen3-30B-A3B's expert shapes, with bf16 (the
-//! unquantized backbone's format) as the baseline measured in the same run.
+//! unquantized backbone's format) as the baseline measured in the same run,
+//! and each quantized format also through the token-by-token path, to show
+//! what the multi-token kernels gain.
 //!
 //! `cargo bench -p smoe --bench kernels` (add `-- --threads N` to pin the
 //! pool; default: rayon's, one per logical CPU).
@@ -8,17 +10,19 @@
 //! "cold" cycles through copies of the matrix filling 512 MiB, so every call
 //! streams its weights from DRAM as a routed expert's first use does; "hot"
 //! reuses one copy that stays in cache. Each figure is the median of 7
-//! rounds, each round timing every copy once.
+//! rounds; a round times one call per copy for one token, and 1/t as many
+//! calls, spread over the copies, for t tokens.
 
 use std::time::Instant;
 
-use smoe::kernels::{matmul, DType, Matrix};
+use smoe::kernels::{matmul, matmul_token_by_token, DType, Matrix};
 use smoe::quant::{quantize_rows, QuantType};
 
 /// The expert projections: gate/up `[768, 2048]`, down `[2048, 768]`.
 const SHAPES: [(usize, usize); 2] = [(768, 2048), (2048, 768)];
-/// Tokens per product: decode, and a prefill chunk's share of one expert.
-const TOKENS: [usize; 2] = [1, 32];
+/// Tokens per product: decode, prefill chunks' shares of one expert, and a
+/// 128-token attention projection.
+const TOKENS: [usize; 4] = [1, 8, 32, 128];
 const COLD_BYTES: usize = 512 << 20;
 const ROUNDS: usize = 7;
 
@@ -81,13 +85,25 @@ fn main() {
             .expect("thread pool");
     }
     println!(
-        "{} threads; GB/s = weight bytes / time, median of {ROUNDS}",
+        "{} threads; GB/s = weight bytes / time, median of {ROUNDS}; \
+         \"1-tok\" rows: quantized weights dotted with one token per kernel call",
         rayon::current_num_threads()
     );
     println!(
-        "{:<6} {:>12} {:>6} {:>10} {:>10} {:>10} {:>10} {:>9}",
-        "dtype", "shape", "tokens", "hot us", "hot GB/s", "cold us", "cold GB/s", "vs bf16"
+        "{:<6} {:>6} {:>12} {:>6} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "dtype",
+        "path",
+        "shape",
+        "tokens",
+        "hot us",
+        "hot GB/s",
+        "cold us",
+        "cold GB/s",
+        "vs bf16",
+        "vs 1-tok"
     );
+    type Matmul = fn(&[f32], usize, Matrix<'_>, &mut [f32]);
+    let paths: [(&str, Matmul); 2] = [("1-tok", matmul_token_by_token), ("tiled", matmul)];
     for (rows, cols) in SHAPES {
         for t in TOKENS {
             let mut bf16_cold = None;
@@ -95,6 +111,7 @@ fn main() {
                 DType::BF16,
                 DType::Quant(QuantType::Q8_0),
                 DType::Quant(QuantType::Q4K),
+                DType::Quant(QuantType::Q4_0),
             ] {
                 let len = rows * dtype.row_bytes(cols);
                 let one = weights(dtype, rows, cols);
@@ -104,37 +121,54 @@ fn main() {
                 for c in all.chunks_exact_mut(stride) {
                     c.copy_from_slice(&one);
                 }
+                // Products of many tokens take long enough that fewer calls,
+                // spread over the copies, keep each round's time near that of
+                // one token.
+                let calls = (copies / t).max(4);
                 let x = values(t * cols, 9);
                 let mut y = vec![0.0f32; t * rows];
+                // Both paths are timed round by round, interleaved, so that
+                // their ratio sees the same machine load.
+                let quant = matches!(dtype, DType::Quant(_));
+                let paths = if quant { &paths[..] } else { &paths[1..] };
                 let mut time = |cold: bool| {
-                    let per_call: Vec<f64> = (0..ROUNDS)
-                        .map(|_| {
+                    let mut per_call = vec![Vec::new(); paths.len()];
+                    for _ in 0..ROUNDS {
+                        for (p, (_, f)) in paths.iter().enumerate() {
                             let start = Instant::now();
-                            for i in 0..copies {
-                                let at = if cold { i * stride } else { 0 };
+                            for i in 0..calls {
+                                let at = if cold { i * copies / calls * stride } else { 0 };
                                 let w = Matrix::new(dtype, bytes(&all[at..], len), rows, cols);
-                                matmul(&x, t, w, &mut y);
+                                f(&x, t, w, &mut y);
                             }
-                            start.elapsed().as_secs_f64() / copies as f64
-                        })
-                        .collect();
-                    let s = median(per_call);
-                    (s * 1e6, len as f64 / s / 1e9)
+                            per_call[p].push(start.elapsed().as_secs_f64() / calls as f64);
+                        }
+                    }
+                    per_call.into_iter().map(median).collect::<Vec<_>>()
                 };
-                let (hot_us, hot_gbs) = time(false);
-                let (cold_us, cold_gbs) = time(true);
-                let base = *bf16_cold.get_or_insert(cold_us);
-                println!(
-                    "{:<6} {:>12} {:>6} {:>10.1} {:>10.2} {:>10.1} {:>10.2} {:>8.2}x",
-                    dtype.name(),
-                    format!("{rows}x{cols}"),
-                    t,
-                    hot_us,
-                    hot_gbs,
-                    cold_us,
-                    cold_gbs,
-                    base / cold_us
-                );
+                let hot = time(false);
+                let cold = time(true);
+                let base = *bf16_cold.get_or_insert(cold[0]);
+                for (p, (name, _)) in paths.iter().enumerate() {
+                    let vs_one = if quant {
+                        format!("{:.2}x", cold[0] / cold[p])
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "{:<6} {:>6} {:>12} {:>6} {:>10.1} {:>10.2} {:>10.1} {:>10.2} {:>8.2}x {:>9}",
+                        dtype.name(),
+                        if quant { name } else { "" },
+                        format!("{rows}x{cols}"),
+                        t,
+                        hot[p] * 1e6,
+                        len as f64 / hot[p] / 1e9,
+                        cold[p] * 1e6,
+                        len as f64 / cold[p] / 1e9,
+                        base / cold[p],
+                        vs_one
+                    );
+                }
             }
         }
     }

@@ -141,8 +141,21 @@ impl SharedOut {
 ///
 /// One token is a matrix-vector product, memory-bound: each weight row is
 /// streamed once. Several tokens share each weight row: it is widened to f32
-/// once into a per-task buffer and then dotted with four tokens at a time.
+/// once into a per-task buffer and then dotted with four tokens at a time;
+/// quantized weights stay quantized and each block is applied to four tokens
+/// per unpacking.
 pub fn matmul(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
+    matmul_passes(x, t, w, y, quant::MAX_PASS)
+}
+
+/// [`matmul`] with quantized weights dotted with one token at a time, so
+/// every weight block is unpacked again for each token: the path before the
+/// multi-token kernels, kept so that `benches/kernels.rs` measures their gain.
+pub fn matmul_token_by_token(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
+    matmul_passes(x, t, w, y, 1)
+}
+
+fn matmul_passes(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32], pass: usize) {
     let (rows, cols) = (w.rows, w.cols);
     assert_eq!(x.len(), t * cols, "matmul: activation shape");
     assert_eq!(y.len(), t * rows, "matmul: output shape");
@@ -153,7 +166,7 @@ pub fn matmul(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
         // The activations are quantized once per call into a per-thread
         // buffer, so the decode loop allocates nothing once warm.
         thread_local!(static SCRATCH: RefCell<quant::QuantScratch> = RefCell::default());
-        SCRATCH.with_borrow_mut(|s| quant::matmul_quant(q, w.data, rows, cols, x, t, y, s));
+        SCRATCH.with_borrow_mut(|s| quant::matmul_quant(q, w.data, rows, cols, x, t, y, s, pass));
         return;
     }
     let chunk = rows_per_task(rows, cols);

@@ -7,9 +7,15 @@
 //! backbones in by default: Q4_K and Q8_0, and Q4_0, the fallback for rows
 //! that are not a multiple of 256 (small models' down projections).
 //!
-//! Each keeps eight f32 partial sums across blocks and reduces them once per
-//! row; the products inside a block are exact integers, so results differ
-//! from candle's scalar code only in the order of f32 additions.
+//! Each takes one weight row (four for Q4_K's `q4k_rows4`) and `N`
+//! activation rows (tokens) at once: a weight block is loaded and unpacked
+//! once and then applied to every token, which is what makes prefill fast,
+//! since unpacking nibbles and scales costs as much as the products
+//! themselves. `N = 1` is the matrix-vector product of decode. Each token
+//! keeps eight f32 partial sums across blocks, reduced once per row; the
+//! products inside a block are exact integers, so results differ from
+//! candle's scalar code only in the order of f32 additions. The activation
+//! quantizers here write exactly candle's bytes, only faster.
 //!
 //! The layouts (all little-endian, `repr(C)` in candle):
 //! - Q8_0 and Q4_0: f16 scale `d`, then 32 i8 values, or 16 bytes of nibbles
@@ -50,57 +56,66 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
 
-/// Signed i8 x i8 products of 32 lanes, summed in fours into 8 i32. The
-/// `maddubs` instruction wants one unsigned operand, so the sign of `x`
-/// moves onto `y`. Q8 quantizers produce [-127, 127], so no pair saturates.
+/// Adds one block's products of 32 signed weights `x` (scale `dw`) with the
+/// Q8_0 block at `a[k]` of each token to `acc[k]`.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
-    let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block32<const N: usize>(acc: &mut [__m256; N], x: __m256i, dw: f32, a: [*const u8; N]) {
+    // `maddubs` wants one unsigned operand, so the sign of `x` moves onto
+    // the activations. Q8 quantizers produce [-127, 127], so no pair of
+    // products saturates its i16.
+    let ax = _mm256_sign_epi8(x, x);
+    let ones = _mm256_set1_epi16(1);
+    for k in 0..N {
+        let y = _mm256_loadu_si256(a[k].add(2).cast());
+        let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(y, x));
+        let d = _mm256_set1_ps(dw * f16_at(a[k]));
+        acc[k] = _mm256_fmadd_ps(
+            d,
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)),
+            acc[k],
+        );
+    }
 }
 
-/// Q8_0 weights against Q8_0 activations, `blocks` blocks of each.
+/// Q8_0 weights against the Q8_0 activations of `N` tokens, `blocks` blocks
+/// of each.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0(w: &[u8], a: &[u8], blocks: usize) -> f32 {
-    assert!(w.len() >= blocks * Q8_0 && a.len() >= blocks * Q8_0);
-    let (w, a) = (w.as_ptr(), a.as_ptr());
-    let mut acc = _mm256_setzero_ps();
+pub unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q8_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
+    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
+    let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..blocks {
-        let (wb, ab) = (w.add(b * Q8_0), a.add(b * Q8_0));
+        let wb = w.add(b * Q8_0);
         let x = _mm256_loadu_si256(wb.add(2).cast());
-        let y = _mm256_loadu_si256(ab.add(2).cast());
-        let d = _mm256_set1_ps(f16_at(wb) * f16_at(ab));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(x, y)), acc);
+        block32(&mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
     }
-    hsum(acc)
+    acc.map(|v| hsum(v))
 }
 
-/// Q4_0 weights against Q8_0 activations.
+/// Q4_0 weights against the Q8_0 activations of `N` tokens.
 ///
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_0(w: &[u8], a: &[u8], blocks: usize) -> f32 {
-    assert!(w.len() >= blocks * Q4_0 && a.len() >= blocks * Q8_0);
-    let (w, a) = (w.as_ptr(), a.as_ptr());
+pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q4_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
+    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
     let low = _mm256_set1_epi8(0x0F);
     let eight = _mm256_set1_epi8(8);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..blocks {
-        let (wb, ab) = (w.add(b * Q4_0), a.add(b * Q8_0));
+        let wb = w.add(b * Q4_0);
         let packed = _mm_loadu_si128(wb.add(2).cast());
         // Low nibbles are elements 0..16, high nibbles 16..32.
         let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
         let x = _mm256_sub_epi8(_mm256_and_si256(both, low), eight);
-        let y = _mm256_loadu_si256(ab.add(2).cast());
-        let d = _mm256_set1_ps(f16_at(wb) * f16_at(ab));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8(x, y)), acc);
+        block32(&mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
     }
-    hsum(acc)
+    acc.map(|v| hsum(v))
 }
 
 /// The eight 6-bit scales and eight 6-bit mins of a Q4_K block, unpacked
@@ -126,58 +141,286 @@ fn scales_mins(p: &[u8]) -> [u8; 16] {
     out
 }
 
-/// Q4_K weights against Q8_K activations. A block's product is
-/// `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`, where the
-/// sums of q8 come precomputed in the activation block.
+/// Q4_K weights against the Q8_K activations of `N` tokens. A block's
+/// product is `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`,
+/// where the sums of q8 come precomputed in the activation block.
 ///
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k(w: &[u8], a: &[u8], blocks: usize) -> f32 {
-    assert!(w.len() >= blocks * Q4K && a.len() >= blocks * Q8K);
+pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q4K && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
     let low = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_min = _mm_setzero_ps();
-    for b in 0..blocks {
-        let wb = &w[b * Q4K..(b + 1) * Q4K];
-        let ab = &a[b * Q8K..(b + 1) * Q8K];
-        let d8 = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (b, wb) in w.chunks_exact(Q4K).take(blocks).enumerate() {
+        let ab = a.map(|a| a.add(b * Q8K));
         let sm = scales_mins(&wb[4..16]);
         let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr().cast()));
-        let q4 = wb[16..].as_ptr();
-        let q8 = ab[4..].as_ptr();
-
-        // The sixteen sums of 16 activations, added in pairs to match the
-        // eight mins (each covers 32 weights).
-        let bsums = _mm256_loadu_si256(ab[260..].as_ptr().cast());
-        let pair_sums = _mm_hadd_epi16(
-            _mm256_castsi256_si128(bsums),
-            _mm256_extracti128_si256(bsums, 1),
-        );
-        let mins = _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pair_sums);
-        let dmin = _mm_set1_ps(f16_at(wb.as_ptr().add(2)) * d8);
-        acc_min = _mm_fmadd_ps(dmin, _mm_cvtepi32_ps(mins), acc_min);
-
         let mut scales = [0i16; 8];
         _mm_storeu_si128(scales.as_mut_ptr().cast(), _mm256_castsi256_si128(sm));
-        let mut sumi = _mm256_setzero_si256();
+        let q4 = wb[16..].as_ptr();
+
+        let mut sumi = [_mm256_setzero_si256(); N];
         for c in 0..4 {
             let bits = _mm256_loadu_si256(q4.add(32 * c).cast());
             let lo = _mm256_and_si256(bits, low);
             let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low);
-            let a_lo = _mm256_loadu_si256(q8.add(64 * c).cast());
-            let a_hi = _mm256_loadu_si256(q8.add(64 * c + 32).cast());
-            // u8 x i8 pairs summed into i16: at most 2*15*128, no overflow.
-            let p_lo = _mm256_maddubs_epi16(lo, a_lo);
-            let p_hi = _mm256_maddubs_epi16(hi, a_hi);
-            let s_lo = _mm256_madd_epi16(p_lo, _mm256_set1_epi16(scales[2 * c]));
-            let s_hi = _mm256_madd_epi16(p_hi, _mm256_set1_epi16(scales[2 * c + 1]));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(s_lo, s_hi));
+            let s_lo = _mm256_set1_epi16(scales[2 * c]);
+            let s_hi = _mm256_set1_epi16(scales[2 * c + 1]);
+            for k in 0..N {
+                let q8 = ab[k].add(4 + 64 * c);
+                let a_lo = _mm256_loadu_si256(q8.cast());
+                let a_hi = _mm256_loadu_si256(q8.add(32).cast());
+                // u8 x i8 pairs summed into i16: at most 2*15*128, no overflow.
+                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a_lo), s_lo);
+                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a_hi), s_hi);
+                sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(p_lo, p_hi));
+            }
         }
-        let d = _mm256_set1_ps(f16_at(wb.as_ptr()) * d8);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+
+        let mins = _mm256_extracti128_si256(sm, 1);
+        let (d, dmin) = (f16_at(wb.as_ptr()), f16_at(wb.as_ptr().add(2)));
+        for k in 0..N {
+            let d8 = ab[k].cast::<f32>().read_unaligned();
+            // The sixteen sums of 16 activations, added in pairs to match the
+            // eight mins (each covers 32 weights); their four i32 products
+            // take the low lanes of an eight-lane vector.
+            let bsums = _mm256_loadu_si256(ab[k].add(260).cast());
+            let pair_sums = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256(bsums, 1),
+            );
+            let m = _mm_madd_epi16(mins, pair_sums);
+            let m = _mm256_cvtepi32_ps(_mm256_set_m128i(_mm_setzero_si128(), m));
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+            acc[k] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * d8), m, acc[k]);
+        }
     }
-    let m = _mm_add_ps(acc_min, _mm_movehl_ps(acc_min, acc_min));
-    let m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
-    hsum(acc) - _mm_cvtss_f32(m)
+    acc.map(|v| hsum(v))
+}
+
+/// Q4_K weights of four rows against the Q8_K activations of `N` tokens:
+/// `out[k][r]` is row `r` dotted with token `k`.
+///
+/// With one row per call, every 32 products cost two multiplies, `maddubs`
+/// and the `madd` that applies their sub-block's scale. Here the four rows'
+/// nibbles are interleaved in registers, eight bytes of each row per 64-bit
+/// lane, against each token's eight activations broadcast to every lane: the
+/// four `maddubs` results of a 32-weight sub-block then share lanes with one
+/// row each, so they are added as i16 (at most 4*2*15*128, no overflow)
+/// before a single `madd` with a vector of the four rows' scales, 10
+/// multiplies per 256 products instead of 16.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4k_rows4<const N: usize>(
+    w: [&[u8]; 4],
+    a: [&[u8]; N],
+    blocks: usize,
+) -> [[f32; 4]; N] {
+    assert!(w.iter().all(|w| w.len() >= blocks * Q4K));
+    assert!(a.iter().all(|a| a.len() >= blocks * Q8K));
+    let (w, a) = (w.map(<[u8]>::as_ptr), a.map(<[u8]>::as_ptr));
+    let low = _mm256_set1_epi8(0x0F);
+    // Picks byte `8*r + j` of a 128-bit half into the four i16 lanes of
+    // row r (two rows per half), once `j` is added; 0x80 zeroes a byte.
+    let pick = _mm256_set1_epi64x(0x8000_8000_8000_8000u64 as i64);
+    let pick = _mm256_or_si256(
+        pick,
+        _mm256_setr_epi64x(0, 0x0008_0008_0008_0008, 0, 0x0008_0008_0008_0008),
+    );
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..blocks {
+        let wb = w.map(|w| w.add(b * Q4K));
+        let ab = a.map(|a| a.add(b * Q8K));
+        let sm = wb.map(|p| scales_mins(std::slice::from_raw_parts(p.add(4), 12)));
+        let half =
+            |sm: &[u8; 16], i: usize| i64::from_le_bytes(sm[8 * i..8 * i + 8].try_into().unwrap());
+        // Row r's eight scales in 64-bit lane r; its mins as i16, two rows
+        // per vector, row r's in half r % 2.
+        let scales = _mm256_setr_epi64x(
+            half(&sm[0], 0),
+            half(&sm[1], 0),
+            half(&sm[2], 0),
+            half(&sm[3], 0),
+        );
+        let mins01 = _mm256_cvtepu8_epi16(_mm_set_epi64x(half(&sm[1], 1), half(&sm[0], 1)));
+        let mins23 = _mm256_cvtepu8_epi16(_mm_set_epi64x(half(&sm[3], 1), half(&sm[2], 1)));
+        // d and dmin of each row, as f32 pairs matching the accumulators'
+        // layout: two lanes per row, row r in lanes 2r and 2r+1.
+        let d_dmin = _mm256_cvtph_ps(_mm_setr_epi32(
+            wb[0].cast::<i32>().read_unaligned(),
+            wb[1].cast::<i32>().read_unaligned(),
+            wb[2].cast::<i32>().read_unaligned(),
+            wb[3].cast::<i32>().read_unaligned(),
+        ));
+        let d = _mm256_permutevar8x32_ps(d_dmin, _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6));
+        let dmin = _mm256_permutevar8x32_ps(d_dmin, _mm256_setr_epi32(1, 1, 3, 3, 5, 5, 7, 7));
+
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for c in 0..4 {
+            // Four rows' 32 bytes of run c, transposed so that vector m
+            // holds bytes 8m..8m+8 of row r in 64-bit lane r.
+            let run = wb.map(|p| _mm256_loadu_si256(p.add(16 + 32 * c).cast()));
+            let lo01 = _mm256_unpacklo_epi64(run[0], run[1]);
+            let hi01 = _mm256_unpackhi_epi64(run[0], run[1]);
+            let lo23 = _mm256_unpacklo_epi64(run[2], run[3]);
+            let hi23 = _mm256_unpackhi_epi64(run[2], run[3]);
+            let v = [
+                _mm256_permute2x128_si256(lo01, lo23, 0x20),
+                _mm256_permute2x128_si256(hi01, hi23, 0x20),
+                _mm256_permute2x128_si256(lo01, lo23, 0x31),
+                _mm256_permute2x128_si256(hi01, hi23, 0x31),
+            ];
+            let q_lo = v.map(|v| _mm256_and_si256(v, low));
+            let q_hi = v.map(|v| _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+            let s_lo =
+                _mm256_shuffle_epi8(scales, _mm256_add_epi8(pick, _mm256_set1_epi8(2 * c as i8)));
+            let s_hi = _mm256_shuffle_epi8(
+                scales,
+                _mm256_add_epi8(pick, _mm256_set1_epi8(2 * c as i8 + 1)),
+            );
+            for k in 0..N {
+                let q8 = ab[k].add(4 + 64 * c);
+                let bcast =
+                    |i: usize| _mm256_set1_epi64x(q8.add(8 * i).cast::<i64>().read_unaligned());
+                let mut p_lo = _mm256_setzero_si256();
+                let mut p_hi = _mm256_setzero_si256();
+                for m in 0..4 {
+                    p_lo = _mm256_add_epi16(p_lo, _mm256_maddubs_epi16(q_lo[m], bcast(m)));
+                    p_hi = _mm256_add_epi16(p_hi, _mm256_maddubs_epi16(q_hi[m], bcast(4 + m)));
+                }
+                let s =
+                    _mm256_add_epi32(_mm256_madd_epi16(p_lo, s_lo), _mm256_madd_epi16(p_hi, s_hi));
+                sumi[k] = _mm256_add_epi32(sumi[k], s);
+            }
+        }
+
+        for k in 0..N {
+            let d8 = _mm256_set1_ps(ab[k].cast::<f32>().read_unaligned());
+            // Each sub-block's sum of activations against the four rows'
+            // mins, reduced to two lanes per row in the accumulators' order.
+            let bsums = _mm256_loadu_si256(ab[k].add(260).cast());
+            let pair_sums = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256(bsums, 1),
+            );
+            let pair_sums = _mm256_broadcastsi128_si256(pair_sums);
+            let m = _mm256_hadd_epi32(
+                _mm256_madd_epi16(mins01, pair_sums),
+                _mm256_madd_epi16(mins23, pair_sums),
+            );
+            let m = _mm256_permute4x64_epi64(m, 0b11_01_10_00);
+            acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, d8), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+            acc[k] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, d8), _mm256_cvtepi32_ps(m), acc[k]);
+        }
+    }
+    acc.map(|v| {
+        let mut s = [0.0f32; 8];
+        _mm256_storeu_ps(s.as_mut_ptr(), _mm256_hadd_ps(v, v));
+        [s[0], s[1], s[4], s[5]]
+    })
+}
+
+/// Quantizes rows of 256 activations to Q8_K blocks, bit for bit as
+/// candle's `BlockQ8K::from_float` does (whose `f32::round` is a libm call
+/// per value, a tenth of a Q4_K prefill product's time): `d = max/-128` with
+/// `max` the first value of largest magnitude, each value rounded half away
+/// from zero and capped at 127, and the sums of each 16.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
+    let blocks = out.len() / Q8K;
+    assert!(x.len() == blocks * 256 && out.len() == blocks * Q8K);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let ones = _mm256_set1_epi16(1);
+    for (xs, y) in x.chunks_exact(256).zip(out.chunks_exact_mut(Q8K)) {
+        let mut m = _mm256_setzero_ps();
+        for v in xs.chunks_exact(8) {
+            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(v.as_ptr()), abs));
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let Some(&max) = xs.iter().find(|v| v.abs() == amax).filter(|_| amax != 0.0) else {
+            // All zeros, or a NaN that makes the product meaningless anyway.
+            y.fill(0);
+            continue;
+        };
+        let iscale = -128.0 / max;
+        let scale = _mm256_set1_ps(iscale);
+        let (qs, rest) = y[4..].split_at_mut(256);
+        for (g, (xg, q)) in xs.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
+            let b = quantize32(xg, scale, 127.0);
+            _mm256_storeu_si256(q.as_mut_ptr().cast(), b);
+            for h in 0..2 {
+                let part = if h == 0 {
+                    _mm256_castsi256_si128(b)
+                } else {
+                    _mm256_extracti128_si256(b, 1)
+                };
+                let s = _mm256_madd_epi16(_mm256_cvtepi8_epi16(part), ones);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                let j = 2 * g + h;
+                rest[2 * j..2 * j + 2]
+                    .copy_from_slice(&(_mm_cvtsi128_si32(s) as i16).to_le_bytes());
+            }
+        }
+        y[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}
+
+/// 32 values times `scale`, each rounded half away from zero (as
+/// `f32::round`), capped at `cap` and saturated to i8, in order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize32(x: &[f32], scale: __m256, cap: f32) -> __m256i {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let i = [0, 1, 2, 3].map(|k| {
+        let v = _mm256_mul_ps(scale, _mm256_loadu_ps(x[8 * k..8 * k + 8].as_ptr()));
+        // Truncate, then step away from zero where the dropped fraction is
+        // at least one half.
+        let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        let frac = _mm256_and_ps(_mm256_sub_ps(v, t), abs);
+        let ge_half = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5), _CMP_GE_OQ);
+        let step = _mm256_and_ps(ge_half, _mm256_set1_ps(1.0));
+        let r = _mm256_add_ps(t, _mm256_or_ps(step, _mm256_andnot_ps(abs, v)));
+        _mm256_cvttps_epi32(_mm256_min_ps(r, _mm256_set1_ps(cap)))
+    });
+    // The packs interleave 128-bit halves; the permutation restores order.
+    let w01 = _mm256_packs_epi32(i[0], i[1]);
+    let w23 = _mm256_packs_epi32(i[2], i[3]);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), order)
+}
+
+/// Quantizes rows of activations to Q8_0 blocks, bit for bit as candle's
+/// `BlockQ8_0::from_float` does: `d = amax/127` (stored as f16), each value
+/// times `1/d` rounded half away from zero.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    let blocks = out.len() / Q8_0;
+    assert!(x.len() == blocks * 32 && out.len() == blocks * Q8_0);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for (xs, y) in x.chunks_exact(32).zip(out.chunks_exact_mut(Q8_0)) {
+        let v = [0, 1, 2, 3].map(|k| _mm256_and_ps(_mm256_loadu_ps(xs[8 * k..].as_ptr()), abs));
+        let m = _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        y[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        let q = quantize32(xs, _mm256_set1_ps(id), 127.0);
+        _mm256_storeu_si256(y[2..].as_mut_ptr().cast(), q);
+    }
 }

@@ -18,7 +18,7 @@ use std::mem::{align_of, size_of};
 
 use candle_core::quantized::k_quants::GgmlType;
 #[cfg(target_arch = "x86_64")]
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -65,7 +65,9 @@ impl QuantScratch {
 ///
 /// Output rows are split across rayon's global pool; within a task each
 /// weight row is dotted with every token before the next is loaded, so with
-/// several tokens a row is read from memory once. Quantizing the activations
+/// several tokens a row is read from memory once, and each kernel call
+/// applies the row to `pass` tokens (at most [`MAX_PASS`]), unpacking each
+/// weight block once for all of them. Quantizing the activations
 /// to 8 bits costs each dot product an RMS error of 0.5-0.8% of
 /// `sqrt(sum_i (w_i x_i)^2)`, compared with f32 products of the dequantized
 /// weights.
@@ -83,6 +85,7 @@ pub fn matmul_quant(
     t: usize,
     y: &mut [f32],
     scratch: &mut QuantScratch,
+    pass: usize,
 ) {
     assert_eq!(x.len(), t * cols, "matmul_quant: activation shape");
     assert_eq!(y.len(), t * rows, "matmul_quant: output shape");
@@ -108,30 +111,124 @@ pub fn matmul_quant(
     // AVX2 paths of our own.
     #[cfg(target_arch = "x86_64")]
     if qdot_x86::available() {
-        // SAFETY (each closure): `available` checked the CPU features.
-        macro_rules! avx2 {
-            ($f:ident) => {
-                |_, w, a| unsafe { qdot_x86::$f(bytes_of(w), bytes_of(a), w.len()) }
-            };
-        }
         match qt {
             QuantType::Q4K => {
-                return matmul_typed::<BlockQ4K>(w, rows, cols, x, t, y, scratch, avx2!(q4k))
+                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q4K);
             }
             QuantType::Q8_0 => {
-                return matmul_typed::<BlockQ8_0>(w, rows, cols, x, t, y, scratch, avx2!(q8_0))
+                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q8_0);
             }
             QuantType::Q4_0 => {
-                return matmul_typed::<BlockQ4_0>(w, rows, cols, x, t, y, scratch, avx2!(q4_0))
+                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q4_0);
             }
             _ => {}
         }
     }
-    with_block_type!(qt, B => matmul_typed::<B>(w, rows, cols, x, t, y, scratch, B::vec_dot))
+    with_block_type!(qt, B => matmul_typed::<B, _>(w, rows, cols, x, t, y, scratch, pass, Candle))
+}
+
+/// The most tokens a kernel call takes: four tokens' accumulators plus one
+/// unpacked weight block fill AVX2's sixteen registers.
+pub const MAX_PASS: usize = 4;
+
+/// Dot products of `R` weight rows with `N` activation rows: `[k][r]` is row
+/// `r` dotted with token `k`. Generic rather than a fn pointer, so each
+/// kernel is called directly: a row of a down projection is only three Q4_K
+/// blocks, where an indirect call per row is measurable.
+trait RowDot<B: Block>: Sync
+where
+    B::VecDotType: Block,
+{
+    fn dot<const R: usize, const N: usize>(
+        &self,
+        w: [&[B]; R],
+        a: [&[B::VecDotType]; N],
+    ) -> [[f32; R]; N];
+
+    /// One row of activations in the kernels' format.
+    fn quantize(&self, x: &[f32], q: &mut [B::VecDotType]) {
+        B::VecDotType::from_float(x, q)
+    }
+}
+
+/// candle's dot products, one row and token at a time.
+struct Candle;
+
+impl<B: Block> RowDot<B> for Candle
+where
+    B::VecDotType: Block,
+{
+    fn dot<const R: usize, const N: usize>(
+        &self,
+        w: [&[B]; R],
+        a: [&[B::VecDotType]; N],
+    ) -> [[f32; R]; N] {
+        a.map(|a| w.map(|w| B::vec_dot(w.len() * B::BLCK_SIZE, w, a)))
+    }
+}
+
+/// The `qdot_x86` kernels, constructed only where `qdot_x86::available()`:
+/// one row at a time, with the tokens of a call sharing each unpacked block.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx2_kernel {
+    ($name:ident, $block:ty, $f:ident) => {
+        struct $name;
+        impl RowDot<$block> for $name {
+            fn dot<const R: usize, const N: usize>(
+                &self,
+                w: [&[$block]; R],
+                a: [&[<$block as GgmlType>::VecDotType]; N],
+            ) -> [[f32; R]; N] {
+                let a = a.map(bytes_of);
+                // SAFETY: the kernel type exists only once `available` held.
+                let by_row = w.map(|w| unsafe { qdot_x86::$f(bytes_of(w), a, w.len()) });
+                std::array::from_fn(|k| by_row.map(|v| v[k]))
+            }
+
+            fn quantize(&self, x: &[f32], q: &mut [BlockQ8_0]) {
+                // SAFETY: as above.
+                unsafe { qdot_x86::quantize_q8_0(x, bytes_of_mut(q)) }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+avx2_kernel!(Avx2Q8_0, BlockQ8_0, q8_0);
+#[cfg(target_arch = "x86_64")]
+avx2_kernel!(Avx2Q4_0, BlockQ4_0, q4_0);
+
+/// Q4_K's kernels: four rows at a time share each token's activation loads
+/// and half the scale multiplies ([`qdot_x86::q4k_rows4`]), where there are
+/// four rows and several tokens; otherwise one row at a time.
+#[cfg(target_arch = "x86_64")]
+struct Avx2Q4K;
+
+#[cfg(target_arch = "x86_64")]
+impl RowDot<BlockQ4K> for Avx2Q4K {
+    fn dot<const R: usize, const N: usize>(
+        &self,
+        w: [&[BlockQ4K]; R],
+        a: [&[<BlockQ4K as GgmlType>::VecDotType]; N],
+    ) -> [[f32; R]; N] {
+        let a = a.map(bytes_of);
+        let blocks = w.first().map_or(0, |w| w.len());
+        // SAFETY (both): the kernel type exists only once `available` held.
+        if let (Ok(w4), true) = (<[&[BlockQ4K]; 4]>::try_from(&w[..]), N > 1) {
+            let v = unsafe { qdot_x86::q4k_rows4(w4.map(bytes_of), a, blocks) };
+            return std::array::from_fn(|k| std::array::from_fn(|r| v[k][r]));
+        }
+        let by_row = w.map(|w| unsafe { qdot_x86::q4k(bytes_of(w), a, w.len()) });
+        std::array::from_fn(|k| by_row.map(|v| v[k]))
+    }
+
+    fn quantize(&self, x: &[f32], q: &mut [BlockQ8K]) {
+        // SAFETY: as above.
+        unsafe { qdot_x86::quantize_q8k(x, bytes_of_mut(q)) }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn matmul_typed<B: Block>(
+fn matmul_typed<B: Block, K: RowDot<B>>(
     w: &[u8],
     rows: usize,
     cols: usize,
@@ -139,10 +236,8 @@ fn matmul_typed<B: Block>(
     t: usize,
     y: &mut [f32],
     scratch: &mut QuantScratch,
-    // Generic rather than a fn pointer, so each kernel is called directly:
-    // a row of a down projection is only three Q4_K blocks, where an
-    // indirect call per row is measurable.
-    dot: impl Fn(usize, &[B], &[B::VecDotType]) -> f32 + Sync,
+    pass: usize,
+    kernel: K,
 ) where
     B::VecDotType: Block,
 {
@@ -150,26 +245,91 @@ fn matmul_typed<B: Block>(
     const { assert!(B::BLCK_SIZE == B::VecDotType::BLCK_SIZE) };
     let w = as_blocks::<B>(w).unwrap_or_else(|e| panic!("matmul_quant: {e}"));
     let nb = cols / B::BLCK_SIZE;
+    let pass = pass.clamp(1, MAX_PASS);
 
     let xq = scratch.blocks::<B::VecDotType>(t * nb);
     xq.par_chunks_mut(nb)
         .zip(x.par_chunks(cols))
         .with_min_len((16_384 / cols).max(1))
-        .for_each(|(q, x)| B::VecDotType::from_float(x, q));
+        .for_each(|(q, x)| kernel.quantize(x, q));
     let xq = &*xq;
 
     let chunk = rows_per_task(rows, cols);
     let out = SharedOut(y.as_mut_ptr());
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        for r in c * chunk..((c + 1) * chunk).min(rows) {
-            let wr = &w[r * nb..(r + 1) * nb];
-            for (tk, xr) in xq.chunks_exact(nb).enumerate() {
-                let v = dot(cols, wr, xr);
-                // SAFETY: row r belongs to this task only; tk * rows + r < t * rows.
-                unsafe { *out.at(tk * rows + r) = v };
+        let end = ((c + 1) * chunk).min(rows);
+        let mut r = c * chunk;
+        while r < end {
+            let group = RowGroup {
+                w,
+                xq,
+                nb,
+                first: r,
+                rows,
+                pass,
+                out,
+            };
+            if end - r >= 4 {
+                group.run::<4, _>(&kernel);
+                r += 4;
+            } else {
+                group.run::<1, _>(&kernel);
+                r += 1;
             }
         }
     });
+}
+
+/// Rows `first..first + R` of a product, to be dotted with every token.
+struct RowGroup<'a, B: Block> {
+    w: &'a [B],
+    xq: &'a [B::VecDotType],
+    nb: usize,
+    first: usize,
+    rows: usize,
+    pass: usize,
+    out: SharedOut,
+}
+
+impl<B: Block> RowGroup<'_, B>
+where
+    B::VecDotType: Block,
+{
+    fn run<const R: usize, K: RowDot<B>>(&self, kernel: &K) {
+        let (nb, first) = (self.nb, self.first);
+        let wr: [&[B]; R] = std::array::from_fn(|i| &self.w[(first + i) * nb..][..nb]);
+        let t = self.xq.len() / nb;
+        let mut tk = 0;
+        while tk < t {
+            let n = self.pass.min(t - tk);
+            let put = |vals: &[[f32; R]]| {
+                for (k, v) in vals.iter().enumerate() {
+                    for (i, &v) in v.iter().enumerate() {
+                        // SAFETY: rows first..first + R belong to this task
+                        // only; (tk + k) * rows + first + i < t * rows.
+                        unsafe { *self.out.at((tk + k) * self.rows + first + i) = v };
+                    }
+                }
+            };
+            let tok = |k: usize| &self.xq[(tk + k) * nb..][..nb];
+            match n {
+                1 => put(&kernel.dot(wr, [tok(0)])),
+                2 => put(&kernel.dot(wr, [tok(0), tok(1)])),
+                3 => put(&kernel.dot(wr, [tok(0), tok(1), tok(2)])),
+                _ => put(&kernel.dot(wr, [tok(0), tok(1), tok(2), tok(3)])),
+            }
+            tk += n;
+        }
+    }
+}
+
+/// The bytes of a block slice, for the quantizers.
+#[cfg(target_arch = "x86_64")]
+fn bytes_of_mut<B: Block>(blocks: &mut [B]) -> &mut [u8] {
+    // SAFETY: as `bytes_of`; `Block` types accept any bytes.
+    unsafe {
+        std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), std::mem::size_of_val(blocks))
+    }
 }
 
 /// The bytes of a block slice, for the raw-pointer kernels.
@@ -184,55 +344,109 @@ fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
 mod tests {
     use super::*;
 
-    /// Each AVX2 kernel against candle's portable `vec_dot_unopt` on the
-    /// same quantized blocks, over block counts that do and do not fill the
-    /// kernels' 8-lane accumulators evenly. Both sum the same exact integers
+    /// Every output of the AVX2 kernels, called with one to four tokens at
+    /// once, against candle's portable `vec_dot_unopt` on the same quantized
+    /// blocks: random row, block and token counts, including token counts
+    /// that leave each remainder of a four-token pass and block counts that
+    /// do not fill the accumulators evenly. Both sum the same exact integers
     /// per block and differ only in the order of the f32 sums across blocks,
     /// so they agree to f32 rounding: 1e-5 of the products' scale
-    /// `|x|*|w|`. A wrong nibble, scale or min would be off by ~10%.
+    /// `|x|*|w|`. A wrong nibble, scale, min or token would be off by ~10%.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_kernels_match_candle_scalar() {
-        use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
-        fn check<B: Block>(qt: QuantType, kernel: unsafe fn(&[u8], &[u8], usize) -> f32)
+        use rand_chacha::rand_core::{RngCore, SeedableRng};
+        fn check<B: Block>(qt: QuantType, rng: &mut rand_chacha::ChaCha8Rng)
         where
             B::VecDotType: Block,
         {
-            for (i, nb) in [1usize, 2, 3, 5, 8, 9, 24].into_iter().enumerate() {
+            let mut scratch = QuantScratch::default();
+            let mut upto = |n: u64| 1 + (rng.next_u64() % n) as usize;
+            for case in 0..12u64 {
+                let (nb, rows, t) = (upto(12), upto(13), upto(13));
                 let cols = nb * B::BLCK_SIZE;
-                let seed = 30 + i as u64;
-                let w = quantize(qt, &normal(cols, seed), cols);
+                let w = quantize(qt, &normal(rows * cols, 30 + case), cols);
                 let wb = as_blocks::<B>(w.bytes()).unwrap();
+                let mut wd = vec![0.0; rows * cols];
+                dequantize_rows(qt, w.bytes(), cols, &mut wd).unwrap();
                 // Activations of uneven magnitude, as hidden states are.
-                let x: Vec<f32> = normal(cols, seed + 100)
+                let x: Vec<f32> = normal(t * cols, 130 + case)
                     .iter()
                     .enumerate()
                     .map(|(j, v)| v * (1.0 + (j % 7) as f32))
                     .collect();
-                let mut xq = vec![B::VecDotType::zeros(); nb];
-                B::VecDotType::from_float(&x, &mut xq);
-                let want = B::vec_dot_unopt(cols, wb, &xq);
-                // SAFETY: only called where `available` holds.
-                let got = unsafe { kernel(bytes_of(wb), bytes_of(&xq), nb) };
+                let mut xq = vec![B::VecDotType::zeros(); t * nb];
+                for (q, xr) in xq.chunks_mut(nb).zip(x.chunks(cols)) {
+                    B::VecDotType::from_float(xr, q);
+                }
                 let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
-                let mut wd = vec![0.0; cols];
-                crate::quant::dequantize_rows(qt, w.bytes(), cols, &mut wd).unwrap();
-                let scale = norm(&x) * norm(&wd);
-                assert!(
-                    (got - want).abs() <= 1e-5 * scale,
-                    "{} with {nb} blocks: {got} vs {want}",
-                    qt.name()
-                );
+                for pass in 1..=MAX_PASS {
+                    let mut y = vec![f32::NAN; t * rows];
+                    matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, &mut scratch, pass);
+                    for (i, &got) in y.iter().enumerate() {
+                        let (tk, r) = (i / rows, i % rows);
+                        let xr = &xq[tk * nb..(tk + 1) * nb];
+                        let want = B::vec_dot_unopt(cols, &wb[r * nb..(r + 1) * nb], xr);
+                        let scale = norm(&x[tk * cols..][..cols]) * norm(&wd[r * cols..][..cols]);
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale,
+                            "{} [{rows}, {cols}] t={t} pass={pass} y[{tk}, {r}]: {got} vs {want}",
+                            qt.name()
+                        );
+                    }
+                }
             }
         }
         if !qdot_x86::available() {
             eprintln!("no AVX2/FMA/F16C here: nothing to compare");
             return;
         }
-        check::<BlockQ4K>(QuantType::Q4K, qdot_x86::q4k);
-        check::<BlockQ8_0>(QuantType::Q8_0, qdot_x86::q8_0);
-        check::<BlockQ4_0>(QuantType::Q4_0, qdot_x86::q4_0);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+        check::<BlockQ4K>(QuantType::Q4K, &mut rng);
+        check::<BlockQ8_0>(QuantType::Q8_0, &mut rng);
+        check::<BlockQ4_0>(QuantType::Q4_0, &mut rng);
     }
+    /// The AVX2 quantizers write the bytes candle's do: blocks of uneven
+    /// magnitude, an all-zero block, a block of exact halves (the rounding
+    /// rule shows) and one whose largest magnitude occurs with both signs
+    /// (for Q8_K, the first sets the scale's sign).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_quantizers_match_candle() {
+        /// `full`: the largest magnitude that makes the scale exactly 1.
+        fn check<B: Block>(quantize: unsafe fn(&[f32], &mut [u8]), full: f32) {
+            let (n, blocks) = (B::BLCK_SIZE, 8);
+            let mut x: Vec<f32> = normal(n * blocks, 3)
+                .iter()
+                .enumerate()
+                .map(|(j, v)| v * (1.0 + (j % 7) as f32))
+                .collect();
+            x[n..2 * n].fill(0.0);
+            for (j, v) in x[2 * n..3 * n].iter_mut().enumerate() {
+                *v = if j == 0 { -full } else { j as f32 - full - 0.5 };
+            }
+            for v in &mut x[3 * n..4 * n] {
+                *v *= 0.1;
+            }
+            (x[3 * n + 5], x[4 * n - 3]) = (3.0, -3.0);
+            let mut want = vec![B::zeros(); blocks];
+            B::from_float(&x, &mut want);
+            let mut got = vec![0u8; std::mem::size_of_val(&want[..])];
+            // SAFETY: only called where `available` holds.
+            unsafe { quantize(&x, &mut got) };
+            let size = size_of::<B>();
+            for (b, (w, g)) in want.iter().zip(got.chunks(size)).enumerate() {
+                assert_eq!(bytes_of(std::slice::from_ref(w)), g, "block {b}");
+            }
+        }
+        if !qdot_x86::available() {
+            eprintln!("no AVX2/FMA/F16C here: nothing to compare");
+            return;
+        }
+        check::<BlockQ8K>(qdot_x86::quantize_q8k, 128.0);
+        check::<BlockQ8_0>(qdot_x86::quantize_q8_0, 127.0);
+    }
+
     use crate::quant::dequantize_rows;
     use crate::quant::tests::{normal, quantize, Aligned};
 
@@ -268,12 +482,14 @@ mod tests {
             }
             for (rows, cols) in shapes {
                 let w = quantize(qt, &normal(rows * cols, 10), cols);
-                for t in [1, 3, 5] {
+                let w = w.bytes();
+                for t in [1, 3, 5, 9] {
                     let x = normal(t * cols, 20 + t as u64);
                     let mut y = vec![f32::NAN; t * rows];
-                    matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, &mut scratch);
+                    let s = &mut scratch;
+                    matmul_quant(qt, w, rows, cols, &x, t, &mut y, s, MAX_PASS);
                     for (i, (&got, (want, scale))) in
-                        y.iter().zip(reference(qt, w.bytes(), cols, &x)).enumerate()
+                        y.iter().zip(reference(qt, w, cols, &x)).enumerate()
                     {
                         let rel = (got as f64 - want).abs() / scale;
                         worst = worst.max(rel);
@@ -304,8 +520,9 @@ mod tests {
         let mut run = |t: usize| {
             let x = normal(t * cols, 6);
             let mut y = vec![0.0; t * rows];
-            matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, &mut scratch);
-            scratch.words.as_ptr()
+            let s = &mut scratch;
+            matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, s, MAX_PASS);
+            s.words.as_ptr()
         };
         let warm = run(4);
         assert_eq!(run(1), warm);
@@ -316,10 +533,10 @@ mod tests {
     fn zero_tokens_rows_or_cols_are_empty_products() {
         let (qt, mut s) = (QuantType::Q8_0, QuantScratch::default());
         let w = quantize(qt, &normal(2 * 32, 7), 32);
-        matmul_quant(qt, w.bytes(), 2, 32, &[], 0, &mut [], &mut s);
-        matmul_quant(qt, &[], 0, 32, &[1.0; 32], 1, &mut [], &mut s);
+        matmul_quant(qt, w.bytes(), 2, 32, &[], 0, &mut [], &mut s, MAX_PASS);
+        matmul_quant(qt, &[], 0, 32, &[1.0; 32], 1, &mut [], &mut s, MAX_PASS);
         let mut y = [f32::NAN; 3];
-        matmul_quant(qt, &[], 3, 0, &[], 1, &mut y, &mut s);
+        matmul_quant(qt, &[], 3, 0, &[], 1, &mut y, &mut s, MAX_PASS);
         assert_eq!(y, [0.0; 3]);
     }
 
@@ -339,6 +556,7 @@ mod tests {
             1,
             &mut y,
             &mut s,
+            MAX_PASS,
         );
     }
 
@@ -349,7 +567,7 @@ mod tests {
         let mut y = [0.0; 2];
         let x = [0.0; 256];
         let mut s = QuantScratch::default();
-        matmul_quant(QuantType::Q4K, w.bytes(), 2, 256, &x, 1, &mut y, &mut s);
+        matmul_quant(QuantType::Q4K, w.bytes(), 2, 256, &x, 1, &mut y, &mut s, 1);
     }
 
     #[test]
@@ -358,6 +576,6 @@ mod tests {
         let mut y = [0.0];
         let x = [0.0; 96];
         let mut s = QuantScratch::default();
-        matmul_quant(QuantType::Q4K, &[], 1, 96, &x, 1, &mut y, &mut s);
+        matmul_quant(QuantType::Q4K, &[], 1, 96, &x, 1, &mut y, &mut s, 1);
     }
 }
