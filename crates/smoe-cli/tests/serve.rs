@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Barrier;
 
-use common::server::{post_and_hang_up, request, Reply, Server, SERVE_MODEL};
+use common::server::{post_and_hang_up, post_open, request, Reply, Server, SERVE_MODEL};
 use common::*;
 use serde_json::{json, Value};
 
@@ -233,6 +233,7 @@ fn bad_requests() -> Vec<(&'static str, &'static str, Vec<u8>, u16)> {
         ("POST", "/v1/completions", b"{}".to_vec(), 400),
         ("POST", "/v1/messages", with(json!({})), 400),
         ("GET", chat, Vec::new(), 405),
+        ("GET", "/v1/messages", Vec::new(), 405),
         ("POST", "/v1/nothing", b"{}".to_vec(), 404),
     ]
 }
@@ -333,6 +334,23 @@ fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(h["generations"]["rejected"], 1);
     assert_eq!(h["generations"]["cancelled"], 1);
     assert_eq!(h["generations"]["completed"], 1);
+}
+
+#[test]
+fn a_client_that_hangs_up_on_a_whole_reply_cancels_it() {
+    let server = Server::start(&["--token-delay-ms", "50"]);
+    let conn = post_open(
+        &server.addr,
+        "/v1/chat/completions",
+        &chat_body(LONG_PROMPTS[1], 300, false),
+    );
+    // Hang up once the reply is under way.
+    wait_for(&server, |h| h["tokens"]["generated"].as_u64() > Some(0));
+    drop(conn);
+    let h = server.idle_health();
+    assert_eq!(h["generations"]["cancelled"], 1, "{h}");
+    assert_eq!(h["generations"]["completed"], 0, "{h}");
+    assert!(h["tokens"]["generated"].as_u64() < Some(300), "{h}");
 }
 
 fn wait_for(server: &Server, ok: impl Fn(&Value) -> bool) {

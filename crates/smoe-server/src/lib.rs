@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -150,14 +150,16 @@ fn router(app: Arc<App>) -> Router {
         .route("/", get(|| async { Html(WEB_PAGE) }))
         .route("/health", get(health))
         .merge(api)
-        .fallback(|| async {
+        .fallback(|uri: Uri| async move {
             ApiError::new(StatusCode::NOT_FOUND, "no such route; see GET /v1/models")
+                .dialect(dialect_of(uri.path()))
         })
-        .method_not_allowed_fallback(|| async {
+        .method_not_allowed_fallback(|uri: Uri| async move {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed on this route",
             )
+            .dialect(dialect_of(uri.path()))
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)

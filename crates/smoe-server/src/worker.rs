@@ -174,6 +174,7 @@ fn run(
         &job.params,
         job.max_tokens,
         |tok| {
+            c.generated_tokens.fetch_add(1, Ordering::Relaxed);
             match text.push(tok) {
                 Ok(Some(piece)) => {
                     let (ready, hit) = stops.push(&piece);
@@ -209,8 +210,6 @@ fn run(
     c.prompt_tokens
         .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
     c.cached_tokens.fetch_add(cached as u64, Ordering::Relaxed);
-    c.generated_tokens
-        .fetch_add(gen.tokens.len() as u64, Ordering::Relaxed);
     c.last_decode_tok_s
         .store(gen.timings.decode_tok_s().to_bits(), Ordering::Relaxed);
     let mut finish = match (stopped_by, gen.stop_reason) {

@@ -225,19 +225,24 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Posts a streaming request, reads until `marker` has arrived, and hangs
-/// up without reading the rest. Returns whether the marker came.
-pub fn post_and_hang_up(addr: &str, path: &str, body: &Value, marker: &str) -> bool {
+/// Sends a JSON POST and returns the connection without reading from it.
+pub fn post_open(addr: &str, path: &str, body: &Value) -> TcpStream {
     let mut s = connect(addr);
-    let body = body.to_string();
     send_head(
         &mut s,
         addr,
         "POST",
         path,
         &[("Content-Type", "application/json")],
-        body.as_bytes(),
+        body.to_string().as_bytes(),
     );
+    s
+}
+
+/// Posts a streaming request, reads until `marker` has arrived, and hangs
+/// up without reading the rest. Returns whether the marker came.
+pub fn post_and_hang_up(addr: &str, path: &str, body: &Value, marker: &str) -> bool {
+    let mut s = post_open(addr, path, body);
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
