@@ -158,8 +158,22 @@ fn web_page_streams_a_reply_in_chromium() {
     let Some(chromium) = tool("CHROMIUM", PathBuf::from("/usr/bin/chromium"), "chromium") else {
         return;
     };
-    // Slow enough that the page is seen mid-reply on any machine.
-    let server = Server::start(&["--token-delay-ms", "25"]);
+    // A vault with a cache of a third of its experts, so that the page
+    // has cache and disk counters to show; tokens slow enough that the
+    // page is seen mid-reply on any machine.
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join(format!("{SERVE_MODEL}-vault"));
+    let model = fixture(SERVE_MODEL);
+    smoe_ok(&[
+        "convert",
+        path_str(&model),
+        "-o",
+        path_str(&vault),
+        "--experts",
+        "q8_0",
+        "--quiet",
+    ]);
+    let server = Server::start_with(&vault, &["--ram-budget", "64KiB", "--token-delay-ms", "25"]);
     let shot = std::env::var_os("SMOE_SCREENSHOT").map_or_else(
         || std::env::temp_dir().join(format!("smoe-serve-{}.png", std::process::id())),
         PathBuf::from,
@@ -188,12 +202,15 @@ fn web_page_streams_a_reply_in_chromium() {
         "{got}"
     );
     assert_ne!(got["done"]["toks"], "–", "{got}");
+    let hit = got["done"]["hit"].as_str().unwrap();
+    assert!(hit.ends_with('%'), "the cache hit rate is not shown: {got}");
     // What the page shows is the reply the model gives.
-    let model = fixture(SERVE_MODEL);
     let want: Value = serde_json::from_str(&smoe_ok(&[
         "run",
         "--model",
-        path_str(&model),
+        path_str(&vault),
+        "--ram-budget",
+        "64KiB",
         "--prompt",
         "Tell me a story",
         "--max-tokens",

@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,11 @@ impl Server {
     /// Starts `smoe serve` on a free port with `extra` arguments and waits
     /// until `/health` says the model is loaded.
     pub fn start(extra: &[&str]) -> Server {
-        let model = fixture(SERVE_MODEL);
+        Self::start_with(&fixture(SERVE_MODEL), extra)
+    }
+
+    /// [`Server::start`] on another model directory (a vault, say).
+    pub fn start_with(model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_smoe"))
             .args(["serve", "--model", model.to_str().unwrap()])
             .args(["--port", "0", "--threads", "1"])
