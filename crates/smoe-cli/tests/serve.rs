@@ -167,6 +167,38 @@ fn a_conversation_that_goes_on_prefills_only_its_new_tokens() {
 }
 
 #[test]
+fn chat_template_kwargs_reach_the_template() {
+    let server = Server::start(&[]);
+    let model = fixture(SERVE_MODEL);
+    let dir = tempfile::tempdir().unwrap();
+    let messages = json!([{"role": "user", "content": "Hi"}]);
+    let file = dir.path().join("m.json");
+    std::fs::write(&file, messages.to_string()).unwrap();
+    for thinking in [true, false] {
+        let var = format!("enable_thinking={thinking}");
+        let ids: Value = serde_json::from_str(&smoe_ok(&[
+            "template",
+            "--model",
+            path_str(&model),
+            "--messages",
+            path_str(&file),
+            "--var",
+            &var,
+            "--ids",
+        ]))
+        .unwrap();
+        let body = json!({"messages": messages, "max_tokens": 1,
+                          "chat_template_kwargs": {"enable_thinking": thinking}});
+        let r = server.post("/v1/chat/completions", &body).json();
+        assert_eq!(
+            r["usage"]["prompt_tokens"],
+            ids.as_array().unwrap().len(),
+            "enable_thinking={thinking}"
+        );
+    }
+}
+
+#[test]
 fn stop_strings_end_the_reply_before_them() {
     let server = Server::start(&[]);
     let (want, _) = run_text("Tell me a story", true, 40);
