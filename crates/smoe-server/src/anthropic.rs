@@ -394,3 +394,57 @@ impl Reply {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_use_and_tool_result_blocks_become_openai_messages() {
+        let req: MessagesRequest = serde_json::from_value(json!({
+            "max_tokens": 8,
+            "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "Use the tool.", "signature": ""},
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "18 C"}]},
+                    {"type": "text", "text": "Thanks"},
+                ]},
+            ],
+        }))
+        .unwrap();
+        let got = to_openai(req.system, req.messages).unwrap();
+        assert_eq!(
+            Value::from(got),
+            json!([
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "Checking.", "reasoning_content": "Use the tool.",
+                 "tool_calls": [{"id": "toolu_1", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C"},
+                {"role": "user", "content": "Thanks"},
+            ])
+        );
+    }
+
+    #[test]
+    fn unsupported_blocks_and_roles_are_refused() {
+        for messages in [
+            json!([{"role": "user", "content": [{"type": "image", "source": {}}]}]),
+            json!([{"role": "system", "content": "x"}]),
+            json!([{"role": "user", "content": [{"text": "no type"}]}]),
+        ] {
+            let req: MessagesRequest =
+                serde_json::from_value(json!({"max_tokens": 8, "messages": messages})).unwrap();
+            let e = to_openai(req.system, req.messages).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert_eq!(e.dialect, Dialect::Anthropic);
+        }
+    }
+}

@@ -581,3 +581,57 @@ pub(crate) async fn completions(
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_normalized_for_templates() {
+        let got = template_messages(vec![
+            json!({"role": "developer", "content": "Be brief."}),
+            json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}},
+            ]}),
+            json!({"role": "tool", "tool_call_id": "c1", "content": "2"}),
+        ])
+        .unwrap();
+        assert_eq!(
+            got,
+            json!([
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "ab"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+                ]},
+                {"role": "tool", "tool_call_id": "c1", "content": "2"},
+            ])
+        );
+    }
+
+    #[test]
+    fn bad_messages_name_the_problem() {
+        let cases = [
+            (vec![], "must not be empty"),
+            (vec![json!("hi")], "messages[0] is not an object"),
+            (
+                vec![json!({"role": "wizard", "content": "x"})],
+                "messages[0].role",
+            ),
+            (
+                vec![json!({"role": "user", "content": [{"type": "image_url", "image_url": {}}]})],
+                "image_url parts are not supported",
+            ),
+            (
+                vec![json!({"role": "user", "content": 5})],
+                "must be a string or a list",
+            ),
+        ];
+        for (messages, want) in cases {
+            let e = template_messages(messages).unwrap_err();
+            assert!(e.message.contains(want), "{}: want {want}", e.message);
+            assert_eq!(e.param, Some("messages"));
+        }
+    }
+}
