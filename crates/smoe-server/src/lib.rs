@@ -41,6 +41,9 @@ use crate::worker::{Event, Job, Queue, Refused};
 /// this engine plans for is far smaller.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
+/// How long open replies may go on after Ctrl-C.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// The page served at `/`.
 const WEB_PAGE: &str = include_str!("web/index.html");
 
@@ -124,16 +127,26 @@ pub fn serve(
         });
         let failure = Arc::new(std::sync::Mutex::new(None));
         let failed = Arc::clone(&failure);
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let stop = Arc::clone(&stopping);
         let shutdown = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 // A load that went well drops the sender: no reason to stop.
                 Ok(e) = stop_rx => *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
             }
+            stop.notify_one();
         };
-        axum::serve(listener, router(app))
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let server = axum::serve(listener, router(app)).with_graceful_shutdown(shutdown);
+        // Open streams get a few seconds to finish, not as long as a
+        // reply of the whole context would take.
+        tokio::select! {
+            served = server => served?,
+            _ = async {
+                stopping.notified().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {}
+        }
         let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
         failure.map_or(Ok(()), Err)
     })
