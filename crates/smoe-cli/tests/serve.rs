@@ -18,6 +18,12 @@ use serde_json::{json, Value};
 const PROMPTS: [&str; 4] = ["Hi", "Tell me a story", "What is 2+2?", "Count to ten"];
 /// Prompts whose greedy chat replies run past 300 tokens.
 const LONG_PROMPTS: [&str; 2] = ["The quick brown fox", "Explain MoE"];
+/// What the first token of a streamed chat reply looks like.
+const FIRST_TOKEN: [&str; 3] = [
+    "\"delta\":{\"content\"",
+    "\"delta\":{\"reasoning_content\"",
+    "\"delta\":{\"tool_calls\"",
+];
 
 /// `smoe run`'s greedy text for a prompt: the reference every reply is
 /// checked against.
@@ -349,7 +355,7 @@ fn a_full_queue_answers_429_with_retry_after() {
                 &server.addr,
                 "/v1/chat/completions",
                 &chat_body(LONG_PROMPTS[0], 300, true),
-                "\"delta\":{\"content\"",
+                &FIRST_TOKEN,
             )
         });
         wait_for(&server, |h| h["queue"]["in_flight"] == 1);
@@ -414,6 +420,19 @@ fn load_with_disconnects_and_garbage() {
             want.insert((prompt, raw), (text, finish_reason(&stop).to_string()));
         }
     }
+    // The hung-up replies must not end on their own first.
+    let model = fixture(SERVE_MODEL);
+    for prompt in LONG_PROMPTS {
+        let args = ["run", "--model", path_str(&model), "--prompt", prompt];
+        let out: Value = serde_json::from_str(&smoe_ok(
+            &[&args[..], &["--max-tokens", "300", "--json"]].concat(),
+        ))
+        .unwrap();
+        assert_eq!(
+            out["stop_reason"], "length",
+            "pick another long prompt than {prompt:?}"
+        );
+    }
     // A few milliseconds a token keeps the hung-up replies streaming
     // long enough to be cut off, on any machine.
     let server = Server::start(&["--token-delay-ms", "2"]);
@@ -446,12 +465,7 @@ fn load_with_disconnects_and_garbage() {
                 s.spawn(move || {
                     let body = chat_body(LONG_PROMPTS[i % LONG_PROMPTS.len()], 300, true);
                     start.wait();
-                    post_and_hang_up(
-                        &server.addr,
-                        "/v1/chat/completions",
-                        &body,
-                        "\"delta\":{\"content\"",
-                    )
+                    post_and_hang_up(&server.addr, "/v1/chat/completions", &body, &FIRST_TOKEN)
                 })
             })
             .collect();

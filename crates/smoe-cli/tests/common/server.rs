@@ -244,9 +244,9 @@ pub fn post_open(addr: &str, path: &str, body: &Value) -> TcpStream {
     s
 }
 
-/// Posts a streaming request, reads until `marker` has arrived, and hangs
-/// up without reading the rest. Returns whether the marker came.
-pub fn post_and_hang_up(addr: &str, path: &str, body: &Value, marker: &str) -> bool {
+/// Posts a streaming request, reads until one of `markers` has arrived,
+/// and hangs up without reading the rest. Returns whether one came.
+pub fn post_and_hang_up(addr: &str, path: &str, body: &Value, markers: &[&str]) -> bool {
     let mut s = post_open(addr, path, body);
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
@@ -255,7 +255,8 @@ pub fn post_and_hang_up(addr: &str, path: &str, body: &Value, marker: &str) -> b
             Ok(0) | Err(_) => return false,
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }
-        if String::from_utf8_lossy(&seen).contains(marker) {
+        let text = String::from_utf8_lossy(&seen);
+        if markers.iter().any(|m| text.contains(m)) {
             // Dropping the socket with unread data resets the connection.
             return true;
         }
