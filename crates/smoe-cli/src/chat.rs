@@ -20,11 +20,10 @@ use rustyline::error::ReadlineError;
 use serde_json::{json, Value};
 
 use smoe::checkpoint::{Checkpoint, Weight};
-use smoe::engine::{Engine, Generation};
+use smoe::engine::{Engine, Generation, TextStream};
 use smoe::experts::StatsSnapshot;
 use smoe::model::{human_bytes, Session};
 use smoe::sampler::SamplingParams;
-use smoe::tokenizer::StreamDecoder;
 use smoe::vault::{self, Vault};
 
 use crate::{ModelArgs, SamplingArgs};
@@ -354,53 +353,6 @@ fn history_path() -> Option<PathBuf> {
     Some(base.join("smoe").join("history"))
 }
 
-/// Generated ids as text while they stream: whole characters only,
-/// special tokens left out, and ids past the tokenizer (padding rows of
-/// the embedding, which have no text) skipped.
-pub(crate) struct TextStream<'t> {
-    stream: Option<StreamDecoder<'t>>,
-    text_max: u32,
-}
-
-impl<'t> TextStream<'t> {
-    pub(crate) fn new(engine: &'t Engine) -> Self {
-        Self {
-            stream: engine.tokenizer.as_ref().map(|t| t.stream(true)),
-            text_max: engine.tokenizer.as_ref().map_or(0, |t| t.max_id()),
-        }
-    }
-
-    pub(crate) fn push(&mut self, tok: u32) -> smoe::Result<Option<String>> {
-        match self.stream.as_mut().filter(|_| tok <= self.text_max) {
-            Some(s) => s.push(tok),
-            None => Ok(None),
-        }
-    }
-
-    pub(crate) fn finish(&mut self) -> smoe::Result<Option<String>> {
-        self.stream
-            .as_mut()
-            .map(|s| s.finish())
-            .transpose()
-            .map(Option::flatten)
-    }
-}
-
-/// The whole text of generated ids, as [`TextStream`] streams it.
-pub(crate) fn reply_text(engine: &Engine, tokens: &[u32]) -> smoe::Result<String> {
-    match &engine.tokenizer {
-        Some(t) => {
-            let ids: Vec<u32> = tokens
-                .iter()
-                .copied()
-                .filter(|&id| id <= t.max_id())
-                .collect();
-            t.decode(&ids, true)
-        }
-        None => Ok(String::new()),
-    }
-}
-
 #[derive(Default)]
 struct Totals {
     turns: usize,
@@ -603,7 +555,7 @@ impl Chat<'_> {
             eprintln!("error: {e}");
         }
         // A stopped reply stays in the conversation as far as it got.
-        let reply = reply_text(self.engine, &gen.tokens)?;
+        let reply = self.engine.reply_text(&gen.tokens)?;
         self.messages
             .push(json!({"role": "assistant", "content": reply}));
 

@@ -5,6 +5,7 @@
 mod bench_cmd;
 mod builtin;
 mod chat;
+mod serve_cmd;
 mod vault_cmd;
 
 use std::io::Write;
@@ -16,7 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
 use smoe::check::Code;
-use smoe::engine::{Engine, Prompt};
+use smoe::engine::{Engine, Prompt, TextStream};
 use smoe::experts::Policy;
 use smoe::model::{human_bytes, parse_bytes, Budget, LoadOptions, Logits, MemoryPlan};
 use smoe::sampler::SamplingParams;
@@ -40,6 +41,9 @@ enum Command {
     Run(RunArgs),
     /// Talk with a model: multi-turn, streamed, with a live status line.
     Chat(chat::ChatArgs),
+    /// Serve the model over OpenAI- and Anthropic-compatible HTTP, with a
+    /// web chat page.
+    Serve(serve_cmd::ServeArgs),
     /// Check that a model's tokenizer and chat template belong to its
     /// weights, and that it fits this machine.
     Check(CheckArgs),
@@ -267,6 +271,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat::chat(a),
+        Command::Serve(a) => serve_cmd::serve_cmd(a),
         Command::Check(a) => check_cmd(a),
         Command::Logits(a) => logits(a),
         Command::Template(a) => template(a),
@@ -465,7 +470,7 @@ fn run(mut a: RunArgs) -> Result<()> {
     let prompt_ids = engine.prompt_ids(&prompt)?;
     let mut session = engine.new_session();
 
-    let mut stream = chat::TextStream::new(&engine);
+    let mut stream = TextStream::new(&engine);
     let mut stdout = std::io::stdout().lock();
     let mut stream_err = None;
     let max_tokens = a.sampling.max_tokens;
@@ -487,7 +492,7 @@ fn run(mut a: RunArgs) -> Result<()> {
         return Err(e.into());
     }
 
-    let text = chat::reply_text(&engine, &gen.tokens)?;
+    let text = engine.reply_text(&gen.tokens)?;
     let tm = &gen.timings;
     let stats = engine.cache.as_ref().map(|c| {
         let st = c.stats().snapshot();

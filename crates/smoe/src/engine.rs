@@ -15,7 +15,7 @@ use crate::experts::ExpertCache;
 use crate::model::{self, CausalLm, LoadOptions, Logits, MemoryPlan, Session};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::template::{ChatTemplate, SpecialTokens};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// What the user asked the model to continue.
 #[derive(Debug, Clone)]
@@ -154,7 +154,8 @@ impl Engine {
         })
     }
 
-    fn tokenizer(&self) -> Result<&Tokenizer> {
+    /// The tokenizer, or an error saying the checkpoint has none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
             Error::format(
                 &self.dir,
@@ -182,14 +183,26 @@ impl Engine {
     /// A whole conversation (a JSON list of messages), rendered with the
     /// chat template and a generation prompt, as token ids.
     pub fn conversation_ids(&self, messages: &Value) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, None, &Map::new())?;
+        self.tokenizer()?.encode(&text, false)
+    }
+
+    /// A conversation rendered with the chat template and a generation
+    /// prompt, with tool schemas and extra template variables (such as
+    /// `enable_thinking`), as text.
+    pub fn render_chat(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        extra: &Map<String, Value>,
+    ) -> Result<String> {
         let template = self.template.as_ref().ok_or_else(|| {
             Error::format(
                 &self.dir,
                 "no chat template (tokenizer_config.json or chat_template.jinja); use --raw to send text as is",
             )
         })?;
-        let text = template.render(messages, None, true, &Map::new())?;
-        self.tokenizer()?.encode(&text, false)
+        template.render(messages, tools, true, extra)
     }
 
     pub fn new_session(&self) -> Session {
@@ -269,6 +282,53 @@ impl Engine {
             stop_reason,
             timings,
         })
+    }
+
+    /// The whole text of generated ids, as [`TextStream`] streams it.
+    pub fn reply_text(&self, tokens: &[u32]) -> Result<String> {
+        match &self.tokenizer {
+            Some(t) => {
+                let ids: Vec<u32> = tokens
+                    .iter()
+                    .copied()
+                    .filter(|&id| id <= t.max_id())
+                    .collect();
+                t.decode(&ids, true)
+            }
+            None => Ok(String::new()),
+        }
+    }
+}
+
+/// Generated ids as text while they stream: whole characters only,
+/// special tokens left out, and ids past the tokenizer (padding rows of
+/// the embedding, which have no text) skipped.
+pub struct TextStream<'t> {
+    stream: Option<StreamDecoder<'t>>,
+    text_max: u32,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(engine: &'t Engine) -> Self {
+        Self {
+            stream: engine.tokenizer.as_ref().map(|t| t.stream(true)),
+            text_max: engine.tokenizer.as_ref().map_or(0, |t| t.max_id()),
+        }
+    }
+
+    pub fn push(&mut self, tok: u32) -> Result<Option<String>> {
+        match self.stream.as_mut().filter(|_| tok <= self.text_max) {
+            Some(s) => s.push(tok),
+            None => Ok(None),
+        }
+    }
+
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        self.stream
+            .as_mut()
+            .map(|s| s.finish())
+            .transpose()
+            .map(Option::flatten)
     }
 }
 

@@ -1,0 +1,88 @@
+//! `smoe serve`: the model behind OpenAI- and Anthropic-compatible HTTP
+//! routes and a web chat page (the server itself is the smoe-server crate).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on; the default serves this machine only.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0: any free one, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require this key (Authorization: Bearer KEY, or x-api-key: KEY) on
+    /// every /v1 route.
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Requests that may wait while one runs; more get 429 and Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    queue: u64,
+    /// Model id to report in /v1/models and replies (default: the
+    /// directory's name).
+    #[arg(long, value_name = "NAME")]
+    served_model_name: Option<String>,
+    /// Skip the start-up check of tokenizer, template and memory.
+    #[arg(long)]
+    no_check: bool,
+    /// Sleep this long after each token, so that the tests can disconnect
+    /// from a reply that is still streaming, on any machine.
+    #[arg(long, hide = true, default_value_t = 0)]
+    token_delay_ms: u64,
+}
+
+pub fn serve_cmd(a: ServeArgs) -> Result<()> {
+    if a.api_key.as_deref().is_some_and(str::is_empty) {
+        bail!("--api-key must not be empty");
+    }
+    let dir = a.model.model.clone();
+    let model_name = a.served_model_name.unwrap_or_else(|| {
+        dir.canonicalize()
+            .unwrap_or_else(|_| dir.clone())
+            .file_name()
+            .map_or_else(|| "smoe".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let config = smoe_server::Config {
+        addr: SocketAddr::new(a.host, a.port),
+        model_name,
+        api_key: a.api_key,
+        ctx: a.model.ctx,
+        queue: a.queue as usize,
+        token_delay: Duration::from_millis(a.token_delay_ms),
+    };
+    crate::set_threads(a.model.threads)?;
+    let (model, check) = (a.model, !a.no_check);
+    let load = Box::new(move || {
+        let (engine, warnings) =
+            crate::load_checked(&model, check).map_err(|e| format!("{e:#}"))?;
+        for w in warnings {
+            eprintln!("{w}");
+        }
+        if engine.tokenizer.is_none() || engine.template.is_none() {
+            return Err(format!(
+                "{}: smoe serve needs tokenizer.json and a chat template",
+                model.model.display()
+            ));
+        }
+        if let Some(plan) = &engine.plan {
+            eprintln!("{}", crate::describe_plan(plan));
+        }
+        eprintln!("model loaded; ready");
+        Ok(engine)
+    });
+    smoe_server::serve(config, load, |addr| {
+        eprintln!(
+            "smoe serve: listening on http://{addr} (loading {})",
+            dir.display()
+        );
+    })?;
+    Ok(())
+}
