@@ -39,16 +39,20 @@ pub struct ServeArgs {
     token_delay_ms: u64,
 }
 
-pub fn serve_cmd(a: ServeArgs) -> Result<()> {
+pub fn serve_cmd(mut a: ServeArgs) -> Result<()> {
     if a.api_key.as_deref().is_some_and(str::is_empty) {
         bail!("--api-key must not be empty");
     }
+    // Without --model: the built-in model's vault (converted on first use).
+    a.model.resolve()?;
     let dir = a.model.model.clone();
-    let model_name = a.served_model_name.unwrap_or_else(|| {
-        dir.canonicalize()
+    let model_name = a.served_model_name.unwrap_or_else(|| match a.model.given {
+        None => "smoe-builtin".into(),
+        Some(_) => dir
+            .canonicalize()
             .unwrap_or_else(|_| dir.clone())
             .file_name()
-            .map_or_else(|| "smoe".into(), |n| n.to_string_lossy().into_owned())
+            .map_or_else(|| "smoe".into(), |n| n.to_string_lossy().into_owned()),
     });
     let config = smoe_server::Config {
         addr: SocketAddr::new(a.host, a.port),
@@ -58,7 +62,6 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         queue: a.queue as usize,
         token_delay: Duration::from_millis(a.token_delay_ms),
     };
-    crate::set_threads(a.model.threads)?;
     let (model, check) = (a.model, !a.no_check);
     let load = Box::new(move || {
         let (engine, warnings) =

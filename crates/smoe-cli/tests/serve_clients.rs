@@ -158,22 +158,23 @@ fn web_page_streams_a_reply_in_chromium() {
     let Some(chromium) = tool("CHROMIUM", PathBuf::from("/usr/bin/chromium"), "chromium") else {
         return;
     };
-    // A vault with a cache of a third of its experts, so that the page
-    // has cache and disk counters to show; tokens slow enough that the
-    // page is seen mid-reply on any machine.
+    // The built-in model, so the page shows a real answer, as a vault with a
+    // quarter of its experts cached, so that it has cache and disk counters
+    // to show; tokens slow enough that the page is seen mid-reply on any
+    // machine.
+    const PROMPT: &str = "What is the capital of France?";
     let dir = tempfile::tempdir().unwrap();
-    let vault = dir.path().join(format!("{SERVE_MODEL}-vault"));
-    let model = fixture(SERVE_MODEL);
+    let vault = dir.path().join("builtin-vault");
     smoe_ok(&[
         "convert",
-        path_str(&model),
+        path_str(&builtin_model()),
         "-o",
         path_str(&vault),
         "--experts",
-        "q8_0",
+        "q4_0",
         "--quiet",
     ]);
-    let server = Server::start_with(&vault, &["--ram-budget", "64KiB", "--token-delay-ms", "25"]);
+    let server = Server::start_with(&vault, &["--ram-budget", "1MiB", "--token-delay-ms", "60"]);
     let shot = std::env::var_os("SMOE_SCREENSHOT").map_or_else(
         || std::env::temp_dir().join(format!("smoe-serve-{}.png", std::process::id())),
         PathBuf::from,
@@ -183,11 +184,12 @@ fn web_page_streams_a_reply_in_chromium() {
             .arg(scripts().join("web_page.cjs"))
             .arg(server.url())
             .arg(&shot)
+            .arg(PROMPT)
             .env("NODE_PATH", &modules)
             .env("CHROMIUM", &chromium),
     );
     assert_eq!(got["errors"], json!([]), "{got}");
-    assert_eq!(got["done"]["user"], "Tell me a story");
+    assert_eq!(got["done"]["user"], PROMPT);
     // Text showed before the reply was over, and grew after.
     let early = got["early"]["text"].as_str().unwrap();
     let done = got["done"]["text"].as_str().unwrap();
@@ -210,15 +212,16 @@ fn web_page_streams_a_reply_in_chromium() {
         "--model",
         path_str(&vault),
         "--ram-budget",
-        "64KiB",
+        "1MiB",
         "--prompt",
-        "Tell me a story",
+        PROMPT,
         "--max-tokens",
         "48",
         "--json",
     ]))
     .unwrap();
     assert_eq!(done, want["text"].as_str().unwrap().trim_start());
+    assert_eq!(done, "The capital of France is Paris.");
     let png = std::fs::read(&shot).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     if std::env::var_os("SMOE_SCREENSHOT").is_none() {

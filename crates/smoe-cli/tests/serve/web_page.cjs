@@ -1,5 +1,5 @@
 // The web chat page in headless Chromium: type a prompt, watch the reply
-// stream in, save a screenshot. Usage: node web_page.cjs URL OUT.png
+// stream in, save a screenshot. Usage: node web_page.cjs URL OUT.png PROMPT
 // (NODE_PATH must reach playwright-core; CHROMIUM may name the browser).
 // Prints one JSON object with what it saw.
 "use strict";
@@ -9,7 +9,7 @@ const path = require("path");
 const { chromium } = require("playwright-core");
 
 (async () => {
-  const [url, out] = process.argv.slice(2);
+  const [url, out, prompt] = process.argv.slice(2);
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), "smoe-chromium-"));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -30,7 +30,7 @@ const { chromium } = require("playwright-core");
     await page.fill("#max", "48");
     await page.fill("#temp", "0");
     await page.click("summary");
-    await page.fill("#prompt", "Tell me a story");
+    await page.fill("#prompt", prompt);
     await page.press("#prompt", "Enter");
     // The first text, while the reply is still streaming (no usage line yet).
     await page.waitForFunction(() => {
