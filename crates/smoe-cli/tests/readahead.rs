@@ -237,34 +237,24 @@ fn grouped_prefill_reads_each_expert_once_per_layer_per_chunk() {
     }
     // Token by token, with a cache of one layer's top-k, reads far more.
     let tight = (len * 2).to_string();
-    let one = run(
-        &v,
-        &ids,
-        &[
-            "--max-tokens",
-            "1",
-            "--ram-budget",
-            &tight,
-            "--prefetch",
-            "off",
-            "--prefill-chunk",
-            "1",
-        ],
-    );
-    let grouped = run(
-        &v,
-        &ids,
-        &[
-            "--max-tokens",
-            "1",
-            "--ram-budget",
-            &tight,
-            "--prefetch",
-            "off",
-            "--prefill-chunk",
-            "14",
-        ],
-    );
+    let with_chunk = |chunk: &str| {
+        run(
+            &v,
+            &ids,
+            &[
+                "--max-tokens",
+                "1",
+                "--ram-budget",
+                &tight,
+                "--prefetch",
+                "off",
+                "--prefill-chunk",
+                chunk,
+            ],
+        )
+    };
+    let one = with_chunk("1");
+    let grouped = with_chunk("14");
     let (m1, mg) = (
         one["stats"]["misses"].as_u64().unwrap(),
         grouped["stats"]["misses"].as_u64().unwrap(),

@@ -284,28 +284,23 @@ fn interrupted_conversion_resumes_and_matches() {
 #[test]
 fn lossy_types_need_a_flag_and_errors_are_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let err = smoe_err(&[
-        "convert",
-        path_str(&fixture("qwen3-moe-a")),
-        "-o",
-        path_str(&dir.path().join("v")),
-        "--experts",
-        "q2_k",
-        "--quiet",
-    ]);
+    let convert_err = |experts: &str| {
+        smoe_err(&[
+            "convert",
+            path_str(&fixture("qwen3-moe-a")),
+            "-o",
+            path_str(&dir.path().join("v")),
+            "--experts",
+            experts,
+            "--quiet",
+        ])
+    };
+    let err = convert_err("q2_k");
     assert!(
         err.contains("--allow-lossy") && err.contains("4-bit"),
         "{err}"
     );
-    let err = smoe_err(&[
-        "convert",
-        path_str(&fixture("qwen3-moe-a")),
-        "-o",
-        path_str(&dir.path().join("v")),
-        "--experts",
-        "q9",
-        "--quiet",
-    ]);
+    let err = convert_err("q9");
     assert!(err.contains("unknown type"), "{err}");
     let m = dir.path().join("q");
     convert(&fixture("qwen3-moe-a"), &m, "q8_0");
