@@ -8,6 +8,10 @@
 
 mod attention;
 mod ops;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod qdot;
+#[cfg(target_arch = "aarch64")]
+mod qdot_arm;
 #[cfg(target_arch = "x86_64")]
 mod qdot_x86;
 mod quant;

@@ -1,43 +1,55 @@
-//! Integer dot products of GGML weight blocks against 8-bit activation
-//! blocks with AVX2, chosen at run time.
+//! The integer dot kernels of [`QDot`] with AVX2, chosen at run time.
 //!
 //! candle has AVX2 versions of these, but selects them with
 //! `cfg(target_feature)`, so the portable x86-64 build that users install
-//! runs its scalar loops. These are the three formats smoe stores experts and
-//! backbones in by default: Q4_K and Q8_0, and Q4_0, the fallback for rows
-//! that are not a multiple of 256 (small models' down projections).
-//!
-//! Each takes one weight row (four for Q4_K's `q4k_rows4`) and `N`
-//! activation rows (tokens) at once: a weight block is loaded and unpacked
-//! once and then applied to every token, which is what makes prefill fast,
-//! since unpacking nibbles and scales costs as much as the products
-//! themselves. `N = 1` is the matrix-vector product of decode. Each token
-//! keeps eight f32 partial sums across blocks, reduced once per row; the
-//! products inside a block are exact integers, so results differ from
-//! candle's scalar code only in the order of f32 additions. The activation
-//! quantizers here write exactly candle's bytes, only faster.
-//!
-//! The layouts (all little-endian, `repr(C)` in candle):
-//! - Q8_0 and Q4_0: f16 scale `d`, then 32 i8 values, or 16 bytes of nibbles
-//!   (element i in the low nibble of byte i, element i+16 in the high one,
-//!   stored offset by 8);
-//! - Q8_K: f32 `d`, 256 i8, then sixteen i16 sums of 16 consecutive values;
-//! - Q4_K: f16 `d` and `dmin`, twelve bytes packing eight 6-bit scales and
-//!   eight 6-bit mins, then 128 bytes of nibbles in four 32-byte runs, each
-//!   holding 64 weights (32 in the low nibbles, the next 32 in the high). The
-//!   weight is `d*scale_j*q - dmin*min_j`.
+//! runs its scalar loops. Each token keeps eight f32 partial sums across
+//! blocks, reduced once per row.
 
 use std::arch::x86_64::*;
 
-/// Bytes per block of each format.
-pub const Q4K: usize = 144;
-pub const Q8K: usize = 292;
-pub const Q8_0: usize = 34;
-pub const Q4_0: usize = 18;
+use super::qdot::{scales_mins, QDot, Q4K, Q4_0, Q8K, Q8_0};
 
-/// Whether these kernels can run here.
-pub fn available() -> bool {
-    super::simd::has_avx2() && is_x86_feature_detected!("f16c")
+/// The token for these kernels: the CPU has AVX2, FMA and F16C.
+#[derive(Clone, Copy)]
+pub struct Avx2(());
+
+impl Avx2 {
+    pub fn detect() -> Option<Self> {
+        (super::simd::has_avx2() && is_x86_feature_detected!("f16c")).then_some(Avx2(()))
+    }
+}
+
+// SAFETY (every call): an `Avx2` exists only once `detect` found the
+// features that the kernels enable.
+impl QDot for Avx2 {
+    fn q4k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        unsafe { q4k(w, a, blocks) }
+    }
+
+    fn q4k_rows4<const N: usize>(
+        self,
+        w: [&[u8]; 4],
+        a: [&[u8]; N],
+        blocks: usize,
+    ) -> [[f32; 4]; N] {
+        unsafe { q4k_rows4(w, a, blocks) }
+    }
+
+    fn q8_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        unsafe { q8_0(w, a, blocks) }
+    }
+
+    fn q4_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        unsafe { q4_0(w, a, blocks) }
+    }
+
+    fn quantize_q8k(self, x: &[f32], out: &mut [u8]) {
+        unsafe { quantize_q8k(x, out) }
+    }
+
+    fn quantize_q8_0(self, x: &[f32], out: &mut [u8]) {
+        unsafe { quantize_q8_0(x, out) }
+    }
 }
 
 #[inline]
@@ -82,9 +94,9 @@ unsafe fn block32<const N: usize>(acc: &mut [__m256; N], x: __m256i, dw: f32, a:
 /// of each.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C ([`available`]).
+/// The CPU must have AVX2, FMA and F16C ([`Avx2::detect`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
     assert!(w.len() >= blocks * Q8_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
     let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
     let mut acc = [_mm256_setzero_ps(); N];
@@ -101,7 +113,7 @@ pub unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
     assert!(w.len() >= blocks * Q4_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
     let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
     let low = _mm256_set1_epi8(0x0F);
@@ -118,29 +130,6 @@ pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f
     acc.map(|v| hsum(v))
 }
 
-/// The eight 6-bit scales and eight 6-bit mins of a Q4_K block, unpacked
-/// from its twelve bytes into one byte each: scales in bytes 0..8, mins in
-/// 8..16 (ggml's `get_scale_min_k4`, done on whole words without branches).
-#[inline]
-fn scales_mins(p: &[u8]) -> [u8; 16] {
-    const LOW6: u32 = 0x3f3f_3f3f;
-    const LOW4: u32 = 0x0f0f_0f0f;
-    const TOP2: u32 = 0x0303_0303;
-    let w = |i: usize| u32::from_le_bytes([p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]]);
-    let (w0, w1, w2) = (w(0), w(1), w(2));
-    let words = [
-        w0 & LOW6,
-        (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4),
-        w1 & LOW6,
-        ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4),
-    ];
-    let mut out = [0u8; 16];
-    for (o, v) in out.chunks_exact_mut(4).zip(words) {
-        o.copy_from_slice(&v.to_le_bytes());
-    }
-    out
-}
-
 /// Q4_K weights against the Q8_K activations of `N` tokens. A block's
 /// product is `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`,
 /// where the sums of q8 come precomputed in the activation block.
@@ -148,7 +137,7 @@ fn scales_mins(p: &[u8]) -> [u8; 16] {
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
     assert!(w.len() >= blocks * Q4K && a.iter().all(|a| a.len() >= blocks * Q8K));
     let a = a.map(<[u8]>::as_ptr);
     let low = _mm256_set1_epi8(0x0F);
@@ -215,11 +204,7 @@ pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f3
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q4k_rows4<const N: usize>(
-    w: [&[u8]; 4],
-    a: [&[u8]; N],
-    blocks: usize,
-) -> [[f32; 4]; N] {
+unsafe fn q4k_rows4<const N: usize>(w: [&[u8]; 4], a: [&[u8]; N], blocks: usize) -> [[f32; 4]; N] {
     assert!(w.iter().all(|w| w.len() >= blocks * Q4K));
     assert!(a.iter().all(|a| a.len() >= blocks * Q8K));
     let (w, a) = (w.map(<[u8]>::as_ptr), a.map(<[u8]>::as_ptr));
@@ -333,7 +318,7 @@ pub unsafe fn q4k_rows4<const N: usize>(
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
+unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
     let blocks = out.len() / Q8K;
     assert!(x.len() == blocks * 256 && out.len() == blocks * Q8K);
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
@@ -407,7 +392,7 @@ unsafe fn quantize32(x: &[f32], scale: __m256, cap: f32) -> __m256i {
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     let blocks = out.len() / Q8_0;
     assert!(x.len() == blocks * 32 && out.len() == blocks * Q8_0);
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));

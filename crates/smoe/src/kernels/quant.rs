@@ -9,20 +9,22 @@
 //! Candle chooses its SIMD dot products at compile time, by
 //! `cfg(target_feature = "avx2")` (or neon/simd128), not at run time as
 //! `kernels::simd` does: a build for the baseline x86-64 target gets its
-//! portable scalar loops, 5-8x slower per core than its AVX2 ones; the
-//! formats smoe writes by default run our own run-time-dispatched AVX2 dot
-//! products instead (`qdot_x86`). `cargo bench -p smoe --bench kernels`
-//! measures them.
+//! portable scalar loops, 5-8x slower per core than its AVX2 ones. Its NEON
+//! ones do run on arm64, but one token at a time, without the dotprod
+//! extension, and with a scalar Q8_K quantizer. The formats smoe writes by
+//! default run our own run-time-dispatched dot products instead
+//! ([`QDot`]: `qdot_x86` with AVX2, `qdot_arm` with NEON, with or without
+//! dotprod). `cargo bench -p smoe --bench kernels` measures them.
 
 use std::mem::{align_of, size_of};
 
 use candle_core::quantized::k_quants::GgmlType;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0};
 use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
-use super::qdot_x86;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use super::qdot::{by_row, QDot};
 use super::{rows_per_task, SharedOut};
 use crate::quant::{as_blocks, with_block_type, Block, QuantType};
 
@@ -108,27 +110,40 @@ pub fn matmul_quant(
     }
     // candle picks its SIMD dot products at compile time, so a portable
     // build runs them scalar; the formats smoe stores by default get run-time
-    // AVX2 paths of our own.
+    // paths of our own, through the instruction set `$s` stands for.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    macro_rules! simd {
+        ($s:expr) => {{
+            let k = Simd($s);
+            match qt {
+                QuantType::Q4K => {
+                    return matmul_typed::<BlockQ4K, _>(w, rows, cols, x, t, y, scratch, pass, k);
+                }
+                QuantType::Q8_0 => {
+                    return matmul_typed::<BlockQ8_0, _>(w, rows, cols, x, t, y, scratch, pass, k);
+                }
+                QuantType::Q4_0 => {
+                    return matmul_typed::<BlockQ4_0, _>(w, rows, cols, x, t, y, scratch, pass, k);
+                }
+                _ => {}
+            }
+        }};
+    }
     #[cfg(target_arch = "x86_64")]
-    if qdot_x86::available() {
-        match qt {
-            QuantType::Q4K => {
-                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q4K);
-            }
-            QuantType::Q8_0 => {
-                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q8_0);
-            }
-            QuantType::Q4_0 => {
-                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q4_0);
-            }
-            _ => {}
-        }
+    if let Some(s) = super::qdot_x86::Avx2::detect() {
+        simd!(s)
+    }
+    #[cfg(target_arch = "aarch64")]
+    match super::qdot_arm::dotprod() {
+        Some(s) => simd!(s),
+        None => simd!(super::qdot_arm::BASELINE),
     }
     with_block_type!(qt, B => matmul_typed::<B, _>(w, rows, cols, x, t, y, scratch, pass, Candle))
 }
 
 /// The most tokens a kernel call takes: four tokens' accumulators plus one
-/// unpacked weight block fill AVX2's sixteen registers.
+/// unpacked weight block fill AVX2's sixteen registers. (NEON's 32 would
+/// hold more; a wider pass there is unmeasured.)
 pub const MAX_PASS: usize = 4;
 
 /// Dot products of `R` weight rows with `N` activation rows: `[k][r]` is row
@@ -167,63 +182,55 @@ where
     }
 }
 
-/// The `qdot_x86` kernels, constructed only where `qdot_x86::available()`:
-/// one row at a time, with the tokens of a call sharing each unpacked block.
-#[cfg(target_arch = "x86_64")]
-macro_rules! avx2_kernel {
-    ($name:ident, $block:ty, $f:ident) => {
-        struct $name;
-        impl RowDot<$block> for $name {
+/// The kernels of one [`QDot`] instruction set: one row at a time, with the
+/// tokens of a call sharing each unpacked block, or four rows at a time for
+/// Q4_K where there are several tokens ([`QDot::q4k_rows4`]).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+struct Simd<S>(S);
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! simd_kernel {
+    ($block:ty, $f:ident, $quantize:ident) => {
+        impl<S: QDot> RowDot<$block> for Simd<S> {
             fn dot<const R: usize, const N: usize>(
                 &self,
                 w: [&[$block]; R],
                 a: [&[<$block as GgmlType>::VecDotType]; N],
             ) -> [[f32; R]; N] {
                 let a = a.map(bytes_of);
-                // SAFETY: the kernel type exists only once `available` held.
-                let by_row = w.map(|w| unsafe { qdot_x86::$f(bytes_of(w), a, w.len()) });
-                std::array::from_fn(|k| by_row.map(|v| v[k]))
+                by_row(w, |w| self.0.$f(bytes_of(w), a, w.len()))
             }
 
-            fn quantize(&self, x: &[f32], q: &mut [BlockQ8_0]) {
-                // SAFETY: as above.
-                unsafe { qdot_x86::quantize_q8_0(x, bytes_of_mut(q)) }
+            fn quantize(&self, x: &[f32], q: &mut [<$block as GgmlType>::VecDotType]) {
+                self.0.$quantize(x, bytes_of_mut(q))
             }
         }
     };
 }
-#[cfg(target_arch = "x86_64")]
-avx2_kernel!(Avx2Q8_0, BlockQ8_0, q8_0);
-#[cfg(target_arch = "x86_64")]
-avx2_kernel!(Avx2Q4_0, BlockQ4_0, q4_0);
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+simd_kernel!(BlockQ8_0, q8_0, quantize_q8_0);
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+simd_kernel!(BlockQ4_0, q4_0, quantize_q8_0);
 
-/// Q4_K's kernels: four rows at a time share each token's activation loads
-/// and half the scale multiplies ([`qdot_x86::q4k_rows4`]), where there are
-/// four rows and several tokens; otherwise one row at a time.
-#[cfg(target_arch = "x86_64")]
-struct Avx2Q4K;
-
-#[cfg(target_arch = "x86_64")]
-impl RowDot<BlockQ4K> for Avx2Q4K {
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+impl<S: QDot> RowDot<BlockQ4K> for Simd<S> {
     fn dot<const R: usize, const N: usize>(
         &self,
         w: [&[BlockQ4K]; R],
-        a: [&[<BlockQ4K as GgmlType>::VecDotType]; N],
+        a: [&[BlockQ8K]; N],
     ) -> [[f32; R]; N] {
         let a = a.map(bytes_of);
         let blocks = w.first().map_or(0, |w| w.len());
-        // SAFETY (both): the kernel type exists only once `available` held.
+        // A single token does not repay sharing its loads between rows.
         if let (Ok(w4), true) = (<[&[BlockQ4K]; 4]>::try_from(&w[..]), N > 1) {
-            let v = unsafe { qdot_x86::q4k_rows4(w4.map(bytes_of), a, blocks) };
+            let v = self.0.q4k_rows4(w4.map(bytes_of), a, blocks);
             return std::array::from_fn(|k| std::array::from_fn(|r| v[k][r]));
         }
-        let by_row = w.map(|w| unsafe { qdot_x86::q4k(bytes_of(w), a, w.len()) });
-        std::array::from_fn(|k| by_row.map(|v| v[k]))
+        by_row(w, |w| self.0.q4k(bytes_of(w), a, blocks))
     }
 
     fn quantize(&self, x: &[f32], q: &mut [BlockQ8K]) {
-        // SAFETY: as above.
-        unsafe { qdot_x86::quantize_q8k(x, bytes_of_mut(q)) }
+        self.0.quantize_q8k(x, bytes_of_mut(q))
     }
 }
 
@@ -324,7 +331,7 @@ where
 }
 
 /// The bytes of a block slice, for the quantizers.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn bytes_of_mut<B: Block>(blocks: &mut [B]) -> &mut [u8] {
     // SAFETY: as `bytes_of`; `Block` types accept any bytes.
     unsafe {
@@ -333,7 +340,7 @@ fn bytes_of_mut<B: Block>(blocks: &mut [B]) -> &mut [u8] {
 }
 
 /// The bytes of a block slice, for the raw-pointer kernels.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
     // SAFETY: `Block` types are plain `repr(C)` data with no padding
     // invariants; the byte view lives as long as the borrow.
@@ -344,7 +351,29 @@ fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
 mod tests {
     use super::*;
 
-    /// Every output of the AVX2 kernels, called with one to four tokens at
+    /// Runs `$check` with every [`QDot`] kernel set this CPU can run: AVX2
+    /// on x86-64; on aarch64 the baseline NEON kernels and, where the CPU has
+    /// dotprod, the `sdot` ones.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    macro_rules! each_simd {
+        ($check:ident) => {{
+            #[cfg(target_arch = "x86_64")]
+            match crate::kernels::qdot_x86::Avx2::detect() {
+                Some(s) => $check(s),
+                None => eprintln!("no AVX2/FMA/F16C here: nothing to compare"),
+            }
+            #[cfg(target_arch = "aarch64")]
+            {
+                $check(crate::kernels::qdot_arm::BASELINE);
+                match crate::kernels::qdot_arm::dotprod() {
+                    Some(s) => $check(s),
+                    None => eprintln!("no dotprod here: only the baseline NEON kernels ran"),
+                }
+            }
+        }};
+    }
+
+    /// Every output of the SIMD kernels, called with one to four tokens at
     /// once, against candle's portable `vec_dot_unopt` on the same quantized
     /// blocks: random row, block and token counts, including token counts
     /// that leave each remainder of a four-token pass and block counts that
@@ -352,13 +381,14 @@ mod tests {
     /// per block and differ only in the order of the f32 sums across blocks,
     /// so they agree to f32 rounding: 1e-5 of the products' scale
     /// `|x|*|w|`. A wrong nibble, scale, min or token would be off by ~10%.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[test]
-    fn avx2_kernels_match_candle_scalar() {
+    fn simd_kernels_match_candle_scalar() {
         use rand_chacha::rand_core::{RngCore, SeedableRng};
-        fn check<B: Block>(qt: QuantType, rng: &mut rand_chacha::ChaCha8Rng)
+        fn check<B: Block, S: QDot>(s: S, qt: QuantType, rng: &mut rand_chacha::ChaCha8Rng)
         where
             B::VecDotType: Block,
+            Simd<S>: RowDot<B>,
         {
             let mut scratch = QuantScratch::default();
             let mut upto = |n: u64| 1 + (rng.next_u64() % n) as usize;
@@ -382,7 +412,8 @@ mod tests {
                 let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
                 for pass in 1..=MAX_PASS {
                     let mut y = vec![f32::NAN; t * rows];
-                    matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, &mut scratch, pass);
+                    let (w, sc) = (w.bytes(), &mut scratch);
+                    matmul_typed::<B, _>(w, rows, cols, &x, t, &mut y, sc, pass, Simd(s));
                     for (i, &got) in y.iter().enumerate() {
                         let (tk, r) = (i / rows, i % rows);
                         let xr = &xq[tk * nb..(tk + 1) * nb];
@@ -397,24 +428,24 @@ mod tests {
                 }
             }
         }
-        if !qdot_x86::available() {
-            eprintln!("no AVX2/FMA/F16C here: nothing to compare");
-            return;
+        fn check_all<S: QDot>(s: S) {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+            check::<BlockQ4K, S>(s, QuantType::Q4K, &mut rng);
+            check::<BlockQ8_0, S>(s, QuantType::Q8_0, &mut rng);
+            check::<BlockQ4_0, S>(s, QuantType::Q4_0, &mut rng);
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
-        check::<BlockQ4K>(QuantType::Q4K, &mut rng);
-        check::<BlockQ8_0>(QuantType::Q8_0, &mut rng);
-        check::<BlockQ4_0>(QuantType::Q4_0, &mut rng);
+        each_simd!(check_all);
     }
-    /// The AVX2 quantizers write the bytes candle's do: blocks of uneven
+
+    /// The SIMD quantizers write the bytes candle's do: blocks of uneven
     /// magnitude, an all-zero block, a block of exact halves (the rounding
     /// rule shows) and one whose largest magnitude occurs with both signs
     /// (for Q8_K, the first sets the scale's sign).
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[test]
-    fn avx2_quantizers_match_candle() {
+    fn simd_quantizers_match_candle() {
         /// `full`: the largest magnitude that makes the scale exactly 1.
-        fn check<B: Block>(quantize: unsafe fn(&[f32], &mut [u8]), full: f32) {
+        fn check<B: Block>(quantize: impl Fn(&[f32], &mut [u8]), full: f32) {
             let (n, blocks) = (B::BLCK_SIZE, 8);
             let mut x: Vec<f32> = normal(n * blocks, 3)
                 .iter()
@@ -432,19 +463,17 @@ mod tests {
             let mut want = vec![B::zeros(); blocks];
             B::from_float(&x, &mut want);
             let mut got = vec![0u8; std::mem::size_of_val(&want[..])];
-            // SAFETY: only called where `available` holds.
-            unsafe { quantize(&x, &mut got) };
+            quantize(&x, &mut got);
             let size = size_of::<B>();
             for (b, (w, g)) in want.iter().zip(got.chunks(size)).enumerate() {
                 assert_eq!(bytes_of(std::slice::from_ref(w)), g, "block {b}");
             }
         }
-        if !qdot_x86::available() {
-            eprintln!("no AVX2/FMA/F16C here: nothing to compare");
-            return;
+        fn check_all<S: QDot>(s: S) {
+            check::<BlockQ8K>(|x, out| s.quantize_q8k(x, out), 128.0);
+            check::<BlockQ8_0>(|x, out| s.quantize_q8_0(x, out), 127.0);
         }
-        check::<BlockQ8K>(qdot_x86::quantize_q8k, 128.0);
-        check::<BlockQ8_0>(qdot_x86::quantize_q8_0, 127.0);
+        each_simd!(check_all);
     }
 
     use crate::quant::dequantize_rows;

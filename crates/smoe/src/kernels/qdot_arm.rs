@@ -1,0 +1,288 @@
+//! The integer dot kernels of [`QDot`] with NEON, in two flavours that
+//! differ only in how sixteen i8 products are summed: `sdot` where the CPU
+//! has the dotprod extension (ARMv8.2 and later, chosen at run time), and
+//! the widening multiplies of baseline ARMv8 elsewhere.
+//!
+//! candle's NEON dot products run one token at a time and without `sdot`,
+//! and its Q8_K quantizer is scalar. Each token here keeps four f32 partial
+//! sums across blocks, reduced once per row. The sum of a block's i32 lanes
+//! is all that is used, so the flavours may place products in different
+//! lanes.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::qdot::{scales_mins, QDot, Q4K, Q4_0, Q8K, Q8_0};
+
+/// Adds the sixteen products of `a` and `b` to the lanes of `acc`.
+pub trait I8Dot: Copy + Send + Sync {
+    fn dot(self, acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t;
+}
+
+/// Baseline ARMv8: products widened to i16, added in pairs into i32 lanes.
+#[derive(Clone, Copy)]
+pub struct Widening;
+
+impl I8Dot for Widening {
+    #[inline(always)]
+    fn dot(self, acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: NEON is part of the aarch64 baseline.
+        unsafe {
+            let acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+            vpadalq_s16(acc, vmull_high_s8(a, b))
+        }
+    }
+}
+
+/// `sdot`: four products added into each i32 lane in one instruction. A
+/// value exists only where the CPU has dotprod ([`dotprod`]).
+#[derive(Clone, Copy)]
+pub struct DotProd(());
+
+impl I8Dot for DotProd {
+    #[inline(always)]
+    fn dot(self, mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // `vdotq_s32` is not stable Rust yet; this is the instruction it
+        // emits. The directive lets the assembler accept it in a function
+        // compiled for baseline ARMv8, which is what lets the kernels below
+        // be generic over the flavour without a `target_feature` of their own.
+        // SAFETY: `self` proves the CPU has dotprod; the instruction only
+        // reads and writes these registers.
+        unsafe {
+            asm!(
+                ".arch_extension dotprod",
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        };
+        acc
+    }
+}
+
+/// The kernels with the products of `D`.
+#[derive(Clone, Copy)]
+pub struct Neon<D>(D);
+
+/// Kernels every aarch64 CPU can run.
+pub const BASELINE: Neon<Widening> = Neon(Widening);
+
+/// The `sdot` kernels, where the CPU has dotprod.
+pub fn dotprod() -> Option<Neon<DotProd>> {
+    std::arch::is_aarch64_feature_detected!("dotprod").then_some(Neon(DotProd(())))
+}
+
+impl<D: I8Dot> QDot for Neon<D> {
+    fn q4k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        q4k(self.0, w, a, blocks)
+    }
+
+    fn q8_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        q8_0(self.0, w, a, blocks)
+    }
+
+    fn q4_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        q4_0(self.0, w, a, blocks)
+    }
+
+    fn quantize_q8k(self, x: &[f32], out: &mut [u8]) {
+        quantize_q8k(x, out)
+    }
+
+    fn quantize_q8_0(self, x: &[f32], out: &mut [u8]) {
+        quantize_q8_0(x, out)
+    }
+}
+
+/// The f16 at `p`.
+///
+/// # Safety
+/// `p` must point to two readable bytes.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    half::f16::from_le_bytes([*p, *p.add(1)]).to_f32()
+}
+
+/// The sum of the 32 products of `x` and the i8 values at `y`, as four lanes.
+///
+/// # Safety
+/// `y` must point to 32 readable bytes.
+#[inline(always)]
+unsafe fn dot32<D: I8Dot>(d: D, x: [int8x16_t; 2], y: *const u8) -> int32x4_t {
+    let y = y.cast::<i8>();
+    let s = d.dot(vdupq_n_s32(0), x[0], vld1q_s8(y));
+    d.dot(s, x[1], vld1q_s8(y.add(16)))
+}
+
+/// Adds one block's products of 32 signed weights `x` (scale `dw`) with the
+/// Q8_0 block at `a[k]` of each token to `acc[k]`.
+///
+/// # Safety
+/// Each `a[k]` must point to a whole Q8_0 block.
+#[inline(always)]
+unsafe fn block32<D: I8Dot, const N: usize>(
+    d: D,
+    acc: &mut [float32x4_t; N],
+    x: [int8x16_t; 2],
+    dw: f32,
+    a: [*const u8; N],
+) {
+    for k in 0..N {
+        let s = vcvtq_f32_s32(dot32(d, x, a[k].add(2)));
+        acc[k] = vfmaq_f32(acc[k], s, vdupq_n_f32(dw * f16_at(a[k])));
+    }
+}
+
+/// Q8_0 weights against the Q8_0 activations of `N` tokens.
+fn q8_0<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q8_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
+    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
+    // SAFETY: NEON is baseline; the assert bounds every block read.
+    unsafe {
+        let mut acc = [vdupq_n_f32(0.0); N];
+        for b in 0..blocks {
+            let wb = w.add(b * Q8_0);
+            let x = [vld1q_s8(wb.add(2).cast()), vld1q_s8(wb.add(18).cast())];
+            block32(d, &mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
+        }
+        acc.map(|v| vaddvq_f32(v))
+    }
+}
+
+/// Q4_0 weights against the Q8_0 activations of `N` tokens.
+fn q4_0<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q4_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
+    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
+    // SAFETY: as in `q8_0`.
+    unsafe {
+        let (low, eight) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
+        let mut acc = [vdupq_n_f32(0.0); N];
+        for b in 0..blocks {
+            let wb = w.add(b * Q4_0);
+            let packed = vld1q_u8(wb.add(2));
+            // Low nibbles are elements 0..16, high nibbles 16..32.
+            let x = [vandq_u8(packed, low), vshrq_n_u8::<4>(packed)]
+                .map(|v| vsubq_s8(vreinterpretq_s8_u8(v), eight));
+            block32(d, &mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
+        }
+        acc.map(|v| vaddvq_f32(v))
+    }
+}
+
+/// Q4_K weights against the Q8_K activations of `N` tokens.
+fn q4k<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q4K && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
+    // SAFETY: as in `q8_0`.
+    unsafe {
+        let low = vdupq_n_u8(0x0F);
+        let mut acc = [vdupq_n_f32(0.0); N];
+        for (b, wb) in w.chunks_exact(Q4K).take(blocks).enumerate() {
+            let ab = a.map(|a| a.add(b * Q8K));
+            let sm = scales_mins(&wb[4..16]);
+            let q4 = wb[16..].as_ptr();
+            let mut sumi = [vdupq_n_s32(0); N];
+            for c in 0..4 {
+                let bits = [vld1q_u8(q4.add(32 * c)), vld1q_u8(q4.add(32 * c + 16))];
+                let lo = bits.map(|v| vreinterpretq_s8_u8(vandq_u8(v, low)));
+                let hi = bits.map(|v| vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)));
+                let (s_lo, s_hi) = (sm[2 * c] as i32, sm[2 * c + 1] as i32);
+                for k in 0..N {
+                    // u4 x i8 products, at most 8*15*128 per lane of a
+                    // sub-block, times a 6-bit scale: far from overflow.
+                    let q8 = ab[k].add(4 + 64 * c);
+                    let s = vmlaq_n_s32(sumi[k], dot32(d, lo, q8), s_lo);
+                    sumi[k] = vmlaq_n_s32(s, dot32(d, hi, q8.add(32)), s_hi);
+                }
+            }
+
+            let mins = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(sm[8..].as_ptr())));
+            let (dw, dmin) = (f16_at(wb.as_ptr()), f16_at(wb.as_ptr().add(2)));
+            for k in 0..N {
+                let d8 = ab[k].cast::<f32>().read_unaligned();
+                // The sixteen sums of 16 activations, added in pairs to
+                // match the eight mins (each covers 32 weights).
+                let bsums = ab[k].add(260).cast::<i16>();
+                let pair_sums = vpaddq_s16(vld1q_s16(bsums), vld1q_s16(bsums.add(8)));
+                let m = vmull_s16(vget_low_s16(mins), vget_low_s16(pair_sums));
+                let m = vmlal_high_s16(m, mins, pair_sums);
+                acc[k] = vfmaq_f32(acc[k], vcvtq_f32_s32(sumi[k]), vdupq_n_f32(dw * d8));
+                acc[k] = vfmsq_f32(acc[k], vcvtq_f32_s32(m), vdupq_n_f32(dmin * d8));
+            }
+        }
+        acc.map(|v| vaddvq_f32(v))
+    }
+}
+
+/// The largest magnitude among `x` (whose length is a multiple of 4); NaN
+/// if any is NaN.
+fn amax(x: &[f32]) -> f32 {
+    // SAFETY: NEON is baseline; each load reads one whole chunk.
+    unsafe {
+        let m = x.chunks_exact(4).fold(vdupq_n_f32(0.0), |m, v| {
+            vmaxq_f32(m, vabsq_f32(vld1q_f32(v.as_ptr())))
+        });
+        vmaxvq_f32(m)
+    }
+}
+
+/// 16 values times `scale`, each rounded half away from zero (`vcvtaq`
+/// rounds as `f32::round` does), capped at 127 and saturated to i8.
+#[inline(always)]
+fn quantize16(x: &[f32], scale: f32) -> int8x16_t {
+    assert!(x.len() >= 16);
+    // SAFETY: NEON is baseline; the assert bounds the loads.
+    unsafe {
+        let i = [0, 1, 2, 3].map(|k| {
+            let v = vmulq_n_f32(vld1q_f32(x.as_ptr().add(4 * k)), scale);
+            vminq_s32(vcvtaq_s32_f32(v), vdupq_n_s32(127))
+        });
+        let lo = vcombine_s16(vqmovn_s32(i[0]), vqmovn_s32(i[1]));
+        let hi = vcombine_s16(vqmovn_s32(i[2]), vqmovn_s32(i[3]));
+        vcombine_s8(vqmovn_s16(lo), vqmovn_s16(hi))
+    }
+}
+
+/// [`QDot::quantize_q8k`], a tenth of a Q4_K prefill product's time with
+/// candle's scalar version, whose `f32::round` is a libm call per value.
+fn quantize_q8k(x: &[f32], out: &mut [u8]) {
+    let blocks = out.len() / Q8K;
+    assert!(x.len() == blocks * 256 && out.len() == blocks * Q8K);
+    for (xs, y) in x.chunks_exact(256).zip(out.chunks_exact_mut(Q8K)) {
+        let amax = amax(xs);
+        let Some(&max) = xs.iter().find(|v| v.abs() == amax).filter(|_| amax != 0.0) else {
+            // All zeros, or a NaN that makes the product meaningless anyway.
+            y.fill(0);
+            continue;
+        };
+        let iscale = -128.0 / max;
+        let (qs, bsums) = y[4..].split_at_mut(256);
+        for (j, (xg, q)) in xs.chunks_exact(16).zip(qs.chunks_exact_mut(16)).enumerate() {
+            let v = quantize16(xg, iscale);
+            // SAFETY: NEON is baseline; `q` is 16 bytes.
+            let sum = unsafe {
+                vst1q_s8(q.as_mut_ptr().cast(), v);
+                vaddlvq_s8(v)
+            };
+            bsums[2 * j..2 * j + 2].copy_from_slice(&sum.to_le_bytes());
+        }
+        y[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}
+
+/// [`QDot::quantize_q8_0`].
+fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    let blocks = out.len() / Q8_0;
+    assert!(x.len() == blocks * 32 && out.len() == blocks * Q8_0);
+    for (xs, y) in x.chunks_exact(32).zip(out.chunks_exact_mut(Q8_0)) {
+        let d = amax(xs) / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        y[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        for (xg, q) in xs.chunks_exact(16).zip(y[2..].chunks_exact_mut(16)) {
+            // SAFETY: NEON is baseline; `q` is 16 bytes.
+            unsafe { vst1q_s8(q.as_mut_ptr().cast(), quantize16(xg, id)) };
+        }
+    }
+}
