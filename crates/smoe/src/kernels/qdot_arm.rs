@@ -96,13 +96,22 @@ impl<D: I8Dot> QDot for Neon<D> {
     }
 }
 
-/// The f16 at `p`.
+/// The f16 at `p`. `fcvt` from half precision is baseline ARMv8; `half`
+/// would detect the fp16 extension per call and then emit the same.
 ///
 /// # Safety
 /// `p` must point to two readable bytes.
 #[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
-    half::f16::from_le_bytes([*p, *p.add(1)]).to_f32()
+    let h = u16::from_le_bytes([*p, *p.add(1)]);
+    let out: f32;
+    asm!(
+        "fcvt {out:s}, {h:h}",
+        out = lateout(vreg) out,
+        h = in(vreg) h,
+        options(pure, nomem, nostack, preserves_flags),
+    );
+    out
 }
 
 /// The sum of the 32 products of `x` and the i8 values at `y`, as four lanes.
