@@ -19,11 +19,10 @@ use std::mem::{align_of, size_of};
 use candle_core::quantized::k_quants::GgmlType;
 #[cfg(target_arch = "x86_64")]
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0};
-use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::qdot_x86;
-use super::{rows_per_task, SharedOut};
+use super::{for_each_task, rows_per_task, SharedOut};
 use crate::quant::{as_blocks, with_block_type, Block, QuantType};
 
 /// Reusable storage for quantized activations: once it has grown to the
@@ -63,7 +62,8 @@ impl QuantScratch {
 /// matrix of `qt` blocks in `w` (`rows * qt.row_bytes(cols)` bytes, 2-byte
 /// aligned), `x` a row-major `[t, cols]` f32 matrix and `y` `[t, rows]`.
 ///
-/// Output rows are split across rayon's global pool; within a task each
+/// Output rows are split across rayon's global pool (or all run on the
+/// calling thread inside a pool task: `for_each_task`); within a task each
 /// weight row is dotted with every token before the next is loaded, so with
 /// several tokens a row is read from memory once, and each kernel call
 /// applies the row to `pass` tokens (at most [`MAX_PASS`]), unpacking each
@@ -248,15 +248,21 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
     let pass = pass.clamp(1, MAX_PASS);
 
     let xq = scratch.blocks::<B::VecDotType>(t * nb);
-    xq.par_chunks_mut(nb)
-        .zip(x.par_chunks(cols))
-        .with_min_len((16_384 / cols).max(1))
-        .for_each(|(q, x)| kernel.quantize(x, q));
+    let per_task = (16_384 / cols).max(1);
+    let xq_out = SharedOut(xq.as_mut_ptr());
+    for_each_task(t.div_ceil(per_task), |c| {
+        for tok in c * per_task..((c + 1) * per_task).min(t) {
+            // SAFETY: token `tok`'s blocks belong to this task only and lie
+            // within the `t * nb` blocks of `xq`.
+            let q = unsafe { xq_out.slice(tok * nb, nb) };
+            kernel.quantize(&x[tok * cols..][..cols], q);
+        }
+    });
     let xq = &*xq;
 
     let chunk = rows_per_task(rows, cols);
     let out = SharedOut(y.as_mut_ptr());
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    for_each_task(rows.div_ceil(chunk), |c| {
         let end = ((c + 1) * chunk).min(rows);
         let mut r = c * chunk;
         while r < end {
@@ -288,7 +294,7 @@ struct RowGroup<'a, B: Block> {
     first: usize,
     rows: usize,
     pass: usize,
-    out: SharedOut,
+    out: SharedOut<f32>,
 }
 
 impl<B: Block> RowGroup<'_, B>
