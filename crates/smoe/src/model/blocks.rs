@@ -604,10 +604,20 @@ impl Moe {
             let (xs, start) = (&*xs, &m.start);
             let out = SharedOut(ys.as_mut_ptr());
             // The experts of a layer are independent products, one task
-            // each: with one token (decode) each is too small to split
-            // well by rows, and one synchronization per layer replaces three
-            // per expert. Their matmuls then run on the task's own thread
-            // (`kernels::for_each_task`), with that thread's buffers.
+            // each when there are enough of them to keep every thread busy:
+            // with one token (decode) each is too small to split well by
+            // rows, and one synchronization per layer replaces three per
+            // expert. Their matmuls then run on the task's own thread
+            // (`kernels::for_each_task`), with that thread's buffers. Few
+            // experts (Mixtral's two, on many cores) split by rows instead.
+            let by_expert = used.len() >= 2 * rayon::current_num_threads();
+            let each = |n: usize, f: &(dyn Fn(usize) + Sync)| {
+                if by_expert {
+                    (0..n).into_par_iter().for_each(f)
+                } else {
+                    (0..n).for_each(f)
+                }
+            };
             let run = |e: u32, mats: [Matrix<'_>; 3]| {
                 let (a, b) = (start[e as usize], start[e as usize + 1]);
                 // SAFETY: expert e's rows a..b of `ys` are written by this
@@ -617,9 +627,9 @@ impl Moe {
                     .with_borrow_mut(|s| swiglu(mats, &xs[a * hidden..b * hidden], b - a, yg, s));
             };
             match &self.experts {
-                Experts::Resident(experts) => used.par_iter().for_each(|&e| {
-                    let f = &experts[e as usize];
-                    run(e, [f.gate.matrix(), f.up.matrix(), f.down.matrix()]);
+                Experts::Resident(experts) => each(used.len(), &|i| {
+                    let f = &experts[used[i] as usize];
+                    run(used[i], [f.gate.matrix(), f.up.matrix(), f.down.matrix()]);
                 }),
                 Experts::Streamed { cache, layer } => {
                     // A prefill chunk may route to more experts than the
@@ -632,7 +642,7 @@ impl Moe {
                             cache.prefetch(n.layer, n.experts);
                         }
                         pinned.wait()?;
-                        (0..pinned.len()).into_par_iter().for_each(|i| {
+                        each(pinned.len(), &|i| {
                             let (e, mats) = pinned.get(i);
                             run(e, mats);
                         });
