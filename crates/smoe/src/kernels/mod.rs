@@ -9,6 +9,8 @@
 mod attention;
 mod ops;
 #[cfg(target_arch = "x86_64")]
+mod qdot_avx512;
+#[cfg(target_arch = "x86_64")]
 mod qdot_x86;
 mod quant;
 mod simd;

@@ -122,7 +122,7 @@ pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f
 /// from its twelve bytes into one byte each: scales in bytes 0..8, mins in
 /// 8..16 (ggml's `get_scale_min_k4`, done on whole words without branches).
 #[inline]
-fn scales_mins(p: &[u8]) -> [u8; 16] {
+pub(super) fn scales_mins(p: &[u8]) -> [u8; 16] {
     const LOW6: u32 = 0x3f3f_3f3f;
     const LOW4: u32 = 0x0f0f_0f0f;
     const TOP2: u32 = 0x0303_0303;
