@@ -145,7 +145,7 @@ impl SharedOut {
 /// streamed once. Several tokens share each weight row: it is widened to f32
 /// once into a per-task buffer and then dotted with four tokens at a time;
 /// quantized weights stay quantized and each block is applied to four tokens
-/// per unpacking.
+/// (eight with AVX-512) per unpacking.
 pub fn matmul(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
     matmul_passes(x, t, w, y, quant::MAX_PASS)
 }

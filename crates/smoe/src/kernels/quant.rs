@@ -129,9 +129,10 @@ pub fn matmul_quant(
     with_block_type!(qt, B => matmul_typed::<B, _>(w, rows, cols, x, t, y, scratch, pass, &Candle))
 }
 
-/// The most tokens a kernel call takes: four tokens' accumulators plus one
-/// unpacked weight block fill AVX2's sixteen registers.
-pub const MAX_PASS: usize = 4;
+/// The most tokens a kernel call takes: eight tokens' accumulators plus one
+/// unpacked weight block fill AVX-512's 32 registers. Kernels with fewer
+/// registers take fewer ([`RowDot::PASS`]).
+pub const MAX_PASS: usize = 8;
 
 /// Dot products of `R` weight rows with `N` activation rows: `[k][r]` is row
 /// `r` dotted with token `k`. Generic rather than a fn pointer, so each
@@ -141,6 +142,10 @@ trait RowDot<B: Block>: Sync
 where
     B::VecDotType: Block,
 {
+    /// The most tokens `dot` takes at once: four tokens' accumulators plus
+    /// one unpacked weight block fill AVX2's sixteen registers.
+    const PASS: usize = 4;
+
     fn dot<const R: usize, const N: usize>(
         &self,
         w: [&[B]; R],
@@ -202,7 +207,7 @@ fn in_groups<T: Copy, const R: usize, const N: usize, const G: usize>(
     w: [T; R],
     mut kernel: impl FnMut([T; G]) -> [[f32; G]; N],
 ) -> Option<[[f32; R]; N]> {
-    if R % G != 0 {
+    if !R.is_multiple_of(G) {
         return None;
     }
     let mut out = [[0.0; R]; N];
@@ -230,9 +235,11 @@ fn by_row<T: Copy, const R: usize, const N: usize>(
 /// says they are `available`, which makes the calls sound.
 #[cfg(target_arch = "x86_64")]
 macro_rules! x86_kernel {
-    ($name:ident, $block:ty, $quantize:path, |$w:ident, $a:ident| $dot:expr) => {
+    ($name:ident, $block:ty, $quantize:path, $pass:expr, |$w:ident, $a:ident| $dot:expr) => {
         struct $name;
         impl RowDot<$block> for $name {
+            const PASS: usize = $pass;
+
             fn dot<const R: usize, const N: usize>(
                 &self,
                 $w: [&[$block]; R],
@@ -253,27 +260,34 @@ macro_rules! x86_kernel {
 
 // One row at a time, the tokens of a call sharing each unpacked block.
 #[cfg(target_arch = "x86_64")]
-x86_kernel!(Avx2Q8_0, BlockQ8_0, qdot_x86::quantize_q8_0, |w, a| {
+x86_kernel!(Avx2Q8_0, BlockQ8_0, qdot_x86::quantize_q8_0, 4, |w, a| {
     by_row(w, |w| qdot_x86::q8_0(bytes_of(w), a, w.len()))
 });
 #[cfg(target_arch = "x86_64")]
-x86_kernel!(Avx2Q4_0, BlockQ4_0, qdot_x86::quantize_q8_0, |w, a| {
+x86_kernel!(Avx2Q4_0, BlockQ4_0, qdot_x86::quantize_q8_0, 4, |w, a| {
     by_row(w, |w| qdot_x86::q4_0(bytes_of(w), a, w.len()))
 });
+// AVX-512 Q8_0 keeps four-token passes: with eight, a Sapphire Rapids core
+// ran its products 0.76-0.88x as fast (kernels bench, normalized by the
+// one-token rows), while Q4_0 and Q4_K gained 1.1-1.2x.
 #[cfg(target_arch = "x86_64")]
-x86_kernel!(Avx512Q8_0, BlockQ8_0, qdot_x86::quantize_q8_0, |w, a| {
+x86_kernel!(Avx512Q8_0, BlockQ8_0, qdot_x86::quantize_q8_0, 4, |w, a| {
     by_row(w, |w| qdot_avx512::q8_0(bytes_of(w), a, w.len()))
 });
 #[cfg(target_arch = "x86_64")]
-x86_kernel!(Avx512Q4_0, BlockQ4_0, qdot_x86::quantize_q8_0, |w, a| {
-    by_row(w, |w| qdot_avx512::q4_0(bytes_of(w), a, w.len()))
-});
+x86_kernel!(
+    Avx512Q4_0,
+    BlockQ4_0,
+    qdot_x86::quantize_q8_0,
+    MAX_PASS,
+    |w, a| by_row(w, |w| qdot_avx512::q4_0(bytes_of(w), a, w.len()))
+);
 
 // Q4_K with AVX2: four rows at a time share each token's activation loads
 // and half the scale multiplies ([`qdot_x86::q4k_rows4`]) where there are
 // several tokens; otherwise one row at a time.
 #[cfg(target_arch = "x86_64")]
-x86_kernel!(Avx2Q4K, BlockQ4K, qdot_x86::quantize_q8k, |w, a| {
+x86_kernel!(Avx2Q4K, BlockQ4K, qdot_x86::quantize_q8k, 4, |w, a| {
     let blocks = w.first().map_or(0, |w| w.len());
     let rows4 = |w: [&[BlockQ4K]; 4]| qdot_x86::q4k_rows4(w.map(bytes_of), a, blocks);
     (N > 1)
@@ -286,14 +300,20 @@ x86_kernel!(Avx2Q4K, BlockQ4K, qdot_x86::quantize_q8k, |w, a| {
 // eight rows' headers together costs less per row than one row's alone),
 // then AVX2's four, then one row at a time.
 #[cfg(target_arch = "x86_64")]
-x86_kernel!(Avx512Q4K, BlockQ4K, qdot_x86::quantize_q8k, |w, a| {
-    let blocks = w.first().map_or(0, |w| w.len());
-    let rows8 = |w: [&[BlockQ4K]; 8]| qdot_avx512::q4k_rows8(w.map(bytes_of), a, blocks);
-    let rows4 = |w: [&[BlockQ4K]; 4]| qdot_x86::q4k_rows4(w.map(bytes_of), a, blocks);
-    in_groups(w, rows8)
-        .or_else(|| (N > 1).then(|| in_groups(w, rows4)).flatten())
-        .unwrap_or_else(|| by_row(w, |w| qdot_avx512::q4k(bytes_of(w), a, blocks)))
-});
+x86_kernel!(
+    Avx512Q4K,
+    BlockQ4K,
+    qdot_x86::quantize_q8k,
+    MAX_PASS,
+    |w, a| {
+        let blocks = w.first().map_or(0, |w| w.len());
+        let rows8 = |w: [&[BlockQ4K]; 8]| qdot_avx512::q4k_rows8(w.map(bytes_of), a, blocks);
+        let rows4 = |w: [&[BlockQ4K]; 4]| qdot_x86::q4k_rows4(w.map(bytes_of), a, blocks);
+        in_groups(w, rows8)
+            .or_else(|| (N > 1).then(|| in_groups(w, rows4)).flatten())
+            .unwrap_or_else(|| by_row(w, |w| qdot_avx512::q4k(bytes_of(w), a, blocks)))
+    }
+);
 
 #[allow(clippy::too_many_arguments)]
 fn matmul_typed<B: Block, K: RowDot<B>>(
@@ -372,7 +392,7 @@ where
         let t = self.xq.len() / nb;
         let mut tk = 0;
         while tk < t {
-            let n = self.pass.min(t - tk);
+            let n = self.pass.min(K::PASS).min(t - tk);
             let put = |vals: &[[f32; R]]| {
                 for (k, v) in vals.iter().enumerate() {
                     for (i, &v) in v.iter().enumerate() {
@@ -383,12 +403,15 @@ where
                 }
             };
             let tok = |k: usize| &self.xq[(tk + k) * nb..][..nb];
-            match n {
-                1 => put(&kernel.dot(wr, [tok(0)])),
-                2 => put(&kernel.dot(wr, [tok(0), tok(1)])),
-                3 => put(&kernel.dot(wr, [tok(0), tok(1), tok(2)])),
-                _ => put(&kernel.dot(wr, [tok(0), tok(1), tok(2), tok(3)])),
+            macro_rules! tokens {
+                ($($n:literal)*) => {
+                    match n {
+                        $($n => put(&kernel.dot::<R, $n>(wr, std::array::from_fn(tok))),)*
+                        _ => unreachable!("passes hold 1..={MAX_PASS} tokens"),
+                    }
+                };
             }
+            tokens!(1 2 3 4 5 6 7 8);
             tk += n;
         }
     }
@@ -415,15 +438,16 @@ fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
 mod tests {
     use super::*;
 
-    /// Every output of a kernel type, called with one to four tokens at
-    /// once, against candle's portable `vec_dot_unopt` on the same quantized
-    /// blocks: random row, block and token counts, including token counts
-    /// that leave each remainder of a four-token pass, row counts that leave
-    /// each remainder of the eight- and four-row groups, and odd block counts
-    /// (the AVX-512 Q8_0/Q4_0 kernels take two blocks per step). Both sum the same exact integers
-    /// per block and differ only in the order of the f32 sums across blocks,
-    /// so they agree to f32 rounding: 1e-5 of the products' scale
-    /// `|x|*|w|`. A wrong nibble, scale, min or token would be off by ~10%.
+    /// Every output of a kernel type, called with every pass size up to
+    /// [`MAX_PASS`] tokens, against candle's portable `vec_dot_unopt` on the
+    /// same quantized blocks: random row, block and token counts, including
+    /// token counts that leave remainders of each pass size, row counts that
+    /// leave remainders of the eight- and four-row groups, and odd block
+    /// counts (the AVX-512 Q8_0/Q4_0 kernels take two blocks per step). Both
+    /// sum the same exact integers per block and differ only in the order of
+    /// the f32 sums across blocks, so they agree to f32 rounding: 1e-5 of the
+    /// products' scale `|x|*|w|`. A wrong nibble, scale, min or token would
+    /// be off by ~10%.
     #[cfg(target_arch = "x86_64")]
     fn check_kernel<B: Block, K: RowDot<B>>(qt: QuantType, kernel: &K, seed: u64)
     where
