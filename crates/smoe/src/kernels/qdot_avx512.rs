@@ -153,9 +153,9 @@ pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f
     dot32::<N, true>(w, a, blocks)
 }
 
-/// The correction `sum_j min_j * sum(q8)_j` of a Q4_K block's sub-blocks:
-/// the eight pair sums of token block `ab`'s sixteen 16-value sums, which
-/// match the eight mins (each covers 32 weights).
+/// The eight sums of 32 activations of Q8_K block `ab` (its sixteen stored
+/// sums of 16, added in pairs), which a Q4_K block's eight mins multiply in
+/// its correction `dmin*d8*sum_j min_j*sum(q8)_j`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn pair_sums(ab: *const u8) -> __m128i {
@@ -281,7 +281,7 @@ unsafe fn heads8(wb: [*const u8; 8]) -> Heads8 {
 /// r, and each token's eight activations are broadcast to every lane. Four
 /// `dpbusd` then sum a row's 32-weight sub-block into its two i32 lanes (at
 /// most 16*15*128, so each lane is its low i16), and one `madd` applies the
-/// eight rows' scales: 10 multiplies per 2048 products, against 10 per 256
+/// eight rows' scales: 10 multiplies per 512 products, against 10 per 256
 /// in `q4k_rows4`.
 ///
 /// # Safety
