@@ -9,6 +9,8 @@
 mod attention;
 mod ops;
 #[cfg(target_arch = "x86_64")]
+mod qdot_avx512;
+#[cfg(target_arch = "x86_64")]
 mod qdot_x86;
 mod quant;
 mod simd;
@@ -173,7 +175,7 @@ impl<T> SharedOut<T> {
 /// streamed once. Several tokens share each weight row: it is widened to f32
 /// once into a per-task buffer and then dotted with four tokens at a time;
 /// quantized weights stay quantized and each block is applied to four tokens
-/// per unpacking.
+/// (eight with AVX-512) per unpacking.
 pub fn matmul(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
     matmul_passes(x, t, w, y, quant::MAX_PASS)
 }

@@ -125,7 +125,7 @@ pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f
 /// array and reloading it as wider words stalls store-to-load forwarding,
 /// which cost the prefill kernel a third of its time.
 #[inline(always)]
-fn scales_mins(p: &[u8]) -> (u64, u64) {
+pub(super) fn scales_mins(p: &[u8]) -> (u64, u64) {
     const LOW6: u32 = 0x3f3f_3f3f;
     const LOW4: u32 = 0x0f0f_0f0f;
     const TOP2: u32 = 0x0303_0303;

@@ -10,19 +10,19 @@
 //! `cfg(target_feature = "avx2")` (or neon/simd128), not at run time as
 //! `kernels::simd` does: a build for the baseline x86-64 target gets its
 //! portable scalar loops, 5-8x slower per core than its AVX2 ones; the
-//! formats smoe writes by default run our own run-time-dispatched AVX2 dot
-//! products instead (`qdot_x86`). `cargo bench -p smoe --bench kernels`
-//! measures them.
+//! formats smoe writes by default run our own run-time-dispatched AVX2 or
+//! AVX-512 dot products instead (`qdot_x86`, `qdot_avx512`). `cargo bench -p
+//! smoe --bench kernels` measures them.
 
 use std::mem::{align_of, size_of};
 
 use candle_core::quantized::k_quants::GgmlType;
 #[cfg(target_arch = "x86_64")]
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
 
-#[cfg(target_arch = "x86_64")]
-use super::qdot_x86;
 use super::{for_each_task, rows_per_task, SharedOut};
+#[cfg(target_arch = "x86_64")]
+use super::{qdot_avx512, qdot_x86};
 use crate::quant::{as_blocks, with_block_type, Block, QuantType};
 
 /// Reusable storage for quantized activations: once it has grown to the
@@ -108,28 +108,31 @@ pub fn matmul_quant(
     }
     // candle picks its SIMD dot products at compile time, so a portable
     // build runs them scalar; the formats smoe stores by default get run-time
-    // AVX2 paths of our own.
+    // AVX2 and AVX-512 paths of our own.
     #[cfg(target_arch = "x86_64")]
-    if qdot_x86::available() {
-        match qt {
-            QuantType::Q4K => {
-                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q4K);
-            }
-            QuantType::Q8_0 => {
-                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q8_0);
-            }
-            QuantType::Q4_0 => {
-                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q4_0);
-            }
+    {
+        macro_rules! run {
+            ($kernel:expr) => {
+                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, $kernel)
+            };
+        }
+        match (x86_kernels(), qt) {
+            (X86Kernels::Avx512, QuantType::Q4K) => run!(&Avx512Q4K),
+            (X86Kernels::Avx512, QuantType::Q8_0) => run!(&Avx512Q8_0),
+            (X86Kernels::Avx512, QuantType::Q4_0) => run!(&Avx512Q4_0),
+            (X86Kernels::Avx2, QuantType::Q4K) => run!(&Avx2Q4K),
+            (X86Kernels::Avx2, QuantType::Q8_0) => run!(&Avx2Q8_0),
+            (X86Kernels::Avx2, QuantType::Q4_0) => run!(&Avx2Q4_0),
             _ => {}
         }
     }
-    with_block_type!(qt, B => matmul_typed::<B, _>(w, rows, cols, x, t, y, scratch, pass, Candle))
+    with_block_type!(qt, B => matmul_typed::<B, _>(w, rows, cols, x, t, y, scratch, pass, &Candle))
 }
 
-/// The most tokens a kernel call takes: four tokens' accumulators plus one
-/// unpacked weight block fill AVX2's sixteen registers.
-pub const MAX_PASS: usize = 4;
+/// The most tokens a kernel call takes: eight tokens' accumulators plus one
+/// unpacked weight block fill AVX-512's 32 registers. Kernels with fewer
+/// registers take fewer ([`RowDot::PASS`]).
+pub const MAX_PASS: usize = 8;
 
 /// Dot products of `R` weight rows with `N` activation rows: `[k][r]` is row
 /// `r` dotted with token `k`. Generic rather than a fn pointer, so each
@@ -139,6 +142,10 @@ trait RowDot<B: Block>: Sync
 where
     B::VecDotType: Block,
 {
+    /// The most tokens `dot` takes at once: four tokens' accumulators plus
+    /// one unpacked weight block fill AVX2's sixteen registers.
+    const PASS: usize = 4;
+
     fn dot<const R: usize, const N: usize>(
         &self,
         w: [&[B]; R],
@@ -167,65 +174,146 @@ where
     }
 }
 
-/// The `qdot_x86` kernels, constructed only where `qdot_x86::available()`:
-/// one row at a time, with the tokens of a call sharing each unpacked block.
+/// Which of our x86 kernels this CPU runs: the best it has, unless the
+/// environment variable `SMOE_KERNELS=avx2` holds AVX-512 CPUs to the AVX2
+/// ones (to compare the two on one machine).
 #[cfg(target_arch = "x86_64")]
-macro_rules! avx2_kernel {
-    ($name:ident, $block:ty, $f:ident) => {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum X86Kernels {
+    Candle,
+    Avx2,
+    Avx512,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn x86_kernels() -> X86Kernels {
+    static CHOICE: std::sync::OnceLock<X86Kernels> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let avx2_only = std::env::var_os("SMOE_KERNELS").is_some_and(|v| v == "avx2");
+        if qdot_avx512::available() && !avx2_only {
+            X86Kernels::Avx512
+        } else if qdot_x86::available() {
+            X86Kernels::Avx2
+        } else {
+            X86Kernels::Candle
+        }
+    })
+}
+
+/// `R` rows' products through a kernel of `G` rows, group by group; `None`
+/// where `G` does not divide `R`.
+#[cfg(target_arch = "x86_64")]
+fn in_groups<T: Copy, const R: usize, const N: usize, const G: usize>(
+    w: [T; R],
+    mut kernel: impl FnMut([T; G]) -> [[f32; G]; N],
+) -> Option<[[f32; R]; N]> {
+    if !R.is_multiple_of(G) {
+        return None;
+    }
+    let mut out = [[0.0; R]; N];
+    for (g, rows) in w.chunks_exact(G).enumerate() {
+        let v = kernel(rows.try_into().expect("chunks of G"));
+        for (o, v) in out.iter_mut().zip(v) {
+            o[g * G..][..G].copy_from_slice(&v);
+        }
+    }
+    Some(out)
+}
+
+/// `R` rows' products through a one-row kernel.
+#[cfg(target_arch = "x86_64")]
+fn by_row<T: Copy, const R: usize, const N: usize>(
+    w: [T; R],
+    mut kernel: impl FnMut(T) -> [f32; N],
+) -> [[f32; R]; N] {
+    in_groups(w, |[w]| kernel(w).map(|v| [v])).expect("groups of one row")
+}
+
+/// A kernel type over our x86 kernels: `dot` evaluates `$dot` with the
+/// weight rows bound to `$w` and the activations' bytes to `$a`; activations
+/// are quantized by `$quantize`. Constructed only where the kernels' module
+/// says they are `available`, which makes the calls sound.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_kernel {
+    ($name:ident, $block:ty, $quantize:path, $pass:expr, |$w:ident, $a:ident| $dot:expr) => {
         struct $name;
         impl RowDot<$block> for $name {
+            const PASS: usize = $pass;
+
             fn dot<const R: usize, const N: usize>(
                 &self,
-                w: [&[$block]; R],
+                $w: [&[$block]; R],
                 a: [&[<$block as GgmlType>::VecDotType]; N],
             ) -> [[f32; R]; N] {
-                let a = a.map(bytes_of);
-                // SAFETY: the kernel type exists only once `available` held.
-                let by_row = w.map(|w| unsafe { qdot_x86::$f(bytes_of(w), a, w.len()) });
-                std::array::from_fn(|k| by_row.map(|v| v[k]))
+                let $a = a.map(bytes_of);
+                // SAFETY: see the macro.
+                unsafe { $dot }
             }
 
-            fn quantize(&self, x: &[f32], q: &mut [BlockQ8_0]) {
+            fn quantize(&self, x: &[f32], q: &mut [<$block as GgmlType>::VecDotType]) {
                 // SAFETY: as above.
-                unsafe { qdot_x86::quantize_q8_0(x, bytes_of_mut(q)) }
+                unsafe { $quantize(x, bytes_of_mut(q)) }
             }
         }
     };
 }
-#[cfg(target_arch = "x86_64")]
-avx2_kernel!(Avx2Q8_0, BlockQ8_0, q8_0);
-#[cfg(target_arch = "x86_64")]
-avx2_kernel!(Avx2Q4_0, BlockQ4_0, q4_0);
 
-/// Q4_K's kernels: four rows at a time share each token's activation loads
-/// and half the scale multiplies ([`qdot_x86::q4k_rows4`]), where there are
-/// four rows and several tokens; otherwise one row at a time.
+// One row at a time, the tokens of a call sharing each unpacked block.
 #[cfg(target_arch = "x86_64")]
-struct Avx2Q4K;
+x86_kernel!(Avx2Q8_0, BlockQ8_0, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q8_0(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q4_0, BlockQ4_0, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q4_0(bytes_of(w), a, w.len()))
+});
+// AVX-512 Q8_0 keeps four-token passes: with eight, a Sapphire Rapids core
+// ran its products 0.76-0.88x as fast (kernels bench, normalized by the
+// one-token rows), while Q4_0 and Q4_K gained 1.1-1.2x.
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx512Q8_0, BlockQ8_0, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_avx512::q8_0(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Q4_0,
+    BlockQ4_0,
+    qdot_x86::quantize_q8_0,
+    MAX_PASS,
+    |w, a| by_row(w, |w| qdot_avx512::q4_0(bytes_of(w), a, w.len()))
+);
 
+// Q4_K with AVX2: four rows at a time share each token's activation loads
+// and half the scale multiplies ([`qdot_x86::q4k_rows4`]) where there are
+// several tokens; otherwise one row at a time.
 #[cfg(target_arch = "x86_64")]
-impl RowDot<BlockQ4K> for Avx2Q4K {
-    fn dot<const R: usize, const N: usize>(
-        &self,
-        w: [&[BlockQ4K]; R],
-        a: [&[<BlockQ4K as GgmlType>::VecDotType]; N],
-    ) -> [[f32; R]; N] {
-        let a = a.map(bytes_of);
+x86_kernel!(Avx2Q4K, BlockQ4K, qdot_x86::quantize_q8k, 4, |w, a| {
+    let blocks = w.first().map_or(0, |w| w.len());
+    let rows4 = |w: [&[BlockQ4K]; 4]| qdot_x86::q4k_rows4(w.map(bytes_of), a, blocks);
+    (N > 1)
+        .then(|| in_groups(w, rows4))
+        .flatten()
+        .unwrap_or_else(|| by_row(w, |w| qdot_x86::q4k(bytes_of(w), a, blocks)))
+});
+
+// Q4_K with AVX-512: eight rows at a time for any token count (unpacking
+// eight rows' headers together costs less per row than one row's alone),
+// then AVX2's four, then one row at a time.
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Q4K,
+    BlockQ4K,
+    qdot_x86::quantize_q8k,
+    MAX_PASS,
+    |w, a| {
         let blocks = w.first().map_or(0, |w| w.len());
-        // SAFETY (both): the kernel type exists only once `available` held.
-        if let (Ok(w4), true) = (<[&[BlockQ4K]; 4]>::try_from(&w[..]), N > 1) {
-            let v = unsafe { qdot_x86::q4k_rows4(w4.map(bytes_of), a, blocks) };
-            return std::array::from_fn(|k| std::array::from_fn(|r| v[k][r]));
-        }
-        let by_row = w.map(|w| unsafe { qdot_x86::q4k(bytes_of(w), a, w.len()) });
-        std::array::from_fn(|k| by_row.map(|v| v[k]))
+        let rows8 = |w: [&[BlockQ4K]; 8]| qdot_avx512::q4k_rows8(w.map(bytes_of), a, blocks);
+        let rows4 = |w: [&[BlockQ4K]; 4]| qdot_x86::q4k_rows4(w.map(bytes_of), a, blocks);
+        in_groups(w, rows8)
+            .or_else(|| (N > 1).then(|| in_groups(w, rows4)).flatten())
+            .unwrap_or_else(|| by_row(w, |w| qdot_avx512::q4k(bytes_of(w), a, blocks)))
     }
-
-    fn quantize(&self, x: &[f32], q: &mut [BlockQ8K]) {
-        // SAFETY: as above.
-        unsafe { qdot_x86::quantize_q8k(x, bytes_of_mut(q)) }
-    }
-}
+);
 
 #[allow(clippy::too_many_arguments)]
 fn matmul_typed<B: Block, K: RowDot<B>>(
@@ -237,7 +325,7 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
     y: &mut [f32],
     scratch: &mut QuantScratch,
     pass: usize,
-    kernel: K,
+    kernel: &K,
 ) where
     B::VecDotType: Block,
 {
@@ -266,10 +354,10 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
         let end = ((c + 1) * chunk).min(rows);
         let mut r = c * chunk;
         while r < end {
+            let step = [8, 4].into_iter().find(|&s| end - r >= s).unwrap_or(1);
             // The next group's rows, while this one's passes run: a group is
             // only a few KB, too short a stream for the hardware prefetcher
             // to pick up before it ends.
-            let step = if end - r >= 4 { 4 } else { 1 };
             let next = (r + step).min(end)..(r + 2 * step).min(end);
             prefetch(bytes_of(&w[next.start * nb..next.end * nb]));
             let group = RowGroup {
@@ -281,13 +369,12 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
                 pass,
                 out,
             };
-            if end - r >= 4 {
-                group.run::<4, _>(&kernel);
-                r += 4;
-            } else {
-                group.run::<1, _>(&kernel);
-                r += 1;
+            match step {
+                8 => group.run::<8, _>(kernel),
+                4 => group.run::<4, _>(kernel),
+                _ => group.run::<1, _>(kernel),
             }
+            r += step;
         }
     });
 }
@@ -313,7 +400,7 @@ where
         let t = self.xq.len() / nb;
         let mut tk = 0;
         while tk < t {
-            let n = self.pass.min(t - tk);
+            let n = self.pass.min(K::PASS).min(t - tk);
             let put = |vals: &[[f32; R]]| {
                 for (k, v) in vals.iter().enumerate() {
                     for (i, &v) in v.iter().enumerate() {
@@ -324,12 +411,15 @@ where
                 }
             };
             let tok = |k: usize| &self.xq[(tk + k) * nb..][..nb];
-            match n {
-                1 => put(&kernel.dot(wr, [tok(0)])),
-                2 => put(&kernel.dot(wr, [tok(0), tok(1)])),
-                3 => put(&kernel.dot(wr, [tok(0), tok(1), tok(2)])),
-                _ => put(&kernel.dot(wr, [tok(0), tok(1), tok(2), tok(3)])),
+            macro_rules! tokens {
+                ($($n:literal)*) => {
+                    match n {
+                        $($n => put(&kernel.dot::<R, $n>(wr, std::array::from_fn(tok))),)*
+                        _ => unreachable!("passes hold 1..={MAX_PASS} tokens"),
+                    }
+                };
             }
+            tokens!(1 2 3 4 5 6 7 8);
             tk += n;
         }
     }
@@ -367,68 +457,86 @@ fn bytes_of_mut<B: Block>(blocks: &mut [B]) -> &mut [u8] {
 mod tests {
     use super::*;
 
-    /// Every output of the AVX2 kernels, called with one to four tokens at
-    /// once, against candle's portable `vec_dot_unopt` on the same quantized
-    /// blocks: random row, block and token counts, including token counts
-    /// that leave each remainder of a four-token pass and block counts that
-    /// do not fill the accumulators evenly. Both sum the same exact integers
-    /// per block and differ only in the order of the f32 sums across blocks,
-    /// so they agree to f32 rounding: 1e-5 of the products' scale
-    /// `|x|*|w|`. A wrong nibble, scale, min or token would be off by ~10%.
+    /// Every output of a kernel type, called with every pass size up to
+    /// [`MAX_PASS`] tokens, against candle's portable `vec_dot_unopt` on the
+    /// same quantized blocks: random row, block and token counts, including
+    /// token counts that leave remainders of each pass size, row counts that
+    /// leave remainders of the eight- and four-row groups, and odd block
+    /// counts (the AVX-512 Q8_0/Q4_0 kernels take two blocks per step). Both
+    /// sum the same exact integers per block and differ only in the order of
+    /// the f32 sums across blocks, so they agree to f32 rounding: 1e-5 of the
+    /// products' scale `|x|*|w|`. A wrong nibble, scale, min or token would
+    /// be off by ~10%.
     #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx2_kernels_match_candle_scalar() {
+    fn check_kernel<B: Block, K: RowDot<B>>(qt: QuantType, kernel: &K, seed: u64)
+    where
+        B::VecDotType: Block,
+    {
         use rand_chacha::rand_core::{RngCore, SeedableRng};
-        fn check<B: Block>(qt: QuantType, rng: &mut rand_chacha::ChaCha8Rng)
-        where
-            B::VecDotType: Block,
-        {
-            let mut scratch = QuantScratch::default();
-            let mut upto = |n: u64| 1 + (rng.next_u64() % n) as usize;
-            for case in 0..12u64 {
-                let (nb, rows, t) = (upto(12), upto(13), upto(13));
-                let cols = nb * B::BLCK_SIZE;
-                let w = quantize(qt, &normal(rows * cols, 30 + case), cols);
-                let wb = as_blocks::<B>(w.bytes()).unwrap();
-                let mut wd = vec![0.0; rows * cols];
-                dequantize_rows(qt, w.bytes(), cols, &mut wd).unwrap();
-                // Activations of uneven magnitude, as hidden states are.
-                let x: Vec<f32> = normal(t * cols, 130 + case)
-                    .iter()
-                    .enumerate()
-                    .map(|(j, v)| v * (1.0 + (j % 7) as f32))
-                    .collect();
-                let mut xq = vec![B::VecDotType::zeros(); t * nb];
-                for (q, xr) in xq.chunks_mut(nb).zip(x.chunks(cols)) {
-                    B::VecDotType::from_float(xr, q);
-                }
-                let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
-                for pass in 1..=MAX_PASS {
-                    let mut y = vec![f32::NAN; t * rows];
-                    matmul_quant(qt, w.bytes(), rows, cols, &x, t, &mut y, &mut scratch, pass);
-                    for (i, &got) in y.iter().enumerate() {
-                        let (tk, r) = (i / rows, i % rows);
-                        let xr = &xq[tk * nb..(tk + 1) * nb];
-                        let want = B::vec_dot_unopt(cols, &wb[r * nb..(r + 1) * nb], xr);
-                        let scale = norm(&x[tk * cols..][..cols]) * norm(&wd[r * cols..][..cols]);
-                        assert!(
-                            (got - want).abs() <= 1e-5 * scale,
-                            "{} [{rows}, {cols}] t={t} pass={pass} y[{tk}, {r}]: {got} vs {want}",
-                            qt.name()
-                        );
-                    }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut scratch = QuantScratch::default();
+        let mut upto = |n: u64| 1 + (rng.next_u64() % n) as usize;
+        for case in 0..12u64 {
+            let (nb, rows, t) = (upto(12), upto(21), upto(13));
+            let cols = nb * B::BLCK_SIZE;
+            let w = quantize(qt, &normal(rows * cols, 30 + case), cols);
+            let wb = as_blocks::<B>(w.bytes()).unwrap();
+            let mut wd = vec![0.0; rows * cols];
+            dequantize_rows(qt, w.bytes(), cols, &mut wd).unwrap();
+            // Activations of uneven magnitude, as hidden states are.
+            let x: Vec<f32> = normal(t * cols, 130 + case)
+                .iter()
+                .enumerate()
+                .map(|(j, v)| v * (1.0 + (j % 7) as f32))
+                .collect();
+            let mut xq = vec![B::VecDotType::zeros(); t * nb];
+            for (q, xr) in xq.chunks_mut(nb).zip(x.chunks(cols)) {
+                B::VecDotType::from_float(xr, q);
+            }
+            let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            for pass in 1..=MAX_PASS {
+                let mut y = vec![f32::NAN; t * rows];
+                let s = &mut scratch;
+                matmul_typed(w.bytes(), rows, cols, &x, t, &mut y, s, pass, kernel);
+                for (i, &got) in y.iter().enumerate() {
+                    let (tk, r) = (i / rows, i % rows);
+                    let xr = &xq[tk * nb..(tk + 1) * nb];
+                    let want = B::vec_dot_unopt(cols, &wb[r * nb..(r + 1) * nb], xr);
+                    let scale = norm(&x[tk * cols..][..cols]) * norm(&wd[r * cols..][..cols]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale,
+                        "{} [{rows}, {cols}] t={t} pass={pass} y[{tk}, {r}]: {got} vs {want}",
+                        qt.name()
+                    );
                 }
             }
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_match_candle_scalar() {
         if !qdot_x86::available() {
             eprintln!("no AVX2/FMA/F16C here: nothing to compare");
             return;
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
-        check::<BlockQ4K>(QuantType::Q4K, &mut rng);
-        check::<BlockQ8_0>(QuantType::Q8_0, &mut rng);
-        check::<BlockQ4_0>(QuantType::Q4_0, &mut rng);
+        check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Avx2Q4K, 17);
+        check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Avx2Q8_0, 18);
+        check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Avx2Q4_0, 19);
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_kernels_match_candle_scalar() {
+        if !qdot_avx512::available() {
+            eprintln!("no AVX-512 F/BW/VL/VNNI here: nothing to compare");
+            return;
+        }
+        check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Avx512Q4K, 17);
+        check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Avx512Q8_0, 18);
+        check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Avx512Q4_0, 19);
+    }
+
     /// The AVX2 quantizers write the bytes candle's do: blocks of uneven
     /// magnitude, an all-zero block, a block of exact halves (the rounding
     /// rule shows) and one whose largest magnitude occurs with both signs
@@ -436,6 +544,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_quantizers_match_candle() {
+        use candle_core::quantized::k_quants::BlockQ8K;
         /// `full`: the largest magnitude that makes the scale exactly 1.
         fn check<B: Block>(quantize: unsafe fn(&[f32], &mut [u8]), full: f32) {
             let (n, blocks) = (B::BLCK_SIZE, 8);
