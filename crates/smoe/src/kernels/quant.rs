@@ -18,7 +18,7 @@ use std::mem::{align_of, size_of};
 
 use candle_core::quantized::k_quants::GgmlType;
 #[cfg(target_arch = "x86_64")]
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8K, BlockQ8_0};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -121,6 +121,9 @@ pub fn matmul_quant(
             QuantType::Q4_0 => {
                 return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q4_0);
             }
+            QuantType::Q6K => {
+                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, Avx2Q6K);
+            }
             _ => {}
         }
     }
@@ -171,7 +174,7 @@ where
 /// one row at a time, with the tokens of a call sharing each unpacked block.
 #[cfg(target_arch = "x86_64")]
 macro_rules! avx2_kernel {
-    ($name:ident, $block:ty, $f:ident) => {
+    ($name:ident, $block:ty, $f:ident, $quantize:ident) => {
         struct $name;
         impl RowDot<$block> for $name {
             fn dot<const R: usize, const N: usize>(
@@ -185,17 +188,19 @@ macro_rules! avx2_kernel {
                 std::array::from_fn(|k| by_row.map(|v| v[k]))
             }
 
-            fn quantize(&self, x: &[f32], q: &mut [BlockQ8_0]) {
+            fn quantize(&self, x: &[f32], q: &mut [<$block as GgmlType>::VecDotType]) {
                 // SAFETY: as above.
-                unsafe { qdot_x86::quantize_q8_0(x, bytes_of_mut(q)) }
+                unsafe { qdot_x86::$quantize(x, bytes_of_mut(q)) }
             }
         }
     };
 }
 #[cfg(target_arch = "x86_64")]
-avx2_kernel!(Avx2Q8_0, BlockQ8_0, q8_0);
+avx2_kernel!(Avx2Q8_0, BlockQ8_0, q8_0, quantize_q8_0);
 #[cfg(target_arch = "x86_64")]
-avx2_kernel!(Avx2Q4_0, BlockQ4_0, q4_0);
+avx2_kernel!(Avx2Q4_0, BlockQ4_0, q4_0, quantize_q8_0);
+#[cfg(target_arch = "x86_64")]
+avx2_kernel!(Avx2Q6K, BlockQ6K, q6k, quantize_q8k);
 
 /// Q4_K's kernels: four rows at a time share each token's activation loads
 /// and half the scale multiplies ([`qdot_x86::q4k_rows4`]), where there are
@@ -405,6 +410,7 @@ mod tests {
         check::<BlockQ4K>(QuantType::Q4K, &mut rng);
         check::<BlockQ8_0>(QuantType::Q8_0, &mut rng);
         check::<BlockQ4_0>(QuantType::Q4_0, &mut rng);
+        check::<BlockQ6K>(QuantType::Q6K, &mut rng);
     }
     /// The AVX2 quantizers write the bytes candle's do: blocks of uneven
     /// magnitude, an all-zero block, a block of exact halves (the rounding
