@@ -3,9 +3,10 @@
 //!
 //! candle has AVX2 versions of these, but selects them with
 //! `cfg(target_feature)`, so the portable x86-64 build that users install
-//! runs its scalar loops. These are the three formats smoe stores experts and
-//! backbones in by default: Q4_K and Q8_0, and Q4_0, the fallback for rows
-//! that are not a multiple of 256 (small models' down projections).
+//! runs its scalar loops. These are the formats smoe stores experts and
+//! backbones in by default: Q4_K and Q8_0, Q4_0, the fallback for rows that
+//! are not a multiple of 256 (small models' down projections), and Q6_K, the
+//! LM head of a 4-bit backbone.
 //!
 //! Each takes one weight row (four for Q4_K's `q4k_rows4`) and `N`
 //! activation rows (tokens) at once: a weight block is loaded and unpacked
@@ -31,6 +32,7 @@ use std::arch::x86_64::*;
 
 /// Bytes per block of each format.
 pub const Q4K: usize = 144;
+pub const Q6K: usize = 210;
 pub const Q8K: usize = 292;
 pub const Q8_0: usize = 34;
 pub const Q4_0: usize = 18;
@@ -417,4 +419,84 @@ pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
         let q = quantize32(xs, _mm256_set1_ps(id), 127.0);
         _mm256_storeu_si256(y[2..].as_mut_ptr().cast(), q);
     }
+}
+
+/// Q6_K weights against the Q8_K activations of `N` tokens.
+///
+/// A Q6_K block (210 bytes) holds 256 weights as 128 bytes of low nibbles,
+/// 64 bytes of high 2-bit pairs, sixteen i8 scales (one per 16 weights) and
+/// an f16 `d`; weight `i` is `d*scale_{i/16}*(q_i - 32)` with `q_i` in
+/// 0..64. Each 128-weight half takes 64 nibble bytes `ql` and 32 bytes `qh`:
+/// its four 32-weight runs are the low nibbles of `ql[0..32]`, of
+/// `ql[32..64]`, then their high nibbles, with bits 0-1, 2-3, 4-5 and 6-7 of
+/// `qh` as their top two bits. The unsigned `q_i` go into `maddubs` (at most
+/// 2*63*127, no overflow), and the offset comes off once per block as
+/// `32*sum_j scale_j*bsum_j` from the activations' sums of 16.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q6k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q6K && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
+    let low = _mm256_set1_epi8(0x0F);
+    let top = _mm256_set1_epi8(0x30);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (b, wb) in w.chunks_exact(Q6K).take(blocks).enumerate() {
+        let ab = a.map(|a| a.add(b * Q8K));
+        let (ql, qh) = (wb.as_ptr(), wb.as_ptr().add(128));
+        let scales = _mm_loadu_si128(wb.as_ptr().add(192).cast());
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for half in 0..2 {
+            let l0 = _mm256_loadu_si256(ql.add(64 * half).cast());
+            let l1 = _mm256_loadu_si256(ql.add(64 * half + 32).cast());
+            let h = _mm256_loadu_si256(qh.add(32 * half).cast());
+            // The 16-bit shifts move bits across bytes, but the 0x30 mask
+            // keeps only each byte's own pair.
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(l0, low),
+                    _mm256_and_si256(_mm256_slli_epi16(h, 4), top),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(l1, low),
+                    _mm256_and_si256(_mm256_slli_epi16(h, 2), top),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                    _mm256_and_si256(h, top),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                    _mm256_and_si256(_mm256_srli_epi16(h, 2), top),
+                ),
+            ];
+            // Run c covers scales 8*half + 2c (its first 16 weights, the
+            // low i16 lanes of a `maddubs`) and the next (the high lanes).
+            let s = [0, 1, 2, 3].map(|c| {
+                let j = (8 * half + 2 * c) as i64;
+                let pick =
+                    _mm_set_epi64x((j + 1) * 0x0101_0101_0101_0101, j * 0x0101_0101_0101_0101);
+                _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
+            });
+            for k in 0..N {
+                let q8 = ab[k].add(4 + 128 * half);
+                for c in 0..4 {
+                    let y = _mm256_loadu_si256(q8.add(32 * c).cast());
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], y), s[c]);
+                    sumi[k] = _mm256_add_epi32(sumi[k], p);
+                }
+            }
+        }
+        let scales = _mm256_cvtepi8_epi16(scales);
+        let d = f16_at(wb.as_ptr().add(208));
+        for k in 0..N {
+            let d8 = ab[k].cast::<f32>().read_unaligned();
+            let bsums = _mm256_loadu_si256(ab[k].add(260).cast());
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales, bsums), 5);
+            let s = _mm256_sub_epi32(sumi[k], offset);
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(s), acc[k]);
+        }
+    }
+    acc.map(|v| hsum(v))
 }

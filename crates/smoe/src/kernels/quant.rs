@@ -18,7 +18,7 @@ use std::mem::{align_of, size_of};
 
 use candle_core::quantized::k_quants::GgmlType;
 #[cfg(target_arch = "x86_64")]
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8_0};
 
 use super::{for_each_task, rows_per_task, SharedOut};
 #[cfg(target_arch = "x86_64")]
@@ -123,6 +123,8 @@ pub fn matmul_quant(
             (X86Kernels::Avx2, QuantType::Q4K) => run!(&Avx2Q4K),
             (X86Kernels::Avx2, QuantType::Q8_0) => run!(&Avx2Q8_0),
             (X86Kernels::Avx2, QuantType::Q4_0) => run!(&Avx2Q4_0),
+            // No AVX-512 Q6_K yet: AVX-512 CPUs run the AVX2 one.
+            (X86Kernels::Avx2 | X86Kernels::Avx512, QuantType::Q6K) => run!(&Avx2Q6K),
             _ => {}
         }
     }
@@ -266,6 +268,10 @@ x86_kernel!(Avx2Q8_0, BlockQ8_0, qdot_x86::quantize_q8_0, 4, |w, a| {
 #[cfg(target_arch = "x86_64")]
 x86_kernel!(Avx2Q4_0, BlockQ4_0, qdot_x86::quantize_q8_0, 4, |w, a| {
     by_row(w, |w| qdot_x86::q4_0(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q6K, BlockQ6K, qdot_x86::quantize_q8k, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q6k(bytes_of(w), a, w.len()))
 });
 // AVX-512 Q8_0 keeps four-token passes: with eight, a Sapphire Rapids core
 // ran its products 0.76-0.88x as fast (kernels bench, normalized by the
@@ -523,6 +529,7 @@ mod tests {
         check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Avx2Q4K, 17);
         check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Avx2Q8_0, 18);
         check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Avx2Q4_0, 19);
+        check_kernel::<BlockQ6K, _>(QuantType::Q6K, &Avx2Q6K, 20);
     }
 
     #[cfg(target_arch = "x86_64")]
