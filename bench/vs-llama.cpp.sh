@@ -12,7 +12,10 @@
 # - the synthetic checkpoint from examples/synth with the real Qwen3 tokenizer
 #   (../shared/qwen3-tokenizer; llama.cpp needs a real one), converted to GGUF
 #   by the vendored convert_hf_to_gguf.py and quantized to Q4_K_M;
-# - the smoe vault of the same checkpoint: q4_k experts, $BACKBONE backbone.
+# - the smoe vault of the same checkpoint: q4_k experts and smoe's default
+#   backbone (q4_k, with Q4_K_M's q6_k LM head and v_proj), or --backbone
+#   $BACKBONE where set. The vault's name says "bb-default": remove it after
+#   changing the default recipe.
 #
 # Measurements (median of $REPEAT each, engines alternating):
 # - resident: prefill tok/s of a $PP-token prompt and decode tok/s of $TG tokens;
@@ -33,11 +36,11 @@ PP=${PP:-512}
 TG=${TG:-128}
 CAP_TG=${CAP_TG:-16}
 CAP_PCT=${CAP_PCT:-25}
-BACKBONE=${BACKBONE:-q4_k}
+BACKBONE=${BACKBONE:-}
 DIR=${SMOE_BENCH_DIR:-$HOME/.cache/smoe-bench}
 TOKENIZER=${TOKENIZER:-../shared/qwen3-tokenizer}
 CKPT="$DIR/qwen3-30b-a3b-${LAYERS}l"
-VAULT="$DIR/qwen3-30b-a3b-${LAYERS}l-q4_k-bb-$BACKBONE"
+VAULT="$DIR/qwen3-30b-a3b-${LAYERS}l-q4_k-bb-${BACKBONE:-default}"
 LLAMA="$DIR/llama.cpp"
 GGUF_BF16="$DIR/qwen3-30b-a3b-${LAYERS}l-bf16.gguf"
 GGUF="$DIR/qwen3-30b-a3b-${LAYERS}l-Q4_K_M.gguf"
@@ -76,7 +79,7 @@ setup() {
         mv "$GGUF.tmp" "$GGUF"
         rm -f "$GGUF_BF16"
     fi
-    [ -d "$VAULT" ] || "$SMOE" convert "$CKPT" -o "$VAULT" --experts q4_k --backbone "$BACKBONE" --quiet
+    [ -d "$VAULT" ] || "$SMOE" convert "$CKPT" -o "$VAULT" --experts q4_k ${BACKBONE:+--backbone "$BACKBONE"} --quiet
 }
 
 tag() { sed "s/}\$/, \"mode\": \"$1\"}/"; }
@@ -128,7 +131,7 @@ CAP=$((GGUF_BYTES * CAP_PCT / 100))
 OUT=$(mktemp)
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(lscpu | sed -n 's/^Model name: *//p')"
 echo "model: synthetic Qwen3-30B-A3B, $LAYERS layers; llama.cpp $(basename "$GGUF") ($((GGUF_BYTES / 1048576)) MiB);"
-echo "       smoe $(basename "$VAULT") (q4_k experts, $BACKBONE backbone); $THREADS threads; median of $REPEAT"
+echo "       smoe $(basename "$VAULT") ($("$SMOE" inspect "$VAULT" | sed -n 's/^quant: //p')); $THREADS threads; median of $REPEAT"
 for r in $(seq "$REPEAT"); do
     echo "round $r/$REPEAT" >&2
     # llama-bench warms up before it measures; smoe bench's median of three

@@ -92,6 +92,11 @@ pub fn vault() -> Result<PathBuf> {
             write_source(&source)?;
             let opts = ConvertOptions {
                 experts: DType::parse(EXPERTS).context("a known type")?,
+                // Not `smoe convert`'s q4_k: this backbone is 1.1 MB a
+                // token, too little for its type to change the speed, and
+                // its 128-wide rows would fall back to q4_0 (mean KL 0.097
+                // against bf16 where q4_0 experts cost 0.033;
+                // bench/quality.py).
                 backbone: DType::BF16,
                 allow_lossy: false,
                 stop_after_layers: None,

@@ -24,8 +24,9 @@ pub(crate) struct ConvertArgs {
     /// Routed-expert type: q4_k, q4_0, q8_0, q6_k, q5_k or bf16.
     #[arg(long, default_value = "q4_k")]
     experts: String,
-    /// Backbone type (2-D tensors; norms stay f32): bf16, q8_0 or q4_k.
-    #[arg(long, default_value = "bf16")]
+    /// Backbone type: bf16, q8_0 or q4_k. Norms stay f32 and routers bf16;
+    /// under q4_k the LM head and attention v_proj get q6_k (as Q4_K_M).
+    #[arg(long, default_value = "q4_k")]
     backbone: String,
     /// Allow 2- and 3-bit types (they ruin fine-grained MoE models).
     #[arg(long)]

@@ -9,6 +9,8 @@ use std::path::Path;
 use common::*;
 use serde_json::Value;
 
+/// A vault with `experts` and a bf16 backbone, so that a bf16 vault is the
+/// checkpoint bit for bit.
 fn convert(src: &Path, dst: &Path, experts: &str) {
     smoe_ok(&[
         "convert",
@@ -17,6 +19,8 @@ fn convert(src: &Path, dst: &Path, experts: &str) {
         path_str(dst),
         "--experts",
         experts,
+        "--backbone",
+        "bf16",
         "--quiet",
     ]);
 }
@@ -395,9 +399,11 @@ fn damaged_vaults_name_the_problem() {
     assert!(err.contains("different conversion"), "{err}");
 }
 
-/// The built-in model's expert rows (64 and 128 weights) are no whole
-/// q4_k block (256): asked for q4_k, they are stored as q4_0, and every
-/// summary says what is stored, not what was asked.
+/// The built-in model's rows (64 and 128 weights) are no whole q4_k or q6_k
+/// block (256): asked for q4_k experts and the default q4_k backbone, they
+/// are stored as q4_0 and, for the LM head (tied to the embeddings) and
+/// v_proj, which the backbone recipe raises to q6_k, as q8_0; routers stay
+/// bf16. Every summary says what is stored, not what was asked.
 #[test]
 fn summaries_report_the_stored_quant_types() {
     let dir = tempfile::tempdir().unwrap();
@@ -414,7 +420,10 @@ fn summaries_report_the_stored_quant_types() {
     assert!(out.status.success(), "{convert}");
     let stored =
         "experts q4_0 (asked q4_k: rows of 64 and 128 weights are not whole q4_k blocks), \
-                  backbone bf16";
+         backbone q4_0 (asked q4_k: rows of 128 weights are not whole q4_k blocks) \
+         + lm_head q8_0 (asked q6_k: rows of 128 weights are not whole q6_k blocks) \
+         + v_proj q8_0 (asked q6_k: rows of 128 weights are not whole q6_k blocks) \
+         + routers bf16";
     assert!(
         convert.contains(&format!("stored as {stored}")),
         "{convert}"

@@ -1,5 +1,6 @@
 //! Kernel micro-benchmarks: weight bandwidth of quantized matrix-vector and
-//! matrix-matrix products at Qwen3-30B-A3B's expert shapes, with bf16 (the
+//! matrix-matrix products at Qwen3-30B-A3B's expert shapes (and Q6_K's
+//! matrix-vector product at its LM head's), with bf16 (the
 //! unquantized backbone's format) as the baseline measured in the same run,
 //! and each quantized format also through the token-by-token path, to show
 //! what the multi-token kernels gain.
@@ -18,11 +19,24 @@ use std::time::Instant;
 use smoe::kernels::{matmul, matmul_token_by_token, DType, Matrix};
 use smoe::quant::{quantize_rows, QuantType};
 
-/// The expert projections: gate/up `[768, 2048]`, down `[2048, 768]`.
-const SHAPES: [(usize, usize); 2] = [(768, 2048), (2048, 768)];
 /// Tokens per product: decode, prefill chunks' shares of one expert, and a
 /// 128-token attention projection.
 const TOKENS: [usize; 4] = [1, 8, 32, 128];
+const BF16: DType = DType::BF16;
+const Q8_0: DType = DType::Quant(QuantType::Q8_0);
+const Q4K: DType = DType::Quant(QuantType::Q4K);
+const Q4_0: DType = DType::Quant(QuantType::Q4_0);
+const Q6K: DType = DType::Quant(QuantType::Q6K);
+/// `(rows, cols, tokens, types)`, bf16 first as the baseline: the expert
+/// projections, gate/up `[768, 2048]` and down `[2048, 768]`; then the
+/// matrix-vector product of Q6_K, the LM head's type in a 4-bit backbone,
+/// at the down shape and at the LM head's own, `[151936, 2048]`.
+const CASES: [(usize, usize, &[usize], &[DType]); 4] = [
+    (768, 2048, &TOKENS, &[BF16, Q8_0, Q4K, Q4_0]),
+    (2048, 768, &TOKENS, &[BF16, Q8_0, Q4K, Q4_0]),
+    (2048, 768, &[1], &[BF16, Q6K]),
+    (151_936, 2048, &[1], &[BF16, Q8_0, Q4K, Q6K]),
+];
 const COLD_BYTES: usize = 512 << 20;
 const ROUNDS: usize = 7;
 
@@ -104,15 +118,10 @@ fn main() {
     );
     type Matmul = fn(&[f32], usize, Matrix<'_>, &mut [f32]);
     let paths: [(&str, Matmul); 2] = [("1-tok", matmul_token_by_token), ("tiled", matmul)];
-    for (rows, cols) in SHAPES {
-        for t in TOKENS {
+    for (rows, cols, tokens, dtypes) in CASES {
+        for &t in tokens {
             let mut bf16_cold = None;
-            for dtype in [
-                DType::BF16,
-                DType::Quant(QuantType::Q8_0),
-                DType::Quant(QuantType::Q4K),
-                DType::Quant(QuantType::Q4_0),
-            ] {
+            for &dtype in dtypes {
                 let len = rows * dtype.row_bytes(cols);
                 let one = weights(dtype, rows, cols);
                 let copies = COLD_BYTES / len + 1;

@@ -562,20 +562,31 @@ impl Pinned<'_> {
         Ok(())
     }
 
-    /// (expert id, [gate, up, down]) for each pinned expert, in the order
-    /// asked.
-    pub fn experts(&self) -> impl Iterator<Item = (u32, [Matrix<'_>; 3])> + '_ {
+    /// How many experts are pinned.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the request pinned no expert.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The `i`-th expert asked for: (expert id, [gate, up, down]).
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn get(&self, i: usize) -> (u32, [Matrix<'_>; 3]) {
         let inner = &self.cache.inner;
         let lay = &inner.layers[&self.layer];
-        self.slots.iter().map(move |&(e, slot)| {
-            let base = slot * inner.slot_len;
-            let mats = lay.parts.map(|(dtype, rows, cols, off, len)| {
-                // SAFETY: the slot is pinned (not rewritten) and fully read.
-                let data = unsafe { inner.memory.slice(base + off, len) };
-                Matrix::new(dtype, data, rows, cols)
-            });
-            (e, mats)
-        })
+        let (e, slot) = self.slots[i];
+        let base = slot * inner.slot_len;
+        let mats = lay.parts.map(|(dtype, rows, cols, off, len)| {
+            // SAFETY: the slot is pinned (not rewritten) and fully read.
+            let data = unsafe { inner.memory.slice(base + off, len) };
+            Matrix::new(dtype, data, rows, cols)
+        });
+        (e, mats)
     }
 }
 

@@ -13,6 +13,8 @@ mod qdot;
 #[cfg(target_arch = "aarch64")]
 mod qdot_arm;
 #[cfg(target_arch = "x86_64")]
+mod qdot_avx512;
+#[cfg(target_arch = "x86_64")]
 mod qdot_x86;
 mod quant;
 mod simd;
@@ -113,6 +115,20 @@ fn rows_per_task(rows: usize, cols: usize) -> usize {
     (rows / (threads * 4)).max(min_rows).min(rows.max(1))
 }
 
+/// Runs `f(i)` for `i` in `0..n`: spread over rayon's pool when called from
+/// outside it, in order on the calling thread when called from one of its
+/// tasks. Such a caller (one routed expert of a layer, say) is itself one of
+/// many parallel tasks, so splitting its work again would only add
+/// synchronization, and a pool thread waiting on a split could pick up a
+/// sibling task and re-enter the thread-local scratch its first task holds.
+pub(crate) fn for_each_task(n: usize, f: impl Fn(usize) + Sync + Send) {
+    if rayon::current_thread_index().is_some() {
+        (0..n).for_each(f)
+    } else {
+        (0..n).into_par_iter().for_each(f)
+    }
+}
+
 /// Runs `f` with this thread's reusable f32 buffer (contents unspecified):
 /// per-task buffers from `for_each_init` are allocated anew for every split
 /// rayon makes, which is every call. Work stealing inside `f` could re-enter
@@ -126,17 +142,33 @@ pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
 }
 
 /// A raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut<T>(pub(crate) *mut T);
 // SAFETY: every task writes a disjoint set of indices (its own output rows).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
+unsafe impl<T: Send> Send for SharedOut<T> {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
 
-impl SharedOut {
+impl<T> Clone for SharedOut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
     /// Through a method so closures capture the whole (Sync) wrapper rather
     /// than the raw pointer field.
-    fn at(&self, i: usize) -> *mut f32 {
+    pub(crate) fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
+    }
+
+    /// Elements `start..start + len` as a slice.
+    ///
+    /// # Safety
+    /// The range lies inside the buffer, and no other task touches it while
+    /// the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.at(start), len)
     }
 }
 
@@ -147,7 +179,7 @@ impl SharedOut {
 /// streamed once. Several tokens share each weight row: it is widened to f32
 /// once into a per-task buffer and then dotted with four tokens at a time;
 /// quantized weights stay quantized and each block is applied to four tokens
-/// per unpacking.
+/// (eight with AVX-512) per unpacking.
 pub fn matmul(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
     matmul_passes(x, t, w, y, quant::MAX_PASS)
 }
@@ -174,18 +206,18 @@ fn matmul_passes(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32], pass: usize)
         return;
     }
     let chunk = rows_per_task(rows, cols);
+    let out = SharedOut(y.as_mut_ptr());
+    let n_tasks = rows.div_ceil(chunk);
     if t == 1 {
-        y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
-            let base = c * chunk;
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = dot(w.dtype, w.row(base + j), x);
+        for_each_task(n_tasks, |c| {
+            for r in c * chunk..((c + 1) * chunk).min(rows) {
+                // SAFETY: row r belongs to this task only; r < rows = y.len().
+                unsafe { *out.at(r) = dot(w.dtype, w.row(r), x) };
             }
         });
         return;
     }
-    let out = SharedOut(y.as_mut_ptr());
-    let n_tasks = rows.div_ceil(chunk);
-    (0..n_tasks).into_par_iter().for_each(|c| {
+    for_each_task(n_tasks, |c| {
         with_scratch(|wrow| {
             wrow.resize(cols, 0.0);
             for r in c * chunk..((c + 1) * chunk).min(rows) {

@@ -1,5 +1,6 @@
-//! What every architecture's integer dot kernels (`qdot_x86`, `qdot_arm`)
-//! provide, and the GGML block layouts they read by hand.
+//! What the integer dot kernels of every architecture (`qdot_x86`,
+//! `qdot_avx512`, `qdot_arm`) share: the GGML block layouts they read by
+//! hand, and their small helpers.
 //!
 //! These are the three formats smoe stores experts and backbones in by
 //! default: Q4_K and Q8_0, and Q4_0, the fallback for rows that are not a
@@ -30,42 +31,6 @@ pub const Q8K: usize = 292;
 pub const Q8_0: usize = 34;
 pub const Q4_0: usize = 18;
 
-/// One instruction set's kernels. A value is a token that exists only where
-/// the CPU has that instruction set, which is what makes the methods safe.
-///
-/// Every dot takes `blocks` blocks of one weight row (`w`) and of each of `N`
-/// tokens' activations (`a`, Q8_K for Q4_K and Q8_0 otherwise) and returns
-/// token `k`'s product in `[k]`; the quantizers write whole blocks of `out`
-/// from as many values of `x`, bit for bit as candle's `from_float`.
-pub trait QDot: Copy + Send + Sync {
-    fn q4k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
-
-    /// Four Q4_K rows against `N` tokens: `[k][r]` is row `r` dotted with
-    /// token `k`. Row by row unless an instruction set gains from sharing
-    /// the activations' loads between rows.
-    fn q4k_rows4<const N: usize>(
-        self,
-        w: [&[u8]; 4],
-        a: [&[u8]; N],
-        blocks: usize,
-    ) -> [[f32; 4]; N] {
-        by_row(w, |w| self.q4k(w, a, blocks))
-    }
-
-    fn q8_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
-
-    fn q4_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
-
-    /// Rows of 256 values to Q8_K: `d = max/-128` with `max` the first value
-    /// of largest magnitude, each value rounded half away from zero and
-    /// capped at 127, and the sums of each 16.
-    fn quantize_q8k(self, x: &[f32], out: &mut [u8]);
-
-    /// Rows of 32 values to Q8_0: `d = amax/127` (stored as f16), each value
-    /// times `1/d` rounded half away from zero.
-    fn quantize_q8_0(self, x: &[f32], out: &mut [u8]);
-}
-
 /// `f` applied to each of `R` rows, its `N` results regrouped by token:
 /// `[k][r]` is token `k`'s product with row `r`.
 pub fn by_row<W, const R: usize, const N: usize>(
@@ -77,24 +42,19 @@ pub fn by_row<W, const R: usize, const N: usize>(
 }
 
 /// The eight 6-bit scales and eight 6-bit mins of a Q4_K block, unpacked
-/// from its twelve bytes into one byte each: scales in bytes 0..8, mins in
-/// 8..16 (ggml's `get_scale_min_k4`, done on whole words without branches).
-#[inline]
-pub fn scales_mins(p: &[u8]) -> [u8; 16] {
+/// from its twelve bytes into one byte each: scales in the bytes of the
+/// first word, mins in the second (ggml's `get_scale_min_k4`, done on whole
+/// words without branches). Returned in registers: building them in a byte
+/// array and reloading it as wider words stalls store-to-load forwarding,
+/// which cost the prefill kernel a third of its time.
+#[inline(always)]
+pub fn scales_mins(p: &[u8]) -> (u64, u64) {
     const LOW6: u32 = 0x3f3f_3f3f;
     const LOW4: u32 = 0x0f0f_0f0f;
     const TOP2: u32 = 0x0303_0303;
     let w = |i: usize| u32::from_le_bytes([p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]]);
     let (w0, w1, w2) = (w(0), w(1), w(2));
-    let words = [
-        w0 & LOW6,
-        (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4),
-        w1 & LOW6,
-        ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4),
-    ];
-    let mut out = [0u8; 16];
-    for (o, v) in out.chunks_exact_mut(4).zip(words) {
-        o.copy_from_slice(&v.to_le_bytes());
-    }
-    out
+    let scales = (w0 & LOW6) as u64 | (((w2 & LOW4) | (((w0 >> 6) & TOP2) << 4)) as u64) << 32;
+    let mins = (w1 & LOW6) as u64 | ((((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4)) as u64) << 32;
+    (scales, mins)
 }

@@ -12,7 +12,32 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::qdot::{scales_mins, QDot, Q4K, Q4_0, Q8K, Q8_0};
+use super::qdot::{scales_mins, Q4K, Q4_0, Q8K, Q8_0};
+
+/// The kernels of one NEON flavour. A value is a token that exists only
+/// where the CPU has that flavour's instructions, which is what makes the
+/// methods safe.
+///
+/// Every dot takes `blocks` blocks of one weight row (`w`) and of each of `N`
+/// tokens' activations (`a`, Q8_K for Q4_K and Q8_0 otherwise) and returns
+/// token `k`'s product in `[k]`; the quantizers write whole blocks of `out`
+/// from as many values of `x`, bit for bit as candle's `from_float`.
+pub trait QDot: Copy + Send + Sync {
+    fn q4k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn q8_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn q4_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    /// Rows of 256 values to Q8_K: `d = max/-128` with `max` the first value
+    /// of largest magnitude, each value rounded half away from zero and
+    /// capped at 127, and the sums of each 16.
+    fn quantize_q8k(self, x: &[f32], out: &mut [u8]);
+
+    /// Rows of 32 values to Q8_0: `d = amax/127` (stored as f16), each value
+    /// times `1/d` rounded half away from zero.
+    fn quantize_q8_0(self, x: &[f32], out: &mut [u8]);
+}
 
 /// Adds the sixteen products of `a` and `b` to the lanes of `acc`.
 pub trait I8Dot: Copy + Send + Sync {
@@ -190,7 +215,8 @@ fn q4k<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -
         let mut acc = [vdupq_n_f32(0.0); N];
         for (b, wb) in w.chunks_exact(Q4K).take(blocks).enumerate() {
             let ab = a.map(|a| a.add(b * Q8K));
-            let sm = scales_mins(&wb[4..16]);
+            let (scales, mins) = scales_mins(&wb[4..16]);
+            let sm = scales.to_le_bytes();
             let q4 = wb[16..].as_ptr();
             let mut sumi = [vdupq_n_s32(0); N];
             for c in 0..4 {
@@ -207,7 +233,7 @@ fn q4k<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -
                 }
             }
 
-            let mins = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(sm[8..].as_ptr())));
+            let mins = vreinterpretq_s16_u16(vmovl_u8(vcreate_u8(mins)));
             let (dw, dmin) = (f16_at(wb.as_ptr()), f16_at(wb.as_ptr().add(2)));
             for k in 0..N {
                 let d8 = ab[k].cast::<f32>().read_unaligned();

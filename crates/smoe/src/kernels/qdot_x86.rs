@@ -1,55 +1,36 @@
-//! The integer dot kernels of [`QDot`] with AVX2, chosen at run time.
+//! Integer dot products of GGML weight blocks against 8-bit activation
+//! blocks with AVX2, chosen at run time.
 //!
 //! candle has AVX2 versions of these, but selects them with
 //! `cfg(target_feature)`, so the portable x86-64 build that users install
-//! runs its scalar loops. Each token keeps eight f32 partial sums across
-//! blocks, reduced once per row.
+//! runs its scalar loops. These are the formats smoe stores experts and
+//! backbones in by default: Q4_K and Q8_0, Q4_0, the fallback for rows that
+//! are not a multiple of 256 (small models' down projections), and Q6_K, the
+//! LM head of a 4-bit backbone.
+//!
+//! Each takes one weight row (four for Q4_K's `q4k_rows4`) and `N`
+//! activation rows (tokens) at once: a weight block is loaded and unpacked
+//! once and then applied to every token, which is what makes prefill fast,
+//! since unpacking nibbles and scales costs as much as the products
+//! themselves. `N = 1` is the matrix-vector product of decode. Each token
+//! keeps eight f32 partial sums across blocks, reduced once per row; the
+//! products inside a block are exact integers, so results differ from
+//! candle's scalar code only in the order of f32 additions. The activation
+//! quantizers here write exactly candle's bytes, only faster.
+//!
+//! The block layouts are described in `kernels::qdot`.
 
 use std::arch::x86_64::*;
 
-use super::qdot::{scales_mins, QDot, Q4K, Q4_0, Q8K, Q8_0};
+use super::qdot::scales_mins;
+use super::qdot::{Q4K, Q4_0, Q8K, Q8_0};
 
-/// The token for these kernels: the CPU has AVX2, FMA and F16C.
-#[derive(Clone, Copy)]
-pub struct Avx2(());
+/// Bytes per Q6_K block (only x86 has a Q6_K kernel so far).
+pub const Q6K: usize = 210;
 
-impl Avx2 {
-    pub fn detect() -> Option<Self> {
-        (super::simd::has_avx2() && is_x86_feature_detected!("f16c")).then_some(Avx2(()))
-    }
-}
-
-// SAFETY (every call): an `Avx2` exists only once `detect` found the
-// features that the kernels enable.
-impl QDot for Avx2 {
-    fn q4k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-        unsafe { q4k(w, a, blocks) }
-    }
-
-    fn q4k_rows4<const N: usize>(
-        self,
-        w: [&[u8]; 4],
-        a: [&[u8]; N],
-        blocks: usize,
-    ) -> [[f32; 4]; N] {
-        unsafe { q4k_rows4(w, a, blocks) }
-    }
-
-    fn q8_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-        unsafe { q8_0(w, a, blocks) }
-    }
-
-    fn q4_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-        unsafe { q4_0(w, a, blocks) }
-    }
-
-    fn quantize_q8k(self, x: &[f32], out: &mut [u8]) {
-        unsafe { quantize_q8k(x, out) }
-    }
-
-    fn quantize_q8_0(self, x: &[f32], out: &mut [u8]) {
-        unsafe { quantize_q8_0(x, out) }
-    }
+/// Whether these kernels can run here.
+pub fn available() -> bool {
+    super::simd::has_avx2() && is_x86_feature_detected!("f16c")
 }
 
 #[inline]
@@ -94,9 +75,9 @@ unsafe fn block32<const N: usize>(acc: &mut [__m256; N], x: __m256i, dw: f32, a:
 /// of each.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C ([`Avx2::detect`]).
+/// The CPU must have AVX2, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+pub unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
     assert!(w.len() >= blocks * Q8_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
     let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
     let mut acc = [_mm256_setzero_ps(); N];
@@ -113,7 +94,7 @@ unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; 
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
     assert!(w.len() >= blocks * Q4_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
     let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
     let low = _mm256_set1_epi8(0x0F);
@@ -137,15 +118,15 @@ unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; 
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
     assert!(w.len() >= blocks * Q4K && a.iter().all(|a| a.len() >= blocks * Q8K));
     let a = a.map(<[u8]>::as_ptr);
     let low = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); N];
     for (b, wb) in w.chunks_exact(Q4K).take(blocks).enumerate() {
         let ab = a.map(|a| a.add(b * Q8K));
-        let sm = scales_mins(&wb[4..16]);
-        let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr().cast()));
+        let (scales, mins) = scales_mins(&wb[4..16]);
+        let sm = _mm256_cvtepu8_epi16(_mm_set_epi64x(mins as i64, scales as i64));
         let mut scales = [0i16; 8];
         _mm_storeu_si128(scales.as_mut_ptr().cast(), _mm256_castsi256_si128(sm));
         let q4 = wb[16..].as_ptr();
@@ -204,7 +185,11 @@ unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_rows4<const N: usize>(w: [&[u8]; 4], a: [&[u8]; N], blocks: usize) -> [[f32; 4]; N] {
+pub unsafe fn q4k_rows4<const N: usize>(
+    w: [&[u8]; 4],
+    a: [&[u8]; N],
+    blocks: usize,
+) -> [[f32; 4]; N] {
     assert!(w.iter().all(|w| w.len() >= blocks * Q4K));
     assert!(a.iter().all(|a| a.len() >= blocks * Q8K));
     let (w, a) = (w.map(<[u8]>::as_ptr), a.map(<[u8]>::as_ptr));
@@ -220,19 +205,18 @@ unsafe fn q4k_rows4<const N: usize>(w: [&[u8]; 4], a: [&[u8]; N], blocks: usize)
     for b in 0..blocks {
         let wb = w.map(|w| w.add(b * Q4K));
         let ab = a.map(|a| a.add(b * Q8K));
-        let sm = wb.map(|p| scales_mins(std::slice::from_raw_parts(p.add(4), 12)));
-        let half =
-            |sm: &[u8; 16], i: usize| i64::from_le_bytes(sm[8 * i..8 * i + 8].try_into().unwrap());
+        // A loop rather than `map`: the closure `map` takes is not inlined
+        // into this function (2-3% of its time in calls).
+        let (mut sc, mut mn) = ([0i64; 4], [0i64; 4]);
+        for r in 0..4 {
+            let (s, m) = scales_mins(std::slice::from_raw_parts(wb[r].add(4), 12));
+            (sc[r], mn[r]) = (s as i64, m as i64);
+        }
         // Row r's eight scales in 64-bit lane r; its mins as i16, two rows
         // per vector, row r's in half r % 2.
-        let scales = _mm256_setr_epi64x(
-            half(&sm[0], 0),
-            half(&sm[1], 0),
-            half(&sm[2], 0),
-            half(&sm[3], 0),
-        );
-        let mins01 = _mm256_cvtepu8_epi16(_mm_set_epi64x(half(&sm[1], 1), half(&sm[0], 1)));
-        let mins23 = _mm256_cvtepu8_epi16(_mm_set_epi64x(half(&sm[3], 1), half(&sm[2], 1)));
+        let scales = _mm256_setr_epi64x(sc[0], sc[1], sc[2], sc[3]);
+        let mins01 = _mm256_cvtepu8_epi16(_mm_set_epi64x(mn[1], mn[0]));
+        let mins23 = _mm256_cvtepu8_epi16(_mm_set_epi64x(mn[3], mn[2]));
         // d and dmin of each row, as f32 pairs matching the accumulators'
         // layout: two lanes per row, row r in lanes 2r and 2r+1.
         let d_dmin = _mm256_cvtph_ps(_mm_setr_epi32(
@@ -318,7 +302,7 @@ unsafe fn q4k_rows4<const N: usize>(w: [&[u8]; 4], a: [&[u8]; N], blocks: usize)
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
+pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
     let blocks = out.len() / Q8K;
     assert!(x.len() == blocks * 256 && out.len() == blocks * Q8K);
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
@@ -392,7 +376,7 @@ unsafe fn quantize32(x: &[f32], scale: __m256, cap: f32) -> __m256i {
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     let blocks = out.len() / Q8_0;
     assert!(x.len() == blocks * 32 && out.len() == blocks * Q8_0);
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
@@ -408,4 +392,84 @@ unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
         let q = quantize32(xs, _mm256_set1_ps(id), 127.0);
         _mm256_storeu_si256(y[2..].as_mut_ptr().cast(), q);
     }
+}
+
+/// Q6_K weights against the Q8_K activations of `N` tokens.
+///
+/// A Q6_K block (210 bytes) holds 256 weights as 128 bytes of low nibbles,
+/// 64 bytes of high 2-bit pairs, sixteen i8 scales (one per 16 weights) and
+/// an f16 `d`; weight `i` is `d*scale_{i/16}*(q_i - 32)` with `q_i` in
+/// 0..64. Each 128-weight half takes 64 nibble bytes `ql` and 32 bytes `qh`:
+/// its four 32-weight runs are the low nibbles of `ql[0..32]`, of
+/// `ql[32..64]`, then their high nibbles, with bits 0-1, 2-3, 4-5 and 6-7 of
+/// `qh` as their top two bits. The unsigned `q_i` go into `maddubs` (at most
+/// 2*63*127, no overflow), and the offset comes off once per block as
+/// `32*sum_j scale_j*bsum_j` from the activations' sums of 16.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q6k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * Q6K && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
+    let low = _mm256_set1_epi8(0x0F);
+    let top = _mm256_set1_epi8(0x30);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (b, wb) in w.chunks_exact(Q6K).take(blocks).enumerate() {
+        let ab = a.map(|a| a.add(b * Q8K));
+        let (ql, qh) = (wb.as_ptr(), wb.as_ptr().add(128));
+        let scales = _mm_loadu_si128(wb.as_ptr().add(192).cast());
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for half in 0..2 {
+            let l0 = _mm256_loadu_si256(ql.add(64 * half).cast());
+            let l1 = _mm256_loadu_si256(ql.add(64 * half + 32).cast());
+            let h = _mm256_loadu_si256(qh.add(32 * half).cast());
+            // The 16-bit shifts move bits across bytes, but the 0x30 mask
+            // keeps only each byte's own pair.
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(l0, low),
+                    _mm256_and_si256(_mm256_slli_epi16(h, 4), top),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(l1, low),
+                    _mm256_and_si256(_mm256_slli_epi16(h, 2), top),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                    _mm256_and_si256(h, top),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                    _mm256_and_si256(_mm256_srli_epi16(h, 2), top),
+                ),
+            ];
+            // Run c covers scales 8*half + 2c (its first 16 weights, the
+            // low i16 lanes of a `maddubs`) and the next (the high lanes).
+            let s = [0, 1, 2, 3].map(|c| {
+                let j = (8 * half + 2 * c) as i64;
+                let pick =
+                    _mm_set_epi64x((j + 1) * 0x0101_0101_0101_0101, j * 0x0101_0101_0101_0101);
+                _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
+            });
+            for k in 0..N {
+                let q8 = ab[k].add(4 + 128 * half);
+                for c in 0..4 {
+                    let y = _mm256_loadu_si256(q8.add(32 * c).cast());
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], y), s[c]);
+                    sumi[k] = _mm256_add_epi32(sumi[k], p);
+                }
+            }
+        }
+        let scales = _mm256_cvtepi8_epi16(scales);
+        let d = f16_at(wb.as_ptr().add(208));
+        for k in 0..N {
+            let d8 = ab[k].cast::<f32>().read_unaligned();
+            let bsums = _mm256_loadu_si256(ab[k].add(260).cast());
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales, bsums), 5);
+            let s = _mm256_sub_epi32(sumi[k], offset);
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(s), acc[k]);
+        }
+    }
+    acc.map(|v| hsum(v))
 }

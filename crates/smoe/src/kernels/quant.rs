@@ -9,23 +9,24 @@
 //! Candle chooses its SIMD dot products at compile time, by
 //! `cfg(target_feature = "avx2")` (or neon/simd128), not at run time as
 //! `kernels::simd` does: a build for the baseline x86-64 target gets its
-//! portable scalar loops, 5-8x slower per core than its AVX2 ones. Its NEON
-//! ones do run on arm64, but one token at a time, without the dotprod
-//! extension, and with a scalar Q8_K quantizer. The formats smoe writes by
-//! default run our own run-time-dispatched dot products instead
-//! ([`QDot`]: `qdot_x86` with AVX2, `qdot_arm` with NEON, with or without
-//! dotprod). `cargo bench -p smoe --bench kernels` measures them.
+//! portable scalar loops, 5-8x slower per core than its AVX2 ones; the
+//! formats smoe writes by default run our own run-time-dispatched AVX2 or
+//! AVX-512 dot products instead (`qdot_x86`, `qdot_avx512`). `cargo bench -p
+//! smoe --bench kernels` measures them.
 
 use std::mem::{align_of, size_of};
 
+#[cfg(target_arch = "x86_64")]
+use candle_core::quantized::k_quants::BlockQ6K;
 use candle_core::quantized::k_quants::GgmlType;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8K, BlockQ8_0};
-use rayon::prelude::*;
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-use super::qdot::{by_row, QDot};
-use super::{rows_per_task, SharedOut};
+use super::qdot::by_row;
+use super::{for_each_task, rows_per_task, SharedOut};
+#[cfg(target_arch = "x86_64")]
+use super::{qdot_avx512, qdot_x86};
 use crate::quant::{as_blocks, with_block_type, Block, QuantType};
 
 /// Reusable storage for quantized activations: once it has grown to the
@@ -65,7 +66,8 @@ impl QuantScratch {
 /// matrix of `qt` blocks in `w` (`rows * qt.row_bytes(cols)` bytes, 2-byte
 /// aligned), `x` a row-major `[t, cols]` f32 matrix and `y` `[t, rows]`.
 ///
-/// Output rows are split across rayon's global pool; within a task each
+/// Output rows are split across rayon's global pool (or all run on the
+/// calling thread inside a pool task: `for_each_task`); within a task each
 /// weight row is dotted with every token before the next is loaded, so with
 /// several tokens a row is read from memory once, and each kernel call
 /// applies the row to `pass` tokens (at most [`MAX_PASS`]), unpacking each
@@ -110,41 +112,87 @@ pub fn matmul_quant(
     }
     // candle picks its SIMD dot products at compile time, so a portable
     // build runs them scalar; the formats smoe stores by default get run-time
-    // paths of our own, through the instruction set `$s` stands for.
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    macro_rules! simd {
-        ($s:expr) => {{
-            let k = Simd($s);
-            match qt {
-                QuantType::Q4K => {
-                    return matmul_typed::<BlockQ4K, _>(w, rows, cols, x, t, y, scratch, pass, k);
-                }
-                QuantType::Q8_0 => {
-                    return matmul_typed::<BlockQ8_0, _>(w, rows, cols, x, t, y, scratch, pass, k);
-                }
-                QuantType::Q4_0 => {
-                    return matmul_typed::<BlockQ4_0, _>(w, rows, cols, x, t, y, scratch, pass, k);
-                }
-                _ => {}
-            }
-        }};
-    }
+    // AVX2 and AVX-512 paths of our own.
     #[cfg(target_arch = "x86_64")]
-    if let Some(s) = super::qdot_x86::Avx2::detect() {
-        simd!(s)
+    {
+        macro_rules! run {
+            ($kernel:expr) => {
+                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, $kernel)
+            };
+        }
+        match (x86_kernels(), qt) {
+            (X86Kernels::Avx512, QuantType::Q4K) => run!(&Avx512Q4K),
+            (X86Kernels::Avx512, QuantType::Q8_0) => run!(&Avx512Q8_0),
+            (X86Kernels::Avx512, QuantType::Q4_0) => run!(&Avx512Q4_0),
+            (X86Kernels::Avx2, QuantType::Q4K) => run!(&Avx2Q4K),
+            (X86Kernels::Avx2, QuantType::Q8_0) => run!(&Avx2Q8_0),
+            (X86Kernels::Avx2, QuantType::Q4_0) => run!(&Avx2Q4_0),
+            // No AVX-512 Q6_K yet: AVX-512 CPUs run the AVX2 one.
+            (X86Kernels::Avx2 | X86Kernels::Avx512, QuantType::Q6K) => run!(&Avx2Q6K),
+            _ => {}
+        }
     }
     #[cfg(target_arch = "aarch64")]
-    match super::qdot_arm::dotprod() {
-        Some(s) => simd!(s),
-        None => simd!(super::qdot_arm::BASELINE),
+    {
+        use super::qdot_arm::{dotprod, BASELINE};
+        macro_rules! run {
+            ($s:expr) => {
+                match qt {
+                    QuantType::Q4K => {
+                        return matmul_typed::<BlockQ4K, _>(
+                            w,
+                            rows,
+                            cols,
+                            x,
+                            t,
+                            y,
+                            scratch,
+                            pass,
+                            &Neon($s),
+                        );
+                    }
+                    QuantType::Q8_0 => {
+                        return matmul_typed::<BlockQ8_0, _>(
+                            w,
+                            rows,
+                            cols,
+                            x,
+                            t,
+                            y,
+                            scratch,
+                            pass,
+                            &Neon($s),
+                        );
+                    }
+                    QuantType::Q4_0 => {
+                        return matmul_typed::<BlockQ4_0, _>(
+                            w,
+                            rows,
+                            cols,
+                            x,
+                            t,
+                            y,
+                            scratch,
+                            pass,
+                            &Neon($s),
+                        );
+                    }
+                    _ => {}
+                }
+            };
+        }
+        match dotprod() {
+            Some(s) => run!(s),
+            None => run!(BASELINE),
+        }
     }
-    with_block_type!(qt, B => matmul_typed::<B, _>(w, rows, cols, x, t, y, scratch, pass, Candle))
+    with_block_type!(qt, B => matmul_typed::<B, _>(w, rows, cols, x, t, y, scratch, pass, &Candle))
 }
 
-/// The most tokens a kernel call takes: four tokens' accumulators plus one
-/// unpacked weight block fill AVX2's sixteen registers. (NEON's 32 would
-/// hold more; a wider pass there is unmeasured.)
-pub const MAX_PASS: usize = 4;
+/// The most tokens a kernel call takes: eight tokens' accumulators plus one
+/// unpacked weight block fill AVX-512's 32 registers. Kernels with fewer
+/// registers take fewer ([`RowDot::PASS`]).
+pub const MAX_PASS: usize = 8;
 
 /// Dot products of `R` weight rows with `N` activation rows: `[k][r]` is row
 /// `r` dotted with token `k`. Generic rather than a fn pointer, so each
@@ -154,6 +202,10 @@ trait RowDot<B: Block>: Sync
 where
     B::VecDotType: Block,
 {
+    /// The most tokens `dot` takes at once: four tokens' accumulators plus
+    /// one unpacked weight block fill AVX2's sixteen registers.
+    const PASS: usize = 4;
+
     fn dot<const R: usize, const N: usize>(
         &self,
         w: [&[B]; R],
@@ -182,16 +234,151 @@ where
     }
 }
 
-/// The kernels of one [`QDot`] instruction set: one row at a time, with the
-/// tokens of a call sharing each unpacked block, or four rows at a time for
-/// Q4_K where there are several tokens ([`QDot::q4k_rows4`]).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-struct Simd<S>(S);
+/// Which of our x86 kernels this CPU runs: the best it has, unless the
+/// environment variable `SMOE_KERNELS=avx2` holds AVX-512 CPUs to the AVX2
+/// ones (to compare the two on one machine).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum X86Kernels {
+    Candle,
+    Avx2,
+    Avx512,
+}
 
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-macro_rules! simd_kernel {
+#[cfg(target_arch = "x86_64")]
+fn x86_kernels() -> X86Kernels {
+    static CHOICE: std::sync::OnceLock<X86Kernels> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let avx2_only = std::env::var_os("SMOE_KERNELS").is_some_and(|v| v == "avx2");
+        if qdot_avx512::available() && !avx2_only {
+            X86Kernels::Avx512
+        } else if qdot_x86::available() {
+            X86Kernels::Avx2
+        } else {
+            X86Kernels::Candle
+        }
+    })
+}
+
+/// `R` rows' products through a kernel of `G` rows, group by group; `None`
+/// where `G` does not divide `R`.
+#[cfg(target_arch = "x86_64")]
+fn in_groups<T: Copy, const R: usize, const N: usize, const G: usize>(
+    w: [T; R],
+    mut kernel: impl FnMut([T; G]) -> [[f32; G]; N],
+) -> Option<[[f32; R]; N]> {
+    if !R.is_multiple_of(G) {
+        return None;
+    }
+    let mut out = [[0.0; R]; N];
+    for (g, rows) in w.chunks_exact(G).enumerate() {
+        let v = kernel(rows.try_into().expect("chunks of G"));
+        for (o, v) in out.iter_mut().zip(v) {
+            o[g * G..][..G].copy_from_slice(&v);
+        }
+    }
+    Some(out)
+}
+
+/// A kernel type over our x86 kernels: `dot` evaluates `$dot` with the
+/// weight rows bound to `$w` and the activations' bytes to `$a`; activations
+/// are quantized by `$quantize`. Constructed only where the kernels' module
+/// says they are `available`, which makes the calls sound.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_kernel {
+    ($name:ident, $block:ty, $quantize:path, $pass:expr, |$w:ident, $a:ident| $dot:expr) => {
+        struct $name;
+        impl RowDot<$block> for $name {
+            const PASS: usize = $pass;
+
+            fn dot<const R: usize, const N: usize>(
+                &self,
+                $w: [&[$block]; R],
+                a: [&[<$block as GgmlType>::VecDotType]; N],
+            ) -> [[f32; R]; N] {
+                let $a = a.map(bytes_of);
+                // SAFETY: see the macro.
+                unsafe { $dot }
+            }
+
+            fn quantize(&self, x: &[f32], q: &mut [<$block as GgmlType>::VecDotType]) {
+                // SAFETY: as above.
+                unsafe { $quantize(x, bytes_of_mut(q)) }
+            }
+        }
+    };
+}
+
+// One row at a time, the tokens of a call sharing each unpacked block.
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q8_0, BlockQ8_0, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q8_0(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q4_0, BlockQ4_0, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q4_0(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q6K, BlockQ6K, qdot_x86::quantize_q8k, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q6k(bytes_of(w), a, w.len()))
+});
+// AVX-512 Q8_0 keeps four-token passes: with eight, a Sapphire Rapids core
+// ran its products 0.76-0.88x as fast (kernels bench, normalized by the
+// one-token rows), while Q4_0 and Q4_K gained 1.1-1.2x.
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx512Q8_0, BlockQ8_0, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_avx512::q8_0(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Q4_0,
+    BlockQ4_0,
+    qdot_x86::quantize_q8_0,
+    MAX_PASS,
+    |w, a| by_row(w, |w| qdot_avx512::q4_0(bytes_of(w), a, w.len()))
+);
+
+// Q4_K with AVX2: four rows at a time share each token's activation loads
+// and half the scale multiplies ([`qdot_x86::q4k_rows4`]) where there are
+// several tokens; otherwise one row at a time.
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q4K, BlockQ4K, qdot_x86::quantize_q8k, 4, |w, a| {
+    let blocks = w.first().map_or(0, |w| w.len());
+    let rows4 = |w: [&[BlockQ4K]; 4]| qdot_x86::q4k_rows4(w.map(bytes_of), a, blocks);
+    (N > 1)
+        .then(|| in_groups(w, rows4))
+        .flatten()
+        .unwrap_or_else(|| by_row(w, |w| qdot_x86::q4k(bytes_of(w), a, blocks)))
+});
+
+// Q4_K with AVX-512: eight rows at a time for any token count (unpacking
+// eight rows' headers together costs less per row than one row's alone),
+// then AVX2's four, then one row at a time.
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Q4K,
+    BlockQ4K,
+    qdot_x86::quantize_q8k,
+    MAX_PASS,
+    |w, a| {
+        let blocks = w.first().map_or(0, |w| w.len());
+        let rows8 = |w: [&[BlockQ4K]; 8]| qdot_avx512::q4k_rows8(w.map(bytes_of), a, blocks);
+        let rows4 = |w: [&[BlockQ4K]; 4]| qdot_x86::q4k_rows4(w.map(bytes_of), a, blocks);
+        in_groups(w, rows8)
+            .or_else(|| (N > 1).then(|| in_groups(w, rows4)).flatten())
+            .unwrap_or_else(|| by_row(w, |w| qdot_avx512::q4k(bytes_of(w), a, blocks)))
+    }
+);
+
+/// The NEON kernels of one flavour ([`QDot`](super::qdot_arm::QDot)), one
+/// row at a time with the tokens of a call sharing each unpacked block.
+#[cfg(target_arch = "aarch64")]
+struct Neon<S>(S);
+
+#[cfg(target_arch = "aarch64")]
+macro_rules! neon_kernel {
     ($block:ty, $f:ident, $quantize:ident) => {
-        impl<S: QDot> RowDot<$block> for Simd<S> {
+        impl<S: super::qdot_arm::QDot> RowDot<$block> for Neon<S> {
             fn dot<const R: usize, const N: usize>(
                 &self,
                 w: [&[$block]; R],
@@ -207,32 +394,12 @@ macro_rules! simd_kernel {
         }
     };
 }
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-simd_kernel!(BlockQ8_0, q8_0, quantize_q8_0);
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-simd_kernel!(BlockQ4_0, q4_0, quantize_q8_0);
-
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-impl<S: QDot> RowDot<BlockQ4K> for Simd<S> {
-    fn dot<const R: usize, const N: usize>(
-        &self,
-        w: [&[BlockQ4K]; R],
-        a: [&[BlockQ8K]; N],
-    ) -> [[f32; R]; N] {
-        let a = a.map(bytes_of);
-        let blocks = w.first().map_or(0, |w| w.len());
-        // A single token does not repay sharing its loads between rows.
-        if let (Ok(w4), true) = (<[&[BlockQ4K]; 4]>::try_from(&w[..]), N > 1) {
-            let v = self.0.q4k_rows4(w4.map(bytes_of), a, blocks);
-            return std::array::from_fn(|k| std::array::from_fn(|r| v[k][r]));
-        }
-        by_row(w, |w| self.0.q4k(bytes_of(w), a, blocks))
-    }
-
-    fn quantize(&self, x: &[f32], q: &mut [BlockQ8K]) {
-        self.0.quantize_q8k(x, bytes_of_mut(q))
-    }
-}
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ4K, q4k, quantize_q8k);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ8_0, q8_0, quantize_q8_0);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ4_0, q4_0, quantize_q8_0);
 
 #[allow(clippy::too_many_arguments)]
 fn matmul_typed<B: Block, K: RowDot<B>>(
@@ -244,7 +411,7 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
     y: &mut [f32],
     scratch: &mut QuantScratch,
     pass: usize,
-    kernel: K,
+    kernel: &K,
 ) where
     B::VecDotType: Block,
 {
@@ -255,18 +422,30 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
     let pass = pass.clamp(1, MAX_PASS);
 
     let xq = scratch.blocks::<B::VecDotType>(t * nb);
-    xq.par_chunks_mut(nb)
-        .zip(x.par_chunks(cols))
-        .with_min_len((16_384 / cols).max(1))
-        .for_each(|(q, x)| kernel.quantize(x, q));
+    let per_task = (16_384 / cols).max(1);
+    let xq_out = SharedOut(xq.as_mut_ptr());
+    for_each_task(t.div_ceil(per_task), |c| {
+        for tok in c * per_task..((c + 1) * per_task).min(t) {
+            // SAFETY: token `tok`'s blocks belong to this task only and lie
+            // within the `t * nb` blocks of `xq`.
+            let q = unsafe { xq_out.slice(tok * nb, nb) };
+            kernel.quantize(&x[tok * cols..][..cols], q);
+        }
+    });
     let xq = &*xq;
 
     let chunk = rows_per_task(rows, cols);
     let out = SharedOut(y.as_mut_ptr());
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    for_each_task(rows.div_ceil(chunk), |c| {
         let end = ((c + 1) * chunk).min(rows);
         let mut r = c * chunk;
         while r < end {
+            let step = [8, 4].into_iter().find(|&s| end - r >= s).unwrap_or(1);
+            // The next group's rows, while this one's passes run: a group is
+            // only a few KB, too short a stream for the hardware prefetcher
+            // to pick up before it ends.
+            let next = (r + step).min(end)..(r + 2 * step).min(end);
+            prefetch(bytes_of(&w[next.start * nb..next.end * nb]));
             let group = RowGroup {
                 w,
                 xq,
@@ -276,13 +455,12 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
                 pass,
                 out,
             };
-            if end - r >= 4 {
-                group.run::<4, _>(&kernel);
-                r += 4;
-            } else {
-                group.run::<1, _>(&kernel);
-                r += 1;
+            match step {
+                8 => group.run::<8, _>(kernel),
+                4 => group.run::<4, _>(kernel),
+                _ => group.run::<1, _>(kernel),
             }
+            r += step;
         }
     });
 }
@@ -295,7 +473,7 @@ struct RowGroup<'a, B: Block> {
     first: usize,
     rows: usize,
     pass: usize,
-    out: SharedOut,
+    out: SharedOut<f32>,
 }
 
 impl<B: Block> RowGroup<'_, B>
@@ -308,7 +486,7 @@ where
         let t = self.xq.len() / nb;
         let mut tk = 0;
         while tk < t {
-            let n = self.pass.min(t - tk);
+            let n = self.pass.min(K::PASS).min(t - tk);
             let put = |vals: &[[f32; R]]| {
                 for (k, v) in vals.iter().enumerate() {
                     for (i, &v) in v.iter().enumerate() {
@@ -319,15 +497,37 @@ where
                 }
             };
             let tok = |k: usize| &self.xq[(tk + k) * nb..][..nb];
-            match n {
-                1 => put(&kernel.dot(wr, [tok(0)])),
-                2 => put(&kernel.dot(wr, [tok(0), tok(1)])),
-                3 => put(&kernel.dot(wr, [tok(0), tok(1), tok(2)])),
-                _ => put(&kernel.dot(wr, [tok(0), tok(1), tok(2), tok(3)])),
+            macro_rules! tokens {
+                ($($n:literal)*) => {
+                    match n {
+                        $($n => put(&kernel.dot::<R, $n>(wr, std::array::from_fn(tok))),)*
+                        _ => unreachable!("passes hold 1..={MAX_PASS} tokens"),
+                    }
+                };
             }
+            tokens!(1 2 3 4 5 6 7 8);
             tk += n;
         }
     }
+}
+
+/// Asks for `bytes` to be brought into the L1 cache, without waiting.
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: SSE is part of x86-64; a prefetch never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
+/// The bytes of a block slice, for the raw-pointer kernels and prefetches.
+fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
+    // SAFETY: `Block` types are plain `repr(C)` data with no padding
+    // invariants; the byte view lives as long as the borrow.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), std::mem::size_of_val(blocks)) }
 }
 
 /// The bytes of a block slice, for the quantizers.
@@ -339,102 +539,105 @@ fn bytes_of_mut<B: Block>(blocks: &mut [B]) -> &mut [u8] {
     }
 }
 
-/// The bytes of a block slice, for the raw-pointer kernels.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
-    // SAFETY: `Block` types are plain `repr(C)` data with no padding
-    // invariants; the byte view lives as long as the borrow.
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), std::mem::size_of_val(blocks)) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Runs `$check` with every [`QDot`] kernel set this CPU can run: AVX2
-    /// on x86-64; on aarch64 the baseline NEON kernels and, where the CPU has
-    /// dotprod, the `sdot` ones.
+    /// Every output of a kernel type, called with every pass size up to
+    /// [`MAX_PASS`] tokens, against candle's portable `vec_dot_unopt` on the
+    /// same quantized blocks: random row, block and token counts, including
+    /// token counts that leave remainders of each pass size, row counts that
+    /// leave remainders of the eight- and four-row groups, and odd block
+    /// counts (the AVX-512 Q8_0/Q4_0 kernels take two blocks per step). Both
+    /// sum the same exact integers per block and differ only in the order of
+    /// the f32 sums across blocks, so they agree to f32 rounding: 1e-5 of the
+    /// products' scale `|x|*|w|`. A wrong nibble, scale, min or token would
+    /// be off by ~10%.
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    macro_rules! each_simd {
-        ($check:ident) => {{
-            #[cfg(target_arch = "x86_64")]
-            match crate::kernels::qdot_x86::Avx2::detect() {
-                Some(s) => $check(s),
-                None => eprintln!("no AVX2/FMA/F16C here: nothing to compare"),
+    fn check_kernel<B: Block, K: RowDot<B>>(qt: QuantType, kernel: &K, seed: u64)
+    where
+        B::VecDotType: Block,
+    {
+        use rand_chacha::rand_core::{RngCore, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut scratch = QuantScratch::default();
+        let mut upto = |n: u64| 1 + (rng.next_u64() % n) as usize;
+        for case in 0..12u64 {
+            let (nb, rows, t) = (upto(12), upto(21), upto(13));
+            let cols = nb * B::BLCK_SIZE;
+            let w = quantize(qt, &normal(rows * cols, 30 + case), cols);
+            let wb = as_blocks::<B>(w.bytes()).unwrap();
+            let mut wd = vec![0.0; rows * cols];
+            dequantize_rows(qt, w.bytes(), cols, &mut wd).unwrap();
+            // Activations of uneven magnitude, as hidden states are.
+            let x: Vec<f32> = normal(t * cols, 130 + case)
+                .iter()
+                .enumerate()
+                .map(|(j, v)| v * (1.0 + (j % 7) as f32))
+                .collect();
+            let mut xq = vec![B::VecDotType::zeros(); t * nb];
+            for (q, xr) in xq.chunks_mut(nb).zip(x.chunks(cols)) {
+                B::VecDotType::from_float(xr, q);
             }
-            #[cfg(target_arch = "aarch64")]
-            {
-                $check(crate::kernels::qdot_arm::BASELINE);
-                match crate::kernels::qdot_arm::dotprod() {
-                    Some(s) => $check(s),
-                    None => eprintln!("no dotprod here: only the baseline NEON kernels ran"),
+            let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            for pass in 1..=MAX_PASS {
+                let mut y = vec![f32::NAN; t * rows];
+                let s = &mut scratch;
+                matmul_typed(w.bytes(), rows, cols, &x, t, &mut y, s, pass, kernel);
+                for (i, &got) in y.iter().enumerate() {
+                    let (tk, r) = (i / rows, i % rows);
+                    let xr = &xq[tk * nb..(tk + 1) * nb];
+                    let want = B::vec_dot_unopt(cols, &wb[r * nb..(r + 1) * nb], xr);
+                    let scale = norm(&x[tk * cols..][..cols]) * norm(&wd[r * cols..][..cols]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale,
+                        "{} [{rows}, {cols}] t={t} pass={pass} y[{tk}, {r}]: {got} vs {want}",
+                        qt.name()
+                    );
                 }
             }
-        }};
+        }
     }
 
-    /// Every output of the SIMD kernels, called with one to four tokens at
-    /// once, against candle's portable `vec_dot_unopt` on the same quantized
-    /// blocks: random row, block and token counts, including token counts
-    /// that leave each remainder of a four-token pass and block counts that
-    /// do not fill the accumulators evenly. Both sum the same exact integers
-    /// per block and differ only in the order of the f32 sums across blocks,
-    /// so they agree to f32 rounding: 1e-5 of the products' scale
-    /// `|x|*|w|`. A wrong nibble, scale, min or token would be off by ~10%.
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn simd_kernels_match_candle_scalar() {
-        use rand_chacha::rand_core::{RngCore, SeedableRng};
-        fn check<B: Block, S: QDot>(s: S, qt: QuantType, rng: &mut rand_chacha::ChaCha8Rng)
-        where
-            B::VecDotType: Block,
-            Simd<S>: RowDot<B>,
-        {
-            let mut scratch = QuantScratch::default();
-            let mut upto = |n: u64| 1 + (rng.next_u64() % n) as usize;
-            for case in 0..12u64 {
-                let (nb, rows, t) = (upto(12), upto(13), upto(13));
-                let cols = nb * B::BLCK_SIZE;
-                let w = quantize(qt, &normal(rows * cols, 30 + case), cols);
-                let wb = as_blocks::<B>(w.bytes()).unwrap();
-                let mut wd = vec![0.0; rows * cols];
-                dequantize_rows(qt, w.bytes(), cols, &mut wd).unwrap();
-                // Activations of uneven magnitude, as hidden states are.
-                let x: Vec<f32> = normal(t * cols, 130 + case)
-                    .iter()
-                    .enumerate()
-                    .map(|(j, v)| v * (1.0 + (j % 7) as f32))
-                    .collect();
-                let mut xq = vec![B::VecDotType::zeros(); t * nb];
-                for (q, xr) in xq.chunks_mut(nb).zip(x.chunks(cols)) {
-                    B::VecDotType::from_float(xr, q);
-                }
-                let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
-                for pass in 1..=MAX_PASS {
-                    let mut y = vec![f32::NAN; t * rows];
-                    let (w, sc) = (w.bytes(), &mut scratch);
-                    matmul_typed::<B, _>(w, rows, cols, &x, t, &mut y, sc, pass, Simd(s));
-                    for (i, &got) in y.iter().enumerate() {
-                        let (tk, r) = (i / rows, i % rows);
-                        let xr = &xq[tk * nb..(tk + 1) * nb];
-                        let want = B::vec_dot_unopt(cols, &wb[r * nb..(r + 1) * nb], xr);
-                        let scale = norm(&x[tk * cols..][..cols]) * norm(&wd[r * cols..][..cols]);
-                        assert!(
-                            (got - want).abs() <= 1e-5 * scale,
-                            "{} [{rows}, {cols}] t={t} pass={pass} y[{tk}, {r}]: {got} vs {want}",
-                            qt.name()
-                        );
-                    }
-                }
-            }
+    fn avx2_kernels_match_candle_scalar() {
+        if !qdot_x86::available() {
+            eprintln!("no AVX2/FMA/F16C here: nothing to compare");
+            return;
         }
-        fn check_all<S: QDot>(s: S) {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
-            check::<BlockQ4K, S>(s, QuantType::Q4K, &mut rng);
-            check::<BlockQ8_0, S>(s, QuantType::Q8_0, &mut rng);
-            check::<BlockQ4_0, S>(s, QuantType::Q4_0, &mut rng);
+        check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Avx2Q4K, 17);
+        check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Avx2Q8_0, 18);
+        check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Avx2Q4_0, 19);
+        check_kernel::<BlockQ6K, _>(QuantType::Q6K, &Avx2Q6K, 20);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_kernels_match_candle_scalar() {
+        if !qdot_avx512::available() {
+            eprintln!("no AVX-512 F/BW/VL/VNNI here: nothing to compare");
+            return;
         }
-        each_simd!(check_all);
+        check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Avx512Q4K, 17);
+        check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Avx512Q8_0, 18);
+        check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Avx512Q4_0, 19);
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_kernels_match_candle_scalar() {
+        use super::super::qdot_arm::{dotprod, BASELINE};
+        check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Neon(BASELINE), 17);
+        check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Neon(BASELINE), 18);
+        check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Neon(BASELINE), 19);
+        let Some(s) = dotprod() else {
+            eprintln!("no dotprod here: only the baseline NEON kernels ran");
+            return;
+        };
+        check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Neon(s), 17);
+        check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Neon(s), 18);
+        check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Neon(s), 19);
     }
 
     /// The SIMD quantizers write the bytes candle's do: blocks of uneven
@@ -444,6 +647,7 @@ mod tests {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[test]
     fn simd_quantizers_match_candle() {
+        use candle_core::quantized::k_quants::BlockQ8K;
         /// `full`: the largest magnitude that makes the scale exactly 1.
         fn check<B: Block>(quantize: impl Fn(&[f32], &mut [u8]), full: f32) {
             let (n, blocks) = (B::BLCK_SIZE, 8);
@@ -469,11 +673,26 @@ mod tests {
                 assert_eq!(bytes_of(std::slice::from_ref(w)), g, "block {b}");
             }
         }
-        fn check_all<S: QDot>(s: S) {
-            check::<BlockQ8K>(|x, out| s.quantize_q8k(x, out), 128.0);
-            check::<BlockQ8_0>(|x, out| s.quantize_q8_0(x, out), 127.0);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !qdot_x86::available() {
+                eprintln!("no AVX2/FMA/F16C here: nothing to compare");
+                return;
+            }
+            // SAFETY (both): AVX2, FMA and F16C are available.
+            check::<BlockQ8K>(|x, o| unsafe { qdot_x86::quantize_q8k(x, o) }, 128.0);
+            check::<BlockQ8_0>(|x, o| unsafe { qdot_x86::quantize_q8_0(x, o) }, 127.0);
         }
-        each_simd!(check_all);
+        #[cfg(target_arch = "aarch64")]
+        {
+            use super::super::qdot_arm::{dotprod, QDot, BASELINE};
+            check::<BlockQ8K>(|x, o| BASELINE.quantize_q8k(x, o), 128.0);
+            check::<BlockQ8_0>(|x, o| BASELINE.quantize_q8_0(x, o), 127.0);
+            if let Some(s) = dotprod() {
+                check::<BlockQ8K>(|x, o| s.quantize_q8k(x, o), 128.0);
+                check::<BlockQ8_0>(|x, o| s.quantize_q8_0(x, o), 127.0);
+            }
+        }
     }
 
     use crate::quant::dequantize_rows;

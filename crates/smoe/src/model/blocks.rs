@@ -15,7 +15,7 @@ use crate::checkpoint::{TensorSource, Weight};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::ExpertCache;
-use crate::kernels::{self, matmul, AttnShape, Matrix, Rope};
+use crate::kernels::{self, matmul, AttnShape, Matrix, Rope, SharedOut};
 
 use super::KvCache;
 
@@ -70,6 +70,11 @@ struct MlaScratch {
     /// One head's latent outputs `[t][kv_lora_rank]` and its values.
     latent: Vec<f32>,
     values: Vec<f32>,
+}
+
+thread_local! {
+    /// Each pool thread's buffers for the routed experts it runs.
+    static EXPERT_SCRATCH: std::cell::RefCell<FfnScratch> = std::cell::RefCell::default();
 }
 
 /// Resizes a buffer to exactly `n` elements; within capacity this is free.
@@ -584,57 +589,73 @@ impl Moe {
             m.fill[e as usize] += 1;
         }
 
-        y.fill(0.0);
+        // Every (token, slot) row in expert order, so that each expert's
+        // tokens are one contiguous block of `xs` and of its outputs `ys`.
         let k = self.routing.top_k;
-        // Each used expert once, over all of its tokens, in ascending order
-        // (the order transformers sums them in).
-        let mut run =
-            |e: usize, mats: [Matrix<'_>; 3], s_ffn: &mut FfnScratch, m: &mut MoeScratch| {
-                let slots = &m.order[m.start[e]..m.start[e + 1]];
-                let n = slots.len();
-                let xg = sized(&mut m.xg, n * hidden);
-                for (row, &slot) in xg.chunks_exact_mut(hidden).zip(slots) {
-                    let tok = slot / k;
-                    row.copy_from_slice(&x[tok * hidden..][..hidden]);
-                }
-                let yg = sized(&mut m.yg, n * hidden);
-                swiglu(mats, xg, n, yg, s_ffn);
-                for (row, &slot) in yg.chunks_exact(hidden).zip(slots) {
-                    let (tok, w) = (slot / k, m.chosen[slot].1);
-                    kernels::axpy(w, row, &mut y[tok * hidden..][..hidden]);
-                }
-            };
+        let xs = sized(&mut m.xg, m.order.len() * hidden);
+        for (row, &slot) in xs.chunks_exact_mut(hidden).zip(&m.order) {
+            row.copy_from_slice(&x[slot / k * hidden..][..hidden]);
+        }
+        let ys = sized(&mut m.yg, m.order.len() * hidden);
         let mut used = std::mem::take(&mut m.used);
         used.clear();
         used.extend((0..n_exp as u32).filter(|&e| m.start[e as usize + 1] > m.start[e as usize]));
-        match &self.experts {
-            Experts::Resident(experts) => {
-                for &e in &used {
-                    let f = &experts[e as usize];
-                    run(
-                        e as usize,
-                        [f.gate.matrix(), f.up.matrix(), f.down.matrix()],
-                        &mut s.ffn,
-                        m,
-                    );
+        {
+            let (xs, start) = (&*xs, &m.start);
+            let out = SharedOut(ys.as_mut_ptr());
+            // The experts of a layer are independent products, one task
+            // each when there are enough of them to keep every thread busy:
+            // with one token (decode) each is too small to split well by
+            // rows, and one synchronization per layer replaces three per
+            // expert. Their matmuls then run on the task's own thread
+            // (`kernels::for_each_task`), with that thread's buffers. Few
+            // experts (Mixtral's two, on many cores) split by rows instead.
+            let by_expert = used.len() >= 2 * rayon::current_num_threads();
+            let each = |n: usize, f: &(dyn Fn(usize) + Sync)| {
+                if by_expert {
+                    (0..n).into_par_iter().for_each(f)
+                } else {
+                    (0..n).for_each(f)
+                }
+            };
+            let run = |e: u32, mats: [Matrix<'_>; 3]| {
+                let (a, b) = (start[e as usize], start[e as usize + 1]);
+                // SAFETY: expert e's rows a..b of `ys` are written by this
+                // task only, and lie inside `ys` (b <= order.len()).
+                let yg = unsafe { out.slice(a * hidden, (b - a) * hidden) };
+                EXPERT_SCRATCH
+                    .with_borrow_mut(|s| swiglu(mats, &xs[a * hidden..b * hidden], b - a, yg, s));
+            };
+            match &self.experts {
+                Experts::Resident(experts) => each(used.len(), &|i| {
+                    let f = &experts[used[i] as usize];
+                    run(used[i], [f.gate.matrix(), f.up.matrix(), f.down.matrix()]);
+                }),
+                Experts::Streamed { cache, layer } => {
+                    // A prefill chunk may route to more experts than the
+                    // cache holds: take them in groups that fit, all reads
+                    // of a group in flight together.
+                    let mut next = next;
+                    for group in used.chunks(cache.capacity()) {
+                        let mut pinned = cache.request(*layer, group)?;
+                        if let Some(n) = next.take() {
+                            cache.prefetch(n.layer, n.experts);
+                        }
+                        pinned.wait()?;
+                        each(pinned.len(), &|i| {
+                            let (e, mats) = pinned.get(i);
+                            run(e, mats);
+                        });
+                    }
                 }
             }
-            Experts::Streamed { cache, layer } => {
-                // A prefill chunk may route to more experts than the cache
-                // holds: take them in groups that fit, all reads of a group
-                // in flight together.
-                let mut next = next;
-                for group in used.chunks(cache.capacity()) {
-                    let mut pinned = cache.request(*layer, group)?;
-                    if let Some(n) = next.take() {
-                        cache.prefetch(n.layer, n.experts);
-                    }
-                    pinned.wait()?;
-                    for (e, mats) in pinned.experts() {
-                        run(e as usize, mats, &mut s.ffn, m);
-                    }
-                }
-            }
+        }
+        // Each token's experts summed in ascending expert order, the order
+        // transformers sums them in.
+        y.fill(0.0);
+        for (row, &slot) in ys.chunks_exact(hidden).zip(&m.order) {
+            let (tok, w) = (slot / k, m.chosen[slot].1);
+            kernels::axpy(w, row, &mut y[tok * hidden..][..hidden]);
         }
         m.used = used;
         if let Some(shared) = &self.shared {

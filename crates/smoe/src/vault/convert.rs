@@ -17,6 +17,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::recipe::Role;
 use super::{
     align_up, header_page, ExpertLayer, Manifest, PartEntry, QuantChoice, TensorEntry, ALIGN,
     BACKBONE_FILE, EXPERTS_FILE, FORMAT, MANIFEST, VERSION,
@@ -34,7 +35,8 @@ pub const PARTS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 pub struct ConvertOptions {
     /// Type of routed-expert weights: a quantized type or bf16.
     pub experts: DType,
-    /// Type of 2-D backbone weights: bf16 or a quantized type.
+    /// Type of the backbone's 2-D weights: bf16 or a quantized type, with
+    /// the exceptions of [`super::recipe`].
     pub backbone: DType,
     /// Allow 2- and 3-bit types, which ruin fine-grained MoE models.
     pub allow_lossy: bool,
@@ -388,14 +390,10 @@ fn write_backbone(
         .map_err(|e| Error::io(&path, e))?;
     let mut offset = ALIGN;
     let mut entries = BTreeMap::new();
+    let tied = !names.iter().any(|n| n == "lm_head.weight");
     for name in names {
         let w = ckpt.tensor_any(name)?;
-        // Norms and biases are tiny and read every token: keep them exact.
-        let target = if w.shape.len() == 1 {
-            DType::F32
-        } else {
-            opts.backbone
-        };
+        let target = Role::of(name, &w.shape, tied).target(opts.backbone);
         let (bytes, dtype, err) = encode(&w, target)?;
         errors.add(&format!("backbone.{}", tensor_class(name)), err);
         f.write_all(&bytes).map_err(|e| Error::io(&path, e))?;

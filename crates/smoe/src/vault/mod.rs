@@ -18,6 +18,7 @@
 //! refused instead of producing quietly wrong text.
 
 pub mod convert;
+pub mod recipe;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -63,21 +64,46 @@ impl Manifest {
     /// What the weights are stored as, which [`QuantChoice`] alone would
     /// misstate wherever rows fell back to another type, e.g. "experts q4_0
     /// (asked q4_k: rows of 64 and 128 weights are not whole q4_k blocks),
-    /// backbone bf16". Norms and biases, always f32, are left out.
+    /// backbone bf16", or where [`recipe`] stores a role apart: "backbone
+    /// q4_k + lm_head q6_k + v_proj q6_k + routers bf16". A role is named
+    /// when its tensors are not all of the asked type, so vaults written
+    /// before the recipe, with routers as the rest, are described as they
+    /// are. Norms and biases, always f32, are left out.
     pub fn stored_quant(&self) -> String {
         let experts = self
             .experts
             .iter()
             .flat_map(|l| l.parts.iter().map(|p| (p.dtype.as_str(), p.shape[1])));
-        let backbone = self
-            .backbone
-            .values()
-            .filter(|t| t.shape.len() == 2)
-            .map(|t| (t.dtype.as_str(), t.shape[1]));
+        let asked = self.quant.backbone.as_str();
+        let tied = !self.backbone.contains_key("lm_head.weight");
+        let mut by_role: BTreeMap<Option<&str>, Vec<(&str, usize)>> = BTreeMap::new();
+        for (name, t) in self.backbone.iter().filter(|(_, t)| t.shape.len() == 2) {
+            let label = recipe::Role::of(name, &t.shape, tied).label();
+            by_role
+                .entry(label)
+                .or_default()
+                .push((t.dtype.as_str(), t.shape[1]));
+        }
+        let rest = by_role.remove(&None).unwrap_or_default();
+        let mut backbone = stored_as(asked, rest.into_iter());
+        for role in [
+            recipe::Role::LmHead,
+            recipe::Role::ValueProj,
+            recipe::Role::Router,
+        ] {
+            let Some((label, tensors)) = role.label().zip(by_role.get(&role.label())) else {
+                continue;
+            };
+            if tensors.iter().all(|(dtype, _)| *dtype == asked) {
+                continue;
+            }
+            let target = DType::parse(asked).map_or(asked, |a| role.target(a).name());
+            let stored = stored_as(target, tensors.iter().copied());
+            backbone = format!("{backbone} + {label} {stored}");
+        }
         format!(
-            "experts {}, backbone {}",
+            "experts {}, backbone {backbone}",
             stored_as(&self.quant.experts, experts),
-            stored_as(&self.quant.backbone, backbone)
         )
     }
 }
@@ -434,7 +460,85 @@ impl TensorSource for Backbone {
 
 #[cfg(test)]
 mod tests {
-    use super::stored_as;
+    use super::*;
+
+    /// A manifest of one layer's backbone, each 2-D tensor stored as the
+    /// given type, and no experts.
+    fn manifest(backbone: &str, tensors: &[(&str, &str, usize)]) -> Manifest {
+        let entry = |dtype: &str, shape: Vec<usize>| TensorEntry {
+            dtype: dtype.into(),
+            shape,
+            offset: 0,
+            len: 0,
+            crc32: 0,
+        };
+        let mut map: BTreeMap<String, TensorEntry> = tensors
+            .iter()
+            .map(|&(name, dtype, cols)| (name.to_string(), entry(dtype, vec![8, cols])))
+            .collect();
+        map.insert("model.norm.weight".into(), entry("f32", vec![8]));
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            conversion_id: String::new(),
+            architecture: "qwen3_moe".into(),
+            config: serde_json::Value::Null,
+            quant: QuantChoice {
+                experts: "q4_k".into(),
+                backbone: backbone.into(),
+            },
+            backbone: map,
+            experts: Vec::new(),
+            quant_error: BTreeMap::new(),
+        }
+    }
+
+    /// The recipe's roles are named with their types; a vault written
+    /// before it, all of one type, reads as that type alone.
+    #[test]
+    fn stored_quant_names_the_roles_stored_apart() {
+        let (q, k, v, g, head) = (
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight",
+            "model.layers.0.mlp.gate.weight",
+            "lm_head.weight",
+        );
+        let recipe = manifest(
+            "q4_k",
+            &[
+                (q, "q4_k", 2048),
+                (k, "q4_k", 2048),
+                (v, "q6_k", 2048),
+                (g, "bf16", 2048),
+                (head, "q6_k", 2048),
+            ],
+        );
+        assert_eq!(
+            recipe.stored_quant(),
+            "experts q4_k, backbone q4_k + lm_head q6_k + v_proj q6_k + routers bf16"
+        );
+        let old: Vec<_> = [q, k, v, g, head].map(|n| (n, "q4_k", 2048)).into();
+        assert_eq!(
+            manifest("q4_k", &old).stored_quant(),
+            "experts q4_k, backbone q4_k"
+        );
+        let q8 = manifest("q8_0", &[(q, "q8_0", 2048), (g, "bf16", 2048)]);
+        assert_eq!(
+            q8.stored_quant(),
+            "experts q4_k, backbone q8_0 + routers bf16"
+        );
+        // Tied embeddings are the LM head; narrow rows fall back and say so.
+        let tied = manifest(
+            "q4_k",
+            &[(q, "q4_0", 128), ("model.embed_tokens.weight", "q8_0", 128)],
+        );
+        assert_eq!(
+            tied.stored_quant(),
+            "experts q4_k, backbone q4_0 (asked q4_k: rows of 128 weights are not whole \
+             q4_k blocks) + lm_head q8_0 (asked q6_k: rows of 128 weights are not whole q6_k blocks)"
+        );
+    }
 
     #[test]
     fn stored_types_say_what_fell_back_and_why() {
