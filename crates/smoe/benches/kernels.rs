@@ -5,8 +5,14 @@
 //! and each quantized format also through the token-by-token path, to show
 //! what the multi-token kernels gain.
 //!
+//! Attention is timed at Qwen3-30B-A3B's shape (32 query heads, 4 KV heads
+//! of 128): prefill of 512 and 2048 tokens from position 0, and one decode
+//! token after as many, reported as time per call and GFLOP/s of the visible
+//! (unmasked) scores and weighted values.
+//!
 //! `cargo bench -p smoe --bench kernels` (add `-- --threads N` to pin the
-//! pool; default: rayon's, one per logical CPU).
+//! pool; default: rayon's, one per logical CPU; `-- matmul` or
+//! `-- attention` runs only that group).
 //!
 //! "cold" cycles through copies of the matrix filling 512 MiB, so every call
 //! streams its weights from DRAM as a routed expert's first use does; "hot"
@@ -16,7 +22,7 @@
 
 use std::time::Instant;
 
-use smoe::kernels::{matmul, matmul_token_by_token, DType, Matrix};
+use smoe::kernels::{attention, matmul, matmul_token_by_token, AttnShape, DType, Matrix};
 use smoe::quant::{quantize_rows, QuantType};
 
 /// Tokens per product: decode, prefill chunks' shares of one expert, and a
@@ -98,6 +104,18 @@ fn main() {
             .build_global()
             .expect("thread pool");
     }
+    let only = |group: &str| {
+        !args.iter().any(|a| a == "matmul" || a == "attention") || args.iter().any(|a| a == group)
+    };
+    if only("matmul") {
+        bench_matmul();
+    }
+    if only("attention") {
+        bench_attention();
+    }
+}
+
+fn bench_matmul() {
     println!(
         "{} threads; GB/s = weight bytes / time, median of {ROUNDS}; \
          \"1-tok\" rows: quantized weights dotted with one token per kernel call",
@@ -179,6 +197,49 @@ fn main() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Qwen3-30B-A3B's attention: query heads, KV heads, head size.
+const ATTN: (usize, usize, usize) = (32, 4, 128);
+
+fn bench_attention() {
+    let (nh, nkv, hd) = ATTN;
+    println!("\nattention {nh} heads, {nkv} KV heads of {hd}; median of {ROUNDS} calls");
+    println!(
+        "{:<8} {:>8} {:>8} {:>10} {:>8}",
+        "phase", "keys", "tokens", "ms", "GFLOP/s"
+    );
+    for ctx in [512, 2048] {
+        for (phase, pos0, t) in [("prefill", 0, ctx), ("decode", ctx, 1)] {
+            let total = pos0 + t;
+            let q = values(t * nh * hd, 3);
+            let keys = values(total * nkv * hd, 4);
+            let vals = values(total * nkv * hd, 5);
+            let mut out = vec![0.0f32; t * nh * hd];
+            let s = AttnShape::grouped(nh, nkv, hd, pos0, None);
+            let times: Vec<f64> = (0..ROUNDS + 1)
+                .map(|_| {
+                    let start = Instant::now();
+                    attention(&q, &keys, &vals, s, &mut out);
+                    start.elapsed().as_secs_f64()
+                })
+                .skip(1)
+                .collect();
+            let secs = median(times);
+            // Each visible (query, key) pair costs a dot product and an
+            // axpy of `hd` elements per head: 4 * hd flops.
+            let visible: usize = (pos0 + 1..=total).sum();
+            let flops = 4.0 * (hd * nh * visible) as f64;
+            println!(
+                "{:<8} {:>8} {:>8} {:>10.3} {:>8.1}",
+                phase,
+                total,
+                t,
+                secs * 1e3,
+                flops / secs / 1e9
+            );
         }
     }
 }
