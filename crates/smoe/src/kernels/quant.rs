@@ -441,11 +441,6 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
         let mut r = c * chunk;
         while r < end {
             let step = [8, 4].into_iter().find(|&s| end - r >= s).unwrap_or(1);
-            // The next group's rows, while this one's passes run: a group is
-            // only a few KB, too short a stream for the hardware prefetcher
-            // to pick up before it ends.
-            let next = (r + step).min(end)..(r + 2 * step).min(end);
-            prefetch(bytes_of(&w[next.start * nb..next.end * nb]));
             let group = RowGroup {
                 w,
                 xq,
@@ -511,19 +506,8 @@ where
     }
 }
 
-/// Asks for `bytes` to be brought into the L1 cache, without waiting.
-fn prefetch(bytes: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: SSE is part of x86-64; a prefetch never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
-}
-
-/// The bytes of a block slice, for the raw-pointer kernels and prefetches.
+/// The bytes of a block slice, for the raw-pointer kernels.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
     // SAFETY: `Block` types are plain `repr(C)` data with no padding
     // invariants; the byte view lives as long as the borrow.
