@@ -563,20 +563,15 @@ impl Pinned<'_> {
     }
 
     /// How many experts are pinned.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.slots.len()
-    }
-
-    /// Whether the request pinned no expert.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 
     /// The `i`-th expert asked for: (expert id, [gate, up, down]).
     ///
     /// # Panics
     /// If `i >= self.len()`.
-    pub fn get(&self, i: usize) -> (u32, [Matrix<'_>; 3]) {
+    pub(crate) fn get(&self, i: usize) -> (u32, [Matrix<'_>; 3]) {
         let inner = &self.cache.inner;
         let lay = &inner.layers[&self.layer];
         let (e, slot) = self.slots[i];

@@ -249,7 +249,20 @@ enum X86Kernels {
 fn x86_kernels() -> X86Kernels {
     static CHOICE: std::sync::OnceLock<X86Kernels> = std::sync::OnceLock::new();
     *CHOICE.get_or_init(|| {
-        let avx2_only = std::env::var_os("SMOE_KERNELS").is_some_and(|v| v == "avx2");
+        let avx2_only = match std::env::var_os("SMOE_KERNELS") {
+            None => false,
+            Some(v) if v == "avx2" => true,
+            Some(v) => {
+                // Read once, deep in the kernels, where no error can be
+                // returned: say it rather than ignore it silently.
+                eprintln!(
+                    "warning: SMOE_KERNELS={} is not a kernel choice (only avx2 is); \
+                     using the best kernels this CPU has",
+                    v.to_string_lossy()
+                );
+                false
+            }
+        };
         if qdot_avx512::available() && !avx2_only {
             X86Kernels::Avx512
         } else if qdot_x86::available() {
