@@ -84,7 +84,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         "prompt_tokens": med(&|r| r.prefill_tokens as f64) as u64,
         "gen_tokens": med(&|r| r.decode_tokens as f64) as u64,
         "repeat": a.repeat,
-        "threads": rayon::current_num_threads(),
+        "threads": smoe::kernels::threads(),
         "prefill_tok_s": med(&|r| r.prefill_tok_s),
         "decode_tok_s": med(&|r| r.decode_tok_s),
         "ttft_s": med(&|r| r.ttft_s),

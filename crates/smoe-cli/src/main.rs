@@ -316,6 +316,11 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
     if SIZED.set(()).is_err() {
         return Ok(());
     }
+    let running = smoe::kernels::set_threads(n);
+    if running != n {
+        bail!("the kernel threads were started ({running}) before --threads could size them");
+    }
+    // The converter's quantization loops run on rayon's pool.
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()

@@ -10,8 +10,8 @@
 //! token after as many, reported as time per call and GFLOP/s of the visible
 //! (unmasked) scores and weighted values.
 //!
-//! `cargo bench -p smoe --bench kernels` (add `-- --threads N` to pin the
-//! pool; default: rayon's, one per logical CPU; `-- matmul` or
+//! `cargo bench -p smoe --bench kernels` (add `-- --threads N` to size the
+//! pool; default: one thread per logical CPU; `-- matmul` or
 //! `-- attention` runs only that group).
 //!
 //! "cold" cycles through copies of the matrix filling 512 MiB, so every call
@@ -99,10 +99,7 @@ fn main() {
             .get(i + 1)
             .and_then(|v| v.parse().ok())
             .expect("--threads N");
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .expect("thread pool");
+        smoe::kernels::set_threads(n);
     }
     let only = |group: &str| {
         !args.iter().any(|a| a == "matmul" || a == "attention") || args.iter().any(|a| a == group)
@@ -119,7 +116,7 @@ fn bench_matmul() {
     println!(
         "{} threads; GB/s = weight bytes / time, median of {ROUNDS}; \
          \"1-tok\" rows: quantized weights dotted with one token per kernel call",
-        rayon::current_num_threads()
+        smoe::kernels::threads()
     );
     println!(
         "{:<6} {:>6} {:>12} {:>6} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",

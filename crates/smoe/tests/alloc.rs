@@ -113,7 +113,7 @@ fn warm_decode_steps_allocate_nothing() {
     // with the context (doubling, so at most once or twice in this window),
     // and each expert read carries its completion callback. One allocation
     // per step would show as 24 or more.
-    let threads = rayon::current_num_threads();
+    let threads = smoe::kernels::threads();
     println!(
         "24 decode steps: {resident} allocations resident; {streamed} streamed, with {reads} reads"
     );

@@ -37,9 +37,7 @@
 
 use std::{cell::RefCell, ops::Range};
 
-use rayon::prelude::*;
-
-use super::{with_scratch, SharedOut};
+use super::{for_each_task, with_scratch, SharedOut};
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -151,7 +149,7 @@ impl Plan {
     /// thread; a bound independent of the context, so that the buffer of
     /// partial results is sized once.
     fn max_splits(tasks: usize) -> usize {
-        (2 * rayon::current_num_threads()).div_ceil(tasks)
+        (2 * super::threads()).div_ceil(tasks)
     }
 
     fn tasks(&self, s: &AttnShape) -> usize {
@@ -196,7 +194,7 @@ fn run<K: Kernels>(k: K, q: &[f32], keys: &[f32], values: &[f32], s: AttnShape, 
     let kv = (keys, values);
     if plan.splits == 1 {
         let o = SharedOut(out.as_mut_ptr());
-        (0..plan.tasks(&s)).into_par_iter().for_each(|i| {
+        for_each_task(plan.tasks(&s), |i| {
             with_scratch(|buf| {
                 let (kvh, toks, span) = plan.task(i, t);
                 let tile = Tile::attend(buf, k, q, kv, &s, kvh, toks.clone(), span);
@@ -220,24 +218,24 @@ fn run<K: Kernels>(k: K, q: &[f32], keys: &[f32], values: &[f32], s: AttnShape, 
         let most = s.n_kv_heads * plan.tiles * Plan::max_splits(s.n_kv_heads * plan.tiles);
         parts.resize(most.max(plan.tasks(&s)) * chunk, 0.0);
         let parts = &mut parts[..plan.tasks(&s) * chunk];
-        parts
-            .par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, part)| {
-                with_scratch(|buf| {
-                    let (kvh, toks, span) = plan.task(i, t);
-                    let tile = Tile::attend(buf, k, q, kv, &s, kvh, toks, span);
-                    let rows = plan.tile * plan.group;
-                    let (o, ml) = part.split_at_mut(rows * vd);
-                    for r in 0..tile.rows {
-                        for d in 0..vd {
-                            o[r * vd + d] = tile.ot[d * tile.rp + r];
-                        }
-                        ml[r] = tile.m[r];
-                        ml[rows + r] = tile.l[r];
+        let shared = SharedOut(parts.as_mut_ptr());
+        for_each_task(plan.tasks(&s), |i| {
+            // SAFETY: task i alone writes partial result i, inside `parts`.
+            let part = unsafe { shared.slice(i * chunk, chunk) };
+            with_scratch(|buf| {
+                let (kvh, toks, span) = plan.task(i, t);
+                let tile = Tile::attend(buf, k, q, kv, &s, kvh, toks, span);
+                let rows = plan.tile * plan.group;
+                let (o, ml) = part.split_at_mut(rows * vd);
+                for r in 0..tile.rows {
+                    for d in 0..vd {
+                        o[r * vd + d] = tile.ot[d * tile.rp + r];
                     }
-                })
-            });
+                    ml[r] = tile.m[r];
+                    ml[rows + r] = tile.l[r];
+                }
+            })
+        });
         merge(&plan, &s, t, parts, out);
     });
 }

@@ -2,12 +2,13 @@
 //! were stored in and are widened inside the inner loops, so no resident
 //! weight is ever converted or copied wholesale.
 //!
-//! Work is split across output rows on rayon's global pool (built once, sized
-//! by `--threads`), which keeps every thread streaming its own slice of the
-//! weight matrix.
+//! Work is split across output rows on the kernels' own pool (`pool`: built
+//! once, sized by `--threads`), which keeps every thread streaming its own
+//! slice of the weight matrix.
 
 mod attention;
 mod ops;
+mod pool;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod qdot;
 #[cfg(target_arch = "aarch64")]
@@ -21,11 +22,11 @@ mod simd;
 
 pub use attention::{attention, AttnShape};
 pub use ops::{add_in_place, rms_norm, rms_norm_rows, sigmoid, silu_mul, softmax, Rope};
+pub(crate) use pool::for_each_task;
+pub use pool::{set_threads, threads};
 pub use simd::{axpy, dot, dot_f32, widen};
 
 use std::cell::RefCell;
-
-use rayon::prelude::*;
 
 use crate::quant::QuantType;
 
@@ -110,23 +111,9 @@ impl<'a> Matrix<'a> {
 /// Output rows per parallel task: large enough that rayon's scheduling cost
 /// vanishes against the row work, small enough to balance two to 64 cores.
 fn rows_per_task(rows: usize, cols: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = threads();
     let min_rows = (16_384 / cols.max(1)).max(1);
     (rows / (threads * 4)).max(min_rows).min(rows.max(1))
-}
-
-/// Runs `f(i)` for `i` in `0..n`: spread over rayon's pool when called from
-/// outside it, in order on the calling thread when called from one of its
-/// tasks. Such a caller (one routed expert of a layer, say) is itself one of
-/// many parallel tasks, so splitting its work again would only add
-/// synchronization, and a pool thread waiting on a split could pick up a
-/// sibling task and re-enter the thread-local scratch its first task holds.
-pub(crate) fn for_each_task(n: usize, f: impl Fn(usize) + Sync + Send) {
-    if rayon::current_thread_index().is_some() {
-        (0..n).for_each(f)
-    } else {
-        (0..n).into_par_iter().for_each(f)
-    }
 }
 
 /// Runs `f` with this thread's reusable f32 buffer (contents unspecified):

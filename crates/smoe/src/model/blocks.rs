@@ -7,8 +7,6 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 pub use crate::config::{GroupLimit, Routing, Scoring};
 
 use crate::checkpoint::{TensorSource, Weight};
@@ -327,20 +325,28 @@ impl LatentAttention {
         let absorbed = sized(&mut m.absorbed, nh * t * rank);
         // One widened weight row per head, kept between calls.
         let rows = sized(&mut m.rows, nh * rank);
-        absorbed
-            .par_chunks_mut(t * rank)
-            .zip(rows.par_chunks_mut(rank))
-            .enumerate()
-            .for_each(|(head, (out, w))| {
-                out.fill(0.0);
-                for i in 0..nope {
-                    kernels::widen(kv_b.dtype, kv_b.row(head * (nope + self.v_dim) + i), w);
-                    for tok in 0..t {
-                        let qv = q[(tok * nh + head) * qk + i];
-                        kernels::axpy(qv, w, &mut out[tok * rank..][..rank]);
-                    }
+        let (absorbed_at, rows_at) = (
+            SharedOut(absorbed.as_mut_ptr()),
+            SharedOut(rows.as_mut_ptr()),
+        );
+        kernels::for_each_task(nh, |head| {
+            // SAFETY: head `head` alone writes its slices of both buffers,
+            // which hold `nh` of each.
+            let (out, w) = unsafe {
+                (
+                    absorbed_at.slice(head * t * rank, t * rank),
+                    rows_at.slice(head * rank, rank),
+                )
+            };
+            out.fill(0.0);
+            for i in 0..nope {
+                kernels::widen(kv_b.dtype, kv_b.row(head * (nope + self.v_dim) + i), w);
+                for tok in 0..t {
+                    let qv = q[(tok * nh + head) * qk + i];
+                    kernels::axpy(qv, w, &mut out[tok * rank..][..rank]);
                 }
-            });
+            }
+        });
         let qa = sized(&mut s.k, t * nh * row);
         for tok in 0..t {
             for head in 0..nh {
@@ -610,10 +616,10 @@ impl Moe {
             // expert. Their matmuls then run on the task's own thread
             // (`kernels::for_each_task`), with that thread's buffers. Few
             // experts (Mixtral's two, on many cores) split by rows instead.
-            let by_expert = used.len() >= 2 * rayon::current_num_threads();
+            let by_expert = used.len() >= 2 * kernels::threads();
             let each = |n: usize, f: &(dyn Fn(usize) + Sync)| {
                 if by_expert {
-                    (0..n).into_par_iter().for_each(f)
+                    kernels::for_each_task(n, f)
                 } else {
                     (0..n).for_each(f)
                 }
