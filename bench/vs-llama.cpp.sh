@@ -132,6 +132,7 @@ OUT=$(mktemp)
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(lscpu | sed -n 's/^Model name: *//p')"
 echo "model: synthetic Qwen3-30B-A3B, $LAYERS layers; llama.cpp $(basename "$GGUF") ($((GGUF_BYTES / 1048576)) MiB);"
 echo "       smoe $(basename "$VAULT") ($("$SMOE" inspect "$VAULT" | sed -n 's/^quant: //p')); $THREADS threads; median of $REPEAT"
+echo "weights read per decoded token: llama.cpp $(python3 bench/gguf-bytes.py "$GGUF"); smoe $("$SMOE" inspect "$VAULT" | sed -n 's/^weights read per decoded token: //p')"
 for r in $(seq "$REPEAT"); do
     echo "round $r/$REPEAT" >&2
     # llama-bench warms up before it measures; smoe bench's median of three

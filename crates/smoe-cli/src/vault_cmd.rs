@@ -200,6 +200,17 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
     }
     if let Some(plan) = &engine.plan {
         writeln!(out, "{}", describe_plan(plan))?;
+        // What bounds decode on a machine with the RAM for it: every
+        // resident backbone byte and the routed experts' records, each token.
+        let experts =
+            plan.expert_bytes * c.num_experts_per_tok as u64 / c.num_experts.max(1) as u64;
+        writeln!(
+            out,
+            "weights read per decoded token: {} (backbone {} + routed experts {})",
+            human_bytes(plan.backbone_bytes + experts),
+            human_bytes(plan.backbone_bytes),
+            human_bytes(experts)
+        )?;
     }
     Ok(())
 }
