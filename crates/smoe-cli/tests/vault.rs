@@ -463,6 +463,7 @@ fn inspect_describes_checkpoints_and_vaults() {
         "expert bytes",
         "memory plan",
         "direct I/O",
+        "weights read per decoded token",
     ] {
         assert!(
             text.contains(part),
