@@ -108,18 +108,17 @@ impl<'a> Matrix<'a> {
     }
 }
 
-/// Output rows per parallel task: large enough that rayon's scheduling cost
-/// vanishes against the row work, small enough to balance two to 64 cores.
+/// Output rows per parallel task: large enough that handing a task out costs
+/// nothing against its row work, small enough to balance two to 64 cores.
 fn rows_per_task(rows: usize, cols: usize) -> usize {
     let threads = threads();
     let min_rows = (16_384 / cols.max(1)).max(1);
     (rows / (threads * 4)).max(min_rows).min(rows.max(1))
 }
 
-/// Runs `f` with this thread's reusable f32 buffer (contents unspecified):
-/// per-task buffers from `for_each_init` are allocated anew for every split
-/// rayon makes, which is every call. Work stealing inside `f` could re-enter
-/// on the same thread; that rare case gets a fresh buffer.
+/// Runs `f` with this thread's reusable f32 buffer (contents unspecified),
+/// so that tasks allocate nothing once warm. A loop nested inside `f` runs
+/// on the same thread and may ask again; that rare case gets a fresh buffer.
 pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     thread_local!(static BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) });
     BUF.with(|b| match b.try_borrow_mut() {

@@ -66,7 +66,7 @@ impl QuantScratch {
 /// matrix of `qt` blocks in `w` (`rows * qt.row_bytes(cols)` bytes, 2-byte
 /// aligned), `x` a row-major `[t, cols]` f32 matrix and `y` `[t, rows]`.
 ///
-/// Output rows are split across rayon's global pool (or all run on the
+/// Output rows are split across the kernels' pool (or all run on the
 /// calling thread inside a pool task: `for_each_task`); within a task each
 /// weight row is dotted with every token before the next is loaded, so with
 /// several tokens a row is read from memory once, and each kernel call
