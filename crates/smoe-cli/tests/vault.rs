@@ -534,3 +534,31 @@ fn inspect_describes_checkpoints_and_vaults() {
         }
     }
 }
+
+/// `smoe check` names a smaller backbone when a vault's does not fit: what
+/// `--backbone q4_k` (the default recipe) would store, predicted exactly,
+/// and nothing for a vault that already has it.
+#[test]
+fn the_fit_check_predicts_the_default_backbone_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wide, small) = (dir.path().join("bf16"), dir.path().join("q4_k"));
+    convert(&fixture("qwen3-moe-a"), &wide, "q8_0");
+    smoe_ok(&[
+        "convert",
+        path_str(&fixture("qwen3-moe-a")),
+        "-o",
+        path_str(&small),
+        "--experts",
+        "q8_0",
+        "--quiet",
+    ]);
+    let opts = smoe::model::LoadOptions::default();
+    let fp = |p: &Path| smoe::check::Footprint::of(p, &opts).unwrap();
+    let (wide, small) = (fp(&wide), fp(&small));
+    assert!(small.resident_bytes < wide.resident_bytes);
+    assert_eq!(
+        wide.smaller_backbone,
+        Some((smoe::quant::QuantType::Q4K, small.resident_bytes))
+    );
+    assert_eq!(small.smaller_backbone, None);
+}

@@ -22,8 +22,10 @@ use crate::error::{read_json, Error, Result};
 use crate::experts::io::DirectFile;
 use crate::kernels::{widen, DType};
 use crate::model::{available_memory, human_bytes, Budget, LoadOptions};
+use crate::quant::QuantType;
 use crate::template::{ChatTemplate, SpecialTokens};
 use crate::tokenizer::Tokenizer;
+use crate::vault::recipe::Role;
 use crate::vault::{self, Vault};
 
 const EMBED: &str = "model.embed_tokens.weight";
@@ -497,8 +499,9 @@ pub struct Footprint {
     pub expert_bytes: u64,
     /// One token's experts of one layer: the least cache a vault runs with.
     pub min_cache_bytes: u64,
-    /// The backbone stored as q8_0 (norms stay f32), when that is smaller.
-    pub q8_backbone_bytes: Option<u64>,
+    /// The smallest backbone `smoe convert --backbone` makes (q4_k with its
+    /// recipe) and its resident bytes, when that is smaller than this one.
+    pub smaller_backbone: Option<(QuantType, u64)>,
     pub kv_bytes: u64,
     pub ctx: usize,
     /// What the tensors are stored as, e.g. "bf16" or "experts q4_k,
@@ -531,7 +534,7 @@ impl Footprint {
             resident_bytes: all,
             expert_bytes: experts,
             min_cache_bytes: 0,
-            q8_backbone_bytes: None,
+            smaller_backbone: None,
             kv_bytes: cfg.kv_bytes(ctx),
             ctx,
             quant: dtypes.into_iter().collect::<Vec<_>>().join(", "),
@@ -547,13 +550,27 @@ impl Footprint {
         } else {
             m.backbone.get(EMBED).map_or(0, |e| e.len)
         };
-        let q8: u64 = m
+        // Resident bytes as `convert --backbone q4_k` would store them:
+        // each tensor's recipe type, its row fallback, the on-disk
+        // embedding left out.
+        let tied = !m.backbone.contains_key("lm_head.weight");
+        let smallest = QuantType::Q4K;
+        let as_smallest: u64 = m
             .backbone
             .iter()
             .filter(|(name, _)| cfg.tie_word_embeddings || name.as_str() != EMBED)
-            .map(|(_, t)| match t.shape[..] {
-                [rows, cols] if cols % 32 == 0 => (rows * cols / 32 * 34) as u64,
-                _ => t.len,
+            .map(|(name, t)| {
+                let target = Role::of(name, &t.shape, tied).target(DType::Quant(smallest));
+                match (target, &t.shape[..]) {
+                    // Rows that fit no block are stored bf16.
+                    (DType::Quant(q), [rows, cols]) => {
+                        q.for_row(*cols)
+                            .and_then(|q| q.row_bytes(*cols))
+                            .map_or(rows * cols * 2, |b| rows * b) as u64
+                    }
+                    (DType::BF16, [rows, cols]) => (rows * cols * 2) as u64,
+                    _ => t.len,
+                }
             })
             .sum();
         let resident = vault.backbone_bytes() - on_disk;
@@ -564,7 +581,7 @@ impl Footprint {
             resident_bytes: resident,
             expert_bytes: vault.expert_bytes(),
             min_cache_bytes: slot * cfg.num_experts_per_tok as u64,
-            q8_backbone_bytes: (q8 < resident && m.quant.backbone != "q8_0").then_some(q8),
+            smaller_backbone: (as_smallest < resident).then_some((smallest, as_smallest)),
             kv_bytes: cfg.kv_bytes(ctx),
             ctx,
             quant: m.stored_quant(),
@@ -638,15 +655,16 @@ fn memory_findings(
     match budget {
         Budget::Auto if base + fp.min_cache_bytes > avail => {
             let mut fixes = Vec::new();
-            if let Some(q8) = fp.q8_backbone_bytes {
-                let verdict = if q8 + fp.kv_bytes + fp.min_cache_bytes <= avail {
+            if let Some((q, bytes)) = fp.smaller_backbone {
+                let verdict = if bytes + fp.kv_bytes + fp.min_cache_bytes <= avail {
                     "would fit"
                 } else {
                     "would still not fit"
                 };
                 fixes.push(format!(
-                    "a --backbone q8_0 conversion needs {} ({verdict})",
-                    human_bytes(q8)
+                    "a --backbone {} conversion needs {} ({verdict})",
+                    q.name(),
+                    human_bytes(bytes)
                 ));
             }
             if fp.kv_bytes > avail / 4 {
@@ -705,7 +723,7 @@ mod tests {
             resident_bytes: 10 << 30,
             expert_bytes: 50 << 30,
             min_cache_bytes: 100 << 20,
-            q8_backbone_bytes: vault.then_some(5 << 30),
+            smaller_backbone: vault.then_some((QuantType::Q4K, 5 << 30)),
             kv_bytes: 1 << 30,
             ctx: 4096,
             quant: "bf16".into(),
@@ -747,7 +765,7 @@ mod tests {
         assert!(memory_findings(dir, &fp, Budget::Auto, Some(64 << 30)).is_empty());
         let f = memory_findings(dir, &fp, Budget::Auto, Some(8 << 30));
         assert_eq!(codes(&f), [Code::BackboneTooLarge]);
-        assert!(f[0].message.contains("--backbone q8_0"), "{}", f[0].message);
+        assert!(f[0].message.contains("--backbone q4_k"), "{}", f[0].message);
         assert!(f[0].message.contains("would fit"), "{}", f[0].message);
         let f = memory_findings(dir, &fp, Budget::Auto, Some(2 << 30));
         assert!(
