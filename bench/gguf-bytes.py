@@ -23,7 +23,8 @@ def value(t):
         et, n = rd("I"), rd("Q")
         return [value(et) for _ in range(n)]
     return rd(SCALAR[t])
-assert f.read(4) == b"GGUF", "not a GGUF file"
+if f.read(4) != b"GGUF":
+    sys.exit(f"{sys.argv[1]}: not a GGUF file")
 rd("I")
 n_tensors, n_kv = rd("Q"), rd("Q")
 meta = {}

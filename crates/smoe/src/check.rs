@@ -25,7 +25,7 @@ use crate::model::{available_memory, human_bytes, Budget, LoadOptions};
 use crate::quant::QuantType;
 use crate::template::{ChatTemplate, SpecialTokens};
 use crate::tokenizer::Tokenizer;
-use crate::vault::recipe::Role;
+use crate::vault::recipe::{self, Role};
 use crate::vault::{self, Vault};
 
 const EMBED: &str = "model.embed_tokens.weight";
@@ -559,18 +559,12 @@ impl Footprint {
             .backbone
             .iter()
             .filter(|(name, _)| cfg.tie_word_embeddings || name.as_str() != EMBED)
-            .map(|(name, t)| {
-                let target = Role::of(name, &t.shape, tied).target(DType::Quant(smallest));
-                match (target, &t.shape[..]) {
-                    // Rows that fit no block are stored bf16.
-                    (DType::Quant(q), [rows, cols]) => {
-                        q.for_row(*cols)
-                            .and_then(|q| q.row_bytes(*cols))
-                            .map_or(rows * cols * 2, |b| rows * b) as u64
-                    }
-                    (DType::BF16, [rows, cols]) => (rows * cols * 2) as u64,
-                    _ => t.len,
+            .map(|(name, t)| match t.shape[..] {
+                [rows, cols] => {
+                    let target = Role::of(name, &t.shape, tied).target(DType::Quant(smallest));
+                    (rows * recipe::row_type(target, cols).row_bytes(cols)) as u64
                 }
+                _ => t.len,
             })
             .sum();
         let resident = vault.backbone_bytes() - on_disk;

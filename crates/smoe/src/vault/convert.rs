@@ -17,7 +17,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::recipe::Role;
+use super::recipe::{self, Role};
 use super::{
     align_up, header_page, ExpertLayer, Manifest, PartEntry, QuantChoice, TensorEntry, ALIGN,
     BACKBONE_FILE, EXPERTS_FILE, FORMAT, MANIFEST, VERSION,
@@ -325,10 +325,7 @@ fn tensor_class(name: &str) -> String {
 /// (squared error, squared signal) of the conversion.
 fn encode(w: &Weight, target: DType) -> Result<(Vec<u8>, DType, (f64, f64))> {
     let (rows, cols) = w.dims2().unwrap_or((1, w.numel()));
-    let chosen = match target {
-        DType::Quant(q) => q.for_row(cols).map(DType::Quant).unwrap_or(DType::BF16),
-        other => other,
-    };
+    let chosen = recipe::row_type(target, cols);
     if chosen == w.dtype {
         return Ok((w.bytes().to_vec(), chosen, (0.0, 0.0)));
     }

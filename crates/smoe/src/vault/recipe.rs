@@ -80,6 +80,16 @@ impl Role {
     }
 }
 
+/// The type a tensor with rows of `cols` is stored as when `target` was
+/// chosen for it: a quantized target whose blocks do not split the row falls
+/// back per [`QuantType::for_row`], and to bf16 where none does.
+pub fn row_type(target: DType, cols: usize) -> DType {
+    match target {
+        DType::Quant(q) => q.for_row(cols).map(DType::Quant).unwrap_or(DType::BF16),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
