@@ -187,7 +187,7 @@ fn summary(engine: &Engine, a: &ChatArgs, params: &SamplingParams, ctx: usize) -
         c.vocab_size,
         c.max_position_embeddings
     );
-    let fp = smoe::check::Footprint::of(dir, &crate::load_options(&a.model))?;
+    let fp = smoe::memory::Footprint::of(dir, &crate::load_options(&a.model))?;
     let plan = match &engine.plan {
         Some(plan) => {
             out += &format!("weights  vault: {}\n", fp.quant);
@@ -517,8 +517,8 @@ impl Chat<'_> {
                 let first = *first_at.get_or_insert(now);
                 if let Some(st) = &status {
                     if last_draw.is_none_or(|t| now - t >= Duration::from_millis(200)) {
-                        let rate =
-                            (count > 1).then(|| rate(count - 1, (now - first).as_secs_f64()));
+                        let rate = (count > 1)
+                            .then(|| smoe::engine::rate(count - 1, (now - first).as_secs_f64()));
                         let _ = st.draw(&mut stdout, &status_text(engine, rate, before.as_ref()));
                         last_draw = Some(now);
                     }
@@ -623,14 +623,14 @@ impl Chat<'_> {
             tt.reused,
             tt.decoded,
             tt.decode_s,
-            rate(tt.decoded, tt.decode_s)
+            smoe::engine::rate(tt.decoded, tt.decode_s)
         );
         let size = |b: Option<u64>| b.map_or("?".into(), human_bytes);
         out += &format!(
             "memory        RSS {} (peak {}) of {} total\n",
-            size(crate::current_rss()),
-            size(crate::peak_rss()),
-            size(mem_total())
+            size(smoe::memory::current_rss()),
+            size(smoe::memory::peak_rss()),
+            size(smoe::memory::mem_total())
         );
         if let Some(c) = &self.engine.cache {
             let all = c.stats().snapshot();
@@ -685,19 +685,6 @@ fn printable(text: &str, tty: bool) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
-fn rate(n: usize, s: f64) -> f64 {
-    if s > 0.0 {
-        n as f64 / s
-    } else {
-        0.0
-    }
-}
-
-/// MemTotal from /proc/meminfo.
-fn mem_total() -> Option<u64> {
-    crate::proc_kb("/proc/meminfo", "MemTotal:")
-}
-
 /// `smoe ▸ 1.84 tok/s │ RAM 21.3/48.0 GB │ cache 1534 slots 15.0 GB │ hit 84% │ SSD 2.9 GB/s`,
 /// the cache figures over the current turn; no rate before a second token.
 fn status_text(engine: &Engine, tok_s: Option<f64>, turn_start: Option<&StatsSnapshot>) -> String {
@@ -705,7 +692,7 @@ fn status_text(engine: &Engine, tok_s: Option<f64>, turn_start: Option<&StatsSna
         Some(r) => format!("{r:.2} tok/s"),
         None => "-- tok/s".into(),
     }];
-    if let (Some(rss), Some(total)) = (crate::current_rss(), mem_total()) {
+    if let (Some(rss), Some(total)) = (smoe::memory::current_rss(), smoe::memory::mem_total()) {
         parts.push(format!("RAM {}/{}", short_size(rss), short_size(total)));
     }
     if let Some(c) = &engine.cache {

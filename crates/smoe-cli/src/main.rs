@@ -361,7 +361,7 @@ fn load_options(m: &ModelArgs) -> LoadOptions {
 
 fn load(m: &ModelArgs) -> Result<Engine> {
     set_threads(m.threads)?;
-    BASE_RSS.get_or_init(current_rss);
+    BASE_RSS.get_or_init(smoe::memory::current_rss);
     Ok(Engine::load_with(&m.model, &load_options(m))?)
 }
 
@@ -436,23 +436,6 @@ fn describe_plan(p: &MemoryPlan) -> String {
 /// allocator, which every engine pays and no budget covers.
 static BASE_RSS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
 
-/// A field in kB of a /proc file (`/proc/self/status`, `/proc/meminfo`),
-/// in bytes, where the OS has one.
-fn proc_kb(file: &str, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(file).ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-}
-
-fn current_rss() -> Option<u64> {
-    proc_kb("/proc/self/status", "VmRSS:")
-}
-
-/// Peak resident set of this process (VmHWM).
-fn peak_rss() -> Option<u64> {
-    proc_kb("/proc/self/status", "VmHWM:")
-}
-
 fn run(mut a: RunArgs) -> Result<()> {
     a.model.resolve()?;
     let (engine, warnings) = load_checked(&a.model, !a.no_check)?;
@@ -499,43 +482,12 @@ fn run(mut a: RunArgs) -> Result<()> {
 
     let text = engine.reply_text(&gen.tokens)?;
     let tm = &gen.timings;
-    let stats = engine.cache.as_ref().map(|c| {
-        let st = c.stats().snapshot();
-        let tokens = (tm.prefill_tokens + tm.decode_tokens).max(1) as f64;
-        json!({
-            "hits": st.hits,
-            "prefetch_hits": st.prefetch_hits,
-            "misses": st.misses,
-            "hit_rate": st.hit_rate(),
-            "bytes_read": st.bytes_read(),
-            "demand_bytes": st.demand_bytes,
-            "prefetch_bytes": st.prefetch_bytes,
-            "prefetches": st.prefetches,
-            "prefetch_cancelled": st.prefetch_cancelled,
-            "prefetch_wasted": st.prefetch_wasted,
-            "recall": st.recall(),
-            "precision": st.precision(),
-            "prefetch": c.read_ahead(),
-            "cache_policy": c.policy().name(),
-            "bytes_read_per_token": st.bytes_read() as f64 / tokens,
-            "read_gb_s": st.read_gb_s(),
-            "blocked_s": st.blocked_s,
-            "blocked_ms_per_token": 1e3 * st.blocked_s / tokens,
-            "cache_slots": c.capacity(),
-            "cache_bytes": c.capacity() * c.slot_bytes(),
-            "direct_io": c.direct_io(),
-            "peak_rss_bytes": peak_rss(),
-            "base_rss_bytes": BASE_RSS.get().copied().flatten(),
-            "plan": engine.plan.as_ref().map(|p| json!({
-                "backbone_bytes": p.backbone_bytes,
-                "cache_bytes": p.cache_bytes,
-                "cache_slots": p.cache_slots,
-                "slot_bytes": p.slot_bytes,
-                "kv_bytes": p.kv_bytes,
-                "expert_bytes": p.expert_bytes,
-            })),
-        })
-    });
+    let stats = engine
+        .cache_report(Some(tm.prefill_tokens + tm.decode_tokens))
+        .map(|mut r| {
+            r.base_rss_bytes = Some(BASE_RSS.get().copied().flatten());
+            r
+        });
     if a.json {
         let out = json!({
             "prompt_ids": prompt_ids,
@@ -551,7 +503,7 @@ fn run(mut a: RunArgs) -> Result<()> {
         });
         let mut out = out;
         if let Some(stats) = stats {
-            out["stats"] = stats;
+            out["stats"] = serde_json::to_value(stats)?;
         }
         writeln!(stdout, "{out}")?;
     } else {

@@ -236,18 +236,7 @@ async fn models(State(app): AppState) -> Json<Value> {
 async fn health(State(app): AppState) -> Response {
     let c = &app.queue.counters;
     let engine = app.engine.get();
-    let cache = engine.and_then(|e| e.cache.as_ref()).map(|cache| {
-        let st = cache.stats().snapshot();
-        json!({
-            "slots": cache.capacity(),
-            "hits": st.hits,
-            "misses": st.misses,
-            "hit_rate": st.hit_rate(),
-            "bytes_read": st.bytes_read(),
-            "read_gb_s": st.read_gb_s(),
-            "blocked_s": st.blocked_s,
-        })
-    });
+    let cache = engine.and_then(|e| e.cache_report(None));
     let body = json!({
         "status": if engine.is_some() { "ok" } else { "loading" },
         "model": app.config.model_name,

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use crate::engine::Engine;
+use crate::engine::{rate, Engine};
 use crate::error::{Error, Result};
 use crate::experts::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool};
 use crate::experts::StatsSnapshot;
@@ -38,7 +38,6 @@ impl BenchRun {
     /// Runs one after another taken as one: counters and times summed,
     /// rates over the sums, the mean time to first token.
     fn total(runs: &[BenchRun]) -> BenchRun {
-        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
         let mut t = BenchRun {
             prefill_tok_s: 0.0,
             decode_tok_s: 0.0,

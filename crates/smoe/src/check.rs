@@ -15,20 +15,18 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::checkpoint::{Checkpoint, Weight};
+use crate::checkpoint::Checkpoint;
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::engine::Engine;
-use crate::error::{read_json, Error, Result};
-use crate::experts::io::DirectFile;
-use crate::kernels::{widen, DType};
-use crate::model::{available_memory, human_bytes, Budget, LoadOptions};
-use crate::quant::QuantType;
+use crate::error::{read_json, Result};
+use crate::load::LoadOptions;
+use crate::memory::{available_memory, human_bytes, Budget};
+// The footprint the fit findings are about; it lives with the planner.
+pub use crate::memory::Footprint;
+use crate::model::blocks::{Embedding, EMBED};
 use crate::template::{ChatTemplate, SpecialTokens};
 use crate::tokenizer::Tokenizer;
-use crate::vault::recipe::{self, Role};
 use crate::vault::{self, Vault};
-
-const EMBED: &str = "model.embed_tokens.weight";
 /// A row whose norm is below this fraction of the median row norm was
 /// never trained.
 const UNTRAINED_FRACTION: f64 = 0.1;
@@ -353,87 +351,14 @@ fn eos_emitted(tok: &Tokenizer, eos: &[u32], rendered: &[u32], path: &Path) -> V
     out
 }
 
-/// Rows of the embedding table. A vault's are read with plain reads: the
-/// engine keeps its table on disk, and mapping it here would pull hundreds
-/// of MB into the resident set that the memory plan accounts for (a page
-/// fault maps its cached neighbours too). A checkpoint's table is mapped
-/// by the engine anyway.
-enum Embedding {
-    Mapped(Weight),
-    File {
-        file: std::fs::File,
-        path: std::path::PathBuf,
-        offset: u64,
-        dtype: DType,
-        bytes: Vec<u8>,
-    },
-}
-
-impl Embedding {
-    fn open(dir: &Path, vault: Option<&Vault>) -> Result<(Self, usize, usize)> {
-        let Some(v) = vault else {
-            let w = Checkpoint::open(dir)?.tensor_any(EMBED)?;
-            let (rows, cols) = dims2(&w.shape)?;
-            return Ok((Embedding::Mapped(w), rows, cols));
-        };
-        let path = v.backbone_path();
-        let entry = v.manifest.backbone.get(EMBED).ok_or_else(|| {
-            Error::format(
-                v.dir.join(vault::MANIFEST),
-                format!("missing tensor \"{EMBED}\""),
-            )
-        })?;
-        let (rows, cols) = dims2(&entry.shape)?;
-        let dtype = DType::parse(&entry.dtype).ok_or_else(|| {
-            Error::format(&path, format!("{EMBED}: unknown dtype \"{}\"", entry.dtype))
-        })?;
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let embedding = Embedding::File {
-            file,
-            path,
-            offset: entry.offset,
-            dtype,
-            bytes: vec![0; dtype.row_bytes(cols)],
-        };
-        Ok((embedding, rows, cols))
-    }
-
-    /// The L2 norm of row `row`, with `buf` as scratch of one row.
-    fn norm(&mut self, row: usize, buf: &mut [f32]) -> Result<f64> {
-        match self {
-            Embedding::Mapped(w) => {
-                let table = w.matrix();
-                widen(table.dtype, table.row(row), buf);
-            }
-            Embedding::File {
-                file,
-                path,
-                offset,
-                dtype,
-                bytes,
-            } => {
-                use std::os::unix::fs::FileExt;
-                let at = *offset + (row * bytes.len()) as u64;
-                file.read_exact_at(bytes, at)
-                    .map_err(|e| Error::io(&*path, e))?;
-                widen(*dtype, bytes, buf);
-            }
-        }
-        Ok(buf
-            .iter()
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt())
-    }
-}
-
-fn dims2(shape: &[usize]) -> Result<(usize, usize)> {
-    match shape {
-        &[rows, cols] => Ok((rows, cols)),
-        _ => Err(Error::invalid(format!(
-            "{EMBED} has shape {shape:?}, expected 2 dimensions"
-        ))),
-    }
+/// The L2 norm of row `row` of `table`, with `buf` as scratch of one row.
+fn row_norm(table: &Embedding, row: usize, buf: &mut [f32]) -> Result<f64> {
+    table.row(row as u32, buf)?;
+    Ok(buf
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt())
 }
 
 /// Tokens of the rendered prompt whose embedding row is far below the
@@ -444,7 +369,15 @@ fn untrained_tokens(
     tok: &Tokenizer,
     prompt: &[u32],
 ) -> Result<Vec<Finding>> {
-    let (mut embed, rows, cols) = Embedding::open(dir, vault)?;
+    // A vault's rows are read from disk, as the engine reads them: mapping
+    // the table would pull hundreds of MB into the resident set that the
+    // memory plan accounts for (a page fault maps its cached neighbours
+    // too). A checkpoint's table is mapped by the engine anyway.
+    let embed = match vault {
+        Some(v) => Embedding::on_disk(v)?,
+        None => Embedding::mapped(Checkpoint::open(dir)?.tensor_any(EMBED)?)?,
+    };
+    let (rows, cols) = embed.shape();
     let mut buf = vec![0.0f32; cols];
     // Padding rows past the tokenizer's ids are often zero by design; the
     // median is over real tokens only.
@@ -452,7 +385,7 @@ fn untrained_tokens(
     let step = real.div_ceil(MEDIAN_SAMPLE).max(1);
     let mut norms: Vec<f64> = (0..real)
         .step_by(step)
-        .map(|r| embed.norm(r, &mut buf))
+        .map(|r| row_norm(&embed, r, &mut buf))
         .collect::<Result<_>>()?;
     let mid = norms.len() / 2;
     let (_, &mut median, _) = norms.select_nth_unstable_by(mid, f64::total_cmp);
@@ -474,7 +407,7 @@ fn untrained_tokens(
             ));
             continue;
         }
-        let norm = embed.norm(id as usize, &mut buf)?;
+        let norm = row_norm(&embed, id as usize, &mut buf)?;
         if norm < UNTRAINED_FRACTION * median {
             out.push(Finding::error(
                 Code::UntrainedToken,
@@ -485,103 +418,6 @@ fn untrained_tokens(
         }
     }
     Ok(out)
-}
-
-/// What a model needs in RAM on this machine as it is stored, known
-/// before anything is loaded.
-#[derive(Debug, Clone)]
-pub struct Footprint {
-    pub vault: bool,
-    /// Bytes that must stay resident: a checkpoint's every tensor (it is
-    /// mapped whole), a vault's backbone less an on-disk embedding table.
-    pub resident_bytes: u64,
-    /// Routed-expert bytes (for a vault: on SSD, streamed).
-    pub expert_bytes: u64,
-    /// One token's experts of one layer: the least cache a vault runs with.
-    pub min_cache_bytes: u64,
-    /// The smallest backbone `smoe convert --backbone` makes (q4_k with its
-    /// recipe) and its resident bytes, when that is smaller than this one.
-    pub smaller_backbone: Option<(QuantType, u64)>,
-    pub kv_bytes: u64,
-    pub ctx: usize,
-    /// What the tensors are stored as, e.g. "bf16" or "experts q4_k,
-    /// backbone bf16".
-    pub quant: String,
-    /// For a vault: whether its filesystem takes O_DIRECT.
-    pub direct_io: Option<bool>,
-}
-
-impl Footprint {
-    pub fn of(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        if vault::is_vault(dir) {
-            return Self::of_vault(&Vault::open(dir)?, opts);
-        }
-        let ckpt = Checkpoint::open(dir)?;
-        let cfg = &ckpt.config;
-        let (mut experts, mut all) = (0, 0);
-        let mut dtypes = BTreeSet::new();
-        for name in ckpt.tensor_names() {
-            let bytes = ckpt.tensor_bytes(name);
-            all += bytes;
-            if crate::model::is_routed_expert_tensor(name) {
-                experts += bytes;
-            }
-            dtypes.insert(ckpt.tensor_any(name)?.dtype.name());
-        }
-        let ctx = opts.ctx.min(cfg.max_position_embeddings);
-        Ok(Self {
-            vault: false,
-            resident_bytes: all,
-            expert_bytes: experts,
-            min_cache_bytes: 0,
-            smaller_backbone: None,
-            kv_bytes: cfg.kv_bytes(ctx),
-            ctx,
-            quant: dtypes.into_iter().collect::<Vec<_>>().join(", "),
-            direct_io: None,
-        })
-    }
-
-    fn of_vault(vault: &Vault, opts: &LoadOptions) -> Result<Self> {
-        let m = &vault.manifest;
-        let cfg = ModelConfig::from_json(&m.config, &vault.dir.join(vault::MANIFEST))?;
-        let on_disk = if cfg.tie_word_embeddings {
-            0
-        } else {
-            m.backbone.get(EMBED).map_or(0, |e| e.len)
-        };
-        // Resident bytes as `convert --backbone q4_k` would store them:
-        // each tensor's recipe type, its row fallback, the on-disk
-        // embedding left out.
-        let tied = !m.backbone.contains_key("lm_head.weight");
-        let smallest = QuantType::Q4K;
-        let as_smallest: u64 = m
-            .backbone
-            .iter()
-            .filter(|(name, _)| cfg.tie_word_embeddings || name.as_str() != EMBED)
-            .map(|(name, t)| match t.shape[..] {
-                [rows, cols] => {
-                    let target = Role::of(name, &t.shape, tied).target(DType::Quant(smallest));
-                    (rows * recipe::row_type(target, cols).row_bytes(cols)) as u64
-                }
-                _ => t.len,
-            })
-            .sum();
-        let resident = vault.backbone_bytes() - on_disk;
-        let slot = vault.max_record_len();
-        let ctx = opts.ctx.min(cfg.max_position_embeddings);
-        Ok(Self {
-            vault: true,
-            resident_bytes: resident,
-            expert_bytes: vault.expert_bytes(),
-            min_cache_bytes: slot * cfg.num_experts_per_tok as u64,
-            smaller_backbone: (as_smallest < resident).then_some((smallest, as_smallest)),
-            kv_bytes: cfg.kv_bytes(ctx),
-            ctx,
-            quant: m.stored_quant(),
-            direct_io: Some(DirectFile::open(&vault.experts_path())?.direct),
-        })
-    }
 }
 
 /// Whether the model fits this machine as stored, and the disk it
@@ -717,7 +553,9 @@ mod tests {
             resident_bytes: 10 << 30,
             expert_bytes: 50 << 30,
             min_cache_bytes: 100 << 20,
-            smaller_backbone: vault.then_some((QuantType::Q4K, 5 << 30)),
+            slot_bytes: 25 << 20,
+            records: 1000,
+            smaller_backbone: vault.then_some((crate::quant::QuantType::Q4K, 5 << 30)),
             kv_bytes: 1 << 30,
             ctx: 4096,
             quant: "bf16".into(),

@@ -17,7 +17,8 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::config::ModelConfig;
 use crate::error::{read_json, Error, Result};
-use crate::kernels::{DType, Matrix};
+use crate::kernels::Matrix;
+use crate::quant::DType;
 
 /// Anything that hands out named, shape-checked weights: a checkpoint, or a
 /// vault's backbone.

@@ -5,6 +5,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use std::sync::Arc;
@@ -90,7 +91,8 @@ impl Timings {
     }
 }
 
-fn rate(n: usize, s: f64) -> f64 {
+/// `n` per second over `s` seconds; 0 for no time at all.
+pub fn rate(n: usize, s: f64) -> f64 {
     if s > 0.0 {
         n as f64 / s
     } else {
@@ -104,6 +106,42 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub stop_reason: StopReason,
     pub timings: Timings,
+}
+
+/// What the expert cache did, and the memory around it: the one stats
+/// object that `smoe run --json` (as `stats`) and the server's `/health`
+/// (as `cache`) print.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheReport {
+    pub hits: u64,
+    pub prefetch_hits: u64,
+    pub misses: u64,
+    pub hit_rate: f64,
+    pub bytes_read: u64,
+    pub demand_bytes: u64,
+    pub prefetch_bytes: u64,
+    pub prefetches: u64,
+    pub prefetch_cancelled: u64,
+    pub prefetch_wasted: u64,
+    pub recall: f64,
+    pub precision: f64,
+    pub prefetch: bool,
+    pub cache_policy: &'static str,
+    pub read_gb_s: f64,
+    pub blocked_s: f64,
+    /// Per processed token, when the caller says how many there were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_read_per_token: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_ms_per_token: Option<f64>,
+    pub cache_slots: usize,
+    pub cache_bytes: usize,
+    pub direct_io: bool,
+    pub peak_rss_bytes: Option<u64>,
+    /// Resident set before the model loaded, where the caller measured it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_rss_bytes: Option<Option<u64>>,
+    pub plan: Option<MemoryPlan>,
 }
 
 /// A loaded model with everything needed to turn text into text.
@@ -203,6 +241,40 @@ impl Engine {
             )
         })?;
         template.render(messages, tools, true, extra)
+    }
+
+    /// The expert cache's counters since start, with rates per token over
+    /// `tokens` processed tokens when given; None without a vault.
+    pub fn cache_report(&self, tokens: Option<usize>) -> Option<CacheReport> {
+        let c = self.cache.as_ref()?;
+        let st = c.stats().snapshot();
+        let per_token = tokens.map(|n| n.max(1) as f64);
+        Some(CacheReport {
+            hits: st.hits,
+            prefetch_hits: st.prefetch_hits,
+            misses: st.misses,
+            hit_rate: st.hit_rate(),
+            bytes_read: st.bytes_read(),
+            demand_bytes: st.demand_bytes,
+            prefetch_bytes: st.prefetch_bytes,
+            prefetches: st.prefetches,
+            prefetch_cancelled: st.prefetch_cancelled,
+            prefetch_wasted: st.prefetch_wasted,
+            recall: st.recall(),
+            precision: st.precision(),
+            prefetch: c.read_ahead(),
+            cache_policy: c.policy().name(),
+            read_gb_s: st.read_gb_s(),
+            blocked_s: st.blocked_s,
+            bytes_read_per_token: per_token.map(|n| st.bytes_read() as f64 / n),
+            blocked_ms_per_token: per_token.map(|n| 1e3 * st.blocked_s / n),
+            cache_slots: c.capacity(),
+            cache_bytes: c.capacity() * c.slot_bytes(),
+            direct_io: c.direct_io(),
+            peak_rss_bytes: crate::memory::peak_rss(),
+            base_rss_bytes: None,
+            plan: self.plan.clone(),
+        })
     }
 
     pub fn new_session(&self) -> Session {

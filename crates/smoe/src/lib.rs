@@ -14,6 +14,8 @@ pub mod engine;
 pub mod error;
 pub mod experts;
 pub mod kernels;
+pub mod load;
+pub mod memory;
 pub mod model;
 pub mod quant;
 pub mod sampler;

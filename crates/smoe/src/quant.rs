@@ -1,5 +1,6 @@
-//! GGML block quantization of weight rows: the formats, their sizes, and
-//! conversion to and from f32. The matrix products live in `kernels::quant`.
+//! How weights are stored: the element types ([`DType`]) and GGML block
+//! quantization of weight rows: the formats, their sizes, and
+//! conversion to and from f32. The matrix products live in `kernels::qmatmul`.
 //!
 //! The block layouts and the (de)quantization routines are candle's
 //! re-implementation of ggml's, used directly on our own byte slices so a
@@ -15,6 +16,47 @@ use candle_core::quantized::k_quants::{
 use rayon::prelude::*;
 
 use crate::{Error, Result};
+
+/// Element types of stored weights: plain floats, or GGML blocks of
+/// quantized values with their scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Quant(QuantType),
+}
+
+impl DType {
+    /// Bytes of one row of `cols` elements. Quantized rows must be whole
+    /// blocks; the converter only picks a block type whose size divides the
+    /// row.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            DType::F32 => 4 * cols,
+            DType::F16 | DType::BF16 => 2 * cols,
+            DType::Quant(q) => q.row_bytes(cols).unwrap_or(usize::MAX),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::Quant(q) => q.name(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(DType::F32),
+            "f16" => Some(DType::F16),
+            "bf16" => Some(DType::BF16),
+            other => QuantType::parse(other).map(DType::Quant),
+        }
+    }
+}
 
 /// A GGML block quantization format for weight rows.
 ///

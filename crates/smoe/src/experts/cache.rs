@@ -19,7 +19,8 @@ use std::time::Instant;
 use super::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool};
 use super::Stats;
 use crate::error::{Error, Result};
-use crate::kernels::{DType, Matrix};
+use crate::kernels::Matrix;
+use crate::quant::DType;
 use crate::vault::{ExpertLayer, Vault};
 
 /// Expert requests after which a past use keeps half its weight (LFU): about

@@ -1,159 +1,16 @@
-//! Reads that bypass the page cache, and a pool of reader threads that keeps
-//! many of them in flight.
-//!
-//! The expert cache owns the RAM budget; letting the kernel cache the same
-//! bytes again would double-count memory and evict the backbone. So expert
-//! records are read with O_DIRECT on Linux (F_NOCACHE on macOS), and where
-//! the filesystem refuses direct I/O (tmpfs, some overlays) with plain reads
-//! followed by `posix_fadvise(DONTNEED)` to drop what the kernel kept.
+//! A pool of reader threads that keeps many direct reads
+//! ([`crate::vault::io`]) in flight.
 //!
 //! One expert is one contiguous aligned read. NVMe drives reach their
 //! bandwidth only with many reads outstanding, so a layer's misses are all
 //! handed to the pool at once and the compute thread waits for the batch.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::vault::ALIGN;
-
-/// A file opened for direct reads when the filesystem allows it.
-#[derive(Debug)]
-pub struct DirectFile {
-    file: File,
-    pub path: PathBuf,
-    /// True when reads bypass the page cache at the device level.
-    pub direct: bool,
-}
-
-impl DirectFile {
-    pub fn open(path: &Path) -> Result<Self> {
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let flags = rustix::fs::OFlags::DIRECT.bits() as i32;
-            if let Ok(file) = OpenOptions::new().read(true).custom_flags(flags).open(path) {
-                // Some filesystems accept the flag and fail the first read;
-                // probe once so the fallback is chosen here, not mid-token.
-                let probe = AlignedBuf::new(ALIGN as usize);
-                // SAFETY: the buffer is exclusively ours.
-                if file
-                    .read_at(unsafe { probe.slice_mut(0, ALIGN as usize) }, 0)
-                    .is_ok()
-                {
-                    return Ok(Self {
-                        file,
-                        path: path.to_path_buf(),
-                        direct: true,
-                    });
-                }
-            }
-        }
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        #[cfg(target_os = "macos")]
-        {
-            if rustix::fs::fcntl_nocache(&file, true).is_ok() {
-                return Ok(Self {
-                    file,
-                    path: path.to_path_buf(),
-                    direct: true,
-                });
-            }
-        }
-        Ok(Self {
-            file,
-            path: path.to_path_buf(),
-            direct: false,
-        })
-    }
-
-    /// Reads exactly `buf.len()` bytes at `offset`. With direct I/O, `buf`,
-    /// its length and `offset` must be multiples of [`ALIGN`].
-    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)?;
-        if !self.direct {
-            #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-            {
-                let len = std::num::NonZeroU64::new(buf.len() as u64);
-                let _ = rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::DontNeed);
-            }
-        }
-        Ok(())
-    }
-
-    pub fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| Error::io(&self.path, e))
-    }
-
-    pub fn is_empty(&self) -> Result<bool> {
-        Ok(self.len()? == 0)
-    }
-}
-
-/// A zeroed heap buffer aligned to [`ALIGN`], as direct I/O requires.
-#[derive(Debug)]
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the buffer is plain bytes; callers coordinate access to disjoint
-// regions (the cache hands each slot to one reader, then to readers only).
-unsafe impl Send for AlignedBuf {}
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    pub fn new(len: usize) -> Self {
-        let len = len.max(ALIGN as usize);
-        let layout = Layout::from_size_align(len, ALIGN as usize).expect("aligned layout");
-        // SAFETY: non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Self { ptr, len }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// # Safety
-    /// No other live reference may overlap `start..start + len` mutably.
-    pub unsafe fn slice(&self, start: usize, len: usize) -> &[u8] {
-        assert!(start + len <= self.len);
-        std::slice::from_raw_parts(self.ptr.add(start), len)
-    }
-
-    /// # Safety
-    /// No other live reference may overlap `start..start + len`.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice_mut(&self, start: usize, len: usize) -> &mut [u8] {
-        assert!(start + len <= self.len);
-        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, ALIGN as usize).expect("aligned layout");
-        // SAFETY: allocated with this layout in new().
-        unsafe { dealloc(self.ptr, layout) };
-    }
-}
+pub use crate::vault::io::{AlignedBuf, DirectFile};
 
 /// Demand reads block the compute thread; prefetches only guess.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,7 +17,7 @@ mod qdot_arm;
 mod qdot_avx512;
 #[cfg(target_arch = "x86_64")]
 mod qdot_x86;
-mod quant;
+mod qmatmul;
 mod simd;
 
 pub use attention::{attention, AttnShape};
@@ -28,48 +28,7 @@ pub use simd::{axpy, dot, dot_f32, widen};
 
 use std::cell::RefCell;
 
-use crate::quant::QuantType;
-
-/// Element types of stored weights: plain floats, or GGML blocks of
-/// quantized values with their scales.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
-    Quant(QuantType),
-}
-
-impl DType {
-    /// Bytes of one row of `cols` elements. Quantized rows must be whole
-    /// blocks; the converter only picks a block type whose size divides the
-    /// row.
-    pub fn row_bytes(self, cols: usize) -> usize {
-        match self {
-            DType::F32 => 4 * cols,
-            DType::F16 | DType::BF16 => 2 * cols,
-            DType::Quant(q) => q.row_bytes(cols).unwrap_or(usize::MAX),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            DType::Quant(q) => q.name(),
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "f32" => Some(DType::F32),
-            "f16" => Some(DType::F16),
-            "bf16" => Some(DType::BF16),
-            other => QuantType::parse(other).map(DType::Quant),
-        }
-    }
-}
+pub use crate::quant::DType;
 
 /// A row-major weight matrix `[rows, cols]` in its stored dtype.
 #[derive(Debug, Clone, Copy)]
@@ -167,7 +126,7 @@ impl<T> SharedOut<T> {
 /// quantized weights stay quantized and each block is applied to four tokens
 /// (eight with AVX-512) per unpacking.
 pub fn matmul(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) {
-    matmul_passes(x, t, w, y, quant::MAX_PASS)
+    matmul_passes(x, t, w, y, qmatmul::MAX_PASS)
 }
 
 /// [`matmul`] with quantized weights dotted with one token at a time, so
@@ -187,8 +146,8 @@ fn matmul_passes(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32], pass: usize)
     if let DType::Quant(q) = w.dtype {
         // The activations are quantized once per call into a per-thread
         // buffer, so the decode loop allocates nothing once warm.
-        thread_local!(static SCRATCH: RefCell<quant::QuantScratch> = RefCell::default());
-        SCRATCH.with_borrow_mut(|s| quant::matmul_quant(q, w.data, rows, cols, x, t, y, s, pass));
+        thread_local!(static SCRATCH: RefCell<qmatmul::QuantScratch> = RefCell::default());
+        SCRATCH.with_borrow_mut(|s| qmatmul::matmul_quant(q, w.data, rows, cols, x, t, y, s, pass));
         return;
     }
     let chunk = rows_per_task(rows, cols);

@@ -82,7 +82,7 @@ pub fn dot(dtype: DType, w: &[u8], x: &[f32]) -> f32 {
             portable::dot_f16(w, x)
         }
         DType::Quant(_) => {
-            // Quantized matrices go through kernels::quant as a whole; this
+            // Quantized matrices go through kernels::qmatmul as a whole; this
             // single-row path serves only odd callers, so it widens first.
             let mut row = vec![0.0; x.len()];
             widen(dtype, w, &mut row);
@@ -418,7 +418,7 @@ mod tests {
                 .iter()
                 .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
                 .collect(),
-            DType::Quant(_) => unreachable!("float types only; kernels::quant tests its own"),
+            DType::Quant(_) => unreachable!("float types only; kernels::qmatmul tests its own"),
         };
         // Copy into u32 storage so the bytes are aligned for every dtype.
         let mut words = vec![0u32; bytes.len().div_ceil(4)];

@@ -11,11 +11,17 @@ pub use crate::config::{GroupLimit, Routing, Scoring};
 
 use crate::checkpoint::{TensorSource, Weight};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::experts::ExpertCache;
 use crate::kernels::{self, matmul, AttnShape, Matrix, Rope, SharedOut};
+use crate::quant::DType;
+use crate::vault::io::{DirectFile, DiskRows};
+use crate::vault::Vault;
 
 use super::KvCache;
+
+/// The token-embedding table's name in every supported family.
+pub const EMBED: &str = "model.embed_tokens.weight";
 
 /// Reusable activation buffers, grown on first use and then kept.
 #[derive(Debug, Default)]
@@ -565,18 +571,7 @@ impl Moe {
         let hidden = self.router.shape[1];
         let n_exp = self.router.shape[0];
         let m = &mut s.moe;
-        let logits = sized(&mut m.logits, t * n_exp);
-        matmul(x, t, self.router.matrix(), logits);
-        m.chosen.clear();
-        for row in logits.chunks_exact_mut(n_exp) {
-            route(
-                row,
-                &self.routing,
-                self.score_bias.as_deref(),
-                &mut m.route,
-                &mut m.chosen,
-            );
-        }
+        self.route_tokens(x, t, &mut m.logits, &mut m.route, &mut m.chosen);
 
         // Counting sort of (token, slot) pairs by expert.
         m.start.clear();
@@ -686,6 +681,34 @@ impl Moe {
     }
 }
 
+impl Moe {
+    /// The one routing step of a sparse layer, for its own tokens and for
+    /// predictions alike: router logits of `x` `[t, hidden]`, then each
+    /// token's `top_k` (expert, weight) pairs ([`route`]) in `chosen`.
+    fn route_tokens(
+        &self,
+        x: &[f32],
+        t: usize,
+        logits: &mut Vec<f32>,
+        scratch: &mut RouteScratch,
+        chosen: &mut Vec<(u32, f32)>,
+    ) {
+        let n_exp = self.router.shape[0];
+        let logits = sized(logits, t * n_exp);
+        matmul(x, t, self.router.matrix(), logits);
+        chosen.clear();
+        for row in logits.chunks_exact_mut(n_exp) {
+            route(
+                row,
+                &self.routing,
+                self.score_bias.as_deref(),
+                scratch,
+                chosen,
+            );
+        }
+    }
+}
+
 /// The next sparse layer's predicted experts, most likely first.
 #[derive(Debug, Clone, Copy)]
 pub struct NextLayer<'a> {
@@ -718,21 +741,9 @@ impl Moe {
         eps: f32,
         s: &mut PredictScratch,
     ) {
-        let (n_exp, h) = (self.router.shape[0], self.router.shape[1]);
-        let hn = sized(&mut s.h, t * h);
+        let hn = sized(&mut s.h, t * self.router.shape[1]);
         kernels::rms_norm_rows(hidden, norm, eps, hn);
-        let logits = sized(&mut s.logits, t * n_exp);
-        matmul(hn, t, self.router.matrix(), logits);
-        s.chosen.clear();
-        for row in logits.chunks_exact_mut(n_exp) {
-            route(
-                row,
-                &self.routing,
-                self.score_bias.as_deref(),
-                &mut s.route,
-                &mut s.chosen,
-            );
-        }
+        self.route_tokens(hn, t, &mut s.logits, &mut s.route, &mut s.chosen);
         s.chosen.sort_by(|a, b| b.1.total_cmp(&a.1));
         s.experts.clear();
         for &(e, _) in &s.chosen {
@@ -852,6 +863,53 @@ impl std::fmt::Debug for Embedding {
 }
 
 impl Embedding {
+    /// A vault's table, left in its backbone file and read a row at a time
+    /// with direct I/O.
+    pub fn on_disk(vault: &Vault) -> Result<Self> {
+        let path = vault.backbone_path();
+        let entry = vault.manifest.backbone.get(EMBED).ok_or_else(|| {
+            Error::format(
+                vault.dir.join(crate::vault::MANIFEST),
+                format!("missing tensor \"{EMBED}\""),
+            )
+        })?;
+        let &[rows, cols] = &entry.shape[..] else {
+            return Err(Error::format(
+                &path,
+                format!("{EMBED} has shape {:?}, expected 2 dimensions", entry.shape),
+            ));
+        };
+        let dtype = DType::parse(&entry.dtype).ok_or_else(|| {
+            Error::format(&path, format!("{EMBED}: unknown dtype \"{}\"", entry.dtype))
+        })?;
+        Ok(Embedding::OnDisk(DiskRows::new(
+            DirectFile::open(&path)?,
+            entry.offset,
+            rows,
+            dtype,
+            cols,
+        )))
+    }
+
+    /// A mapped table of any shape, refused unless it has two dimensions.
+    pub fn mapped(table: Weight) -> Result<Self> {
+        match table.shape[..] {
+            [_, _] => Ok(Embedding::Mapped(table)),
+            _ => Err(Error::invalid(format!(
+                "{EMBED} has shape {:?}, expected 2 dimensions",
+                table.shape
+            ))),
+        }
+    }
+
+    /// Rows and columns of the table.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Embedding::Mapped(w) => (w.shape[0], w.shape[1]),
+            Embedding::OnDisk(d) => (d.rows, d.cols),
+        }
+    }
+
     /// Row `id`, widened into `out`.
     pub fn row(&self, id: u32, out: &mut [f32]) -> Result<()> {
         match self {
@@ -862,58 +920,6 @@ impl Embedding {
             }
             Embedding::OnDisk(d) => d.read(id, out),
         }
-    }
-}
-
-/// Rows of a matrix stored at `offset` in a file read with direct I/O.
-pub struct DiskRows {
-    pub file: crate::experts::io::DirectFile,
-    pub offset: u64,
-    pub dtype: kernels::DType,
-    pub cols: usize,
-    pub row_bytes: usize,
-    pub buf: std::sync::Mutex<crate::experts::io::AlignedBuf>,
-}
-
-impl DiskRows {
-    pub fn new(
-        file: crate::experts::io::DirectFile,
-        offset: u64,
-        dtype: kernels::DType,
-        cols: usize,
-    ) -> Self {
-        let row_bytes = dtype.row_bytes(cols);
-        // A row may straddle a block boundary: two blocks of slack.
-        let span =
-            crate::vault::align_up(row_bytes as u64) as usize + 2 * crate::vault::ALIGN as usize;
-        Self {
-            file,
-            offset,
-            dtype,
-            cols,
-            row_bytes,
-            buf: std::sync::Mutex::new(crate::experts::io::AlignedBuf::new(span)),
-        }
-    }
-
-    fn read(&self, id: u32, out: &mut [f32]) -> Result<()> {
-        let align = crate::vault::ALIGN;
-        let start = self.offset + id as u64 * self.row_bytes as u64;
-        let first = start / align * align;
-        let end = crate::vault::align_up(start + self.row_bytes as u64);
-        let buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the buffer is only used under its lock.
-        let span = unsafe { buf.slice_mut(0, (end - first) as usize) };
-        self.file.read_exact_at(span, first).map_err(|e| {
-            crate::error::Error::format(&self.file.path, format!("reading embedding row {id}: {e}"))
-        })?;
-        let skip = (start - first) as usize;
-        kernels::widen(
-            self.dtype,
-            &span[skip..skip + self.row_bytes],
-            &mut out[..self.cols],
-        );
-        Ok(())
     }
 }
 

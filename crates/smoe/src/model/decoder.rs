@@ -13,8 +13,8 @@ use crate::experts::ExpertCache;
 use crate::kernels::{self, matmul, Rope};
 
 use super::blocks::{
-    norm, sized, Attention, DiskRows, Embedding, Experts, Ffn, LatentAttention, Moe, NextLayer,
-    Scratch,
+    norm, sized, Attention, Embedding, Experts, Ffn, LatentAttention, Moe, NextLayer, Scratch,
+    EMBED,
 };
 use super::{check_input, deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe};
 use super::{CausalLm, KvCache, Logits, Session};
@@ -101,12 +101,12 @@ pub struct Decoder {
 impl Decoder {
     /// Builds the model from `ckpt`'s tensors. With a `cache`, routed
     /// experts stream through it instead of coming from `ckpt`; with
-    /// `embed_rows`, the (untied) embedding table stays on disk.
+    /// `on_disk`, the (untied) embedding table is read from there.
     pub fn load(
         ckpt: &dyn TensorSource,
         c: &ModelConfig,
         cache: Option<&Arc<ExpertCache>>,
-        embed_rows: Option<DiskRows>,
+        on_disk: Option<Embedding>,
     ) -> Result<Self> {
         let layer: LayerFn = match c.architecture {
             Architecture::Qwen3Moe => qwen3_moe::layer,
@@ -116,13 +116,10 @@ impl Decoder {
             Architecture::DeepseekV2 | Architecture::DeepseekV3 => deepseek::layer,
         };
         let h = c.hidden_size;
-        let table = ckpt.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let (embed, lm_head) = match (c.tie_word_embeddings, embed_rows) {
+        let table = ckpt.tensor(EMBED, &[c.vocab_size, h])?;
+        let (embed, lm_head) = match (c.tie_word_embeddings, on_disk) {
             (true, _) => (Embedding::Mapped(table.clone()), table),
-            (false, Some(rows)) => (
-                Embedding::OnDisk(rows),
-                ckpt.tensor("lm_head.weight", &[c.vocab_size, h])?,
-            ),
+            (false, Some(rows)) => (rows, ckpt.tensor("lm_head.weight", &[c.vocab_size, h])?),
             (false, None) => (
                 Embedding::Mapped(table),
                 ckpt.tensor("lm_head.weight", &[c.vocab_size, h])?,

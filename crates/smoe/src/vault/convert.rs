@@ -24,9 +24,10 @@ use super::{
 };
 use crate::checkpoint::{Checkpoint, Weight};
 use crate::error::{Error, Result};
-use crate::kernels::{widen, DType};
+use crate::kernels::widen;
 use crate::model::{expert_tensor_names, is_routed_expert_tensor};
 use crate::quant;
+use crate::quant::DType;
 
 /// Parts of an expert record, in record order.
 pub const PARTS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];

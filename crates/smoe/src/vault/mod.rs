@@ -18,6 +18,7 @@
 //! refused instead of producing quietly wrong text.
 
 pub mod convert;
+pub mod io;
 pub mod recipe;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{map_file, MappedFile, TensorSource, Weight};
 use crate::error::{read_json, Error, Result};
-use crate::experts::io::{AlignedBuf, DirectFile};
-use crate::kernels::DType;
+use crate::quant::DType;
+use io::{AlignedBuf, DirectFile};
 
 pub const FORMAT: &str = "smoe-vault";
 /// Bumped on any change a reader must know about; a vault from a newer

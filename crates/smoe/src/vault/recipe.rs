@@ -17,7 +17,7 @@
 //! Row widths that do not split into the chosen type's blocks still fall
 //! back per [`QuantType::for_row`] when the tensor is encoded.
 
-use crate::kernels::DType;
+use crate::quant::DType;
 use crate::quant::QuantType;
 
 /// What a backbone tensor does, as far as its storage type is concerned.

@@ -1,0 +1,176 @@
+//! The state of one sequence: its KV cache and the ids behind it.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+use super::blocks;
+
+/// Keys and values of every layer for positions `0..len`, position-major:
+/// `k_width` and `v_width` floats per position (multi-head latent
+/// attention keeps only its latent, as "keys" with no separate values).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    k_width: usize,
+    v_width: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize, k_width: usize, v_width: usize) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| Default::default()).collect(),
+            k_width,
+            v_width,
+            len: 0,
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets positions from `len` on, so a conversation that shares a
+    /// prefix with the cached one prefills only what is new.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        for (k, v) in &mut self.layers {
+            k.truncate(self.len * self.k_width);
+            v.truncate(self.len * self.v_width);
+        }
+    }
+
+    /// Makes room for `extra` more positions in every layer at once.
+    pub fn reserve(&mut self, extra: usize) {
+        let (kw, vw) = (self.k_width, self.v_width);
+        for (k, v) in &mut self.layers {
+            k.reserve(((self.len + extra) * kw).saturating_sub(k.len()));
+            v.reserve(((self.len + extra) * vw).saturating_sub(v.len()));
+        }
+    }
+
+    /// Appends `t` positions to one layer; `advance` commits them once every
+    /// layer has.
+    pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let (kc, vc) = &mut self.layers[layer];
+        kc.truncate(self.len * self.k_width);
+        vc.truncate(self.len * self.v_width);
+        kc.extend_from_slice(k);
+        vc.extend_from_slice(v);
+    }
+
+    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let (k, v) = &self.layers[layer];
+        (k, v)
+    }
+
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+}
+
+/// The state of one sequence: its KV cache, the ids it holds, and reusable
+/// buffers so that a decode step allocates nothing once warm.
+#[derive(Debug, Default)]
+pub struct Session {
+    pub kv: KvCache,
+    pub(crate) scratch: blocks::Scratch,
+    pub(crate) logits: Vec<f32>,
+    /// The ids behind the KV cache, as recorded by the engine.
+    tokens: Vec<u32>,
+    /// Set when the cache changed without the engine recording it (a bare
+    /// `forward`, a truncation from outside): `tokens` can no longer be
+    /// trusted until the cache is emptied.
+    untracked: bool,
+}
+
+impl Session {
+    pub fn new(kv: KvCache) -> Self {
+        Self {
+            kv,
+            ..Default::default()
+        }
+    }
+
+    /// Makes room for `extra` more positions in the KV cache and the id
+    /// record, so that a generation allocates once instead of per doubling.
+    pub fn reserve(&mut self, extra: usize) {
+        self.kv.reserve(extra);
+        self.tokens.reserve(extra);
+    }
+
+    /// Tokens already processed.
+    pub fn len(&self) -> usize {
+        self.kv.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kv.is_empty()
+    }
+
+    /// The ids the KV cache holds, if every one of them is known.
+    pub fn tokens(&self) -> Option<&[u32]> {
+        (!self.untracked && self.tokens.len() == self.kv.len()).then_some(&self.tokens)
+    }
+
+    /// Notes that `ids` are about to be appended to the cache. Should that
+    /// fail, the cache stays shorter than the ids and [`Self::tokens`]
+    /// says nothing is known.
+    pub(crate) fn record(&mut self, ids: &[u32]) {
+        if !self.untracked && self.tokens.len() == self.kv.len() {
+            self.tokens.extend_from_slice(ids);
+        } else {
+            self.tokens.clear();
+            self.untracked = true;
+        }
+    }
+
+    /// Prepares the session to continue as `ids`: keeps the longest prefix
+    /// of the cache that `ids` starts with, forgets the rest, and returns
+    /// how many of `ids` need no prefill. At least the last id is left to
+    /// process, since its logits are what generation starts from. A
+    /// conversation re-rendered each turn reuses everything up to its
+    /// first changed token.
+    pub fn reuse_prefix(&mut self, ids: &[u32]) -> usize {
+        let common = match self.tokens() {
+            Some(held) => held.iter().zip(ids).take_while(|(a, b)| a == b).count(),
+            None => 0,
+        }
+        .min(ids.len().saturating_sub(1));
+        self.kv.truncate(common);
+        self.tokens.truncate(common);
+        if common == 0 {
+            self.tokens.clear();
+            self.untracked = false;
+        }
+        common
+    }
+}
+
+/// Rejects ids outside the embedding table and sequences past the context,
+/// before any work is done.
+pub(crate) fn check_input(cfg: &ModelConfig, ids: &[u32], cached: usize) -> Result<()> {
+    if ids.is_empty() {
+        return Err(Error::invalid("no tokens to process"));
+    }
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        return Err(Error::invalid(format!(
+            "token id {bad} is outside the vocabulary (vocab_size {})",
+            cfg.vocab_size
+        )));
+    }
+    if cached + ids.len() > cfg.max_position_embeddings {
+        return Err(Error::invalid(format!(
+            "{} tokens ({cached} cached + {} new) exceed the model's context of {} (max_position_embeddings)",
+            cached + ids.len(),
+            ids.len(),
+            cfg.max_position_embeddings
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Reads that bypass the page cache: a file opened for direct I/O and the
+//! aligned buffers it reads into.
+//!
+//! The expert cache owns the RAM budget; letting the kernel cache the same
+//! bytes again would double-count memory and evict the backbone. So expert
+//! records (and an on-disk embedding table's rows) are read with O_DIRECT on
+//! Linux (F_NOCACHE on macOS), and where the filesystem refuses direct I/O
+//! (tmpfs, some overlays) with plain reads followed by
+//! `posix_fadvise(DONTNEED)` to drop what the kernel kept.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+use crate::quant::DType;
+
+use super::{align_up, ALIGN};
+
+/// A file opened for direct reads when the filesystem allows it.
+#[derive(Debug)]
+pub struct DirectFile {
+    file: File,
+    pub path: PathBuf,
+    /// True when reads bypass the page cache at the device level.
+    pub direct: bool,
+}
+
+impl DirectFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let flags = rustix::fs::OFlags::DIRECT.bits() as i32;
+            if let Ok(file) = OpenOptions::new().read(true).custom_flags(flags).open(path) {
+                // Some filesystems accept the flag and fail the first read;
+                // probe once so the fallback is chosen here, not mid-token.
+                let probe = AlignedBuf::new(ALIGN as usize);
+                // SAFETY: the buffer is exclusively ours.
+                if file
+                    .read_at(unsafe { probe.slice_mut(0, ALIGN as usize) }, 0)
+                    .is_ok()
+                {
+                    return Ok(Self {
+                        file,
+                        path: path.to_path_buf(),
+                        direct: true,
+                    });
+                }
+            }
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        #[cfg(target_os = "macos")]
+        {
+            if rustix::fs::fcntl_nocache(&file, true).is_ok() {
+                return Ok(Self {
+                    file,
+                    path: path.to_path_buf(),
+                    direct: true,
+                });
+            }
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            direct: false,
+        })
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`. With direct I/O, `buf`,
+    /// its length and `offset` must be multiples of [`ALIGN`].
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)?;
+        if !self.direct {
+            #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+            {
+                let len = std::num::NonZeroU64::new(buf.len() as u64);
+                let _ = rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::DontNeed);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// A zeroed heap buffer aligned to [`ALIGN`], as direct I/O requires.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain bytes; callers coordinate access to disjoint
+// regions (the cache hands each slot to one reader, then to readers only).
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> Self {
+        let len = len.max(ALIGN as usize);
+        let layout = Layout::from_size_align(len, ALIGN as usize).expect("aligned layout");
+        // SAFETY: non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Self { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// # Safety
+    /// No other live reference may overlap `start..start + len` mutably.
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &[u8] {
+        assert!(start + len <= self.len);
+        std::slice::from_raw_parts(self.ptr.add(start), len)
+    }
+
+    /// # Safety
+    /// No other live reference may overlap `start..start + len`.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, start: usize, len: usize) -> &mut [u8] {
+        assert!(start + len <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len, ALIGN as usize).expect("aligned layout");
+        // SAFETY: allocated with this layout in new().
+        unsafe { dealloc(self.ptr, layout) };
+    }
+}
+
+/// Rows of a matrix stored at `offset` in a file read with direct I/O.
+pub struct DiskRows {
+    pub file: DirectFile,
+    pub rows: usize,
+    pub offset: u64,
+    pub dtype: DType,
+    pub cols: usize,
+    pub row_bytes: usize,
+    pub buf: std::sync::Mutex<AlignedBuf>,
+}
+
+impl DiskRows {
+    pub fn new(file: DirectFile, offset: u64, rows: usize, dtype: DType, cols: usize) -> Self {
+        let row_bytes = dtype.row_bytes(cols);
+        // A row may straddle a block boundary: two blocks of slack.
+        let span = align_up(row_bytes as u64) as usize + 2 * ALIGN as usize;
+        Self {
+            file,
+            rows,
+            offset,
+            dtype,
+            cols,
+            row_bytes,
+            buf: std::sync::Mutex::new(AlignedBuf::new(span)),
+        }
+    }
+
+    /// Row `id`, widened into `out`.
+    pub fn read(&self, id: u32, out: &mut [f32]) -> Result<()> {
+        let align = ALIGN;
+        let start = self.offset + id as u64 * self.row_bytes as u64;
+        let first = start / align * align;
+        let end = align_up(start + self.row_bytes as u64);
+        let buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the buffer is only used under its lock.
+        let span = unsafe { buf.slice_mut(0, (end - first) as usize) };
+        self.file.read_exact_at(span, first).map_err(|e| {
+            Error::format(&self.file.path, format!("reading embedding row {id}: {e}"))
+        })?;
+        let skip = (start - first) as usize;
+        crate::kernels::widen(
+            self.dtype,
+            &span[skip..skip + self.row_bytes],
+            &mut out[..self.cols],
+        );
+        Ok(())
+    }
+}
