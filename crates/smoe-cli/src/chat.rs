@@ -20,8 +20,10 @@ use rustyline::error::ReadlineError;
 use serde_json::{json, Value};
 
 use smoe::checkpoint::{Checkpoint, Weight};
+use smoe::config::ModelConfig;
 use smoe::engine::{Engine, Generation, TextStream};
 use smoe::experts::StatsSnapshot;
+use smoe::model::blocks::EMBED;
 use smoe::model::{human_bytes, Session};
 use smoe::sampler::SamplingParams;
 use smoe::vault::{self, Vault};
@@ -73,7 +75,7 @@ pub fn chat(mut a: ChatArgs) -> Result<()> {
             a.model.model.display()
         );
     }
-    warm(&a.model.model, engine.model.config().tie_word_embeddings)?;
+    warm(&a.model.model, engine.model.config())?;
     let ctx_limit = a
         .model
         .ctx
@@ -129,28 +131,9 @@ fn spinner(msg: String) -> indicatif::ProgressBar {
 
 /// Touches every page of the resident weights once, behind a progress
 /// bar, so that the first reply does not stall for as long as it takes to
-/// fault in gigabytes. An untied embedding table is skipped: a token reads
-/// one row of it.
-fn warm(dir: &Path, tied: bool) -> Result<()> {
-    const EMBED: &str = "model.embed_tokens.weight";
-    let skip = |name: &str| (!tied && name == EMBED) || name.contains(".mlp.experts.");
-    let weights: Vec<Weight> = if vault::is_vault(dir) {
-        let vault = Vault::open(dir)?;
-        let backbone = vault.backbone()?;
-        vault
-            .manifest
-            .backbone
-            .iter()
-            .filter(|(name, _)| !skip(name))
-            .map(|(name, t)| smoe::checkpoint::TensorSource::tensor(&backbone, name, &t.shape))
-            .collect::<smoe::Result<_>>()?
-    } else {
-        let ckpt = Checkpoint::open(dir)?;
-        ckpt.tensor_names()
-            .filter(|name| !skip(name))
-            .map(|name| ckpt.tensor_any(name))
-            .collect::<smoe::Result<_>>()?
-    };
+/// fault in gigabytes.
+fn warm(dir: &Path, cfg: &ModelConfig) -> Result<()> {
+    let weights = resident_weights(dir, cfg)?;
     let total: usize = weights.iter().map(|w| w.bytes().len()).sum();
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
@@ -172,6 +155,32 @@ fn warm(dir: &Path, tied: bool) -> Result<()> {
     Ok(())
 }
 
+/// The weights a token reads from RAM: not the routed experts (streamed,
+/// or touched only when routed to), and not an untied embedding table (a
+/// token reads one row of it).
+fn resident_weights(dir: &Path, cfg: &ModelConfig) -> Result<Vec<Weight>> {
+    let skip = |name: &str| {
+        (!cfg.tie_word_embeddings && name == EMBED) || cfg.family.is_routed_expert(name)
+    };
+    Ok(if vault::is_vault(dir) {
+        let vault = Vault::open(dir)?;
+        let backbone = vault.backbone()?;
+        vault
+            .manifest
+            .backbone
+            .iter()
+            .filter(|(name, _)| !skip(name))
+            .map(|(name, t)| smoe::checkpoint::TensorSource::tensor(&backbone, name, &t.shape))
+            .collect::<smoe::Result<_>>()?
+    } else {
+        let ckpt = Checkpoint::open(dir)?;
+        ckpt.tensor_names()
+            .filter(|name| !skip(name))
+            .map(|name| ckpt.tensor_any(name))
+            .collect::<smoe::Result<_>>()?
+    })
+}
+
 /// The one-screen start-up summary.
 fn summary(engine: &Engine, a: &ChatArgs, params: &SamplingParams, ctx: usize) -> Result<String> {
     let c = engine.model.config();
@@ -179,7 +188,7 @@ fn summary(engine: &Engine, a: &ChatArgs, params: &SamplingParams, ctx: usize) -
     let mut out = format!(
         "smoe chat · {}\nmodel    {:?}: {} layers, hidden {}, {} experts (top {}), vocab {}, context {}\n",
         dir.display(),
-        c.architecture,
+        c.family,
         c.num_hidden_layers,
         c.hidden_size,
         c.num_experts,
@@ -778,4 +787,30 @@ fn load(path: &Path) -> Result<Vec<Value>> {
         }
     }
     Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family's routed experts stay out of the warm set, Mixtral's
+    /// `block_sparse_moe.experts` included (it was once missed, and chat
+    /// on a Mixtral checkpoint faulted in every expert page).
+    #[test]
+    fn warming_skips_every_familys_routed_experts() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+        for name in ["mixtral", "qwen3-moe-a", "deepseek-v3"] {
+            let dir = fixtures.join(name);
+            let cfg = ModelConfig::from_dir(&dir).unwrap();
+            let all = Checkpoint::open(&dir).unwrap().tensor_names().count();
+            let warm = resident_weights(&dir, &cfg).unwrap();
+            let routed = 3
+                * cfg.num_experts
+                * (0..cfg.num_hidden_layers)
+                    .filter(|&l| cfg.is_moe_layer(l))
+                    .count();
+            let embed = usize::from(!cfg.tie_word_embeddings);
+            assert_eq!(warm.len(), all - routed - embed, "{name}");
+        }
+    }
 }

@@ -151,7 +151,7 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
     let engine = Engine::load_with(&a.path, &opts)?;
     let c = engine.model.config();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "model: {} ({:?})", a.path.display(), c.architecture)?;
+    writeln!(out, "model: {} ({:?})", a.path.display(), c.family)?;
     writeln!(
         out,
         "layers {} | hidden {} | heads {}/{} kv x {} | experts {} (top {}) x {} wide | vocab {} | context {}",

@@ -13,60 +13,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::{read_json, Error, Result};
-
-/// Architectures this build can run, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
-    "qwen3_moe",
-    "qwen2_moe",
-    "mixtral",
-    "olmoe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "kimi_k2",
-];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    Qwen3Moe,
-    /// Qwen1.5-MoE and Qwen2-MoE.
-    Qwen2Moe,
-    Mixtral,
-    Olmoe,
-    /// DeepSeek-V2 and V2-Lite.
-    DeepseekV2,
-    /// DeepSeek-V3, Moonlight, Kimi-K2.
-    DeepseekV3,
-}
-
-impl Architecture {
-    pub fn from_model_type(model_type: &str) -> Option<Self> {
-        Some(match model_type {
-            "qwen3_moe" => Self::Qwen3Moe,
-            "qwen2_moe" => Self::Qwen2Moe,
-            "mixtral" => Self::Mixtral,
-            "olmoe" => Self::Olmoe,
-            "deepseek_v2" => Self::DeepseekV2,
-            // Kimi-K2 ships DeepSeek-V3's architecture under its own name.
-            "deepseek_v3" | "kimi_k2" => Self::DeepseekV3,
-            _ => return None,
-        })
-    }
-
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Self::Qwen3Moe => "qwen3_moe",
-            Self::Qwen2Moe => "qwen2_moe",
-            Self::Mixtral => "mixtral",
-            Self::Olmoe => "olmoe",
-            Self::DeepseekV2 => "deepseek_v2",
-            Self::DeepseekV3 => "deepseek_v3",
-        }
-    }
-
-    fn is_deepseek(self) -> bool {
-        matches!(self, Self::DeepseekV2 | Self::DeepseekV3)
-    }
-}
+use crate::model::family::{self, Family};
 
 /// How router logits become expert weights.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,6 +27,19 @@ pub struct Routing {
     pub norm_topk_prob: bool,
     /// Multiplies the final weights (`routed_scaling_factor`).
     pub scale: f32,
+}
+
+impl Routing {
+    /// Softmax over all experts, the plain top-k.
+    pub fn softmax(top_k: usize, norm_topk_prob: bool) -> Self {
+        Self {
+            top_k,
+            scoring: Scoring::Softmax,
+            groups: None,
+            norm_topk_prob,
+            scale: 1.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +119,8 @@ impl Yarn {
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
-    pub architecture: Architecture,
+    /// Everything family-specific: tensor names, layer structure, keys.
+    pub family: &'static Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     /// Width of the dense MLP layers.
@@ -218,117 +179,42 @@ impl ModelConfig {
         let keys = Keys { obj, path };
 
         let model_type = keys.string("model_type")?;
-        let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
+        let family = family::lookup(&model_type).ok_or_else(|| {
             Error::format(
                 path,
                 format!(
                     "unsupported model_type \"{model_type}\"; supported: {}",
-                    SUPPORTED_MODEL_TYPES.join(", ")
+                    family::model_types().collect::<Vec<_>>().join(", ")
                 ),
             )
         })?;
-        use Architecture as A;
-        let deepseek = architecture.is_deepseek();
 
         let hidden_size = keys.usize("hidden_size")?;
         let num_attention_heads = keys.usize("num_attention_heads")?;
         let num_key_value_heads = keys
             .opt_usize("num_key_value_heads")?
             .unwrap_or(num_attention_heads);
-        let mla = if deepseek {
-            Some(Mla {
-                q_lora_rank: keys.opt_usize("q_lora_rank")?,
-                kv_lora_rank: keys.usize("kv_lora_rank")?,
-                qk_nope_head_dim: keys.usize("qk_nope_head_dim")?,
-                qk_rope_head_dim: keys.usize("qk_rope_head_dim")?,
-                v_head_dim: keys.usize("v_head_dim")?,
-            })
-        } else {
-            None
+        let head_dim = match keys.opt_usize("head_dim")? {
+            Some(d) => d,
+            None if num_attention_heads > 0 => hidden_size / num_attention_heads,
+            None => 0,
         };
-        let head_dim = match (&mla, keys.opt_usize("head_dim")?) {
-            // DeepSeek's `head_dim`, where present, is the rotary part only.
-            (Some(m), _) => m.qk_nope_head_dim + m.qk_rope_head_dim,
-            (None, Some(d)) => d,
-            (None, None) if num_attention_heads > 0 => hidden_size / num_attention_heads,
-            (None, None) => 0,
-        };
-        let num_experts = if deepseek {
-            keys.agreeing_usize("n_routed_experts", "num_local_experts")?
-        } else {
-            keys.agreeing_usize("num_experts", "num_local_experts")?
-        };
-        let num_experts = num_experts.ok_or_else(|| {
-            Error::format(
-                path,
-                "missing key \"num_experts\" (or \"num_local_experts\")",
-            )
-        })?;
         let (rope_theta, rope_scaling) = keys.rope()?;
-        let dtype = keys.agreeing_string("torch_dtype", "dtype")?;
-        let intermediate_size = keys.usize("intermediate_size")?;
-        // Mixtral's and OLMoE's experts are as wide as `intermediate_size`.
-        let moe_intermediate_size = match architecture {
-            A::Mixtral | A::Olmoe => intermediate_size,
-            _ => keys.usize("moe_intermediate_size")?,
-        };
         let top_k = keys.usize("num_experts_per_tok")?;
-        let routing = keys.routing(architecture, top_k)?;
-        let shared_expert_intermediate_size = match architecture {
-            A::Qwen2Moe => keys.usize("shared_expert_intermediate_size")?,
-            A::DeepseekV2 | A::DeepseekV3 => {
-                keys.opt_usize("n_shared_experts")?.unwrap_or(0) * moe_intermediate_size
-            }
-            _ => 0,
-        };
-        if deepseek {
-            if let Some(f) = keys.opt_usize("moe_layer_freq")?.filter(|&f| f != 1) {
-                return Err(Error::format(
-                    path,
-                    format!("moe_layer_freq {f} is not supported (only 1, as in every published DeepSeek model)"),
-                ));
-            }
-        }
-        let attention_bias = match architecture {
-            A::Qwen2Moe => keys.opt_bool("qkv_bias")?.unwrap_or(true),
-            A::Mixtral => false,
-            _ => keys.opt_bool("attention_bias")?.unwrap_or(false),
-        };
-        let o_bias = match architecture {
-            A::Olmoe | A::DeepseekV2 | A::DeepseekV3 => attention_bias,
-            _ => false,
-        };
-        let rope_interleave = match architecture {
-            A::DeepseekV2 => true,
-            A::DeepseekV3 => keys.opt_bool("rope_interleave")?.unwrap_or(true),
-            _ => false,
-        };
-        let sliding_window = match architecture {
-            A::Mixtral => keys.opt_usize("sliding_window")?,
-            A::Qwen3Moe => keys.sliding_window()?,
-            A::Qwen2Moe if keys.opt_bool("use_sliding_window")?.unwrap_or(false) => {
-                return Err(Error::format(
-                    path,
-                    "use_sliding_window is not supported for qwen2_moe (no published checkpoint sets it)",
-                ))
-            }
-            _ => None,
-        };
-
-        let cfg = ModelConfig {
-            architecture,
+        let mut cfg = ModelConfig {
+            family,
             vocab_size: keys.usize("vocab_size")?,
             hidden_size,
-            intermediate_size,
-            moe_intermediate_size,
+            intermediate_size: keys.usize("intermediate_size")?,
+            moe_intermediate_size: 0,
             num_hidden_layers: keys.usize("num_hidden_layers")?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            num_experts,
+            num_experts: 0,
             num_experts_per_tok: top_k,
-            routing,
-            shared_expert_intermediate_size,
+            routing: Routing::softmax(top_k, false),
+            shared_expert_intermediate_size: 0,
             decoder_sparse_step: keys.opt_usize("decoder_sparse_step")?.unwrap_or(1),
             mlp_only_layers: keys.usize_list("mlp_only_layers")?,
             first_k_dense_replace: keys.opt_usize("first_k_dense_replace")?.unwrap_or(0),
@@ -337,17 +223,15 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: keys.usize("max_position_embeddings")?,
             tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias,
-            o_bias,
-            clip_qkv: match architecture {
-                A::Olmoe => keys.opt_f64("clip_qkv")?.map(|c| c as f32),
-                _ => None,
-            },
-            mla,
-            rope_interleave,
-            sliding_window,
-            dtype,
+            attention_bias: false,
+            o_bias: false,
+            clip_qkv: None,
+            mla: None,
+            rope_interleave: false,
+            sliding_window: None,
+            dtype: keys.agreeing_string("torch_dtype", "dtype")?,
         };
+        (family.config)(&keys, &mut cfg)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -380,11 +264,7 @@ impl ModelConfig {
                     "attention: grouped-query, {} heads / {} kv heads x {}",
                     self.num_attention_heads, self.num_key_value_heads, self.head_dim
                 );
-                match self.architecture {
-                    Architecture::Qwen3Moe => a += ", per-head q/k norm",
-                    Architecture::Olmoe => a += ", whole-width q/k norm",
-                    _ => {}
-                }
+                a += self.family.attention_note;
                 if self.attention_bias {
                     a += ", q/k/v biases";
                 }
@@ -424,12 +304,7 @@ impl ModelConfig {
         if self.shared_expert_intermediate_size > 0 {
             resident += &format!(
                 "; shared expert {} wide{} in every sparse layer (resident)",
-                self.shared_expert_intermediate_size,
-                if self.architecture == Architecture::Qwen2Moe {
-                    ", sigmoid-gated,"
-                } else {
-                    ""
-                }
+                self.shared_expert_intermediate_size, self.family.shared_note
             );
         }
         out.push(resident);
@@ -563,21 +438,21 @@ impl ModelConfig {
 }
 
 /// Typed access to config keys with errors that name the file and key.
-struct Keys<'a> {
+pub struct Keys<'a> {
     obj: &'a Map<String, Value>,
     path: &'a Path,
 }
 
 impl Keys<'_> {
-    fn err(&self, msg: String) -> Error {
+    pub(crate) fn err(&self, msg: String) -> Error {
         Error::format(self.path, msg)
     }
 
-    fn present(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn present(&self, key: &str) -> Option<&Value> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn string(&self, key: &str) -> Result<String> {
+    pub(crate) fn string(&self, key: &str) -> Result<String> {
         match self.present(key) {
             Some(Value::String(s)) => Ok(s.clone()),
             Some(v) => Err(self.err(format!("\"{key}\" must be a string, found {v}"))),
@@ -585,7 +460,7 @@ impl Keys<'_> {
         }
     }
 
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         self.present(key)
             .map(|v| {
                 v.as_u64().map(|n| n as usize).ok_or_else(|| {
@@ -597,12 +472,12 @@ impl Keys<'_> {
             .transpose()
     }
 
-    fn usize(&self, key: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize> {
         self.opt_usize(key)?
             .ok_or_else(|| self.err(format!("missing key \"{key}\"")))
     }
 
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         self.present(key)
             .map(|v| {
                 v.as_f64()
@@ -611,7 +486,7 @@ impl Keys<'_> {
             .transpose()
     }
 
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+    pub(crate) fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         self.present(key)
             .map(|v| {
                 v.as_bool()
@@ -620,7 +495,7 @@ impl Keys<'_> {
             .transpose()
     }
 
-    fn usize_list(&self, key: &str) -> Result<Vec<usize>> {
+    pub(crate) fn usize_list(&self, key: &str) -> Result<Vec<usize>> {
         match self.present(key) {
             None => Ok(Vec::new()),
             Some(Value::Array(items)) => items
@@ -636,7 +511,7 @@ impl Keys<'_> {
     }
 
     /// A value spelled two ways; both present and different is an error.
-    fn agreeing_usize(&self, hub: &str, v5: &str) -> Result<Option<usize>> {
+    pub(crate) fn agreeing_usize(&self, hub: &str, v5: &str) -> Result<Option<usize>> {
         match (self.opt_usize(hub)?, self.opt_usize(v5)?) {
             (Some(a), Some(b)) if a != b => Err(self.err(format!(
                 "contradictory keys: \"{hub}\" is {a} but \"{v5}\" is {b}"
@@ -645,7 +520,7 @@ impl Keys<'_> {
         }
     }
 
-    fn agreeing_string(&self, hub: &str, v5: &str) -> Result<Option<String>> {
+    pub(crate) fn agreeing_string(&self, hub: &str, v5: &str) -> Result<Option<String>> {
         let get = |k: &str| -> Result<Option<String>> {
             match self.present(k) {
                 None => Ok(None),
@@ -663,7 +538,7 @@ impl Keys<'_> {
 
     /// Theta and scaling from either the top level (hub) or
     /// `rope_parameters` (transformers 5).
-    fn rope(&self) -> Result<(f64, RopeScaling)> {
+    pub(crate) fn rope(&self) -> Result<(f64, RopeScaling)> {
         let params = match self.present("rope_parameters") {
             None => None,
             Some(Value::Object(m)) => Some(m),
@@ -757,82 +632,23 @@ impl Keys<'_> {
         Ok((theta, scaling))
     }
 
-    /// Each family's routing rule, with its parameters from the config.
-    fn routing(&self, arch: Architecture, top_k: usize) -> Result<Routing> {
-        let softmax = |norm_topk_prob| Routing {
-            top_k,
-            scoring: Scoring::Softmax,
-            groups: None,
-            norm_topk_prob,
-            scale: 1.0,
-        };
-        let scale =
-            || -> Result<f32> { Ok(self.opt_f64("routed_scaling_factor")?.unwrap_or(1.0) as f32) };
-        let groups = || -> Result<Option<GroupLimit>> {
-            Ok(Some(GroupLimit {
-                n_group: self.opt_usize("n_group")?.unwrap_or(1),
-                topk_group: self.opt_usize("topk_group")?.unwrap_or(1),
-            }))
-        };
-        let expect = |key: &str, want: &str| -> Result<()> {
-            match self.present(key) {
-                None => Ok(()),
-                Some(Value::String(s)) if s == want => Ok(()),
-                Some(v) => Err(self.err(format!(
-                    "\"{key}\" {v} is not supported for {} (only \"{want}\")",
-                    arch.model_type()
-                ))),
-            }
-        };
-        Ok(match arch {
-            Architecture::Mixtral => softmax(true),
-            Architecture::Qwen3Moe | Architecture::Qwen2Moe | Architecture::Olmoe => {
-                softmax(self.opt_bool("norm_topk_prob")?.unwrap_or(false))
-            }
-            // transformers' DeepSeek-V2 never renormalises; its published
-            // configs all say norm_topk_prob false anyway.
-            Architecture::DeepseekV2 => {
-                expect("scoring_func", "softmax")?;
-                let groups = match self.present("topk_method").and_then(Value::as_str) {
-                    None | Some("greedy") => None,
-                    Some("group_limited_greedy") => groups()?,
-                    Some(other) => {
-                        return Err(self.err(format!(
-                            "topk_method \"{other}\" is not supported for deepseek_v2 (greedy, group_limited_greedy)"
-                        )))
-                    }
-                };
-                Routing {
-                    groups,
-                    scale: scale()?,
-                    ..softmax(false)
-                }
-            }
-            Architecture::DeepseekV3 => {
-                expect("scoring_func", "sigmoid")?;
-                expect("topk_method", "noaux_tc")?;
-                Routing {
-                    top_k,
-                    scoring: Scoring::Sigmoid,
-                    groups: groups()?,
-                    norm_topk_prob: self.opt_bool("norm_topk_prob")?.unwrap_or(true),
-                    scale: scale()?,
-                }
-            }
-        })
+    /// The routed experts' count, spelled `hub` on the hub and
+    /// `num_local_experts` by transformers 5.
+    pub(crate) fn num_experts(&self, hub: &str) -> Result<usize> {
+        self.agreeing_usize(hub, "num_local_experts")?
+            .ok_or_else(|| {
+                self.err("missing key \"num_experts\" (or \"num_local_experts\")".into())
+            })
     }
 
-    /// Qwen3 configs carry `sliding_window` even when it is off; only
-    /// `use_sliding_window: true` turns it on.
-    fn sliding_window(&self) -> Result<Option<usize>> {
-        if self.opt_bool("use_sliding_window")?.unwrap_or(false) {
-            let w = self.usize("sliding_window")?;
-            if w == 0 {
-                return Err(self.err("\"sliding_window\" must be positive".into()));
-            }
-            Ok(Some(w))
-        } else {
-            Ok(None)
+    /// An optional string key that, when present, must be `want`.
+    pub(crate) fn expect(&self, key: &str, want: &str, model_type: &str) -> Result<()> {
+        match self.present(key) {
+            None => Ok(()),
+            Some(Value::String(s)) if s == want => Ok(()),
+            Some(v) => Err(self.err(format!(
+                "\"{key}\" {v} is not supported for {model_type} (only \"{want}\")"
+            ))),
         }
     }
 }
@@ -982,7 +798,7 @@ mod tests {
             "max_position_embeddings": 128, "sliding_window": 16
         }))
         .unwrap();
-        assert_eq!(mixtral.architecture, Architecture::Mixtral);
+        assert_eq!(mixtral.family.name, "Mixtral");
         assert_eq!(
             (mixtral.num_experts, mixtral.moe_intermediate_size),
             (4, 48)
@@ -1083,7 +899,7 @@ mod tests {
         let mut v = base();
         v["model_type"] = json!("gpt_oss");
         let e = parse(&v).unwrap_err().to_string();
-        for t in SUPPORTED_MODEL_TYPES {
+        for t in family::model_types() {
             assert!(e.contains(t), "{e}");
         }
     }
@@ -1108,7 +924,7 @@ mod tests {
             m.insert(k.into(), val);
         }
         let c = parse(&v).unwrap();
-        assert_eq!(c.architecture, Architecture::DeepseekV3);
+        assert_eq!(c.family.name, "DeepseekV3");
         assert_eq!(c.routing.scoring, Scoring::Sigmoid);
     }
 
@@ -1117,7 +933,7 @@ mod tests {
         let mut v = base();
         v["model_type"] = json!("gpt_oss");
         let e = parse(&v).unwrap_err().to_string();
-        for t in SUPPORTED_MODEL_TYPES {
+        for t in family::model_types() {
             assert!(e.contains(t), "{e}");
         }
     }

@@ -85,7 +85,7 @@ impl Footprint {
         for name in ckpt.tensor_names() {
             let bytes = ckpt.tensor_bytes(name);
             all += bytes;
-            if crate::model::is_routed_expert_tensor(name) {
+            if cfg.family.is_routed_expert(name) {
                 experts += bytes;
             }
             dtypes.insert(ckpt.tensor_any(name)?.dtype.name());

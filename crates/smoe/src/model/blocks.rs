@@ -501,7 +501,7 @@ impl Experts {
             None => Experts::Resident(
                 (0..c.num_experts)
                     .map(|e| {
-                        let names = super::expert_tensor_names(c.architecture, layer, e);
+                        let names = c.family.expert_tensor_names(layer, e);
                         Ffn::load_named(ckpt, &names, c.hidden_size, c.moe_intermediate_size)
                     })
                     .collect::<Result<_>>()?,

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::checkpoint::{TensorSource, Weight};
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::ExpertCache;
 use crate::kernels::{self, matmul, Rope};
@@ -16,7 +16,7 @@ use super::blocks::{
     norm, sized, Attention, Embedding, Experts, Ffn, LatentAttention, Moe, NextLayer, Scratch,
     EMBED,
 };
-use super::{check_input, deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe};
+use super::check_input;
 use super::{CausalLm, KvCache, Logits, Session};
 
 #[derive(Debug)]
@@ -108,13 +108,7 @@ impl Decoder {
         cache: Option<&Arc<ExpertCache>>,
         on_disk: Option<Embedding>,
     ) -> Result<Self> {
-        let layer: LayerFn = match c.architecture {
-            Architecture::Qwen3Moe => qwen3_moe::layer,
-            Architecture::Qwen2Moe => qwen2_moe::layer,
-            Architecture::Mixtral => mixtral::layer,
-            Architecture::Olmoe => olmoe::layer,
-            Architecture::DeepseekV2 | Architecture::DeepseekV3 => deepseek::layer,
-        };
+        let layer = c.family.layer;
         let h = c.hidden_size;
         let table = ckpt.tensor(EMBED, &[c.vocab_size, h])?;
         let (embed, lm_head) = match (c.tie_word_embeddings, on_disk) {

@@ -11,12 +11,119 @@
 //! greedy choice, V3 sigmoid with `e_score_correction_bias` and
 //! group-limited top-k; both scaled by `routed_scaling_factor`.
 
+use serde_json::Value;
+
 use crate::checkpoint::TensorSource;
-use crate::config::{ModelConfig, RopeScaling, Scoring, Yarn};
+use crate::config::{GroupLimit, Keys, Mla, ModelConfig, RopeScaling, Routing, Scoring, Yarn};
 use crate::error::{Error, Result};
 
 use super::blocks::{norm, LatentAttention, Linear, QueryProj, SharedExpert};
 use super::decoder::{Attn, Mlp, Source};
+use super::family::{ExpertNames, Family};
+
+const EXPERTS: ExpertNames = ExpertNames {
+    block: "mlp",
+    proj: ["gate_proj", "up_proj", "down_proj"],
+};
+
+pub static V2: Family = Family {
+    name: "DeepseekV2",
+    model_types: &["deepseek_v2"],
+    config: config_v2,
+    experts: EXPERTS,
+    attention_note: "",
+    shared_note: "",
+    layer,
+};
+
+pub static V3: Family = Family {
+    name: "DeepseekV3",
+    // Kimi-K2 ships DeepSeek-V3's architecture under its own name.
+    model_types: &["deepseek_v3", "kimi_k2"],
+    config: config_v3,
+    experts: EXPERTS,
+    attention_note: "",
+    shared_note: "",
+    layer,
+};
+
+/// What both generations share: the latent attention's dimensions, the
+/// experts' spelling, shared experts, biases.
+fn config_common(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
+    let m = Mla {
+        q_lora_rank: keys.opt_usize("q_lora_rank")?,
+        kv_lora_rank: keys.usize("kv_lora_rank")?,
+        qk_nope_head_dim: keys.usize("qk_nope_head_dim")?,
+        qk_rope_head_dim: keys.usize("qk_rope_head_dim")?,
+        v_head_dim: keys.usize("v_head_dim")?,
+    };
+    c.mla = Some(m);
+    // DeepSeek's `head_dim`, where present, is the rotary part only.
+    c.head_dim = m.qk_nope_head_dim + m.qk_rope_head_dim;
+    c.num_experts = keys.num_experts("n_routed_experts")?;
+    c.moe_intermediate_size = keys.usize("moe_intermediate_size")?;
+    c.shared_expert_intermediate_size =
+        keys.opt_usize("n_shared_experts")?.unwrap_or(0) * c.moe_intermediate_size;
+    if let Some(f) = keys.opt_usize("moe_layer_freq")?.filter(|&f| f != 1) {
+        return Err(keys.err(format!(
+            "moe_layer_freq {f} is not supported (only 1, as in every published DeepSeek model)"
+        )));
+    }
+    c.attention_bias = keys.opt_bool("attention_bias")?.unwrap_or(false);
+    c.o_bias = c.attention_bias;
+    Ok(())
+}
+
+fn group_limit(keys: &Keys<'_>) -> Result<Option<GroupLimit>> {
+    Ok(Some(GroupLimit {
+        n_group: keys.opt_usize("n_group")?.unwrap_or(1),
+        topk_group: keys.opt_usize("topk_group")?.unwrap_or(1),
+    }))
+}
+
+fn scale(keys: &Keys<'_>) -> Result<f32> {
+    Ok(keys.opt_f64("routed_scaling_factor")?.unwrap_or(1.0) as f32)
+}
+
+/// Softmax routing, greedy or group-limited greedy. transformers'
+/// DeepSeek-V2 never renormalises; its published configs all say
+/// norm_topk_prob false anyway.
+fn config_v2(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
+    config_common(keys, c)?;
+    keys.expect("scoring_func", "softmax", "deepseek_v2")?;
+    let groups = match keys.present("topk_method").and_then(Value::as_str) {
+        None | Some("greedy") => None,
+        Some("group_limited_greedy") => group_limit(keys)?,
+        Some(other) => {
+            return Err(keys.err(format!(
+                "topk_method \"{other}\" is not supported for deepseek_v2 (greedy, group_limited_greedy)"
+            )))
+        }
+    };
+    c.routing = Routing {
+        groups,
+        scale: scale(keys)?,
+        ..Routing::softmax(c.num_experts_per_tok, false)
+    };
+    c.rope_interleave = true;
+    Ok(())
+}
+
+/// Sigmoid scores with a correction bias, `noaux_tc` group-limited top-k.
+fn config_v3(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
+    config_common(keys, c)?;
+    keys.expect("scoring_func", "sigmoid", "deepseek_v3")?;
+    keys.expect("topk_method", "noaux_tc", "deepseek_v3")?;
+    c.routing = Routing {
+        top_k: c.num_experts_per_tok,
+        scoring: Scoring::Sigmoid,
+        groups: group_limit(keys)?,
+        norm_topk_prob: keys.opt_bool("norm_topk_prob")?.unwrap_or(true),
+        scale: scale(keys)?,
+    };
+    c.rope_interleave = keys.opt_bool("rope_interleave")?.unwrap_or(true);
+    Ok(())
+}
 
 pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
     let (ckpt, c) = (src.ckpt, src.cfg);

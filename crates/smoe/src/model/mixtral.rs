@@ -6,10 +6,34 @@
 //! `intermediate_size`, router at `block_sparse_moe.gate`: softmax, top-k,
 //! renormalised.
 
+use crate::config::{Keys, ModelConfig, Routing};
 use crate::error::Result;
 
 use super::blocks::{Attention, QkNorm};
 use super::decoder::{Attn, Mlp, Source};
+use super::family::{ExpertNames, Family};
+
+pub static FAMILY: Family = Family {
+    name: "Mixtral",
+    model_types: &["mixtral"],
+    config,
+    experts: ExpertNames {
+        block: "block_sparse_moe",
+        proj: ["w1", "w3", "w2"],
+    },
+    attention_note: "",
+    shared_note: "",
+    layer,
+};
+
+fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
+    c.num_experts = keys.num_experts("num_experts")?;
+    // Experts as wide as `intermediate_size`, no biases anywhere.
+    c.moe_intermediate_size = c.intermediate_size;
+    c.routing = Routing::softmax(c.num_experts_per_tok, true);
+    c.sliding_window = keys.opt_usize("sliding_window")?;
+    Ok(())
+}
 
 pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
     let p = format!("model.layers.{i}");

@@ -5,6 +5,7 @@
 pub mod blocks;
 mod decoder;
 mod deepseek;
+pub mod family;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -12,6 +13,7 @@ mod qwen3_moe;
 mod session;
 
 pub use decoder::Decoder;
+pub use family::{Family, FAMILIES};
 pub(crate) use session::check_input;
 pub use session::{KvCache, Session};
 
@@ -20,27 +22,8 @@ pub use session::{KvCache, Session};
 pub use crate::load::{open, LoadOptions, Opened};
 pub use crate::memory::{available_memory, human_bytes, parse_bytes, Budget, MemoryPlan};
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::Result;
-
-/// The checkpoint names of routed expert `expert` of `layer`: gate, up and
-/// down projections, in the family's own spelling.
-pub fn expert_tensor_names(arch: Architecture, layer: usize, expert: usize) -> [String; 3] {
-    let p = format!("model.layers.{layer}");
-    match arch {
-        Architecture::Mixtral => {
-            ["w1", "w3", "w2"].map(|w| format!("{p}.block_sparse_moe.experts.{expert}.{w}.weight"))
-        }
-        _ => ["gate_proj", "up_proj", "down_proj"]
-            .map(|w| format!("{p}.mlp.experts.{expert}.{w}.weight")),
-    }
-}
-
-/// Whether a checkpoint tensor belongs to a routed expert (what a vault
-/// streams) rather than the backbone. Shared experts are backbone.
-pub fn is_routed_expert_tensor(name: &str) -> bool {
-    name.contains(".mlp.experts.") || name.contains(".block_sparse_moe.experts.")
-}
 
 /// Which positions the caller wants logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,10 +6,36 @@
 //! `mlp.experts.E.{gate,up,down}_proj` and a softmax top-k router at
 //! `mlp.gate`.
 
+use crate::config::{Keys, ModelConfig, Routing};
 use crate::error::Result;
 
 use super::blocks::{Attention, QkNorm};
 use super::decoder::{Attn, Mlp, Source};
+use super::family::{ExpertNames, Family};
+
+pub static FAMILY: Family = Family {
+    name: "Olmoe",
+    model_types: &["olmoe"],
+    config,
+    experts: ExpertNames {
+        block: "mlp",
+        proj: ["gate_proj", "up_proj", "down_proj"],
+    },
+    attention_note: ", whole-width q/k norm",
+    shared_note: "",
+    layer,
+};
+
+fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
+    c.num_experts = keys.num_experts("num_experts")?;
+    c.moe_intermediate_size = c.intermediate_size;
+    let norm = keys.opt_bool("norm_topk_prob")?.unwrap_or(false);
+    c.routing = Routing::softmax(c.num_experts_per_tok, norm);
+    c.attention_bias = keys.opt_bool("attention_bias")?.unwrap_or(false);
+    c.o_bias = c.attention_bias;
+    c.clip_qkv = keys.opt_f64("clip_qkv")?.map(|c| c as f32);
+    Ok(())
+}
 
 pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
     let p = format!("model.layers.{i}");

@@ -5,10 +5,41 @@
 //! expert (`mlp.shared_expert`) scaled by `sigmoid(shared_expert_gate . x)`;
 //! `mlp_only_layers` and off-step layers are dense.
 
+use crate::config::{Keys, ModelConfig, Routing};
 use crate::error::Result;
 
 use super::blocks::{Attention, QkNorm, SharedExpert};
 use super::decoder::{Attn, Mlp, Source};
+use super::family::{ExpertNames, Family};
+
+pub static FAMILY: Family = Family {
+    name: "Qwen2Moe",
+    model_types: &["qwen2_moe"],
+    config,
+    experts: ExpertNames {
+        block: "mlp",
+        proj: ["gate_proj", "up_proj", "down_proj"],
+    },
+    attention_note: "",
+    shared_note: ", sigmoid-gated,",
+    layer,
+};
+
+fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
+    c.num_experts = keys.num_experts("num_experts")?;
+    c.moe_intermediate_size = keys.usize("moe_intermediate_size")?;
+    let norm = keys.opt_bool("norm_topk_prob")?.unwrap_or(false);
+    c.routing = Routing::softmax(c.num_experts_per_tok, norm);
+    c.shared_expert_intermediate_size = keys.usize("shared_expert_intermediate_size")?;
+    c.attention_bias = keys.opt_bool("qkv_bias")?.unwrap_or(true);
+    if keys.opt_bool("use_sliding_window")?.unwrap_or(false) {
+        return Err(keys.err(
+            "use_sliding_window is not supported for qwen2_moe (no published checkpoint sets it)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
 
 pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
     let p = format!("model.layers.{i}");

@@ -5,10 +5,43 @@
 //! `mlp.gate` (renormalised when `norm_topk_prob`), or a dense SwiGLU MLP
 //! for `mlp_only_layers` and off-step layers.
 
+use crate::config::{Keys, ModelConfig, Routing};
 use crate::error::Result;
 
 use super::blocks::{Attention, QkNorm};
 use super::decoder::{Attn, Mlp, Source};
+use super::family::{ExpertNames, Family};
+
+pub static FAMILY: Family = Family {
+    name: "Qwen3Moe",
+    model_types: &["qwen3_moe"],
+    config,
+    experts: ExpertNames {
+        block: "mlp",
+        proj: ["gate_proj", "up_proj", "down_proj"],
+    },
+    attention_note: ", per-head q/k norm",
+    shared_note: "",
+    layer,
+};
+
+fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
+    c.num_experts = keys.num_experts("num_experts")?;
+    c.moe_intermediate_size = keys.usize("moe_intermediate_size")?;
+    let norm = keys.opt_bool("norm_topk_prob")?.unwrap_or(false);
+    c.routing = Routing::softmax(c.num_experts_per_tok, norm);
+    c.attention_bias = keys.opt_bool("attention_bias")?.unwrap_or(false);
+    // Qwen3 configs carry `sliding_window` even when it is off; only
+    // `use_sliding_window: true` turns it on.
+    if keys.opt_bool("use_sliding_window")?.unwrap_or(false) {
+        let w = keys.usize("sliding_window")?;
+        if w == 0 {
+            return Err(keys.err("\"sliding_window\" must be positive".into()));
+        }
+        c.sliding_window = Some(w);
+    }
+    Ok(())
+}
 
 pub fn layer(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)> {
     let p = format!("model.layers.{i}");

@@ -25,7 +25,6 @@ use super::{
 use crate::checkpoint::{Checkpoint, Weight};
 use crate::error::{Error, Result};
 use crate::kernels::widen;
-use crate::model::{expert_tensor_names, is_routed_expert_tensor};
 use crate::quant;
 use crate::quant::DType;
 
@@ -160,7 +159,7 @@ pub fn convert(
         .iter()
         .cloned()
         .chain(expert_layers.iter().flat_map(|&l| {
-            (0..cfg.num_experts).flat_map(move |e| expert_tensor_names(cfg.architecture, l, e))
+            (0..cfg.num_experts).flat_map(move |e| cfg.family.expert_tensor_names(l, e))
         }))
         .map(|n| ckpt.tensor_bytes(&n))
         .sum();
@@ -212,7 +211,7 @@ pub fn convert(
 
     for &layer in &expert_layers {
         let bytes_in: u64 = (0..cfg.num_experts)
-            .flat_map(|e| expert_tensor_names(cfg.architecture, layer, e))
+            .flat_map(|e| cfg.family.expert_tensor_names(layer, e))
             .map(|n| ckpt.tensor_bytes(&n))
             .sum();
         if journal.layers_done.iter().any(|l| l.layer == layer) {
@@ -252,7 +251,7 @@ pub fn convert(
         format: FORMAT.into(),
         version: VERSION,
         conversion_id: journal.conversion_id.clone(),
-        architecture: cfg.architecture.model_type().into(),
+        architecture: cfg.family.model_types[0].into(),
         config: source_config,
         quant: QuantChoice {
             experts: opts.experts.name().into(),
@@ -297,13 +296,13 @@ fn classify(ckpt: &Checkpoint) -> Result<(Vec<String>, Vec<usize>)> {
     };
     let mut backbone: Vec<String> = ckpt
         .tensor_names()
-        .filter(|n| !is_routed_expert_tensor(n) && !beyond(n))
+        .filter(|n| !cfg.family.is_routed_expert(n) && !beyond(n))
         .map(String::from)
         .collect();
     backbone.sort();
     for &l in &layers {
         for e in 0..cfg.num_experts {
-            for n in expert_tensor_names(cfg.architecture, l, e) {
+            for n in cfg.family.expert_tensor_names(l, e) {
                 if !ckpt.contains(&n) {
                     return Err(Error::format(&ckpt.dir, format!("missing tensor \"{n}\"")));
                 }
@@ -502,7 +501,7 @@ fn build_record(
     let mut parts = Vec::with_capacity(3);
     let mut errors = [(0.0, 0.0); 3];
     let mut source_bytes = 0;
-    let names = expert_tensor_names(ckpt.config.architecture, layer, expert);
+    let names = ckpt.config.family.expert_tensor_names(layer, expert);
     for (i, (part, name)) in PARTS.iter().zip(&names).enumerate() {
         let w = ckpt.tensor_any(name)?;
         let (rows, cols) = w.dims2().ok_or_else(|| {
