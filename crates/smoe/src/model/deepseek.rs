@@ -21,16 +21,11 @@ use super::blocks::{norm, LatentAttention, Linear, QueryProj, SharedExpert};
 use super::decoder::{Attn, Mlp, Source};
 use super::family::{ExpertNames, Family};
 
-const EXPERTS: ExpertNames = ExpertNames {
-    block: "mlp",
-    proj: ["gate_proj", "up_proj", "down_proj"],
-};
-
 pub static V2: Family = Family {
     name: "DeepseekV2",
     model_types: &["deepseek_v2"],
     config: config_v2,
-    experts: EXPERTS,
+    experts: ExpertNames::MLP,
     attention_note: "",
     shared_note: "",
     layer,
@@ -41,7 +36,7 @@ pub static V3: Family = Family {
     // Kimi-K2 ships DeepSeek-V3's architecture under its own name.
     model_types: &["deepseek_v3", "kimi_k2"],
     config: config_v3,
-    experts: EXPERTS,
+    experts: ExpertNames::MLP,
     attention_note: "",
     shared_note: "",
     layer,

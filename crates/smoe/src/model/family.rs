@@ -78,6 +78,14 @@ pub struct ExpertNames {
     pub proj: [&'static str; 3],
 }
 
+impl ExpertNames {
+    /// The common spelling: `mlp.experts.E.{gate,up,down}_proj`.
+    pub const MLP: Self = Self {
+        block: "mlp",
+        proj: ["gate_proj", "up_proj", "down_proj"],
+    };
+}
+
 impl Family {
     /// The checkpoint names of routed expert `expert` of `layer`: gate, up
     /// and down projections.

@@ -17,10 +17,7 @@ pub static FAMILY: Family = Family {
     name: "Olmoe",
     model_types: &["olmoe"],
     config,
-    experts: ExpertNames {
-        block: "mlp",
-        proj: ["gate_proj", "up_proj", "down_proj"],
-    },
+    experts: ExpertNames::MLP,
     attention_note: ", whole-width q/k norm",
     shared_note: "",
     layer,

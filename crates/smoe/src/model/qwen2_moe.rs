@@ -16,10 +16,7 @@ pub static FAMILY: Family = Family {
     name: "Qwen2Moe",
     model_types: &["qwen2_moe"],
     config,
-    experts: ExpertNames {
-        block: "mlp",
-        proj: ["gate_proj", "up_proj", "down_proj"],
-    },
+    experts: ExpertNames::MLP,
     attention_note: "",
     shared_note: ", sigmoid-gated,",
     layer,

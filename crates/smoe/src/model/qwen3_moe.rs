@@ -16,10 +16,7 @@ pub static FAMILY: Family = Family {
     name: "Qwen3Moe",
     model_types: &["qwen3_moe"],
     config,
-    experts: ExpertNames {
-        block: "mlp",
-        proj: ["gate_proj", "up_proj", "down_proj"],
-    },
+    experts: ExpertNames::MLP,
     attention_note: ", per-head q/k norm",
     shared_note: "",
     layer,
