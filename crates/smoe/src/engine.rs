@@ -1,5 +1,5 @@
 //! The generation loop: a model, its tokenizer and chat template, and the
-//! stop rules, behind one type that the CLI (and later the server) drive.
+//! stop rules, behind one type that the CLI and the server drive.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};

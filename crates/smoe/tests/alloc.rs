@@ -109,9 +109,10 @@ fn warm_decode_steps_allocate_nothing() {
         .snapshot();
     assert!(stats.misses > 0 && stats.demand_bytes > 0, "{stats:?}");
 
-    // What may remain: each kernel thread's attention-score buffer grows
-    // with the context (doubling, so at most once or twice in this window),
-    // and each expert read carries its completion callback. One allocation
+    // What may remain: a kernel thread's attention buffers, sized for the
+    // most tasks a context splits into, grow when the context first splits
+    // into more (rarely, and not per step), and each expert read carries
+    // its completion callback. One allocation
     // per step would show as 24 or more.
     let threads = smoe::kernels::threads();
     println!(

@@ -187,6 +187,45 @@ fn matmul_passes(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32], pass: usize)
     });
 }
 
+/// How a SIMD test reports a kernel it could not run: never a silent pass.
+#[cfg(test)]
+pub(crate) mod simd_test {
+    use std::io::Write;
+
+    /// Whether /proc/cpuinfo lists every one of `flags` (an account of the
+    /// CPU independent of the run-time detection the kernels use); None
+    /// where it is not there or lists no flags (other systems, qemu-user).
+    fn cpuinfo_has(flags: &[&str]) -> Option<bool> {
+        let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("flags") || l.starts_with("Features"))?;
+        let have: Vec<&str> = line.split(':').nth(1)?.split_whitespace().collect();
+        Some(flags.iter().all(|f| have.contains(f)))
+    }
+
+    /// True when a test's kernel (`available`) can run here. Otherwise the
+    /// test is skipped, and says so on the real stderr, which the test
+    /// harness does not capture, so a passing run still shows it. Under
+    /// `CI=true` a skip is a failure when /proc/cpuinfo says the CPU has
+    /// `flags`: the detection missed it and the kernel went untested.
+    pub fn runs(what: &str, available: bool, flags: &[&str]) -> bool {
+        if available {
+            return true;
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {what}: not available on this CPU, not tested"
+        );
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(
+            !(ci && cpuinfo_has(flags) == Some(true)),
+            "{what}: /proc/cpuinfo lists {flags:?} but the kernels' detection says no"
+        );
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

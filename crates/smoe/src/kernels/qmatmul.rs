@@ -596,11 +596,25 @@ mod tests {
         }
     }
 
+    use crate::kernels::simd_test;
+    /// What /proc/cpuinfo calls the features each x86 kernel set needs.
+    #[cfg(target_arch = "x86_64")]
+    const AVX2_FLAGS: &[&str] = &["avx2", "fma", "f16c"];
+    #[cfg(target_arch = "x86_64")]
+    const AVX512_FLAGS: &[&str] = &[
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+    ];
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_kernels_match_candle_scalar() {
-        if !qdot_x86::available() {
-            eprintln!("no AVX2/FMA/F16C here: nothing to compare");
+        if !simd_test::runs("AVX2 kernels", qdot_x86::available(), AVX2_FLAGS) {
             return;
         }
         check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Avx2Q4K, 17);
@@ -612,8 +626,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_kernels_match_candle_scalar() {
-        if !qdot_avx512::available() {
-            eprintln!("no AVX-512 F/BW/VL/VNNI here: nothing to compare");
+        if !simd_test::runs("AVX-512 kernels", qdot_avx512::available(), AVX512_FLAGS) {
             return;
         }
         check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Avx512Q4K, 17);
@@ -629,7 +642,7 @@ mod tests {
         check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Neon(BASELINE), 18);
         check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Neon(BASELINE), 19);
         let Some(s) = dotprod() else {
-            eprintln!("no dotprod here: only the baseline NEON kernels ran");
+            simd_test::runs("NEON dotprod kernels", false, &["asimddp"]);
             return;
         };
         check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Neon(s), 17);
@@ -672,8 +685,7 @@ mod tests {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if !qdot_x86::available() {
-                eprintln!("no AVX2/FMA/F16C here: nothing to compare");
+            if !simd_test::runs("AVX2 quantizers", qdot_x86::available(), AVX2_FLAGS) {
                 return;
             }
             // SAFETY (both): AVX2, FMA and F16C are available.

@@ -82,8 +82,9 @@ pub fn dot(dtype: DType, w: &[u8], x: &[f32]) -> f32 {
             portable::dot_f16(w, x)
         }
         DType::Quant(_) => {
-            // Quantized matrices go through kernels::qmatmul as a whole; this
-            // single-row path serves only odd callers, so it widens first.
+            // Quantized matrices go through kernels::qmatmul as a whole and
+            // never reach this row-at-a-time path (the float matmul's
+            // decode loop); a caller that does gets the widened product.
             let mut row = vec![0.0; x.len()];
             widen(dtype, w, &mut row);
             dot_f32(&row, x)

@@ -4,21 +4,23 @@
 //! block with its optional shared expert.
 //! Each works on a batch of `t` tokens at once (row-major `[t, width]`), so
 //! prefill is matrix-matrix and decode is the `t = 1` case of the same code.
+//! They say what is computed and on which weights; every piece of tensor
+//! work is a call on the [`Backend`] they are handed.
 
 use std::sync::Arc;
 
 pub use crate::config::{GroupLimit, Routing, Scoring};
 
 use crate::checkpoint::{TensorSource, Weight};
+use crate::compute::{AttnShape, Backend, KvCache, Matrix, MlaShape, RouteScratch};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::ExpertCache;
-use crate::kernels::{self, matmul, AttnShape, Matrix, Rope, SharedOut};
 use crate::quant::DType;
 use crate::vault::io::{DirectFile, DiskRows};
 use crate::vault::Vault;
 
-use super::KvCache;
+pub(crate) use crate::compute::sized;
 
 /// The token-embedding table's name in every supported family.
 pub const EMBED: &str = "model.embed_tokens.weight";
@@ -76,17 +78,6 @@ struct MlaScratch {
     values: Vec<f32>,
 }
 
-thread_local! {
-    /// Each pool thread's buffers for the routed experts it runs.
-    static EXPERT_SCRATCH: std::cell::RefCell<FfnScratch> = std::cell::RefCell::default();
-}
-
-/// Resizes a buffer to exactly `n` elements; within capacity this is free.
-pub(crate) fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    v.resize(n, 0.0);
-    &mut v[..n]
-}
-
 /// A `[out, in]` projection with an optional bias.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -115,12 +106,10 @@ impl Linear {
         self.weight.shape[0]
     }
 
-    pub fn forward(&self, x: &[f32], t: usize, y: &mut [f32]) {
-        matmul(x, t, self.weight.matrix(), y);
+    pub fn forward(&self, be: &dyn Backend, x: &[f32], t: usize, y: &mut [f32]) {
+        be.matmul(x, t, self.weight.matrix(), y);
         if let Some(b) = &self.bias {
-            for row in y.chunks_exact_mut(b.len()) {
-                kernels::add_in_place(row, b);
-            }
+            be.add_rows(y, b);
         }
     }
 }
@@ -205,7 +194,15 @@ impl Attention {
     /// `h` is the normed input `[t, hidden]`; the result `[t, hidden]` is
     /// written to `s.out`. RoPE tables for the call's positions must be in
     /// `s.cos`/`s.sin`.
-    pub fn forward(&self, layer: usize, h: &[f32], t: usize, kv: &mut KvCache, s: &mut Scratch) {
+    pub fn forward(
+        &self,
+        be: &dyn Backend,
+        layer: usize,
+        h: &[f32],
+        t: usize,
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) {
         let (hd, nq, nkv) = (
             self.head_dim,
             self.n_heads * self.head_dim,
@@ -214,34 +211,29 @@ impl Attention {
         let q = sized(&mut s.q, t * nq);
         let k = sized(&mut s.k, t * nkv);
         let v = sized(&mut s.v, t * nkv);
-        self.q.forward(h, t, q);
-        self.k.forward(h, t, k);
-        self.v.forward(h, t, v);
+        self.q.forward(be, h, t, q);
+        self.k.forward(be, h, t, k);
+        self.v.forward(be, h, t, v);
         if let Some(w) = &self.q_norm {
-            kernels::rms_norm(q, w, self.eps);
+            be.rms_norm(q, w.len(), w, self.eps);
         }
         if let Some(w) = &self.k_norm {
-            kernels::rms_norm(k, w, self.eps);
+            be.rms_norm(k, w.len(), w, self.eps);
         }
         if let Some(c) = self.clip {
-            for x in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
-                *x = x.clamp(-c, c);
-            }
+            be.clamp(q, c);
+            be.clamp(k, c);
+            be.clamp(v, c);
         }
-        let half = hd / 2;
-        for tok in 0..t {
-            let (c, sn) = (&s.cos[tok * half..][..half], &s.sin[tok * half..][..half]);
-            Rope::apply(&mut q[tok * nq..][..nq], c, sn);
-            Rope::apply(&mut k[tok * nkv..][..nkv], c, sn);
-        }
+        be.rope(q, t, hd, 0, &s.cos, &s.sin, false);
+        be.rope(k, t, hd, 0, &s.cos, &s.sin, false);
         let pos0 = kv.len();
-        kv.append(layer, k, v);
-        let (keys, values) = kv.layer(layer);
+        be.kv_append(kv, layer, k, v);
         let attn = sized(&mut s.attn, t * nq);
         let shape = AttnShape::grouped(self.n_heads, self.n_kv_heads, hd, pos0, self.window);
-        kernels::attention(q, keys, values, shape, attn);
+        be.attention(q, kv, layer, shape, attn);
         let out = sized(&mut s.out, t * self.o.out_dim());
-        self.o.forward(attn, t, out);
+        self.o.forward(be, attn, t, out);
     }
 }
 
@@ -290,79 +282,51 @@ pub struct LatentAttention {
 
 impl LatentAttention {
     /// Same contract as [`Attention::forward`].
-    pub fn forward(&self, layer: usize, h: &[f32], t: usize, kv: &mut KvCache, s: &mut Scratch) {
+    pub fn forward(
+        &self,
+        be: &dyn Backend,
+        layer: usize,
+        h: &[f32],
+        t: usize,
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) {
         let (nh, nope, rope, rank) = (self.n_heads, self.nope, self.rope, self.rank);
         let qk = nope + rope;
         let q = sized(&mut s.q, t * nh * qk);
         match &self.q {
-            QueryProj::Full(p) => p.forward(h, t, q),
+            QueryProj::Full(p) => p.forward(be, h, t, q),
             QueryProj::LowRank { a, norm, b } => {
                 let qa = sized(&mut s.k, t * a.out_dim());
-                a.forward(h, t, qa);
-                kernels::rms_norm(qa, norm, self.eps);
-                b.forward(qa, t, q);
+                a.forward(be, h, t, qa);
+                be.rms_norm(qa, norm.len(), norm, self.eps);
+                b.forward(be, qa, t, q);
             }
         }
         let row = rank + rope;
         let latent = sized(&mut s.v, t * row);
-        self.kv_a.forward(h, t, latent);
-        let half = rope / 2;
-        let rotate = if self.interleave {
-            Rope::apply_interleaved
-        } else {
-            Rope::apply
-        };
-        for tok in 0..t {
-            let (c, sn) = (&s.cos[tok * half..][..half], &s.sin[tok * half..][..half]);
-            let (lat, k_pe) = latent[tok * row..][..row].split_at_mut(rank);
-            kernels::rms_norm(lat, &self.kv_norm, self.eps);
-            rotate(k_pe, c, sn);
-            for head in q[tok * nh * qk..][..nh * qk].chunks_exact_mut(qk) {
-                rotate(&mut head[nope..], c, sn);
-            }
-        }
+        self.kv_a.forward(be, h, t, latent);
+        be.rms_norm(latent, row, &self.kv_norm, self.eps);
+        let (cos, sin, il) = (&s.cos, &s.sin, self.interleave);
+        be.rope(latent, t, row, rank, cos, sin, il);
+        be.rope(q, t, qk, nope, cos, sin, il);
         let pos0 = kv.len();
-        kv.append(layer, latent, &[]);
-        let (cached, _) = kv.layer(layer);
+        be.kv_append(kv, layer, latent, &[]);
 
         // Absorb: query h becomes [W_k[h]^T q_nope | q_pe], width `row`.
         let kv_b = self.kv_b.matrix();
+        let shape = MlaShape {
+            n_heads: nh,
+            nope,
+            rope,
+            v_dim: self.v_dim,
+            rank,
+        };
         let m = &mut s.mla;
-        let absorbed = sized(&mut m.absorbed, nh * t * rank);
-        // One widened weight row per head, kept between calls.
-        let rows = sized(&mut m.rows, nh * rank);
-        let (absorbed_at, rows_at) = (
-            SharedOut(absorbed.as_mut_ptr()),
-            SharedOut(rows.as_mut_ptr()),
-        );
-        kernels::for_each_task(nh, |head| {
-            // SAFETY: head `head` alone writes its slices of both buffers,
-            // which hold `nh` of each.
-            let (out, w) = unsafe {
-                (
-                    absorbed_at.slice(head * t * rank, t * rank),
-                    rows_at.slice(head * rank, rank),
-                )
-            };
-            out.fill(0.0);
-            for i in 0..nope {
-                kernels::widen(kv_b.dtype, kv_b.row(head * (nope + self.v_dim) + i), w);
-                for tok in 0..t {
-                    let qv = q[(tok * nh + head) * qk + i];
-                    kernels::axpy(qv, w, &mut out[tok * rank..][..rank]);
-                }
-            }
-        });
         let qa = sized(&mut s.k, t * nh * row);
-        for tok in 0..t {
-            for head in 0..nh {
-                let dst = &mut qa[(tok * nh + head) * row..][..row];
-                dst[..rank].copy_from_slice(&absorbed[(head * t + tok) * rank..][..rank]);
-                dst[rank..].copy_from_slice(&q[(tok * nh + head) * qk + nope..][..rope]);
-            }
-        }
+        be.mla_absorb(q, t, kv_b, shape, &mut m.absorbed, &mut m.rows, qa);
         let out_lat = sized(&mut s.attn, t * nh * rank);
-        let shape = AttnShape {
+        let attn_shape = AttnShape {
             n_heads: nh,
             n_kv_heads: 1,
             head_dim: row,
@@ -373,26 +337,13 @@ impl LatentAttention {
             pos0,
             window: None,
         };
-        kernels::attention(qa, cached, cached, shape, out_lat);
+        be.attention(qa, kv, layer, attn_shape, out_lat);
 
         // Each head's latent output through its value rows.
-        let vd = self.v_dim;
-        let attn = sized(&mut s.q, t * nh * vd);
-        for head in 0..nh {
-            let lat = sized(&mut m.latent, t * rank);
-            for tok in 0..t {
-                lat[tok * rank..][..rank]
-                    .copy_from_slice(&out_lat[(tok * nh + head) * rank..][..rank]);
-            }
-            let first = head * (nope + vd) + nope;
-            let vals = sized(&mut m.values, t * vd);
-            matmul(lat, t, kv_b.rows(first..first + vd), vals);
-            for tok in 0..t {
-                attn[(tok * nh + head) * vd..][..vd].copy_from_slice(&vals[tok * vd..][..vd]);
-            }
-        }
+        let attn = sized(&mut s.q, t * nh * self.v_dim);
+        be.mla_values(out_lat, t, kv_b, shape, &mut m.latent, &mut m.values, attn);
         let out = sized(&mut s.out, t * self.o.out_dim());
-        self.o.forward(attn, t, out);
+        self.o.forward(be, attn, t, out);
     }
 }
 
@@ -431,37 +382,18 @@ impl Ffn {
     }
 
     /// `x` is `[t, hidden]`, the result goes to `y` `[t, hidden]`.
-    pub fn forward(&self, x: &[f32], t: usize, y: &mut [f32], s: &mut Scratch) {
-        self.run(x, t, y, &mut s.ffn);
+    pub fn forward(&self, be: &dyn Backend, x: &[f32], t: usize, y: &mut [f32], s: &mut Scratch) {
+        self.run(be, x, t, y, &mut s.ffn);
     }
 
-    fn run(&self, x: &[f32], t: usize, y: &mut [f32], s: &mut FfnScratch) {
-        swiglu(
-            [self.gate.matrix(), self.up.matrix(), self.down.matrix()],
-            x,
-            t,
-            y,
-            s,
-        );
+    fn run(&self, be: &dyn Backend, x: &[f32], t: usize, y: &mut [f32], s: &mut FfnScratch) {
+        be.swiglu(self.matrices(), x, t, y, &mut s.gate, &mut s.up);
     }
-}
 
-/// `down(silu(gate(x)) * up(x))` on `[gate, up, down]` matrices, wherever
-/// they live (mapped checkpoint or cache slot).
-fn swiglu(
-    [gate_w, up_w, down_w]: [Matrix<'_>; 3],
-    x: &[f32],
-    t: usize,
-    y: &mut [f32],
-    s: &mut FfnScratch,
-) {
-    let inter = gate_w.rows;
-    let gate = sized(&mut s.gate, t * inter);
-    let up = sized(&mut s.up, t * inter);
-    matmul(x, t, gate_w, gate);
-    matmul(x, t, up_w, up);
-    kernels::silu_mul(gate, up);
-    matmul(gate, t, down_w, y);
+    /// Gate, up and down.
+    fn matrices(&self) -> [Matrix<'_>; 3] {
+        [self.gate.matrix(), self.up.matrix(), self.down.matrix()]
+    }
 }
 
 /// Where a sparse layer's experts come from.
@@ -555,13 +487,15 @@ impl Moe {
     ///
     /// Tokens are grouped by expert so that each chosen expert runs once per
     /// call as a matrix-matrix product over all of its tokens, which is what
-    /// makes batched prefill cheap and what the streaming cache will need.
+    /// makes batched prefill cheap and lets the streaming cache read each
+    /// chosen expert once per call however many tokens chose it.
     ///
     /// With `next`, the predicted experts of the next sparse layer are
     /// handed to the cache right after this layer's demand reads are queued,
     /// so they load while this layer computes.
     pub fn forward(
         &self,
+        be: &dyn Backend,
         x: &[f32],
         t: usize,
         y: &mut [f32],
@@ -571,7 +505,7 @@ impl Moe {
         let hidden = self.router.shape[1];
         let n_exp = self.router.shape[0];
         let m = &mut s.moe;
-        self.route_tokens(x, t, &mut m.logits, &mut m.route, &mut m.chosen);
+        self.route_tokens(be, x, t, &mut m.logits, &mut m.route, &mut m.chosen);
 
         // Counting sort of (token, slot) pairs by expert.
         m.start.clear();
@@ -594,87 +528,43 @@ impl Moe {
         // tokens are one contiguous block of `xs` and of its outputs `ys`.
         let k = self.routing.top_k;
         let xs = sized(&mut m.xg, m.order.len() * hidden);
-        for (row, &slot) in xs.chunks_exact_mut(hidden).zip(&m.order) {
-            row.copy_from_slice(&x[slot / k * hidden..][..hidden]);
-        }
+        be.gather(x, hidden, &m.order, k, xs);
         let ys = sized(&mut m.yg, m.order.len() * hidden);
         let mut used = std::mem::take(&mut m.used);
         used.clear();
         used.extend((0..n_exp as u32).filter(|&e| m.start[e as usize + 1] > m.start[e as usize]));
-        {
-            let (xs, start) = (&*xs, &m.start);
-            let out = SharedOut(ys.as_mut_ptr());
-            // The experts of a layer are independent products, one task
-            // each when there are enough of them to keep every thread busy:
-            // with one token (decode) each is too small to split well by
-            // rows, and one synchronization per layer replaces three per
-            // expert. Their matmuls then run on the task's own thread
-            // (`kernels::for_each_task`), with that thread's buffers. Few
-            // experts (Mixtral's two, on many cores) split by rows instead.
-            let by_expert = used.len() >= 2 * kernels::threads();
-            let each = |n: usize, f: &(dyn Fn(usize) + Sync)| {
-                if by_expert {
-                    kernels::for_each_task(n, f)
-                } else {
-                    (0..n).for_each(f)
-                }
-            };
-            let run = |e: u32, mats: [Matrix<'_>; 3]| {
-                let (a, b) = (start[e as usize], start[e as usize + 1]);
-                // SAFETY: expert e's rows a..b of `ys` are written by this
-                // task only, and lie inside `ys` (b <= order.len()).
-                let yg = unsafe { out.slice(a * hidden, (b - a) * hidden) };
-                EXPERT_SCRATCH
-                    .with_borrow_mut(|s| swiglu(mats, &xs[a * hidden..b * hidden], b - a, yg, s));
-            };
-            match &self.experts {
-                Experts::Resident(experts) => each(used.len(), &|i| {
-                    let f = &experts[used[i] as usize];
-                    run(used[i], [f.gate.matrix(), f.up.matrix(), f.down.matrix()]);
-                }),
-                Experts::Streamed { cache, layer } => {
-                    // A prefill chunk may route to more experts than the
-                    // cache holds: take them in groups that fit, all reads
-                    // of a group in flight together.
-                    let mut next = next;
-                    for group in used.chunks(cache.capacity()) {
-                        let mut pinned = cache.request(*layer, group)?;
-                        if let Some(n) = next.take() {
-                            cache.prefetch(n.layer, n.experts);
-                        }
-                        pinned.wait()?;
-                        each(pinned.len(), &|i| {
-                            let (e, mats) = pinned.get(i);
-                            run(e, mats);
-                        });
+        match &self.experts {
+            Experts::Resident(experts) => {
+                let expert = |i: usize| (used[i], experts[used[i] as usize].matrices());
+                be.experts(used.len(), &expert, &m.start, xs, ys);
+            }
+            Experts::Streamed { cache, layer } => {
+                // A prefill chunk may route to more experts than the cache
+                // holds: take them in groups that fit, all reads of a group
+                // in flight together.
+                let mut next = next;
+                for group in used.chunks(cache.capacity()) {
+                    let mut pinned = cache.request(*layer, group)?;
+                    if let Some(n) = next.take() {
+                        cache.prefetch(n.layer, n.experts);
                     }
+                    pinned.wait()?;
+                    be.experts(pinned.len(), &|i| pinned.get(i), &m.start, xs, ys);
                 }
             }
         }
-        // Each token's experts summed in ascending expert order, the order
-        // transformers sums them in.
-        y.fill(0.0);
-        for (row, &slot) in ys.chunks_exact(hidden).zip(&m.order) {
-            let (tok, w) = (slot / k, m.chosen[slot].1);
-            kernels::axpy(w, row, &mut y[tok * hidden..][..hidden]);
-        }
+        be.scatter(ys, &m.order, &m.chosen, k, y);
         m.used = used;
         if let Some(shared) = &self.shared {
             let ys = sized(&mut m.yg, t * hidden);
-            shared.ffn.run(x, t, ys, &mut s.ffn);
+            shared.ffn.run(be, x, t, ys, &mut s.ffn);
             match &shared.gate {
                 Some(gate) => {
                     let g = sized(&mut m.shared_gate, t);
-                    matmul(x, t, gate.matrix(), g);
-                    for ((row, yrow), g) in ys
-                        .chunks_exact(hidden)
-                        .zip(y.chunks_exact_mut(hidden))
-                        .zip(g)
-                    {
-                        kernels::axpy(kernels::sigmoid(*g), row, yrow);
-                    }
+                    be.matmul(x, t, gate.matrix(), g);
+                    be.gated_add(y, ys, g);
                 }
-                None => kernels::add_in_place(y, ys),
+                None => be.add(y, ys),
             }
         }
         Ok(())
@@ -684,28 +574,19 @@ impl Moe {
 impl Moe {
     /// The one routing step of a sparse layer, for its own tokens and for
     /// predictions alike: router logits of `x` `[t, hidden]`, then each
-    /// token's `top_k` (expert, weight) pairs ([`route`]) in `chosen`.
+    /// token's `top_k` (expert, weight) pairs in `chosen`.
     fn route_tokens(
         &self,
+        be: &dyn Backend,
         x: &[f32],
         t: usize,
         logits: &mut Vec<f32>,
         scratch: &mut RouteScratch,
         chosen: &mut Vec<(u32, f32)>,
     ) {
-        let n_exp = self.router.shape[0];
-        let logits = sized(logits, t * n_exp);
-        matmul(x, t, self.router.matrix(), logits);
-        chosen.clear();
-        for row in logits.chunks_exact_mut(n_exp) {
-            route(
-                row,
-                &self.routing,
-                self.score_bias.as_deref(),
-                scratch,
-                chosen,
-            );
-        }
+        let bias = self.score_bias.as_deref();
+        let router = self.router.matrix();
+        be.route(x, t, router, &self.routing, bias, logits, scratch, chosen);
     }
 }
 
@@ -735,6 +616,7 @@ impl Moe {
     /// left in `s.experts`, ordered by the best router weight each got.
     pub fn predict(
         &self,
+        be: &dyn Backend,
         hidden: &[f32],
         t: usize,
         norm: &[f32],
@@ -742,105 +624,14 @@ impl Moe {
         s: &mut PredictScratch,
     ) {
         let hn = sized(&mut s.h, t * self.router.shape[1]);
-        kernels::rms_norm_rows(hidden, norm, eps, hn);
-        self.route_tokens(hn, t, &mut s.logits, &mut s.route, &mut s.chosen);
+        be.rms_norm_rows(hidden, norm, eps, hn);
+        self.route_tokens(be, hn, t, &mut s.logits, &mut s.route, &mut s.chosen);
         s.chosen.sort_by(|a, b| b.1.total_cmp(&a.1));
         s.experts.clear();
         for &(e, _) in &s.chosen {
             if !s.experts.contains(&e) {
                 s.experts.push(e);
             }
-        }
-    }
-}
-
-/// Buffers of [`route`], kept between calls.
-#[derive(Debug, Default)]
-pub struct RouteScratch {
-    /// Scores the choice is made on (bias-corrected ones, for V3).
-    choice: Vec<f32>,
-    /// (group, score), best first.
-    groups: Vec<(usize, f32)>,
-}
-
-/// Turns one token's router logits into `top_k` (expert, weight) pairs
-/// appended to `chosen`, as transformers does for each family:
-///
-/// - scores: softmax over all experts, or independent sigmoids;
-/// - the choice is made on the scores plus `bias` when given (the weights
-///   stay the unbiased scores);
-/// - with a group limit, only experts of the best `topk_group` groups
-///   compete, a group scored by its best expert (softmax) or the sum of
-///   its best two (sigmoid);
-/// - the `top_k` best win, ties to the lower index; their weights are
-///   optionally renormalised, then multiplied by `scale`.
-///
-/// `logits` is overwritten with the scores.
-pub fn route(
-    logits: &mut [f32],
-    r: &Routing,
-    bias: Option<&[f32]>,
-    scratch: &mut RouteScratch,
-    chosen: &mut Vec<(u32, f32)>,
-) {
-    let RouteScratch { choice, groups } = scratch;
-    match r.scoring {
-        Scoring::Softmax => kernels::softmax(logits),
-        Scoring::Sigmoid => {
-            for v in logits.iter_mut() {
-                *v = kernels::sigmoid(*v);
-            }
-        }
-    }
-    let scores = &*logits;
-    choice.clear();
-    match bias {
-        Some(b) => choice.extend(scores.iter().zip(b).map(|(s, b)| s + b)),
-        None => choice.extend_from_slice(scores),
-    }
-    if let Some(g) = r.groups {
-        let per = choice.len() / g.n_group;
-        let group_score = |grp: &[f32]| match r.scoring {
-            Scoring::Softmax => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-            Scoring::Sigmoid => {
-                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-                for &v in grp {
-                    if v > a {
-                        (a, b) = (v, a);
-                    } else if v > b {
-                        b = v;
-                    }
-                }
-                a + b
-            }
-        };
-        groups.clear();
-        groups.extend(choice.chunks_exact(per).map(group_score).enumerate());
-        groups.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        for &(grp, _) in &groups[g.topk_group..] {
-            choice[grp * per..(grp + 1) * per].fill(f32::NEG_INFINITY);
-        }
-    }
-    let first = chosen.len();
-    for _ in 0..r.top_k {
-        let mut best = 0;
-        for (e, &p) in choice.iter().enumerate() {
-            if p > choice[best] {
-                best = e;
-            }
-        }
-        chosen.push((best as u32, scores[best]));
-        choice[best] = f32::NEG_INFINITY;
-    }
-    if r.norm_topk_prob {
-        let sum: f32 = chosen[first..].iter().map(|c| c.1).sum();
-        for c in &mut chosen[first..] {
-            c.1 /= sum;
-        }
-    }
-    if r.scale != 1.0 {
-        for c in &mut chosen[first..] {
-            c.1 *= r.scale;
         }
     }
 }
@@ -915,75 +706,10 @@ impl Embedding {
         match self {
             Embedding::Mapped(w) => {
                 let table = w.matrix();
-                kernels::widen(table.dtype, table.row(id as usize), out);
+                crate::kernels::widen(table.dtype, table.row(id as usize), out);
                 Ok(())
             }
             Embedding::OnDisk(d) => d.read(id, out),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn routed(logits: &[f32], r: Routing, bias: Option<&[f32]>) -> Vec<(u32, f32)> {
-        let (mut l, mut chosen) = (logits.to_vec(), Vec::new());
-        route(&mut l, &r, bias, &mut RouteScratch::default(), &mut chosen);
-        chosen
-    }
-
-    #[test]
-    fn group_limits_and_correction_bias_steer_the_choice() {
-        let plain = Routing {
-            top_k: 2,
-            scoring: Scoring::Softmax,
-            groups: None,
-            norm_topk_prob: false,
-            scale: 1.0,
-        };
-        let logits = [3.0, 2.9, 0.0, 2.8, 0.1, 0.2];
-        let ids = |c: Vec<(u32, f32)>| c.iter().map(|c| c.0).collect::<Vec<_>>();
-        assert_eq!(ids(routed(&logits, plain, None)), [0, 1]);
-
-        // Three groups of two, one allowed: group {0, 1} has the best
-        // expert, so both picks come from it.
-        let grouped = Routing {
-            groups: Some(GroupLimit {
-                n_group: 3,
-                topk_group: 1,
-            }),
-            ..plain
-        };
-        assert_eq!(ids(routed(&logits, grouped, None)), [0, 1]);
-        let logits = [3.0, -5.0, 2.9, 2.8, 0.0, 0.0];
-        // Max-scored groups: {0,1} wins on 3.0 alone, so expert 1 is
-        // chosen over 2 and 3 although its score is the lowest.
-        assert_eq!(ids(routed(&logits, grouped, None)), [0, 1]);
-        let sigmoid = Routing {
-            scoring: Scoring::Sigmoid,
-            norm_topk_prob: true,
-            scale: 2.0,
-            ..grouped
-        };
-        // Best-two sums: {2, 3} beats {0, 1}.
-        let chosen = routed(&logits, sigmoid, None);
-        assert_eq!(ids(chosen.clone()), [2, 3]);
-        let sum: f32 = chosen.iter().map(|c| c.1).sum();
-        assert!((sum - 2.0).abs() < 1e-6, "renormalised, then scaled");
-
-        // The bias changes the choice but not the weights.
-        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 9.0];
-        let chosen = routed(
-            &logits,
-            Routing {
-                norm_topk_prob: false,
-                scale: 1.0,
-                ..sigmoid
-            },
-            Some(&bias),
-        );
-        assert_eq!(chosen[0].0, 5);
-        assert!((chosen[0].1 - 0.5).abs() < 1e-6, "sigmoid(0), unbiased");
     }
 }

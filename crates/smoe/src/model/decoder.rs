@@ -7,17 +7,17 @@
 use std::sync::Arc;
 
 use crate::checkpoint::{TensorSource, Weight};
+use crate::compute::{Backend, Cpu, KvCache, Rope};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::ExpertCache;
-use crate::kernels::{self, matmul, Rope};
 
 use super::blocks::{
     norm, sized, Attention, Embedding, Experts, Ffn, LatentAttention, Moe, NextLayer, Scratch,
     EMBED,
 };
 use super::check_input;
-use super::{CausalLm, KvCache, Logits, Session};
+use super::{CausalLm, Logits, Session};
 
 #[derive(Debug)]
 pub enum Attn {
@@ -26,10 +26,18 @@ pub enum Attn {
 }
 
 impl Attn {
-    fn forward(&self, layer: usize, h: &[f32], t: usize, kv: &mut KvCache, s: &mut Scratch) {
+    fn forward(
+        &self,
+        be: &dyn Backend,
+        layer: usize,
+        h: &[f32],
+        t: usize,
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) {
         match self {
-            Attn::Grouped(a) => a.forward(layer, h, t, kv, s),
-            Attn::Latent(a) => a.forward(layer, h, t, kv, s),
+            Attn::Grouped(a) => a.forward(be, layer, h, t, kv, s),
+            Attn::Latent(a) => a.forward(be, layer, h, t, kv, s),
         }
     }
 }
@@ -96,6 +104,8 @@ pub struct Decoder {
     norm: Vec<f32>,
     lm_head: Weight,
     rope: Rope,
+    /// Where every tensor op runs.
+    backend: Box<dyn Backend>,
 }
 
 impl Decoder {
@@ -142,6 +152,7 @@ impl Decoder {
             norm: norm(ckpt, "model.norm.weight", h)?,
             lm_head,
             rope: Rope::new(c.rope_dim(), c.rope_theta, &c.rope_scaling),
+            backend: Box::new(Cpu),
         })
     }
 }
@@ -153,11 +164,12 @@ impl CausalLm for Decoder {
 
     fn new_session(&self) -> Session {
         let c = &self.cfg;
+        let be = &self.backend;
         let kv = match c.mla {
-            Some(_) => KvCache::new(c.num_hidden_layers, c.kv_floats_per_position(), 0),
+            Some(_) => be.kv_cache(c.num_hidden_layers, c.kv_floats_per_position(), 0),
             None => {
                 let width = c.num_key_value_heads * c.head_dim;
-                KvCache::new(c.num_hidden_layers, width, width)
+                be.kv_cache(c.num_hidden_layers, width, width)
             }
         };
         Session::new(kv)
@@ -174,25 +186,25 @@ impl CausalLm for Decoder {
         check_input(&self.cfg, ids, pos0)?;
         let s = &mut session.scratch;
         let kv = &mut session.kv;
+        let be = &*self.backend;
+        let eps = self.cfg.rms_norm_eps;
 
         let x = sized(&mut s.x, t * h);
-        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-            self.embed.row(id, row)?;
-        }
-        self.rope.tables(pos0..pos0 + t, &mut s.cos, &mut s.sin);
+        be.embed(&self.embed, ids, x)?;
+        be.rope_tables(&self.rope, pos0..pos0 + t, &mut s.cos, &mut s.sin);
 
         for (i, layer) in self.layers.iter().enumerate() {
             let mut hbuf = std::mem::take(&mut s.h);
             let hn = sized(&mut hbuf, t * h);
-            kernels::rms_norm_rows(&s.x, &layer.input_norm, self.cfg.rms_norm_eps, hn);
-            layer.attn.forward(i, hn, t, kv, s);
-            kernels::add_in_place(&mut s.x, &s.out);
+            be.rms_norm_rows(&s.x, &layer.input_norm, eps, hn);
+            layer.attn.forward(be, i, hn, t, kv, s);
+            be.add(&mut s.x, &s.out);
 
-            kernels::rms_norm_rows(&s.x, &layer.post_norm, self.cfg.rms_norm_eps, hn);
+            be.rms_norm_rows(&s.x, &layer.post_norm, eps, hn);
             let mut out = std::mem::take(&mut s.out);
             let y = sized(&mut out, t * h);
             match &layer.mlp {
-                Mlp::Dense(ffn) => ffn.forward(hn, t, y, s),
+                Mlp::Dense(ffn) => ffn.forward(be, hn, t, y, s),
                 Mlp::Sparse(moe) => {
                     let mut pred = std::mem::take(&mut s.predict);
                     let next = match self.layers.get(i + 1) {
@@ -201,7 +213,7 @@ impl CausalLm for Decoder {
                             post_norm,
                             ..
                         }) if matches!(next.experts, Experts::Streamed { .. }) => {
-                            next.predict(&s.x, t, post_norm, self.cfg.rms_norm_eps, &mut pred);
+                            next.predict(be, &s.x, t, post_norm, eps, &mut pred);
                             Some(NextLayer {
                                 layer: i + 1,
                                 experts: &pred.experts,
@@ -209,12 +221,12 @@ impl CausalLm for Decoder {
                         }
                         _ => None,
                     };
-                    let done = moe.forward(hn, t, y, s, next);
+                    let done = moe.forward(be, hn, t, y, s, next);
                     s.predict = pred;
                     done?
                 }
             }
-            kernels::add_in_place(&mut s.x, y);
+            be.add(&mut s.x, y);
             s.out = out;
             s.h = hbuf;
         }
@@ -226,14 +238,9 @@ impl CausalLm for Decoder {
         };
         let n = rows.len();
         let hn = sized(&mut s.h, n * h);
-        kernels::rms_norm_rows(
-            &s.x[rows.start * h..rows.end * h],
-            &self.norm,
-            self.cfg.rms_norm_eps,
-            hn,
-        );
+        be.rms_norm_rows(&s.x[rows.start * h..rows.end * h], &self.norm, eps, hn);
         let out = sized(&mut session.logits, n * self.cfg.vocab_size);
-        matmul(hn, n, self.lm_head.matrix(), out);
+        be.matmul(hn, n, self.lm_head.matrix(), out);
         Ok(out)
     }
 }

@@ -1,6 +1,7 @@
-//! Model architectures, one file each, assembled from the shared building
-//! blocks in [`blocks`]. An architecture knows its tensor names and the order
-//! of its operations; the arithmetic lives in the blocks and the kernels.
+//! Model families, one file each and one registry ([`family`]), assembled
+//! from the shared building blocks in [`blocks`] into one [`Decoder`]. A
+//! family knows its config keys, its tensor names and the order of its
+//! operations; the arithmetic is the [`crate::compute::Backend`]'s.
 
 pub mod blocks;
 mod decoder;
@@ -12,10 +13,11 @@ mod qwen2_moe;
 mod qwen3_moe;
 mod session;
 
+pub use crate::compute::KvCache;
 pub use decoder::Decoder;
 pub use family::{Family, FAMILIES};
 pub(crate) use session::check_input;
-pub use session::{KvCache, Session};
+pub use session::Session;
 
 // Where these lived before memory planning and loading left this module;
 // callers outside the crate still name them here.

@@ -1,0 +1,77 @@
+//! The KV cache as the CPU backend keeps it: one growable f32 buffer of
+//! keys and one of values per layer.
+
+/// Keys and values of every layer for positions `0..len`, position-major:
+/// `k_width` and `v_width` floats per position (multi-head latent
+/// attention keeps only its latent, as "keys" with no separate values).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    k_width: usize,
+    v_width: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize, k_width: usize, v_width: usize) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| Default::default()).collect(),
+            k_width,
+            v_width,
+            len: 0,
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets positions from `len` on, so a conversation that shares a
+    /// prefix with the cached one prefills only what is new.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        for (k, v) in &mut self.layers {
+            k.truncate(self.len * self.k_width);
+            v.truncate(self.len * self.v_width);
+        }
+    }
+
+    /// Makes room for `extra` more positions in every layer at once.
+    pub fn reserve(&mut self, extra: usize) {
+        let (kw, vw) = (self.k_width, self.v_width);
+        for (k, v) in &mut self.layers {
+            k.reserve(((self.len + extra) * kw).saturating_sub(k.len()));
+            v.reserve(((self.len + extra) * vw).saturating_sub(v.len()));
+        }
+    }
+
+    /// Appends `t` positions to one layer; `advance` commits them once every
+    /// layer has.
+    pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let (kc, vc) = &mut self.layers[layer];
+        kc.truncate(self.len * self.k_width);
+        vc.truncate(self.len * self.v_width);
+        kc.extend_from_slice(k);
+        vc.extend_from_slice(v);
+    }
+
+    /// Keys and values of `layer`; latent attention's values are read
+    /// from its keys (the latent).
+    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let (k, v) = &self.layers[layer];
+        if self.v_width == 0 {
+            (k, k)
+        } else {
+            (k, v)
+        }
+    }
+
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+}
