@@ -73,7 +73,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
     let med = |f: &dyn Fn(&smoe::bench::BenchRun) -> f64| median(runs.iter().map(f).collect());
     let per_tok = |r: &smoe::bench::BenchRun, x: f64| x / r.decode_tokens.max(1) as f64;
     let decode_bytes = med(&|r| per_tok(r, r.decode.bytes_read() as f64));
-    let streaming = engine.cache.as_ref().map(|c| {
+    let streaming = engine.cache().map(|c| {
         let vault = Vault::open(&a.model.model);
         let disk = vault.and_then(|v| smoe::bench::read_bandwidth(&v, 16, 1 << 30));
         (c, disk)
@@ -102,7 +102,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             "cache_slots": cache.capacity(),
             "prefetch": cache.read_ahead(),
             "cache_policy": cache.policy().name(),
-            "prefill_chunk": engine.prefill_chunk,
+            "prefill_chunk": engine.prefill_chunk(),
             "prefill_hit_rate": med(&|r| r.prefill.hit_rate()),
             "prefill_bytes_read": med(&|r| r.prefill.bytes_read() as f64),
             "decode_hit_rate": med(&|r| r.decode.hit_rate()),

@@ -69,17 +69,14 @@ pub fn chat(mut a: ChatArgs) -> Result<()> {
     for w in warnings {
         eprintln!("{w}");
     }
-    if engine.tokenizer.is_none() || engine.template.is_none() {
+    if !engine.has_tokenizer() || engine.template().is_none() {
         bail!(
             "{}: smoe chat needs tokenizer.json and a chat template (smoe run --ids works without them)",
             a.model.model.display()
         );
     }
-    warm(&a.model.model, engine.model.config())?;
-    let ctx_limit = a
-        .model
-        .ctx
-        .min(engine.model.config().max_position_embeddings);
+    warm(&a.model.model, engine.config())?;
+    let ctx_limit = a.model.ctx.min(engine.config().max_position_embeddings);
     eprintln!("{}", summary(&engine, &a, &params, ctx_limit)?);
 
     let flags = Flags::install()?;
@@ -183,7 +180,7 @@ fn resident_weights(dir: &Path, cfg: &ModelConfig) -> Result<Vec<Weight>> {
 
 /// The one-screen start-up summary.
 fn summary(engine: &Engine, a: &ChatArgs, params: &SamplingParams, ctx: usize) -> Result<String> {
-    let c = engine.model.config();
+    let c = engine.config();
     let dir = &a.model.model;
     let mut out = format!(
         "smoe chat · {}\nmodel    {:?}: {} layers, hidden {}, {} experts (top {}), vocab {}, context {}\n",
@@ -197,7 +194,7 @@ fn summary(engine: &Engine, a: &ChatArgs, params: &SamplingParams, ctx: usize) -
         c.max_position_embeddings
     );
     let fp = smoe::memory::Footprint::of(dir, &crate::load_options(&a.model))?;
-    let plan = match &engine.plan {
+    let plan = match engine.plan() {
         Some(plan) => {
             out += &format!("weights  vault: {}\n", fp.quant);
             crate::describe_plan(plan)
@@ -482,7 +479,7 @@ impl Chat<'_> {
                 ids.len(),
                 self.max_tokens,
                 self.ctx_limit,
-                if self.ctx_limit < self.engine.model.config().max_position_embeddings {
+                if self.ctx_limit < self.engine.config().max_position_embeddings {
                     "--ctx"
                 } else {
                     "the model's max_position_embeddings"
@@ -491,7 +488,7 @@ impl Chat<'_> {
             return Ok(());
         }
         let reused = self.session.reuse_prefix(&ids);
-        let before = self.engine.cache.as_ref().map(|c| c.stats().snapshot());
+        let before = self.engine.cache().map(|c| c.stats().snapshot());
 
         let mut stdout = std::io::stdout().lock();
         let mut text_out = TextStream::new(self.engine);
@@ -570,7 +567,7 @@ impl Chat<'_> {
 
         let experts = before
             .as_ref()
-            .zip(self.engine.cache.as_ref())
+            .zip(self.engine.cache())
             .map(|(b, c)| c.stats().snapshot().since(b));
         let t = &gen.timings;
         self.totals.turns += 1;
@@ -641,7 +638,7 @@ impl Chat<'_> {
             size(smoe::memory::peak_rss()),
             size(smoe::memory::mem_total())
         );
-        if let Some(c) = &self.engine.cache {
+        if let Some(c) = self.engine.cache() {
             let all = c.stats().snapshot();
             out += &format!(
                 "expert cache  {} slots of {} ({}), direct I/O {}, {} prefetch, {} eviction\n",
@@ -704,7 +701,7 @@ fn status_text(engine: &Engine, tok_s: Option<f64>, turn_start: Option<&StatsSna
     if let (Some(rss), Some(total)) = (smoe::memory::current_rss(), smoe::memory::mem_total()) {
         parts.push(format!("RAM {}/{}", short_size(rss), short_size(total)));
     }
-    if let Some(c) = &engine.cache {
+    if let Some(c) = engine.cache() {
         let now = c.stats().snapshot();
         let st = turn_start.map_or(now, |b| now.since(b));
         parts.push(format!(

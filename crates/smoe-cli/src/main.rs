@@ -442,7 +442,7 @@ fn run(mut a: RunArgs) -> Result<()> {
     for w in warnings {
         eprintln!("{w}");
     }
-    if let (Some(plan), false) = (&engine.plan, a.json) {
+    if let (Some(plan), false) = (engine.plan(), a.json) {
         eprintln!("{}", describe_plan(plan));
     }
     let prompt = match (a.ids, a.prompt) {
@@ -510,7 +510,7 @@ fn run(mut a: RunArgs) -> Result<()> {
         if let Some(rest) = stream.finish()? {
             stdout.write_all(rest.as_bytes())?;
         }
-        if engine.tokenizer.is_none() {
+        if !engine.has_tokenizer() {
             write!(stdout, "{:?}", gen.tokens)?;
         }
         writeln!(stdout)?;
@@ -531,8 +531,8 @@ fn logits(mut a: LogitsArgs) -> Result<()> {
     let engine = load(&a.model)?;
     let mut session = engine.new_session();
     let mode = if a.all { Logits::All } else { Logits::Last };
-    let out = engine.model.forward(&a.ids.0, &mut session, mode)?;
-    let vocab = engine.model.config().vocab_size;
+    let out = engine.model().forward(&a.ids.0, &mut session, mode)?;
+    let vocab = engine.config().vocab_size;
     let value = if a.all {
         Value::from(
             out.chunks(vocab)

@@ -69,13 +69,13 @@ pub fn serve_cmd(mut a: ServeArgs) -> Result<()> {
         for w in warnings {
             eprintln!("{w}");
         }
-        if engine.tokenizer.is_none() || engine.template.is_none() {
+        if !engine.has_tokenizer() || engine.template().is_none() {
             return Err(format!(
                 "{}: smoe serve needs tokenizer.json and a chat template",
                 model.model.display()
             ));
         }
-        if let Some(plan) = &engine.plan {
+        if let Some(plan) = engine.plan() {
             eprintln!("{}", crate::describe_plan(plan));
         }
         eprintln!("model loaded; ready");

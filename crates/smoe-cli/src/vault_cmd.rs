@@ -149,7 +149,7 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
         ..Default::default()
     };
     let engine = Engine::load_with(&a.path, &opts)?;
-    let c = engine.model.config();
+    let c = engine.config();
     let mut out = std::io::stdout().lock();
     writeln!(out, "model: {} ({:?})", a.path.display(), c.family)?;
     writeln!(
@@ -198,7 +198,7 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
             writeln!(out, "  quant error {class:<32} {err:.5}")?;
         }
     }
-    if let Some(plan) = &engine.plan {
+    if let Some(plan) = engine.plan() {
         writeln!(out, "{}", describe_plan(plan))?;
         // What bounds decode on a machine with the RAM for it: every
         // resident backbone byte and the routed experts' records, each token.

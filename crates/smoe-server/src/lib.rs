@@ -272,10 +272,7 @@ async fn health(State(app): AppState) -> Response {
 impl App {
     fn ctx_limit(&self) -> usize {
         match self.engine.get() {
-            Some(e) => self
-                .config
-                .ctx
-                .min(e.model.config().max_position_embeddings),
+            Some(e) => self.config.ctx.min(e.config().max_position_embeddings),
             None => self.config.ctx,
         }
     }

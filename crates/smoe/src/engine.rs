@@ -146,18 +146,18 @@ pub struct CacheReport {
 
 /// A loaded model with everything needed to turn text into text.
 pub struct Engine {
-    pub dir: PathBuf,
-    pub model: Box<dyn CausalLm>,
-    pub tokenizer: Option<Tokenizer>,
-    pub template: Option<ChatTemplate>,
+    pub(crate) dir: PathBuf,
+    pub(crate) model: Box<dyn CausalLm>,
+    pub(crate) tokenizer: Option<Tokenizer>,
+    pub(crate) template: Option<ChatTemplate>,
     /// Every id that ends generation: `generation_config.json`'s list and the
     /// tokenizer's eos token.
-    pub eos_ids: Vec<u32>,
+    pub(crate) eos_ids: Vec<u32>,
     /// The expert cache, when streaming from a vault.
-    pub cache: Option<Arc<ExpertCache>>,
-    pub plan: Option<MemoryPlan>,
+    pub(crate) cache: Option<Arc<ExpertCache>>,
+    pub(crate) plan: Option<MemoryPlan>,
     /// Prompt tokens per forward pass.
-    pub prefill_chunk: usize,
+    pub(crate) prefill_chunk: usize,
 }
 
 impl Engine {
@@ -190,6 +190,53 @@ impl Engine {
             plan: opened.plan,
             prefill_chunk: opts.prefill_chunk.max(1),
         })
+    }
+
+    /// The checkpoint or vault directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn model(&self) -> &dyn CausalLm {
+        &*self.model
+    }
+
+    pub fn config(&self) -> &crate::config::ModelConfig {
+        self.model.config()
+    }
+
+    pub fn has_tokenizer(&self) -> bool {
+        self.tokenizer.is_some()
+    }
+
+    /// The chat template, if the checkpoint has one.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.template.as_ref()
+    }
+
+    /// Every id that ends generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// Replaces the ids that end generation.
+    pub fn set_eos_ids(&mut self, ids: Vec<u32>) {
+        self.eos_ids = ids;
+    }
+
+    /// The expert cache, when streaming from a vault.
+    pub fn cache(&self) -> Option<&Arc<ExpertCache>> {
+        self.cache.as_ref()
+    }
+
+    /// The memory plan, for a vault.
+    pub fn plan(&self) -> Option<&MemoryPlan> {
+        self.plan.as_ref()
+    }
+
+    /// Prompt tokens per forward pass.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
     }
 
     /// The tokenizer, or an error saying the checkpoint has none.

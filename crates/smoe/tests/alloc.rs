@@ -53,12 +53,7 @@ fn decode_allocations(engine: &Engine) -> (usize, u64) {
     let prompt = [
         50, 375, 289, 169, 233, 353, 150, 137, 340, 224, 104, 212, 25, 109,
     ];
-    let misses = || {
-        engine
-            .cache
-            .as_ref()
-            .map_or(0, |c| c.stats().snapshot().misses)
-    };
+    let misses = || engine.cache().map_or(0, |c| c.stats().snapshot().misses);
     let mut at = [(0usize, 0u64); 2];
     let mut step = 0;
     let mut session = engine.new_session();
@@ -101,12 +96,7 @@ fn warm_decode_steps_allocate_nothing() {
     };
     let engine = Engine::load_with(&vault, &load).unwrap();
     let (streamed, reads) = decode_allocations(&engine);
-    let stats = engine
-        .cache
-        .as_ref()
-        .expect("a vault streams")
-        .stats()
-        .snapshot();
+    let stats = engine.cache().expect("a vault streams").stats().snapshot();
     assert!(stats.misses > 0 && stats.demand_bytes > 0, "{stats:?}");
 
     // What may remain: a kernel thread's attention buffers, sized for the

@@ -60,13 +60,13 @@ fn prefill_in_pieces_equals_one_batch() {
         let r = reference(name);
         let prompt = ids(&r["prompt_ids"]);
         let want = ref_logits(&r);
-        let vocab = engine.model.config().vocab_size;
+        let vocab = engine.config().vocab_size;
         let mut session = engine.new_session();
         // 5 tokens, then 1 (decode path), then the rest as a batch.
         let mut pos = 0;
         for piece in [&prompt[..5], &prompt[5..6], &prompt[6..]] {
             let out = engine
-                .model
+                .model()
                 .forward(piece, &mut session, Logits::All)
                 .unwrap();
             for (i, row) in out.chunks(vocab).enumerate() {
@@ -132,10 +132,10 @@ fn f32_and_f16_checkpoints_give_the_same_model() {
             let engine = Engine::load(dir.path()).unwrap();
             let mut session = engine.new_session();
             let out = engine
-                .model
+                .model()
                 .forward(&prompt, &mut session, Logits::All)
                 .unwrap();
-            let vocab = engine.model.config().vocab_size;
+            let vocab = engine.config().vocab_size;
             for (p, row) in out.chunks(vocab).enumerate() {
                 let d = max_diff(row, &want[p]);
                 assert!(d < tol, "{name} {dtype:?}: position {p} differs by {d}");
@@ -150,15 +150,15 @@ fn generation_stops_on_every_eos_id() {
     let mut engine = Engine::load(&fixture(name)).unwrap();
     // generation_config.json lists [<|im_end|>, <|endoftext|>]; the
     // tokenizer's eos is <|im_end|>: two distinct ids.
-    let tok = engine.tokenizer.as_ref().unwrap();
+    let tok = engine.tokenizer().unwrap();
     let im_end = tok.token_to_id("<|im_end|>").unwrap();
     let eot = tok.token_to_id("<|endoftext|>").unwrap();
-    assert_eq!(engine.eos_ids, vec![im_end, eot]);
+    assert_eq!(engine.eos_ids(), [im_end, eot]);
 
     let r = reference(name);
     let prompt = ids(&r["prompt_ids"]);
     let greedy = ids(&r["greedy_ids"]);
-    engine.eos_ids = vec![greedy[6]];
+    engine.set_eos_ids(vec![greedy[6]]);
     let mut session = engine.new_session();
     let mut streamed = Vec::new();
     let gen = engine
@@ -196,12 +196,11 @@ fn integer_eos_in_generation_config() {
     .unwrap();
     let engine = Engine::load(dir.path()).unwrap();
     let im_end = engine
-        .tokenizer
-        .as_ref()
+        .tokenizer()
         .unwrap()
         .token_to_id("<|im_end|>")
         .unwrap();
-    assert_eq!(engine.eos_ids, vec![400, im_end]);
+    assert_eq!(engine.eos_ids(), [400, im_end]);
 }
 
 #[test]

@@ -57,13 +57,13 @@ fn reusing_a_prefix_continues_exactly_like_a_fresh_prefill() {
         greedy(&engine, &mut reusing, &turn1, 8);
         let reused = reusing.reuse_prefix(&turn2);
         let a = engine
-            .model
+            .model()
             .forward(&turn2[reused..], &mut reusing, Logits::Last)
             .unwrap()
             .to_vec();
         let mut whole = engine.new_session();
         let b = engine
-            .model
+            .model()
             .forward(&turn2, &mut whole, Logits::Last)
             .unwrap()
             .to_vec();
@@ -124,7 +124,7 @@ fn a_cache_filled_behind_the_engines_back_is_not_reused() {
     let mut session = engine.new_session();
     greedy(&engine, &mut session, &prompt, 2);
     engine
-        .model
+        .model()
         .forward(&[7, 8], &mut session, Logits::Last)
         .unwrap();
     assert_eq!(session.tokens(), None);
