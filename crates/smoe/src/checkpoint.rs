@@ -20,6 +20,9 @@ use crate::error::{read_json, Error, Result};
 use crate::kernels::Matrix;
 use crate::quant::DType;
 
+/// The token-embedding table's name in every supported family.
+pub const EMBED: &str = "model.embed_tokens.weight";
+
 /// Anything that hands out named, shape-checked weights: a checkpoint, or a
 /// vault's backbone.
 pub trait TensorSource {

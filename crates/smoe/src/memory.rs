@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, EMBED};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::load::LoadOptions;
@@ -14,8 +14,6 @@ use crate::quant::{DType, QuantType};
 use crate::vault::io::DirectFile;
 use crate::vault::recipe::{self, Role};
 use crate::vault::{self, Vault};
-
-const EMBED: &str = "model.embed_tokens.weight";
 
 /// How much RAM the expert cache may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

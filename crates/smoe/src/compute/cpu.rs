@@ -4,9 +4,8 @@
 use crate::config::Routing;
 use crate::error::Result;
 use crate::kernels::{self, AttnShape, Matrix, Rope, SharedOut};
-use crate::model::blocks::Embedding;
 
-use super::{sized, Backend, ExpertFn, KvCache, MlaShape, RouteScratch};
+use super::{sized, Backend, Embedding, ExpertFn, KvCache, MlaShape, RouteScratch};
 
 /// Today's kernels; stateless, so one value serves every model.
 #[derive(Debug, Default, Clone, Copy)]

@@ -32,10 +32,12 @@
 //! cache per sequence.
 
 mod cpu;
+mod embedding;
 mod kv;
 mod routing;
 
 pub use cpu::Cpu;
+pub use embedding::Embedding;
 pub use kv::KvCache;
 pub use routing::{route, RouteScratch};
 
@@ -45,7 +47,6 @@ pub use crate::kernels::{AttnShape, Matrix, Rope};
 
 use crate::config::Routing;
 use crate::error::Result;
-use crate::model::blocks::Embedding;
 
 /// Shapes of multi-head latent attention's query absorption and value
 /// projection ([`Backend::mla_absorb`], [`Backend::mla_values`]).

@@ -14,16 +14,14 @@ pub use crate::config::{GroupLimit, Routing, Scoring};
 use crate::checkpoint::{TensorSource, Weight};
 use crate::compute::{AttnShape, Backend, KvCache, Matrix, MlaShape, RouteScratch};
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::experts::ExpertCache;
-use crate::quant::DType;
-use crate::vault::io::{DirectFile, DiskRows};
-use crate::vault::Vault;
 
 pub(crate) use crate::compute::sized;
 
-/// The token-embedding table's name in every supported family.
-pub const EMBED: &str = "model.embed_tokens.weight";
+// Where the embedding table and its name live; model code names them here.
+pub use crate::checkpoint::EMBED;
+pub use crate::compute::Embedding;
 
 /// Reusable activation buffers, grown on first use and then kept.
 #[derive(Debug, Default)]
@@ -632,84 +630,6 @@ impl Moe {
             if !s.experts.contains(&e) {
                 s.experts.push(e);
             }
-        }
-    }
-}
-
-/// The token-embedding table: mapped, or left on disk and read one row per
-/// token. On disk it costs no resident RAM at all (0.6 GB for
-/// Qwen3-30B-A3B), and a prompt touches only a few thousand rows.
-pub enum Embedding {
-    Mapped(Weight),
-    OnDisk(DiskRows),
-}
-
-impl std::fmt::Debug for Embedding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Embedding::Mapped(w) => write!(f, "Mapped({:?})", w.shape),
-            Embedding::OnDisk(d) => write!(f, "OnDisk({} bytes per row)", d.row_bytes),
-        }
-    }
-}
-
-impl Embedding {
-    /// A vault's table, left in its backbone file and read a row at a time
-    /// with direct I/O.
-    pub fn on_disk(vault: &Vault) -> Result<Self> {
-        let path = vault.backbone_path();
-        let entry = vault.manifest.backbone.get(EMBED).ok_or_else(|| {
-            Error::format(
-                vault.dir.join(crate::vault::MANIFEST),
-                format!("missing tensor \"{EMBED}\""),
-            )
-        })?;
-        let &[rows, cols] = &entry.shape[..] else {
-            return Err(Error::format(
-                &path,
-                format!("{EMBED} has shape {:?}, expected 2 dimensions", entry.shape),
-            ));
-        };
-        let dtype = DType::parse(&entry.dtype).ok_or_else(|| {
-            Error::format(&path, format!("{EMBED}: unknown dtype \"{}\"", entry.dtype))
-        })?;
-        Ok(Embedding::OnDisk(DiskRows::new(
-            DirectFile::open(&path)?,
-            entry.offset,
-            rows,
-            dtype,
-            cols,
-        )))
-    }
-
-    /// A mapped table of any shape, refused unless it has two dimensions.
-    pub fn mapped(table: Weight) -> Result<Self> {
-        match table.shape[..] {
-            [_, _] => Ok(Embedding::Mapped(table)),
-            _ => Err(Error::invalid(format!(
-                "{EMBED} has shape {:?}, expected 2 dimensions",
-                table.shape
-            ))),
-        }
-    }
-
-    /// Rows and columns of the table.
-    pub fn shape(&self) -> (usize, usize) {
-        match self {
-            Embedding::Mapped(w) => (w.shape[0], w.shape[1]),
-            Embedding::OnDisk(d) => (d.rows, d.cols),
-        }
-    }
-
-    /// Row `id`, widened into `out`.
-    pub fn row(&self, id: u32, out: &mut [f32]) -> Result<()> {
-        match self {
-            Embedding::Mapped(w) => {
-                let table = w.matrix();
-                crate::kernels::widen(table.dtype, table.row(id as usize), out);
-                Ok(())
-            }
-            Embedding::OnDisk(d) => d.read(id, out),
         }
     }
 }
