@@ -13,7 +13,7 @@ use crate::checkpoint::{TensorSource, Weight};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::ExpertCache;
-use crate::kernels::{self, matmul, AttnShape, Matrix, Rope, SharedOut};
+use crate::kernels::{self, matmul, AttnShape, Matrix, Product, Rope, SharedOut};
 
 use super::KvCache;
 
@@ -51,8 +51,13 @@ struct MoeScratch {
     start: Vec<usize>,
     fill: Vec<usize>,
     order: Vec<usize>,
+    /// Where each of `chosen` went in `order`: its row of `xg` and `yg`.
+    pos: Vec<usize>,
     xg: Vec<f32>,
     yg: Vec<f32>,
+    /// The routed experts' intermediate activations, rows as in `xg`.
+    gate: Vec<f32>,
+    up: Vec<f32>,
     /// Experts with at least one token, ascending.
     used: Vec<u32>,
     route: RouteScratch,
@@ -68,11 +73,6 @@ struct MlaScratch {
     /// One head's latent outputs `[t][kv_lora_rank]` and its values.
     latent: Vec<f32>,
     values: Vec<f32>,
-}
-
-thread_local! {
-    /// Each pool thread's buffers for the routed experts it runs.
-    static EXPERT_SCRATCH: std::cell::RefCell<FfnScratch> = std::cell::RefCell::default();
 }
 
 /// Resizes a buffer to exactly `n` elements; within capacity this is free.
@@ -590,8 +590,10 @@ impl Moe {
         m.order.resize(m.chosen.len(), 0);
         m.fill.clear();
         m.fill.extend_from_slice(&m.start);
+        m.pos.resize(m.chosen.len(), 0);
         for (i, &(e, _)) in m.chosen.iter().enumerate() {
             m.order[m.fill[e as usize]] = i;
+            m.pos[i] = m.fill[e as usize];
             m.fill[e as usize] += 1;
         }
 
@@ -599,44 +601,37 @@ impl Moe {
         // tokens are one contiguous block of `xs` and of its outputs `ys`.
         let k = self.routing.top_k;
         let xs = sized(&mut m.xg, m.order.len() * hidden);
-        for (row, &slot) in xs.chunks_exact_mut(hidden).zip(&m.order) {
-            row.copy_from_slice(&x[slot / k * hidden..][..hidden]);
-        }
+        // Copies and sums over thousands of rows in a prefill chunk: on many
+        // cores, one thread doing them costs a tenth of the layer.
+        let rows_per_task = (16_384 / hidden).max(1);
+        let (order, xs_out) = (&m.order, SharedOut(xs.as_mut_ptr()));
+        kernels::for_each_task(order.len().div_ceil(rows_per_task), |c| {
+            let end = ((c + 1) * rows_per_task).min(order.len());
+            for (i, &slot) in order.iter().enumerate().take(end).skip(c * rows_per_task) {
+                // SAFETY: row i belongs to this task only, inside `xs`.
+                let row = unsafe { xs_out.slice(i * hidden, hidden) };
+                row.copy_from_slice(&x[slot / k * hidden..][..hidden]);
+            }
+        });
         let ys = sized(&mut m.yg, m.order.len() * hidden);
         let mut used = std::mem::take(&mut m.used);
         used.clear();
         used.extend((0..n_exp as u32).filter(|&e| m.start[e as usize + 1] > m.start[e as usize]));
         {
-            let (xs, start) = (&*xs, &m.start);
-            let out = SharedOut(ys.as_mut_ptr());
-            // The experts of a layer are independent products, one task
-            // each when there are enough of them to keep every thread busy:
-            // with one token (decode) each is too small to split well by
-            // rows, and one synchronization per layer replaces three per
-            // expert. Their matmuls then run on the task's own thread
-            // (`kernels::for_each_task`), with that thread's buffers. Few
-            // experts (Mixtral's two, on many cores) split by rows instead.
-            let by_expert = used.len() >= 2 * kernels::threads();
-            let each = |n: usize, f: &(dyn Fn(usize) + Sync)| {
-                if by_expert {
-                    kernels::for_each_task(n, f)
-                } else {
-                    (0..n).for_each(f)
-                }
-            };
-            let run = |e: u32, mats: [Matrix<'_>; 3]| {
-                let (a, b) = (start[e as usize], start[e as usize + 1]);
-                // SAFETY: expert e's rows a..b of `ys` are written by this
-                // task only, and lie inside `ys` (b <= order.len()).
-                let yg = unsafe { out.slice(a * hidden, (b - a) * hidden) };
-                EXPERT_SCRATCH
-                    .with_borrow_mut(|s| swiglu(mats, &xs[a * hidden..b * hidden], b - a, yg, s));
-            };
+            let (start, xs) = (&m.start, &*xs);
+            let (gate, up) = (&mut m.gate, &mut m.up);
+            // SAFETY (of each `routed_swiglu` below): `ys` holds a row of
+            // `hidden` for every routed (token, slot) pair, and nothing else
+            // uses it meanwhile.
+            let ys = SharedOut(ys.as_mut_ptr());
             match &self.experts {
-                Experts::Resident(experts) => each(used.len(), &|i| {
-                    let f = &experts[used[i] as usize];
-                    run(used[i], [f.gate.matrix(), f.up.matrix(), f.down.matrix()]);
-                }),
+                Experts::Resident(experts) => {
+                    let expert = |i: usize| {
+                        let f = &experts[used[i] as usize];
+                        (used[i], [f.gate.matrix(), f.up.matrix(), f.down.matrix()])
+                    };
+                    unsafe { routed_swiglu(used.len(), &expert, start, xs, hidden, gate, up, ys) }
+                }
                 Experts::Streamed { cache, layer } => {
                     // A prefill chunk may route to more experts than the
                     // cache holds: take them in groups that fit, all reads
@@ -648,21 +643,37 @@ impl Moe {
                             cache.prefetch(n.layer, n.experts);
                         }
                         pinned.wait()?;
-                        each(pinned.len(), &|i| {
-                            let (e, mats) = pinned.get(i);
-                            run(e, mats);
-                        });
+                        let expert = |i: usize| pinned.get(i);
+                        unsafe {
+                            routed_swiglu(pinned.len(), &expert, start, xs, hidden, gate, up, ys)
+                        }
                     }
                 }
             }
         }
         // Each token's experts summed in ascending expert order, the order
-        // transformers sums them in.
-        y.fill(0.0);
-        for (row, &slot) in ys.chunks_exact(hidden).zip(&m.order) {
-            let (tok, w) = (slot / k, m.chosen[slot].1);
-            kernels::axpy(w, row, &mut y[tok * hidden..][..hidden]);
-        }
+        // transformers sums them in: its rows of `ys` in ascending position.
+        let (pos, chosen, ys) = (&m.pos, &m.chosen, &*ys);
+        let y_out = SharedOut(y.as_mut_ptr());
+        let tokens_per_task = rows_per_task.div_ceil(k);
+        kernels::for_each_task(t.div_ceil(tokens_per_task), |c| {
+            for tok in c * tokens_per_task..((c + 1) * tokens_per_task).min(t) {
+                // SAFETY: token tok's row belongs to this task only, inside `y`.
+                let out = unsafe { y_out.slice(tok * hidden, hidden) };
+                out.fill(0.0);
+                let slots = tok * k..(tok + 1) * k;
+                let mut last = None;
+                for _ in slots.clone() {
+                    let next = slots
+                        .clone()
+                        .filter(|&i| last.is_none_or(|l| pos[i] > l))
+                        .min_by_key(|&i| pos[i])
+                        .expect("k distinct positions per token");
+                    kernels::axpy(chosen[next].1, &ys[pos[next] * hidden..][..hidden], out);
+                    last = Some(pos[next]);
+                }
+            }
+        });
         m.used = used;
         if let Some(shared) = &self.shared {
             let ys = sized(&mut m.yg, t * hidden);
@@ -683,6 +694,66 @@ impl Moe {
             }
         }
         Ok(())
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))` for `n` routed experts (`expert(i)` is the
+/// i-th, ascending, so their rows `start[e]..start[e + 1]` of `xs` and `ys`
+/// form one block), as two batches over all of them: the gates and ups,
+/// then the downs ([`kernels::matmul_batch`] says why not expert by expert).
+///
+/// # Safety
+/// `ys` points at `start[last] * hidden` floats that nothing else touches
+/// during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn routed_swiglu<'w>(
+    n: usize,
+    expert: &(dyn Fn(usize) -> (u32, [Matrix<'w>; 3]) + Sync),
+    start: &[usize],
+    xs: &[f32],
+    hidden: usize,
+    gate: &mut Vec<f32>,
+    up: &mut Vec<f32>,
+    ys: SharedOut<f32>,
+) {
+    if n == 0 {
+        return;
+    }
+    let rows = |e: u32| start[e as usize]..start[e as usize + 1];
+    let inter = expert(0).1[0].rows;
+    let all = start[start.len() - 1];
+    let gate_out = SharedOut(sized(gate, all * inter).as_mut_ptr());
+    let up_out = SharedOut(sized(up, all * inter).as_mut_ptr());
+    let block = rows(expert(0).0).start..rows(expert(n - 1).0).end;
+    // SAFETY: expert e writes only its rows of `gate`/`up` (`inter` wide)
+    // and of `ys` (`hidden` wide), which lie inside those buffers.
+    unsafe {
+        kernels::matmul_batch(2 * n, |j| {
+            let (e, mats) = expert(j / 2);
+            let r = rows(e);
+            let out = if j % 2 == 0 { gate_out } else { up_out };
+            Product {
+                w: mats[j % 2],
+                x: &xs[r.start * hidden..r.end * hidden],
+                t: r.len(),
+                y: SharedOut(out.at(r.start * inter)),
+            }
+        });
+        kernels::silu_mul_rows(
+            gate_out.slice(block.start * inter, block.len() * inter),
+            up_out.slice(block.start * inter, block.len() * inter),
+        );
+        let gate = &*gate_out.slice(0, all * inter);
+        kernels::matmul_batch(n, |i| {
+            let (e, mats) = expert(i);
+            let r = rows(e);
+            Product {
+                w: mats[2],
+                x: &gate[r.start * inter..r.end * inter],
+                t: r.len(),
+                y: SharedOut(ys.at(r.start * hidden)),
+            }
+        });
     }
 }
 
