@@ -26,6 +26,12 @@
 #   cgroup's limit and sizes its expert cache to what the backbone and a
 #   512-token KV cache leave.
 # Needs root for the cgroup, python3, pip, cmake (installed with apt if missing).
+#
+# On a machine without Rust or network (the 16-core GPU host), set SMOE and
+# SYNTH to carried binaries and LLAMA_SDIST to a llama-cpp-python source
+# tarball; a python3 that already imports torch, transformers, numpy,
+# safetensors and sentencepiece converts the GGUF without a venv. The
+# capped rows need a cgroup-v1 memory controller and are skipped without one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,7 +51,9 @@ LLAMA="$DIR/llama.cpp"
 GGUF_BF16="$DIR/qwen3-30b-a3b-${LAYERS}l-bf16.gguf"
 GGUF="$DIR/qwen3-30b-a3b-${LAYERS}l-Q4_K_M.gguf"
 VENV="$DIR/venv-gguf"
-SMOE=target/release/smoe
+SMOE=${SMOE:-target/release/smoe}
+SYNTH=${SYNTH:-target/release/examples/synth}
+LLAMA_SDIST=${LLAMA_SDIST:-}
 
 setup() {
     mkdir -p "$DIR"
@@ -54,26 +62,37 @@ setup() {
         if [ ! -d "$LLAMA/src" ]; then
             local tmp
             tmp=$(mktemp -d)
-            pip download --quiet --no-deps --no-binary llama-cpp-python llama-cpp-python -d "$tmp"
+            if [ -n "$LLAMA_SDIST" ]; then
+                cp "$LLAMA_SDIST" "$tmp/"
+            else
+                pip download --quiet --no-deps --no-binary llama-cpp-python llama-cpp-python -d "$tmp"
+            fi
             tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
             rm -rf "$LLAMA" && mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$LLAMA"
             rm -rf "$tmp"
         fi
-        cmake -S "$LLAMA" -B "$LLAMA/build" -DCMAKE_BUILD_TYPE=Release \
+        cmake -S "$LLAMA" -B "$LLAMA/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
             -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
         cmake --build "$LLAMA/build" -j "$(nproc)" --target llama-bench llama-quantize
     fi
-    cargo build --release --quiet --bin smoe --example synth
-    [ -d "$CKPT" ] || target/release/examples/synth --preset qwen3-30b-a3b --layers "$LAYERS" --tokenizer "$TOKENIZER" -o "$CKPT"
+    if command -v cargo >/dev/null; then
+        cargo build --release --quiet --bin smoe --example synth
+    fi
+    [ -d "$CKPT" ] || "$SYNTH" --preset qwen3-30b-a3b --layers "$LAYERS" --tokenizer "$TOKENIZER" -o "$CKPT"
     if [ ! -f "$GGUF" ]; then
         if [ ! -f "$GGUF_BF16" ]; then
             # convert_hf_to_gguf.py imports torch and transformers (~6 GB);
             # the venv goes as soon as the GGUF exists.
-            python3 -m venv "$VENV"
-            "$VENV/bin/pip" install --quiet numpy sentencepiece safetensors transformers torch "$LLAMA/gguf-py"
-            "$VENV/bin/python" "$LLAMA/convert_hf_to_gguf.py" "$CKPT" --outtype bf16 --outfile "$GGUF_BF16.tmp"
+            if python3 -c 'import torch, transformers, numpy, safetensors, sentencepiece' 2>/dev/null; then
+                PYTHONPATH="$LLAMA/gguf-py" python3 "$LLAMA/convert_hf_to_gguf.py" "$CKPT" \
+                    --outtype bf16 --outfile "$GGUF_BF16.tmp"
+            else
+                python3 -m venv "$VENV"
+                "$VENV/bin/pip" install --quiet numpy sentencepiece safetensors transformers torch "$LLAMA/gguf-py"
+                "$VENV/bin/python" "$LLAMA/convert_hf_to_gguf.py" "$CKPT" --outtype bf16 --outfile "$GGUF_BF16.tmp"
+                rm -rf "$VENV"
+            fi
             mv "$GGUF_BF16.tmp" "$GGUF_BF16"
-            rm -rf "$VENV"
         fi
         "$LLAMA/build/bin/llama-quantize" "$GGUF_BF16" "$GGUF.tmp" Q4_K_M "$THREADS"
         mv "$GGUF.tmp" "$GGUF"
@@ -141,8 +160,10 @@ for r in $(seq "$REPEAT"); do
     smoe_bench "$PP" 1 3 --ram-budget 8GiB | grep prefill | tag resident >>"$OUT"
     llama_bench 0 "$TG" | tag resident >>"$OUT"
     smoe_bench 8 "$TG" 3 --ram-budget 8GiB | grep decode | tag resident >>"$OUT"
-    capped "$CAP" llama_bench 0 "$CAP_TG" --repack 0 | tag capped >>"$OUT"
-    capped "$CAP" smoe_bench 8 "$CAP_TG" 1 --ram-budget auto --ctx 512 | grep decode | tag capped >>"$OUT"
+    if [ -d /sys/fs/cgroup/memory ]; then
+        capped "$CAP" llama_bench 0 "$CAP_TG" --repack 0 | tag capped >>"$OUT"
+        capped "$CAP" smoe_bench 8 "$CAP_TG" 1 --ram-budget auto --ctx 512 | grep decode | tag capped >>"$OUT"
+    fi
 done
 python3 - "$OUT" "$CAP" <<'PY'
 import json, statistics, sys
@@ -156,6 +177,8 @@ for label, kind, mode in [("prefill, resident", "prefill", "resident"),
                           ("decode, resident", "decode", "resident"),
                           (f"decode, memory cap {cap / 2**20:.0f} MiB", "decode", "capped")]:
     l, s = med("llama.cpp", kind, mode), med("smoe", kind, mode)
+    if l != l and s != s:  # not measured (no memory cgroup for the capped rows)
+        continue
     print(f"{label:<34} {l:>16.2f} {s:>11.2f} {s / l:>15.2f}")
 bpt = [r["bytes_per_token"] for r in rows if r.get("bytes_per_token") and r["mode"] == "capped"]
 if bpt:

@@ -21,7 +21,9 @@ mod qmatmul;
 mod simd;
 
 pub use attention::{attention, AttnShape};
-pub use ops::{add_in_place, rms_norm, rms_norm_rows, sigmoid, silu_mul, softmax, Rope};
+pub use ops::{
+    add_in_place, rms_norm, rms_norm_rows, sigmoid, silu_mul, silu_mul_rows, softmax, Rope,
+};
 pub(crate) use pool::for_each_task;
 pub use pool::{set_threads, threads};
 pub use simd::{axpy, dot, dot_f32, widen};
@@ -136,6 +138,59 @@ pub fn matmul_token_by_token(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32]) 
     matmul_passes(x, t, w, y, 1)
 }
 
+thread_local! {
+    /// The quantized activations and task lists of this thread's quantized
+    /// products, so that the decode loop allocates nothing once warm.
+    static QUANT_SCRATCH: RefCell<qmatmul::QuantScratch> = RefCell::default();
+}
+
+/// One product of [`matmul_batch`]: `y[t, w.rows] = x[t, w.cols] · w^T`.
+#[derive(Clone, Copy)]
+pub(crate) struct Product<'a> {
+    pub w: Matrix<'a>,
+    pub x: &'a [f32],
+    pub t: usize,
+    pub y: SharedOut<f32>,
+}
+
+/// [`matmul`] of `n` independent products (`product(i)` is the i-th): when
+/// all are quantized alike they share two parallel loops with the work
+/// split evenly across the whole batch ([`qmatmul::matmul_quant_parts`] says
+/// why); any other mix runs product by product.
+///
+/// # Safety
+/// Each product's `y` points at `t * w.rows` writable floats that no other
+/// product and nothing else touches during the call.
+pub(crate) unsafe fn matmul_batch<'a>(n: usize, product: impl Fn(usize) -> Product<'a> + Sync) {
+    let Some(first) = (n > 0).then(|| product(0)) else {
+        return;
+    };
+    let alike = (1..n)
+        .map(&product)
+        .all(|p| p.w.dtype == first.w.dtype && p.w.cols == first.w.cols);
+    if let (true, DType::Quant(q)) = (alike, first.w.dtype) {
+        let part = |i| {
+            let p = product(i);
+            qmatmul::Part {
+                w: p.w.data,
+                rows: p.w.rows,
+                x: p.x,
+                t: p.t,
+                y: p.y,
+            }
+        };
+        QUANT_SCRATCH.with_borrow_mut(|s| {
+            // SAFETY: the caller's contract, part for product.
+            unsafe { qmatmul::matmul_quant_parts(q, first.w.cols, n, part, s, qmatmul::MAX_PASS) }
+        });
+        return;
+    }
+    for p in (0..n).map(product) {
+        // SAFETY: the caller's contract on `y`.
+        matmul(p.x, p.t, p.w, unsafe { p.y.slice(0, p.t * p.w.rows) });
+    }
+}
+
 fn matmul_passes(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32], pass: usize) {
     let (rows, cols) = (w.rows, w.cols);
     assert_eq!(x.len(), t * cols, "matmul: activation shape");
@@ -144,10 +199,8 @@ fn matmul_passes(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32], pass: usize)
         return;
     }
     if let DType::Quant(q) = w.dtype {
-        // The activations are quantized once per call into a per-thread
-        // buffer, so the decode loop allocates nothing once warm.
-        thread_local!(static SCRATCH: RefCell<qmatmul::QuantScratch> = RefCell::default());
-        SCRATCH.with_borrow_mut(|s| qmatmul::matmul_quant(q, w.data, rows, cols, x, t, y, s, pass));
+        QUANT_SCRATCH
+            .with_borrow_mut(|s| qmatmul::matmul_quant(q, w.data, rows, cols, x, t, y, s, pass));
         return;
     }
     let chunk = rows_per_task(rows, cols);

@@ -39,6 +39,22 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// [`silu_mul`] over many rows at once, split across the kernels' pool: a
+/// prefill chunk's routed experts hold thousands of intermediate rows, and
+/// one thread's `exp` over all of them costs as much as a layer's matmuls
+/// on many cores.
+pub fn silu_mul_rows(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "silu_mul_rows: shapes");
+    const CHUNK: usize = 16_384;
+    let out = super::SharedOut(gate.as_mut_ptr());
+    let n = gate.len();
+    super::for_each_task(n.div_ceil(CHUNK), |c| {
+        let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+        // SAFETY: elements a..b belong to this task only, inside `gate`.
+        silu_mul(unsafe { out.slice(a, b - a) }, &up[a..b]);
+    });
+}
+
 pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }

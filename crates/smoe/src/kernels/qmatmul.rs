@@ -24,7 +24,7 @@ use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::qdot::by_row;
-use super::{for_each_task, rows_per_task, SharedOut};
+use super::{for_each_task, threads, SharedOut};
 #[cfg(target_arch = "x86_64")]
 use super::{qdot_avx512, qdot_x86};
 use crate::quant::{as_blocks, with_block_type, Block, QuantType};
@@ -35,6 +35,10 @@ use crate::quant::{as_blocks, with_block_type, Block, QuantType};
 pub struct QuantScratch {
     /// u64 words so that any block type (at most 4-byte aligned) fits.
     words: Vec<u64>,
+    /// Each part's first activation row in `words`.
+    first_token: Vec<usize>,
+    /// (part, first, end) of every task of a parallel loop.
+    tasks: Vec<(usize, usize, usize)>,
 }
 
 /// Reports the size only: the buffer is large and its content meaningless
@@ -47,19 +51,18 @@ impl std::fmt::Debug for QuantScratch {
     }
 }
 
-impl QuantScratch {
-    /// `n` blocks of `B`, grown on demand, holding whatever the last call left.
-    fn blocks<B: Block>(&mut self, n: usize) -> &mut [B] {
-        const { assert!(align_of::<B>() <= align_of::<u64>()) };
-        let words = (n * size_of::<B>()).div_ceil(size_of::<u64>());
-        if self.words.len() < words {
-            self.words.resize(words, 0);
-        }
-        // SAFETY: the words cover `n` blocks and are aligned for `B` (checked
-        // above); `Block` makes any bit pattern a valid `B`; the borrow of
-        // `self` is exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), n) }
+/// `n` blocks of `B` in `words`, grown on demand, holding whatever the last
+/// call left.
+fn blocks<B: Block>(words: &mut Vec<u64>, n: usize) -> &mut [B] {
+    const { assert!(align_of::<B>() <= align_of::<u64>()) };
+    let len = (n * size_of::<B>()).div_ceil(size_of::<u64>());
+    if words.len() < len {
+        words.resize(len, 0);
     }
+    // SAFETY: the words cover `n` blocks and are aligned for `B` (checked
+    // above); `Block` makes any bit pattern a valid `B`; the borrow of
+    // `words` is exclusive.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), n) }
 }
 
 /// `y[t, o] = sum_i x[t, i] * W[o, i]` with `W` a row-major `[rows, cols]`
@@ -91,8 +94,54 @@ pub fn matmul_quant(
     scratch: &mut QuantScratch,
     pass: usize,
 ) {
-    assert_eq!(x.len(), t * cols, "matmul_quant: activation shape");
     assert_eq!(y.len(), t * rows, "matmul_quant: output shape");
+    let part = Part {
+        w,
+        rows,
+        x,
+        t,
+        y: SharedOut(y.as_mut_ptr()),
+    };
+    // SAFETY: the one part's output is `y`, borrowed mutably for the call.
+    unsafe { matmul_quant_parts(qt, cols, 1, |_| part, scratch, pass) }
+}
+
+/// One product of a batch: `y[t, rows] = x[t, cols] · w^T`, `w` being
+/// `rows` rows of the batch's block type.
+#[derive(Clone, Copy)]
+pub struct Part<'a> {
+    pub w: &'a [u8],
+    pub rows: usize,
+    pub x: &'a [f32],
+    pub t: usize,
+    pub y: SharedOut<f32>,
+}
+
+/// [`matmul_quant`] for `n` independent products of one block type and one
+/// width (`part(i)` is the i-th), as two parallel loops for all of them:
+/// activations quantized, then every part's output rows in tasks sized to
+/// an equal share of the whole batch's work.
+///
+/// This is how a layer's routed experts run: split expert by expert, the
+/// busiest expert of a prefill chunk (routing is far from uniform) ran alone
+/// on one thread while the others idled, and with one token each of its
+/// small products paid a loop's synchronization. Handed out in equal pieces
+/// across all experts, every thread streams weights until the batch ends.
+///
+/// # Safety
+/// Each part's `y` points at `t * rows` writable floats that no other part
+/// and nothing else touches during the call.
+///
+/// # Panics
+/// As [`matmul_quant`], for any part.
+pub unsafe fn matmul_quant_parts<'a>(
+    qt: QuantType,
+    cols: usize,
+    n: usize,
+    part: impl Fn(usize) -> Part<'a> + Sync,
+    scratch: &mut QuantScratch,
+    pass: usize,
+) {
     let row_bytes = qt.row_bytes(cols).unwrap_or_else(|| {
         panic!(
             "matmul_quant: {} rows of {cols} weights do not split into blocks of {}",
@@ -100,14 +149,21 @@ pub fn matmul_quant(
             qt.block_elems()
         )
     });
-    assert_eq!(
-        w.len(),
-        rows * row_bytes,
-        "matmul_quant: {} weight bytes for a [{rows}, {cols}] matrix",
-        qt.name()
-    );
+    for p in (0..n).map(&part) {
+        assert_eq!(p.x.len(), p.t * cols, "matmul_quant: activation shape");
+        assert_eq!(
+            p.w.len(),
+            p.rows * row_bytes,
+            "matmul_quant: {} weight bytes for a [{}, {cols}] matrix",
+            qt.name(),
+            p.rows
+        );
+    }
     if cols == 0 {
-        y.fill(0.0);
+        for p in (0..n).map(&part) {
+            // SAFETY: the caller's contract on `y`.
+            unsafe { p.y.slice(0, p.t * p.rows) }.fill(0.0);
+        }
         return;
     }
     // candle picks its SIMD dot products at compile time, so a portable
@@ -117,7 +173,7 @@ pub fn matmul_quant(
     {
         macro_rules! run {
             ($kernel:expr) => {
-                return matmul_typed(w, rows, cols, x, t, y, scratch, pass, $kernel)
+                return matmul_typed(cols, n, &part, scratch, pass, $kernel)
             };
         }
         match (x86_kernels(), qt) {
@@ -140,12 +196,9 @@ pub fn matmul_quant(
                 match qt {
                     QuantType::Q4K => {
                         return matmul_typed::<BlockQ4K, _>(
-                            w,
-                            rows,
                             cols,
-                            x,
-                            t,
-                            y,
+                            n,
+                            &part,
                             scratch,
                             pass,
                             &Neon($s),
@@ -153,12 +206,9 @@ pub fn matmul_quant(
                     }
                     QuantType::Q8_0 => {
                         return matmul_typed::<BlockQ8_0, _>(
-                            w,
-                            rows,
                             cols,
-                            x,
-                            t,
-                            y,
+                            n,
+                            &part,
                             scratch,
                             pass,
                             &Neon($s),
@@ -166,12 +216,9 @@ pub fn matmul_quant(
                     }
                     QuantType::Q4_0 => {
                         return matmul_typed::<BlockQ4_0, _>(
-                            w,
-                            rows,
                             cols,
-                            x,
-                            t,
-                            y,
+                            n,
+                            &part,
                             scratch,
                             pass,
                             &Neon($s),
@@ -186,7 +233,7 @@ pub fn matmul_quant(
             None => run!(BASELINE),
         }
     }
-    with_block_type!(qt, B => matmul_typed::<B, _>(w, rows, cols, x, t, y, scratch, pass, &Candle))
+    with_block_type!(qt, B => matmul_typed::<B, _>(cols, n, &part, scratch, pass, &Candle))
 }
 
 /// The most tokens a kernel call takes: eight tokens' accumulators plus one
@@ -414,14 +461,10 @@ neon_kernel!(BlockQ8_0, q8_0, quantize_q8_0);
 #[cfg(target_arch = "aarch64")]
 neon_kernel!(BlockQ4_0, q4_0, quantize_q8_0);
 
-#[allow(clippy::too_many_arguments)]
-fn matmul_typed<B: Block, K: RowDot<B>>(
-    w: &[u8],
-    rows: usize,
+fn matmul_typed<'a, B: Block, K: RowDot<B>>(
     cols: usize,
-    x: &[f32],
-    t: usize,
-    y: &mut [f32],
+    n: usize,
+    part: &(impl Fn(usize) -> Part<'a> + Sync),
     scratch: &mut QuantScratch,
     pass: usize,
     kernel: &K,
@@ -430,28 +473,68 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
 {
     // The activation blocks must line up one-to-one with the weight blocks.
     const { assert!(B::BLCK_SIZE == B::VecDotType::BLCK_SIZE) };
-    let w = as_blocks::<B>(w).unwrap_or_else(|e| panic!("matmul_quant: {e}"));
     let nb = cols / B::BLCK_SIZE;
     let pass = pass.clamp(1, MAX_PASS);
+    let QuantScratch {
+        words,
+        first_token,
+        tasks,
+    } = scratch;
 
-    let xq = scratch.blocks::<B::VecDotType>(t * nb);
+    first_token.clear();
+    let mut tokens = 0;
+    let mut work = 0;
+    for p in (0..n).map(part) {
+        as_blocks::<B>(p.w).unwrap_or_else(|e| panic!("matmul_quant: {e}"));
+        first_token.push(tokens);
+        tokens += p.t;
+        work += p.t * p.rows;
+    }
+    let xq = blocks::<B::VecDotType>(words, tokens * nb);
+
     let per_task = (16_384 / cols).max(1);
+    tasks.clear();
+    for (i, p) in (0..n).map(part).enumerate() {
+        tasks.extend(
+            (0..p.t)
+                .step_by(per_task)
+                .map(|a| (i, a, (a + per_task).min(p.t))),
+        );
+    }
     let xq_out = SharedOut(xq.as_mut_ptr());
-    for_each_task(t.div_ceil(per_task), |c| {
-        for tok in c * per_task..((c + 1) * per_task).min(t) {
-            // SAFETY: token `tok`'s blocks belong to this task only and lie
-            // within the `t * nb` blocks of `xq`.
-            let q = unsafe { xq_out.slice(tok * nb, nb) };
+    for_each_task(tasks.len(), |i| {
+        let (p, a, b) = tasks[i];
+        let (x, first) = (part(p).x, first_token[p]);
+        for tok in a..b {
+            // SAFETY: token `tok` of part `p` has its own `nb` blocks,
+            // written by this task only, inside the `tokens * nb` of `xq`.
+            let q = unsafe { xq_out.slice((first + tok) * nb, nb) };
             kernel.quantize(&x[tok * cols..][..cols], q);
         }
     });
     let xq = &*xq;
 
-    let chunk = rows_per_task(rows, cols);
-    let out = SharedOut(y.as_mut_ptr());
-    for_each_task(rows.div_ceil(chunk), |c| {
-        let end = ((c + 1) * chunk).min(rows);
-        let mut r = c * chunk;
+    // Every task the same share of the batch's row-token products, in
+    // whole groups of eight rows where it can (the widest row kernel).
+    let share = work.div_ceil(threads() * 4).max(16_384 / cols);
+    tasks.clear();
+    for (i, p) in (0..n).map(part).enumerate() {
+        if p.t == 0 {
+            continue;
+        }
+        let chunk = share.div_ceil(p.t).next_multiple_of(8).min(p.rows).max(1);
+        tasks.extend(
+            (0..p.rows)
+                .step_by(chunk)
+                .map(|a| (i, a, (a + chunk).min(p.rows))),
+        );
+    }
+    for_each_task(tasks.len(), |i| {
+        let (p, first, end) = tasks[i];
+        let Part { w, rows, t, y, .. } = part(p);
+        let w = as_blocks::<B>(w).unwrap_or_else(|e| panic!("matmul_quant: {e}"));
+        let xq = &xq[first_token[p] * nb..][..t * nb];
+        let mut r = first;
         while r < end {
             let step = [8, 4].into_iter().find(|&s| end - r >= s).unwrap_or(1);
             let group = RowGroup {
@@ -461,7 +544,7 @@ fn matmul_typed<B: Block, K: RowDot<B>>(
                 first: r,
                 rows,
                 pass,
-                out,
+                out: y,
             };
             match step {
                 8 => group.run::<8, _>(kernel),
@@ -579,8 +662,14 @@ mod tests {
             let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
             for pass in 1..=MAX_PASS {
                 let mut y = vec![f32::NAN; t * rows];
-                let s = &mut scratch;
-                matmul_typed(w.bytes(), rows, cols, &x, t, &mut y, s, pass, kernel);
+                let part = Part {
+                    w: w.bytes(),
+                    rows,
+                    x: &x,
+                    t,
+                    y: SharedOut(y.as_mut_ptr()),
+                };
+                matmul_typed(cols, 1, &|_| part, &mut scratch, pass, kernel);
                 for (i, &got) in y.iter().enumerate() {
                     let (tk, r) = (i / rows, i % rows);
                     let xr = &xq[tk * nb..(tk + 1) * nb];
@@ -767,6 +856,54 @@ mod tests {
             }
         }
         println!("worst error relative to the product scale: {worst:.4}");
+    }
+
+    /// A batch gives every part exactly what the part alone gives: tasks
+    /// split rows differently, but each output is the same row and token
+    /// products in the same order. Parts of 0 to 40 tokens and uneven rows.
+    #[test]
+    fn batch_of_parts_equals_each_part_alone() {
+        for qt in [QuantType::Q4K, QuantType::Q8_0, QuantType::Q6K] {
+            let cols = 512;
+            let shapes = [(24, 3), (8, 0), (37, 1), (64, 40), (5, 17)];
+            let ws: Vec<_> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(rows, _))| quantize(qt, &normal(rows * cols, 20 + i as u64), cols))
+                .collect();
+            let xs: Vec<_> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(_, t))| normal(t * cols, 40 + i as u64))
+                .collect();
+            let mut alone: Vec<Vec<f32>> = Vec::new();
+            let mut scratch = QuantScratch::default();
+            for (i, &(rows, t)) in shapes.iter().enumerate() {
+                let mut y = vec![f32::NAN; t * rows];
+                let (w, s) = (ws[i].bytes(), &mut scratch);
+                matmul_quant(qt, w, rows, cols, &xs[i], t, &mut y, s, MAX_PASS);
+                alone.push(y);
+            }
+            let mut ys: Vec<Vec<f32>> =
+                shapes.iter().map(|&(r, t)| vec![f32::NAN; r * t]).collect();
+            let outs: Vec<_> = ys.iter_mut().map(|y| SharedOut(y.as_mut_ptr())).collect();
+            let part = |i: usize| Part {
+                w: ws[i].bytes(),
+                rows: shapes[i].0,
+                x: &xs[i],
+                t: shapes[i].1,
+                y: outs[i],
+            };
+            // SAFETY: each part writes its own `ys[i]`, of `t * rows` floats.
+            unsafe { matmul_quant_parts(qt, cols, shapes.len(), part, &mut scratch, MAX_PASS) };
+            for (i, (got, want)) in ys.iter().zip(&alone).enumerate() {
+                let same = got
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{} part {i}", qt.name());
+            }
+        }
     }
 
     #[test]
