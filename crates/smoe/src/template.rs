@@ -38,6 +38,29 @@ const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning
 /// Variables `render` sets itself, which `extra` may not repeat (Python would
 /// fail with "got multiple values for keyword argument").
 const RESERVED_VARS: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
+// Bounds on rendering, so that a template that loops without end or builds
+// huge values fails with an error naming the template and the bound in `run`,
+// `check`, `template` and `serve`, instead of hanging or aborting. Recursion
+// needs none of its own: minijinja stops at 500 levels of nested macros and
+// blocks, and the printers here at MAX_DEPTH. `range()` is minijinja's, at
+// most 100,000 items.
+
+/// The most work one render may do, in minijinja's fuel: about one unit per
+/// instruction executed and per 64 bytes of data created (output included),
+/// with `'x' * n` and `[x] * n` refused up front when the fuel cannot pay for
+/// them. It bounds time and memory together: nested `range(100000)` loops stop
+/// after about 1.5 s of CPU, and at most 20M x 64 B = 1.3 GB is created over a
+/// whole render. Real templates need far less: over conversations of 700
+/// messages with tools, Qwen3 took about 600 units per message and Gemma 4
+/// (the heaviest in the corpus) about 2,900, so 20 million leaves room for
+/// several thousand messages.
+const FUEL: u64 = 20_000_000;
+/// The longest prompt a template may render, 64 MiB: about 16 million tokens,
+/// past any model's context, so only a runaway template reaches it.
+const MAX_OUTPUT: usize = 64 << 20;
+/// The widest field `str.format` may pad to (`'{:>N}'`); Python would
+/// allocate any width, which aborts the process on a typo'd huge one.
+const MAX_FORMAT_WIDTH: u64 = 100_000;
 /// Environment variable that pins `strftime_now` (see [`ChatTemplate::with_now`]).
 pub const SOURCE_DATE_EPOCH: &str = "SOURCE_DATE_EPOCH";
 /// Guards the recursive printers against self-referencing namespaces.
@@ -132,6 +155,8 @@ impl SpecialTokens {
 /// A compiled chat template with the special tokens it renders with.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// What errors call the template: its checkpoint directory or file.
+    name: String,
     source: String,
     has_tool_use: bool,
     special: SpecialTokens,
@@ -157,13 +182,21 @@ impl ChatTemplate {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let special = SpecialTokens::from_dir(dir)?;
         let (default, tool_use) = find_templates(dir)?;
-        Self::build(default, tool_use, special)
+        Ok(Self::build(default, tool_use, special)?.named(dir.display().to_string()))
     }
 
     /// An explicit template source (for `--chat-template FILE`), with the
     /// special tokens given.
     pub fn new(source: &str, special: SpecialTokens) -> Result<Self> {
         Self::build(source.to_owned(), None, special)
+    }
+
+    /// Sets what errors call the template (a file it was read from, say);
+    /// [`ChatTemplate::from_dir`] names it after the directory.
+    #[must_use]
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     fn build(source: String, tool_use: Option<String>, special: SpecialTokens) -> Result<Self> {
@@ -178,6 +211,7 @@ impl ChatTemplate {
         }
         Ok(Self {
             env,
+            name: DEFAULT_NAME.to_owned(),
             source,
             has_tool_use,
             special,
@@ -245,9 +279,47 @@ impl ChatTemplate {
         context.push(("documents", py_none()));
         context.push(("add_generation_prompt", Value::from(add_generation_prompt)));
         let template = self.env.get_template(name).map_err(template_error)?;
-        template
-            .render(Value::from_pairs(context))
-            .map_err(template_error)
+        let mut out = CappedOutput::default();
+        let result = template.render_captured_to(Value::from_pairs(context), &mut out);
+        if out.exceeded {
+            return Err(Error::Template(format!(
+                "{}: the rendered prompt passed {MAX_OUTPUT} bytes, the bound on a template's output",
+                self.name
+            )));
+        }
+        match result {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| Error::Template(format!("{}: rendered invalid UTF-8", self.name))),
+            Err(err) if err.kind() == ErrorKind::OutOfFuel => Err(Error::Template(format!(
+                "{}: rendering stopped after {FUEL} steps, the bound on the time and memory one \
+                 render may take (the template loops or builds data without end)",
+                self.name
+            ))),
+            Err(err) => Err(template_error(err)),
+        }
+    }
+}
+
+/// Collects a render's output up to [`MAX_OUTPUT`] bytes, then refuses more
+/// (which stops the render).
+#[derive(Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    exceeded: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_OUTPUT {
+            self.exceeded = true;
+            return Err(std::io::Error::other("template output bound"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -356,6 +428,7 @@ fn environment() -> Result<Environment<'static>> {
     // Debug info clones the template source into every error; messages with
     // the line number are enough.
     env.set_debug(false);
+    env.set_fuel(Some(FUEL));
     env.set_formatter(format_output);
     env.set_unknown_method_callback(python_method);
     env.add_filter("tojson", tojson);
@@ -1445,6 +1518,10 @@ fn python_method(
                 let () = from_args(args)?;
                 Some(Value::from(py_title(s)))
             }
+            "format" => {
+                check_format_widths(s)?;
+                None
+            }
             "removeprefix" => {
                 let (prefix,): (&str,) = from_args(args)?;
                 Some(Value::from(s.strip_prefix(prefix).unwrap_or(s)))
@@ -1460,6 +1537,25 @@ fn python_method(
         }
     }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// Refuses a `str.format` template whose replacement fields name a width or
+/// precision above [`MAX_FORMAT_WIDTH`].
+fn check_format_widths(s: &str) -> std::result::Result<(), minijinja::Error> {
+    for field in s.split('{').skip(1) {
+        let spec = field.split('}').next().unwrap_or_default();
+        let Some((_, spec)) = spec.split_once(':') else {
+            continue;
+        };
+        for digits in spec.split(|c: char| !c.is_ascii_digit()) {
+            if !digits.is_empty() && digits.parse::<u64>().map_or(true, |n| n > MAX_FORMAT_WIDTH) {
+                return Err(invalid(format!(
+                    "str.format(): field width {digits} is above the bound of {MAX_FORMAT_WIDTH}"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Python's `str.isspace`, which counts the ASCII separators 0x1c..0x1f

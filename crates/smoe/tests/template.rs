@@ -560,3 +560,114 @@ fn real_templates_render_like_transformers() {
         "{identical}/{total} is under 99%"
     );
 }
+
+/// Renders `source` on a thread and gives up after a minute, so that a
+/// template the bounds fail to stop fails the test instead of hanging it.
+fn render_bounded(source: &str) -> Result<String, Error> {
+    let template = ChatTemplate::new(source, SpecialTokens::default())
+        .expect("compile")
+        .named("endless.jinja");
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(template.render(&hello(), None, true, &Map::new()));
+    });
+    receive
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("rendering {source:?} did not stop within a minute"))
+}
+
+#[test]
+fn runaway_templates_stop_with_an_error_naming_the_bound() {
+    // (template, what the error must say)
+    let cases = [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "steps",
+        ),
+        ("{{ 'x' * 10000000000 }}", "steps"),
+        ("{{ [1, 2] * 10000000000 }}", "too large"),
+        ("{{ 'x' | indent(10000000000) }}", "steps"),
+        (
+            "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+            "bytes",
+        ),
+        ("{{ '{:>10000000000}'.format('x') }}", "field width"),
+        ("{{ range(10000000000) | length }}", "too many"),
+        (
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "recursion limit",
+        ),
+    ];
+    for (source, bound) in cases {
+        match render_bounded(source) {
+            Err(Error::Template(msg)) => {
+                assert!(msg.contains(bound), "{source}: {msg:?} lacks {bound:?}");
+                if bound == "steps" || bound == "bytes" {
+                    assert!(msg.contains("endless.jinja"), "{source}: {msg:?}");
+                }
+            }
+            other => panic!("{source}: expected a template error, got {other:?}"),
+        }
+    }
+    // Ordinary work well past any real conversation stays within the bounds.
+    let busy = "{% for i in range(1000) %}{% for m in messages %}{{ m.content | upper }}{% endfor %}{% endfor %}";
+    assert_eq!(render_bounded(busy).expect("render").len(), 2000);
+}
+
+#[test]
+fn with_now_pins_strftime_now() {
+    let now = chrono::NaiveDate::from_ymd_opt(2024, 7, 26)
+        .and_then(|d| d.and_hms_opt(13, 5, 0))
+        .expect("valid date");
+    let template = ChatTemplate::new(
+        "{{ strftime_now('%d %B %Y %H:%M') }}",
+        SpecialTokens::default(),
+    )
+    .expect("compile")
+    .with_now(now);
+    assert_eq!(render(&template, &hello(), None), "26 July 2024 13:05");
+}
+
+#[test]
+fn none_tools_behave_like_python() {
+    // (template, render without tools); each would fail or differ with
+    // minijinja's own none.
+    let cases = [
+        ("{{ tools is none }} {{ tools is not none }} {{ tools is iterable }}", "True False False"),
+        ("{{ tools }} {{ tools | tojson }} {{ tools | string }} {{ documents }}", "None null None None"),
+        ("{% if tools is iterable and tools | length > 0 %}tools{% else %}none{% endif %}", "none"),
+        ("{{ tools | selectattr('type', 'equalto', 'f') | list | length }}", "0"),
+        ("{{ 'x' if tools else 'y' }} {{ (tools or []) | length }}", "y 0"),
+        ("{{ none is iterable }} {{ undefined_name is iterable }} {{ 'ab' is sequence }} {{ {} is sequence }}", "False True True True"),
+    ];
+    for (source, want) in cases {
+        let template = ChatTemplate::new(source, SpecialTokens::default()).expect("compile");
+        assert_eq!(render(&template, &hello(), None), want, "{source}");
+    }
+    // Python cannot iterate None; minijinja would render nothing.
+    let template = ChatTemplate::new(
+        "{% for t in tools %}{{ t }}{% endfor %}",
+        SpecialTokens::default(),
+    )
+    .expect("compile");
+    assert!(matches!(
+        template.render(&hello(), None, true, &Map::new()),
+        Err(Error::Template(_))
+    ));
+}
+
+#[test]
+fn safe_string_plus_escapes_the_other_side_like_markup() {
+    let template = ChatTemplate::new(
+        "{{ '<a>'|safe + messages[0].content + '</a>'|safe }}|{{ '<b>' ~ messages[0].content }}",
+        SpecialTokens::default(),
+    )
+    .expect("compile");
+    let messages = json!([{"role": "user", "content": "\"x\" & <y>"}]);
+    assert_eq!(
+        template
+            .render(&messages, None, false, &Map::new())
+            .expect("render"),
+        "<a>&#34;x&#34; &amp; &lt;y&gt;</a>|<b>\"x\" & <y>"
+    );
+}
