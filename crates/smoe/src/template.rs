@@ -47,13 +47,14 @@ const RESERVED_VARS: [&str; 4] = ["messages", "tools", "documents", "add_generat
 
 /// The most work one render may do, in minijinja's fuel: about one unit per
 /// instruction executed and per 64 bytes of data created (output included),
-/// with `'x' * n` and `[x] * n` refused up front when the fuel cannot pay for
-/// them. It bounds time and memory together: nested `range(100000)` loops stop
-/// after about 1.5 s of CPU, and at most 20M x 64 B = 1.3 GB is created over a
-/// whole render. Real templates need far less: over conversations of 700
-/// messages with tools, Qwen3 took about 600 units per message and Gemma 4
-/// (the heaviest in the corpus) about 2,900, so 20 million leaves room for
-/// several thousand messages.
+/// with `'x' * n` and `indent(n)` refused up front when the fuel cannot pay
+/// for them. It bounds time and memory together: at most 20M x 64 B = 1.3 GB
+/// is created over a render, and on the 2-core development machine nested
+/// `range(100000)` loops stop after 1.6 s, a string doubled in a loop after
+/// 5 s (allocation-bound). Real templates need far less: over conversations
+/// of 700 messages with tools, Qwen3 took about 600 units per message and
+/// Gemma 4, the heaviest of the seven measured, about 2,900, so the bound leaves room
+/// for several thousand messages.
 const FUEL: u64 = 20_000_000;
 /// The longest prompt a template may render, 64 MiB: about 16 million tokens,
 /// past any model's context, so only a runaway template reaches it.
