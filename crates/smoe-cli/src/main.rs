@@ -556,6 +556,7 @@ fn template(a: TemplateArgs) -> Result<()> {
         Some(file) => {
             let source = smoe::error::read_to_string(file)?;
             ChatTemplate::new(&source, SpecialTokens::from_dir(&a.model)?)?
+                .named(file.display().to_string())
         }
         None => ChatTemplate::from_dir(&a.model)?,
     };

@@ -158,3 +158,56 @@ fn raising_template_exits_1_with_its_message() {
         "nothing on stdout when the template raises"
     );
 }
+
+/// Runs `smoe template` on `template` with one user message, with the
+/// environment variables given.
+fn render_with_env(template: &str, vars: &[(&str, &str)]) -> std::process::Output {
+    let model = fixture("qwen3-moe-a");
+    let scratch = tempfile::tempdir().unwrap();
+    let messages = scratch.path().join("m.json");
+    fs::write(&messages, r#"[{"role":"user","content":"hi"}]"#).unwrap();
+    let tpl = scratch.path().join("t.jinja");
+    fs::write(&tpl, template).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_smoe"))
+        .args(["template", "--model", path_str(&model), "--messages"])
+        .arg(&messages)
+        .arg("--chat-template")
+        .arg(&tpl)
+        .envs(vars.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn source_date_epoch_pins_strftime_now() {
+    let template = "{{ strftime_now('%Y-%m-%d %H:%M %d %b %Y') }}";
+    let out = render_with_env(template, &[("SOURCE_DATE_EPOCH", "1721952000")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2024-07-26 00:00 26 Jul 2024"
+    );
+
+    let out = render_with_env(template, &[("SOURCE_DATE_EPOCH", "yesterday")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SOURCE_DATE_EPOCH") && err.contains("yesterday"),
+        "{err}"
+    );
+}
+
+#[test]
+fn endless_template_fails_naming_the_file_and_the_bound() {
+    let out = render_with_env(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("t.jinja") && err.contains("steps"), "{err}");
+}

@@ -13,11 +13,12 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 
 use chrono::format::{Item, StrftimeItems};
 use chrono::NaiveDateTime;
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::{from_args, Kwargs, Rest, ValueKind};
+use minijinja::value::{from_args, Kwargs, Object, ObjectRepr, Rest, ValueKind, ValueOrKwargs};
 use minijinja::{Environment, ErrorKind, Output, State, Value};
 use serde_json::{Map, Value as Json};
 
@@ -37,6 +38,32 @@ const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning
 /// Variables `render` sets itself, which `extra` may not repeat (Python would
 /// fail with "got multiple values for keyword argument").
 const RESERVED_VARS: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
+// Bounds on rendering, so that a template that loops without end or builds
+// huge values fails with an error naming the template and the bound in `run`,
+// `check`, `template` and `serve`, instead of hanging or aborting. Recursion
+// needs none of its own: minijinja stops at 500 levels of nested macros and
+// blocks, and the printers here at MAX_DEPTH. `range()` is minijinja's, at
+// most 100,000 items.
+
+/// The most work one render may do, in minijinja's fuel: about one unit per
+/// instruction executed and per 64 bytes of data created (output included),
+/// with `'x' * n` and `indent(n)` refused up front when the fuel cannot pay
+/// for them. It bounds time and memory together: at most 20M x 64 B = 1.3 GB
+/// is created over a render, and on the 2-core development machine nested
+/// `range(100000)` loops stop after 1.6 s, a string doubled in a loop after
+/// 5 s (allocation-bound). Real templates need far less: over conversations
+/// of 700 messages with tools, Qwen3 took about 600 units per message and
+/// Gemma 4, the heaviest of the seven measured, about 2,900, so the bound leaves room
+/// for several thousand messages.
+const FUEL: u64 = 20_000_000;
+/// The longest prompt a template may render, 64 MiB: about 16 million tokens,
+/// past any model's context, so only a runaway template reaches it.
+const MAX_OUTPUT: usize = 64 << 20;
+/// The widest field `str.format` may pad to (`'{:>N}'`); Python would
+/// allocate any width, which aborts the process on a typo'd huge one.
+const MAX_FORMAT_WIDTH: u64 = 100_000;
+/// Environment variable that pins `strftime_now` (see [`ChatTemplate::with_now`]).
+pub const SOURCE_DATE_EPOCH: &str = "SOURCE_DATE_EPOCH";
 /// Guards the recursive printers against self-referencing namespaces.
 const MAX_DEPTH: usize = 256;
 
@@ -129,6 +156,8 @@ impl SpecialTokens {
 /// A compiled chat template with the special tokens it renders with.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// What errors call the template: its checkpoint directory or file.
+    name: String,
     source: String,
     has_tool_use: bool,
     special: SpecialTokens,
@@ -154,7 +183,7 @@ impl ChatTemplate {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let special = SpecialTokens::from_dir(dir)?;
         let (default, tool_use) = find_templates(dir)?;
-        Self::build(default, tool_use, special)
+        Ok(Self::build(default, tool_use, special)?.named(dir.display().to_string()))
     }
 
     /// An explicit template source (for `--chat-template FILE`), with the
@@ -163,8 +192,17 @@ impl ChatTemplate {
         Self::build(source.to_owned(), None, special)
     }
 
+    /// Sets what errors call the template (a file it was read from, say);
+    /// [`ChatTemplate::from_dir`] names it after the directory.
+    #[must_use]
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     fn build(source: String, tool_use: Option<String>, special: SpecialTokens) -> Result<Self> {
         let mut env = environment()?;
+        set_clock(&mut env, pinned_now()?);
         env.add_template_owned(DEFAULT_NAME, prepare_source(&source))
             .map_err(template_error)?;
         let has_tool_use = tool_use.is_some();
@@ -174,10 +212,21 @@ impl ChatTemplate {
         }
         Ok(Self {
             env,
+            name: DEFAULT_NAME.to_owned(),
             source,
             has_tool_use,
             special,
         })
+    }
+
+    /// Pins the time that `strftime_now` prints, for renders that must not
+    /// depend on the day they run. Without it the time is the local clock,
+    /// or `SOURCE_DATE_EPOCH` (seconds since the epoch, printed as UTC) when
+    /// that is set, read when the template is loaded.
+    #[must_use]
+    pub fn with_now(mut self, now: NaiveDateTime) -> Self {
+        set_clock(&mut self.env, Some(now));
+        self
     }
 
     /// The template text as written (the default one for a directory).
@@ -227,13 +276,51 @@ impl ChatTemplate {
         // Later entries replace earlier ones, so extras override special tokens.
         context.extend(extra.iter().map(|(k, v)| (k.as_str(), json_to_value(v))));
         context.push(("messages", messages));
-        context.push(("tools", tools.unwrap_or_else(|| Value::from(()))));
-        context.push(("documents", Value::from(())));
+        context.push(("tools", tools.unwrap_or_else(py_none)));
+        context.push(("documents", py_none()));
         context.push(("add_generation_prompt", Value::from(add_generation_prompt)));
         let template = self.env.get_template(name).map_err(template_error)?;
-        template
-            .render(Value::from_pairs(context))
-            .map_err(template_error)
+        let mut out = CappedOutput::default();
+        let result = template.render_captured_to(Value::from_pairs(context), &mut out);
+        if out.exceeded {
+            return Err(Error::Template(format!(
+                "{}: the rendered prompt passed {MAX_OUTPUT} bytes, the bound on a template's output",
+                self.name
+            )));
+        }
+        match result {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| Error::Template(format!("{}: rendered invalid UTF-8", self.name))),
+            Err(err) if err.kind() == ErrorKind::OutOfFuel => Err(Error::Template(format!(
+                "{}: rendering stopped after {FUEL} steps, the bound on the time and memory one \
+                 render may take (the template loops or builds data without end)",
+                self.name
+            ))),
+            Err(err) => Err(template_error(err)),
+        }
+    }
+}
+
+/// Collects a render's output up to [`MAX_OUTPUT`] bytes, then refuses more
+/// (which stops the render).
+#[derive(Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    exceeded: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_OUTPUT {
+            self.exceeded = true;
+            return Err(std::io::Error::other("template output bound"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -342,6 +429,7 @@ fn environment() -> Result<Environment<'static>> {
     // Debug info clones the template source into every error; messages with
     // the line number are enough.
     env.set_debug(false);
+    env.set_fuel(Some(FUEL));
     env.set_formatter(format_output);
     env.set_unknown_method_callback(python_method);
     env.add_filter("tojson", tojson);
@@ -367,18 +455,165 @@ fn environment() -> Result<Environment<'static>> {
     };
     env.add_filter("escape", escape);
     env.add_filter("e", escape);
-    env.add_function("raise_exception", raise_exception);
-    env.add_function("strftime_now", |format: &str| {
-        py_strftime(&chrono::Local::now().naive_local(), format)
+    env.add_filter("map", |state: &mut State, value, args| {
+        minijinja::filters::map(state, iterable_none(value), args).map(generator)
     });
+    for (name, reject) in [("select", false), ("reject", true)] {
+        env.add_filter(name, move |state: &mut State, v, test, args| {
+            test_filter(reject, state, v, test, args)
+        });
+    }
+    for (name, reject) in [("selectattr", false), ("rejectattr", true)] {
+        env.add_filter(name, move |state: &mut State, v, attr, test, args| {
+            attr_filter(reject, state, v, attr, test, args)
+        });
+    }
+    env.add_test("none", is_py_none);
+    env.add_test("iterable", is_iterable);
+    env.add_test("sequence", is_sequence);
+    env.add_function("raise_exception", raise_exception);
     Ok(env)
+}
+
+/// Makes `strftime_now` print `now`, or the local time when `None`.
+fn set_clock(env: &mut Environment<'static>, now: Option<NaiveDateTime>) {
+    env.add_function("strftime_now", move |format: &str| {
+        let now = now.unwrap_or_else(|| chrono::Local::now().naive_local());
+        py_strftime(&now, format)
+    });
+}
+
+/// The time `strftime_now` prints when `SOURCE_DATE_EPOCH` pins it: that many
+/// seconds after the Unix epoch, in UTC, as reproducible-build tools read the
+/// variable. Unset or empty means the local clock.
+fn pinned_now() -> Result<Option<NaiveDateTime>> {
+    let Some(value) = std::env::var_os(SOURCE_DATE_EPOCH) else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse::<i64>()
+        .ok()
+        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+        .map(|time| Some(time.naive_utc()))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{SOURCE_DATE_EPOCH}: expected whole seconds since 1970-01-01 UTC, found {text:?}"
+            ))
+        })
 }
 
 /// Brings a template to what jinja2 compiles: its lexer turns every `\r\n`
 /// and `\r` into `\n` before anything else, in text and string literals
 /// alike, and transformers' generation tags need rewriting.
 fn prepare_source(source: &str) -> String {
-    rewrite_generation_tags(&source.replace("\r\n", "\n").replace('\r', "\n"))
+    let source = source.replace("\r\n", "\n").replace('\r', "\n");
+    rewrite_markup_concat(&rewrite_generation_tags(&source))
+}
+
+/// In jinja2, `x|safe` is a `Markup` string, and `Markup + str` escapes the
+/// `str` side (`"a"|safe + "<b>"` is `a&lt;b&gt;`) even with autoescaping off,
+/// which templates such as functionary-v3.1 rely on. minijinja's `+` never
+/// escapes, so a print statement whose top level is a chain of `+` with a
+/// `|safe` operand gets every other operand escaped explicitly. Chains mixed
+/// with other operators at the top level are left alone.
+fn rewrite_markup_concat(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{{") {
+        let tag = &rest[start + 2..];
+        let Some(end) = expression_end(tag) else {
+            break;
+        };
+        out.push_str(&rest[..start + 2]);
+        let (open, inner) = split_control(&tag[..end], true);
+        let (inner, close) = split_control(inner, false);
+        out.push_str(open);
+        match escape_markup_operands(inner) {
+            Some(rewritten) => out.push_str(&rewritten),
+            None => out.push_str(inner),
+        }
+        out.push_str(close);
+        rest = &tag[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where the `}}` closing an expression is.
+fn expression_end(tag: &str) -> Option<usize> {
+    unquoted(tag)
+        .find(|&(i, c)| c == '}' && tag[i..].starts_with("}}"))
+        .map(|(i, _)| i)
+}
+
+/// The characters of template code outside its string literals.
+fn unquoted(code: &str) -> impl Iterator<Item = (usize, char)> + '_ {
+    let mut quote = None;
+    let mut escaped = false;
+    code.char_indices().filter(move |&(_, c)| {
+        match quote {
+            Some(_) if escaped => escaped = false,
+            Some(_) if c == '\\' => escaped = true,
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None => return true,
+        }
+        false
+    })
+}
+
+/// `a|safe + b + c` as `a|safe + (b)|e + (c)|e`, or `None` when the
+/// expression is not such a chain.
+fn escape_markup_operands(expr: &str) -> Option<String> {
+    let mut operands = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    for (i, c) in unquoted(expr) {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth = depth.checked_sub(1)?,
+            '+' if depth == 0 => {
+                operands.push(&expr[start..i]);
+                start = i + 1;
+            }
+            // Lower-precedence operators would change what `+` applies to.
+            '~' | '<' | '>' | '=' | '!' | '-' if depth == 0 => return None,
+            _ => {}
+        }
+    }
+    operands.push(&expr[start..]);
+    let is_markup = |operand: &str| {
+        operand
+            .trim_end()
+            .strip_suffix("safe")
+            .is_some_and(|rest| rest.trim_end().ends_with('|'))
+    };
+    let has_keyword = |operand: &str| {
+        let code: String = unquoted(operand).map(|(_, c)| c).collect();
+        code.split(|c: char| !c.is_alphanumeric() && c != '_')
+            .any(|word| matches!(word, "if" | "else" | "and" | "or" | "not" | "in" | "is"))
+    };
+    if operands.len() < 2
+        || !operands.iter().any(|o| is_markup(o))
+        || operands.iter().any(|o| has_keyword(o))
+    {
+        return None;
+    }
+    let rewritten: Vec<String> = operands
+        .iter()
+        .map(|operand| {
+            if is_markup(operand) {
+                (*operand).to_owned()
+            } else {
+                format!(" ({})|e ", operand.trim())
+            }
+        })
+        .collect();
+    Some(rewritten.join("+"))
 }
 
 /// transformers' `{% generation %}` extension only marks which output came
@@ -522,6 +757,104 @@ fn json_to_value(json: &Json) -> Value {
             Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v))))
         }
     }
+}
+
+/// Python's `None` as the renderer passes it for absent `tools` and
+/// `documents`. minijinja's own none iterates as an empty sequence, so
+/// `{% for tool in tools %}` would render where Python raises "'NoneType'
+/// object is not iterable"; this object refuses iteration, is false, prints
+/// as `None`, serializes as `null` and passes the `none` test.
+#[derive(Debug)]
+struct PyNone;
+
+impl Object for PyNone {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Plain
+    }
+
+    fn is_true(self: &Arc<Self>) -> bool {
+        false
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("None")
+    }
+}
+
+fn py_none() -> Value {
+    Value::from_object(PyNone)
+}
+
+fn is_py_none(value: &Value) -> bool {
+    value.is_none() || value.downcast_object_ref::<PyNone>().is_some()
+}
+
+/// jinja2's `map`, `select`, `reject`, `selectattr` and `rejectattr` return
+/// generators, not lists: they iterate and are always true, but have no
+/// length and `tojson` rejects them ("Object of type generator is not JSON
+/// serializable"), so templates must add `| list`.
+fn generator(items: Vec<Value>) -> Value {
+    Value::make_iterable(move || items.clone().into_iter())
+}
+
+/// These filters skip a false input (`if seq:` in jinja2), so None gives
+/// nothing rather than an error; minijinja's none iterates as empty.
+fn iterable_none(value: Value) -> Value {
+    if is_py_none(&value) {
+        Value::from(())
+    } else {
+        value
+    }
+}
+
+type Filtered = std::result::Result<Value, minijinja::Error>;
+
+/// `select` or `reject`.
+fn test_filter(
+    reject: bool,
+    state: &mut State,
+    v: Value,
+    test: Option<String>,
+    args: Rest<ValueOrKwargs>,
+) -> Filtered {
+    let (v, test) = (iterable_none(v), test.map(Into::into));
+    if reject {
+        minijinja::filters::reject(state, v, test, args).map(generator)
+    } else {
+        minijinja::filters::select(state, v, test, args).map(generator)
+    }
+}
+
+/// `selectattr` or `rejectattr`.
+fn attr_filter(
+    reject: bool,
+    state: &mut State,
+    v: Value,
+    attr: String,
+    test: Option<String>,
+    args: Rest<ValueOrKwargs>,
+) -> Filtered {
+    let (v, attr, test) = (iterable_none(v), attr.into(), test.map(Into::into));
+    if reject {
+        minijinja::filters::rejectattr(state, v, attr, test, args).map(generator)
+    } else {
+        minijinja::filters::selectattr(state, v, attr, test, args).map(generator)
+    }
+}
+
+/// jinja2's `iterable` test, `iter(value)`: undefined iterates (as empty),
+/// None does not.
+fn is_iterable(value: &Value) -> bool {
+    !is_py_none(value) && (value.is_undefined() || value.try_iter().is_ok())
+}
+
+/// jinja2's `sequence` test: anything with a length and item access, which
+/// includes strings, dicts and undefined, but not None.
+fn is_sequence(value: &Value) -> bool {
+    matches!(
+        value.kind(),
+        ValueKind::Undefined | ValueKind::String | ValueKind::Seq | ValueKind::Map
+    )
 }
 
 /// Carries a `raise_exception` message through minijinja so that the error
@@ -874,7 +1207,7 @@ fn write_json(
         return Err(invalid("tojson(): nesting too deep (circular reference?)"));
     }
     match value.kind() {
-        ValueKind::None => out.push_str("null"),
+        _ if is_py_none(value) => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => out.push_str(&json_number(value)),
         ValueKind::String => write_json_str(value.as_str().unwrap_or_default(), style, out),
@@ -1186,6 +1519,10 @@ fn python_method(
                 let () = from_args(args)?;
                 Some(Value::from(py_title(s)))
             }
+            "format" => {
+                check_format_widths(s)?;
+                None
+            }
             "removeprefix" => {
                 let (prefix,): (&str,) = from_args(args)?;
                 Some(Value::from(s.strip_prefix(prefix).unwrap_or(s)))
@@ -1201,6 +1538,25 @@ fn python_method(
         }
     }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// Refuses a `str.format` template whose replacement fields name a width or
+/// precision above [`MAX_FORMAT_WIDTH`].
+fn check_format_widths(s: &str) -> std::result::Result<(), minijinja::Error> {
+    for field in s.split('{').skip(1) {
+        let spec = field.split('}').next().unwrap_or_default();
+        let Some((_, spec)) = spec.split_once(':') else {
+            continue;
+        };
+        for digits in spec.split(|c: char| !c.is_ascii_digit()) {
+            if !digits.is_empty() && digits.parse::<u64>().map_or(true, |n| n > MAX_FORMAT_WIDTH) {
+                return Err(invalid(format!(
+                    "str.format(): field width {digits} is above the bound of {MAX_FORMAT_WIDTH}"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Python's `str.isspace`, which counts the ASCII separators 0x1c..0x1f

@@ -1,7 +1,11 @@
 //! Chat templates must render byte for byte like HF transformers'
 //! `apply_chat_template(tokenize=False)`. The expected renders in
 //! fixtures/templates/cases.json come from transformers itself, through
-//! tools/template_refs.py.
+//! tools/template_refs.py. The real-world templates in
+//! fixtures/templates/corpus/ (llama.cpp's models/templates/ and the supported
+//! MoE families' published templates) are checked against
+//! fixtures/templates/corpus.json, made by tools/template_corpus.py; a case
+//! where transformers raised passes when smoe refuses too.
 
 use std::path::{Path, PathBuf};
 
@@ -403,4 +407,267 @@ fn template_errors_are_reported() {
         template.render(&hello(), None, false, &Map::new()),
         Err(Error::Template(_))
     ));
+}
+
+/// Cases that still differ from transformers, with the reason; the README's
+/// chat-template section lists the same. A listed case that starts to match
+/// fails the test, so the list cannot go stale.
+const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
+    ("GigaChat3-10B-A1.8B/hello+tools+gen", FLOAT_CONCAT),
+    ("GigaChat3-10B-A1.8B/tool_calls+tools+gen", FLOAT_CONCAT),
+    ("GigaChat3-10B-A1.8B/tool_calls_content+tools", FLOAT_CONCAT),
+    ("GigaChat3-10B-A1.8B/tool_single+tools+gen", FLOAT_CONCAT),
+    ("GigaChat3.1-10B-A1.8B/hello+tools+gen", FLOAT_CONCAT),
+    ("GigaChat3.1-10B-A1.8B/tool_calls+tools+gen", FLOAT_CONCAT),
+    (
+        "GigaChat3.1-10B-A1.8B/tool_calls_content+tools",
+        FLOAT_CONCAT,
+    ),
+    ("GigaChat3.1-10B-A1.8B/tool_single+tools+gen", FLOAT_CONCAT),
+    (
+        "meetkai-functionary-medium-v3.2/hello+tools+gen",
+        FLOAT_CONCAT,
+    ),
+];
+
+/// minijinja's `~` operator formats floats itself, positionally, where
+/// Python's `str()` switches to exponent form below 1e-4 (the tools' schema
+/// default 1e-05 prints as 0.00001); the operator cannot be overridden.
+const FLOAT_CONCAT: &str = "`~` prints a float below 1e-4 positionally, Python as 1e-05";
+
+#[derive(Deserialize)]
+struct Corpus {
+    source_date_epoch: i64,
+    special_tokens: Map<String, Value>,
+    tools: Value,
+    conversations: Map<String, Value>,
+    cases: Vec<CorpusCase>,
+}
+
+#[derive(Deserialize)]
+struct CorpusCase {
+    name: String,
+    template_file: String,
+    conversation: String,
+    tools: bool,
+    add_generation_prompt: bool,
+    extra: Map<String, Value>,
+    expected: Option<String>,
+    error: Option<String>,
+}
+
+/// How smoe's outcome for one case differs from transformers', if it does.
+fn compare(corpus: &Corpus, dir: &Path, case: &CorpusCase) -> Option<String> {
+    let token = |key: &str| {
+        corpus
+            .special_tokens
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let special = SpecialTokens {
+        bos: token("bos_token"),
+        eos: token("eos_token"),
+        unk: token("unk_token"),
+        pad: token("pad_token"),
+    };
+    let source = std::fs::read_to_string(dir.join("corpus").join(&case.template_file))
+        .unwrap_or_else(|e| panic!("{}: {e}", case.template_file));
+    let now = chrono::DateTime::from_timestamp(corpus.source_date_epoch, 0)
+        .expect("source_date_epoch")
+        .naive_utc();
+    let result = ChatTemplate::new(&source, special).and_then(|template| {
+        template.with_now(now).render(
+            &corpus.conversations[&case.conversation],
+            case.tools.then_some(&corpus.tools),
+            case.add_generation_prompt,
+            &case.extra,
+        )
+    });
+    match (&case.expected, result) {
+        (Some(expected), Ok(actual)) if *expected == actual => None,
+        (Some(expected), Ok(actual)) => Some(first_difference(expected, &actual)),
+        (Some(_), Err(err)) => Some(format!("smoe refused: {err}")),
+        (None, Err(_)) => None,
+        (None, Ok(_)) => Some(format!(
+            "smoe rendered where transformers raised {:?}",
+            case.error.as_deref().unwrap_or_default()
+        )),
+    }
+}
+
+fn first_difference(expected: &str, actual: &str) -> String {
+    let at = expected
+        .char_indices()
+        .zip(actual.chars())
+        .find(|((_, a), b)| a != b)
+        .map_or(expected.len().min(actual.len()), |((i, _), _)| i);
+    let at = (0..=at)
+        .rev()
+        .find(|i| expected.is_char_boundary(*i) && actual.is_char_boundary(*i))
+        .unwrap_or(0);
+    let context = |s: &str| s[at..].chars().take(60).collect::<String>();
+    format!(
+        "{} vs {} bytes, first difference at byte {at}: expected {:?}, got {:?}",
+        expected.len(),
+        actual.len(),
+        context(expected),
+        context(actual)
+    )
+}
+
+#[test]
+fn real_templates_render_like_transformers() {
+    let dir = fixtures();
+    let text = std::fs::read_to_string(dir.join("corpus.json")).expect("read corpus.json");
+    let corpus: Corpus = serde_json::from_str(&text).expect("parse corpus.json");
+    assert!(corpus.cases.len() > 500, "the corpus is incomplete");
+    // The templates new users tripped over (issue 18) must stay covered.
+    for file in [
+        "Qwen3-Coder.jinja",
+        "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja",
+        "meetkai-functionary-medium-v3.1.jinja",
+    ] {
+        assert!(
+            corpus.cases.iter().any(|c| c.template_file == file),
+            "{file} is missing from the corpus"
+        );
+    }
+    let mut unexpected = Vec::new();
+    let mut fixed = Vec::new();
+    let mut identical = 0;
+    for case in &corpus.cases {
+        let known = KNOWN_DIFFERENCES
+            .iter()
+            .find(|(name, _)| *name == case.name);
+        match (compare(&corpus, &dir, case), known) {
+            (None, None) => identical += 1,
+            (None, Some(_)) => fixed.push(case.name.as_str()),
+            (Some(_), Some(_)) => {}
+            (Some(diff), None) => unexpected.push(format!("{}: {diff}", case.name)),
+        }
+    }
+    let total = corpus.cases.len();
+    eprintln!("{identical}/{total} corpus cases identical to transformers");
+    assert!(
+        unexpected.is_empty() && fixed.is_empty(),
+        "{} of {total} cases differ from transformers:\n{}\nlisted in KNOWN_DIFFERENCES but now identical: {fixed:?}",
+        unexpected.len(),
+        unexpected.join("\n")
+    );
+    assert!(
+        identical * 100 >= total * 99,
+        "{identical}/{total} is under 99%"
+    );
+}
+
+/// Renders `source` on a thread and gives up after a minute, so that a
+/// template the bounds fail to stop fails the test instead of hanging it.
+fn render_bounded(source: &str) -> Result<String, Error> {
+    let template = ChatTemplate::new(source, SpecialTokens::default())
+        .expect("compile")
+        .named("endless.jinja");
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(template.render(&hello(), None, true, &Map::new()));
+    });
+    receive
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("rendering {source:?} did not stop within a minute"))
+}
+
+#[test]
+fn runaway_templates_stop_with_an_error_naming_the_bound() {
+    // (template, what the error must say)
+    let cases = [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "steps",
+        ),
+        ("{{ 'x' * 10000000000 }}", "steps"),
+        ("{{ [1, 2] * 10000000000 }}", "too large"),
+        ("{{ 'x' | indent(10000000000) }}", "steps"),
+        (
+            "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+            "bytes",
+        ),
+        ("{{ '{:>10000000000}'.format('x') }}", "field width"),
+        ("{{ range(10000000000) | length }}", "too many"),
+        (
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "recursion limit",
+        ),
+    ];
+    for (source, bound) in cases {
+        match render_bounded(source) {
+            Err(Error::Template(msg)) => {
+                assert!(msg.contains(bound), "{source}: {msg:?} lacks {bound:?}");
+                if bound == "steps" || bound == "bytes" {
+                    assert!(msg.contains("endless.jinja"), "{source}: {msg:?}");
+                }
+            }
+            other => panic!("{source}: expected a template error, got {other:?}"),
+        }
+    }
+    // Ordinary work well past any real conversation stays within the bounds.
+    let busy = "{% for i in range(1000) %}{% for m in messages %}{{ m.content | upper }}{% endfor %}{% endfor %}";
+    assert_eq!(render_bounded(busy).expect("render").len(), 2000);
+}
+
+#[test]
+fn with_now_pins_strftime_now() {
+    let now = chrono::NaiveDate::from_ymd_opt(2024, 7, 26)
+        .and_then(|d| d.and_hms_opt(13, 5, 0))
+        .expect("valid date");
+    let template = ChatTemplate::new(
+        "{{ strftime_now('%d %B %Y %H:%M') }}",
+        SpecialTokens::default(),
+    )
+    .expect("compile")
+    .with_now(now);
+    assert_eq!(render(&template, &hello(), None), "26 July 2024 13:05");
+}
+
+#[test]
+fn none_tools_behave_like_python() {
+    // (template, render without tools); each would fail or differ with
+    // minijinja's own none.
+    let cases = [
+        ("{{ tools is none }} {{ tools is not none }} {{ tools is iterable }}", "True False False"),
+        ("{{ tools }} {{ tools | tojson }} {{ tools | string }} {{ documents }}", "None null None None"),
+        ("{% if tools is iterable and tools | length > 0 %}tools{% else %}none{% endif %}", "none"),
+        ("{{ tools | selectattr('type', 'equalto', 'f') | list | length }}", "0"),
+        ("{{ 'x' if tools else 'y' }} {{ (tools or []) | length }}", "y 0"),
+        ("{{ none is iterable }} {{ undefined_name is iterable }} {{ 'ab' is sequence }} {{ {} is sequence }}", "False True True True"),
+    ];
+    for (source, want) in cases {
+        let template = ChatTemplate::new(source, SpecialTokens::default()).expect("compile");
+        assert_eq!(render(&template, &hello(), None), want, "{source}");
+    }
+    // Python cannot iterate None; minijinja would render nothing.
+    let template = ChatTemplate::new(
+        "{% for t in tools %}{{ t }}{% endfor %}",
+        SpecialTokens::default(),
+    )
+    .expect("compile");
+    assert!(matches!(
+        template.render(&hello(), None, true, &Map::new()),
+        Err(Error::Template(_))
+    ));
+}
+
+#[test]
+fn safe_string_plus_escapes_the_other_side_like_markup() {
+    let template = ChatTemplate::new(
+        "{{ '<a>'|safe + messages[0].content + '</a>'|safe }}|{{ '<b>' ~ messages[0].content }}",
+        SpecialTokens::default(),
+    )
+    .expect("compile");
+    let messages = json!([{"role": "user", "content": "\"x\" & <y>"}]);
+    assert_eq!(
+        template
+            .render(&messages, None, false, &Map::new())
+            .expect("render"),
+        "<a>&#34;x&#34; &amp; &lt;y&gt;</a>|<b>\"x\" & <y>"
+    );
 }
