@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod experts;
+pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod quant;
