@@ -9,6 +9,7 @@
 //!
 //! [`tokenizer`] rebuilds the Hugging Face tokenizer from the metadata.
 
+mod describe;
 mod file;
 pub mod tokenizer;
 mod types;
@@ -20,6 +21,7 @@ mod tests;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub use describe::EXPERT_TENSORS;
 pub use file::{is_gguf, Array, GgufFile, Metadata, TensorInfo, Value, DEFAULT_ALIGNMENT, MAGIC};
 pub use types::GgmlType;
 
@@ -218,13 +220,15 @@ impl Gguf {
         let (shard, t) = self.require(name)?;
         let experts = match t.dims[..] {
             [_, _, e] => e,
-            _ => return Err(Error::format(
-                self.path(),
-                format!(
+            _ => {
+                return Err(Error::format(
+                    self.path(),
+                    format!(
                     "tensor {name} has dims {:?}; an experts tensor has 3 (columns, rows, experts)",
                     t.dims
                 ),
-            )),
+                ))
+            }
         };
         if expert as u64 >= experts {
             return Err(Error::invalid(format!(

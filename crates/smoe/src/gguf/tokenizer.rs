@@ -25,7 +25,7 @@ use tokenizers::{
 };
 
 use super::{Array, Gguf, Value};
-use crate::template::SpecialTokens;
+use crate::template::{ChatTemplate, SpecialTokens};
 use crate::{Error, Result};
 
 /// llama.cpp's token types (`llama_token_type`).
@@ -154,6 +154,25 @@ impl std::fmt::Debug for GgufTokenizer {
             .field("eos", &self.eos)
             .field("end_of_generation", &self.end_of_generation)
             .finish_non_exhaustive()
+    }
+}
+
+impl GgufTokenizer {
+    /// smoe's tokenizer wrapper around it, naming `g`'s file in errors.
+    pub fn to_tokenizer(&self, g: &Gguf) -> Result<crate::tokenizer::Tokenizer> {
+        crate::tokenizer::Tokenizer::from_tokenizer(self.tokenizer.clone(), g.path())
+    }
+
+    /// The file's chat template with its special tokens, or an error naming
+    /// the file when it has none.
+    pub fn chat_template(&self, g: &Gguf) -> Result<ChatTemplate> {
+        let source = self.chat_template.as_deref().ok_or_else(|| {
+            Error::format(
+                g.path(),
+                "no tokenizer.chat_template: pass one with --chat-template FILE",
+            )
+        })?;
+        ChatTemplate::new(source, self.special.clone())
     }
 }
 
@@ -541,5 +560,184 @@ mod tests {
     #[test]
     fn sentencepiece_vectors() {
         check_vocab("ggml-vocab-llama-spm.gguf", Some("default"));
+    }
+
+    /// What llama.cpp's converter writes for a Qwen tokenizer directory:
+    /// tokens by id, merges as "a b", control / user-defined types for the
+    /// added tokens, EOS and padding ids, and the chat template.
+    fn gguf_like_converter(dir: &Path) -> super::super::write::Builder {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+                .unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        let mut tokens: Vec<(u32, String, i32)> = json["model"]["vocab"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(t, id)| (id.as_u64().unwrap() as u32, t.clone(), NORMAL as i32))
+            .collect();
+        for added in json["added_tokens"].as_array().unwrap() {
+            let ty = if added["special"].as_bool().unwrap() {
+                CONTROL
+            } else {
+                USER_DEFINED
+            };
+            let id = added["id"].as_u64().unwrap() as u32;
+            tokens.retain(|t| t.0 != id);
+            tokens.push((id, added["content"].as_str().unwrap().into(), ty as i32));
+        }
+        tokens.sort();
+        assert!(tokens.iter().enumerate().all(|(i, t)| t.0 == i as u32));
+        let merges: Vec<String> = json["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => s.clone(),
+                pair => format!(
+                    "{} {}",
+                    pair[0].as_str().unwrap(),
+                    pair[1].as_str().unwrap()
+                ),
+            })
+            .collect();
+        let id_of = |key: &str| {
+            let text = config[key].as_str().unwrap();
+            Value::U32(tokens.iter().find(|t| t.1 == text).unwrap().0)
+        };
+        super::super::write::Builder::new()
+            .kv("general.architecture", Value::String("qwen3moe".into()))
+            .kv("tokenizer.ggml.model", Value::String("gpt2".into()))
+            .kv("tokenizer.ggml.pre", Value::String("qwen2".into()))
+            .kv(
+                "tokenizer.ggml.tokens",
+                Value::Array(Array::String(tokens.iter().map(|t| t.1.clone()).collect())),
+            )
+            .kv(
+                "tokenizer.ggml.token_type",
+                Value::Array(Array::I32(tokens.iter().map(|t| t.2).collect())),
+            )
+            .kv("tokenizer.ggml.merges", Value::Array(Array::String(merges)))
+            .kv("tokenizer.ggml.eos_token_id", id_of("eos_token"))
+            .kv("tokenizer.ggml.padding_token_id", id_of("pad_token"))
+            .kv("tokenizer.ggml.add_bos_token", Value::Bool(false))
+            .kv(
+                "tokenizer.chat_template",
+                Value::String(config["chat_template"].as_str().unwrap().into()),
+            )
+    }
+
+    #[test]
+    fn a_converted_tokenizer_and_template_match_the_originals() {
+        let dir = vocab_dir().join("../tokenizer");
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("t.gguf");
+        std::fs::write(&path, gguf_like_converter(&dir).build()).unwrap();
+        let g = Gguf::open(&path).unwrap();
+        let loaded = load(&g).unwrap();
+        let ours = loaded.to_tokenizer(&g).unwrap();
+        let theirs = crate::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+        assert_eq!(ours.max_id(), theirs.max_id());
+        let im_end = theirs.token_to_id("<|im_end|>").unwrap();
+        let endoftext = theirs.token_to_id("<|endoftext|>").unwrap();
+        assert_eq!(loaded.eos, Some(im_end));
+        assert_eq!(loaded.end_of_generation, [endoftext, im_end]);
+        assert_eq!(loaded.special.eos.as_deref(), Some("<|im_end|>"));
+        assert_eq!(loaded.special.pad.as_deref(), Some("<|endoftext|>"));
+        for text in [
+            "Say hello.",
+            "Schöne Grüße aus München, Äpfel und Öl! e\u{301}",
+            "你好，世界！ 🙂👍🏽 🇩🇪",
+            "<|im_start|>user\nhi<|im_end|>\n<think>\nhm\n</think>\n\n  x",
+        ] {
+            for special in [false, true] {
+                let ids = ours.encode(text, special).unwrap();
+                assert_eq!(ids, theirs.encode(text, special).unwrap(), "{text:?}");
+                for skip in [false, true] {
+                    assert_eq!(
+                        ours.decode(&ids, skip).unwrap(),
+                        theirs.decode(&ids, skip).unwrap()
+                    );
+                }
+            }
+        }
+        let template = loaded.chat_template(&g).unwrap();
+        let original = ChatTemplate::from_dir(&dir).unwrap();
+        let messages = crate::check::sample_conversation();
+        let none = serde_json::Map::new();
+        assert_eq!(
+            template.render(&messages, None, true, &none).unwrap(),
+            original.render(&messages, None, true, &none).unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_tokenizer_metadata_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("t.gguf");
+        let base = || {
+            super::super::write::Builder::new()
+                .kv("tokenizer.ggml.model", Value::String("gpt2".into()))
+                .kv(
+                    "tokenizer.ggml.tokens",
+                    Value::Array(Array::String(vec!["a".into(), "b".into(), "ab".into()])),
+                )
+                .kv(
+                    "tokenizer.ggml.merges",
+                    Value::Array(Array::String(vec!["a b".into()])),
+                )
+        };
+        let cases = [
+            (base(), "tokenizer.ggml.pre is missing"),
+            (
+                base().kv("tokenizer.ggml.pre", Value::String("klingon".into())),
+                "tokenizer.ggml.pre is \"klingon\"",
+            ),
+            (
+                base()
+                    .kv("tokenizer.ggml.pre", Value::String("qwen2".into()))
+                    .kv("tokenizer.ggml.eos_token_id", Value::U32(3)),
+                "tokenizer.ggml.eos_token_id is 3, but the vocabulary has 3 tokens",
+            ),
+            (
+                base()
+                    .kv("tokenizer.ggml.pre", Value::String("qwen2".into()))
+                    .kv(
+                        "tokenizer.ggml.token_type",
+                        Value::Array(Array::I32(vec![1])),
+                    ),
+                "expected 3 integers",
+            ),
+            (
+                super::super::write::Builder::new()
+                    .kv("tokenizer.ggml.model", Value::String("bert".into()))
+                    .kv(
+                        "tokenizer.ggml.tokens",
+                        Value::Array(Array::String(vec!["a".into()])),
+                    ),
+                "tokenizer.ggml.model is \"bert\"",
+            ),
+        ];
+        for (b, expect) in cases {
+            std::fs::write(&path, b.build()).unwrap();
+            let g = Gguf::open(&path).unwrap();
+            let err = load(&g).unwrap_err().to_string();
+            assert!(err.contains(expect) && err.contains("t.gguf"), "{err}");
+        }
+        std::fs::write(
+            &path,
+            base()
+                .kv("tokenizer.ggml.pre", Value::String("qwen2".into()))
+                .build(),
+        )
+        .unwrap();
+        let g = Gguf::open(&path).unwrap();
+        let t = load(&g).unwrap();
+        assert_eq!(t.tokenizer.encode_fast("ab", false).unwrap().get_ids(), [2]);
+        let err = t.chat_template(&g).unwrap_err().to_string();
+        assert!(err.contains("no tokenizer.chat_template"), "{err}");
     }
 }
