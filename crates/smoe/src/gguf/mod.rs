@@ -9,6 +9,7 @@
 //!
 //! [`tokenizer`] rebuilds the Hugging Face tokenizer from the metadata.
 
+pub mod check;
 mod describe;
 mod file;
 pub mod tokenizer;

@@ -471,7 +471,7 @@ fn vocab(tokens: &[String]) -> Vocab {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
@@ -479,7 +479,7 @@ mod tests {
     /// `fixtures/gguf-vocab`: llama.cpp's `models/ggml-vocab-*.gguf` with the
     /// `.inp`/`.out` vectors its `test-tokenizer-0` checks (made with
     /// transformers by llama.cpp's `convert_hf_to_gguf_update.py`).
-    fn vocab_dir() -> PathBuf {
+    pub(crate) fn vocab_dir() -> PathBuf {
         let in_repo = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../fixtures/gguf-vocab"
@@ -565,7 +565,7 @@ mod tests {
     /// What llama.cpp's converter writes for a Qwen tokenizer directory:
     /// tokens by id, merges as "a b", control / user-defined types for the
     /// added tokens, EOS and padding ids, and the chat template.
-    fn gguf_like_converter(dir: &Path) -> super::super::write::Builder {
+    pub(crate) fn gguf_like_converter(dir: &Path) -> super::super::write::Builder {
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
                 .unwrap();

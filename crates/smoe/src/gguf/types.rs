@@ -4,6 +4,7 @@
 //! it: a reader that knows each type's block size can index, bound-check and
 //! copy any tensor, and name the type when it refuses one.
 
+use crate::kernels::DType;
 use crate::quant::QuantType;
 
 /// A GGML tensor type, by its number in the GGUF tensor info.
@@ -136,6 +137,18 @@ impl GgmlType {
             GgmlType::Q2K => QuantType::Q2K,
             _ => return None,
         })
+    }
+}
+
+impl GgmlType {
+    /// The kernels' element type with the same bytes, where there is one.
+    pub fn dtype(self) -> Option<DType> {
+        match self {
+            GgmlType::F32 => Some(DType::F32),
+            GgmlType::F16 => Some(DType::F16),
+            GgmlType::Bf16 => Some(DType::BF16),
+            other => other.quant_type().map(DType::Quant),
+        }
     }
 }
 
