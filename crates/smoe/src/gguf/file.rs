@@ -244,15 +244,24 @@ impl std::fmt::Debug for GgufFile {
 /// The first four bytes of every GGUF file.
 pub const MAGIC: &[u8; 4] = b"GGUF";
 
-/// Whether `path` is a file that starts with the GGUF magic (a cheap check
-/// for telling a GGUF from a checkpoint or vault directory).
+/// Whether `--model` names a GGUF rather than a checkpoint or vault
+/// directory: a file ending in `.gguf` (opening it then says what is wrong
+/// with it) or starting with the GGUF magic.
 pub fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
+    if !path.is_file() {
+        return false;
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return true;
+    }
     let mut magic = [0u8; 4];
-    path.is_file()
-        && File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
         && &magic == MAGIC
 }
 
@@ -389,7 +398,7 @@ impl<'a> Parser<'a> {
             .filter(|&n| n.saturating_mul(min_size) <= self.remaining());
         fits.ok_or_else(|| {
             self.err(format!(
-                "{} is {n}, more than the {} bytes left in the file can hold",
+                "truncated or corrupt: {} is {n}, more than the {} bytes left in the file can hold",
                 what(),
                 self.remaining()
             ))
