@@ -56,15 +56,9 @@ fn template_renders_the_gguf_template_with_its_tokenizer() {
         text,
         "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nGrüße, 你好 🙂<|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
     );
-    let ids: Vec<u32> = serde_json::from_str(&smoe_ok(&[
-        "template",
-        "--model",
-        path_str(&model),
-        "--messages",
-        path_str(&messages),
-        "--ids",
-    ]))
-    .unwrap();
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&fs::read_to_string(&messages).unwrap()).unwrap();
+    let ids = template_ids(&model, &list);
     // <|im_start|> and <|im_end|> are single ids; "system" after it is 8948
     // in Qwen2's vocabulary.
     assert_eq!(&ids[..2], [151644, 8948]);
