@@ -553,6 +553,11 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn deepseek_coder_vectors() {
+        check_vocab("ggml-vocab-deepseek-coder.gguf", Some("deepseek-coder"));
+    }
+
+    #[test]
     fn gpt2_vectors() {
         check_vocab("ggml-vocab-gpt-2.gguf", Some("gpt-2"));
     }
