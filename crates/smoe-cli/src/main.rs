@@ -211,7 +211,8 @@ struct LogitsArgs {
 
 #[derive(Args)]
 struct TemplateArgs {
-    /// Directory with tokenizer_config.json / chat_template.jinja (weights not needed).
+    /// Directory with tokenizer_config.json / chat_template.jinja, or a
+    /// .gguf file (weights not needed).
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
     /// JSON file with a list of messages.
@@ -400,7 +401,13 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
         ctx: a.ctx,
         ..Default::default()
     };
-    let findings = smoe::check::check(&model, &opts)?;
+    // A GGUF's tokenizer and template are checked; its memory fit is not
+    // yet, as smoe does not run GGUF weights yet.
+    let findings = if smoe::gguf::is_gguf(&model) {
+        smoe::gguf::check::check(&smoe::gguf::Gguf::open(&model)?)?
+    } else {
+        smoe::check::check(&model, &opts)?
+    };
     let mut out = std::io::stdout().lock();
     for f in &findings {
         writeln!(out, "{f}")?;
@@ -552,13 +559,25 @@ fn read_json_file(path: &Path) -> Result<Value> {
 }
 
 fn template(a: TemplateArgs) -> Result<()> {
-    let template = match &a.chat_template {
-        Some(file) => {
+    // A GGUF carries its tokenizer and template in its metadata.
+    let gguf = if smoe::gguf::is_gguf(&a.model) {
+        let g = smoe::gguf::Gguf::open(&a.model)?;
+        let t = smoe::gguf::tokenizer::load(&g)?;
+        Some((g, t))
+    } else {
+        None
+    };
+    let template = match (&a.chat_template, &gguf) {
+        (Some(file), _) => {
             let source = smoe::error::read_to_string(file)?;
-            ChatTemplate::new(&source, SpecialTokens::from_dir(&a.model)?)?
-                .named(file.display().to_string())
+            let special = match &gguf {
+                Some((_, t)) => t.special.clone(),
+                None => SpecialTokens::from_dir(&a.model)?,
+            };
+            ChatTemplate::new(&source, special)?.named(file.display().to_string())
         }
-        None => ChatTemplate::from_dir(&a.model)?,
+        (None, Some((g, t))) => t.chat_template(g)?,
+        (None, None) => ChatTemplate::from_dir(&a.model)?,
     };
     let messages = read_json_file(&a.messages)?;
     let tools = a.tools.as_deref().map(read_json_file).transpose()?;
@@ -579,7 +598,11 @@ fn template(a: TemplateArgs) -> Result<()> {
         })?;
     let mut stdout = std::io::stdout().lock();
     if a.ids {
-        let ids = Tokenizer::from_dir(&a.model)?.encode(&text, false)?;
+        let tokenizer = match &gguf {
+            Some((g, t)) => t.to_tokenizer(g)?,
+            None => Tokenizer::from_dir(&a.model)?,
+        };
+        let ids = tokenizer.encode(&text, false)?;
         writeln!(stdout, "{}", Value::from(ids))?;
     } else {
         stdout.write_all(text.as_bytes())?;

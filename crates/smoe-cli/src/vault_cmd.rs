@@ -144,6 +144,16 @@ pub(crate) fn verify_cmd(a: VerifyArgs) -> Result<()> {
 }
 
 pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
+    // A GGUF is described from its header; running one comes later.
+    if smoe::gguf::is_gguf(&a.path) {
+        let g = smoe::gguf::Gguf::open(&a.path)?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "model: {}", a.path.display())?;
+        for line in g.describe()? {
+            writeln!(out, "{line}")?;
+        }
+        return Ok(());
+    }
     let opts = LoadOptions {
         ram_budget: a.ram_budget,
         ..Default::default()

@@ -89,7 +89,7 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn error(code: Code, message: impl Into<String>) -> Self {
+    pub(crate) fn error(code: Code, message: impl Into<String>) -> Self {
         Self {
             severity: Severity::Error,
             code,
@@ -97,7 +97,7 @@ impl Finding {
         }
     }
 
-    fn warning(code: Code, message: impl Into<String>) -> Self {
+    pub(crate) fn warning(code: Code, message: impl Into<String>) -> Self {
         Self {
             severity: Severity::Warning,
             code,
@@ -313,7 +313,12 @@ fn family(name: &str) -> String {
 /// <|im_end|>); what goes wrong is a list the template never ends a turn
 /// with (generation runs to the limit), or an ordinary text token in it
 /// (generation stops mid-sentence).
-fn eos_emitted(tok: &Tokenizer, eos: &[u32], rendered: &[u32], path: &Path) -> Vec<Finding> {
+pub(crate) fn eos_emitted(
+    tok: &Tokenizer,
+    eos: &[u32],
+    rendered: &[u32],
+    path: &Path,
+) -> Vec<Finding> {
     let mut out = Vec::new();
     let known: Vec<u32> = eos
         .iter()
@@ -379,13 +384,26 @@ fn untrained_tokens(
     };
     let (rows, cols) = embed.shape();
     let mut buf = vec![0.0f32; cols];
+    untrained_rows(rows, tok, prompt, &mut |row| {
+        row_norm(&embed, row, &mut buf)
+    })
+}
+
+/// [`untrained_tokens`] over any embedding table of `rows` rows, given the
+/// L2 norm of a row (a GGUF's rows are GGML blocks).
+pub(crate) fn untrained_rows(
+    rows: usize,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    norm: &mut dyn FnMut(usize) -> Result<f64>,
+) -> Result<Vec<Finding>> {
     // Padding rows past the tokenizer's ids are often zero by design; the
     // median is over real tokens only.
     let real = rows.min(tok.max_id() as usize + 1);
     let step = real.div_ceil(MEDIAN_SAMPLE).max(1);
     let mut norms: Vec<f64> = (0..real)
         .step_by(step)
-        .map(|r| row_norm(&embed, r, &mut buf))
+        .map(&mut *norm)
         .collect::<Result<_>>()?;
     let mid = norms.len() / 2;
     let (_, &mut median, _) = norms.select_nth_unstable_by(mid, f64::total_cmp);
@@ -407,7 +425,7 @@ fn untrained_tokens(
             ));
             continue;
         }
-        let norm = row_norm(&embed, id as usize, &mut buf)?;
+        let norm = norm(id as usize)?;
         if norm < UNTRAINED_FRACTION * median {
             out.push(Finding::error(
                 Code::UntrainedToken,

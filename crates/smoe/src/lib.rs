@@ -23,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod experts;
+pub mod gguf;
 pub mod kernels;
 pub mod load;
 pub mod memory;

@@ -32,6 +32,12 @@ impl Tokenizer {
         let inner: tokenizers::Tokenizer = text
             .parse()
             .map_err(|e| Error::format(path, format!("not a valid tokenizer: {e}")))?;
+        Self::from_tokenizer(inner, path)
+    }
+
+    /// Wraps a tokenizer built in code (a GGUF's, rebuilt from its
+    /// metadata); `path` is the file errors name.
+    pub fn from_tokenizer(inner: tokenizers::Tokenizer, path: &Path) -> Result<Self> {
         let max_id = inner
             .get_vocab(true)
             .into_values()
