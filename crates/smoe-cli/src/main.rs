@@ -304,7 +304,18 @@ fn main() -> ExitCode {
 fn set_threads(threads: Option<usize>) -> Result<()> {
     let n = match threads {
         Some(0) => bail!("--threads must be at least 1"),
-        Some(n) => n,
+        Some(n) => {
+            // Each thread is a stack and a spinning worker; far past the
+            // CPUs it only costs, and 100,000 of them aborted the process.
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let most = (cpus * 8).max(64);
+            if n > most {
+                bail!(
+                    "--threads {n}: expected at most {most} (8 per CPU; this machine has {cpus})"
+                );
+            }
+            n
+        }
         None => match physical_cores() {
             Some(n) => n,
             None => return Ok(()),

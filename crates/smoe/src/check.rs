@@ -125,6 +125,14 @@ impl fmt::Display for Finding {
 /// Everything `smoe check` looks at: the fit on this machine, then the
 /// tokenizer and template against the weights.
 pub fn check(dir: &Path, opts: &LoadOptions) -> Result<Vec<Finding>> {
+    if vault::is_vault(dir) {
+        let v = Vault::open(dir)?;
+        let cfg = ModelConfig::from_json(&v.manifest.config, &dir.join(vault::MANIFEST))?;
+        crate::validate::vault(&v, &cfg)?;
+        crate::validate::backbone_checksums(&v)?;
+    } else if dir.is_dir() {
+        crate::validate::checkpoint(&Checkpoint::open(dir)?)?;
+    }
     let mut findings = preflight(dir, opts)?;
     findings.extend(check_model(dir)?);
     Ok(findings)

@@ -231,6 +231,11 @@ impl Checkpoint {
         self.tensors.get(name).map_or(0, |e| e.range.len() as u64)
     }
 
+    /// The safetensors files, in shard order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
     /// Names of all tensors, for tools that walk the checkpoint.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)

@@ -147,6 +147,7 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
         return open_vault(dir, opts);
     }
     let ckpt = Checkpoint::open(dir)?;
+    crate::validate::checkpoint_layers(&ckpt)?;
     let model = Box::new(Decoder::load(&ckpt, &ckpt.config, None, None)?);
     Ok(Opened {
         model,
@@ -159,6 +160,8 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
 fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     let vault = Vault::open(dir)?;
     let cfg = ModelConfig::from_json(&vault.manifest.config, &dir.join(vault::MANIFEST))?;
+    crate::validate::vault(&vault, &cfg)?;
+    crate::validate::backbone_checksums(&vault)?;
     let backbone = vault.backbone()?;
     let embed_name = "model.embed_tokens.weight";
     let embed = backbone.entry(embed_name).ok_or_else(|| {
