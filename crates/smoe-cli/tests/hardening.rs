@@ -449,3 +449,52 @@ fn an_overlong_prompt_is_refused_without_tokenizing_it_all() {
     assert!(peak < 200 << 20, "peak RSS {} MiB", peak >> 20);
     assert_eq!(server.health()["status"], "ok");
 }
+
+/// Fault injection: experts.bin cut short under a running server. Requests
+/// whose experts are gone fail alone with the file named; the server keeps
+/// answering, `/health` stays truthful, and once the file is whole again
+/// the same request succeeds.
+#[test]
+fn a_vault_truncated_under_a_running_server_fails_requests_not_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = vault_of(&fixture(common::server::SERVE_MODEL), dir.path(), "v");
+    let experts = v.join("experts.bin");
+    let whole = fs::read(&experts).unwrap();
+    // One slot per expert a token needs: every request reads from disk.
+    let slot = manifest(&v)["experts"][0]["record_len"].as_u64().unwrap();
+    let budget = (slot * 2).to_string();
+    let server = Server::start_with(&v, &["--ram-budget", &budget, "--verify-experts"]);
+    let body = json!({
+        "messages": [{"role": "user", "content": "Tell me about the sea."}],
+        "max_tokens": 4,
+        "temperature": 0,
+    });
+    let before = server.post("/v1/chat/completions", &body);
+    assert_eq!(before.status, 200, "{}", before.text());
+
+    truncate_to(&experts, 4096 + slot);
+    let r = server.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 500, "{}", r.text());
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("experts.bin"), "{msg}");
+    let health = server.health();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["queue"]["in_flight"], 0, "{health}");
+
+    fs::write(&experts, &whole).unwrap();
+    let after = server.post("/v1/chat/completions", &body);
+    assert_eq!(after.status, 200, "{}", after.text());
+    assert_eq!(
+        after.json()["choices"][0]["message"]["content"],
+        before.json()["choices"][0]["message"]["content"]
+    );
+}
+
+fn truncate_to(path: &Path, len: u64) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}

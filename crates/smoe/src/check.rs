@@ -230,7 +230,16 @@ fn check_parts(
     let gen_eos = GenerationConfig::from_dir(dir)?.eos_token_ids;
     let gen_path = dir.join("generation_config.json");
     for &id in &gen_eos {
-        if tok.id_to_token(id).is_none() {
+        if id as usize >= cfg.vocab_size {
+            out.push(Finding::error(
+                Code::EosNotInVocab,
+                format!(
+                    "{}: eos id {id} is outside the model's vocabulary (vocab_size {}): the model can never produce it, so generation cannot stop on it",
+                    gen_path.display(),
+                    cfg.vocab_size
+                ),
+            ));
+        } else if tok.id_to_token(id).is_none() {
             out.push(Finding::error(
                 Code::EosNotInVocab,
                 format!(

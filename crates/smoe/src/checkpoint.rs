@@ -304,6 +304,15 @@ fn shard_list(dir: &Path) -> Result<(Vec<String>, Option<WeightMap>)> {
     if dir.join("model.safetensors").exists() {
         return Ok((vec!["model.safetensors".into()], None));
     }
+    if [crate::vault::BACKBONE_FILE, crate::vault::EXPERTS_FILE]
+        .iter()
+        .any(|f| dir.join(f).exists())
+    {
+        return Err(Error::format(
+            dir,
+            "holds vault data files but no manifest.json: the vault is incomplete; re-run smoe convert",
+        ));
+    }
     Err(Error::format(
         dir,
         "no model.safetensors or model.safetensors.index.json",

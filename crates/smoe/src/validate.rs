@@ -210,7 +210,7 @@ pub fn vault(v: &Vault, cfg: &ModelConfig) -> Result<()> {
                 ));
             }
         }
-        if l.record_len % ALIGN != 0 {
+        if !l.record_len.is_multiple_of(ALIGN) {
             return Err(Error::format(
                 &manifest_path,
                 format!(
@@ -219,7 +219,12 @@ pub fn vault(v: &Vault, cfg: &ModelConfig) -> Result<()> {
                 ),
             ));
         }
-        if let Some((e, off)) = l.offsets.iter().enumerate().find(|(_, o)| *o % ALIGN != 0) {
+        if let Some((e, off)) = l
+            .offsets
+            .iter()
+            .enumerate()
+            .find(|(_, o)| !o.is_multiple_of(ALIGN))
+        {
             return Err(Error::format(
                 &manifest_path,
                 format!(

@@ -662,7 +662,9 @@ fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
             && name != "model.safetensors.index.json"
             && name != MANIFEST;
         if keep && entry.path().is_file() {
-            std::fs::copy(entry.path(), dst.join(&name)).map_err(|e| Error::io(entry.path(), e))?;
+            // The destination is what fails on a full disk; name it.
+            let to = dst.join(&name);
+            std::fs::copy(entry.path(), &to).map_err(|e| Error::io(&to, e))?;
         }
     }
     Ok(())
