@@ -81,7 +81,7 @@ struct ModelArgs {
     #[arg(long)]
     verify_experts: bool,
     /// Context length to plan the KV cache for.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     ctx: usize,
     /// Read the next layer's predicted experts ahead: on or off (off by
     /// default: see the README's read-ahead measurements).
@@ -193,7 +193,7 @@ struct CheckArgs {
     #[arg(long, default_value = "auto", value_parser = parse_budget)]
     ram_budget: Budget,
     /// Context length to plan the KV cache for.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     ctx: usize,
 }
 
