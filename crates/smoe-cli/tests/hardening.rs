@@ -161,7 +161,8 @@ fn a_wrong_expert_shape_is_refused_at_load() {
 fn convert_checks_every_tensor_against_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let drop = |name: &'static str| move |t: &mut Tensors| t.retain(|(n, ..)| n != name);
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, Vec<&str>)> = vec![
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, Vec<&str>)> = vec![
         (
             "no-lm-head",
             Box::new(move |d| edit_tensors(d, drop("lm_head.weight"))),

@@ -219,7 +219,8 @@ fn checkpoint_cases(src: &Path, rng: &mut Rng) -> Vec<Case> {
         json!(2.5),
     ];
     for key in keys {
-        for v in values.iter().cloned() {
+        for v in &values {
+            let v = v.clone();
             cases.push(case(format!("config {key} = {v}"), false, move |d| {
                 edit_json(&d.join("config.json"), |c| c[key] = v.clone())
             }));
@@ -262,6 +263,9 @@ fn checkpoint_cases(src: &Path, rng: &mut Rng) -> Vec<Case> {
     }));
     cases
 }
+
+/// An edit of one part of a manifest.
+type Edit = fn(&mut Value);
 
 fn vault_cases(good: &Path, rng: &mut Rng) -> Vec<Case> {
     let manifest: Value =
@@ -316,7 +320,7 @@ fn vault_cases(good: &Path, rng: &mut Rng) -> Vec<Case> {
         }));
     }
     // Expert layers: parts, record lengths, offsets, counts.
-    let edits: Vec<(&str, fn(&mut Value))> = vec![
+    let edits: Vec<(&str, Edit)> = vec![
         ("part shape swapped", |l| {
             l["parts"][0]["shape"].as_array_mut().unwrap().reverse()
         }),
@@ -365,7 +369,7 @@ fn vault_cases(good: &Path, rng: &mut Rng) -> Vec<Case> {
             ));
         }
     }
-    let top: Vec<(&str, fn(&mut Value))> = vec![
+    let top: Vec<(&str, Edit)> = vec![
         ("format", |m| m["format"] = json!("gguf")),
         ("version", |m| m["version"] = json!(1000)),
         ("conversion_id", |m| m["conversion_id"] = json!("other")),
