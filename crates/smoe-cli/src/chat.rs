@@ -305,10 +305,13 @@ impl Input {
                 Err(e) => Err(e.into()),
             },
             Input::Piped(r) => {
-                let mut s = String::new();
-                if r.read_line(&mut s)? == 0 {
+                // Bytes, not read_line: invalid UTF-8 ended the session.
+                // It is replaced (U+FFFD) and the conversation goes on.
+                let mut raw = Vec::new();
+                if r.read_until(b'\n', &mut raw)? == 0 {
                     return Ok(Line::Eof);
                 }
+                let mut s = String::from_utf8_lossy(&raw).into_owned();
                 let end = s.trim_end_matches(['\n', '\r']).len();
                 s.truncate(end);
                 Ok(Line::Text(s))

@@ -81,7 +81,7 @@ struct ModelArgs {
     #[arg(long)]
     verify_experts: bool,
     /// Context length to plan the KV cache for.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     ctx: usize,
     /// Read the next layer's predicted experts ahead: on or off (off by
     /// default: see the README's read-ahead measurements).
@@ -193,7 +193,7 @@ struct CheckArgs {
     #[arg(long, default_value = "auto", value_parser = parse_budget)]
     ram_budget: Budget,
     /// Context length to plan the KV cache for.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     ctx: usize,
 }
 
@@ -305,7 +305,18 @@ fn main() -> ExitCode {
 fn set_threads(threads: Option<usize>) -> Result<()> {
     let n = match threads {
         Some(0) => bail!("--threads must be at least 1"),
-        Some(n) => n,
+        Some(n) => {
+            // Each thread is a stack and a spinning worker; far past the
+            // CPUs it only costs, and 100,000 of them aborted the process.
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let most = (cpus * 8).max(64);
+            if n > most {
+                bail!(
+                    "--threads {n}: expected at most {most} (8 per CPU; this machine has {cpus})"
+                );
+            }
+            n
+        }
         None => match physical_cores() {
             Some(n) => n,
             None => return Ok(()),

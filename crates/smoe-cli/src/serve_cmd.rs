@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::ModelArgs;
@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// from a reply that is still streaming, on any machine.
     #[arg(long, hide = true, default_value_t = 0)]
     token_delay_ms: u64,
+    /// Seconds a client may take to send a request's headers, and then its
+    /// body; slower connections are closed (headers) or get 408 (body).
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    read_timeout: f64,
 }
 
 pub fn serve_cmd(mut a: ServeArgs) -> Result<()> {
@@ -61,6 +65,15 @@ pub fn serve_cmd(mut a: ServeArgs) -> Result<()> {
         ctx: a.model.ctx,
         queue: a.queue as usize,
         token_delay: Duration::from_millis(a.token_delay_ms),
+        read_timeout: Duration::try_from_secs_f64(a.read_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .with_context(|| {
+                format!(
+                    "--read-timeout {}: expected a positive number of seconds",
+                    a.read_timeout
+                )
+            })?,
     };
     let (model, check) = (a.model, !a.no_check);
     let load = Box::new(move || {

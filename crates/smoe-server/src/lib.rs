@@ -44,6 +44,12 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 /// How long open replies may go on after Ctrl-C.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// Open connections at most. Each costs a file descriptor; beyond this a
+/// new connection is closed at once, so that half-sent requests cannot use
+/// up the process's descriptors (1,024 by default) and starve the rest
+/// until the read timeout frees them.
+pub const MAX_CONNECTIONS: usize = 512;
+
 /// The page served at `/`.
 const WEB_PAGE: &str = include_str!("web/index.html");
 
@@ -60,6 +66,10 @@ pub struct Config {
     /// Sleep after each token, so tests can have a reply still streaming
     /// when a client disconnects, on any machine.
     pub token_delay: Duration,
+    /// How long a client may take to send a request's headers, and then
+    /// its body; a connection that has not sent them by then is closed
+    /// (headers) or answered 408 (body).
+    pub read_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +147,8 @@ pub fn serve(
             }
             stop.notify_one();
         };
-        let server = axum::serve(listener, router(app)).with_graceful_shutdown(shutdown);
+        let read_timeout = app.config.read_timeout;
+        let server = serve_connections(listener, router(app), read_timeout, shutdown);
         // Open streams get a few seconds to finish, not as long as a
         // reply of the whole context would take.
         tokio::select! {
@@ -150,6 +161,98 @@ pub fn serve(
         let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
         failure.map_or(Ok(()), Err)
     })
+}
+
+/// Accepts connections until `shutdown`, then lets open ones finish.
+/// axum's own loop sets no timer, so hyper's header read timeout never
+/// fires and a half-sent request held its connection forever; here each
+/// connection gets `read_timeout` for its headers, and at most
+/// [`MAX_CONNECTIONS`] are open at once.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    read_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of descriptors or a connection reset before it was
+                // accepted: both pass, so wait a little and go on.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(read_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Refuses a declared body over [`MAX_BODY_BYTES`] before reading any of
+/// it, and reads the rest within the read timeout: a client that sends
+/// headers and then trickles (or never sends) its body gets 408 instead
+/// of holding the connection open.
+async fn read_body(State(app): AppState, req: Request, next: Next) -> Response {
+    let dialect = dialect_of(req.uri().path());
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > MAX_BODY_BYTES as u64) {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is {n} bytes (Content-Length), the limit is {MAX_BODY_BYTES}"
+            ),
+        )
+        .dialect(dialect)
+        .into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let limit = app.config.read_timeout;
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over the limit of {MAX_BODY_BYTES} bytes, or was cut off"),
+        )
+        .dialect(dialect)
+        .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs_f64()
+            ),
+        )
+        .dialect(dialect)
+        .into_response(),
+    }
 }
 
 fn router(app: Arc<App>) -> Router {
@@ -175,6 +278,7 @@ fn router(app: Arc<App>) -> Router {
             .dialect(dialect_of(uri.path()))
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), read_body))
         .with_state(app)
 }
 
@@ -237,8 +341,13 @@ async fn health(State(app): AppState) -> Response {
     let c = &app.queue.counters;
     let engine = app.engine.get();
     let cache = engine.and_then(|e| e.cache_report(None));
+    let stopped = c.engine_stopped.load(Ordering::SeqCst);
     let body = json!({
-        "status": if engine.is_some() { "ok" } else { "loading" },
+        "status": match (stopped, engine.is_some()) {
+            (true, _) => "stopped",
+            (false, true) => "ok",
+            (false, false) => "loading",
+        },
         "model": app.config.model_name,
         "ctx": app.ctx_limit(),
         "uptime_s": app.started.elapsed().as_secs_f64(),
@@ -252,6 +361,7 @@ async fn health(State(app): AppState) -> Response {
             "cancelled": c.cancelled.load(Ordering::SeqCst),
             "failed": c.failed.load(Ordering::SeqCst),
             "rejected": c.rejected.load(Ordering::SeqCst),
+            "panicked": c.panicked.load(Ordering::SeqCst),
         },
         "tokens": {
             "prompt": c.prompt_tokens.load(Ordering::Relaxed),
@@ -261,7 +371,7 @@ async fn health(State(app): AppState) -> Response {
         },
         "cache": cache,
     });
-    let status = if engine.is_some() {
+    let status = if engine.is_some() && !stopped {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -295,17 +405,22 @@ impl App {
             max_tokens,
             stop,
         } = req;
-        let (ids, in_reasoning) = tokio::task::spawn_blocking(move || prompt.ids(&engine))
+        let limit = self.ctx_limit();
+        let (ids, in_reasoning) = tokio::task::spawn_blocking(move || prompt.ids(&engine, limit))
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
             .map_err(|e| e.dialect(dialect))?;
-        let limit = self.ctx_limit();
-        let room = limit.saturating_sub(ids.len());
         let too_long = |msg: String| {
             ApiError::invalid(msg)
                 .code("context_length_exceeded")
                 .dialect(dialect)
         };
+        let Some(ids) = ids else {
+            return Err(too_long(format!(
+                "the prompt is more than {limit} tokens, and the context is {limit} tokens (--ctx)"
+            )));
+        };
+        let room = limit.saturating_sub(ids.len());
         if room == 0 {
             return Err(too_long(format!(
                 "the prompt is {} tokens, and the context is {limit} tokens (--ctx)",
@@ -377,8 +492,9 @@ pub(crate) enum PromptInput {
 }
 
 impl PromptInput {
-    /// The prompt's ids, and whether it leaves the reply inside `<think>`.
-    fn ids(&self, engine: &Engine) -> Result<(Vec<u32>, bool), ApiError> {
+    /// The prompt's ids (None when they would be more than `limit`), and
+    /// whether it leaves the reply inside `<think>`.
+    fn ids(&self, engine: &Engine, limit: usize) -> Result<(Option<Vec<u32>>, bool), ApiError> {
         match self {
             PromptInput::Chat {
                 messages,
@@ -386,10 +502,13 @@ impl PromptInput {
                 kwargs,
             } => {
                 let text = engine.render_chat(messages, tools.as_ref(), kwargs)?;
-                let ids = engine.tokenizer()?.encode(&text, false)?;
+                let ids = engine.tokenizer()?.encode_at_most(&text, false, limit)?;
                 Ok((ids, ReplyParser::prompt_opens_reasoning(&text)))
             }
-            PromptInput::Raw(text) => Ok((engine.tokenizer()?.encode(text, true)?, false)),
+            PromptInput::Raw(text) => Ok((
+                engine.tokenizer()?.encode_at_most(text, true, limit)?,
+                false,
+            )),
         }
     }
 }

@@ -65,6 +65,11 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// Turned away because the queue was full.
     pub rejected: AtomicU64,
+    /// Requests whose generation panicked: each failed alone (500) and
+    /// the engine went on with a fresh session.
+    pub panicked: AtomicU64,
+    /// Set when the engine thread has ended, so `/health` stops saying ok.
+    pub engine_stopped: std::sync::atomic::AtomicBool,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
@@ -123,7 +128,7 @@ pub fn start(
     let (tx, mut rx) = mpsc::channel::<Job>(capacity.max(1));
     let counters = Arc::new(Counters::default());
     let c = Arc::clone(&counters);
-    std::thread::Builder::new()
+    let engine_thread = std::thread::Builder::new()
         .name("smoe-engine".into())
         .spawn(move || {
             let e = match load() {
@@ -144,9 +149,32 @@ pub fn start(
                     continue;
                 }
                 c.in_flight.fetch_add(1, Ordering::SeqCst);
-                run(&e, &mut session, job, &c, token_delay);
+                let events = job.events.clone();
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&e, &mut session, job, &c, token_delay)
+                }));
+                if let Err(panic) = ran {
+                    // The session may be half-updated; the next request
+                    // starts from an empty one rather than wrong state.
+                    session = e.new_session();
+                    c.panicked.fetch_add(1, Ordering::SeqCst);
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    fail(&c, &events, format!("internal error in the engine: {what}"));
+                }
                 c.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
+        })?;
+    let stopped = Arc::clone(&counters);
+    // Whatever ends the engine thread, /health must say so.
+    std::thread::Builder::new()
+        .name("smoe-engine-watch".into())
+        .spawn(move || {
+            let _ = engine_thread.join();
+            stopped.engine_stopped.store(true, Ordering::SeqCst);
         })?;
     Ok(Queue {
         tx,

@@ -123,6 +123,14 @@ impl fmt::Display for Finding {
 /// Everything `smoe check` looks at: the fit on this machine, then the
 /// tokenizer and template against the weights.
 pub fn check(dir: &Path, opts: &LoadOptions) -> Result<Vec<Finding>> {
+    if vault::is_vault(dir) {
+        let v = Vault::open(dir)?;
+        let cfg = ModelConfig::from_json(&v.manifest.config, &dir.join(vault::MANIFEST))?;
+        crate::validate::vault(&v, &cfg)?;
+        crate::validate::backbone_checksums(&v)?;
+    } else if dir.is_dir() {
+        crate::validate::checkpoint(&Checkpoint::open(dir)?)?;
+    }
     let mut findings = preflight(dir, opts)?;
     findings.extend(check_model(dir)?);
     Ok(findings)
@@ -220,7 +228,16 @@ fn check_parts(
     let gen_eos = GenerationConfig::from_dir(dir)?.eos_token_ids;
     let gen_path = dir.join("generation_config.json");
     for &id in &gen_eos {
-        if tok.id_to_token(id).is_none() {
+        if id as usize >= cfg.vocab_size {
+            out.push(Finding::error(
+                Code::EosNotInVocab,
+                format!(
+                    "{}: eos id {id} is outside the model's vocabulary (vocab_size {}): the model can never produce it, so generation cannot stop on it",
+                    gen_path.display(),
+                    cfg.vocab_size
+                ),
+            ));
+        } else if tok.id_to_token(id).is_none() {
             out.push(Finding::error(
                 Code::EosNotInVocab,
                 format!(

@@ -235,6 +235,11 @@ impl Checkpoint {
         self.tensors.get(name).map_or(0, |e| e.range.len() as u64)
     }
 
+    /// The safetensors files, in shard order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
     /// Names of all tensors, for tools that walk the checkpoint.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
@@ -302,6 +307,15 @@ fn shard_list(dir: &Path) -> Result<(Vec<String>, Option<WeightMap>)> {
     }
     if dir.join("model.safetensors").exists() {
         return Ok((vec!["model.safetensors".into()], None));
+    }
+    if [crate::vault::BACKBONE_FILE, crate::vault::EXPERTS_FILE]
+        .iter()
+        .any(|f| dir.join(f).exists())
+    {
+        return Err(Error::format(
+            dir,
+            "holds vault data files but no manifest.json: the vault is incomplete; re-run smoe convert",
+        ));
     }
     Err(Error::format(
         dir,

@@ -331,6 +331,7 @@ impl ModelConfig {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
+        crate::validate::sizes(self, path)?;
         let bad = |msg: String| Err(Error::format(path, msg));
         for (name, v) in [
             ("vocab_size", self.vocab_size),

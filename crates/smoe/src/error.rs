@@ -9,12 +9,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The OS refused to open, read or map a file.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The I/O error is part of the message and deliberately not its
+    // `source`: printed as a chain it said "(os error 2)" twice.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file was read but its content is wrong: bad JSON, missing or
     /// contradictory keys, truncated tensor data, wrong shapes.
     #[error("{}: {msg}", path.display())]
@@ -32,7 +30,7 @@ impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            err: source,
         }
     }
 

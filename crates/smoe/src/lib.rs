@@ -32,6 +32,7 @@ pub mod quant;
 pub mod sampler;
 pub mod template;
 pub mod tokenizer;
+pub mod validate;
 pub mod vault;
 
 pub use error::{Error, Result};

@@ -65,6 +65,7 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
         return open_vault(dir, opts);
     }
     let ckpt = Checkpoint::open(dir)?;
+    crate::validate::checkpoint_layers(&ckpt)?;
     let model = Box::new(Decoder::load(&ckpt, &ckpt.config, None, None)?);
     Ok(Opened {
         model,
@@ -77,6 +78,8 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
 fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     let vault = Vault::open(dir)?;
     let cfg = ModelConfig::from_json(&vault.manifest.config, &dir.join(vault::MANIFEST))?;
+    crate::validate::vault(&vault, &cfg)?;
+    crate::validate::backbone_checksums(&vault)?;
     let backbone = vault.backbone()?;
     let mut plan: MemoryPlan =
         Footprint::of_vault(&vault, &cfg, opts)?.plan(opts.ram_budget, available_memory())?;

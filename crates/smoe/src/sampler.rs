@@ -129,17 +129,22 @@ impl Sampler {
         if temperature.is_nan() || temperature <= 0.0 {
             return argmax(logits) as u32;
         }
-        for l in logits.iter_mut() {
-            // `max` turns NaN into -inf: probability 0, never chosen.
-            *l = (*l / temperature).max(f32::NEG_INFINITY);
-        }
         let best = argmax(logits);
-        let max = logits[best];
         // All -inf leaves nothing to sample from, and +inf would turn the
         // softmax into NaN; the argmax is the only sensible answer for both.
-        if !max.is_finite() {
+        if !logits[best].is_finite() {
             return best as u32;
         }
+        // The maximum is subtracted before dividing: `l / 1e-40` overflows
+        // to +inf for every positive logit and the softmax turns into NaN,
+        // while `(l - max) / t` is 0 for the best and at most 0 elsewhere,
+        // so the tiniest temperature degrades into greedy, not into noise.
+        let raw_max = logits[best];
+        for l in logits.iter_mut() {
+            // `max` turns NaN into -inf: probability 0, never chosen.
+            *l = ((*l - raw_max) / temperature).max(f32::NEG_INFINITY);
+        }
+        let max = 0.0;
 
         let top_k = self.params.top_k;
         let top_p = self.params.top_p;
@@ -337,6 +342,31 @@ mod tests {
                 -8.0 + 24.0 * u.powi(6)
             })
             .collect()
+    }
+
+    /// Issue 21: `l / 1e-40` overflowed every positive logit to +inf and
+    /// the softmax to NaN, so 1e-40 drew token 0 and 1e-38 alternated two.
+    /// A vanishing temperature is greedy, with or without the filters.
+    #[test]
+    fn tiny_temperatures_are_greedy_not_noise() {
+        let logits = [3.5, 12.25, -4.0, 12.0, 7.0, f32::NAN];
+        for t in [1e-45, 1e-40, 1e-38, 1e-30, 1e-6] {
+            for (top_k, top_p, min_p) in
+                [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.05)]
+            {
+                let p = SamplingParams {
+                    top_k,
+                    top_p,
+                    min_p,
+                    ..sampling(t)
+                };
+                assert_eq!(
+                    run(p, &logits, 64),
+                    vec![1; 64],
+                    "t {t} top_k {top_k} top_p {top_p} min_p {min_p}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -72,6 +72,49 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// [`Self::encode`] for text that must fit `limit` tokens: `None` when
+    /// it does not. A long text is first counted piece by piece, stopping
+    /// as soon as the count is past the limit, because the tokenizers
+    /// crate holds several hundred bytes per token while it works: a 4 MiB
+    /// request (4 M tokens) took 450-600 MB to be refused. Pieces end at
+    /// whitespace where there is some, and the count allows a few tokens
+    /// per cut for merges a cut prevents, so a text is refused only when
+    /// whole it would be over the limit too; one that may fit is then
+    /// encoded whole, as before.
+    pub fn encode_at_most(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        limit: usize,
+    ) -> Result<Option<Vec<u32>>> {
+        // A token covers at least one byte (special tokens aside, which add
+        // a few), so a text this short cannot be over the limit.
+        const PIECE: usize = 32 << 10;
+        const SLACK_PER_CUT: usize = 16;
+        if text.len() > limit {
+            let (mut rest, mut counted, mut cuts) = (text, 0usize, 0usize);
+            while !rest.is_empty() {
+                let mut cut = rest.len().min(PIECE);
+                while !rest.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                if cut < rest.len() {
+                    if let Some(ws) = rest[..cut].rfind(char::is_whitespace).filter(|&w| w > 0) {
+                        cut = ws;
+                    }
+                }
+                counted += self.encode(&rest[..cut], false)?.len();
+                rest = &rest[cut..];
+                cuts += usize::from(!rest.is_empty());
+                if counted > limit.saturating_add(cuts * SLACK_PER_CUT) {
+                    return Ok(None);
+                }
+            }
+        }
+        let ids = self.encode(text, add_special_tokens)?;
+        Ok((ids.len() <= limit).then_some(ids))
+    }
+
     /// Decodes ids to text. Ids the tokenizer does not know are an error
     /// rather than being dropped silently.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {

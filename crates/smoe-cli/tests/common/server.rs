@@ -64,6 +64,11 @@ impl Server {
         server
     }
 
+    /// The server's process id, for reading its memory use.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -482,6 +482,9 @@ impl Inner {
     /// Called by a reader thread when a record has arrived (or failed).
     fn complete(&self, slot: usize, result: std::io::Result<()>, secs: f64, len: usize, crc: u32) {
         let outcome = match result {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(format!(
+                "the file ends inside this record ({len} bytes): it was truncated after loading; run smoe verify"
+            )),
             Err(e) => Err(e.to_string()),
             Ok(()) if self.verify => {
                 // SAFETY: the slot is Loading: only this job writes it and

@@ -29,6 +29,7 @@ pub static V2: Family = Family {
     attention_note: "",
     shared_note: "",
     layer,
+    extra_layers: false,
 };
 
 pub static V3: Family = Family {
@@ -40,6 +41,7 @@ pub static V3: Family = Family {
     attention_note: "",
     shared_note: "",
     layer,
+    extra_layers: true,
 };
 
 /// What both generations share: the latent attention's dimensions, the

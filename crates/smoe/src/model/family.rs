@@ -42,6 +42,9 @@ pub struct Family {
     pub shared_note: &'static str,
     /// Builds one decoder layer.
     pub layer: LayerFn,
+    /// Its checkpoints may store layers past `num_hidden_layers`
+    /// (DeepSeek-V3's multi-token prediction), which smoe does not run.
+    pub extra_layers: bool,
 }
 
 impl fmt::Debug for Family {

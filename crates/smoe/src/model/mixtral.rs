@@ -24,6 +24,7 @@ pub static FAMILY: Family = Family {
     attention_note: "",
     shared_note: "",
     layer,
+    extra_layers: false,
 };
 
 fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {

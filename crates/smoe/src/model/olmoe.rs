@@ -21,6 +21,7 @@ pub static FAMILY: Family = Family {
     attention_note: ", whole-width q/k norm",
     shared_note: "",
     layer,
+    extra_layers: false,
 };
 
 fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {

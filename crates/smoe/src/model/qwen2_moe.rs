@@ -20,6 +20,7 @@ pub static FAMILY: Family = Family {
     attention_note: "",
     shared_note: ", sigmoid-gated,",
     layer,
+    extra_layers: false,
 };
 
 fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {

@@ -20,6 +20,7 @@ pub static FAMILY: Family = Family {
     attention_note: ", per-head q/k norm",
     shared_note: "",
     layer,
+    extra_layers: false,
 };
 
 fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {

@@ -92,6 +92,11 @@ pub struct ConvertReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Journal {
     source_config: serde_json::Value,
+    /// [`source_fingerprint`] of the checkpoint being converted: a
+    /// checkpoint with the same config but other weights must not be
+    /// resumed into (layers of two models, and `verify` would pass it).
+    #[serde(default)]
+    source_weights: String,
     experts: String,
     backbone: String,
     conversion_id: String,
@@ -140,6 +145,7 @@ pub fn convert(
     opts.check()?;
     let start = Instant::now();
     let ckpt = Checkpoint::open(src)?;
+    crate::validate::checkpoint(&ckpt)?;
     let cfg = &ckpt.config;
     if dst.exists() {
         return Err(Error::format(
@@ -150,7 +156,8 @@ pub fn convert(
     let source_config = crate::error::read_json(&src.join("config.json"))?;
     let work = partial_dir(dst);
 
-    let mut journal = load_journal(&work, &source_config, opts)?;
+    let fingerprint = source_fingerprint(&ckpt)?;
+    let mut journal = load_journal(&work, &source_config, &fingerprint, opts)?;
     let resumed_layers = journal.layers_done.len();
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
 
@@ -539,10 +546,12 @@ fn build_record(
 fn load_journal(
     work: &Path,
     source_config: &serde_json::Value,
+    source_weights: &str,
     opts: &ConvertOptions,
 ) -> Result<Journal> {
     let fresh = Journal {
         source_config: source_config.clone(),
+        source_weights: source_weights.into(),
         experts: opts.experts.name().into(),
         backbone: opts.backbone.name().into(),
         conversion_id: new_conversion_id(),
@@ -556,6 +565,7 @@ fn load_journal(
         let text = crate::error::read_to_string(&path)?;
         if let Ok(j) = serde_json::from_str::<Journal>(&text) {
             if j.source_config == fresh.source_config
+                && j.source_weights == fresh.source_weights
                 && j.experts == fresh.experts
                 && j.backbone == fresh.backbone
             {
@@ -568,6 +578,48 @@ fn load_journal(
         std::fs::remove_dir_all(work).map_err(|e| Error::io(work, e))?;
     }
     Ok(fresh)
+}
+
+/// Bytes read from each safetensors file for [`source_fingerprint`]: its
+/// head (the header and the first tensors) and this many pages spread
+/// evenly over the rest, about 1.3 MiB a shard, a few milliseconds.
+const FINGERPRINT_HEAD: u64 = 1 << 20;
+const FINGERPRINT_PAGES: u64 = 64;
+
+/// What identifies the source's weights for a resume: every shard's name,
+/// size and CRC32 of its head and of pages sampled through it. Hashing
+/// every byte would cost a full read of the checkpoint at each resume;
+/// samples tell apart any two real checkpoints (a re-trained or re-saved
+/// model differs in nearly every page), though not one edited in a
+/// single unsampled byte.
+fn source_fingerprint(ckpt: &Checkpoint) -> Result<String> {
+    use std::io::Read;
+    let mut out = String::new();
+    for path in ckpt.files() {
+        let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; FINGERPRINT_HEAD.min(size) as usize];
+        f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
+        h.update(&buf);
+        let rest = size.saturating_sub(FINGERPRINT_HEAD);
+        let mut page = vec![0u8; ALIGN as usize];
+        for i in 0..FINGERPRINT_PAGES {
+            let at = FINGERPRINT_HEAD + rest * i / FINGERPRINT_PAGES;
+            let n = size.saturating_sub(at).min(ALIGN) as usize;
+            if n == 0 {
+                break;
+            }
+            f.seek(SeekFrom::Start(at))
+                .map_err(|e| Error::io(path, e))?;
+            f.read_exact(&mut page[..n])
+                .map_err(|e| Error::io(path, e))?;
+            h.update(&page[..n]);
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        out += &format!("{name}:{size}:{:08x};", h.finalize());
+    }
+    Ok(out)
 }
 
 fn save_journal(work: &Path, j: &Journal) -> Result<()> {
@@ -610,7 +662,9 @@ fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
             && name != "model.safetensors.index.json"
             && name != MANIFEST;
         if keep && entry.path().is_file() {
-            std::fs::copy(entry.path(), dst.join(&name)).map_err(|e| Error::io(entry.path(), e))?;
+            // The destination is what fails on a full disk; name it.
+            let to = dst.join(&name);
+            std::fs::copy(entry.path(), &to).map_err(|e| Error::io(&to, e))?;
         }
     }
     Ok(())

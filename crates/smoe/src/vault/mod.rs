@@ -273,7 +273,7 @@ impl Vault {
                 self.backbone_path(),
                 m.backbone
                     .values()
-                    .map(|t| t.offset + t.len)
+                    .map(|t| t.offset.saturating_add(t.len))
                     .max()
                     .unwrap_or(0),
             ),
@@ -281,7 +281,11 @@ impl Vault {
                 self.experts_path(),
                 m.experts
                     .iter()
-                    .flat_map(|l| l.offsets.iter().map(move |o| o + l.record_len))
+                    .flat_map(|l| {
+                        l.offsets
+                            .iter()
+                            .map(move |o| o.saturating_add(l.record_len))
+                    })
                     .max()
                     .unwrap_or(0),
             ),
@@ -320,8 +324,8 @@ impl Vault {
                         format!("layer {}: unknown dtype \"{}\"", l.layer, p.dtype),
                     )
                 })?;
-                if p.offset + p.len > l.record_len
-                    || dt.row_bytes(p.shape[1]) * p.shape[0] != p.len as usize
+                if p.offset.saturating_add(p.len) > l.record_len
+                    || dt.row_bytes(p.shape[1]).checked_mul(p.shape[0]) != Some(p.len as usize)
                 {
                     return Err(Error::format(
                         &manifest_path,
@@ -447,8 +451,10 @@ impl TensorSource for Backbone {
         })?;
         let cols = *shape.last().unwrap_or(&1);
         let rows: usize = shape.iter().rev().skip(1).product();
-        let (start, end) = (t.offset as usize, (t.offset + t.len) as usize);
-        if rows * dtype.row_bytes(cols) != t.len as usize || end > self.map.len() || start % 64 != 0
+        let (start, end) = (t.offset as usize, t.offset.saturating_add(t.len) as usize);
+        if rows.checked_mul(dtype.row_bytes(cols)) != Some(t.len as usize)
+            || end > self.map.len()
+            || start % 64 != 0
         {
             return Err(Error::format(
                 &self.path,
