@@ -15,6 +15,7 @@ pub mod error;
 pub mod experts;
 pub mod kernels;
 pub mod model;
+pub mod plan;
 pub mod quant;
 pub mod sampler;
 pub mod template;

@@ -230,13 +230,7 @@ fn plan_memory(
                     "cannot read available memory on this system; pass --ram-budget SIZE",
                 )
             })?;
-            // What the process needs beside backbone, KV and cache: the
-            // binary's pages, tokenizer, activations, thread stacks. Under
-            // an 824 MiB cgroup with the 8-layer bench vault (331 MiB
-            // backbone, 48 MiB KV), peak usage stayed 140-190 MiB above
-            // backbone + budget (`bench/vs-llama.cpp.sh`).
-            let headroom = (avail / 10).max(192 << 20);
-            avail.saturating_sub(backbone_bytes + kv_bytes + headroom)
+            avail.saturating_sub(backbone_bytes + kv_bytes + headroom(avail))
         }
     };
     let min_slots = cfg.num_experts_per_tok.max(1) as u64;
@@ -260,6 +254,15 @@ fn plan_memory(
         expert_bytes: vault.expert_bytes(),
         direct_io: false,
     })
+}
+
+/// What `--ram-budget auto` leaves beside backbone, KV and cache out of
+/// `avail` bytes: the binary's pages, tokenizer, activations, thread stacks.
+/// Under an 824 MiB cgroup with the 8-layer bench vault (331 MiB backbone,
+/// 48 MiB KV), peak usage stayed 140-190 MiB above backbone + budget
+/// (`bench/vs-llama.cpp.sh`).
+pub fn headroom(avail: u64) -> u64 {
+    (avail / 10).max(192 << 20)
 }
 
 /// Memory this process can still use: MemAvailable from /proc/meminfo,
