@@ -673,11 +673,15 @@ fn probe_disk(dir: &Path) -> Result<f64> {
     Ok(result?.0)
 }
 
-/// GB/s of weights the one-token q4_k product streams from DRAM (a matrix
-/// far larger than any cache), and GFLOP/s of the 32-token product.
+/// GB/s of weights the one-token q4_k product streams from DRAM, and
+/// GFLOP/s of the 32-token product. The one-token pass goes through 256 MiB
+/// as products of 4096 x 2048 (4.5 MiB, a projection of the 30B model): a
+/// decoded token is about ten parallel loops per layer of that size, and on
+/// a busy machine each loop's hand-off between threads costs as much as its
+/// bytes, so the probe pays it as often per byte as decode does.
 fn probe_kernels() -> Result<(f64, f64)> {
     let q = QuantType::Q4K;
-    let cols = 2048;
+    let (rows, cols) = (4096, 2048);
     let row = q.row_bytes(cols).unwrap_or(0);
     let group = 64;
     let src: Vec<f32> = (0..group * cols)
@@ -685,11 +689,20 @@ fn probe_kernels() -> Result<(f64, f64)> {
         .collect();
     let mut block = vec![0u8; group * row];
     quantize_rows(q, &src, cols, &mut block)?;
-    let rows = (256usize << 20) / row / group * group;
-    let weights: Vec<u8> = block.iter().copied().cycle().take(rows * row).collect();
-    let w = Matrix::new(DType::Quant(q), &weights, rows, cols);
-    let x = vec![0.5f32; 32 * cols];
-    let mut y = vec![0.0f32; 32 * rows];
+    let mats = (256usize << 20) / (rows * row);
+    let weights: Vec<u8> = block
+        .iter()
+        .copied()
+        .cycle()
+        .take(mats * rows * row)
+        .collect();
+    let t = 32;
+    let x = vec![0.5f32; t * cols];
+    let mut y = vec![0.0f32; t * rows];
+    let matrix = |i: usize| {
+        let bytes = &weights[i * rows * row..(i + 1) * rows * row];
+        Matrix::new(DType::Quant(q), bytes, rows, cols)
+    };
     // Medians of several passes: on a shared machine one pass may land in
     // another process's time slice, and the median is what a run sees.
     let median = |mut v: Vec<f64>| {
@@ -697,21 +710,24 @@ fn probe_kernels() -> Result<(f64, f64)> {
         v[v.len() / 2]
     };
     let mem_gbps = median(
-        (0..7)
+        (0..5)
             .map(|_| {
                 let start = Instant::now();
-                matmul(&x[..cols], 1, w, &mut y[..rows]);
-                (rows * row) as f64 / start.elapsed().as_secs_f64() / 1e9
+                for i in 0..mats {
+                    matmul(&x[..cols], 1, matrix(i), &mut y[..rows]);
+                }
+                (mats * rows * row) as f64 / start.elapsed().as_secs_f64() / 1e9
             })
             .collect(),
     );
-    let small = w.rows(0..(8usize << 20) / row);
     let gflops = median(
-        (0..7)
+        (0..5)
             .map(|_| {
                 let start = Instant::now();
-                matmul(&x, 32, small, &mut y[..32 * small.rows]);
-                2.0 * 32.0 * (small.rows * cols) as f64 / start.elapsed().as_secs_f64() / 1e9
+                for i in 0..4 {
+                    matmul(&x, t, matrix(i), &mut y);
+                }
+                (4 * 2 * t * rows * cols) as f64 / start.elapsed().as_secs_f64() / 1e9
             })
             .collect(),
     );
@@ -808,15 +824,6 @@ pub fn to_json(sizes: &Sizes, tiers: &Tiers, m: &Machine, curve: &HitCurve, f: &
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Sizes {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/configs")
-            .join(name)
-            .join("config.json");
-        let q4k = DType::Quant(QuantType::Q4K);
-        sizes_of(&path, q4k, q4k).unwrap()
-    }
-
     #[test]
     fn the_curve_interpolates_and_ends_at_one() {
         let c = HitCurve {
@@ -829,25 +836,5 @@ mod tests {
         assert_eq!(c.at(1.0), 1.0);
         let b = HitCurve::builtin();
         assert!(b.at(0.25) > 0.25, "learned routing beats uniform");
-    }
-
-    #[test]
-    fn parameter_counts_match_the_published_models() {
-        // (fixture, published total parameters, in billions)
-        for (name, published) in [
-            ("Qwen3-235B-A22B", 235.1),
-            ("Qwen3-30B-A3B", 30.5),
-            ("Qwen3-Coder-480B-A35B", 480.2),
-            ("DeepSeek-V3", 671.0),
-            ("Mixtral-8x7B", 46.7),
-            ("OLMoE-1B-7B", 6.92),
-        ] {
-            let s = fixture(name);
-            let total = (s.backbone_params + s.expert_params) as f64 / 1e9;
-            assert!(
-                (total / published - 1.0).abs() < 0.02,
-                "{name}: {total:.2} B parameters, published {published} B"
-            );
-        }
     }
 }
