@@ -18,6 +18,11 @@ use smoe::plan::{self, CacheBudget, HitCurve, Machine, Sizes, Tiers};
 /// x86-64 VM (2026-12-02). Other CPUs differ; give `--gflops` when known.
 const GFLOPS_PER_CORE: f64 = 30.0;
 
+/// What one parallel loop costs an idle machine beyond its work, for a
+/// machine given without `loop_us`: smoe's pool hands a loop to spinning
+/// workers in microseconds (README, the thread pool's A/B).
+const IDLE_LOOP_US: f64 = 5.0;
+
 #[derive(Args)]
 pub(crate) struct PlanArgs {
     /// A vault, a checkpoint directory, or a bare config.json.
@@ -92,13 +97,14 @@ struct MachineFile {
     pcie_gbps: Option<f64>,
     gflops: Option<f64>,
     cores: Option<usize>,
+    loop_us: Option<f64>,
 }
 
 fn machine_file(path: &Path) -> Result<MachineFile> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     toml::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
-            "{}: {} (expected keys: name, ram, disk_gbps, mem_gbps, pcie_gbps, gflops, cores)",
+            "{}: {} (expected keys: name, ram, disk_gbps, mem_gbps, gflops, cores, loop_us)",
             path.display(),
             e.to_string().trim_end().replace('\n', " ")
         )
@@ -187,6 +193,7 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
             mem_gbps: mem.unwrap_or(here.mem_gbps),
             gflops: gflops.unwrap_or(here.gflops),
             cores: cores.unwrap_or(here.cores),
+            loop_us: file.loop_us.unwrap_or(here.loop_us),
             ram,
         }
     } else {
@@ -199,6 +206,7 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
             disk_gbps,
             mem_gbps,
             gflops: gflops.unwrap_or(cores as f64 * GFLOPS_PER_CORE),
+            loop_us: file.loop_us.unwrap_or(IDLE_LOOP_US),
             cores,
             measured: false,
         }
@@ -285,13 +293,14 @@ fn print(
     )?;
     writeln!(
         out,
-        "machine    {}RAM {} | SSD {:.2} GB/s | memory {:.1} GB/s | {:.0} GFLOP/s | {} cores ({})",
+        "machine    {}RAM {} | SSD {:.2} GB/s | memory {:.1} GB/s | {:.0} GFLOP/s | {} cores, {:.0} us a parallel loop ({})",
         name.map_or(String::new(), |n| format!("{n}: ")),
         human_bytes(m.ram),
         m.disk_gbps,
         m.mem_gbps,
         m.gflops,
         m.cores,
+        m.loop_us,
         if m.measured {
             "measured here: direct reads, the q4_k kernels"
         } else {

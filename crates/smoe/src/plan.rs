@@ -39,6 +39,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,7 +49,7 @@ use crate::checkpoint::{zeros, MappedFile, TensorSource, Weight};
 use crate::config::ModelConfig;
 use crate::error::{read_json, Error, Result};
 use crate::experts::io::DirectFile;
-use crate::kernels::{matmul, DType, Matrix};
+use crate::kernels::{for_each_task, matmul, threads, DType, Matrix};
 use crate::model::{headroom, human_bytes, is_routed_expert_tensor, Decoder};
 use crate::quant::{quantize_rows, QuantType};
 use crate::vault::recipe::{row_type, Role};
@@ -375,6 +376,10 @@ pub struct Machine {
     pub mem_gbps: f64,
     /// Multi-token quantized matmul rate, GFLOP/s.
     pub gflops: f64,
+    /// What one parallel loop costs beyond its work, in microseconds: the
+    /// threads' hand-off, a few microseconds on an idle machine and
+    /// milliseconds on one whose cores are all taken.
+    pub loop_us: f64,
     pub cores: usize,
     /// Measured here by [`measure`] rather than given.
     pub measured: bool,
@@ -537,6 +542,23 @@ pub struct Forecast {
     pub prefill_read: (u64, u64),
 }
 
+/// Parallel loops of one decoded token: a quantized product is two (its
+/// activations, then its rows), so a layer's four attention projections,
+/// attention, router and routed experts make about 12, a dense MLP or
+/// shared expert 6 more, the LM head 2 (the 8-layer bench model: about a
+/// hundred, as the README's thread-pool measurement counted).
+fn loops_per_token(sizes: &Sizes) -> u64 {
+    let c = &sizes.config;
+    let layers = c.num_hidden_layers as u64;
+    let dense = layers - sizes.moe_layers as u64;
+    let shared = if c.shared_expert_intermediate_size > 0 {
+        sizes.moe_layers as u64
+    } else {
+        0
+    };
+    12 * layers + 6 * (dense + shared) + 2
+}
+
 /// The decode and prefill forecast for `sizes` on `m` with `tiers`.
 pub fn forecast(sizes: &Sizes, tiers: &Tiers, m: &Machine, curve: &HitCurve) -> Forecast {
     let c = &sizes.config;
@@ -565,11 +587,18 @@ pub fn forecast(sizes: &Sizes, tiers: &Tiers, m: &Machine, curve: &HitCurve) -> 
         secs(ssd, m.disk_gbps, eff.disk.1),
         secs(ssd, m.disk_gbps, eff.disk.0),
     );
+    let sync = loops_per_token(sizes) as f64 * m.loop_us * 1e-6;
+    // The hand-off cost is a busy machine's scheduling: its median moved
+    // by a quarter either way between runs here.
     let decode = Range {
-        low: 1.0 / (mem_t.1 + io_t.1),
-        high: 1.0 / (mem_t.0 + io_t.0),
+        low: 1.0 / (mem_t.1 + io_t.1 + 1.25 * sync),
+        high: 1.0 / (mem_t.0 + io_t.0 + 0.75 * sync),
     };
-    let decode_limit = if io_t.0 + io_t.1 > mem_t.0 + mem_t.1 {
+    let io = io_t.0 + io_t.1;
+    let mem = mem_t.0 + mem_t.1;
+    let decode_limit = if 2.0 * sync > io.max(mem) {
+        "the threads' hand-offs between parallel loops (a busy CPU)"
+    } else if io > mem {
         "SSD reads of expert misses"
     } else {
         "memory bandwidth (resident weights and cached experts)"
@@ -631,13 +660,14 @@ pub fn measure(model: &Path, ram: u64) -> Result<Machine> {
         };
         probe_disk(dir)?
     };
-    let (mem_gbps, gflops) = probe_kernels()?;
+    let (mem_gbps, gflops, loop_us) = probe_kernels()?;
     Ok(Machine {
         ram,
         disk_gbps,
         mem_gbps,
         gflops,
-        cores: crate::kernels::threads(),
+        loop_us,
+        cores: threads(),
         measured: true,
     })
 }
@@ -673,15 +703,13 @@ fn probe_disk(dir: &Path) -> Result<f64> {
     Ok(result?.0)
 }
 
-/// GB/s of weights the one-token q4_k product streams from DRAM, and
-/// GFLOP/s of the 32-token product. The one-token pass goes through 256 MiB
-/// as products of 4096 x 2048 (4.5 MiB, a projection of the 30B model): a
-/// decoded token is about ten parallel loops per layer of that size, and on
-/// a busy machine each loop's hand-off between threads costs as much as its
-/// bytes, so the probe pays it as often per byte as decode does.
-fn probe_kernels() -> Result<(f64, f64)> {
+/// The kernels on this CPU: GB/s of weights the one-token q4_k product
+/// streams from DRAM (one matrix of 256 MiB, far past any cache), GFLOP/s
+/// of the 32-token product at a projection's shape (4096 x 2048), and the
+/// time one parallel loop costs beyond its work, in microseconds.
+fn probe_kernels() -> Result<(f64, f64, f64)> {
     let q = QuantType::Q4K;
-    let (rows, cols) = (4096, 2048);
+    let cols = 2048;
     let row = q.row_bytes(cols).unwrap_or(0);
     let group = 64;
     let src: Vec<f32> = (0..group * cols)
@@ -689,49 +717,59 @@ fn probe_kernels() -> Result<(f64, f64)> {
         .collect();
     let mut block = vec![0u8; group * row];
     quantize_rows(q, &src, cols, &mut block)?;
-    let mats = (256usize << 20) / (rows * row);
-    let weights: Vec<u8> = block
-        .iter()
-        .copied()
-        .cycle()
-        .take(mats * rows * row)
-        .collect();
+    let rows = (256usize << 20) / row / group * group;
+    let weights: Vec<u8> = block.iter().copied().cycle().take(rows * row).collect();
+    let w = Matrix::new(DType::Quant(q), &weights, rows, cols);
     let t = 32;
     let x = vec![0.5f32; t * cols];
-    let mut y = vec![0.0f32; t * rows];
-    let matrix = |i: usize| {
-        let bytes = &weights[i * rows * row..(i + 1) * rows * row];
-        Matrix::new(DType::Quant(q), bytes, rows, cols)
-    };
+    let mut y = vec![0.0f32; rows.max(t * 4096)];
     // Medians of several passes: on a shared machine one pass may land in
     // another process's time slice, and the median is what a run sees.
-    let median = |mut v: Vec<f64>| {
+    let median = |f: &mut dyn FnMut() -> f64| {
+        let mut v: Vec<f64> = (0..5).map(|_| f()).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let mem_gbps = median(
-        (0..5)
-            .map(|_| {
-                let start = Instant::now();
-                for i in 0..mats {
-                    matmul(&x[..cols], 1, matrix(i), &mut y[..rows]);
-                }
-                (mats * rows * row) as f64 / start.elapsed().as_secs_f64() / 1e9
-            })
-            .collect(),
-    );
-    let gflops = median(
-        (0..5)
-            .map(|_| {
-                let start = Instant::now();
-                for i in 0..4 {
-                    matmul(&x, t, matrix(i), &mut y);
-                }
-                (4 * 2 * t * rows * cols) as f64 / start.elapsed().as_secs_f64() / 1e9
-            })
-            .collect(),
-    );
-    Ok((mem_gbps, gflops))
+    let mem_gbps = median(&mut || {
+        let start = Instant::now();
+        matmul(&x[..cols], 1, w, &mut y[..rows]);
+        (rows * row) as f64 / start.elapsed().as_secs_f64() / 1e9
+    });
+    let proj = w.rows(0..4096);
+    let gflops = median(&mut || {
+        let start = Instant::now();
+        for _ in 0..4 {
+            matmul(&x, t, proj, &mut y[..t * 4096]);
+        }
+        (4 * 2 * t * 4096 * cols) as f64 / start.elapsed().as_secs_f64() / 1e9
+    });
+    // Tasks of a few microseconds each, as a decode step's loops have:
+    // the loop's cost beyond its work is its time less the work's when run
+    // on one thread, shared out over the threads.
+    let tasks = 2 * threads();
+    let work = |i: usize| {
+        let chunk = &weights[i * 65536..(i + 1) * 65536];
+        chunk.iter().map(|&b| b as usize).sum::<usize>()
+    };
+    let sink = AtomicUsize::new(0);
+    let loops = 200;
+    let loop_us = median(&mut || {
+        let start = Instant::now();
+        for _ in 0..loops {
+            for i in 0..tasks {
+                sink.fetch_add(work(i), Ordering::Relaxed);
+            }
+        }
+        let serial = start.elapsed().as_secs_f64() / threads() as f64;
+        let start = Instant::now();
+        for _ in 0..loops {
+            for_each_task(tasks, |i| {
+                sink.fetch_add(work(i), Ordering::Relaxed);
+            });
+        }
+        (start.elapsed().as_secs_f64() - serial).max(0.0) * 1e6 / loops as f64
+    });
+    Ok((mem_gbps, gflops, loop_us))
 }
 
 /// Reads a model for planning: a vault, a checkpoint directory or a bare
@@ -780,6 +818,7 @@ pub fn to_json(sizes: &Sizes, tiers: &Tiers, m: &Machine, curve: &HitCurve, f: &
             "disk_gbps": m.disk_gbps,
             "mem_gbps": m.mem_gbps,
             "gflops": m.gflops,
+            "loop_us": m.loop_us,
             "cores": m.cores,
             "measured": m.measured,
         },
