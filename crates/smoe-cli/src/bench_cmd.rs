@@ -75,7 +75,11 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
     let decode_bytes = med(&|r| per_tok(r, r.decode.bytes_read() as f64));
     let streaming = engine.cache().map(|c| {
         let vault = Vault::open(&a.model.model);
-        let disk = vault.and_then(|v| smoe::bench::read_bandwidth(&v, 16, 1 << 30));
+        let disk = vault.and_then(|v| {
+            let records: usize = v.manifest.experts.iter().map(|l| l.offsets.len()).sum();
+            let bw = smoe::bench::read_bandwidth(&v, 16, 1 << 30)?;
+            Ok((bw, c.capacity() as f64 / records.max(1) as f64))
+        });
         (c, disk)
     });
     let mut report = json!({
@@ -90,7 +94,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         "ttft_s": med(&|r| r.ttft_s),
     });
     if let Some((cache, disk)) = streaming {
-        let (disk_gb_s, direct) = disk?;
+        let ((disk_gb_s, direct), fraction) = disk?;
         let roofline = if decode_bytes > 0.0 {
             disk_gb_s * 1e9 / decode_bytes
         } else {
@@ -100,6 +104,8 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         report["streaming"] = json!({
             "ram_budget_bytes": cache.capacity() * cache.slot_bytes(),
             "cache_slots": cache.capacity(),
+            // What `smoe plan --hit-curve` reads the hit rate against.
+            "expert_fraction": fraction,
             "prefetch": cache.read_ahead(),
             "cache_policy": cache.policy().name(),
             "prefill_chunk": engine.prefill_chunk(),

@@ -5,6 +5,7 @@
 mod bench_cmd;
 mod builtin;
 mod chat;
+mod plan_cmd;
 mod serve_cmd;
 mod vault_cmd;
 
@@ -59,6 +60,9 @@ enum Command {
     Inspect(vault_cmd::InspectArgs),
     /// Measure prefill, decode and streaming against the disk's roofline.
     Bench(bench_cmd::BenchArgs),
+    /// Before a download: will a model fit this (or another) machine, what
+    /// goes where, and how fast will it decode.
+    Plan(plan_cmd::PlanArgs),
 }
 
 #[derive(Args)]
@@ -280,6 +284,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => vault_cmd::verify_cmd(a),
         Command::Inspect(a) => vault_cmd::inspect_cmd(a),
         Command::Bench(a) => bench_cmd::bench_cmd(a),
+        Command::Plan(a) => plan_cmd::plan_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -302,7 +307,7 @@ fn main() -> ExitCode {
 /// Sizes the kernel thread pool: `--threads`, else one thread per physical
 /// core. A second hyper-thread on a core shares its load units, so for
 /// memory-bound matrix-vector work it adds contention, not bandwidth.
-fn set_threads(threads: Option<usize>) -> Result<()> {
+pub(crate) fn set_threads(threads: Option<usize>) -> Result<()> {
     let n = match threads {
         Some(0) => bail!("--threads must be at least 1"),
         Some(n) => {

@@ -169,7 +169,18 @@ pub fn read_bandwidth(vault: &Vault, threads: usize, max_bytes: u64) -> Result<(
         .step_by(step.max(1))
         .take(want)
         .collect();
+    read_records(file, &records, threads)
+}
 
+/// Reads `records` (offset, length) of `file` once each through the
+/// engine's reader pool at `threads` queue depth: GB/s, and whether the
+/// reads were direct.
+pub fn read_records(
+    file: Arc<DirectFile>,
+    records: &[(u64, usize)],
+    threads: usize,
+) -> Result<(f64, bool)> {
+    let len = records.iter().map(|r| r.1).max().unwrap_or(0);
     let depth = threads.max(1);
     let buf = Arc::new(AlignedBuf::new(depth * len));
     let pool = ReaderPool::new(depth);

@@ -38,6 +38,18 @@ pub fn map_file(path: &Path) -> Result<MappedFile> {
     Ok(MappedFile(Arc::new(Storage::Mapped(map))))
 }
 
+/// `len` bytes of zeros that [`Weight`]s can point into, costing address
+/// space only: the planner hands them to [`crate::model::Decoder::load`] to
+/// learn which tensors a config implies without any weights at hand.
+pub fn zeros(len: usize) -> Result<MappedFile> {
+    let map = memmap2::MmapOptions::new()
+        .len(len.max(1))
+        .map_anon()
+        .and_then(|m| m.make_read_only())
+        .map_err(|e| Error::invalid(format!("mapping {len} bytes of address space: {e}")))?;
+    Ok(MappedFile(Arc::new(Storage::Mapped(map))))
+}
+
 /// A mapped file that [`Weight`]s can point into.
 #[derive(Debug, Clone)]
 pub struct MappedFile(Arc<Storage>);

@@ -28,6 +28,7 @@ pub mod kernels;
 pub mod load;
 pub mod memory;
 pub mod model;
+pub mod plan;
 pub mod quant;
 pub mod sampler;
 pub mod template;

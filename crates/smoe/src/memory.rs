@@ -162,13 +162,7 @@ impl Footprint {
                         "cannot read available memory on this system; pass --ram-budget SIZE",
                     )
                 })?;
-                // What the process needs beside backbone, KV and cache: the
-                // binary's pages, tokenizer, activations, thread stacks. Under
-                // an 824 MiB cgroup with the 8-layer bench vault (331 MiB
-                // backbone, 48 MiB KV), peak usage stayed 140-190 MiB above
-                // backbone + budget (`bench/vs-llama.cpp.sh`).
-                let headroom = (avail / 10).max(192 << 20);
-                avail.saturating_sub(backbone_bytes + kv_bytes + headroom)
+                avail.saturating_sub(backbone_bytes + kv_bytes + headroom(avail))
             }
         };
         let min_slots = self.min_cache_bytes.checked_div(slot_bytes).unwrap_or(1);
@@ -196,6 +190,15 @@ impl Footprint {
             direct_io: self.direct_io.unwrap_or(false),
         })
     }
+}
+
+/// What `--ram-budget auto` leaves beside backbone, KV and cache out of
+/// `avail` bytes: the binary's pages, tokenizer, activations, thread stacks.
+/// Under an 824 MiB cgroup with the 8-layer bench vault (331 MiB backbone,
+/// 48 MiB KV), peak usage stayed 140-190 MiB above backbone + budget
+/// (`bench/vs-llama.cpp.sh`).
+pub fn headroom(avail: u64) -> u64 {
+    (avail / 10).max(192 << 20)
 }
 
 /// Memory this process can still use: MemAvailable from /proc/meminfo,

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::recipe::{self, Role};
 use super::{
-    align_up, header_page, ExpertLayer, Manifest, PartEntry, QuantChoice, TensorEntry, ALIGN,
-    BACKBONE_FILE, EXPERTS_FILE, FORMAT, MANIFEST, VERSION,
+    align_up, header_page, part_start, ExpertLayer, Manifest, PartEntry, QuantChoice, TensorEntry,
+    ALIGN, BACKBONE_FILE, EXPERTS_FILE, FORMAT, MANIFEST, VERSION,
 };
 use crate::checkpoint::{Checkpoint, Weight};
 use crate::error::{Error, Result};
@@ -496,8 +496,7 @@ struct ExpertRecord {
     source_bytes: u64,
 }
 
-/// Parts start at 64-byte boundaries (whole cache lines, and aligned for
-/// every block type); the record is padded to [`ALIGN`].
+/// Parts start at [`part_start`]; the record is padded to [`ALIGN`].
 fn build_record(
     ckpt: &Checkpoint,
     layer: usize,
@@ -521,7 +520,7 @@ fn build_record(
         errors[i] = err;
         source_bytes += w.bytes().len() as u64;
         w.release_pages();
-        let offset = bytes.len().div_ceil(64) * 64;
+        let offset = part_start(bytes.len());
         bytes.resize(offset, 0);
         bytes.extend_from_slice(&data);
         parts.push(PartEntry {

@@ -187,6 +187,13 @@ pub fn align_up(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
 }
 
+/// Where the next part of an expert record starts after `end` bytes: parts
+/// start at 64-byte boundaries (whole cache lines, aligned for every block
+/// type).
+pub fn part_start(end: usize) -> usize {
+    end.div_ceil(64) * 64
+}
+
 /// The first page of a data file.
 pub fn header_page(conversion_id: &str) -> Vec<u8> {
     let mut page = vec![0u8; ALIGN as usize];

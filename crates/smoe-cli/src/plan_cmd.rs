@@ -1,0 +1,381 @@
+//! `smoe plan MODEL`: the memory plan and speed forecast of a model (a
+//! vault, a checkpoint, or a bare config.json) on this machine or on one
+//! described by flags or a TOML file; the model lives in `smoe::plan`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+
+use smoe::kernels::DType;
+use smoe::model::{available_memory, human_bytes, parse_bytes};
+use smoe::plan::{self, CacheBudget, HitCurve, Machine, Sizes, Tiers};
+
+/// q4_k GFLOP/s per core of the multi-token product, for a machine given
+/// without `gflops`: what `smoe plan --measure` found on a 2-core AVX2
+/// x86-64 VM (2026-12-02). Other CPUs differ; give `--gflops` when known.
+const GFLOPS_PER_CORE: f64 = 30.0;
+
+/// What one parallel loop costs an idle machine beyond its work, for a
+/// machine given without `loop_us`: smoe's pool hands a loop to spinning
+/// workers in microseconds (README, the thread pool's A/B).
+const IDLE_LOOP_US: f64 = 5.0;
+
+#[derive(Args)]
+pub(crate) struct PlanArgs {
+    /// A vault, a checkpoint directory, or a bare config.json.
+    model: PathBuf,
+    /// Type of the routed experts in the vault to plan for (ignored for a
+    /// vault, which is planned as stored).
+    #[arg(long, default_value = "q4_k")]
+    quant: String,
+    /// Type of the backbone, with the recipe's exceptions.
+    #[arg(long, default_value = "q4_k")]
+    backbone: String,
+    /// Memory of the machine (default: what is available here).
+    #[arg(long, value_name = "SIZE")]
+    ram: Option<String>,
+    /// Expert cache: auto (what RAM leaves), a size, or a share of the
+    /// expert bytes such as 25%.
+    #[arg(long, default_value = "auto")]
+    ram_budget: String,
+    /// Context the KV cache is planned for.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Where the model runs: smoe runs on the CPU.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// GPU memory (needs a GPU device, which smoe does not have yet).
+    #[arg(long, value_name = "SIZE")]
+    vram: Option<String>,
+    /// Measure this machine: direct reads on the model's disk and the
+    /// kernels' memory bandwidth and compute (the default for any figure
+    /// not given).
+    #[arg(long)]
+    measure: bool,
+    /// Sequential read GB/s of the disk holding the model.
+    #[arg(long, value_name = "GB/S")]
+    disk_gbps: Option<f64>,
+    /// Memory bandwidth in GB/s.
+    #[arg(long, value_name = "GB/S")]
+    mem_gbps: Option<f64>,
+    /// Host-to-GPU GB/s (needs a GPU device).
+    #[arg(long, value_name = "GB/S")]
+    pcie_gbps: Option<f64>,
+    /// Quantized multi-token matmul GFLOP/s of all cores.
+    #[arg(long, value_name = "GFLOP/S")]
+    gflops: Option<f64>,
+    /// CPU cores (for the GFLOP/s estimate when --gflops is not given).
+    #[arg(long, value_name = "N")]
+    cores: Option<usize>,
+    /// A target machine's figures: ram, disk_gbps, mem_gbps, gflops, cores,
+    /// as TOML; flags override it.
+    #[arg(long, value_name = "FILE.toml")]
+    machine: Option<PathBuf>,
+    /// The decode hit-rate curve from `smoe bench --json` runs of this
+    /// model at a few --ram-budget values (JSON lines).
+    #[arg(long, value_name = "FILE")]
+    hit_curve: Option<PathBuf>,
+    /// Kernel threads for --measure (default: one per physical core).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A machine described in TOML.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MachineFile {
+    name: Option<String>,
+    ram: Option<String>,
+    disk_gbps: Option<f64>,
+    mem_gbps: Option<f64>,
+    pcie_gbps: Option<f64>,
+    gflops: Option<f64>,
+    cores: Option<usize>,
+    loop_us: Option<f64>,
+}
+
+fn machine_file(path: &Path) -> Result<MachineFile> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {} (expected keys: name, ram, disk_gbps, mem_gbps, gflops, cores, loop_us)",
+            path.display(),
+            e.to_string().trim_end().replace('\n', " ")
+        )
+    })
+}
+
+fn size(what: &str, s: &str) -> Result<u64> {
+    parse_bytes(s).with_context(|| format!("{what} \"{s}\" is not a size (e.g. 48GiB, 512MiB)"))
+}
+
+fn budget(s: &str) -> Result<CacheBudget> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(CacheBudget::Auto);
+    }
+    if let Some(p) = s.strip_suffix('%') {
+        return match p.trim().parse::<f64>() {
+            Ok(v) if v > 0.0 && v <= 100.0 => Ok(CacheBudget::Fraction(v / 100.0)),
+            _ => bail!("--ram-budget \"{s}\": a share must be above 0% and at most 100%"),
+        };
+    }
+    Ok(CacheBudget::Bytes(size("--ram-budget", s)?))
+}
+
+fn dtype(flag: &str, s: &str) -> Result<DType> {
+    match DType::parse(s) {
+        Some(DType::F32) | None => {
+            bail!("{flag} \"{s}\": expected q4_k, q4_0, q8_0, q6_k, q5_k or bf16")
+        }
+        Some(t) => Ok(t),
+    }
+}
+
+pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
+    if !a.device.eq_ignore_ascii_case("cpu") || a.vram.is_some() || a.pcie_gbps.is_some() {
+        bail!(
+            "--device {}{}{}: smoe runs on the CPU only, so a plan has no GPU tier; leave out --device gpu, --vram and --pcie-gbps",
+            a.device,
+            a.vram.as_ref().map_or(String::new(), |v| format!(", --vram {v}")),
+            a.pcie_gbps.map_or(String::new(), |p| format!(", --pcie-gbps {p}"))
+        );
+    }
+    for (flag, v) in [
+        ("--disk-gbps", a.disk_gbps),
+        ("--mem-gbps", a.mem_gbps),
+        ("--gflops", a.gflops),
+    ] {
+        if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            bail!("{flag} must be a positive number");
+        }
+    }
+    let file = a
+        .machine
+        .as_deref()
+        .map(machine_file)
+        .transpose()?
+        .unwrap_or_default();
+    if file.pcie_gbps.is_some() {
+        bail!(
+            "{}: pcie_gbps: smoe runs on the CPU only; leave it out",
+            a.machine.as_deref().unwrap_or(Path::new("")).display()
+        );
+    }
+    let experts = dtype("--quant", &a.quant)?;
+    let backbone = dtype("--backbone", &a.backbone)?;
+    let sizes = plan::sizes_of(&a.model, experts, backbone)?;
+    let curve = match &a.hit_curve {
+        Some(p) => HitCurve::from_bench(p)?,
+        None => HitCurve::builtin(),
+    };
+
+    let ram = match a.ram.as_deref().or(file.ram.as_deref()) {
+        Some(s) => size("--ram", s)?,
+        None => available_memory()
+            .context("cannot read this machine's available memory; give --ram SIZE")?,
+    };
+    let disk = a.disk_gbps.or(file.disk_gbps);
+    let mem = a.mem_gbps.or(file.mem_gbps);
+    let gflops = a.gflops.or(file.gflops);
+    let cores = a.cores.or(file.cores);
+    let machine = if a.measure || (disk.is_none() && mem.is_none()) {
+        crate::set_threads(a.threads)?;
+        let here = plan::measure(&a.model, ram)?;
+        Machine {
+            disk_gbps: disk.unwrap_or(here.disk_gbps),
+            measured: mem.is_none(),
+            mem_gbps: mem.unwrap_or(here.mem_gbps),
+            gflops: gflops.unwrap_or(here.gflops),
+            cores: cores.unwrap_or(here.cores),
+            loop_us: file.loop_us.unwrap_or(here.loop_us),
+            ram,
+        }
+    } else {
+        let (Some(disk_gbps), Some(mem_gbps)) = (disk, mem) else {
+            bail!("give both --disk-gbps and --mem-gbps (or --measure to measure the rest here)");
+        };
+        let cores = cores.unwrap_or(1);
+        Machine {
+            ram,
+            disk_gbps,
+            mem_gbps,
+            gflops: gflops.unwrap_or(cores as f64 * GFLOPS_PER_CORE),
+            loop_us: file.loop_us.unwrap_or(IDLE_LOOP_US),
+            cores,
+            measured: false,
+        }
+    };
+    let tiers = Tiers::plan(&sizes, ram, budget(&a.ram_budget)?, a.ctx)
+        .with_context(|| format!("{}: no plan", a.model.display()))?;
+    let forecast = plan::forecast(&sizes, &tiers, &machine, &curve);
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let mut v = plan::to_json(&sizes, &tiers, &machine, &curve, &forecast);
+        v["machine"]["name"] = file.name.into();
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    print(
+        &mut out,
+        &a.model,
+        file.name.as_deref(),
+        &sizes,
+        &tiers,
+        &machine,
+        &curve,
+        &forecast,
+    )?;
+    Ok(())
+}
+
+fn types(m: &std::collections::BTreeMap<String, u64>) -> String {
+    let mut v: Vec<(&String, &u64)> = m.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    v.iter()
+        .map(|(t, b)| format!("{t} {}", human_bytes(**b)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print(
+    out: &mut impl Write,
+    model: &Path,
+    name: Option<&str>,
+    s: &Sizes,
+    t: &Tiers,
+    m: &Machine,
+    curve: &HitCurve,
+    f: &plan::Forecast,
+) -> Result<()> {
+    let c = &s.config;
+    let params = (s.backbone_params + s.expert_params) as f64 / 1e9;
+    writeln!(
+        out,
+        "model      {} ({}, {}): {params:.1} B parameters, {:.1} B active per token; {} as bf16",
+        model.display(),
+        c.family.model_types[0],
+        s.source,
+        (s.active_params() + s.lm_head_params) as f64 / 1e9,
+        human_bytes(s.bf16_bytes())
+    )?;
+    writeln!(out, "stored as  {}", s.quant)?;
+    writeln!(
+        out,
+        "backbone   {} resident ({}){}",
+        human_bytes(s.resident_bytes()),
+        types(&s.resident),
+        if s.embed_on_disk > 0 {
+            format!(
+                " + embedding table {} read from SSD a row per token",
+                human_bytes(s.embed_on_disk)
+            )
+        } else {
+            String::new()
+        }
+    )?;
+    writeln!(
+        out,
+        "experts    {} ({}): {} records of {}, {} sparse layers x {} experts, top {}",
+        human_bytes(s.expert_bytes()),
+        types(&s.experts),
+        s.records,
+        human_bytes(s.record_bytes),
+        s.moe_layers,
+        c.num_experts,
+        c.num_experts_per_tok
+    )?;
+    writeln!(
+        out,
+        "machine    {}RAM {} | SSD {:.2} GB/s | memory {:.1} GB/s | {:.0} GFLOP/s | {} cores, {:.0} us a parallel loop ({})",
+        name.map_or(String::new(), |n| format!("{n}: ")),
+        human_bytes(m.ram),
+        m.disk_gbps,
+        m.mem_gbps,
+        m.gflops,
+        m.cores,
+        m.loop_us,
+        if m.measured {
+            "measured here: direct reads, the q4_k kernels"
+        } else {
+            "given"
+        }
+    )?;
+    writeln!(
+        out,
+        "RAM        backbone {} + KV {} ({} tokens) + headroom {} + expert cache {} ({} slots, {:.1}% of the experts) = {}; {} left",
+        human_bytes(t.backbone),
+        human_bytes(t.kv),
+        t.ctx,
+        human_bytes(t.headroom),
+        human_bytes(t.cache),
+        t.cache_slots,
+        100.0 * t.fraction(s),
+        human_bytes(t.backbone + t.kv + t.headroom + t.cache),
+        human_bytes(t.free)
+    )?;
+    writeln!(
+        out,
+        "SSD        {} (expert records{})",
+        human_bytes(t.ssd),
+        if s.embed_on_disk > 0 {
+            ", embedding table"
+        } else {
+            ""
+        }
+    )?;
+    writeln!(
+        out,
+        "locality   decode hit rate {:.1}% at {:.1}% cached: h(f) linear between measured points of {}",
+        100.0 * f.hit_rate,
+        100.0 * t.fraction(s),
+        curve.source
+    )?;
+    writeln!(
+        out,
+        "           recalibrate on this model: smoe bench --model VAULT --prompts FILE --ram-budget SIZE --json >> curve.jsonl (a few sizes), then --hit-curve curve.jsonl"
+    )?;
+    writeln!(
+        out,
+        "per token  RAM {} (backbone {}, experts {}, KV {}) | SSD {} ({:.2} expert misses x {} layers x {})",
+        human_bytes(f.ram_bytes_per_token),
+        human_bytes(t.backbone),
+        human_bytes(s.expert_bytes_per_token()),
+        human_bytes(f.kv_bytes_per_token),
+        human_bytes(f.ssd_bytes_per_token),
+        (1.0 - f.hit_rate) * c.num_experts_per_tok as f64,
+        s.moe_layers,
+        human_bytes(s.record_bytes)
+    )?;
+    let r = |x: &plan::Range, p: usize| {
+        format!("{:.p$}-{:.p$} (expected {:.p$})", x.low, x.high, x.mid())
+    };
+    writeln!(
+        out,
+        "decode     {} tok/s, limited by {}",
+        r(&f.decode_tok_s, 2),
+        f.decode_limit
+    )?;
+    writeln!(
+        out,
+        "prefill    {} tok/s for a {}-token prompt, limited by {}; it reads {} of experts cold, {} warm",
+        r(&f.prefill_tok_s, 1),
+        plan::PROMPT_TOKENS,
+        f.prefill_limit,
+        human_bytes(f.prefill_read.1),
+        human_bytes(f.prefill_read.0)
+    )?;
+    writeln!(
+        out,
+        "first token {} s after a {}-token prompt",
+        r(&f.ttft_s, 1),
+        plan::PROMPT_TOKENS
+    )?;
+    Ok(())
+}

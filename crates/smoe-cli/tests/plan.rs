@@ -1,0 +1,189 @@
+//! `smoe plan` on the published configs, on a vault against the config it
+//! came from, and on bad input.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+
+use common::*;
+use serde_json::Value;
+
+fn config(name: &str) -> PathBuf {
+    fixture("configs").join(name).join("config.json")
+}
+
+fn plan_json(args: &[&str]) -> Value {
+    let mut all = vec!["plan"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    serde_json::from_str(&smoe_ok(&all)).expect("plan --json prints one JSON object")
+}
+
+const GIVEN: [&str; 6] = ["--disk-gbps", "6", "--mem-gbps", "100", "--cores", "8"];
+
+#[test]
+fn published_configs_give_plans_of_their_published_size() {
+    // (fixture, published parameters in billions): the bf16 checkpoint is
+    // twice that in bytes.
+    for (name, published) in [
+        ("Qwen3-235B-A22B", 235.1),
+        ("Qwen3-30B-A3B", 30.5),
+        ("Qwen3-Coder-480B-A35B", 480.2),
+        ("DeepSeek-V3", 671.0),
+        ("Mixtral-8x7B", 46.7),
+        ("OLMoE-1B-7B", 6.92),
+    ] {
+        let path = config(name);
+        let mut args = vec![path_str(&path), "--ram", "1TiB"];
+        args.extend(GIVEN);
+        let p = plan_json(&args);
+        let bf16 = p["model"]["bf16_bytes"].as_f64().unwrap() / 1e9;
+        assert!(
+            (bf16 / (2.0 * published) - 1.0).abs() < 0.02,
+            "{name}: {bf16:.1} GB in bf16, published {published} B parameters"
+        );
+        // q4_k experts are 4.5 bits a weight, padding aside.
+        let experts: f64 = p["model"]["expert_bytes"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        let ratio = experts / (p["model"]["params"].as_f64().unwrap() * 4.5 / 8.0);
+        assert!(ratio > 0.8 && ratio < 1.02, "{name}: experts {experts}");
+        let f = &p["forecast"];
+        for k in ["decode_tok_s", "prefill_tok_s", "ttft_s"] {
+            let (lo, hi) = (
+                f[k]["low"].as_f64().unwrap(),
+                f[k]["high"].as_f64().unwrap(),
+            );
+            assert!(
+                lo > 0.0 && lo <= hi && hi.is_finite(),
+                "{name} {k}: {lo}-{hi}"
+            );
+        }
+        assert!(f["decode_limit"].as_str().is_some_and(|s| !s.is_empty()));
+        let hit = p["locality"]["hit_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&hit), "{name}: hit rate {hit}");
+    }
+}
+
+#[test]
+fn a_vault_is_planned_exactly_as_its_config_predicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("vault");
+    let src = fixture("qwen3-moe-a");
+    smoe_ok(&[
+        "convert",
+        path_str(&src),
+        "-o",
+        path_str(&vault),
+        "--experts",
+        "q8_0",
+        "--quiet",
+    ]);
+    let mut args = vec![path_str(&vault), "--ram", "8GiB"];
+    args.extend(GIVEN);
+    let stored = plan_json(&args);
+    let mut args = vec![path_str(&src), "--ram", "8GiB", "--quant", "q8_0"];
+    args.extend(GIVEN);
+    let predicted = plan_json(&args);
+    assert_eq!(stored["model"]["source"], "vault");
+    for k in [
+        "backbone_bytes",
+        "embedding_on_disk_bytes",
+        "expert_bytes",
+        "expert_record_bytes",
+        "expert_records",
+        "params",
+    ] {
+        assert_eq!(stored["model"][k], predicted["model"][k], "{k}");
+    }
+    assert_eq!(stored["memory"], predicted["memory"]);
+}
+
+#[test]
+fn a_target_machine_comes_from_toml_and_flags_override_it() {
+    let path = config("Qwen3-235B-A22B");
+    let machine = fixture("machines").join("laptop-48gb.toml");
+    let p = plan_json(&[
+        path_str(&path),
+        "--machine",
+        path_str(&machine),
+        "--disk-gbps",
+        "5",
+    ]);
+    let m = &p["machine"];
+    assert_eq!(m["ram_bytes"], 48_000_000_000u64);
+    assert_eq!(m["disk_gbps"], 5.0);
+    assert_eq!(m["mem_gbps"], 273.0);
+    assert_eq!(m["measured"], false);
+    let budget = plan_json(&[
+        path_str(&path),
+        "--machine",
+        path_str(&machine),
+        "--ram-budget",
+        "10%",
+    ]);
+    let f = budget["memory"]["ram"]["expert_fraction"].as_f64().unwrap();
+    assert!((f - 0.1).abs() < 0.001, "{f}");
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = dir.path().join("config.json");
+    fs::write(
+        &llama,
+        r#"{"model_type": "llama", "hidden_size": 4096, "vocab_size": 32000}"#,
+    )
+    .unwrap();
+    let big = config("Qwen3-235B-A22B");
+    let machine = dir.path().join("m.toml");
+    let gguf = dir.path().join("model.gguf");
+    fs::write(&gguf, b"GGUF").unwrap();
+    let bad = |args: &[&str], parts: &[&str]| {
+        let mut all = vec!["plan"];
+        all.extend_from_slice(args);
+        all.extend(GIVEN);
+        let err = smoe_err(&all);
+        for p in parts {
+            assert!(err.contains(p), "{args:?}: should mention {p:?}: {err}");
+        }
+    };
+    bad(
+        &[path_str(&llama)],
+        &[
+            "config.json",
+            "unsupported model_type \"llama\"",
+            "qwen3_moe",
+        ],
+    );
+    bad(
+        &[path_str(&big), "--ram", "4GiB"],
+        &[
+            "4.00 GiB of RAM is smaller than the backbone's needs",
+            "resident",
+        ],
+    );
+    bad(
+        &[path_str(&big), "--ram", "48GB", "--ram-budget", "60GiB"],
+        &["expert cache of 60.00 GiB does not fit"],
+    );
+    bad(
+        &[path_str(&big), "--ram", "48GB", "--ram-budget", "1MiB"],
+        &["one token needs 8 per layer"],
+    );
+    bad(&[path_str(&big), "--ram-budget", "150%"], &["at most 100%"]);
+    bad(&[path_str(&gguf)], &["model.gguf", "config.json"]);
+    bad(&[path_str(&big), "--device", "gpu"], &["CPU only"]);
+    for (text, parts) in [
+        ("ram = 48GB\n", vec!["m.toml", "expected keys"]),
+        ("ram = \"48GB\"\nvram = \"24GB\"\n", vec!["m.toml", "vram"]),
+        ("ram = \"lots\"\n", vec!["\"lots\" is not a size"]),
+    ] {
+        fs::write(&machine, text).unwrap();
+        bad(&[path_str(&big), "--machine", path_str(&machine)], &parts);
+    }
+}
