@@ -138,9 +138,7 @@ impl GgmlType {
             _ => return None,
         })
     }
-}
 
-impl GgmlType {
     /// The kernels' element type with the same bytes, where there is one.
     pub fn dtype(self) -> Option<DType> {
         match self {
