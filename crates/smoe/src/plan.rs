@@ -27,7 +27,10 @@
 //! backbone byte, the top-k experts of every sparse layer and the KV cache
 //! are streamed from RAM by the kernels; the misses (`1 - h` of those
 //! experts) are read from SSD first, and without read-ahead the layer waits
-//! for them, so the two times add. Prefill of a 512-token prompt (one
+//! for them, so the two times add. Each of the token's ~12 parallel loops
+//! per layer also costs the threads' hand-off, microseconds on an idle CPU
+//! but a scheduler time slice on a busy one (measured: ~10 ms a loop on
+//! this 2-core VM while other builds ran, which is what decode paid there). Prefill of a 512-token prompt (one
 //! chunk) is compute: two flops per active weight per token, plus attention,
 //! at the quantized kernels' multi-token rate, plus reading each expert the
 //! chunk routes to once per layer (all of them cold; the uncached share warm).
@@ -864,6 +867,64 @@ pub fn to_json(sizes: &Sizes, tiers: &Tiers, m: &Machine, curve: &HitCurve, f: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn qwen3_235b() -> Sizes {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/configs/Qwen3-235B-A22B/config.json");
+        let q4k = DType::Quant(QuantType::Q4K);
+        sizes_of(&path, q4k, q4k).unwrap()
+    }
+
+    fn laptop(loop_us: f64) -> Machine {
+        Machine {
+            ram: 48 << 30,
+            disk_gbps: 6.0,
+            mem_gbps: 270.0,
+            gflops: 400.0,
+            loop_us,
+            cores: 12,
+            measured: false,
+        }
+    }
+
+    #[test]
+    fn the_limit_moves_from_ssd_to_memory_as_the_cache_grows() {
+        let s = qwen3_235b();
+        let curve = HitCurve::builtin();
+        let at = |f: f64, ram: u64, loop_us: f64| {
+            let m = Machine {
+                ram,
+                ..laptop(loop_us)
+            };
+            let t = Tiers::plan(&s, ram, CacheBudget::Fraction(f), 4096).unwrap();
+            forecast(&s, &t, &m, &curve)
+        };
+        let small = at(0.1, 48 << 30, 5.0);
+        let whole = at(1.0, 256 << 30, 5.0);
+        assert_eq!(small.decode_limit, "SSD reads of expert misses");
+        assert!(whole.decode_limit.starts_with("memory bandwidth"));
+        assert!(small.ssd_bytes_per_token > 10 * whole.ssd_bytes_per_token);
+        assert!(small.decode_tok_s.high < whole.decode_tok_s.low);
+        // The same token's bytes on a CPU whose loops wait a time slice.
+        let busy = at(1.0, 256 << 30, 10_000.0);
+        assert!(busy.decode_limit.starts_with("the threads' hand-offs"));
+        assert!(busy.decode_tok_s.high < whole.decode_tok_s.low);
+        for f in [&small, &whole] {
+            assert!(f.ttft_s.low <= f.ttft_s.high && f.prefill_read.0 <= f.prefill_read.1);
+        }
+    }
+
+    #[test]
+    fn a_cache_below_one_tokens_experts_hits_nothing() {
+        let s = qwen3_235b();
+        // 94 sparse layers x top-8 = 752 slots; 700 is less.
+        let bytes = 700 * s.record_bytes;
+        let t = Tiers::plan(&s, 256 << 30, CacheBudget::Bytes(bytes), 4096).unwrap();
+        assert_eq!(t.cache_slots, 700);
+        let f = forecast(&s, &t, &laptop(5.0), &HitCurve::builtin());
+        assert_eq!(f.hit_rate, 0.0);
+        assert_eq!(f.ssd_bytes_per_token, s.expert_bytes_per_token());
+    }
 
     #[test]
     fn the_curve_interpolates_and_ends_at_one() {
