@@ -29,8 +29,8 @@
 #
 # On a machine without Rust or network (the 16-core GPU host), set SMOE and
 # SYNTH to carried binaries and LLAMA_SDIST to a llama-cpp-python source
-# tarball; a python3 that already imports torch, transformers, numpy,
-# safetensors and sentencepiece converts the GGUF without a venv. The
+# tarball; a python3 that already imports torch, transformers, numpy and
+# safetensors converts the GGUF without a venv. The
 # capped rows need a cgroup-v1 memory controller and are skipped without one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,7 +83,7 @@ setup() {
         if [ ! -f "$GGUF_BF16" ]; then
             # convert_hf_to_gguf.py imports torch and transformers (~6 GB);
             # the venv goes as soon as the GGUF exists.
-            if python3 -c 'import torch, transformers, numpy, safetensors, sentencepiece' 2>/dev/null; then
+            if python3 -c 'import torch, transformers, numpy, safetensors' 2>/dev/null; then
                 PYTHONPATH="$LLAMA/gguf-py" python3 "$LLAMA/convert_hf_to_gguf.py" "$CKPT" \
                     --outtype bf16 --outfile "$GGUF_BF16.tmp"
             else

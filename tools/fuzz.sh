@@ -4,7 +4,9 @@
 #
 #   tools/fuzz.sh SECONDS [TARGET ...]
 #
-# SMOE_FUZZ_JOBS=N runs N processes per target (N x SECONDS CPU-seconds).
+# SMOE_FUZZ_JOBS=N runs N processes per target (N x SECONDS CPU-seconds);
+# SMOE_FUZZ_FLAGS adds libFuzzer flags (-fork=4 -ignore_crashes=1 keeps a
+# target going past crashes it has already found).
 #
 # Builds the targets first with the nightly toolchain and cargo-fuzz
 # (cargo +nightly install cargo-fuzz), without a sanitizer but with debug
@@ -36,7 +38,7 @@ for t in $targets; do
         "$bin/$t" "fuzz/work/$t" "fuzz/corpus/$t" -seed="$j" \
             -max_total_time="$secs" -timeout=30 -rss_limit_mb=4096 \
             -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/" \
-            > "fuzz/logs/$t.$j.log" 2>&1 &
+            ${SMOE_FUZZ_FLAGS:-} > "fuzz/logs/$t.$j.log" 2>&1 &
         j=$((j + 1))
     done
 done

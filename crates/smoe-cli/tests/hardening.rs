@@ -338,10 +338,14 @@ fn backbone_and_config_are_verified_at_load() {
         if cmd == "logits" {
             args.extend(["--ids", "1"]);
         }
-        let err = smoe_err(&args);
+        // check lists it among its findings (stdout) and exits 1.
+        let out = smoe(&args);
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains("config.json") && err.contains("num_hidden_layers is 2"),
-            "{cmd}: {err}"
+            text.contains("config.json") && text.contains("num_hidden_layers is 2"),
+            "{cmd}: {text}"
         );
     }
 }
@@ -478,9 +482,10 @@ fn a_vault_truncated_under_a_running_server_fails_requests_not_the_server() {
     assert_eq!(r.status, 500, "{}", r.text());
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("experts.bin"), "{msg}");
-    let health = server.health();
+    // The failed request is counted and nothing is left running.
+    let health = server.idle_health();
     assert_eq!(health["status"], "ok", "{health}");
-    assert_eq!(health["queue"]["in_flight"], 0, "{health}");
+    assert_eq!(health["generations"]["failed"], 1, "{health}");
 
     fs::write(&experts, &whole).unwrap();
     let after = server.post("/v1/chat/completions", &body);

@@ -71,6 +71,10 @@ pub enum Code {
     OverCommitted,
     /// The vault's filesystem refuses O_DIRECT.
     NoDirectIo,
+    /// The weights do not match their config (a tensor missing or of
+    /// another shape, layers beyond or missing) or a vault is damaged:
+    /// [`crate::validate`].
+    WeightsInvalid,
 }
 
 impl Code {
@@ -123,15 +127,17 @@ impl fmt::Display for Finding {
 /// Everything `smoe check` looks at: the fit on this machine, then the
 /// tokenizer and template against the weights.
 pub fn check(dir: &Path, opts: &LoadOptions) -> Result<Vec<Finding>> {
-    if vault::is_vault(dir) {
+    let valid = if vault::is_vault(dir) {
         let v = Vault::open(dir)?;
         let cfg = ModelConfig::from_json(&v.manifest.config, &dir.join(vault::MANIFEST))?;
-        crate::validate::vault(&v, &cfg)?;
-        crate::validate::backbone_checksums(&v)?;
-    } else if dir.is_dir() {
-        crate::validate::checkpoint(&Checkpoint::open(dir)?)?;
-    }
+        crate::validate::vault(&v, &cfg).and_then(|()| crate::validate::backbone_checksums(&v))
+    } else {
+        crate::validate::checkpoint(&Checkpoint::open(dir)?)
+    };
     let mut findings = preflight(dir, opts)?;
+    if let Err(e) = valid {
+        findings.push(Finding::error(Code::WeightsInvalid, e.to_string()));
+    }
     findings.extend(check_model(dir)?);
     Ok(findings)
 }

@@ -29,9 +29,18 @@ impl Tokenizer {
     /// Loads a `tokenizer.json` file; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = read_to_string(path)?;
-        let inner: tokenizers::Tokenizer = text
-            .parse()
-            .map_err(|e| Error::format(path, format!("not a valid tokenizer: {e}")))?;
+        // The tokenizers crate panics (`expect("Helper")`) on some malformed
+        // decoders instead of returning its error (found by fuzzing); a
+        // damaged file must be an error that names it, not a crash.
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| {
+                Error::format(
+                    path,
+                    "not a valid tokenizer: the tokenizers crate could not read it (malformed decoder or model)",
+                )
+            })?;
+        let inner =
+            parsed.map_err(|e| Error::format(path, format!("not a valid tokenizer: {e}")))?;
         Self::from_tokenizer(inner, path)
     }
 
@@ -480,6 +489,17 @@ mod tests {
         let err = Tokenizer::from_file(&file.0).err().unwrap();
         assert!(
             err.to_string().contains(&*file.0.to_string_lossy()),
+            "{err}"
+        );
+
+        // Found by the tokenizer_json fuzz target: the tokenizers crate
+        // panicked on this file's decoder.
+        let crash = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/tokenizer/fuzz-crash-decoder.json");
+        let err = Tokenizer::from_file(&crash).err().unwrap();
+        assert!(
+            err.to_string().contains("fuzz-crash-decoder.json")
+                && err.to_string().contains("not a valid tokenizer"),
             "{err}"
         );
 

@@ -210,6 +210,21 @@ pub fn vault(v: &Vault, cfg: &ModelConfig) -> Result<()> {
                 ));
             }
         }
+        // The kernels read blocks in place; convert puts each part on a
+        // 64-byte boundary of its record.
+        if let Some((name, p)) = vault::convert::PARTS
+            .iter()
+            .zip(&l.parts)
+            .find(|(_, p)| !p.offset.is_multiple_of(64))
+        {
+            return Err(Error::format(
+                &manifest_path,
+                format!(
+                    "layer {} experts' {name} starts at byte {} of its record, expected a multiple of 64",
+                    l.layer, p.offset
+                ),
+            ));
+        }
         if !l.record_len.is_multiple_of(ALIGN) {
             return Err(Error::format(
                 &manifest_path,

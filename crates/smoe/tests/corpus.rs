@@ -331,6 +331,11 @@ fn vault_cases(good: &Path, rng: &mut Rng) -> Vec<Case> {
             l["parts"][1]["offset"] = json!(1u64 << 40)
         }),
         ("part len huge", |l| l["parts"][1]["len"] = json!(u64::MAX)),
+        // Found by the vault_manifest fuzz target: a misaligned part
+        // panicked in the quantized matmul.
+        ("part offset unaligned", |l| {
+            l["parts"][2]["offset"] = json!(l["parts"][2]["offset"].as_u64().unwrap() + 1)
+        }),
         ("part dtype unknown", |l| {
             l["parts"][0]["dtype"] = json!("f8")
         }),
