@@ -37,6 +37,11 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Time every tensor op and report where prefill and decode spend
+    /// their time, per op; what no op accounts for is waiting on expert
+    /// reads and the model's own bookkeeping.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -52,6 +57,9 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
     a.model.resolve()?;
     if a.prompt_tokens == 0 || a.repeat == 0 {
         bail!("--prompt-tokens and --repeat must be at least 1");
+    }
+    if a.profile {
+        smoe::compute::profile::enable();
     }
     let mut engine = load(&a.model)?;
     let opts = smoe::bench::BenchOptions {
@@ -93,6 +101,20 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         "decode_tok_s": med(&|r| r.decode_tok_s),
         "ttft_s": med(&|r| r.ttft_s),
     });
+    if a.profile {
+        // The median run's, as for the rates: the first run also reads
+        // the experts into a cold cache.
+        let median_run = |key: &dyn Fn(&smoe::bench::BenchRun) -> f64| {
+            let mut by: Vec<_> = runs.iter().collect();
+            by.sort_by(|x, y| key(x).total_cmp(&key(y)));
+            by[by.len() / 2]
+        };
+        let (p, d) = (median_run(&|r| r.prefill_s), median_run(&|r| r.decode_s));
+        report["profile"] = json!({
+            "prefill": profile_json(&p.prefill_ops, p.prefill_s),
+            "decode": profile_json(&d.decode_ops, d.decode_s),
+        });
+    }
     if let Some((cache, disk)) = streaming {
         let ((disk_gb_s, direct), fraction) = disk?;
         let roofline = if decode_bytes > 0.0 {
@@ -183,7 +205,38 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             None => writeln!(out, "I/O roofline: nothing read while decoding (everything cached)")?,
         }
     }
+    if let Some(p) = report.get("profile") {
+        for phase in ["prefill", "decode"] {
+            writeln!(out, "{phase} of the median run, by op:")?;
+            for op in p[phase].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "  {:<14} {:>7} calls {:>10.2} ms {:>5.1}%",
+                    op["op"].as_str().unwrap_or(""),
+                    op["calls"],
+                    op["ms"].as_f64().unwrap_or(0.0),
+                    op["percent"].as_f64().unwrap_or(0.0),
+                )?;
+            }
+        }
+    }
     Ok(())
+}
+
+/// One phase's op times, longest first, with the time outside every op
+/// last: each op's share of the phase's wall time.
+fn profile_json(ops: &smoe::compute::profile::OpTimes, wall_s: f64) -> Value {
+    let share = |s: f64| 100.0 * s / wall_s.max(f64::MIN_POSITIVE);
+    let mut rows: Vec<Value> = ops
+        .ops()
+        .into_iter()
+        .map(|(op, calls, s)| json!({"op": op.name(), "calls": calls, "ms": 1e3 * s, "percent": share(s)}))
+        .collect();
+    let outside = (wall_s - ops.total_s()).max(0.0);
+    rows.push(
+        json!({"op": "(outside ops)", "calls": 0, "ms": 1e3 * outside, "percent": share(outside)}),
+    );
+    Value::Array(rows)
 }
 
 /// The chat-templated ids of each prompt in a JSON list of strings or of

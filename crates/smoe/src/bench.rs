@@ -5,6 +5,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
+use crate::compute::profile::OpTimes;
 use crate::engine::{rate, Engine};
 use crate::error::{Error, Result};
 use crate::experts::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool};
@@ -32,6 +33,11 @@ pub struct BenchRun {
     pub decode_tokens: usize,
     pub prefill_s: f64,
     pub decode_s: f64,
+    /// Time per op while prefilling and while decoding; empty unless
+    /// [`crate::compute::profile::enable`] was called before the model
+    /// was built.
+    pub prefill_ops: OpTimes,
+    pub decode_ops: OpTimes,
 }
 
 impl BenchRun {
@@ -48,6 +54,8 @@ impl BenchRun {
             decode_tokens: 0,
             prefill_s: 0.0,
             decode_s: 0.0,
+            prefill_ops: OpTimes::default(),
+            decode_ops: OpTimes::default(),
         };
         for r in runs {
             t.prefill += r.prefill;
@@ -56,6 +64,8 @@ impl BenchRun {
             t.decode_tokens += r.decode_tokens;
             t.prefill_s += r.prefill_s;
             t.decode_s += r.decode_s;
+            t.prefill_ops.add(&r.prefill_ops);
+            t.decode_ops.add(&r.decode_ops);
             t.ttft_s += r.ttft_s / runs.len() as f64;
         }
         t.prefill_tok_s = rate(t.prefill_tokens, t.prefill_s);
@@ -117,9 +127,11 @@ fn measure(engine: &Engine, ids: &[u32], gen_tokens: usize) -> Result<BenchRun> 
     };
     let mut session = engine.new_session();
     let before = snap();
+    let ops_before = OpTimes::now();
     let mut first = None;
     let start = Instant::now();
     let mut at_first = StatsSnapshot::default();
+    let mut ops_at_first = ops_before;
     let gen = engine.generate(
         &mut session,
         ids,
@@ -129,10 +141,12 @@ fn measure(engine: &Engine, ids: &[u32], gen_tokens: usize) -> Result<BenchRun> 
             if first.is_none() {
                 first = Some(start.elapsed().as_secs_f64());
                 at_first = snap();
+                ops_at_first = OpTimes::now();
             }
         },
     )?;
     let end = snap();
+    let ops_end = OpTimes::now();
     Ok(BenchRun {
         prefill_tok_s: gen.timings.prefill_tok_s(),
         decode_tok_s: gen.timings.decode_tok_s(),
@@ -143,6 +157,8 @@ fn measure(engine: &Engine, ids: &[u32], gen_tokens: usize) -> Result<BenchRun> 
         decode_tokens: gen.timings.decode_tokens,
         prefill_s: gen.timings.prefill_s,
         decode_s: gen.timings.decode_s,
+        prefill_ops: ops_at_first.since(&ops_before),
+        decode_ops: ops_end.since(&ops_at_first),
     })
 }
 

@@ -34,6 +34,7 @@
 mod cpu;
 mod embedding;
 mod kv;
+pub mod profile;
 mod routing;
 
 pub use cpu::Cpu;
@@ -177,6 +178,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         vals: &mut Vec<f32>,
         out: &mut [f32],
     );
+}
+
+/// The backend models built now run on: the CPU's, timed op by op when
+/// [`profile::enable`] was called.
+pub fn backend() -> Box<dyn Backend> {
+    if profile::enabled() {
+        Box::new(profile::Profiled(Cpu))
+    } else {
+        Box::new(Cpu)
+    }
 }
 
 /// Resizes a buffer to exactly `n` elements; within capacity this is free.

@@ -215,25 +215,41 @@ fn matmul_passes(x: &[f32], t: usize, w: Matrix<'_>, y: &mut [f32], pass: usize)
         });
         return;
     }
+    // Rows widened together, and tokens per tile: 16 rows and a tile of
+    // 64 KiB of activations stay in L2 while each row meets each token of
+    // the tile, where row after row over all of a long prompt's tokens
+    // streamed the whole activation matrix from L3 once per row.
+    const WIDE_ROWS: usize = 16;
+    let tile = ((64 << 10) / (4 * cols)).next_multiple_of(4);
     for_each_task(n_tasks, |c| {
-        with_scratch(|wrow| {
-            wrow.resize(cols, 0.0);
-            for r in c * chunk..((c + 1) * chunk).min(rows) {
-                widen(w.dtype, w.row(r), wrow);
-                let mut tok = 0;
-                while tok + 4 <= t {
-                    let xs = [0, 1, 2, 3].map(|k| &x[(tok + k) * cols..(tok + k + 1) * cols]);
-                    let v = simd::dot4_f32(wrow, xs);
-                    for (k, val) in v.into_iter().enumerate() {
-                        // SAFETY: row r belongs to this task only; index < t * rows.
-                        unsafe { *out.at((tok + k) * rows + r) = val };
-                    }
-                    tok += 4;
+        with_scratch(|wide| {
+            let task = c * chunk..((c + 1) * chunk).min(rows);
+            for r0 in task.clone().step_by(WIDE_ROWS) {
+                let group = r0..(r0 + WIDE_ROWS).min(task.end);
+                wide.resize(group.len() * cols, 0.0);
+                for (wrow, r) in wide.chunks_exact_mut(cols).zip(group.clone()) {
+                    widen(w.dtype, w.row(r), wrow);
                 }
-                for tk in tok..t {
-                    let val = dot_f32(wrow, &x[tk * cols..(tk + 1) * cols]);
-                    // SAFETY: as above.
-                    unsafe { *out.at(tk * rows + r) = val };
+                for t0 in (0..t).step_by(tile) {
+                    let t1 = (t0 + tile).min(t);
+                    for (wrow, r) in wide.chunks_exact(cols).zip(group.clone()) {
+                        let mut tok = t0;
+                        while tok + 4 <= t1 {
+                            let xs = [0, 1, 2, 3].map(|k| &x[(tok + k) * cols..][..cols]);
+                            let v = simd::dot4_f32(wrow, xs);
+                            for (k, val) in v.into_iter().enumerate() {
+                                // SAFETY: row r belongs to this task only;
+                                // index < t * rows.
+                                unsafe { *out.at((tok + k) * rows + r) = val };
+                            }
+                            tok += 4;
+                        }
+                        for tk in tok..t1 {
+                            let val = dot_f32(wrow, &x[tk * cols..][..cols]);
+                            // SAFETY: as above.
+                            unsafe { *out.at(tk * rows + r) = val };
+                        }
+                    }
                 }
             }
         })
@@ -293,7 +309,8 @@ mod tests {
         let wb: Vec<u16> = wf.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
         let bytes: &[u8] = unsafe { std::slice::from_raw_parts(wb.as_ptr().cast(), wb.len() * 2) };
         let w = Matrix::new(DType::BF16, bytes, rows, cols);
-        for t in [1, 2, 3, 4, 5, 9] {
+        // 700 tokens: three tiles of the multi-token loop at this width.
+        for t in [1, 2, 3, 4, 5, 9, 700] {
             let x: Vec<f32> = (0..t * cols)
                 .map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.5)
                 .collect();

@@ -529,31 +529,48 @@ fn matmul_typed<'a, B: Block, K: RowDot<B>>(
                 .map(|a| (i, a, (a + chunk).min(p.rows))),
         );
     }
+    let tile = token_tile(nb * size_of::<B::VecDotType>());
     for_each_task(tasks.len(), |i| {
         let (p, first, end) = tasks[i];
         let Part { w, rows, t, y, .. } = part(p);
         let w = as_blocks::<B>(w).unwrap_or_else(|e| panic!("matmul_quant: {e}"));
         let xq = &xq[first_token[p] * nb..][..t * nb];
-        let mut r = first;
-        while r < end {
-            let step = [8, 4].into_iter().find(|&s| end - r >= s).unwrap_or(1);
-            let group = RowGroup {
-                w,
-                xq,
-                nb,
-                first: r,
-                rows,
-                pass,
-                out: y,
-            };
-            match step {
-                8 => group.run::<8, _>(kernel),
-                4 => group.run::<4, _>(kernel),
-                _ => group.run::<1, _>(kernel),
+        // Token tiles outermost: the task's weight rows and one tile of
+        // activations stay in L2 while every row group runs over the tile,
+        // where all of a long prompt's activations would be streamed from
+        // L3 again for each group of eight rows.
+        for t0 in (0..t).step_by(tile) {
+            let xq = &xq[t0 * nb..(t0 + tile).min(t) * nb];
+            let out = SharedOut(y.at(t0 * rows));
+            let mut r = first;
+            while r < end {
+                let step = [8, 4].into_iter().find(|&s| end - r >= s).unwrap_or(1);
+                let group = RowGroup {
+                    w,
+                    xq,
+                    nb,
+                    first: r,
+                    rows,
+                    pass,
+                    out,
+                };
+                match step {
+                    8 => group.run::<8, _>(kernel),
+                    4 => group.run::<4, _>(kernel),
+                    _ => group.run::<1, _>(kernel),
+                }
+                r += step;
             }
-            r += step;
         }
     });
+}
+
+/// Tokens per tile of a task's loop: quantized activations of about 128 KiB
+/// (56 tokens of a 2048-wide Q8K row, 28 of a 4096-wide one), which leaves
+/// most of a 1-2 MiB L2 to the task's weight rows. A multiple of
+/// [`MAX_PASS`], so tiles split no kernel pass.
+fn token_tile(token_bytes: usize) -> usize {
+    ((128 << 10) / token_bytes.max(1)).next_multiple_of(MAX_PASS)
 }
 
 /// Rows `first..first + R` of a product, to be dotted with every token.
@@ -856,6 +873,46 @@ mod tests {
             }
         }
         println!("worst error relative to the product scale: {worst:.4}");
+    }
+
+    /// Prompts longer than two token tiles: every tile's outputs land on
+    /// their own tokens (a tile offset wrong in the activations or in the
+    /// output would put another token's products there).
+    #[test]
+    fn long_prompts_span_token_tiles() {
+        use candle_core::quantized::k_quants::BlockQ8K;
+        let mut scratch = QuantScratch::default();
+        let q8_0 = size_of::<BlockQ8_0>();
+        let q8k = size_of::<BlockQ8K>();
+        for (qt, cols, token_bytes) in [(QuantType::Q8_0, 32, q8_0), (QuantType::Q4K, 256, q8k)] {
+            let (rows, t) = (11, 2 * token_tile(token_bytes) + 5);
+            let w = quantize(qt, &normal(rows * cols, 3), cols);
+            let x = normal(t * cols, 4);
+            let mut y = vec![f32::NAN; t * rows];
+            matmul_quant(
+                qt,
+                w.bytes(),
+                rows,
+                cols,
+                &x,
+                t,
+                &mut y,
+                &mut scratch,
+                MAX_PASS,
+            );
+            for (i, (&got, (want, scale))) in
+                y.iter().zip(reference(qt, w.bytes(), cols, &x)).enumerate()
+            {
+                let rel = (got as f64 - want).abs() / scale;
+                assert!(
+                    rel < 0.05,
+                    "{} t={t} y[{}, {}]: {got} vs {want}",
+                    qt.name(),
+                    i / rows,
+                    i % rows
+                );
+            }
+        }
     }
 
     /// A batch gives every part exactly what the part alone gives: tasks

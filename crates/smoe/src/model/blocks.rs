@@ -602,6 +602,8 @@ pub struct PredictScratch {
     logits: Vec<f32>,
     route: RouteScratch,
     chosen: Vec<(u32, f32)>,
+    /// Per expert, the best weight any token gave it.
+    best: Vec<f32>,
     pub(crate) experts: Vec<u32>,
 }
 
@@ -624,12 +626,21 @@ impl Moe {
         let hn = sized(&mut s.h, t * self.router.shape[1]);
         be.rms_norm_rows(hidden, norm, eps, hn);
         self.route_tokens(be, hn, t, &mut s.logits, &mut s.route, &mut s.chosen);
-        s.chosen.sort_by(|a, b| b.1.total_cmp(&a.1));
-        s.experts.clear();
-        for &(e, _) in &s.chosen {
-            if !s.experts.contains(&e) {
-                s.experts.push(e);
-            }
+        // Each expert's best weight, then the chosen ones by it: linear in
+        // a prefill chunk's thousands of (token, slot) pairs.
+        s.best.clear();
+        s.best.resize(self.router.shape[0], f32::NEG_INFINITY);
+        for &(e, w) in &s.chosen {
+            let b = &mut s.best[e as usize];
+            *b = b.max(w);
         }
+        s.experts.clear();
+        s.experts
+            .extend((0..s.best.len() as u32).filter(|&e| s.best[e as usize] > f32::NEG_INFINITY));
+        s.experts.sort_by(|&a, &b| {
+            s.best[b as usize]
+                .total_cmp(&s.best[a as usize])
+                .then(a.cmp(&b))
+        });
     }
 }

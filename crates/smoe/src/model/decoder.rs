@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::checkpoint::{TensorSource, Weight};
-use crate::compute::{Backend, Cpu, KvCache, Rope};
+use crate::compute::{self, Backend, KvCache, Rope};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::ExpertCache;
@@ -152,7 +152,7 @@ impl Decoder {
             norm: norm(ckpt, "model.norm.weight", h)?,
             lm_head,
             rope: Rope::new(c.rope_dim(), c.rope_theta, &c.rope_scaling),
-            backend: Box::new(Cpu),
+            backend: compute::backend(),
         })
     }
 }

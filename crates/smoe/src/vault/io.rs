@@ -159,14 +159,20 @@ pub struct DiskRows {
     pub dtype: DType,
     pub cols: usize,
     pub row_bytes: usize,
-    pub buf: std::sync::Mutex<AlignedBuf>,
+    /// Bytes of one direct read of a row: a row may straddle a block
+    /// boundary, so two blocks of slack.
+    span: usize,
+}
+
+thread_local! {
+    /// Each thread's buffer for [`DiskRows::read`], so that a prompt's rows
+    /// are read in parallel rather than one after another under a lock.
+    static ROW_BUF: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
 }
 
 impl DiskRows {
     pub fn new(file: DirectFile, offset: u64, rows: usize, dtype: DType, cols: usize) -> Self {
         let row_bytes = dtype.row_bytes(cols);
-        // A row may straddle a block boundary: two blocks of slack.
-        let span = align_up(row_bytes as u64) as usize + 2 * ALIGN as usize;
         Self {
             file,
             rows,
@@ -174,7 +180,7 @@ impl DiskRows {
             dtype,
             cols,
             row_bytes,
-            buf: std::sync::Mutex::new(AlignedBuf::new(span)),
+            span: align_up(row_bytes as u64) as usize + 2 * ALIGN as usize,
         }
     }
 
@@ -184,18 +190,23 @@ impl DiskRows {
         let start = self.offset + id as u64 * self.row_bytes as u64;
         let first = start / align * align;
         let end = align_up(start + self.row_bytes as u64);
-        let buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the buffer is only used under its lock.
-        let span = unsafe { buf.slice_mut(0, (end - first) as usize) };
-        self.file.read_exact_at(span, first).map_err(|e| {
-            Error::format(&self.file.path, format!("reading embedding row {id}: {e}"))
-        })?;
-        let skip = (start - first) as usize;
-        crate::kernels::widen(
-            self.dtype,
-            &span[skip..skip + self.row_bytes],
-            &mut out[..self.cols],
-        );
-        Ok(())
+        ROW_BUF.with_borrow_mut(|buf| {
+            let buf = match buf {
+                Some(b) if b.len() >= self.span => b,
+                _ => buf.insert(AlignedBuf::new(self.span)),
+            };
+            // SAFETY: the buffer is this thread's, borrowed for this call only.
+            let span = unsafe { buf.slice_mut(0, (end - first) as usize) };
+            self.file.read_exact_at(span, first).map_err(|e| {
+                Error::format(&self.file.path, format!("reading embedding row {id}: {e}"))
+            })?;
+            let skip = (start - first) as usize;
+            crate::kernels::widen(
+                self.dtype,
+                &span[skip..skip + self.row_bytes],
+                &mut out[..self.cols],
+            );
+            Ok(())
+        })
     }
 }
