@@ -98,7 +98,7 @@ struct ModelArgs {
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     prefill_chunk: u64,
     /// Sequences whose KV cache the memory plan holds (`serve --parallel`).
-    #[arg(skip = 1)]
+    #[arg(skip = 1usize)]
     parallel: usize,
 }
 

@@ -223,7 +223,9 @@ impl<'e, K> Batch<'e, K> {
             let seq = slot.seq.as_ref().expect("planned slots hold a sequence");
             let ids = match rows {
                 Some(r) => &seq.prompt[r.clone()],
-                None => std::slice::from_ref(seq.next.as_ref().expect("a decoding sequence has a token")),
+                None => std::slice::from_ref(
+                    seq.next.as_ref().expect("a decoding sequence has a token"),
+                ),
             };
             slot.session.record(ids);
             steps.push(Step {
@@ -254,7 +256,9 @@ impl<'e, K> Batch<'e, K> {
             }
             let held = slot.session.len();
             let key = &mut seq.key;
-            match seq.dec.pick(engine, slot.session.logits(), held, |tok| on_token(key, tok)) {
+            match seq.dec.pick(engine, slot.session.logits(), held, |tok| {
+                on_token(key, tok)
+            }) {
                 Ok(tok) => seq.next = Some(tok),
                 Err(reason) => finished.extend(slot.seq.take().map(|q| q.finish(reason))),
             }

@@ -28,7 +28,9 @@ fn requests(vocab: u32) -> Vec<Request> {
     (0..12u32)
         .map(|i| {
             let len = 1 + (i * 7) % 23;
-            let prompt = (0..len).map(|j| (i * 37 + j * j * 11 + 3) % vocab).collect();
+            let prompt = (0..len)
+                .map(|j| (i * 37 + j * j * 11 + 3) % vocab)
+                .collect();
             let params = match i % 3 {
                 2 => SamplingParams {
                     temperature: 0.8,
@@ -104,7 +106,10 @@ fn assert_same(engine: &Engine, parallel: usize, what: &str) {
     let want = alone(engine, &reqs);
     let got = batched(engine, parallel, &reqs, None);
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g.tokens, w.tokens, "{what}, parallel {parallel}: request {i}");
+        assert_eq!(
+            g.tokens, w.tokens,
+            "{what}, parallel {parallel}: request {i}"
+        );
         assert_eq!(g.stop_reason, w.stop_reason, "{what}: request {i}");
     }
 }
@@ -130,7 +135,7 @@ fn prompts_longer_than_a_chunk_prefill_beside_decoding_sequences() {
 }
 
 #[test]
-fn streamed_experts_are_shared_by_the_batch() {
+fn streamed_experts_read_in_groups_for_the_batch() {
     let dir = tempfile::tempdir().unwrap();
     let vault = dir.path().join("vault");
     let opts = ConvertOptions {
@@ -149,7 +154,7 @@ fn streamed_experts_are_shared_by_the_batch() {
     let engine = Engine::load_with(&vault, &load).unwrap();
     assert_same(&engine, 4, "q8_0 vault");
     let stats = engine.cache().unwrap().stats().snapshot();
-    assert!(stats.misses > 0 && stats.hits > 0, "{stats:?}");
+    assert!(stats.misses > 0 && stats.demand_bytes > 0, "{stats:?}");
 }
 
 #[test]
@@ -161,8 +166,8 @@ fn a_cancelled_sequence_leaves_the_others_alone() {
     let got = batched(&engine, 4, &reqs, Some((0, 3)));
     assert_eq!(got[0].stop_reason, StopReason::Cancelled);
     assert_eq!(got[0].tokens, want[0].tokens[..3]);
-    for i in 1..reqs.len() {
-        assert_eq!(got[i].tokens, want[i].tokens, "request {i}");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate().skip(1) {
+        assert_eq!(g.tokens, w.tokens, "request {i}");
     }
     // And a sequence removed between steps, as a client that hung up is.
     let mut batch = Batch::new(&engine, 2);

@@ -307,12 +307,15 @@ mod tests {
             // u32 storage, aligned for every type's view.
             let aligned = |b: &[u8]| -> Vec<u32> {
                 b.chunks(4)
-                    .map(|c| u32::from_le_bytes(std::array::from_fn(|i| c.get(i).copied().unwrap_or(0))))
+                    .map(|c| {
+                        u32::from_le_bytes(std::array::from_fn(|i| c.get(i).copied().unwrap_or(0)))
+                    })
                     .collect()
             };
             for (dtype, bytes) in [(DType::F32, f32s), (DType::BF16, bf16s), (DType::F16, f16s)] {
                 let words = aligned(&bytes);
-                let data = unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), bytes.len()) };
+                let data =
+                    unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), bytes.len()) };
                 let w = Matrix::new(dtype, data, rows, cols);
                 let x: Vec<f32> = (0..9 * cols)
                     .map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.5)
@@ -325,7 +328,11 @@ mod tests {
                     let mut y = vec![0.0; t * rows];
                     matmul(&x[..t * cols], t, w, &mut y);
                     for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
-                        assert_eq!(a.to_bits(), b.to_bits(), "{dtype:?} cols={cols} t={t} y[{i}]");
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{dtype:?} cols={cols} t={t} y[{i}]"
+                        );
                     }
                 }
             }

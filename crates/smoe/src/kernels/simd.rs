@@ -464,7 +464,11 @@ mod tests {
         // would round differently from the same row decoded alone.
         let four = dot4_f32(&widened, [&x, &x, &x, &x]);
         for v in four {
-            assert_eq!(v.to_bits(), got.to_bits(), "dot4 {dtype:?} n={n}: {v} vs {got}");
+            assert_eq!(
+                v.to_bits(),
+                got.to_bits(),
+                "dot4 {dtype:?} n={n}: {v} vs {got}"
+            );
         }
     }
 

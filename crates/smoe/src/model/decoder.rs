@@ -184,9 +184,16 @@ impl CausalLm for Decoder {
         let t = ids.len();
         check_input(&self.cfg, ids, session.kv.len())?;
         let Session {
-            kv, scratch, logits: out, ..
+            kv,
+            scratch,
+            logits: out,
+            ..
         } = session;
-        let mut seqs = [SeqRows { kv, start: 0, len: t }];
+        let mut seqs = [SeqRows {
+            kv,
+            start: 0,
+            len: t,
+        }];
         self.rows(ids, &mut seqs, scratch)?;
         let rows = match logits {
             Logits::Last => t - 1..t,
@@ -252,7 +259,12 @@ impl Decoder {
         s.sin.clear();
         for seq in seqs.iter() {
             let pos0 = seq.kv.len();
-            be.rope_tables(&self.rope, pos0..pos0 + seq.len, &mut s.seq_cos, &mut s.seq_sin);
+            be.rope_tables(
+                &self.rope,
+                pos0..pos0 + seq.len,
+                &mut s.seq_cos,
+                &mut s.seq_sin,
+            );
             s.cos.extend_from_slice(&s.seq_cos);
             s.sin.extend_from_slice(&s.seq_sin);
         }
