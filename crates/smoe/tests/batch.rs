@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use smoe::batch::{Batch, Request};
 use smoe::engine::{Engine, Generation, StopReason};
+use smoe::memory::Footprint;
 use smoe::model::{Budget, LoadOptions};
 use smoe::quant::{DType, QuantType};
 use smoe::sampler::SamplingParams;
@@ -270,4 +271,40 @@ fn a_request_that_cannot_run_is_handed_back() {
     let (key, err) = batch.join("late", &ok).unwrap_err();
     assert_eq!(key, "late");
     assert!(err.to_string().contains("slot"), "{err}");
+}
+
+#[test]
+fn the_memory_plan_holds_a_kv_cache_per_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("vault");
+    let opts = ConvertOptions {
+        experts: DType::Quant(QuantType::Q8_0),
+        backbone: DType::BF16,
+        allow_lossy: false,
+        stop_after_layers: None,
+    };
+    convert(&fixture("qwen3-moe-a"), &vault, &opts, &mut |_| ()).unwrap();
+    let opts = |parallel| LoadOptions {
+        ctx: 512,
+        parallel,
+        ..LoadOptions::default()
+    };
+    let (one, four) = (
+        Footprint::of(&vault, &opts(1)).unwrap(),
+        Footprint::of(&vault, &opts(4)).unwrap(),
+    );
+    assert_eq!((one.sequences, four.sequences), (1, 4));
+    assert!(one.kv_bytes > 0);
+    assert_eq!(four.kv_bytes, 4 * one.kv_bytes);
+    // Memory for the backbone, four caches, the headroom and a few slots:
+    // one sequence leaves room to cache every expert, four do not.
+    let avail =
+        smoe::memory::headroom(0) + one.resident_bytes + four.kv_bytes + 12 * one.slot_bytes;
+    let (one, four) = (
+        one.plan(Budget::Auto, Some(avail)).unwrap(),
+        four.plan(Budget::Auto, Some(avail)).unwrap(),
+    );
+    assert_eq!(four.kv_bytes, 4 * one.kv_bytes);
+    assert!(one.cache_slots > 12, "{one:?}");
+    assert_eq!(four.cache_slots, 12, "{four:?}");
 }
