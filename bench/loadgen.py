@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", default="bench")
+    ap.add_argument("--prompt", help="one prompt for every reply (default: a varied set)")
     ap.add_argument("--label", default="{}", help="JSON fields added to the output")
     a = ap.parse_args()
 
@@ -83,7 +84,7 @@ def main():
     def stream(i):
         start.wait()
         for r in range(a.rounds):
-            prompt = f"({i}.{r}) " + PROMPTS[(i + r) % len(PROMPTS)]
+            prompt = f"({i}.{r}) " + (a.prompt or PROMPTS[(i + r) % len(PROMPTS)])
             try:
                 res = one_request(a.url, prompt, a.tokens, a.model)
             except Exception as e:  # a failed request is reported, not fatal
