@@ -20,9 +20,9 @@
 #   ENGINES        "smoe llama"; MODES "resident capped"; STREAMS "1 2 4 8"
 #   TOKENS [64] per reply, ROUNDS [2] replies per stream, THREADS [physical
 #   cores], CTX [256] context per sequence (the memory plan holds a KV
-#   cache of CTX for each of N sequences; the replies need far less), CAP_PCT [25], PROMPT [a varied
-#   set; the built-in model's replies are short: "Count from 1 to 100."
-#   gets its longest]
+#   cache of CTX for each of N sequences; the replies need far less),
+#   CAP_PCT [25], PROMPT [a varied set; the built-in model's replies are
+#   short: "Count from 1 to 100." gets its longest]
 # The capped rows need root and a cgroup-v1 memory controller (or cgroup v2
 # with the memory controller enabled); without one they are skipped.
 set -euo pipefail
