@@ -97,6 +97,9 @@ struct ModelArgs {
     /// Prompt tokens per batched forward pass.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     prefill_chunk: u64,
+    /// Sequences whose KV cache the memory plan holds (`serve --parallel`).
+    #[arg(skip = 1usize)]
+    parallel: usize,
 }
 
 impl ModelArgs {
@@ -372,6 +375,7 @@ fn load_options(m: &ModelArgs) -> LoadOptions {
         prefetch: m.prefetch == "on",
         policy: Policy::parse(&m.cache_policy).unwrap_or(LoadOptions::default().policy),
         prefill_chunk: m.prefill_chunk as usize,
+        parallel: m.parallel,
         ..Default::default()
     }
 }
@@ -439,7 +443,7 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
 
 fn describe_plan(p: &MemoryPlan) -> String {
     format!(
-        "memory plan: backbone {} | expert cache {} ({} slots of {}, {:.0}% of {} experts) | KV {} for {} tokens | free {} | direct I/O {}",
+        "memory plan: backbone {} | expert cache {} ({} slots of {}, {:.0}% of {} experts) | KV {} for {} | free {} | direct I/O {}",
         human_bytes(p.backbone_bytes),
         human_bytes(p.cache_bytes),
         p.cache_slots,
@@ -447,7 +451,10 @@ fn describe_plan(p: &MemoryPlan) -> String {
         100.0 * p.cache_bytes as f64 / p.expert_bytes.max(1) as f64,
         human_bytes(p.expert_bytes),
         human_bytes(p.kv_bytes),
-        p.ctx,
+        match p.sequences {
+            1 => format!("{} tokens", p.ctx),
+            n => format!("{n} sequences of {} tokens", p.ctx),
+        },
         p.available_bytes
             .map(|a| human_bytes(a.saturating_sub(p.backbone_bytes + p.cache_bytes + p.kv_bytes)))
             .unwrap_or_else(|| "unknown".into()),

@@ -23,9 +23,14 @@ pub struct ServeArgs {
     /// every /v1 route.
     #[arg(long, value_name = "KEY")]
     api_key: Option<String>,
-    /// Requests that may wait while one runs; more get 429 and Retry-After.
+    /// Requests that may wait while others run; more get 429 and Retry-After.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     queue: u64,
+    /// Requests decoding at once, as one batch: each step reads an expert
+    /// once for every request routed to it. Each has a KV cache of up to
+    /// --ctx tokens, which the memory plan counts. 1 runs them one by one.
+    #[arg(long, default_value_t = 4, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+    parallel: u64,
     /// Model id to report in /v1/models and replies (default: the
     /// directory's name).
     #[arg(long, value_name = "NAME")]
@@ -49,6 +54,7 @@ pub fn serve_cmd(mut a: ServeArgs) -> Result<()> {
     }
     // Without --model: the built-in model's vault (converted on first use).
     a.model.resolve()?;
+    a.model.parallel = a.parallel as usize;
     let dir = a.model.model.clone();
     let model_name = a.served_model_name.unwrap_or_else(|| match a.model.given {
         None => "smoe-builtin".into(),
@@ -64,6 +70,7 @@ pub fn serve_cmd(mut a: ServeArgs) -> Result<()> {
         api_key: a.api_key,
         ctx: a.model.ctx,
         queue: a.queue as usize,
+        parallel: a.parallel as usize,
         token_delay: Duration::from_millis(a.token_delay_ms),
         read_timeout: Duration::try_from_secs_f64(a.read_timeout)
             .ok()

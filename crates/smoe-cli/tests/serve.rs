@@ -1,8 +1,9 @@
 //! `smoe serve` over loopback HTTP: replies equal to `smoe run` on the same
 //! prompt (greedy), streamed or whole; prefix reuse; stop strings; bad
 //! requests answered with 4xx error objects; the API key; a full queue; and
-//! a bounded load of concurrent, disconnecting and malformed requests after
-//! which every good reply is right and no generation is left running.
+//! a bounded load of concurrent, disconnecting and malformed requests,
+//! decoded four at a time as one batch, after which every good reply is
+//! what `smoe run` gives alone and no generation is left running.
 
 mod common;
 
@@ -348,7 +349,7 @@ fn the_api_key_guards_every_api_route() {
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     // One request may wait while one runs; replies crawl at 50 ms a token.
-    let server = Server::start(&["--queue", "1", "--token-delay-ms", "50"]);
+    let server = Server::start(&["--queue", "1", "--parallel", "1", "--token-delay-ms", "50"]);
     std::thread::scope(|s| {
         let running = s.spawn(|| {
             post_and_hang_up(
@@ -433,9 +434,11 @@ fn load_with_disconnects_and_garbage() {
             "pick another long prompt than {prompt:?}"
         );
     }
-    // A few milliseconds a token keeps the hung-up replies streaming
-    // long enough to be cut off, on any machine.
-    let server = Server::start(&["--token-delay-ms", "2"]);
+    // A few milliseconds a step keeps the hung-up replies streaming long
+    // enough to be cut off, on any machine. Four at a time decode as one
+    // batch, joining and leaving (some cut off) between steps; each good
+    // reply must still be what it is alone.
+    let server = Server::start(&["--token-delay-ms", "2", "--parallel", "4"]);
     let bad = bad_requests();
     let start = Barrier::new(GOOD + HANG_UPS + bad.len());
     std::thread::scope(|s| {

@@ -61,8 +61,10 @@ pub struct Config {
     pub api_key: Option<String>,
     /// Context limit for a request: prompt plus reply.
     pub ctx: usize,
-    /// Requests that may wait while one runs.
+    /// Requests that may wait while others run.
     pub queue: usize,
+    /// Requests decoding at once, batched ([`smoe::batch`]).
+    pub parallel: usize,
     /// Sleep after each token, so tests can have a reply still streaming
     /// when a client disconnects, on any machine.
     pub token_delay: Duration,
@@ -117,6 +119,7 @@ pub fn serve(
         let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
         let queue = worker::start(
             config.queue,
+            config.parallel,
             config.token_delay,
             Arc::clone(&engine),
             load,

@@ -1,14 +1,19 @@
-//! One engine, many clients: requests wait in a bounded queue and a single
-//! thread runs them in order on the engine, keeping one session so that a
-//! request extending the previous conversation prefills only its new tokens.
-//! Each job streams its text back over its own channel; a client that went
-//! away closes that channel, and generation stops at the next token.
+//! One engine, many clients: requests wait in a bounded queue, and a single
+//! engine thread runs up to `parallel` of them at once as one batch
+//! ([`smoe::batch::Batch`]): each decode step takes a token from every
+//! running request (and the next prompt chunk of one that just joined), and
+//! requests join and leave between steps. Each running request has a slot
+//! of its own, a session whose cache the next request extending that
+//! conversation reuses, so it prefills only its new tokens. Each job streams
+//! its text back over its own channel; a client that went away closes that
+//! channel, and its generation stops before the next step.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use smoe::batch::{Batch, Finished, Request};
 use smoe::engine::{Engine, StopReason, TextStream, Timings};
 use smoe::sampler::SamplingParams;
 use tokio::sync::mpsc;
@@ -115,11 +120,13 @@ impl Queue {
     }
 }
 
-/// Starts the engine thread. `load` runs on it first; until it returns,
-/// `engine` stays empty (the server answers "loading"), and its error, if
-/// any, comes back through `loaded`.
+/// Starts the engine thread, which runs up to `parallel` requests at once.
+/// `load` runs on it first; until it returns, `engine` stays empty (the
+/// server answers "loading"), and its error, if any, comes back through
+/// `loaded`.
 pub fn start(
     capacity: usize,
+    parallel: usize,
     token_delay: Duration,
     engine: Arc<OnceLock<Arc<Engine>>>,
     load: Box<dyn FnOnce() -> Result<Engine, String> + Send>,
@@ -140,32 +147,49 @@ pub fn start(
             };
             let _ = engine.set(Arc::clone(&e));
             let _ = loaded.send(Ok(()));
-            let mut session = e.new_session();
-            while let Some(job) = rx.blocking_recv() {
-                c.waiting.fetch_sub(1, Ordering::SeqCst);
-                if job.events.is_closed() {
-                    // Gone while waiting: nothing to run.
-                    c.cancelled.fetch_add(1, Ordering::SeqCst);
+            let mut batch = Batch::new(&e, parallel);
+            while admit(&e, &mut batch, &mut rx, &c) {
+                let gone = batch.cancel(|r| r.job.events.is_closed()).len();
+                c.cancelled.fetch_add(gone as u64, Ordering::SeqCst);
+                c.in_flight.fetch_sub(gone, Ordering::SeqCst);
+                if batch.is_empty() {
                     continue;
                 }
-                c.in_flight.fetch_add(1, Ordering::SeqCst);
-                let events = job.events.clone();
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run(&e, &mut session, job, &c, token_delay)
+                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    batch.step(|r, tok| r.on_token(tok, &c))
                 }));
-                if let Err(panic) = ran {
-                    // The session may be half-updated; the next request
-                    // starts from an empty one rather than wrong state.
-                    session = e.new_session();
-                    c.panicked.fetch_add(1, Ordering::SeqCst);
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    fail(&c, &events, format!("internal error in the engine: {what}"));
+                match stepped {
+                    Ok(Ok(finished)) => {
+                        for f in finished {
+                            finish(f, &c);
+                            c.in_flight.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    Ok(Err(err)) => {
+                        for r in batch.clear() {
+                            fail(&c, &r.job.events, err.to_string());
+                            c.in_flight.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(panic) => {
+                        // The sessions may be half-updated; the batch starts
+                        // again from empty ones rather than wrong state.
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        for r in batch.clear() {
+                            c.panicked.fetch_add(1, Ordering::SeqCst);
+                            let msg = format!("internal error in the engine: {what}");
+                            fail(&c, &r.job.events, msg);
+                            c.in_flight.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
                 }
-                c.in_flight.fetch_sub(1, Ordering::SeqCst);
+                if !token_delay.is_zero() {
+                    std::thread::sleep(token_delay);
+                }
             }
         })?;
     let stopped = Arc::clone(&counters);
@@ -183,64 +207,112 @@ pub fn start(
     })
 }
 
-fn run(
-    engine: &Engine,
-    session: &mut smoe::model::Session,
+/// A job in the batch, with its reply's text state.
+struct Running<'e> {
     job: Job,
+    prompt_tokens: usize,
+    text: TextStream<'e>,
+    stops: StopStrings,
+    stopped_by: Option<String>,
+    failure: Option<String>,
+}
+
+/// Moves waiting jobs into free slots: when nothing runs, waits for one.
+/// False once the queue is closed and nothing runs: the thread may end.
+fn admit<'e>(
+    engine: &'e Engine,
+    batch: &mut Batch<'e, Running<'e>>,
+    rx: &mut mpsc::Receiver<Job>,
     c: &Counters,
-    token_delay: Duration,
-) {
-    let cached = session.reuse_prefix(&job.prompt);
-    let mut text = TextStream::new(engine);
-    let mut stops = StopStrings::new(job.stop);
-    let mut stopped_by: Option<String> = None;
-    let mut failure: Option<String> = None;
-    let events = &job.events;
-    let result = engine.generate(
-        session,
-        &job.prompt[cached..],
-        &job.params,
-        job.max_tokens,
-        |tok| {
-            c.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            match text.push(tok) {
-                Ok(Some(piece)) => {
-                    let (ready, hit) = stops.push(&piece);
-                    if !ready.is_empty() {
-                        let _ = events.send(Event::Text(ready));
-                    }
-                    if hit.is_some() {
-                        stopped_by = hit;
-                        return ControlFlow::Break(());
-                    }
+) -> bool {
+    while !batch.is_full() {
+        let mut job = if batch.is_empty() {
+            match rx.blocking_recv() {
+                Some(job) => job,
+                None => return false,
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            }
+        };
+        c.waiting.fetch_sub(1, Ordering::SeqCst);
+        if job.events.is_closed() {
+            // Gone while waiting: nothing to run.
+            c.cancelled.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        let req = Request {
+            prompt: std::mem::take(&mut job.prompt),
+            params: job.params.clone(),
+            max_tokens: job.max_tokens,
+        };
+        let running = Running {
+            prompt_tokens: req.prompt.len(),
+            text: TextStream::new(engine),
+            stops: StopStrings::new(job.stop.clone()),
+            stopped_by: None,
+            failure: None,
+            job,
+        };
+        match batch.join(running, &req) {
+            Ok(_) => {
+                c.in_flight.fetch_add(1, Ordering::SeqCst);
+            }
+            Err((r, e)) => fail(c, &r.job.events, e.to_string()),
+        }
+    }
+    true
+}
+
+impl Running<'_> {
+    /// Streams a token's text unless a stop string ends it; breaks on a
+    /// stop string, an undecodable token or a client that went away.
+    fn on_token(&mut self, tok: u32, c: &Counters) -> ControlFlow<()> {
+        c.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        match self.text.push(tok) {
+            Ok(Some(piece)) => {
+                let (ready, hit) = self.stops.push(&piece);
+                if !ready.is_empty() {
+                    let _ = self.job.events.send(Event::Text(ready));
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    failure = Some(e.to_string());
+                if hit.is_some() {
+                    self.stopped_by = hit;
                     return ControlFlow::Break(());
                 }
             }
-            if !token_delay.is_zero() {
-                std::thread::sleep(token_delay);
+            Ok(None) => {}
+            Err(e) => {
+                self.failure = Some(e.to_string());
+                return ControlFlow::Break(());
             }
-            if events.is_closed() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        },
-    );
-    let gen = match (result, failure) {
-        (Ok(gen), None) => gen,
-        (Err(e), _) => return fail(c, events, e.to_string()),
-        (_, Some(msg)) => return fail(c, events, msg),
-    };
+        }
+        if self.job.events.is_closed() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+/// Ends a job that left the batch: the rest of its text and its outcome.
+fn finish(f: Finished<Running<'_>>, c: &Counters) {
+    let Finished {
+        key: mut r,
+        generation: gen,
+        cached,
+    } = f;
+    let events = &r.job.events;
+    if let Some(msg) = r.failure.take() {
+        return fail(c, events, msg);
+    }
     c.prompt_tokens
-        .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+        .fetch_add(r.prompt_tokens as u64, Ordering::Relaxed);
     c.cached_tokens.fetch_add(cached as u64, Ordering::Relaxed);
     c.last_decode_tok_s
         .store(gen.timings.decode_tok_s().to_bits(), Ordering::Relaxed);
-    let mut finish = match (stopped_by, gen.stop_reason) {
+    let mut finish = match (r.stopped_by.take(), gen.stop_reason) {
         (Some(s), _) => Finish::Stop(s),
         (None, StopReason::Cancelled) => {
             c.cancelled.fetch_add(1, Ordering::SeqCst);
@@ -250,14 +322,14 @@ fn run(
         (None, StopReason::Length) => Finish::Length,
     };
     if !matches!(finish, Finish::Stop(_)) {
-        let tail = match text.finish() {
+        let tail = match r.text.finish() {
             Ok(t) => t.unwrap_or_default(),
             Err(e) => return fail(c, events, e.to_string()),
         };
-        let (mut ready, hit) = stops.push(&tail);
+        let (mut ready, hit) = r.stops.push(&tail);
         match hit {
             Some(s) => finish = Finish::Stop(s),
-            None => ready += &stops.finish(),
+            None => ready += &r.stops.finish(),
         }
         if !ready.is_empty() {
             let _ = events.send(Event::Text(ready));
@@ -265,7 +337,7 @@ fn run(
     }
     let outcome = Outcome {
         finish,
-        prompt_tokens: job.prompt.len(),
+        prompt_tokens: r.prompt_tokens,
         cached_tokens: cached,
         completion_tokens: gen.tokens.len(),
         timings: gen.timings,

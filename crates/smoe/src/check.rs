@@ -599,6 +599,7 @@ mod tests {
             smaller_backbone: vault.then_some((crate::quant::QuantType::Q4K, 5 << 30)),
             kv_bytes: 1 << 30,
             ctx: 4096,
+            sequences: 1,
             quant: "bf16".into(),
             direct_io: vault.then_some(true),
         }

@@ -1,7 +1,7 @@
 //! The generation loop: a model, its tokenizer and chat template, and the
 //! stop rules, behind one type that the CLI and the server drive.
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -340,67 +340,36 @@ impl Engine {
         max_tokens: usize,
         mut on_token: impl FnMut(u32) -> F,
     ) -> Result<Generation> {
-        params.validate()?;
-        let max_ctx = self.model.config().max_position_embeddings;
-        let mut sampler = Sampler::new(params.clone());
-        // The repetition penalty sees the conversation so far, not just
-        // the part this call prefills.
-        // Everything that grows per token is sized for the whole call up
-        // front, so the decode loop does not allocate.
-        let held = session.len();
-        let room = max_tokens.min(max_ctx.saturating_sub(held + prompt.len()));
-        session.reserve(prompt.len() + room);
-        let mut history: Vec<u32> = Vec::with_capacity(held + prompt.len() + room);
-        history.extend_from_slice(session.tokens().unwrap_or_default());
-        history.extend_from_slice(prompt);
-        let mut tokens = Vec::with_capacity(room);
-        let mut timings = Timings {
-            prefill_tokens: prompt.len(),
-            ..Default::default()
-        };
-
+        let mut dec = Decoding::new(self, session, prompt, params, max_tokens)?;
         session.record(prompt);
         let start = Instant::now();
         // Layer-major over a chunk at a time: each chunk reads an expert once
         // per layer however many of its tokens route there.
-        let (head, last) = match prompt.len() {
-            0 => (&[][..], &[][..]),
-            n => prompt.split_at(n - (n - 1) % self.prefill_chunk - 1),
-        };
-        for chunk in head.chunks(self.prefill_chunk) {
-            self.model.forward(chunk, session, Logits::Last)?;
+        let mut chunks = prefill_chunks(prompt.len(), self.prefill_chunk).peekable();
+        loop {
+            // An empty prompt is one empty chunk, which `forward` refuses.
+            let chunk = chunks.next().unwrap_or(0..0);
+            self.model.forward(&prompt[chunk], session, Logits::Last)?;
+            if chunks.peek().is_none() {
+                break;
+            }
         }
-        let mut logits = self.model.forward(last, session, Logits::Last)?;
-        timings.prefill_s = start.elapsed().as_secs_f64();
+        dec.timings.prefill_s = start.elapsed().as_secs_f64();
 
         let decode_start = Instant::now();
         let stop_reason = loop {
-            if tokens.len() >= max_tokens {
-                break StopReason::Length;
+            let held = session.len();
+            match dec.pick(self, session.logits(), held, |tok| on_token(tok).flow()) {
+                Err(reason) => break reason,
+                Ok(tok) => {
+                    session.record(&[tok]);
+                    self.model.forward(&[tok], session, Logits::Last)?;
+                    dec.timings.decode_tokens += 1;
+                }
             }
-            let tok = sampler.sample(logits, &history);
-            tokens.push(tok);
-            history.push(tok);
-            let flow = on_token(tok).flow();
-            if self.eos_ids.contains(&tok) {
-                break StopReason::Eos;
-            }
-            if flow.is_break() {
-                break StopReason::Cancelled;
-            }
-            if tokens.len() >= max_tokens || session.len() >= max_ctx {
-                break StopReason::Length;
-            }
-            session.record(&[tok]);
-            logits = self.model.forward(&[tok], session, Logits::Last)?;
-            timings.decode_tokens += 1;
         };
-        timings.decode_s = decode_start.elapsed().as_secs_f64();
-        Ok(Generation {
-            tokens,
-            stop_reason,
-            timings,
-        })
+        dec.timings.decode_s = decode_start.elapsed().as_secs_f64();
+        Ok(dec.finish(stop_reason))
     }
 
     /// The whole text of generated ids, as [`TextStream`] streams it.
@@ -415,6 +384,103 @@ impl Engine {
                 t.decode(&ids, true)
             }
             None => Ok(String::new()),
+        }
+    }
+}
+
+/// The prompt tokens `0..n` as the forward passes that prefill them, in
+/// order: whole chunks of `chunk`, the remainder first-sized so that the
+/// last pass (whose logits start generation) is the shorter one. `n = 0`
+/// gives none. Batched and single-sequence generation split a prompt the
+/// same way, so each sequence's passes, and with them its results, agree.
+pub(crate) fn prefill_chunks(n: usize, chunk: usize) -> impl Iterator<Item = Range<usize>> {
+    let chunk = chunk.max(1);
+    let head = n.saturating_sub((n.max(1) - 1) % chunk + 1);
+    (0..head)
+        .step_by(chunk)
+        .map(move |a| a..a + chunk)
+        .chain((n > 0).then_some(head..n))
+}
+
+/// One sequence's generation after its prompt: the sampler, the ids the
+/// repetition penalty sees, the tokens so far and the stop rules. Shared by
+/// [`Engine::generate`] and [`crate::batch::Batch`], so that a sequence
+/// stops at the same token either way.
+pub(crate) struct Decoding {
+    sampler: Sampler,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    max_tokens: usize,
+    pub(crate) timings: Timings,
+}
+
+impl Decoding {
+    /// Checks `params` and sizes everything that grows per token for the
+    /// whole generation up front, so that the decode loop does not allocate.
+    pub(crate) fn new(
+        engine: &Engine,
+        session: &mut Session,
+        prompt: &[u32],
+        params: &SamplingParams,
+        max_tokens: usize,
+    ) -> Result<Self> {
+        params.validate()?;
+        let max_ctx = engine.model.config().max_position_embeddings;
+        let held = session.len();
+        let room = max_tokens.min(max_ctx.saturating_sub(held + prompt.len()));
+        session.reserve(prompt.len() + room);
+        // The repetition penalty sees the conversation so far, not just
+        // the part this call prefills.
+        let mut history = Vec::with_capacity(held + prompt.len() + room);
+        history.extend_from_slice(session.tokens().unwrap_or_default());
+        history.extend_from_slice(prompt);
+        Ok(Self {
+            sampler: Sampler::new(params.clone()),
+            history,
+            tokens: Vec::with_capacity(room),
+            max_tokens,
+            timings: Timings {
+                prefill_tokens: prompt.len(),
+                ..Default::default()
+            },
+        })
+    }
+
+    /// The next token from `logits`, to be fed back, or why generation
+    /// ends here. `held` is the session's length; `on_token` sees the token
+    /// before the stop rules do.
+    pub(crate) fn pick(
+        &mut self,
+        engine: &Engine,
+        logits: &mut [f32],
+        held: usize,
+        on_token: impl FnOnce(u32) -> ControlFlow<()>,
+    ) -> std::result::Result<u32, StopReason> {
+        if self.tokens.len() >= self.max_tokens {
+            return Err(StopReason::Length);
+        }
+        let tok = self.sampler.sample(logits, &self.history);
+        self.tokens.push(tok);
+        self.history.push(tok);
+        let flow = on_token(tok);
+        if engine.eos_ids.contains(&tok) {
+            return Err(StopReason::Eos);
+        }
+        if flow.is_break() {
+            return Err(StopReason::Cancelled);
+        }
+        let max_ctx = engine.model.config().max_position_embeddings;
+        if self.tokens.len() >= self.max_tokens || held >= max_ctx {
+            return Err(StopReason::Length);
+        }
+        Ok(tok)
+    }
+
+    pub(crate) fn finish(self, stop_reason: StopReason) -> Generation {
+        Generation {
+            tokens: self.tokens,
+            stop_reason,
+            timings: self.timings,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! [`check`] tells before a long download is wasted whether a tokenizer,
 //! template and machine suit the weights.
 
+pub mod batch;
 pub mod bench;
 pub mod check;
 pub mod checkpoint;

@@ -21,8 +21,11 @@ pub struct LoadOptions {
     pub verify_experts: bool,
     /// Reader threads: the queue depth the SSD sees.
     pub read_threads: usize,
-    /// Context the KV cache is planned for.
+    /// Context the KV cache is planned for, per sequence.
     pub ctx: usize,
+    /// Sequences decoding at once (`smoe serve --parallel`), each with a
+    /// KV cache of its own.
+    pub parallel: usize,
     /// Read the next layer's predicted experts while this one computes.
     pub prefetch: bool,
     pub policy: Policy,
@@ -38,6 +41,7 @@ impl Default for LoadOptions {
             verify_experts: false,
             read_threads: 16,
             ctx: 4096,
+            parallel: 1,
             // Measured on the 8-layer synthetic Qwen3-30B-A3B (README,
             // bench/readahead.sh): LFU beat LRU at 25% and 10% budgets, and
             // read-ahead at 67% recall cost as much bandwidth as it saved.

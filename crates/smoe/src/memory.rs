@@ -32,9 +32,10 @@ pub struct MemoryPlan {
     pub cache_bytes: u64,
     pub cache_slots: usize,
     pub slot_bytes: u64,
-    /// f32 keys and values for `ctx` positions.
+    /// f32 keys and values for `ctx` positions of each of `sequences`.
     pub kv_bytes: u64,
     pub ctx: usize,
+    pub sequences: usize,
     /// Memory the OS reported available at start, if known.
     pub available_bytes: Option<u64>,
     pub expert_bytes: u64,
@@ -60,8 +61,10 @@ pub struct Footprint {
     /// The smallest backbone `smoe convert --backbone` makes (q4_k with its
     /// recipe) and its resident bytes, when that is smaller than this one.
     pub smaller_backbone: Option<(QuantType, u64)>,
+    /// KV cache of `sequences` sequences of `ctx` positions each.
     pub kv_bytes: u64,
     pub ctx: usize,
+    pub sequences: usize,
     /// What the tensors are stored as, e.g. "bf16" or "experts q4_k,
     /// backbone bf16".
     pub quant: String,
@@ -97,8 +100,9 @@ impl Footprint {
             slot_bytes: 0,
             records: 0,
             smaller_backbone: None,
-            kv_bytes: cfg.kv_bytes(ctx),
+            kv_bytes: cfg.kv_bytes(ctx) * sequences(opts) as u64,
             ctx,
+            sequences: sequences(opts),
             quant: dtypes.into_iter().collect::<Vec<_>>().join(", "),
             direct_io: None,
         })
@@ -140,8 +144,9 @@ impl Footprint {
             slot_bytes: slot,
             records: m.experts.iter().map(|l| l.offsets.len() as u64).sum(),
             smaller_backbone: (as_smallest < resident).then_some((smallest, as_smallest)),
-            kv_bytes: cfg.kv_bytes(ctx),
+            kv_bytes: cfg.kv_bytes(ctx) * sequences(opts) as u64,
             ctx,
+            sequences: sequences(opts),
             quant: m.stored_quant(),
             direct_io: Some(DirectFile::open(&vault.experts_path())?.direct),
         })
@@ -185,11 +190,17 @@ impl Footprint {
             slot_bytes,
             kv_bytes,
             ctx: self.ctx,
+            sequences: self.sequences,
             available_bytes,
             expert_bytes: self.expert_bytes,
             direct_io: self.direct_io.unwrap_or(false),
         })
     }
+}
+
+/// Sequences whose KV cache the plan holds: at least one.
+fn sequences(opts: &LoadOptions) -> usize {
+    opts.parallel.max(1)
 }
 
 /// What `--ram-budget auto` leaves beside backbone, KV and cache out of

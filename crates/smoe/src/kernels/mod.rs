@@ -300,6 +300,61 @@ mod tests {
     use super::*;
     use half::bf16;
 
+    /// A token's outputs are the same bits alone (the one-token path) and
+    /// at any place among up to nine tokens (four at a time, then one), for
+    /// every float type: batched decode must give each sequence the logits
+    /// it gets alone. Widths with and without tails of every loop.
+    #[test]
+    fn a_token_gets_the_same_bits_in_any_call() {
+        let rows = 19;
+        for cols in [53, 300] {
+            let wf: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919) % 113) as f32 / 113.0 - 0.5)
+                .collect();
+            let f32s: Vec<u8> = wf.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let bf16s: Vec<u8> = wf
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
+                .collect();
+            let f16s: Vec<u8> = wf
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+                .collect();
+            // u32 storage, aligned for every type's view.
+            let aligned = |b: &[u8]| -> Vec<u32> {
+                b.chunks(4)
+                    .map(|c| {
+                        u32::from_le_bytes(std::array::from_fn(|i| c.get(i).copied().unwrap_or(0)))
+                    })
+                    .collect()
+            };
+            for (dtype, bytes) in [(DType::F32, f32s), (DType::BF16, bf16s), (DType::F16, f16s)] {
+                let words = aligned(&bytes);
+                let data =
+                    unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), bytes.len()) };
+                let w = Matrix::new(dtype, data, rows, cols);
+                let x: Vec<f32> = (0..9 * cols)
+                    .map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.5)
+                    .collect();
+                let mut alone = vec![0.0; 9 * rows];
+                for (xr, yr) in x.chunks(cols).zip(alone.chunks_mut(rows)) {
+                    matmul(xr, 1, w, yr);
+                }
+                for t in 2..=9 {
+                    let mut y = vec![0.0; t * rows];
+                    matmul(&x[..t * cols], t, w, &mut y);
+                    for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{dtype:?} cols={cols} t={t} y[{i}]"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn matmul_matches_naive_for_all_token_counts() {
         let (rows, cols) = (37, 53);

@@ -129,6 +129,13 @@ unsafe fn stream_ahead<const N: usize>(p: *const u8) {
 /// product is `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`,
 /// where the sums of q8 come precomputed in the activation block.
 ///
+/// Its f32 arithmetic is [`q4k_rows4`]'s for one row, bit for bit: the
+/// block's integer sums are folded to the same two partial sums (elements
+/// `0..4` and `4..8` of every eight, exact in i32) and accumulated in two
+/// f32 lanes with the same fused operations. One token runs here and
+/// several run there, so without this a sequence decoded in a batch got
+/// other logits than alone.
+///
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -136,7 +143,8 @@ pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f3
     assert!(w.len() >= blocks * Q4K && a.iter().all(|a| a.len() >= blocks * Q8K));
     let a = a.map(<[u8]>::as_ptr);
     let low = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); N];
+    // Lanes 0 and 1 are the row's two partial sums; 2 and 3 stay unused.
+    let mut acc = [_mm_setzero_ps(); N];
     for (b, wb) in w.chunks_exact(Q4K).take(blocks).enumerate() {
         stream_ahead::<N>(wb.as_ptr());
         let ab = a.map(|a| a.add(b * Q8K));
@@ -177,12 +185,17 @@ pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f3
                 _mm256_extracti128_si256(bsums, 1),
             );
             let m = _mm_madd_epi16(mins, pair_sums);
-            let m = _mm256_cvtepi32_ps(_mm256_set_m128i(_mm_setzero_si128(), m));
-            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
-            acc[k] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * d8), m, acc[k]);
+            let m = _mm_cvtepi32_ps(_mm_hadd_epi32(m, m));
+            // Lane l of `sumi` holds elements 4l..4l+4 of each 32: the even
+            // lanes are the first partial sum, the odd lanes the second.
+            let s = sumi[k];
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_cvtepi32_ps(_mm_add_epi32(s, _mm_unpackhi_epi64(s, s)));
+            acc[k] = _mm_fmadd_ps(_mm_set1_ps(d * d8), s, acc[k]);
+            acc[k] = _mm_fnmadd_ps(_mm_set1_ps(dmin * d8), m, acc[k]);
         }
     }
-    acc.map(|v| hsum(v))
+    acc.map(|v| _mm_cvtss_f32(v) + _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
 }
 
 /// Q4_K weights of four rows against the Q8_K activations of `N` tokens:

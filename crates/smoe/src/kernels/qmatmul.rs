@@ -413,7 +413,9 @@ x86_kernel!(Avx2Q4K, BlockQ4K, qdot_x86::quantize_q8k, 4, |w, a| {
 
 // Q4_K with AVX-512: eight rows at a time for any token count (unpacking
 // eight rows' headers together costs less per row than one row's alone),
-// then AVX2's four, then one row at a time.
+// then one row at a time. Which kernel a row gets must not depend on the
+// token count, or a row would round differently in a batch than alone: a
+// matrix's last `rows % 8` rows always go one at a time.
 #[cfg(target_arch = "x86_64")]
 x86_kernel!(
     Avx512Q4K,
@@ -423,9 +425,7 @@ x86_kernel!(
     |w, a| {
         let blocks = w.first().map_or(0, |w| w.len());
         let rows8 = |w: [&[BlockQ4K]; 8]| qdot_avx512::q4k_rows8(w.map(bytes_of), a, blocks);
-        let rows4 = |w: [&[BlockQ4K]; 4]| qdot_x86::q4k_rows4(w.map(bytes_of), a, blocks);
         in_groups(w, rows8)
-            .or_else(|| (N > 1).then(|| in_groups(w, rows4)).flatten())
             .unwrap_or_else(|| by_row(w, |w| qdot_avx512::q4k(bytes_of(w), a, blocks)))
     }
 );
@@ -959,6 +959,43 @@ mod tests {
                     .zip(want)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{} part {i}", qt.name());
+            }
+        }
+    }
+
+    /// A token's outputs are the same bits whatever else shares the call:
+    /// alone (one-token kernels), or at any place among up to a dozen
+    /// tokens (multi-token and multi-row kernels, passes with remainders).
+    /// Batched decode of several sequences relies on it: each must get the
+    /// logits it gets alone. Rows that leave every remainder of the four-
+    /// and eight-row groups.
+    #[test]
+    fn a_token_gets_the_same_bits_in_any_call() {
+        let mut scratch = QuantScratch::default();
+        for qt in QuantType::ALL {
+            let cols = 512;
+            for rows in [45, 64] {
+                let w = quantize(qt, &normal(rows * cols, 60), cols);
+                let x = normal(12 * cols, 61);
+                let mut alone = vec![f32::NAN; 12 * rows];
+                for (xr, yr) in x.chunks(cols).zip(alone.chunks_mut(rows)) {
+                    matmul_quant(qt, w.bytes(), rows, cols, xr, 1, yr, &mut scratch, MAX_PASS);
+                }
+                for t in 2..=12 {
+                    let mut y = vec![f32::NAN; t * rows];
+                    let (xs, s) = (&x[..t * cols], &mut scratch);
+                    matmul_quant(qt, w.bytes(), rows, cols, xs, t, &mut y, s, MAX_PASS);
+                    for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{} [{rows}, {cols}] t={t} y[{}, {}]",
+                            qt.name(),
+                            i / rows,
+                            i % rows
+                        );
+                    }
+                }
             }
         }
     }

@@ -35,6 +35,12 @@ pub struct Scratch {
     pub(crate) out: Vec<f32>,
     pub(crate) cos: Vec<f32>,
     pub(crate) sin: Vec<f32>,
+    /// One sequence's RoPE tables, before they join the call's.
+    pub(crate) seq_cos: Vec<f32>,
+    pub(crate) seq_sin: Vec<f32>,
+    /// A batch's ids, sequence after sequence, and its logits.
+    pub(crate) ids: Vec<u32>,
+    pub(crate) logits: Vec<f32>,
     pub(crate) predict: PredictScratch,
     ffn: FfnScratch,
     moe: MoeScratch,
@@ -74,6 +80,27 @@ struct MlaScratch {
     /// One head's latent outputs `[t][kv_lora_rank]` and its values.
     latent: Vec<f32>,
     values: Vec<f32>,
+}
+
+/// One sequence's rows of a call, `start..start + len`, and its KV cache:
+/// a call's rows may come from several sequences (batched decode), each
+/// attending only over its own cache.
+#[derive(Debug)]
+pub struct SeqRows<'a> {
+    pub kv: &'a mut KvCache,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl SeqRows<'_> {
+    /// This sequence's part of a `[t, width]` buffer.
+    fn of<'b>(&self, x: &'b [f32], width: usize) -> &'b [f32] {
+        &x[self.start * width..(self.start + self.len) * width]
+    }
+
+    fn of_mut<'b>(&self, x: &'b mut [f32], width: usize) -> &'b mut [f32] {
+        &mut x[self.start * width..(self.start + self.len) * width]
+    }
 }
 
 /// A `[out, in]` projection with an optional bias.
@@ -189,16 +216,17 @@ impl Attention {
         })
     }
 
-    /// `h` is the normed input `[t, hidden]`; the result `[t, hidden]` is
-    /// written to `s.out`. RoPE tables for the call's positions must be in
-    /// `s.cos`/`s.sin`.
+    /// `h` is the normed input `[t, hidden]` of the sequences `seqs`; the
+    /// result `[t, hidden]` is written to `s.out`. RoPE tables for each
+    /// row's position must be in `s.cos`/`s.sin`. Projections run over all
+    /// rows at once, attention per sequence over its own cache.
     pub fn forward(
         &self,
         be: &dyn Backend,
         layer: usize,
         h: &[f32],
         t: usize,
-        kv: &mut KvCache,
+        seqs: &mut [SeqRows<'_>],
         s: &mut Scratch,
     ) {
         let (hd, nq, nkv) = (
@@ -225,11 +253,14 @@ impl Attention {
         }
         be.rope(q, t, hd, 0, &s.cos, &s.sin, false);
         be.rope(k, t, hd, 0, &s.cos, &s.sin, false);
-        let pos0 = kv.len();
-        be.kv_append(kv, layer, k, v);
         let attn = sized(&mut s.attn, t * nq);
-        let shape = AttnShape::grouped(self.n_heads, self.n_kv_heads, hd, pos0, self.window);
-        be.attention(q, kv, layer, shape, attn);
+        for seq in seqs.iter_mut() {
+            let pos0 = seq.kv.len();
+            let (k, v) = (seq.of(k, nkv), seq.of(v, nkv));
+            be.kv_append(seq.kv, layer, k, v);
+            let shape = AttnShape::grouped(self.n_heads, self.n_kv_heads, hd, pos0, self.window);
+            be.attention(seq.of(q, nq), seq.kv, layer, shape, seq.of_mut(attn, nq));
+        }
         let out = sized(&mut s.out, t * self.o.out_dim());
         self.o.forward(be, attn, t, out);
     }
@@ -286,7 +317,7 @@ impl LatentAttention {
         layer: usize,
         h: &[f32],
         t: usize,
-        kv: &mut KvCache,
+        seqs: &mut [SeqRows<'_>],
         s: &mut Scratch,
     ) {
         let (nh, nope, rope, rank) = (self.n_heads, self.nope, self.rope, self.rank);
@@ -308,8 +339,10 @@ impl LatentAttention {
         let (cos, sin, il) = (&s.cos, &s.sin, self.interleave);
         be.rope(latent, t, row, rank, cos, sin, il);
         be.rope(q, t, qk, nope, cos, sin, il);
-        let pos0 = kv.len();
-        be.kv_append(kv, layer, latent, &[]);
+        for seq in seqs.iter_mut() {
+            let latent = seq.of(latent, row);
+            be.kv_append(seq.kv, layer, latent, &[]);
+        }
 
         // Absorb: query h becomes [W_k[h]^T q_nope | q_pe], width `row`.
         let kv_b = self.kv_b.matrix();
@@ -324,18 +357,21 @@ impl LatentAttention {
         let qa = sized(&mut s.k, t * nh * row);
         be.mla_absorb(q, t, kv_b, shape, &mut m.absorbed, &mut m.rows, qa);
         let out_lat = sized(&mut s.attn, t * nh * rank);
-        let attn_shape = AttnShape {
-            n_heads: nh,
-            n_kv_heads: 1,
-            head_dim: row,
-            v_dim: rank,
-            k_stride: row,
-            v_stride: row,
-            scale: self.scale,
-            pos0,
-            window: None,
-        };
-        be.attention(qa, kv, layer, attn_shape, out_lat);
+        for seq in seqs.iter() {
+            let attn_shape = AttnShape {
+                n_heads: nh,
+                n_kv_heads: 1,
+                head_dim: row,
+                v_dim: rank,
+                k_stride: row,
+                v_stride: row,
+                scale: self.scale,
+                pos0: seq.kv.len(),
+                window: None,
+            };
+            let (q, out) = (seq.of(qa, nh * row), seq.of_mut(out_lat, nh * rank));
+            be.attention(q, seq.kv, layer, attn_shape, out);
+        }
 
         // Each head's latent output through its value rows.
         let attn = sized(&mut s.q, t * nh * self.v_dim);

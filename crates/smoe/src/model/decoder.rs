@@ -7,17 +7,17 @@
 use std::sync::Arc;
 
 use crate::checkpoint::{TensorSource, Weight};
-use crate::compute::{self, Backend, KvCache, Rope};
+use crate::compute::{self, Backend, Rope};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::ExpertCache;
 
 use super::blocks::{
     norm, sized, Attention, Embedding, Experts, Ffn, LatentAttention, Moe, NextLayer, Scratch,
-    EMBED,
+    SeqRows, EMBED,
 };
 use super::check_input;
-use super::{CausalLm, Logits, Session};
+use super::{CausalLm, Logits, Session, Step};
 
 #[derive(Debug)]
 pub enum Attn {
@@ -32,12 +32,12 @@ impl Attn {
         layer: usize,
         h: &[f32],
         t: usize,
-        kv: &mut KvCache,
+        seqs: &mut [SeqRows<'_>],
         s: &mut Scratch,
     ) {
         match self {
-            Attn::Grouped(a) => a.forward(be, layer, h, t, kv, s),
-            Attn::Latent(a) => a.forward(be, layer, h, t, kv, s),
+            Attn::Grouped(a) => a.forward(be, layer, h, t, seqs, s),
+            Attn::Latent(a) => a.forward(be, layer, h, t, seqs, s),
         }
     }
 }
@@ -181,23 +181,99 @@ impl CausalLm for Decoder {
         session: &'s mut Session,
         logits: Logits,
     ) -> Result<&'s mut [f32]> {
+        let t = ids.len();
+        check_input(&self.cfg, ids, session.kv.len())?;
+        let Session {
+            kv,
+            scratch,
+            logits: out,
+            ..
+        } = session;
+        let mut seqs = [SeqRows {
+            kv,
+            start: 0,
+            len: t,
+        }];
+        self.rows(ids, &mut seqs, scratch)?;
+        let rows = match logits {
+            Logits::Last => t - 1..t,
+            Logits::All => 0..t,
+        };
+        Ok(self.head(scratch, rows, out))
+    }
+
+    fn forward_batch(&self, steps: &mut [Step<'_>], s: &mut Scratch) -> Result<()> {
+        let mut ids = std::mem::take(&mut s.ids);
+        ids.clear();
+        // The last row of each sequence that asks for logits, in order.
+        let mut last = Vec::with_capacity(steps.len());
+        for step in steps.iter() {
+            check_input(&self.cfg, step.ids, step.session.kv.len())?;
+            ids.extend_from_slice(step.ids);
+            if step.logits {
+                last.push(ids.len() - 1);
+            }
+        }
+        let mut start = 0;
+        let mut seqs: Vec<SeqRows<'_>> = steps
+            .iter_mut()
+            .map(|step| {
+                let seq = SeqRows {
+                    kv: &mut step.session.kv,
+                    start,
+                    len: step.ids.len(),
+                };
+                start += seq.len;
+                seq
+            })
+            .collect();
+        let ran = self.rows(&ids, &mut seqs, s);
+        s.ids = ids;
+        ran?;
+        drop(seqs);
+        let mut all = std::mem::take(&mut s.logits);
+        let vocab = self.cfg.vocab_size;
+        let rows = self.head(s, last.into_iter(), &mut all);
+        let wanted = steps.iter_mut().filter(|step| step.logits);
+        for (step, row) in wanted.zip(rows.chunks_exact(vocab)) {
+            step.session.logits.clear();
+            step.session.logits.extend_from_slice(row);
+        }
+        s.logits = all;
+        Ok(())
+    }
+}
+
+impl Decoder {
+    /// Every layer over the rows of `seqs` (ids `ids`, sequence after
+    /// sequence), leaving the last hidden states in `s.x` and each
+    /// sequence's keys and values in its cache.
+    fn rows(&self, ids: &[u32], seqs: &mut [SeqRows<'_>], s: &mut Scratch) -> Result<()> {
         let (t, h) = (ids.len(), self.cfg.hidden_size);
-        let pos0 = session.kv.len();
-        check_input(&self.cfg, ids, pos0)?;
-        let s = &mut session.scratch;
-        let kv = &mut session.kv;
         let be = &*self.backend;
         let eps = self.cfg.rms_norm_eps;
 
         let x = sized(&mut s.x, t * h);
         be.embed(&self.embed, ids, x)?;
-        be.rope_tables(&self.rope, pos0..pos0 + t, &mut s.cos, &mut s.sin);
+        s.cos.clear();
+        s.sin.clear();
+        for seq in seqs.iter() {
+            let pos0 = seq.kv.len();
+            be.rope_tables(
+                &self.rope,
+                pos0..pos0 + seq.len,
+                &mut s.seq_cos,
+                &mut s.seq_sin,
+            );
+            s.cos.extend_from_slice(&s.seq_cos);
+            s.sin.extend_from_slice(&s.seq_sin);
+        }
 
         for (i, layer) in self.layers.iter().enumerate() {
             let mut hbuf = std::mem::take(&mut s.h);
             let hn = sized(&mut hbuf, t * h);
             be.rms_norm_rows(&s.x, &layer.input_norm, eps, hn);
-            layer.attn.forward(be, i, hn, t, kv, s);
+            layer.attn.forward(be, i, hn, t, seqs, s);
             be.add(&mut s.x, &s.out);
 
             be.rms_norm_rows(&s.x, &layer.post_norm, eps, hn);
@@ -230,17 +306,30 @@ impl CausalLm for Decoder {
             s.out = out;
             s.h = hbuf;
         }
-        kv.advance(t);
+        for seq in seqs.iter_mut() {
+            seq.kv.advance(seq.len);
+        }
+        Ok(())
+    }
 
-        let rows = match logits {
-            Logits::Last => t - 1..t,
-            Logits::All => 0..t,
-        };
-        let n = rows.len();
+    /// Logits of rows `rows` of `s.x` into `out`, `[rows, vocab]`.
+    fn head<'o>(
+        &self,
+        s: &mut Scratch,
+        rows: impl Iterator<Item = usize>,
+        out: &'o mut Vec<f32>,
+    ) -> &'o mut [f32] {
+        let h = self.cfg.hidden_size;
+        let be = &*self.backend;
+        s.attn.clear();
+        for r in rows {
+            s.attn.extend_from_slice(&s.x[r * h..(r + 1) * h]);
+        }
+        let n = s.attn.len() / h;
         let hn = sized(&mut s.h, n * h);
-        be.rms_norm_rows(&s.x[rows.start * h..rows.end * h], &self.norm, eps, hn);
-        let out = sized(&mut session.logits, n * self.cfg.vocab_size);
+        be.rms_norm_rows(&s.attn, &self.norm, self.cfg.rms_norm_eps, hn);
+        let out = sized(out, n * self.cfg.vocab_size);
         be.matmul(hn, n, self.lm_head.matrix(), out);
-        Ok(out)
+        out
     }
 }

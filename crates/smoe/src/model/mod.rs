@@ -36,6 +36,18 @@ pub enum Logits {
     All,
 }
 
+/// One sequence's part of a batched forward pass
+/// ([`CausalLm::forward_batch`]).
+#[derive(Debug)]
+pub struct Step<'a> {
+    /// Ids to append to the sequence.
+    pub ids: &'a [u32],
+    pub session: &'a mut Session,
+    /// Whether to leave the next token's logits in the session
+    /// ([`Session::logits`]); a prompt chunk that is not the last needs none.
+    pub logits: bool,
+}
+
 /// A causal language model: tokens in, next-token logits out, with the
 /// sequence's state kept in a [`Session`].
 pub trait CausalLm: Send + Sync {
@@ -53,4 +65,12 @@ pub trait CausalLm: Send + Sync {
         session: &'s mut Session,
         logits: Logits,
     ) -> Result<&'s mut [f32]>;
+
+    /// Appends each step's ids to its session in one pass over the layers:
+    /// the rows of all steps go through every projection, norm and expert
+    /// together (each routed expert is read once for all the tokens that
+    /// chose it), attention runs per sequence over its own cache. A row's
+    /// result is the same as in [`CausalLm::forward`] with the same ids on
+    /// the same session. `scratch` holds the batch's activations.
+    fn forward_batch(&self, steps: &mut [Step<'_>], scratch: &mut blocks::Scratch) -> Result<()>;
 }

@@ -36,6 +36,13 @@ impl Session {
         self.tokens.reserve(extra);
     }
 
+    /// The logits the last forward pass left here: a single pass's
+    /// positions, or a batched pass's next-token row
+    /// ([`super::Step::logits`]).
+    pub fn logits(&mut self) -> &mut [f32] {
+        &mut self.logits
+    }
+
     /// Tokens already processed.
     pub fn len(&self) -> usize {
         self.kv.len()
