@@ -155,6 +155,10 @@ fn metadata(c: &ModelConfig) -> Vec<(String, Value)> {
     m
 }
 
+/// One experts tensor being gathered: the checkpoint shape of one expert,
+/// its type, and each expert's bytes.
+type ExpertParts = (Vec<usize>, GgmlType, Vec<(usize, Vec<u8>)>);
+
 /// A GGUF of `tensors` (checkpoint names, shapes, values): vectors and
 /// routers f32 as llama.cpp keeps them, other matrices `ty` (f32 where a
 /// row is not whole blocks of it).
@@ -164,8 +168,7 @@ fn gguf_of(c: &ModelConfig, tensors: Vec<(String, Vec<usize>, Vec<f32>)>, ty: Gg
         b = b.kv(&k, v);
     }
     let permuted = c.family.gguf.as_ref().unwrap().permute_qk;
-    let mut experts: BTreeMap<String, (Vec<usize>, GgmlType, Vec<(usize, Vec<u8>)>)> =
-        BTreeMap::new();
+    let mut experts: BTreeMap<String, ExpertParts> = BTreeMap::new();
     // By name, as blk.N.* then the rest, so that a split spreads layers
     // (and their experts) over the shards.
     let mut out: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)> = Vec::new();
