@@ -82,12 +82,24 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
     let per_tok = |r: &smoe::bench::BenchRun, x: f64| x / r.decode_tokens.max(1) as f64;
     let decode_bytes = med(&|r| per_tok(r, r.decode.bytes_read() as f64));
     let streaming = engine.cache().map(|c| {
-        let vault = Vault::open(&a.model.model);
-        let disk = vault.and_then(|v| {
-            let records: usize = v.manifest.experts.iter().map(|l| l.offsets.len()).sum();
-            let bw = smoe::bench::read_bandwidth(&v, 16, 1 << 30)?;
-            Ok((bw, c.capacity() as f64 / records.max(1) as f64))
-        });
+        let path = &a.model.model;
+        let disk = if smoe::gguf::is_gguf(path) {
+            smoe::gguf::Gguf::open(path).and_then(|g| {
+                let cfg = engine.config();
+                let layers = (0..cfg.num_hidden_layers)
+                    .filter(|&l| cfg.is_moe_layer(l))
+                    .count();
+                let records = layers * cfg.num_experts;
+                let bw = smoe::bench::read_bandwidth_gguf(&g, cfg, 16, 1 << 30)?;
+                Ok((bw, c.capacity() as f64 / records.max(1) as f64))
+            })
+        } else {
+            Vault::open(path).and_then(|v| {
+                let records: usize = v.manifest.experts.iter().map(|l| l.offsets.len()).sum();
+                let bw = smoe::bench::read_bandwidth(&v, 16, 1 << 30)?;
+                Ok((bw, c.capacity() as f64 / records.max(1) as f64))
+            })
+        };
         (c, disk)
     });
     let mut report = json!({

@@ -421,10 +421,12 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
         ctx: a.ctx,
         ..Default::default()
     };
-    // A GGUF's tokenizer and template are checked; its memory fit is not
-    // yet, as smoe does not run GGUF weights yet.
+    // A GGUF's tokenizer and template are checked from its metadata, its
+    // fit as it streams.
     let findings = if smoe::gguf::is_gguf(&model) {
-        smoe::gguf::check::check(&smoe::gguf::Gguf::open(&model)?)?
+        let mut f = smoe::check::preflight(&model, &opts)?;
+        f.extend(smoe::gguf::check::check(&smoe::gguf::Gguf::open(&model)?)?);
+        f
     } else {
         smoe::check::check(&model, &opts)?
     };

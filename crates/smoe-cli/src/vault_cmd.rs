@@ -15,8 +15,10 @@ use crate::{describe_plan, parse_budget, set_threads};
 
 #[derive(Args)]
 pub(crate) struct ConvertArgs {
-    /// Hugging Face checkpoint directory.
-    #[arg(value_name = "HF_DIR")]
+    /// Hugging Face checkpoint directory, or a GGUF file (or the first
+    /// shard of a split set), whose blocks are copied as they are stored:
+    /// --experts and --backbone do not apply to it.
+    #[arg(value_name = "HF_DIR|FILE.gguf")]
     source: PathBuf,
     /// Vault directory to create.
     #[arg(short = 'o', long = "output", value_name = "VAULT_DIR")]
@@ -94,10 +96,15 @@ pub(crate) fn convert_with_progress(
         );
         bar
     };
-    let report = convert(source, output, opts, &mut |p| {
+    let mut show = |p: smoe::vault::convert::Progress| {
         bar.set_length(p.total);
         bar.set_position(p.done);
-    })?;
+    };
+    let report = if smoe::gguf::is_gguf(source) {
+        smoe::gguf::convert::convert(source, output, &mut show)?
+    } else {
+        convert(source, output, opts, &mut show)?
+    };
     bar.finish_and_clear();
     if !quiet {
         eprintln!(
@@ -116,7 +123,9 @@ pub(crate) fn convert_with_progress(
             }
         );
         eprintln!("stored as {}", report.quant);
-        eprintln!("quantization error (relative RMS of dequantized - original):");
+        if !report.quant_error.is_empty() {
+            eprintln!("quantization error (relative RMS of dequantized - original):");
+        }
         for (class, err) in &report.quant_error {
             eprintln!("  {class:<32} {err:.5}");
         }
@@ -144,15 +153,18 @@ pub(crate) fn verify_cmd(a: VerifyArgs) -> Result<()> {
 }
 
 pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
-    // A GGUF is described from its header; running one comes later.
+    // A GGUF is described from its header, and then as the model it runs
+    // as, where smoe runs its architecture.
     if smoe::gguf::is_gguf(&a.path) {
         let g = smoe::gguf::Gguf::open(&a.path)?;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "model: {}", a.path.display())?;
+        writeln!(out, "file: {}", a.path.display())?;
         for line in g.describe()? {
             writeln!(out, "{line}")?;
         }
-        return Ok(());
+        if smoe::gguf::config::family_of(&g).is_err() {
+            return Ok(());
+        }
     }
     let opts = LoadOptions {
         ram_budget: a.ram_budget,

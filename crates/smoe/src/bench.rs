@@ -6,12 +6,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crate::compute::profile::OpTimes;
+use crate::config::ModelConfig;
 use crate::engine::{rate, Engine};
 use crate::error::{Error, Result};
-use crate::experts::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool};
+use crate::experts::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool, Segment};
 use crate::experts::StatsSnapshot;
+use crate::gguf::Gguf;
 use crate::sampler::SamplingParams;
-use crate::vault::Vault;
+use crate::vault::{align_up, Vault, ALIGN};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -167,14 +169,46 @@ fn measure(engine: &Engine, ids: &[u32], gen_tokens: usize) -> Result<BenchRun> 
 /// spread over the file, each read once.
 pub fn read_bandwidth(vault: &Vault, threads: usize, max_bytes: u64) -> Result<(f64, bool)> {
     let file = Arc::new(DirectFile::open(&vault.experts_path())?);
-    let mut records: Vec<(u64, usize)> = vault
+    let records: Vec<(u64, usize)> = vault
         .manifest
         .experts
         .iter()
         .flat_map(|l| l.offsets.iter().map(move |&o| (o, l.record_len as usize)))
         .collect();
+    sample_bandwidth(file, records, threads, max_bytes)
+}
+
+/// [`read_bandwidth`] of a GGUF's first shard: its experts' parts there,
+/// each rounded out to 4 KiB as the expert cache reads them.
+pub fn read_bandwidth_gguf(
+    g: &Gguf,
+    cfg: &ModelConfig,
+    threads: usize,
+    max_bytes: u64,
+) -> Result<(f64, bool)> {
+    let file = Arc::new(DirectFile::open(g.path())?);
+    let mut records = Vec::new();
+    for l in crate::gguf::expert_tensors(g, cfg)? {
+        for e in 0..l.experts as u64 {
+            for p in l.parts.iter().filter(|p| p.shard == 0) {
+                let at = p.offset + e * p.len;
+                let first = at / ALIGN * ALIGN;
+                records.push((first, (align_up(at + p.len) - first) as usize));
+            }
+        }
+    }
+    sample_bandwidth(file, records, threads, max_bytes)
+}
+
+/// Reads up to `max_bytes` of `records`, spread over the file.
+fn sample_bandwidth(
+    file: Arc<DirectFile>,
+    mut records: Vec<(u64, usize)>,
+    threads: usize,
+    max_bytes: u64,
+) -> Result<(f64, bool)> {
     if records.is_empty() {
-        return Err(Error::invalid("the vault has no expert records"));
+        return Err(Error::format(&file.path, "holds no expert records"));
     }
     let len = records.iter().map(|r| r.1).max().unwrap_or(0);
     // Spread the sample over the whole file so no read ahead helps.
@@ -207,11 +241,14 @@ pub fn read_records(
         wait_until(&done, i.saturating_sub(depth - 1));
         let d = Arc::clone(&done);
         pool.submit(ReadJob {
-            file: Arc::clone(&file),
-            offset,
+            reads: vec![Segment {
+                file: Arc::clone(&file),
+                offset,
+                dst_start: (i % depth) * len,
+                len: rlen,
+                need: rlen,
+            }],
             dst: Arc::clone(&buf),
-            dst_start: (i % depth) * len,
-            len: rlen,
             priority: Priority::Demand,
             key: (0, i as u32),
             done: Box::new(move |r, _| {

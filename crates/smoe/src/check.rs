@@ -170,6 +170,10 @@ pub fn check_model(dir: &Path) -> Result<Vec<Finding>> {
 /// [`check_model`] for a loaded engine, with the tokenizer and template it
 /// already holds (Qwen3's tokenizer takes a while to build).
 pub fn check_engine(engine: &Engine) -> Result<Vec<Finding>> {
+    // A GGUF's tokenizer and template are its metadata, checked there.
+    if crate::gguf::is_gguf(&engine.dir) {
+        return crate::gguf::check::check(&crate::gguf::Gguf::open(&engine.dir)?);
+    }
     check_parts(
         &engine.dir,
         engine.tokenizer.as_ref(),

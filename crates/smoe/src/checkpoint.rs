@@ -131,6 +131,23 @@ impl Weight {
         Matrix::new(self.dtype, self.bytes(), rows, cols)
     }
 
+    /// A weight over its own copy of `bytes`: for tensors that must be
+    /// rearranged on load (a GGUF's permuted or split rows).
+    pub fn owned(bytes: &[u8], dtype: DType, shape: Vec<usize>) -> Weight {
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks(4)) {
+            let mut b = [0u8; 4];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u32::from_ne_bytes(b);
+        }
+        Weight {
+            storage: Arc::new(Storage::Owned(words)),
+            range: 0..bytes.len(),
+            dtype,
+            shape,
+        }
+    }
+
     /// Tells the OS that this tensor's pages will not be read again, so a
     /// converter walking a 470 GB checkpoint keeps its resident set at a few
     /// tensors instead of letting mapped pages pile up.
@@ -366,13 +383,8 @@ fn map_safetensors(path: &Path, file: usize) -> Result<Vec<(String, Entry)>> {
         } else {
             // Kernels read elements as typed slices; copying an odd tensor
             // once is cheaper than unaligned loads in every kernel.
-            let mut words = vec![0u32; data.len().div_ceil(4)];
-            for (w, chunk) in words.iter_mut().zip(data.chunks(4)) {
-                let mut b = [0u8; 4];
-                b[..chunk.len()].copy_from_slice(chunk);
-                *w = u32::from_ne_bytes(b);
-            }
-            (Arc::new(Storage::Owned(words)), 0..data.len())
+            let copy = Weight::owned(data, dtype, Vec::new());
+            (copy.storage, copy.range)
         };
         let shape = view.shape().to_vec();
         entries.push((

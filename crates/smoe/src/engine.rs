@@ -168,6 +168,19 @@ impl Engine {
 
     pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let opened = model::open(dir, opts)?;
+        if crate::gguf::is_gguf(dir) {
+            let (tokenizer, template, eos_ids) = gguf_text(dir)?;
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                model: opened.model,
+                tokenizer,
+                template,
+                eos_ids,
+                cache: opened.cache,
+                plan: opened.plan,
+                prefill_chunk: opts.prefill_chunk.max(1),
+            });
+        }
         let generation = GenerationConfig::from_dir(dir)?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(Tokenizer::from_dir(dir)?)
@@ -515,6 +528,25 @@ impl<'t> TextStream<'t> {
             .transpose()
             .map(Option::flatten)
     }
+}
+
+/// A GGUF's tokenizer, chat template and end-of-generation ids, from its
+/// metadata; a file without `tokenizer.ggml.model` runs on ids alone.
+fn gguf_text(path: &Path) -> Result<(Option<Tokenizer>, Option<ChatTemplate>, Vec<u32>)> {
+    let g = crate::gguf::Gguf::open(path)?;
+    if g.metadata().get("tokenizer.ggml.model").is_none() {
+        return Ok((None, None, Vec::new()));
+    }
+    let t = crate::gguf::tokenizer::load(&g)?;
+    let template = match t.chat_template {
+        Some(_) => Some(t.chat_template(&g)?),
+        None => None,
+    };
+    Ok((
+        Some(t.to_tokenizer(&g)?),
+        template,
+        t.end_of_generation.clone(),
+    ))
 }
 
 /// Whether the checkpoint ships a chat template at all; a broken one is an

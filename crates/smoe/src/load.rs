@@ -1,6 +1,6 @@
-//! Opening a model: a checkpoint directory (mapped whole) or a vault
-//! (backbone mapped, routed experts streamed through a cache planned by
-//! [`crate::memory`]).
+//! Opening a model: a checkpoint directory (mapped whole), or a vault or a
+//! GGUF (backbone mapped, routed experts streamed through a cache planned
+//! by [`crate::memory`]; a GGUF's straight from its experts tensors).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::{ExpertCache, Policy, LFU_HALF_LIFE};
+use crate::gguf::{self, Gguf, GgufWeights};
 use crate::memory::{available_memory, Budget, Footprint, MemoryPlan};
 use crate::model::blocks::Embedding;
 use crate::model::{CausalLm, Decoder};
@@ -63,10 +64,13 @@ pub struct Opened {
     pub plan: Option<MemoryPlan>,
 }
 
-/// Opens a checkpoint directory or a vault.
+/// Opens a checkpoint directory, a vault or a GGUF file.
 pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     if vault::is_vault(dir) {
         return open_vault(dir, opts);
+    }
+    if gguf::is_gguf(dir) {
+        return open_gguf(dir, opts);
     }
     let ckpt = Checkpoint::open(dir)?;
     crate::validate::checkpoint_layers(&ckpt)?;
@@ -76,6 +80,35 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
         config: ckpt.config.clone(),
         cache: None,
         plan: None,
+    })
+}
+
+/// A GGUF runs as a vault does, the file standing in for both of its
+/// parts: the backbone is mapped in its stored types and the experts
+/// tensors are read an expert at a time.
+fn open_gguf(path: &Path, opts: &LoadOptions) -> Result<Opened> {
+    let g = Gguf::open(path)?;
+    let cfg = gguf::config::model_config(&g)?;
+    let mut plan = Footprint::of_gguf(&g, &cfg, opts)?.plan(opts.ram_budget, available_memory())?;
+    let cache = Arc::new(ExpertCache::from_gguf(
+        &g,
+        &cfg,
+        plan.cache_slots,
+        opts.read_threads,
+        opts.policy,
+        opts.prefetch,
+    )?);
+    plan.direct_io = cache.direct_io();
+    let rows = (!cfg.tie_word_embeddings)
+        .then(|| Embedding::on_disk_gguf(&g))
+        .transpose()?;
+    let weights = GgufWeights::new(&g, &cfg);
+    let model = Box::new(Decoder::load(&weights, &cfg, Some(&cache), rows)?);
+    Ok(Opened {
+        model,
+        config: cfg,
+        cache: Some(cache),
+        plan: Some(plan),
     })
 }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 use crate::checkpoint::{Checkpoint, EMBED};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::gguf::{self, Gguf};
 use crate::load::LoadOptions;
 use crate::quant::{DType, QuantType};
 use crate::vault::io::DirectFile;
@@ -46,6 +47,7 @@ pub struct MemoryPlan {
 /// before anything is loaded.
 #[derive(Debug, Clone)]
 pub struct Footprint {
+    /// Streams its experts: a vault, or a GGUF read in place.
     pub vault: bool,
     /// Bytes that must stay resident: a checkpoint's every tensor (it is
     /// mapped whole), a vault's backbone less an on-disk embedding table.
@@ -74,6 +76,11 @@ pub struct Footprint {
 
 impl Footprint {
     pub fn of(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if gguf::is_gguf(dir) {
+            let g = Gguf::open(dir)?;
+            let cfg = gguf::config::model_config(&g)?;
+            return Self::of_gguf(&g, &cfg, opts);
+        }
         if vault::is_vault(dir) {
             let vault = Vault::open(dir)?;
             let cfg = ModelConfig::from_json(&vault.manifest.config, &dir.join(vault::MANIFEST))?;
@@ -105,6 +112,47 @@ impl Footprint {
             sequences: sequences(opts),
             quant: dtypes.into_iter().collect::<Vec<_>>().join(", "),
             direct_io: None,
+        })
+    }
+
+    /// A GGUF's footprint: it streams like a vault (`vault` is set), one
+    /// cache slot holding an expert's three parts each rounded out to 4 KiB.
+    pub fn of_gguf(g: &Gguf, cfg: &ModelConfig, opts: &LoadOptions) -> Result<Self> {
+        let layers = gguf::expert_tensors(g, cfg)?;
+        let slot = layers.iter().map(|l| l.slot_bytes()).max().unwrap_or(0);
+        let records: u64 = layers.iter().map(|l| l.experts as u64).sum();
+        let is_expert = |name: &str| {
+            gguf::EXPERT_PARTS
+                .iter()
+                .any(|p| name.ends_with(&format!(".{p}.weight")))
+        };
+        let (mut stored, mut experts, mut backbone) = (0, BTreeSet::new(), BTreeSet::new());
+        for (_, t) in g.tensors() {
+            if is_expert(&t.name) {
+                experts.insert(t.ggml_type.name());
+            } else {
+                if cfg.tie_word_embeddings || t.name != gguf::check::TOKEN_EMBD {
+                    stored += t.bytes;
+                }
+                if t.dims.len() > 1 {
+                    backbone.insert(t.ggml_type.name());
+                }
+            }
+        }
+        let join = |s: BTreeSet<&str>| s.into_iter().collect::<Vec<_>>().join("/");
+        let ctx = opts.ctx.min(cfg.max_position_embeddings);
+        Ok(Self {
+            vault: true,
+            resident_bytes: stored,
+            expert_bytes: slot * records,
+            min_cache_bytes: slot * cfg.num_experts_per_tok.max(1) as u64,
+            slot_bytes: slot,
+            records,
+            smaller_backbone: None,
+            kv_bytes: cfg.kv_bytes(ctx),
+            ctx,
+            quant: format!("experts {}, backbone {}", join(experts), join(backbone)),
+            direct_io: Some(DirectFile::open(g.path())?.direct),
         })
     }
 

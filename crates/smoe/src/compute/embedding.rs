@@ -3,6 +3,7 @@
 
 use crate::checkpoint::{Weight, EMBED};
 use crate::error::{Error, Result};
+use crate::gguf::{check::TOKEN_EMBD, engine_dtype, Gguf};
 use crate::quant::DType;
 use crate::vault::io::{DirectFile, DiskRows};
 use crate::vault::Vault;
@@ -27,6 +28,24 @@ impl std::fmt::Debug for Embedding {
 impl Embedding {
     /// A vault's table, left in its backbone file and read a row at a time
     /// with direct I/O.
+    /// A GGUF's `token_embd.weight`, read a row at a time from its shard.
+    pub fn on_disk_gguf(g: &Gguf) -> Result<Self> {
+        let (shard, t) = g.require(TOKEN_EMBD)?;
+        let &[cols, rows] = &t.dims[..] else {
+            return Err(Error::format(
+                g.path(),
+                format!("{TOKEN_EMBD} has dims {:?}, expected 2", t.dims),
+            ));
+        };
+        Ok(Embedding::OnDisk(DiskRows::new(
+            DirectFile::open(g.shards()[shard].path())?,
+            t.offset,
+            rows as usize,
+            engine_dtype(t, g.path())?,
+            cols as usize,
+        )))
+    }
+
     pub fn on_disk(vault: &Vault) -> Result<Self> {
         let path = vault.backbone_path();
         let entry = vault.manifest.backbone.get(EMBED).ok_or_else(|| {

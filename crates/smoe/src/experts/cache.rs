@@ -16,12 +16,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool};
+use super::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool, Segment};
 use super::Stats;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::gguf::{expert_tensors, ExpertTensors, Gguf};
 use crate::kernels::Matrix;
 use crate::quant::DType;
-use crate::vault::{ExpertLayer, Vault};
+use crate::vault::{align_up, ExpertLayer, Vault, ALIGN};
 
 /// Expert requests after which a past use keeps half its weight (LFU): about
 /// ten tokens of Qwen3-30B-A3B (48 layers x 8 experts a token), long enough
@@ -57,13 +59,86 @@ impl Policy {
     }
 }
 
-/// Where each part of a record lies, per layer.
+/// One part (gate, up or down) of a layer's experts: its type and shape,
+/// where its region starts in a slot, and its bytes.
+#[derive(Debug, Clone, Copy)]
+struct Part {
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    slot_offset: usize,
+    len: usize,
+}
+
+/// Where a layer's experts are on disk.
+#[derive(Debug, Clone)]
+enum Reads {
+    /// A vault: expert `e` is one record at `offsets[e]` of the one file,
+    /// its parts at fixed places inside it.
+    Record { offsets: Vec<u64>, crc32: Vec<u32> },
+    /// A GGUF: part `p` of expert `e` is `len` bytes at `base[p] + e * len`
+    /// of file `files[p]`, read rounded out to [`ALIGN`] into the part's
+    /// region, so where the bytes start in it depends on the expert.
+    Extents {
+        files: [usize; 3],
+        base: [u64; 3],
+        experts: usize,
+    },
+}
+
+/// Where each part of an expert lies, per layer.
 #[derive(Debug, Clone)]
 struct LayerLayout {
-    parts: [(DType, usize, usize, usize, usize); 3], // dtype, rows, cols, offset, len
+    parts: [Part; 3],
+    /// Bytes of a slot this layer's experts use.
     record_len: usize,
-    offsets: Vec<u64>,
-    crc32: Vec<u32>,
+    reads: Reads,
+}
+
+impl LayerLayout {
+    fn experts(&self) -> usize {
+        match &self.reads {
+            Reads::Record { offsets, .. } => offsets.len(),
+            Reads::Extents { experts, .. } => *experts,
+        }
+    }
+
+    /// Where part `p` of expert `e` starts, from its slot's start.
+    fn part_offset(&self, p: usize, e: u32) -> usize {
+        let part = &self.parts[p];
+        match &self.reads {
+            Reads::Record { .. } => part.slot_offset,
+            Reads::Extents { base, .. } => {
+                let at = base[p] + e as u64 * part.len as u64;
+                part.slot_offset + (at % ALIGN) as usize
+            }
+        }
+    }
+
+    /// A GGUF layer: each part's region holds its extent rounded out.
+    fn of_gguf(t: &ExpertTensors) -> Self {
+        let mut slot_offset = 0;
+        let parts = t.parts.map(|p| {
+            let part = Part {
+                dtype: p.dtype,
+                rows: p.shape[0],
+                cols: p.shape[1],
+                slot_offset,
+                len: p.len as usize,
+            };
+            slot_offset += (align_up(p.len) + ALIGN) as usize;
+            part
+        });
+        Self {
+            parts,
+            record_len: t.slot_bytes() as usize,
+            reads: Reads::Extents {
+                files: t.parts.map(|p| p.shard),
+                base: t.parts.map(|p| p.offset),
+                experts: t.experts,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,7 +182,8 @@ struct State {
 }
 
 struct Inner {
-    file: Arc<DirectFile>,
+    /// The vault's experts file, or a GGUF's shards.
+    files: Vec<Arc<DirectFile>>,
     layers: HashMap<usize, LayerLayout>,
     slot_len: usize,
     memory: Arc<AlignedBuf>,
@@ -149,11 +225,61 @@ impl ExpertCache {
         let file = Arc::new(DirectFile::open(&path)?);
         let manifest = vault.dir.join(crate::vault::MANIFEST);
         let mut layers = HashMap::new();
-        let mut slot_len = 0;
         for l in &vault.manifest.experts {
             layers.insert(l.layer, layout(l, &manifest)?);
-            slot_len = slot_len.max(l.record_len as usize);
         }
+        let files = vec![file];
+        Self::build(
+            files,
+            layers,
+            slots,
+            read_threads,
+            verify,
+            policy,
+            read_ahead,
+        )
+    }
+
+    /// A cache of `slots` slots over a GGUF's experts tensors, read in
+    /// place: no checksums, so `verify` has nothing to check.
+    pub fn from_gguf(
+        g: &Gguf,
+        cfg: &ModelConfig,
+        slots: usize,
+        read_threads: usize,
+        policy: Policy,
+        read_ahead: bool,
+    ) -> Result<Self> {
+        let files = g
+            .shards()
+            .iter()
+            .map(|s| DirectFile::open(s.path()).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let layers = expert_tensors(g, cfg)?
+            .iter()
+            .map(|t| (t.layer, LayerLayout::of_gguf(t)))
+            .collect();
+        Self::build(
+            files,
+            layers,
+            slots,
+            read_threads,
+            false,
+            policy,
+            read_ahead,
+        )
+    }
+
+    fn build(
+        files: Vec<Arc<DirectFile>>,
+        layers: HashMap<usize, LayerLayout>,
+        slots: usize,
+        read_threads: usize,
+        verify: bool,
+        policy: Policy,
+        read_ahead: bool,
+    ) -> Result<Self> {
+        let slot_len = layers.values().map(|l| l.record_len).max().unwrap_or(0);
         if slots == 0 || slot_len == 0 {
             return Err(Error::invalid("the expert cache needs at least one slot"));
         }
@@ -168,7 +294,7 @@ impl ExpertCache {
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                file,
+                files,
                 layers,
                 slot_len,
                 memory: Arc::new(AlignedBuf::new(slots * slot_len)),
@@ -205,7 +331,7 @@ impl ExpertCache {
     }
 
     pub fn direct_io(&self) -> bool {
-        self.inner.file.direct
+        self.inner.files.iter().all(|f| f.direct)
     }
 
     pub fn policy(&self) -> Policy {
@@ -216,10 +342,10 @@ impl ExpertCache {
         &self.inner.stats
     }
 
-    /// The vault's experts file, for tools that measure the device with
-    /// the engine's own reader.
+    /// The vault's experts file (a GGUF's first shard), for tools that
+    /// measure the device with the engine's own reader.
     pub fn file(&self) -> &Arc<DirectFile> {
-        &self.inner.file
+        &self.inner.files[0]
     }
 
     /// Records the predicted `experts` of `layer` (most likely first) for
@@ -241,7 +367,7 @@ impl ExpertCache {
         }
         let mut jobs = std::mem::take(&mut st.spare_jobs);
         for &e in experts {
-            if e as usize >= lay.offsets.len() {
+            if e as usize >= lay.experts() {
                 continue;
             }
             if let Some(&s) = st.map.get(&(layer, e)) {
@@ -329,7 +455,7 @@ impl ExpertCache {
         let mut jobs = std::mem::take(&mut st.spare_jobs);
         let (mut hits, mut prefetch_hits) = (0u64, 0u64);
         for &e in experts {
-            if e as usize >= lay.offsets.len() {
+            if e as usize >= lay.experts() {
                 return Err(Error::invalid(format!("layer {layer} has no expert {e}")));
             }
             if let Some(&s) = st.map.get(&(layer, e)) {
@@ -404,14 +530,41 @@ impl ExpertCache {
         priority: Priority,
     ) -> ReadJob {
         let inner = Arc::clone(&self.inner);
-        let crc = lay.crc32[e as usize];
         let len = lay.record_len;
+        let start = slot * self.inner.slot_len;
+        let (reads, crc) = match &lay.reads {
+            Reads::Record { offsets, crc32 } => (
+                vec![Segment {
+                    file: Arc::clone(&self.inner.files[0]),
+                    offset: offsets[e as usize],
+                    dst_start: start,
+                    len,
+                    need: len,
+                }],
+                Some(crc32[e as usize]),
+            ),
+            Reads::Extents { files, base, .. } => {
+                let reads = (0..3)
+                    .map(|p| {
+                        let part = &lay.parts[p];
+                        let at = base[p] + e as u64 * part.len as u64;
+                        let first = at / ALIGN * ALIGN;
+                        let end = align_up(at + part.len as u64);
+                        Segment {
+                            file: Arc::clone(&self.inner.files[files[p]]),
+                            offset: first,
+                            dst_start: start + part.slot_offset,
+                            len: (end - first) as usize,
+                            need: (at - first) as usize + part.len,
+                        }
+                    })
+                    .collect();
+                (reads, None)
+            }
+        };
         ReadJob {
-            file: Arc::clone(&self.inner.file),
-            offset: lay.offsets[e as usize],
+            reads,
             dst: Arc::clone(&self.inner.memory),
-            dst_start: slot * self.inner.slot_len,
-            len,
             priority,
             key: (layer, e),
             done: Box::new(move |result, secs| inner.complete(slot, result, secs, len, crc)),
@@ -480,17 +633,24 @@ impl Inner {
     }
 
     /// Called by a reader thread when a record has arrived (or failed).
-    fn complete(&self, slot: usize, result: std::io::Result<()>, secs: f64, len: usize, crc: u32) {
+    fn complete(
+        &self,
+        slot: usize,
+        result: std::io::Result<()>,
+        secs: f64,
+        len: usize,
+        crc: Option<u32>,
+    ) {
         let outcome = match result {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(format!(
                 "the file ends inside this record ({len} bytes): it was truncated after loading; run smoe verify"
             )),
             Err(e) => Err(e.to_string()),
-            Ok(()) if self.verify => {
+            Ok(()) if self.verify && crc.is_some() => {
                 // SAFETY: the slot is Loading: only this job writes it and
                 // nobody reads it until it is marked Ready below.
                 let data = unsafe { self.memory.slice(slot * self.slot_len, len) };
-                if crc32fast::hash(data) == crc {
+                if Some(crc32fast::hash(data)) == crc {
                     Ok(())
                 } else {
                     Err("checksum mismatch (corrupt record); run smoe verify".to_string())
@@ -559,7 +719,7 @@ impl Pinned<'_> {
                 st.slots[fs].fill = Fill::Empty;
             }
             return Err(Error::format(
-                &inner.file.path,
+                &inner.files[0].path,
                 format!("layer {layer} expert {e}: {why}"),
             ));
         }
@@ -580,10 +740,12 @@ impl Pinned<'_> {
         let lay = &inner.layers[&self.layer];
         let (e, slot) = self.slots[i];
         let base = slot * inner.slot_len;
-        let mats = lay.parts.map(|(dtype, rows, cols, off, len)| {
+        let mats = [0, 1, 2].map(|p| {
+            let part = &lay.parts[p];
+            let off = lay.part_offset(p, e);
             // SAFETY: the slot is pinned (not rewritten) and fully read.
-            let data = unsafe { inner.memory.slice(base + off, len) };
-            Matrix::new(dtype, data, rows, cols)
+            let data = unsafe { inner.memory.slice(base + off, part.len) };
+            Matrix::new(part.dtype, data, part.rows, part.cols)
         });
         (e, mats)
     }
@@ -600,7 +762,13 @@ impl Drop for Pinned<'_> {
 }
 
 fn layout(l: &ExpertLayer, manifest: &std::path::Path) -> Result<LayerLayout> {
-    let mut parts = [(DType::BF16, 0, 0, 0, 0); 3];
+    let mut parts = [Part {
+        dtype: DType::BF16,
+        rows: 0,
+        cols: 0,
+        slot_offset: 0,
+        len: 0,
+    }; 3];
     for (p, out) in l.parts.iter().zip(parts.iter_mut()) {
         let dtype = DType::parse(&p.dtype).ok_or_else(|| {
             Error::format(
@@ -608,18 +776,20 @@ fn layout(l: &ExpertLayer, manifest: &std::path::Path) -> Result<LayerLayout> {
                 format!("layer {}: unknown dtype {}", l.layer, p.dtype),
             )
         })?;
-        *out = (
+        *out = Part {
             dtype,
-            p.shape[0],
-            p.shape[1],
-            p.offset as usize,
-            p.len as usize,
-        );
+            rows: p.shape[0],
+            cols: p.shape[1],
+            slot_offset: p.offset as usize,
+            len: p.len as usize,
+        };
     }
     Ok(LayerLayout {
         parts,
         record_len: l.record_len as usize,
-        offsets: l.offsets.clone(),
-        crc32: l.crc32.clone(),
+        reads: Reads::Record {
+            offsets: l.offsets.clone(),
+            crc32: l.crc32.clone(),
+        },
     })
 }

@@ -1,7 +1,8 @@
 //! A pool of reader threads that keeps many direct reads
 //! ([`crate::vault::io`]) in flight.
 //!
-//! One expert is one contiguous aligned read. NVMe drives reach their
+//! One expert is one contiguous aligned read from a vault, or three (gate,
+//! up, down) from a GGUF, taken by one reader. NVMe drives reach their
 //! bandwidth only with many reads outstanding, so a layer's misses are all
 //! handed to the pool at once and the compute thread waits for the batch.
 
@@ -19,13 +20,22 @@ pub enum Priority {
     Prefetch,
 }
 
-/// One read: `len` bytes at `offset` of `file` into `dst`, then `done`.
-pub struct ReadJob {
+/// `len` bytes at `offset` of `file` into the job's buffer at `dst_start`,
+/// of which the first `need` must be there: the rest only rounds the read
+/// out to the direct-I/O alignment and may lie past the end of the file.
+#[derive(Debug, Clone)]
+pub struct Segment {
     pub file: Arc<DirectFile>,
     pub offset: u64,
-    pub dst: Arc<AlignedBuf>,
     pub dst_start: usize,
     pub len: usize,
+    pub need: usize,
+}
+
+/// The reads of one expert into `dst`, then `done`.
+pub struct ReadJob {
+    pub reads: Vec<Segment>,
+    pub dst: Arc<AlignedBuf>,
     pub priority: Priority,
     /// What the caller needs to recognise the job when cancelling.
     pub key: (usize, u32),
@@ -37,8 +47,7 @@ pub struct ReadJob {
 impl std::fmt::Debug for ReadJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadJob")
-            .field("offset", &self.offset)
-            .field("len", &self.len)
+            .field("reads", &self.reads)
             .field("priority", &self.priority)
             .field("key", &self.key)
             .finish_non_exhaustive()
@@ -131,10 +140,12 @@ fn reader_loop(shared: &(Mutex<Queues>, Condvar), max_prefetch: usize) {
             }
         };
         let start = Instant::now();
-        // SAFETY: the cache hands each loading slot to exactly one job and
-        // nobody reads it until the job's completion marks it ready.
-        let buf = unsafe { job.dst.slice_mut(job.dst_start, job.len) };
-        let result = job.file.read_exact_at(buf, job.offset);
+        let result = job.reads.iter().try_for_each(|r| {
+            // SAFETY: the cache hands each loading slot to exactly one job
+            // and nobody reads it until the job's completion marks it ready.
+            let buf = unsafe { job.dst.slice_mut(r.dst_start, r.len) };
+            r.file.read_at_least(buf, r.offset, r.need)
+        });
         if job.priority == Priority::Prefetch {
             let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
             q.prefetch_in_flight -= 1;

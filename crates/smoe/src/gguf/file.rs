@@ -11,9 +11,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
 use super::types::GgmlType;
+use crate::checkpoint::{map_file, MappedFile};
 use crate::{Error, Result};
 
 /// ggml's `GGML_MAX_DIMS`: no tensor has more.
@@ -223,7 +222,7 @@ impl TensorInfo {
 /// A parsed GGUF file, memory-mapped.
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    map: MappedFile,
     version: u32,
     alignment: u64,
     data_offset: u64,
@@ -268,12 +267,8 @@ pub fn is_gguf(path: &Path) -> bool {
 impl GgufFile {
     /// Maps and parses `path`. Errors name the file and what is wrong.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only; a file truncated or rewritten by
-        // another process while mapped is outside what any engine can defend
-        // against (as with llama.cpp's mmap and the safetensors loader).
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let parsed = Parser::new(&map, path).parse()?;
+        let map = map_file(path)?;
+        let parsed = Parser::new(map.bytes(), path).parse()?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             version: parsed.version,
@@ -329,7 +324,12 @@ impl GgufFile {
     /// infos, which were checked against the file length when it was
     /// opened; anything else panics like any out-of-range slice.
     pub(crate) fn bytes(&self, offset: u64, len: u64) -> &[u8] {
-        &self.map[offset as usize..(offset + len) as usize]
+        &self.map.bytes()[offset as usize..(offset + len) as usize]
+    }
+
+    /// The mapping, for weights that point into it.
+    pub(crate) fn mapped(&self) -> &MappedFile {
+        &self.map
     }
 }
 

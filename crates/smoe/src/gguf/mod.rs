@@ -10,12 +10,17 @@
 //! [`tokenizer`] rebuilds the Hugging Face tokenizer from the metadata.
 
 pub mod check;
+pub mod config;
+pub mod convert;
 mod describe;
 mod file;
 pub mod tokenizer;
 mod types;
+mod weights;
 pub mod write;
 
+#[cfg(test)]
+mod run_tests;
 #[cfg(test)]
 mod tests;
 
@@ -24,7 +29,11 @@ use std::path::{Path, PathBuf};
 
 pub use describe::EXPERT_TENSORS;
 pub use file::{is_gguf, Array, GgufFile, Metadata, TensorInfo, Value, DEFAULT_ALIGNMENT, MAGIC};
-pub use types::GgmlType;
+pub use types::{engine_dtype, GgmlType};
+pub use weights::{
+    checkpoint_name, expert_tensors, gguf_name, ExpertPart, ExpertTensors, GgufWeights, Mapped,
+    EXPERT_PARTS,
+};
 
 use crate::{Error, Result};
 

@@ -4,8 +4,12 @@
 //! it: a reader that knows each type's block size can index, bound-check and
 //! copy any tensor, and name the type when it refuses one.
 
+use std::path::Path;
+
+use super::file::TensorInfo;
 use crate::kernels::DType;
 use crate::quant::QuantType;
+use crate::{Error, Result};
 
 /// A GGML tensor type, by its number in the GGUF tensor info.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -148,6 +152,28 @@ impl GgmlType {
             other => other.quant_type().map(DType::Quant),
         }
     }
+}
+
+/// The engine type a GGUF tensor is computed in: the one place where a
+/// GGML type is accepted or refused, so a type that gains kernels (a line
+/// in [`GgmlType::quant_type`]) runs everywhere at once.
+pub fn engine_dtype(tensor: &TensorInfo, path: &Path) -> Result<DType> {
+    tensor.ggml_type.dtype().ok_or_else(|| {
+        Error::format(
+            path,
+            format!(
+                "tensor {} is {}, a type smoe has no kernels for (it runs F32, F16, BF16, {})",
+                tensor.name,
+                tensor.ggml_type,
+                TABLE
+                    .iter()
+                    .filter(|row| row.0.quant_type().is_some())
+                    .map(|row| row.2)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })
 }
 
 impl std::fmt::Display for GgmlType {

@@ -31,6 +31,47 @@ impl Builder {
         self
     }
 
+    /// The same tensors under other metadata.
+    pub fn with_metadata(&self, metadata: Vec<(String, Value)>) -> Self {
+        Self {
+            metadata,
+            tensors: self.tensors.clone(),
+        }
+    }
+
+    /// The same file with tensor `name` declared as `ty`, its bytes zeros
+    /// of the size that type needs.
+    pub fn with_tensor_type(&self, name: &str, ty: GgmlType) -> Self {
+        let mut out = self.clone();
+        for t in out.tensors.iter_mut().filter(|t| t.0 == name) {
+            let rows: u64 = t.1[1..].iter().product();
+            let bytes = ty.bytes_for(t.1[0]).expect("whole blocks") * rows;
+            t.2 = ty;
+            t.3 = vec![0; bytes as usize];
+        }
+        out
+    }
+
+    /// The set split into `n` shards as llama.cpp's `gguf-split` makes
+    /// them: the tensors in `n` runs in order, the metadata in the first
+    /// shard only, and every shard with its `split.*` keys.
+    pub fn split(&self, n: usize) -> Vec<Vec<u8>> {
+        let total = self.tensors.len();
+        (0..n)
+            .map(|k| {
+                let mut shard = Builder::new()
+                    .kv("split.no", Value::U16(k as u16))
+                    .kv("split.count", Value::U16(n as u16))
+                    .kv("split.tensors.count", Value::I32(total as i32));
+                if k == 0 {
+                    shard.metadata.extend(self.metadata.iter().cloned());
+                }
+                shard.tensors = self.tensors[k * total / n..(k + 1) * total / n].to_vec();
+                shard.build()
+            })
+            .collect()
+    }
+
     /// The file's bytes, version 3, tensors laid out in order at the
     /// alignment that `general.alignment` sets (32 without it).
     pub fn build(&self) -> Vec<u8> {

@@ -11,15 +11,16 @@
 //! greedy choice, V3 sigmoid with `e_score_correction_bias` and
 //! group-limited top-k; both scaled by `routed_scaling_factor`.
 
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 
 use crate::checkpoint::TensorSource;
 use crate::config::{GroupLimit, Keys, Mla, ModelConfig, RopeScaling, Routing, Scoring, Yarn};
 use crate::error::{Error, Result};
+use crate::gguf::config::ArchKeys;
 
 use super::blocks::{norm, LatentAttention, Linear, QueryProj, SharedExpert};
 use super::decoder::{Attn, Mlp, Source};
-use super::family::{ExpertNames, Family};
+use super::family::{ExpertNames, Family, GgufArch};
 
 pub static V2: Family = Family {
     name: "DeepseekV2",
@@ -30,6 +31,7 @@ pub static V2: Family = Family {
     shared_note: "",
     layer,
     extra_layers: false,
+    gguf: Some(GGUF),
 };
 
 pub static V3: Family = Family {
@@ -42,7 +44,121 @@ pub static V3: Family = Family {
     shared_note: "",
     layer,
     extra_layers: true,
+    gguf: Some(GGUF),
 };
+
+/// Both generations are llama.cpp's `deepseek2`; the gating function tells
+/// them apart.
+const GGUF: GgufArch = GgufArch {
+    arch: "deepseek2",
+    config: gguf_config,
+    permute_qk: false,
+};
+
+/// llama.cpp's `expert_gating_func` for sigmoid scores (V3).
+const GATING_SIGMOID: usize = 2;
+
+/// The latent attention's sizes, the experts, the routing and YaRN, from
+/// `deepseek2.*`. Files converted since llama.cpp stores MLA absorbed keep
+/// `head_count_kv` 1 and `key_length`/`value_length` of the latent, with the
+/// per-head sizes in `*_mla`; older ones have the per-head sizes in the
+/// plain keys. Not stored, so as llama.cpp hard-codes them: YaRN's
+/// `mscale` equal to `mscale_all_dim` (as in every release), V2's greedy
+/// top-k without renormalising, V3's `noaux_tc`.
+fn gguf_config(k: &ArchKeys<'_>, c: &mut Map<String, Value>) -> Result<()> {
+    let rope = k.usize("rope.dimension_count")?;
+    let key = match k.opt_usize("attention.key_length_mla")? {
+        Some(n) => n,
+        None => k.usize("attention.key_length")?,
+    };
+    let value = match k.opt_usize("attention.value_length_mla")? {
+        Some(n) => n,
+        None => k.usize("attention.value_length")?,
+    };
+    if key <= rope {
+        return Err(k.err(
+            "attention.key_length",
+            format!("{key} leaves no room beside the rotary part ({rope})"),
+        ));
+    }
+    c.remove("head_dim");
+    c.insert(
+        "num_key_value_heads".into(),
+        c["num_attention_heads"].clone(),
+    );
+    c.insert("qk_rope_head_dim".into(), json!(rope));
+    c.insert("qk_nope_head_dim".into(), json!(key - rope));
+    c.insert("v_head_dim".into(), json!(value));
+    c.insert(
+        "kv_lora_rank".into(),
+        json!(k.usize("attention.kv_lora_rank")?),
+    );
+    let q_rank = k.opt_usize("attention.q_lora_rank")?.filter(|&r| r > 0);
+    c.insert("q_lora_rank".into(), json!(q_rank));
+    c.insert("n_routed_experts".into(), c["num_experts"].clone());
+    c.insert(
+        "n_shared_experts".into(),
+        json!(k.opt_usize("expert_shared_count")?.unwrap_or(0)),
+    );
+    c.insert(
+        "first_k_dense_replace".into(),
+        json!(k.opt_usize("leading_dense_block_count")?.unwrap_or(0)),
+    );
+    c.insert(
+        "routed_scaling_factor".into(),
+        json!(k.opt_f64("expert_weights_scale")?.unwrap_or(1.0)),
+    );
+    let groups = k.opt_usize("expert_group_count")?.unwrap_or(1);
+    c.insert("n_group".into(), json!(groups));
+    c.insert(
+        "topk_group".into(),
+        json!(k.opt_usize("expert_group_used_count")?.unwrap_or(1)),
+    );
+    if k.opt_usize("expert_gating_func")? == Some(GATING_SIGMOID) {
+        c.insert("model_type".into(), json!(V3.model_types[0]));
+        c.insert("scoring_func".into(), json!("sigmoid"));
+        c.insert("topk_method".into(), json!("noaux_tc"));
+        c.insert(
+            "norm_topk_prob".into(),
+            json!(k.opt_bool("expert_weights_norm")?.unwrap_or(false)),
+        );
+    } else {
+        c.insert("model_type".into(), json!(V2.model_types[0]));
+        c.insert("scoring_func".into(), json!("softmax"));
+        let method = if groups > 1 {
+            "group_limited_greedy"
+        } else {
+            "greedy"
+        };
+        c.insert("topk_method".into(), json!(method));
+    }
+    if let Some(kind) = k.opt_str("rope.scaling.type")? {
+        if kind != "yarn" {
+            return Err(k.err(
+                "rope.scaling.type",
+                format!("\"{kind}\" is not supported for deepseek2 (only yarn)"),
+            ));
+        }
+        let mut yarn = Map::new();
+        yarn.insert("type".into(), json!("yarn"));
+        let factor = k
+            .opt_f64("rope.scaling.factor")?
+            .ok_or_else(|| k.err("rope.scaling.factor", "missing for yarn"))?;
+        yarn.insert("factor".into(), json!(factor));
+        yarn.insert(
+            "original_max_position_embeddings".into(),
+            json!(k.usize("rope.scaling.original_context_length")?),
+        );
+        // llama.cpp stores `0.1 * mscale_all_dim` as the log multiplier.
+        if let Some(m) = k.opt_f64("rope.scaling.yarn_log_multiplier")? {
+            let all = m / 0.1;
+            yarn.insert("mscale".into(), json!(all));
+            yarn.insert("mscale_all_dim".into(), json!(all));
+        }
+        c.insert("rope_scaling".into(), Value::Object(yarn));
+    }
+    Ok(())
+}
 
 /// What both generations share: the latent attention's dimensions, the
 /// experts' spelling, shared experts, biases.

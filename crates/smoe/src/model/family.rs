@@ -7,8 +7,11 @@
 
 use std::fmt;
 
+use serde_json::{Map, Value};
+
 use crate::config::{Keys, ModelConfig};
 use crate::error::Result;
+use crate::gguf::config::ArchKeys;
 
 use super::decoder::LayerFn;
 use super::{deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe};
@@ -45,6 +48,23 @@ pub struct Family {
     /// Its checkpoints may store layers past `num_hidden_layers`
     /// (DeepSeek-V3's multi-token prediction), which smoe does not run.
     pub extra_layers: bool,
+    /// How llama.cpp's GGUF files spell it.
+    pub gguf: Option<GgufArch>,
+}
+
+/// A family as llama.cpp stores it in a GGUF.
+pub struct GgufArch {
+    /// `general.architecture`. Families that share one (DeepSeek-V2 and V3)
+    /// list it in both; the first in [`FAMILIES`] reads the metadata and
+    /// names the `model_type`.
+    pub arch: &'static str,
+    /// Writes the config.json keys only this family has from the metadata,
+    /// and the values llama.cpp hard-codes for the architecture instead of
+    /// storing them. The shared keys are already in `out`.
+    pub config: fn(keys: &ArchKeys<'_>, out: &mut Map<String, Value>) -> Result<()>,
+    /// llama.cpp's converter permuted the q and k rows of each head for its
+    /// interleaved RoPE (the `llama` architecture); loading undoes it.
+    pub permute_qk: bool,
 }
 
 impl fmt::Debug for Family {
@@ -65,6 +85,27 @@ pub fn lookup(model_type: &str) -> Option<&'static Family> {
         .iter()
         .copied()
         .find(|f| f.model_types.contains(&model_type))
+}
+
+/// The family that reads GGUFs of `general.architecture` `arch`.
+pub fn lookup_gguf(arch: &str) -> Option<&'static Family> {
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.gguf.as_ref().is_some_and(|g| g.arch == arch))
+}
+
+/// Every GGUF architecture this build runs.
+pub fn gguf_archs() -> impl Iterator<Item = &'static str> {
+    let mut seen: Vec<&'static str> = Vec::new();
+    for f in FAMILIES {
+        if let Some(g) = &f.gguf {
+            if !seen.contains(&g.arch) {
+                seen.push(g.arch);
+            }
+        }
+    }
+    seen.into_iter()
 }
 
 /// Every `model_type` this build loads.

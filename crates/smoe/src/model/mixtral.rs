@@ -6,12 +6,15 @@
 //! `intermediate_size`, router at `block_sparse_moe.gate`: softmax, top-k,
 //! renormalised.
 
+use serde_json::{Map, Value};
+
 use crate::config::{Keys, ModelConfig, Routing};
 use crate::error::Result;
+use crate::gguf::config::ArchKeys;
 
 use super::blocks::{Attention, QkNorm};
 use super::decoder::{Attn, Mlp, Source};
-use super::family::{ExpertNames, Family};
+use super::family::{ExpertNames, Family, GgufArch};
 
 pub static FAMILY: Family = Family {
     name: "Mixtral",
@@ -25,7 +28,24 @@ pub static FAMILY: Family = Family {
     shared_note: "",
     layer,
     extra_layers: false,
+    gguf: Some(GgufArch {
+        arch: "llama",
+        config: gguf_config,
+        permute_qk: true,
+    }),
 };
+
+/// Mixtral is llama.cpp's `llama` architecture with experts; without them
+/// the file is a dense Llama, which smoe does not run.
+fn gguf_config(k: &ArchKeys<'_>, _: &mut Map<String, Value>) -> Result<()> {
+    match k.opt_usize("expert_count")? {
+        Some(n) if n > 0 => Ok(()),
+        _ => Err(k.err(
+            "expert_count",
+            "missing or 0: a dense Llama, not a Mixture-of-Experts model",
+        )),
+    }
+}
 
 fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
     c.num_experts = keys.num_experts("num_experts")?;

@@ -6,12 +6,15 @@
 //! `mlp.experts.E.{gate,up,down}_proj` and a softmax top-k router at
 //! `mlp.gate`.
 
+use serde_json::{Map, Value};
+
 use crate::config::{Keys, ModelConfig, Routing};
 use crate::error::Result;
+use crate::gguf::config::ArchKeys;
 
 use super::blocks::{Attention, QkNorm};
 use super::decoder::{Attn, Mlp, Source};
-use super::family::{ExpertNames, Family};
+use super::family::{ExpertNames, Family, GgufArch};
 
 pub static FAMILY: Family = Family {
     name: "Olmoe",
@@ -22,7 +25,24 @@ pub static FAMILY: Family = Family {
     shared_note: "",
     layer,
     extra_layers: false,
+    gguf: Some(GgufArch {
+        arch: "olmoe",
+        config: gguf_config,
+        permute_qk: false,
+    }),
 };
+
+/// llama.cpp never renormalises OLMoE's top-k weights unless
+/// `expert_weights_norm` says so; `clip_qkv` is stored as
+/// `attention.clamp_kqv`.
+fn gguf_config(k: &ArchKeys<'_>, c: &mut Map<String, Value>) -> Result<()> {
+    let norm = k.opt_bool("expert_weights_norm")?.unwrap_or(false);
+    c.insert("norm_topk_prob".into(), norm.into());
+    if let Some(clip) = k.opt_f64("attention.clamp_kqv")? {
+        c.insert("clip_qkv".into(), clip.into());
+    }
+    Ok(())
+}
 
 fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
     c.num_experts = keys.num_experts("num_experts")?;

@@ -5,12 +5,15 @@
 //! expert (`mlp.shared_expert`) scaled by `sigmoid(shared_expert_gate . x)`;
 //! `mlp_only_layers` and off-step layers are dense.
 
+use serde_json::{Map, Value};
+
 use crate::config::{Keys, ModelConfig, Routing};
 use crate::error::Result;
+use crate::gguf::config::ArchKeys;
 
 use super::blocks::{Attention, QkNorm, SharedExpert};
 use super::decoder::{Attn, Mlp, Source};
-use super::family::{ExpertNames, Family};
+use super::family::{ExpertNames, Family, GgufArch};
 
 pub static FAMILY: Family = Family {
     name: "Qwen2Moe",
@@ -21,7 +24,27 @@ pub static FAMILY: Family = Family {
     shared_note: ", sigmoid-gated,",
     layer,
     extra_layers: false,
+    gguf: Some(GgufArch {
+        arch: "qwen2moe",
+        config: gguf_config,
+        permute_qk: false,
+    }),
 };
+
+/// The shared expert's width is stored; llama.cpp never renormalises the
+/// top-k weights (`norm_topk_prob` false in every release) unless
+/// `expert_weights_norm` says so, and q/k/v biases are there when their
+/// tensors are.
+fn gguf_config(k: &ArchKeys<'_>, c: &mut Map<String, Value>) -> Result<()> {
+    c.insert(
+        "shared_expert_intermediate_size".into(),
+        k.usize("expert_shared_feed_forward_length")?.into(),
+    );
+    let norm = k.opt_bool("expert_weights_norm")?.unwrap_or(false);
+    c.insert("norm_topk_prob".into(), norm.into());
+    c.insert("qkv_bias".into(), k.has_tensor("blk.0.attn_q.bias").into());
+    Ok(())
+}
 
 fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
     c.num_experts = keys.num_experts("num_experts")?;

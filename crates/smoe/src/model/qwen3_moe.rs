@@ -5,12 +5,15 @@
 //! `mlp.gate` (renormalised when `norm_topk_prob`), or a dense SwiGLU MLP
 //! for `mlp_only_layers` and off-step layers.
 
+use serde_json::{Map, Value};
+
 use crate::config::{Keys, ModelConfig, Routing};
 use crate::error::Result;
+use crate::gguf::config::ArchKeys;
 
 use super::blocks::{Attention, QkNorm};
 use super::decoder::{Attn, Mlp, Source};
-use super::family::{ExpertNames, Family};
+use super::family::{ExpertNames, Family, GgufArch};
 
 pub static FAMILY: Family = Family {
     name: "Qwen3Moe",
@@ -21,7 +24,21 @@ pub static FAMILY: Family = Family {
     shared_note: "",
     layer,
     extra_layers: false,
+    gguf: Some(GgufArch {
+        arch: "qwen3moe",
+        config: gguf_config,
+        permute_qk: false,
+    }),
 };
+
+/// llama.cpp renormalises Qwen3-MoE's top-k weights without a key saying
+/// so (every release sets `norm_topk_prob`); `expert_weights_norm`, where a
+/// converter writes it, says otherwise.
+fn gguf_config(k: &ArchKeys<'_>, c: &mut Map<String, Value>) -> Result<()> {
+    let norm = k.opt_bool("expert_weights_norm")?.unwrap_or(true);
+    c.insert("norm_topk_prob".into(), norm.into());
+    Ok(())
+}
 
 fn config(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
     c.num_experts = keys.num_experts("num_experts")?;

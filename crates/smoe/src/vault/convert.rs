@@ -628,7 +628,7 @@ fn save_journal(work: &Path, j: &Journal) -> Result<()> {
     std::fs::rename(&tmp, work.join(JOURNAL)).map_err(|e| Error::io(work.join(JOURNAL), e))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
     f.write_all(bytes).map_err(|e| Error::io(path, e))?;
     f.sync_all().map_err(|e| Error::io(path, e))
@@ -636,7 +636,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// A random-enough id: time and process id, hashed. It only has to differ
 /// between conversions.
-fn new_conversion_id() -> String {
+pub(crate) fn new_conversion_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

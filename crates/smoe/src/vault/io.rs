@@ -72,7 +72,29 @@ impl DirectFile {
     /// Reads exactly `buf.len()` bytes at `offset`. With direct I/O, `buf`,
     /// its length and `offset` must be multiples of [`ALIGN`].
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)?;
+        self.read_at_least(buf, offset, buf.len())
+    }
+
+    /// Reads into `buf` at `offset` until at least `need` bytes are there:
+    /// a direct read rounded out to [`ALIGN`] may run past the end of the
+    /// file, which is only an error if it ends before `need`.
+    pub fn read_at_least(&self, buf: &mut [u8], offset: u64, need: usize) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < need {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file ends {done} bytes into a read of {need} at offset {offset}"
+                        ),
+                    ))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         if !self.direct {
             #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
             {
@@ -197,10 +219,12 @@ impl DiskRows {
             };
             // SAFETY: the buffer is this thread's, borrowed for this call only.
             let span = unsafe { buf.slice_mut(0, (end - first) as usize) };
-            self.file.read_exact_at(span, first).map_err(|e| {
-                Error::format(&self.file.path, format!("reading embedding row {id}: {e}"))
-            })?;
             let skip = (start - first) as usize;
+            self.file
+                .read_at_least(span, first, skip + self.row_bytes)
+                .map_err(|e| {
+                    Error::format(&self.file.path, format!("reading embedding row {id}: {e}"))
+                })?;
             crate::kernels::widen(
                 self.dtype,
                 &span[skip..skip + self.row_bytes],
