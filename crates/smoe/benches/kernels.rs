@@ -54,8 +54,18 @@ const CASES: [Case; 4] = [
 ];
 /// The GGUF formats at the expert shapes, decode and a prefill share.
 const GGUF_CASES: [Case; 2] = [
-    (768, 2048, &[1, 32], &[BF16, Q4K, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS]),
-    (2048, 768, &[1, 32], &[BF16, Q4K, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS]),
+    (
+        768,
+        2048,
+        &[1, 32],
+        &[BF16, Q4K, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS],
+    ),
+    (
+        2048,
+        768,
+        &[1, 32],
+        &[BF16, Q4K, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS],
+    ),
 ];
 type Case = (usize, usize, &'static [usize], &'static [DType]);
 const COLD_BYTES: usize = 512 << 20;

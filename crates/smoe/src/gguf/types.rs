@@ -221,7 +221,12 @@ mod tests {
     #[test]
     fn types_without_kernels_are_refused_by_tensor_and_type() {
         let t = "blk.3.ffn_down_exps.weight";
-        for ty in [GgmlType::Iq2Xxs, GgmlType::Iq1M, GgmlType::Iq3S, GgmlType::Tq1_0] {
+        for ty in [
+            GgmlType::Iq2Xxs,
+            GgmlType::Iq1M,
+            GgmlType::Iq3S,
+            GgmlType::Tq1_0,
+        ] {
             let msg = ty.compute_dtype(t).unwrap_err().to_string();
             assert!(msg.contains(t) && msg.contains(ty.name()), "{msg}");
         }

@@ -142,7 +142,12 @@ pub(super) unsafe fn bit_bytes(p: *const u8) -> __m256i {
     // Byte i takes byte i / 8 of the word, then keeps its own bit i % 8.
     let spread = _mm256_shuffle_epi8(
         bits,
-        _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
+        _mm256_setr_epi64x(
+            0,
+            0x0101_0101_0101_0101,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+        ),
     );
     let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask)

@@ -19,16 +19,18 @@ use std::mem::{align_of, size_of};
 #[cfg(target_arch = "x86_64")]
 use candle_core::quantized::k_quants::BlockQ6K;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0,
+};
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::qdot::by_row;
 use super::{for_each_task, threads, SharedOut};
 #[cfg(target_arch = "x86_64")]
 use super::{qdot_avx512, qdot_x86};
+use crate::quant::{as_blocks, with_block_type, Block, QuantType, WeightBlock};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::quant::{bytes_of, bytes_of_mut, BlockIq4Nl, BlockIq4Xs};
-use crate::quant::{as_blocks, with_block_type, Block, QuantType, WeightBlock};
 
 /// Reusable storage for quantized activations: once it has grown to the
 /// largest `[t, cols]` seen, calls allocate nothing.
@@ -405,13 +407,21 @@ x86_kernel!(Avx512Q5_1, BlockQ5_1, qdot_x86::quantize_q8_0, 4, |w, a| {
     by_row(w, |w| qdot_avx512::q5_1(bytes_of(w), a, w.len()))
 });
 #[cfg(target_arch = "x86_64")]
-x86_kernel!(Avx512Iq4Nl, BlockIq4Nl, qdot_x86::quantize_q8_0, 4, |w, a| {
-    by_row(w, |w| qdot_avx512::iq4nl(bytes_of(w), a, w.len()))
-});
+x86_kernel!(
+    Avx512Iq4Nl,
+    BlockIq4Nl,
+    qdot_x86::quantize_q8_0,
+    4,
+    |w, a| { by_row(w, |w| qdot_avx512::iq4nl(bytes_of(w), a, w.len())) }
+);
 #[cfg(target_arch = "x86_64")]
-x86_kernel!(Avx512Iq4Xs, BlockIq4Xs, qdot_x86::quantize_q8k, 4, |w, a| {
-    by_row(w, |w| qdot_avx512::iq4xs(bytes_of(w), a, w.len()))
-});
+x86_kernel!(
+    Avx512Iq4Xs,
+    BlockIq4Xs,
+    qdot_x86::quantize_q8k,
+    4,
+    |w, a| { by_row(w, |w| qdot_avx512::iq4xs(bytes_of(w), a, w.len())) }
+);
 // AVX-512 Q8_0 keeps four-token passes: with eight, a Sapphire Rapids core
 // ran its products 0.76-0.88x as fast (kernels bench, normalized by the
 // one-token rows), while Q4_0 and Q4_K gained 1.1-1.2x.

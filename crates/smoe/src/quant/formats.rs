@@ -68,7 +68,13 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 
 /// The 32 nibbles of a run in element order.
 fn nibbles(qs: &[u8]) -> [u8; 32] {
-    std::array::from_fn(|j| if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 })
+    std::array::from_fn(|j| {
+        if j < 16 {
+            qs[j] & 0x0F
+        } else {
+            qs[j - 16] >> 4
+        }
+    })
 }
 
 /// A 32-weight format read by the scalar code: each block's integer
@@ -262,7 +268,11 @@ unsafe impl Block for BlockIq4Xs {
     fn to_float(xs: &[Self], ys: &mut [f32]) {
         for (b, y) in xs.iter().zip(ys.chunks_exact_mut(256)) {
             let d = b.d.to_f32();
-            for (i, (y, qs)) in y.chunks_exact_mut(32).zip(b.qs.chunks_exact(16)).enumerate() {
+            for (i, (y, qs)) in y
+                .chunks_exact_mut(32)
+                .zip(b.qs.chunks_exact(16))
+                .enumerate()
+            {
                 let dl = d * b.scale(i) as f32;
                 for (y, q) in y.iter_mut().zip(nibbles(qs)) {
                     *y = dl * f32::from(KVALUES_IQ4NL[q as usize]);
@@ -308,7 +318,11 @@ impl WeightBlock for BlockIq4Xs {
         let mut sum = 0.0;
         for (b, ab) in xs.iter().zip(a.chunks_exact(Q8K_BYTES)) {
             let mut sumi = 0i32;
-            for (i, (qs, y)) in b.qs.chunks_exact(16).zip(ab[4..260].chunks_exact(32)).enumerate() {
+            for (i, (qs, y)) in
+                b.qs.chunks_exact(16)
+                    .zip(ab[4..260].chunks_exact(32))
+                    .enumerate()
+            {
                 let dot: i32 = nibbles(qs)
                     .iter()
                     .zip(y)
@@ -369,7 +383,13 @@ mod tests {
         assert_eq!(want[4], 0.25 * (4 + 16 - 16) as f32);
         assert_eq!(want[0], 0.25 * -16.0);
 
-        let q5_1 = [&f16_bytes(0.5)[..], &f16_bytes(2.0), &qh.to_le_bytes(), &ramp()].concat();
+        let q5_1 = [
+            &f16_bytes(0.5)[..],
+            &f16_bytes(2.0),
+            &qh.to_le_bytes(),
+            &ramp(),
+        ]
+        .concat();
         let want: Vec<f32> = (0..32)
             .map(|e| 0.5 * (nib(e) + 16 * bit(e)) as f32 + 2.0)
             .collect();
@@ -390,7 +410,11 @@ mod tests {
         // Low scale nibbles 0..8 in order, high bit pairs 0, 1, 2, 3 twice:
         // ls = [0, 17, 34, 51, 4, 21, 38, 55], scales ls - 32.
         let scales = [-32, -15, 2, 19, -28, -11, 6, 23];
-        let mut block = [&f16_bytes(0.5)[..], &0b11_10_01_00_11_10_01_00u16.to_le_bytes()].concat();
+        let mut block = [
+            &f16_bytes(0.5)[..],
+            &0b11_10_01_00_11_10_01_00u16.to_le_bytes(),
+        ]
+        .concat();
         block.extend([0x10, 0x32, 0x54, 0x76]);
         for _ in 0..8 {
             block.extend(ramp());
@@ -421,9 +445,16 @@ mod tests {
             B::to_float(wb, &mut wd);
             B::VecDotType::to_float(&xq, &mut xd);
             let want: f64 = wd.iter().zip(&xd).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let scale: f64 = wd.iter().zip(&xd).map(|(&a, &b)| (a as f64 * b as f64).powi(2)).sum();
+            let scale: f64 = wd
+                .iter()
+                .zip(&xd)
+                .map(|(&a, &b)| (a as f64 * b as f64).powi(2))
+                .sum();
             let got = B::vec_dot_unopt(wb, &xq) as f64;
-            assert!((got - want).abs() < 1e-5 * scale.sqrt().max(1.0), "{t:?}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 1e-5 * scale.sqrt().max(1.0),
+                "{t:?}: {got} vs {want}"
+            );
         }
         check::<BlockQ4_1>(QuantType::Q4_1);
         check::<BlockQ5_0>(QuantType::Q5_0);
