@@ -412,7 +412,7 @@ x86_kernel!(
     BlockIq4Nl,
     qdot_x86::quantize_q8_0,
     4,
-    |w, a| { by_row(w, |w| qdot_avx512::iq4nl(bytes_of(w), a, w.len())) }
+    |w, a| by_row(w, |w| qdot_avx512::iq4nl(bytes_of(w), a, w.len()))
 );
 #[cfg(target_arch = "x86_64")]
 x86_kernel!(
@@ -420,7 +420,7 @@ x86_kernel!(
     BlockIq4Xs,
     qdot_x86::quantize_q8k,
     4,
-    |w, a| { by_row(w, |w| qdot_avx512::iq4xs(bytes_of(w), a, w.len())) }
+    |w, a| by_row(w, |w| qdot_avx512::iq4xs(bytes_of(w), a, w.len()))
 );
 // AVX-512 Q8_0 keeps four-token passes: with eight, a Sapphire Rapids core
 // ran its products 0.76-0.88x as fast (kernels bench, normalized by the
