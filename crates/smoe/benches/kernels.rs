@@ -10,8 +10,12 @@
 //! token after as many, reported as time per call and GFLOP/s of the visible
 //! (unmasked) scores and weighted values.
 //!
+//! The formats GGUF files bring besides smoe's own (Q4_1, Q5_0, Q5_1, IQ4_NL,
+//! IQ4_XS) are a group of their own, at the expert shapes against bf16 and
+//! Q4_K in the same run.
+//!
 //! `cargo bench -p smoe --bench kernels` (add `-- --threads N` to size the
-//! pool; default: one thread per logical CPU; `-- matmul` or
+//! pool; default: one thread per logical CPU; `-- matmul`, `-- gguf` or
 //! `-- attention` runs only that group).
 //!
 //! "cold" cycles through copies of the matrix filling 512 MiB, so every call
@@ -33,16 +37,37 @@ const Q8_0: DType = DType::Quant(QuantType::Q8_0);
 const Q4K: DType = DType::Quant(QuantType::Q4K);
 const Q4_0: DType = DType::Quant(QuantType::Q4_0);
 const Q6K: DType = DType::Quant(QuantType::Q6K);
+const Q4_1: DType = DType::Quant(QuantType::Q4_1);
+const Q5_0: DType = DType::Quant(QuantType::Q5_0);
+const Q5_1: DType = DType::Quant(QuantType::Q5_1);
+const IQ4_NL: DType = DType::Quant(QuantType::Iq4Nl);
+const IQ4_XS: DType = DType::Quant(QuantType::Iq4Xs);
 /// `(rows, cols, tokens, types)`, bf16 first as the baseline: the expert
 /// projections, gate/up `[768, 2048]` and down `[2048, 768]`; then the
 /// matrix-vector product of Q6_K, the LM head's type in a 4-bit backbone,
 /// at the down shape and at the LM head's own, `[151936, 2048]`.
-const CASES: [(usize, usize, &[usize], &[DType]); 4] = [
+const CASES: [Case; 4] = [
     (768, 2048, &TOKENS, &[BF16, Q8_0, Q4K, Q4_0]),
     (2048, 768, &TOKENS, &[BF16, Q8_0, Q4K, Q4_0]),
     (2048, 768, &[1], &[BF16, Q6K]),
     (151_936, 2048, &[1], &[BF16, Q8_0, Q4K, Q6K]),
 ];
+/// The GGUF formats at the expert shapes, decode and a prefill share.
+const GGUF_CASES: [Case; 2] = [
+    (
+        768,
+        2048,
+        &[1, 32],
+        &[BF16, Q4K, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS],
+    ),
+    (
+        2048,
+        768,
+        &[1, 32],
+        &[BF16, Q4K, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS],
+    ),
+];
+type Case = (usize, usize, &'static [usize], &'static [DType]);
 const COLD_BYTES: usize = 512 << 20;
 const ROUNDS: usize = 7;
 
@@ -101,18 +126,22 @@ fn main() {
             .expect("--threads N");
         smoe::kernels::set_threads(n);
     }
+    let groups = ["matmul", "gguf", "attention"];
     let only = |group: &str| {
-        !args.iter().any(|a| a == "matmul" || a == "attention") || args.iter().any(|a| a == group)
+        !args.iter().any(|a| groups.contains(&a.as_str())) || args.iter().any(|a| a == group)
     };
     if only("matmul") {
-        bench_matmul();
+        bench_matmul(&CASES);
+    }
+    if only("gguf") {
+        bench_matmul(&GGUF_CASES);
     }
     if only("attention") {
         bench_attention();
     }
 }
 
-fn bench_matmul() {
+fn bench_matmul(cases: &[Case]) {
     println!(
         "{} threads; GB/s = weight bytes / time, median of {ROUNDS}; \
          \"1-tok\" rows: quantized weights dotted with one token per kernel call",
@@ -133,7 +162,7 @@ fn bench_matmul() {
     );
     type Matmul = fn(&[f32], usize, Matrix<'_>, &mut [f32]);
     let paths: [(&str, Matmul); 2] = [("1-tok", matmul_token_by_token), ("tiled", matmul)];
-    for (rows, cols, tokens, dtypes) in CASES {
+    for &(rows, cols, tokens, dtypes) in cases {
         for &t in tokens {
             let mut bf16_cold = None;
             for &dtype in dtypes {

@@ -8,14 +8,18 @@
 //! block_elems` consecutive blocks, each a `#[repr(C)]` struct of scales and
 //! packed integers, byte-compatible with GGUF tensor data.
 
-use std::mem::{align_of, size_of};
+use std::mem::{align_of, size_of, size_of_val};
 
 use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, GgmlType,
+    self, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+    BlockQ6K, BlockQ8K, BlockQ8_0,
 };
 use rayon::prelude::*;
 
 use crate::{Error, Result};
+
+mod formats;
+pub(crate) use formats::{BlockIq4Nl, BlockIq4Xs, KVALUES_IQ4NL};
 
 /// Element types of stored weights: plain floats, or GGML blocks of
 /// quantized values with their scales.
@@ -86,9 +90,28 @@ pub enum QuantType {
     /// 2.625 bits; visibly lossy, only for an explicit request.
     #[serde(rename = "q2_k")]
     Q2K,
+    /// 5 bits: 32-weight blocks with an f16 scale and an f16 minimum.
+    #[serde(rename = "q4_1")]
+    Q4_1,
+    /// 5.5 bits: 32-weight blocks of 5-bit values with one f16 scale,
+    /// symmetric; llama.cpp's fallback for rows not a multiple of 256.
+    #[serde(rename = "q5_0")]
+    Q5_0,
+    /// 6 bits: Q5_0 with an f16 minimum.
+    #[serde(rename = "q5_1")]
+    Q5_1,
+    /// 4.5 bits: 32-weight blocks of 4-bit indices into a fixed non-linear
+    /// table of 16 values, with one f16 scale.
+    #[serde(rename = "iq4_nl")]
+    Iq4Nl,
+    /// 4.25 bits: IQ4_NL's table in 256-weight super-blocks of eight
+    /// 32-weight sub-blocks, each with a 6-bit scale.
+    #[serde(rename = "iq4_xs")]
+    Iq4Xs,
 }
 
-/// Runs `$body` with `$b` bound to the candle block type of `$qt`, so each
+/// Runs `$body` with `$b` bound to the block type of `$qt` (candle's, or
+/// ours where candle has none), so each
 /// generic routine is instantiated once per format from one mapping.
 macro_rules! with_block_type {
     ($qt:expr, $b:ident => $body:expr) => {
@@ -121,6 +144,26 @@ macro_rules! with_block_type {
                 type $b = candle_core::quantized::k_quants::BlockQ2K;
                 $body
             }
+            $crate::quant::QuantType::Q4_1 => {
+                type $b = candle_core::quantized::k_quants::BlockQ4_1;
+                $body
+            }
+            $crate::quant::QuantType::Q5_0 => {
+                type $b = candle_core::quantized::k_quants::BlockQ5_0;
+                $body
+            }
+            $crate::quant::QuantType::Q5_1 => {
+                type $b = candle_core::quantized::k_quants::BlockQ5_1;
+                $body
+            }
+            $crate::quant::QuantType::Iq4Nl => {
+                type $b = $crate::quant::BlockIq4Nl;
+                $body
+            }
+            $crate::quant::QuantType::Iq4Xs => {
+                type $b = $crate::quant::BlockIq4Xs;
+                $body
+            }
         }
     };
 }
@@ -128,7 +171,7 @@ pub(crate) use with_block_type;
 
 impl QuantType {
     /// Every format, in the order of the enum.
-    pub const ALL: [QuantType; 7] = [
+    pub const ALL: [QuantType; 12] = [
         QuantType::Q4K,
         QuantType::Q4_0,
         QuantType::Q8_0,
@@ -136,6 +179,11 @@ impl QuantType {
         QuantType::Q5K,
         QuantType::Q3K,
         QuantType::Q2K,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Iq4Nl,
+        QuantType::Iq4Xs,
     ];
 
     /// The lowercase llama.cpp name: `"q4_k"`, `"q4_0"`, `"q8_0"`, ...
@@ -148,6 +196,11 @@ impl QuantType {
             QuantType::Q5K => "q5_k",
             QuantType::Q3K => "q3_k",
             QuantType::Q2K => "q2_k",
+            QuantType::Q4_1 => "q4_1",
+            QuantType::Q5_0 => "q5_0",
+            QuantType::Q5_1 => "q5_1",
+            QuantType::Iq4Nl => "iq4_nl",
+            QuantType::Iq4Xs => "iq4_xs",
         }
     }
 
@@ -159,7 +212,8 @@ impl QuantType {
             .find(|t| t.name().eq_ignore_ascii_case(s))
     }
 
-    /// Weights per block: 256 for the k-quants, 32 for q4_0 and q8_0.
+    /// Weights per block: 256 for the k-quants and iq4_xs, 32 for the
+    /// others.
     pub fn block_elems(self) -> usize {
         with_block_type!(self, B => B::BLCK_SIZE)
     }
@@ -194,13 +248,16 @@ impl QuantType {
     /// q8_0 for q5_k and q6_k), else `None`: keep the row unquantized.
     ///
     /// llama.cpp falls back the same way for rows that are not a multiple of
-    /// 256, but to q5_0/q5_1 for q4_k/q5_k; those would cost a format whose
-    /// candle dot product has no SIMD path, for little gain on the few such
-    /// rows.
+    /// 256, but to q5_0/q5_1 for q4_k/q5_k: vaults made before those had
+    /// kernels of their own keep q4_0 and q8_0, so the recipe stays. iq4_xs
+    /// falls back to iq4_nl, its table in 32-weight blocks, as in llama.cpp;
+    /// the other 32-weight formats fit every row they can be asked for.
     pub fn for_row(self, cols: usize) -> Option<QuantType> {
         let fallback = match self {
             QuantType::Q4K | QuantType::Q3K | QuantType::Q2K | QuantType::Q4_0 => QuantType::Q4_0,
             QuantType::Q5K | QuantType::Q6K | QuantType::Q8_0 => QuantType::Q8_0,
+            QuantType::Iq4Xs | QuantType::Iq4Nl => QuantType::Iq4Nl,
+            QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 => self,
         };
         [self, fallback]
             .into_iter()
@@ -208,23 +265,120 @@ impl QuantType {
     }
 }
 
-/// Candle block types that may be viewed in place over arbitrary bytes.
+/// A block format viewed in place over arbitrary bytes: its geometry and
+/// its conversion to and from f32.
+///
+/// candle's own trait cannot be implemented for the formats it lacks (its
+/// `DTYPE` enum has no IQ4), and pairs Q4_1 and Q5_1 with Q8_1 activations
+/// where smoe's kernels take Q8_0, so smoe has its own, forwarding to
+/// candle where candle has the format.
 ///
 /// # Safety
 /// Implementors must be `#[repr(C)]` structs of integers, f16 and f32 only,
-/// without padding, so that every bit pattern is a valid value.
-pub(crate) unsafe trait Block: GgmlType {}
+/// without padding and at most 4-byte aligned, so that every bit pattern is
+/// a valid value.
+pub(crate) unsafe trait Block: Sized + Clone + Send + Sync {
+    /// How messages name the format.
+    const NAME: &'static str;
+    /// Weights per block.
+    const BLCK_SIZE: usize;
 
-// SAFETY: all are `#[repr(C)]` structs of u8/i8/i16 arrays, f16 and f32 fields
-// whose sizes candle asserts equal the sum of their fields (no padding).
-unsafe impl Block for BlockQ4K {}
-unsafe impl Block for BlockQ4_0 {}
-unsafe impl Block for BlockQ8_0 {}
-unsafe impl Block for BlockQ6K {}
-unsafe impl Block for BlockQ5K {}
-unsafe impl Block for BlockQ3K {}
-unsafe impl Block for BlockQ2K {}
-unsafe impl Block for BlockQ8K {}
+    /// An all-zero block, for tests that fill blocks through slices.
+    #[cfg(test)]
+    fn zeros() -> Self {
+        // SAFETY: the trait's contract makes all-zero bytes a valid value.
+        unsafe { std::mem::MaybeUninit::zeroed().assume_init() }
+    }
+
+    /// Dequantizes whole blocks: `ys.len() == xs.len() * BLCK_SIZE`.
+    fn to_float(xs: &[Self], ys: &mut [f32]);
+
+    /// Quantizes whole blocks: `xs.len() == ys.len() * BLCK_SIZE`.
+    fn from_float(xs: &[f32], ys: &mut [Self]);
+}
+
+/// A weight format and the activation format its integer dot products take.
+pub(crate) trait WeightBlock: Block {
+    /// The activations' blocks, one per weight block.
+    type VecDotType: Block;
+
+    /// The product of weight blocks `xs` with as many activation blocks
+    /// `ys`, by plain loops: the reference the SIMD kernels are tested
+    /// against.
+    fn vec_dot_unopt(xs: &[Self], ys: &[Self::VecDotType]) -> f32;
+
+    /// [`WeightBlock::vec_dot_unopt`], or a faster equivalent where the
+    /// build has one.
+    fn vec_dot(xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        Self::vec_dot_unopt(xs, ys)
+    }
+}
+
+/// [`Block`] for a candle block type, forwarding to candle.
+macro_rules! candle_block {
+    ($($b:ty => $name:literal),* $(,)?) => {$(
+        // SAFETY: candle's blocks are `#[repr(C)]` structs of u8/i8/i16
+        // arrays, f16 and f32 fields whose sizes candle asserts equal the sum
+        // of their fields (no padding).
+        unsafe impl Block for $b {
+            const NAME: &'static str = $name;
+            const BLCK_SIZE: usize = <$b as k_quants::GgmlType>::BLCK_SIZE;
+
+            fn to_float(xs: &[Self], ys: &mut [f32]) {
+                <$b as k_quants::GgmlType>::to_float(xs, ys)
+            }
+
+            fn from_float(xs: &[f32], ys: &mut [Self]) {
+                <$b as k_quants::GgmlType>::from_float(xs, ys)
+            }
+        }
+    )*};
+}
+candle_block!(
+    BlockQ4K => "q4_k",
+    BlockQ4_0 => "q4_0",
+    BlockQ8_0 => "q8_0",
+    BlockQ6K => "q6_k",
+    BlockQ5K => "q5_k",
+    BlockQ3K => "q3_k",
+    BlockQ2K => "q2_k",
+    BlockQ8K => "q8_k",
+    BlockQ4_1 => "q4_1",
+    BlockQ5_0 => "q5_0",
+    BlockQ5_1 => "q5_1",
+);
+
+/// [`WeightBlock`] for a candle block type with candle's activation type
+/// and dot products.
+macro_rules! candle_weight_block {
+    ($($b:ty),*) => {$(
+        impl WeightBlock for $b {
+            type VecDotType = <$b as k_quants::GgmlType>::VecDotType;
+
+            fn vec_dot_unopt(xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+                <$b as k_quants::GgmlType>::vec_dot_unopt(xs.len() * Self::BLCK_SIZE, xs, ys)
+            }
+
+            fn vec_dot(xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+                <$b as k_quants::GgmlType>::vec_dot(xs.len() * Self::BLCK_SIZE, xs, ys)
+            }
+        }
+    )*};
+}
+candle_weight_block!(BlockQ4K, BlockQ4_0, BlockQ8_0, BlockQ6K, BlockQ5K, BlockQ3K, BlockQ2K);
+
+/// The bytes of a block slice.
+pub(crate) fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
+    // SAFETY: `Block` types are plain `repr(C)` data without padding; the
+    // byte view lives as long as the borrow.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), size_of_val(blocks)) }
+}
+
+/// The bytes of a block slice, writable.
+pub(crate) fn bytes_of_mut<B: Block>(blocks: &mut [B]) -> &mut [u8] {
+    // SAFETY: as `bytes_of`; `Block` types accept any bytes.
+    unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), size_of_val(blocks)) }
+}
 
 /// Checks that `bytes` can be viewed as a slice of `B`: a whole number of
 /// blocks, starting at `B`'s alignment (2 for every weight format).
@@ -232,15 +386,15 @@ fn check_blocks<B: Block>(bytes: &[u8]) -> Result<usize> {
     let (size, align) = (size_of::<B>(), align_of::<B>());
     if !bytes.len().is_multiple_of(size) {
         return Err(Error::invalid(format!(
-            "{} bytes are not a whole number of {:?} blocks of {size} bytes",
+            "{} bytes are not a whole number of {} blocks of {size} bytes",
             bytes.len(),
-            B::DTYPE
+            B::NAME
         )));
     }
     if !(bytes.as_ptr() as usize).is_multiple_of(align) {
         return Err(Error::invalid(format!(
-            "{:?} block data at {:p} is not {align}-byte aligned",
-            B::DTYPE,
+            "{} block data at {:p} is not {align}-byte aligned",
+            B::NAME,
             bytes.as_ptr()
         )));
     }
@@ -414,6 +568,11 @@ pub(crate) mod tests {
             (QuantType::Q5K, 256, 176, 5.5),
             (QuantType::Q3K, 256, 110, 3.4375),
             (QuantType::Q2K, 256, 84, 2.625),
+            (QuantType::Q4_1, 32, 20, 5.0),
+            (QuantType::Q5_0, 32, 22, 5.5),
+            (QuantType::Q5_1, 32, 24, 6.0),
+            (QuantType::Iq4Nl, 32, 18, 4.5),
+            (QuantType::Iq4Xs, 256, 136, 4.25),
         ];
         for (t, elems, bytes, bits) in expect {
             assert_eq!((t.block_elems(), t.block_bytes()), (elems, bytes), "{t:?}");
@@ -432,6 +591,8 @@ pub(crate) mod tests {
         assert_eq!(QuantType::Q2K.for_row(96), Some(QuantType::Q4_0));
         assert_eq!(QuantType::Q6K.for_row(96), Some(QuantType::Q8_0));
         assert_eq!(QuantType::Q8_0.for_row(96), Some(QuantType::Q8_0));
+        assert_eq!(QuantType::Iq4Xs.for_row(96), Some(QuantType::Iq4Nl));
+        assert_eq!(QuantType::Q5_1.for_row(96), Some(QuantType::Q5_1));
         for t in QuantType::ALL {
             assert_eq!(t.for_row(40), None, "{t:?}");
         }
@@ -443,7 +604,8 @@ pub(crate) mod tests {
     /// catch a format or layout that went wrong. The values follow from the
     /// step sizes: q8_0 steps by max/127 over 32 weights, q4_0 by max/8 over
     /// 32 with no offset, the k-quants fit a scale (and a minimum, except
-    /// q6_k and q3_k) per 16 or 32 weights.
+    /// q6_k and q3_k) per 16 or 32 weights; the IQ4 formats' table is denser
+    /// near zero, where most normal values fall.
     #[test]
     fn round_trip_error_per_type() {
         let cols = 512;
@@ -456,6 +618,11 @@ pub(crate) mod tests {
             (QuantType::Q4_0, 0.099),  // measured 0.0864
             (QuantType::Q3K, 0.17),    // measured 0.150
             (QuantType::Q2K, 0.33),    // measured 0.288
+            (QuantType::Q4_1, 0.090),  // measured 0.0783
+            (QuantType::Q5_0, 0.049),  // measured 0.0428
+            (QuantType::Q5_1, 0.044),  // measured 0.0378
+            (QuantType::Iq4Nl, 0.088), // measured 0.0768
+            (QuantType::Iq4Xs, 0.089), // measured 0.0774
         ];
         for (t, bound) in bounds {
             let q = quantize(t, &x, cols);

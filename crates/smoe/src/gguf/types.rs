@@ -87,6 +87,23 @@ const TABLE: [(GgmlType, u32, &str, usize, usize); 32] = [
     (GgmlType::Mxfp4, 39, "MXFP4", 32, 17),
 ];
 
+/// The GGML types that are vault block formats, byte for byte: the one
+/// mapping both directions use.
+const SHARED: [(GgmlType, QuantType); 12] = [
+    (GgmlType::Q4K, QuantType::Q4K),
+    (GgmlType::Q4_0, QuantType::Q4_0),
+    (GgmlType::Q8_0, QuantType::Q8_0),
+    (GgmlType::Q6K, QuantType::Q6K),
+    (GgmlType::Q5K, QuantType::Q5K),
+    (GgmlType::Q3K, QuantType::Q3K),
+    (GgmlType::Q2K, QuantType::Q2K),
+    (GgmlType::Q4_1, QuantType::Q4_1),
+    (GgmlType::Q5_0, QuantType::Q5_0),
+    (GgmlType::Q5_1, QuantType::Q5_1),
+    (GgmlType::Iq4Nl, QuantType::Iq4Nl),
+    (GgmlType::Iq4Xs, QuantType::Iq4Xs),
+];
+
 impl GgmlType {
     fn row(self) -> &'static (GgmlType, u32, &'static str, usize, usize) {
         // The table is in enum order, so the discriminant indexes it.
@@ -131,15 +148,26 @@ impl GgmlType {
     /// The vault's block format with the same bytes, for the types smoe's
     /// kernels multiply directly.
     pub fn quant_type(self) -> Option<QuantType> {
-        Some(match self {
-            GgmlType::Q4K => QuantType::Q4K,
-            GgmlType::Q4_0 => QuantType::Q4_0,
-            GgmlType::Q8_0 => QuantType::Q8_0,
-            GgmlType::Q6K => QuantType::Q6K,
-            GgmlType::Q5K => QuantType::Q5K,
-            GgmlType::Q3K => QuantType::Q3K,
-            GgmlType::Q2K => QuantType::Q2K,
-            _ => return None,
+        SHARED.iter().find(|s| s.0 == self).map(|s| s.1)
+    }
+
+    /// The GGML type with the same bytes as a vault block format: every
+    /// one has one.
+    pub fn from_quant(q: QuantType) -> GgmlType {
+        let shared = SHARED.iter().find(|s| s.1 == q);
+        shared.expect("SHARED lists every QuantType").0
+    }
+
+    /// The kernels' element type for tensor `tensor` of this type, or an
+    /// error naming the tensor and the type where smoe has no kernels for
+    /// it (the other IQ types, the ternary ones, MXFP4, integers, f64).
+    pub fn compute_dtype(self, tensor: &str) -> Result<DType> {
+        self.dtype().ok_or_else(|| {
+            Error::invalid(format!(
+                "tensor {tensor}: GGML type {self} is not supported; smoe computes with \
+                 F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, \
+                 IQ4_XS and IQ4_NL"
+            ))
         })
     }
 
@@ -206,6 +234,32 @@ mod tests {
                 assert!(q.name().eq_ignore_ascii_case(row.2));
             }
         }
+    }
+
+    #[test]
+    fn every_vault_format_is_a_ggml_type_and_back() {
+        for q in QuantType::ALL {
+            assert_eq!(GgmlType::from_quant(q).quant_type(), Some(q), "{q:?}");
+        }
+    }
+
+    #[test]
+    fn types_without_kernels_are_refused_by_tensor_and_type() {
+        let t = "blk.3.ffn_down_exps.weight";
+        for ty in [
+            GgmlType::Iq2Xxs,
+            GgmlType::Iq1M,
+            GgmlType::Iq3S,
+            GgmlType::Tq1_0,
+        ] {
+            let msg = ty.compute_dtype(t).unwrap_err().to_string();
+            assert!(msg.contains(t) && msg.contains(ty.name()), "{msg}");
+        }
+        assert_eq!(
+            GgmlType::Iq4Xs.compute_dtype(t).unwrap(),
+            DType::Quant(QuantType::Iq4Xs)
+        );
+        assert_eq!(GgmlType::Bf16.compute_dtype(t).unwrap(), DType::BF16);
     }
 
     #[test]

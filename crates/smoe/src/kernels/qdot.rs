@@ -24,12 +24,43 @@
 //!   weight is `d*scale_j*q - dmin*min_j`. A block's product with a Q8_K
 //!   block is `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`,
 //!   where the sums of q8 come precomputed in the activation block.
+//!
+//! The formats of GGUF files smoe does not write itself (Q4_1, Q5_0, Q5_1,
+//! IQ4_NL and IQ4_XS) are laid out in `quant::formats`. The 32-weight ones
+//! take Q8_0 activations, IQ4_XS takes Q8_K. Q4_1 and Q5_1 add `m*d8*sum(y)`
+//! per block, the activations' sum taken in the kernel.
 
 /// Bytes per block of each format.
 pub const Q4K: usize = 144;
 pub const Q8K: usize = 292;
 pub const Q8_0: usize = 34;
 pub const Q4_0: usize = 18;
+pub const Q4_1: usize = 20;
+pub const Q5_0: usize = 22;
+pub const Q5_1: usize = 24;
+pub const IQ4_NL: usize = 18;
+pub const IQ4_XS: usize = 136;
+
+pub(crate) use crate::quant::KVALUES_IQ4NL;
+
+/// Sub-block `i`'s scale `ls - 32` of an IQ4_XS block from its `scales_h`
+/// (`h`) and `scales_l` (`l`, as a little-endian word).
+#[inline(always)]
+pub fn iq4xs_scale(h: u16, l: u32, i: usize) -> i32 {
+    (((l >> (4 * i)) & 0x0F) | (((h as u32) >> (2 * i)) & 3) << 4) as i32 - 32
+}
+
+/// The `scales_h` and `scales_l` words of the IQ4_XS block at `p`.
+///
+/// # Safety
+/// `p` must point to a whole IQ4_XS block.
+#[inline(always)]
+pub unsafe fn iq4xs_scale_words(p: *const u8) -> (u16, u32) {
+    (
+        p.add(2).cast::<u16>().read_unaligned(),
+        p.add(4).cast::<u32>().read_unaligned(),
+    )
+}
 
 /// `f` applied to each of `R` rows, its `N` results regrouped by token:
 /// `[k][r]` is token `k`'s product with row `r`.

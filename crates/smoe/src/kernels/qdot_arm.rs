@@ -12,7 +12,8 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::qdot::{scales_mins, Q4K, Q4_0, Q8K, Q8_0};
+use super::qdot::{iq4xs_scale, iq4xs_scale_words, scales_mins, KVALUES_IQ4NL};
+use super::qdot::{IQ4_NL, IQ4_XS, Q4K, Q4_0, Q4_1, Q5_0, Q5_1, Q8K, Q8_0};
 
 /// The kernels of one NEON flavour. A value is a token that exists only
 /// where the CPU has that flavour's instructions, which is what makes the
@@ -20,7 +21,8 @@ use super::qdot::{scales_mins, Q4K, Q4_0, Q8K, Q8_0};
 ///
 /// Every dot takes `blocks` blocks of one weight row (`w`) and of each of `N`
 /// tokens' activations (`a`, Q8_K for Q4_K and Q8_0 otherwise) and returns
-/// token `k`'s product in `[k]`; the quantizers write whole blocks of `out`
+/// token `k`'s product in `[k]` (Q8_K activations for IQ4_XS too); the
+/// quantizers write whole blocks of `out`
 /// from as many values of `x`, bit for bit as candle's `from_float`.
 pub trait QDot: Copy + Send + Sync {
     fn q4k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
@@ -28,6 +30,16 @@ pub trait QDot: Copy + Send + Sync {
     fn q8_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
 
     fn q4_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn q4_1<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn q5_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn q5_1<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn iq4nl<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn iq4xs<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
 
     /// Rows of 256 values to Q8_K: `d = max/-128` with `max` the first value
     /// of largest magnitude, each value rounded half away from zero and
@@ -112,6 +124,45 @@ impl<D: I8Dot> QDot for Neon<D> {
         q4_0(self.0, w, a, blocks)
     }
 
+    fn q4_1<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        // SAFETY: (all four) `dot32_blocks` bounds each block it hands out.
+        dot32_blocks::<_, N, true>(self.0, w, Q4_1, a, blocks, |wb| unsafe {
+            nibbles32(wb.add(4))
+        })
+    }
+
+    fn q5_0<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        dot32_blocks::<_, N, false>(self.0, w, Q5_0, a, blocks, |wb| unsafe {
+            // `q - 16` is the nibble where the high bit is set and the nibble
+            // with its top four bits set (minus 16 as i8) where it is not.
+            let (n, bits) = (nibbles32(wb.add(6)), bit_bytes(wb.add(2)));
+            [0, 1].map(|i| {
+                let clear = vbicq_u8(vdupq_n_u8(0xF0), bits[i]);
+                vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(n[i]), clear))
+            })
+        })
+    }
+
+    fn q5_1<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        dot32_blocks::<_, N, true>(self.0, w, Q5_1, a, blocks, |wb| unsafe {
+            let (n, bits) = (nibbles32(wb.add(8)), bit_bytes(wb.add(4)));
+            [0, 1].map(|i| {
+                let high = vandq_u8(bits[i], vdupq_n_u8(0x10));
+                vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(n[i]), high))
+            })
+        })
+    }
+
+    fn iq4nl<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        dot32_blocks::<_, N, false>(self.0, w, IQ4_NL, a, blocks, |wb| unsafe {
+            iq4_values(nibbles32(wb.add(2)))
+        })
+    }
+
+    fn iq4xs<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        iq4xs(self.0, w, a, blocks)
+    }
+
     fn quantize_q8k(self, x: &[f32], out: &mut [u8]) {
         quantize_q8k(x, out)
     }
@@ -171,35 +222,116 @@ unsafe fn block32<D: I8Dot, const N: usize>(
 
 /// Q8_0 weights against the Q8_0 activations of `N` tokens.
 fn q8_0<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-    assert!(w.len() >= blocks * Q8_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
+    // SAFETY: (both) `dot32_blocks` bounds each block it hands out.
+    dot32_blocks::<_, N, false>(d, w, Q8_0, a, blocks, |wb| unsafe {
+        [vld1q_s8(wb.add(2).cast()), vld1q_s8(wb.add(18).cast())]
+    })
+}
+
+/// Q4_0 weights against the Q8_0 activations of `N` tokens.
+fn q4_0<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot32_blocks::<_, N, false>(d, w, Q4_0, a, blocks, |wb| unsafe {
+        nibbles32(wb.add(2)).map(|v| vsubq_s8(v, vdupq_n_s8(8)))
+    })
+}
+
+/// The 32 nibbles of the 16 bytes at `p` in element order: low nibbles are
+/// elements 0..16, high nibbles 16..32.
+///
+/// # Safety
+/// `p` must point to 16 readable bytes.
+#[inline(always)]
+unsafe fn nibbles32(p: *const u8) -> [int8x16_t; 2] {
+    let packed = vld1q_u8(p);
+    [vandq_u8(packed, vdupq_n_u8(0x0F)), vshrq_n_u8::<4>(packed)].map(|v| vreinterpretq_s8_u8(v))
+}
+
+/// 32 bytes, byte `i` all ones where bit `i` of the word at `p` is set.
+///
+/// # Safety
+/// `p` must point to 4 readable bytes.
+#[inline(always)]
+unsafe fn bit_bytes(p: *const u8) -> [uint8x16_t; 2] {
+    let b = [0, 1, 2, 3].map(|i| vdup_n_u8(*p.add(i)));
+    let masks = vreinterpretq_u8_u64(vdupq_n_u64(0x8040_2010_0804_0201));
+    [
+        vtstq_u8(vcombine_u8(b[0], b[1]), masks),
+        vtstq_u8(vcombine_u8(b[2], b[3]), masks),
+    ]
+}
+
+/// IQ4's table values of 32 nibbles.
+#[inline(always)]
+fn iq4_values(n: [int8x16_t; 2]) -> [int8x16_t; 2] {
+    // SAFETY: NEON is baseline; the table is 16 bytes.
+    unsafe {
+        let table = vld1q_s8(KVALUES_IQ4NL.as_ptr());
+        n.map(|n| vqtbl1q_s8(table, vreinterpretq_u8_s8(n)))
+    }
+}
+
+/// Blocks of a 32-weight format of `size` bytes (f16 scale first, f16
+/// minimum next where `MIN`) against the Q8_0 activations of `N` tokens:
+/// `unpack` gives a block's 32 weights in element order (at most 31 where
+/// `MIN`), `weight = d*q + m`.
+#[inline(always)]
+fn dot32_blocks<D: I8Dot, const N: usize, const MIN: bool>(
+    d: D,
+    w: &[u8],
+    size: usize,
+    a: [&[u8]; N],
+    blocks: usize,
+    unpack: impl Fn(*const u8) -> [int8x16_t; 2],
+) -> [f32; N] {
+    assert!(w.len() >= blocks * size && a.iter().all(|a| a.len() >= blocks * Q8_0));
     let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
     // SAFETY: NEON is baseline; the assert bounds every block read.
     unsafe {
+        let ones = [vdupq_n_s8(1); 2];
         let mut acc = [vdupq_n_f32(0.0); N];
         for b in 0..blocks {
-            let wb = w.add(b * Q8_0);
-            let x = [vld1q_s8(wb.add(2).cast()), vld1q_s8(wb.add(18).cast())];
-            block32(d, &mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
+            let wb = w.add(b * size);
+            let (x, ab) = (unpack(wb), a.map(|a| a.add(b * Q8_0)));
+            block32(d, &mut acc, x, f16_at(wb), ab);
+            if MIN {
+                let m = f16_at(wb.add(2));
+                for k in 0..N {
+                    let s = vcvtq_f32_s32(dot32(d, ones, ab[k].add(2)));
+                    acc[k] = vfmaq_f32(acc[k], s, vdupq_n_f32(m * f16_at(ab[k])));
+                }
+            }
         }
         acc.map(|v| vaddvq_f32(v))
     }
 }
 
-/// Q4_0 weights against the Q8_0 activations of `N` tokens.
-fn q4_0<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-    assert!(w.len() >= blocks * Q4_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
-    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
+/// IQ4_XS weights against the Q8_K activations of `N` tokens: per 32-weight
+/// sub-block, the table's values of its nibbles times the activations,
+/// times the sub-block's scale; `d*d8` once per block.
+fn iq4xs<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * IQ4_XS && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
     // SAFETY: as in `q8_0`.
     unsafe {
-        let (low, eight) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
         let mut acc = [vdupq_n_f32(0.0); N];
-        for b in 0..blocks {
-            let wb = w.add(b * Q4_0);
-            let packed = vld1q_u8(wb.add(2));
-            // Low nibbles are elements 0..16, high nibbles 16..32.
-            let x = [vandq_u8(packed, low), vshrq_n_u8::<4>(packed)]
-                .map(|v| vsubq_s8(vreinterpretq_s8_u8(v), eight));
-            block32(d, &mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
+        for (b, wb) in w.chunks_exact(IQ4_XS).take(blocks).enumerate() {
+            let ab = a.map(|a| a.add(b * Q8K));
+            let (h, l) = iq4xs_scale_words(wb.as_ptr());
+            let mut sumi = [vdupq_n_s32(0); N];
+            for i in 0..8 {
+                let x = iq4_values(nibbles32(wb.as_ptr().add(8 + 16 * i)));
+                let s = iq4xs_scale(h, l, i);
+                for k in 0..N {
+                    // Products of at most 127*128, eight per lane, times a
+                    // scale of at most 32: far from overflow.
+                    sumi[k] = vmlaq_n_s32(sumi[k], dot32(d, x, ab[k].add(4 + 32 * i)), s);
+                }
+            }
+            let dw = f16_at(wb.as_ptr());
+            for k in 0..N {
+                let d8 = ab[k].cast::<f32>().read_unaligned();
+                acc[k] = vfmaq_f32(acc[k], vcvtq_f32_s32(sumi[k]), vdupq_n_f32(dw * d8));
+            }
         }
         acc.map(|v| vaddvq_f32(v))
     }

@@ -16,7 +16,9 @@
 use std::arch::x86_64::*;
 use std::mem::transmute;
 
-use super::qdot::{scales_mins, Q4K, Q4_0, Q8K, Q8_0};
+use super::qdot::{iq4xs_scale, iq4xs_scale_words, scales_mins};
+use super::qdot::{IQ4_NL, IQ4_XS, Q4K, Q4_0, Q4_1, Q5_0, Q5_1, Q8K, Q8_0};
+use super::qdot_x86::{bit_bytes, iq4_table, nibbles32};
 
 /// Whether these kernels can run here.
 pub fn available() -> bool {
@@ -151,6 +153,183 @@ pub unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
     dot32::<N, true>(w, a, blocks)
+}
+
+/// Adds the products of two blocks' unsigned weights `x` (scales `dw` and
+/// minimums `m` in the two low lanes) with the Q8_0 blocks at `a[k]` and
+/// the next to `acc[k]`: `dw*d8*sum(x*y) + m*d8*sum(y)` per block; with
+/// `TWO` false, of the low block only.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn pair_min<const N: usize, const TWO: bool>(
+    acc: &mut [__m512; N],
+    x: __m512i,
+    dw: __m128,
+    m: __m128,
+    a: [*const u8; N],
+) {
+    let halves: __m512i = transmute(HALVES);
+    let ones = _mm512_set1_epi8(1);
+    for k in 0..N {
+        let this = _mm256_loadu_si256(a[k].add(2).cast());
+        let (y, da) = if TWO {
+            let next = _mm256_loadu_si256(a[k].add(2 + Q8_0).cast());
+            let y = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(this), next);
+            (y, f16_pair(a[k], a[k].add(Q8_0)))
+        } else {
+            (_mm512_zextsi256_si512(this), f16_pair(a[k], a[k]))
+        };
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, y);
+        let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, y);
+        let d = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(dw, da)));
+        let dm = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(m, da)));
+        acc[k] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc[k]);
+        acc[k] = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(sum), acc[k]);
+    }
+}
+
+/// Blocks of a 32-weight format of `size` bytes (f16 scale first, f16
+/// minimum next where `MIN`) against the Q8_0 activations of `N` tokens,
+/// two blocks per step: `unpack` gives a block's 32 weights in element
+/// order, signed, or unsigned where `MIN`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot32_unpacked<const N: usize, const MIN: bool>(
+    w: &[u8],
+    size: usize,
+    a: [&[u8]; N],
+    blocks: usize,
+    unpack: impl Fn(*const u8) -> __m256i,
+) -> [f32; N] {
+    assert!(w.len() >= blocks * size && a.iter().all(|a| a.len() >= blocks * Q8_0));
+    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut b = 0;
+    while b + 2 <= blocks {
+        let (wb, ab) = (w.add(b * size), a.map(|a| a.add(b * Q8_0)));
+        let next = wb.add(size);
+        let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(unpack(wb)), unpack(next));
+        let dw = f16_pair(wb, next);
+        if MIN {
+            pair_min::<N, true>(&mut acc, x, dw, f16_pair(wb.add(2), next.add(2)), ab);
+        } else {
+            pair::<N, true>(&mut acc, x, dw, ab);
+        }
+        b += 2;
+    }
+    if b < blocks {
+        let (wb, ab) = (w.add(b * size), a.map(|a| a.add(b * Q8_0)));
+        let x = _mm512_zextsi256_si512(unpack(wb));
+        let dw = f16_pair(wb, wb);
+        if MIN {
+            pair_min::<N, false>(&mut acc, x, dw, f16_pair(wb.add(2), wb.add(2)), ab);
+        } else {
+            pair::<N, false>(&mut acc, x, dw, ab);
+        }
+    }
+    acc.map(|v| _mm512_reduce_add_ps(v))
+}
+
+/// Q4_1 weights against the Q8_0 activations of `N` tokens.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q4_1<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot32_unpacked::<N, true>(w, Q4_1, a, blocks, |wb| nibbles32(wb.add(4)))
+}
+
+/// Q5_0 weights against the Q8_0 activations of `N` tokens (unpacked as in
+/// `qdot_x86::q5_0`).
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q5_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot32_unpacked::<N, false>(w, Q5_0, a, blocks, |wb| {
+        let clear = _mm256_andnot_si256(bit_bytes(wb.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles32(wb.add(6)), clear)
+    })
+}
+
+/// Q5_1 weights against the Q8_0 activations of `N` tokens.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q5_1<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot32_unpacked::<N, true>(w, Q5_1, a, blocks, |wb| {
+        let high = _mm256_and_si256(bit_bytes(wb.add(4)), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(nibbles32(wb.add(8)), high)
+    })
+}
+
+/// IQ4_NL weights against the Q8_0 activations of `N` tokens.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn iq4nl<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    let table = iq4_table();
+    dot32_unpacked::<N, false>(w, IQ4_NL, a, blocks, |wb| {
+        _mm256_shuffle_epi8(table, nibbles32(wb.add(2)))
+    })
+}
+
+/// IQ4_XS weights against the Q8_K activations of `N` tokens, two
+/// sub-blocks per vector.
+///
+/// `dpbusd` takes the table shifted by 128 into 1..=241 as its unsigned
+/// operand against the activations as they are (which reach -128): each
+/// sub-block's sum then holds 128 times its activations' sum too, taken
+/// off once per block from the stored sums of 16. A lane's four products
+/// exceed i16, so the sub-block scale is a 32-bit multiply.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn iq4xs<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * IQ4_XS && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
+    let table = _mm256_add_epi8(iq4_table(), _mm256_set1_epi8(-128));
+    let halves: __m512i = transmute(HALVES);
+    let mut acc = [_mm512_setzero_ps(); N];
+    for (b, wb) in w.chunks_exact(IQ4_XS).take(blocks).enumerate() {
+        let ab = a.map(|a| a.add(b * Q8K));
+        let (h, l) = iq4xs_scale_words(wb.as_ptr());
+        let scales: [i32; 8] = std::array::from_fn(|i| iq4xs_scale(h, l, i));
+        let scales = _mm256_loadu_si256(scales.as_ptr().cast());
+        // The scales as i16, against each sub-block's sum of activations.
+        let scales16 = _mm256_cvtepi32_epi16(scales);
+        let scales = _mm512_zextsi256_si512(scales);
+        let q = wb.as_ptr().add(8);
+
+        let mut sumi = [_mm512_setzero_si512(); N];
+        for c in 0..4 {
+            let lo = _mm256_shuffle_epi8(table, nibbles32(q.add(32 * c)));
+            let hi = _mm256_shuffle_epi8(table, nibbles32(q.add(32 * c + 16)));
+            let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            // Sub-block 2c's scale in the low eight lanes, 2c+1's in the high.
+            let s = _mm512_permutexvar_epi32(
+                _mm512_add_epi32(halves, _mm512_set1_epi32(2 * c as i32)),
+                scales,
+            );
+            for k in 0..N {
+                let y = _mm512_loadu_si512(ab[k].add(4 + 64 * c).cast());
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, y);
+                sumi[k] = _mm512_add_epi32(sumi[k], _mm512_mullo_epi32(p, s));
+            }
+        }
+
+        let d = _mm_cvtss_f32(f16_pair(wb.as_ptr(), wb.as_ptr()));
+        for k in 0..N {
+            let d8 = ab[k].cast::<f32>().read_unaligned();
+            let offset = _mm_slli_epi32::<7>(_mm_madd_epi16(scales16, pair_sums(ab[k])));
+            let s = _mm512_sub_epi32(sumi[k], _mm512_zextsi128_si512(offset));
+            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(d * d8), _mm512_cvtepi32_ps(s), acc[k]);
+        }
+    }
+    acc.map(|v| _mm512_reduce_add_ps(v))
 }
 
 /// The eight sums of 32 activations of Q8_K block `ab` (its sixteen stored

@@ -6,7 +6,8 @@
 //! runs its scalar loops. These are the formats smoe stores experts and
 //! backbones in by default: Q4_K and Q8_0, Q4_0, the fallback for rows that
 //! are not a multiple of 256 (small models' down projections), and Q6_K, the
-//! LM head of a 4-bit backbone.
+//! LM head of a 4-bit backbone; and those GGUF files bring: Q4_1, Q5_0 and
+//! Q5_1 (llama.cpp's fallbacks for such rows), IQ4_NL and IQ4_XS.
 //!
 //! Each takes one weight row (four for Q4_K's `q4k_rows4`) and `N`
 //! activation rows (tokens) at once: a weight block is loaded and unpacked
@@ -22,8 +23,8 @@
 
 use std::arch::x86_64::*;
 
-use super::qdot::scales_mins;
-use super::qdot::{Q4K, Q4_0, Q8K, Q8_0};
+use super::qdot::{iq4xs_scale, iq4xs_scale_words, scales_mins, KVALUES_IQ4NL};
+use super::qdot::{IQ4_NL, IQ4_XS, Q4K, Q4_0, Q4_1, Q5_0, Q5_1, Q8K, Q8_0};
 
 /// Bytes per Q6_K block (only x86 has a Q6_K kernel so far).
 pub const Q6K: usize = 210;
@@ -71,6 +72,94 @@ unsafe fn block32<const N: usize>(acc: &mut [__m256; N], x: __m256i, dw: f32, a:
     }
 }
 
+/// Blocks of a 32-weight format of `size` bytes (f16 scale first, f16
+/// minimum next where `MIN`) against the Q8_0 activations of `N` tokens:
+/// `unpack` gives a block's 32 weights as bytes in element order, signed,
+/// or unsigned where `MIN`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot32<const N: usize, const MIN: bool>(
+    w: &[u8],
+    size: usize,
+    a: [&[u8]; N],
+    blocks: usize,
+    unpack: impl Fn(*const u8) -> __m256i,
+) -> [f32; N] {
+    assert!(w.len() >= blocks * size && a.iter().all(|a| a.len() >= blocks * Q8_0));
+    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..blocks {
+        let wb = w.add(b * size);
+        let (x, ab) = (unpack(wb), a.map(|a| a.add(b * Q8_0)));
+        if MIN {
+            block32_min(&mut acc, x, f16_at(wb), f16_at(wb.add(2)), ab);
+        } else {
+            block32(&mut acc, x, f16_at(wb), ab);
+        }
+    }
+    acc.map(|v| hsum(v))
+}
+
+/// Adds one block's products of 32 unsigned weights `x` (scale `dw`,
+/// minimum `m`) with the Q8_0 block at `a[k]` of each token to `acc[k]`:
+/// `dw*d8*sum(x*y) + m*d8*sum(y)`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block32_min<const N: usize>(
+    acc: &mut [__m256; N],
+    x: __m256i,
+    dw: f32,
+    m: f32,
+    a: [*const u8; N],
+) {
+    // Weights of at most 31 against [-127, 127]: no pair saturates.
+    let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
+    for k in 0..N {
+        let y = _mm256_loadu_si256(a[k].add(2).cast());
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), ones16);
+        let s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16);
+        let d8 = f16_at(a[k]);
+        acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d8), _mm256_cvtepi32_ps(p), acc[k]);
+        acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(m * d8), _mm256_cvtepi32_ps(s), acc[k]);
+    }
+}
+
+/// The 32 nibbles of the 16 bytes at `p` in element order: low nibbles are
+/// elements 0..16, high nibbles 16..32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn nibbles32(p: *const u8) -> __m256i {
+    let packed = _mm_loadu_si128(p.cast());
+    let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// 32 bytes, byte `i` all ones where bit `i` of the word at `p` is set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn bit_bytes(p: *const u8) -> __m256i {
+    let bits = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
+    // Byte i takes byte i / 8 of the word, then keeps its own bit i % 8.
+    let spread = _mm256_shuffle_epi8(
+        bits,
+        _mm256_setr_epi64x(
+            0,
+            0x0101_0101_0101_0101,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+        ),
+    );
+    let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask)
+}
+
+/// IQ4's table in both 128-bit lanes, for `shuffle_epi8` lookups.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn iq4_table() -> __m256i {
+    _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr().cast()))
+}
+
 /// Q8_0 weights against the Q8_0 activations of `N` tokens, `blocks` blocks
 /// of each.
 ///
@@ -78,15 +167,9 @@ unsafe fn block32<const N: usize>(acc: &mut [__m256; N], x: __m256i, dw: f32, a:
 /// The CPU must have AVX2, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-    assert!(w.len() >= blocks * Q8_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
-    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
-    let mut acc = [_mm256_setzero_ps(); N];
-    for b in 0..blocks {
-        let wb = w.add(b * Q8_0);
-        let x = _mm256_loadu_si256(wb.add(2).cast());
-        block32(&mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
-    }
-    acc.map(|v| hsum(v))
+    dot32::<N, false>(w, Q8_0, a, blocks, |wb| {
+        _mm256_loadu_si256(wb.add(2).cast())
+    })
 }
 
 /// Q4_0 weights against the Q8_0 activations of `N` tokens.
@@ -95,18 +178,94 @@ pub unsafe fn q8_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-    assert!(w.len() >= blocks * Q4_0 && a.iter().all(|a| a.len() >= blocks * Q8_0));
-    let (w, a) = (w.as_ptr(), a.map(<[u8]>::as_ptr));
-    let low = _mm256_set1_epi8(0x0F);
-    let eight = _mm256_set1_epi8(8);
+    dot32::<N, false>(w, Q4_0, a, blocks, |wb| {
+        _mm256_sub_epi8(nibbles32(wb.add(2)), _mm256_set1_epi8(8))
+    })
+}
+
+/// Q4_1 weights against the Q8_0 activations of `N` tokens.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4_1<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot32::<N, true>(w, Q4_1, a, blocks, |wb| nibbles32(wb.add(4)))
+}
+
+/// Q5_0 weights against the Q8_0 activations of `N` tokens.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q5_0<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot32::<N, false>(w, Q5_0, a, blocks, |wb| {
+        // `q - 16` is the nibble where the high bit is set and the nibble
+        // with its top four bits set (minus 16 as i8) where it is not.
+        let clear = _mm256_andnot_si256(bit_bytes(wb.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles32(wb.add(6)), clear)
+    })
+}
+
+/// Q5_1 weights against the Q8_0 activations of `N` tokens.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q5_1<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot32::<N, true>(w, Q5_1, a, blocks, |wb| {
+        let high = _mm256_and_si256(bit_bytes(wb.add(4)), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(nibbles32(wb.add(8)), high)
+    })
+}
+
+/// IQ4_NL weights against the Q8_0 activations of `N` tokens.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn iq4nl<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    let table = iq4_table();
+    dot32::<N, false>(w, IQ4_NL, a, blocks, |wb| {
+        _mm256_shuffle_epi8(table, nibbles32(wb.add(2)))
+    })
+}
+
+/// IQ4_XS weights against the Q8_K activations of `N` tokens: per 32-weight
+/// sub-block, the table's values of its nibbles times the activations,
+/// times the sub-block's scale; `d*d8` once per block.
+///
+/// Q8_K activations reach -128, which `maddubs` cannot take negated: the
+/// activations' magnitudes are its unsigned operand and their signs move
+/// onto the weights (at most 127 in magnitude), so a pair sums to at most
+/// 2*128*127 and never saturates.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn iq4xs<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    assert!(w.len() >= blocks * IQ4_XS && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
+    let table = iq4_table();
     let mut acc = [_mm256_setzero_ps(); N];
-    for b in 0..blocks {
-        let wb = w.add(b * Q4_0);
-        let packed = _mm_loadu_si128(wb.add(2).cast());
-        // Low nibbles are elements 0..16, high nibbles 16..32.
-        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-        let x = _mm256_sub_epi8(_mm256_and_si256(both, low), eight);
-        block32(&mut acc, x, f16_at(wb), a.map(|a| a.add(b * Q8_0)));
+    for (b, wb) in w.chunks_exact(IQ4_XS).take(blocks).enumerate() {
+        stream_ahead::<N>(wb.as_ptr());
+        let ab = a.map(|a| a.add(b * Q8K));
+        let (h, l) = iq4xs_scale_words(wb.as_ptr());
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for i in 0..8 {
+            let x = _mm256_shuffle_epi8(table, nibbles32(wb.as_ptr().add(8 + 16 * i)));
+            let s = _mm256_set1_epi16(iq4xs_scale(h, l, i) as i16);
+            for k in 0..N {
+                let y = _mm256_loadu_si256(ab[k].add(4 + 32 * i).cast());
+                let p = _mm256_maddubs_epi16(_mm256_abs_epi8(y), _mm256_sign_epi8(x, y));
+                sumi[k] = _mm256_add_epi32(sumi[k], _mm256_madd_epi16(p, s));
+            }
+        }
+        let d = f16_at(wb.as_ptr());
+        for k in 0..N {
+            let d8 = ab[k].cast::<f32>().read_unaligned();
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+        }
     }
     acc.map(|v| hsum(v))
 }

@@ -18,16 +18,19 @@ use std::mem::{align_of, size_of};
 
 #[cfg(target_arch = "x86_64")]
 use candle_core::quantized::k_quants::BlockQ6K;
-use candle_core::quantized::k_quants::GgmlType;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ8_0};
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0,
+};
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::qdot::by_row;
 use super::{for_each_task, threads, SharedOut};
 #[cfg(target_arch = "x86_64")]
 use super::{qdot_avx512, qdot_x86};
-use crate::quant::{as_blocks, with_block_type, Block, QuantType};
+use crate::quant::{as_blocks, with_block_type, Block, QuantType, WeightBlock};
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use crate::quant::{bytes_of, bytes_of_mut, BlockIq4Nl, BlockIq4Xs};
 
 /// Reusable storage for quantized activations: once it has grown to the
 /// largest `[t, cols]` seen, calls allocate nothing.
@@ -183,6 +186,16 @@ pub unsafe fn matmul_quant_parts<'a>(
             (X86Kernels::Avx2, QuantType::Q4K) => run!(&Avx2Q4K),
             (X86Kernels::Avx2, QuantType::Q8_0) => run!(&Avx2Q8_0),
             (X86Kernels::Avx2, QuantType::Q4_0) => run!(&Avx2Q4_0),
+            (X86Kernels::Avx512, QuantType::Q4_1) => run!(&Avx512Q4_1),
+            (X86Kernels::Avx512, QuantType::Q5_0) => run!(&Avx512Q5_0),
+            (X86Kernels::Avx512, QuantType::Q5_1) => run!(&Avx512Q5_1),
+            (X86Kernels::Avx512, QuantType::Iq4Nl) => run!(&Avx512Iq4Nl),
+            (X86Kernels::Avx512, QuantType::Iq4Xs) => run!(&Avx512Iq4Xs),
+            (X86Kernels::Avx2, QuantType::Q4_1) => run!(&Avx2Q4_1),
+            (X86Kernels::Avx2, QuantType::Q5_0) => run!(&Avx2Q5_0),
+            (X86Kernels::Avx2, QuantType::Q5_1) => run!(&Avx2Q5_1),
+            (X86Kernels::Avx2, QuantType::Iq4Nl) => run!(&Avx2Iq4Nl),
+            (X86Kernels::Avx2, QuantType::Iq4Xs) => run!(&Avx2Iq4Xs),
             // No AVX-512 Q6_K yet: AVX-512 CPUs run the AVX2 one.
             (X86Kernels::Avx2 | X86Kernels::Avx512, QuantType::Q6K) => run!(&Avx2Q6K),
             _ => {}
@@ -192,41 +205,24 @@ pub unsafe fn matmul_quant_parts<'a>(
     {
         use super::qdot_arm::{dotprod, BASELINE};
         macro_rules! run {
-            ($s:expr) => {
-                match qt {
-                    QuantType::Q4K => {
-                        return matmul_typed::<BlockQ4K, _>(
-                            cols,
-                            n,
-                            &part,
-                            scratch,
-                            pass,
-                            &Neon($s),
-                        );
-                    }
-                    QuantType::Q8_0 => {
-                        return matmul_typed::<BlockQ8_0, _>(
-                            cols,
-                            n,
-                            &part,
-                            scratch,
-                            pass,
-                            &Neon($s),
-                        );
-                    }
-                    QuantType::Q4_0 => {
-                        return matmul_typed::<BlockQ4_0, _>(
-                            cols,
-                            n,
-                            &part,
-                            scratch,
-                            pass,
-                            &Neon($s),
-                        );
-                    }
-                    _ => {}
+            ($s:expr) => {{
+                macro_rules! neon {
+                    ($block:ty) => {
+                        return matmul_typed::<$block, _>(cols, n, &part, scratch, pass, &Neon($s))
+                    };
                 }
-            };
+                match qt {
+                    QuantType::Q4K => neon!(BlockQ4K),
+                    QuantType::Q8_0 => neon!(BlockQ8_0),
+                    QuantType::Q4_0 => neon!(BlockQ4_0),
+                    QuantType::Q4_1 => neon!(BlockQ4_1),
+                    QuantType::Q5_0 => neon!(BlockQ5_0),
+                    QuantType::Q5_1 => neon!(BlockQ5_1),
+                    QuantType::Iq4Nl => neon!(BlockIq4Nl),
+                    QuantType::Iq4Xs => neon!(BlockIq4Xs),
+                    QuantType::Q6K | QuantType::Q5K | QuantType::Q3K | QuantType::Q2K => {}
+                }
+            }};
         }
         match dotprod() {
             Some(s) => run!(s),
@@ -245,10 +241,7 @@ pub const MAX_PASS: usize = 8;
 /// `r` dotted with token `k`. Generic rather than a fn pointer, so each
 /// kernel is called directly: a row of a down projection is only three Q4_K
 /// blocks, where an indirect call per row is measurable.
-trait RowDot<B: Block>: Sync
-where
-    B::VecDotType: Block,
-{
+trait RowDot<B: WeightBlock>: Sync {
     /// The most tokens `dot` takes at once: four tokens' accumulators plus
     /// one unpacked weight block fill AVX2's sixteen registers.
     const PASS: usize = 4;
@@ -268,16 +261,13 @@ where
 /// candle's dot products, one row and token at a time.
 struct Candle;
 
-impl<B: Block> RowDot<B> for Candle
-where
-    B::VecDotType: Block,
-{
+impl<B: WeightBlock> RowDot<B> for Candle {
     fn dot<const R: usize, const N: usize>(
         &self,
         w: [&[B]; R],
         a: [&[B::VecDotType]; N],
     ) -> [[f32; R]; N] {
-        a.map(|a| w.map(|w| B::vec_dot(w.len() * B::BLCK_SIZE, w, a)))
+        a.map(|a| w.map(|w| B::vec_dot(w, a)))
     }
 }
 
@@ -354,14 +344,14 @@ macro_rules! x86_kernel {
             fn dot<const R: usize, const N: usize>(
                 &self,
                 $w: [&[$block]; R],
-                a: [&[<$block as GgmlType>::VecDotType]; N],
+                a: [&[<$block as WeightBlock>::VecDotType]; N],
             ) -> [[f32; R]; N] {
                 let $a = a.map(bytes_of);
                 // SAFETY: see the macro.
                 unsafe { $dot }
             }
 
-            fn quantize(&self, x: &[f32], q: &mut [<$block as GgmlType>::VecDotType]) {
+            fn quantize(&self, x: &[f32], q: &mut [<$block as WeightBlock>::VecDotType]) {
                 // SAFETY: as above.
                 unsafe { $quantize(x, bytes_of_mut(q)) }
             }
@@ -382,6 +372,56 @@ x86_kernel!(Avx2Q4_0, BlockQ4_0, qdot_x86::quantize_q8_0, 4, |w, a| {
 x86_kernel!(Avx2Q6K, BlockQ6K, qdot_x86::quantize_q8k, 4, |w, a| {
     by_row(w, |w| qdot_x86::q6k(bytes_of(w), a, w.len()))
 });
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q4_1, BlockQ4_1, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q4_1(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q5_0, BlockQ5_0, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q5_0(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q5_1, BlockQ5_1, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q5_1(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Iq4Nl, BlockIq4Nl, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_x86::iq4nl(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Iq4Xs, BlockIq4Xs, qdot_x86::quantize_q8k, 4, |w, a| {
+    by_row(w, |w| qdot_x86::iq4xs(bytes_of(w), a, w.len()))
+});
+// AVX-512 runs the formats GGUF files bring in four-token passes, as Q8_0:
+// unpacking a block costs them little against the products.
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx512Q4_1, BlockQ4_1, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_avx512::q4_1(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx512Q5_0, BlockQ5_0, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_avx512::q5_0(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx512Q5_1, BlockQ5_1, qdot_x86::quantize_q8_0, 4, |w, a| {
+    by_row(w, |w| qdot_avx512::q5_1(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Iq4Nl,
+    BlockIq4Nl,
+    qdot_x86::quantize_q8_0,
+    4,
+    |w, a| by_row(w, |w| qdot_avx512::iq4nl(bytes_of(w), a, w.len()))
+);
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Iq4Xs,
+    BlockIq4Xs,
+    qdot_x86::quantize_q8k,
+    4,
+    |w, a| by_row(w, |w| qdot_avx512::iq4xs(bytes_of(w), a, w.len()))
+);
 // AVX-512 Q8_0 keeps four-token passes: with eight, a Sapphire Rapids core
 // ran its products 0.76-0.88x as fast (kernels bench, normalized by the
 // one-token rows), while Q4_0 and Q4_K gained 1.1-1.2x.
@@ -442,13 +482,13 @@ macro_rules! neon_kernel {
             fn dot<const R: usize, const N: usize>(
                 &self,
                 w: [&[$block]; R],
-                a: [&[<$block as GgmlType>::VecDotType]; N],
+                a: [&[<$block as WeightBlock>::VecDotType]; N],
             ) -> [[f32; R]; N] {
                 let a = a.map(bytes_of);
                 by_row(w, |w| self.0.$f(bytes_of(w), a, w.len()))
             }
 
-            fn quantize(&self, x: &[f32], q: &mut [<$block as GgmlType>::VecDotType]) {
+            fn quantize(&self, x: &[f32], q: &mut [<$block as WeightBlock>::VecDotType]) {
                 self.0.$quantize(x, bytes_of_mut(q))
             }
         }
@@ -460,17 +500,25 @@ neon_kernel!(BlockQ4K, q4k, quantize_q8k);
 neon_kernel!(BlockQ8_0, q8_0, quantize_q8_0);
 #[cfg(target_arch = "aarch64")]
 neon_kernel!(BlockQ4_0, q4_0, quantize_q8_0);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ4_1, q4_1, quantize_q8_0);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ5_0, q5_0, quantize_q8_0);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ5_1, q5_1, quantize_q8_0);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockIq4Nl, iq4nl, quantize_q8_0);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockIq4Xs, iq4xs, quantize_q8k);
 
-fn matmul_typed<'a, B: Block, K: RowDot<B>>(
+fn matmul_typed<'a, B: WeightBlock, K: RowDot<B>>(
     cols: usize,
     n: usize,
     part: &(impl Fn(usize) -> Part<'a> + Sync),
     scratch: &mut QuantScratch,
     pass: usize,
     kernel: &K,
-) where
-    B::VecDotType: Block,
-{
+) {
     // The activation blocks must line up one-to-one with the weight blocks.
     const { assert!(B::BLCK_SIZE == B::VecDotType::BLCK_SIZE) };
     let nb = cols / B::BLCK_SIZE;
@@ -574,7 +622,7 @@ fn token_tile(token_bytes: usize) -> usize {
 }
 
 /// Rows `first..first + R` of a product, to be dotted with every token.
-struct RowGroup<'a, B: Block> {
+struct RowGroup<'a, B: WeightBlock> {
     w: &'a [B],
     xq: &'a [B::VecDotType],
     nb: usize,
@@ -584,10 +632,7 @@ struct RowGroup<'a, B: Block> {
     out: SharedOut<f32>,
 }
 
-impl<B: Block> RowGroup<'_, B>
-where
-    B::VecDotType: Block,
-{
+impl<B: WeightBlock> RowGroup<'_, B> {
     fn run<const R: usize, K: RowDot<B>>(&self, kernel: &K) {
         let (nb, first) = (self.nb, self.first);
         let wr: [&[B]; R] = std::array::from_fn(|i| &self.w[(first + i) * nb..][..nb]);
@@ -619,23 +664,6 @@ where
     }
 }
 
-/// The bytes of a block slice, for the raw-pointer kernels.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn bytes_of<B: Block>(blocks: &[B]) -> &[u8] {
-    // SAFETY: `Block` types are plain `repr(C)` data with no padding
-    // invariants; the byte view lives as long as the borrow.
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), std::mem::size_of_val(blocks)) }
-}
-
-/// The bytes of a block slice, for the quantizers.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn bytes_of_mut<B: Block>(blocks: &mut [B]) -> &mut [u8] {
-    // SAFETY: as `bytes_of`; `Block` types accept any bytes.
-    unsafe {
-        std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), std::mem::size_of_val(blocks))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,10 +679,7 @@ mod tests {
     /// products' scale `|x|*|w|`. A wrong nibble, scale, min or token would
     /// be off by ~10%.
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    fn check_kernel<B: Block, K: RowDot<B>>(qt: QuantType, kernel: &K, seed: u64)
-    where
-        B::VecDotType: Block,
-    {
+    fn check_kernel<B: WeightBlock, K: RowDot<B>>(qt: QuantType, kernel: &K, seed: u64) {
         use rand_chacha::rand_core::{RngCore, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut scratch = QuantScratch::default();
@@ -690,7 +715,7 @@ mod tests {
                 for (i, &got) in y.iter().enumerate() {
                     let (tk, r) = (i / rows, i % rows);
                     let xr = &xq[tk * nb..(tk + 1) * nb];
-                    let want = B::vec_dot_unopt(cols, &wb[r * nb..(r + 1) * nb], xr);
+                    let want = B::vec_dot_unopt(&wb[r * nb..(r + 1) * nb], xr);
                     let scale = norm(&x[tk * cols..][..cols]) * norm(&wd[r * cols..][..cols]);
                     assert!(
                         (got - want).abs() <= 1e-5 * scale,
@@ -727,6 +752,11 @@ mod tests {
         check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Avx2Q8_0, 18);
         check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Avx2Q4_0, 19);
         check_kernel::<BlockQ6K, _>(QuantType::Q6K, &Avx2Q6K, 20);
+        check_kernel::<BlockQ4_1, _>(QuantType::Q4_1, &Avx2Q4_1, 21);
+        check_kernel::<BlockQ5_0, _>(QuantType::Q5_0, &Avx2Q5_0, 22);
+        check_kernel::<BlockQ5_1, _>(QuantType::Q5_1, &Avx2Q5_1, 23);
+        check_kernel::<BlockIq4Nl, _>(QuantType::Iq4Nl, &Avx2Iq4Nl, 24);
+        check_kernel::<BlockIq4Xs, _>(QuantType::Iq4Xs, &Avx2Iq4Xs, 25);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -738,22 +768,33 @@ mod tests {
         check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Avx512Q4K, 17);
         check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Avx512Q8_0, 18);
         check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Avx512Q4_0, 19);
+        check_kernel::<BlockQ4_1, _>(QuantType::Q4_1, &Avx512Q4_1, 21);
+        check_kernel::<BlockQ5_0, _>(QuantType::Q5_0, &Avx512Q5_0, 22);
+        check_kernel::<BlockQ5_1, _>(QuantType::Q5_1, &Avx512Q5_1, 23);
+        check_kernel::<BlockIq4Nl, _>(QuantType::Iq4Nl, &Avx512Iq4Nl, 24);
+        check_kernel::<BlockIq4Xs, _>(QuantType::Iq4Xs, &Avx512Iq4Xs, 25);
     }
 
     #[cfg(target_arch = "aarch64")]
     #[test]
     fn neon_kernels_match_candle_scalar() {
-        use super::super::qdot_arm::{dotprod, BASELINE};
-        check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Neon(BASELINE), 17);
-        check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Neon(BASELINE), 18);
-        check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Neon(BASELINE), 19);
+        use super::super::qdot_arm::{dotprod, QDot, BASELINE};
+        fn check_all<S: QDot>(s: S) {
+            check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Neon(s), 17);
+            check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Neon(s), 18);
+            check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Neon(s), 19);
+            check_kernel::<BlockQ4_1, _>(QuantType::Q4_1, &Neon(s), 21);
+            check_kernel::<BlockQ5_0, _>(QuantType::Q5_0, &Neon(s), 22);
+            check_kernel::<BlockQ5_1, _>(QuantType::Q5_1, &Neon(s), 23);
+            check_kernel::<BlockIq4Nl, _>(QuantType::Iq4Nl, &Neon(s), 24);
+            check_kernel::<BlockIq4Xs, _>(QuantType::Iq4Xs, &Neon(s), 25);
+        }
+        check_all(BASELINE);
         let Some(s) = dotprod() else {
             simd_test::runs("NEON dotprod kernels", false, &["asimddp"]);
             return;
         };
-        check_kernel::<BlockQ4K, _>(QuantType::Q4K, &Neon(s), 17);
-        check_kernel::<BlockQ8_0, _>(QuantType::Q8_0, &Neon(s), 18);
-        check_kernel::<BlockQ4_0, _>(QuantType::Q4_0, &Neon(s), 19);
+        check_all(s);
     }
 
     /// The SIMD quantizers write the bytes candle's do: blocks of uneven
@@ -1029,7 +1070,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "matmul_quant: Q4K block data at")]
+    #[should_panic(expected = "matmul_quant: q4_k block data at")]
     fn misaligned_weights_panic() {
         let w = Aligned::zeroed(144 + 1);
         let mut y = [0.0];
