@@ -116,7 +116,10 @@ fn machine_file(path: &Path) -> Result<MachineFile> {
         (at("gflops"), m.gflops),
     ])?;
     if m.loop_us.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
-        bail!("{}: loop_us must be a number of microseconds, 0 or more", path.display());
+        bail!(
+            "{}: loop_us must be a number of microseconds, 0 or more",
+            path.display()
+        );
     }
     if m.cores == Some(0) {
         bail!("{}: cores must be at least 1", path.display());
@@ -212,7 +215,11 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
         crate::set_threads(a.threads)?;
         let here = plan::measure(&sizes, &a.model, ram)?;
         Machine {
-            reads: if disk.is_some() { Vec::new() } else { here.reads },
+            reads: if disk.is_some() {
+                Vec::new()
+            } else {
+                here.reads
+            },
             disk_gbps: disk.unwrap_or(here.disk_gbps),
             measured: mem.is_none() && gflops.is_none(),
             layer: here.layer.filter(|_| mem.is_none() && gflops.is_none()),

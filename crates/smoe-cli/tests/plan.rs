@@ -190,7 +190,10 @@ fn bad_input_gets_one_clear_line() {
         ("ram = \"48GB\"\nvram = \"24GB\"\n", vec!["m.toml", "vram"]),
         ("ram = \"lots\"\n", vec!["\"lots\" is not a size"]),
         ("disk_gbps = 0.0\n", vec!["m.toml", "disk_gbps", "positive"]),
-        ("mem_gbps = -270.0\n", vec!["m.toml", "mem_gbps", "positive"]),
+        (
+            "mem_gbps = -270.0\n",
+            vec!["m.toml", "mem_gbps", "positive"],
+        ),
         ("gflops = nan\n", vec!["m.toml", "gflops", "positive"]),
         ("loop_us = -1.0\n", vec!["m.toml", "loop_us"]),
         ("cores = 0\n", vec!["m.toml", "cores"]),

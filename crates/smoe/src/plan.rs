@@ -707,10 +707,7 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
         .map(token_bytes)
         .sum::<u64>() as f64
         / n_sparse as f64;
-    let head = time(
-        sizes.lm_head_bytes as f64 / (m.mem_gbps * 1e9),
-        eff.mem,
-    );
+    let head = time(sizes.lm_head_bytes as f64 / (m.mem_gbps * 1e9), eff.mem);
 
     // Seconds of the layers for a token and for a prompt, and of the
     // hand-offs among the former (given machines only).
@@ -782,7 +779,10 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
         ((slots - touched) / ((ls - 1.0) * touched)).clamp(0.0, 1.0)
     };
     let cold_reads = time(ls * m.read_s(touched, record), eff.disk);
-    let warm_reads = time(ls * m.read_s(touched * (1.0 - prefill_hit), record), eff.disk);
+    let warm_reads = time(
+        ls * m.read_s(touched * (1.0 - prefill_hit), record),
+        eff.disk,
+    );
     let prefill_compute = sum(layers_pre, head);
     let ttft = sum(prefill_compute, warm_reads);
     let cold = (ls * touched * record as f64) as u64;
@@ -838,7 +838,9 @@ pub fn measure(sizes: &Sizes, model: &Path, ram: u64) -> Result<Machine> {
         };
         probe_disk(dir, len)?
     };
-    let &(n, s) = reads.last().ok_or_else(|| Error::invalid("no disk reads measured"))?;
+    let &(n, s) = reads
+        .last()
+        .ok_or_else(|| Error::invalid("no disk reads measured"))?;
     let disk_gbps = (n * len) as f64 / s / 1e9;
     let mem_gbps = probe_memory()?;
     // Between two uses of one layer a decoded token streams the others and

@@ -174,7 +174,10 @@ impl Arena {
         let map = filled(end, |bytes| {
             for (range, dtype) in &fresh {
                 let p = &patterns[dtype.name()];
-                for (dst, src) in bytes[range.clone()].chunks_mut(p.len()).zip(std::iter::repeat(p)) {
+                for (dst, src) in bytes[range.clone()]
+                    .chunks_mut(p.len())
+                    .zip(std::iter::repeat(p))
+                {
                     dst.copy_from_slice(&src[..dst.len()]);
                 }
             }
@@ -284,7 +287,10 @@ mod tests {
                 .filter(|(n, _, _)| s.config.family.is_routed_expert(n))
                 .count();
             assert_eq!(experts, 3 * s.config.num_experts, "{model}");
-            assert_eq!(of("experts.0.down_proj.weight"), DType::Quant(QuantType::Q4K));
+            assert_eq!(
+                of("experts.0.down_proj.weight"),
+                DType::Quant(QuantType::Q4K)
+            );
             assert_eq!(of("mlp.gate.weight"), DType::BF16, "{model}: router");
             let real = s.types[&format!("model.layers.3.{v}")];
             assert_eq!(of(v), real, "{model}: {v}");
@@ -295,7 +301,12 @@ mod tests {
 
     #[test]
     fn patterns_are_whole_blocks_of_their_type() {
-        for q in [QuantType::Q4K, QuantType::Q6K, QuantType::Q8_0, QuantType::Q4_0] {
+        for q in [
+            QuantType::Q4K,
+            QuantType::Q6K,
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+        ] {
             let p = pattern(DType::Quant(q)).unwrap();
             assert_eq!(p.len() % q.block_bytes(), 0, "{}", q.name());
         }
