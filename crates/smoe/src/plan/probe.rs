@@ -131,6 +131,10 @@ fn tensors(sizes: &Sizes, cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>, 
         .collect())
 }
 
+/// Where the tensors of one type and shape start, and which of them the
+/// next tensor past the arena's end shares.
+type Aliases = (Vec<usize>, usize);
+
 /// The probe's weights: each tensor a range of one filled mapping.
 struct Arena {
     map: MappedFile,
@@ -141,7 +145,7 @@ impl Arena {
     fn lay_out(list: Vec<(String, Vec<usize>, DType)>) -> Result<Self> {
         let mut tensors = HashMap::new();
         let mut fresh: Vec<(Range<usize>, DType)> = Vec::new();
-        let mut same: HashMap<(&str, Vec<usize>), (Vec<usize>, usize)> = HashMap::new();
+        let mut same: HashMap<(&str, Vec<usize>), Aliases> = HashMap::new();
         let mut end = 0usize;
         for (name, shape, dtype) in list {
             let cols = *shape.last().unwrap_or(&1);
