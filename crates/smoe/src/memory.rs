@@ -157,8 +157,8 @@ impl Footprint {
     /// token's experts of one layer (fewer could not run a layer at all),
     /// at most every expert (more would be waste). With `Budget::Auto` the
     /// budget is what `available_bytes` leaves beside backbone, KV and
-    /// [`headroom`], and memory that cannot hold those and the least cache
-    /// is refused with the sum it needed.
+    /// [`headroom`], and for a vault, memory that cannot hold those and the
+    /// least cache is refused with the sum it needed.
     pub fn plan(&self, budget: Budget, available_bytes: Option<u64>) -> Result<MemoryPlan> {
         let (slot_bytes, kv_bytes) = (self.slot_bytes, self.kv_bytes);
         let backbone_bytes = self.resident_bytes;
@@ -173,7 +173,9 @@ impl Footprint {
                         "cannot read available memory on this system; pass --ram-budget SIZE",
                     )
                 })?;
-                if base + self.min_cache_bytes > avail {
+                // A checkpoint is mapped whole and may page; a vault's
+                // backbone and cache are read into memory and must fit.
+                if slot_bytes > 0 && base + self.min_cache_bytes > avail {
                     return Err(Error::invalid(format!(
                         "{} of memory is smaller than the backbone's needs: {} resident + {} KV for {} tokens + {} headroom + {} for one token's experts of one layer = {}; a smaller --ctx, a q4_k backbone, or more memory",
                         human_bytes(avail),
