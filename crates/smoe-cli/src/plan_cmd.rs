@@ -10,8 +10,8 @@ use clap::Args;
 use serde::Deserialize;
 
 use smoe::kernels::DType;
-use smoe::model::{available_memory, human_bytes, parse_bytes};
-use smoe::plan::{self, CacheBudget, HitCurve, Machine, Sizes, Tiers};
+use smoe::model::{available_memory, human_bytes, parse_bytes, Budget, MemoryPlan};
+use smoe::plan::{self, HitCurve, Machine, Sizes};
 
 /// q4_k GFLOP/s per core of the multi-token product, for a machine given
 /// without `gflops`: what `smoe plan --measure` found on a 2-core AVX2
@@ -102,30 +102,56 @@ struct MachineFile {
 
 fn machine_file(path: &Path) -> Result<MachineFile> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    toml::from_str(&text).map_err(|e| {
+    let m: MachineFile = toml::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
             "{}: {} (expected keys: name, ram, disk_gbps, mem_gbps, gflops, cores, loop_us)",
             path.display(),
             e.to_string().trim_end().replace('\n', " ")
         )
-    })
+    })?;
+    let at = |key: &str| format!("{}: {key}", path.display());
+    positive([
+        (at("disk_gbps"), m.disk_gbps),
+        (at("mem_gbps"), m.mem_gbps),
+        (at("gflops"), m.gflops),
+    ])?;
+    if m.loop_us.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+        bail!(
+            "{}: loop_us must be a number of microseconds, 0 or more",
+            path.display()
+        );
+    }
+    if m.cores == Some(0) {
+        bail!("{}: cores must be at least 1", path.display());
+    }
+    Ok(m)
+}
+
+/// Refuses a figure given as zero, negative or not a number.
+fn positive(figures: [(String, Option<f64>); 3]) -> Result<()> {
+    for (what, v) in figures {
+        if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            bail!("{what} must be a positive number");
+        }
+    }
+    Ok(())
 }
 
 fn size(what: &str, s: &str) -> Result<u64> {
     parse_bytes(s).with_context(|| format!("{what} \"{s}\" is not a size (e.g. 48GiB, 512MiB)"))
 }
 
-fn budget(s: &str) -> Result<CacheBudget> {
+fn budget(s: &str, sizes: &Sizes) -> Result<Budget> {
     if s.eq_ignore_ascii_case("auto") {
-        return Ok(CacheBudget::Auto);
+        return Ok(Budget::Auto);
     }
     if let Some(p) = s.strip_suffix('%') {
         return match p.trim().parse::<f64>() {
-            Ok(v) if v > 0.0 && v <= 100.0 => Ok(CacheBudget::Fraction(v / 100.0)),
+            Ok(v) if v > 0.0 && v <= 100.0 => Ok(plan::share(sizes, v / 100.0)),
             _ => bail!("--ram-budget \"{s}\": a share must be above 0% and at most 100%"),
         };
     }
-    Ok(CacheBudget::Bytes(size("--ram-budget", s)?))
+    Ok(Budget::Bytes(size("--ram-budget", s)?))
 }
 
 fn dtype(flag: &str, s: &str) -> Result<DType> {
@@ -146,14 +172,13 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
             a.pcie_gbps.map_or(String::new(), |p| format!(", --pcie-gbps {p}"))
         );
     }
-    for (flag, v) in [
-        ("--disk-gbps", a.disk_gbps),
-        ("--mem-gbps", a.mem_gbps),
-        ("--gflops", a.gflops),
-    ] {
-        if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
-            bail!("{flag} must be a positive number");
-        }
+    positive([
+        ("--disk-gbps".into(), a.disk_gbps),
+        ("--mem-gbps".into(), a.mem_gbps),
+        ("--gflops".into(), a.gflops),
+    ])?;
+    if a.cores == Some(0) {
+        bail!("--cores must be at least 1");
     }
     let file = a
         .machine
@@ -184,16 +209,24 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
     let mem = a.mem_gbps.or(file.mem_gbps);
     let gflops = a.gflops.or(file.gflops);
     let cores = a.cores.or(file.cores);
+    let memory = plan::memory_plan(&sizes, ram, budget(&a.ram_budget, &sizes)?, a.ctx)
+        .with_context(|| format!("{}: no plan", a.model.display()))?;
     let machine = if a.measure || (disk.is_none() && mem.is_none()) {
         crate::set_threads(a.threads)?;
-        let here = plan::measure(&a.model, ram)?;
+        let here = plan::measure(&sizes, &a.model, ram)?;
         Machine {
+            reads: if disk.is_some() {
+                Vec::new()
+            } else {
+                here.reads
+            },
             disk_gbps: disk.unwrap_or(here.disk_gbps),
-            measured: mem.is_none(),
+            measured: mem.is_none() && gflops.is_none(),
+            layer: here.layer.filter(|_| mem.is_none() && gflops.is_none()),
             mem_gbps: mem.unwrap_or(here.mem_gbps),
             gflops: gflops.unwrap_or(here.gflops),
             cores: cores.unwrap_or(here.cores),
-            loop_us: file.loop_us.unwrap_or(here.loop_us),
+            loop_us: file.loop_us.unwrap_or(IDLE_LOOP_US),
             ram,
         }
     } else {
@@ -204,19 +237,19 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
         Machine {
             ram,
             disk_gbps,
+            reads: Vec::new(),
             mem_gbps,
             gflops: gflops.unwrap_or(cores as f64 * GFLOPS_PER_CORE),
             loop_us: file.loop_us.unwrap_or(IDLE_LOOP_US),
             cores,
+            layer: None,
             measured: false,
         }
     };
-    let tiers = Tiers::plan(&sizes, ram, budget(&a.ram_budget)?, a.ctx)
-        .with_context(|| format!("{}: no plan", a.model.display()))?;
-    let forecast = plan::forecast(&sizes, &tiers, &machine, &curve);
+    let forecast = plan::forecast(&sizes, &memory, &machine, &curve);
     let mut out = std::io::stdout().lock();
     if a.json {
-        let mut v = plan::to_json(&sizes, &tiers, &machine, &curve, &forecast);
+        let mut v = plan::to_json(&sizes, &memory, &machine, &curve, &forecast);
         v["machine"]["name"] = file.name.into();
         writeln!(out, "{v}")?;
         return Ok(());
@@ -226,7 +259,7 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
         &a.model,
         file.name.as_deref(),
         &sizes,
-        &tiers,
+        &memory,
         &machine,
         &curve,
         &forecast,
@@ -249,13 +282,14 @@ fn print(
     model: &Path,
     name: Option<&str>,
     s: &Sizes,
-    t: &Tiers,
+    t: &MemoryPlan,
     m: &Machine,
     curve: &HitCurve,
     f: &plan::Forecast,
 ) -> Result<()> {
     let c = &s.config;
     let params = (s.backbone_params + s.expert_params) as f64 / 1e9;
+    let fraction = plan::fraction(s, t);
     writeln!(
         out,
         "model      {} ({}, {}): {params:.1} B parameters, {:.1} B active per token; {} as bf16",
@@ -291,39 +325,51 @@ fn print(
         c.num_experts,
         c.num_experts_per_tok
     )?;
+    let machine = match m.layer {
+        Some(l) => format!(
+            "SSD {:.2} GB/s ({} at once: {}) | memory {:.1} GB/s | one layer here: prefill of {} tokens {:.1} ms ({:.0} GFLOP/s), decode {:.2} ms | {} threads (measured)",
+            m.disk_gbps,
+            human_bytes(s.record_bytes),
+            m.reads
+                .iter()
+                .map(|(n, t)| format!("{n} {:.1} ms", t * 1e3))
+                .collect::<Vec<_>>()
+                .join(", "),
+            m.mem_gbps,
+            plan::PROMPT_TOKENS,
+            l.prefill_s * 1e3,
+            m.gflops,
+            l.decode_s * 1e3,
+            m.cores
+        ),
+        None => format!(
+            "SSD {:.2} GB/s | memory {:.1} GB/s | {:.0} GFLOP/s | {} cores, {:.0} us a parallel loop (given)",
+            m.disk_gbps, m.mem_gbps, m.gflops, m.cores, m.loop_us
+        ),
+    };
     writeln!(
         out,
-        "machine    {}RAM {} | SSD {:.2} GB/s | memory {:.1} GB/s | {:.0} GFLOP/s | {} cores, {:.0} us a parallel loop ({})",
+        "machine    {}RAM {} | {machine}",
         name.map_or(String::new(), |n| format!("{n}: ")),
         human_bytes(m.ram),
-        m.disk_gbps,
-        m.mem_gbps,
-        m.gflops,
-        m.cores,
-        m.loop_us,
-        if m.measured {
-            "measured here: direct reads, the q4_k kernels"
-        } else {
-            "given"
-        }
     )?;
     writeln!(
         out,
         "RAM        backbone {} + KV {} ({} tokens) + headroom {} + expert cache {} ({} slots, {:.1}% of the experts) = {}; {} left",
-        human_bytes(t.backbone),
-        human_bytes(t.kv),
+        human_bytes(t.backbone_bytes),
+        human_bytes(t.kv_bytes),
         t.ctx,
-        human_bytes(t.headroom),
-        human_bytes(t.cache),
+        human_bytes(t.headroom_bytes),
+        human_bytes(t.cache_bytes),
         t.cache_slots,
-        100.0 * t.fraction(s),
-        human_bytes(t.backbone + t.kv + t.headroom + t.cache),
-        human_bytes(t.free)
+        100.0 * fraction,
+        human_bytes(t.backbone_bytes + t.kv_bytes + t.headroom_bytes + t.cache_bytes),
+        human_bytes(t.room_bytes.unwrap_or(0).saturating_sub(t.cache_bytes))
     )?;
     writeln!(
         out,
         "SSD        {} (expert records{})",
-        human_bytes(t.ssd),
+        human_bytes(plan::ssd_bytes(s)),
         if s.embed_on_disk > 0 {
             ", embedding table"
         } else {
@@ -334,8 +380,13 @@ fn print(
         out,
         "locality   decode hit rate {:.1}% at {:.1}% cached: h(f) linear between measured points of {}",
         100.0 * f.hit_rate,
-        100.0 * t.fraction(s),
+        100.0 * fraction,
         curve.source
+    )?;
+    writeln!(
+        out,
+        "           prompt: {:.1}% of its experts cached (uniform routing touches U per layer; LFU keeps (C-U)/(L-1) of each layer's)",
+        100.0 * f.prefill_hit_rate
     )?;
     writeln!(
         out,
@@ -345,7 +396,7 @@ fn print(
         out,
         "per token  RAM {} (backbone {}, experts {}, KV {}) | SSD {} ({:.2} expert misses x {} layers x {})",
         human_bytes(f.ram_bytes_per_token),
-        human_bytes(t.backbone),
+        human_bytes(t.backbone_bytes),
         human_bytes(s.expert_bytes_per_token()),
         human_bytes(f.kv_bytes_per_token),
         human_bytes(f.ssd_bytes_per_token),
@@ -354,28 +405,37 @@ fn print(
         human_bytes(s.record_bytes)
     )?;
     let r = |x: &plan::Range, p: usize| {
-        format!("{:.p$}-{:.p$} (expected {:.p$})", x.low, x.high, x.mid())
+        format!("{:.p$}-{:.p$} (expected {:.p$})", x.low, x.high, x.expected)
+    };
+    let ms = |x: &plan::Range| match x.expected {
+        s if s >= 10.0 => format!("{s:.1} s"),
+        s => format!("{:.1} ms", s * 1e3),
     };
     writeln!(
         out,
-        "decode     {} tok/s, limited by {}",
+        "decode     {} tok/s, limited by {}; a token: layers and LM head {}, waiting for misses {}",
         r(&f.decode_tok_s, 2),
-        f.decode_limit
+        f.decode_limit,
+        ms(&f.decode_compute_s),
+        ms(&f.decode_read_s)
     )?;
     writeln!(
         out,
-        "prefill    {} tok/s for a {}-token prompt, limited by {}; it reads {} of experts cold, {} warm",
+        "prefill    {} tok/s for a {}-token prompt, limited by {}; compute {}, reads {} ({} of experts; {} on a cold cache)",
         r(&f.prefill_tok_s, 1),
         plan::PROMPT_TOKENS,
         f.prefill_limit,
-        human_bytes(f.prefill_read.1),
-        human_bytes(f.prefill_read.0)
+        ms(&f.prefill_compute_s),
+        ms(&f.prefill_read_s),
+        human_bytes(f.prefill_read.0),
+        human_bytes(f.prefill_read.1)
     )?;
     writeln!(
         out,
-        "first token {} s after a {}-token prompt",
-        r(&f.ttft_s, 1),
-        plan::PROMPT_TOKENS
+        "first token {} s after a {}-token prompt ({} s on a cold cache)",
+        r(&f.ttft_s, 2),
+        plan::PROMPT_TOKENS,
+        r(&f.ttft_cold_s, 2)
     )?;
     Ok(())
 }

@@ -163,7 +163,7 @@ fn bad_input_gets_one_clear_line() {
     bad(
         &[path_str(&big), "--ram", "4GiB"],
         &[
-            "4.00 GiB of RAM is smaller than the backbone's needs",
+            "4.00 GiB of memory is smaller than the backbone's needs",
             "resident",
         ],
     );
@@ -178,10 +178,27 @@ fn bad_input_gets_one_clear_line() {
     bad(&[path_str(&big), "--ram-budget", "150%"], &["at most 100%"]);
     bad(&[path_str(&gguf)], &["model.gguf", "config.json"]);
     bad(&[path_str(&big), "--device", "gpu"], &["CPU only"]);
+    // A directory without a config, a config that is not one.
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    bad(&[path_str(&empty)], &["empty", "config.json"]);
+    fs::write(&llama, "[1, 2]").unwrap();
+    bad(&[path_str(&llama)], &["config.json"]);
+    bad(&[path_str(&big), "--ram-budget", "0"], &["holds 0 experts"]);
     for (text, parts) in [
         ("ram = 48GB\n", vec!["m.toml", "expected keys"]),
         ("ram = \"48GB\"\nvram = \"24GB\"\n", vec!["m.toml", "vram"]),
         ("ram = \"lots\"\n", vec!["\"lots\" is not a size"]),
+        ("disk_gbps = 0.0\n", vec!["m.toml", "disk_gbps", "positive"]),
+        (
+            "mem_gbps = -270.0\n",
+            vec!["m.toml", "mem_gbps", "positive"],
+        ),
+        ("gflops = nan\n", vec!["m.toml", "gflops", "positive"]),
+        ("loop_us = -1.0\n", vec!["m.toml", "loop_us"]),
+        ("cores = 0\n", vec!["m.toml", "cores"]),
+        ("ram = \"0\"\n", vec!["smaller than the backbone's needs"]),
+        ("[ram]\nsize = 1\n", vec!["m.toml", "expected keys"]),
     ] {
         fs::write(&machine, text).unwrap();
         bad(&[path_str(&big), "--machine", path_str(&machine)], &parts);

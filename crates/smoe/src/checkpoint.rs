@@ -50,6 +50,20 @@ pub fn zeros(len: usize) -> Result<MappedFile> {
     Ok(MappedFile(Arc::new(Storage::Mapped(map))))
 }
 
+/// `len` bytes of memory written by `fill`, for weights that must be real
+/// pages (zero pages all map one physical page, which no cache misses).
+pub fn filled(len: usize, fill: impl FnOnce(&mut [u8])) -> Result<MappedFile> {
+    let mut map = memmap2::MmapOptions::new()
+        .len(len.max(1))
+        .map_anon()
+        .map_err(|e| Error::invalid(format!("allocating {len} bytes: {e}")))?;
+    fill(&mut map[..len]);
+    let map = map
+        .make_read_only()
+        .map_err(|e| Error::invalid(format!("sealing {len} bytes: {e}")))?;
+    Ok(MappedFile(Arc::new(Storage::Mapped(map))))
+}
+
 /// A mapped file that [`Weight`]s can point into.
 #[derive(Debug, Clone)]
 pub struct MappedFile(Arc<Storage>);

@@ -39,6 +39,11 @@ pub struct MemoryPlan {
     pub sequences: usize,
     /// Memory the OS reported available at start, if known.
     pub available_bytes: Option<u64>,
+    /// What is kept free of that beside backbone, KV and cache.
+    pub headroom_bytes: u64,
+    /// What the available memory leaves for the expert cache; a budget
+    /// given above it may not fit.
+    pub room_bytes: Option<u64>,
     pub expert_bytes: u64,
     pub direct_io: bool,
 }
@@ -200,13 +205,19 @@ impl Footprint {
         })
     }
 
-    /// The one memory planner (run, chat, serve, check, inspect): a vault's
-    /// expert cache gets the budget, in whole slots: at least one token's
-    /// experts of one layer (fewer could not run a layer at all), at most
-    /// every expert (more would be waste).
+    /// The one memory planner (run, chat, serve, check, inspect, plan): a
+    /// vault's expert cache gets the budget, in whole slots: at least one
+    /// token's experts of one layer (fewer could not run a layer at all),
+    /// at most every expert (more would be waste). With `Budget::Auto` the
+    /// budget is what `available_bytes` leaves beside backbone, KV and
+    /// [`headroom`], and for a vault, memory that cannot hold those and the
+    /// least cache is refused with the sum it needed.
     pub fn plan(&self, budget: Budget, available_bytes: Option<u64>) -> Result<MemoryPlan> {
         let (slot_bytes, kv_bytes) = (self.slot_bytes, self.kv_bytes);
         let backbone_bytes = self.resident_bytes;
+        let headroom_bytes = available_bytes.map_or(0, headroom);
+        let base = backbone_bytes + kv_bytes + headroom_bytes;
+        let room_bytes = available_bytes.map(|a| a.saturating_sub(base));
         let budget = match budget {
             Budget::Bytes(b) => b,
             Budget::Auto => {
@@ -215,7 +226,21 @@ impl Footprint {
                         "cannot read available memory on this system; pass --ram-budget SIZE",
                     )
                 })?;
-                avail.saturating_sub(backbone_bytes + kv_bytes + headroom(avail))
+                // A checkpoint is mapped whole and may page; a vault's
+                // backbone and cache are read into memory and must fit.
+                if slot_bytes > 0 && base + self.min_cache_bytes > avail {
+                    return Err(Error::invalid(format!(
+                        "{} of memory is smaller than the backbone's needs: {} resident + {} KV for {} tokens + {} headroom + {} for one token's experts of one layer = {}; a smaller --ctx, a q4_k backbone, or more memory",
+                        human_bytes(avail),
+                        human_bytes(backbone_bytes),
+                        human_bytes(kv_bytes),
+                        self.ctx,
+                        human_bytes(headroom_bytes),
+                        human_bytes(self.min_cache_bytes),
+                        human_bytes(base + self.min_cache_bytes)
+                    )));
+                }
+                avail - base
             }
         };
         let min_slots = self.min_cache_bytes.checked_div(slot_bytes).unwrap_or(1);
@@ -240,6 +265,8 @@ impl Footprint {
             ctx: self.ctx,
             sequences: self.sequences,
             available_bytes,
+            headroom_bytes,
+            room_bytes,
             expert_bytes: self.expert_bytes,
             direct_io: self.direct_io.unwrap_or(false),
         })

@@ -9,51 +9,65 @@
 //! ([`recipe`]) and the record layout `smoe convert` writes, so a plan is
 //! exact to the byte for the vault `convert` would make.
 //!
+//! **Memory.** The RAM plan is the engine's own ([`Footprint::plan`], the
+//! planner `run`, `chat` and `serve` use), on the footprint of that vault.
+//!
 //! **Locality model.** The expert cache holds a fraction `f` of all expert
 //! records (LFU eviction, no read-ahead: the defaults). The decode hit rate
 //! is a curve `h(f)`, linear between measured points, through (0, 0) and,
 //! without a point at 1, up to (1, 1): a whole-model cache misses only
 //! each expert's first use. A cache of fewer slots than one token's experts
 //! (sparse layers x top-k) hits nothing: LFU evicts every expert before its
-//! next use (measured: 0.0% on the built-in model with 25 slots under 32). The default curve was measured on the built-in
-//! model's learned routing (`smoe bench --prompts models/builtin/eval.json`
-//! at budgets of 10-100% of its expert bytes, [`HitCurve::builtin`]); a
-//! trained model routes more repetitively than the uniform `h = f`. Any
-//! model's own curve comes from `smoe bench --json --prompts FILE` at a few
-//! `--ram-budget`s on it: `smoe plan --hit-curve FILE` takes those JSON
-//! lines ([`HitCurve::from_bench`]).
+//! next use (measured: 0.0% on the built-in model with 25 slots under 32).
+//! The default curve was measured on the built-in model's learned routing
+//! (`smoe bench --prompts models/builtin/eval.json` at budgets of 10-100%
+//! of its expert bytes, [`HitCurve::builtin`]); a trained model routes more
+//! repetitively than the uniform `h = f`. Any model's own curve comes from
+//! `smoe bench --json --prompts FILE` at a few `--ram-budget`s on it:
+//! `smoe plan --hit-curve FILE` takes those JSON lines
+//! ([`HitCurve::from_bench`]). A prompt of `t` tokens routed uniformly
+//! touches `U = E (1 - (1 - k/E)^t)` experts per layer; the cache pins a
+//! layer's `U` while it computes and LFU keeps a stable set of the rest
+//! from prompt to prompt, `(C - U) / (L - 1)` per layer of `C` slots.
 //!
-//! **Forecast.** What a decoded token costs, as smoe runs it: every resident
-//! backbone byte, the top-k experts of every sparse layer and the KV cache
-//! are streamed from RAM by the kernels; the misses (`1 - h` of those
-//! experts) are read from SSD first, and without read-ahead the layer waits
-//! for them, so the two times add. Each of the token's ~12 parallel loops
-//! per layer also costs the threads' hand-off, microseconds on an idle CPU
-//! but a scheduler time slice on a busy one (measured: ~10 ms a loop on
-//! this 2-core VM while other builds ran, which is what decode paid there). Prefill of a 512-token prompt (one
-//! chunk) is compute: two flops per active weight per token, plus attention,
-//! at the quantized kernels' multi-token rate, plus reading each expert the
-//! chunk routes to once per layer (all of them cold; the uncached share warm).
-//! Each figure is a range from the spread of how much of a bandwidth the
-//! engine gets (narrow when measured here with the engine's own kernels and
-//! reader, wide for figures given for another machine); the resource that
-//! takes the larger share of the time is named.
+//! **Forecast.** Measured here (`--measure`, the default), the engine's own
+//! sparse layer runs at the model's shapes and stored types ([`probe`]): a
+//! 512-token prompt as one chunk and decode steps at that context, with
+//! the caches flushed between steps by what the rest of the model streams.
+//! That is the layer's compute with every overhead smoe pays. A decoded
+//! token is then the layers (a dense layer in proportion to its bytes) and
+//! the LM head at the measured DRAM rate, plus, per sparse layer, the wait
+//! for its misses: they are read at once, and the disk probe timed batches
+//! of 1-16 records of the model's size, so the wait is the expected batch
+//! time over how many of the `k` experts miss (binomial in `1 - h`). A
+//! prompt is the layers' prefill time plus, per sparse layer, reading the
+//! experts it touches that the cache lacks, 16 at a time, before computing.
+//! For a machine given by figures instead, a layer is its bytes over the
+//! memory bandwidth plus its parallel loops' hand-offs, a prompt two flops
+//! per active weight per token plus attention at the given GFLOP/s, reads
+//! at the disk's GB/s. Each figure is a range from the spread of how much
+//! of a rate the engine gets (narrow when measured here, wide for figures
+//! given for another machine); the resource with the larger share of the
+//! time is named.
+
+mod probe;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
+pub use probe::LayerTimes;
+
 use crate::checkpoint::{zeros, MappedFile, TensorSource, Weight};
 use crate::config::ModelConfig;
 use crate::error::{read_json, Error, Result};
 use crate::experts::io::DirectFile;
-use crate::kernels::{for_each_task, matmul, threads, DType, Matrix};
-use crate::memory::headroom;
+use crate::kernels::{matmul, threads, DType, Matrix};
+use crate::memory::{Budget, Footprint, MemoryPlan};
 use crate::model::{human_bytes, Decoder};
 use crate::quant::{quantize_rows, QuantType};
 use crate::vault::recipe::{row_type, Role};
@@ -89,6 +103,14 @@ pub struct Sizes {
     pub params_per_expert: u64,
     /// Parameters of the LM head (or the tied table), used once per prompt.
     pub lm_head_params: u64,
+    /// Its stored bytes.
+    pub lm_head_bytes: u64,
+    /// Stored bytes of each layer's backbone tensors, by layer.
+    pub layer_bytes: Vec<u64>,
+    /// Stored type of every backbone tensor.
+    pub types: BTreeMap<String, DType>,
+    /// Stored type of the routed experts' parts, by shape.
+    pub expert_types: Vec<(Vec<usize>, DType)>,
 }
 
 impl Sizes {
@@ -123,6 +145,24 @@ impl Sizes {
         self.moe_layers as u64 * self.config.num_experts_per_tok as u64 * self.record_bytes
     }
 
+    /// The type layer `sparse`'s tensor stores, for the probe's one layer
+    /// (`model.layers.0.*`) and the rest of its tensors by their own name.
+    fn stored_type(&self, name: &str, shape: &[usize], sparse: usize) -> DType {
+        if self.config.family.is_routed_expert(name) {
+            if let Some((_, t)) = self.expert_types.iter().find(|(s, _)| s == shape) {
+                return *t;
+            }
+        }
+        let real = match name.strip_prefix("model.layers.0.") {
+            Some(rest) => format!("model.layers.{sparse}.{rest}"),
+            None => name.to_string(),
+        };
+        self.types.get(&real).copied().unwrap_or(match shape.len() {
+            1 => DType::F32,
+            _ => DType::BF16,
+        })
+    }
+
     /// Sizes of the vault at `dir`, as stored.
     pub fn of_vault(vault: &Vault) -> Result<Self> {
         let m = &vault.manifest;
@@ -135,6 +175,9 @@ impl Sizes {
             let n = layer.offsets.len() as u64;
             for p in &layer.parts {
                 *s.experts.entry(p.dtype.clone()).or_default() += n * p.len;
+                if let Some(t) = DType::parse(&p.dtype) {
+                    s.expert_types.push((p.shape.to_vec(), t));
+                }
             }
             let parts: u64 = layer.parts.iter().map(|p| p.len).sum();
             *s.experts.entry("padding".into()).or_default() += n * (layer.record_len - parts);
@@ -203,6 +246,7 @@ impl Sizes {
                 };
                 let t = row_type(experts, cols);
                 let len = rows * t.row_bytes(cols);
+                s.expert_types.push((shape.to_vec(), t));
                 end = part_start(end) + len;
                 stored += len as u64;
                 params += (rows * cols) as u64;
@@ -221,6 +265,7 @@ impl Sizes {
     }
 
     fn empty(config: ModelConfig, source: &'static str, quant: String) -> Self {
+        let layers = config.num_hidden_layers;
         Sizes {
             config,
             source,
@@ -235,6 +280,10 @@ impl Sizes {
             moe_layers: 0,
             params_per_expert: 0,
             lm_head_params: 0,
+            lm_head_bytes: 0,
+            layer_bytes: vec![0; layers],
+            types: BTreeMap::new(),
+            expert_types: Vec::new(),
         }
     }
 
@@ -244,6 +293,17 @@ impl Sizes {
         let tied = self.config.tie_word_embeddings;
         if name == LM_HEAD || (tied && name == EMBED) {
             self.lm_head_params = params;
+            self.lm_head_bytes = len;
+        }
+        if let Some(t) = DType::parse(dtype) {
+            self.types.insert(name.to_string(), t);
+        }
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        if let Some(b) = layer.and_then(|i| self.layer_bytes.get_mut(i)) {
+            *b += len;
         }
         if name == EMBED && !tied {
             self.embed_on_disk += len;
@@ -374,32 +434,40 @@ const BUILTIN_CURVE: [(f64, f64); 4] = [(0.156, 0.231), (0.25, 0.515), (0.5, 0.8
 pub struct Machine {
     /// Memory the process may use.
     pub ram: u64,
-    /// Sequential read bandwidth of the disk holding the vault.
+    /// Read bandwidth of the disk holding the vault, at the reader pool's
+    /// queue depth (16).
     pub disk_gbps: f64,
-    /// Memory bandwidth: with `measured`, what the decode kernel streamed
-    /// here; else the machine's rated figure.
+    /// Seconds to read `n` expert records at once through the reader pool,
+    /// `(n, seconds)` by ascending `n`, when measured here; a given machine
+    /// has only `disk_gbps`.
+    pub reads: Vec<(usize, f64)>,
+    /// Memory bandwidth: with `measured`, what the one-token kernel
+    /// streamed here; else the machine's rated figure.
     pub mem_gbps: f64,
-    /// Multi-token quantized matmul rate, GFLOP/s.
+    /// Multi-token quantized matmul rate, GFLOP/s: given, or what the
+    /// engine's measured layer did with a prompt.
     pub gflops: f64,
-    /// What one parallel loop costs beyond its work, in microseconds: the
-    /// threads' hand-off, a few microseconds on an idle machine and
-    /// milliseconds on one whose cores are all taken.
+    /// What one parallel loop costs beyond its work, in microseconds, for a
+    /// given machine (a measured one's layer times include it).
     pub loop_us: f64,
     pub cores: usize,
+    /// The engine's own sparse layer on this model, run here.
+    pub layer: Option<LayerTimes>,
     /// Measured here by [`measure`] rather than given.
     pub measured: bool,
 }
 
 impl Machine {
     /// Share of a figure the engine gets: low and high. Measured figures
-    /// are the engine's own kernels and reader; a rated DRAM figure is more
-    /// than CPU cores stream (two cores here: 17 of ~20 GB/s).
+    /// are the engine's own layer and reader on this model's shapes; a rated
+    /// DRAM figure is more than CPU cores stream (two cores here: 17 of ~20
+    /// GB/s), a rated SSD figure more than a layer's few reads get.
     fn efficiency(&self) -> Efficiency {
         if self.measured {
             Efficiency {
-                mem: (0.8, 1.0),
-                disk: (0.6, 1.0),
-                compute: (0.6, 1.0),
+                mem: (0.85, 1.15),
+                disk: (0.8, 1.2),
+                compute: (0.85, 1.15),
             }
         } else {
             Efficiency {
@@ -409,6 +477,45 @@ impl Machine {
             }
         }
     }
+
+    /// Seconds to read `n` records of `len` bytes at once: between the
+    /// measured batch sizes linearly (through 0 at 0), past the largest at
+    /// its time per record (the pool keeps 16 in flight); for a given
+    /// machine, at `disk_gbps`.
+    fn read_s(&self, n: f64, len: u64) -> f64 {
+        if n <= 0.0 {
+            return 0.0;
+        }
+        let mut prev = (0usize, 0.0);
+        for &(k, s) in &self.reads {
+            if n <= k as f64 {
+                let t = (n - prev.0 as f64) / (k - prev.0) as f64;
+                return prev.1 + t * (s - prev.1);
+            }
+            prev = (k, s);
+        }
+        match prev {
+            (0, _) => n * len as f64 / (self.disk_gbps * 1e9),
+            (k, s) => n * s / k as f64,
+        }
+    }
+
+    /// Expected seconds a layer waits for its misses when each of its `k`
+    /// experts misses with probability `p`, all misses read at once.
+    fn misses_s(&self, k: usize, p: f64, len: u64) -> f64 {
+        let mut prob = (1.0 - p).powi(k as i32);
+        let mut sum = 0.0;
+        for n in 0..=k {
+            sum += prob * self.read_s(n as f64, len);
+            // Binomial(k, p): P(n + 1) from P(n).
+            if p < 1.0 {
+                prob *= (k - n) as f64 / (n + 1) as f64 * p / (1.0 - p);
+            } else {
+                prob = if n + 1 == k { 1.0 } else { 0.0 };
+            }
+        }
+        sum
+    }
 }
 
 struct Efficiency {
@@ -417,116 +524,102 @@ struct Efficiency {
     compute: (f64, f64),
 }
 
-/// How the expert cache is sized.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum CacheBudget {
-    /// What RAM leaves beside backbone, KV and headroom.
-    Auto,
-    Bytes(u64),
-    /// A share of the expert bytes.
-    Fraction(f64),
-}
-
-/// Where every byte lives.
-#[derive(Debug, Clone)]
-pub struct Tiers {
-    pub ram: u64,
-    pub backbone: u64,
-    pub kv: u64,
-    pub ctx: usize,
-    pub headroom: u64,
-    pub cache: u64,
-    pub cache_slots: u64,
-    pub free: u64,
-    /// Expert records and the untied embedding table.
-    pub ssd: u64,
-}
-
-impl Tiers {
-    pub fn plan(sizes: &Sizes, ram: u64, budget: CacheBudget, ctx: usize) -> Result<Self> {
-        let c = &sizes.config;
-        let ctx = ctx.min(c.max_position_embeddings);
-        let kv = c.kv_bytes(ctx);
-        let backbone = sizes.resident_bytes();
-        let head = headroom(ram);
-        let slot = sizes.record_bytes;
-        let min_cache = slot * c.num_experts_per_tok as u64;
-        if backbone + kv + head + min_cache > ram {
-            return Err(Error::invalid(format!(
-                "{} of RAM is smaller than the backbone's needs: {} resident + {} KV for {ctx} tokens + {} headroom + {} for one token's experts of one layer = {}; a smaller --ctx, a q4_k backbone, or a machine with more RAM",
-                human_bytes(ram),
-                human_bytes(backbone),
-                human_bytes(kv),
-                human_bytes(head),
-                human_bytes(min_cache),
-                human_bytes(backbone + kv + head + min_cache)
-            )));
-        }
-        let room = ram - backbone - kv - head;
-        let asked = match budget {
-            CacheBudget::Auto => room,
-            CacheBudget::Bytes(b) => b,
-            CacheBudget::Fraction(f) => (f * sizes.expert_bytes() as f64) as u64,
-        };
-        if asked > room {
+/// The memory plan for `sizes` on a machine of `ram` bytes: the engine's
+/// own planner ([`Footprint::plan`]) on the footprint of the vault the
+/// plan is about, and a budget that does not fit beside the backbone
+/// refused.
+pub fn memory_plan(sizes: &Sizes, ram: u64, budget: Budget, ctx: usize) -> Result<MemoryPlan> {
+    let c = &sizes.config;
+    let ctx = ctx.min(c.max_position_embeddings);
+    let fp = Footprint {
+        vault: true,
+        resident_bytes: sizes.resident_bytes(),
+        expert_bytes: sizes.expert_bytes(),
+        min_cache_bytes: sizes.record_bytes * c.num_experts_per_tok as u64,
+        slot_bytes: sizes.record_bytes,
+        records: sizes.records,
+        smaller_backbone: None,
+        kv_bytes: c.kv_bytes(ctx),
+        ctx,
+        quant: sizes.quant.clone(),
+        direct_io: None,
+    };
+    let plan = fp.plan(budget, Some(ram))?;
+    let room = plan.room_bytes.unwrap_or(0);
+    if let Budget::Bytes(asked) = budget {
+        if plan.cache_bytes > room {
             return Err(Error::invalid(format!(
                 "an expert cache of {} does not fit: {} of RAM leaves {} beside backbone {}, KV {} and headroom {}",
                 human_bytes(asked),
                 human_bytes(ram),
                 human_bytes(room),
-                human_bytes(backbone),
-                human_bytes(kv),
-                human_bytes(head)
+                human_bytes(plan.backbone_bytes),
+                human_bytes(plan.kv_bytes),
+                human_bytes(plan.headroom_bytes)
             )));
         }
-        let slots = asked.checked_div(slot).unwrap_or(0).min(sizes.records);
-        if slot > 0 && slots < c.num_experts_per_tok as u64 {
-            return Err(Error::invalid(format!(
-                "an expert cache of {} holds {slots} experts of {}, but one token needs {} per layer: give --ram-budget {} or more",
-                human_bytes(asked),
-                human_bytes(slot),
-                c.num_experts_per_tok,
-                human_bytes(min_cache)
-            )));
-        }
-        let cache = slots * slot;
-        Ok(Tiers {
-            ram,
-            backbone,
-            kv,
-            ctx,
-            headroom: head,
-            cache,
-            cache_slots: slots,
-            free: room - cache,
-            ssd: sizes.expert_bytes() + sizes.embed_on_disk,
-        })
     }
+    Ok(plan)
+}
 
-    /// Share of the expert records the cache holds.
-    pub fn fraction(&self, sizes: &Sizes) -> f64 {
-        if sizes.records == 0 {
-            1.0
-        } else {
-            self.cache_slots as f64 / sizes.records as f64
-        }
+/// A share of the expert bytes as a budget.
+pub fn share(sizes: &Sizes, fraction: f64) -> Budget {
+    Budget::Bytes((fraction * sizes.expert_bytes() as f64) as u64)
+}
+
+/// Share of the expert records the cache holds.
+pub fn fraction(sizes: &Sizes, plan: &MemoryPlan) -> f64 {
+    if sizes.records == 0 {
+        1.0
+    } else {
+        plan.cache_slots as f64 / sizes.records as f64
     }
 }
 
-/// A low-high range and the value between them (their geometric mean).
+/// Bytes on SSD: expert records and the untied embedding table.
+pub fn ssd_bytes(sizes: &Sizes) -> u64 {
+    sizes.expert_bytes() + sizes.embed_on_disk
+}
+
+/// A low-high range and the value the model expects.
 #[derive(Debug, Clone, Copy)]
 pub struct Range {
     pub low: f64,
     pub high: f64,
+    pub expected: f64,
 }
 
 impl Range {
-    pub fn mid(&self) -> f64 {
-        (self.low * self.high).sqrt()
+    fn json(&self) -> Value {
+        json!({"low": self.low, "high": self.high, "expected": self.expected})
     }
 
-    fn json(&self) -> Value {
-        json!({"low": self.low, "high": self.high, "expected": self.mid()})
+    /// The rate `n / s` of a time range: fast is high.
+    fn rate(n: f64, s: Range) -> Range {
+        Range {
+            low: n / s.high,
+            high: n / s.low,
+            expected: n / s.expected,
+        }
+    }
+}
+
+/// Seconds as a range: `work` seconds at the nominal rate, of which the
+/// engine gets a share between `eff.0` and `eff.1` (expected: their
+/// geometric mean).
+fn time(work: f64, eff: (f64, f64)) -> Range {
+    Range {
+        low: work / eff.1,
+        high: work / eff.0,
+        expected: work / (eff.0 * eff.1).sqrt(),
+    }
+}
+
+fn sum(a: Range, b: Range) -> Range {
+    Range {
+        low: a.low + b.low,
+        high: a.high + b.high,
+        expected: a.expected + b.expected,
     }
 }
 
@@ -538,148 +631,282 @@ pub struct Forecast {
     pub kv_bytes_per_token: u64,
     /// Expert bytes a decoded token reads from SSD.
     pub ssd_bytes_per_token: u64,
+    /// Seconds of a decoded token: the resident layers and LM head, and
+    /// the waits for expert misses.
+    pub decode_compute_s: Range,
+    pub decode_read_s: Range,
     pub decode_tok_s: Range,
     pub decode_limit: &'static str,
+    /// Share of a prompt's experts found cached when it arrives at a cache
+    /// warm from earlier prompts.
+    pub prefill_hit_rate: f64,
+    pub prefill_compute_s: Range,
+    pub prefill_read_s: Range,
     pub prefill_tok_s: Range,
     pub prefill_limit: &'static str,
     pub ttft_s: Range,
+    /// The same prompt on a cache holding nothing yet.
+    pub ttft_cold_s: Range,
     /// Expert bytes a 512-token prompt reads: warm cache, cold cache.
     pub prefill_read: (u64, u64),
 }
 
-/// Parallel loops of one decoded token: a quantized product is two (its
-/// activations, then its rows), so a layer's four attention projections,
-/// attention, router and routed experts make about 12, a dense MLP or
-/// shared expert 6 more, the LM head 2 (the 8-layer bench model: about a
-/// hundred, as the README's thread-pool measurement counted).
-fn loops_per_token(sizes: &Sizes) -> u64 {
-    let c = &sizes.config;
-    let layers = c.num_hidden_layers as u64;
-    let dense = layers - sizes.moe_layers as u64;
-    let shared = if c.shared_expert_intermediate_size > 0 {
-        sizes.moe_layers as u64
+/// Parallel loops of one decoded token's layer `i`, for a given machine's
+/// hand-off cost: a quantized product is two (its activations, then its
+/// rows), so a layer's four attention projections, attention, router and
+/// routed experts make about 12, a dense MLP or shared expert 6 more.
+fn loops(c: &ModelConfig, i: usize) -> f64 {
+    let extra = !c.is_moe_layer(i) || c.shared_expert_intermediate_size > 0;
+    if extra {
+        18.0
     } else {
-        0
-    };
-    12 * layers + 6 * (dense + shared) + 2
+        12.0
+    }
 }
 
-/// The decode and prefill forecast for `sizes` on `m` with `tiers`.
-pub fn forecast(sizes: &Sizes, tiers: &Tiers, m: &Machine, curve: &HitCurve) -> Forecast {
+/// The decode and prefill forecast for `sizes` on `m` with `plan`.
+///
+/// Decode: each layer streams its backbone, its top-k experts and its KV
+/// from RAM (the engine's measured layer, else bytes over bandwidth plus
+/// the loops' hand-offs), then, without read-ahead, first waits for the
+/// experts it misses, read at once (the measured batch times at that
+/// count, averaged over how many of its k miss); the LM head is streamed
+/// once. Prefill of a 512-token chunk: each layer's measured time (else
+/// two flops per active weight per token and attention at the given
+/// GFLOP/s), and each sparse layer reads the experts the prompt routes to
+/// that the cache does not hold, 16 at a time, before it computes.
+pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve) -> Forecast {
     let c = &sizes.config;
     let eff = m.efficiency();
-    let f = tiers.fraction(sizes);
+    let f = fraction(sizes, plan);
+    let k = c.num_experts_per_tok;
     // A cache smaller than one token's experts evicts each of them before
     // its next use: the built-in model's 25 slots, under its 8 x 4, hit 0%.
-    let working_set = sizes.moe_layers as u64 * c.num_experts_per_tok as u64;
-    let hit = if tiers.cache_slots < working_set.min(sizes.records) {
+    let working_set = (sizes.moe_layers * k) as u64;
+    let hit = if (plan.cache_slots as u64) < working_set.min(sizes.records) {
         0.0
     } else {
         curve.at(f)
     };
     let experts = sizes.expert_bytes_per_token();
-    // Decode attends over the prompt and what it wrote: half a context.
-    let pos = (PROMPT_TOKENS + 32).min(tiers.ctx);
+    // Decode attends over the prompt and what it wrote.
+    let pos = (PROMPT_TOKENS + 32).min(plan.ctx);
     let kv = c.kv_bytes(pos);
-    let ram = tiers.backbone + experts + kv;
-    let ssd = ((1.0 - hit) * experts as f64) as u64;
-    let secs = |bytes: u64, gbps: f64, e: f64| bytes as f64 / (gbps * e * 1e9);
-    let mem_t = (
-        secs(ram, m.mem_gbps, eff.mem.1),
-        secs(ram, m.mem_gbps, eff.mem.0),
-    );
-    let io_t = (
-        secs(ssd, m.disk_gbps, eff.disk.1),
-        secs(ssd, m.disk_gbps, eff.disk.0),
-    );
-    let sync = loops_per_token(sizes) as f64 * m.loop_us * 1e-6;
-    // The hand-off cost is a busy machine's scheduling: its median moved
-    // by a quarter either way between runs here.
-    let decode = Range {
-        low: 1.0 / (mem_t.1 + io_t.1 + 1.25 * sync),
-        high: 1.0 / (mem_t.0 + io_t.0 + 0.75 * sync),
+    let layers = c.num_hidden_layers.max(1);
+    let record = sizes.record_bytes;
+    let sparse: Vec<bool> = (0..layers).map(|i| c.is_moe_layer(i)).collect();
+    // What layer i streams for one token, experts and KV included.
+    let token_bytes = |i: usize| {
+        sizes.layer_bytes.get(i).copied().unwrap_or(0)
+            + if sparse[i] { k as u64 * record } else { 0 }
+            + kv / layers as u64
     };
-    let io = io_t.0 + io_t.1;
-    let mem = mem_t.0 + mem_t.1;
-    let decode_limit = if 2.0 * sync > io.max(mem) {
-        "the threads' hand-offs between parallel loops (a busy CPU)"
-    } else if io > mem {
+    let n_sparse = sparse.iter().filter(|&&s| s).count().max(1);
+    let sparse_bytes = (0..layers)
+        .filter(|&i| sparse[i])
+        .map(token_bytes)
+        .sum::<u64>() as f64
+        / n_sparse as f64;
+    let head = time(sizes.lm_head_bytes as f64 / (m.mem_gbps * 1e9), eff.mem);
+
+    // Seconds of the layers for a token and for a prompt, and of the
+    // hand-offs among the former (given machines only).
+    let (layers_dec, layers_pre, handoffs) = match m.layer {
+        // The measured layer; a dense layer in proportion to its bytes.
+        Some(l) => {
+            let scale: f64 = (0..layers)
+                .map(|i| token_bytes(i) as f64 / sparse_bytes.max(1.0))
+                .sum();
+            (
+                time(scale * l.decode_s, eff.compute),
+                time(scale * l.prefill_s, eff.compute),
+                0.0,
+            )
+        }
+        None => {
+            let bytes = (0..layers).map(token_bytes).sum::<u64>() as f64;
+            let handoffs = (0..layers).map(|i| loops(c, i)).sum::<f64>() * m.loop_us * 1e-6;
+            let t = PROMPT_TOKENS as f64;
+            let attn_dims = match c.mla {
+                Some(m) => m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim,
+                None => 2 * c.head_dim,
+            } * c.num_attention_heads;
+            let flops =
+                2.0 * t * sizes.active_params() as f64 + layers as f64 * attn_dims as f64 * t * t;
+            (
+                sum(
+                    time(bytes / (m.mem_gbps * 1e9), eff.mem),
+                    // A busy machine's scheduling moved its median hand-off
+                    // by a quarter either way between runs.
+                    time(handoffs, (0.75, 1.25)),
+                ),
+                time(flops / (m.gflops * 1e9), eff.compute),
+                handoffs,
+            )
+        }
+    };
+    let decode_compute = sum(layers_dec, head);
+    let decode_read = time(
+        sizes.moe_layers as f64 * m.misses_s(k, 1.0 - hit, record),
+        eff.disk,
+    );
+    let decode = sum(decode_compute, decode_read);
+    let decode_limit = if decode_read.expected > decode_compute.expected {
         "SSD reads of expert misses"
+    } else if m.layer.is_some() {
+        "the resident layers (the engine's own layer, measured here: weights from RAM, attention, routing, experts)"
+    } else if 2.0 * handoffs > decode_compute.expected {
+        "the threads' hand-offs between parallel loops"
     } else {
         "memory bandwidth (resident weights and cached experts)"
     };
 
-    // Prefill: one chunk of PROMPT_TOKENS, layer-major.
+    // Prefill: one chunk of PROMPT_TOKENS, layer-major. Uniform routing
+    // touches U distinct experts per layer. The cache pins a layer's U
+    // while it computes and, by LFU, keeps a stable set of the rest from
+    // prompt to prompt: s per layer with L s = C - (U - s), so
+    // s = (C - U) / (L - 1), all of them once C holds every layer's U.
     let t = PROMPT_TOKENS as f64;
-    let (e, k) = (c.num_experts.max(1) as f64, c.num_experts_per_tok as f64);
-    let touched = e * (1.0 - (1.0 - k / e).powf(t));
-    let cold = (sizes.moe_layers as f64 * touched * sizes.record_bytes as f64) as u64;
-    let warm = ((1.0 - f) * cold as f64) as u64;
-    let attn_dims = match c.mla {
-        Some(m) => m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim,
-        None => 2 * c.head_dim,
-    } * c.num_attention_heads;
-    let flops = 2.0 * t * sizes.active_params() as f64
-        + 2.0 * sizes.lm_head_params as f64
-        + c.num_hidden_layers as f64 * attn_dims as f64 * t * t;
-    let compute = |e: f64| flops / (m.gflops * e * 1e9);
-    let stream = |e: f64| (tiers.backbone + cold) as f64 / (m.mem_gbps * e * 1e9);
-    let fast = compute(eff.compute.1) + stream(eff.mem.1) + secs(warm, m.disk_gbps, eff.disk.1);
-    let slow = compute(eff.compute.0) + stream(eff.mem.0) + secs(cold, m.disk_gbps, eff.disk.0);
-    let prefill_limit = if secs(cold, m.disk_gbps, eff.disk.0) > compute(eff.compute.0) {
+    let (e, kf) = (c.num_experts.max(1) as f64, k as f64);
+    let touched = e * (1.0 - (1.0 - kf / e).powf(t));
+    let ls = sizes.moe_layers as f64;
+    let slots = plan.cache_slots as f64;
+    let prefill_hit = if slots >= ls * touched {
+        1.0
+    } else if ls <= 1.0 {
+        0.0
+    } else {
+        ((slots - touched) / ((ls - 1.0) * touched)).clamp(0.0, 1.0)
+    };
+    let cold_reads = time(ls * m.read_s(touched, record), eff.disk);
+    let warm_reads = time(
+        ls * m.read_s(touched * (1.0 - prefill_hit), record),
+        eff.disk,
+    );
+    let prefill_compute = sum(layers_pre, head);
+    let ttft = sum(prefill_compute, warm_reads);
+    let cold = (ls * touched * record as f64) as u64;
+    let prefill_limit = if warm_reads.expected > prefill_compute.expected {
         "SSD reads of the experts the prompt routes to"
+    } else if m.layer.is_some() {
+        "compute (the engine's own layer on 512 tokens, measured here)"
     } else {
         "compute (quantized matrix products)"
     };
     Forecast {
         hit_rate: hit,
-        ram_bytes_per_token: ram,
+        ram_bytes_per_token: plan.backbone_bytes + experts + kv,
         kv_bytes_per_token: kv,
-        ssd_bytes_per_token: ssd,
-        decode_tok_s: decode,
+        ssd_bytes_per_token: ((1.0 - hit) * experts as f64) as u64,
+        decode_compute_s: decode_compute,
+        decode_read_s: decode_read,
+        decode_tok_s: Range::rate(1.0, decode),
         decode_limit,
-        prefill_tok_s: Range {
-            low: t / slow,
-            high: t / fast,
-        },
+        prefill_hit_rate: prefill_hit,
+        prefill_compute_s: prefill_compute,
+        prefill_read_s: warm_reads,
+        prefill_tok_s: Range::rate(t, ttft),
         prefill_limit,
-        ttft_s: Range {
-            low: fast,
-            high: slow,
-        },
-        prefill_read: (warm, cold),
+        ttft_s: ttft,
+        ttft_cold_s: sum(prefill_compute, cold_reads),
+        prefill_read: (((1.0 - prefill_hit) * cold as f64) as u64, cold),
     }
 }
 
-/// The machine's figures, measured here: direct reads of `disk_probe` (a
-/// vault's experts, else a 256 MiB file written next to the model and
-/// removed), the q4_k kernels on this CPU with the configured threads.
-pub fn measure(model: &Path, ram: u64) -> Result<Machine> {
-    let disk_gbps = if vault::is_vault(model) {
-        crate::bench::read_bandwidth(&Vault::open(model)?, 16, 1 << 30)?.0
+/// The machine's figures, measured here: batches of direct reads of
+/// expert-record size on the model's disk (a vault's own records, else a
+/// file written next to the model and removed), the one-token kernel's
+/// DRAM bandwidth, and the engine's own layer at this model's shapes, with
+/// the configured threads.
+pub fn measure(sizes: &Sizes, model: &Path, ram: u64) -> Result<Machine> {
+    let len = align_up(sizes.record_bytes.max(1)) as usize;
+    let reads = if vault::is_vault(model) {
+        let v = Vault::open(model)?;
+        let file = Arc::new(DirectFile::open(&v.experts_path())?);
+        let offsets: Vec<u64> = v
+            .manifest
+            .experts
+            .iter()
+            .flat_map(|l| l.offsets.iter().copied())
+            .collect();
+        probe_reads(file, &offsets, v.max_record_len() as usize)?
     } else {
         let dir = if model.is_dir() {
             model
         } else {
             model.parent().unwrap_or(Path::new("."))
         };
-        probe_disk(dir)?
+        probe_disk(dir, len)?
     };
-    let (mem_gbps, gflops, loop_us) = probe_kernels()?;
+    let &(n, s) = reads
+        .last()
+        .ok_or_else(|| Error::invalid("no disk reads measured"))?;
+    let disk_gbps = (n * len) as f64 / s / 1e9;
+    let mem_gbps = probe_memory()?;
+    // Between two uses of one layer a decoded token streams the others and
+    // the LM head.
+    let k = sizes.config.num_experts_per_tok as u64;
+    let one = sizes.layer_bytes.iter().max().copied().unwrap_or(0) + k * sizes.record_bytes;
+    let between = (sizes.resident_bytes() + sizes.expert_bytes_per_token()).saturating_sub(one);
+    let layer = probe::layer(sizes, between)?;
+    let per_layer = sizes.active_params() as f64 / sizes.config.num_hidden_layers.max(1) as f64;
     Ok(Machine {
         ram,
         disk_gbps,
+        reads,
         mem_gbps,
-        gflops,
-        loop_us,
+        gflops: 2.0 * PROMPT_TOKENS as f64 * per_layer / layer.prefill_s / 1e9,
+        loop_us: 0.0,
         cores: threads(),
+        layer: Some(layer),
         measured: true,
     })
 }
 
-fn probe_disk(dir: &Path) -> Result<f64> {
+/// Batch sizes the read probe times.
+const BATCHES: [usize; 5] = [1, 2, 4, 8, 16];
+
+/// Seconds to read `n` records of `len` bytes at once (each batch through
+/// a pool of `n` readers, as the engine's pool takes a layer's `n`
+/// misses), for each of [`BATCHES`]: the median of five batches after one
+/// not counted, records spread over the file and none read twice where the
+/// file has enough. A batch can take no longer than a larger one, so a
+/// small batch's outlier (a reader thread scheduled late) is capped by the
+/// larger batches' times.
+fn probe_reads(file: Arc<DirectFile>, offsets: &[u64], len: usize) -> Result<Vec<(usize, f64)>> {
+    if offsets.is_empty() {
+        return Err(Error::format(&file.path, "no expert records to read"));
+    }
+    let mut next = 0usize;
+    let mut batch = |n: usize| -> Result<f64> {
+        let records: Vec<(u64, usize)> = (0..n)
+            .map(|_| {
+                next += 1;
+                (offsets[(next * 7919) % offsets.len()], len)
+            })
+            .collect();
+        let (gbps, _) = crate::bench::read_records(Arc::clone(&file), &records, n)?;
+        Ok((n * len) as f64 / (gbps * 1e9))
+    };
+    batch(1)?;
+    let mut out = Vec::new();
+    for n in BATCHES {
+        let mut times = (0..5).map(|_| batch(n)).collect::<Result<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        out.push((n, times[2]));
+    }
+    for i in (0..out.len() - 1).rev() {
+        out[i].1 = out[i].1.min(out[i + 1].1);
+    }
+    Ok(out)
+}
+
+/// [`probe_reads`] on a file of records of `len` bytes written in `dir`
+/// and removed.
+fn probe_disk(dir: &Path, len: usize) -> Result<Vec<(usize, f64)>> {
     const CHUNK: usize = 1 << 20;
-    const CHUNKS: usize = 256;
+    let records = ((512usize << 20) / len).clamp(1, 64);
+    let size = (records * len).next_multiple_of(CHUNK);
     let path = dir.join(format!(".smoe-plan-probe-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         use std::io::Write;
@@ -694,25 +921,23 @@ fn probe_disk(dir: &Path) -> Result<f64> {
                 x as u8
             })
             .collect();
-        for _ in 0..CHUNKS {
+        for _ in 0..size / CHUNK {
             f.write_all(&chunk)?;
         }
         f.sync_all()
     };
     let result = write().map_err(|e| Error::io(&path, e)).and_then(|()| {
         let file = Arc::new(DirectFile::open(&path)?);
-        let records: Vec<(u64, usize)> = (0..CHUNKS).map(|i| ((i * CHUNK) as u64, CHUNK)).collect();
-        crate::bench::read_records(file, &records, 16)
+        let offsets: Vec<u64> = (0..records).map(|i| (i * len) as u64).collect();
+        probe_reads(file, &offsets, len)
     });
     let _ = std::fs::remove_file(&path);
-    Ok(result?.0)
+    result
 }
 
-/// The kernels on this CPU: GB/s of weights the one-token q4_k product
-/// streams from DRAM (one matrix of 256 MiB, far past any cache), GFLOP/s
-/// of the 32-token product at a projection's shape (4096 x 2048), and the
-/// time one parallel loop costs beyond its work, in microseconds.
-fn probe_kernels() -> Result<(f64, f64, f64)> {
+/// GB/s of weights the one-token q4_k product streams from DRAM here (one
+/// matrix of 256 MiB, far past any cache): what the LM head is read at.
+fn probe_memory() -> Result<f64> {
     let q = QuantType::Q4K;
     let cols = 2048;
     let row = q.row_bytes(cols).unwrap_or(0);
@@ -725,56 +950,19 @@ fn probe_kernels() -> Result<(f64, f64, f64)> {
     let rows = (256usize << 20) / row / group * group;
     let weights: Vec<u8> = block.iter().copied().cycle().take(rows * row).collect();
     let w = Matrix::new(DType::Quant(q), &weights, rows, cols);
-    let t = 32;
-    let x = vec![0.5f32; t * cols];
-    let mut y = vec![0.0f32; rows.max(t * 4096)];
-    // Medians of several passes: on a shared machine one pass may land in
-    // another process's time slice, and the median is what a run sees.
-    let median = |f: &mut dyn FnMut() -> f64| {
-        let mut v: Vec<f64> = (0..5).map(|_| f()).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let mem_gbps = median(&mut || {
-        let start = Instant::now();
-        matmul(&x[..cols], 1, w, &mut y[..rows]);
-        (rows * row) as f64 / start.elapsed().as_secs_f64() / 1e9
-    });
-    let proj = w.rows(0..4096);
-    let gflops = median(&mut || {
-        let start = Instant::now();
-        for _ in 0..4 {
-            matmul(&x, t, proj, &mut y[..t * 4096]);
-        }
-        (4 * 2 * t * 4096 * cols) as f64 / start.elapsed().as_secs_f64() / 1e9
-    });
-    // Tasks of a few microseconds each, as a decode step's loops have:
-    // the loop's cost beyond its work is its time less the work's when run
-    // on one thread, shared out over the threads.
-    let tasks = 2 * threads();
-    let work = |i: usize| {
-        let chunk = &weights[i * 65536..(i + 1) * 65536];
-        chunk.iter().map(|&b| b as usize).sum::<usize>()
-    };
-    let sink = AtomicUsize::new(0);
-    let loops = 200;
-    let loop_us = median(&mut || {
-        let start = Instant::now();
-        for _ in 0..loops {
-            for i in 0..tasks {
-                sink.fetch_add(work(i), Ordering::Relaxed);
-            }
-        }
-        let serial = start.elapsed().as_secs_f64() / threads() as f64;
-        let start = Instant::now();
-        for _ in 0..loops {
-            for_each_task(tasks, |i| {
-                sink.fetch_add(work(i), Ordering::Relaxed);
-            });
-        }
-        (start.elapsed().as_secs_f64() - serial).max(0.0) * 1e6 / loops as f64
-    });
-    Ok((mem_gbps, gflops, loop_us))
+    let x = vec![0.5f32; cols];
+    let mut y = vec![0.0f32; rows];
+    // The median of five passes: on a shared machine one pass may land in
+    // another process's time slice.
+    let mut v: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            matmul(&x, 1, w, &mut y);
+            (rows * row) as f64 / start.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    Ok(v[2])
 }
 
 /// Reads a model for planning: a vault, a checkpoint directory or a bare
@@ -802,7 +990,13 @@ pub fn sizes_of(model: &Path, experts: DType, backbone: DType) -> Result<Sizes> 
 }
 
 /// The whole plan as one JSON object, for tools.
-pub fn to_json(sizes: &Sizes, tiers: &Tiers, m: &Machine, curve: &HitCurve, f: &Forecast) -> Value {
+pub fn to_json(
+    sizes: &Sizes,
+    plan: &MemoryPlan,
+    m: &Machine,
+    curve: &HitCurve,
+    f: &Forecast,
+) -> Value {
     json!({
         "model": {
             "model_type": sizes.config.family.model_types[0],
@@ -821,30 +1015,34 @@ pub fn to_json(sizes: &Sizes, tiers: &Tiers, m: &Machine, curve: &HitCurve, f: &
         "machine": {
             "ram_bytes": m.ram,
             "disk_gbps": m.disk_gbps,
+            "reads_s": m.reads,
             "mem_gbps": m.mem_gbps,
             "gflops": m.gflops,
             "loop_us": m.loop_us,
+            "layer_s": m.layer.map(|l| json!({"prefill": l.prefill_s, "decode": l.decode_s})),
             "cores": m.cores,
             "measured": m.measured,
         },
         "memory": {
             "ram": {
-                "backbone_bytes": tiers.backbone,
-                "kv_bytes": tiers.kv,
-                "ctx": tiers.ctx,
-                "headroom_bytes": tiers.headroom,
-                "expert_cache_bytes": tiers.cache,
-                "expert_cache_slots": tiers.cache_slots,
-                "expert_fraction": tiers.fraction(sizes),
-                "free_bytes": tiers.free,
+                "backbone_bytes": plan.backbone_bytes,
+                "kv_bytes": plan.kv_bytes,
+                "ctx": plan.ctx,
+                "headroom_bytes": plan.headroom_bytes,
+                "expert_cache_bytes": plan.cache_bytes,
+                "expert_cache_slots": plan.cache_slots,
+                "expert_fraction": fraction(sizes, plan),
+                "free_bytes": plan.room_bytes.unwrap_or(0).saturating_sub(plan.cache_bytes),
             },
-            "ssd": {"bytes": tiers.ssd},
+            "ssd": {"bytes": ssd_bytes(sizes)},
         },
         "locality": {
-            "model": "decode hit rate h(f), linear between measured points of fraction cached f, through (0,0) and (1,1) unless measured",
+            "model": "decode hit rate h(f), linear between measured points of fraction cached f, through (0,0) and (1,1) unless measured; 0 below one token's experts",
             "source": curve.source,
             "points": curve.points,
             "hit_rate": f.hit_rate,
+            "prefill_model": "a prompt touches U = E(1-(1-k/E)^512) experts per layer; the LFU cache keeps s = (C-U)/(L-1) of each layer's from prompt to prompt",
+            "prefill_hit_rate": f.prefill_hit_rate,
             "recalibrate": "smoe bench --model VAULT --prompts FILE --ram-budget SIZE --json >> curve.jsonl (a few budgets), then smoe plan --hit-curve curve.jsonl",
         },
         "per_token": {
@@ -853,12 +1051,17 @@ pub fn to_json(sizes: &Sizes, tiers: &Tiers, m: &Machine, curve: &HitCurve, f: &
             "ssd_bytes": f.ssd_bytes_per_token,
         },
         "forecast": {
+            "decode_compute_s": f.decode_compute_s.json(),
+            "decode_read_s": f.decode_read_s.json(),
             "decode_tok_s": f.decode_tok_s.json(),
             "decode_limit": f.decode_limit,
             "prompt_tokens": PROMPT_TOKENS,
+            "prefill_compute_s": f.prefill_compute_s.json(),
+            "prefill_read_s": f.prefill_read_s.json(),
             "prefill_tok_s": f.prefill_tok_s.json(),
             "prefill_limit": f.prefill_limit,
             "ttft_s": f.ttft_s.json(),
+            "ttft_cold_s": f.ttft_cold_s.json(),
             "prefill_read_bytes": {"warm": f.prefill_read.0, "cold": f.prefill_read.1},
         },
     })
@@ -880,9 +1083,11 @@ mod tests {
             ram: 48 << 30,
             disk_gbps: 6.0,
             mem_gbps: 270.0,
+            reads: Vec::new(),
             gflops: 400.0,
             loop_us,
             cores: 12,
+            layer: None,
             measured: false,
         }
     }
@@ -896,7 +1101,7 @@ mod tests {
                 ram,
                 ..laptop(loop_us)
             };
-            let t = Tiers::plan(&s, ram, CacheBudget::Fraction(f), 4096).unwrap();
+            let t = memory_plan(&s, ram, share(&s, f), 4096).unwrap();
             forecast(&s, &t, &m, &curve)
         };
         let small = at(0.1, 48 << 30, 5.0);
@@ -919,11 +1124,54 @@ mod tests {
         let s = qwen3_235b();
         // 94 sparse layers x top-8 = 752 slots; 700 is less.
         let bytes = 700 * s.record_bytes;
-        let t = Tiers::plan(&s, 256 << 30, CacheBudget::Bytes(bytes), 4096).unwrap();
+        let t = memory_plan(&s, 256 << 30, Budget::Bytes(bytes), 4096).unwrap();
         assert_eq!(t.cache_slots, 700);
         let f = forecast(&s, &t, &laptop(5.0), &HitCurve::builtin());
         assert_eq!(f.hit_rate, 0.0);
         assert_eq!(f.ssd_bytes_per_token, s.expert_bytes_per_token());
+    }
+
+    #[test]
+    fn misses_wait_for_the_batch_they_make() {
+        let m = Machine {
+            reads: vec![(1, 0.010), (2, 0.012), (4, 0.016), (8, 0.024), (16, 0.040)],
+            ..laptop(5.0)
+        };
+        assert_eq!(m.read_s(0.0, 1), 0.0);
+        assert!((m.read_s(3.0, 1) - 0.014).abs() < 1e-12);
+        // Past 16 at once, 16 stay in flight.
+        assert!((m.read_s(32.0, 1) - 0.080).abs() < 1e-12);
+        assert_eq!(m.misses_s(8, 0.0, 1), 0.0);
+        assert!((m.misses_s(8, 1.0, 1) - 0.024).abs() < 1e-12);
+        // Each of two misses with p = 1/2: one read half the time, two a quarter.
+        assert!((m.misses_s(2, 0.5, 1) - (0.5 * 0.010 + 0.25 * 0.012)).abs() < 1e-12);
+        // A given machine reads at its GB/s.
+        assert!((laptop(5.0).read_s(2.0, 3_000_000) - 0.001).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_prompt_finds_the_lfu_stable_share_of_its_experts() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/configs/Qwen3-30B-A3B/config.json");
+        let q4k = DType::Quant(QuantType::Q4K);
+        let s = sizes_of(&path, q4k, q4k).unwrap();
+        let at = |f: f64| {
+            let t = memory_plan(&s, 256 << 30, share(&s, f), 4096).unwrap();
+            forecast(&s, &t, &laptop(5.0), &HitCurve::builtin())
+        };
+        let whole = at(1.0);
+        assert_eq!(whole.prefill_hit_rate, 1.0);
+        assert_eq!(whole.prefill_read.0, 0);
+        // 512 tokens of top-8 touch nearly all 128 experts of each of the
+        // 48 layers; a tenth of the records keeps (C - U) / 47 a layer.
+        let tenth = at(0.1);
+        let slots = memory_plan(&s, 256 << 30, share(&s, 0.1), 4096)
+            .unwrap()
+            .cache_slots;
+        let (c, u) = (slots as f64, 128.0 * (1.0 - (120.0f64 / 128.0).powi(512)));
+        assert!((tenth.prefill_hit_rate - (c - u) / (47.0 * u)).abs() < 1e-9);
+        assert!(tenth.ttft_s.expected > whole.ttft_s.expected);
+        assert!(tenth.ttft_cold_s.expected >= tenth.ttft_s.expected);
     }
 
     #[test]
