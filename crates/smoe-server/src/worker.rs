@@ -13,6 +13,7 @@ use smoe::engine::{Engine, StopReason, TextStream, Timings};
 use smoe::sampler::SamplingParams;
 use tokio::sync::mpsc;
 
+use crate::metrics::TokenClock;
 use crate::reply::StopStrings;
 
 /// A request ready for the engine: validated, rendered and tokenized.
@@ -23,6 +24,7 @@ pub struct Job {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub events: mpsc::UnboundedSender<Event>,
+    pub clock: TokenClock,
 }
 
 /// What the engine sends back for a job, in order: text pieces, then one
@@ -196,12 +198,14 @@ fn run(
     let mut stopped_by: Option<String> = None;
     let mut failure: Option<String> = None;
     let events = &job.events;
+    let mut clock = job.clock;
     let result = engine.generate(
         session,
         &job.prompt[cached..],
         &job.params,
         job.max_tokens,
         |tok| {
+            clock.token();
             c.generated_tokens.fetch_add(1, Ordering::Relaxed);
             match text.push(tok) {
                 Ok(Some(piece)) => {
