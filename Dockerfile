@@ -3,7 +3,7 @@
 # build, run and deploy it.
 #
 #   docker build -t smoe .
-#   docker run --rm -p 8080:8080 -v /srv/models:/models:ro --memory 11g smoe \
+#   docker run --rm -p 8080:8080 -v /srv/models:/models:ro --memory 10808m smoe \
 #       serve --host 0.0.0.0 --model /models/qwen3-30b-a3b-vault --ram-budget 8GiB
 
 FROM rust:1.89-bookworm AS build

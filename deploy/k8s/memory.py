@@ -8,9 +8,8 @@ MODEL is a vault, a checkpoint or a bare config.json, as for `smoe plan`;
 (`smoe serve --ram-budget SIZE`). smoe plans the RAM as backbone + KV cache
 + expert cache + headroom, where the headroom (binary, tokenizer,
 activations, stacks) is a tenth of the memory and at least 192 MiB
-(crates/smoe/src/memory.rs, `headroom`). This finds the smallest memory M
-with M = backbone + KV + cache + headroom(M), checks with `smoe plan --ram M`
-that smoe plans the same cache on a machine of that size, and prints M as a
+(crates/smoe/src/memory.rs, `headroom`). This finds the least memory M, in
+MiB, on which `smoe plan --ram M` plans that cache, and prints it as a
 Kubernetes quantity for the container's memory request and limit.
 """
 
@@ -29,11 +28,12 @@ NO_MEASURE = ["--disk-gbps", "1", "--mem-gbps", "10", "--cores", "1"]
 
 
 def plan(smoe, args, ram):
+    """smoe's RAM plan on a machine of `ram` bytes, or its error."""
     cmd = [smoe, "plan", *args, "--ram", f"{ram}B", "--json", *NO_MEASURE]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
-    return json.loads(out.stdout)["memory"]["ram"]
+        return None, f"{' '.join(cmd)}: {out.stderr.strip()}"
+    return json.loads(out.stdout)["memory"]["ram"], None
 
 
 def main():
@@ -45,12 +45,23 @@ def main():
         sys.exit("give --ram-budget SIZE: the expert cache the container runs with")
     # A machine far larger than any plan, so that the cache is the budget
     # asked for and not what the RAM leaves.
-    big = plan(ours.smoe, rest, 1 << 50)
+    big, err = plan(ours.smoe, rest, 1 << 50)
+    if err:
+        sys.exit(err)
+    # Solving M = fixed + headroom(M) gives a start; the budget asked may
+    # be a little over the whole slots it buys, so search up from there.
     fixed = big["backbone_bytes"] + big["kv_bytes"] + big["expert_cache_bytes"]
-    need = max(fixed + MIN_HEADROOM, math.ceil(fixed / 0.9))
-    mib = math.ceil(need / MIB)
-    # smoe's own planner on a machine of exactly that size must agree.
-    exact = plan(ours.smoe, rest, mib * MIB)
+    low = math.ceil(max(fixed + MIN_HEADROOM, fixed / 0.9) / MIB) - 1
+    high, step = low + 1, 1
+    while (exact := plan(ours.smoe, rest, high * MIB)[0]) is None:
+        low, high, step = high, high + step, step * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if (fits := plan(ours.smoe, rest, mid * MIB)[0]) is None:
+            low = mid
+        else:
+            high, exact = mid, fits
+    mib = high
     if exact["expert_cache_bytes"] != big["expert_cache_bytes"]:
         sys.exit(f"smoe plans another cache on {mib} MiB: {exact}")
     figures = {
