@@ -18,7 +18,9 @@ fn deployment_memory_is_the_plan_for_its_args() {
     let deployment = std::fs::read_to_string(repo().join(MANIFESTS[0])).unwrap();
     // The model, cache and context the manifest's comment and args name.
     let (config, budget, ctx) = ("fixtures/configs/Qwen3-30B-A3B/config.json", "8GiB", "4096");
-    assert!(deployment.contains(&format!("memory.py {config} --ram-budget {budget} --ctx {ctx}")));
+    assert!(deployment.contains(&format!(
+        "memory.py {config} --ram-budget {budget} --ctx {ctx}"
+    )));
     assert!(deployment.contains(&format!("--ram-budget={budget}\n")));
     assert!(deployment.contains(&format!("--ctx={ctx}\n")));
     let out = Command::new("python3")
@@ -28,7 +30,11 @@ fn deployment_memory_is_the_plan_for_its_args() {
         .args(["--ram-budget", budget, "--ctx", ctx])
         .output()
         .expect("python3 is needed for deploy/k8s/memory.py");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["expert_cache_bytes"], 8u64 << 30, "{plan}");
     let memory = format!("memory: \"{}\"", plan["memory"].as_str().unwrap());
@@ -58,5 +64,9 @@ fn manifests_pass_the_kubernetes_schema_check() {
         String::from_utf8_lossy(&out.stderr)
     );
     // One verdict per document, each valid.
-    assert_eq!(stdout.matches(" passed for resource ").count(), files.len(), "{stdout}");
+    assert_eq!(
+        stdout.matches(" passed for resource ").count(),
+        files.len(),
+        "{stdout}"
+    );
 }

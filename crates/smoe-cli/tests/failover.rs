@@ -178,13 +178,14 @@ fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn completed(server: &Server) -> u64 {
-    server.health()["generations"]["completed"].as_u64().unwrap()
+    server.health()["generations"]["completed"]
+        .as_u64()
+        .unwrap()
 }
 
 #[test]
 fn nginx_fails_over_when_a_replica_dies_and_takes_it_back() {
-    let Some(nginx_bin) = tool("SMOE_TEST_NGINX", PathBuf::from("/usr/sbin/nginx"), "nginx")
-    else {
+    let Some(nginx_bin) = tool("SMOE_TEST_NGINX", PathBuf::from("/usr/sbin/nginx"), "nginx") else {
         return;
     };
     // Slow tokens, so that a reply is still running on the replica when it

@@ -45,9 +45,15 @@ fn histogram_count(s: &Scrape, name: &str) -> f64 {
         panic!("{name} is not a histogram");
     };
     let count = value(s, &format!("{name}_count"), &[]);
-    assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count), "{buckets:?}");
+    assert!(
+        buckets.windows(2).all(|w| w[0].count <= w[1].count),
+        "{buckets:?}"
+    );
     let last = buckets.last().unwrap();
-    assert!(last.less_than.is_infinite() && last.count == count, "{buckets:?}");
+    assert!(
+        last.less_than.is_infinite() && last.count == count,
+        "{buckets:?}"
+    );
     count
 }
 
@@ -71,9 +77,7 @@ fn usage(r: &Reply) -> (u64, u64) {
 #[test]
 fn metrics_count_what_was_sent() {
     let server = Server::start(&[]);
-    let chat = |text: &str, max_tokens: u64| {
-        json!({"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0})
-    };
+    let chat = |text: &str, max_tokens: u64| json!({"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0});
     let mut sent = vec![
         usage(&server.post("/v1/chat/completions", &chat("Tell me a story", 5))),
         usage(&server.post("/v1/chat/completions", &chat("Tell me a story", 7))),
@@ -131,7 +135,10 @@ fn metrics_count_what_was_sent() {
         .all(|x| x.labels.get("route") != Some("/metrics")));
 
     assert_eq!(value(&s, "smoe_prompt_tokens_total", &[]), prompt as f64);
-    assert_eq!(value(&s, "smoe_generated_tokens_total", &[]), generated as f64);
+    assert_eq!(
+        value(&s, "smoe_generated_tokens_total", &[]),
+        generated as f64
+    );
     assert_eq!(
         value(&s, "smoe_generations_total", &[("outcome", "completed")]),
         generations
@@ -156,7 +163,10 @@ fn metrics_count_what_was_sent() {
     assert_eq!(value(&s, "smoe_queue_capacity", &[]), 64.0);
     assert_eq!(value(&s, "smoe_model_loaded", &[]), 1.0);
     // A checkpoint is resident whole: no expert is streamed.
-    assert!(s.samples.iter().all(|x| !x.metric.starts_with("smoe_expert")));
+    assert!(s
+        .samples
+        .iter()
+        .all(|x| !x.metric.starts_with("smoe_expert")));
 
     // Prometheus itself asks for OpenMetrics, and gets it.
     let om = common::server::request(
@@ -201,7 +211,10 @@ fn metrics_count_expert_reads_by_tier() {
     let lookups = |tier| value(&s, "smoe_expert_lookups_total", &[("tier", tier)]);
     let read = |kind| value(&s, "smoe_expert_read_bytes_total", &[("kind", kind)]);
     assert_eq!(lookups("ram"), cache["hits"].as_f64().unwrap());
-    assert_eq!(lookups("readahead"), cache["prefetch_hits"].as_f64().unwrap());
+    assert_eq!(
+        lookups("readahead"),
+        cache["prefetch_hits"].as_f64().unwrap()
+    );
     assert_eq!(lookups("ssd"), cache["misses"].as_f64().unwrap());
     assert_eq!(read("demand"), cache["demand_bytes"].as_f64().unwrap());
     assert_eq!(read("readahead"), cache["prefetch_bytes"].as_f64().unwrap());

@@ -144,9 +144,11 @@ impl TokenClock {
 pub async fn scrape(State(app): AppState, headers: HeaderMap) -> Response {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     match app.metrics.render(accept) {
-        Ok((content_type, body)) => {
-            ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body).into_response()
-        }
+        Ok((content_type, body)) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+            body,
+        )
+            .into_response(),
         Err(_) => crate::error::ApiError::new(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             "could not encode the metrics",
@@ -191,10 +193,30 @@ impl Collector for Live {
         let c = &self.counters;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let loaded = self.engine.get().is_some() && !c.engine_stopped.load(Ordering::SeqCst);
-        one(&mut enc, "smoe_model_loaded", "1 once the model is loaded and the engine runs, else 0", ConstGauge::new(i64::from(loaded)))?;
-        one(&mut enc, "smoe_queue_depth", "Requests waiting for the engine", ConstGauge::new(c.waiting.load(Ordering::SeqCst) as i64))?;
-        one(&mut enc, "smoe_queue_capacity", "Requests that may wait (--queue); more get 429", ConstGauge::new(self.queue_capacity as i64))?;
-        one(&mut enc, "smoe_active_sequences", "Generations the engine is running", ConstGauge::new(c.in_flight.load(Ordering::SeqCst) as i64))?;
+        one(
+            &mut enc,
+            "smoe_model_loaded",
+            "1 once the model is loaded and the engine runs, else 0",
+            ConstGauge::new(i64::from(loaded)),
+        )?;
+        one(
+            &mut enc,
+            "smoe_queue_depth",
+            "Requests waiting for the engine",
+            ConstGauge::new(c.waiting.load(Ordering::SeqCst) as i64),
+        )?;
+        one(
+            &mut enc,
+            "smoe_queue_capacity",
+            "Requests that may wait (--queue); more get 429",
+            ConstGauge::new(self.queue_capacity as i64),
+        )?;
+        one(
+            &mut enc,
+            "smoe_active_sequences",
+            "Generations the engine is running",
+            ConstGauge::new(c.in_flight.load(Ordering::SeqCst) as i64),
+        )?;
         labelled(
             &mut enc,
             "smoe_generations",
@@ -208,9 +230,24 @@ impl Collector for Live {
                 ("panicked", get(&c.panicked)),
             ],
         )?;
-        one(&mut enc, "smoe_prompt_tokens", "Prompt tokens of generations that ran (tokens in)", ConstCounter::new(get(&c.prompt_tokens)))?;
-        one(&mut enc, "smoe_cached_prompt_tokens", "Prompt tokens whose KV was kept from the previous request, not prefilled again", ConstCounter::new(get(&c.cached_tokens)))?;
-        one(&mut enc, "smoe_generated_tokens", "Tokens generated (tokens out)", ConstCounter::new(get(&c.generated_tokens)))?;
+        one(
+            &mut enc,
+            "smoe_prompt_tokens",
+            "Prompt tokens of generations that ran (tokens in)",
+            ConstCounter::new(get(&c.prompt_tokens)),
+        )?;
+        one(
+            &mut enc,
+            "smoe_cached_prompt_tokens",
+            "Prompt tokens whose KV was kept from the previous request, not prefilled again",
+            ConstCounter::new(get(&c.cached_tokens)),
+        )?;
+        one(
+            &mut enc,
+            "smoe_generated_tokens",
+            "Tokens generated (tokens out)",
+            ConstCounter::new(get(&c.generated_tokens)),
+        )?;
         let Some(cache) = self.engine.get().and_then(|e| e.cache_report(None)) else {
             // A checkpoint, or still loading: no experts are streamed.
             return Ok(());
@@ -231,12 +268,35 @@ impl Collector for Live {
             "smoe_expert_read_bytes",
             "Bytes of expert records read from the vault: on demand, or ahead by prediction",
             "kind",
-            [("demand", cache.demand_bytes), ("readahead", cache.prefetch_bytes)],
+            [
+                ("demand", cache.demand_bytes),
+                ("readahead", cache.prefetch_bytes),
+            ],
         )?;
-        one(&mut enc, "smoe_expert_read_gigabytes_per_second", "Average read speed of expert records since start (bytes over time spent in reads)", ConstGauge::new(cache.read_gb_s))?;
-        one(&mut enc, "smoe_expert_read_blocked_seconds", "Time the compute thread waited for expert reads", ConstCounter::new(cache.blocked_s))?;
-        one(&mut enc, "smoe_expert_cache_slots", "Expert records the RAM cache holds", ConstGauge::new(cache.cache_slots as i64))?;
-        one(&mut enc, "smoe_expert_cache_bytes", "RAM of the expert cache", ConstGauge::new(cache.cache_bytes as i64))
+        one(
+            &mut enc,
+            "smoe_expert_read_gigabytes_per_second",
+            "Average read speed of expert records since start (bytes over time spent in reads)",
+            ConstGauge::new(cache.read_gb_s),
+        )?;
+        one(
+            &mut enc,
+            "smoe_expert_read_blocked_seconds",
+            "Time the compute thread waited for expert reads",
+            ConstCounter::new(cache.blocked_s),
+        )?;
+        one(
+            &mut enc,
+            "smoe_expert_cache_slots",
+            "Expert records the RAM cache holds",
+            ConstGauge::new(cache.cache_slots as i64),
+        )?;
+        one(
+            &mut enc,
+            "smoe_expert_cache_bytes",
+            "RAM of the expert cache",
+            ConstGauge::new(cache.cache_bytes as i64),
+        )
     }
 }
 
