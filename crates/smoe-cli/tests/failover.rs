@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::server::Server;
+use common::server::{dechunk, Server};
 use common::*;
 use serde_json::{json, Value};
 
@@ -162,19 +162,6 @@ fn attempt(addr: &str, case: &Case) -> Result<String, String> {
         out += v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
     }
     Ok(out)
-}
-
-fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = raw.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&raw[..eol]).ok()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(raw.get(eol + 2..eol + 2 + size)?);
-        raw = raw.get(eol + 4 + size..)?;
-    }
 }
 
 fn completed(server: &Server) -> u64 {

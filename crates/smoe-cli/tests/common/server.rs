@@ -259,7 +259,7 @@ pub fn request(
         .iter()
         .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     if chunked {
-        body = dechunk(&body);
+        body = dechunk(&body).expect("a chunked body cut off");
     }
     Reply {
         status,
@@ -268,17 +268,18 @@ pub fn request(
     }
 }
 
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+/// A chunked body's payload; None when it was cut off before its last
+/// (empty) chunk.
+pub fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let eol = raw.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap().trim(), 16).unwrap();
+        let eol = raw.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..eol]).ok()?.trim(), 16).ok()?;
         if size == 0 {
-            return out;
+            return Some(out);
         }
-        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
-        raw = &raw[eol + 4 + size..];
+        out.extend_from_slice(raw.get(eol + 2..eol + 2 + size)?);
+        raw = raw.get(eol + 4 + size..)?;
     }
 }
 
