@@ -13,31 +13,8 @@ use common::server::{Server, SERVE_MODEL};
 use common::*;
 use serde_json::{json, Value};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve")
-}
-
-/// An external tool from `.ci/run`'s installs: the environment variable
-/// `var`, else where `.ci/run` puts it. None (after a loud message) when
-/// it is missing outside CI; a failure when CI=true.
-fn tool(var: &str, default: PathBuf, what: &str) -> Option<PathBuf> {
-    let path = std::env::var_os(var).map_or(default, PathBuf::from);
-    if path.exists() {
-        return Some(path);
-    }
-    let msg = format!(
-        "{what} not found at {} (set {var}, or run .ci/run to install it)",
-        path.display()
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("\n!!! SKIPPED: {msg}\n");
-    None
 }
 
 fn run_checked(cmd: &mut Command) -> Value {

@@ -9,6 +9,7 @@
 
 mod anthropic;
 mod error;
+mod metrics;
 mod openai;
 mod reply;
 mod worker;
@@ -41,7 +42,7 @@ use crate::worker::{Event, Job, Queue, Refused};
 /// this engine plans for is far smaller.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
-/// How long open replies may go on after Ctrl-C.
+/// How long open replies may go on after Ctrl-C or SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Open connections at most. Each costs a file descriptor; beyond this a
@@ -91,13 +92,14 @@ struct App {
     config: Config,
     engine: Arc<OnceLock<Arc<Engine>>>,
     queue: Queue,
+    metrics: metrics::Metrics,
     started: Instant,
 }
 
 type AppState = State<Arc<App>>;
 
 /// Binds, starts loading the model with `load` on the engine thread, and
-/// serves until Ctrl-C (or until loading fails, with its error).
+/// serves until Ctrl-C or SIGTERM (or until loading fails, with its error).
 /// `on_listening` sees the bound address (the port may have been 0).
 pub fn serve(
     config: Config,
@@ -126,10 +128,16 @@ pub fn serve(
             loaded_tx,
         )?;
         on_listening(listener.local_addr()?);
+        let metrics = metrics::Metrics::new(
+            Arc::clone(&queue.counters),
+            queue.capacity(),
+            Arc::clone(&engine),
+        );
         let app = Arc::new(App {
             config,
             engine,
             queue,
+            metrics,
             started: Instant::now(),
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Error>();
@@ -145,6 +153,7 @@ pub fn serve(
         let shutdown = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
+                _ = terminated() => {}
                 // A load that went well drops the sender: no reason to stop.
                 Ok(e) = stop_rx => *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
             }
@@ -164,6 +173,17 @@ pub fn serve(
         let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
         failure.map_or(Ok(()), Err)
     })
+}
+
+/// SIGTERM, which `docker stop` and Kubernetes send before SIGKILL: the
+/// same graceful stop as Ctrl-C, so open replies get their few seconds.
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            term.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// Accepts connections until `shutdown`, then lets open ones finish.
@@ -268,6 +288,7 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(WEB_PAGE) }))
         .route("/health", get(health))
+        .route("/metrics", get(metrics::scrape))
         .merge(api)
         .fallback(|uri: Uri| async move {
             ApiError::new(StatusCode::NOT_FOUND, "no such route; see GET /v1/models")
@@ -282,6 +303,10 @@ fn router(app: Arc<App>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(Arc::clone(&app), read_body))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            metrics::track,
+        ))
         .with_state(app)
 }
 
@@ -394,6 +419,7 @@ impl App {
     /// queues it. Errors come back before any response is sent, so a
     /// streaming request that cannot run still gets a plain 4xx.
     async fn start(&self, req: Generate, dialect: Dialect) -> Result<Started, ApiError> {
+        let clock = self.metrics.clock();
         let engine = self.engine.get().cloned().ok_or_else(|| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -449,6 +475,7 @@ impl App {
             max_tokens,
             stop,
             events: tx,
+            clock,
         };
         match self.queue.submit(job) {
             Ok(()) => Ok(Started {

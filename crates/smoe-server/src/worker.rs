@@ -18,6 +18,7 @@ use smoe::engine::{Engine, StopReason, TextStream, Timings};
 use smoe::sampler::SamplingParams;
 use tokio::sync::mpsc;
 
+use crate::metrics::TokenClock;
 use crate::reply::StopStrings;
 
 /// A request ready for the engine: validated, rendered and tokenized.
@@ -28,6 +29,7 @@ pub struct Job {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub events: mpsc::UnboundedSender<Event>,
+    pub clock: TokenClock,
 }
 
 /// What the engine sends back for a job, in order: text pieces, then one
@@ -270,6 +272,7 @@ impl Running<'_> {
     /// Streams a token's text unless a stop string ends it; breaks on a
     /// stop string, an undecodable token or a client that went away.
     fn on_token(&mut self, tok: u32, c: &Counters) -> ControlFlow<()> {
+        self.job.clock.token();
         c.generated_tokens.fetch_add(1, Ordering::Relaxed);
         match self.text.push(tok) {
             Ok(Some(piece)) => {

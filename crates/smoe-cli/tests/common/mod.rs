@@ -24,6 +24,11 @@ pub const MODELS: &[&str] = &[
     "deepseek-v3",
 ];
 
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
@@ -144,4 +149,23 @@ pub fn template_ids(model: &Path, messages: &[Value]) -> Vec<u32> {
         "--ids",
     ]);
     serde_json::from_str(out.trim()).unwrap()
+}
+
+/// An external tool from `.ci/run`'s installs: the environment variable
+/// `var`, else where `.ci/run` puts it. None (after a loud message) when
+/// it is missing outside CI; a failure when CI=true.
+pub fn tool(var: &str, default: PathBuf, what: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(var).map_or(default, PathBuf::from);
+    if path.exists() {
+        return Some(path);
+    }
+    let msg = format!(
+        "{what} not found at {} (set {var}, or run .ci/run to install it)",
+        path.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("\n!!! SKIPPED: {msg}\n");
+    None
 }

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,8 @@ pub const SERVE_MODEL: &str = "qwen3-moe-a";
 pub struct Server {
     child: Child,
     pub addr: String,
+    model: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Server {
@@ -30,38 +32,52 @@ impl Server {
 
     /// [`Server::start`] on another model directory (a vault, say).
     pub fn start_with(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_smoe"))
-            .args(["serve", "--model", model.to_str().unwrap()])
-            .args(["--port", "0", "--threads", "1"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("failed to start smoe serve");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("smoe serve exited before listening")
-                .unwrap();
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
-            }
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, addr) = spawn(model, "0", &extra);
+        let server = Server {
+            child,
+            addr,
+            model: model.to_path_buf(),
+            extra,
         };
-        // The rest of stderr goes to the test's output, for failures.
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                eprintln!("[smoe serve] {line}");
-            }
-        });
-        let server = Server { child, addr };
+        server.wait_ready();
+        server
+    }
+
+    /// Ends the process at once (SIGKILL), as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM, as `docker stop` and Kubernetes do, and waits for
+    /// the process to end.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        self.child.wait().unwrap()
+    }
+
+    /// Starts the server again, as before and on the same port, and waits
+    /// until it is ready.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.addr.rsplit(':').next().unwrap().to_string();
+        let (child, addr) = spawn(&self.model, &port, &self.extra);
+        assert_eq!(addr, self.addr);
+        self.child = child;
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
-        while server.get("/health").status != 200 {
+        while self.get("/health").status != 200 {
             assert!(Instant::now() < deadline, "the server never became ready");
             std::thread::sleep(Duration::from_millis(50));
         }
-        server
     }
 
     /// The server's process id, for reading its memory use.
@@ -112,6 +128,37 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `smoe serve` on `port` and returns it with the address it
+/// says it listens on.
+fn spawn(model: &Path, port: &str, extra: &[String]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smoe"))
+        .args(["serve", "--model", model.to_str().unwrap()])
+        .args(["--port", port, "--threads", "1"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("failed to start smoe serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("smoe serve exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // The rest of stderr goes to the test's output, for failures.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            eprintln!("[smoe serve] {line}");
+        }
+    });
+    (child, addr)
 }
 
 #[derive(Debug)]
@@ -212,7 +259,7 @@ pub fn request(
         .iter()
         .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     if chunked {
-        body = dechunk(&body);
+        body = dechunk(&body).expect("a chunked body cut off");
     }
     Reply {
         status,
@@ -221,17 +268,18 @@ pub fn request(
     }
 }
 
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+/// A chunked body's payload; None when it was cut off before its last
+/// (empty) chunk.
+pub fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let eol = raw.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap().trim(), 16).unwrap();
+        let eol = raw.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..eol]).ok()?.trim(), 16).ok()?;
         if size == 0 {
-            return out;
+            return Some(out);
         }
-        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
-        raw = &raw[eol + 4 + size..];
+        out.extend_from_slice(raw.get(eol + 2..eol + 2 + size)?);
+        raw = raw.get(eol + 4 + size..)?;
     }
 }
 
