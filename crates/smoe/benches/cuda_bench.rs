@@ -121,10 +121,7 @@ fn main() {
             std::process::exit(required as i32);
         }
     };
-    println!(
-        "{}; median of {ROUNDS} rounds of {CALLS} calls",
-        gpu.info()
-    );
+    println!("{}; median of {ROUNDS} rounds of {CALLS} calls", gpu.info());
     let q4k = DType::Quant(QuantType::Q4K);
     let q6k = DType::Quant(QuantType::Q6K);
     matvec(&gpu, "expert gate/up", q4k, 768, 2048);

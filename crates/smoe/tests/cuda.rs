@@ -131,7 +131,12 @@ fn probe_names_the_device_or_says_why_not() {
         Err(e) => {
             let e = e.to_string();
             println!("SKIPPED device checks: {e}");
-            assert!(e.starts_with("no CUDA driver") || e.starts_with("no NVRTC") || e.starts_with("CUDA"), "{e}");
+            assert!(
+                e.starts_with("no CUDA driver")
+                    || e.starts_with("no NVRTC")
+                    || e.starts_with("CUDA"),
+                "{e}"
+            );
         }
     }
 }
@@ -173,10 +178,19 @@ fn matmul_matches_cpu_for_every_weight_type() {
                 gpu.matmul(&dx, t, &dw, &mut dy).expect("matmul");
                 let got = gpu.download(&dy).unwrap();
                 let what = format!("matmul {} [{rows}, {cols}] t={t}", dtype.name());
-                check(&format!("{what} vs exact"), &got, &exact_matmul(&x, t, &wf, rows, cols), 1e-4);
+                check(
+                    &format!("{what} vs exact"),
+                    &got,
+                    &exact_matmul(&x, t, &wf, rows, cols),
+                    1e-4,
+                );
                 let mut cpu = vec![0.0f32; t * rows];
                 Cpu.matmul(&x, t, w.matrix(), &mut cpu);
-                let tol = if matches!(dtype, DType::Quant(_)) { 3e-2 } else { 1e-4 };
+                let tol = if matches!(dtype, DType::Quant(_)) {
+                    3e-2
+                } else {
+                    1e-4
+                };
                 check(&format!("{what} vs CPU"), &got, &cpu, tol);
             }
         }
@@ -194,7 +208,8 @@ fn matvec_of_a_q6k_lm_head_matches_cpu() {
     let dw = gpu.upload_matrix(w.matrix()).unwrap();
     let x = values(cols, 10);
     let mut dy = gpu.zeros::<f32>(rows).unwrap();
-    gpu.matmul(&gpu.upload(&x).unwrap(), 1, &dw, &mut dy).unwrap();
+    gpu.matmul(&gpu.upload(&x).unwrap(), 1, &dw, &mut dy)
+        .unwrap();
     let got = gpu.download(&dy).unwrap();
     let want = exact_matmul(&x, 1, &dequantized(&w), rows, cols);
     check("q6_k LM head vs exact", &got, &want, 1e-4);
@@ -211,7 +226,10 @@ fn matrix_uploaded_on_the_copy_stream_is_ready_for_compute() {
     };
     let w = Weights::new(DType::Quant(QuantType::Q4K), INTER, HIDDEN, 21);
     let x = gpu.upload(&values(HIDDEN, 22)).unwrap();
-    let (mut a, mut b) = (gpu.zeros::<f32>(INTER).unwrap(), gpu.zeros::<f32>(INTER).unwrap());
+    let (mut a, mut b) = (
+        gpu.zeros::<f32>(INTER).unwrap(),
+        gpu.zeros::<f32>(INTER).unwrap(),
+    );
     let sync = gpu.upload_matrix(w.matrix()).unwrap();
     gpu.matmul(&x, 1, &sync, &mut a).unwrap();
     let copied = gpu.upload_matrix_async(w.matrix()).unwrap();
@@ -282,8 +300,22 @@ fn rope_matches_cpu() {
     };
     let t = 7;
     let cases = [
-        ("neox", 32, 128, 0, false, Rope::new(128, 1e6, &RopeScaling::None)),
-        ("interleaved", 16, 192, 128, true, Rope::new(64, 1e4, &RopeScaling::None)),
+        (
+            "neox",
+            32,
+            128,
+            0,
+            false,
+            Rope::new(128, 1e6, &RopeScaling::None),
+        ),
+        (
+            "interleaved",
+            16,
+            192,
+            128,
+            true,
+            Rope::new(64, 1e4, &RopeScaling::None),
+        ),
     ];
     for (name, heads, head, skip, interleaved, rope) in cases {
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
@@ -295,7 +327,12 @@ fn rope_matches_cpu() {
         let (dc, ds) = (gpu.upload(&cos).unwrap(), gpu.upload(&sin).unwrap());
         gpu.rope(&mut dx, t, head, skip, &dc, &ds, interleaved)
             .unwrap();
-        check(&format!("rope {name}"), &gpu.download(&dx).unwrap(), &want, 1e-5);
+        check(
+            &format!("rope {name}"),
+            &gpu.download(&dx).unwrap(),
+            &want,
+            1e-5,
+        );
     }
 }
 
@@ -387,7 +424,13 @@ fn routing_matches_cpu() {
         let mut want = Vec::new();
         let mut scratch = RouteScratch::default();
         for row in logits.chunks_exact(n) {
-            route(&mut row.to_vec(), &r, bias.as_deref(), &mut scratch, &mut want);
+            route(
+                &mut row.to_vec(),
+                &r,
+                bias.as_deref(),
+                &mut scratch,
+                &mut want,
+            );
         }
         let dl = gpu.upload(&logits).unwrap();
         let db = bias.as_ref().map(|b| gpu.upload(b).unwrap());
@@ -395,7 +438,12 @@ fn routing_matches_cpu() {
         let ids = |c: &[(u32, f32)]| c.iter().map(|c| c.0).collect::<Vec<_>>();
         assert_eq!(ids(&got), ids(&want), "{name}: chosen experts");
         let weights = |c: &[(u32, f32)]| c.iter().map(|c| c.1).collect::<Vec<_>>();
-        check(&format!("route {name} weights"), &weights(&got), &weights(&want), 1e-5);
+        check(
+            &format!("route {name} weights"),
+            &weights(&got),
+            &weights(&want),
+            1e-5,
+        );
     }
 }
 
@@ -424,7 +472,12 @@ fn attention_matches_cpu() {
     let cases = [
         ("decode at 300", gqa(300, None), 1, false),
         ("prefill 40", gqa(0, None), 40, false),
-        ("prefill 23 after 17, window 16", gqa(17, Some(16)), 23, false),
+        (
+            "prefill 23 after 17, window 16",
+            gqa(17, Some(16)),
+            23,
+            false,
+        ),
         ("latent, 5 after 20", mla, 5, true),
     ];
     for (seed, (name, s, t, shared)) in cases.into_iter().enumerate() {
@@ -440,6 +493,11 @@ fn attention_matches_cpu() {
         let dv = gpu.upload(vals).unwrap();
         let mut out = gpu.zeros::<f32>(want.len()).unwrap();
         gpu.attention(&dq, &dk, &dv, s, t, &mut out).unwrap();
-        check(&format!("attention {name}"), &gpu.download(&out).unwrap(), &want, 1e-4);
+        check(
+            &format!("attention {name}"),
+            &gpu.download(&out).unwrap(),
+            &want,
+            1e-4,
+        );
     }
 }

@@ -11,6 +11,8 @@ typedef unsigned long long u64;
 // the CPU attention kernel).
 #define NEG (-1e30f)
 #define FULL_MASK 0xffffffffu
+// NVRTC has no <cmath> either.
+#define INF __int_as_float(0x7f800000)
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;

@@ -54,9 +54,11 @@ pub(super) fn libraries() -> Result<()> {
             // SAFETY: loading the libraries runs their initialisers, which
             // is what using CUDA at all requires.
             if !unsafe { driver::sys::is_culib_present() } {
-                return Err("no CUDA driver: libcuda.so was not found (install the NVIDIA \
+                return Err(
+                    "no CUDA driver: libcuda.so was not found (install the NVIDIA \
                             driver, or run on a machine with an NVIDIA GPU)"
-                    .into());
+                        .into(),
+                );
             }
             if unsafe { nvrtc::sys::is_culib_present() } || preload_nvrtc() {
                 Ok(())
@@ -86,10 +88,7 @@ fn preload_nvrtc() -> bool {
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();
         names.sort();
-        let Some(nvrtc) = names
-            .iter()
-            .find(|n| **n == format!("libnvrtc.so.{major}"))
-        else {
+        let Some(nvrtc) = names.iter().find(|n| **n == format!("libnvrtc.so.{major}")) else {
             continue;
         };
         // The builtins first: NVRTC dlopens them by soname when it compiles.
@@ -122,7 +121,8 @@ pub(super) fn nvrtc_version() -> Result<(i32, i32)> {
 /// The kernels' cubin for compute capability `cc`, compiled on first use
 /// and kept for the process.
 pub(super) fn cubin(cc: (i32, i32)) -> Result<Arc<Vec<u8>>> {
-    static CUBINS: OnceLock<Mutex<HashMap<(i32, i32), Arc<Vec<u8>>>>> = OnceLock::new();
+    type Cubins = HashMap<(i32, i32), Arc<Vec<u8>>>;
+    static CUBINS: OnceLock<Mutex<Cubins>> = OnceLock::new();
     let mut cache = CUBINS
         .get_or_init(Default::default)
         .lock()

@@ -23,11 +23,11 @@ mod load;
 
 use std::sync::Arc;
 
-pub use cudarc::driver::{CudaSlice, CudaStream};
 use cudarc::driver::{
     self, CudaContext, CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
+pub use cudarc::driver::{CudaSlice, CudaStream};
 
 use super::{AttnShape, Matrix};
 use crate::config::{Routing, Scoring};
@@ -226,7 +226,8 @@ impl Gpu {
     /// Waits for everything queued on both streams.
     pub fn synchronize(&self) -> Result<()> {
         for s in [&self.copy, &self.compute] {
-            s.synchronize().map_err(|e| device_error("synchronize", e))?;
+            s.synchronize()
+                .map_err(|e| device_error("synchronize", e))?;
         }
         Ok(())
     }
@@ -342,18 +343,7 @@ impl Gpu {
             ("gemm", cfg)
         };
         let name = format!("{name}_{}", kernel_dtype(w.dtype)?);
-        launch!(
-            self,
-            &name,
-            cfg,
-            &w.data,
-            &row_bytes,
-            x,
-            y,
-            &rows,
-            &cols,
-            &tokens
-        )
+        launch!(self, &name, cfg, &w.data, &row_bytes, x, y, &rows, &cols, &tokens)
     }
 
     /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
@@ -376,16 +366,7 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        launch!(
-            self,
-            "rms_norm",
-            per_row(rows)?,
-            x,
-            out,
-            w,
-            &width,
-            &eps
-        )
+        launch!(self, "rms_norm", per_row(rows)?, x, out, w, &width, &eps)
     }
 
     /// RMSNorm in place of the first `w.len()` values of each
@@ -486,14 +467,7 @@ impl Gpu {
             return Ok(());
         }
         let cfg = LaunchConfig::for_num_elems(int(gate.len())? as u32);
-        launch!(
-            self,
-            "silu_mul",
-            cfg,
-            gate,
-            up,
-            &n
-        )
+        launch!(self, "silu_mul", cfg, gate, up, &n)
     }
 
     /// Each of `t` tokens' top-k (expert, weight) pairs from its router

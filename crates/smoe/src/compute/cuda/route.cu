@@ -60,7 +60,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
     if (sigmoid) {
         for (int e = threadIdx.x; e < n; e += blockDim.x) score[e] = 1.0f / (1.0f + expf(-l[e]));
     } else {
-        float m = -INFINITY;
+        float m = -INF;
         for (int e = threadIdx.x; e < n; e += blockDim.x) m = fmaxf(m, l[e]);
         m = block_max(m, sh);
         float s = 0.0f;
@@ -79,7 +79,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
         int per = n / n_group;
         if (threadIdx.x < n_group) {
             const float* c = choice + threadIdx.x * per;
-            float a = -INFINITY, b = -INFINITY;
+            float a = -INF, b = -INF;
             for (int e = 0; e < per; e++) {
                 if (c[e] > a) {
                     b = a;
@@ -103,7 +103,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
         }
         __syncthreads();
         for (int e = threadIdx.x; e < n_group * per; e += blockDim.x) {
-            if (!keep[e / per]) choice[e] = -INFINITY;
+            if (!keep[e / per]) choice[e] = -INF;
         }
         __syncthreads();
     }
@@ -111,7 +111,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
     u32* out_ids = ids + (size_t)blockIdx.x * k;
     float* out_w = weights + (size_t)blockIdx.x * k;
     for (int r = 0; r < k; r++) {
-        float v = -INFINITY;
+        float v = -INF;
         int i = 0x7fffffff;
         for (int e = threadIdx.x; e < n; e += blockDim.x) {
             if (choice[e] > v || (choice[e] == v && e < i)) {
@@ -123,7 +123,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
         if (threadIdx.x == 0) {
             out_ids[r] = (u32)best_i;
             out_w[r] = score[best_i];
-            choice[best_i] = -INFINITY;
+            choice[best_i] = -INF;
         }
         __syncthreads();
     }
