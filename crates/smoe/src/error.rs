@@ -24,6 +24,10 @@ pub enum Error {
     /// a prompt longer than the context, contradictory options.
     #[error("{0}")]
     Invalid(String),
+    /// A compute device is missing or failed: no driver or GPU, a kernel
+    /// that did not compile or launch.
+    #[error("{0}")]
+    Device(String),
 }
 
 impl Error {

@@ -32,6 +32,8 @@
 //! cache per sequence.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod embedding;
 mod kv;
 pub mod profile;

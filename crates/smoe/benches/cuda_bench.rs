@@ -1,0 +1,134 @@
+//! CUDA kernel timings: the decode matrix-vector product on a
+//! Qwen3-30B-A3B q4_k expert (gate/up `[768, 2048]`, down `[2048, 768]`)
+//! and on a q6_k LM head `[151936, 2048]` (bf16 beside it as the
+//! unquantized baseline), as weight GB/s; the tiled product on a 512-token
+//! prefill chunk through the expert, as TFLOP/s; and attention at 32 query
+//! heads and 4 KV heads of 128, decode after 4096 positions and a
+//! 512-token prefill.
+//!
+//! `cargo bench -p smoe --features cuda --bench cuda_bench` (exits 0 with a
+//! message where there is no GPU, 1 when `SMOE_REQUIRE_CUDA=1`).
+//!
+//! Times come from CUDA events around `CALLS` back-to-back launches on the
+//! compute stream, median of `ROUNDS`. The expert cycles through copies
+//! filling 512 MiB, more than any L2, so each call streams its weights from
+//! HBM as a routed expert's first use does; the LM head is larger than L2
+//! by itself. At expert sizes a call is short enough that launch overhead
+//! shows; the "per call" column says how short.
+
+#[path = "../tests/cuda_common/mod.rs"]
+mod cuda_common;
+
+use cuda_common::{values, Weights};
+use cudarc::driver::sys::CUevent_flags;
+use smoe::compute::cuda::{Gpu, GpuMatrix};
+use smoe::compute::AttnShape;
+use smoe::kernels::DType;
+use smoe::quant::QuantType;
+
+const ROUNDS: usize = 7;
+const CALLS: usize = 50;
+const COLD_BYTES: usize = 512 << 20;
+
+/// Milliseconds per call of `f(i)` for call `i`, median of the rounds.
+fn time(gpu: &Gpu, mut f: impl FnMut(usize)) -> f64 {
+    let stream = gpu.stream();
+    let event = || {
+        stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .expect("event")
+    };
+    for i in 0..CALLS {
+        f(i);
+    }
+    let mut rounds: Vec<f64> = (0..ROUNDS)
+        .map(|_| {
+            let start = event();
+            for i in 0..CALLS {
+                f(i);
+            }
+            let end = event();
+            start.elapsed_ms(&end).expect("elapsed") as f64 / CALLS as f64
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    rounds[ROUNDS / 2]
+}
+
+fn matvec(gpu: &Gpu, name: &str, dtype: DType, rows: usize, cols: usize) {
+    let w = Weights::new(dtype, rows, cols, 1);
+    let bytes = w.bytes().len();
+    let copies: Vec<GpuMatrix> = (0..(COLD_BYTES / bytes).clamp(1, 600))
+        .map(|_| gpu.upload_matrix(w.matrix()).expect("upload"))
+        .collect();
+    let x = gpu.upload(&values(cols, 2)).expect("upload");
+    let mut y = gpu.zeros::<f32>(rows).expect("alloc");
+    let ms = time(gpu, |i| {
+        gpu.matmul(&x, 1, &copies[i % copies.len()], &mut y)
+            .expect("matmul")
+    });
+    println!(
+        "matvec {name:<28} {:>5} [{rows:>6}, {cols}] {:>8.1} MB {:>9.2} us/call {:>7.0} GB/s",
+        dtype.name(),
+        bytes as f64 / 1e6,
+        ms * 1e3,
+        bytes as f64 / (ms * 1e-3) / 1e9
+    );
+}
+
+fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {
+    let dtype = DType::Quant(QuantType::Q4K);
+    let w = gpu
+        .upload_matrix(Weights::new(dtype, rows, cols, 3).matrix())
+        .expect("upload");
+    let x = gpu.upload(&values(t * cols, 4)).expect("upload");
+    let mut y = gpu.zeros::<f32>(t * rows).expect("alloc");
+    let ms = time(gpu, |_| gpu.matmul(&x, t, &w, &mut y).expect("matmul"));
+    let flops = 2.0 * (t * rows * cols) as f64;
+    println!(
+        "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s",
+        ms * 1e3,
+        flops / (ms * 1e-3) / 1e12
+    );
+}
+
+fn attention(gpu: &Gpu, pos0: usize, t: usize) {
+    let s = AttnShape::grouped(32, 4, 128, pos0, None);
+    let total = pos0 + t;
+    let q = gpu.upload(&values(t * 32 * 128, 5)).expect("upload");
+    let kv = gpu.upload(&values(total * s.k_stride, 6)).expect("upload");
+    let mut out = gpu.zeros::<f32>(t * 32 * 128).expect("alloc");
+    let ms = time(gpu, |_| {
+        gpu.attention(&q, &kv, &kv, s, t, &mut out)
+            .expect("attention")
+    });
+    // Visible (query, key) pairs, each a 128-wide score and value row.
+    let pairs: usize = (pos0 + 1..=total).sum();
+    let flops = 4.0 * 128.0 * 32.0 * pairs as f64;
+    println!(
+        "attention {t} tokens after {pos0} {:>9.2} us/call {:>7.2} TFLOP/s",
+        ms * 1e3,
+        flops / (ms * 1e-3) / 1e12
+    );
+}
+
+fn main() {
+    let required = std::env::var("SMOE_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let gpu = match Gpu::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("no usable GPU: {e}");
+            std::process::exit(required as i32);
+        }
+    };
+    println!("{}; median of {ROUNDS} rounds of {CALLS} calls", gpu.info());
+    let q4k = DType::Quant(QuantType::Q4K);
+    let q6k = DType::Quant(QuantType::Q6K);
+    matvec(&gpu, "expert gate/up", q4k, 768, 2048);
+    matvec(&gpu, "expert down", q4k, 2048, 768);
+    matvec(&gpu, "LM head", q6k, 151_936, 2048);
+    matvec(&gpu, "LM head", DType::BF16, 151_936, 2048);
+    gemm(&gpu, 512, 768, 2048);
+    attention(&gpu, 4096, 1);
+    attention(&gpu, 0, 512);
+}

@@ -1,0 +1,81 @@
+// Causal (optionally sliding-window) attention of `t` new queries over a
+// layer's cache, grouped-query: query head h reads KV head
+// h / (n_heads / n_kv_heads). Keys and values are position-major, as the
+// CPU cache keeps them: key p of KV head j at keys + p * k_stride +
+// j * head_dim, its value at values + p * v_stride + j * v_dim (latent
+// attention passes its latent as both).
+//
+// One block per (query head, token), ATT_WARPS warps. The query, scaled,
+// sits in shared memory; warp w takes keys lo + w, lo + w + ATT_WARPS, ...
+// and keeps a FlashAttention-style online softmax (running max, sum and
+// output, rescaled when the max grows); lane i holds output elements
+// i, i + 32, ... The warps' partial results are merged at the end. This
+// serves decode and prefill alike; a split over keys across blocks for
+// long decode contexts and tensor-core tiles for prefill are the next
+// steps for speed.
+
+#define ATT_WARPS 8
+#define ATT_MAX_HEAD 1024
+#define ATT_MAX_V 512
+#define ATT_V_PER_LANE (ATT_MAX_V / 32)
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+    attention(const float* q, const float* keys, const float* values, float* out, int n_heads,
+              int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride, float scale,
+              int pos0, int window) {
+    __shared__ float qs[ATT_MAX_HEAD];
+    __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
+    __shared__ float part_o[ATT_WARPS][ATT_MAX_V];
+    int h = blockIdx.x, tok = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int kvh = h / (n_heads / n_kv_heads);
+    int hi = pos0 + tok + 1;
+    int lo = window > 0 && hi > window ? hi - window : 0;
+
+    const float* qr = q + ((size_t)tok * n_heads + h) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = qr[d] * scale;
+    __syncthreads();
+
+    float m = NEG, l = 0.0f;
+    float o[ATT_V_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < ATT_V_PER_LANE; i++) o[i] = 0.0f;
+    const float* kb = keys + (size_t)kvh * head_dim;
+    const float* vb = values + (size_t)kvh * v_dim;
+    for (int p = lo + warp; p < hi; p += ATT_WARPS) {
+        const float* kr = kb + (size_t)p * k_stride;
+        float s = 0.0f;
+        for (int d = lane; d < head_dim; d += 32) s += qs[d] * kr[d];
+        s = warp_sum(s);
+        float mn = fmaxf(m, s);
+        float corr = expf(m - mn), e = expf(s - mn);
+        l = l * corr + e;
+        const float* vr = vb + (size_t)p * v_stride;
+#pragma unroll
+        for (int i = 0; i < ATT_V_PER_LANE; i++) {
+            int d = lane + 32 * i;
+            if (d < v_dim) o[i] = o[i] * corr + e * vr[d];
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_V_PER_LANE; i++) {
+        int d = lane + 32 * i;
+        if (d < v_dim) part_o[warp][d] = o[i];
+    }
+    __syncthreads();
+    float mx = NEG;
+    for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, part_m[w]);
+    float total = 0.0f;
+    for (int w = 0; w < ATT_WARPS; w++) total += part_l[w] * expf(part_m[w] - mx);
+    float* orow = out + ((size_t)tok * n_heads + h) * v_dim;
+    for (int d = threadIdx.x; d < v_dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) acc += part_o[w][d] * expf(part_m[w] - mx);
+        orow[d] = acc / total;
+    }
+}

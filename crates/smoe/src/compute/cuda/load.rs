@@ -1,0 +1,180 @@
+//! Finding the CUDA driver and NVRTC at run time, and compiling the kernels.
+//!
+//! cudarc loads `libcuda` and `libnvrtc` by name on first use and panics
+//! when a name does not resolve, so [`libraries`] checks both first and
+//! turns a missing one into an error that says what to install. A CUDA
+//! toolkit whose `lib64` is not on the loader's path is common (the .run
+//! installer does not register it), so NVRTC is also looked for under the
+//! usual install prefixes and loaded from there: once loaded, its soname
+//! resolves for cudarc's own lookup by name.
+//!
+//! The kernels are compiled once per process and architecture to a cubin
+//! for the device's own `sm_XY`, not to PTX: PTX from an NVRTC newer than
+//! the driver fails to load (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`), while a
+//! cubin needs no JIT and loads on any driver of the same major version.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::{driver, nvrtc};
+
+use crate::{Error, Result};
+
+/// The kernels, one NVRTC program: shared helpers first.
+const SOURCES: [(&str, &str); 5] = [
+    ("common.cu", include_str!("common.cu")),
+    ("matmul.cu", include_str!("matmul.cu")),
+    ("ops.cu", include_str!("ops.cu")),
+    ("route.cu", include_str!("route.cu")),
+    ("attention.cu", include_str!("attention.cu")),
+];
+
+/// The NVRTC generation the bindings are for (cudarc's `cuda-13000`).
+const NVRTC_MAJOR: &str = "13";
+
+/// Where CUDA toolkits put NVRTC when the loader does not know about them.
+const NVRTC_DIRS: [&str; 4] = [
+    "/usr/local/cuda/lib64",
+    "/usr/local/cuda/targets/x86_64-linux/lib",
+    "/usr/local/cuda/targets/sbsa-linux/lib",
+    "/usr/lib/x86_64-linux-gnu",
+];
+
+pub(super) fn device_error(what: impl std::fmt::Display, e: impl std::fmt::Debug) -> Error {
+    Error::Device(format!("CUDA: {what}: {e:?}"))
+}
+
+/// Checks that the driver and NVRTC libraries can be loaded, so that
+/// cudarc's loaders (which panic) never see a missing one.
+pub(super) fn libraries() -> Result<()> {
+    static FOUND: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            // SAFETY: loading the libraries runs their initialisers, which
+            // is what using CUDA at all requires.
+            if !unsafe { driver::sys::is_culib_present() } {
+                return Err(
+                    "no CUDA driver: libcuda.so was not found (install the NVIDIA \
+                            driver, or run on a machine with an NVIDIA GPU)"
+                        .into(),
+                );
+            }
+            if unsafe { nvrtc::sys::is_culib_present() } || preload_nvrtc() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no NVRTC: libnvrtc.so.{} was not found on the loader path nor in {} \
+                     (install the CUDA toolkit's NVRTC, or add its lib64 to LD_LIBRARY_PATH)",
+                    NVRTC_MAJOR,
+                    NVRTC_DIRS.join(", ")
+                ))
+            }
+        })
+        .clone()
+        .map_err(Error::Device)
+}
+
+/// Loads NVRTC (and the builtins library it opens by name when compiling)
+/// from a toolkit directory, keeping them loaded for the process.
+fn preload_nvrtc() -> bool {
+    let major = NVRTC_MAJOR;
+    for dir in NVRTC_DIRS {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        let Some(nvrtc) = names.iter().find(|n| **n == format!("libnvrtc.so.{major}")) else {
+            continue;
+        };
+        // The builtins first: NVRTC dlopens them by soname when it compiles.
+        let builtins = names
+            .iter()
+            .filter(|n| n.starts_with(&format!("libnvrtc-builtins.so.{major}")));
+        for name in builtins.chain(std::iter::once(nvrtc)) {
+            // SAFETY: as in `libraries`; the handle is leaked so the
+            // library stays loaded for cudarc's lookup by name.
+            match unsafe { libloading::Library::new(format!("{dir}/{name}")) } {
+                Ok(lib) => std::mem::forget(lib),
+                Err(_) => return false,
+            }
+        }
+        return unsafe { nvrtc::sys::is_culib_present() };
+    }
+    false
+}
+
+/// NVRTC's version, `(major, minor)`.
+pub(super) fn nvrtc_version() -> Result<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters; the library is loaded (`libraries`).
+    unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| device_error("nvrtcVersion", e))?;
+    Ok((major, minor))
+}
+
+/// The kernels' cubin for compute capability `cc`, compiled on first use
+/// and kept for the process.
+pub(super) fn cubin(cc: (i32, i32)) -> Result<Arc<Vec<u8>>> {
+    type Cubins = HashMap<(i32, i32), Arc<Vec<u8>>>;
+    static CUBINS: OnceLock<Mutex<Cubins>> = OnceLock::new();
+    let mut cache = CUBINS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = cache.get(&cc) {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(compile(cc)?);
+    cache.insert(cc, c.clone());
+    Ok(c)
+}
+
+fn compile(cc: (i32, i32)) -> Result<Vec<u8>> {
+    let src: String = SOURCES
+        .iter()
+        .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
+        .collect();
+    let src = CString::new(src).map_err(|e| device_error("kernel source", e))?;
+    let prog = nvrtc::result::create_program(&src, Some(c"smoe.cu"))
+        .map_err(|e| device_error("nvrtcCreateProgram", e))?;
+    let arch = format!("--gpu-architecture=sm_{}{}", cc.0, cc.1);
+    let options = [arch.as_str(), "--std=c++17", "-lineinfo"];
+    // SAFETY: `prog` is a live program until the destroy below, and `src`
+    // outlives it.
+    let out = unsafe {
+        let compiled = nvrtc::result::compile_program(prog, &options);
+        let log = nvrtc::result::get_program_log(prog)
+            .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let out = match compiled {
+            Err(e) => Err(Error::Device(format!(
+                "CUDA: compiling the kernels for sm_{}{} failed ({e:?}):\n{log}",
+                cc.0, cc.1
+            ))),
+            Ok(()) => get_cubin(prog),
+        };
+        let _ = nvrtc::result::destroy_program(prog);
+        out
+    };
+    out
+}
+
+/// # Safety
+/// `prog` was compiled successfully and is not destroyed yet.
+unsafe fn get_cubin(prog: nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>> {
+    let mut size = 0usize;
+    nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size)
+        .result()
+        .map_err(|e| device_error("nvrtcGetCUBINSize", e))?;
+    let mut cubin = vec![0u8; size];
+    nvrtc::sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+        .result()
+        .map_err(|e| device_error("nvrtcGetCUBIN", e))?;
+    Ok(cubin)
+}

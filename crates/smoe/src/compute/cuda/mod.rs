@@ -1,0 +1,649 @@
+//! The CUDA device: finding a usable GPU ([`probe`]), its context and
+//! streams ([`Gpu`]), device buffers, and the kernels that a CUDA
+//! [`Backend`](super::Backend) will be built from, each one a method on
+//! [`Gpu`] that computes what the CPU backend computes (the tests in
+//! `tests/cuda.rs` hold them to it).
+//!
+//! Built only with the `cuda` feature. cudarc loads `libcuda` and
+//! `libnvrtc` at run time (`dynamic-loading`), so the feature builds on a
+//! machine without CUDA and the same binary runs with or without a GPU:
+//! [`probe`] says which GPU would be used, or why none can be, which is
+//! what `--device auto` needs to fall back to the CPU. The bindings are
+//! cudarc's for CUDA 13.0 (`cuda-13000`), the oldest 13.x: the entry points
+//! used here are all in driver 580, the first CUDA 13 driver, and in every
+//! 12.x driver too; newer driver calls are never named, so nothing fails to
+//! resolve at run time on a 13.0 driver.
+//!
+//! The kernels are CUDA C (`*.cu` beside this file), compiled by NVRTC
+//! for the device's architecture when the first [`Gpu`] is made (see
+//! `load.rs`). Activations are row-major f32 device buffers; weights are
+//! [`GpuMatrix`] uploads of the stored rows, quantized blocks included.
+
+mod load;
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    self, CudaContext, CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+pub use cudarc::driver::{CudaSlice, CudaStream};
+
+use super::{AttnShape, Matrix};
+use crate::config::{Routing, Scoring};
+use crate::quant::{DType, QuantType};
+use crate::{Error, Result};
+use load::device_error;
+
+/// Queues kernel `$name` on `$gpu`'s compute stream with `$arg`s.
+macro_rules! launch {
+    ($gpu:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let name = $name;
+        let f = $gpu.function(&name)?;
+        let mut b = $gpu.compute.launch_builder(&f);
+        $(b.arg($arg);)+
+        // SAFETY: every caller checks its buffers against the shapes it
+        // passes, which bound what the kernel reads and writes.
+        unsafe { b.launch($cfg) }
+            .map(|_| ())
+            .map_err(|e| device_error(format!("launching {name}"), e))
+    }};
+}
+
+/// Tokens up to which [`Gpu::matmul`] runs the matrix-vector kernel (one
+/// weight pass for all of them); more take the tiled kernel.
+/// `MV_TOKENS` in `matmul.cu`.
+pub const MATVEC_MAX_TOKENS: usize = 8;
+/// Output rows per matrix-vector block (`MV_ROWS`), and the tiled
+/// kernel's square tile (`TILE`).
+const MV_ROWS: u32 = 4;
+const TILE: u32 = 64;
+/// Most experts and groups the routing kernel takes (`ROUTE_MAX`,
+/// `ROUTE_MAX_GROUPS`).
+const ROUTE_MAX: usize = 1024;
+const ROUTE_MAX_GROUPS: usize = 64;
+/// Widest query/key head and value head of the attention kernel
+/// (`ATT_MAX_HEAD`, `ATT_MAX_V`), and its warps per block (`ATT_WARPS`).
+const ATT_MAX_HEAD: usize = 1024;
+const ATT_MAX_V: usize = 512;
+const ATT_THREADS: u32 = 8 * 32;
+
+/// A usable GPU, as [`probe`] found it.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// `(major, minor)`: `(9, 0)` for H100 and H200.
+    pub compute_capability: (i32, i32),
+    pub total_memory: usize,
+    pub free_memory: usize,
+    /// The CUDA version the driver supports, and NVRTC's.
+    pub driver_version: (i32, i32),
+    pub nvrtc_version: (i32, i32),
+}
+
+impl std::fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const GIB: f64 = (1u64 << 30) as f64;
+        let (cc, drv, rtc) = (
+            self.compute_capability,
+            self.driver_version,
+            self.nvrtc_version,
+        );
+        write!(
+            f,
+            "cuda:{} {} (sm_{}{}, {:.1} GiB, {:.1} GiB free; driver CUDA {}.{}, NVRTC {}.{})",
+            self.ordinal,
+            self.name,
+            cc.0,
+            cc.1,
+            self.total_memory as f64 / GIB,
+            self.free_memory as f64 / GIB,
+            drv.0,
+            drv.1,
+            rtc.0,
+            rtc.1
+        )
+    }
+}
+
+/// The device ordinal of a `--device` value: `cuda` is `cuda:0`.
+pub fn parse_device(spec: &str) -> Result<usize> {
+    match spec.strip_prefix("cuda") {
+        Some("") => Ok(0),
+        Some(n) => n
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| Error::invalid(format!("--device {spec}: expected cuda or cuda:N"))),
+        None => Err(Error::invalid(format!(
+            "--device {spec}: expected cuda or cuda:N"
+        ))),
+    }
+}
+
+/// GPU `ordinal`, if it can run smoe's kernels; otherwise an error that
+/// says why not (no driver, no NVRTC, no such device, too old), never a
+/// panic.
+pub fn probe(ordinal: usize) -> Result<GpuInfo> {
+    probe_context(ordinal).map(|(info, _)| info)
+}
+
+fn probe_context(ordinal: usize) -> Result<(GpuInfo, Arc<CudaContext>)> {
+    load::libraries()?;
+    driver::result::init().map_err(|e| device_error("the driver did not initialise", e))?;
+    let count = CudaContext::device_count().map_err(|e| device_error("counting devices", e))?;
+    if ordinal >= count as usize {
+        return Err(Error::Device(format!(
+            "CUDA: no device cuda:{ordinal}: the driver sees {count}"
+        )));
+    }
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| device_error(format!("creating a context on cuda:{ordinal}"), e))?;
+    let what = |e| device_error(format!("querying cuda:{ordinal}"), e);
+    let compute_capability = ctx.compute_capability().map_err(what)?;
+    let (free_memory, total_memory) = ctx.mem_get_info().map_err(what)?;
+    let mut driver = 0;
+    // SAFETY: an out-parameter; the driver is initialised.
+    unsafe { driver::sys::cuDriverGetVersion(&mut driver) }
+        .result()
+        .map_err(what)?;
+    let info = GpuInfo {
+        ordinal,
+        name: ctx.name().map_err(what)?,
+        compute_capability,
+        total_memory,
+        free_memory,
+        driver_version: (driver / 1000, driver % 1000 / 10),
+        nvrtc_version: load::nvrtc_version()?,
+    };
+    // NVRTC 13 builds for Turing (7.5) and newer only.
+    if compute_capability < (7, 5) {
+        return Err(Error::Device(format!(
+            "CUDA: {info}: compute capability {}.{} is older than 7.5, the oldest NVRTC 13 builds for",
+            compute_capability.0, compute_capability.1
+        )));
+    }
+    Ok((info, ctx))
+}
+
+/// A weight matrix on the device, rows as stored (quantized blocks stay
+/// quantized).
+#[derive(Debug)]
+pub struct GpuMatrix {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    data: CudaSlice<u8>,
+}
+
+impl GpuMatrix {
+    /// Bytes on the device.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// One GPU: its context, a compute stream, a copy stream for uploads that
+/// overlap compute, and the kernels loaded for it.
+#[derive(Debug)]
+pub struct Gpu {
+    info: GpuInfo,
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and loads the kernels, compiling them on the
+    /// first call for its architecture.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let (info, ctx) = probe_context(ordinal)?;
+        let cubin = load::cubin(info.compute_capability)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
+            .map_err(|e| device_error("loading the kernels", e))?;
+        let stream = |what| {
+            ctx.new_stream()
+                .map_err(|e| device_error(format!("creating the {what} stream"), e))
+        };
+        Ok(Self {
+            compute: stream("compute")?,
+            copy: stream("copy")?,
+            info,
+            module,
+        })
+    }
+
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+
+    /// The stream every kernel runs on, in call order.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.compute
+    }
+
+    /// Waits for everything queued on both streams.
+    pub fn synchronize(&self) -> Result<()> {
+        for s in [&self.copy, &self.compute] {
+            s.synchronize()
+                .map_err(|e| device_error("synchronize", e))?;
+        }
+        Ok(())
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.compute
+            .clone_htod(host)
+            .map_err(|e| device_error(format!("uploading {} bytes", size_of_val(host)), e))
+    }
+
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.compute
+            .alloc_zeros(n)
+            .map_err(|e| device_error(format!("allocating {n} elements"), e))
+    }
+
+    /// Copies a device buffer back, after the work queued before it.
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.compute
+            .clone_dtoh(dev)
+            .map_err(|e| device_error(format!("downloading {} elements", dev.len()), e))
+    }
+
+    /// Uploads a weight matrix on the compute stream.
+    pub fn upload_matrix(&self, w: Matrix<'_>) -> Result<GpuMatrix> {
+        self.matrix_on(&self.compute, w)
+    }
+
+    /// Uploads a weight matrix on the copy stream, overlapping the kernels
+    /// already queued; kernels queued after this call see it complete (as
+    /// an expert copied in while the layer's attention runs would be).
+    pub fn upload_matrix_async(&self, w: Matrix<'_>) -> Result<GpuMatrix> {
+        let m = self.matrix_on(&self.copy, w)?;
+        self.compute
+            .join(&self.copy)
+            .map_err(|e| device_error("ordering the copy stream before compute", e))?;
+        Ok(m)
+    }
+
+    fn matrix_on(&self, stream: &Arc<CudaStream>, w: Matrix<'_>) -> Result<GpuMatrix> {
+        let name = w.dtype.name();
+        kernel_dtype(w.dtype)?;
+        if !w.cols.is_multiple_of(32) || w.data.len() != w.rows * w.dtype.row_bytes(w.cols) {
+            return Err(Error::invalid(format!(
+                "CUDA: a {name} matrix of {} rows x {} columns in {} bytes: the kernels take \
+                 whole rows of a multiple of 32 columns",
+                w.rows,
+                w.cols,
+                w.data.len()
+            )));
+        }
+        let data = stream
+            .clone_htod(w.data)
+            .map_err(|e| device_error(format!("uploading a {name} matrix"), e))?;
+        Ok(GpuMatrix {
+            dtype: w.dtype,
+            rows: w.rows,
+            cols: w.cols,
+            data,
+        })
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        self.module
+            .load_function(name)
+            .map_err(|e| device_error(format!("kernel {name}"), e))
+    }
+
+    /// `y[t, rows] = x[t, cols] · wᵀ`, as the CPU backend's `matmul` but
+    /// with f32 activations throughout (the CPU quantizes them to 8 bits
+    /// for quantized weights).
+    pub fn matmul(
+        &self,
+        x: &CudaSlice<f32>,
+        t: usize,
+        w: &GpuMatrix,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if x.len() < t * w.cols || y.len() < t * w.rows {
+            return Err(Error::invalid(format!(
+                "CUDA matmul: {t} tokens through [{}, {}] need {} inputs and {} outputs, \
+                 buffers hold {} and {}",
+                w.rows,
+                w.cols,
+                t * w.cols,
+                t * w.rows,
+                x.len(),
+                y.len()
+            )));
+        }
+        if t == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
+        let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let (name, cfg) = if t <= MATVEC_MAX_TOKENS {
+            let cfg = LaunchConfig {
+                grid_dim: (w.rows.div_ceil(MV_ROWS as usize) as u32, 1, 1),
+                block_dim: (32, MV_ROWS, 1),
+                shared_mem_bytes: 0,
+            };
+            ("matvec", cfg)
+        } else {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    w.rows.div_ceil(TILE as usize) as u32,
+                    t.div_ceil(TILE as usize) as u32,
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            ("gemm", cfg)
+        };
+        let name = format!("{name}_{}", kernel_dtype(w.dtype)?);
+        launch!(self, &name, cfg, &w.data, &row_bytes, x, y, &rows, &cols, &tokens)
+    }
+
+    /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
+    pub fn rms_norm_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let width = w.len();
+        if width == 0 || !x.len().is_multiple_of(width) || out.len() < x.len() {
+            return Err(Error::invalid(format!(
+                "CUDA rms_norm_rows: {} inputs, {} outputs, rows of {width}",
+                x.len(),
+                out.len()
+            )));
+        }
+        let (rows, width) = (x.len() / width, int(width)?);
+        if rows == 0 {
+            return Ok(());
+        }
+        launch!(self, "rms_norm", per_row(rows)?, x, out, w, &width, &eps)
+    }
+
+    /// RMSNorm in place of the first `w.len()` values of each
+    /// `stride`-wide row of `x` (per-head q/k norms).
+    pub fn rms_norm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        stride: usize,
+        w: &CudaSlice<f32>,
+        eps: f32,
+    ) -> Result<()> {
+        let width = w.len();
+        if width == 0 || width > stride || !x.len().is_multiple_of(stride) {
+            return Err(Error::invalid(format!(
+                "CUDA rms_norm: {} values, rows of {stride}, norms of {width}",
+                x.len()
+            )));
+        }
+        let rows = x.len() / stride;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (width, stride) = (int(width)?, int(stride)?);
+        launch!(
+            self,
+            "rms_norm_in_place",
+            per_row(rows)?,
+            x,
+            w,
+            &width,
+            &stride,
+            &eps
+        )
+    }
+
+    /// Rotates `x` (`t` rows of heads `head` wide) in place from element
+    /// `skip` of each head, NeoX or interleaved pairs, with `cos`/`sin`
+    /// `t` rows of `(head - skip) / 2` (as [`super::Rope::tables`] makes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+        head: usize,
+        skip: usize,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        interleaved: bool,
+    ) -> Result<()> {
+        if t == 0 {
+            return Ok(());
+        }
+        let width = x.len() / t;
+        let half = head.saturating_sub(skip) / 2;
+        if head == 0
+            || width * t != x.len()
+            || !width.is_multiple_of(head)
+            || cos.len() < t * half
+            || sin.len() < t * half
+        {
+            return Err(Error::invalid(format!(
+                "CUDA rope: {} values in {t} rows of heads {head} wide from {skip}; \
+                 tables of {} and {} for {half} per row",
+                x.len(),
+                cos.len(),
+                sin.len()
+            )));
+        }
+        let pairs = t * (width / head) * half;
+        let (t, width, head, skip) = (int(t)?, int(width)?, int(head)?, int(skip)?);
+        let interleaved = interleaved as i32;
+        launch!(
+            self,
+            "rope",
+            LaunchConfig::for_num_elems(int(pairs)? as u32),
+            x,
+            cos,
+            sin,
+            &t,
+            &width,
+            &head,
+            &skip,
+            &interleaved
+        )
+    }
+
+    /// `gate = silu(gate) * up`.
+    pub fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<()> {
+        if up.len() < gate.len() {
+            return Err(Error::invalid(format!(
+                "CUDA silu_mul: {} gates, {} ups",
+                gate.len(),
+                up.len()
+            )));
+        }
+        let n = gate.len() as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig::for_num_elems(int(gate.len())? as u32);
+        launch!(self, "silu_mul", cfg, gate, up, &n)
+    }
+
+    /// Each of `t` tokens' top-k (expert, weight) pairs from its router
+    /// logits (`[t, n]`), as [`super::route`] chooses them, into `ids` and
+    /// `weights` (`[t, top_k]` each).
+    pub fn route(
+        &self,
+        logits: &CudaSlice<f32>,
+        t: usize,
+        r: &Routing,
+        bias: Option<&CudaSlice<f32>>,
+        ids: &mut CudaSlice<u32>,
+        weights: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if t == 0 {
+            return Ok(());
+        }
+        let n = logits.len() / t;
+        let (n_group, topk_group) = r.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
+        let bad = n * t != logits.len()
+            || n > ROUTE_MAX
+            || r.top_k == 0
+            || r.top_k > n
+            || ids.len() < t * r.top_k
+            || weights.len() < t * r.top_k
+            || bias.is_some_and(|b| b.len() < n)
+            || (n_group > 0
+                && (n_group > ROUTE_MAX_GROUPS
+                    || !n.is_multiple_of(n_group)
+                    || topk_group == 0
+                    || topk_group > n_group
+                    || topk_group * (n / n_group) < r.top_k));
+        if bad {
+            return Err(Error::invalid(format!(
+                "CUDA route: {} logits for {t} tokens, top {} of at most {ROUTE_MAX} experts, \
+                 groups {n_group} (best {topk_group}, at most {ROUTE_MAX_GROUPS}); \
+                 outputs of {} and {}",
+                logits.len(),
+                r.top_k,
+                ids.len(),
+                weights.len()
+            )));
+        }
+        let (n, k) = (int(n)?, int(r.top_k)?);
+        let has_bias = bias.is_some() as i32;
+        let sigmoid = matches!(r.scoring, Scoring::Sigmoid) as i32;
+        let (n_group, topk_group) = (int(n_group)?, int(topk_group)?);
+        let norm = r.norm_topk_prob as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (int(t)? as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Without a bias the kernel never reads the second buffer.
+        launch!(
+            self,
+            "route",
+            cfg,
+            logits,
+            bias.unwrap_or(logits),
+            &has_bias,
+            &n,
+            &k,
+            &sigmoid,
+            &n_group,
+            &topk_group,
+            &norm,
+            &r.scale,
+            ids,
+            weights
+        )
+    }
+
+    /// [`Gpu::route`], then the chosen pairs on the host, each token's in
+    /// choice order: all the host needs from routing to drive expert I/O.
+    pub fn route_to_host(
+        &self,
+        logits: &CudaSlice<f32>,
+        t: usize,
+        r: &Routing,
+        bias: Option<&CudaSlice<f32>>,
+    ) -> Result<Vec<(u32, f32)>> {
+        let mut ids = self.zeros::<u32>(t * r.top_k)?;
+        let mut weights = self.zeros::<f32>(t * r.top_k)?;
+        self.route(logits, t, r, bias, &mut ids, &mut weights)?;
+        let (ids, weights) = (self.download(&ids)?, self.download(&weights)?);
+        Ok(ids.into_iter().zip(weights).collect())
+    }
+
+    /// Causal attention of `t` queries (`[t, n_heads * head_dim]`, positions
+    /// `s.pos0..s.pos0 + t`) over `keys`/`values` holding positions
+    /// `0..s.pos0 + t`, into `out` (`[t, n_heads * v_dim]`), as the CPU's
+    /// `kernels::attention`.
+    pub fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        keys: &CudaSlice<f32>,
+        values: &CudaSlice<f32>,
+        s: AttnShape,
+        t: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if t == 0 {
+            return Ok(());
+        }
+        let total = s.pos0 + t;
+        let bad = s.n_kv_heads == 0
+            || !s.n_heads.is_multiple_of(s.n_kv_heads)
+            || s.head_dim > ATT_MAX_HEAD
+            || s.v_dim > ATT_MAX_V
+            || s.window == Some(0)
+            || q.len() < t * s.n_heads * s.head_dim
+            || out.len() < t * s.n_heads * s.v_dim
+            || keys.len() < (total - 1) * s.k_stride + s.n_kv_heads * s.head_dim
+            || values.len() < (total - 1) * s.v_stride + s.n_kv_heads * s.v_dim;
+        if bad {
+            return Err(Error::invalid(format!(
+                "CUDA attention: {s:?} for {t} tokens (heads at most {ATT_MAX_HEAD} wide, \
+                 values {ATT_MAX_V}) with {} queries, {} keys, {} values, {} outputs",
+                q.len(),
+                keys.len(),
+                values.len(),
+                out.len()
+            )));
+        }
+        let (n_heads, n_kv) = (int(s.n_heads)?, int(s.n_kv_heads)?);
+        let (hd, vd) = (int(s.head_dim)?, int(s.v_dim)?);
+        let (ks, vs) = (int(s.k_stride)?, int(s.v_stride)?);
+        let (pos0, window) = (int(s.pos0)?, int(s.window.unwrap_or(0))?);
+        let cfg = LaunchConfig {
+            grid_dim: (n_heads as u32, int(t)? as u32, 1),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "attention",
+            cfg,
+            q,
+            keys,
+            values,
+            out,
+            &n_heads,
+            &n_kv,
+            &hd,
+            &vd,
+            &ks,
+            &vs,
+            &s.scale,
+            &pos0,
+            &window
+        )
+    }
+}
+
+/// The kernels' name for a weight type, or an error for one they lack.
+fn kernel_dtype(d: DType) -> Result<&'static str> {
+    match d {
+        DType::Quant(QuantType::Q3K | QuantType::Q2K) => Err(Error::invalid(format!(
+            "CUDA: no kernel for {} weights (f32, f16, bf16, q4_0, q8_0, q4_k, q5_k, q6_k)",
+            d.name()
+        ))),
+        _ => Ok(d.name()),
+    }
+}
+
+/// One 256-thread block per row.
+fn per_row(rows: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (int(rows)? as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A size as the kernels' `int`.
+fn int(n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| Error::invalid(format!("CUDA: {n} does not fit a kernel's int")))
+}

@@ -1,0 +1,140 @@
+// Routing: one token's router logits to its top-k (expert, weight) pairs,
+// as compute/routing.rs does it (the CPU reference): softmax or sigmoid
+// scores; the choice on scores plus the correction bias when there is one;
+// with a group limit (DeepSeek's group-limited and noaux_tc top-k) only the
+// best `topk_group` groups compete, a group scored by its best expert
+// (softmax) or its best two summed (sigmoid), ties to the lower group; the
+// top `k` win, ties to the lower expert; weights are the unbiased scores,
+// optionally renormalised, then scaled.
+//
+// One block of 256 threads per token; up to ROUTE_MAX experts and
+// ROUTE_MAX_GROUPS groups.
+
+#define ROUTE_MAX 1024
+#define ROUTE_MAX_GROUPS 64
+
+// (value, index) argmax over the block, ties to the lower index.
+__device__ void block_argmax(float v, int i, float* shv, int* shi, float* out_v, int* out_i) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(FULL_MASK, v, o);
+        int oi = __shfl_xor_sync(FULL_MASK, i, o);
+        if (ov > v || (ov == v && oi < i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+    __syncthreads();
+    if (lane == 0) {
+        shv[warp] = v;
+        shi[warp] = i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < nw; w++) {
+            if (shv[w] > v || (shv[w] == v && shi[w] < i)) {
+                v = shv[w];
+                i = shi[w];
+            }
+        }
+        *out_v = v;
+        *out_i = i;
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void route(const float* logits, const float* bias, int has_bias, int n, int k,
+                                 int sigmoid, int n_group, int topk_group, int norm, float scale,
+                                 u32* ids, float* weights) {
+    __shared__ float score[ROUTE_MAX];
+    __shared__ float choice[ROUTE_MAX];
+    __shared__ float gscore[ROUTE_MAX_GROUPS];
+    __shared__ int keep[ROUTE_MAX_GROUPS];
+    __shared__ float sh[32];
+    __shared__ int shi[32];
+    __shared__ float best_v;
+    __shared__ int best_i;
+    const float* l = logits + (size_t)blockIdx.x * n;
+
+    if (sigmoid) {
+        for (int e = threadIdx.x; e < n; e += blockDim.x) score[e] = 1.0f / (1.0f + expf(-l[e]));
+    } else {
+        float m = -INF;
+        for (int e = threadIdx.x; e < n; e += blockDim.x) m = fmaxf(m, l[e]);
+        m = block_max(m, sh);
+        float s = 0.0f;
+        for (int e = threadIdx.x; e < n; e += blockDim.x) {
+            float p = expf(l[e] - m);
+            score[e] = p;
+            s += p;
+        }
+        float inv = 1.0f / block_sum(s, sh);
+        for (int e = threadIdx.x; e < n; e += blockDim.x) score[e] *= inv;
+    }
+    for (int e = threadIdx.x; e < n; e += blockDim.x) choice[e] = score[e] + (has_bias ? bias[e] : 0.0f);
+    __syncthreads();
+
+    if (n_group > 0) {
+        int per = n / n_group;
+        if (threadIdx.x < n_group) {
+            const float* c = choice + threadIdx.x * per;
+            float a = -INF, b = -INF;
+            for (int e = 0; e < per; e++) {
+                if (c[e] > a) {
+                    b = a;
+                    a = c[e];
+                } else if (c[e] > b) {
+                    b = c[e];
+                }
+            }
+            gscore[threadIdx.x] = sigmoid ? a + b : a;
+            keep[threadIdx.x] = 0;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int r = 0; r < topk_group; r++) {
+                int best = -1;
+                for (int g = 0; g < n_group; g++) {
+                    if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+                }
+                keep[best] = 1;
+            }
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < n_group * per; e += blockDim.x) {
+            if (!keep[e / per]) choice[e] = -INF;
+        }
+        __syncthreads();
+    }
+
+    u32* out_ids = ids + (size_t)blockIdx.x * k;
+    float* out_w = weights + (size_t)blockIdx.x * k;
+    for (int r = 0; r < k; r++) {
+        float v = -INF;
+        int i = 0x7fffffff;
+        for (int e = threadIdx.x; e < n; e += blockDim.x) {
+            if (choice[e] > v || (choice[e] == v && e < i)) {
+                v = choice[e];
+                i = e;
+            }
+        }
+        block_argmax(v, i, sh, shi, &best_v, &best_i);
+        if (threadIdx.x == 0) {
+            out_ids[r] = (u32)best_i;
+            out_w[r] = score[best_i];
+            choice[best_i] = -INF;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        if (norm) {
+            float s = 0.0f;
+            for (int r = 0; r < k; r++) s += out_w[r];
+            for (int r = 0; r < k; r++) out_w[r] /= s;
+        }
+        if (scale != 1.0f) {
+            for (int r = 0; r < k; r++) out_w[r] *= scale;
+        }
+    }
+}

@@ -1,0 +1,503 @@
+//! The CUDA kernels against the CPU backend, on random data at a
+//! Qwen3-30B-A3B layer's shapes (hidden 2048, expert intermediate 768, 32
+//! query heads and 4 KV heads of 128), plus DeepSeek's odd ones (latent
+//! attention, interleaved RoPE after a non-rotated part, group-limited
+//! routing).
+//!
+//! Needs the `cuda` feature. Without a usable GPU every test prints
+//! SKIPPED and passes, unless `SMOE_REQUIRE_CUDA=1`, when it fails with the
+//! probe's reason. Each comparison prints its error and tolerance
+//! (`--nocapture` shows them); errors are the largest absolute difference
+//! divided by the reference's RMS, so one tolerance fits outputs of any
+//! scale.
+
+mod cuda_common;
+
+use std::sync::OnceLock;
+
+use cuda_common::{values, Weights};
+use smoe::compute::cuda::{self, Gpu, MATVEC_MAX_TOKENS};
+use smoe::compute::{route, AttnShape, Backend, Cpu, Rope, RouteScratch};
+use smoe::config::{GroupLimit, RopeScaling, Routing, Scoring};
+use smoe::kernels::{self, DType};
+use smoe::quant::{dequantize_rows, QuantType};
+
+const HIDDEN: usize = 2048;
+const INTER: usize = 768;
+
+/// The GPU every test shares, or `None` (after saying why) without one.
+fn gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let required = std::env::var("SMOE_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+        match cuda::probe(0) {
+            Ok(info) => {
+                println!("CUDA device: {info}");
+                let started = std::time::Instant::now();
+                let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{info} found, but: {e}"));
+                println!("kernels compiled and loaded in {:?}", started.elapsed());
+                Some(gpu)
+            }
+            Err(e) if required => panic!("SMOE_REQUIRE_CUDA=1 and no usable GPU: {e}"),
+            Err(e) => {
+                println!("no usable GPU: {e}");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
+/// The shared GPU, or prints SKIPPED for `test`.
+fn gpu_or_skip(test: &str) -> Option<&'static Gpu> {
+    let g = gpu();
+    if g.is_none() {
+        println!("SKIPPED {test}: no CUDA device");
+    }
+    g
+}
+
+/// Largest absolute difference over the reference's RMS; prints it and
+/// fails above `tol`.
+fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let rms = (want.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / want.len().max(1) as f64)
+        .sqrt()
+        .max(1e-30);
+    let (mut worst, mut at) = (0.0f64, 0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let d = (g as f64 - w as f64).abs();
+        // NaN compares false, so it would hide; make it the worst.
+        if d.is_nan() || d > worst {
+            (worst, at) = (if d.is_nan() { f64::INFINITY } else { d }, i);
+        }
+    }
+    let err = worst / rms;
+    println!(
+        "{what}: max err {err:.2e} of RMS {rms:.3e} (at {at}: {} vs {}; tolerance {tol:.0e})",
+        got.get(at).copied().unwrap_or(0.0),
+        want.get(at).copied().unwrap_or(0.0)
+    );
+    assert!(err <= tol, "{what}: error {err:.3e} above {tol:.0e}");
+}
+
+/// `w` widened to f32 through the CPU's own dequantization.
+fn dequantized(w: &Weights) -> Vec<f32> {
+    let mut out = vec![0.0f32; w.rows * w.cols];
+    match w.dtype {
+        DType::Quant(q) => dequantize_rows(q, w.bytes(), w.cols, &mut out).expect("dequantize"),
+        d => {
+            for (r, row) in out.chunks_exact_mut(w.cols).enumerate() {
+                kernels::widen(d, w.matrix().row(r), row);
+            }
+        }
+    }
+    out
+}
+
+/// `x · wᵀ` in f64 from the dequantized weights: the exact answer for the
+/// weights as stored.
+fn exact_matmul(x: &[f32], t: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; t * rows];
+    for tok in 0..t {
+        let xr = &x[tok * cols..][..cols];
+        for (r, wr) in w.chunks_exact(cols).enumerate() {
+            y[tok * rows + r] = wr
+                .iter()
+                .zip(xr)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+#[test]
+fn probe_names_the_device_or_says_why_not() {
+    assert_eq!(cuda::parse_device("cuda").unwrap(), 0);
+    assert_eq!(cuda::parse_device("cuda:3").unwrap(), 3);
+    for bad in ["cuda:", "cuda:x", "cuda3", "cpu"] {
+        let e = cuda::parse_device(bad).unwrap_err().to_string();
+        assert!(e.contains(bad), "{bad}: {e}");
+    }
+    match cuda::probe(0) {
+        Ok(info) => {
+            println!("{info}");
+            assert!(!info.name.is_empty() && info.compute_capability >= (7, 5));
+            assert!(info.total_memory >= info.free_memory && info.total_memory > 0);
+            let e = cuda::probe(1000).unwrap_err().to_string();
+            assert!(e.contains("cuda:1000"), "{e}");
+        }
+        Err(e) => {
+            let e = e.to_string();
+            println!("SKIPPED device checks: {e}");
+            assert!(
+                e.starts_with("no CUDA driver")
+                    || e.starts_with("no NVRTC")
+                    || e.starts_with("CUDA"),
+                "{e}"
+            );
+        }
+    }
+}
+
+/// Every weight type the vault stores, at both expert shapes, for decode
+/// (1 token), small batches (the matrix-vector kernel up to
+/// MATVEC_MAX_TOKENS) and prefill (the tiled kernel, with ragged tiles).
+///
+/// Tolerances: against the exact product of the stored weights, 1e-4 (f32
+/// sums of 2048 terms, about 1e-6 relative each). Against the CPU backend,
+/// 1e-4 for float weights; for quantized ones the CPU rounds activations
+/// to 8 bits per 32-block (a relative error up to 1/254 per element), so
+/// 3e-2, which a wrong scale or nibble order exceeds many times over.
+#[test]
+fn matmul_matches_cpu_for_every_weight_type() {
+    let Some(gpu) = gpu_or_skip("matmul") else {
+        return;
+    };
+    let types = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Quant(QuantType::Q4_0),
+        DType::Quant(QuantType::Q8_0),
+        DType::Quant(QuantType::Q4K),
+        DType::Quant(QuantType::Q5K),
+        DType::Quant(QuantType::Q6K),
+    ];
+    let tokens = [1, 3, MATVEC_MAX_TOKENS, MATVEC_MAX_TOKENS + 1, 70];
+    for (seed, dtype) in types.into_iter().enumerate() {
+        for (rows, cols) in [(INTER, HIDDEN), (HIDDEN, INTER)] {
+            let w = Weights::new(dtype, rows, cols, seed as u64 + 1);
+            let wf = dequantized(&w);
+            let dw = gpu.upload_matrix(w.matrix()).expect("upload");
+            for t in tokens {
+                let x = values(t * cols, 100 + t as u64);
+                let dx = gpu.upload(&x).unwrap();
+                let mut dy = gpu.zeros::<f32>(t * rows).unwrap();
+                gpu.matmul(&dx, t, &dw, &mut dy).expect("matmul");
+                let got = gpu.download(&dy).unwrap();
+                let what = format!("matmul {} [{rows}, {cols}] t={t}", dtype.name());
+                check(
+                    &format!("{what} vs exact"),
+                    &got,
+                    &exact_matmul(&x, t, &wf, rows, cols),
+                    1e-4,
+                );
+                let mut cpu = vec![0.0f32; t * rows];
+                Cpu.matmul(&x, t, w.matrix(), &mut cpu);
+                let tol = if matches!(dtype, DType::Quant(_)) {
+                    3e-2
+                } else {
+                    1e-4
+                };
+                check(&format!("{what} vs CPU"), &got, &cpu, tol);
+            }
+        }
+    }
+}
+
+/// The LM head of a 4-bit backbone: q6_k, 151936 rows, one token.
+#[test]
+fn matvec_of_a_q6k_lm_head_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("LM head") else {
+        return;
+    };
+    let (rows, cols) = (151_936, HIDDEN);
+    let w = Weights::new(DType::Quant(QuantType::Q6K), rows, cols, 9);
+    let dw = gpu.upload_matrix(w.matrix()).unwrap();
+    let x = values(cols, 10);
+    let mut dy = gpu.zeros::<f32>(rows).unwrap();
+    gpu.matmul(&gpu.upload(&x).unwrap(), 1, &dw, &mut dy)
+        .unwrap();
+    let got = gpu.download(&dy).unwrap();
+    let want = exact_matmul(&x, 1, &dequantized(&w), rows, cols);
+    check("q6_k LM head vs exact", &got, &want, 1e-4);
+    let mut cpu = vec![0.0f32; rows];
+    Cpu.matmul(&x, 1, w.matrix(), &mut cpu);
+    check("q6_k LM head vs CPU", &got, &cpu, 3e-2);
+}
+
+/// An expert copied in on the copy stream is complete for the next kernel.
+#[test]
+fn matrix_uploaded_on_the_copy_stream_is_ready_for_compute() {
+    let Some(gpu) = gpu_or_skip("copy stream") else {
+        return;
+    };
+    let w = Weights::new(DType::Quant(QuantType::Q4K), INTER, HIDDEN, 21);
+    let x = gpu.upload(&values(HIDDEN, 22)).unwrap();
+    let (mut a, mut b) = (
+        gpu.zeros::<f32>(INTER).unwrap(),
+        gpu.zeros::<f32>(INTER).unwrap(),
+    );
+    let sync = gpu.upload_matrix(w.matrix()).unwrap();
+    gpu.matmul(&x, 1, &sync, &mut a).unwrap();
+    let copied = gpu.upload_matrix_async(w.matrix()).unwrap();
+    gpu.matmul(&x, 1, &copied, &mut b).unwrap();
+    assert_eq!(copied.bytes(), w.bytes().len());
+    assert_eq!(gpu.download(&a).unwrap(), gpu.download(&b).unwrap());
+    gpu.synchronize().unwrap();
+}
+
+#[test]
+fn bad_shapes_and_types_are_errors() {
+    let Some(gpu) = gpu_or_skip("errors") else {
+        return;
+    };
+    let q3 = Weights::new(DType::Quant(QuantType::Q3K), 4, 256, 1);
+    let e = gpu.upload_matrix(q3.matrix()).unwrap_err().to_string();
+    assert!(e.contains("q3_k"), "{e}");
+    let odd = Weights::new(DType::F32, 4, 40, 1);
+    let e = gpu.upload_matrix(odd.matrix()).unwrap_err().to_string();
+    assert!(e.contains("40 columns"), "{e}");
+    let w = gpu
+        .upload_matrix(Weights::new(DType::BF16, 8, 64, 1).matrix())
+        .unwrap();
+    let x = gpu.zeros::<f32>(64).unwrap();
+    let mut y = gpu.zeros::<f32>(8).unwrap();
+    let e = gpu.matmul(&x, 2, &w, &mut y).unwrap_err().to_string();
+    assert!(e.contains("2 tokens"), "{e}");
+}
+
+/// Row norms, and per-head norms in place inside wider rows (Qwen3's q/k
+/// norms; DeepSeek's latent norm over the first 512 of 576). Tolerance
+/// 1e-5: one f32 sum of squares per row, summed in another order.
+#[test]
+fn rms_norm_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("rms_norm") else {
+        return;
+    };
+    let (t, eps) = (5, 1e-6);
+    let x = values(t * HIDDEN, 31);
+    let w = values(HIDDEN, 32);
+    let mut want = vec![0.0f32; x.len()];
+    Cpu.rms_norm_rows(&x, &w, eps, &mut want);
+    let mut out = gpu.zeros::<f32>(x.len()).unwrap();
+    let (dx, dw) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
+    gpu.rms_norm_rows(&dx, &dw, eps, &mut out).unwrap();
+    check("rms_norm_rows", &gpu.download(&out).unwrap(), &want, 1e-5);
+
+    for (stride, width) in [(128, 128), (576, 512)] {
+        let x = values(t * 32 * stride, 33);
+        let w = values(width, 34);
+        let mut want = x.clone();
+        Cpu.rms_norm(&mut want, stride, &w, eps);
+        let mut dx = gpu.upload(&x).unwrap();
+        gpu.rms_norm(&mut dx, stride, &gpu.upload(&w).unwrap(), eps)
+            .unwrap();
+        let what = format!("rms_norm in place, {width} of {stride}");
+        check(&what, &gpu.download(&dx).unwrap(), &want, 1e-5);
+    }
+}
+
+/// NeoX over whole heads (Qwen3: 32 heads of 128) and interleaved over
+/// the last 64 of each 192-wide head (DeepSeek), with YaRN tables.
+/// Tolerance 1e-5: two products and a sum per element.
+#[test]
+fn rope_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("rope") else {
+        return;
+    };
+    let t = 7;
+    let cases = [
+        (
+            "neox",
+            32,
+            128,
+            0,
+            false,
+            Rope::new(128, 1e6, &RopeScaling::None),
+        ),
+        (
+            "interleaved",
+            16,
+            192,
+            128,
+            true,
+            Rope::new(64, 1e4, &RopeScaling::None),
+        ),
+    ];
+    for (name, heads, head, skip, interleaved, rope) in cases {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        Cpu.rope_tables(&rope, 1000..1000 + t, &mut cos, &mut sin);
+        let x = values(t * heads * head, 41);
+        let mut want = x.clone();
+        Cpu.rope(&mut want, t, head, skip, &cos, &sin, interleaved);
+        let mut dx = gpu.upload(&x).unwrap();
+        let (dc, ds) = (gpu.upload(&cos).unwrap(), gpu.upload(&sin).unwrap());
+        gpu.rope(&mut dx, t, head, skip, &dc, &ds, interleaved)
+            .unwrap();
+        check(
+            &format!("rope {name}"),
+            &gpu.download(&dx).unwrap(),
+            &want,
+            1e-5,
+        );
+    }
+}
+
+/// Tolerance 1e-5: one exp per element.
+#[test]
+fn silu_mul_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("silu_mul") else {
+        return;
+    };
+    let n = 9 * INTER;
+    let gate: Vec<f32> = values(n, 51).iter().map(|v| v * 8.0).collect();
+    let up = values(n, 52);
+    let mut want = gate.clone();
+    Cpu.silu_mul(&mut want, &up);
+    let mut dg = gpu.upload(&gate).unwrap();
+    gpu.silu_mul(&mut dg, &gpu.upload(&up).unwrap()).unwrap();
+    check("silu_mul", &gpu.download(&dg).unwrap(), &want, 1e-5);
+}
+
+/// Router logits whose values are a shuffled ladder with a little noise,
+/// so no two experts (nor two groups) tie and the choice is unambiguous.
+fn router_logits(t: usize, n: usize, seed: u64) -> Vec<f32> {
+    let noise = values(t * n, seed);
+    let mut out = Vec::with_capacity(t * n);
+    for tok in 0..t {
+        let mut order: Vec<usize> = (0..n).collect();
+        let keys = values(n, seed + 1000 + tok as u64);
+        order.sort_by(|&a, &b| keys[a].total_cmp(&keys[b]));
+        for (i, &rank) in order.iter().enumerate() {
+            let ladder = (rank as f32 - n as f32 / 2.0) * (4.0 / n as f32);
+            out.push(ladder + noise[tok * n + i] * 0.1 / n as f32);
+        }
+    }
+    out
+}
+
+/// Each family's routing: ids identical to the CPU's, weights within 1e-5
+/// (an exp and a sum over at most 256 experts).
+#[test]
+fn routing_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("routing") else {
+        return;
+    };
+    let softmax = |top_k, norm| Routing {
+        top_k,
+        scoring: Scoring::Softmax,
+        groups: None,
+        norm_topk_prob: norm,
+        scale: 1.0,
+    };
+    let cases = [
+        ("qwen3 128 top-8", 128, softmax(8, true), false),
+        ("mixtral 8 top-2", 8, softmax(2, true), false),
+        ("qwen2 60 top-4", 60, softmax(4, false), false),
+        (
+            "deepseek-v2 group-limited",
+            160,
+            Routing {
+                groups: Some(GroupLimit {
+                    n_group: 8,
+                    topk_group: 3,
+                }),
+                scale: 16.0,
+                ..softmax(6, false)
+            },
+            false,
+        ),
+        (
+            "deepseek-v3 sigmoid, bias",
+            256,
+            Routing {
+                top_k: 8,
+                scoring: Scoring::Sigmoid,
+                groups: Some(GroupLimit {
+                    n_group: 8,
+                    topk_group: 4,
+                }),
+                norm_topk_prob: true,
+                scale: 2.5,
+            },
+            true,
+        ),
+    ];
+    let t = 9;
+    for (seed, (name, n, r, with_bias)) in cases.into_iter().enumerate() {
+        let logits = router_logits(t, n, 60 + seed as u64);
+        let bias: Option<Vec<f32>> =
+            with_bias.then(|| values(n, 70).iter().map(|v| v * 0.05).collect());
+        let mut want = Vec::new();
+        let mut scratch = RouteScratch::default();
+        for row in logits.chunks_exact(n) {
+            route(
+                &mut row.to_vec(),
+                &r,
+                bias.as_deref(),
+                &mut scratch,
+                &mut want,
+            );
+        }
+        let dl = gpu.upload(&logits).unwrap();
+        let db = bias.as_ref().map(|b| gpu.upload(b).unwrap());
+        let got = gpu.route_to_host(&dl, t, &r, db.as_ref()).unwrap();
+        let ids = |c: &[(u32, f32)]| c.iter().map(|c| c.0).collect::<Vec<_>>();
+        assert_eq!(ids(&got), ids(&want), "{name}: chosen experts");
+        let weights = |c: &[(u32, f32)]| c.iter().map(|c| c.1).collect::<Vec<_>>();
+        check(
+            &format!("route {name} weights"),
+            &weights(&got),
+            &weights(&want),
+            1e-5,
+        );
+    }
+}
+
+/// Decode and prefill (causal, from 0 and continuing a cache, with a
+/// sliding window) at Qwen3's GQA shape, and latent attention's shape
+/// (one KV head of 576, values its first 512, read from the keys).
+/// Tolerance 1e-4: a softmax over up to 301 keys and a weighted sum, in
+/// another order than the CPU's.
+#[test]
+fn attention_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("attention") else {
+        return;
+    };
+    let gqa = |pos0, window| AttnShape::grouped(32, 4, 128, pos0, window);
+    let mla = AttnShape {
+        n_heads: 16,
+        n_kv_heads: 1,
+        head_dim: 576,
+        v_dim: 512,
+        k_stride: 576,
+        v_stride: 576,
+        scale: 0.1352,
+        pos0: 20,
+        window: None,
+    };
+    let cases = [
+        ("decode at 300", gqa(300, None), 1, false),
+        ("prefill 40", gqa(0, None), 40, false),
+        (
+            "prefill 23 after 17, window 16",
+            gqa(17, Some(16)),
+            23,
+            false,
+        ),
+        ("latent, 5 after 20", mla, 5, true),
+    ];
+    for (seed, (name, s, t, shared)) in cases.into_iter().enumerate() {
+        let total = s.pos0 + t;
+        let seed = 80 + 3 * seed as u64;
+        let q = values(t * s.n_heads * s.head_dim, seed);
+        let keys = values(total * s.k_stride, seed + 1);
+        let values_own = values(total * s.v_stride, seed + 2);
+        let vals = if shared { &keys } else { &values_own };
+        let mut want = vec![0.0f32; t * s.n_heads * s.v_dim];
+        kernels::attention(&q, &keys, vals, s, &mut want);
+        let (dq, dk) = (gpu.upload(&q).unwrap(), gpu.upload(&keys).unwrap());
+        let dv = gpu.upload(vals).unwrap();
+        let mut out = gpu.zeros::<f32>(want.len()).unwrap();
+        gpu.attention(&dq, &dk, &dv, s, t, &mut out).unwrap();
+        check(
+            &format!("attention {name}"),
+            &gpu.download(&out).unwrap(),
+            &want,
+            1e-4,
+        );
+    }
+}
