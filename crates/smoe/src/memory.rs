@@ -154,8 +154,9 @@ impl Footprint {
             slot_bytes: slot,
             records,
             smaller_backbone: None,
-            kv_bytes: cfg.kv_bytes(ctx),
+            kv_bytes: cfg.kv_bytes(ctx) * sequences(opts) as u64,
             ctx,
+            sequences: sequences(opts),
             quant: format!("experts {}, backbone {}", join(experts), join(backbone)),
             direct_io: Some(DirectFile::open(g.path())?.direct),
         })

@@ -541,6 +541,7 @@ pub fn memory_plan(sizes: &Sizes, ram: u64, budget: Budget, ctx: usize) -> Resul
         smaller_backbone: None,
         kv_bytes: c.kv_bytes(ctx),
         ctx,
+        sequences: 1,
         quant: sizes.quant.clone(),
         direct_io: None,
     };
