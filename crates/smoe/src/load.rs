@@ -57,6 +57,8 @@ pub struct Opened {
     /// Set for vaults: the streaming cache and its plan.
     pub cache: Option<Arc<ExpertCache>>,
     pub plan: Option<MemoryPlan>,
+    /// Set for vaults: its data files as loaded.
+    pub files: Option<vault::Watch>,
 }
 
 /// Opens a checkpoint directory or a vault.
@@ -72,11 +74,14 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
         config: ckpt.config.clone(),
         cache: None,
         plan: None,
+        files: None,
     })
 }
 
 fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     let vault = Vault::open(dir)?;
+    // Before mapping: the files watched are the ones the model reads.
+    let files = vault::Watch::new(&vault)?;
     let cfg = ModelConfig::from_json(&vault.manifest.config, &dir.join(vault::MANIFEST))?;
     crate::validate::vault(&vault, &cfg)?;
     crate::validate::backbone_checksums(&vault)?;
@@ -102,5 +107,6 @@ fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
         config: cfg,
         cache: Some(cache),
         plan: Some(plan),
+        files: Some(files),
     })
 }

@@ -26,6 +26,9 @@ pub struct DirectFile {
     pub path: PathBuf,
     /// True when reads bypass the page cache at the device level.
     pub direct: bool,
+    /// Unit tests' failing disk: what the next reads do instead of reading.
+    #[cfg(test)]
+    fault: std::sync::Mutex<Option<faults::Fault>>,
 }
 
 impl DirectFile {
@@ -43,11 +46,7 @@ impl DirectFile {
                     .read_at(unsafe { probe.slice_mut(0, ALIGN as usize) }, 0)
                     .is_ok()
                 {
-                    return Ok(Self {
-                        file,
-                        path: path.to_path_buf(),
-                        direct: true,
-                    });
+                    return Ok(Self::new(file, path, true));
                 }
             }
         }
@@ -55,24 +54,39 @@ impl DirectFile {
         #[cfg(target_os = "macos")]
         {
             if rustix::fs::fcntl_nocache(&file, true).is_ok() {
-                return Ok(Self {
-                    file,
-                    path: path.to_path_buf(),
-                    direct: true,
-                });
+                return Ok(Self::new(file, path, true));
             }
         }
-        Ok(Self {
+        Ok(Self::new(file, path, false))
+    }
+
+    fn new(file: File, path: &Path, direct: bool) -> Self {
+        Self {
             file,
             path: path.to_path_buf(),
-            direct: false,
-        })
+            direct,
+            #[cfg(test)]
+            fault: Default::default(),
+        }
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`. With direct I/O, `buf`,
     /// its length and `offset` must be multiples of [`ALIGN`].
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)?;
+        // std's read_exact_at, spelled out so that unit tests can fail or
+        // shorten the reads underneath it (`faults`).
+        let (mut rest, mut at) = (&mut buf[..], offset);
+        while !rest.is_empty() {
+            match self.read_at(rest, at) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    rest = &mut rest[n..];
+                    at += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         if !self.direct {
             #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
             {
@@ -81,6 +95,14 @@ impl DirectFile {
             }
         }
         Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        #[cfg(test)]
+        if let Some(fault) = *self.fault.lock().unwrap() {
+            return fault.read(&self.file, buf, offset);
+        }
+        self.file.read_at(buf, offset)
     }
 
     pub fn len(&self) -> Result<u64> {
@@ -197,5 +219,56 @@ impl DiskRows {
             &mut out[..self.cols],
         );
         Ok(())
+    }
+}
+
+/// A failing disk under [`DirectFile`], for unit tests of what reads that
+/// fail or come back short do to the expert cache and the decoder above.
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    use super::DirectFile;
+
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Fault {
+        /// Every read fails as a dying disk's do (EIO).
+        Eio,
+        /// Reads return at most this many bytes, as a network or FUSE
+        /// filesystem's may: legal, and the data must come out whole.
+        Short(usize),
+        /// Reads at or past this offset find the end of the file, as when
+        /// it was cut short since it was opened.
+        EndAt(u64),
+    }
+
+    impl Fault {
+        pub(crate) fn read(
+            self,
+            file: &File,
+            buf: &mut [u8],
+            offset: u64,
+        ) -> std::io::Result<usize> {
+            match self {
+                Fault::Eio => Err(std::io::Error::from_raw_os_error(5)),
+                Fault::Short(n) => {
+                    let n = n.min(buf.len());
+                    file.read_at(&mut buf[..n], offset)
+                }
+                Fault::EndAt(end) if offset >= end => Ok(0),
+                Fault::EndAt(end) => {
+                    let n = buf.len().min((end - offset) as usize);
+                    file.read_at(&mut buf[..n], offset)
+                }
+            }
+        }
+    }
+
+    impl DirectFile {
+        /// Makes every later read go through `fault` (None: the disk heals).
+        pub(crate) fn inject(&self, fault: Option<Fault>) {
+            *self.fault.lock().unwrap() = fault;
+        }
     }
 }
