@@ -5,7 +5,7 @@
 //! or load and run correctly: never panic, never hang.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
