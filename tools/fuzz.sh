@@ -26,7 +26,7 @@ if [ -z "$bin" ]; then
     (cd fuzz && cargo +nightly fuzz build -O -a -s none)
     bin=fuzz/target/x86_64-unknown-linux-gnu/release
 fi
-targets=${*:-"config_safetensors tokenizer_json template_messages vault_manifest"}
+targets=${*:-"config_safetensors tokenizer_json template_messages vault_manifest http_request"}
 mkdir -p fuzz/logs
 jobs=${SMOE_FUZZ_JOBS:-1}
 for t in $targets; do

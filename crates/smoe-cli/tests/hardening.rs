@@ -456,9 +456,9 @@ fn an_overlong_prompt_is_refused_without_tokenizing_it_all() {
 }
 
 /// Fault injection: experts.bin cut short under a running server. Requests
-/// whose experts are gone fail alone with the file named; the server keeps
-/// answering, `/health` stays truthful, and once the file is whole again
-/// the same request succeeds.
+/// fail alone with the file named; the server keeps answering, `/health`
+/// says it is not ready and why, and once the file is whole again the same
+/// request succeeds.
 #[test]
 fn a_vault_truncated_under_a_running_server_fails_requests_not_the_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -481,19 +481,89 @@ fn a_vault_truncated_under_a_running_server_fails_requests_not_the_server() {
     let r = server.post("/v1/chat/completions", &body);
     assert_eq!(r.status, 500, "{}", r.text());
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
-    assert!(msg.contains("experts.bin"), "{msg}");
+    assert!(
+        msg.contains("experts.bin") && msg.contains("cut short"),
+        "{msg}"
+    );
     // The failed request is counted and nothing is left running.
-    let health = server.idle_health();
-    assert_eq!(health["status"], "ok", "{health}");
+    let health = unready_health(&server, "experts.bin");
     assert_eq!(health["generations"]["failed"], 1, "{health}");
 
     fs::write(&experts, &whole).unwrap();
     let after = server.post("/v1/chat/completions", &body);
     assert_eq!(after.status, 200, "{}", after.text());
-    assert_eq!(
-        after.json()["choices"][0]["message"]["content"],
-        before.json()["choices"][0]["message"]["content"]
-    );
+    assert_eq!(reply_text(&after), reply_text(&before));
+    assert_eq!(server.idle_health()["status"], "ok");
+}
+
+fn reply_text(r: &common::server::Reply) -> Value {
+    r.json()["choices"][0]["message"]["content"].clone()
+}
+
+/// `/health` once nothing runs: 503, status "error", naming `file`.
+fn unready_health(server: &Server, file: &str) -> Value {
+    loop {
+        let r = server.get("/health");
+        let h = r.json();
+        if h["queue"]["in_flight"] == 0 && h["queue"]["waiting"] == 0 {
+            assert_eq!(r.status, 503, "{h}");
+            assert_eq!(h["status"], "error", "{h}");
+            assert!(h["error"].as_str().unwrap().contains(file), "{h}");
+            return h;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Fault injection: vault files cut short or overwritten (as `cp` does, in
+/// place) under a running server, while it is idle. The next request fails
+/// alone, naming the file, before it reads a byte of it (a backbone cut
+/// short under its mapping would otherwise kill the process with SIGBUS);
+/// `/health` says why it is not ready; once the file is restored the same
+/// request gives the same reply. A file replaced by a rename is not the
+/// one the server has open, so nothing changes.
+#[test]
+fn vault_files_cut_short_or_replaced_under_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture(common::server::SERVE_MODEL);
+    let v = vault_of(&model, dir.path(), "v");
+    // Same weights, another conversion: only the header pages differ.
+    let other = vault_of(&model, dir.path(), "other");
+    let server = Server::start_with(&v, &[]);
+    let body = json!({
+        "messages": [{"role": "user", "content": "Tell me about the sea."}],
+        "max_tokens": 4,
+        "temperature": 0,
+    });
+    let before = server.post("/v1/chat/completions", &body);
+    assert_eq!(before.status, 200, "{}", before.text());
+    for name in ["backbone.bin", "experts.bin"] {
+        let path = v.join(name);
+        let whole = fs::read(&path).unwrap();
+        for what in ["cut short", "overwritten"] {
+            if what == "cut short" {
+                truncate_to(&path, whole.len() as u64 / 2);
+            } else {
+                fs::copy(other.join(name), &path).unwrap();
+            }
+            let r = server.post("/v1/chat/completions", &body);
+            assert_eq!(r.status, 500, "{name} {what}: {}", r.text());
+            let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+            assert!(msg.contains(name) && msg.contains(what), "{msg}");
+            unready_health(&server, name);
+            fs::write(&path, &whole).unwrap();
+            let after = server.post("/v1/chat/completions", &body);
+            assert_eq!(after.status, 200, "{name} {what}: {}", after.text());
+            assert_eq!(reply_text(&after), reply_text(&before), "{name} {what}");
+        }
+        let fresh = v.join(format!("{name}.new"));
+        fs::copy(other.join(name), &fresh).unwrap();
+        fs::rename(&fresh, &path).unwrap();
+        let after = server.post("/v1/chat/completions", &body);
+        assert_eq!(after.status, 200, "{name} renamed: {}", after.text());
+        assert_eq!(reply_text(&after), reply_text(&before), "{name} renamed");
+    }
+    assert_eq!(server.idle_health()["status"], "ok");
 }
 
 fn truncate_to(path: &Path, len: u64) {

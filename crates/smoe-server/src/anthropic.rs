@@ -17,7 +17,7 @@ use crate::error::{ApiError, Dialect};
 use crate::openai::{call_id, collect, mapped, sampling_params, sse, template_messages};
 use crate::reply::{Part, ReplyParser};
 use crate::worker::{Event, Finish, Outcome};
-use crate::{new_id, parse_body, AppState, Generate, PromptInput};
+use crate::{body_bytes, new_id, parse_json, AppState, Generate, Parsed, PromptInput};
 
 #[derive(Debug, Deserialize)]
 struct MessagesRequest {
@@ -142,41 +142,39 @@ fn to_openai(system: Option<Content>, messages: Vec<Message>) -> Result<Vec<Valu
     Ok(out)
 }
 
-pub(crate) async fn messages(
-    State(app): AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let result = async {
-        let req: MessagesRequest = parse_body(body, Dialect::Anthropic)?;
-        if req.max_tokens == 0 {
-            return Err(invalid("max_tokens must be at least 1"));
-        }
-        let messages = to_openai(req.system, req.messages)?;
-        let messages = template_messages(messages).map_err(|e| e.dialect(Dialect::Anthropic))?;
-        let tools = match req
-            .tool_choice
-            .as_ref()
-            .and_then(|c| c.get("type"))
-            .and_then(Value::as_str)
-        {
-            Some("none") => None,
-            _ => req.tools.filter(|t| !t.is_empty()).map(|tools| {
-                tools
-                    .into_iter()
-                    .map(|t| {
-                        json!({"type": "function", "function": {
-                            "name": t.name,
-                            "description": t.description,
-                            "parameters": t.input_schema,
-                        }})
-                    })
-                    .collect::<Vec<_>>()
-                    .into()
-            }),
-        };
-        let params = sampling_params(req.temperature, req.top_p, req.top_k, None, None, None)
-            .map_err(|e| e.dialect(Dialect::Anthropic))?;
-        let gen = Generate {
+/// A messages body checked and mapped as the engine takes it.
+pub(crate) fn messages_request(body: &[u8]) -> Result<Parsed, ApiError> {
+    let req: MessagesRequest = parse_json(body, Dialect::Anthropic)?;
+    if req.max_tokens == 0 {
+        return Err(invalid("max_tokens must be at least 1"));
+    }
+    let messages = to_openai(req.system, req.messages)?;
+    let messages = template_messages(messages).map_err(|e| e.dialect(Dialect::Anthropic))?;
+    let tools = match req
+        .tool_choice
+        .as_ref()
+        .and_then(|c| c.get("type"))
+        .and_then(Value::as_str)
+    {
+        Some("none") => None,
+        _ => req.tools.filter(|t| !t.is_empty()).map(|tools| {
+            tools
+                .into_iter()
+                .map(|t| {
+                    json!({"type": "function", "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.input_schema,
+                    }})
+                })
+                .collect::<Vec<_>>()
+                .into()
+        }),
+    };
+    let params = sampling_params(req.temperature, req.top_p, req.top_k, None, None, None)
+        .map_err(|e| e.dialect(Dialect::Anthropic))?;
+    Ok(Parsed {
+        gen: Generate {
             prompt: PromptInput::Chat {
                 messages,
                 tools,
@@ -185,7 +183,22 @@ pub(crate) async fn messages(
             params,
             max_tokens: Some(usize::try_from(req.max_tokens).unwrap_or(usize::MAX)),
             stop: req.stop_sequences.unwrap_or_default(),
-        };
+        },
+        stream: req.stream.unwrap_or(false),
+        include_usage: false,
+    })
+}
+
+pub(crate) async fn messages(
+    State(app): AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let Parsed {
+            gen,
+            stream: streaming,
+            ..
+        } = messages_request(&body_bytes(body, Dialect::Anthropic)?)?;
         let started = app.start(gen, Dialect::Anthropic).await?;
         let reply = Reply {
             id: new_id("msg_"),
@@ -195,7 +208,7 @@ pub(crate) async fn messages(
             blocks: 0,
             calls: 0,
         };
-        if req.stream.unwrap_or(false) {
+        if streaming {
             let start = reply.event(
                 "message_start",
                 json!({"message": {
@@ -206,7 +219,7 @@ pub(crate) async fn messages(
                 }}),
             );
             let rest = mapped(started.events, reply, Reply::on_event);
-            return Ok(sse(stream::once(async { start }).chain(rest)));
+            return Ok::<_, ApiError>(sse(stream::once(async { start }).chain(rest)));
         }
         let mut reply = reply;
         let mut events = started.events;

@@ -370,12 +370,17 @@ async fn health(State(app): AppState) -> Response {
     let engine = app.engine.get();
     let cache = engine.and_then(|e| e.cache_report(None));
     let stopped = c.engine_stopped.load(Ordering::SeqCst);
+    // A vault file cut short or overwritten under the server fails the
+    // requests that need it: not ready until it is restored.
+    let files = engine.map(|e| e.check_files().map_err(|e| e.to_string()));
     let body = json!({
-        "status": match (stopped, engine.is_some()) {
+        "status": match (stopped, &files) {
             (true, _) => "stopped",
-            (false, true) => "ok",
-            (false, false) => "loading",
+            (false, Some(Ok(()))) => "ok",
+            (false, Some(Err(_))) => "error",
+            (false, None) => "loading",
         },
+        "error": files.as_ref().and_then(|f| f.as_ref().err()),
         "model": app.config.model_name,
         "ctx": app.ctx_limit(),
         "uptime_s": app.started.elapsed().as_secs_f64(),
@@ -399,7 +404,7 @@ async fn health(State(app): AppState) -> Response {
         },
         "cache": cache,
     });
-    let status = if engine.is_some() && !stopped {
+    let status = if files.is_some_and(|f| f.is_ok()) && !stopped {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -549,15 +554,53 @@ pub(crate) struct Started {
     pub prompt_tokens: usize,
 }
 
-/// Parses a request body, naming what is wrong with it: too large,
-/// not JSON, a missing field or one of the wrong type.
-pub(crate) fn parse_body<T: DeserializeOwned>(
+/// A request's body, or why it could not be read (too large, cut short).
+pub(crate) fn body_bytes(
     body: Result<Bytes, BytesRejection>,
     dialect: Dialect,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|r| ApiError::new(r.status(), r.body_text()).dialect(dialect))
+}
+
+/// Parses a request body, naming what is wrong with it: not JSON, a
+/// missing field or one of the wrong type.
+pub(crate) fn parse_json<T: DeserializeOwned>(
+    bytes: &[u8],
+    dialect: Dialect,
 ) -> Result<T, ApiError> {
-    let bytes = body.map_err(|r| ApiError::new(r.status(), r.body_text()).dialect(dialect))?;
-    serde_json::from_slice(&bytes)
+    serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")).dialect(dialect))
+}
+
+/// A generating route's body as the engine takes it, and how to answer.
+pub(crate) struct Parsed {
+    pub gen: Generate,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// What a request body on a generating route comes to before the engine
+/// sees it: the chat messages (as the template takes them), tools and
+/// template variables, or the raw prompt, each as JSON; or the 4xx message
+/// the route answers with. The request-body fuzz target drives the routes'
+/// own parsing through this.
+#[doc(hidden)]
+pub fn parse_request(path: &str, body: &[u8]) -> Result<Value, String> {
+    let parsed = match path {
+        "/v1/chat/completions" => openai::chat_request(body),
+        "/v1/completions" => openai::completion_request(body),
+        "/v1/messages" => anthropic::messages_request(body),
+        _ => return Err(format!("{path} takes no request body")),
+    }
+    .map_err(|e| e.message)?;
+    Ok(match parsed.gen.prompt {
+        PromptInput::Chat {
+            messages,
+            tools,
+            kwargs,
+        } => json!({"messages": messages, "tools": tools, "kwargs": kwargs}),
+        PromptInput::Raw(prompt) => json!({ "prompt": prompt }),
+    })
 }
 
 pub(crate) fn unix_time() -> u64 {

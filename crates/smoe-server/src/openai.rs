@@ -20,7 +20,9 @@ use smoe::sampler::SamplingParams;
 use crate::error::{ApiError, Dialect};
 use crate::reply::{Part, ReplyParser};
 use crate::worker::{Event, Finish, Outcome};
-use crate::{fresh_seed, new_id, parse_body, unix_time, AppState, Generate, PromptInput};
+use crate::{
+    body_bytes, fresh_seed, new_id, parse_json, unix_time, AppState, Generate, Parsed, PromptInput,
+};
 
 /// Request fields that both routes share, as OpenAI names them; vLLM's
 /// `top_k`, `min_p` and `repetition_penalty` too.
@@ -200,18 +202,16 @@ fn content_text(parts: &[Value]) -> Result<String, String> {
     Ok(text)
 }
 
-pub(crate) async fn chat_completions(
-    State(app): AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let result = async {
-        let req: ChatRequest = parse_body(body, Dialect::OpenAi)?;
-        let max_tokens = common_checks(req.n, req.max_completion_tokens.or(req.max_tokens))?;
-        let tools = match req.tool_choice.as_ref().and_then(Value::as_str) {
-            Some("none") => None,
-            _ => req.tools.filter(|t| !t.is_empty()).map(Value::from),
-        };
-        let gen = Generate {
+/// A chat completions body checked and mapped as the engine takes it.
+pub(crate) fn chat_request(body: &[u8]) -> Result<Parsed, ApiError> {
+    let req: ChatRequest = parse_json(body, Dialect::OpenAi)?;
+    let max_tokens = common_checks(req.n, req.max_completion_tokens.or(req.max_tokens))?;
+    let tools = match req.tool_choice.as_ref().and_then(Value::as_str) {
+        Some("none") => None,
+        _ => req.tools.filter(|t| !t.is_empty()).map(Value::from),
+    };
+    Ok(Parsed {
+        gen: Generate {
             prompt: PromptInput::Chat {
                 messages: template_messages(req.messages)?,
                 tools,
@@ -220,7 +220,25 @@ pub(crate) async fn chat_completions(
             params: req.sampling.params()?,
             max_tokens,
             stop: Stop::list(req.stop),
-        };
+        },
+        stream: req.stream.unwrap_or(false),
+        include_usage: req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    })
+}
+
+pub(crate) async fn chat_completions(
+    State(app): AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let Parsed {
+            gen,
+            stream: streaming,
+            include_usage,
+        } = chat_request(&body_bytes(body, Dialect::OpenAi)?)?;
         let started = app.start(gen, Dialect::OpenAi).await?;
         let reply = ChatReply {
             id: new_id("chatcmpl-"),
@@ -229,11 +247,7 @@ pub(crate) async fn chat_completions(
             parser: ReplyParser::new(started.in_reasoning),
             calls: 0,
         };
-        let include_usage = req
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        Ok::<_, ApiError>(if req.stream.unwrap_or(false) {
+        Ok::<_, ApiError>(if streaming {
             sse(reply.stream(started.events, include_usage))
         } else {
             reply.whole(started.events).await?.into_response()
@@ -504,47 +518,59 @@ fn text_finish(o: &Outcome) -> &'static str {
     }
 }
 
+/// A completions body checked and mapped as the engine takes it.
+pub(crate) fn completion_request(body: &[u8]) -> Result<Parsed, ApiError> {
+    let req: CompletionRequest = parse_json(body, Dialect::OpenAi)?;
+    // OpenAI's default for this route.
+    let max_tokens = common_checks(req.n, req.max_tokens)?.or(Some(16));
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid("echo is not supported").param("echo"));
+    }
+    let prompt = match req.prompt {
+        PromptField::One(p) => p,
+        PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptField::Many(_) => {
+            return Err(
+                ApiError::invalid("only one prompt per request is supported").param("prompt"),
+            )
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("prompt must not be empty").param("prompt"));
+    }
+    Ok(Parsed {
+        gen: Generate {
+            prompt: PromptInput::Raw(prompt),
+            params: req.sampling.params()?,
+            max_tokens,
+            stop: Stop::list(req.stop),
+        },
+        stream: req.stream.unwrap_or(false),
+        include_usage: req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    })
+}
+
 pub(crate) async fn completions(
     State(app): AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let req: CompletionRequest = parse_body(body, Dialect::OpenAi)?;
-        // OpenAI's default for this route.
-        let max_tokens = common_checks(req.n, req.max_tokens)?.or(Some(16));
-        if req.echo == Some(true) {
-            return Err(ApiError::invalid("echo is not supported").param("echo"));
-        }
-        let prompt = match req.prompt {
-            PromptField::One(p) => p,
-            PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
-            PromptField::Many(_) => {
-                return Err(
-                    ApiError::invalid("only one prompt per request is supported").param("prompt"),
-                )
-            }
-        };
-        if prompt.is_empty() {
-            return Err(ApiError::invalid("prompt must not be empty").param("prompt"));
-        }
-        let gen = Generate {
-            prompt: PromptInput::Raw(prompt),
-            params: req.sampling.params()?,
-            max_tokens,
-            stop: Stop::list(req.stop),
-        };
+        let Parsed {
+            gen,
+            stream: streaming,
+            include_usage,
+        } = completion_request(&body_bytes(body, Dialect::OpenAi)?)?;
         let started = app.start(gen, Dialect::OpenAi).await?;
         let reply = TextReply {
             id: new_id("cmpl-"),
             created: unix_time(),
             model: app.config.model_name.clone(),
         };
-        let include_usage = req
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        if req.stream.unwrap_or(false) {
-            return Ok(sse(mapped(
+        if streaming {
+            return Ok::<_, ApiError>(sse(mapped(
                 started.events,
                 (reply, include_usage),
                 |(reply, include_usage), ev| match ev {

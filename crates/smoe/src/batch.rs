@@ -113,6 +113,11 @@ impl<'e, K> Batch<'e, K> {
     /// the key back with the reason it cannot run (no free slot, bad
     /// parameters, ids outside the vocabulary, a prompt past the context).
     pub fn join(&mut self, key: K, req: &Request) -> std::result::Result<usize, (K, Error)> {
+        // A vault file cut short or replaced under a running server fails
+        // the request that would read it, naming the file.
+        if let Err(e) = self.engine.check_files() {
+            return Err((key, e));
+        }
         let Some(i) = self.pick_slot(&req.prompt) else {
             return Err((key, Error::invalid("every slot of the batch is taken")));
         };

@@ -155,6 +155,8 @@ pub struct Engine {
     pub(crate) eos_ids: Vec<u32>,
     /// The expert cache, when streaming from a vault.
     pub(crate) cache: Option<Arc<ExpertCache>>,
+    /// A vault's data files as loaded, checked before each generation.
+    pub(crate) files: Option<crate::vault::Watch>,
     pub(crate) plan: Option<MemoryPlan>,
     /// Prompt tokens per forward pass.
     pub(crate) prefill_chunk: usize,
@@ -200,6 +202,7 @@ impl Engine {
             template,
             eos_ids,
             cache: opened.cache,
+            files: opened.files,
             plan: opened.plan,
             prefill_chunk: opts.prefill_chunk.max(1),
         })
@@ -235,6 +238,12 @@ impl Engine {
     /// Replaces the ids that end generation.
     pub fn set_eos_ids(&mut self, ids: Vec<u32>) {
         self.eos_ids = ids;
+    }
+
+    /// Whether a vault's data files are still the ones loaded, whole
+    /// ([`crate::vault::Watch`]); a checkpoint always is.
+    pub fn check_files(&self) -> Result<()> {
+        self.files.as_ref().map_or(Ok(()), |w| w.check())
     }
 
     /// The expert cache, when streaming from a vault.
@@ -353,6 +362,7 @@ impl Engine {
         max_tokens: usize,
         mut on_token: impl FnMut(u32) -> F,
     ) -> Result<Generation> {
+        self.check_files()?;
         let mut dec = Decoding::new(self, session, prompt, params, max_tokens)?;
         session.record(prompt);
         let start = Instant::now();

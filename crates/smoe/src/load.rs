@@ -62,6 +62,8 @@ pub struct Opened {
     /// Set for vaults: the streaming cache and its plan.
     pub cache: Option<Arc<ExpertCache>>,
     pub plan: Option<MemoryPlan>,
+    /// Set for vaults: its data files as loaded.
+    pub files: Option<vault::Watch>,
 }
 
 /// Opens a checkpoint directory, a vault or a GGUF file.
@@ -80,6 +82,7 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
         config: ckpt.config.clone(),
         cache: None,
         plan: None,
+        files: None,
     })
 }
 
@@ -114,6 +117,8 @@ fn open_gguf(path: &Path, opts: &LoadOptions) -> Result<Opened> {
 
 fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     let vault = Vault::open(dir)?;
+    // Before mapping: the files watched are the ones the model reads.
+    let files = vault::Watch::new(&vault)?;
     let cfg = ModelConfig::from_json(&vault.manifest.config, &dir.join(vault::MANIFEST))?;
     crate::validate::vault(&vault, &cfg)?;
     crate::validate::backbone_checksums(&vault)?;
@@ -139,5 +144,6 @@ fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
         config: cfg,
         cache: Some(cache),
         plan: Some(plan),
+        files: Some(files),
     })
 }

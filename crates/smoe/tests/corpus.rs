@@ -5,20 +5,16 @@
 //! or load and run correctly: never panic, never hang.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use smoe::kernels::DType;
-use smoe::model::{Budget, LoadOptions, Logits};
-use smoe::vault::convert::{convert, ConvertOptions};
+mod support;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
+use serde_json::{json, Value};
+use smoe::model::{Budget, LoadOptions, Logits};
+use smoe::vault::convert::convert;
+use support::{fixture, q8_0_options, q8_0_vault};
 
 /// Deterministic choices (splitmix64), so a failure reproduces.
 struct Rng(u64);
@@ -475,14 +471,8 @@ fn damaged_checkpoints_and_vaults_are_refused_or_run_correctly() {
     let work = tempfile::tempdir().unwrap();
     let src = fixture("qwen3-moe-a");
     let good_vault = work.path().join("good-vault");
-    let q8 = DType::parse("q8_0").unwrap();
-    let opts = ConvertOptions {
-        experts: q8,
-        backbone: q8,
-        allow_lossy: false,
-        stop_after_layers: None,
-    };
-    convert(&src, &good_vault, &opts, &mut |_| {}).unwrap();
+    q8_0_vault(&src, &good_vault);
+    let opts = q8_0_options();
     let want_ckpt = run(&src).unwrap();
     let want_vault = run(&good_vault).unwrap();
 

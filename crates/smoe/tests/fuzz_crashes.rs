@@ -3,17 +3,16 @@
 //! or run, never a panic. `fixtures/fuzz-crashes/TARGET/` holds libFuzzer's
 //! artifacts as they came out of `tools/fuzz.sh`.
 
-use std::path::{Path, PathBuf};
+mod support;
 
-use smoe::kernels::DType;
+use std::path::PathBuf;
+
 use smoe::model::{Budget, LoadOptions, Logits};
 use smoe::tokenizer::Tokenizer;
-use smoe::vault::convert::{convert, ConvertOptions};
+use support::{fixture, q8_0_vault};
 
 fn crashes(target: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/fuzz-crashes")
-        .join(target);
+    let dir = fixture("fuzz-crashes").join(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -36,17 +35,9 @@ fn tokenizer_json_crashes_are_errors() {
 
 #[test]
 fn vault_manifest_crashes_are_errors() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen3-moe-a");
     let tmp = tempfile::tempdir().unwrap();
     let vault = tmp.path().join("vault");
-    let q8 = DType::parse("q8_0").unwrap();
-    let opts = ConvertOptions {
-        experts: q8,
-        backbone: q8,
-        allow_lossy: false,
-        stop_after_layers: None,
-    };
-    convert(&fixture, &vault, &opts, &mut |_| {}).unwrap();
+    q8_0_vault(&fixture("qwen3-moe-a"), &vault);
     let id = smoe::vault::Vault::open(&vault)
         .unwrap()
         .manifest

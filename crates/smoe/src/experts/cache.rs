@@ -650,10 +650,11 @@ impl Inner {
                 // SAFETY: the slot is Loading: only this job writes it and
                 // nobody reads it until it is marked Ready below.
                 let data = unsafe { self.memory.slice(slot * self.slot_len, len) };
-                if Some(crc32fast::hash(data)) == crc {
-                    Ok(())
-                } else {
-                    Err("checksum mismatch (corrupt record); run smoe verify".to_string())
+                match crc32fast::hash(data) {
+                    found if found == crc => Ok(()),
+                    found => Err(format!(
+                        "CRC32 {found:08x}, the manifest says {crc:08x} (corrupt record); run smoe verify"
+                    )),
                 }
             }
             Ok(()) => Ok(()),
@@ -792,4 +793,79 @@ fn layout(l: &ExpertLayer, manifest: &std::path::Path) -> Result<LayerLayout> {
             crc32: l.crc32.clone(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::engine::Engine;
+    use crate::model::{Budget, LoadOptions, Logits};
+    use crate::quant::DType;
+    use crate::vault::convert::{convert, ConvertOptions};
+    use crate::vault::io::faults::Fault;
+    use crate::vault::ALIGN;
+
+    const IDS: [u32; 6] = [50, 375, 289, 7, 400, 12];
+
+    /// The fixture as a q8_0 vault in `dir`, loaded with a third of its
+    /// experts' room, so that each forward pass reads experts from disk.
+    fn streamed(dir: &Path) -> Engine {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen3-moe-a");
+        let vault = dir.join("vault");
+        let q8 = DType::parse("q8_0").unwrap();
+        let opts = ConvertOptions {
+            experts: q8,
+            backbone: q8,
+            allow_lossy: false,
+            stop_after_layers: None,
+        };
+        convert(&src, &vault, &opts, &mut |_| {}).unwrap();
+        let load = LoadOptions {
+            ram_budget: Budget::Bytes(64 << 10),
+            read_threads: 2,
+            ..LoadOptions::default()
+        };
+        Engine::load_with(&vault, &load).unwrap()
+    }
+
+    fn logits(engine: &Engine) -> crate::Result<Vec<f32>> {
+        let mut session = engine.new_session();
+        let out = engine.model().forward(&IDS, &mut session, Logits::Last)?;
+        Ok(out.to_vec())
+    }
+
+    /// A disk that fails (EIO) or ends early under the expert reads fails
+    /// the forward pass that needed them, with the file, layer and expert
+    /// named; nothing is left pinned or poisoned, so once the disk heals
+    /// the same pass gives the same logits. Reads that come back short but
+    /// whole in the end are no error at all.
+    #[test]
+    fn failed_and_short_expert_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = streamed(dir.path());
+        let want = logits(&engine).unwrap();
+        let file = engine.cache().unwrap().file();
+        for (fault, why) in [
+            (Fault::Eio, "Input/output error"),
+            (Fault::EndAt(ALIGN), "the file ends inside this record"),
+        ] {
+            file.inject(Some(fault));
+            let err = logits(&engine).unwrap_err().to_string();
+            assert!(
+                err.contains("experts.bin")
+                    && err.contains("layer ")
+                    && err.contains(" expert ")
+                    && err.contains(why),
+                "{fault:?}: {err}"
+            );
+            file.inject(None);
+            assert_eq!(logits(&engine).unwrap(), want, "after {fault:?}");
+        }
+        let misses = || engine.cache().unwrap().stats().snapshot().misses;
+        let before = misses();
+        file.inject(Some(Fault::Short(ALIGN as usize)));
+        assert_eq!(logits(&engine).unwrap(), want, "short reads");
+        assert!(misses() > before, "the pass read no experts");
+    }
 }

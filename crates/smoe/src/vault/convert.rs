@@ -205,8 +205,11 @@ pub fn convert(
         .map_err(|e| Error::io(&experts_path, e))?;
     if journal.layers_done.is_empty() {
         file.set_len(0).map_err(|e| Error::io(&experts_path, e))?;
-        file.write_all(&header_page(&journal.conversion_id))
-            .map_err(|e| Error::io(&experts_path, e))?;
+        write(
+            &mut file,
+            &experts_path,
+            &header_page(&journal.conversion_id),
+        )?;
         journal.experts_len = ALIGN;
     } else {
         // Anything past the journaled length is a layer that did not finish.
@@ -390,8 +393,7 @@ fn write_backbone(
 ) -> Result<BTreeMap<String, TensorEntry>> {
     let path = work.join(BACKBONE_FILE);
     let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    f.write_all(&header_page(conversion_id))
-        .map_err(|e| Error::io(&path, e))?;
+    write(&mut f, &path, &header_page(conversion_id))?;
     let mut offset = ALIGN;
     let mut entries = BTreeMap::new();
     let tied = !names.iter().any(|n| n == "lm_head.weight");
@@ -400,10 +402,13 @@ fn write_backbone(
         let target = Role::of(name, &w.shape, tied).target(opts.backbone);
         let (bytes, dtype, err) = encode(&w, target)?;
         errors.add(&format!("backbone.{}", tensor_class(name)), err);
-        f.write_all(&bytes).map_err(|e| Error::io(&path, e))?;
+        write(&mut f, &path, &bytes)?;
         let padded = align_up(bytes.len() as u64);
-        f.write_all(&vec![0u8; (padded - bytes.len() as u64) as usize])
-            .map_err(|e| Error::io(&path, e))?;
+        write(
+            &mut f,
+            &path,
+            &vec![0u8; (padded - bytes.len() as u64) as usize],
+        )?;
         entries.insert(
             name.clone(),
             TensorEntry {
@@ -471,7 +476,7 @@ fn write_expert_layer(
             for (class, err) in PARTS.iter().zip(rec.errors) {
                 errors.add(&format!("experts.{class}"), err);
             }
-            file.write_all(&rec.bytes).map_err(|e| Error::io(path, e))?;
+            write(file, path, &rec.bytes)?;
             offsets.push(*len);
             crcs.push(crc32fast::hash(&rec.bytes));
             *len += rec.bytes.len() as u64;
@@ -630,8 +635,21 @@ fn save_journal(work: &Path, j: &Journal) -> Result<()> {
 
 pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    write(&mut f, path, bytes)?;
     f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// Every write of a conversion, so that unit tests can fill the disk
+/// ([`disk_full`]) at any byte of it.
+fn write(file: &mut File, path: &Path, bytes: &[u8]) -> Result<()> {
+    #[cfg(test)]
+    let (bytes, full) = disk_full::room(bytes);
+    file.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    #[cfg(test)]
+    if full {
+        return Err(Error::io(path, disk_full::enospc()));
+    }
+    Ok(())
 }
 
 /// A random-enough id: time and process id, hashed. It only has to differ
@@ -663,8 +681,152 @@ fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
         if keep && entry.path().is_file() {
             // The destination is what fails on a full disk; name it.
             let to = dst.join(&name);
+            #[cfg(test)]
+            disk_full::copy(&entry.path(), &to)?;
             std::fs::copy(entry.path(), &to).map_err(|e| Error::io(&to, e))?;
         }
     }
     Ok(())
+}
+
+/// A disk that fills up after a set number of bytes, for unit tests of
+/// conversions stopped by ENOSPC and resumed. Per thread: a conversion
+/// writes from the thread that called it.
+#[cfg(test)]
+mod disk_full {
+    use std::cell::Cell;
+    use std::path::Path;
+
+    use crate::error::{Error, Result};
+
+    thread_local! {
+        /// Bytes the disk still takes (None: no end to them).
+        static ROOM: Cell<Option<u64>> = const { Cell::new(None) };
+        static WRITTEN: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub(super) fn set_room(room: Option<u64>) {
+        ROOM.set(room);
+    }
+
+    /// Bytes this thread's conversions have written so far.
+    pub(super) fn written() -> u64 {
+        WRITTEN.get()
+    }
+
+    pub(super) fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(28)
+    }
+
+    fn take(len: u64) -> u64 {
+        let n = ROOM.get().map_or(len, |r| r.min(len));
+        ROOM.set(ROOM.get().map(|r| r - n));
+        WRITTEN.set(WRITTEN.get() + n);
+        n
+    }
+
+    /// The part of `bytes` that fits, and whether the disk is full now.
+    pub(super) fn room(bytes: &[u8]) -> (&[u8], bool) {
+        let n = take(bytes.len() as u64) as usize;
+        (&bytes[..n], n < bytes.len())
+    }
+
+    /// A side file's copy: whole, or ENOSPC naming the destination.
+    pub(super) fn copy(from: &Path, to: &Path) -> Result<()> {
+        let len = from.metadata().map_err(|e| Error::io(from, e))?.len();
+        if take(len) < len {
+            return Err(Error::io(to, enospc()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// Every file of a vault, with its conversion id (kept from the first
+    /// attempt by a resume, new in each straight conversion) blanked.
+    fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        let id = super::super::Vault::open(dir)
+            .unwrap()
+            .manifest
+            .conversion_id;
+        let id = id.as_bytes();
+        let mut out = BTreeMap::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let bytes = std::fs::read(e.path()).unwrap();
+            let mut blanked = Vec::with_capacity(bytes.len());
+            let mut i = 0;
+            while i < bytes.len() {
+                if bytes[i..].starts_with(id) {
+                    blanked.extend(std::iter::repeat_n(b'#', id.len()));
+                    i += id.len();
+                } else {
+                    blanked.push(bytes[i]);
+                    i += 1;
+                }
+            }
+            out.insert(e.file_name().to_string_lossy().into_owned(), blanked);
+        }
+        out
+    }
+
+    /// A disk that fills up anywhere in a conversion (the backbone, an
+    /// expert layer, the journal, the side files, the manifest) stops it
+    /// with ENOSPC named once, on the file being written; the layers
+    /// already journaled are kept, and the resumed conversion is the same
+    /// vault, byte for byte, as one that never stopped.
+    #[test]
+    fn a_full_disk_stops_a_conversion_and_resume_finishes_it_byte_for_byte() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen3-moe-a");
+        let dir = tempfile::tempdir().unwrap();
+        let q8 = DType::parse("q8_0").unwrap();
+        let opts = ConvertOptions {
+            experts: q8,
+            backbone: q8,
+            allow_lossy: false,
+            stop_after_layers: None,
+        };
+        let straight = dir.path().join("straight");
+        let start = disk_full::written();
+        convert(&src, &straight, &opts, &mut |_| {}).unwrap();
+        let total = disk_full::written() - start;
+        let want = files(&straight);
+        let mut kept = Vec::new();
+        for permille in [0, 100, 250, 400, 550, 700, 850, 950, 999] {
+            let out = dir.path().join(format!("v{permille}"));
+            disk_full::set_room(Some(total * permille / 1000));
+            let err = convert(&src, &out, &opts, &mut |_| {});
+            disk_full::set_room(None);
+            let err = err.unwrap_err().to_string();
+            let partial = partial_dir(&out);
+            assert!(
+                err.starts_with(&*partial.to_string_lossy())
+                    && err.matches("No space left on device").count() == 1,
+                "{permille}: {err}"
+            );
+            let journaled = std::fs::read(partial.join(JOURNAL))
+                .map(|j| {
+                    serde_json::from_slice::<Journal>(&j)
+                        .unwrap()
+                        .layers_done
+                        .len()
+                })
+                .unwrap_or(0);
+            let report = convert(&src, &out, &opts, &mut |_| {}).unwrap();
+            assert_eq!(report.resumed_layers, journaled, "{permille}");
+            assert!(files(&out) == want, "{permille}: the resumed vault differs");
+            kept.push(journaled);
+        }
+        // The disk filled up in the backbone, between layers and after.
+        assert_eq!(kept[0], 0);
+        assert!(
+            kept.iter().any(|&k| k > 0 && k < kept[kept.len() - 1]),
+            "{kept:?}"
+        );
+    }
 }

@@ -26,6 +26,9 @@ pub struct DirectFile {
     pub path: PathBuf,
     /// True when reads bypass the page cache at the device level.
     pub direct: bool,
+    /// Unit tests' failing disk: what the next reads do instead of reading.
+    #[cfg(test)]
+    fault: std::sync::Mutex<Option<faults::Fault>>,
 }
 
 impl DirectFile {
@@ -43,11 +46,7 @@ impl DirectFile {
                     .read_at(unsafe { probe.slice_mut(0, ALIGN as usize) }, 0)
                     .is_ok()
                 {
-                    return Ok(Self {
-                        file,
-                        path: path.to_path_buf(),
-                        direct: true,
-                    });
+                    return Ok(Self::new(file, path, true));
                 }
             }
         }
@@ -55,18 +54,20 @@ impl DirectFile {
         #[cfg(target_os = "macos")]
         {
             if rustix::fs::fcntl_nocache(&file, true).is_ok() {
-                return Ok(Self {
-                    file,
-                    path: path.to_path_buf(),
-                    direct: true,
-                });
+                return Ok(Self::new(file, path, true));
             }
         }
-        Ok(Self {
+        Ok(Self::new(file, path, false))
+    }
+
+    fn new(file: File, path: &Path, direct: bool) -> Self {
+        Self {
             file,
             path: path.to_path_buf(),
-            direct: false,
-        })
+            direct,
+            #[cfg(test)]
+            fault: Default::default(),
+        }
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`. With direct I/O, `buf`,
@@ -81,7 +82,7 @@ impl DirectFile {
     pub fn read_at_least(&self, buf: &mut [u8], offset: u64, need: usize) -> std::io::Result<()> {
         let mut done = 0;
         while done < need {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
@@ -103,6 +104,14 @@ impl DirectFile {
             }
         }
         Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        #[cfg(test)]
+        if let Some(fault) = *self.fault.lock().unwrap() {
+            return fault.read(&self.file, buf, offset);
+        }
+        self.file.read_at(buf, offset)
     }
 
     pub fn len(&self) -> Result<u64> {
@@ -232,5 +241,56 @@ impl DiskRows {
             );
             Ok(())
         })
+    }
+}
+
+/// A failing disk under [`DirectFile`], for unit tests of what reads that
+/// fail or come back short do to the expert cache and the decoder above.
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    use super::DirectFile;
+
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Fault {
+        /// Every read fails as a dying disk's do (EIO).
+        Eio,
+        /// Reads return at most this many bytes, as a network or FUSE
+        /// filesystem's may: legal, and the data must come out whole.
+        Short(usize),
+        /// Reads at or past this offset find the end of the file, as when
+        /// it was cut short since it was opened.
+        EndAt(u64),
+    }
+
+    impl Fault {
+        pub(crate) fn read(
+            self,
+            file: &File,
+            buf: &mut [u8],
+            offset: u64,
+        ) -> std::io::Result<usize> {
+            match self {
+                Fault::Eio => Err(std::io::Error::from_raw_os_error(5)),
+                Fault::Short(n) => {
+                    let n = n.min(buf.len());
+                    file.read_at(&mut buf[..n], offset)
+                }
+                Fault::EndAt(end) if offset >= end => Ok(0),
+                Fault::EndAt(end) => {
+                    let n = buf.len().min((end - offset) as usize);
+                    file.read_at(&mut buf[..n], offset)
+                }
+            }
+        }
+    }
+
+    impl DirectFile {
+        /// Makes every later read go through `fault` (None: the disk heals).
+        pub(crate) fn inject(&self, fault: Option<Fault>) {
+            *self.fault.lock().unwrap() = fault;
+        }
     }
 }

@@ -204,20 +204,99 @@ pub fn header_page(conversion_id: &str) -> Vec<u8> {
 }
 
 fn check_header(path: &Path, conversion_id: &str) -> Result<()> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut page = vec![0u8; ALIGN as usize];
-    f.read_exact(&mut page)
-        .map_err(|_| Error::format(path, "shorter than its header page; the vault is damaged"))?;
-    if &page[..16] != MAGIC {
-        return Err(Error::format(path, "not a smoe vault data file"));
-    }
-    if page != header_page(conversion_id) {
+    let mut page = Vec::with_capacity(ALIGN as usize);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(ALIGN).read_to_end(&mut page))
+        .map_err(|e| Error::io(path, e))?;
+    if page.len() < ALIGN as usize {
         return Err(Error::format(
             path,
-            "belongs to a different conversion than manifest.json; re-run smoe convert",
+            format!(
+                "{} bytes, shorter than its {ALIGN}-byte header page; the vault is damaged",
+                page.len()
+            ),
+        ));
+    }
+    if &page[..16] != MAGIC {
+        return Err(Error::format(
+            path,
+            format!(
+                "not a smoe vault data file: it starts {:?}, not {:?}",
+                String::from_utf8_lossy(&page[..16]),
+                String::from_utf8_lossy(MAGIC)
+            ),
+        ));
+    }
+    if page != header_page(conversion_id) {
+        let found = String::from_utf8_lossy(&page[16..80]);
+        return Err(Error::format(
+            path,
+            format!(
+                "belongs to conversion \"{}\", manifest.json to \"{conversion_id}\"; re-run smoe convert",
+                found.trim_end_matches('\0')
+            ),
         ));
     }
     Ok(())
+}
+
+/// The vault's two data files as they were when it was loaded, checked
+/// again before each generation and by the server's `/health`: a file cut
+/// short or overwritten with another conversion's under a running process
+/// fails the request that would read it, naming the file, instead of
+/// feeding it other weights or faulting on the backbone's mapping (a file
+/// cut short *during* a request can still fault that, as with any mapped
+/// model). A file replaced by a rename is no change: the process goes on
+/// reading the one it opened. Costs a stat and a 4 KiB read per file.
+#[derive(Debug)]
+pub struct Watch {
+    /// File (opened at load), its path, the length the manifest needs.
+    files: Vec<(std::fs::File, PathBuf, u64)>,
+    header: Vec<u8>,
+}
+
+impl Watch {
+    pub fn new(vault: &Vault) -> Result<Self> {
+        let files = vault
+            .data_files()
+            .into_iter()
+            .map(|(path, end)| {
+                let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+                Ok((f, path, end))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            files,
+            header: header_page(&vault.manifest.conversion_id),
+        })
+    }
+
+    pub fn check(&self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut page = vec![0u8; ALIGN as usize];
+        for (f, path, end) in &self.files {
+            let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+            if len < *end {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "cut short to {len} bytes since the model was loaded (the manifest needs \
+                         {end}); restore it or convert again, then restart"
+                    ),
+                ));
+            }
+            f.read_exact_at(&mut page, 0)
+                .map_err(|e| Error::io(path, e))?;
+            if page != self.header {
+                return Err(Error::format(
+                    path,
+                    "overwritten since the model was loaded: its header page is not this \
+                     conversion's (manifest.json); restore it or restart with the new vault",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether `dir` looks like a vault rather than a checkpoint.
@@ -270,12 +349,10 @@ impl Vault {
         self.dir.join(EXPERTS_FILE)
     }
 
-    /// Every offset inside its file, every dtype known, both files from
-    /// this conversion: checked once so later reads can trust the manifest.
-    fn validate(&self) -> Result<()> {
+    /// Both data files, each with the length its manifest entries need.
+    fn data_files(&self) -> [(PathBuf, u64); 2] {
         let m = &self.manifest;
-        let manifest_path = self.dir.join(MANIFEST);
-        for (file, end) in [
+        [
             (
                 self.backbone_path(),
                 m.backbone
@@ -296,7 +373,15 @@ impl Vault {
                     .max()
                     .unwrap_or(0),
             ),
-        ] {
+        ]
+    }
+
+    /// Every offset inside its file, every dtype known, both files from
+    /// this conversion: checked once so later reads can trust the manifest.
+    fn validate(&self) -> Result<()> {
+        let m = &self.manifest;
+        let manifest_path = self.dir.join(MANIFEST);
+        for (file, end) in self.data_files() {
             let meta = std::fs::metadata(&file).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => Error::format(&file, "missing from the vault"),
                 _ => Error::io(&file, e),
