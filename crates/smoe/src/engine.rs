@@ -180,6 +180,7 @@ impl Engine {
                 eos_ids,
                 cache: opened.cache,
                 plan: opened.plan,
+                files: opened.files,
                 prefill_chunk: opts.prefill_chunk.max(1),
             });
         }

@@ -112,6 +112,7 @@ fn open_gguf(path: &Path, opts: &LoadOptions) -> Result<Opened> {
         config: cfg,
         cache: Some(cache),
         plan: Some(plan),
+        files: None,
     })
 }
 

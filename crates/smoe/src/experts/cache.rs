@@ -647,6 +647,7 @@ impl Inner {
             )),
             Err(e) => Err(e.to_string()),
             Ok(()) if self.verify && crc.is_some() => {
+                let crc = crc.unwrap_or_default();
                 // SAFETY: the slot is Loading: only this job writes it and
                 // nobody reads it until it is marked Ready below.
                 let data = unsafe { self.memory.slice(slot * self.slot_len, len) };
