@@ -241,7 +241,7 @@ pub fn read_records(
         wait_until(&done, i.saturating_sub(depth - 1));
         let d = Arc::clone(&done);
         pool.submit(ReadJob {
-            reads: vec![Segment {
+            reads: smallvec::smallvec![Segment {
                 file: Arc::clone(&file),
                 offset,
                 dst_start: (i % depth) * len,

@@ -16,6 +16,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
+use smallvec::smallvec;
+
 use super::io::{AlignedBuf, DirectFile, Priority, ReadJob, ReaderPool, Segment};
 use super::Stats;
 use crate::config::ModelConfig;
@@ -534,7 +536,7 @@ impl ExpertCache {
         let start = slot * self.inner.slot_len;
         let (reads, crc) = match &lay.reads {
             Reads::Record { offsets, crc32 } => (
-                vec![Segment {
+                smallvec![Segment {
                     file: Arc::clone(&self.inner.files[0]),
                     offset: offsets[e as usize],
                     dst_start: start,
@@ -641,13 +643,14 @@ impl Inner {
         len: usize,
         crc: Option<u32>,
     ) {
-        let outcome = match result {
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(format!(
+        // A GGUF has no record checksums (crc is None): nothing to verify.
+        let check = crc.filter(|_| self.verify);
+        let outcome = match (result, check) {
+            (Err(e), _) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(format!(
                 "the file ends inside this record ({len} bytes): it was truncated after loading; run smoe verify"
             )),
-            Err(e) => Err(e.to_string()),
-            Ok(()) if self.verify && crc.is_some() => {
-                let crc = crc.unwrap_or_default();
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(()), Some(crc)) => {
                 // SAFETY: the slot is Loading: only this job writes it and
                 // nobody reads it until it is marked Ready below.
                 let data = unsafe { self.memory.slice(slot * self.slot_len, len) };
@@ -658,7 +661,7 @@ impl Inner {
                     )),
                 }
             }
-            Ok(()) => Ok(()),
+            (Ok(()), None) => Ok(()),
         };
         self.stats.add_read_time(secs);
         let mut st = self.lock();

@@ -11,6 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use smallvec::SmallVec;
+
 pub use crate::vault::io::{AlignedBuf, DirectFile};
 
 /// Demand reads block the compute thread; prefetches only guess.
@@ -32,9 +34,14 @@ pub struct Segment {
     pub need: usize,
 }
 
+/// An expert is one record (a vault) or three extents (a GGUF), held inline:
+/// a job is made per read on the decode path, which otherwise allocates only
+/// the completion.
+pub type Segments = SmallVec<[Segment; 3]>;
+
 /// The reads of one expert into `dst`, then `done`.
 pub struct ReadJob {
-    pub reads: Vec<Segment>,
+    pub reads: Segments,
     pub dst: Arc<AlignedBuf>,
     pub priority: Priority,
     /// What the caller needs to recognise the job when cancelling.
