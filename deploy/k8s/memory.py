@@ -77,7 +77,7 @@ def main():
         return
     gib = lambda b: f"{b / (1 << 30):.2f} GiB"
     print(
-        f"# backbone {gib(exact['backbone_bytes'])} + KV {gib(exact['kv_bytes'])} ({exact['ctx']} tokens)"
+        f"# backbone {gib(exact['backbone_bytes'])} + KV {gib(exact['kv_bytes'])} ({exact['sequences']} x {exact['ctx']} tokens)"
         f" + expert cache {gib(exact['expert_cache_bytes'])} + headroom {gib(exact['headroom_bytes'])}"
     )
     print("resources:")

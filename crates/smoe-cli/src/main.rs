@@ -453,10 +453,7 @@ fn describe_plan(p: &MemoryPlan) -> String {
         100.0 * p.cache_bytes as f64 / p.expert_bytes.max(1) as f64,
         human_bytes(p.expert_bytes),
         human_bytes(p.kv_bytes),
-        match p.sequences {
-            1 => format!("{} tokens", p.ctx),
-            n => format!("{n} sequences of {} tokens", p.ctx),
-        },
+        kv_extent(p.sequences, p.ctx),
         p.available_bytes
             .map(|a| human_bytes(a.saturating_sub(p.backbone_bytes + p.cache_bytes + p.kv_bytes)))
             .unwrap_or_else(|| "unknown".into()),
@@ -633,4 +630,12 @@ fn template(a: TemplateArgs) -> Result<()> {
         stdout.write_all(text.as_bytes())?;
     }
     Ok(())
+}
+
+/// What a KV cache holds, for the memory lines of the summary and the plan.
+fn kv_extent(sequences: usize, ctx: usize) -> String {
+    match sequences {
+        1 => format!("{ctx} tokens"),
+        n => format!("{n} sequences of {ctx} tokens"),
+    }
 }

@@ -44,6 +44,10 @@ pub(crate) struct PlanArgs {
     /// Context the KV cache is planned for.
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
+    /// Sequences decoding at once, each with a KV cache of --ctx tokens:
+    /// `serve --parallel` (run and chat decode one).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    parallel: u64,
     /// Where the model runs: smoe runs on the CPU.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -209,8 +213,14 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
     let mem = a.mem_gbps.or(file.mem_gbps);
     let gflops = a.gflops.or(file.gflops);
     let cores = a.cores.or(file.cores);
-    let memory = plan::memory_plan(&sizes, ram, budget(&a.ram_budget, &sizes)?, a.ctx)
-        .with_context(|| format!("{}: no plan", a.model.display()))?;
+    let memory = plan::memory_plan(
+        &sizes,
+        ram,
+        budget(&a.ram_budget, &sizes)?,
+        a.ctx,
+        a.parallel as usize,
+    )
+    .with_context(|| format!("{}: no plan", a.model.display()))?;
     let machine = if a.measure || (disk.is_none() && mem.is_none()) {
         crate::set_threads(a.threads)?;
         let here = plan::measure(&sizes, &a.model, ram)?;
@@ -355,10 +365,10 @@ fn print(
     )?;
     writeln!(
         out,
-        "RAM        backbone {} + KV {} ({} tokens) + headroom {} + expert cache {} ({} slots, {:.1}% of the experts) = {}; {} left",
+        "RAM        backbone {} + KV {} ({}) + headroom {} + expert cache {} ({} slots, {:.1}% of the experts) = {}; {} left",
         human_bytes(t.backbone_bytes),
         human_bytes(t.kv_bytes),
-        t.ctx,
+        crate::kv_extent(t.sequences, t.ctx),
         human_bytes(t.headroom_bytes),
         human_bytes(t.cache_bytes),
         t.cache_slots,

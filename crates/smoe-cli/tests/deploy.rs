@@ -17,17 +17,23 @@ const MANIFESTS: &[&str] = &["deploy/k8s/deployment.yaml", "deploy/k8s/service.y
 fn deployment_memory_is_the_plan_for_its_args() {
     let deployment = std::fs::read_to_string(repo().join(MANIFESTS[0])).unwrap();
     // The model, cache and context the manifest's comment and args name.
-    let (config, budget, ctx) = ("fixtures/configs/Qwen3-30B-A3B/config.json", "8GiB", "4096");
+    let (config, budget, ctx, parallel) = (
+        "fixtures/configs/Qwen3-30B-A3B/config.json",
+        "8GiB",
+        "4096",
+        "4",
+    );
     assert!(deployment.contains(&format!(
-        "memory.py {config} --ram-budget {budget} --ctx {ctx}"
+        "memory.py {config} --ram-budget {budget} --ctx {ctx} --parallel {parallel}"
     )));
     assert!(deployment.contains(&format!("--ram-budget={budget}\n")));
     assert!(deployment.contains(&format!("--ctx={ctx}\n")));
+    assert!(deployment.contains(&format!("--parallel={parallel}\n")));
     let out = Command::new("python3")
         .arg(repo().join("deploy/k8s/memory.py"))
         .args(["--smoe", env!("CARGO_BIN_EXE_smoe"), "--json"])
         .arg(repo().join(config))
-        .args(["--ram-budget", budget, "--ctx", ctx])
+        .args(["--ram-budget", budget, "--ctx", ctx, "--parallel", parallel])
         .output()
         .expect("python3 is needed for deploy/k8s/memory.py");
     assert!(

@@ -528,7 +528,13 @@ struct Efficiency {
 /// own planner ([`Footprint::plan`]) on the footprint of the vault the
 /// plan is about, and a budget that does not fit beside the backbone
 /// refused.
-pub fn memory_plan(sizes: &Sizes, ram: u64, budget: Budget, ctx: usize) -> Result<MemoryPlan> {
+pub fn memory_plan(
+    sizes: &Sizes,
+    ram: u64,
+    budget: Budget,
+    ctx: usize,
+    sequences: usize,
+) -> Result<MemoryPlan> {
     let c = &sizes.config;
     let ctx = ctx.min(c.max_position_embeddings);
     let fp = Footprint {
@@ -539,9 +545,9 @@ pub fn memory_plan(sizes: &Sizes, ram: u64, budget: Budget, ctx: usize) -> Resul
         slot_bytes: sizes.record_bytes,
         records: sizes.records,
         smaller_backbone: None,
-        kv_bytes: c.kv_bytes(ctx),
+        kv_bytes: c.kv_bytes(ctx) * sequences.max(1) as u64,
         ctx,
-        sequences: 1,
+        sequences: sequences.max(1),
         quant: sizes.quant.clone(),
         direct_io: None,
     };
@@ -1029,6 +1035,7 @@ pub fn to_json(
                 "backbone_bytes": plan.backbone_bytes,
                 "kv_bytes": plan.kv_bytes,
                 "ctx": plan.ctx,
+                "sequences": plan.sequences,
                 "headroom_bytes": plan.headroom_bytes,
                 "expert_cache_bytes": plan.cache_bytes,
                 "expert_cache_slots": plan.cache_slots,
@@ -1102,7 +1109,7 @@ mod tests {
                 ram,
                 ..laptop(loop_us)
             };
-            let t = memory_plan(&s, ram, share(&s, f), 4096).unwrap();
+            let t = memory_plan(&s, ram, share(&s, f), 4096, 1).unwrap();
             forecast(&s, &t, &m, &curve)
         };
         let small = at(0.1, 48 << 30, 5.0);
@@ -1125,7 +1132,7 @@ mod tests {
         let s = qwen3_235b();
         // 94 sparse layers x top-8 = 752 slots; 700 is less.
         let bytes = 700 * s.record_bytes;
-        let t = memory_plan(&s, 256 << 30, Budget::Bytes(bytes), 4096).unwrap();
+        let t = memory_plan(&s, 256 << 30, Budget::Bytes(bytes), 4096, 1).unwrap();
         assert_eq!(t.cache_slots, 700);
         let f = forecast(&s, &t, &laptop(5.0), &HitCurve::builtin());
         assert_eq!(f.hit_rate, 0.0);
@@ -1157,7 +1164,7 @@ mod tests {
         let q4k = DType::Quant(QuantType::Q4K);
         let s = sizes_of(&path, q4k, q4k).unwrap();
         let at = |f: f64| {
-            let t = memory_plan(&s, 256 << 30, share(&s, f), 4096).unwrap();
+            let t = memory_plan(&s, 256 << 30, share(&s, f), 4096, 1).unwrap();
             forecast(&s, &t, &laptop(5.0), &HitCurve::builtin())
         };
         let whole = at(1.0);
@@ -1166,7 +1173,7 @@ mod tests {
         // 512 tokens of top-8 touch nearly all 128 experts of each of the
         // 48 layers; a tenth of the records keeps (C - U) / 47 a layer.
         let tenth = at(0.1);
-        let slots = memory_plan(&s, 256 << 30, share(&s, 0.1), 4096)
+        let slots = memory_plan(&s, 256 << 30, share(&s, 0.1), 4096, 1)
             .unwrap()
             .cache_slots;
         let (c, u) = (slots as f64, 128.0 * (1.0 - (120.0f64 / 128.0).powi(512)));

@@ -657,7 +657,7 @@ impl Inner {
                 match crc32fast::hash(data) {
                     found if found == crc => Ok(()),
                     found => Err(format!(
-                        "CRC32 {found:08x}, the manifest says {crc:08x} (corrupt record); run smoe verify"
+                        "checksum mismatch: CRC32 {found:08x}, the manifest says {crc:08x} (corrupt record); run smoe verify"
                     )),
                 }
             }

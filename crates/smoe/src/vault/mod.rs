@@ -232,7 +232,7 @@ fn check_header(path: &Path, conversion_id: &str) -> Result<()> {
         return Err(Error::format(
             path,
             format!(
-                "belongs to conversion \"{}\", manifest.json to \"{conversion_id}\"; re-run smoe convert",
+                "is from a different conversion (\"{}\") than manifest.json (\"{conversion_id}\"); re-run smoe convert",
                 found.trim_end_matches('\0')
             ),
         ));
