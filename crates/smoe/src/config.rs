@@ -478,6 +478,24 @@ impl Keys<'_> {
             .ok_or_else(|| self.err(format!("missing key \"{key}\"")))
     }
 
+    /// A size that a family adds or multiplies into another before the
+    /// config's bounds ([`crate::validate::sizes`]) are checked: bounded
+    /// here, so the arithmetic cannot overflow (found by fuzzing).
+    pub(crate) fn opt_dim(&self, key: &str) -> Result<Option<usize>> {
+        let max = crate::validate::MAX_DIM;
+        match self.opt_usize(key)? {
+            Some(v) if v > max => {
+                Err(self.err(format!("\"{key}\" is {v}, expected at most {max}")))
+            }
+            v => Ok(v),
+        }
+    }
+
+    pub(crate) fn dim(&self, key: &str) -> Result<usize> {
+        self.opt_dim(key)?
+            .ok_or_else(|| self.err(format!("missing key \"{key}\"")))
+    }
+
     pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         self.present(key)
             .map(|v| {
@@ -880,6 +898,18 @@ mod tests {
             e.contains("topk_method \"noaux_tc\" is not supported for deepseek_v2"),
             "{e}"
         );
+
+        // Summed and multiplied before the size bounds (config_safetensors
+        // fuzz target): refused by name instead of overflowing.
+        for key in ["qk_nope_head_dim", "n_shared_experts"] {
+            let mut v = v2.clone();
+            v[key] = json!(u64::MAX);
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("\"{key}\" is {}, expected at most", u64::MAX)),
+                "{e}"
+            );
+        }
 
         let mut v = v2.clone();
         v.as_object_mut().unwrap().remove("kv_lora_rank");

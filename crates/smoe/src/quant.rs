@@ -34,11 +34,14 @@ pub enum DType {
 impl DType {
     /// Bytes of one row of `cols` elements. Quantized rows must be whole
     /// blocks; the converter only picks a block type whose size divides the
-    /// row.
+    /// row. A row that is not, or whose size does not fit a `usize`, gives
+    /// `usize::MAX`, which matches no stored length: `cols` can come from a
+    /// damaged manifest, checked against its lengths with this before any
+    /// bound on it applies (found by fuzzing).
     pub fn row_bytes(self, cols: usize) -> usize {
         match self {
-            DType::F32 => 4 * cols,
-            DType::F16 | DType::BF16 => 2 * cols,
+            DType::F32 => cols.saturating_mul(4),
+            DType::F16 | DType::BF16 => cols.saturating_mul(2),
             DType::Quant(q) => q.row_bytes(cols).unwrap_or(usize::MAX),
         }
     }
@@ -225,10 +228,12 @@ impl QuantType {
     }
 
     /// Bytes of one quantized row of `cols` weights, or `None` when the row
-    /// does not split into whole blocks.
+    /// does not split into whole blocks or its size overflows a `usize`.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        cols.is_multiple_of(self.block_elems())
-            .then(|| cols / self.block_elems() * self.block_bytes())
+        if !cols.is_multiple_of(self.block_elems()) {
+            return None;
+        }
+        (cols / self.block_elems()).checked_mul(self.block_bytes())
     }
 
     /// Storage cost including the per-block scales.
@@ -582,6 +587,12 @@ pub(crate) mod tests {
         assert_eq!(QuantType::Q4K.row_bytes(2048), Some(8 * 144));
         assert_eq!(QuantType::Q4K.row_bytes(96), None);
         assert_eq!(QuantType::Q8_0.row_bytes(96), Some(3 * 34));
+        // Widths from a damaged manifest (vault_manifest fuzz target).
+        let huge = usize::MAX - 31;
+        assert_eq!(QuantType::Q8_0.row_bytes(huge), None);
+        assert_eq!(DType::Quant(QuantType::Q8_0).row_bytes(huge), usize::MAX);
+        assert_eq!(DType::F32.row_bytes(1 << 63), usize::MAX);
+        assert_eq!(DType::BF16.row_bytes(usize::MAX), usize::MAX);
     }
 
     #[test]

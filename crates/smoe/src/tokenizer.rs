@@ -29,16 +29,26 @@ impl Tokenizer {
     /// Loads a `tokenizer.json` file; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = read_to_string(path)?;
-        // The tokenizers crate panics (`expect("Helper")`) on some malformed
-        // decoders instead of returning its error (found by fuzzing); a
-        // damaged file must be an error that names it, not a crash.
-        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
-            .map_err(|_| {
-                Error::format(
-                    path,
-                    "not a valid tokenizer: the tokenizers crate could not read it (malformed decoder or model)",
-                )
-            })?;
+        // Syntax first: the tokenizers crate buffers the decoder section
+        // and panics (`expect("Helper")`) when that buffering meets a JSON
+        // syntax error or nesting past serde_json's depth limit (found by
+        // fuzzing). A parsed value cannot fail that way, and its error
+        // says where the file is broken.
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            Error::format(path, format!("not a valid tokenizer: invalid JSON: {e}"))
+        })?;
+        // A large vocabulary's text and value need not be held together.
+        drop(text);
+        // The unwind guard stays for panics of the crate that no fuzzer has
+        // reached yet: a damaged file must be an error that names it.
+        let build = || serde_json::from_value::<tokenizers::Tokenizer>(value);
+        let parsed = std::panic::catch_unwind(build).map_err(|_| {
+            Error::format(
+                path,
+                "not a valid tokenizer: the tokenizers crate could not read it \
+                 (malformed decoder or model)",
+            )
+        })?;
         let inner =
             parsed.map_err(|e| Error::format(path, format!("not a valid tokenizer: {e}")))?;
         Self::from_tokenizer(inner, path)
@@ -46,7 +56,16 @@ impl Tokenizer {
 
     /// Wraps a tokenizer built in code (a GGUF's, rebuilt from its
     /// metadata); `path` is the file errors name.
-    pub fn from_tokenizer(inner: tokenizers::Tokenizer, path: &Path) -> Result<Self> {
+    pub fn from_tokenizer(mut inner: tokenizers::Tokenizer, path: &Path) -> Result<Self> {
+        // transformers turns a tokenizer.json's padding and truncation off
+        // unless a call asks for them, and nothing here does: kept, a
+        // prompt would be cut or padded unlike the reference, and a
+        // `"padding": {"strategy": {"Fixed": 10^12}}` would allocate that
+        // many tokens on every encode (found by fuzzing).
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::format(path, format!("not a valid tokenizer: {e}")))?;
         let max_id = inner
             .get_vocab(true)
             .into_values()

@@ -4,7 +4,6 @@
 use crate::checkpoint::{Weight, EMBED};
 use crate::error::{Error, Result};
 use crate::gguf::{check::TOKEN_EMBD, engine_dtype, Gguf};
-use crate::quant::DType;
 use crate::vault::io::{DirectFile, DiskRows};
 use crate::vault::Vault;
 
@@ -60,12 +59,16 @@ impl Embedding {
                 format!("{EMBED} has shape {:?}, expected 2 dimensions", entry.shape),
             ));
         };
-        let dtype = DType::parse(&entry.dtype).ok_or_else(|| {
-            Error::format(&path, format!("{EMBED}: unknown dtype \"{}\"", entry.dtype))
-        })?;
+        // Rows are read at offsets and into buffers sized from the shape:
+        // a manifest whose shape and length disagree overflowed that
+        // arithmetic (found by fuzzing).
+        let file_len = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        let (dtype, range) = entry.extent(EMBED, &path, file_len)?;
         Ok(Embedding::OnDisk(DiskRows::new(
             DirectFile::open(&path)?,
-            entry.offset,
+            range.start as u64,
             rows,
             dtype,
             cols,

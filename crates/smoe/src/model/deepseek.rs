@@ -164,19 +164,19 @@ fn gguf_config(k: &ArchKeys<'_>, c: &mut Map<String, Value>) -> Result<()> {
 /// experts' spelling, shared experts, biases.
 fn config_common(keys: &Keys<'_>, c: &mut ModelConfig) -> Result<()> {
     let m = Mla {
-        q_lora_rank: keys.opt_usize("q_lora_rank")?,
-        kv_lora_rank: keys.usize("kv_lora_rank")?,
-        qk_nope_head_dim: keys.usize("qk_nope_head_dim")?,
-        qk_rope_head_dim: keys.usize("qk_rope_head_dim")?,
-        v_head_dim: keys.usize("v_head_dim")?,
+        q_lora_rank: keys.opt_dim("q_lora_rank")?,
+        kv_lora_rank: keys.dim("kv_lora_rank")?,
+        qk_nope_head_dim: keys.dim("qk_nope_head_dim")?,
+        qk_rope_head_dim: keys.dim("qk_rope_head_dim")?,
+        v_head_dim: keys.dim("v_head_dim")?,
     };
     c.mla = Some(m);
     // DeepSeek's `head_dim`, where present, is the rotary part only.
     c.head_dim = m.qk_nope_head_dim + m.qk_rope_head_dim;
     c.num_experts = keys.num_experts("n_routed_experts")?;
-    c.moe_intermediate_size = keys.usize("moe_intermediate_size")?;
+    c.moe_intermediate_size = keys.dim("moe_intermediate_size")?;
     c.shared_expert_intermediate_size =
-        keys.opt_usize("n_shared_experts")?.unwrap_or(0) * c.moe_intermediate_size;
+        keys.opt_dim("n_shared_experts")?.unwrap_or(0) * c.moe_intermediate_size;
     if let Some(f) = keys.opt_usize("moe_layer_freq")?.filter(|&f| f != 1) {
         return Err(keys.err(format!(
             "moe_layer_freq {f} is not supported (only 1, as in every published DeepSeek model)"

@@ -23,6 +23,7 @@ pub mod recipe;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -535,25 +536,61 @@ impl TensorSource for Backbone {
                 ),
             ));
         }
-        let dtype = DType::parse(&t.dtype).ok_or_else(|| {
-            Error::format(
-                &self.path,
-                format!("tensor \"{name}\": unknown dtype \"{}\"", t.dtype),
-            )
-        })?;
-        let cols = *shape.last().unwrap_or(&1);
-        let rows: usize = shape.iter().rev().skip(1).product();
-        let (start, end) = (t.offset as usize, t.offset.saturating_add(t.len) as usize);
-        if rows.checked_mul(dtype.row_bytes(cols)) != Some(t.len as usize)
-            || end > self.map.len()
-            || start % 64 != 0
-        {
-            return Err(Error::format(
-                &self.path,
-                format!("tensor \"{name}\": size or offset inconsistent with its shape"),
+        let (dtype, range) = t.extent(name, &self.path, self.map.len() as u64)?;
+        Ok(self.map.weight(range, dtype, shape.to_vec()))
+    }
+}
+
+impl TensorEntry {
+    /// The tensor's type and byte range in the data file `file`
+    /// (`file_len` bytes long), once its length is the one its shape and
+    /// type imply, it lies inside the file and starts on a 64-byte
+    /// boundary: readers size their buffers and reads from the shape, so a
+    /// manifest whose shape and length disagree must stop here (found by
+    /// fuzzing). Errors name the manifest, whose entry is at fault.
+    pub fn extent(&self, name: &str, file: &Path, file_len: u64) -> Result<(DType, Range<usize>)> {
+        let manifest = file.with_file_name(MANIFEST);
+        let bad = |msg: String| Err(Error::format(&manifest, format!("tensor \"{name}\" {msg}")));
+        let Some(dtype) = DType::parse(&self.dtype) else {
+            return bad(format!("has unknown dtype \"{}\"", self.dtype));
+        };
+        let cols = *self.shape.last().unwrap_or(&1);
+        if let DType::Quant(q) = dtype {
+            if !cols.is_multiple_of(q.block_elems()) {
+                return bad(format!(
+                    "has rows of {cols} weights, not whole {} blocks of {}",
+                    q.name(),
+                    q.block_elems()
+                ));
+            }
+        }
+        let rows = self.shape[..self.shape.len().saturating_sub(1)]
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
+        let need = rows.and_then(|r| r.checked_mul(dtype.row_bytes(cols)));
+        if need != Some(self.len as usize) {
+            let need = need.map_or("more than fits in memory".into(), |n| format!("{n}"));
+            return bad(format!(
+                "holds {} bytes, but shape {:?} in {} needs {need}",
+                self.len,
+                self.shape,
+                dtype.name()
             ));
         }
-        Ok(self.map.weight(start..end, dtype, shape.to_vec()))
+        let end = self.offset.saturating_add(self.len);
+        if end > file_len {
+            return bad(format!(
+                "ends at byte {end}, past the end of {} ({file_len} bytes)",
+                file.display()
+            ));
+        }
+        if !self.offset.is_multiple_of(64) {
+            return bad(format!(
+                "starts at byte {}, expected a multiple of 64",
+                self.offset
+            ));
+        }
+        Ok((dtype, self.offset as usize..end as usize))
     }
 }
 
