@@ -99,7 +99,8 @@ m = json.loads(rows[-1][1])["machine"]
 layer = m["layer_s"] or {}
 print()
 print("machine (measured by the last plan): reads " + ", ".join(f"{n} at once {1e3 * t:.1f} ms" for n, t in m["reads_s"])
-      + f" ({m['disk_gbps']:.2f} GB/s at 16) | kernels {m['mem_gbps']:.1f} GB/s | one layer: prefill {1e3 * layer.get('prefill', 0):.1f} ms,"
+      + f" ({m['disk_gbps']:.2f} GB/s at 16) | kernels {m['mem_gbps']:.1f} GB/s | one layer: prefill {1e3 * layer.get('prefill', 0):.1f} ms"
+      + f" (+ {1e3 * layer.get('session', 0):.1f} ms a new session, once per prompt),"
       + f" decode {1e3 * layer.get('decode', 0):.2f} ms")
 print(f"{len(rows) * len(checks) - failed}/{len(rows) * len(checks)} within tolerance")
 sys.exit(1 if failed else 0)

@@ -337,7 +337,7 @@ fn print(
     )?;
     let machine = match m.layer {
         Some(l) => format!(
-            "SSD {:.2} GB/s ({} at once: {}) | memory {:.1} GB/s | one layer here: prefill of {} tokens {:.1} ms ({:.0} GFLOP/s), decode {:.2} ms | {} threads (measured)",
+            "SSD {:.2} GB/s ({} at once: {}) | memory {:.1} GB/s | one layer here: prefill of {} tokens {:.1} ms ({:.0} GFLOP/s) + {:.1} ms a new session, decode {:.2} ms | {} threads (measured)",
             m.disk_gbps,
             human_bytes(s.record_bytes),
             m.reads
@@ -349,6 +349,7 @@ fn print(
             plan::PROMPT_TOKENS,
             l.prefill_s * 1e3,
             m.gflops,
+            l.session_s * 1e3,
             l.decode_s * 1e3,
             m.cores
         ),

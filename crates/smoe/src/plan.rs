@@ -40,8 +40,9 @@
 //! for its misses: they are read at once, and the disk probe timed batches
 //! of 1-16 records of the model's size, so the wait is the expected batch
 //! time over how many of the `k` experts miss (binomial in `1 - h`). A
-//! prompt is the layers' prefill time plus, per sparse layer, reading the
-//! experts it touches that the cache lacks, 16 at a time, before computing.
+//! prompt is the layers' prefill time, a new session's buffers once (all
+//! layers share them), plus, per sparse layer, reading the experts it
+//! touches that the cache lacks, 16 at a time, before computing.
 //! For a machine given by figures instead, a layer is its bytes over the
 //! memory bandwidth plus its parallel loops' hand-offs, a prompt two flops
 //! per active weight per token plus attention at the given GFLOP/s, reads
@@ -678,9 +679,9 @@ fn loops(c: &ModelConfig, i: usize) -> f64 {
 /// the loops' hand-offs), then, without read-ahead, first waits for the
 /// experts it misses, read at once (the measured batch times at that
 /// count, averaged over how many of its k miss); the LM head is streamed
-/// once. Prefill of a 512-token chunk: each layer's measured time (else
-/// two flops per active weight per token and attention at the given
-/// GFLOP/s), and each sparse layer reads the experts the prompt routes to
+/// once. Prefill of a 512-token chunk: each layer's measured time and a
+/// new session's once (else two flops per active weight per token and
+/// attention at the given GFLOP/s), and each sparse layer reads the experts the prompt routes to
 /// that the cache does not hold, 16 at a time, before it computes.
 pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve) -> Forecast {
     let c = &sizes.config;
@@ -726,7 +727,8 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
                 .sum();
             (
                 time(scale * l.decode_s, eff.compute),
-                time(scale * l.prefill_s, eff.compute),
+                // A prompt's new session once, its layers each.
+                time(scale * l.prefill_s + l.session_s, eff.compute),
                 0.0,
             )
         }
@@ -1026,7 +1028,7 @@ pub fn to_json(
             "mem_gbps": m.mem_gbps,
             "gflops": m.gflops,
             "loop_us": m.loop_us,
-            "layer_s": m.layer.map(|l| json!({"prefill": l.prefill_s, "decode": l.decode_s})),
+            "layer_s": m.layer.map(|l| json!({"prefill": l.prefill_s, "session": l.session_s, "decode": l.decode_s})),
             "cores": m.cores,
             "measured": m.measured,
         },
@@ -1079,11 +1081,18 @@ pub fn to_json(
 mod tests {
     use super::*;
 
-    fn qwen3_235b() -> Sizes {
+    /// A published config of `fixtures/configs/`, q4_k throughout.
+    pub(super) fn fixture(name: &str) -> Sizes {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/configs/Qwen3-235B-A22B/config.json");
+            .join("../../fixtures/configs")
+            .join(name)
+            .join("config.json");
         let q4k = DType::Quant(QuantType::Q4K);
         sizes_of(&path, q4k, q4k).unwrap()
+    }
+
+    fn qwen3_235b() -> Sizes {
+        fixture("Qwen3-235B-A22B")
     }
 
     fn laptop(loop_us: f64) -> Machine {
@@ -1159,10 +1168,7 @@ mod tests {
 
     #[test]
     fn a_prompt_finds_the_lfu_stable_share_of_its_experts() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/configs/Qwen3-30B-A3B/config.json");
-        let q4k = DType::Quant(QuantType::Q4K);
-        let s = sizes_of(&path, q4k, q4k).unwrap();
+        let s = fixture("Qwen3-30B-A3B");
         let at = |f: f64| {
             let t = memory_plan(&s, 256 << 30, share(&s, f), 4096, 1).unwrap();
             forecast(&s, &t, &laptop(5.0), &HitCurve::builtin())
@@ -1180,6 +1186,30 @@ mod tests {
         assert!((tenth.prefill_hit_rate - (c - u) / (47.0 * u)).abs() < 1e-9);
         assert!(tenth.ttft_s.expected > whole.ttft_s.expected);
         assert!(tenth.ttft_cold_s.expected >= tenth.ttft_s.expected);
+    }
+
+    #[test]
+    fn a_prompt_pays_a_new_session_once_not_once_per_layer() {
+        let s = fixture("Qwen3-30B-A3B");
+        let t = memory_plan(&s, 256 << 30, share(&s, 1.0), 4096).unwrap();
+        let at = |session_s: f64| {
+            let m = Machine {
+                layer: Some(LayerTimes {
+                    prefill_s: 0.05,
+                    session_s,
+                    decode_s: 0.001,
+                }),
+                measured: true,
+                ..laptop(5.0)
+            };
+            forecast(&s, &t, &m, &HitCurve::builtin()).prefill_compute_s
+        };
+        let (warm, fresh) = (at(0.0), at(0.04));
+        // The measured range's middle: 0.04 s over sqrt(0.85 x 1.15).
+        let once = 0.04 / (0.85f64 * 1.15).sqrt();
+        assert!((fresh.expected - warm.expected - once).abs() < 1e-9);
+        // 48 layers of 50 ms and the LM head.
+        assert!(warm.expected > 48.0 * 0.05 / 1.15);
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! synthetic model). Weights are real pages of an arena of at most
 //! [`ARENA`] bytes: past that, experts share memory with earlier experts of
 //! the same shape, still far beyond any CPU cache. A prompt of
-//! [`PROMPT_TOKENS`](super::PROMPT_TOKENS) runs as one chunk, then decode
-//! steps at that context. Before each decode step the CPU caches are
+//! [`PROMPT_TOKENS`](super::PROMPT_TOKENS) runs as one chunk, in a warm
+//! session and in a new one (whose buffers a whole model faults in once
+//! per prompt, not once per layer), then decode steps at that context. Before each decode step the CPU caches are
 //! flushed by streaming what the rest of the model streams between two
 //! uses of a layer (its other layers and the LM head), so a step's weights
 //! come from DRAM as they do in the whole model, or stay cached as they do
@@ -26,7 +27,7 @@ use crate::checkpoint::{filled, MappedFile, TensorSource, Weight};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::{for_each_task, DType};
-use crate::model::{CausalLm, Decoder, Logits};
+use crate::model::{CausalLm, Decoder, Logits, Session};
 use crate::quant::quantize_rows;
 
 use super::{Shapes, Sizes, PROMPT_TOKENS};
@@ -45,9 +46,14 @@ const MAX_STEPS: usize = 64;
 /// Seconds one sparse layer takes here.
 #[derive(Debug, Clone, Copy)]
 pub struct LayerTimes {
-    /// A prompt of `PROMPT_TOKENS` as one chunk (median of the runs).
+    /// A prompt of `PROMPT_TOKENS` as one chunk, in a session whose
+    /// buffers an earlier prompt sized (the mean of the runs).
     pub prefill_s: f64,
-    /// One decoded token at that context (median of the steps).
+    /// What a prompt pays once beyond its layers: a new session's buffers,
+    /// sized to the chunk and faulted in on first touch. All layers share
+    /// them, so a whole model pays this once, not once per layer.
+    pub session_s: f64,
+    /// One decoded token at that context (mean of the steps).
     pub decode_s: f64,
 }
 
@@ -60,23 +66,33 @@ pub fn layer(sizes: &Sizes, between: u64) -> Result<LayerTimes> {
     let ids: Vec<u32> = (0..PROMPT_TOKENS)
         .map(|i| ((i * 7919) % VOCAB) as u32)
         .collect();
-
-    // The first pass starts the pool and sizes every scratch buffer.
-    model.forward(&ids[..16], &mut model.new_session(), Logits::Last)?;
-    // Means, not medians: what a run pays includes the steps that wait
-    // for a descheduled thread on a busy machine. Up to three prompts
-    // while they take under a second in all.
-    let mut prefill = Vec::new();
-    let start = Instant::now();
-    let mut session = loop {
-        let mut session = model.new_session();
+    let prompt = |session: &mut Session| -> Result<f64> {
+        session.kv.truncate(0);
         let t = Instant::now();
-        model.forward(&ids, &mut session, Logits::Last)?;
-        prefill.push(t.elapsed().as_secs_f64());
-        if prefill.len() == 3 || start.elapsed().as_secs_f64() > 1.0 {
-            break session;
-        }
+        model.forward(&ids, session, Logits::Last)?;
+        Ok(t.elapsed().as_secs_f64())
     };
+
+    // A whole prompt first, untimed: it starts the pool and grows every
+    // thread's scratch to the chunk, once per process as in `smoe bench`,
+    // whose median run is not its first.
+    let mut session = model.new_session();
+    prompt(&mut session)?;
+    // Each round a prompt in a new session, as every generation starts,
+    // then one in the warm session. A prompt in a new session faults in
+    // some 60 MiB of buffers (16k pages at 512 tokens of Qwen3-30B-A3B),
+    // which the whole model pays once: timed in new sessions alone and
+    // charged to every layer, they made the forecast prefill of the 8-layer
+    // bench model on 16 cores 1.4-1.8x too slow. Means, not
+    // medians: what a run pays includes the steps that wait for a
+    // descheduled thread on a busy machine. Up to three rounds while they
+    // take under a second in all.
+    let (mut fresh, mut warm) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while fresh.len() < 3 && (fresh.is_empty() || start.elapsed().as_secs_f64() < 1.0) {
+        fresh.push(prompt(&mut model.new_session())?);
+        warm.push(prompt(&mut session)?);
+    }
     let flush = Flush::new(between.min(FLUSH) as usize);
     let mut decode = Vec::new();
     let start = Instant::now();
@@ -89,7 +105,8 @@ pub fn layer(sizes: &Sizes, between: u64) -> Result<LayerTimes> {
         decode.push(t.elapsed().as_secs_f64());
     }
     Ok(LayerTimes {
-        prefill_s: mean(&prefill),
+        prefill_s: mean(&warm),
+        session_s: (mean(&fresh) - mean(&warm)).max(0.0),
         decode_s: mean(&decode),
     })
 }
@@ -257,17 +274,9 @@ impl Flush {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::fixture as sizes;
     use super::*;
     use crate::quant::QuantType;
-
-    fn sizes(name: &str) -> Sizes {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/configs")
-            .join(name)
-            .join("config.json");
-        let q4k = DType::Quant(QuantType::Q4K);
-        super::super::sizes_of(&path, q4k, q4k).unwrap()
-    }
 
     #[test]
     fn the_probe_layer_is_a_sparse_layer_stored_as_the_model_stores_it() {
