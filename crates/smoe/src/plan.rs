@@ -1191,7 +1191,7 @@ mod tests {
     #[test]
     fn a_prompt_pays_a_new_session_once_not_once_per_layer() {
         let s = fixture("Qwen3-30B-A3B");
-        let t = memory_plan(&s, 256 << 30, share(&s, 1.0), 4096).unwrap();
+        let t = memory_plan(&s, 256 << 30, share(&s, 1.0), 4096, 1).unwrap();
         let at = |session_s: f64| {
             let m = Machine {
                 layer: Some(LayerTimes {
