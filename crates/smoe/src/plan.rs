@@ -538,6 +538,7 @@ pub fn memory_plan(
 ) -> Result<MemoryPlan> {
     let c = &sizes.config;
     let ctx = ctx.min(c.max_position_embeddings);
+    let sequences = sequences.max(1);
     let fp = Footprint {
         vault: true,
         resident_bytes: sizes.resident_bytes(),
@@ -546,9 +547,9 @@ pub fn memory_plan(
         slot_bytes: sizes.record_bytes,
         records: sizes.records,
         smaller_backbone: None,
-        kv_bytes: c.kv_bytes(ctx) * sequences.max(1) as u64,
+        kv_bytes: c.kv_bytes(ctx) * sequences as u64,
         ctx,
-        sequences: sequences.max(1),
+        sequences,
         quant: sizes.quant.clone(),
         direct_io: None,
     };

@@ -32,23 +32,21 @@ impl Tokenizer {
         // Syntax first: the tokenizers crate buffers the decoder section
         // and panics (`expect("Helper")`) when that buffering meets a JSON
         // syntax error or nesting past serde_json's depth limit (found by
-        // fuzzing). A parsed value cannot fail that way, and its error
-        // says where the file is broken.
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        // fuzzing). Checked text cannot fail that way, the error says where
+        // the file is broken, and the check builds nothing.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| {
             Error::format(path, format!("not a valid tokenizer: invalid JSON: {e}"))
         })?;
-        // A large vocabulary's text and value need not be held together.
-        drop(text);
         // The unwind guard stays for panics of the crate that no fuzzer has
         // reached yet: a damaged file must be an error that names it.
-        let build = || serde_json::from_value::<tokenizers::Tokenizer>(value);
-        let parsed = std::panic::catch_unwind(build).map_err(|_| {
-            Error::format(
-                path,
-                "not a valid tokenizer: the tokenizers crate could not read it \
-                 (malformed decoder or model)",
-            )
-        })?;
+        let parsed =
+            std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()).map_err(|_| {
+                Error::format(
+                    path,
+                    "not a valid tokenizer: the tokenizers crate could not read it \
+                     (malformed decoder or model)",
+                )
+            })?;
         let inner =
             parsed.map_err(|e| Error::format(path, format!("not a valid tokenizer: {e}")))?;
         Self::from_tokenizer(inner, path)

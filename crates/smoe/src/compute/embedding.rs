@@ -62,12 +62,10 @@ impl Embedding {
         // Rows are read at offsets and into buffers sized from the shape:
         // a manifest whose shape and length disagree overflowed that
         // arithmetic (found by fuzzing).
-        let file_len = std::fs::metadata(&path)
-            .map_err(|e| Error::io(&path, e))?
-            .len();
-        let (dtype, range) = entry.extent(EMBED, &path, file_len)?;
+        let file = DirectFile::open(&path)?;
+        let (dtype, range) = entry.extent(EMBED, &path, file.len()?)?;
         Ok(Embedding::OnDisk(DiskRows::new(
-            DirectFile::open(&path)?,
+            file,
             range.start as u64,
             rows,
             dtype,
