@@ -17,7 +17,8 @@
 #   $BACKBONE where set. The vault's name says "bb-default": remove it after
 #   changing the default recipe.
 #
-# Measurements (median of $REPEAT each, engines alternating):
+# Measurements (median of $REPEAT each, engines alternating; smoe runs twice,
+# on its vault and on the very Q4_K_M GGUF llama.cpp runs):
 # - resident: prefill tok/s of a $PP-token prompt and decode tok/s of $TG tokens;
 # - capped: decode with the process in a cgroup-v1 memory cgroup limited to
 #   $CAP_PCT% of the GGUF's size (page cache counts against the cap, so mmap'd
@@ -129,16 +130,17 @@ for r in json.load(sys.stdin):
     print(json.dumps({'engine': 'llama.cpp', 'kind': kind, 'tok_s': r['avg_ts']}))"
 }
 
-smoe_bench() { # prompt tokens, generated tokens, runs, extra args...
-    local pp=$1 tg=$2 runs=$3
-    shift 3
-    "$SMOE" bench --model "$VAULT" --threads "$THREADS" --prompt-tokens "$pp" --gen-tokens "$tg" \
+smoe_bench() { # model (vault or GGUF), prompt tokens, generated tokens, runs, extra args...
+    local model=$1 pp=$2 tg=$3 runs=$4 engine=smoe
+    shift 4
+    [ "$model" = "$GGUF" ] && engine=smoe-gguf
+    "$SMOE" bench --model "$model" --threads "$THREADS" --prompt-tokens "$pp" --gen-tokens "$tg" \
         --repeat "$runs" --json "$@" |
         python3 -c "
 import json, sys
 r = json.load(sys.stdin)
-print(json.dumps({'engine': 'smoe', 'kind': 'prefill', 'tok_s': r['prefill_tok_s']}))
-print(json.dumps({'engine': 'smoe', 'kind': 'decode', 'tok_s': r['decode_tok_s'],
+print(json.dumps({'engine': '$engine', 'kind': 'prefill', 'tok_s': r['prefill_tok_s']}))
+print(json.dumps({'engine': '$engine', 'kind': 'decode', 'tok_s': r['decode_tok_s'],
                   'bytes_per_token': r['streaming']['bytes_read_per_token']}))"
 }
 
@@ -157,12 +159,19 @@ for r in $(seq "$REPEAT"); do
     # llama-bench warms up before it measures; smoe bench's median of three
     # runs is a warm one (the first fills the expert cache from disk).
     llama_bench "$PP" 0 | tag resident >>"$OUT"
-    smoe_bench "$PP" 1 3 --ram-budget 8GiB | grep prefill | tag resident >>"$OUT"
+    # smoe runs its vault and, as a second engine, llama.cpp's own GGUF.
+    for model in "$VAULT" "$GGUF"; do
+        smoe_bench "$model" "$PP" 1 3 --ram-budget 8GiB | grep prefill | tag resident >>"$OUT"
+    done
     llama_bench 0 "$TG" | tag resident >>"$OUT"
-    smoe_bench 8 "$TG" 3 --ram-budget 8GiB | grep decode | tag resident >>"$OUT"
+    for model in "$VAULT" "$GGUF"; do
+        smoe_bench "$model" 8 "$TG" 3 --ram-budget 8GiB | grep decode | tag resident >>"$OUT"
+    done
     if [ -d /sys/fs/cgroup/memory ]; then
         capped "$CAP" llama_bench 0 "$CAP_TG" --repack 0 | tag capped >>"$OUT"
-        capped "$CAP" smoe_bench 8 "$CAP_TG" 1 --ram-budget auto --ctx 512 | grep decode | tag capped >>"$OUT"
+        for model in "$VAULT" "$GGUF"; do
+            capped "$CAP" smoe_bench "$model" 8 "$CAP_TG" 1 --ram-budget auto --ctx 512 | grep decode | tag capped >>"$OUT"
+        done
     fi
 done
 python3 - "$OUT" "$CAP" <<'PY'
@@ -172,16 +181,21 @@ cap = int(sys.argv[2])
 def med(engine, kind, mode):
     xs = [r["tok_s"] for r in rows if (r["engine"], r["kind"], r["mode"]) == (engine, kind, mode)]
     return statistics.median(xs) if xs else float("nan")
-print(f"{'measure':<34} {'llama.cpp tok/s':>16} {'smoe tok/s':>11} {'smoe/llama.cpp':>15}")
+# smoe (vault): the vault converted from the checkpoint; smoe (GGUF): smoe
+# running the very GGUF file llama.cpp runs, experts streamed out of it.
+print(f"{'measure':<34} {'llama.cpp':>10} {'smoe vault':>11} {'smoe GGUF':>10} "
+      f"{'vault/llama':>12} {'GGUF/llama':>11} {'GGUF/vault':>11}  (tok/s)")
 for label, kind, mode in [("prefill, resident", "prefill", "resident"),
                           ("decode, resident", "decode", "resident"),
                           (f"decode, memory cap {cap / 2**20:.0f} MiB", "decode", "capped")]:
-    l, s = med("llama.cpp", kind, mode), med("smoe", kind, mode)
+    l, s, g = (med(e, kind, mode) for e in ("llama.cpp", "smoe", "smoe-gguf"))
     if l != l and s != s:  # not measured (no memory cgroup for the capped rows)
         continue
-    print(f"{label:<34} {l:>16.2f} {s:>11.2f} {s / l:>15.2f}")
-bpt = [r["bytes_per_token"] for r in rows if r.get("bytes_per_token") and r["mode"] == "capped"]
-if bpt:
-    print(f"smoe expert bytes read per token under the cap: {statistics.median(bpt) / 1e6:.1f} MB")
+    print(f"{label:<34} {l:>10.2f} {s:>11.2f} {g:>10.2f} {s / l:>12.2f} {g / l:>11.2f} {g / s:>11.2f}")
+for engine, name in (("smoe", "vault"), ("smoe-gguf", "GGUF")):
+    bpt = [r["bytes_per_token"] for r in rows
+           if r.get("bytes_per_token") and r["mode"] == "capped" and r["engine"] == engine]
+    if bpt:
+        print(f"smoe ({name}) expert bytes read per token under the cap: {statistics.median(bpt) / 1e6:.1f} MB")
 PY
 rm -f "$OUT"

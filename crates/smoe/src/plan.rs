@@ -57,7 +57,6 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::{json, Value};
 
@@ -67,10 +66,10 @@ use crate::checkpoint::{zeros, MappedFile, TensorSource, Weight};
 use crate::config::ModelConfig;
 use crate::error::{read_json, Error, Result};
 use crate::experts::io::DirectFile;
-use crate::kernels::{matmul, threads, DType, Matrix};
+use crate::kernels::{threads, DType};
 use crate::memory::{Budget, Footprint, MemoryPlan};
 use crate::model::{human_bytes, Decoder};
-use crate::quant::{quantize_rows, QuantType};
+use crate::quant::QuantType;
 use crate::vault::recipe::{row_type, Role};
 use crate::vault::{self, align_up, part_start, Vault};
 
@@ -442,8 +441,9 @@ pub struct Machine {
     /// `(n, seconds)` by ascending `n`, when measured here; a given machine
     /// has only `disk_gbps`.
     pub reads: Vec<(usize, f64)>,
-    /// Memory bandwidth: with `measured`, what the one-token kernel
-    /// streamed here; else the machine's rated figure.
+    /// Memory bandwidth: with `measured`, the rate the one-token kernel
+    /// streamed the model's own LM head at here; else the machine's rated
+    /// figure.
     pub mem_gbps: f64,
     /// Multi-token quantized matmul rate, GFLOP/s: given, or what the
     /// engine's measured layer did with a prompt.
@@ -852,7 +852,7 @@ pub fn measure(sizes: &Sizes, model: &Path, ram: u64) -> Result<Machine> {
         .last()
         .ok_or_else(|| Error::invalid("no disk reads measured"))?;
     let disk_gbps = (n * len) as f64 / s / 1e9;
-    let mem_gbps = probe_memory()?;
+    let mem_gbps = probe::head_rate(sizes)?;
     // Between two uses of one layer a decoded token streams the others and
     // the LM head.
     let k = sizes.config.num_experts_per_tok as u64;
@@ -943,36 +943,6 @@ fn probe_disk(dir: &Path, len: usize) -> Result<Vec<(usize, f64)>> {
     });
     let _ = std::fs::remove_file(&path);
     result
-}
-
-/// GB/s of weights the one-token q4_k product streams from DRAM here (one
-/// matrix of 256 MiB, far past any cache): what the LM head is read at.
-fn probe_memory() -> Result<f64> {
-    let q = QuantType::Q4K;
-    let cols = 2048;
-    let row = q.row_bytes(cols).unwrap_or(0);
-    let group = 64;
-    let src: Vec<f32> = (0..group * cols)
-        .map(|i| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0)
-        .collect();
-    let mut block = vec![0u8; group * row];
-    quantize_rows(q, &src, cols, &mut block)?;
-    let rows = (256usize << 20) / row / group * group;
-    let weights: Vec<u8> = block.iter().copied().cycle().take(rows * row).collect();
-    let w = Matrix::new(DType::Quant(q), &weights, rows, cols);
-    let x = vec![0.5f32; cols];
-    let mut y = vec![0.0f32; rows];
-    // The median of five passes: on a shared machine one pass may land in
-    // another process's time slice.
-    let mut v: Vec<f64> = (0..5)
-        .map(|_| {
-            let start = Instant::now();
-            matmul(&x, 1, w, &mut y);
-            (rows * row) as f64 / start.elapsed().as_secs_f64() / 1e9
-        })
-        .collect();
-    v.sort_by(f64::total_cmp);
-    Ok(v[2])
 }
 
 /// Reads a model for planning: a vault, a checkpoint directory or a bare

@@ -26,7 +26,7 @@ use std::time::Instant;
 use crate::checkpoint::{filled, MappedFile, TensorSource, Weight};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kernels::{for_each_task, DType};
+use crate::kernels::{for_each_task, matmul, DType};
 use crate::model::{CausalLm, Decoder, Logits, Session};
 use crate::quant::quantize_rows;
 
@@ -109,6 +109,42 @@ pub fn layer(sizes: &Sizes, between: u64) -> Result<LayerTimes> {
         session_s: (mean(&fresh) - mean(&warm)).max(0.0),
         decode_s: mean(&decode),
     })
+}
+
+/// GB/s the one-token product streams the model's LM head at here: its own
+/// stored type and width, at most [`ARENA`] bytes of its rows, far past any
+/// cache, the median of five passes. The head is the largest tensor a token
+/// reads, and kernels stream types at different rates where they are
+/// compute-bound (few threads): priced at q4_k's rate, as this probe once
+/// was, the resident 8-layer bench model's decode on 2 threads forecast
+/// 59 ms a token against 36 ms measured.
+pub fn head_rate(sizes: &Sizes) -> Result<f64> {
+    let c = &sizes.config;
+    let name = if c.tie_word_embeddings {
+        super::EMBED
+    } else {
+        super::LM_HEAD
+    };
+    let cols = c.hidden_size.max(1);
+    let dtype = sizes.stored_type(name, &[c.vocab_size, cols], 0);
+    let row = dtype.row_bytes(cols).max(1);
+    let rows = (ARENA / row).clamp(1, c.vocab_size.max(1));
+    let pattern = pattern(dtype)?;
+    let map = filled(rows * row, |bytes| repeat_into(bytes, &pattern))?;
+    let w = map.weight(0..rows * row, dtype, vec![rows, cols]);
+    let x = vec![0.5f32; cols];
+    let mut y = vec![0.0f32; rows];
+    // One pass untimed to start the pool; then the median of five: on a
+    // shared machine one pass may land in another process's time slice.
+    let mut pass = || {
+        let start = Instant::now();
+        matmul(&x, 1, w.matrix(), &mut y);
+        (rows * row) as f64 / start.elapsed().as_secs_f64() / 1e9
+    };
+    pass();
+    let mut v: Vec<f64> = (0..5).map(|_| pass()).collect();
+    v.sort_by(f64::total_cmp);
+    Ok(v[2])
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -194,13 +230,7 @@ impl Arena {
         }
         let map = filled(end, |bytes| {
             for (range, dtype) in &fresh {
-                let p = &patterns[dtype.name()];
-                for (dst, src) in bytes[range.clone()]
-                    .chunks_mut(p.len())
-                    .zip(std::iter::repeat(p))
-                {
-                    dst.copy_from_slice(&src[..dst.len()]);
-                }
+                repeat_into(&mut bytes[range.clone()], &patterns[dtype.name()]);
             }
         })?;
         Ok(Arena { map, tensors })
@@ -249,6 +279,13 @@ fn pattern(dtype: DType) -> Result<Vec<u8>> {
             out
         }
     })
+}
+
+/// Fills `dst` with copies of `pattern`, the last one cut short.
+fn repeat_into(dst: &mut [u8], pattern: &[u8]) {
+    for chunk in dst.chunks_mut(pattern.len()) {
+        chunk.copy_from_slice(&pattern[..chunk.len()]);
+    }
 }
 
 /// Streams a buffer through the CPU caches, as the rest of a model's

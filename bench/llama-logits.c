@@ -1,0 +1,94 @@
+// llama.cpp's logits for a sequence of token ids, for bench/vs-llama-logits.sh.
+//
+//   llama-logits MODEL.gguf IDS THREADS OUT.f32
+//
+// IDS is a comma-separated list. The ids run as one batch from position 0
+// on the CPU, with logits asked for at every position; OUT gets them as
+// raw little-endian f32, one row of n_vocab per position, and the vocabulary
+// size is printed on stdout. Written against libllama's C API as the
+// bench's llama.cpp (llama-cpp-python's vendored copy) has it.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "llama.h"
+
+static void quiet(enum ggml_log_level level, const char *text, void *user) {
+    (void)user;
+    if (level >= GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s MODEL.gguf IDS THREADS OUT.f32\n", argv[0]);
+        return 2;
+    }
+    int cap = 16, n = 0;
+    llama_token *ids = malloc(cap * sizeof *ids);
+    for (char *s = strtok(argv[2], ","); s; s = strtok(NULL, ",")) {
+        if (n == cap) ids = realloc(ids, (cap *= 2) * sizeof *ids);
+        ids[n++] = (llama_token)atoi(s);
+    }
+    int threads = atoi(argv[3]);
+    if (n == 0 || threads < 1) {
+        fprintf(stderr, "need at least one id and one thread\n");
+        return 2;
+    }
+
+    llama_log_set(quiet, NULL);
+    llama_backend_init();
+    struct llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    struct llama_model *model = llama_model_load_from_file(argv[1], mp);
+    if (!model) {
+        fprintf(stderr, "cannot load %s\n", argv[1]);
+        return 1;
+    }
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = n;
+    cp.n_batch = n;
+    cp.n_ubatch = n;
+    cp.n_threads = threads;
+    cp.n_threads_batch = threads;
+    struct llama_context *ctx = llama_init_from_model(model, cp);
+    if (!ctx) {
+        fprintf(stderr, "cannot make a context of %d tokens\n", n);
+        return 1;
+    }
+
+    struct llama_batch batch = llama_batch_init(n, 0, 1);
+    for (int i = 0; i < n; i++) {
+        batch.token[i] = ids[i];
+        batch.pos[i] = i;
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i] = 1;
+    }
+    batch.n_tokens = n;
+    if (llama_decode(ctx, batch) != 0) {
+        fprintf(stderr, "llama_decode failed\n");
+        return 1;
+    }
+
+    int vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    FILE *out = fopen(argv[4], "wb");
+    if (!out) {
+        perror(argv[4]);
+        return 1;
+    }
+    for (int i = 0; i < n; i++) {
+        if (fwrite(llama_get_logits_ith(ctx, i), sizeof(float), vocab, out) != (size_t)vocab) {
+            perror(argv[4]);
+            return 1;
+        }
+    }
+    fclose(out);
+    printf("%d\n", vocab);
+
+    llama_batch_free(batch);
+    llama_free(ctx);
+    llama_model_free(model);
+    llama_backend_free();
+    free(ids);
+    return 0;
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# llama.cpp's logits against smoe's on the same GGUF file, for the same
+# token ids: bench/llama-logits.c (linked against the libllama that
+# bench/vs-llama.cpp.sh builds) and `smoe logits --all` each run the ids as
+# one prompt; prints the top-1 agreement over the positions and the mean
+# and largest |difference| of the logits.
+#
+#   bench/vs-llama-logits.sh          # the 8-layer bench model's Q4_K_M GGUF
+#
+# Environment: GGUF [vs-llama.cpp.sh's Q4_K_M], N [256] ids, THREADS
+# [physical cores], SMOE [target/release/smoe], LLAMA [the llama.cpp tree].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR=${SMOE_BENCH_DIR:-$HOME/.cache/smoe-bench}
+LAYERS=${LAYERS:-8}
+GGUF=${GGUF:-$DIR/qwen3-30b-a3b-${LAYERS}l-Q4_K_M.gguf}
+LLAMA=${LLAMA:-$DIR/llama.cpp}
+SMOE=${SMOE:-target/release/smoe}
+N=${N:-256}
+THREADS=${THREADS:-$(lscpu -p=core | grep -v '^#' | sort -u | wc -l)}
+
+if [ ! -f "$GGUF" ] || [ ! -d "$LLAMA/build/bin" ]; then
+    bench/vs-llama.cpp.sh setup
+fi
+if [ "$SMOE" = target/release/smoe ] && command -v cargo >/dev/null; then
+    cargo build --release --quiet --bin smoe
+fi
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+cc -O2 -o "$TMP/llama-logits" bench/llama-logits.c -I"$LLAMA/include" -I"$LLAMA/ggml/include" \
+    -L"$LLAMA/build/bin" -lllama -Wl,-rpath,"$LLAMA/build/bin"
+
+# Spread over the ordinary vocabulary (Qwen3's specials start at 151643).
+IDS=$(python3 -c "print(','.join(str((i * 7919 + 11) % 151643) for i in range($N)))")
+"$TMP/llama-logits" "$GGUF" "$IDS" "$THREADS" "$TMP/llama.f32" >"$TMP/vocab"
+"$SMOE" logits --model "$GGUF" --threads "$THREADS" --ids "$IDS" --all >"$TMP/smoe.json"
+
+python3 - "$TMP/llama.f32" "$(cat "$TMP/vocab")" "$TMP/smoe.json" "$GGUF" <<'PY'
+import array, json, sys
+llama = array.array("f")
+with open(sys.argv[1], "rb") as f:
+    llama.frombytes(f.read())
+vocab = int(sys.argv[2])
+smoe = json.load(open(sys.argv[3]))["logits"]
+n = len(smoe)
+assert len(llama) == n * vocab, f"llama.cpp gave {len(llama)} logits, expected {n} x {vocab}"
+agree, total, worst, scale = 0, 0.0, 0.0, 0.0
+for i, row in enumerate(smoe):
+    ref = llama[i * vocab:(i + 1) * vocab]
+    # smoe's row may be the config's vocab_size, llama.cpp's the tokens the
+    # GGUF lists; compare what both have.
+    m = min(len(row), vocab)
+    a = max(range(m), key=row.__getitem__)
+    b = max(range(m), key=ref.__getitem__)
+    agree += a == b
+    d = [abs(row[j] - ref[j]) for j in range(m)]
+    total += sum(d) / m
+    worst = max(worst, max(d))
+    scale += sum(abs(ref[j]) for j in range(m)) / m
+print(f"model: {sys.argv[4]}")
+print(f"positions: {n}, vocabulary compared: {m}")
+print(f"top-1 agreement: {agree}/{n} = {100 * agree / n:.1f}%")
+print(f"mean |smoe - llama.cpp|: {total / n:.4f} (mean |llama.cpp logit|: {scale / n:.4f}); largest: {worst:.4f}")
+PY
