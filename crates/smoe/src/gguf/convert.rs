@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{config, expert_tensors, tokenizer, Extent, Gguf, GgufWeights};
-use crate::checkpoint::{TensorSource, Weight};
+use super::{config, expert_tensors, tokenizer, ExpertTensors, Extent, Gguf, GgufWeights};
+use crate::checkpoint::TensorSource;
+use crate::config::ModelConfig;
 use crate::model::Decoder;
 use crate::vault::convert::{
     new_conversion_id, partial_dir, write_synced, ConvertReport, Progress,
@@ -27,26 +27,102 @@ use crate::vault::{
 };
 use crate::{Error, Result};
 
-/// Hands out a GGUF's tensors and remembers the backbone ones asked for,
-/// so that the vault holds exactly what the decoder loads, under the names
-/// and shapes it asks by.
-struct Recorder<'a> {
-    weights: GgufWeights<'a>,
-    family: &'static crate::model::Family,
-    asked: Mutex<Vec<(String, Weight)>>,
+/// The vault a GGUF converts to, known before a byte is copied.
+pub struct Layout {
+    pub config: ModelConfig,
+    /// The manifest `convert` writes, its checksums still 0 and its
+    /// conversion id empty.
+    pub manifest: Manifest,
+    /// Backbone tensors by name and shape, in backbone.bin's order.
+    pub backbone: Vec<(String, Vec<usize>)>,
+    /// Where each expert layer of the manifest is in the GGUF.
+    pub layers: Vec<ExpertTensors>,
 }
 
-impl TensorSource for Recorder<'_> {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        let w = self.weights.tensor(name, shape)?;
-        if !self.family.is_routed_expert(name) {
-            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
-            if !asked.iter().any(|(n, _)| n == name) {
-                asked.push((name.to_string(), w.clone()));
-            }
+/// The vault of the GGUF `g`, from its metadata and tensor table alone:
+/// the backbone is what the decoder loads, each tensor in the type
+/// [`GgufWeights`] hands it out in; an expert record is the GGUF's three
+/// slices at [`part_start`]s, padded to [`ALIGN`].
+pub fn layout(g: &Gguf) -> Result<Layout> {
+    let source_config = config::config_json(g)?;
+    let cfg = ModelConfig::from_json(&source_config, g.path())?;
+    let weights = GgufWeights::new(g, &cfg);
+    let (mut backbone, mut entries, mut backbone_types) =
+        (Vec::new(), BTreeMap::new(), BTreeMap::new());
+    let mut offset = ALIGN;
+    for (name, shape) in crate::plan::decoder_tensors(&cfg)? {
+        if cfg.family.is_routed_expert(&name) || entries.contains_key(&name) {
+            continue;
         }
-        Ok(w)
+        let (dtype, len) = weights.layout(&name, &shape)?;
+        if shape.len() == 2 {
+            *backbone_types.entry(dtype.name()).or_insert(0usize) += 1;
+        }
+        entries.insert(
+            name.clone(),
+            TensorEntry {
+                dtype: dtype.name().into(),
+                shape: shape.clone(),
+                offset,
+                len,
+                crc32: 0,
+            },
+        );
+        offset += align_up(len);
+        backbone.push((name, shape));
     }
+    let layers = expert_tensors(g, &cfg)?;
+    let mut at = ALIGN;
+    let mut experts = Vec::with_capacity(layers.len());
+    let mut expert_types = BTreeMap::new();
+    for l in &layers {
+        let mut end = 0;
+        let parts = l.parts.map(|p| {
+            let off = part_start(end);
+            end = off + p.len as usize;
+            *expert_types.entry(p.dtype.name()).or_insert(0usize) += 1;
+            PartEntry {
+                dtype: p.dtype.name().into(),
+                shape: p.shape,
+                offset: off as u64,
+                len: p.len,
+            }
+        });
+        let record_len = align_up(end as u64);
+        experts.push(ExpertLayer {
+            layer: l.layer,
+            parts,
+            record_len,
+            offsets: (0..l.experts as u64).map(|e| at + e * record_len).collect(),
+            crc32: vec![0; l.experts],
+        });
+        at += l.experts as u64 * record_len;
+    }
+    let most = |m: BTreeMap<&str, usize>| {
+        m.into_iter()
+            .max_by_key(|&(_, n)| n)
+            .map_or(String::new(), |(t, _)| t.to_string())
+    };
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        conversion_id: String::new(),
+        architecture: cfg.family.model_types[0].into(),
+        config: source_config,
+        quant: QuantChoice {
+            experts: most(expert_types),
+            backbone: most(backbone_types),
+        },
+        backbone: entries,
+        experts,
+        quant_error: BTreeMap::new(),
+    };
+    Ok(Layout {
+        config: cfg,
+        manifest,
+        backbone,
+        layers,
+    })
 }
 
 /// Converts the GGUF at `src` (or the split set it belongs to) into a
@@ -58,29 +134,23 @@ pub fn convert(
 ) -> Result<ConvertReport> {
     let start = Instant::now();
     let g = Gguf::open(src)?;
-    let source_config = config::config_json(&g)?;
-    let cfg = crate::config::ModelConfig::from_json(&source_config, g.path())?;
+    let Layout {
+        config: cfg,
+        mut manifest,
+        backbone,
+        layers,
+    } = layout(&g)?;
     if dst.exists() {
         return Err(Error::format(
             dst,
             "already exists; remove it or choose another output directory",
         ));
     }
-    let recorder = Recorder {
-        weights: GgufWeights::new(&g, &cfg),
-        family: cfg.family,
-        asked: Mutex::new(Vec::new()),
-    };
-    Decoder::load(&recorder, &cfg, None, None)?;
-    let backbone = recorder
-        .asked
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
-    let layers = expert_tensors(&g, &cfg)?;
-    let total = backbone
-        .iter()
-        .map(|(_, w)| w.bytes().len() as u64)
-        .sum::<u64>()
+    let weights = GgufWeights::new(&g, &cfg);
+    // The vault must load: what the decoder refuses of these weights is
+    // refused before anything is written.
+    Decoder::load(&weights, &cfg, None, None)?;
+    let total = manifest.backbone.values().map(|t| t.len).sum::<u64>()
         + layers
             .iter()
             .map(|l| l.parts.iter().map(|p| p.len).sum::<u64>() * l.experts as u64)
@@ -92,114 +162,55 @@ pub fn convert(
         std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
     }
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    let id = new_conversion_id();
+    manifest.conversion_id = new_conversion_id();
+    let id = &manifest.conversion_id;
 
     let path = work.join(BACKBONE_FILE);
     let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    f.write_all(&header_page(&id))
+    f.write_all(&header_page(id))
         .map_err(|e| Error::io(&path, e))?;
-    let mut offset = ALIGN;
-    let mut entries = BTreeMap::new();
-    let mut backbone_types = BTreeMap::new();
-    for (name, w) in &backbone {
+    for (name, shape) in &backbone {
+        let w = weights.tensor(name, shape)?;
         let bytes = w.bytes();
-        let padded = align_up(bytes.len() as u64);
+        let entry = manifest
+            .backbone
+            .get_mut(name)
+            .filter(|e| e.len == bytes.len() as u64)
+            .ok_or_else(|| Error::invalid(format!("{name}: not the bytes its layout says")))?;
+        let padded = align_up(entry.len);
         f.write_all(bytes).map_err(|e| Error::io(&path, e))?;
-        f.write_all(&vec![0u8; (padded - bytes.len() as u64) as usize])
+        f.write_all(&vec![0u8; (padded - entry.len) as usize])
             .map_err(|e| Error::io(&path, e))?;
-        if w.shape.len() == 2 {
-            *backbone_types.entry(w.dtype.name()).or_insert(0usize) += 1;
-        }
-        entries.insert(
-            name.clone(),
-            TensorEntry {
-                dtype: w.dtype.name().into(),
-                shape: w.shape.clone(),
-                offset,
-                len: bytes.len() as u64,
-                crc32: crc32fast::hash(bytes),
-            },
-        );
-        offset += padded;
-        done += bytes.len() as u64;
+        entry.crc32 = crc32fast::hash(bytes);
+        done += entry.len;
         progress(Progress { done, total });
     }
     f.sync_all().map_err(|e| Error::io(&path, e))?;
 
     let path = work.join(EXPERTS_FILE);
     let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    f.write_all(&header_page(&id))
+    f.write_all(&header_page(id))
         .map_err(|e| Error::io(&path, e))?;
-    let mut at = ALIGN;
-    let mut experts = Vec::with_capacity(layers.len());
-    let mut expert_types = BTreeMap::new();
-    for l in &layers {
-        let mut record = Vec::new();
-        let mut parts = Vec::with_capacity(3);
-        for p in &l.parts {
-            let off = part_start(record.len());
-            record.resize(off, 0);
-            record.resize(off + p.len as usize, 0);
-            parts.push(PartEntry {
-                dtype: p.dtype.name().into(),
-                shape: p.shape,
-                offset: off as u64,
-                len: p.len,
-            });
-            *expert_types.entry(p.dtype.name()).or_insert(0usize) += 1;
-        }
-        let record_len = align_up(record.len() as u64);
-        record.resize(record_len as usize, 0);
-        let (mut offsets, mut crcs) = (Vec::new(), Vec::new());
-        for e in 0..l.experts as u64 {
-            for (p, entry) in l.parts.iter().zip(&parts) {
+    for (l, entry) in layers.iter().zip(&mut manifest.experts) {
+        let mut record = vec![0u8; entry.record_len as usize];
+        for (e, crc) in entry.crc32.iter_mut().enumerate() {
+            for (p, part) in l.parts.iter().zip(&entry.parts) {
                 let src = g.extent_data(Extent {
                     shard: p.shard,
-                    offset: p.offset + e * p.len,
+                    offset: p.offset + e as u64 * p.len,
                     len: p.len,
                 });
-                record[entry.offset as usize..][..p.len as usize].copy_from_slice(src);
+                record[part.offset as usize..][..p.len as usize].copy_from_slice(src);
                 done += p.len;
             }
             f.write_all(&record).map_err(|e| Error::io(&path, e))?;
-            offsets.push(at);
-            crcs.push(crc32fast::hash(&record));
-            at += record_len;
+            *crc = crc32fast::hash(&record);
             progress(Progress { done, total });
         }
-        let parts: [PartEntry; 3] = parts
-            .try_into()
-            .map_err(|_| Error::invalid("three parts"))?;
-        experts.push(ExpertLayer {
-            layer: l.layer,
-            parts,
-            record_len,
-            offsets,
-            crc32: crcs,
-        });
     }
     f.sync_all().map_err(|e| Error::io(&path, e))?;
 
     write_text_files(&g, &work)?;
-    let most = |m: BTreeMap<&str, usize>| {
-        m.into_iter()
-            .max_by_key(|&(_, n)| n)
-            .map_or(String::new(), |(t, _)| t.to_string())
-    };
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        version: VERSION,
-        conversion_id: id,
-        architecture: cfg.family.model_types[0].into(),
-        config: source_config,
-        quant: QuantChoice {
-            experts: most(expert_types),
-            backbone: most(backbone_types),
-        },
-        backbone: entries,
-        experts,
-        quant_error: BTreeMap::new(),
-    };
     let text =
         serde_json::to_string_pretty(&manifest).map_err(|e| Error::invalid(e.to_string()))?;
     let config = serde_json::to_string_pretty(&manifest.config)

@@ -23,7 +23,7 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-const FAMILIES: [&str; 8] = [
+pub(crate) const FAMILIES: [&str; 8] = [
     "qwen3-moe-a",
     "qwen3-moe-b",
     "qwen2-moe",
@@ -219,7 +219,7 @@ fn gguf_of(c: &ModelConfig, tensors: Vec<(String, Vec<usize>, Vec<f32>)>, ty: Gg
 }
 
 /// A fixture checkpoint as a GGUF builder.
-fn from_fixture(name: &str, ty: GgmlType) -> (ModelConfig, Builder) {
+pub(crate) fn from_fixture(name: &str, ty: GgmlType) -> (ModelConfig, Builder) {
     let ckpt = Checkpoint::open(&fixture(name)).unwrap();
     let mut names: Vec<&str> = ckpt.tensor_names().collect();
     names.sort_unstable();
@@ -235,10 +235,19 @@ fn from_fixture(name: &str, ty: GgmlType) -> (ModelConfig, Builder) {
     (c, b)
 }
 
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
     path
+}
+
+/// `b` split into `n` shards, written to `dir` as `<prefix>-0000K-of-0000N.gguf`.
+pub(crate) fn write_split(dir: &Path, prefix: &str, b: &Builder, n: usize) -> Vec<PathBuf> {
+    b.split(n)
+        .iter()
+        .enumerate()
+        .map(|(k, bytes)| write(dir, &format!("{prefix}-{:05}-of-{n:05}.gguf", k + 1), bytes))
+        .collect()
 }
 
 fn opts() -> LoadOptions {
@@ -368,7 +377,7 @@ fn q8_0_ggufs_run_as_their_vaults() {
 
 /// A Qwen3-MoE wide enough for Q4_K rows (256), with random weights; the
 /// value projections in Q6_K as in Q4_K_M.
-fn wide_qwen3(ty: GgmlType) -> Builder {
+pub(crate) fn wide_qwen3(ty: GgmlType) -> Builder {
     let cfg = serde_json::json!({
         "model_type": "qwen3_moe", "vocab_size": 96, "hidden_size": 256,
         "intermediate_size": 256, "moe_intermediate_size": 256,
@@ -464,12 +473,7 @@ fn a_three_shard_gguf_runs() {
     let d = tempfile::tempdir().unwrap();
     let (_, b) = from_fixture("qwen3-moe-a", GgmlType::Bf16);
     let whole = write(d.path(), "whole.gguf", &b.build());
-    let paths: Vec<PathBuf> = b
-        .split(3)
-        .iter()
-        .enumerate()
-        .map(|(k, bytes)| write(d.path(), &format!("m-{:05}-of-00003.gguf", k + 1), bytes))
-        .collect();
+    let paths = write_split(d.path(), "m", &b, 3);
     let prompt = ids(&reference("qwen3-moe-a")["prompt_ids"]);
     let want = all_logits(&Engine::load_with(&whole, &opts()).unwrap(), &prompt);
     let g = Gguf::open(&paths[1]).unwrap();
@@ -548,3 +552,4 @@ fn bad_ggufs_are_named() {
     let err = load_err(&first);
     assert!(err.contains("shard 3 of 3 is missing"), "{err}");
 }
+
