@@ -8,8 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -19,11 +18,12 @@ use crate::checkpoint::TensorSource;
 use crate::config::ModelConfig;
 use crate::model::Decoder;
 use crate::vault::convert::{
-    new_conversion_id, partial_dir, write_synced, ConvertReport, Progress,
+    finish, load_journal, open_experts, partial_dir, save_journal, source_fingerprint, write,
+    write_synced, ConvertReport, Progress,
 };
 use crate::vault::{
     align_up, header_page, part_start, ExpertLayer, Manifest, PartEntry, QuantChoice, TensorEntry,
-    Vault, ALIGN, BACKBONE_FILE, EXPERTS_FILE, FORMAT, MANIFEST, VERSION,
+    Vault, ALIGN, BACKBONE_FILE, EXPERTS_FILE, FORMAT, VERSION,
 };
 use crate::{Error, Result};
 
@@ -125,11 +125,20 @@ pub fn layout(g: &Gguf) -> Result<Layout> {
     })
 }
 
+/// What a GGUF's journal records as the types asked for: none are, its
+/// blocks are copied as stored.
+const AS_STORED: &str = "as stored in the GGUF";
+
 /// Converts the GGUF at `src` (or the split set it belongs to) into a
-/// vault at `dst`.
+/// vault at `dst`. As a checkpoint's conversion, it is written under
+/// `VAULT.partial/` with expert layers journaled as they finish, so the
+/// same command resumes an interrupted one after its last finished layer;
+/// `stop_after_layers` stops it with an error after that many, as a crash
+/// would (for tests).
 pub fn convert(
     src: &Path,
     dst: &Path,
+    stop_after_layers: Option<usize>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ConvertReport> {
     let start = Instant::now();
@@ -150,48 +159,76 @@ pub fn convert(
     // The vault must load: what the decoder refuses of these weights is
     // refused before anything is written.
     Decoder::load(&weights, &cfg, None, None)?;
-    let total = manifest.backbone.values().map(|t| t.len).sum::<u64>()
-        + layers
-            .iter()
-            .map(|l| l.parts.iter().map(|p| p.len).sum::<u64>() * l.experts as u64)
-            .sum::<u64>();
+    let layer_bytes =
+        |l: &ExpertTensors| l.parts.iter().map(|p| p.len).sum::<u64>() * l.experts as u64;
+    let backbone_bytes: u64 = manifest.backbone.values().map(|t| t.len).sum();
+    let total = backbone_bytes + layers.iter().map(layer_bytes).sum::<u64>();
     let mut done = 0;
 
     let work = partial_dir(dst);
-    if work.exists() {
-        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    }
+    let files: Vec<PathBuf> = g.shards().iter().map(|s| s.path().to_path_buf()).collect();
+    let mut journal = load_journal(
+        &work,
+        &manifest.config,
+        &source_fingerprint(&files)?,
+        AS_STORED,
+        AS_STORED,
+    )?;
+    let resumed_layers = journal.layers_done.len();
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    manifest.conversion_id = new_conversion_id();
-    let id = &manifest.conversion_id;
+    manifest.conversion_id = journal.conversion_id.clone();
 
-    let path = work.join(BACKBONE_FILE);
-    let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    f.write_all(&header_page(id))
-        .map_err(|e| Error::io(&path, e))?;
-    for (name, shape) in &backbone {
-        let w = weights.tensor(name, shape)?;
-        let bytes = w.bytes();
-        let entry = manifest
-            .backbone
-            .get_mut(name)
-            .filter(|e| e.len == bytes.len() as u64)
-            .ok_or_else(|| Error::invalid(format!("{name}: not the bytes its layout says")))?;
-        let padded = align_up(entry.len);
-        f.write_all(bytes).map_err(|e| Error::io(&path, e))?;
-        f.write_all(&vec![0u8; (padded - entry.len) as usize])
-            .map_err(|e| Error::io(&path, e))?;
-        entry.crc32 = crc32fast::hash(bytes);
-        done += entry.len;
-        progress(Progress { done, total });
+    match &journal.backbone_done {
+        Some(entries) => {
+            manifest.backbone = entries.clone();
+            done += backbone_bytes;
+        }
+        None => {
+            let path = work.join(BACKBONE_FILE);
+            let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            write(&mut f, &path, &header_page(&manifest.conversion_id))?;
+            for (name, shape) in &backbone {
+                let w = weights.tensor(name, shape)?;
+                let bytes = w.bytes();
+                let entry = manifest
+                    .backbone
+                    .get_mut(name)
+                    .filter(|e| e.len == bytes.len() as u64)
+                    .ok_or_else(|| {
+                        Error::invalid(format!("{name}: not the bytes its layout says"))
+                    })?;
+                write(&mut f, &path, bytes)?;
+                let pad = align_up(entry.len) - entry.len;
+                write(&mut f, &path, &vec![0u8; pad as usize])?;
+                entry.crc32 = crc32fast::hash(bytes);
+                done += entry.len;
+                progress(Progress { done, total });
+            }
+            f.sync_all().map_err(|e| Error::io(&path, e))?;
+            journal.backbone_done = Some(manifest.backbone.clone());
+            save_journal(&work, &journal)?;
+        }
     }
-    f.sync_all().map_err(|e| Error::io(&path, e))?;
 
     let path = work.join(EXPERTS_FILE);
-    let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    f.write_all(&header_page(id))
-        .map_err(|e| Error::io(&path, e))?;
+    let mut f = open_experts(&path, &mut journal)?;
     for (l, entry) in layers.iter().zip(&mut manifest.experts) {
+        if let Some(j) = journal.layers_done.iter().find(|j| j.layer == l.layer) {
+            entry.crc32.clone_from(&j.crc32);
+            done += layer_bytes(l);
+            progress(Progress { done, total });
+            continue;
+        }
+        // Layers are written in order, each where the layout put it.
+        if entry.offsets.first() != Some(&journal.experts_len) {
+            return Err(Error::format(
+                &work,
+                format!(
+                    "the journal of this partial conversion does not match layer {}'s place in the vault; remove the directory and convert again",
+                    l.layer
+                ),
+            ));
+        }
         let mut record = vec![0u8; entry.record_len as usize];
         for (e, crc) in entry.crc32.iter_mut().enumerate() {
             for (p, part) in l.parts.iter().zip(&entry.parts) {
@@ -203,21 +240,28 @@ pub fn convert(
                 record[part.offset as usize..][..p.len as usize].copy_from_slice(src);
                 done += p.len;
             }
-            f.write_all(&record).map_err(|e| Error::io(&path, e))?;
+            write(&mut f, &path, &record)?;
             *crc = crc32fast::hash(&record);
             progress(Progress { done, total });
         }
+        f.sync_data().map_err(|e| Error::io(&path, e))?;
+        journal.experts_len += entry.record_len * l.experts as u64;
+        journal.layers_done.push(entry.clone());
+        save_journal(&work, &journal)?;
+        if stop_after_layers == Some(journal.layers_done.len() - resumed_layers) {
+            return Err(Error::invalid(format!(
+                "stopped after {} expert layers as asked; run again to finish",
+                journal.layers_done.len()
+            )));
+        }
     }
-    f.sync_all().map_err(|e| Error::io(&path, e))?;
+    drop(f);
 
     write_text_files(&g, &work)?;
-    let text =
-        serde_json::to_string_pretty(&manifest).map_err(|e| Error::invalid(e.to_string()))?;
     let config = serde_json::to_string_pretty(&manifest.config)
         .map_err(|e| Error::invalid(e.to_string()))?;
     write_synced(&work.join("config.json"), config.as_bytes())?;
-    write_synced(&work.join(MANIFEST), text.as_bytes())?;
-    std::fs::rename(&work, dst).map_err(|e| Error::io(dst, e))?;
+    finish(&work, dst, &manifest)?;
 
     let vault = Vault::open(dst)?;
     Ok(ConvertReport {
@@ -226,7 +270,7 @@ pub fn convert(
         expert_bytes: vault.expert_bytes(),
         quant: manifest.stored_quant(),
         quant_error: manifest.quant_error,
-        resumed_layers: 0,
+        resumed_layers,
         seconds: start.elapsed().as_secs_f64(),
     })
 }

@@ -323,7 +323,7 @@ fn same_as_its_vault(path: &Path, dir: &Path, prompt: &[u32]) {
         "{}-vault",
         path.file_stem().unwrap().to_string_lossy()
     ));
-    super::convert::convert(path, &vault, &mut |_| {}).unwrap();
+    super::convert::convert(path, &vault, None, &mut |_| {}).unwrap();
     let g = Gguf::open(path).unwrap();
     let cfg = super::config::model_config(&g).unwrap();
     let v = crate::vault::Vault::open(&vault).unwrap();
@@ -553,3 +553,35 @@ fn bad_ggufs_are_named() {
     assert!(err.contains("shard 3 of 3 is missing"), "{err}");
 }
 
+/// A GGUF conversion stopped anywhere (a full disk in the backbone, in an
+/// expert layer, in the journal, the tokenizer files or the manifest; or a
+/// crash after a layer) resumes after its last finished layer and ends in
+/// the same vault, byte for byte, as one that never stopped; a partial
+/// conversion of another GGUF is not resumed into.
+#[test]
+fn an_interrupted_gguf_conversion_resumes_to_the_same_vault() {
+    use crate::vault::convert::disk_full;
+    let d = tempfile::tempdir().unwrap();
+    let (_, b) = from_fixture("qwen3-moe-a", GgmlType::Q8_0);
+    let src = write(d.path(), "m.gguf", &b.build());
+    let convert = |out: &Path| super::convert::convert(&src, out, None, &mut |_| {});
+    disk_full::stop_and_resume(d.path(), &[0, 100, 300, 500, 700, 900, 999], &convert);
+    let want = disk_full::vault_files(&d.path().join("straight"));
+
+    // A crash after one layer, resumed.
+    let out = d.path().join("crashed");
+    let err = super::convert::convert(&src, &out, Some(1), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("stopped after 1"), "{err}");
+    let report = convert(&out).unwrap();
+    assert_eq!(report.resumed_layers, 1);
+    assert!(disk_full::vault_files(&out) == want);
+
+    // Another GGUF of the same config: its partial conversion is started over.
+    let (_, other) = from_fixture("qwen3-moe-a", GgmlType::F16);
+    let other = write(d.path(), "other.gguf", &other.build());
+    let out = d.path().join("mixed");
+    super::convert::convert(&other, &out, Some(1), &mut |_| {}).unwrap_err();
+    let report = convert(&out).unwrap();
+    assert_eq!(report.resumed_layers, 0);
+    assert!(disk_full::vault_files(&out) == want);
+}

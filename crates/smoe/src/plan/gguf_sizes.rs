@@ -106,7 +106,7 @@ mod tests {
         for (name, b) in cases {
             let path = write(d.path(), &format!("{name}.gguf"), &b.build());
             let vault = d.path().join(format!("{name}-vault"));
-            convert::convert(&path, &vault, &mut |_| {}).unwrap();
+            convert::convert(&path, &vault, None, &mut |_| {}).unwrap();
             let g = Gguf::open(&path).unwrap();
             let planned = Sizes::of_gguf(&g).unwrap();
             let converted = Sizes::of_vault(&Vault::open(&vault).unwrap()).unwrap();
