@@ -279,7 +279,7 @@ pub fn convert(
 /// `tokenizer_config.json` and `generation_config.json` (its end-of-
 /// generation ids), the files a checkpoint carries; nothing when the file
 /// has no tokenizer.
-fn write_text_files(g: &Gguf, dir: &Path) -> Result<()> {
+pub(super) fn write_text_files(g: &Gguf, dir: &Path) -> Result<()> {
     if g.metadata().get("tokenizer.ggml.model").is_none() {
         return Ok(());
     }
@@ -300,8 +300,24 @@ fn write_text_files(g: &Gguf, dir: &Path) -> Result<()> {
             cfg.insert(key.into(), json!(v));
         }
     }
-    if let Some(source) = &t.chat_template {
-        cfg.insert("chat_template".into(), json!(source));
+    // Named templates go back into transformers' list form, where the
+    // vault's loader (as transformers) picks `tool_use` when tools are
+    // passed; without a default the GGUF has no template, nor the vault.
+    match &t.chat_template {
+        Some(source) if !t.named_templates.is_empty() => {
+            let named = t
+                .named_templates
+                .iter()
+                .map(|(name, template)| json!({"name": name, "template": template}));
+            let list: Vec<Value> = std::iter::once(json!({"name": "default", "template": source}))
+                .chain(named)
+                .collect();
+            cfg.insert("chat_template".into(), Value::Array(list));
+        }
+        Some(source) => {
+            cfg.insert("chat_template".into(), json!(source));
+        }
+        None => {}
     }
     let text = serde_json::to_string_pretty(&Value::Object(cfg))
         .map_err(|e| Error::invalid(e.to_string()))?;
