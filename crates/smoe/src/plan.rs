@@ -4,10 +4,10 @@
 //! **Sizes.** A vault's are read from its manifest, a GGUF's from its
 //! metadata and tensor table as the vault it converts to, but with an
 //! expert's slot as the engine reads it from the file ([`gguf_sizes`]).
-//! For a checkpoint or a
-//! bare `config.json` the decoder itself says which tensors the config
-//! implies: [`Decoder::load`] runs on a source that records every tensor it
-//! asks for and hands back zeros (address space, never memory), and each
+//! For a checkpoint or a bare `config.json` the decoder itself says which
+//! tensors the config implies: [`Decoder::load`] runs on a source that
+//! records every tensor it asks for and hands back zeros (address space,
+//! never memory), and each
 //! tensor's stored type and bytes come from the conversion recipe
 //! ([`recipe`]) and the record layout `smoe convert` writes, so a plan is
 //! exact to the byte for the vault `convert` would make.

@@ -150,6 +150,28 @@ mod tests {
         }
     }
 
+    /// A GGUF with a type smoe has no kernels for is refused by `plan` as
+    /// by `run`: one error naming the file, the tensor and the type.
+    #[test]
+    fn a_gguf_smoe_cannot_run_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, b) = from_fixture("qwen3-moe-a", GgmlType::Q8_0);
+        let q4 = DType::parse("q4_k").unwrap();
+        for name in ["blk.1.attn_q.weight", "blk.2.ffn_down_exps.weight"] {
+            let path = write(
+                d.path(),
+                "bad.gguf",
+                &b.with_tensor_type(name, GgmlType::Q8_1).build(),
+            );
+            let err = super::super::sizes_of(&path, q4, q4)
+                .unwrap_err()
+                .to_string();
+            for part in ["bad.gguf", name, "Q8_1"] {
+                assert!(err.contains(part), "{part} not in {err}");
+            }
+        }
+    }
+
     /// `--measure` on a GGUF times direct reads of its own expert slices:
     /// each read starts at an expert's gate slice rounded down to 4 KiB and
     /// stays inside the shard that holds it.
