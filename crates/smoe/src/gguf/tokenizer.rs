@@ -761,6 +761,8 @@ pub(crate) mod tests {
         let g = Gguf::open(&path).unwrap();
         let loaded = load(&g).unwrap();
         assert_eq!(loaded.named("rag"), Some("rag"));
+        let described = g.describe().unwrap().join("\n");
+        assert!(described.contains(" + tool_use + rag"), "{described}");
         let template = loaded.chat_template(&g).unwrap();
         let original = ChatTemplate::from_dir(&dir).unwrap();
         let messages = crate::check::sample_conversation();
