@@ -1,5 +1,5 @@
 //! `smoe plan MODEL`: the memory plan and speed forecast of a model (a
-//! vault, a checkpoint, or a bare config.json) on this machine or on one
+//! vault, a GGUF, a checkpoint, or a bare config.json) on this machine or on one
 //! described by flags or a TOML file; the model lives in `smoe::plan`.
 
 use std::io::Write;
@@ -25,10 +25,11 @@ const IDLE_LOOP_US: f64 = 5.0;
 
 #[derive(Args)]
 pub(crate) struct PlanArgs {
-    /// A vault, a checkpoint directory, or a bare config.json.
+    /// A vault, a GGUF file (or the first shard of a split set), a
+    /// checkpoint directory, or a bare config.json.
     model: PathBuf,
     /// Type of the routed experts in the vault to plan for (ignored for a
-    /// vault, which is planned as stored).
+    /// vault or a GGUF, which are planned as stored).
     #[arg(long, default_value = "q4_k")]
     quant: String,
     /// Type of the backbone, with the recipe's exceptions.

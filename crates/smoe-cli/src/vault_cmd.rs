@@ -101,7 +101,7 @@ pub(crate) fn convert_with_progress(
         bar.set_position(p.done);
     };
     let report = if smoe::gguf::is_gguf(source) {
-        smoe::gguf::convert::convert(source, output, &mut show)?
+        smoe::gguf::convert::convert(source, output, opts.stop_after_layers, &mut show)?
     } else {
         convert(source, output, opts, &mut show)?
     };

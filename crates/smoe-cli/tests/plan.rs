@@ -1,5 +1,6 @@
 //! `smoe plan` on the published configs, on a vault against the config it
-//! came from, and on bad input.
+//! came from, and on bad input (a GGUF is planned in the library's tests,
+//! which build GGUFs from the fixtures).
 
 mod common;
 
@@ -176,7 +177,7 @@ fn bad_input_gets_one_clear_line() {
         &["one token needs 8 per layer"],
     );
     bad(&[path_str(&big), "--ram-budget", "150%"], &["at most 100%"]);
-    bad(&[path_str(&gguf)], &["model.gguf", "config.json"]);
+    bad(&[path_str(&gguf)], &["model.gguf", "truncated"]);
     bad(&[path_str(&big), "--device", "gpu"], &["CPU only"]);
     // A directory without a config, a config that is not one.
     let empty = dir.path().join("empty");

@@ -205,6 +205,75 @@ fn chat_template_kwargs_reach_the_template() {
     }
 }
 
+/// A checkpoint whose tokenizer_config.json holds transformers' list of
+/// named templates: a request with tools renders the `tool_use` one, as
+/// transformers' `apply_chat_template` picks it, and one without renders
+/// the default; `smoe template` agrees token for token.
+#[test]
+fn a_request_with_tools_renders_the_tool_use_template() {
+    let model = copy_fixture(SERVE_MODEL);
+    let config_path = model.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let default = config["chat_template"].as_str().unwrap().to_string();
+    let tool_use =
+        format!("{{% for t in tools %}}Tool {{{{ t.function.name }}}}.\n{{% endfor %}}{default}");
+    config["chat_template"] = json!([
+        {"name": "default", "template": default},
+        {"name": "tool_use", "template": tool_use},
+    ]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let messages = json!([{"role": "user", "content": "What is the weather?"}]);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {}}}}]);
+    let write = |name: &str, text: &str| {
+        let path = scratch.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (m, t, d) = (
+        write("m.json", &messages.to_string()),
+        write("t.json", &tools.to_string()),
+        write("default.jinja", &default),
+    );
+    let ids = |extra: &[&str]| -> usize {
+        let mut args = vec!["template", "--messages", path_str(&m), "--ids"];
+        args.extend_from_slice(extra);
+        let out: Value = serde_json::from_str(&smoe_ok(&args)).unwrap();
+        out.as_array().unwrap().len()
+    };
+    let dir = path_str(model.path());
+    let with_tools = ids(&["--model", dir, "--tools", path_str(&t)]);
+    let without = ids(&["--model", dir]);
+    let default_with_tools = ids(&[
+        "--model",
+        dir,
+        "--tools",
+        path_str(&t),
+        "--chat-template",
+        path_str(&d),
+    ]);
+    assert_ne!(with_tools, default_with_tools);
+
+    let server = Server::start_with(model.path(), &[]);
+    for (body, want) in [
+        (
+            json!({"messages": messages, "tools": tools, "max_tokens": 1}),
+            with_tools,
+        ),
+        (json!({"messages": messages, "max_tokens": 1}), without),
+        // tool_choice "none" sends no tools to the template.
+        (
+            json!({"messages": messages, "tools": tools, "tool_choice": "none", "max_tokens": 1}),
+            without,
+        ),
+    ] {
+        let r = server.post("/v1/chat/completions", &body).json();
+        assert_eq!(r["usage"]["prompt_tokens"], want, "{body}");
+    }
+}
+
 #[test]
 fn stop_strings_end_the_reply_before_them() {
     let server = Server::start(&[]);

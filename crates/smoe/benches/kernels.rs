@@ -10,9 +10,10 @@
 //! token after as many, reported as time per call and GFLOP/s of the visible
 //! (unmasked) scores and weighted values.
 //!
-//! The formats GGUF files bring besides smoe's own (Q4_1, Q5_0, Q5_1, IQ4_NL,
-//! IQ4_XS) are a group of their own, at the expert shapes against bf16 and
-//! Q4_K in the same run.
+//! The `gguf` group is one table of every GGML type smoe computes with
+//! (F32, F16, BF16 and every block format, from `GgmlType::computed`): the
+//! decode matrix-vector product's GB/s at the expert shapes, cold and hot,
+//! with bits per weight and the time against bf16's in the same run.
 //!
 //! `cargo bench -p smoe --bench kernels` (add `-- --threads N` to size the
 //! pool; default: one thread per logical CPU; `-- matmul`, `-- gguf` or
@@ -26,6 +27,7 @@
 
 use std::time::Instant;
 
+use smoe::gguf::GgmlType;
 use smoe::kernels::{attention, matmul, matmul_token_by_token, AttnShape, DType, Matrix};
 use smoe::quant::{quantize_rows, QuantType};
 
@@ -37,11 +39,6 @@ const Q8_0: DType = DType::Quant(QuantType::Q8_0);
 const Q4K: DType = DType::Quant(QuantType::Q4K);
 const Q4_0: DType = DType::Quant(QuantType::Q4_0);
 const Q6K: DType = DType::Quant(QuantType::Q6K);
-const Q4_1: DType = DType::Quant(QuantType::Q4_1);
-const Q5_0: DType = DType::Quant(QuantType::Q5_0);
-const Q5_1: DType = DType::Quant(QuantType::Q5_1);
-const IQ4_NL: DType = DType::Quant(QuantType::Iq4Nl);
-const IQ4_XS: DType = DType::Quant(QuantType::Iq4Xs);
 /// `(rows, cols, tokens, types)`, bf16 first as the baseline: the expert
 /// projections, gate/up `[768, 2048]` and down `[2048, 768]`; then the
 /// matrix-vector product of Q6_K, the LM head's type in a 4-bit backbone,
@@ -52,21 +49,9 @@ const CASES: [Case; 4] = [
     (2048, 768, &[1], &[BF16, Q6K]),
     (151_936, 2048, &[1], &[BF16, Q8_0, Q4K, Q6K]),
 ];
-/// The GGUF formats at the expert shapes, decode and a prefill share.
-const GGUF_CASES: [Case; 2] = [
-    (
-        768,
-        2048,
-        &[1, 32],
-        &[BF16, Q4K, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS],
-    ),
-    (
-        2048,
-        768,
-        &[1, 32],
-        &[BF16, Q4K, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS],
-    ),
-];
+/// The expert shapes the GGUF table times, `(rows, cols)`: gate/up and
+/// down; both are whole 256-weight blocks.
+const GGUF_SHAPES: [(usize, usize); 2] = [(768, 2048), (2048, 768)];
 type Case = (usize, usize, &'static [usize], &'static [DType]);
 const COLD_BYTES: usize = 512 << 20;
 const ROUNDS: usize = 7;
@@ -97,7 +82,16 @@ fn weights(dtype: DType, rows: usize, cols: usize) -> Vec<u64> {
                 d.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
             }
         }
-        _ => unreachable!("not benchmarked"),
+        DType::F16 => {
+            for (d, v) in bytes.chunks_exact_mut(2).zip(&src) {
+                d.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        DType::F32 => {
+            for (d, v) in bytes.chunks_exact_mut(4).zip(&src) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        }
     }
     words
 }
@@ -134,7 +128,7 @@ fn main() {
         bench_matmul(&CASES);
     }
     if only("gguf") {
-        bench_matmul(&GGUF_CASES);
+        bench_gguf();
     }
     if only("attention") {
         bench_attention();
@@ -160,47 +154,16 @@ fn bench_matmul(cases: &[Case]) {
         "vs bf16",
         "vs 1-tok"
     );
-    type Matmul = fn(&[f32], usize, Matrix<'_>, &mut [f32]);
     let paths: [(&str, Matmul); 2] = [("1-tok", matmul_token_by_token), ("tiled", matmul)];
     for &(rows, cols, tokens, dtypes) in cases {
         for &t in tokens {
             let mut bf16_cold = None;
             for &dtype in dtypes {
                 let len = rows * dtype.row_bytes(cols);
-                let one = weights(dtype, rows, cols);
-                let copies = COLD_BYTES / len + 1;
-                let mut all = vec![0u64; copies * len.div_ceil(8)];
-                let stride = len.div_ceil(8);
-                for c in all.chunks_exact_mut(stride) {
-                    c.copy_from_slice(&one);
-                }
-                // Products of many tokens take long enough that fewer calls,
-                // spread over the copies, keep each round's time near that of
-                // one token.
-                let calls = (copies / t).max(4);
-                let x = values(t * cols, 9);
-                let mut y = vec![0.0f32; t * rows];
-                // Both paths are timed round by round, interleaved, so that
-                // their ratio sees the same machine load.
                 let quant = matches!(dtype, DType::Quant(_));
                 let paths = if quant { &paths[..] } else { &paths[1..] };
-                let mut time = |cold: bool| {
-                    let mut per_call = vec![Vec::new(); paths.len()];
-                    for _ in 0..ROUNDS {
-                        for (p, (_, f)) in paths.iter().enumerate() {
-                            let start = Instant::now();
-                            for i in 0..calls {
-                                let at = if cold { i * copies / calls * stride } else { 0 };
-                                let w = Matrix::new(dtype, bytes(&all[at..], len), rows, cols);
-                                f(&x, t, w, &mut y);
-                            }
-                            per_call[p].push(start.elapsed().as_secs_f64() / calls as f64);
-                        }
-                    }
-                    per_call.into_iter().map(median).collect::<Vec<_>>()
-                };
-                let hot = time(false);
-                let cold = time(true);
+                let funcs: Vec<Matmul> = paths.iter().map(|p| p.1).collect();
+                let (hot, cold) = time_products(dtype, rows, cols, t, &funcs);
                 let base = *bf16_cold.get_or_insert(cold[0]);
                 for (p, (name, _)) in paths.iter().enumerate() {
                     let vs_one = if quant {
@@ -224,6 +187,90 @@ fn bench_matmul(cases: &[Case]) {
                 }
             }
         }
+    }
+}
+
+type Matmul = fn(&[f32], usize, Matrix<'_>, &mut [f32]);
+
+/// Seconds per call of each of `funcs` on `t` tokens of a `rows x cols`
+/// matrix of `dtype`, hot and cold, the medians of [`ROUNDS`].
+fn time_products(
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    t: usize,
+    funcs: &[Matmul],
+) -> (Vec<f64>, Vec<f64>) {
+    let len = rows * dtype.row_bytes(cols);
+    let one = weights(dtype, rows, cols);
+    let copies = COLD_BYTES / len + 1;
+    let mut all = vec![0u64; copies * len.div_ceil(8)];
+    let stride = len.div_ceil(8);
+    for c in all.chunks_exact_mut(stride) {
+        c.copy_from_slice(&one);
+    }
+    // Products of many tokens take long enough that fewer calls, spread
+    // over the copies, keep each round's time near that of one token.
+    let calls = (copies / t).max(4);
+    let x = values(t * cols, 9);
+    let mut y = vec![0.0f32; t * rows];
+    // The functions are timed round by round, interleaved, so that their
+    // ratio sees the same machine load.
+    let mut time = |cold: bool| {
+        let mut per_call = vec![Vec::new(); funcs.len()];
+        for _ in 0..ROUNDS {
+            for (p, f) in funcs.iter().enumerate() {
+                let start = Instant::now();
+                for i in 0..calls {
+                    let at = if cold { i * copies / calls * stride } else { 0 };
+                    let w = Matrix::new(dtype, bytes(&all[at..], len), rows, cols);
+                    f(&x, t, w, &mut y);
+                }
+                per_call[p].push(start.elapsed().as_secs_f64() / calls as f64);
+            }
+        }
+        per_call.into_iter().map(median).collect::<Vec<_>>()
+    };
+    let hot = time(false);
+    let cold = time(true);
+    (hot, cold)
+}
+
+/// One line per GGML type smoe computes with: one decoded token's product
+/// at each expert shape, weights streamed from DRAM (cold) and from cache
+/// (hot), with bf16's cold time over its own.
+fn bench_gguf() {
+    let types: Vec<(GgmlType, DType)> = GgmlType::computed().collect();
+    let bf16: Vec<f64> = GGUF_SHAPES
+        .iter()
+        .map(|&(rows, cols)| time_products(BF16, rows, cols, 1, &[matmul]).1[0])
+        .collect();
+    println!(
+        "\nGGUF types, one decoded token (matrix-vector), {} threads; GB/s = stored bytes / time, \
+         median of {ROUNDS}; cold: weights from DRAM, hot: from cache; vs bf16: bf16's cold time / this one's",
+        smoe::kernels::threads()
+    );
+    let mut header = format!("{:<8} {:>6}", "type", "bits/w");
+    for (rows, cols) in GGUF_SHAPES {
+        let shape = format!("{rows}x{cols}");
+        header += &format!(" | {shape:>9} cold GB/s {:>8} {:>7}", "hot GB/s", "vs bf16");
+    }
+    println!("{header}");
+    for (g, dtype) in types {
+        let cols = GGUF_SHAPES[0].1;
+        let bits = 8.0 * dtype.row_bytes(cols) as f64 / cols as f64;
+        let mut line = format!("{:<8} {bits:>6.2}", g.name());
+        for (&(rows, cols), base) in GGUF_SHAPES.iter().zip(&bf16) {
+            let len = (rows * dtype.row_bytes(cols)) as f64;
+            let (hot, cold) = time_products(dtype, rows, cols, 1, &[matmul]);
+            line += &format!(
+                " | {:>19.2} {:>8.2} {:>6.2}x",
+                len / cold[0] / 1e9,
+                len / hot[0] / 1e9,
+                base / cold[0]
+            );
+        }
+        println!("{line}");
     }
 }
 

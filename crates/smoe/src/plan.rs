@@ -1,10 +1,13 @@
 //! `smoe plan`: whether a model will run on a machine, what goes where, and
 //! roughly how fast, known before anything is downloaded.
 //!
-//! **Sizes.** A vault's are read from its manifest. For a checkpoint or a
-//! bare `config.json` the decoder itself says which tensors the config
-//! implies: [`Decoder::load`] runs on a source that records every tensor it
-//! asks for and hands back zeros (address space, never memory), and each
+//! **Sizes.** A vault's are read from its manifest, a GGUF's from its
+//! metadata and tensor table as the vault it converts to, but with an
+//! expert's slot as the engine reads it from the file ([`gguf_sizes`]).
+//! For a checkpoint or a bare `config.json` the decoder itself says which
+//! tensors the config implies: [`Decoder::load`] runs on a source that
+//! records every tensor it asks for and hands back zeros (address space,
+//! never memory), and each
 //! tensor's stored type and bytes come from the conversion recipe
 //! ([`recipe`]) and the record layout `smoe convert` writes, so a plan is
 //! exact to the byte for the vault `convert` would make.
@@ -51,6 +54,7 @@
 //! given for another machine); the resource with the larger share of the
 //! time is named.
 
+mod gguf_sizes;
 mod probe;
 
 use std::cell::RefCell;
@@ -60,12 +64,14 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use gguf_sizes::gguf_records;
 pub use probe::LayerTimes;
 
 use crate::checkpoint::{zeros, MappedFile, TensorSource, Weight};
 use crate::config::ModelConfig;
 use crate::error::{read_json, Error, Result};
 use crate::experts::io::DirectFile;
+use crate::gguf::{self, Gguf};
 use crate::kernels::{threads, DType};
 use crate::memory::{Budget, Footprint, MemoryPlan};
 use crate::model::{human_bytes, Decoder};
@@ -165,9 +171,13 @@ impl Sizes {
 
     /// Sizes of the vault at `dir`, as stored.
     pub fn of_vault(vault: &Vault) -> Result<Self> {
-        let m = &vault.manifest;
-        let config = ModelConfig::from_json(&m.config, &vault.dir.join(vault::MANIFEST))?;
-        let mut s = Sizes::empty(config, "vault", m.stored_quant());
+        Self::of_manifest(&vault.manifest, &vault.dir.join(vault::MANIFEST), "vault")
+    }
+
+    /// Sizes of the vault a manifest describes (`path` names it in errors).
+    fn of_manifest(m: &vault::Manifest, path: &Path, source: &'static str) -> Result<Self> {
+        let config = ModelConfig::from_json(&m.config, path)?;
+        let mut s = Sizes::empty(config, source, m.stored_quant());
         for (name, t) in &m.backbone {
             s.add_backbone(name, &t.shape, &t.dtype, t.len);
         }
@@ -198,9 +208,7 @@ impl Sizes {
     /// Sizes of the vault `smoe convert --experts experts --backbone
     /// backbone` would make from a checkpoint with this config.
     pub fn of_config(config: ModelConfig, experts: DType, backbone: DType) -> Result<Self> {
-        let shapes = Shapes::default();
-        Decoder::load(&shapes, &config, None, None)?;
-        let seen = shapes.seen.into_inner();
+        let seen = decoder_tensors(&config)?;
         let tied = !seen.iter().any(|(n, _)| n == LM_HEAD);
         let quant = format!(
             "experts {}, backbone {}{}",
@@ -334,6 +342,14 @@ impl TensorSource for Shapes {
         let map = z.as_ref().ok_or_else(|| Error::invalid("no zero map"))?;
         Ok(map.weight(0..bytes, DType::BF16, shape.to_vec()))
     }
+}
+
+/// The tensors the decoder loads for `config`, by name and shape, in the
+/// order it asks for them; nothing is read and no memory is committed.
+pub(crate) fn decoder_tensors(config: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let shapes = Shapes::default();
+    Decoder::load(&shapes, config, None, None)?;
+    Ok(shapes.seen.into_inner())
 }
 
 /// The decode hit rate as a function of the share of expert bytes cached.
@@ -824,10 +840,10 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
 }
 
 /// The machine's figures, measured here: batches of direct reads of
-/// expert-record size on the model's disk (a vault's own records, else a
-/// file written next to the model and removed), the one-token kernel's
-/// DRAM bandwidth, and the engine's own layer at this model's shapes, with
-/// the configured threads.
+/// expert-record size on the model's disk (a vault's own records, a GGUF's
+/// own expert slices, else a file written next to the model and removed),
+/// the one-token kernel's DRAM bandwidth, and the engine's own layer at
+/// this model's shapes, with the configured threads.
 pub fn measure(sizes: &Sizes, model: &Path, ram: u64) -> Result<Machine> {
     let len = align_up(sizes.record_bytes.max(1)) as usize;
     let reads = if vault::is_vault(model) {
@@ -840,6 +856,9 @@ pub fn measure(sizes: &Sizes, model: &Path, ram: u64) -> Result<Machine> {
             .flat_map(|l| l.offsets.iter().copied())
             .collect();
         probe_reads(file, &offsets, v.max_record_len() as usize)?
+    } else if gguf::is_gguf(model) {
+        let (file, offsets) = gguf_records(&Gguf::open(model)?, len as u64)?;
+        probe_reads(file, &offsets, len)?
     } else {
         let dir = if model.is_dir() {
             model
@@ -945,17 +964,12 @@ fn probe_disk(dir: &Path, len: usize) -> Result<Vec<(usize, f64)>> {
     result
 }
 
-/// Reads a model for planning: a vault, a checkpoint directory or a bare
-/// config.json (then the vault `smoe convert` would make with these types).
+/// Reads a model for planning: a vault, a GGUF file (or a shard of a
+/// split set), a checkpoint directory or a bare config.json (then the vault
+/// `smoe convert` would make with these types).
 pub fn sizes_of(model: &Path, experts: DType, backbone: DType) -> Result<Sizes> {
-    if model
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
-        return Err(Error::format(
-            model,
-            "smoe plan does not read GGUF files; give the model's config.json (from the same repository) instead",
-        ));
+    if gguf::is_gguf(model) {
+        return Sizes::of_gguf(&Gguf::open(model)?);
     }
     if vault::is_vault(model) {
         return Sizes::of_vault(&Vault::open(model)?);

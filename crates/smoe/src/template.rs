@@ -29,7 +29,7 @@ use crate::error::{read_json, read_to_string, Error, Result};
 const DEFAULT_NAME: &str = "chat_template";
 /// transformers picks a template with this name over the default one when
 /// tools are passed.
-const TOOL_USE_NAME: &str = "tool_use";
+pub const TOOL_USE_NAME: &str = "tool_use";
 /// Where transformers looks for named templates next to `chat_template.jinja`.
 const EXTRA_TEMPLATE_DIR: &str = "additional_chat_templates";
 /// Names under which callers pass an assistant's reasoning; transformers
@@ -190,6 +190,12 @@ impl ChatTemplate {
     /// special tokens given.
     pub fn new(source: &str, special: SpecialTokens) -> Result<Self> {
         Self::build(source.to_owned(), None, special)
+    }
+
+    /// A default template and a `tool_use` one that renders in its place
+    /// when tools are passed, as transformers picks between named templates.
+    pub fn with_tool_use(source: &str, tool_use: &str, special: SpecialTokens) -> Result<Self> {
+        Self::build(source.to_owned(), Some(tool_use.to_owned()), special)
     }
 
     /// Sets what errors call the template (a file it was read from, say);

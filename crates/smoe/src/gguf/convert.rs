@@ -8,179 +8,96 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{config, expert_tensors, tokenizer, Extent, Gguf, GgufWeights};
-use crate::checkpoint::{TensorSource, Weight};
+use super::{config, expert_tensors, tokenizer, ExpertTensors, Extent, Gguf, GgufWeights};
+use crate::checkpoint::TensorSource;
+use crate::config::ModelConfig;
 use crate::model::Decoder;
 use crate::vault::convert::{
-    new_conversion_id, partial_dir, write_synced, ConvertReport, Progress,
+    finish, load_journal, open_experts, partial_dir, save_journal, source_fingerprint, write,
+    write_synced, ConvertReport, Progress,
 };
 use crate::vault::{
     align_up, header_page, part_start, ExpertLayer, Manifest, PartEntry, QuantChoice, TensorEntry,
-    Vault, ALIGN, BACKBONE_FILE, EXPERTS_FILE, FORMAT, MANIFEST, VERSION,
+    Vault, ALIGN, BACKBONE_FILE, EXPERTS_FILE, FORMAT, VERSION,
 };
 use crate::{Error, Result};
 
-/// Hands out a GGUF's tensors and remembers the backbone ones asked for,
-/// so that the vault holds exactly what the decoder loads, under the names
-/// and shapes it asks by.
-struct Recorder<'a> {
-    weights: GgufWeights<'a>,
-    family: &'static crate::model::Family,
-    asked: Mutex<Vec<(String, Weight)>>,
+/// The vault a GGUF converts to, known before a byte is copied.
+pub struct Layout {
+    pub config: ModelConfig,
+    /// The manifest `convert` writes, its checksums still 0 and its
+    /// conversion id empty.
+    pub manifest: Manifest,
+    /// Backbone tensors by name and shape, in backbone.bin's order.
+    pub backbone: Vec<(String, Vec<usize>)>,
+    /// Where each expert layer of the manifest is in the GGUF.
+    pub layers: Vec<ExpertTensors>,
 }
 
-impl TensorSource for Recorder<'_> {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        let w = self.weights.tensor(name, shape)?;
-        if !self.family.is_routed_expert(name) {
-            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
-            if !asked.iter().any(|(n, _)| n == name) {
-                asked.push((name.to_string(), w.clone()));
-            }
-        }
-        Ok(w)
-    }
-}
-
-/// Converts the GGUF at `src` (or the split set it belongs to) into a
-/// vault at `dst`.
-pub fn convert(
-    src: &Path,
-    dst: &Path,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<ConvertReport> {
-    let start = Instant::now();
-    let g = Gguf::open(src)?;
-    let source_config = config::config_json(&g)?;
-    let cfg = crate::config::ModelConfig::from_json(&source_config, g.path())?;
-    if dst.exists() {
-        return Err(Error::format(
-            dst,
-            "already exists; remove it or choose another output directory",
-        ));
-    }
-    let recorder = Recorder {
-        weights: GgufWeights::new(&g, &cfg),
-        family: cfg.family,
-        asked: Mutex::new(Vec::new()),
-    };
-    Decoder::load(&recorder, &cfg, None, None)?;
-    let backbone = recorder
-        .asked
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
-    let layers = expert_tensors(&g, &cfg)?;
-    let total = backbone
-        .iter()
-        .map(|(_, w)| w.bytes().len() as u64)
-        .sum::<u64>()
-        + layers
-            .iter()
-            .map(|l| l.parts.iter().map(|p| p.len).sum::<u64>() * l.experts as u64)
-            .sum::<u64>();
-    let mut done = 0;
-
-    let work = partial_dir(dst);
-    if work.exists() {
-        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    }
-    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    let id = new_conversion_id();
-
-    let path = work.join(BACKBONE_FILE);
-    let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    f.write_all(&header_page(&id))
-        .map_err(|e| Error::io(&path, e))?;
+/// The vault of the GGUF `g`, from its metadata and tensor table alone:
+/// the backbone is what the decoder loads, each tensor in the type
+/// [`GgufWeights`] hands it out in; an expert record is the GGUF's three
+/// slices at [`part_start`]s, padded to [`ALIGN`].
+pub fn layout(g: &Gguf) -> Result<Layout> {
+    let source_config = config::config_json(g)?;
+    let cfg = ModelConfig::from_json(&source_config, g.path())?;
+    let weights = GgufWeights::new(g, &cfg);
+    let (mut backbone, mut entries, mut backbone_types) =
+        (Vec::new(), BTreeMap::new(), BTreeMap::new());
     let mut offset = ALIGN;
-    let mut entries = BTreeMap::new();
-    let mut backbone_types = BTreeMap::new();
-    for (name, w) in &backbone {
-        let bytes = w.bytes();
-        let padded = align_up(bytes.len() as u64);
-        f.write_all(bytes).map_err(|e| Error::io(&path, e))?;
-        f.write_all(&vec![0u8; (padded - bytes.len() as u64) as usize])
-            .map_err(|e| Error::io(&path, e))?;
-        if w.shape.len() == 2 {
-            *backbone_types.entry(w.dtype.name()).or_insert(0usize) += 1;
+    for (name, shape) in crate::plan::decoder_tensors(&cfg)? {
+        if cfg.family.is_routed_expert(&name) || entries.contains_key(&name) {
+            continue;
+        }
+        let (dtype, len) = weights.layout(&name, &shape)?;
+        if shape.len() == 2 {
+            *backbone_types.entry(dtype.name()).or_insert(0usize) += 1;
         }
         entries.insert(
             name.clone(),
             TensorEntry {
-                dtype: w.dtype.name().into(),
-                shape: w.shape.clone(),
+                dtype: dtype.name().into(),
+                shape: shape.clone(),
                 offset,
-                len: bytes.len() as u64,
-                crc32: crc32fast::hash(bytes),
+                len,
+                crc32: 0,
             },
         );
-        offset += padded;
-        done += bytes.len() as u64;
-        progress(Progress { done, total });
+        offset += align_up(len);
+        backbone.push((name, shape));
     }
-    f.sync_all().map_err(|e| Error::io(&path, e))?;
-
-    let path = work.join(EXPERTS_FILE);
-    let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    f.write_all(&header_page(&id))
-        .map_err(|e| Error::io(&path, e))?;
+    let layers = expert_tensors(g, &cfg)?;
     let mut at = ALIGN;
     let mut experts = Vec::with_capacity(layers.len());
     let mut expert_types = BTreeMap::new();
     for l in &layers {
-        let mut record = Vec::new();
-        let mut parts = Vec::with_capacity(3);
-        for p in &l.parts {
-            let off = part_start(record.len());
-            record.resize(off, 0);
-            record.resize(off + p.len as usize, 0);
-            parts.push(PartEntry {
+        let mut end = 0;
+        let parts = l.parts.map(|p| {
+            let off = part_start(end);
+            end = off + p.len as usize;
+            *expert_types.entry(p.dtype.name()).or_insert(0usize) += 1;
+            PartEntry {
                 dtype: p.dtype.name().into(),
                 shape: p.shape,
                 offset: off as u64,
                 len: p.len,
-            });
-            *expert_types.entry(p.dtype.name()).or_insert(0usize) += 1;
-        }
-        let record_len = align_up(record.len() as u64);
-        record.resize(record_len as usize, 0);
-        let (mut offsets, mut crcs) = (Vec::new(), Vec::new());
-        for e in 0..l.experts as u64 {
-            for (p, entry) in l.parts.iter().zip(&parts) {
-                let src = g.extent_data(Extent {
-                    shard: p.shard,
-                    offset: p.offset + e * p.len,
-                    len: p.len,
-                });
-                record[entry.offset as usize..][..p.len as usize].copy_from_slice(src);
-                done += p.len;
             }
-            f.write_all(&record).map_err(|e| Error::io(&path, e))?;
-            offsets.push(at);
-            crcs.push(crc32fast::hash(&record));
-            at += record_len;
-            progress(Progress { done, total });
-        }
-        let parts: [PartEntry; 3] = parts
-            .try_into()
-            .map_err(|_| Error::invalid("three parts"))?;
+        });
+        let record_len = align_up(end as u64);
         experts.push(ExpertLayer {
             layer: l.layer,
             parts,
             record_len,
-            offsets,
-            crc32: crcs,
+            offsets: (0..l.experts as u64).map(|e| at + e * record_len).collect(),
+            crc32: vec![0; l.experts],
         });
+        at += l.experts as u64 * record_len;
     }
-    f.sync_all().map_err(|e| Error::io(&path, e))?;
-
-    write_text_files(&g, &work)?;
     let most = |m: BTreeMap<&str, usize>| {
         m.into_iter()
             .max_by_key(|&(_, n)| n)
@@ -189,7 +106,7 @@ pub fn convert(
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
-        conversion_id: id,
+        conversion_id: String::new(),
         architecture: cfg.family.model_types[0].into(),
         config: source_config,
         quant: QuantChoice {
@@ -200,13 +117,151 @@ pub fn convert(
         experts,
         quant_error: BTreeMap::new(),
     };
-    let text =
-        serde_json::to_string_pretty(&manifest).map_err(|e| Error::invalid(e.to_string()))?;
+    Ok(Layout {
+        config: cfg,
+        manifest,
+        backbone,
+        layers,
+    })
+}
+
+/// What a GGUF's journal records as the types asked for: none are, its
+/// blocks are copied as stored.
+const AS_STORED: &str = "as stored in the GGUF";
+
+/// Converts the GGUF at `src` (or the split set it belongs to) into a
+/// vault at `dst`. As a checkpoint's conversion, it is written under
+/// `VAULT.partial/` with expert layers journaled as they finish, so the
+/// same command resumes an interrupted one after its last finished layer;
+/// `stop_after_layers` stops it with an error after that many, as a crash
+/// would (for tests).
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    stop_after_layers: Option<usize>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ConvertReport> {
+    let start = Instant::now();
+    let g = Gguf::open(src)?;
+    let Layout {
+        config: cfg,
+        mut manifest,
+        backbone,
+        layers,
+    } = layout(&g)?;
+    if dst.exists() {
+        return Err(Error::format(
+            dst,
+            "already exists; remove it or choose another output directory",
+        ));
+    }
+    let weights = GgufWeights::new(&g, &cfg);
+    // The vault must load: what the decoder refuses of these weights is
+    // refused before anything is written.
+    Decoder::load(&weights, &cfg, None, None)?;
+    let layer_bytes =
+        |l: &ExpertTensors| l.parts.iter().map(|p| p.len).sum::<u64>() * l.experts as u64;
+    let backbone_bytes: u64 = manifest.backbone.values().map(|t| t.len).sum();
+    let total = backbone_bytes + layers.iter().map(layer_bytes).sum::<u64>();
+    let mut done = 0;
+
+    let work = partial_dir(dst);
+    let files: Vec<PathBuf> = g.shards().iter().map(|s| s.path().to_path_buf()).collect();
+    let mut journal = load_journal(
+        &work,
+        &manifest.config,
+        &source_fingerprint(&files)?,
+        AS_STORED,
+        AS_STORED,
+    )?;
+    let resumed_layers = journal.layers_done.len();
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    manifest.conversion_id = journal.conversion_id.clone();
+
+    match &journal.backbone_done {
+        Some(entries) => {
+            manifest.backbone = entries.clone();
+            done += backbone_bytes;
+        }
+        None => {
+            let path = work.join(BACKBONE_FILE);
+            let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            write(&mut f, &path, &header_page(&manifest.conversion_id))?;
+            for (name, shape) in &backbone {
+                let w = weights.tensor(name, shape)?;
+                let bytes = w.bytes();
+                let entry = manifest
+                    .backbone
+                    .get_mut(name)
+                    .filter(|e| e.len == bytes.len() as u64)
+                    .ok_or_else(|| {
+                        Error::invalid(format!("{name}: not the bytes its layout says"))
+                    })?;
+                write(&mut f, &path, bytes)?;
+                let pad = align_up(entry.len) - entry.len;
+                write(&mut f, &path, &vec![0u8; pad as usize])?;
+                entry.crc32 = crc32fast::hash(bytes);
+                done += entry.len;
+                progress(Progress { done, total });
+            }
+            f.sync_all().map_err(|e| Error::io(&path, e))?;
+            journal.backbone_done = Some(manifest.backbone.clone());
+            save_journal(&work, &journal)?;
+        }
+    }
+
+    let path = work.join(EXPERTS_FILE);
+    let mut f = open_experts(&path, &mut journal)?;
+    for (l, entry) in layers.iter().zip(&mut manifest.experts) {
+        if let Some(j) = journal.layers_done.iter().find(|j| j.layer == l.layer) {
+            entry.crc32.clone_from(&j.crc32);
+            done += layer_bytes(l);
+            progress(Progress { done, total });
+            continue;
+        }
+        // Layers are written in order, each where the layout put it.
+        if entry.offsets.first() != Some(&journal.experts_len) {
+            return Err(Error::format(
+                &work,
+                format!(
+                    "the journal of this partial conversion does not match layer {}'s place in the vault; remove the directory and convert again",
+                    l.layer
+                ),
+            ));
+        }
+        let mut record = vec![0u8; entry.record_len as usize];
+        for (e, crc) in entry.crc32.iter_mut().enumerate() {
+            for (p, part) in l.parts.iter().zip(&entry.parts) {
+                let src = g.extent_data(Extent {
+                    shard: p.shard,
+                    offset: p.offset + e as u64 * p.len,
+                    len: p.len,
+                });
+                record[part.offset as usize..][..p.len as usize].copy_from_slice(src);
+                done += p.len;
+            }
+            write(&mut f, &path, &record)?;
+            *crc = crc32fast::hash(&record);
+            progress(Progress { done, total });
+        }
+        f.sync_data().map_err(|e| Error::io(&path, e))?;
+        journal.experts_len += entry.record_len * l.experts as u64;
+        journal.layers_done.push(entry.clone());
+        save_journal(&work, &journal)?;
+        if stop_after_layers == Some(journal.layers_done.len() - resumed_layers) {
+            return Err(Error::invalid(format!(
+                "stopped after {} expert layers as asked; run again to finish",
+                journal.layers_done.len()
+            )));
+        }
+    }
+    drop(f);
+
+    write_text_files(&g, &work)?;
     let config = serde_json::to_string_pretty(&manifest.config)
         .map_err(|e| Error::invalid(e.to_string()))?;
     write_synced(&work.join("config.json"), config.as_bytes())?;
-    write_synced(&work.join(MANIFEST), text.as_bytes())?;
-    std::fs::rename(&work, dst).map_err(|e| Error::io(dst, e))?;
+    finish(&work, dst, &manifest)?;
 
     let vault = Vault::open(dst)?;
     Ok(ConvertReport {
@@ -215,7 +270,7 @@ pub fn convert(
         expert_bytes: vault.expert_bytes(),
         quant: manifest.stored_quant(),
         quant_error: manifest.quant_error,
-        resumed_layers: 0,
+        resumed_layers,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -224,7 +279,7 @@ pub fn convert(
 /// `tokenizer_config.json` and `generation_config.json` (its end-of-
 /// generation ids), the files a checkpoint carries; nothing when the file
 /// has no tokenizer.
-fn write_text_files(g: &Gguf, dir: &Path) -> Result<()> {
+pub(super) fn write_text_files(g: &Gguf, dir: &Path) -> Result<()> {
     if g.metadata().get("tokenizer.ggml.model").is_none() {
         return Ok(());
     }
@@ -245,8 +300,24 @@ fn write_text_files(g: &Gguf, dir: &Path) -> Result<()> {
             cfg.insert(key.into(), json!(v));
         }
     }
-    if let Some(source) = &t.chat_template {
-        cfg.insert("chat_template".into(), json!(source));
+    // Named templates go back into transformers' list form, where the
+    // vault's loader (as transformers) picks `tool_use` when tools are
+    // passed; without a default the GGUF has no template, nor the vault.
+    match &t.chat_template {
+        Some(source) if !t.named_templates.is_empty() => {
+            let named = t
+                .named_templates
+                .iter()
+                .map(|(name, template)| json!({"name": name, "template": template}));
+            let list: Vec<Value> = std::iter::once(json!({"name": "default", "template": source}))
+                .chain(named)
+                .collect();
+            cfg.insert("chat_template".into(), Value::Array(list));
+        }
+        Some(source) => {
+            cfg.insert("chat_template".into(), json!(source));
+        }
+        None => {}
     }
     let text = serde_json::to_string_pretty(&Value::Object(cfg))
         .map_err(|e| Error::invalid(e.to_string()))?;

@@ -101,9 +101,14 @@ impl Gguf {
         let vocab = self
             .opt_array("tokenizer.ggml.tokens")?
             .map_or(0, |a| a.len());
-        let template = self
+        let mut template = self
             .opt_str("tokenizer.chat_template")?
             .map_or("none".to_string(), |t| human_bytes(t.len() as u64));
+        for (key, _) in self.metadata().iter() {
+            if let Some(name) = key.strip_prefix("tokenizer.chat_template.") {
+                template += &format!(" + {name}");
+            }
+        }
         out.push(format!(
             "tokenizer: {model} (pre {pre}) | {vocab} tokens | chat template: {template}"
         ));

@@ -20,7 +20,7 @@ mod weights;
 pub mod write;
 
 #[cfg(test)]
-mod run_tests;
+pub(crate) mod run_tests;
 #[cfg(test)]
 mod tests;
 

@@ -23,7 +23,7 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-const FAMILIES: [&str; 8] = [
+pub(crate) const FAMILIES: [&str; 8] = [
     "qwen3-moe-a",
     "qwen3-moe-b",
     "qwen2-moe",
@@ -219,7 +219,7 @@ fn gguf_of(c: &ModelConfig, tensors: Vec<(String, Vec<usize>, Vec<f32>)>, ty: Gg
 }
 
 /// A fixture checkpoint as a GGUF builder.
-fn from_fixture(name: &str, ty: GgmlType) -> (ModelConfig, Builder) {
+pub(crate) fn from_fixture(name: &str, ty: GgmlType) -> (ModelConfig, Builder) {
     let ckpt = Checkpoint::open(&fixture(name)).unwrap();
     let mut names: Vec<&str> = ckpt.tensor_names().collect();
     names.sort_unstable();
@@ -235,10 +235,19 @@ fn from_fixture(name: &str, ty: GgmlType) -> (ModelConfig, Builder) {
     (c, b)
 }
 
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
     path
+}
+
+/// `b` split into `n` shards, written to `dir` as `<prefix>-0000K-of-0000N.gguf`.
+pub(crate) fn write_split(dir: &Path, prefix: &str, b: &Builder, n: usize) -> Vec<PathBuf> {
+    b.split(n)
+        .iter()
+        .enumerate()
+        .map(|(k, bytes)| write(dir, &format!("{prefix}-{:05}-of-{n:05}.gguf", k + 1), bytes))
+        .collect()
 }
 
 fn opts() -> LoadOptions {
@@ -314,7 +323,7 @@ fn same_as_its_vault(path: &Path, dir: &Path, prompt: &[u32]) {
         "{}-vault",
         path.file_stem().unwrap().to_string_lossy()
     ));
-    super::convert::convert(path, &vault, &mut |_| {}).unwrap();
+    super::convert::convert(path, &vault, None, &mut |_| {}).unwrap();
     let g = Gguf::open(path).unwrap();
     let cfg = super::config::model_config(&g).unwrap();
     let v = crate::vault::Vault::open(&vault).unwrap();
@@ -368,7 +377,7 @@ fn q8_0_ggufs_run_as_their_vaults() {
 
 /// A Qwen3-MoE wide enough for Q4_K rows (256), with random weights; the
 /// value projections in Q6_K as in Q4_K_M.
-fn wide_qwen3(ty: GgmlType) -> Builder {
+pub(crate) fn wide_qwen3(ty: GgmlType) -> Builder {
     let cfg = serde_json::json!({
         "model_type": "qwen3_moe", "vocab_size": 96, "hidden_size": 256,
         "intermediate_size": 256, "moe_intermediate_size": 256,
@@ -464,12 +473,7 @@ fn a_three_shard_gguf_runs() {
     let d = tempfile::tempdir().unwrap();
     let (_, b) = from_fixture("qwen3-moe-a", GgmlType::Bf16);
     let whole = write(d.path(), "whole.gguf", &b.build());
-    let paths: Vec<PathBuf> = b
-        .split(3)
-        .iter()
-        .enumerate()
-        .map(|(k, bytes)| write(d.path(), &format!("m-{:05}-of-00003.gguf", k + 1), bytes))
-        .collect();
+    let paths = write_split(d.path(), "m", &b, 3);
     let prompt = ids(&reference("qwen3-moe-a")["prompt_ids"]);
     let want = all_logits(&Engine::load_with(&whole, &opts()).unwrap(), &prompt);
     let g = Gguf::open(&paths[1]).unwrap();
@@ -547,4 +551,37 @@ fn bad_ggufs_are_named() {
     write(d.path(), "s-00002-of-00003.gguf", &parts[1]);
     let err = load_err(&first);
     assert!(err.contains("shard 3 of 3 is missing"), "{err}");
+}
+
+/// A GGUF conversion stopped anywhere (a full disk in the backbone, in an
+/// expert layer, in the journal, the tokenizer files or the manifest; or a
+/// crash after a layer) resumes after its last finished layer and ends in
+/// the same vault, byte for byte, as one that never stopped; a partial
+/// conversion of another GGUF is not resumed into.
+#[test]
+fn an_interrupted_gguf_conversion_resumes_to_the_same_vault() {
+    use crate::vault::convert::disk_full;
+    let d = tempfile::tempdir().unwrap();
+    let (_, b) = from_fixture("qwen3-moe-a", GgmlType::Q8_0);
+    let src = write(d.path(), "m.gguf", &b.build());
+    let convert = |out: &Path| super::convert::convert(&src, out, None, &mut |_| {});
+    disk_full::stop_and_resume(d.path(), &[0, 100, 300, 500, 700, 900, 999], &convert);
+    let want = disk_full::vault_files(&d.path().join("straight"));
+
+    // A crash after one layer, resumed.
+    let out = d.path().join("crashed");
+    let err = super::convert::convert(&src, &out, Some(1), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("stopped after 1"), "{err}");
+    let report = convert(&out).unwrap();
+    assert_eq!(report.resumed_layers, 1);
+    assert!(disk_full::vault_files(&out) == want);
+
+    // Another GGUF of the same config: its partial conversion is started over.
+    let (_, other) = from_fixture("qwen3-moe-a", GgmlType::F16);
+    let other = write(d.path(), "other.gguf", &other.build());
+    let out = d.path().join("mixed");
+    super::convert::convert(&other, &out, Some(1), &mut |_| {}).unwrap_err();
+    let report = convert(&out).unwrap();
+    assert_eq!(report.resumed_layers, 0);
+    assert!(disk_full::vault_files(&out) == want);
 }

@@ -25,7 +25,7 @@ use tokenizers::{
 };
 
 use super::{Array, Gguf, Value};
-use crate::template::{ChatTemplate, SpecialTokens};
+use crate::template::{ChatTemplate, SpecialTokens, TOOL_USE_NAME};
 use crate::{Error, Result};
 
 /// llama.cpp's token types (`llama_token_type`).
@@ -143,6 +143,10 @@ pub struct GgufTokenizer {
     pub add_eos: bool,
     /// `tokenizer.chat_template`, if the file has one.
     pub chat_template: Option<String>,
+    /// `tokenizer.chat_template.NAME`, by name: llama.cpp's converter
+    /// stores a checkpoint's named templates other than `default` there
+    /// (`tool_use`, `rag`, ...).
+    pub named_templates: Vec<(String, String)>,
     /// The special-token strings a chat template sees.
     pub special: SpecialTokens,
 }
@@ -172,7 +176,18 @@ impl GgufTokenizer {
                 "no tokenizer.chat_template: pass one with --chat-template FILE",
             )
         })?;
-        ChatTemplate::new(source, self.special.clone())
+        match self.named(TOOL_USE_NAME) {
+            Some(tool_use) => ChatTemplate::with_tool_use(source, tool_use, self.special.clone()),
+            None => ChatTemplate::new(source, self.special.clone()),
+        }
+    }
+
+    /// The named template `name`, if the file has one.
+    pub fn named(&self, name: &str) -> Option<&str> {
+        self.named_templates
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.as_str())
     }
 }
 
@@ -310,6 +325,7 @@ pub fn load(g: &Gguf) -> Result<GgufTokenizer> {
             )))
         }
     };
+    let named_templates = named_templates(g)?;
     let text = |id: Option<u32>| id.map(|id| tokens[id as usize].clone());
     let special = SpecialTokens {
         bos: text(bos),
@@ -325,8 +341,49 @@ pub fn load(g: &Gguf) -> Result<GgufTokenizer> {
         add_bos,
         add_eos,
         chat_template,
+        named_templates,
         special,
     })
+}
+
+/// The `tokenizer.chat_template.NAME` templates, each a string, and every
+/// name that `tokenizer.chat_templates` lists among them.
+fn named_templates(g: &Gguf) -> Result<Vec<(String, String)>> {
+    const PREFIX: &str = "tokenizer.chat_template.";
+    let mut named = Vec::new();
+    for (key, value) in g.metadata().iter() {
+        let Some(name) = key.strip_prefix(PREFIX) else {
+            continue;
+        };
+        match value {
+            Value::String(t) => named.push((name.to_string(), t.clone())),
+            v => {
+                return Err(Error::format(
+                    g.path(),
+                    format!("{key}: expected a string, found {}", v.type_name()),
+                ))
+            }
+        }
+    }
+    let listed = match g.opt_array("tokenizer.chat_templates")? {
+        None => Vec::new(),
+        Some(Array::String(names)) => names.clone(),
+        Some(_) => {
+            return Err(Error::format(
+                g.path(),
+                "tokenizer.chat_templates: expected an array of template names",
+            ))
+        }
+    };
+    if let Some(missing) = listed.iter().find(|n| !named.iter().any(|(m, _)| m == *n)) {
+        return Err(Error::format(
+            g.path(),
+            format!(
+                "tokenizer.chat_templates names \"{missing}\" but there is no {PREFIX}{missing}"
+            ),
+        ));
+    }
+    Ok(named)
 }
 
 /// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`): the vocabulary and
@@ -677,6 +734,86 @@ pub(crate) mod tests {
             template.render(&messages, None, true, &none).unwrap(),
             original.render(&messages, None, true, &none).unwrap()
         );
+    }
+
+    /// A file with `tokenizer.chat_template.tool_use` (as llama.cpp's
+    /// converter stores a checkpoint's named templates) renders it when
+    /// tools are passed and the default otherwise, as transformers picks;
+    /// converted to a vault, the named templates become
+    /// tokenizer_config.json's list and pick alike.
+    #[test]
+    fn a_tool_use_template_is_picked_when_tools_are_passed() {
+        let dir = vocab_dir().join("../tokenizer");
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("t.gguf");
+        let s = |v: &str| Value::String(v.into());
+        let named = gguf_like_converter(&dir)
+            .kv(
+                "tokenizer.chat_template.tool_use",
+                s("{% for t in tools %}tool {{ t.function.name }}\n{% endfor %}{{ messages | length }}"),
+            )
+            .kv("tokenizer.chat_template.rag", s("rag"))
+            .kv(
+                "tokenizer.chat_templates",
+                Value::Array(Array::String(vec!["tool_use".into(), "rag".into()])),
+            );
+        std::fs::write(&path, named.build()).unwrap();
+        let g = Gguf::open(&path).unwrap();
+        let loaded = load(&g).unwrap();
+        assert_eq!(loaded.named("rag"), Some("rag"));
+        let described = g.describe().unwrap().join("\n");
+        assert!(described.contains(" + tool_use + rag"), "{described}");
+        let template = loaded.chat_template(&g).unwrap();
+        let original = ChatTemplate::from_dir(&dir).unwrap();
+        let messages = crate::check::sample_conversation();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let none = serde_json::Map::new();
+        let n = messages.as_array().unwrap().len();
+        let default = original.render(&messages, None, true, &none).unwrap();
+        assert_eq!(
+            template.render(&messages, None, true, &none).unwrap(),
+            default
+        );
+        assert_eq!(
+            template
+                .render(&messages, Some(&tools), true, &none)
+                .unwrap(),
+            format!("tool f\n{n}")
+        );
+
+        let vault = tmp.path().join("v");
+        std::fs::create_dir(&vault).unwrap();
+        super::super::convert::write_text_files(&g, &vault).unwrap();
+        let from_vault = ChatTemplate::from_dir(&vault).unwrap();
+        assert_eq!(
+            from_vault.render(&messages, None, true, &none).unwrap(),
+            default
+        );
+        assert_eq!(
+            from_vault
+                .render(&messages, Some(&tools), true, &none)
+                .unwrap(),
+            format!("tool f\n{n}")
+        );
+
+        // Named templates the metadata gets wrong are named.
+        for (b, expect) in [
+            (
+                gguf_like_converter(&dir).kv("tokenizer.chat_template.tool_use", Value::U32(1)),
+                "tokenizer.chat_template.tool_use: expected a string, found uint32",
+            ),
+            (
+                gguf_like_converter(&dir).kv(
+                    "tokenizer.chat_templates",
+                    Value::Array(Array::String(vec!["tool_use".into()])),
+                ),
+                "tokenizer.chat_templates names \"tool_use\" but there is no tokenizer.chat_template.tool_use",
+            ),
+        ] {
+            std::fs::write(&path, b.build()).unwrap();
+            let err = load(&Gguf::open(&path).unwrap()).unwrap_err().to_string();
+            assert!(err.contains(expect) && err.contains("t.gguf"), "{err}");
+        }
     }
 
     #[test]

@@ -110,6 +110,14 @@ impl GgmlType {
         &TABLE[self as usize]
     }
 
+    /// Every type smoe computes with, with its kernels' type, in GGUF's
+    /// numbering order.
+    pub fn computed() -> impl Iterator<Item = (GgmlType, DType)> {
+        TABLE
+            .iter()
+            .filter_map(|row| row.0.dtype().map(|d| (row.0, d)))
+    }
+
     /// The type a GGUF tensor info's number names, if ggml still has it.
     pub fn from_id(id: u32) -> Option<Self> {
         TABLE.iter().find(|row| row.1 == id).map(|row| row.0)
@@ -213,6 +221,24 @@ impl std::fmt::Display for GgmlType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the kernel benchmark's GGUF table covers: the float types and
+    /// every block format the vault shares with GGUF, each once.
+    #[test]
+    fn computed_types_are_the_floats_and_the_shared_block_formats() {
+        let all: Vec<(GgmlType, DType)> = GgmlType::computed().collect();
+        assert_eq!(all.len(), 3 + SHARED.len());
+        for (g, q) in SHARED {
+            assert!(all.contains(&(g, DType::Quant(q))), "{g}");
+        }
+        for (g, d) in [
+            (GgmlType::F32, DType::F32),
+            (GgmlType::F16, DType::F16),
+            (GgmlType::Bf16, DType::BF16),
+        ] {
+            assert!(all.contains(&(g, d)), "{g}");
+        }
+    }
 
     #[test]
     fn table_is_in_enum_order_and_ids_are_unique() {

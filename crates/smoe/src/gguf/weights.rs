@@ -9,7 +9,7 @@
 //! architecture's q/k row permutation and DeepSeek's split of `kv_b_proj`
 //! into `attn_k_b` and `attn_v_b`.
 
-use super::{engine_dtype, Gguf};
+use super::{engine_dtype, Extent, Gguf};
 use crate::checkpoint::{TensorSource, Weight, EMBED};
 use crate::config::{Mla, ModelConfig};
 use crate::model::family::{ExpertNames, Family};
@@ -145,16 +145,17 @@ impl<'a> GgufWeights<'a> {
         Error::format(self.g.path(), msg)
     }
 
-    /// The tensor `gguf` (for `name`), checked to hold `shape` in the
-    /// checkpoint's order; an expert's slice when `expert` is set.
-    fn stored(
+    /// Where tensor `gguf` (for `name`) is and its stored type, checked to
+    /// hold `shape` in the checkpoint's order; an expert's slice when
+    /// `expert` is set.
+    fn locate(
         &self,
         name: &str,
         gguf: &str,
         expert: Option<usize>,
         shape: &[usize],
-    ) -> Result<Weight> {
-        let (shard, t) = self.g.require(gguf)?;
+    ) -> Result<(DType, Extent)> {
+        let (_, t) = self.g.require(gguf)?;
         let dtype = engine_dtype(t, self.g.path())?;
         let dims = match expert {
             Some(_) if t.dims.len() == 3 => &t.dims[..2],
@@ -176,17 +177,64 @@ impl<'a> GgufWeights<'a> {
             Some(e) => self.g.expert_extent(gguf, e)?,
             None => self.g.extent(gguf)?,
         };
+        Ok((dtype, extent))
+    }
+
+    /// The tensor `gguf` (for `name`), as [`Self::locate`] finds it.
+    fn stored(
+        &self,
+        name: &str,
+        gguf: &str,
+        expert: Option<usize>,
+        shape: &[usize],
+    ) -> Result<Weight> {
+        let (dtype, extent) = self.locate(name, gguf, expert, shape)?;
         let start = extent.offset as usize;
-        let file = self.g.shards()[shard].mapped();
+        let file = self.g.shards()[extent.shard].mapped();
         Ok(file.weight(start..start + extent.len as usize, dtype, shape.to_vec()))
     }
 
-    /// DeepSeek's `kv_b_proj` `[heads * (nope + v), rank]` from the halves
-    /// llama.cpp stores apart: `attn_k_b` `[heads][rank][nope]` (each head's
-    /// key rows transposed) and `attn_v_b` `[heads][v][rank]`. Quantized
-    /// rows cannot be transposed in place, so the result is f32, which holds
-    /// every dequantized value exactly.
-    fn split_kv_b(&self, layer: &str, shape: &[usize]) -> Result<Weight> {
+    /// Where checkpoint tensor `name` comes from: a stored tensor (or an
+    /// expert's slice of one), or DeepSeek's `kv_b_proj` of layer `.0`
+    /// that the file holds split.
+    fn source(&self, name: &str) -> Result<Source> {
+        let mapped = gguf_name(self.family, name).ok_or_else(|| {
+            self.err(format!(
+                "{name} has no GGUF spelling for {}",
+                self.family.name
+            ))
+        })?;
+        Ok(match mapped {
+            Mapped::Tensor(t)
+                if t.ends_with(".attn_kv_b.weight") && self.g.tensor(&t).is_none() =>
+            {
+                let layer = name.strip_prefix("model.layers.").unwrap_or_default();
+                Source::SplitKvB(layer.split('.').next().unwrap_or_default().to_string())
+            }
+            Mapped::Tensor(t) => Source::Stored(t, None),
+            Mapped::Expert(t, e) => Source::Stored(t, Some(e)),
+        })
+    }
+
+    /// The type and bytes [`TensorSource::tensor`] hands out for `name`,
+    /// without reading them: what a vault converted from the file stores.
+    pub fn layout(&self, name: &str, shape: &[usize]) -> Result<(DType, u64)> {
+        match self.source(name)? {
+            Source::SplitKvB(layer) => {
+                self.split_kv_b_halves(&layer)?;
+                let n: usize = shape.iter().product();
+                Ok((DType::F32, DType::F32.row_bytes(n) as u64))
+            }
+            Source::Stored(gguf, expert) => {
+                let (dtype, extent) = self.locate(name, &gguf, expert, shape)?;
+                Ok((dtype, extent.len))
+            }
+        }
+    }
+
+    /// Layer `layer`'s `attn_k_b` and `attn_v_b`, checked against the
+    /// latent attention's sizes, and those sizes.
+    fn split_kv_b_halves(&self, layer: &str) -> Result<(Weight, Weight, Mla)> {
         let m = self
             .mla
             .ok_or_else(|| self.err(format!("blk.{layer}.attn_k_b without latent attention")))?;
@@ -203,6 +251,17 @@ impl<'a> GgufWeights<'a> {
             None,
             &[nh, v, rank],
         )?;
+        Ok((k_b, v_b, m))
+    }
+
+    /// DeepSeek's `kv_b_proj` `[heads * (nope + v), rank]` from the halves
+    /// llama.cpp stores apart: `attn_k_b` `[heads][rank][nope]` (each head's
+    /// key rows transposed) and `attn_v_b` `[heads][v][rank]`. Quantized
+    /// rows cannot be transposed in place, so the result is f32, which holds
+    /// every dequantized value exactly.
+    fn split_kv_b(&self, layer: &str, shape: &[usize]) -> Result<Weight> {
+        let (k_b, v_b, m) = self.split_kv_b_halves(layer)?;
+        let (nh, nope, v, rank) = (self.heads, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
         let (k, vv) = (k_b.to_f32(), v_b.to_f32());
         let row = nope + v;
         let mut out = vec![0f32; nh * row * rank];
@@ -220,6 +279,14 @@ impl<'a> GgufWeights<'a> {
         let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
         Ok(Weight::owned(&bytes, DType::F32, shape.to_vec()))
     }
+}
+
+/// Where [`GgufWeights`] finds a checkpoint tensor.
+enum Source {
+    /// A tensor by its GGUF name; an expert's slice of it when set.
+    Stored(String, Option<usize>),
+    /// `kv_b_proj` of this layer, from `attn_k_b` and `attn_v_b`.
+    SplitKvB(String),
 }
 
 /// GGUF dims (fastest first) against a checkpoint shape (slowest first);
@@ -257,22 +324,10 @@ fn unpermute_rows(w: &Weight, heads: usize) -> Weight {
 
 impl TensorSource for GgufWeights<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        let mapped = gguf_name(self.family, name).ok_or_else(|| {
-            self.err(format!(
-                "{name} has no GGUF spelling for {}",
-                self.family.name
-            ))
-        })?;
-        let (gguf, expert) = match &mapped {
-            Mapped::Tensor(t) => (t.as_str(), None),
-            Mapped::Expert(t, e) => (t.as_str(), Some(*e)),
+        let w = match self.source(name)? {
+            Source::SplitKvB(layer) => return self.split_kv_b(&layer, shape),
+            Source::Stored(gguf, expert) => self.stored(name, &gguf, expert, shape)?,
         };
-        if gguf.ends_with(".attn_kv_b.weight") && self.g.tensor(gguf).is_none() {
-            let layer = &name["model.layers.".len()..];
-            let layer = layer.split('.').next().unwrap_or_default();
-            return self.split_kv_b(layer, shape);
-        }
-        let w = self.stored(name, gguf, expert, shape)?;
         let permuted = self.family.gguf.as_ref().is_some_and(|g| g.permute_qk);
         let heads = if name.ends_with("self_attn.q_proj.weight")
             || name.ends_with("self_attn.q_proj.bias")

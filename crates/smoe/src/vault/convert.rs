@@ -90,7 +90,7 @@ pub struct ConvertReport {
 
 /// Journal of a partial conversion: what was asked and how far it got.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Journal {
+pub(crate) struct Journal {
     source_config: serde_json::Value,
     /// [`source_fingerprint`] of the checkpoint being converted: a
     /// checkpoint with the same config but other weights must not be
@@ -99,14 +99,14 @@ struct Journal {
     source_weights: String,
     experts: String,
     backbone: String,
-    conversion_id: String,
-    backbone_done: Option<BTreeMap<String, TensorEntry>>,
-    layers_done: Vec<ExpertLayer>,
-    experts_len: u64,
+    pub(crate) conversion_id: String,
+    pub(crate) backbone_done: Option<BTreeMap<String, TensorEntry>>,
+    pub(crate) layers_done: Vec<ExpertLayer>,
+    pub(crate) experts_len: u64,
     error_sums: BTreeMap<String, (f64, f64)>,
 }
 
-const JOURNAL: &str = "journal.json";
+pub(crate) const JOURNAL: &str = "journal.json";
 
 /// Accumulates squared error and squared signal per tensor class.
 #[derive(Debug, Default, Clone)]
@@ -156,8 +156,14 @@ pub fn convert(
     let source_config = crate::error::read_json(&src.join("config.json"))?;
     let work = partial_dir(dst);
 
-    let fingerprint = source_fingerprint(&ckpt)?;
-    let mut journal = load_journal(&work, &source_config, &fingerprint, opts)?;
+    let fingerprint = source_fingerprint(ckpt.files())?;
+    let mut journal = load_journal(
+        &work,
+        &source_config,
+        &fingerprint,
+        opts.experts.name(),
+        opts.backbone.name(),
+    )?;
     let resumed_layers = journal.layers_done.len();
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
 
@@ -197,27 +203,7 @@ pub fn convert(
     }
 
     let experts_path = work.join(EXPERTS_FILE);
-    let mut file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(&experts_path)
-        .map_err(|e| Error::io(&experts_path, e))?;
-    if journal.layers_done.is_empty() {
-        file.set_len(0).map_err(|e| Error::io(&experts_path, e))?;
-        write(
-            &mut file,
-            &experts_path,
-            &header_page(&journal.conversion_id),
-        )?;
-        journal.experts_len = ALIGN;
-    } else {
-        // Anything past the journaled length is a layer that did not finish.
-        file.set_len(journal.experts_len)
-            .map_err(|e| Error::io(&experts_path, e))?;
-    }
-    file.seek(SeekFrom::Start(journal.experts_len))
-        .map_err(|e| Error::io(&experts_path, e))?;
+    let mut file = open_experts(&experts_path, &mut journal)?;
 
     for &layer in &expert_layers {
         let bytes_in: u64 = (0..cfg.num_experts)
@@ -271,11 +257,7 @@ pub fn convert(
         experts: journal.layers_done.clone(),
         quant_error: errors.relative_rms(),
     };
-    let text =
-        serde_json::to_string_pretty(&manifest).map_err(|e| Error::invalid(e.to_string()))?;
-    write_synced(&work.join(MANIFEST), text.as_bytes())?;
-    std::fs::remove_file(work.join(JOURNAL)).map_err(|e| Error::io(work.join(JOURNAL), e))?;
-    std::fs::rename(&work, dst).map_err(|e| Error::io(dst, e))?;
+    finish(&work, dst, &manifest)?;
 
     let vault = super::Vault::open(dst)?;
     Ok(ConvertReport {
@@ -287,6 +269,39 @@ pub fn convert(
         resumed_layers,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The experts file of a conversion under way, positioned for the next
+/// layer: new (its header written) when no layer is journaled, else cut
+/// back to the journaled length.
+pub(crate) fn open_experts(path: &Path, journal: &mut Journal) -> Result<File> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    if journal.layers_done.is_empty() {
+        file.set_len(0).map_err(|e| Error::io(path, e))?;
+        write(&mut file, path, &header_page(&journal.conversion_id))?;
+        journal.experts_len = ALIGN;
+    } else {
+        // Anything past the journaled length is a layer that did not finish.
+        file.set_len(journal.experts_len)
+            .map_err(|e| Error::io(path, e))?;
+    }
+    file.seek(SeekFrom::Start(journal.experts_len))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(file)
+}
+
+/// Writes the manifest, the last file, and moves the finished vault from
+/// `work` into place.
+pub(crate) fn finish(work: &Path, dst: &Path, manifest: &Manifest) -> Result<()> {
+    let text = serde_json::to_string_pretty(manifest).map_err(|e| Error::invalid(e.to_string()))?;
+    write_synced(&work.join(MANIFEST), text.as_bytes())?;
+    std::fs::remove_file(work.join(JOURNAL)).map_err(|e| Error::io(work.join(JOURNAL), e))?;
+    std::fs::rename(work, dst).map_err(|e| Error::io(dst, e))
 }
 
 /// Splits the checkpoint into backbone tensors and the layers whose routed
@@ -547,17 +562,21 @@ fn build_record(
     })
 }
 
-fn load_journal(
+/// The journal of the conversion in `work` if it converts the same source
+/// (config and [`source_fingerprint`]) into the same types, else a fresh
+/// one with `work` cleared.
+pub(crate) fn load_journal(
     work: &Path,
     source_config: &serde_json::Value,
     source_weights: &str,
-    opts: &ConvertOptions,
+    experts: &str,
+    backbone: &str,
 ) -> Result<Journal> {
     let fresh = Journal {
         source_config: source_config.clone(),
         source_weights: source_weights.into(),
-        experts: opts.experts.name().into(),
-        backbone: opts.backbone.name().into(),
+        experts: experts.into(),
+        backbone: backbone.into(),
         conversion_id: new_conversion_id(),
         backbone_done: None,
         layers_done: Vec::new(),
@@ -590,16 +609,16 @@ fn load_journal(
 const FINGERPRINT_HEAD: u64 = 1 << 20;
 const FINGERPRINT_PAGES: u64 = 64;
 
-/// What identifies the source's weights for a resume: every shard's name,
+/// What identifies the source's weights for a resume: every file's name,
 /// size and CRC32 of its head and of pages sampled through it. Hashing
 /// every byte would cost a full read of the checkpoint at each resume;
 /// samples tell apart any two real checkpoints (a re-trained or re-saved
 /// model differs in nearly every page), though not one edited in a
 /// single unsampled byte.
-fn source_fingerprint(ckpt: &Checkpoint) -> Result<String> {
+pub(crate) fn source_fingerprint(files: &[PathBuf]) -> Result<String> {
     use std::io::Read;
     let mut out = String::new();
-    for path in ckpt.files() {
+    for path in files {
         let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
         let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut h = crc32fast::Hasher::new();
@@ -626,7 +645,7 @@ fn source_fingerprint(ckpt: &Checkpoint) -> Result<String> {
     Ok(out)
 }
 
-fn save_journal(work: &Path, j: &Journal) -> Result<()> {
+pub(crate) fn save_journal(work: &Path, j: &Journal) -> Result<()> {
     let text = serde_json::to_string(j).map_err(|e| Error::invalid(e.to_string()))?;
     let tmp = work.join("journal.json.tmp");
     write_synced(&tmp, text.as_bytes())?;
@@ -641,7 +660,7 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Every write of a conversion, so that unit tests can fill the disk
 /// ([`disk_full`]) at any byte of it.
-fn write(file: &mut File, path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write(file: &mut File, path: &Path, bytes: &[u8]) -> Result<()> {
     #[cfg(test)]
     let (bytes, full) = disk_full::room(bytes);
     file.write_all(bytes).map_err(|e| Error::io(path, e))?;
@@ -693,8 +712,9 @@ fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
 /// conversions stopped by ENOSPC and resumed. Per thread: a conversion
 /// writes from the thread that called it.
 #[cfg(test)]
-mod disk_full {
+pub(crate) mod disk_full {
     use std::cell::Cell;
+    use std::collections::BTreeMap;
     use std::path::Path;
 
     use crate::error::{Error, Result};
@@ -705,12 +725,12 @@ mod disk_full {
         static WRITTEN: Cell<u64> = const { Cell::new(0) };
     }
 
-    pub(super) fn set_room(room: Option<u64>) {
+    pub(crate) fn set_room(room: Option<u64>) {
         ROOM.set(room);
     }
 
     /// Bytes this thread's conversions have written so far.
-    pub(super) fn written() -> u64 {
+    pub(crate) fn written() -> u64 {
         WRITTEN.get()
     }
 
@@ -731,26 +751,10 @@ mod disk_full {
         (&bytes[..n], n < bytes.len())
     }
 
-    /// A side file's copy: whole, or ENOSPC naming the destination.
-    pub(super) fn copy(from: &Path, to: &Path) -> Result<()> {
-        let len = from.metadata().map_err(|e| Error::io(from, e))?.len();
-        if take(len) < len {
-            return Err(Error::io(to, enospc()));
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-
     /// Every file of a vault, with its conversion id (kept from the first
     /// attempt by a resume, new in each straight conversion) blanked.
-    fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-        let id = super::super::Vault::open(dir)
+    pub(crate) fn vault_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        let id = crate::vault::Vault::open(dir)
             .unwrap()
             .manifest
             .conversion_id;
@@ -775,6 +779,76 @@ mod tests {
         out
     }
 
+    /// Expert layers the journal of the partial conversion into `out` holds.
+    fn journaled(out: &Path) -> usize {
+        std::fs::read(super::partial_dir(out).join(super::JOURNAL)).map_or(0, |j| {
+            serde_json::from_slice::<super::Journal>(&j)
+                .unwrap()
+                .layers_done
+                .len()
+        })
+    }
+
+    /// Runs `convert` (into the directory it is given) once through into
+    /// `dir/straight`, then into `dir/vN` with the disk full after N
+    /// permille of the bytes that took, for each of `permilles`: each stops
+    /// with ENOSPC named once, on a file of the partial directory, and
+    /// running it again resumes after the layers journaled and ends in the
+    /// straight vault, byte for byte. The permilles must stop one run in
+    /// the backbone and one between layers.
+    pub(crate) fn stop_and_resume(
+        dir: &Path,
+        permilles: &[u64],
+        convert: &dyn Fn(&Path) -> Result<super::ConvertReport>,
+    ) {
+        let straight = dir.join("straight");
+        let start = written();
+        convert(&straight).unwrap();
+        let total = written() - start;
+        let want = vault_files(&straight);
+        let mut kept = Vec::new();
+        for &permille in permilles {
+            let out = dir.join(format!("v{permille}"));
+            set_room(Some(total * permille / 1000));
+            let err = convert(&out);
+            set_room(None);
+            let err = err.unwrap_err().to_string();
+            let partial = super::partial_dir(&out);
+            assert!(
+                err.starts_with(&*partial.to_string_lossy())
+                    && err.matches("No space left on device").count() == 1,
+                "{permille}: {err}"
+            );
+            let done = journaled(&out);
+            let report = convert(&out).unwrap();
+            assert_eq!(report.resumed_layers, done, "{permille}");
+            assert!(
+                vault_files(&out) == want,
+                "{permille}: the resumed vault differs"
+            );
+            kept.push(done);
+        }
+        assert_eq!(kept[0], 0, "{kept:?}");
+        assert!(
+            kept.iter().any(|&k| k > 0 && k < kept[kept.len() - 1]),
+            "{kept:?}"
+        );
+    }
+
+    /// A side file's copy: whole, or ENOSPC naming the destination.
+    pub(super) fn copy(from: &Path, to: &Path) -> Result<()> {
+        let len = from.metadata().map_err(|e| Error::io(from, e))?.len();
+        if take(len) < len {
+            return Err(Error::io(to, enospc()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
     /// A disk that fills up anywhere in a conversion (the backbone, an
     /// expert layer, the journal, the side files, the manifest) stops it
     /// with ENOSPC named once, on the file being written; the layers
@@ -791,42 +865,10 @@ mod tests {
             allow_lossy: false,
             stop_after_layers: None,
         };
-        let straight = dir.path().join("straight");
-        let start = disk_full::written();
-        convert(&src, &straight, &opts, &mut |_| {}).unwrap();
-        let total = disk_full::written() - start;
-        let want = files(&straight);
-        let mut kept = Vec::new();
-        for permille in [0, 100, 250, 400, 550, 700, 850, 950, 999] {
-            let out = dir.path().join(format!("v{permille}"));
-            disk_full::set_room(Some(total * permille / 1000));
-            let err = convert(&src, &out, &opts, &mut |_| {});
-            disk_full::set_room(None);
-            let err = err.unwrap_err().to_string();
-            let partial = partial_dir(&out);
-            assert!(
-                err.starts_with(&*partial.to_string_lossy())
-                    && err.matches("No space left on device").count() == 1,
-                "{permille}: {err}"
-            );
-            let journaled = std::fs::read(partial.join(JOURNAL))
-                .map(|j| {
-                    serde_json::from_slice::<Journal>(&j)
-                        .unwrap()
-                        .layers_done
-                        .len()
-                })
-                .unwrap_or(0);
-            let report = convert(&src, &out, &opts, &mut |_| {}).unwrap();
-            assert_eq!(report.resumed_layers, journaled, "{permille}");
-            assert!(files(&out) == want, "{permille}: the resumed vault differs");
-            kept.push(journaled);
-        }
-        // The disk filled up in the backbone, between layers and after.
-        assert_eq!(kept[0], 0);
-        assert!(
-            kept.iter().any(|&k| k > 0 && k < kept[kept.len() - 1]),
-            "{kept:?}"
+        disk_full::stop_and_resume(
+            dir.path(),
+            &[0, 100, 250, 400, 550, 700, 850, 950, 999],
+            &|out| convert(&src, out, &opts, &mut |_| {}),
         );
     }
 }
