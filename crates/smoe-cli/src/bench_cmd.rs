@@ -109,6 +109,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         "gen_tokens": med(&|r| r.decode_tokens as f64) as u64,
         "repeat": a.repeat,
         "threads": smoe::kernels::threads(),
+        "device": engine.device(),
         "prefill_tok_s": med(&|r| r.prefill_tok_s),
         "decode_tok_s": med(&|r| r.decode_tok_s),
         "ttft_s": med(&|r| r.ttft_s),
@@ -175,6 +176,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         a.repeat,
         report["threads"]
     )?;
+    writeln!(out, "device {}", engine.device())?;
     writeln!(
         out,
         "prefill {:.1} tok/s | decode {:.2} tok/s | time to first token {:.3} s",

@@ -219,6 +219,7 @@ fn summary(engine: &Engine, a: &ChatArgs, params: &SamplingParams, ctx: usize) -
     };
     // One item a line: the plan's one-line form is too wide for a screen.
     out += &format!("memory   {}\n", plan.replace(" | ", "\n         "));
+    out += &format!("device   {}\n", engine.device());
     let sampling = if params.temperature == 0.0 {
         "greedy".to_string()
     } else {

@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
 use smoe::check::Code;
+use smoe::compute::Device;
 use smoe::engine::{Engine, Prompt, TextStream};
 use smoe::experts::Policy;
 use smoe::model::{human_bytes, parse_bytes, Budget, LoadOptions, Logits, MemoryPlan};
@@ -100,6 +101,11 @@ struct ModelArgs {
     /// Sequences whose KV cache the memory plan holds (`serve --parallel`).
     #[arg(skip = 1usize)]
     parallel: usize,
+    /// Where the model runs: cpu, cuda, cuda:N, or auto (CUDA when this
+    /// binary has it and a usable GPU is found, else the CPU; the start-up
+    /// lines say which and why).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: Device,
 }
 
 impl ModelArgs {
@@ -257,6 +263,10 @@ fn parse_ids(s: &str) -> std::result::Result<Ids, String> {
     Ok(Ids(ids))
 }
 
+fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    Device::parse(s).map_err(|e| e.to_string())
+}
+
 fn parse_budget(s: &str) -> std::result::Result<Budget, String> {
     if s.eq_ignore_ascii_case("auto") {
         return Ok(Budget::Auto);
@@ -376,6 +386,7 @@ fn load_options(m: &ModelArgs) -> LoadOptions {
         policy: Policy::parse(&m.cache_policy).unwrap_or(LoadOptions::default().policy),
         prefill_chunk: m.prefill_chunk as usize,
         parallel: m.parallel,
+        device: m.device,
         ..Default::default()
     }
 }
@@ -474,6 +485,11 @@ fn run(mut a: RunArgs) -> Result<()> {
     if let (Some(plan), false) = (engine.plan(), a.json) {
         eprintln!("{}", describe_plan(plan));
     }
+    // With the start-up lines a vault gets, or whenever it is not the CPU:
+    // a checkpoint on the CPU says nothing, as before.
+    if !a.json && (engine.plan().is_some() || !engine.on_cpu()) {
+        eprintln!("device: {}", engine.device());
+    }
     let prompt = match (a.ids, a.prompt) {
         (Some(Ids(ids)), _) => Prompt::Ids(ids),
         (None, Some(text)) if a.raw => Prompt::Raw(text),
@@ -558,6 +574,9 @@ fn run(mut a: RunArgs) -> Result<()> {
 fn logits(mut a: LogitsArgs) -> Result<()> {
     a.model.resolve()?;
     let engine = load(&a.model)?;
+    if !engine.on_cpu() {
+        eprintln!("device: {}", engine.device());
+    }
     let mut session = engine.new_session();
     let mode = if a.all { Logits::All } else { Logits::Last };
     let out = engine.model().forward(&a.ids.0, &mut session, mode)?;

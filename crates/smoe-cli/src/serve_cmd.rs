@@ -98,6 +98,7 @@ pub fn serve_cmd(mut a: ServeArgs) -> Result<()> {
         if let Some(plan) = engine.plan() {
             eprintln!("{}", crate::describe_plan(plan));
         }
+        eprintln!("device: {}", engine.device());
         eprintln!("model loaded; ready");
         Ok(engine)
     });

@@ -252,3 +252,38 @@ fn chat_prompt_without_template() {
         "2",
     ]);
 }
+
+/// `--device cuda` where CUDA cannot run (a build without the `cuda`
+/// feature, as CI's, or a machine without a driver or GPU) is a one-line
+/// error that says which; where it runs, the start-up lines name the GPU.
+/// `auto` runs wherever the binary can.
+#[test]
+fn device_cuda_where_it_cannot_run() {
+    let dir = fixture("qwen3-moe-a");
+    let args = |device| {
+        [
+            "logits",
+            "--model",
+            path_str(&dir),
+            "--ids",
+            "1,2,3",
+            "--device",
+            device,
+        ]
+    };
+    let out = smoe(&args("cuda"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if out.status.success() {
+        assert!(stderr.contains("device: cuda:0"), "{stderr}");
+    } else {
+        let err = smoe_err(&args("cuda"));
+        assert!(
+            err.contains("built without CUDA") || err.contains("CUDA:"),
+            "{err}"
+        );
+    }
+    smoe_ok(&args("auto"));
+    let err = String::from_utf8_lossy(&smoe(&args("gpu")).stderr).into_owned();
+    assert!(err.contains("expected cpu, cuda, cuda:N or auto"), "{err}");
+}

@@ -64,8 +64,13 @@ fn matvec(gpu: &Gpu, name: &str, dtype: DType, rows: usize, cols: usize) {
     let x = gpu.upload(&values(cols, 2)).expect("upload");
     let mut y = gpu.zeros::<f32>(rows).expect("alloc");
     let ms = time(gpu, |i| {
-        gpu.matmul(&x, 1, &copies[i % copies.len()], &mut y)
-            .expect("matmul")
+        gpu.matmul(
+            &x.as_view(),
+            1,
+            &copies[i % copies.len()],
+            &mut y.as_view_mut(),
+        )
+        .expect("matmul")
     });
     println!(
         "matvec {name:<28} {:>5} [{rows:>6}, {cols}] {:>8.1} MB {:>9.2} us/call {:>7.0} GB/s",
@@ -83,7 +88,10 @@ fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {
         .expect("upload");
     let x = gpu.upload(&values(t * cols, 4)).expect("upload");
     let mut y = gpu.zeros::<f32>(t * rows).expect("alloc");
-    let ms = time(gpu, |_| gpu.matmul(&x, t, &w, &mut y).expect("matmul"));
+    let ms = time(gpu, |_| {
+        gpu.matmul(&x.as_view(), t, &w, &mut y.as_view_mut())
+            .expect("matmul")
+    });
     let flops = 2.0 * (t * rows * cols) as f64;
     println!(
         "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s",
@@ -99,8 +107,15 @@ fn attention(gpu: &Gpu, pos0: usize, t: usize) {
     let kv = gpu.upload(&values(total * s.k_stride, 6)).expect("upload");
     let mut out = gpu.zeros::<f32>(t * 32 * 128).expect("alloc");
     let ms = time(gpu, |_| {
-        gpu.attention(&q, &kv, &kv, s, t, &mut out)
-            .expect("attention")
+        gpu.attention(
+            &q.as_view(),
+            &kv.as_view(),
+            &kv.as_view(),
+            s,
+            t,
+            &mut out.as_view_mut(),
+        )
+        .expect("attention")
     });
     // Visible (query, key) pairs, each a 128-wide score and value row.
     let pairs: usize = (pos0 + 1..=total).sum();

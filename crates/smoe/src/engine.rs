@@ -160,6 +160,9 @@ pub struct Engine {
     pub(crate) plan: Option<MemoryPlan>,
     /// Prompt tokens per forward pass.
     pub(crate) prefill_chunk: usize,
+    /// Where the model runs and why ([`crate::compute::choose`]).
+    pub(crate) placement: crate::compute::Placement,
+    pub(crate) device: String,
 }
 
 impl Engine {
@@ -182,6 +185,8 @@ impl Engine {
                 plan: opened.plan,
                 files: opened.files,
                 prefill_chunk: opts.prefill_chunk.max(1),
+                placement: opened.placement,
+                device: opened.device,
             });
         }
         let generation = GenerationConfig::from_dir(dir)?;
@@ -206,7 +211,19 @@ impl Engine {
             files: opened.files,
             plan: opened.plan,
             prefill_chunk: opts.prefill_chunk.max(1),
+            placement: opened.placement,
+            device: opened.device,
         })
+    }
+
+    /// Where the model runs and why: the CPU, or which GPU.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Whether the model runs on the CPU.
+    pub fn on_cpu(&self) -> bool {
+        self.placement == crate::compute::Placement::Cpu
     }
 
     /// The checkpoint or vault directory.

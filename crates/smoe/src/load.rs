@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::checkpoint::Checkpoint;
+use crate::compute::{Device, Placement};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::experts::{ExpertCache, Policy, LFU_HALF_LIFE};
@@ -33,6 +34,8 @@ pub struct LoadOptions {
     /// Prompt tokens per batched forward pass. Each chunk reads every
     /// expert it routes to at most once per layer.
     pub prefill_chunk: usize,
+    /// Where the model runs (`--device`).
+    pub device: Device,
 }
 
 impl Default for LoadOptions {
@@ -51,6 +54,7 @@ impl Default for LoadOptions {
                 half_life: LFU_HALF_LIFE,
             },
             prefill_chunk: 512,
+            device: Device::Cpu,
         }
     }
 }
@@ -64,6 +68,9 @@ pub struct Opened {
     pub plan: Option<MemoryPlan>,
     /// Set for vaults: its data files as loaded.
     pub files: Option<vault::Watch>,
+    /// Where the model runs, and why, for the start-up summary.
+    pub placement: Placement,
+    pub device: String,
 }
 
 /// Opens a checkpoint directory, a vault or a GGUF file.
@@ -74,15 +81,28 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     if gguf::is_gguf(dir) {
         return open_gguf(dir, opts);
     }
+    let (placement, device) = crate::compute::choose(opts.device)?;
     let ckpt = Checkpoint::open(dir)?;
     crate::validate::checkpoint_layers(&ckpt)?;
-    let model = Box::new(Decoder::load(&ckpt, &ckpt.config, None, None)?);
+    let model = place(Decoder::load(&ckpt, &ckpt.config, None, None)?, placement)?;
     Ok(Opened {
         model,
         config: ckpt.config.clone(),
         cache: None,
         plan: None,
         files: None,
+        placement,
+        device,
+    })
+}
+
+/// The decoder on the device chosen for it: on CUDA its backbone is
+/// uploaded now.
+fn place(model: Decoder, placement: Placement) -> Result<Box<dyn CausalLm>> {
+    Ok(match placement {
+        Placement::Cpu => Box::new(model),
+        #[cfg(feature = "cuda")]
+        Placement::Cuda(n) => Box::new(crate::model::GpuDecoder::new(model, n)?),
     })
 }
 
@@ -90,6 +110,7 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
 /// parts: the backbone is mapped in its stored types and the experts
 /// tensors are read an expert at a time.
 fn open_gguf(path: &Path, opts: &LoadOptions) -> Result<Opened> {
+    let (placement, device) = crate::compute::choose(opts.device)?;
     let g = Gguf::open(path)?;
     let cfg = gguf::config::model_config(&g)?;
     let mut plan = Footprint::of_gguf(&g, &cfg, opts)?.plan(opts.ram_budget, available_memory())?;
@@ -106,17 +127,23 @@ fn open_gguf(path: &Path, opts: &LoadOptions) -> Result<Opened> {
         .then(|| Embedding::on_disk_gguf(&g))
         .transpose()?;
     let weights = GgufWeights::new(&g, &cfg);
-    let model = Box::new(Decoder::load(&weights, &cfg, Some(&cache), rows)?);
+    let model = place(
+        Decoder::load(&weights, &cfg, Some(&cache), rows)?,
+        placement,
+    )?;
     Ok(Opened {
         model,
         config: cfg,
         cache: Some(cache),
         plan: Some(plan),
         files: None,
+        placement,
+        device,
     })
 }
 
 fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
+    let (placement, device) = crate::compute::choose(opts.device)?;
     let vault = Vault::open(dir)?;
     // Before mapping: the files watched are the ones the model reads.
     let files = vault::Watch::new(&vault)?;
@@ -139,12 +166,17 @@ fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     let rows = (!cfg.tie_word_embeddings)
         .then(|| Embedding::on_disk(&vault))
         .transpose()?;
-    let model = Box::new(Decoder::load(&backbone, &cfg, Some(&cache), rows)?);
+    let model = place(
+        Decoder::load(&backbone, &cfg, Some(&cache), rows)?,
+        placement,
+    )?;
     Ok(Opened {
         model,
         config: cfg,
         cache: Some(cache),
         plan: Some(plan),
         files: Some(files),
+        placement,
+        device,
     })
 }

@@ -1,5 +1,6 @@
 //! The KV cache as the CPU backend keeps it: one growable f32 buffer of
-//! keys and one of values per layer.
+//! keys and one of values per layer; on CUDA, device buffers instead
+//! (`cuda::DeviceKv`), with the length and widths kept here all the same.
 
 /// Keys and values of every layer for positions `0..len`, position-major:
 /// `k_width` and `v_width` floats per position (multi-head latent
@@ -10,6 +11,10 @@ pub struct KvCache {
     k_width: usize,
     v_width: usize,
     len: usize,
+    /// The device's buffers, when the model runs on CUDA: then `layers`
+    /// stay empty.
+    #[cfg(feature = "cuda")]
+    device: Option<super::cuda::DeviceKv>,
 }
 
 impl KvCache {
@@ -19,7 +24,35 @@ impl KvCache {
             k_width,
             v_width,
             len: 0,
+            #[cfg(feature = "cuda")]
+            device: None,
         }
+    }
+
+    /// An empty cache kept on the device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn on_device(n_layers: usize, k_width: usize, v_width: usize) -> Self {
+        Self {
+            layers: Vec::new(),
+            k_width,
+            v_width,
+            len: 0,
+            device: Some(super::cuda::DeviceKv::new(n_layers)),
+        }
+    }
+
+    /// Whether the cache is on the device (and so not for the CPU).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn is_on_device(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// The device's buffers and `(k_width, v_width)`, if the cache is on
+    /// the device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_mut(&mut self) -> Option<(&mut super::cuda::DeviceKv, (usize, usize))> {
+        let widths = (self.k_width, self.v_width);
+        self.device.as_mut().map(|d| (d, widths))
     }
 
     /// Number of cached positions.
@@ -41,7 +74,9 @@ impl KvCache {
         }
     }
 
-    /// Makes room for `extra` more positions in every layer at once.
+    /// Makes room for `extra` more positions in every layer at once. A
+    /// device cache grows in its appends instead, where a failed
+    /// allocation can be reported.
     pub fn reserve(&mut self, extra: usize) {
         let (kw, vw) = (self.k_width, self.v_width);
         for (k, v) in &mut self.layers {

@@ -34,12 +34,14 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod device;
 mod embedding;
 mod kv;
 pub mod profile;
 mod routing;
 
 pub use cpu::Cpu;
+pub use device::{choose, Device, Placement};
 pub use embedding::Embedding;
 pub use kv::KvCache;
 pub use routing::{route, RouteScratch};

@@ -89,21 +89,21 @@ impl Source<'_> {
 pub type LayerFn = fn(src: &Source<'_>, i: usize) -> Result<(Attn, Mlp)>;
 
 #[derive(Debug)]
-struct Layer {
-    input_norm: Vec<f32>,
-    attn: Attn,
-    post_norm: Vec<f32>,
-    mlp: Mlp,
+pub(super) struct Layer {
+    pub(super) input_norm: Vec<f32>,
+    pub(super) attn: Attn,
+    pub(super) post_norm: Vec<f32>,
+    pub(super) mlp: Mlp,
 }
 
 #[derive(Debug)]
 pub struct Decoder {
-    cfg: ModelConfig,
-    embed: Embedding,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    lm_head: Weight,
-    rope: Rope,
+    pub(super) cfg: ModelConfig,
+    pub(super) embed: Embedding,
+    pub(super) layers: Vec<Layer>,
+    pub(super) norm: Vec<f32>,
+    pub(super) lm_head: Weight,
+    pub(super) rope: Rope,
     /// Where every tensor op runs.
     backend: Box<dyn Backend>,
 }
@@ -252,6 +252,12 @@ impl Decoder {
         let (t, h) = (ids.len(), self.cfg.hidden_size);
         let be = &*self.backend;
         let eps = self.cfg.rms_norm_eps;
+        #[cfg(feature = "cuda")]
+        if seqs.iter().any(|s| s.kv.is_on_device()) {
+            return Err(crate::Error::invalid(
+                "a session made by a CUDA model was given to the CPU one",
+            ));
+        }
 
         let x = sized(&mut s.x, t * h);
         be.embed(&self.embed, ids, x)?;

@@ -7,6 +7,8 @@ pub mod blocks;
 mod decoder;
 mod deepseek;
 pub mod family;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -16,6 +18,8 @@ mod session;
 pub use crate::compute::KvCache;
 pub use decoder::Decoder;
 pub use family::{Family, FAMILIES};
+#[cfg(feature = "cuda")]
+pub use gpu::GpuDecoder;
 pub(crate) use session::check_input;
 pub use session::Session;
 

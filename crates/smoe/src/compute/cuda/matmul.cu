@@ -256,3 +256,37 @@ MATMUL_KERNELS(q8_0, T_Q8_0)
 MATMUL_KERNELS(q4_k, T_Q4_K)
 MATMUL_KERNELS(q5_k, T_Q5_K)
 MATMUL_KERNELS(q6_k, T_Q6_K)
+
+// Float rows whose width is not a multiple of 32 (tiny test models only:
+// every released model's widths are): one warp per row as in `matvec`, any
+// number of tokens, one weight at a time.
+template <int T>
+__device__ __forceinline__ float weight_at(const u8* row, int c) {
+    if (T == T_F32) return ((const float*)row)[c];
+    u16 h = ((const u16*)row)[c];
+    return T == T_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+template <int T>
+__device__ void ragged(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols, int t) {
+    int row = blockIdx.x * MV_ROWS + threadIdx.y;
+    if (row >= rows) return;
+    const u8* wr = w + (size_t)row * row_bytes;
+    for (int tok = 0; tok < t; tok++) {
+        const float* xr = x + (size_t)tok * cols;
+        float s = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += 32) s += weight_at<T>(wr, c) * xr[c];
+        s = warp_sum(s);
+        if (threadIdx.x == 0) y[(size_t)tok * rows + row] = s;
+    }
+}
+
+#define RAGGED_KERNEL(NAME, T)                                                                    \
+    extern "C" __global__ void ragged_##NAME(const u8* w, u64 row_bytes, const float* x, float* y, \
+                                             int rows, int cols, int t) {                          \
+        ragged<T>(w, row_bytes, x, y, rows, cols, t);                                              \
+    }
+
+RAGGED_KERNEL(f32, T_F32)
+RAGGED_KERNEL(f16, T_F16)
+RAGGED_KERNEL(bf16, T_BF16)

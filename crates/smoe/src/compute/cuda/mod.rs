@@ -19,7 +19,10 @@
 //! `load.rs`). Activations are row-major f32 device buffers; weights are
 //! [`GpuMatrix`] uploads of the stored rows, quantized blocks included.
 
+mod kv;
 mod load;
+
+pub use kv::DeviceKv;
 
 use std::sync::Arc;
 
@@ -27,9 +30,9 @@ use cudarc::driver::{
     self, CudaContext, CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
-pub use cudarc::driver::{CudaSlice, CudaStream};
+pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
-use super::{AttnShape, Matrix};
+use super::{AttnShape, Matrix, MlaShape};
 use crate::config::{Routing, Scoring};
 use crate::quant::{DType, QuantType};
 use crate::{Error, Result};
@@ -109,16 +112,7 @@ impl std::fmt::Display for GpuInfo {
 
 /// The device ordinal of a `--device` value: `cuda` is `cuda:0`.
 pub fn parse_device(spec: &str) -> Result<usize> {
-    match spec.strip_prefix("cuda") {
-        Some("") => Ok(0),
-        Some(n) => n
-            .strip_prefix(':')
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| Error::invalid(format!("--device {spec}: expected cuda or cuda:N"))),
-        None => Err(Error::invalid(format!(
-            "--device {spec}: expected cuda or cuda:N"
-        ))),
-    }
+    super::device::cuda_ordinal(spec)
 }
 
 /// GPU `ordinal`, if it can run smoe's kernels; otherwise an error that
@@ -251,6 +245,58 @@ impl Gpu {
             .map_err(|e| device_error(format!("downloading {} elements", dev.len()), e))
     }
 
+    /// Copies `host` into `dst` (as long as `host`) on the compute stream.
+    pub fn upload_into<T: DeviceRepr>(
+        &self,
+        host: &[T],
+        dst: &mut CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        if dst.len() < host.len() {
+            return Err(Error::invalid(format!(
+                "CUDA upload: {} elements into {}",
+                host.len(),
+                dst.len()
+            )));
+        }
+        self.compute
+            .memcpy_htod(host, dst)
+            .map_err(|e| device_error(format!("uploading {} bytes", size_of_val(host)), e))
+    }
+
+    /// Copies `dst.len()` elements of `src` back, after the work queued
+    /// before.
+    pub fn download_into<T: DeviceRepr>(&self, src: &CudaView<'_, T>, dst: &mut [T]) -> Result<()> {
+        if dst.len() < src.len() {
+            return Err(Error::invalid(format!(
+                "CUDA download: {} elements into {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        self.compute
+            .memcpy_dtoh(src, dst)
+            .map_err(|e| device_error(format!("downloading {} elements", dst.len()), e))
+    }
+
+    /// Copies `src` into `dst` on the device, in stream order.
+    pub fn copy<T: DeviceRepr>(
+        &self,
+        src: &CudaView<'_, T>,
+        dst: &mut CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        if dst.len() < src.len() {
+            return Err(Error::invalid(format!(
+                "CUDA copy: {} elements into {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        let mut head = dst.slice_mut(..src.len());
+        self.compute
+            .memcpy_dtod(src, &mut head)
+            .map_err(|e| device_error(format!("copying {} elements", src.len()), e))
+    }
+
     /// Uploads a weight matrix on the compute stream.
     pub fn upload_matrix(&self, w: Matrix<'_>) -> Result<GpuMatrix> {
         self.matrix_on(&self.compute, w)
@@ -270,10 +316,15 @@ impl Gpu {
     fn matrix_on(&self, stream: &Arc<CudaStream>, w: Matrix<'_>) -> Result<GpuMatrix> {
         let name = w.dtype.name();
         kernel_dtype(w.dtype)?;
-        if !w.cols.is_multiple_of(32) || w.data.len() != w.rows * w.dtype.row_bytes(w.cols) {
+        // Quantized rows are whole blocks (32 or 256 weights); float rows
+        // of any width go to the `ragged` kernel.
+        let quantized = matches!(w.dtype, DType::Quant(_));
+        if (quantized && !w.cols.is_multiple_of(32))
+            || w.data.len() != w.rows * w.dtype.row_bytes(w.cols)
+        {
             return Err(Error::invalid(format!(
                 "CUDA: a {name} matrix of {} rows x {} columns in {} bytes: the kernels take \
-                 whole rows of a multiple of 32 columns",
+                 whole rows, of whole blocks when quantized",
                 w.rows,
                 w.cols,
                 w.data.len()
@@ -301,10 +352,10 @@ impl Gpu {
     /// for quantized weights).
     pub fn matmul(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaView<'_, f32>,
         t: usize,
         w: &GpuMatrix,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         if x.len() < t * w.cols || y.len() < t * w.rows {
             return Err(Error::invalid(format!(
@@ -323,13 +374,15 @@ impl Gpu {
         }
         let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
-        let (name, cfg) = if t <= MATVEC_MAX_TOKENS {
-            let cfg = LaunchConfig {
-                grid_dim: (w.rows.div_ceil(MV_ROWS as usize) as u32, 1, 1),
-                block_dim: (32, MV_ROWS, 1),
-                shared_mem_bytes: 0,
-            };
-            ("matvec", cfg)
+        let per_warp = LaunchConfig {
+            grid_dim: (w.rows.div_ceil(MV_ROWS as usize) as u32, 1, 1),
+            block_dim: (32, MV_ROWS, 1),
+            shared_mem_bytes: 0,
+        };
+        let (name, cfg) = if !w.cols.is_multiple_of(32) {
+            ("ragged", per_warp)
+        } else if t <= MATVEC_MAX_TOKENS {
+            ("matvec", per_warp)
         } else {
             let cfg = LaunchConfig {
                 grid_dim: (
@@ -349,10 +402,10 @@ impl Gpu {
     /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
     pub fn rms_norm_rows(
         &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        x: &CudaView<'_, f32>,
+        w: &CudaView<'_, f32>,
         eps: f32,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         let width = w.len();
         if width == 0 || !x.len().is_multiple_of(width) || out.len() < x.len() {
@@ -373,9 +426,9 @@ impl Gpu {
     /// `stride`-wide row of `x` (per-head q/k norms).
     pub fn rms_norm(
         &self,
-        x: &mut CudaSlice<f32>,
+        x: &mut CudaViewMut<'_, f32>,
         stride: usize,
-        w: &CudaSlice<f32>,
+        w: &CudaView<'_, f32>,
         eps: f32,
     ) -> Result<()> {
         let width = w.len();
@@ -408,12 +461,12 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
-        x: &mut CudaSlice<f32>,
+        x: &mut CudaViewMut<'_, f32>,
         t: usize,
         head: usize,
         skip: usize,
-        cos: &CudaSlice<f32>,
-        sin: &CudaSlice<f32>,
+        cos: &CudaView<'_, f32>,
+        sin: &CudaView<'_, f32>,
         interleaved: bool,
     ) -> Result<()> {
         if t == 0 {
@@ -454,7 +507,7 @@ impl Gpu {
     }
 
     /// `gate = silu(gate) * up`.
-    pub fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<()> {
+    pub fn silu_mul(&self, gate: &mut CudaViewMut<'_, f32>, up: &CudaView<'_, f32>) -> Result<()> {
         if up.len() < gate.len() {
             return Err(Error::invalid(format!(
                 "CUDA silu_mul: {} gates, {} ups",
@@ -475,12 +528,12 @@ impl Gpu {
     /// `weights` (`[t, top_k]` each).
     pub fn route(
         &self,
-        logits: &CudaSlice<f32>,
+        logits: &CudaView<'_, f32>,
         t: usize,
         r: &Routing,
-        bias: Option<&CudaSlice<f32>>,
-        ids: &mut CudaSlice<u32>,
-        weights: &mut CudaSlice<f32>,
+        bias: Option<&CudaView<'_, f32>>,
+        ids: &mut CudaViewMut<'_, u32>,
+        weights: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         if t == 0 {
             return Ok(());
@@ -545,14 +598,15 @@ impl Gpu {
     /// choice order: all the host needs from routing to drive expert I/O.
     pub fn route_to_host(
         &self,
-        logits: &CudaSlice<f32>,
+        logits: &CudaView<'_, f32>,
         t: usize,
         r: &Routing,
-        bias: Option<&CudaSlice<f32>>,
+        bias: Option<&CudaView<'_, f32>>,
     ) -> Result<Vec<(u32, f32)>> {
         let mut ids = self.zeros::<u32>(t * r.top_k)?;
         let mut weights = self.zeros::<f32>(t * r.top_k)?;
-        self.route(logits, t, r, bias, &mut ids, &mut weights)?;
+        let (mut iv, mut wv) = (ids.as_view_mut(), weights.as_view_mut());
+        self.route(logits, t, r, bias, &mut iv, &mut wv)?;
         let (ids, weights) = (self.download(&ids)?, self.download(&weights)?);
         Ok(ids.into_iter().zip(weights).collect())
     }
@@ -563,12 +617,12 @@ impl Gpu {
     /// `kernels::attention`.
     pub fn attention(
         &self,
-        q: &CudaSlice<f32>,
-        keys: &CudaSlice<f32>,
-        values: &CudaSlice<f32>,
+        q: &CudaView<'_, f32>,
+        keys: &CudaView<'_, f32>,
+        values: &CudaView<'_, f32>,
         s: AttnShape,
         t: usize,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         if t == 0 {
             return Ok(());
@@ -621,6 +675,237 @@ impl Gpu {
             &window
         )
     }
+}
+
+impl Gpu {
+    /// `y += x`.
+    pub fn add(&self, y: &mut CudaViewMut<'_, f32>, x: &CudaView<'_, f32>) -> Result<()> {
+        if x.len() < y.len() {
+            return Err(Error::invalid(format!(
+                "CUDA add: {} values plus {}",
+                y.len(),
+                x.len()
+            )));
+        }
+        if y.is_empty() {
+            return Ok(());
+        }
+        let n = y.len() as u64;
+        let cfg = elems(y.len())?;
+        launch!(self, "add", cfg, y, x, &n)
+    }
+
+    /// Adds `row` to every row of `y`.
+    pub fn add_rows(&self, y: &mut CudaViewMut<'_, f32>, row: &CudaView<'_, f32>) -> Result<()> {
+        if row.is_empty() || !y.len().is_multiple_of(row.len()) {
+            return Err(Error::invalid(format!(
+                "CUDA add_rows: {} values in rows of {}",
+                y.len(),
+                row.len()
+            )));
+        }
+        if y.is_empty() {
+            return Ok(());
+        }
+        let (n, width) = (y.len() as u64, int(row.len())?);
+        let cfg = elems(y.len())?;
+        launch!(self, "add_rows", cfg, y, row, &n, &width)
+    }
+
+    /// Clamps every value to `[-limit, limit]`.
+    pub fn clamp(&self, x: &mut CudaViewMut<'_, f32>, limit: f32) -> Result<()> {
+        if x.is_empty() {
+            return Ok(());
+        }
+        let n = x.len() as u64;
+        let cfg = elems(x.len())?;
+        launch!(self, "clamp", cfg, x, &n, &limit)
+    }
+
+    /// `y[i] += sigmoid(g[i]) * x[i]` for each `width`-wide row `i`.
+    pub fn gated_add(
+        &self,
+        y: &mut CudaViewMut<'_, f32>,
+        x: &CudaView<'_, f32>,
+        g: &CudaView<'_, f32>,
+    ) -> Result<()> {
+        let rows = g.len();
+        if rows == 0 || !y.len().is_multiple_of(rows) || x.len() < y.len() {
+            return Err(Error::invalid(format!(
+                "CUDA gated_add: {} values, {} inputs, {rows} gates",
+                y.len(),
+                x.len()
+            )));
+        }
+        if y.is_empty() {
+            return Ok(());
+        }
+        let (n, width) = (y.len() as u64, int(y.len() / rows)?);
+        let cfg = elems(y.len())?;
+        launch!(self, "gated_add", cfg, y, x, g, &n, &width)
+    }
+
+    /// Row `i` of `out` is row `order[i] / k` of `x` (`width` wide).
+    pub fn gather(
+        &self,
+        x: &CudaView<'_, f32>,
+        width: usize,
+        order: &CudaView<'_, u32>,
+        k: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let n = order.len() * width;
+        if k == 0 || out.len() < n {
+            return Err(Error::invalid(format!(
+                "CUDA gather: {} rows of {width} (k {k}) into {}",
+                order.len(),
+                out.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (rows, k, width) = (x.len() / width.max(1), int(k)?, int(width)?);
+        let (n64, rows) = (n as u64, int(rows)?);
+        launch!(
+            self,
+            "gather",
+            elems(n)?,
+            x,
+            order,
+            &k,
+            &width,
+            &rows,
+            out,
+            &n64
+        )
+    }
+
+    /// Row `tok` of `y` (`t` rows of `width`) is `Σ_j w[tok * k + j] ·
+    /// ys[pos[tok * k + j]]`, summed from zero in `j` order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scatter(
+        &self,
+        ys: &CudaView<'_, f32>,
+        pos: &CudaView<'_, u32>,
+        w: &CudaView<'_, f32>,
+        k: usize,
+        t: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let width = y.len() / t.max(1);
+        if k == 0 || pos.len() < t * k || w.len() < t * k || width * t != y.len() {
+            return Err(Error::invalid(format!(
+                "CUDA scatter: {t} tokens of {k} into {} values; {} positions, {} weights",
+                y.len(),
+                pos.len(),
+                w.len()
+            )));
+        }
+        if y.is_empty() {
+            return Ok(());
+        }
+        let rows = int(ys.len() / width)?;
+        let (n, k, width) = (y.len() as u64, int(k)?, int(width)?);
+        let cfg = elems(y.len())?;
+        launch!(self, "scatter", cfg, ys, pos, w, &k, &width, &rows, y, &n)
+    }
+
+    /// Latent attention's queries in latent space, as the CPU backend's
+    /// `mla_absorb`: `q` `[t, heads, nope + rope]` through `kv_b` (widened
+    /// to f32, `[heads * (nope + v_dim), rank]`) into `qa`
+    /// `[t, heads, rank + rope]`.
+    pub fn mla_absorb(
+        &self,
+        q: &CudaView<'_, f32>,
+        t: usize,
+        kv_b: &CudaView<'_, f32>,
+        s: MlaShape,
+        qa: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let n = t * s.n_heads * (s.rank + s.rope);
+        if q.len() < t * s.n_heads * (s.nope + s.rope)
+            || qa.len() < n
+            || kv_b.len() < mla_weights(s)
+        {
+            return Err(Error::invalid(format!(
+                "CUDA mla_absorb: {s:?} for {t} tokens with {} queries, {} weights, {} outputs",
+                q.len(),
+                kv_b.len(),
+                qa.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let [t, nh, nope, rope, vd, rank] =
+            [t, s.n_heads, s.nope, s.rope, s.v_dim, s.rank].map(int);
+        let (t, nh, nope, rope, vd, rank) = (t?, nh?, nope?, rope?, vd?, rank?);
+        launch!(
+            self,
+            "mla_absorb",
+            elems(n)?,
+            q,
+            kv_b,
+            qa,
+            &t,
+            &nh,
+            &nope,
+            &rope,
+            &vd,
+            &rank
+        )
+    }
+
+    /// Each head's latent output `lat` `[t, heads, rank]` through its value
+    /// rows of `kv_b` (widened, as for [`Gpu::mla_absorb`]) into `out`
+    /// `[t, heads, v_dim]`.
+    pub fn mla_values(
+        &self,
+        lat: &CudaView<'_, f32>,
+        t: usize,
+        kv_b: &CudaView<'_, f32>,
+        s: MlaShape,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let n = t * s.n_heads * s.v_dim;
+        if lat.len() < t * s.n_heads * s.rank || out.len() < n || kv_b.len() < mla_weights(s) {
+            return Err(Error::invalid(format!(
+                "CUDA mla_values: {s:?} for {t} tokens with {} latents, {} weights, {} outputs",
+                lat.len(),
+                kv_b.len(),
+                out.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let [t, nh, nope, vd, rank] = [t, s.n_heads, s.nope, s.v_dim, s.rank].map(int);
+        let (t, nh, nope, vd, rank) = (t?, nh?, nope?, vd?, rank?);
+        launch!(
+            self,
+            "mla_values",
+            elems(n)?,
+            lat,
+            kv_b,
+            out,
+            &t,
+            &nh,
+            &nope,
+            &vd,
+            &rank
+        )
+    }
+}
+
+/// `kv_b`'s floats: `heads * (nope + v_dim)` rows of `rank`.
+fn mla_weights(s: MlaShape) -> usize {
+    s.n_heads * (s.nope + s.v_dim) * s.rank
+}
+
+/// One thread per element.
+fn elems(n: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig::for_num_elems(int(n)? as u32))
 }
 
 /// The kernels' name for a weight type, or an error for one they lack.

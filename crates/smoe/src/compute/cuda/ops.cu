@@ -54,3 +54,95 @@ extern "C" __global__ void silu_mul(float* gate, const float* up, u64 n) {
     float g = gate[i];
     gate[i] = g / (1.0f + expf(-g)) * up[i];
 }
+
+// y += x.
+extern "C" __global__ void add(float* y, const float* x, u64 n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+// row added to every `width`-wide row of y (a bias).
+extern "C" __global__ void add_rows(float* y, const float* row, u64 n, int width) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += row[i % width];
+}
+
+extern "C" __global__ void clamp(float* x, u64 n, float limit) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = fminf(fmaxf(x[i], -limit), limit);
+}
+
+// y[tok] += sigmoid(g[tok]) * x[tok], rows `width` wide (Qwen2-MoE's gated
+// shared expert).
+extern "C" __global__ void gated_add(float* y, const float* x, const float* g, u64 n, int width) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = 1.0f / (1.0f + expf(-g[i / width]));
+    y[i] += s * x[i];
+}
+
+// Row r of out is row order[r] / k of x: a layer's (token, slot) pairs in
+// expert order. Rows past x's `rows` (a bad order) are left alone.
+extern "C" __global__ void gather(const float* x, const u32* order, int k, int width, int rows,
+                                  float* out, u64 n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    size_t r = i / width;
+    u32 src = order[r] / (u32)k;
+    if (src < (u32)rows) out[i] = x[(size_t)src * width + i % width];
+}
+
+// Row tok of y is its k expert outputs (rows pos[tok * k + j] of ys, in the
+// ascending order the host sorted them into) times their weights, summed
+// from zero in that order, as the CPU sums them.
+extern "C" __global__ void scatter(const float* ys, const u32* pos, const float* w, int k, int width,
+                                   int rows, float* y, u64 n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    size_t tok = i / width, c = i % width;
+    float acc = 0.0f;
+    for (int j = 0; j < k; j++) {
+        u32 p = pos[tok * k + j];
+        if (p < (u32)rows) acc += w[tok * k + j] * ys[(size_t)p * width + c];
+    }
+    y[i] = acc;
+}
+
+// Latent attention (DeepSeek): head h's query absorbed into latent space,
+// qa[tok, h, r] = sum_i q[tok, h, i] * kv_b[h * (nope + vd) + i, r] for
+// r < rank (kv_b widened to f32, `rank` wide), then its rotary part copied.
+// One thread per output; correct first, a tiled product is the fast one.
+extern "C" __global__ void mla_absorb(const float* q, const float* kv_b, float* qa, int t, int nh,
+                                      int nope, int rope, int vd, int rank) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int row = rank + rope;
+    if (idx >= (size_t)t * nh * row) return;
+    int r = (int)(idx % row);
+    size_t th = idx / row;
+    int h = (int)(th % nh);
+    const float* qr = q + th * (nope + rope);
+    if (r < rank) {
+        const float* wc = kv_b + (size_t)h * (nope + vd) * rank + r;
+        float s = 0.0f;
+        for (int i = 0; i < nope; i++) s += qr[i] * wc[(size_t)i * rank];
+        qa[idx] = s;
+    } else {
+        qa[idx] = qr[nope + r - rank];
+    }
+}
+
+// Head h's latent output through its value rows: out[tok, h, d] =
+// sum_r lat[tok, h, r] * kv_b[h * (nope + vd) + nope + d, r].
+extern "C" __global__ void mla_values(const float* lat, const float* kv_b, float* out, int t, int nh,
+                                      int nope, int vd, int rank) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)t * nh * vd) return;
+    int d = (int)(idx % vd);
+    size_t th = idx / vd;
+    int h = (int)(th % nh);
+    const float* l = lat + th * rank;
+    const float* wr = kv_b + ((size_t)h * (nope + vd) + nope + d) * rank;
+    float s = 0.0f;
+    for (int r = 0; r < rank; r++) s += l[r] * wr[r];
+    out[idx] = s;
+}

@@ -1,0 +1,92 @@
+//! A sequence's KV cache on the device: per layer one buffer of keys and
+//! one of values, position-major as the CPU's ([`crate::compute::KvCache`]
+//! holds one of these in place of its host buffers when the model runs on
+//! CUDA, and keeps the length and widths itself).
+
+use cudarc::driver::{CudaSlice, CudaView};
+
+use super::Gpu;
+use crate::Result;
+
+/// Keys and values of every layer; latent attention keeps only "keys".
+#[derive(Debug, Default)]
+pub struct DeviceKv {
+    layers: Vec<Layer>,
+}
+
+#[derive(Debug, Default)]
+struct Layer {
+    k: Option<CudaSlice<f32>>,
+    v: Option<CudaSlice<f32>>,
+    /// Positions the buffers hold.
+    cap: usize,
+}
+
+impl DeviceKv {
+    /// `layers` empty layers; nothing is allocated until the first append.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: (0..layers).map(|_| Layer::default()).collect(),
+        }
+    }
+
+    /// Writes `t` positions of keys `k` (`t * k_width`) and values `v`
+    /// (`t * v_width`, empty for latent attention) at position `len` of
+    /// `layer`, growing its buffers (doubling, so a long generation copies
+    /// each position a bounded number of times) when they are full.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        len: usize,
+        widths: (usize, usize),
+        t: usize,
+        k: &CudaView<'_, f32>,
+        v: &CudaView<'_, f32>,
+    ) -> Result<()> {
+        let (kw, vw) = widths;
+        let l = &mut self.layers[layer];
+        if len + t > l.cap {
+            let cap = (len + t).max(2 * l.cap).max(64);
+            l.k = Some(grown(gpu, l.k.take(), len * kw, cap * kw)?);
+            if vw > 0 {
+                l.v = Some(grown(gpu, l.v.take(), len * vw, cap * vw)?);
+            }
+            l.cap = cap;
+        }
+        if let Some(keys) = &mut l.k {
+            gpu.copy(
+                &k.slice(..t * kw),
+                &mut keys.slice_mut(len * kw..(len + t) * kw),
+            )?;
+        }
+        if let Some(values) = &mut l.v {
+            gpu.copy(
+                &v.slice(..t * vw),
+                &mut values.slice_mut(len * vw..(len + t) * vw),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Keys and values of `layer` (its keys twice for latent attention);
+    /// `None` before anything was appended.
+    pub fn layer(&self, layer: usize) -> Option<(CudaView<'_, f32>, CudaView<'_, f32>)> {
+        let l = &self.layers[layer];
+        let k = l.k.as_ref()?;
+        let v = l.v.as_ref().unwrap_or(k);
+        Some((k.as_view(), v.as_view()))
+    }
+}
+
+/// A buffer of `n` floats holding the first `keep` of `old`.
+fn grown(gpu: &Gpu, old: Option<CudaSlice<f32>>, keep: usize, n: usize) -> Result<CudaSlice<f32>> {
+    let mut new = gpu.zeros::<f32>(n)?;
+    if let Some(old) = old {
+        if keep > 0 {
+            gpu.copy(&old.slice(..keep), &mut new.slice_mut(..keep))?;
+        }
+    }
+    Ok(new)
+}

@@ -1,0 +1,936 @@
+//! The decoder on a CUDA GPU: the same layers as [`Decoder`], their
+//! backbone weights uploaded once in their stored types, activations and
+//! each sequence's KV cache resident on the device. What crosses to the
+//! host per layer is only what the host must act on: a sparse layer's
+//! chosen `(expert, weight)` pairs, which drive the expert cache, and the
+//! final logits. Routed experts come from where the CPU decoder takes
+//! them: uploaded with the backbone when resident, or from the RAM expert
+//! cache's pinned slots, uploaded as each is used.
+//!
+//! This is a second forward pass beside [`Decoder`]'s rather than the
+//! same model code over a generic backend (docs/cuda.md says why): it
+//! walks the CPU decoder's own layer structs, so a family defines its
+//! layers once, and the CPU path is untouched.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+
+use crate::checkpoint::Weight;
+use crate::compute::cuda::{Gpu, GpuMatrix};
+use crate::compute::{AttnShape, Backend, Cpu, KvCache, MlaShape};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::experts::ExpertCache;
+
+use super::blocks::{Attention, Experts, LatentAttention, Linear, Moe, QueryProj, Scratch};
+use super::decoder::{Attn, Decoder, Layer, Mlp};
+use super::{check_input, CausalLm, Logits, Session, Step};
+
+/// A [`Decoder`] running on GPU `N`.
+pub struct GpuDecoder {
+    cpu: Decoder,
+    gpu: Gpu,
+    layers: Vec<GpuLayer>,
+    norm: CudaSlice<f32>,
+    lm_head: GpuMatrix,
+    /// The device's activations; one forward pass at a time uses them, as
+    /// the GPU runs one pass at a time on its compute stream anyway.
+    bufs: Mutex<Bufs>,
+}
+
+impl std::fmt::Debug for GpuDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuDecoder({})", self.gpu.info())
+    }
+}
+
+struct GpuLinear {
+    w: GpuMatrix,
+    bias: Option<CudaSlice<f32>>,
+}
+
+enum GpuQuery {
+    Full(GpuLinear),
+    LowRank {
+        a: GpuLinear,
+        norm: CudaSlice<f32>,
+        b: GpuLinear,
+    },
+}
+
+enum GpuAttn {
+    Grouped {
+        q: GpuLinear,
+        k: GpuLinear,
+        v: GpuLinear,
+        o: GpuLinear,
+        q_norm: Option<CudaSlice<f32>>,
+        k_norm: Option<CudaSlice<f32>>,
+    },
+    Latent {
+        q: GpuQuery,
+        kv_a: GpuLinear,
+        kv_norm: CudaSlice<f32>,
+        /// `kv_b_proj` widened to f32: the absorb and value kernels read
+        /// it by column as well as by row.
+        kv_b: CudaSlice<f32>,
+        o: GpuLinear,
+    },
+}
+
+/// Gate, up and down.
+type GpuFfn = [GpuMatrix; 3];
+
+// One per layer, never moved after load: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum GpuMlp {
+    Dense(GpuFfn),
+    Sparse {
+        router: GpuMatrix,
+        score_bias: Option<CudaSlice<f32>>,
+        /// Uploaded with the backbone when the experts are resident;
+        /// `None` when they stream through the expert cache.
+        experts: Option<Vec<GpuFfn>>,
+        shared: Option<(GpuFfn, Option<GpuMatrix>)>,
+    },
+}
+
+struct GpuLayer {
+    input_norm: CudaSlice<f32>,
+    post_norm: CudaSlice<f32>,
+    attn: GpuAttn,
+    mlp: GpuMlp,
+}
+
+impl GpuDecoder {
+    /// Uploads `cpu`'s backbone (and its experts, when resident) to GPU
+    /// `ordinal` and compiles the kernels.
+    pub fn new(cpu: Decoder, ordinal: usize) -> Result<Self> {
+        let gpu = Gpu::new(ordinal)?;
+        let layers = cpu
+            .layers
+            .iter()
+            .map(|l| upload_layer(&gpu, l))
+            .collect::<Result<_>>()?;
+        let norm = gpu.upload(&cpu.norm)?;
+        let lm_head = gpu.upload_matrix(cpu.lm_head.matrix())?;
+        Ok(Self {
+            cpu,
+            gpu,
+            layers,
+            norm,
+            lm_head,
+            bufs: Mutex::new(Bufs::default()),
+        })
+    }
+}
+
+fn linear(gpu: &Gpu, l: &Linear) -> Result<GpuLinear> {
+    Ok(GpuLinear {
+        w: gpu.upload_matrix(l.weight.matrix())?,
+        bias: l.bias.as_deref().map(|b| gpu.upload(b)).transpose()?,
+    })
+}
+
+fn ffn(gpu: &Gpu, [gate, up, down]: [&Weight; 3]) -> Result<GpuFfn> {
+    Ok([
+        gpu.upload_matrix(gate.matrix())?,
+        gpu.upload_matrix(up.matrix())?,
+        gpu.upload_matrix(down.matrix())?,
+    ])
+}
+
+fn upload_layer(gpu: &Gpu, l: &Layer) -> Result<GpuLayer> {
+    let norm = |w: &Option<Vec<f32>>| w.as_deref().map(|w| gpu.upload(w)).transpose();
+    let attn = match &l.attn {
+        Attn::Grouped(a) => GpuAttn::Grouped {
+            q: linear(gpu, &a.q)?,
+            k: linear(gpu, &a.k)?,
+            v: linear(gpu, &a.v)?,
+            o: linear(gpu, &a.o)?,
+            q_norm: norm(&a.q_norm)?,
+            k_norm: norm(&a.k_norm)?,
+        },
+        Attn::Latent(a) => GpuAttn::Latent {
+            q: match &a.q {
+                QueryProj::Full(p) => GpuQuery::Full(linear(gpu, p)?),
+                QueryProj::LowRank { a, norm, b } => GpuQuery::LowRank {
+                    a: linear(gpu, a)?,
+                    norm: gpu.upload(norm)?,
+                    b: linear(gpu, b)?,
+                },
+            },
+            kv_a: linear(gpu, &a.kv_a)?,
+            kv_norm: gpu.upload(&a.kv_norm)?,
+            kv_b: gpu.upload(&a.kv_b.to_f32())?,
+            o: linear(gpu, &a.o)?,
+        },
+    };
+    let mlp = match &l.mlp {
+        Mlp::Dense(f) => GpuMlp::Dense(ffn(gpu, [&f.gate, &f.up, &f.down])?),
+        Mlp::Sparse(m) => GpuMlp::Sparse {
+            router: gpu.upload_matrix(m.router.matrix())?,
+            score_bias: m.score_bias.as_deref().map(|b| gpu.upload(b)).transpose()?,
+            experts: match &m.experts {
+                Experts::Resident(e) => Some(
+                    e.iter()
+                        .map(|f| ffn(gpu, [&f.gate, &f.up, &f.down]))
+                        .collect::<Result<_>>()?,
+                ),
+                Experts::Streamed { .. } => None,
+            },
+            shared: m
+                .shared
+                .as_ref()
+                .map(|s| -> Result<_> {
+                    let f = &s.ffn;
+                    let gate = s.gate.as_ref().map(|g| gpu.upload_matrix(g.matrix()));
+                    Ok((ffn(gpu, [&f.gate, &f.up, &f.down])?, gate.transpose()?))
+                })
+                .transpose()?,
+        },
+    };
+    Ok(GpuLayer {
+        input_norm: gpu.upload(&l.input_norm)?,
+        post_norm: gpu.upload(&l.post_norm)?,
+        attn,
+        mlp,
+    })
+}
+
+/// A device buffer that grows to the largest call seen and is then kept.
+#[derive(Default)]
+struct Buf<T>(Option<CudaSlice<T>>);
+
+impl<T: DeviceRepr + ValidAsZeroBits> Buf<T> {
+    /// The first `n` elements to write, growing the buffer (contents lost)
+    /// if it is shorter.
+    fn m(&mut self, gpu: &Gpu, n: usize) -> Result<CudaViewMut<'_, T>> {
+        if self.0.as_ref().is_none_or(|b| b.len() < n) {
+            self.0 = None;
+            self.0 = Some(gpu.zeros(n.max(1))?);
+        }
+        let b = self.0.as_mut().expect("allocated above");
+        Ok(b.slice_mut(..n))
+    }
+
+    /// Elements `range` to read, after [`Buf::m`] wrote them.
+    fn v(&self, range: std::ops::Range<usize>) -> Result<CudaView<'_, T>> {
+        match &self.0 {
+            Some(b) if range.end <= b.len() => Ok(b.slice(range)),
+            _ => Err(Error::invalid(format!(
+                "CUDA decoder: reading {range:?} of a buffer of {}",
+                self.0.as_ref().map_or(0, |b| b.len())
+            ))),
+        }
+    }
+
+    /// Elements `range` to update in place.
+    fn part(&mut self, range: std::ops::Range<usize>) -> Result<CudaViewMut<'_, T>> {
+        let len = self.0.as_ref().map_or(0, |b| b.len());
+        match &mut self.0 {
+            Some(b) if range.end <= len => Ok(b.slice_mut(range)),
+            _ => Err(Error::invalid(format!(
+                "CUDA decoder: writing {range:?} of a buffer of {len}"
+            ))),
+        }
+    }
+}
+
+/// The activations of one forward pass, on the device, and the host side
+/// of routing.
+#[derive(Default)]
+struct Bufs {
+    x: Buf<f32>,
+    h: Buf<f32>,
+    q: Buf<f32>,
+    k: Buf<f32>,
+    v: Buf<f32>,
+    attn: Buf<f32>,
+    out: Buf<f32>,
+    cos: Buf<f32>,
+    sin: Buf<f32>,
+    gate: Buf<f32>,
+    up: Buf<f32>,
+    xs: Buf<f32>,
+    ys: Buf<f32>,
+    shared: Buf<f32>,
+    shared_gate: Buf<f32>,
+    router: Buf<f32>,
+    ids: Buf<u32>,
+    weights: Buf<f32>,
+    order: Buf<u32>,
+    pos: Buf<u32>,
+    pos_weights: Buf<f32>,
+    head: Buf<f32>,
+    logits: Buf<f32>,
+    host: Host,
+}
+
+/// Host buffers: the embedding rows and RoPE tables before upload,
+/// routing's pairs and the expert grouping they give.
+#[derive(Default)]
+struct Host {
+    x: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    seq_cos: Vec<f32>,
+    seq_sin: Vec<f32>,
+    ids: Vec<u32>,
+    weights: Vec<f32>,
+    chosen: Vec<(u32, f32)>,
+    start: Vec<usize>,
+    fill: Vec<usize>,
+    order: Vec<usize>,
+    order32: Vec<u32>,
+    used: Vec<u32>,
+    pos: Vec<u32>,
+    pos_weights: Vec<f32>,
+    slots: Vec<usize>,
+    best: Vec<f32>,
+    predicted: Vec<u32>,
+}
+
+/// One sequence's rows of a call and its device cache.
+struct Seq<'a> {
+    kv: &'a mut KvCache,
+    start: usize,
+    len: usize,
+}
+
+impl GpuDecoder {
+    fn cfg(&self) -> &ModelConfig {
+        &self.cpu.cfg
+    }
+
+    /// Every layer over the rows of `seqs` (ids `ids`), leaving the last
+    /// hidden states in `b.x`.
+    fn rows(&self, ids: &[u32], seqs: &mut [Seq<'_>], b: &mut Bufs) -> Result<()> {
+        let g = &self.gpu;
+        let (t, h) = (ids.len(), self.cfg().hidden_size);
+        let eps = self.cfg().rms_norm_eps;
+        if seqs.iter().any(|s| !s.kv.is_on_device()) {
+            return Err(no_device_kv());
+        }
+
+        // The embedding rows are read on the host (the table may be on
+        // disk) and uploaded: `t * hidden` floats.
+        let host = &mut b.host;
+        host.x.resize(t * h, 0.0);
+        Cpu.embed(&self.cpu.embed, ids, &mut host.x)?;
+        g.upload_into(&host.x, &mut b.x.m(g, t * h)?)?;
+        host.cos.clear();
+        host.sin.clear();
+        for seq in seqs.iter() {
+            let pos0 = seq.kv.len();
+            let range = pos0..pos0 + seq.len;
+            self.cpu
+                .rope
+                .tables(range, &mut host.seq_cos, &mut host.seq_sin);
+            host.cos.extend_from_slice(&host.seq_cos);
+            host.sin.extend_from_slice(&host.seq_sin);
+        }
+        g.upload_into(&host.cos, &mut b.cos.m(g, host.cos.len())?)?;
+        g.upload_into(&host.sin, &mut b.sin.m(g, host.sin.len())?)?;
+
+        for (i, (layer, dev)) in self.cpu.layers.iter().zip(&self.layers).enumerate() {
+            let th = t * h;
+            g.rms_norm_rows(
+                &b.x.v(0..th)?,
+                &dev.input_norm.as_view(),
+                eps,
+                &mut b.h.m(g, th)?,
+            )?;
+            match (&layer.attn, &dev.attn) {
+                (Attn::Grouped(a), GpuAttn::Grouped { .. }) => {
+                    self.grouped(a, &dev.attn, i, t, seqs, b)?
+                }
+                (Attn::Latent(a), GpuAttn::Latent { .. }) => {
+                    self.latent(a, &dev.attn, i, t, seqs, b)?
+                }
+                _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
+            }
+            g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
+            g.rms_norm_rows(
+                &b.x.v(0..th)?,
+                &dev.post_norm.as_view(),
+                eps,
+                &mut b.h.m(g, th)?,
+            )?;
+            match (&layer.mlp, &dev.mlp) {
+                (Mlp::Dense(_), GpuMlp::Dense(w)) => {
+                    swiglu(g, w, &b.h.v(0..th)?, t, &mut b.gate, &mut b.up, &mut b.out)?
+                }
+                (Mlp::Sparse(m), GpuMlp::Sparse { .. }) => self.moe(m, &dev.mlp, i, t, b)?,
+                _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
+            }
+            g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
+        }
+        for seq in seqs.iter_mut() {
+            seq.kv.advance(seq.len);
+        }
+        Ok(())
+    }
+
+    /// Grouped-query attention of `b.h` into `b.out`, as
+    /// [`Attention::forward`].
+    fn grouped(
+        &self,
+        a: &Attention,
+        dev: &GpuAttn,
+        layer: usize,
+        t: usize,
+        seqs: &mut [Seq<'_>],
+        b: &mut Bufs,
+    ) -> Result<()> {
+        let GpuAttn::Grouped {
+            q: wq,
+            k: wk,
+            v: wv,
+            o: wo,
+            q_norm,
+            k_norm,
+        } = dev
+        else {
+            return Err(Error::invalid("CUDA decoder: not grouped attention"));
+        };
+        let g = &self.gpu;
+        let (hd, h) = (a.head_dim, self.cfg().hidden_size);
+        let (nq, nkv) = (a.n_heads * hd, a.n_kv_heads * hd);
+        let hn = b.h.v(0..t * h)?;
+        forward(g, wq, &hn, t, &mut b.q.m(g, t * nq)?)?;
+        forward(g, wk, &hn, t, &mut b.k.m(g, t * nkv)?)?;
+        forward(g, wv, &hn, t, &mut b.v.m(g, t * nkv)?)?;
+        if let Some(w) = q_norm {
+            g.rms_norm(&mut b.q.part(0..t * nq)?, w.len(), &w.as_view(), a.eps)?;
+        }
+        if let Some(w) = k_norm {
+            g.rms_norm(&mut b.k.part(0..t * nkv)?, w.len(), &w.as_view(), a.eps)?;
+        }
+        if let Some(c) = a.clip {
+            g.clamp(&mut b.q.part(0..t * nq)?, c)?;
+            g.clamp(&mut b.k.part(0..t * nkv)?, c)?;
+            g.clamp(&mut b.v.part(0..t * nkv)?, c)?;
+        }
+        let half = hd / 2;
+        let (cos, sin) = (b.cos.v(0..t * half)?, b.sin.v(0..t * half)?);
+        g.rope(&mut b.q.part(0..t * nq)?, t, hd, 0, &cos, &sin, false)?;
+        g.rope(&mut b.k.part(0..t * nkv)?, t, hd, 0, &cos, &sin, false)?;
+        let mut attn = b.attn.m(g, t * nq)?;
+        for seq in seqs.iter_mut() {
+            let (pos0, first, len) = (seq.kv.len(), seq.start, seq.len);
+            let rows = |w: usize| first * w..(first + len) * w;
+            let (kv, widths) = seq.kv.device_mut().ok_or_else(no_device_kv)?;
+            let (k, v) = (b.k.v(rows(nkv))?, b.v.v(rows(nkv))?);
+            kv.append(g, layer, pos0, widths, len, &k, &v)?;
+            let (keys, values) = kv.layer(layer).ok_or_else(no_device_kv)?;
+            let shape = AttnShape::grouped(a.n_heads, a.n_kv_heads, hd, pos0, a.window);
+            let q = b.q.v(rows(nq))?;
+            g.attention(
+                &q,
+                &keys,
+                &values,
+                shape,
+                len,
+                &mut attn.slice_mut(rows(nq)),
+            )?;
+        }
+        forward(g, wo, &b.attn.v(0..t * nq)?, t, &mut b.out.m(g, t * h)?)
+    }
+
+    /// Multi-head latent attention of `b.h` into `b.out`, as
+    /// [`LatentAttention::forward`].
+    fn latent(
+        &self,
+        a: &LatentAttention,
+        dev: &GpuAttn,
+        layer: usize,
+        t: usize,
+        seqs: &mut [Seq<'_>],
+        b: &mut Bufs,
+    ) -> Result<()> {
+        let GpuAttn::Latent {
+            q: wq,
+            kv_a,
+            kv_norm,
+            kv_b,
+            o: wo,
+        } = dev
+        else {
+            return Err(Error::invalid("CUDA decoder: not latent attention"));
+        };
+        let g = &self.gpu;
+        let h = self.cfg().hidden_size;
+        let (nh, nope, rope, rank) = (a.n_heads, a.nope, a.rope, a.rank);
+        let (qk, row) = (nope + rope, rank + rope);
+        let hn = b.h.v(0..t * h)?;
+        match wq {
+            GpuQuery::Full(p) => forward(g, p, &hn, t, &mut b.q.m(g, t * nh * qk)?)?,
+            GpuQuery::LowRank { a: pa, norm, b: pb } => {
+                let ra = pa.w.rows;
+                forward(g, pa, &hn, t, &mut b.k.m(g, t * ra)?)?;
+                g.rms_norm(
+                    &mut b.k.part(0..t * ra)?,
+                    norm.len(),
+                    &norm.as_view(),
+                    a.eps,
+                )?;
+                forward(g, pb, &b.k.v(0..t * ra)?, t, &mut b.q.m(g, t * nh * qk)?)?;
+            }
+        }
+        forward(g, kv_a, &hn, t, &mut b.v.m(g, t * row)?)?;
+        g.rms_norm(&mut b.v.part(0..t * row)?, row, &kv_norm.as_view(), a.eps)?;
+        let half = rope / 2;
+        let (cos, sin) = (b.cos.v(0..t * half)?, b.sin.v(0..t * half)?);
+        let il = a.interleave;
+        g.rope(&mut b.v.part(0..t * row)?, t, row, rank, &cos, &sin, il)?;
+        g.rope(&mut b.q.part(0..t * nh * qk)?, t, qk, nope, &cos, &sin, il)?;
+
+        let shape = MlaShape {
+            n_heads: nh,
+            nope,
+            rope,
+            v_dim: a.v_dim,
+            rank,
+        };
+        let kv_b = kv_b.as_view();
+        g.mla_absorb(
+            &b.q.v(0..t * nh * qk)?,
+            t,
+            &kv_b,
+            shape,
+            &mut b.k.m(g, t * nh * row)?,
+        )?;
+        let mut out_lat = b.attn.m(g, t * nh * rank)?;
+        for seq in seqs.iter_mut() {
+            let (pos0, first, len) = (seq.kv.len(), seq.start, seq.len);
+            let rows = |w: usize| first * w..(first + len) * w;
+            let (kv, widths) = seq.kv.device_mut().ok_or_else(no_device_kv)?;
+            let latent = b.v.v(rows(row))?;
+            kv.append(g, layer, pos0, widths, len, &latent, &latent)?;
+            let (keys, values) = kv.layer(layer).ok_or_else(no_device_kv)?;
+            let shape = AttnShape {
+                n_heads: nh,
+                n_kv_heads: 1,
+                head_dim: row,
+                v_dim: rank,
+                k_stride: row,
+                v_stride: row,
+                scale: a.scale,
+                pos0,
+                window: None,
+            };
+            let q = b.k.v(rows(nh * row))?;
+            let out = &mut out_lat.slice_mut(rows(nh * rank));
+            g.attention(&q, &keys, &values, shape, len, out)?;
+        }
+        let vd = nh * a.v_dim;
+        let lat = b.attn.v(0..t * nh * rank)?;
+        g.mla_values(&lat, t, &kv_b, shape, &mut b.q.m(g, t * vd)?)?;
+        forward(g, wo, &b.q.v(0..t * vd)?, t, &mut b.out.m(g, t * h)?)
+    }
+
+    /// The sparse block over `b.h` into `b.out`, as [`Moe::forward`]:
+    /// routing on the device, its pairs to the host, the tokens grouped by
+    /// expert, each chosen expert once over its rows, the weighted sum.
+    fn moe(&self, m: &Moe, dev: &GpuMlp, layer: usize, t: usize, b: &mut Bufs) -> Result<()> {
+        let GpuMlp::Sparse {
+            router,
+            score_bias,
+            experts,
+            shared,
+        } = dev
+        else {
+            return Err(Error::invalid("CUDA decoder: not a sparse layer"));
+        };
+        let g = &self.gpu;
+        let (hidden, n_exp, k) = (router.cols, router.rows, m.routing.top_k);
+        self.route(m, router, score_bias.as_ref(), Input::Normed, t, b)?;
+        let host = &mut b.host;
+        host.chosen.clear();
+        host.chosen
+            .extend(host.ids.iter().copied().zip(host.weights.iter().copied()));
+
+        // Counting sort of (token, slot) pairs by expert, as on the CPU.
+        host.start.clear();
+        host.start.resize(n_exp + 1, 0);
+        for &(e, _) in &host.chosen {
+            if e as usize >= n_exp {
+                return Err(Error::invalid(format!(
+                    "CUDA routing chose expert {e} of {n_exp}"
+                )));
+            }
+            host.start[e as usize + 1] += 1;
+        }
+        for e in 0..n_exp {
+            host.start[e + 1] += host.start[e];
+        }
+        host.order.resize(host.chosen.len(), 0);
+        host.fill.clear();
+        host.fill.extend_from_slice(&host.start);
+        for (i, &(e, _)) in host.chosen.iter().enumerate() {
+            host.order[host.fill[e as usize]] = i;
+            host.fill[e as usize] += 1;
+        }
+        host.used.clear();
+        let start = &host.start;
+        host.used
+            .extend((0..n_exp as u32).filter(|&e| start[e as usize + 1] > start[e as usize]));
+        // Each token's pairs by their row of the gathered outputs,
+        // ascending: the order the CPU sums them in.
+        host.slots.resize(host.order.len(), 0);
+        for (i, &slot) in host.order.iter().enumerate() {
+            host.slots[slot] = i;
+        }
+        host.pos.clear();
+        host.pos_weights.clear();
+        for tok in 0..t {
+            let mut pairs: smallvec::SmallVec<[(usize, f32); 16]> = (tok * k..(tok + 1) * k)
+                .map(|s| (host.slots[s], host.chosen[s].1))
+                .collect();
+            pairs.sort_by_key(|p| p.0);
+            host.pos.extend(pairs.iter().map(|p| p.0 as u32));
+            host.pos_weights.extend(pairs.iter().map(|p| p.1));
+        }
+        host.order32.clear();
+        host.order32.extend(host.order.iter().map(|&o| o as u32));
+
+        let pairs = host.order.len();
+        g.upload_into(&host.order32, &mut b.order.m(g, pairs)?)?;
+        g.upload_into(&host.pos, &mut b.pos.m(g, pairs)?)?;
+        g.upload_into(&host.pos_weights, &mut b.pos_weights.m(g, pairs)?)?;
+        {
+            let (hn, order) = (b.h.v(0..t * hidden)?, b.order.v(0..pairs)?);
+            g.gather(&hn, hidden, &order, k, &mut b.xs.m(g, pairs * hidden)?)?;
+            b.ys.m(g, pairs * hidden)?;
+        }
+
+        let used = std::mem::take(&mut b.host.used);
+        let ran = match (experts, &m.experts) {
+            (Some(resident), _) => used.iter().try_for_each(|&e| {
+                let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
+                run_expert(g, &resident[e as usize], rows, hidden, b)
+            }),
+            (None, Experts::Streamed { cache, layer: l }) => {
+                self.streamed(cache, *l, layer, &used, hidden, t, b)
+            }
+            (None, Experts::Resident(_)) => Err(Error::invalid(
+                "CUDA decoder: resident experts not uploaded",
+            )),
+        };
+        b.host.used = used;
+        ran?;
+
+        let ys = b.ys.v(0..pairs * hidden)?;
+        let (pos, w) = (b.pos.v(0..pairs)?, b.pos_weights.v(0..pairs)?);
+        g.scatter(&ys, &pos, &w, k, t, &mut b.out.m(g, t * hidden)?)?;
+        if let Some((w, gate)) = shared {
+            let hn = b.h.v(0..t * hidden)?;
+            swiglu(g, w, &hn, t, &mut b.gate, &mut b.up, &mut b.shared)?;
+            let ysh = b.shared.v(0..t * hidden)?;
+            match gate {
+                Some(gate) => {
+                    g.matmul(&hn, t, gate, &mut b.shared_gate.m(g, t)?)?;
+                    let gv = b.shared_gate.v(0..t)?;
+                    g.gated_add(&mut b.out.part(0..t * hidden)?, &ysh, &gv)?;
+                }
+                None => g.add(&mut b.out.part(0..t * hidden)?, &ysh)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Streamed experts: pinned in the RAM cache in groups that fit it
+    /// (the next sparse layer's predicted experts queued behind the first
+    /// group's reads, as on the CPU), each uploaded as it is used.
+    #[allow(clippy::too_many_arguments)]
+    fn streamed(
+        &self,
+        cache: &Arc<ExpertCache>,
+        cache_layer: usize,
+        layer: usize,
+        used: &[u32],
+        hidden: usize,
+        t: usize,
+        b: &mut Bufs,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let mut predict = self.predict_next(layer, t, b)?;
+        for group in used.chunks(cache.capacity()) {
+            let mut pinned = cache.request(cache_layer, group)?;
+            if predict {
+                cache.prefetch(layer + 1, &b.host.predicted);
+                predict = false;
+            }
+            pinned.wait()?;
+            for i in 0..pinned.len() {
+                let (e, mats) = pinned.get(i);
+                let w = mats.map(|m| g.upload_matrix(m));
+                let [gate, up, down] = w;
+                let w = [gate?, up?, down?];
+                let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
+                run_expert(g, &w, rows, hidden, b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// When the next layer is sparse and streamed, its experts guessed
+    /// from the residual stream as it is now (as [`Moe::predict`]) into
+    /// `b.host.predicted`, most likely first; whether there are any.
+    fn predict_next(&self, layer: usize, t: usize, b: &mut Bufs) -> Result<bool> {
+        let (
+            Some(next),
+            Some(GpuLayer {
+                mlp: GpuMlp::Sparse {
+                    router, score_bias, ..
+                },
+                post_norm,
+                ..
+            }),
+        ) = (self.cpu.layers.get(layer + 1), self.layers.get(layer + 1))
+        else {
+            return Ok(false);
+        };
+        let Mlp::Sparse(m) = &next.mlp else {
+            return Ok(false);
+        };
+        if !matches!(m.experts, Experts::Streamed { .. }) {
+            return Ok(false);
+        }
+        let g = &self.gpu;
+        let th = t * router.cols;
+        let eps = self.cfg().rms_norm_eps;
+        g.rms_norm_rows(
+            &b.x.v(0..th)?,
+            &post_norm.as_view(),
+            eps,
+            &mut b.head.m(g, th)?,
+        )?;
+        self.route(m, router, score_bias.as_ref(), Input::Head, t, b)?;
+        let host = &mut b.host;
+        host.best.clear();
+        host.best.resize(router.rows, f32::NEG_INFINITY);
+        for (&e, &w) in host.ids.iter().zip(&host.weights) {
+            let best = &mut host.best[e as usize];
+            *best = best.max(w);
+        }
+        let best = &host.best;
+        host.predicted.clear();
+        host.predicted
+            .extend((0..best.len() as u32).filter(|&e| best[e as usize] > f32::NEG_INFINITY));
+        host.predicted.sort_by(|&a, &c| {
+            best[c as usize]
+                .total_cmp(&best[a as usize])
+                .then(a.cmp(&c))
+        });
+        Ok(true)
+    }
+
+    /// Router logits of `input` through `router`, the top-k on the device,
+    /// the pairs into `b.host.ids` and `b.host.weights`.
+    fn route(
+        &self,
+        m: &Moe,
+        router: &GpuMatrix,
+        bias: Option<&CudaSlice<f32>>,
+        input: Input,
+        t: usize,
+        b: &mut Bufs,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let (n_exp, k) = (router.rows, m.routing.top_k);
+        let x = match input {
+            Input::Normed => b.h.v(0..t * router.cols)?,
+            Input::Head => b.head.v(0..t * router.cols)?,
+        };
+        g.matmul(&x, t, router, &mut b.router.m(g, t * n_exp)?)?;
+        let bias = bias.map(|b| b.as_view());
+        let logits = b.router.v(0..t * n_exp)?;
+        let (mut ids, mut w) = (b.ids.m(g, t * k)?, b.weights.m(g, t * k)?);
+        g.route(&logits, t, &m.routing, bias.as_ref(), &mut ids, &mut w)?;
+        let host = &mut b.host;
+        host.ids.resize(t * k, 0);
+        host.weights.resize(t * k, 0.0);
+        g.download_into(&b.ids.v(0..t * k)?, &mut host.ids)?;
+        g.download_into(&b.weights.v(0..t * k)?, &mut host.weights)
+    }
+
+    /// Logits of rows `rows` of `b.x` into `out`, `[rows, vocab]`.
+    fn head(&self, b: &mut Bufs, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        let g = &self.gpu;
+        let (h, vocab) = (self.cfg().hidden_size, self.cfg().vocab_size);
+        let n = rows.len();
+        {
+            let mut picked = b.attn.m(g, n * h)?;
+            for (i, &r) in rows.iter().enumerate() {
+                let src = b.x.v(r * h..(r + 1) * h)?;
+                g.copy(&src, &mut picked.slice_mut(i * h..(i + 1) * h))?;
+            }
+        }
+        let eps = self.cfg().rms_norm_eps;
+        let picked = b.attn.v(0..n * h)?;
+        g.rms_norm_rows(&picked, &self.norm.as_view(), eps, &mut b.head.m(g, n * h)?)?;
+        let hn = b.head.v(0..n * h)?;
+        g.matmul(&hn, n, &self.lm_head, &mut b.logits.m(g, n * vocab)?)?;
+        out.resize(n * vocab, 0.0);
+        g.download_into(&b.logits.v(0..n * vocab)?, out)
+    }
+
+    fn bufs(&self) -> std::sync::MutexGuard<'_, Bufs> {
+        self.bufs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Which device buffer routing reads.
+#[derive(Clone, Copy)]
+enum Input {
+    /// The layer's normed input (`b.h`).
+    Normed,
+    /// A prediction's normed residual stream (`b.head`).
+    Head,
+}
+
+fn no_device_kv() -> Error {
+    Error::invalid("a session made by a CPU model was given to the CUDA one")
+}
+
+/// `y = x · wᵀ (+ bias)`.
+fn forward(
+    g: &Gpu,
+    l: &GpuLinear,
+    x: &CudaView<'_, f32>,
+    t: usize,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    g.matmul(x, t, &l.w, y)?;
+    match &l.bias {
+        Some(bias) => g.add_rows(y, &bias.as_view()),
+        None => Ok(()),
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))` into `y`.
+fn swiglu(
+    g: &Gpu,
+    [gate, up, down]: &GpuFfn,
+    x: &CudaView<'_, f32>,
+    t: usize,
+    gate_buf: &mut Buf<f32>,
+    up_buf: &mut Buf<f32>,
+    y: &mut Buf<f32>,
+) -> Result<()> {
+    let inter = gate.rows;
+    g.matmul(x, t, gate, &mut gate_buf.m(g, t * inter)?)?;
+    g.matmul(x, t, up, &mut up_buf.m(g, t * inter)?)?;
+    g.silu_mul(&mut gate_buf.part(0..t * inter)?, &up_buf.v(0..t * inter)?)?;
+    g.matmul(
+        &gate_buf.v(0..t * inter)?,
+        t,
+        down,
+        &mut y.m(g, t * down.rows)?,
+    )
+}
+
+/// One expert's SwiGLU over its rows `rows` of the gathered `b.xs` into
+/// the same rows of `b.ys`.
+fn run_expert(
+    g: &Gpu,
+    [gate, up, down]: &GpuFfn,
+    rows: std::ops::Range<usize>,
+    hidden: usize,
+    b: &mut Bufs,
+) -> Result<()> {
+    let (n, inter) = (rows.len(), gate.rows);
+    let x = b.xs.v(rows.start * hidden..rows.end * hidden)?;
+    g.matmul(&x, n, gate, &mut b.gate.m(g, n * inter)?)?;
+    g.matmul(&x, n, up, &mut b.up.m(g, n * inter)?)?;
+    g.silu_mul(&mut b.gate.part(0..n * inter)?, &b.up.v(0..n * inter)?)?;
+    let y = &mut b.ys.part(rows.start * hidden..rows.end * hidden)?;
+    g.matmul(&b.gate.v(0..n * inter)?, n, down, y)
+}
+
+impl CausalLm for GpuDecoder {
+    fn config(&self) -> &ModelConfig {
+        self.cfg()
+    }
+
+    fn new_session(&self) -> Session {
+        let c = self.cfg();
+        let kv = match c.mla {
+            Some(_) => KvCache::on_device(c.num_hidden_layers, c.kv_floats_per_position(), 0),
+            None => {
+                let width = c.num_key_value_heads * c.head_dim;
+                KvCache::on_device(c.num_hidden_layers, width, width)
+            }
+        };
+        Session::new(kv)
+    }
+
+    fn forward<'s>(
+        &self,
+        ids: &[u32],
+        session: &'s mut Session,
+        logits: Logits,
+    ) -> Result<&'s mut [f32]> {
+        let t = ids.len();
+        check_input(self.cfg(), ids, session.kv.len())?;
+        let mut b = self.bufs();
+        let mut seqs = [Seq {
+            kv: &mut session.kv,
+            start: 0,
+            len: t,
+        }];
+        self.rows(ids, &mut seqs, &mut b)?;
+        let rows: Vec<usize> = match logits {
+            Logits::Last => vec![t - 1],
+            Logits::All => (0..t).collect(),
+        };
+        self.head(&mut b, &rows, &mut session.logits)?;
+        Ok(&mut session.logits)
+    }
+
+    fn forward_batch(&self, steps: &mut [Step<'_>], s: &mut Scratch) -> Result<()> {
+        let mut ids = std::mem::take(&mut s.ids);
+        ids.clear();
+        let mut last = Vec::with_capacity(steps.len());
+        for step in steps.iter() {
+            check_input(self.cfg(), step.ids, step.session.kv.len())?;
+            ids.extend_from_slice(step.ids);
+            if step.logits {
+                last.push(ids.len() - 1);
+            }
+        }
+        let mut b = self.bufs();
+        let mut start = 0;
+        let mut seqs: Vec<Seq<'_>> = steps
+            .iter_mut()
+            .map(|step| {
+                let seq = Seq {
+                    kv: &mut step.session.kv,
+                    start,
+                    len: step.ids.len(),
+                };
+                start += seq.len;
+                seq
+            })
+            .collect();
+        let ran = self.rows(&ids, &mut seqs, &mut b);
+        s.ids = ids;
+        ran?;
+        drop(seqs);
+        let mut all = std::mem::take(&mut s.logits);
+        let done = self.head(&mut b, &last, &mut all);
+        let vocab = self.cfg().vocab_size;
+        if done.is_ok() {
+            let wanted = steps.iter_mut().filter(|step| step.logits);
+            for (step, row) in wanted.zip(all.chunks_exact(vocab)) {
+                step.session.logits.clear();
+                step.session.logits.extend_from_slice(row);
+            }
+        }
+        s.logits = all;
+        done
+    }
+}
