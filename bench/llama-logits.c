@@ -1,11 +1,14 @@
 // llama.cpp's logits for a sequence of token ids, for bench/vs-llama-logits.sh.
 //
-//   llama-logits MODEL.gguf IDS THREADS OUT.f32
+//   llama-logits MODEL.gguf IDS THREADS OUT.f32 [f32|f16]
 //
 // IDS is a comma-separated list. The ids run as one batch from position 0
 // on the CPU, with logits asked for at every position; OUT gets them as
 // raw little-endian f32, one row of n_vocab per position, and the vocabulary
-// size is printed on stdout. Written against libllama's C API as the
+// size is printed on stdout. The last argument is the KV cache's type:
+// f16, llama.cpp's default (keys and values rounded to half precision,
+// attention as it picks), or f32 (the default here), with flash attention
+// off: what smoe computes, f32 keys and values and a plain softmax. Written against libllama's C API as the
 // bench's llama.cpp (llama-cpp-python's vendored copy) has it.
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,8 +22,8 @@ static void quiet(enum ggml_log_level level, const char *text, void *user) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s MODEL.gguf IDS THREADS OUT.f32\n", argv[0]);
+    if (argc != 5 && argc != 6) {
+        fprintf(stderr, "usage: %s MODEL.gguf IDS THREADS OUT.f32 [f32|f16]\n", argv[0]);
         return 2;
     }
     int cap = 16, n = 0;
@@ -50,6 +53,14 @@ int main(int argc, char **argv) {
     cp.n_ubatch = n;
     cp.n_threads = threads;
     cp.n_threads_batch = threads;
+    if (argc == 5 || strcmp(argv[5], "f32") == 0) {
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    } else if (strcmp(argv[5], "f16") != 0) {
+        fprintf(stderr, "KV type %s: expected f32 or f16\n", argv[5]);
+        return 2;
+    }
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) {
         fprintf(stderr, "cannot make a context of %d tokens\n", n);

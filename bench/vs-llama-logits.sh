@@ -3,7 +3,9 @@
 # token ids: bench/llama-logits.c (linked against the libllama that
 # bench/vs-llama.cpp.sh builds) and `smoe logits --all` each run the ids as
 # one prompt; prints the top-1 agreement over the positions and the mean
-# and largest |difference| of the logits.
+# and largest |difference| of the logits, against llama.cpp with an f32 KV
+# cache and flash attention off (what smoe computes) and with its defaults
+# (f16 KV cache).
 #
 #   bench/vs-llama-logits.sh          # the 8-layer bench model's Q4_K_M GGUF
 #
@@ -33,33 +35,33 @@ cc -O2 -o "$TMP/llama-logits" bench/llama-logits.c -I"$LLAMA/include" -I"$LLAMA/
 
 # Spread over the ordinary vocabulary (Qwen3's specials start at 151643).
 IDS=$(python3 -c "print(','.join(str((i * 7919 + 11) % 151643) for i in range($N)))")
-"$TMP/llama-logits" "$GGUF" "$IDS" "$THREADS" "$TMP/llama.f32" >"$TMP/vocab"
+for kv in f32 f16; do
+    "$TMP/llama-logits" "$GGUF" "$IDS" "$THREADS" "$TMP/llama-$kv.f32" "$kv" >"$TMP/vocab"
+done
 "$SMOE" logits --model "$GGUF" --threads "$THREADS" --ids "$IDS" --all >"$TMP/smoe.json"
 
-python3 - "$TMP/llama.f32" "$(cat "$TMP/vocab")" "$TMP/smoe.json" "$GGUF" <<'PY'
+python3 - "$TMP" "$(cat "$TMP/vocab")" "$GGUF" <<'PY'
 import array, json, sys
-llama = array.array("f")
-with open(sys.argv[1], "rb") as f:
-    llama.frombytes(f.read())
-vocab = int(sys.argv[2])
-smoe = json.load(open(sys.argv[3]))["logits"]
+tmp, vocab = sys.argv[1], int(sys.argv[2])
+smoe = json.load(open(f"{tmp}/smoe.json"))["logits"]
 n = len(smoe)
-assert len(llama) == n * vocab, f"llama.cpp gave {len(llama)} logits, expected {n} x {vocab}"
-agree, total, worst, scale = 0, 0.0, 0.0, 0.0
-for i, row in enumerate(smoe):
-    ref = llama[i * vocab:(i + 1) * vocab]
-    # smoe's row may be the config's vocab_size, llama.cpp's the tokens the
-    # GGUF lists; compare what both have.
-    m = min(len(row), vocab)
-    a = max(range(m), key=row.__getitem__)
-    b = max(range(m), key=ref.__getitem__)
-    agree += a == b
-    d = [abs(row[j] - ref[j]) for j in range(m)]
-    total += sum(d) / m
-    worst = max(worst, max(d))
-    scale += sum(abs(ref[j]) for j in range(m)) / m
-print(f"model: {sys.argv[4]}")
-print(f"positions: {n}, vocabulary compared: {m}")
-print(f"top-1 agreement: {agree}/{n} = {100 * agree / n:.1f}%")
-print(f"mean |smoe - llama.cpp|: {total / n:.4f} (mean |llama.cpp logit|: {scale / n:.4f}); largest: {worst:.4f}")
+print(f"model: {sys.argv[3]}; {n} positions")
+for kv, what in (("f32", "f32 KV cache, flash attention off"), ("f16", "defaults: f16 KV cache")):
+    llama = array.array("f")
+    with open(f"{tmp}/llama-{kv}.f32", "rb") as f:
+        llama.frombytes(f.read())
+    assert len(llama) == n * vocab, f"llama.cpp gave {len(llama)} logits, expected {n} x {vocab}"
+    agree, total, worst, scale = 0, 0.0, 0.0, 0.0
+    for i, row in enumerate(smoe):
+        ref = llama[i * vocab:(i + 1) * vocab]
+        # smoe's row may be the config's vocab_size, llama.cpp's the tokens
+        # the GGUF lists; compare what both have.
+        m = min(len(row), vocab)
+        agree += max(range(m), key=row.__getitem__) == max(range(m), key=ref.__getitem__)
+        d = [abs(row[j] - ref[j]) for j in range(m)]
+        total += sum(d) / m
+        worst = max(worst, max(d))
+        scale += sum(abs(ref[j]) for j in range(m)) / m
+    print(f"llama.cpp with {what}: top-1 agreement {agree}/{n} = {100 * agree / n:.1f}%; "
+          f"mean |smoe - llama.cpp| {total / n:.4f} (mean |logit| {scale / n:.4f}), largest {worst:.4f}")
 PY
