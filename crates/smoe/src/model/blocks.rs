@@ -541,22 +541,15 @@ impl Moe {
         let m = &mut s.moe;
         self.route_tokens(be, x, t, &mut m.logits, &mut m.route, &mut m.chosen);
 
-        // Counting sort of (token, slot) pairs by expert.
-        m.start.clear();
-        m.start.resize(n_exp + 1, 0);
-        for &(e, _) in &m.chosen {
-            m.start[e as usize + 1] += 1;
-        }
-        for e in 0..n_exp {
-            m.start[e + 1] += m.start[e];
-        }
-        m.order.resize(m.chosen.len(), 0);
-        m.fill.clear();
-        m.fill.extend_from_slice(&m.start);
-        for (i, &(e, _)) in m.chosen.iter().enumerate() {
-            m.order[m.fill[e as usize]] = i;
-            m.fill[e as usize] += 1;
-        }
+        let mut used = std::mem::take(&mut m.used);
+        group_by_expert(
+            &m.chosen,
+            n_exp,
+            &mut m.start,
+            &mut m.order,
+            &mut m.fill,
+            &mut used,
+        );
 
         // Every (token, slot) row in expert order, so that each expert's
         // tokens are one contiguous block of `xs` and of its outputs `ys`.
@@ -564,9 +557,6 @@ impl Moe {
         let xs = sized(&mut m.xg, m.order.len() * hidden);
         be.gather(x, hidden, &m.order, k, xs);
         let ys = sized(&mut m.yg, m.order.len() * hidden);
-        let mut used = std::mem::take(&mut m.used);
-        used.clear();
-        used.extend((0..n_exp as u32).filter(|&e| m.start[e as usize + 1] > m.start[e as usize]));
         match &self.experts {
             Experts::Resident(experts) => {
                 let expert = |i: usize| (used[i], experts[used[i] as usize].matrices());
@@ -603,6 +593,37 @@ impl Moe {
         }
         Ok(())
     }
+}
+
+/// Counting sort of a call's (token, slot) pairs by expert: expert `e`'s
+/// rows are `start[e]..start[e + 1]`, `order[row]` is the index in `chosen`
+/// of the pair that row holds, `used` the experts with any rows, in order.
+/// `fill` is scratch. Every id in `chosen` must be below `n_exp`.
+pub(super) fn group_by_expert(
+    chosen: &[(u32, f32)],
+    n_exp: usize,
+    start: &mut Vec<usize>,
+    order: &mut Vec<usize>,
+    fill: &mut Vec<usize>,
+    used: &mut Vec<u32>,
+) {
+    start.clear();
+    start.resize(n_exp + 1, 0);
+    for &(e, _) in chosen {
+        start[e as usize + 1] += 1;
+    }
+    for e in 0..n_exp {
+        start[e + 1] += start[e];
+    }
+    order.resize(chosen.len(), 0);
+    fill.clear();
+    fill.extend_from_slice(start);
+    for (i, &(e, _)) in chosen.iter().enumerate() {
+        order[fill[e as usize]] = i;
+        fill[e as usize] += 1;
+    }
+    used.clear();
+    used.extend((0..n_exp as u32).filter(|&e| start[e as usize + 1] > start[e as usize]));
 }
 
 impl Moe {

@@ -23,7 +23,9 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::ExpertCache;
 
-use super::blocks::{Attention, Experts, LatentAttention, Linear, Moe, QueryProj, Scratch};
+use super::blocks::{
+    group_by_expert, Attention, Experts, LatentAttention, Linear, Moe, QueryProj, Scratch,
+};
 use super::decoder::{Attn, Decoder, Layer, Mlp};
 use super::{check_input, CausalLm, Logits, Session, Step};
 
@@ -552,31 +554,21 @@ impl GpuDecoder {
         host.chosen
             .extend(host.ids.iter().copied().zip(host.weights.iter().copied()));
 
-        // Counting sort of (token, slot) pairs by expert, as on the CPU.
-        host.start.clear();
-        host.start.resize(n_exp + 1, 0);
-        for &(e, _) in &host.chosen {
-            if e as usize >= n_exp {
-                return Err(Error::invalid(format!(
-                    "CUDA routing chose expert {e} of {n_exp}"
-                )));
-            }
-            host.start[e as usize + 1] += 1;
+        // Grouped by expert as on the CPU; the ids came from the device, so
+        // check them before they index the host's tables.
+        if let Some(&(e, _)) = host.chosen.iter().find(|&&(e, _)| e as usize >= n_exp) {
+            return Err(Error::invalid(format!(
+                "CUDA routing chose expert {e} of {n_exp}"
+            )));
         }
-        for e in 0..n_exp {
-            host.start[e + 1] += host.start[e];
-        }
-        host.order.resize(host.chosen.len(), 0);
-        host.fill.clear();
-        host.fill.extend_from_slice(&host.start);
-        for (i, &(e, _)) in host.chosen.iter().enumerate() {
-            host.order[host.fill[e as usize]] = i;
-            host.fill[e as usize] += 1;
-        }
-        host.used.clear();
-        let start = &host.start;
-        host.used
-            .extend((0..n_exp as u32).filter(|&e| start[e as usize + 1] > start[e as usize]));
+        group_by_expert(
+            &host.chosen,
+            n_exp,
+            &mut host.start,
+            &mut host.order,
+            &mut host.fill,
+            &mut host.used,
+        );
         // Each token's pairs by their row of the gathered outputs,
         // ascending: the order the CPU sums them in.
         host.slots.resize(host.order.len(), 0);
