@@ -684,6 +684,7 @@ impl Pinned<'_> {
         let lay = &inner.layers[&self.layer];
         let layer = self.layer;
         let start = Instant::now();
+        let _awake = crate::kernels::stay_awake();
         let mut st = inner.lock();
         let mut waited = false;
         while self

@@ -46,24 +46,26 @@ impl Sizes {
 
 /// For the disk probe: the shard holding the most experts' gate slices,
 /// and where reads of `len` bytes from each of those slices (rounded down
-/// to [`ALIGN`], as the engine reads them) start within it.
-pub(super) fn gguf_records(g: &Gguf, len: u64) -> Result<(Arc<DirectFile>, Vec<u64>)> {
+/// to [`ALIGN`], as the engine reads them) start within it, by layer.
+pub(super) fn gguf_records(g: &Gguf, len: u64) -> Result<(Arc<DirectFile>, Vec<Vec<u64>>)> {
     let cfg = crate::gguf::config::model_config(g)?;
     let layers = crate::gguf::expert_tensors(g, &cfg)?;
     let mut by_shard = vec![Vec::new(); g.shards().len()];
     for l in &layers {
         let gate = l.parts[0];
         let end = g.shards()[gate.shard].len();
-        by_shard[gate.shard].extend(
-            (0..l.experts as u64)
-                .map(|e| (gate.offset + e * gate.len) / ALIGN * ALIGN)
-                .filter(|&at| at + len <= end),
-        );
+        let layer: Vec<u64> = (0..l.experts as u64)
+            .map(|e| (gate.offset + e * gate.len) / ALIGN * ALIGN)
+            .filter(|&at| at + len <= end)
+            .collect();
+        if !layer.is_empty() {
+            by_shard[gate.shard].push(layer);
+        }
     }
     let (shard, offsets) = by_shard
         .into_iter()
         .enumerate()
-        .max_by_key(|(_, o)| o.len())
+        .max_by_key(|(_, o)| o.iter().map(Vec::len).sum::<usize>())
         .filter(|(_, o)| !o.is_empty())
         .ok_or_else(|| Error::format(g.path(), "no expert slices to read"))?;
     let file = DirectFile::open(g.shards()[shard].path())?;
@@ -195,7 +197,7 @@ mod tests {
             .collect();
         let size = std::fs::metadata(&file.path).unwrap().len();
         assert!(!offsets.is_empty());
-        for at in &offsets {
+        for at in offsets.iter().flatten() {
             assert!(at % ALIGN == 0 && at + len <= size, "{at}");
             assert!(gates.iter().any(|g| (*at..at + ALIGN).contains(g)), "{at}");
         }
