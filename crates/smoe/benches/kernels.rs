@@ -13,7 +13,8 @@
 //! The `gguf` group is one table of every GGML type smoe computes with
 //! (F32, F16, BF16 and every block format, from `GgmlType::computed`): the
 //! decode matrix-vector product's GB/s at the expert shapes, cold and hot,
-//! with bits per weight and the time against bf16's in the same run.
+//! with bits per weight and the time against bf16's in the same run, and a
+//! 32-token (prefill) product's.
 //!
 //! `cargo bench -p smoe --bench kernels` (add `-- --threads N` to size the
 //! pool; default: one thread per logical CPU; `-- matmul`, `-- gguf` or
@@ -52,6 +53,9 @@ const CASES: [Case; 4] = [
 /// The expert shapes the GGUF table times, `(rows, cols)`: gate/up and
 /// down; both are whole 256-weight blocks.
 const GGUF_SHAPES: [(usize, usize); 2] = [(768, 2048), (2048, 768)];
+/// Tokens of the GGUF table's prefill column: weight bytes over the time
+/// of one product with this many tokens, at the first expert shape.
+const PREFILL: usize = 32;
 type Case = (usize, usize, &'static [usize], &'static [DType]);
 const COLD_BYTES: usize = 512 << 20;
 const ROUNDS: usize = 7;
@@ -238,7 +242,8 @@ fn time_products(
 
 /// One line per GGML type smoe computes with: one decoded token's product
 /// at each expert shape, weights streamed from DRAM (cold) and from cache
-/// (hot), with bf16's cold time over its own.
+/// (hot), with bf16's cold time over its own; then a [`PREFILL`]-token
+/// product at the first shape.
 fn bench_gguf() {
     let types: Vec<(GgmlType, DType)> = GgmlType::computed().collect();
     let bf16: Vec<f64> = GGUF_SHAPES
@@ -255,6 +260,8 @@ fn bench_gguf() {
         let shape = format!("{rows}x{cols}");
         header += &format!(" | {shape:>9} cold GB/s {:>8} {:>7}", "hot GB/s", "vs bf16");
     }
+    let (rows, cols) = GGUF_SHAPES[0];
+    header += &format!(" | {PREFILL}-tok {rows}x{cols} GB/s");
     println!("{header}");
     for (g, dtype) in types {
         let cols = GGUF_SHAPES[0].1;
@@ -270,6 +277,11 @@ fn bench_gguf() {
                 base / cold[0]
             );
         }
+        // A prefill chunk's share of an expert: compute-bound, so hot only.
+        let (rows, cols) = GGUF_SHAPES[0];
+        let len = (rows * dtype.row_bytes(cols)) as f64;
+        let (hot, _) = time_products(dtype, rows, cols, PREFILL, &[matmul]);
+        line += &format!(" | {:>22.2}", len / hot[0] / 1e9);
         println!("{line}");
     }
 }

@@ -12,17 +12,17 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::qdot::{iq4xs_scale, iq4xs_scale_words, scales_mins, KVALUES_IQ4NL};
-use super::qdot::{IQ4_NL, IQ4_XS, Q4K, Q4_0, Q4_1, Q5_0, Q5_1, Q8K, Q8_0};
+use super::qdot::{iq4xs_scale, iq4xs_scale_words, q3k_scales, scales_mins, KVALUES_IQ4NL};
+use super::qdot::{IQ4_NL, IQ4_XS, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8K, Q8_0};
 
 /// The kernels of one NEON flavour. A value is a token that exists only
 /// where the CPU has that flavour's instructions, which is what makes the
 /// methods safe.
 ///
 /// Every dot takes `blocks` blocks of one weight row (`w`) and of each of `N`
-/// tokens' activations (`a`, Q8_K for Q4_K and Q8_0 otherwise) and returns
-/// token `k`'s product in `[k]` (Q8_K activations for IQ4_XS too); the
-/// quantizers write whole blocks of `out`
+/// tokens' activations (`a`, Q8_K for the K-quants and IQ4_XS, Q8_0
+/// otherwise) and returns token `k`'s product in `[k]`; the quantizers
+/// write whole blocks of `out`
 /// from as many values of `x`, bit for bit as candle's `from_float`.
 pub trait QDot: Copy + Send + Sync {
     fn q4k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
@@ -40,6 +40,14 @@ pub trait QDot: Copy + Send + Sync {
     fn iq4nl<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
 
     fn iq4xs<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn q6k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn q5k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn q3k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
+
+    fn q2k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
 
     /// Rows of 256 values to Q8_K: `d = max/-128` with `max` the first value
     /// of largest magnitude, each value rounded half away from zero and
@@ -161,6 +169,22 @@ impl<D: I8Dot> QDot for Neon<D> {
 
     fn iq4xs<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
         iq4xs(self.0, w, a, blocks)
+    }
+
+    fn q6k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        q6k(self.0, w, a, blocks)
+    }
+
+    fn q5k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        q5k(self.0, w, a, blocks)
+    }
+
+    fn q3k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        q3k(self.0, w, a, blocks)
+    }
+
+    fn q2k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+        q2k(self.0, w, a, blocks)
     }
 
     fn quantize_q8k(self, x: &[f32], out: &mut [u8]) {
@@ -339,25 +363,65 @@ fn iq4xs<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize)
 
 /// Q4_K weights against the Q8_K activations of `N` tokens.
 fn q4k<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-    assert!(w.len() >= blocks * Q4K && a.iter().all(|a| a.len() >= blocks * Q8K));
+    // SAFETY: `dot_k32` bounds each block it hands out.
+    dot_k32(d, w, Q4K, a, blocks, |wb, c| unsafe {
+        let q4 = wb.add(16 + 32 * c);
+        let bits = [vld1q_u8(q4), vld1q_u8(q4.add(16))];
+        let lo = bits.map(|v| vandq_u8(v, vdupq_n_u8(0x0F)));
+        (lo, bits.map(|v| vshrq_n_u8::<4>(v)))
+    })
+}
+
+/// Q5_K weights against the Q8_K activations of `N` tokens: Q4_K's
+/// arithmetic on nibbles with their fifth bits added.
+fn q5k<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    // SAFETY: `dot_k32` bounds each block it hands out.
+    dot_k32(d, w, Q5K, a, blocks, |wb, c| unsafe {
+        let q4 = wb.add(48 + 32 * c);
+        let bits = [vld1q_u8(q4), vld1q_u8(q4.add(16))];
+        let qh = [vld1q_u8(wb.add(16)), vld1q_u8(wb.add(32))];
+        let fifth = |i: usize, bit: usize| {
+            vandq_u8(vtstq_u8(qh[i], vdupq_n_u8(1 << bit)), vdupq_n_u8(0x10))
+        };
+        let lo = [0, 1].map(|i| vorrq_u8(vandq_u8(bits[i], vdupq_n_u8(0x0F)), fifth(i, 2 * c)));
+        let hi = [0, 1].map(|i| vorrq_u8(vshrq_n_u8::<4>(bits[i]), fifth(i, 2 * c + 1)));
+        (lo, hi)
+    })
+}
+
+/// Blocks of `size` bytes with Q4_K's header (`d`, `dmin`, packed 6-bit
+/// scales and mins) against the Q8_K activations of `N` tokens: `unpack`
+/// gives the unsigned weights (at most 31) of run `c`'s two 32-weight
+/// sub-blocks `2c` and `2c + 1`. A block's product is
+/// `d*d8*sum_j scale_j*(q.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`.
+#[inline(always)]
+fn dot_k32<D: I8Dot, const N: usize>(
+    d: D,
+    w: &[u8],
+    size: usize,
+    a: [&[u8]; N],
+    blocks: usize,
+    unpack: impl Fn(*const u8, usize) -> ([uint8x16_t; 2], [uint8x16_t; 2]),
+) -> [f32; N] {
+    assert!(w.len() >= blocks * size && a.iter().all(|a| a.len() >= blocks * Q8K));
     let a = a.map(<[u8]>::as_ptr);
-    // SAFETY: as in `q8_0`.
+    // SAFETY: NEON is baseline; the assert bounds every block read.
     unsafe {
-        let low = vdupq_n_u8(0x0F);
         let mut acc = [vdupq_n_f32(0.0); N];
-        for (b, wb) in w.chunks_exact(Q4K).take(blocks).enumerate() {
+        for (b, wb) in w.chunks_exact(size).take(blocks).enumerate() {
             let ab = a.map(|a| a.add(b * Q8K));
             let (scales, mins) = scales_mins(&wb[4..16]);
             let sm = scales.to_le_bytes();
-            let q4 = wb[16..].as_ptr();
             let mut sumi = [vdupq_n_s32(0); N];
             for c in 0..4 {
-                let bits = [vld1q_u8(q4.add(32 * c)), vld1q_u8(q4.add(32 * c + 16))];
-                let lo = bits.map(|v| vreinterpretq_s8_u8(vandq_u8(v, low)));
-                let hi = bits.map(|v| vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)));
+                let (lo, hi) = unpack(wb.as_ptr(), c);
+                let (lo, hi) = (
+                    lo.map(|v| vreinterpretq_s8_u8(v)),
+                    hi.map(|v| vreinterpretq_s8_u8(v)),
+                );
                 let (s_lo, s_hi) = (sm[2 * c] as i32, sm[2 * c + 1] as i32);
                 for k in 0..N {
-                    // u4 x i8 products, at most 8*15*128 per lane of a
+                    // u5 x i8 products, at most 8*31*128 per lane of a
                     // sub-block, times a 6-bit scale: far from overflow.
                     let q8 = ab[k].add(4 + 64 * c);
                     let s = vmlaq_n_s32(sumi[k], dot32(d, lo, q8), s_lo);
@@ -381,6 +445,175 @@ fn q4k<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -
         }
         acc.map(|v| vaddvq_f32(v))
     }
+}
+
+/// The header of a K-quant block with a scale per 16 weights: weight `i`
+/// is `d*scale_{i/16}*(q_i - offset) - dmin*min_{i/16}`, `q_i` unsigned.
+struct Head16 {
+    scales: int8x16_t,
+    d: f32,
+    /// Q2_K's sixteen mins and their `dmin`; zeros elsewhere.
+    mins: int8x16_t,
+    dmin: f32,
+}
+
+/// `sum_j x_j*y_j` over sixteen i8 `x` and the sixteen i16 at `y`, in four
+/// lanes.
+///
+/// # Safety
+/// `y` must point to 32 readable bytes.
+#[inline(always)]
+unsafe fn dot16_i16(x: int8x16_t, y: *const u8) -> int32x4_t {
+    let y = y.cast::<i16>();
+    let (lo, hi) = (vld1q_s16(y), vld1q_s16(y.add(8)));
+    let (xl, xh) = (vmovl_s8(vget_low_s8(x)), vmovl_high_s8(x));
+    let s = vmull_s16(vget_low_s16(xl), vget_low_s16(lo));
+    let s = vmlal_high_s16(s, xl, lo);
+    let s = vmlal_s16(s, vget_low_s16(xh), vget_low_s16(hi));
+    vmlal_high_s16(s, xh, hi)
+}
+
+/// Blocks of `size` bytes of a K-quant with a scale per 16 weights against
+/// the Q8_K activations of `N` tokens: `head` reads a block's scales, and
+/// `runs` gives the unsigned weights (at most 63) of the four 32-weight
+/// runs of its 128-weight half `h`, in element order. `OFFSET` comes off
+/// every `q` exactly, through the activations' sums of 16; the mins only
+/// where `MIN`, in f32 as candle takes them.
+#[inline(always)]
+fn dot_k16<D: I8Dot, const N: usize, const OFFSET: i32, const MIN: bool>(
+    d: D,
+    w: &[u8],
+    size: usize,
+    a: [&[u8]; N],
+    blocks: usize,
+    head: impl Fn(*const u8) -> Head16,
+    runs: impl Fn(*const u8, usize) -> [[uint8x16_t; 2]; 4],
+) -> [f32; N] {
+    assert!(w.len() >= blocks * size && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
+    // SAFETY: NEON is baseline; the assert bounds every block read.
+    unsafe {
+        let mut acc = [vdupq_n_f32(0.0); N];
+        for (b, wb) in w.chunks_exact(size).take(blocks).enumerate() {
+            let ab = a.map(|a| a.add(b * Q8K));
+            let h = head(wb.as_ptr());
+            let mut sc = [0i8; 16];
+            vst1q_s8(sc.as_mut_ptr(), h.scales);
+            let mut sumi = [vdupq_n_s32(0); N];
+            for half in 0..2 {
+                let q = runs(wb.as_ptr(), half).map(|r| r.map(|v| vreinterpretq_s8_u8(v)));
+                for k in 0..N {
+                    let q8 = ab[k].add(4 + 128 * half).cast::<i8>();
+                    for (c, q) in q.iter().enumerate() {
+                        // Sixteen u6 x i8 products per scale, at most
+                        // 16*63*128, times an i8 scale: far from overflow.
+                        for i in 0..2 {
+                            let y = vld1q_s8(q8.add(32 * c + 16 * i));
+                            let p = d.dot(vdupq_n_s32(0), q[i], y);
+                            let s = sc[8 * half + 2 * c + i] as i32;
+                            sumi[k] = vmlaq_n_s32(sumi[k], p, s);
+                        }
+                    }
+                }
+            }
+            for k in 0..N {
+                let d8 = ab[k].cast::<f32>().read_unaligned();
+                let bsums = ab[k].add(260);
+                let s = vmlsq_n_s32(sumi[k], dot16_i16(h.scales, bsums), OFFSET);
+                acc[k] = vfmaq_f32(acc[k], vcvtq_f32_s32(s), vdupq_n_f32(h.d * d8));
+                if MIN {
+                    let m = vcvtq_f32_s32(dot16_i16(h.mins, bsums));
+                    acc[k] = vfmsq_f32(acc[k], m, vdupq_n_f32(h.dmin * d8));
+                }
+            }
+        }
+        acc.map(|v| vaddvq_f32(v))
+    }
+}
+
+/// Q6_K weights against the Q8_K activations of `N` tokens (layout in
+/// `qdot_x86::q6k`).
+fn q6k<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    // SAFETY: (both) `dot_k16` bounds each block it hands out.
+    let head = |wb: *const u8| unsafe {
+        Head16 {
+            scales: vld1q_s8(wb.add(192).cast()),
+            d: f16_at(wb.add(208)),
+            mins: vdupq_n_s8(0),
+            dmin: 0.0,
+        }
+    };
+    dot_k16::<_, N, 32, false>(d, w, Q6K, a, blocks, head, |wb, half| unsafe {
+        let ql = wb.add(64 * half);
+        let l0 = [vld1q_u8(ql), vld1q_u8(ql.add(16))];
+        let l1 = [vld1q_u8(ql.add(32)), vld1q_u8(ql.add(48))];
+        let qh = wb.add(128 + 32 * half);
+        let h = [vld1q_u8(qh), vld1q_u8(qh.add(16))];
+        let (low, top) = (vdupq_n_u8(0x0F), vdupq_n_u8(0x30));
+        [
+            [0, 1].map(|i| vorrq_u8(vandq_u8(l0[i], low), vandq_u8(vshlq_n_u8::<4>(h[i]), top))),
+            [0, 1].map(|i| vorrq_u8(vandq_u8(l1[i], low), vandq_u8(vshlq_n_u8::<2>(h[i]), top))),
+            [0, 1].map(|i| vorrq_u8(vshrq_n_u8::<4>(l0[i]), vandq_u8(h[i], top))),
+            [0, 1].map(|i| vorrq_u8(vshrq_n_u8::<4>(l1[i]), vandq_u8(vshrq_n_u8::<2>(h[i]), top))),
+        ]
+    })
+}
+
+/// The four runs of 2-bit values of a Q3_K or Q2_K half: bits `2j..2j+2`
+/// of the 32 bytes at `qs` are run `j`.
+///
+/// # Safety
+/// `qs` must point to 32 readable bytes.
+#[inline(always)]
+unsafe fn crumbs(qs: *const u8) -> [[uint8x16_t; 2]; 4] {
+    let bits = [vld1q_u8(qs), vld1q_u8(qs.add(16))];
+    std::array::from_fn(|j| {
+        // A negative count shifts right.
+        let shift = vdupq_n_s8(-2 * j as i8);
+        bits.map(|v| vandq_u8(vshlq_u8(v, shift), vdupq_n_u8(3)))
+    })
+}
+
+/// Q3_K weights against the Q8_K activations of `N` tokens, as `q + 4`
+/// (0..8, its high bit set reading as 4) with the offset 4 taken off per
+/// block.
+fn q3k<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    // SAFETY: (both) `dot_k16` bounds each block it hands out.
+    let head = |wb: *const u8| unsafe {
+        let (lo, hi) = q3k_scales(std::slice::from_raw_parts(wb.add(96), 12));
+        let scales = vreinterpretq_s8_u8(vcombine_u8(vcreate_u8(lo), vcreate_u8(hi)));
+        Head16 {
+            scales: vsubq_s8(scales, vdupq_n_s8(32)),
+            d: f16_at(wb.add(108)),
+            mins: vdupq_n_s8(0),
+            dmin: 0.0,
+        }
+    };
+    dot_k16::<_, N, 4, false>(d, w, Q3K, a, blocks, head, |wb, half| unsafe {
+        let hmask = [vld1q_u8(wb), vld1q_u8(wb.add(16))];
+        let runs = crumbs(wb.add(32 + 32 * half));
+        std::array::from_fn(|j| {
+            let bit = vdupq_n_u8(1 << (4 * half + j));
+            [0, 1].map(|i| vorrq_u8(runs[j][i], vandq_u8(vtstq_u8(hmask[i], bit), vdupq_n_u8(4))))
+        })
+    })
+}
+
+/// Q2_K weights against the Q8_K activations of `N` tokens.
+fn q2k<D: I8Dot, const N: usize>(d: D, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    // SAFETY: (both) `dot_k16` bounds each block it hands out.
+    let head = |wb: *const u8| unsafe {
+        let sm = vld1q_u8(wb);
+        Head16 {
+            scales: vreinterpretq_s8_u8(vandq_u8(sm, vdupq_n_u8(0x0F))),
+            d: f16_at(wb.add(80)),
+            mins: vreinterpretq_s8_u8(vshrq_n_u8::<4>(sm)),
+            dmin: f16_at(wb.add(82)),
+        }
+    };
+    dot_k16::<_, N, 0, true>(d, w, Q2K, a, blocks, head, |wb, half| unsafe {
+        crumbs(wb.add(16 + 32 * half))
+    })
 }
 
 /// The largest magnitude among `x` (whose length is a multiple of 4); NaN

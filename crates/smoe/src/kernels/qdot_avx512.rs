@@ -17,8 +17,9 @@ use std::arch::x86_64::*;
 use std::mem::transmute;
 
 use super::qdot::{iq4xs_scale, iq4xs_scale_words, scales_mins};
-use super::qdot::{IQ4_NL, IQ4_XS, Q4K, Q4_0, Q4_1, Q5_0, Q5_1, Q8K, Q8_0};
-use super::qdot_x86::{bit_bytes, iq4_table, nibbles32};
+use super::qdot::{IQ4_NL, IQ4_XS, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8K, Q8_0};
+use super::qdot_x86::{bit_bytes, iq4_table, nibbles32, stream_ahead};
+use super::qdot_x86::{q2k_head, q3k_head, q6k_head, Head16};
 
 /// Whether these kernels can run here.
 pub fn available() -> bool {
@@ -354,24 +355,69 @@ unsafe fn pair_sums(ab: *const u8) -> __m128i {
 /// As [`q8_0`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-    assert!(w.len() >= blocks * Q4K && a.iter().all(|a| a.len() >= blocks * Q8K));
+    dot_k32(w, Q4K, a, blocks, |wb, c| nibbles64(wb.add(16 + 32 * c)))
+}
+
+/// Q5_K weights against the Q8_K activations of `N` tokens: [`q4k`]'s
+/// nibbles with their fifth bits added.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q5k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot_k32(w, Q5K, a, blocks, |wb, c| {
+        let q = nibbles64(wb.add(48 + 32 * c));
+        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(wb.add(16).cast()));
+        // Bit 2c of `qh` for the low half, bit 2c + 1 for the high half.
+        let bit = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi8(1 << (2 * c))),
+            _mm256_set1_epi8(1 << (2 * c + 1)),
+        );
+        let set = _mm512_test_epi8_mask(qh, bit);
+        _mm512_mask_add_epi8(q, set, q, _mm512_set1_epi8(16))
+    })
+}
+
+/// The 64 nibbles of the 32 bytes at `p` in element order: low nibbles
+/// are elements 0..32, high nibbles 32..64.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn nibbles64(p: *const u8) -> __m512i {
+    let bits = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()));
+    _mm512_and_si512(
+        _mm512_mask_srli_epi16::<4>(bits, 0xFFFF_0000, bits),
+        _mm512_set1_epi8(0x0F),
+    )
+}
+
+/// Blocks of `size` bytes with Q4_K's header against the Q8_K activations
+/// of `N` tokens: `unpack` gives the unsigned weights (at most 31) of
+/// sub-blocks `2c` and `2c + 1`, in element order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_k32<const N: usize>(
+    w: &[u8],
+    size: usize,
+    a: [&[u8]; N],
+    blocks: usize,
+    unpack: impl Fn(*const u8, usize) -> __m512i,
+) -> [f32; N] {
+    assert!(w.len() >= blocks * size && a.iter().all(|a| a.len() >= blocks * Q8K));
     let a = a.map(<[u8]>::as_ptr);
-    let low = _mm512_set1_epi8(0x0F);
     let halves: __m512i = transmute(HALVES);
     let mut acc = [_mm512_setzero_ps(); N];
-    for (b, wb) in w.chunks_exact(Q4K).take(blocks).enumerate() {
+    for (b, wb) in w.chunks_exact(size).take(blocks).enumerate() {
+        stream_ahead::<N>(wb.as_ptr());
         let ab = a.map(|a| a.add(b * Q8K));
         let (sc, mn) = scales_mins(&wb[4..16]);
         let sm = _mm_set_epi64x(mn as i64, sc as i64);
         // Scales in lanes 0..8 (mins in 8..16, unused here).
         let scales = _mm512_cvtepu8_epi32(sm);
         let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
-        let q4 = wb[16..].as_ptr();
 
         let mut sumi = [_mm512_setzero_si512(); N];
         for c in 0..4 {
-            let bits = _mm512_broadcast_i64x4(_mm256_loadu_si256(q4.add(32 * c).cast()));
-            let q = _mm512_and_si512(_mm512_mask_srli_epi16::<4>(bits, 0xFFFF_0000, bits), low);
+            let q = unpack(wb.as_ptr(), c);
             // Sub-block 2c's scale in the low eight lanes, 2c+1's in the high.
             let s = _mm512_permutexvar_epi32(
                 _mm512_add_epi32(halves, _mm512_set1_epi32(2 * c as i32)),
@@ -379,7 +425,7 @@ pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f3
             );
             for k in 0..N {
                 let y = _mm512_loadu_si512(ab[k].add(4 + 64 * c).cast());
-                // Four u4 x i8 products per lane, at most 4*15*128: the lane
+                // Four u5 x i8 products per lane, at most 4*31*128: the lane
                 // is its low i16, and `madd` with the scale (high i16 zero)
                 // multiplies exactly.
                 let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, y);
@@ -397,6 +443,167 @@ pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f3
         }
     }
     acc.map(|v| _mm512_reduce_add_ps(v))
+}
+
+/// i32 lane indices: four lanes each of elements 0, 1, 2 and 3.
+const QUARTERS: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
+
+/// Blocks of `size` bytes of a K-quant with a scale per 16 weights against
+/// the Q8_K activations of `N` tokens (see `qdot_x86::dot_k16`): `runs`
+/// gives the unsigned weights (at most 63) of half `h`'s 128 weights, in
+/// element order, 64 per vector.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_k16<const N: usize, const OFFSET: i32, const MIN: bool>(
+    w: &[u8],
+    size: usize,
+    a: [&[u8]; N],
+    blocks: usize,
+    head: impl Fn(*const u8) -> Head16,
+    runs: impl Fn(*const u8, usize) -> [__m512i; 2],
+) -> [f32; N] {
+    assert!(w.len() >= blocks * size && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
+    let quarters: __m512i = transmute(QUARTERS);
+    let mut acc = [_mm512_setzero_ps(); N];
+    for (b, wb) in w.chunks_exact(size).take(blocks).enumerate() {
+        stream_ahead::<N>(wb.as_ptr());
+        let ab = a.map(|a| a.add(b * Q8K));
+        let h = head(wb.as_ptr());
+        let scales = _mm256_cvtepi8_epi16(h.scales);
+        // Each scale in the low i16 of an i32 lane, the high i16 zero, so
+        // that `madd` multiplies a lane's sum by it alone.
+        let scales32 = _mm512_cvtepu16_epi32(scales);
+        let mut sumi = [_mm512_setzero_si512(); N];
+        for half in 0..2 {
+            let q = runs(wb.as_ptr(), half);
+            // Vector v covers scales 4i..4i+4, four lanes each.
+            let s = [0, 1].map(|v| {
+                let i = 4 * (2 * half + v) as i32;
+                _mm512_permutexvar_epi32(_mm512_add_epi32(quarters, _mm512_set1_epi32(i)), scales32)
+            });
+            for k in 0..N {
+                let q8 = ab[k].add(4 + 128 * half);
+                for v in 0..2 {
+                    // Four u6 x i8 products per lane, at most 4*63*128 in
+                    // magnitude: the lane is its low i16.
+                    let y = _mm512_loadu_si512(q8.add(64 * v).cast());
+                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[v], y);
+                    sumi[k] = _mm512_add_epi32(sumi[k], _mm512_madd_epi16(p, s[v]));
+                }
+            }
+        }
+        let mins = _mm256_cvtepi8_epi16(h.mins);
+        for k in 0..N {
+            let d8 = ab[k].cast::<f32>().read_unaligned();
+            let bsums = _mm256_loadu_si256(ab[k].add(260).cast());
+            let offset =
+                _mm256_mullo_epi32(_mm256_madd_epi16(scales, bsums), _mm256_set1_epi32(OFFSET));
+            let s = _mm512_sub_epi32(sumi[k], _mm512_zextsi256_si512(offset));
+            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(h.d * d8), _mm512_cvtepi32_ps(s), acc[k]);
+            if MIN {
+                let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums));
+                let m = _mm512_zextps256_ps512(m);
+                acc[k] = _mm512_fnmadd_ps(_mm512_set1_ps(h.dmin * d8), m, acc[k]);
+            }
+        }
+    }
+    acc.map(|v| _mm512_reduce_add_ps(v))
+}
+
+/// Q6_K weights against the Q8_K activations of `N` tokens (layout in
+/// `qdot_x86::q6k`): a half's 64 bytes of nibbles load as one vector, the
+/// low nibbles of both 32-byte runs being its first 64 weights.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q6k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    let low = _mm512_set1_epi8(0x0F);
+    let top = _mm512_set1_epi8(0x30);
+    dot_k16::<N, 32, false>(
+        w,
+        Q6K,
+        a,
+        blocks,
+        |wb| q6k_head(wb),
+        |wb, half| {
+            let l = _mm512_loadu_si512(wb.add(64 * half).cast());
+            let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(wb.add(128 + 32 * half).cast()));
+            // Bits 0-1 of `qh` top the low half's first run, 2-3 the high
+            // half's, then 4-5 and 6-7 for the high nibbles; the 0x30 mask
+            // keeps only each byte's own pair after the 16-bit shifts.
+            let h01 =
+                _mm512_mask_blend_epi64(0xF0, _mm512_slli_epi16::<4>(h), _mm512_slli_epi16::<2>(h));
+            let h23 = _mm512_mask_blend_epi64(0xF0, h, _mm512_srli_epi16::<2>(h));
+            [
+                _mm512_or_si512(_mm512_and_si512(l, low), _mm512_and_si512(h01, top)),
+                _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(l), low),
+                    _mm512_and_si512(h23, top),
+                ),
+            ]
+        },
+    )
+}
+
+/// The 2-bit values of a Q3_K or Q2_K half (the 32 bytes at `qs`) in
+/// element order: bits `2j..2j+2` are run `j`, runs 0 and 1 in the first
+/// vector.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn crumbs(qs: *const u8) -> [__m512i; 2] {
+    let bits = _mm512_broadcast_i64x4(_mm256_loadu_si256(qs.cast()));
+    let three = _mm512_set1_epi8(3);
+    let pair = |v: __m512i| _mm512_and_si512(_mm512_mask_srli_epi16::<2>(v, 0xFFFF_0000, v), three);
+    [pair(bits), pair(_mm512_srli_epi16::<4>(bits))]
+}
+
+/// Q3_K weights against the Q8_K activations of `N` tokens, as `q + 4`
+/// (see `qdot_x86::q3k`).
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q3k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot_k16::<N, 4, false>(
+        w,
+        Q3K,
+        a,
+        blocks,
+        |wb| q3k_head(wb),
+        |wb, half| {
+            let hmask = _mm512_broadcast_i64x4(_mm256_loadu_si256(wb.cast()));
+            let runs = crumbs(wb.add(32 + 32 * half));
+            std::array::from_fn(|v| {
+                // Run j = 2v (low half) and 2v + 1 (high half) take bit
+                // 4*half + j of `hmask`.
+                let j = 4 * half + 2 * v;
+                let bit = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_set1_epi8(1 << j)),
+                    _mm256_set1_epi8(1 << (j + 1)),
+                );
+                let set = _mm512_test_epi8_mask(hmask, bit);
+                _mm512_mask_add_epi8(runs[v], set, runs[v], _mm512_set1_epi8(4))
+            })
+        },
+    )
+}
+
+/// Q2_K weights against the Q8_K activations of `N` tokens.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q2k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot_k16::<N, 0, true>(
+        w,
+        Q2K,
+        a,
+        blocks,
+        |wb| q2k_head(wb),
+        |wb, half| crumbs(wb.add(16 + 32 * half)),
+    )
 }
 
 /// The headers of eight rows' Q4_K blocks, unpacked side by side.

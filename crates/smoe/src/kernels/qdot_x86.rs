@@ -6,8 +6,9 @@
 //! runs its scalar loops. These are the formats smoe stores experts and
 //! backbones in by default: Q4_K and Q8_0, Q4_0, the fallback for rows that
 //! are not a multiple of 256 (small models' down projections), and Q6_K, the
-//! LM head of a 4-bit backbone; and those GGUF files bring: Q4_1, Q5_0 and
-//! Q5_1 (llama.cpp's fallbacks for such rows), IQ4_NL and IQ4_XS.
+//! LM head of a 4-bit backbone; and those GGUF files bring: Q5_K, Q3_K and
+//! Q2_K, Q4_1, Q5_0 and Q5_1 (llama.cpp's fallbacks for such rows), IQ4_NL
+//! and IQ4_XS.
 //!
 //! Each takes one weight row (four for Q4_K's `q4k_rows4`) and `N`
 //! activation rows (tokens) at once: a weight block is loaded and unpacked
@@ -23,11 +24,8 @@
 
 use std::arch::x86_64::*;
 
-use super::qdot::{iq4xs_scale, iq4xs_scale_words, scales_mins, KVALUES_IQ4NL};
-use super::qdot::{IQ4_NL, IQ4_XS, Q4K, Q4_0, Q4_1, Q5_0, Q5_1, Q8K, Q8_0};
-
-/// Bytes per Q6_K block (only x86 has a Q6_K kernel so far).
-pub const Q6K: usize = 210;
+use super::qdot::{iq4xs_scale, iq4xs_scale_words, q3k_scales, scales_mins, KVALUES_IQ4NL};
+use super::qdot::{IQ4_NL, IQ4_XS, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8K, Q8_0};
 
 /// Whether these kernels can run here.
 pub fn available() -> bool {
@@ -275,7 +273,7 @@ pub unsafe fn iq4xs<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [
 /// the bytes 1 KiB past block `p` (the rest of the row, then the next row's,
 /// which follows it in memory). Several tokens reuse each block from cache.
 #[inline(always)]
-unsafe fn stream_ahead<const N: usize>(p: *const u8) {
+pub(super) unsafe fn stream_ahead<const N: usize>(p: *const u8) {
     if N == 1 {
         for off in [1024, 1088, 1152] {
             // A prefetch never faults, even past the end of the weights.
@@ -299,32 +297,76 @@ unsafe fn stream_ahead<const N: usize>(p: *const u8) {
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-    assert!(w.len() >= blocks * Q4K && a.iter().all(|a| a.len() >= blocks * Q8K));
-    let a = a.map(<[u8]>::as_ptr);
     let low = _mm256_set1_epi8(0x0F);
+    dot_k32(w, Q4K, a, blocks, |wb, c| {
+        let bits = _mm256_loadu_si256(wb.add(16 + 32 * c).cast());
+        (
+            _mm256_and_si256(bits, low),
+            _mm256_and_si256(_mm256_srli_epi16(bits, 4), low),
+        )
+    })
+}
+
+/// Q5_K weights against the Q8_K activations of `N` tokens: Q4_K's
+/// arithmetic on nibbles with their fifth bits added.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q5k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    let (low, fifth) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+    dot_k32(w, Q5K, a, blocks, |wb, c| {
+        let bits = _mm256_loadu_si256(wb.add(48 + 32 * c).cast());
+        let qh = _mm256_loadu_si256(wb.add(16).cast());
+        let high = |bit: usize| {
+            let m = _mm256_set1_epi8(1 << bit);
+            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m), fifth)
+        };
+        (
+            _mm256_or_si256(_mm256_and_si256(bits, low), high(2 * c)),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(bits, 4), low),
+                high(2 * c + 1),
+            ),
+        )
+    })
+}
+
+/// Blocks of `size` bytes with Q4_K's header (`d`, `dmin`, packed 6-bit
+/// scales and mins) against the Q8_K activations of `N` tokens: `unpack`
+/// gives the unsigned weights (at most 31) of run `c`'s two 32-weight
+/// sub-blocks `2c` and `2c + 1`. See [`q4k`] for the arithmetic.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_k32<const N: usize>(
+    w: &[u8],
+    size: usize,
+    a: [&[u8]; N],
+    blocks: usize,
+    unpack: impl Fn(*const u8, usize) -> (__m256i, __m256i),
+) -> [f32; N] {
+    assert!(w.len() >= blocks * size && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
     // Lanes 0 and 1 are the row's two partial sums; 2 and 3 stay unused.
     let mut acc = [_mm_setzero_ps(); N];
-    for (b, wb) in w.chunks_exact(Q4K).take(blocks).enumerate() {
+    for (b, wb) in w.chunks_exact(size).take(blocks).enumerate() {
         stream_ahead::<N>(wb.as_ptr());
         let ab = a.map(|a| a.add(b * Q8K));
         let (scales, mins) = scales_mins(&wb[4..16]);
         let sm = _mm256_cvtepu8_epi16(_mm_set_epi64x(mins as i64, scales as i64));
         let mut scales = [0i16; 8];
         _mm_storeu_si128(scales.as_mut_ptr().cast(), _mm256_castsi256_si128(sm));
-        let q4 = wb[16..].as_ptr();
 
         let mut sumi = [_mm256_setzero_si256(); N];
         for c in 0..4 {
-            let bits = _mm256_loadu_si256(q4.add(32 * c).cast());
-            let lo = _mm256_and_si256(bits, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low);
+            let (lo, hi) = unpack(wb.as_ptr(), c);
             let s_lo = _mm256_set1_epi16(scales[2 * c]);
             let s_hi = _mm256_set1_epi16(scales[2 * c + 1]);
             for k in 0..N {
                 let q8 = ab[k].add(4 + 64 * c);
                 let a_lo = _mm256_loadu_si256(q8.cast());
                 let a_hi = _mm256_loadu_si256(q8.add(32).cast());
-                // u8 x i8 pairs summed into i16: at most 2*15*128, no overflow.
+                // u8 x i8 pairs summed into i16: at most 2*31*128, no overflow.
                 let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a_lo), s_lo);
                 let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a_hi), s_hi);
                 sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(p_lo, p_hi));
@@ -581,6 +623,119 @@ pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// The header of a K-quant block with a scale per 16 weights: weight `i`
+/// is `d*scale_{i/16}*(q_i - offset) - dmin*min_{i/16}`, `q_i` unsigned.
+#[derive(Clone, Copy)]
+pub(super) struct Head16 {
+    /// The sixteen scales, as i8.
+    pub scales: __m128i,
+    pub d: f32,
+    /// Q2_K's sixteen mins, as i8, and their `dmin`; zeros elsewhere.
+    pub mins: __m128i,
+    pub dmin: f32,
+}
+
+/// The header of the Q6_K block at `wb`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q6k_head(wb: *const u8) -> Head16 {
+    Head16 {
+        scales: _mm_loadu_si128(wb.add(192).cast()),
+        d: f16_at(wb.add(208)),
+        mins: _mm_setzero_si128(),
+        dmin: 0.0,
+    }
+}
+
+/// The header of the Q3_K block at `wb`, its scales less their offset 32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q3k_head(wb: *const u8) -> Head16 {
+    let (lo, hi) = q3k_scales(std::slice::from_raw_parts(wb.add(96), 12));
+    Head16 {
+        scales: _mm_sub_epi8(_mm_set_epi64x(hi as i64, lo as i64), _mm_set1_epi8(32)),
+        d: f16_at(wb.add(108)),
+        mins: _mm_setzero_si128(),
+        dmin: 0.0,
+    }
+}
+
+/// The header of the Q2_K block at `wb`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q2k_head(wb: *const u8) -> Head16 {
+    let sm = _mm_loadu_si128(wb.cast());
+    let low = _mm_set1_epi8(0x0F);
+    Head16 {
+        scales: _mm_and_si128(sm, low),
+        d: f16_at(wb.add(80)),
+        mins: _mm_and_si128(_mm_srli_epi16(sm, 4), low),
+        dmin: f16_at(wb.add(82)),
+    }
+}
+
+/// Blocks of `size` bytes of a K-quant with a scale per 16 weights against
+/// the Q8_K activations of `N` tokens: `head` reads a block's scales, and
+/// `runs` gives the unsigned weights (at most 63) of the four 32-weight
+/// runs of its 128-weight half `h`, in element order. `OFFSET` comes off
+/// every `q` exactly, through the activations' sums of 16; the mins only
+/// where `MIN`, in f32 as candle takes them.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_k16<const N: usize, const OFFSET: i32, const MIN: bool>(
+    w: &[u8],
+    size: usize,
+    a: [&[u8]; N],
+    blocks: usize,
+    head: impl Fn(*const u8) -> Head16,
+    runs: impl Fn(*const u8, usize) -> [__m256i; 4],
+) -> [f32; N] {
+    assert!(w.len() >= blocks * size && a.iter().all(|a| a.len() >= blocks * Q8K));
+    let a = a.map(<[u8]>::as_ptr);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (b, wb) in w.chunks_exact(size).take(blocks).enumerate() {
+        stream_ahead::<N>(wb.as_ptr());
+        let ab = a.map(|a| a.add(b * Q8K));
+        let h = head(wb.as_ptr());
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for half in 0..2 {
+            let q = runs(wb.as_ptr(), half);
+            // Run c covers scales 8*half + 2c (its first 16 weights, the
+            // low i16 lanes of a `maddubs`) and the next (the high lanes).
+            let s = [0, 1, 2, 3].map(|c| {
+                let j = (8 * half + 2 * c) as i64;
+                let pick =
+                    _mm_set_epi64x((j + 1) * 0x0101_0101_0101_0101, j * 0x0101_0101_0101_0101);
+                _mm256_cvtepi8_epi16(_mm_shuffle_epi8(h.scales, pick))
+            });
+            for k in 0..N {
+                let q8 = ab[k].add(4 + 128 * half);
+                for c in 0..4 {
+                    // u6 x i8 pairs: at most 2*63*128, no overflow.
+                    let y = _mm256_loadu_si256(q8.add(32 * c).cast());
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], y), s[c]);
+                    sumi[k] = _mm256_add_epi32(sumi[k], p);
+                }
+            }
+        }
+        let scales = _mm256_cvtepi8_epi16(h.scales);
+        let mins = _mm256_cvtepi8_epi16(h.mins);
+        for k in 0..N {
+            let d8 = ab[k].cast::<f32>().read_unaligned();
+            let bsums = _mm256_loadu_si256(ab[k].add(260).cast());
+            let offset =
+                _mm256_mullo_epi32(_mm256_madd_epi16(scales, bsums), _mm256_set1_epi32(OFFSET));
+            let s = _mm256_sub_epi32(sumi[k], offset);
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(h.d * d8), _mm256_cvtepi32_ps(s), acc[k]);
+            if MIN {
+                let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums));
+                acc[k] = _mm256_fnmadd_ps(_mm256_set1_ps(h.dmin * d8), m, acc[k]);
+            }
+        }
+    }
+    acc.map(|v| hsum(v))
+}
+
 /// Q6_K weights against the Q8_K activations of `N` tokens.
 ///
 /// A Q6_K block (210 bytes) holds 256 weights as 128 bytes of low nibbles,
@@ -589,32 +744,27 @@ pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
 /// 0..64. Each 128-weight half takes 64 nibble bytes `ql` and 32 bytes `qh`:
 /// its four 32-weight runs are the low nibbles of `ql[0..32]`, of
 /// `ql[32..64]`, then their high nibbles, with bits 0-1, 2-3, 4-5 and 6-7 of
-/// `qh` as their top two bits. The unsigned `q_i` go into `maddubs` (at most
-/// 2*63*127, no overflow), and the offset comes off once per block as
-/// `32*sum_j scale_j*bsum_j` from the activations' sums of 16.
+/// `qh` as their top two bits.
 ///
 /// # Safety
 /// As [`q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q6k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
-    assert!(w.len() >= blocks * Q6K && a.iter().all(|a| a.len() >= blocks * Q8K));
-    let a = a.map(<[u8]>::as_ptr);
     let low = _mm256_set1_epi8(0x0F);
     let top = _mm256_set1_epi8(0x30);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (b, wb) in w.chunks_exact(Q6K).take(blocks).enumerate() {
-        stream_ahead::<N>(wb.as_ptr());
-        let ab = a.map(|a| a.add(b * Q8K));
-        let (ql, qh) = (wb.as_ptr(), wb.as_ptr().add(128));
-        let scales = _mm_loadu_si128(wb.as_ptr().add(192).cast());
-        let mut sumi = [_mm256_setzero_si256(); N];
-        for half in 0..2 {
-            let l0 = _mm256_loadu_si256(ql.add(64 * half).cast());
-            let l1 = _mm256_loadu_si256(ql.add(64 * half + 32).cast());
-            let h = _mm256_loadu_si256(qh.add(32 * half).cast());
-            // The 16-bit shifts move bits across bytes, but the 0x30 mask
-            // keeps only each byte's own pair.
-            let q = [
+    dot_k16::<N, 32, false>(
+        w,
+        Q6K,
+        a,
+        blocks,
+        |wb| q6k_head(wb),
+        |wb, half| {
+            let l0 = _mm256_loadu_si256(wb.add(64 * half).cast());
+            let l1 = _mm256_loadu_si256(wb.add(64 * half + 32).cast());
+            let h = _mm256_loadu_si256(wb.add(128 + 32 * half).cast());
+            // The 16-bit shifts move bits across bytes, but the 0x30 mask keeps
+            // only each byte's own pair.
+            [
                 _mm256_or_si256(
                     _mm256_and_si256(l0, low),
                     _mm256_and_si256(_mm256_slli_epi16(h, 4), top),
@@ -631,33 +781,66 @@ pub unsafe fn q6k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f3
                     _mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
                     _mm256_and_si256(_mm256_srli_epi16(h, 2), top),
                 ),
-            ];
-            // Run c covers scales 8*half + 2c (its first 16 weights, the
-            // low i16 lanes of a `maddubs`) and the next (the high lanes).
-            let s = [0, 1, 2, 3].map(|c| {
-                let j = (8 * half + 2 * c) as i64;
-                let pick =
-                    _mm_set_epi64x((j + 1) * 0x0101_0101_0101_0101, j * 0x0101_0101_0101_0101);
-                _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
-            });
-            for k in 0..N {
-                let q8 = ab[k].add(4 + 128 * half);
-                for c in 0..4 {
-                    let y = _mm256_loadu_si256(q8.add(32 * c).cast());
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], y), s[c]);
-                    sumi[k] = _mm256_add_epi32(sumi[k], p);
-                }
-            }
-        }
-        let scales = _mm256_cvtepi8_epi16(scales);
-        let d = f16_at(wb.as_ptr().add(208));
-        for k in 0..N {
-            let d8 = ab[k].cast::<f32>().read_unaligned();
-            let bsums = _mm256_loadu_si256(ab[k].add(260).cast());
-            let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales, bsums), 5);
-            let s = _mm256_sub_epi32(sumi[k], offset);
-            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(s), acc[k]);
-        }
-    }
-    acc.map(|v| hsum(v))
+            ]
+        },
+    )
+}
+
+/// The four runs of 2-bit values of a Q3_K or Q2_K half: bits `2j..2j+2`
+/// of the 32 bytes at `qs` are run `j`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn crumbs(qs: *const u8) -> [__m256i; 4] {
+    let bits = _mm256_loadu_si256(qs.cast());
+    // The 16-bit shifts move bits across bytes, but the mask keeps only
+    // each byte's own pair.
+    let three = _mm256_set1_epi8(3);
+    [
+        _mm256_and_si256(bits, three),
+        _mm256_and_si256(_mm256_srli_epi16(bits, 2), three),
+        _mm256_and_si256(_mm256_srli_epi16(bits, 4), three),
+        _mm256_and_si256(_mm256_srli_epi16(bits, 6), three),
+    ]
+}
+
+/// Q3_K weights against the Q8_K activations of `N` tokens, as `q + 4` (0..8)
+/// with the offset 4 taken off per block.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q3k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    let four = _mm256_set1_epi8(4);
+    dot_k16::<N, 4, false>(
+        w,
+        Q3K,
+        a,
+        blocks,
+        |wb| q3k_head(wb),
+        |wb, half| {
+            let hmask = _mm256_loadu_si256(wb.cast());
+            let runs = crumbs(wb.add(32 + 32 * half));
+            std::array::from_fn(|j| {
+                let m = _mm256_set1_epi8(1 << (4 * half + j));
+                let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hmask, m), m), four);
+                _mm256_or_si256(runs[j], high)
+            })
+        },
+    )
+}
+
+/// Q2_K weights against the Q8_K activations of `N` tokens.
+///
+/// # Safety
+/// As [`q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q2k<const N: usize>(w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N] {
+    dot_k16::<N, 0, true>(
+        w,
+        Q2K,
+        a,
+        blocks,
+        |wb| q2k_head(wb),
+        |wb, half| crumbs(wb.add(16 + 32 * half)),
+    )
 }

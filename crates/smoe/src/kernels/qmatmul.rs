@@ -9,18 +9,17 @@
 //! Candle chooses its SIMD dot products at compile time, by
 //! `cfg(target_feature = "avx2")` (or neon/simd128), not at run time as
 //! `kernels::simd` does: a build for the baseline x86-64 target gets its
-//! portable scalar loops, 5-8x slower per core than its AVX2 ones; the
-//! formats smoe writes by default run our own run-time-dispatched AVX2 or
-//! AVX-512 dot products instead (`qdot_x86`, `qdot_avx512`). `cargo bench -p
-//! smoe --bench kernels` measures them.
+//! portable scalar loops, 5-8x slower per core than its AVX2 ones; every
+//! block format runs our own run-time-dispatched AVX2 or AVX-512 dot
+//! products instead (`qdot_x86`, `qdot_avx512`), and NEON ones on ARM
+//! (`qdot_arm`). `cargo bench -p smoe --bench kernels` measures them.
 
 use std::mem::{align_of, size_of};
 
-#[cfg(target_arch = "x86_64")]
-use candle_core::quantized::k_quants::BlockQ6K;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0,
 };
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -170,8 +169,8 @@ pub unsafe fn matmul_quant_parts<'a>(
         return;
     }
     // candle picks its SIMD dot products at compile time, so a portable
-    // build runs them scalar; the formats smoe stores by default get run-time
-    // AVX2 and AVX-512 paths of our own.
+    // build runs them scalar; every format gets run-time AVX2 and AVX-512
+    // paths of our own (candle's remain for CPUs without AVX2).
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! run {
@@ -196,8 +195,14 @@ pub unsafe fn matmul_quant_parts<'a>(
             (X86Kernels::Avx2, QuantType::Q5_1) => run!(&Avx2Q5_1),
             (X86Kernels::Avx2, QuantType::Iq4Nl) => run!(&Avx2Iq4Nl),
             (X86Kernels::Avx2, QuantType::Iq4Xs) => run!(&Avx2Iq4Xs),
-            // No AVX-512 Q6_K yet: AVX-512 CPUs run the AVX2 one.
-            (X86Kernels::Avx2 | X86Kernels::Avx512, QuantType::Q6K) => run!(&Avx2Q6K),
+            (X86Kernels::Avx512, QuantType::Q6K) => run!(&Avx512Q6K),
+            (X86Kernels::Avx512, QuantType::Q5K) => run!(&Avx512Q5K),
+            (X86Kernels::Avx512, QuantType::Q3K) => run!(&Avx512Q3K),
+            (X86Kernels::Avx512, QuantType::Q2K) => run!(&Avx512Q2K),
+            (X86Kernels::Avx2, QuantType::Q6K) => run!(&Avx2Q6K),
+            (X86Kernels::Avx2, QuantType::Q5K) => run!(&Avx2Q5K),
+            (X86Kernels::Avx2, QuantType::Q3K) => run!(&Avx2Q3K),
+            (X86Kernels::Avx2, QuantType::Q2K) => run!(&Avx2Q2K),
             _ => {}
         }
     }
@@ -220,7 +225,10 @@ pub unsafe fn matmul_quant_parts<'a>(
                     QuantType::Q5_1 => neon!(BlockQ5_1),
                     QuantType::Iq4Nl => neon!(BlockIq4Nl),
                     QuantType::Iq4Xs => neon!(BlockIq4Xs),
-                    QuantType::Q6K | QuantType::Q5K | QuantType::Q3K | QuantType::Q2K => {}
+                    QuantType::Q6K => neon!(BlockQ6K),
+                    QuantType::Q5K => neon!(BlockQ5K),
+                    QuantType::Q3K => neon!(BlockQ3K),
+                    QuantType::Q2K => neon!(BlockQ2K),
                 }
             }};
         }
@@ -229,7 +237,9 @@ pub unsafe fn matmul_quant_parts<'a>(
             None => run!(BASELINE),
         }
     }
-    with_block_type!(qt, B => matmul_typed::<B, _>(cols, n, &part, scratch, pass, &Candle))
+    // ARM always has NEON kernels; elsewhere candle's are what is left.
+    #[cfg(not(target_arch = "aarch64"))]
+    with_block_type!(qt, B => matmul_typed::<B, _>(cols, n, &part, scratch, pass, &Candle));
 }
 
 /// The most tokens a kernel call takes: eight tokens' accumulators plus one
@@ -259,8 +269,10 @@ trait RowDot<B: WeightBlock>: Sync {
 }
 
 /// candle's dot products, one row and token at a time.
+#[cfg(not(target_arch = "aarch64"))]
 struct Candle;
 
+#[cfg(not(target_arch = "aarch64"))]
 impl<B: WeightBlock> RowDot<B> for Candle {
     fn dot<const R: usize, const N: usize>(
         &self,
@@ -373,6 +385,18 @@ x86_kernel!(Avx2Q6K, BlockQ6K, qdot_x86::quantize_q8k, 4, |w, a| {
     by_row(w, |w| qdot_x86::q6k(bytes_of(w), a, w.len()))
 });
 #[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q5K, BlockQ5K, qdot_x86::quantize_q8k, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q5k(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q3K, BlockQ3K, qdot_x86::quantize_q8k, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q3k(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(Avx2Q2K, BlockQ2K, qdot_x86::quantize_q8k, 4, |w, a| {
+    by_row(w, |w| qdot_x86::q2k(bytes_of(w), a, w.len()))
+});
+#[cfg(target_arch = "x86_64")]
 x86_kernel!(Avx2Q4_1, BlockQ4_1, qdot_x86::quantize_q8_0, 4, |w, a| {
     by_row(w, |w| qdot_x86::q4_1(bytes_of(w), a, w.len()))
 });
@@ -421,6 +445,40 @@ x86_kernel!(
     qdot_x86::quantize_q8k,
     4,
     |w, a| by_row(w, |w| qdot_avx512::iq4xs(bytes_of(w), a, w.len()))
+);
+// The K-quants other than Q4_K with AVX-512, one row at a time in
+// eight-token passes, as Q4_K's one-row kernel.
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Q6K,
+    BlockQ6K,
+    qdot_x86::quantize_q8k,
+    MAX_PASS,
+    |w, a| by_row(w, |w| qdot_avx512::q6k(bytes_of(w), a, w.len()))
+);
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Q5K,
+    BlockQ5K,
+    qdot_x86::quantize_q8k,
+    MAX_PASS,
+    |w, a| by_row(w, |w| qdot_avx512::q5k(bytes_of(w), a, w.len()))
+);
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Q3K,
+    BlockQ3K,
+    qdot_x86::quantize_q8k,
+    MAX_PASS,
+    |w, a| by_row(w, |w| qdot_avx512::q3k(bytes_of(w), a, w.len()))
+);
+#[cfg(target_arch = "x86_64")]
+x86_kernel!(
+    Avx512Q2K,
+    BlockQ2K,
+    qdot_x86::quantize_q8k,
+    MAX_PASS,
+    |w, a| by_row(w, |w| qdot_avx512::q2k(bytes_of(w), a, w.len()))
 );
 // AVX-512 Q8_0 keeps four-token passes: with eight, a Sapphire Rapids core
 // ran its products 0.76-0.88x as fast (kernels bench, normalized by the
@@ -510,6 +568,14 @@ neon_kernel!(BlockQ5_1, q5_1, quantize_q8_0);
 neon_kernel!(BlockIq4Nl, iq4nl, quantize_q8_0);
 #[cfg(target_arch = "aarch64")]
 neon_kernel!(BlockIq4Xs, iq4xs, quantize_q8k);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ6K, q6k, quantize_q8k);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ5K, q5k, quantize_q8k);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ3K, q3k, quantize_q8k);
+#[cfg(target_arch = "aarch64")]
+neon_kernel!(BlockQ2K, q2k, quantize_q8k);
 
 fn matmul_typed<'a, B: WeightBlock, K: RowDot<B>>(
     cols: usize,
@@ -757,6 +823,9 @@ mod tests {
         check_kernel::<BlockQ5_1, _>(QuantType::Q5_1, &Avx2Q5_1, 23);
         check_kernel::<BlockIq4Nl, _>(QuantType::Iq4Nl, &Avx2Iq4Nl, 24);
         check_kernel::<BlockIq4Xs, _>(QuantType::Iq4Xs, &Avx2Iq4Xs, 25);
+        check_kernel::<BlockQ5K, _>(QuantType::Q5K, &Avx2Q5K, 26);
+        check_kernel::<BlockQ3K, _>(QuantType::Q3K, &Avx2Q3K, 27);
+        check_kernel::<BlockQ2K, _>(QuantType::Q2K, &Avx2Q2K, 28);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -773,6 +842,10 @@ mod tests {
         check_kernel::<BlockQ5_1, _>(QuantType::Q5_1, &Avx512Q5_1, 23);
         check_kernel::<BlockIq4Nl, _>(QuantType::Iq4Nl, &Avx512Iq4Nl, 24);
         check_kernel::<BlockIq4Xs, _>(QuantType::Iq4Xs, &Avx512Iq4Xs, 25);
+        check_kernel::<BlockQ6K, _>(QuantType::Q6K, &Avx512Q6K, 20);
+        check_kernel::<BlockQ5K, _>(QuantType::Q5K, &Avx512Q5K, 26);
+        check_kernel::<BlockQ3K, _>(QuantType::Q3K, &Avx512Q3K, 27);
+        check_kernel::<BlockQ2K, _>(QuantType::Q2K, &Avx512Q2K, 28);
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -788,6 +861,10 @@ mod tests {
             check_kernel::<BlockQ5_1, _>(QuantType::Q5_1, &Neon(s), 23);
             check_kernel::<BlockIq4Nl, _>(QuantType::Iq4Nl, &Neon(s), 24);
             check_kernel::<BlockIq4Xs, _>(QuantType::Iq4Xs, &Neon(s), 25);
+            check_kernel::<BlockQ6K, _>(QuantType::Q6K, &Neon(s), 20);
+            check_kernel::<BlockQ5K, _>(QuantType::Q5K, &Neon(s), 26);
+            check_kernel::<BlockQ3K, _>(QuantType::Q3K, &Neon(s), 27);
+            check_kernel::<BlockQ2K, _>(QuantType::Q2K, &Neon(s), 28);
         }
         check_all(BASELINE);
         let Some(s) = dotprod() else {
