@@ -80,7 +80,7 @@ if [ "$MODEL" = builtin ] && [ ! -f "${GGUFS[2]}" ]; then
 fi
 
 cc -O2 -o "$TMP/llama-logits" bench/llama-logits.c -I"$LLAMA/include" -I"$LLAMA/ggml/include" \
-    -L"$LLAMA/build/bin" -lllama -Wl,-rpath,"$LLAMA/build/bin"
+    -L"$LLAMA/build/bin" -lllama -lggml-base -Wl,-rpath,"$LLAMA/build/bin"
 
 if [ "$MODEL" = bench ]; then
     # Spread over the ordinary vocabulary (Qwen3's specials start at 151643).
