@@ -10,11 +10,50 @@
 // attention as it picks), or f32 (the default here), with flash attention
 // off: what smoe computes, f32 keys and values and a plain softmax. Written against libllama's C API as the
 // bench's llama.cpp (llama-cpp-python's vendored copy) has it.
+//
+// With LLAMA_LOGITS_DUMP=DIR, every named contiguous f32 or i32 tensor of
+// the graph (llama.cpp's names: `attn_norm-0`, `ffn_moe_topk-3`,
+// `l_out-7`, `result_norm`, ...) is written to DIR/NAME as raw
+// little-endian values as it is computed, and DIR/index lists
+// `NAME TYPE NE0 NE1 NE2 NE3`, ne0 fastest: to find the first tensor where
+// smoe and llama.cpp part.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "ggml-backend.h"
 #include "llama.h"
+
+struct dump {
+    const char *dir;
+    FILE *index;
+};
+
+static bool dump_tensor(struct ggml_tensor *t, bool ask, void *user) {
+    struct dump *d = user;
+    int wanted = t->name[0] != '\0' && strchr(t->name, '/') == NULL && ggml_is_contiguous(t) &&
+                 (t->type == GGML_TYPE_F32 || t->type == GGML_TYPE_I32);
+    if (ask || !wanted) return wanted;
+    size_t bytes = ggml_nbytes(t);
+    void *data = malloc(bytes);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", d->dir, t->name);
+    FILE *f = fopen(path, "wb");
+    if (!data || !f) {
+        perror(path);
+        exit(1);
+    }
+    ggml_backend_tensor_get(t, data, 0, bytes);
+    if (fwrite(data, 1, bytes, f) != bytes) {
+        perror(path);
+        exit(1);
+    }
+    fclose(f);
+    free(data);
+    fprintf(d->index, "%s %s %lld %lld %lld %lld\n", t->name, ggml_type_name(t->type), (long long)t->ne[0],
+            (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3]);
+    return true;
+}
 
 static void quiet(enum ggml_log_level level, const char *text, void *user) {
     (void)user;
@@ -61,6 +100,17 @@ int main(int argc, char **argv) {
         fprintf(stderr, "KV type %s: expected f32 or f16\n", argv[5]);
         return 2;
     }
+    struct dump dump = {getenv("LLAMA_LOGITS_DUMP"), NULL};
+    if (dump.dir) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/index", dump.dir);
+        if (!(dump.index = fopen(path, "w"))) {
+            perror(path);
+            return 1;
+        }
+        cp.cb_eval = dump_tensor;
+        cp.cb_eval_user_data = &dump;
+    }
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) {
         fprintf(stderr, "cannot make a context of %d tokens\n", n);
@@ -96,6 +146,7 @@ int main(int argc, char **argv) {
     fclose(out);
     printf("%d\n", vocab);
 
+    if (dump.index) fclose(dump.index);
     llama_batch_free(batch);
     llama_free(ctx);
     llama_model_free(model);

@@ -305,7 +305,7 @@ pub(crate) unsafe trait Block: Sized + Clone + Send + Sync {
 /// A weight format and the activation format its integer dot products take.
 pub(crate) trait WeightBlock: Block {
     /// The activations' blocks, one per weight block.
-    type VecDotType: Block;
+    type VecDotType: Activations;
 
     /// The product of weight blocks `xs` with as many activation blocks
     /// `ys`, by plain loops: the reference the SIMD kernels are tested
@@ -316,6 +316,75 @@ pub(crate) trait WeightBlock: Block {
     /// build has one.
     fn vec_dot(xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         Self::vec_dot_unopt(xs, ys)
+    }
+}
+
+/// A format activations are quantized to for the integer dot products,
+/// bit for bit as llama.cpp's CPU backend does it, so that smoe and
+/// llama.cpp give the same products on the same GGUF. That is not how
+/// either quantizes weights ([`Block::from_float`]): llama.cpp rounds
+/// activations half to even (its SIMD rows and `nearest_int`), weights half
+/// away from zero, and its Q8_K scale became `-127/max` where candle kept
+/// the older `-128/max`.
+pub(crate) trait Activations: Block {
+    /// Quantizes whole blocks: `xs.len() == ys.len() * BLCK_SIZE`.
+    fn quantize(xs: &[f32], ys: &mut [Self]);
+}
+
+/// `d = amax/127` stored as f16, each value times `1/d` rounded half to
+/// even (llama.cpp's `quantize_row_q8_0` on AVX2 and NEON).
+impl Activations for BlockQ8_0 {
+    fn quantize(xs: &[f32], ys: &mut [Self]) {
+        assert_eq!(xs.len(), ys.len() * 32, "Q8_0 activations");
+        // candle keeps the blocks' fields private: write the GGML layout,
+        // f16 `d` then 32 i8.
+        for (x, y) in xs
+            .chunks_exact(32)
+            .zip(bytes_of_mut(ys).chunks_exact_mut(34))
+        {
+            let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            y[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            for (q, v) in y[2..].iter_mut().zip(x) {
+                *q = (v * id).round_ties_even() as i8 as u8;
+            }
+        }
+    }
+}
+
+/// `d = max/-127` with `max` the first value of largest magnitude, each
+/// value rounded half to even and capped at 127, and the sums of each 16
+/// (llama.cpp's `quantize_row_q8_K_ref`).
+impl Activations for BlockQ8K {
+    fn quantize(xs: &[f32], ys: &mut [Self]) {
+        assert_eq!(xs.len(), ys.len() * 256, "Q8_K activations");
+        // The GGML layout: f32 `d`, 256 i8, sixteen i16 sums.
+        for (x, y) in xs
+            .chunks_exact(256)
+            .zip(bytes_of_mut(ys).chunks_exact_mut(292))
+        {
+            let mut max = 0.0f32;
+            for &v in x {
+                if v.abs() > max.abs() {
+                    max = v;
+                }
+            }
+            if max == 0.0 {
+                y.fill(0);
+                continue;
+            }
+            let iscale = -127.0 / max;
+            let (qs, sums) = y[4..].split_at_mut(256);
+            for (q, v) in qs.iter_mut().zip(x) {
+                *q = (iscale * v).round_ties_even().min(127.0) as i8 as u8;
+            }
+            for (s, q) in sums.chunks_exact_mut(2).zip(qs.chunks_exact(16)) {
+                let sum: i16 = q.iter().map(|&q| q as i8 as i16).sum();
+                s.copy_from_slice(&sum.to_le_bytes());
+            }
+            y[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+        }
     }
 }
 
@@ -549,6 +618,37 @@ pub(crate) mod tests {
         let mut q = Aligned::zeroed(rows * t.row_bytes(cols).unwrap());
         quantize_rows(t, src, cols, q.bytes_mut()).unwrap();
         q
+    }
+
+    /// Activations quantize as llama.cpp's CPU backend does, where candle's
+    /// weight quantizers differ: halves round to even, and Q8_K's scale is
+    /// `max/-127` (candle's `-128` put the products of every k-quant
+    /// weight a rounding away from llama.cpp's).
+    #[test]
+    fn activations_quantize_as_llama_cpp() {
+        let ints = |b: &[u8]| b.iter().map(|&v| v as i8).collect::<Vec<_>>();
+        // amax 127: d is exactly 1.
+        let mut x = [0.0f32; 32];
+        x[..6].copy_from_slice(&[127.0, 2.5, -2.5, 3.5, -0.5, 1.4]);
+        let mut q = [BlockQ8_0::zeros()];
+        BlockQ8_0::quantize(&x, &mut q);
+        let b = bytes_of(&q);
+        assert_eq!(half::f16::from_le_bytes([b[0], b[1]]).to_f32(), 1.0);
+        assert_eq!(ints(&b[2..8]), [127, 2, -2, 4, 0, 1]);
+
+        // The first of -127 and 127 sets the scale, -127/-127 = 1 (candle's
+        // -128/-127 would make the first -128).
+        let mut x = [0.0f32; 256];
+        x[..5].copy_from_slice(&[-127.0, 127.0, 2.5, -3.5, 0.5]);
+        x[16] = 1.5;
+        let mut q = [BlockQ8K::zeros()];
+        BlockQ8K::quantize(&x, &mut q);
+        let b = bytes_of(&q);
+        assert_eq!(f32::from_le_bytes(b[..4].try_into().unwrap()), 1.0);
+        assert_eq!(ints(&b[4..9]), [-127, 127, 2, -4, 0]);
+        assert_eq!(ints(&b[20..21]), [2]);
+        let sum = |j: usize| i16::from_le_bytes([b[260 + 2 * j], b[261 + 2 * j]]);
+        assert_eq!((sum(0), sum(1), sum(2)), (-2, 2, 0));
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! products themselves. `N = 1` is the matrix-vector product of decode. The
 //! products inside a block are exact integers, so results differ from
 //! candle's scalar code only in the order of f32 additions; the activation
-//! quantizers write exactly candle's bytes, only faster.
+//! quantizers write exactly the scalar `quant::Activations` bytes
+//! (llama.cpp's), only faster.
 //!
 //! The layouts (all little-endian, `repr(C)` in candle):
 //! - Q8_0 and Q4_0: f16 scale `d`, then 32 i8 values, or 16 bytes of nibbles

@@ -23,7 +23,7 @@ use super::qdot::{IQ4_NL, IQ4_XS, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6
 /// tokens' activations (`a`, Q8_K for the K-quants and IQ4_XS, Q8_0
 /// otherwise) and returns token `k`'s product in `[k]`; the quantizers
 /// write whole blocks of `out`
-/// from as many values of `x`, bit for bit as candle's `from_float`.
+/// from as many values of `x`, bit for bit as `quant::Activations`.
 pub trait QDot: Copy + Send + Sync {
     fn q4k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
 
@@ -49,13 +49,13 @@ pub trait QDot: Copy + Send + Sync {
 
     fn q2k<const N: usize>(self, w: &[u8], a: [&[u8]; N], blocks: usize) -> [f32; N];
 
-    /// Rows of 256 values to Q8_K: `d = max/-128` with `max` the first value
-    /// of largest magnitude, each value rounded half away from zero and
-    /// capped at 127, and the sums of each 16.
+    /// Rows of 256 values to Q8_K: `d = max/-127` with `max` the first value
+    /// of largest magnitude, each value rounded half to even and capped at
+    /// 127, and the sums of each 16.
     fn quantize_q8k(self, x: &[f32], out: &mut [u8]);
 
     /// Rows of 32 values to Q8_0: `d = amax/127` (stored as f16), each value
-    /// times `1/d` rounded half away from zero.
+    /// times `1/d` rounded half to even.
     fn quantize_q8_0(self, x: &[f32], out: &mut [u8]);
 }
 
@@ -628,8 +628,8 @@ fn amax(x: &[f32]) -> f32 {
     }
 }
 
-/// 16 values times `scale`, each rounded half away from zero (`vcvtaq`
-/// rounds as `f32::round` does), capped at 127 and saturated to i8.
+/// 16 values times `scale`, each rounded half to even (`vcvtnq`), capped
+/// at 127 and saturated to i8.
 #[inline(always)]
 fn quantize16(x: &[f32], scale: f32) -> int8x16_t {
     assert!(x.len() >= 16);
@@ -637,7 +637,7 @@ fn quantize16(x: &[f32], scale: f32) -> int8x16_t {
     unsafe {
         let i = [0, 1, 2, 3].map(|k| {
             let v = vmulq_n_f32(vld1q_f32(x.as_ptr().add(4 * k)), scale);
-            vminq_s32(vcvtaq_s32_f32(v), vdupq_n_s32(127))
+            vminq_s32(vcvtnq_s32_f32(v), vdupq_n_s32(127))
         });
         let lo = vcombine_s16(vqmovn_s32(i[0]), vqmovn_s32(i[1]));
         let hi = vcombine_s16(vqmovn_s32(i[2]), vqmovn_s32(i[3]));
@@ -646,7 +646,7 @@ fn quantize16(x: &[f32], scale: f32) -> int8x16_t {
 }
 
 /// [`QDot::quantize_q8k`], a tenth of a Q4_K prefill product's time with
-/// candle's scalar version, whose `f32::round` is a libm call per value.
+/// a scalar loop.
 fn quantize_q8k(x: &[f32], out: &mut [u8]) {
     let blocks = out.len() / Q8K;
     assert!(x.len() == blocks * 256 && out.len() == blocks * Q8K);
@@ -657,7 +657,7 @@ fn quantize_q8k(x: &[f32], out: &mut [u8]) {
             y.fill(0);
             continue;
         };
-        let iscale = -128.0 / max;
+        let iscale = -127.0 / max;
         let (qs, bsums) = y[4..].split_at_mut(256);
         for (j, (xg, q)) in xs.chunks_exact(16).zip(qs.chunks_exact_mut(16)).enumerate() {
             let v = quantize16(xg, iscale);

@@ -18,7 +18,8 @@
 //! keeps eight f32 partial sums across blocks, reduced once per row; the
 //! products inside a block are exact integers, so results differ from
 //! candle's scalar code only in the order of f32 additions. The activation
-//! quantizers here write exactly candle's bytes, only faster.
+//! quantizers here write exactly the scalar `quant::Activations` bytes
+//! (llama.cpp's), only faster.
 //!
 //! The block layouts are described in `kernels::qdot`.
 
@@ -523,10 +524,9 @@ pub unsafe fn q4k_rows4<const N: usize>(
 }
 
 /// Quantizes rows of 256 activations to Q8_K blocks, bit for bit as
-/// candle's `BlockQ8K::from_float` does (whose `f32::round` is a libm call
-/// per value, a tenth of a Q4_K prefill product's time): `d = max/-128` with
-/// `max` the first value of largest magnitude, each value rounded half away
-/// from zero and capped at 127, and the sums of each 16.
+/// [`Activations`](crate::quant::Activations) (llama.cpp) does: `d =
+/// max/-127` with `max` the first value of largest magnitude, each value
+/// rounded half to even and capped at 127, and the sums of each 16.
 ///
 /// # Safety
 /// As [`q8_0`].
@@ -549,7 +549,7 @@ pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
             y.fill(0);
             continue;
         };
-        let iscale = -128.0 / max;
+        let iscale = -127.0 / max;
         let scale = _mm256_set1_ps(iscale);
         let (qs, rest) = y[4..].split_at_mut(256);
         for (g, (xg, q)) in xs.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
@@ -574,21 +574,14 @@ pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// 32 values times `scale`, each rounded half away from zero (as
-/// `f32::round`), capped at `cap` and saturated to i8, in order.
+/// 32 values times `scale`, each rounded half to even, capped at `cap` and
+/// saturated to i8, in order.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize32(x: &[f32], scale: __m256, cap: f32) -> __m256i {
-    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let i = [0, 1, 2, 3].map(|k| {
         let v = _mm256_mul_ps(scale, _mm256_loadu_ps(x[8 * k..8 * k + 8].as_ptr()));
-        // Truncate, then step away from zero where the dropped fraction is
-        // at least one half.
-        let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-        let frac = _mm256_and_ps(_mm256_sub_ps(v, t), abs);
-        let ge_half = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5), _CMP_GE_OQ);
-        let step = _mm256_and_ps(ge_half, _mm256_set1_ps(1.0));
-        let r = _mm256_add_ps(t, _mm256_or_ps(step, _mm256_andnot_ps(abs, v)));
+        let r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm256_cvttps_epi32(_mm256_min_ps(r, _mm256_set1_ps(cap)))
     });
     // The packs interleave 128-bit halves; the permutation restores order.
@@ -598,9 +591,9 @@ unsafe fn quantize32(x: &[f32], scale: __m256, cap: f32) -> __m256i {
     _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), order)
 }
 
-/// Quantizes rows of activations to Q8_0 blocks, bit for bit as candle's
-/// `BlockQ8_0::from_float` does: `d = amax/127` (stored as f16), each value
-/// times `1/d` rounded half away from zero.
+/// Quantizes rows of activations to Q8_0 blocks, bit for bit as
+/// [`Activations`](crate::quant::Activations) (llama.cpp) does: `d =
+/// amax/127` (stored as f16), each value times `1/d` rounded half to even.
 ///
 /// # Safety
 /// As [`q8_0`].

@@ -27,7 +27,7 @@ use super::qdot::by_row;
 use super::{for_each_task, threads, SharedOut};
 #[cfg(target_arch = "x86_64")]
 use super::{qdot_avx512, qdot_x86};
-use crate::quant::{as_blocks, with_block_type, Block, QuantType, WeightBlock};
+use crate::quant::{as_blocks, with_block_type, Activations, Block, QuantType, WeightBlock};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::quant::{bytes_of, bytes_of_mut, BlockIq4Nl, BlockIq4Xs};
 
@@ -264,7 +264,7 @@ trait RowDot<B: WeightBlock>: Sync {
 
     /// One row of activations in the kernels' format.
     fn quantize(&self, x: &[f32], q: &mut [B::VecDotType]) {
-        B::VecDotType::from_float(x, q)
+        B::VecDotType::quantize(x, q)
     }
 }
 
@@ -765,7 +765,7 @@ mod tests {
                 .collect();
             let mut xq = vec![B::VecDotType::zeros(); t * nb];
             for (q, xr) in xq.chunks_mut(nb).zip(x.chunks(cols)) {
-                B::VecDotType::from_float(xr, q);
+                B::VecDotType::quantize(xr, q);
             }
             let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
             for pass in 1..=MAX_PASS {
@@ -874,16 +874,16 @@ mod tests {
         check_all(s);
     }
 
-    /// The SIMD quantizers write the bytes candle's do: blocks of uneven
-    /// magnitude, an all-zero block, a block of exact halves (the rounding
-    /// rule shows) and one whose largest magnitude occurs with both signs
-    /// (for Q8_K, the first sets the scale's sign).
+    /// The SIMD quantizers write the bytes the scalar ones do: blocks of
+    /// uneven magnitude, an all-zero block, a block of exact halves (the
+    /// rounding rule shows) and one whose largest magnitude occurs with
+    /// both signs (for Q8_K, the first sets the scale's sign).
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[test]
-    fn simd_quantizers_match_candle() {
+    fn simd_quantizers_match_scalar() {
         use candle_core::quantized::k_quants::BlockQ8K;
         /// `full`: the largest magnitude that makes the scale exactly 1.
-        fn check<B: Block>(quantize: impl Fn(&[f32], &mut [u8]), full: f32) {
+        fn check<B: Activations>(quantize: impl Fn(&[f32], &mut [u8]), full: f32) {
             let (n, blocks) = (B::BLCK_SIZE, 8);
             let mut x: Vec<f32> = normal(n * blocks, 3)
                 .iter()
@@ -899,7 +899,7 @@ mod tests {
             }
             (x[3 * n + 5], x[4 * n - 3]) = (3.0, -3.0);
             let mut want = vec![B::zeros(); blocks];
-            B::from_float(&x, &mut want);
+            B::quantize(&x, &mut want);
             let mut got = vec![0u8; std::mem::size_of_val(&want[..])];
             quantize(&x, &mut got);
             let size = size_of::<B>();
@@ -913,16 +913,16 @@ mod tests {
                 return;
             }
             // SAFETY (both): AVX2, FMA and F16C are available.
-            check::<BlockQ8K>(|x, o| unsafe { qdot_x86::quantize_q8k(x, o) }, 128.0);
+            check::<BlockQ8K>(|x, o| unsafe { qdot_x86::quantize_q8k(x, o) }, 127.0);
             check::<BlockQ8_0>(|x, o| unsafe { qdot_x86::quantize_q8_0(x, o) }, 127.0);
         }
         #[cfg(target_arch = "aarch64")]
         {
             use super::super::qdot_arm::{dotprod, QDot, BASELINE};
-            check::<BlockQ8K>(|x, o| BASELINE.quantize_q8k(x, o), 128.0);
+            check::<BlockQ8K>(|x, o| BASELINE.quantize_q8k(x, o), 127.0);
             check::<BlockQ8_0>(|x, o| BASELINE.quantize_q8_0(x, o), 127.0);
             if let Some(s) = dotprod() {
-                check::<BlockQ8K>(|x, o| s.quantize_q8k(x, o), 128.0);
+                check::<BlockQ8K>(|x, o| s.quantize_q8k(x, o), 127.0);
                 check::<BlockQ8_0>(|x, o| s.quantize_q8_0(x, o), 127.0);
             }
         }

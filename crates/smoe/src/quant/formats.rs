@@ -341,7 +341,7 @@ impl WeightBlock for BlockIq4Xs {
 mod tests {
     use super::*;
     use crate::quant::tests::{normal, quantize};
-    use crate::quant::{as_blocks, dequantize_rows, QuantType};
+    use crate::quant::{as_blocks, dequantize_rows, Activations, QuantType};
 
     /// Dequantizes one block's bytes as format `t`.
     fn dequantize(t: QuantType, bytes: &[u8]) -> Vec<f32> {
@@ -440,7 +440,7 @@ mod tests {
             let wb = as_blocks::<B>(w.bytes()).unwrap();
             let x = normal(cols, 4);
             let mut xq = vec![B::VecDotType::zeros(); cols / B::VecDotType::BLCK_SIZE];
-            B::VecDotType::from_float(&x, &mut xq);
+            B::VecDotType::quantize(&x, &mut xq);
             let (mut wd, mut xd) = (vec![0.0; cols], vec![0.0; cols]);
             B::to_float(wb, &mut wd);
             B::VecDotType::to_float(&xq, &mut xd);
