@@ -12,7 +12,8 @@
 # The GPU machine has nvcc, cmake, python3 with torch and transformers, no
 # Rust and no network. `pack` puts under $PACK (default target/devX, ignored
 # by git, carried to the machine): smoe and the synth example built with
-# --features cuda, stripped and xz-compressed; llama.cpp's source (from
+# --features cuda, stripped and xz-compressed (and tools/test-cuda.sh's
+# binaries, when built); llama.cpp's source (from
 # $LLAMA_SRC, default /work/bench/llama.cpp, without its build, models and
 # docs) as a tarball; the Qwen3 tokenizer ($TOKENIZER). There, everything
 # built goes to $DIR (default /var/tmp/smoe-cuda-bench) and a step whose
@@ -35,6 +36,7 @@ THREADS=${THREADS:-$(nproc)}
 PACK=${PACK:-target/devX}
 DIR=${SMOE_CUDA_BENCH_DIR:-/var/tmp/smoe-cuda-bench}
 LLAMA_SRC=${LLAMA_SRC:-/work/bench/llama.cpp}
+# ../shared beside the main checkout; a worktree sets TOKENIZER.
 TOKENIZER=${TOKENIZER:-../shared/qwen3-tokenizer}
 
 pack() {
@@ -48,6 +50,10 @@ pack() {
         -cJf "$PACK/llama-src.tar.xz" .
     cp "$TOKENIZER"/tokenizer.json "$TOKENIZER"/tokenizer_config.json "$PACK/tok/"
     xz -T0 "$PACK/tok/tokenizer.json"
+    # tools/test-cuda.sh's binaries, when built, travel too.
+    for b in target/devC/cuda-tests target/devC/cuda_bench; do
+        [ ! -f "$b" ] || xz -T0 -c "$b" >"$PACK/$(basename "$b").xz"
+    done
     du -sh "$PACK"/*
 }
 

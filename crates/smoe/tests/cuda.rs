@@ -278,10 +278,22 @@ fn experts_by_id_match_one_by_one() {
         let mut act = gpu.zeros::<f32>(t * k * INTER).unwrap();
         let mut ys = gpu.zeros::<f32>(t * k * HIDDEN).unwrap();
         let mut out = gpu.zeros::<f32>(t * HIDDEN).unwrap();
-        gpu.swiglu_id(&gate, &up, &dids.as_view(), &dx.as_view(), k, &mut act.as_view_mut())
-            .unwrap();
-        gpu.matvec_id(&down, &dids.as_view(), &act.as_view(), &mut ys.as_view_mut())
-            .unwrap();
+        gpu.swiglu_id(
+            &gate,
+            &up,
+            &dids.as_view(),
+            &dx.as_view(),
+            k,
+            &mut act.as_view_mut(),
+        )
+        .unwrap();
+        gpu.matvec_id(
+            &down,
+            &dids.as_view(),
+            &act.as_view(),
+            &mut ys.as_view_mut(),
+        )
+        .unwrap();
         gpu.moe_combine(
             &ys.as_view(),
             &dids.as_view(),
@@ -300,12 +312,16 @@ fn experts_by_id_match_one_by_one() {
             let xt = gpu.upload(&x[tok * HIDDEN..][..HIDDEN]).unwrap();
             for p in pairs {
                 let [g, u, d] = &experts[ids[p] as usize];
-                let (mut dg, mut du) = (gpu.zeros::<f32>(INTER).unwrap(), gpu.zeros(INTER).unwrap());
+                let (mut dg, mut du) =
+                    (gpu.zeros::<f32>(INTER).unwrap(), gpu.zeros(INTER).unwrap());
                 let mut dy = gpu.zeros::<f32>(HIDDEN).unwrap();
-                gpu.matmul(&xt.as_view(), 1, g, &mut dg.as_view_mut()).unwrap();
-                gpu.matmul(&xt.as_view(), 1, u, &mut du.as_view_mut()).unwrap();
+                gpu.matmul(&xt.as_view(), 1, g, &mut dg.as_view_mut())
+                    .unwrap();
+                gpu.matmul(&xt.as_view(), 1, u, &mut du.as_view_mut())
+                    .unwrap();
                 gpu.silu_mul(&mut dg.as_view_mut(), &du.as_view()).unwrap();
-                gpu.matmul(&dg.as_view(), 1, d, &mut dy.as_view_mut()).unwrap();
+                gpu.matmul(&dg.as_view(), 1, d, &mut dy.as_view_mut())
+                    .unwrap();
                 let y = gpu.download(&dy).unwrap();
                 for (o, v) in want[tok * HIDDEN..][..HIDDEN].iter_mut().zip(y) {
                     *o += weights[p] * v;
@@ -338,10 +354,16 @@ fn grouped_experts_match_one_by_one() {
         start.push(start.last().unwrap() + c as u32);
     }
     let pairs = *start.last().unwrap() as usize;
-    let used: Vec<u32> = (0..n_exp as u32).filter(|&e| counts[e as usize] > 0).collect();
-    for (seed, dtype) in [DType::F32, DType::Quant(QuantType::Q4K), DType::Quant(QuantType::Q6K)]
-        .into_iter()
-        .enumerate()
+    let used: Vec<u32> = (0..n_exp as u32)
+        .filter(|&e| counts[e as usize] > 0)
+        .collect();
+    for (seed, dtype) in [
+        DType::F32,
+        DType::Quant(QuantType::Q4K),
+        DType::Quant(QuantType::Q6K),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mats: Vec<cuda::GpuMatrix> = (0..n_exp as u64)
             .map(|e| {
@@ -378,7 +400,12 @@ fn grouped_experts_match_one_by_one() {
                 .unwrap();
             want[s * INTER..(s + n) * INTER].copy_from_slice(&gpu.download(&ye).unwrap());
         }
-        check(&format!("grouped experts, {}", dtype.name()), &got, &want, 1e-5);
+        check(
+            &format!("grouped experts, {}", dtype.name()),
+            &got,
+            &want,
+            1e-5,
+        );
     }
 }
 
@@ -721,9 +748,15 @@ const FAMILIES: [&str; 8] = [
 ];
 
 fn engine(dir: &Path, device: Device, ram_budget: Budget) -> Engine {
+    engine_in(dir, device, ram_budget, Budget::Auto)
+}
+
+/// [`engine`] with `--vram-budget` set.
+fn engine_in(dir: &Path, device: Device, ram_budget: Budget, vram_budget: Budget) -> Engine {
     let opts = LoadOptions {
         device,
         ram_budget,
+        vram_budget,
         ..LoadOptions::default()
     };
     Engine::load_with(dir, &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -854,7 +887,8 @@ fn a_batch_on_cuda_equals_its_sequences_alone() {
 
 /// Experts streamed from a vault through a 3-slot RAM cache (so a
 /// prefill's experts come in groups), uploaded per use, against the CPU on
-/// the same vault. The vault keeps bf16 so that both sides multiply the
+/// the same vault; then with about half and with all of the layers'
+/// experts in VRAM (`--vram-budget`), run by id as resident ones are. The vault keeps bf16 so that both sides multiply the
 /// same floats (with quantized weights the CPU rounds activations to 8 bits
 /// and the GPU does not, which on these random fixtures flips close
 /// routing choices; the kernel tests hold the quantized products to the
@@ -877,22 +911,23 @@ fn streamed_experts_match_the_cpu() {
         // Three experts' records.
         let budget = Budget::Bytes(3 * 3 * 2 * 64 * 32 + 4096);
         let cpu = engine(&vault, Device::Cpu, budget);
-        let gpu = engine(&vault, Device::Cuda(0), budget);
         let ids = prompt(name);
         let (want_all, want_ids, want_steps) = prefill_and_decode(&cpu, &ids, 8);
-        let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, 8);
-        check(&format!("{name} vault: prefill"), &got_all, &want_all, 1e-3);
-        assert_eq!(got_ids, want_ids, "{name} vault: greedy ids");
-        check(
-            &format!("{name} vault: decode"),
-            &got_steps,
-            &want_steps,
-            1e-3,
-        );
-        let cache = gpu.cache().unwrap();
-        let stats = cache.stats().snapshot();
-        println!("{name} vault: {} slots, {stats:?}", cache.capacity());
-        assert!(stats.misses > 0, "{name}: {stats:?}");
+        // Every expert streamed, about half the layers' experts in VRAM,
+        // all of them.
+        let half = smoe::vault::Vault::open(&vault).unwrap().expert_bytes() / 2;
+        for vram in [Budget::Bytes(0), Budget::Bytes(half), Budget::Auto] {
+            let gpu = engine_in(&vault, Device::Cuda(0), budget, vram);
+            let what = format!("{name} vault, VRAM {vram:?} ({})", gpu.device());
+            let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, 8);
+            check(&format!("{what}: prefill"), &got_all, &want_all, 1e-3);
+            assert_eq!(got_ids, want_ids, "{what}: greedy ids");
+            check(&format!("{what}: decode"), &got_steps, &want_steps, 1e-3);
+            let cache = gpu.cache().unwrap();
+            let stats = cache.stats().snapshot();
+            println!("{what}: {} slots, {stats:?}", cache.capacity());
+            assert!(stats.misses > 0, "{what}: {stats:?}");
+        }
     }
 }
 

@@ -300,20 +300,20 @@ fn upload_layer(gpu: &Gpu, l: &Layer) -> Result<GpuLayer> {
                 None => None,
             };
             GpuMlp::Sparse {
-            router: gpu.upload_matrix(m.router.matrix())?,
-            score_bias: m.score_bias.as_deref().map(|b| gpu.upload(b)).transpose()?,
-            experts,
-            tables,
-            shared: m
-                .shared
-                .as_ref()
-                .map(|s| -> Result<_> {
-                    let f = &s.ffn;
-                    let gate = s.gate.as_ref().map(|g| gpu.upload_matrix(g.matrix()));
-                    Ok((ffn(gpu, [&f.gate, &f.up, &f.down])?, gate.transpose()?))
-                })
-                .transpose()?,
-        }
+                router: gpu.upload_matrix(m.router.matrix())?,
+                score_bias: m.score_bias.as_deref().map(|b| gpu.upload(b)).transpose()?,
+                experts,
+                tables,
+                shared: m
+                    .shared
+                    .as_ref()
+                    .map(|s| -> Result<_> {
+                        let f = &s.ffn;
+                        let gate = s.gate.as_ref().map(|g| gpu.upload_matrix(g.matrix()));
+                        Ok((ffn(gpu, [&f.gate, &f.up, &f.down])?, gate.transpose()?))
+                    })
+                    .transpose()?,
+            }
         }
     };
     Ok(GpuLayer {
@@ -683,8 +683,20 @@ impl GpuDecoder {
             // reading the ids `route` wrote; nothing goes to the host.
             let (pairs, inter) = (t * k, gate.rows);
             let ids = b.ids.v(0..pairs)?;
-            g.swiglu_id(gate, up, &ids, &b.h.v(0..t * hidden)?, k, &mut b.gate.m(g, pairs * inter)?)?;
-            g.matvec_id(down, &ids, &b.gate.v(0..pairs * inter)?, &mut b.ys.m(g, pairs * hidden)?)?;
+            g.swiglu_id(
+                gate,
+                up,
+                &ids,
+                &b.h.v(0..t * hidden)?,
+                k,
+                &mut b.gate.m(g, pairs * inter)?,
+            )?;
+            g.matvec_id(
+                down,
+                &ids,
+                &b.gate.v(0..pairs * inter)?,
+                &mut b.ys.m(g, pairs * hidden)?,
+            )?;
             let (ys, w) = (b.ys.v(0..pairs * hidden)?, b.weights.v(0..pairs)?);
             g.moe_combine(&ys, &ids, &w, k, t, &mut b.out.m(g, t * hidden)?)?;
             return self.shared_expert(shared.as_ref(), t, hidden, b);
@@ -1020,11 +1032,30 @@ fn run_grouped(
     let (u, s) = (b.used.v(0..used.len())?, b.start.v(0..n)?);
     let inter = gate.rows;
     let x = b.xs.v(0..pairs * hidden)?;
-    g.gemm_id(gate, &u, &s, most, pairs, &x, &mut b.gate.m(g, pairs * inter)?)?;
+    g.gemm_id(
+        gate,
+        &u,
+        &s,
+        most,
+        pairs,
+        &x,
+        &mut b.gate.m(g, pairs * inter)?,
+    )?;
     g.gemm_id(up, &u, &s, most, pairs, &x, &mut b.up.m(g, pairs * inter)?)?;
-    g.silu_mul(&mut b.gate.part(0..pairs * inter)?, &b.up.v(0..pairs * inter)?)?;
+    g.silu_mul(
+        &mut b.gate.part(0..pairs * inter)?,
+        &b.up.v(0..pairs * inter)?,
+    )?;
     let act = b.gate.v(0..pairs * inter)?;
-    g.gemm_id(down, &u, &s, most, pairs, &act, &mut b.ys.part(0..pairs * hidden)?)
+    g.gemm_id(
+        down,
+        &u,
+        &s,
+        most,
+        pairs,
+        &act,
+        &mut b.ys.part(0..pairs * hidden)?,
+    )
 }
 
 /// One expert's SwiGLU over its rows `rows` of the gathered `b.xs` into

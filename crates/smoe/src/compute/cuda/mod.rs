@@ -347,11 +347,15 @@ impl Gpu {
         // for the allocation, and compute for the copy.
         let mut m = self.matrix_on(&self.compute, w, false)?;
         let order = |what, e| device_error(format!("ordering the copy stream {what} compute"), e);
-        self.copy.join(&self.compute).map_err(|e| order("after", e))?;
+        self.copy
+            .join(&self.compute)
+            .map_err(|e| order("after", e))?;
         self.copy
             .memcpy_htod(w.data, &mut m.data)
             .map_err(|e| device_error(format!("uploading a {} matrix", w.dtype.name()), e))?;
-        self.compute.join(&self.copy).map_err(|e| order("before", e))?;
+        self.compute
+            .join(&self.copy)
+            .map_err(|e| order("before", e))?;
         Ok(m)
     }
 
@@ -1196,7 +1200,11 @@ fn kernel_dtype(d: DType) -> Result<&'static str> {
 /// grid row per pair.
 fn per_pair(rows: usize, pairs: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
-        grid_dim: (rows.div_ceil(MV_ROWS as usize) as u32, int(pairs)? as u32, 1),
+        grid_dim: (
+            rows.div_ceil(MV_ROWS as usize) as u32,
+            int(pairs)? as u32,
+            1,
+        ),
         block_dim: (32, MV_ROWS, 1),
         shared_mem_bytes: 0,
     })
