@@ -106,6 +106,11 @@ struct ModelArgs {
     /// lines say which and why).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: Device,
+    /// VRAM for routed experts on CUDA: e.g. 8GiB, 0 (every expert streams
+    /// from RAM), or auto (the free VRAM after the backbone, less headroom).
+    /// Whole layers' experts go to VRAM while they fit.
+    #[arg(long, default_value = "auto", value_parser = parse_budget)]
+    vram_budget: Budget,
 }
 
 impl ModelArgs {
@@ -387,6 +392,7 @@ fn load_options(m: &ModelArgs) -> LoadOptions {
         prefill_chunk: m.prefill_chunk as usize,
         parallel: m.parallel,
         device: m.device,
+        vram_budget: m.vram_budget,
         ..Default::default()
     }
 }

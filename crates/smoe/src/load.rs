@@ -36,6 +36,10 @@ pub struct LoadOptions {
     pub prefill_chunk: usize,
     /// Where the model runs (`--device`).
     pub device: Device,
+    /// VRAM for routed experts on CUDA (`--vram-budget`): whole layers'
+    /// experts are uploaded while they fit, the rest stream from the RAM
+    /// cache. `Auto` is the free VRAM after the backbone, less headroom.
+    pub vram_budget: Budget,
 }
 
 impl Default for LoadOptions {
@@ -55,6 +59,7 @@ impl Default for LoadOptions {
             },
             prefill_chunk: 512,
             device: Device::Cpu,
+            vram_budget: Budget::Auto,
         }
     }
 }
@@ -84,7 +89,12 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     let (placement, device) = crate::compute::choose(opts.device)?;
     let ckpt = Checkpoint::open(dir)?;
     crate::validate::checkpoint_layers(&ckpt)?;
-    let model = place(Decoder::load(&ckpt, &ckpt.config, None, None)?, placement)?;
+    let (model, device) = place(
+        Decoder::load(&ckpt, &ckpt.config, None, None)?,
+        placement,
+        opts,
+        device,
+    )?;
     Ok(Opened {
         model,
         config: ckpt.config.clone(),
@@ -97,12 +107,26 @@ pub fn open(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
 }
 
 /// The decoder on the device chosen for it: on CUDA its backbone is
-/// uploaded now.
-fn place(model: Decoder, placement: Placement) -> Result<Box<dyn CausalLm>> {
+/// uploaded now, with as many layers' streamed experts as `--vram-budget`
+/// holds, and the device line says where the experts are.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn place(
+    model: Decoder,
+    placement: Placement,
+    opts: &LoadOptions,
+    device: String,
+) -> Result<(Box<dyn CausalLm>, String)> {
     Ok(match placement {
-        Placement::Cpu => Box::new(model),
+        Placement::Cpu => (Box::new(model), device),
         #[cfg(feature = "cuda")]
-        Placement::Cuda(n) => Box::new(crate::model::GpuDecoder::new(model, n)?),
+        Placement::Cuda(n) => {
+            let gpu = crate::model::GpuDecoder::new(model, n, opts.vram_budget)?;
+            let device = match gpu.vram_experts() {
+                Some(note) => format!("{device}; {note}"),
+                None => device,
+            };
+            (Box::new(gpu), device)
+        }
     })
 }
 
@@ -127,9 +151,11 @@ fn open_gguf(path: &Path, opts: &LoadOptions) -> Result<Opened> {
         .then(|| Embedding::on_disk_gguf(&g))
         .transpose()?;
     let weights = GgufWeights::new(&g, &cfg);
-    let model = place(
+    let (model, device) = place(
         Decoder::load(&weights, &cfg, Some(&cache), rows)?,
         placement,
+        opts,
+        device,
     )?;
     Ok(Opened {
         model,
@@ -166,9 +192,11 @@ fn open_vault(dir: &Path, opts: &LoadOptions) -> Result<Opened> {
     let rows = (!cfg.tie_word_embeddings)
         .then(|| Embedding::on_disk(&vault))
         .transpose()?;
-    let model = place(
+    let (model, device) = place(
         Decoder::load(&backbone, &cfg, Some(&cache), rows)?,
         placement,
+        opts,
+        device,
     )?;
     Ok(Opened {
         model,

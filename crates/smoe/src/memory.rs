@@ -16,7 +16,8 @@ use crate::vault::io::DirectFile;
 use crate::vault::recipe::{self, Role};
 use crate::vault::{self, Vault};
 
-/// How much RAM the expert cache may use.
+/// How much memory an expert tier may use: RAM for the expert cache
+/// (`--ram-budget`), VRAM for experts on CUDA (`--vram-budget`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Budget {
     /// Available memory minus backbone, KV cache and headroom.

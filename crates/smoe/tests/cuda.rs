@@ -229,6 +229,186 @@ fn matvec_of_a_q6k_lm_head_matches_cpu() {
     check("q6_k LM head vs CPU", &got, &cpu, 3e-2);
 }
 
+/// A decode step's routed experts run by id in one launch per matrix
+/// (`swiglu_id`, `matvec_id`, `moe_combine`) against each expert run alone
+/// through `matmul` and `silu_mul`, summed on the host in ascending expert
+/// id: the same products in the same order, so 1e-5 (the kernels may sum
+/// a row's lanes in another order).
+#[test]
+fn experts_by_id_match_one_by_one() {
+    let Some(gpu) = gpu_or_skip("experts by id") else {
+        return;
+    };
+    let (n_exp, k, t) = (16, 4, 3);
+    // Unsorted, as `route` writes them (best first).
+    let ids: Vec<u32> = vec![7, 2, 15, 0, 3, 9, 2, 11, 14, 13, 1, 6];
+    let weights = values(t * k, 31);
+    for (seed, dtype) in [
+        DType::BF16,
+        DType::Quant(QuantType::Q4K),
+        DType::Quant(QuantType::Q6K),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 1000 * (seed as u64 + 1);
+        let experts: Vec<[cuda::GpuMatrix; 3]> = (0..n_exp as u64)
+            .map(|e| {
+                [(INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (r, c))| {
+                        let w = Weights::new(dtype, r, c, seed + 3 * e + i as u64);
+                        gpu.upload_matrix(w.matrix()).unwrap()
+                    })
+                    .collect::<Vec<_>>()
+                    .try_into()
+                    .unwrap()
+            })
+            .collect();
+        let table = |i: usize| {
+            let mats: Vec<_> = experts.iter().map(|f| &f[i]).collect();
+            gpu.expert_table(&mats).unwrap().expect("a table")
+        };
+        let (gate, up, down) = (table(0), table(1), table(2));
+        let x = values(t * HIDDEN, seed + 99);
+        let dx = gpu.upload(&x).unwrap();
+        let dids = gpu.upload(&ids).unwrap();
+        let dw = gpu.upload(&weights).unwrap();
+        let mut act = gpu.zeros::<f32>(t * k * INTER).unwrap();
+        let mut ys = gpu.zeros::<f32>(t * k * HIDDEN).unwrap();
+        let mut out = gpu.zeros::<f32>(t * HIDDEN).unwrap();
+        gpu.swiglu_id(
+            &gate,
+            &up,
+            &dids.as_view(),
+            &dx.as_view(),
+            k,
+            &mut act.as_view_mut(),
+        )
+        .unwrap();
+        gpu.matvec_id(
+            &down,
+            &dids.as_view(),
+            &act.as_view(),
+            &mut ys.as_view_mut(),
+        )
+        .unwrap();
+        gpu.moe_combine(
+            &ys.as_view(),
+            &dids.as_view(),
+            &dw.as_view(),
+            k,
+            t,
+            &mut out.as_view_mut(),
+        )
+        .unwrap();
+        let got = gpu.download(&out).unwrap();
+
+        let mut want = vec![0.0f32; t * HIDDEN];
+        for tok in 0..t {
+            let mut pairs: Vec<usize> = (tok * k..(tok + 1) * k).collect();
+            pairs.sort_by_key(|&p| ids[p]);
+            let xt = gpu.upload(&x[tok * HIDDEN..][..HIDDEN]).unwrap();
+            for p in pairs {
+                let [g, u, d] = &experts[ids[p] as usize];
+                let (mut dg, mut du) =
+                    (gpu.zeros::<f32>(INTER).unwrap(), gpu.zeros(INTER).unwrap());
+                let mut dy = gpu.zeros::<f32>(HIDDEN).unwrap();
+                gpu.matmul(&xt.as_view(), 1, g, &mut dg.as_view_mut())
+                    .unwrap();
+                gpu.matmul(&xt.as_view(), 1, u, &mut du.as_view_mut())
+                    .unwrap();
+                gpu.silu_mul(&mut dg.as_view_mut(), &du.as_view()).unwrap();
+                gpu.matmul(&dg.as_view(), 1, d, &mut dy.as_view_mut())
+                    .unwrap();
+                let y = gpu.download(&dy).unwrap();
+                for (o, v) in want[tok * HIDDEN..][..HIDDEN].iter_mut().zip(y) {
+                    *o += weights[p] * v;
+                }
+            }
+        }
+        check(
+            &format!("experts by id, {}", dtype.name()),
+            &got,
+            &want,
+            1e-5,
+        );
+    }
+}
+
+/// A prefill's grouped experts in one launch (`gemm_id`: expert `e` over
+/// its rows `start[e]..start[e + 1]`) against `matmul` on each expert's
+/// rows alone: the same tiled kernel, or for up to MATVEC_MAX_TOKENS rows
+/// the matrix-vector one, which sums in another order, so 1e-5.
+#[test]
+fn grouped_experts_match_one_by_one() {
+    let Some(gpu) = gpu_or_skip("grouped experts") else {
+        return;
+    };
+    let n_exp = 8;
+    // Rows per expert: none, fewer than a tile, several tiles.
+    let counts = [5usize, 0, 70, 1, 0, 12, 0, 64];
+    let mut start = vec![0u32];
+    for c in counts {
+        start.push(start.last().unwrap() + c as u32);
+    }
+    let pairs = *start.last().unwrap() as usize;
+    let used: Vec<u32> = (0..n_exp as u32)
+        .filter(|&e| counts[e as usize] > 0)
+        .collect();
+    for (seed, dtype) in [
+        DType::F32,
+        DType::Quant(QuantType::Q4K),
+        DType::Quant(QuantType::Q6K),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mats: Vec<cuda::GpuMatrix> = (0..n_exp as u64)
+            .map(|e| {
+                let w = Weights::new(dtype, INTER, HIDDEN, 500 + 10 * seed as u64 + e);
+                gpu.upload_matrix(w.matrix()).unwrap()
+            })
+            .collect();
+        let table = gpu
+            .expert_table(&mats.iter().collect::<Vec<_>>())
+            .unwrap()
+            .expect("a table");
+        let x = values(pairs * HIDDEN, 77 + seed as u64);
+        let dx = gpu.upload(&x).unwrap();
+        let (du, ds) = (gpu.upload(&used).unwrap(), gpu.upload(&start).unwrap());
+        let mut dy = gpu.zeros::<f32>(pairs * INTER).unwrap();
+        let most = *counts.iter().max().unwrap();
+        gpu.gemm_id(
+            &table,
+            &du.as_view(),
+            &ds.as_view(),
+            most,
+            pairs,
+            &dx.as_view(),
+            &mut dy.as_view_mut(),
+        )
+        .unwrap();
+        let got = gpu.download(&dy).unwrap();
+        let mut want = vec![0.0f32; pairs * INTER];
+        for &e in &used {
+            let (s, n) = (start[e as usize] as usize, counts[e as usize]);
+            let xe = gpu.upload(&x[s * HIDDEN..(s + n) * HIDDEN]).unwrap();
+            let mut ye = gpu.zeros::<f32>(n * INTER).unwrap();
+            gpu.matmul(&xe.as_view(), n, &mats[e as usize], &mut ye.as_view_mut())
+                .unwrap();
+            want[s * INTER..(s + n) * INTER].copy_from_slice(&gpu.download(&ye).unwrap());
+        }
+        check(
+            &format!("grouped experts, {}", dtype.name()),
+            &got,
+            &want,
+            1e-5,
+        );
+    }
+}
+
 /// An expert copied in on the copy stream is complete for the next kernel.
 #[test]
 fn matrix_uploaded_on_the_copy_stream_is_ready_for_compute() {
@@ -568,9 +748,15 @@ const FAMILIES: [&str; 8] = [
 ];
 
 fn engine(dir: &Path, device: Device, ram_budget: Budget) -> Engine {
+    engine_in(dir, device, ram_budget, Budget::Auto)
+}
+
+/// [`engine`] with `--vram-budget` set.
+fn engine_in(dir: &Path, device: Device, ram_budget: Budget, vram_budget: Budget) -> Engine {
     let opts = LoadOptions {
         device,
         ram_budget,
+        vram_budget,
         ..LoadOptions::default()
     };
     Engine::load_with(dir, &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -701,7 +887,8 @@ fn a_batch_on_cuda_equals_its_sequences_alone() {
 
 /// Experts streamed from a vault through a 3-slot RAM cache (so a
 /// prefill's experts come in groups), uploaded per use, against the CPU on
-/// the same vault. The vault keeps bf16 so that both sides multiply the
+/// the same vault; then with about half and with all of the layers'
+/// experts in VRAM (`--vram-budget`), run by id as resident ones are. The vault keeps bf16 so that both sides multiply the
 /// same floats (with quantized weights the CPU rounds activations to 8 bits
 /// and the GPU does not, which on these random fixtures flips close
 /// routing choices; the kernel tests hold the quantized products to the
@@ -724,22 +911,23 @@ fn streamed_experts_match_the_cpu() {
         // Three experts' records.
         let budget = Budget::Bytes(3 * 3 * 2 * 64 * 32 + 4096);
         let cpu = engine(&vault, Device::Cpu, budget);
-        let gpu = engine(&vault, Device::Cuda(0), budget);
         let ids = prompt(name);
         let (want_all, want_ids, want_steps) = prefill_and_decode(&cpu, &ids, 8);
-        let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, 8);
-        check(&format!("{name} vault: prefill"), &got_all, &want_all, 1e-3);
-        assert_eq!(got_ids, want_ids, "{name} vault: greedy ids");
-        check(
-            &format!("{name} vault: decode"),
-            &got_steps,
-            &want_steps,
-            1e-3,
-        );
-        let cache = gpu.cache().unwrap();
-        let stats = cache.stats().snapshot();
-        println!("{name} vault: {} slots, {stats:?}", cache.capacity());
-        assert!(stats.misses > 0, "{name}: {stats:?}");
+        // Every expert streamed, about half the layers' experts in VRAM,
+        // all of them.
+        let half = smoe::vault::Vault::open(&vault).unwrap().expert_bytes() / 2;
+        for vram in [Budget::Bytes(0), Budget::Bytes(half), Budget::Auto] {
+            let gpu = engine_in(&vault, Device::Cuda(0), budget, vram);
+            let what = format!("{name} vault, VRAM {vram:?} ({})", gpu.device());
+            let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, 8);
+            check(&format!("{what}: prefill"), &got_all, &want_all, 1e-3);
+            assert_eq!(got_ids, want_ids, "{what}: greedy ids");
+            check(&format!("{what}: decode"), &got_steps, &want_steps, 1e-3);
+            let cache = gpu.cache().unwrap();
+            let stats = cache.stats().snapshot();
+            println!("{what}: {} slots, {stats:?}", cache.capacity());
+            assert!(stats.misses > 0, "{what}: {stats:?}");
+        }
     }
 }
 

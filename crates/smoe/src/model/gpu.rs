@@ -3,7 +3,9 @@
 //! each sequence's KV cache resident on the device. What crosses to the
 //! host per layer is only what the host must act on: a sparse layer's
 //! chosen `(expert, weight)` pairs, which drive the expert cache, and the
-//! final logits. Routed experts come from where the CPU decoder takes
+//! final logits. A decode step of a model whose experts are all resident
+//! sends nothing back but the logits: its experts run by the ids routing
+//! left on the device. Routed experts come from where the CPU decoder takes
 //! them: uploaded with the backbone when resident, or from the RAM expert
 //! cache's pinned slots, uploaded as each is used.
 //!
@@ -17,11 +19,12 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::checkpoint::Weight;
-use crate::compute::cuda::{Gpu, GpuMatrix};
+use crate::compute::cuda::{ExpertTable, Gpu, GpuMatrix, MATVEC_MAX_TOKENS};
 use crate::compute::{AttnShape, Backend, Cpu, KvCache, MlaShape};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::ExpertCache;
+use crate::memory::Budget;
 
 use super::blocks::{
     group_by_expert, Attention, Experts, LatentAttention, Linear, Moe, QueryProj, Scratch,
@@ -36,6 +39,8 @@ pub struct GpuDecoder {
     layers: Vec<GpuLayer>,
     norm: CudaSlice<f32>,
     lm_head: GpuMatrix,
+    /// Where a model's streamed experts went, for the start-up line.
+    vram_experts: Option<String>,
     /// The device's activations; one forward pass at a time uses them, as
     /// the GPU runs one pass at a time on its compute stream anyway.
     bufs: Mutex<Bufs>,
@@ -94,6 +99,10 @@ enum GpuMlp {
         /// Uploaded with the backbone when the experts are resident;
         /// `None` when they stream through the expert cache.
         experts: Option<Vec<GpuFfn>>,
+        /// The resident experts' gate, up and down addresses, for decode
+        /// steps that run every chosen expert in one launch each, routing
+        /// ids never leaving the device.
+        tables: Option<[ExpertTable; 3]>,
         shared: Option<(GpuFfn, Option<GpuMatrix>)>,
     },
 }
@@ -107,25 +116,131 @@ struct GpuLayer {
 
 impl GpuDecoder {
     /// Uploads `cpu`'s backbone (and its experts, when resident) to GPU
-    /// `ordinal` and compiles the kernels.
-    pub fn new(cpu: Decoder, ordinal: usize) -> Result<Self> {
+    /// `ordinal` and compiles the kernels; streamed experts go to VRAM a
+    /// whole layer at a time, first layers first, while `vram_budget`
+    /// holds them.
+    pub fn new(cpu: Decoder, ordinal: usize, vram_budget: Budget) -> Result<Self> {
         let gpu = Gpu::new(ordinal)?;
-        let layers = cpu
+        let mut layers: Vec<GpuLayer> = cpu
             .layers
             .iter()
             .map(|l| upload_layer(&gpu, l))
             .collect::<Result<_>>()?;
         let norm = gpu.upload(&cpu.norm)?;
         let lm_head = gpu.upload_matrix(cpu.lm_head.matrix())?;
+        let vram_experts = vram_experts(&gpu, &cpu, &mut layers, vram_budget)?;
         Ok(Self {
             cpu,
             gpu,
             layers,
             norm,
             lm_head,
+            vram_experts,
             bufs: Mutex::new(Bufs::default()),
         })
     }
+
+    /// How many layers' streamed experts are in VRAM, for the start-up
+    /// line; `None` for a model with no streamed experts.
+    pub fn vram_experts(&self) -> Option<&str> {
+        self.vram_experts.as_deref()
+    }
+}
+
+/// VRAM kept free under `--vram-budget auto` for KV caches and
+/// activations: a twentieth of the device, at least 2 GiB.
+fn vram_headroom(total: usize) -> usize {
+    (total / 20).max(2 << 30)
+}
+
+/// Uploads streamed layers' experts, all of a layer's at once, first
+/// layers first, while they fit `budget` (as llama.cpp's `-ncmoe` keeps
+/// the last layers' experts on the host); what it did, in words.
+fn vram_experts(
+    gpu: &Gpu,
+    cpu: &Decoder,
+    layers: &mut [GpuLayer],
+    budget: Budget,
+) -> Result<Option<String>> {
+    let streamed: Vec<(usize, &Arc<ExpertCache>, usize)> = cpu
+        .layers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| match &l.mlp {
+            Mlp::Sparse(m) => match &m.experts {
+                Experts::Streamed { cache, layer } => Some((i, cache, *layer)),
+                Experts::Resident(_) => None,
+            },
+            Mlp::Dense(_) => None,
+        })
+        .collect();
+    if streamed.is_empty() {
+        return Ok(None);
+    }
+    const GIB: f64 = (1u64 << 30) as f64;
+    let limit = match budget {
+        Budget::Bytes(b) => b as usize,
+        Budget::Auto => {
+            let (free, total) = gpu.memory()?;
+            free.saturating_sub(vram_headroom(total))
+        }
+    };
+    let (mut used, mut placed) = (0usize, 0usize);
+    for &(i, cache, cache_layer) in &streamed {
+        let GpuMlp::Sparse {
+            router,
+            experts,
+            tables,
+            ..
+        } = &mut layers[i].mlp
+        else {
+            return Err(Error::invalid("CUDA decoder: layer kinds differ"));
+        };
+        let n_exp = router.rows;
+        let bytes = n_exp * cache.slot_bytes();
+        if used + bytes > limit {
+            break;
+        }
+        let mut uploaded: Vec<Option<GpuFfn>> = (0..n_exp).map(|_| None).collect();
+        let all: Vec<u32> = (0..n_exp as u32).collect();
+        for group in all.chunks(cache.capacity()) {
+            let mut pinned = cache.request(cache_layer, group)?;
+            pinned.wait()?;
+            for j in 0..pinned.len() {
+                let (e, mats) = pinned.get(j);
+                let [gate, up, down] = mats.map(|m| gpu.upload_matrix(m));
+                uploaded[e as usize] = Some([gate?, up?, down?]);
+            }
+        }
+        let resident: Vec<GpuFfn> = uploaded
+            .into_iter()
+            .collect::<Option<_>>()
+            .ok_or_else(|| Error::invalid("CUDA decoder: an expert was not read"))?;
+        *tables = expert_tables(gpu, &resident)?;
+        *experts = Some(resident);
+        used += bytes;
+        placed += 1;
+    }
+    Ok(Some(format!(
+        "routed experts of {placed} of {} sparse layers in VRAM ({:.2} GiB of a {} budget), \
+         the rest streamed from RAM",
+        streamed.len(),
+        used as f64 / GIB,
+        match budget {
+            Budget::Bytes(b) => format!("{:.2} GiB", b as f64 / GIB),
+            Budget::Auto => format!("{:.2} GiB auto", limit as f64 / GIB),
+        }
+    )))
+}
+
+/// The id kernels' address tables of a layer's resident experts, when
+/// they share types and shapes.
+fn expert_tables(gpu: &Gpu, experts: &[GpuFfn]) -> Result<Option<[ExpertTable; 3]>> {
+    let table = |i: usize| gpu.expert_table(&experts.iter().map(|f| &f[i]).collect::<Vec<_>>());
+    Ok(match (table(0)?, table(1)?, table(2)?) {
+        (Some(g), Some(u), Some(d)) => Some([g, u, d]),
+        _ => None,
+    })
 }
 
 fn linear(gpu: &Gpu, l: &Linear) -> Result<GpuLinear> {
@@ -171,27 +286,35 @@ fn upload_layer(gpu: &Gpu, l: &Layer) -> Result<GpuLayer> {
     };
     let mlp = match &l.mlp {
         Mlp::Dense(f) => GpuMlp::Dense(ffn(gpu, [&f.gate, &f.up, &f.down])?),
-        Mlp::Sparse(m) => GpuMlp::Sparse {
-            router: gpu.upload_matrix(m.router.matrix())?,
-            score_bias: m.score_bias.as_deref().map(|b| gpu.upload(b)).transpose()?,
-            experts: match &m.experts {
+        Mlp::Sparse(m) => {
+            let experts: Option<Vec<GpuFfn>> = match &m.experts {
                 Experts::Resident(e) => Some(
                     e.iter()
                         .map(|f| ffn(gpu, [&f.gate, &f.up, &f.down]))
                         .collect::<Result<_>>()?,
                 ),
                 Experts::Streamed { .. } => None,
-            },
-            shared: m
-                .shared
-                .as_ref()
-                .map(|s| -> Result<_> {
-                    let f = &s.ffn;
-                    let gate = s.gate.as_ref().map(|g| gpu.upload_matrix(g.matrix()));
-                    Ok((ffn(gpu, [&f.gate, &f.up, &f.down])?, gate.transpose()?))
-                })
-                .transpose()?,
-        },
+            };
+            let tables = match &experts {
+                Some(e) => expert_tables(gpu, e)?,
+                None => None,
+            };
+            GpuMlp::Sparse {
+                router: gpu.upload_matrix(m.router.matrix())?,
+                score_bias: m.score_bias.as_deref().map(|b| gpu.upload(b)).transpose()?,
+                experts,
+                tables,
+                shared: m
+                    .shared
+                    .as_ref()
+                    .map(|s| -> Result<_> {
+                        let f = &s.ffn;
+                        let gate = s.gate.as_ref().map(|g| gpu.upload_matrix(g.matrix()));
+                        Ok((ffn(gpu, [&f.gate, &f.up, &f.down])?, gate.transpose()?))
+                    })
+                    .transpose()?,
+            }
+        }
     };
     Ok(GpuLayer {
         input_norm: gpu.upload(&l.input_norm)?,
@@ -265,6 +388,8 @@ struct Bufs {
     order: Buf<u32>,
     pos: Buf<u32>,
     pos_weights: Buf<f32>,
+    used: Buf<u32>,
+    start: Buf<u32>,
     head: Buf<f32>,
     logits: Buf<f32>,
     host: Host,
@@ -286,6 +411,7 @@ struct Host {
     fill: Vec<usize>,
     order: Vec<usize>,
     order32: Vec<u32>,
+    start32: Vec<u32>,
     used: Vec<u32>,
     pos: Vec<u32>,
     pos_weights: Vec<f32>,
@@ -534,13 +660,16 @@ impl GpuDecoder {
     }
 
     /// The sparse block over `b.h` into `b.out`, as [`Moe::forward`]:
-    /// routing on the device, its pairs to the host, the tokens grouped by
-    /// expert, each chosen expert once over its rows, the weighted sum.
+    /// routing on the device; then, for a few tokens with resident experts,
+    /// every chosen expert run in place by id; otherwise its pairs to the
+    /// host, the tokens grouped by expert, each chosen expert once over its
+    /// rows, the weighted sum.
     fn moe(&self, m: &Moe, dev: &GpuMlp, layer: usize, t: usize, b: &mut Bufs) -> Result<()> {
         let GpuMlp::Sparse {
             router,
             score_bias,
             experts,
+            tables,
             shared,
         } = dev
         else {
@@ -548,7 +677,31 @@ impl GpuDecoder {
         };
         let g = &self.gpu;
         let (hidden, n_exp, k) = (router.cols, router.rows, m.routing.top_k);
-        self.route(m, router, score_bias.as_ref(), Input::Normed, t, b)?;
+        self.route_on_device(m, router, score_bias.as_ref(), Input::Normed, t, b)?;
+        if let (Some([gate, up, down]), true) = (tables, t <= MATVEC_MAX_TOKENS) {
+            // Few tokens: every chosen expert in one launch per matrix,
+            // reading the ids `route` wrote; nothing goes to the host.
+            let (pairs, inter) = (t * k, gate.rows);
+            let ids = b.ids.v(0..pairs)?;
+            g.swiglu_id(
+                gate,
+                up,
+                &ids,
+                &b.h.v(0..t * hidden)?,
+                k,
+                &mut b.gate.m(g, pairs * inter)?,
+            )?;
+            g.matvec_id(
+                down,
+                &ids,
+                &b.gate.v(0..pairs * inter)?,
+                &mut b.ys.m(g, pairs * hidden)?,
+            )?;
+            let (ys, w) = (b.ys.v(0..pairs * hidden)?, b.weights.v(0..pairs)?);
+            g.moe_combine(&ys, &ids, &w, k, t, &mut b.out.m(g, t * hidden)?)?;
+            return self.shared_expert(shared.as_ref(), t, hidden, b);
+        }
+        self.routes_to_host(t * k, b)?;
         let host = &mut b.host;
         host.chosen.clear();
         host.chosen
@@ -599,15 +752,20 @@ impl GpuDecoder {
         }
 
         let used = std::mem::take(&mut b.host.used);
-        let ran = match (experts, &m.experts) {
-            (Some(resident), _) => used.iter().try_for_each(|&e| {
+        // The tiled kernel takes rows of whole 32-weight groups only.
+        let grouped = tables
+            .as_ref()
+            .filter(|t| t.iter().all(|m| m.cols.is_multiple_of(32)));
+        let ran = match (grouped, experts, &m.experts) {
+            (Some(tables), _, _) => run_grouped(g, tables, &used, pairs, hidden, b),
+            (None, Some(resident), _) => used.iter().try_for_each(|&e| {
                 let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
                 run_expert(g, &resident[e as usize], rows, hidden, b)
             }),
-            (None, Experts::Streamed { cache, layer: l }) => {
+            (None, None, Experts::Streamed { cache, layer: l }) => {
                 self.streamed(cache, *l, layer, &used, hidden, t, b)
             }
-            (None, Experts::Resident(_)) => Err(Error::invalid(
+            (None, None, Experts::Resident(_)) => Err(Error::invalid(
                 "CUDA decoder: resident experts not uploaded",
             )),
         };
@@ -617,6 +775,19 @@ impl GpuDecoder {
         let ys = b.ys.v(0..pairs * hidden)?;
         let (pos, w) = (b.pos.v(0..pairs)?, b.pos_weights.v(0..pairs)?);
         g.scatter(&ys, &pos, &w, k, t, &mut b.out.m(g, t * hidden)?)?;
+        self.shared_expert(shared.as_ref(), t, hidden, b)
+    }
+
+    /// The shared expert (if any) of `b.h` added to `b.out`, gated as
+    /// Qwen2-MoE's.
+    fn shared_expert(
+        &self,
+        shared: Option<&(GpuFfn, Option<GpuMatrix>)>,
+        t: usize,
+        hidden: usize,
+        b: &mut Bufs,
+    ) -> Result<()> {
+        let g = &self.gpu;
         if let Some((w, gate)) = shared {
             let hn = b.h.v(0..t * hidden)?;
             swiglu(g, w, &hn, t, &mut b.gate, &mut b.up, &mut b.shared)?;
@@ -675,9 +846,13 @@ impl GpuDecoder {
         let (
             Some(next),
             Some(GpuLayer {
-                mlp: GpuMlp::Sparse {
-                    router, score_bias, ..
-                },
+                mlp:
+                    GpuMlp::Sparse {
+                        router,
+                        score_bias,
+                        experts: None,
+                        ..
+                    },
                 post_norm,
                 ..
             }),
@@ -700,7 +875,8 @@ impl GpuDecoder {
             eps,
             &mut b.head.m(g, th)?,
         )?;
-        self.route(m, router, score_bias.as_ref(), Input::Head, t, b)?;
+        self.route_on_device(m, router, score_bias.as_ref(), Input::Head, t, b)?;
+        self.routes_to_host(t * m.routing.top_k, b)?;
         let host = &mut b.host;
         host.best.clear();
         host.best.resize(router.rows, f32::NEG_INFINITY);
@@ -720,9 +896,9 @@ impl GpuDecoder {
         Ok(true)
     }
 
-    /// Router logits of `input` through `router`, the top-k on the device,
-    /// the pairs into `b.host.ids` and `b.host.weights`.
-    fn route(
+    /// Router logits of `input` through `router`, the top-k on the device
+    /// into `b.ids` and `b.weights`.
+    fn route_on_device(
         &self,
         m: &Moe,
         router: &GpuMatrix,
@@ -741,12 +917,18 @@ impl GpuDecoder {
         let bias = bias.map(|b| b.as_view());
         let logits = b.router.v(0..t * n_exp)?;
         let (mut ids, mut w) = (b.ids.m(g, t * k)?, b.weights.m(g, t * k)?);
-        g.route(&logits, t, &m.routing, bias.as_ref(), &mut ids, &mut w)?;
+        g.route(&logits, t, &m.routing, bias.as_ref(), &mut ids, &mut w)
+    }
+
+    /// The `pairs` routing choices [`GpuDecoder::route_on_device`] left in
+    /// `b.ids` and `b.weights`, into `b.host.ids` and `b.host.weights`.
+    fn routes_to_host(&self, pairs: usize, b: &mut Bufs) -> Result<()> {
+        let g = &self.gpu;
         let host = &mut b.host;
-        host.ids.resize(t * k, 0);
-        host.weights.resize(t * k, 0.0);
-        g.download_into(&b.ids.v(0..t * k)?, &mut host.ids)?;
-        g.download_into(&b.weights.v(0..t * k)?, &mut host.weights)
+        host.ids.resize(pairs, 0);
+        host.weights.resize(pairs, 0.0);
+        g.download_into(&b.ids.v(0..pairs)?, &mut host.ids)?;
+        g.download_into(&b.weights.v(0..pairs)?, &mut host.weights)
     }
 
     /// Logits of rows `rows` of `b.x` into `out`, `[rows, vocab]`.
@@ -822,6 +1004,57 @@ fn swiglu(
         t,
         down,
         &mut y.m(g, t * down.rows)?,
+    )
+}
+
+/// Every used expert's SwiGLU over its rows of the gathered `b.xs` (as
+/// grouped in `b.host.start`) into the same rows of `b.ys`, one launch per
+/// matrix for all of them.
+fn run_grouped(
+    g: &Gpu,
+    [gate, up, down]: &[ExpertTable; 3],
+    used: &[u32],
+    pairs: usize,
+    hidden: usize,
+    b: &mut Bufs,
+) -> Result<()> {
+    let start = &b.host.start;
+    let most = used
+        .iter()
+        .map(|&e| start[e as usize + 1] - start[e as usize])
+        .max()
+        .unwrap_or(0);
+    b.host.start32.clear();
+    b.host.start32.extend(start.iter().map(|&s| s as u32));
+    let n = b.host.start32.len();
+    g.upload_into(used, &mut b.used.m(g, used.len())?)?;
+    g.upload_into(&b.host.start32, &mut b.start.m(g, n)?)?;
+    let (u, s) = (b.used.v(0..used.len())?, b.start.v(0..n)?);
+    let inter = gate.rows;
+    let x = b.xs.v(0..pairs * hidden)?;
+    g.gemm_id(
+        gate,
+        &u,
+        &s,
+        most,
+        pairs,
+        &x,
+        &mut b.gate.m(g, pairs * inter)?,
+    )?;
+    g.gemm_id(up, &u, &s, most, pairs, &x, &mut b.up.m(g, pairs * inter)?)?;
+    g.silu_mul(
+        &mut b.gate.part(0..pairs * inter)?,
+        &b.up.v(0..pairs * inter)?,
+    )?;
+    let act = b.gate.v(0..pairs * inter)?;
+    g.gemm_id(
+        down,
+        &u,
+        &s,
+        most,
+        pairs,
+        &act,
+        &mut b.ys.part(0..pairs * hidden)?,
     )
 }
 

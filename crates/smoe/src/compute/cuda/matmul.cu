@@ -11,9 +11,12 @@
 //
 // Decode (few tokens): one warp per output row; lane i takes groups i,
 // i + 32, ..., widens each once and dots it with every token's 32
-// activations. Prefill: a 64x64 output tile per block, weights widened
-// into shared memory 64 columns at a time (correctness first; llama.cpp's
-// mmq with int8 activations is the model for a faster one).
+// activations (quantized rows staged through shared memory 32 groups at a
+// time with wide loads); `matvec_id`/`swiglu_id` do the same for a layer's
+// chosen experts in one launch. Prefill: a 64x64 output tile per block, weights widened
+// into shared memory 64 columns at a time, multiplied on the tensor cores
+// in split TF32 (`gemm_id` runs a layer's grouped experts in one launch;
+// llama.cpp's mmq with int8 activations is the model for a faster one).
 
 #define T_F32 0
 #define T_F16 1
@@ -130,35 +133,101 @@ __device__ __forceinline__ void dequant32(const u8* row, int g, float* out) {
 #define MV_TOKENS 8
 // Rows (warps) per matrix-vector block.
 #define MV_ROWS 4
+// Bytes of 32 consecutive groups of a quantized row (one group per lane):
+// whole blocks in every format. MV_STAGE is the largest (q8_0).
+#define MV_STAGE 1088
+
+template <int T>
+__device__ constexpr bool is_float() {
+    return T == T_F32 || T == T_F16 || T == T_BF16;
+}
+
+template <int T>
+__device__ constexpr int chunk_bytes() {
+    return T == T_Q4_0   ? 32 * 18
+           : T == T_Q8_0 ? 32 * 34
+           : T == T_Q4_K ? 4 * 144
+           : T == T_Q5_K ? 4 * 176
+           : T == T_Q6_K ? 4 * 210
+                         : 0;
+}
+
+// The warp copies `n` bytes at `src` into `dst` (16-byte aligned) with the
+// widest loads the address and length allow. GGML blocks have even sizes,
+// so two bytes is the least; q6_k's 210-byte blocks make 8 the usual
+// width there, 16 for the other formats.
+__device__ __forceinline__ void stage_bytes(const u8* src, int n, u8* dst) {
+    int lane = threadIdx.x;
+    size_t a = (size_t)src | (size_t)n;
+    if ((a & 15) == 0) {
+        for (int i = lane; i < n / 16; i += 32) ((uint4*)dst)[i] = ((const uint4*)src)[i];
+    } else if ((a & 7) == 0) {
+        for (int i = lane; i < n / 8; i += 32) ((uint2*)dst)[i] = ((const uint2*)src)[i];
+    } else if ((a & 3) == 0) {
+        for (int i = lane; i < n / 4; i += 32) ((u32*)dst)[i] = ((const u32*)src)[i];
+    } else {
+        for (int i = lane; i < n / 2; i += 32) ((u16*)dst)[i] = ((const u16*)src)[i];
+    }
+    __syncwarp();
+}
+
+// acc[tok] += v . x[tok, 32g..32g+32] for tok < t.
+template <int NT>
+__device__ __forceinline__ void dot32(const float* v, const float* x, int cols, int t, int g, float* acc) {
+#pragma unroll
+    for (int tok = 0; tok < NT; tok++) {
+        if (tok < t) {
+            const float4* xr = (const float4*)(x + (size_t)tok * cols + g * 32);
+            float s = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float4 a = xr[i];
+                s += v[4 * i] * a.x + v[4 * i + 1] * a.y + v[4 * i + 2] * a.z + v[4 * i + 3] * a.w;
+            }
+            acc[tok] += s;
+        }
+    }
+}
+
+// One warp's partial dot products of stored row `wr` (whole 32-weight
+// groups) with t <= NT activation rows, per lane into acc. Float rows are
+// read in place (16-byte loads already); a quantized row goes through the
+// warp's `stage` in chunks of 32 groups, loaded with wide coalesced loads
+// rather than each lane's byte loads scattered over 32 blocks.
+template <int T, int NT>
+__device__ __forceinline__ void dot_row(const u8* wr, int cols, const float* x, int t, float* acc, u8* stage) {
+    int lane = threadIdx.x, groups = cols >> 5;
+    float v[32];
+    if constexpr (is_float<T>()) {
+        for (int g = lane; g < groups; g += 32) {
+            dequant32<T>(wr, g, v);
+            dot32<NT>(v, x, cols, t, g, acc);
+        }
+    } else {
+        const int cb = chunk_bytes<T>();
+        for (int g0 = 0; g0 < groups; g0 += 32) {
+            int n = min(32, groups - g0);
+            stage_bytes(wr + (size_t)(g0 >> 5) * cb, n * cb / 32, stage);
+            if (lane < n) {
+                dequant32<T>(stage, lane, v);
+                dot32<NT>(v, x, cols, t, g0 + lane, acc);
+            }
+            __syncwarp();
+        }
+    }
+}
 
 // y[tok, row] = x[tok, :] . w[row, :] for tok < t <= MV_TOKENS.
 // Block (32, MV_ROWS); grid (ceil(rows / MV_ROWS)).
 template <int T>
 __device__ void matvec(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols, int t) {
+    __shared__ __align__(16) u8 stage[MV_ROWS][MV_STAGE];
     int row = blockIdx.x * MV_ROWS + threadIdx.y;
     if (row >= rows) return;
-    const u8* wr = w + (size_t)row * row_bytes;
-    int groups = cols >> 5;
     float acc[MV_TOKENS];
 #pragma unroll
     for (int i = 0; i < MV_TOKENS; i++) acc[i] = 0.0f;
-    for (int g = threadIdx.x; g < groups; g += 32) {
-        float v[32];
-        dequant32<T>(wr, g, v);
-#pragma unroll
-        for (int tok = 0; tok < MV_TOKENS; tok++) {
-            if (tok < t) {
-                const float4* xr = (const float4*)(x + (size_t)tok * cols + g * 32);
-                float s = 0.0f;
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    float4 a = xr[i];
-                    s += v[4 * i] * a.x + v[4 * i + 1] * a.y + v[4 * i + 2] * a.z + v[4 * i + 3] * a.w;
-                }
-                acc[tok] += s;
-            }
-        }
-    }
+    dot_row<T, MV_TOKENS>(w + (size_t)row * row_bytes, cols, x, t, acc, stage[threadIdx.y]);
 #pragma unroll
     for (int tok = 0; tok < MV_TOKENS; tok++) {
         if (tok < t) {
@@ -168,48 +237,206 @@ __device__ void matvec(const u8* w, u64 row_bytes, const float* x, float* y, int
     }
 }
 
+// Weight c of a float row.
+template <int T>
+__device__ __forceinline__ float weight_at(const u8* row, int c) {
+    if (T == T_F32) return ((const float*)row)[c];
+    u16 h = ((const u16*)row)[c];
+    return T == T_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+
+// The whole warp's dot product of row `wr` with one activation row; float
+// rows of any width (the test models' 24 and 48 too).
+template <int T>
+__device__ __forceinline__ float row_dot(const u8* wr, int cols, const float* x, u8* stage) {
+    float acc[1] = {0.0f};
+    if constexpr (is_float<T>()) {
+        if (cols & 31) {
+            for (int c = threadIdx.x; c < cols; c += 32) acc[0] += weight_at<T>(wr, c) * x[c];
+            return warp_sum(acc[0]);
+        }
+    }
+    dot_row<T, 1>(wr, cols, x, 1, acc, stage);
+    return warp_sum(acc[0]);
+}
+
+// Routed experts without leaving the device (decode): pair p (token
+// p / x_div's slot) takes expert ids[p], whose matrix starts at
+// experts[ids[p]] (all of a layer's experts share type and shape), so one
+// launch runs every chosen expert, reading the ids the `route` kernel wrote.
+// y[p, row] = w_ids[p][row, :] . x[p / x_div, :]. An id past n_exp (which
+// `route` never writes) gives 0 rather than reading past the table.
+// Block (32, MV_ROWS); grid (ceil(rows / MV_ROWS), pairs).
+template <int T>
+__device__ void matvec_id(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const float* x,
+                          int x_div, float* y, int rows, int cols) {
+    __shared__ __align__(16) u8 stage[MV_ROWS][MV_STAGE];
+    int row = blockIdx.x * MV_ROWS + threadIdx.y, p = blockIdx.y;
+    if (row >= rows) return;
+    u32 e = ids[p];
+    float s = 0.0f;
+    if (e < (u32)n_exp) {
+        const u8* wr = (const u8*)experts[e] + (size_t)row * row_bytes;
+        s = row_dot<T>(wr, cols, x + (size_t)(p / x_div) * cols, stage[threadIdx.y]);
+    }
+    if (threadIdx.x == 0) y[(size_t)p * rows + row] = s;
+}
+
+// As matvec_id through an expert's gate and up rows at once, giving
+// y[p, row] = silu(gate . x) * (up . x) (the `silu_mul` formula) for the
+// token of pair p (p / k).
+template <int T>
+__device__ void swiglu_id(const u64* gates, const u64* ups, const u32* ids, int n_exp, u64 row_bytes,
+                          const float* x, int k, float* y, int rows, int cols) {
+    __shared__ __align__(16) u8 stage[MV_ROWS][MV_STAGE];
+    int row = blockIdx.x * MV_ROWS + threadIdx.y, p = blockIdx.y;
+    if (row >= rows) return;
+    u32 e = ids[p];
+    float out = 0.0f;
+    if (e < (u32)n_exp) {
+        const float* xr = x + (size_t)(p / k) * cols;
+        size_t at = (size_t)row * row_bytes;
+        float g = row_dot<T>((const u8*)gates[e] + at, cols, xr, stage[threadIdx.y]);
+        float u = row_dot<T>((const u8*)ups[e] + at, cols, xr, stage[threadIdx.y]);
+        out = g / (1.0f + expf(-g)) * u;
+    }
+    if (threadIdx.x == 0) y[(size_t)p * rows + row] = out;
+}
+
 #define TILE 64
-// The tiled product: 256 threads, each 4 rows x 4 tokens of a 64 x 64 tile,
-// over 64 columns (two groups) of weights and activations in shared memory
-// per step, stored column-major so the inner loop reads one broadcast row
-// value and four token values per column. Grid (ceil(rows/64), ceil(t/64)).
+// Shared-memory row pitch of the tiles: 72 = 8 mod 32 puts the eight
+// values a tensor-core fragment load reads per k-row (and its four k-rows)
+// in 32 different banks.
+#define TILE_PITCH 72
+
+#if __CUDA_ARCH__ >= 800
+// f32 as TF32 (its bits), rounded to nearest.
+__device__ __forceinline__ u32 to_tf32(float v) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+    return r;
+}
+
+// v = big + small, both TF32: the pair carries about 21 of f32's 24 bits.
+__device__ __forceinline__ void split_tf32(float v, u32* big, u32* small) {
+    *big = to_tf32(v);
+    *small = to_tf32(v - __uint_as_float(*big));
+}
+
+// c += a . b on the tensor cores: a 16x8 (row-major) by b 8x8 (column-major)
+// TF32 product into a 16x8 f32 accumulator (PTX's m16n8k8 fragments).
+__device__ __forceinline__ void mma_tf32(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// Columns k0..k0+64 of the tile's 64 weight rows (widened) and 64 tokens'
+// activations into shared memory, k-major, zero past the edges. Threads
+// 0..127 widen one group of a row each; all 256 load activations.
+template <int T>
+__device__ __forceinline__ void fill_tiles(const u8* w, u64 row_bytes, const float* x, int rows, int cols,
+                                           int t, int row0, int tok0, int k0, float (*ws)[TILE_PITCH],
+                                           float (*xs)[TILE_PITCH]) {
+    int tid = threadIdx.x, groups = cols >> 5;
+    if (tid < 2 * TILE) {
+        int r = tid & (TILE - 1), half = tid >> 6;
+        int g = (k0 >> 5) + half;
+        float v[32];
+        if (row0 + r < rows && g < groups) {
+            dequant32<T>(w + (size_t)(row0 + r) * row_bytes, g, v);
+        } else {
+#pragma unroll
+            for (int l = 0; l < 32; l++) v[l] = 0.0f;
+        }
+#pragma unroll
+        for (int l = 0; l < 32; l++) ws[half * 32 + l][r] = v[l];
+    }
+#pragma unroll
+    for (int i = 0; i < (TILE * TILE) / 256; i++) {
+        int idx = tid + 256 * i;
+        int k = idx & (TILE - 1), tok = idx >> 6;
+        float v = 0.0f;
+        if (tok0 + tok < t && k0 + k < cols) v = x[(size_t)(tok0 + tok) * cols + k0 + k];
+        xs[k][tok] = v;
+    }
+}
+
+// The tiled product: a 64-token x 64-row output tile per 256-thread block
+// over 64 columns of widened weights and activations in shared memory per
+// step. Grid (ceil(rows/64), ceil(t/64)).
+//
+// On Ampere and newer, on the tensor cores: each of the 8 warps owns 16
+// tokens x 32 rows, per 8 columns one A fragment (tokens) and four B
+// fragments (rows), each operand split into two TF32 halves and multiplied
+// as big*big + big*small + small*big (the "3xTF32" scheme), which keeps
+// f32's accuracy at a third of TF32's tensor rate, so results differ from
+// the CPU's by f32 summation order only. On Turing (no TF32 mma), f32 FMAs,
+// each thread 4 rows x 4 tokens.
 template <int T>
 __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols, int t) {
-    __shared__ float ws[TILE][TILE + 1];
-    __shared__ float xs[TILE][TILE + 1];
+    __shared__ __align__(16) float ws[TILE][TILE_PITCH];
+    __shared__ __align__(16) float xs[TILE][TILE_PITCH];
     int tid = threadIdx.x;
     int row0 = blockIdx.x * TILE, tok0 = blockIdx.y * TILE;
+    if (tok0 >= t) return;
+#if __CUDA_ARCH__ >= 800
+    int warp = tid >> 5, lane = tid & 31;
+    int gid = lane >> 2, tig = lane & 3;
+    int m0 = (warp >> 1) * 16, n0 = (warp & 1) * 32;
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) acc[j][r] = 0.0f;
+    for (int k0 = 0; k0 < cols; k0 += TILE) {
+        fill_tiles<T>(w, row_bytes, x, rows, cols, t, row0, tok0, k0, ws, xs);
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TILE; kk += 8) {
+            u32 ab[4], as[4];
+            split_tf32(xs[kk + tig][m0 + gid], &ab[0], &as[0]);
+            split_tf32(xs[kk + tig][m0 + gid + 8], &ab[1], &as[1]);
+            split_tf32(xs[kk + tig + 4][m0 + gid], &ab[2], &as[2]);
+            split_tf32(xs[kk + tig + 4][m0 + gid + 8], &ab[3], &as[3]);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                u32 bb[2], bs[2];
+                int n = n0 + 8 * j + gid;
+                split_tf32(ws[kk + tig][n], &bb[0], &bs[0]);
+                split_tf32(ws[kk + tig + 4][n], &bb[1], &bs[1]);
+                // The small terms first, so the big product lands last.
+                mma_tf32(acc[j], as, bb);
+                mma_tf32(acc[j], ab, bs);
+                mma_tf32(acc[j], ab, bb);
+            }
+        }
+        __syncthreads();
+    }
+    // Accumulator r of fragment j: token m0 + gid (+8 for r >= 2), row
+    // n0 + 8j + 2 * tig (+1 for odd r).
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int tok = tok0 + m0 + gid + 8 * (r >> 1);
+            int row = row0 + n0 + 8 * j + 2 * tig + (r & 1);
+            if (tok < t && row < rows) y[(size_t)tok * rows + row] = acc[j][r];
+        }
+    }
+#else
     int ty = tid >> 4, tx = tid & 15;
-    int groups = cols >> 5;
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-
     for (int k0 = 0; k0 < cols; k0 += TILE) {
-        if (tid < 2 * TILE) {
-            // Thread tid widens group (k0/32 + tid/64) of row tid % 64.
-            int r = tid & (TILE - 1), half = tid >> 6;
-            int g = (k0 >> 5) + half;
-            float v[32];
-            if (row0 + r < rows && g < groups) {
-                dequant32<T>(w + (size_t)(row0 + r) * row_bytes, g, v);
-            } else {
-#pragma unroll
-                for (int l = 0; l < 32; l++) v[l] = 0.0f;
-            }
-#pragma unroll
-            for (int l = 0; l < 32; l++) ws[half * 32 + l][r] = v[l];
-        }
-#pragma unroll
-        for (int i = 0; i < (TILE * TILE) / 256; i++) {
-            int idx = tid + 256 * i;
-            int k = idx & (TILE - 1), tok = idx >> 6;
-            float v = 0.0f;
-            if (tok0 + tok < t && k0 + k < cols) v = x[(size_t)(tok0 + tok) * cols + k0 + k];
-            xs[k][tok] = v;
-        }
+        fill_tiles<T>(w, row_bytes, x, rows, cols, t, row0, tok0, k0, ws, xs);
         __syncthreads();
 #pragma unroll 8
         for (int k = 0; k < TILE; k++) {
@@ -235,6 +462,21 @@ __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int r
             if (tok < t) y[(size_t)tok * rows + row] = acc[i][j];
         }
     }
+#endif
+}
+
+// A layer's chosen experts over their gathered rows in one launch (prefill):
+// block z runs expert used[z] (its matrix at experts[used[z]]) over rows
+// start[e]..start[e + 1] of x into the same rows of y, as `gemm` would one
+// expert at a time. Grid (ceil(rows/64), ceil(most rows of one expert/64),
+// experts used); blocks past an expert's rows return at once.
+template <int T>
+__device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u64 row_bytes,
+                        const float* x, float* y, int rows, int cols) {
+    u32 e = used[blockIdx.z];
+    u32 s = start[e];
+    int n = (int)(start[e + 1] - s);
+    gemm<T>((const u8*)experts[e], row_bytes, x + (size_t)s * cols, y + (size_t)s * rows, rows, cols, n);
 }
 
 #define MATMUL_KERNELS(NAME, T)                                                                   \
@@ -246,6 +488,21 @@ __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int r
         gemm_##NAME(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols,      \
                     int t) {                                                                       \
         gemm<T>(w, row_bytes, x, y, rows, cols, t);                                                \
+    }                                                                                              \
+    extern "C" __global__ void matvec_id_##NAME(const u64* experts, const u32* ids, int n_exp,     \
+                                                u64 row_bytes, const float* x, int x_div, float* y, \
+                                                int rows, int cols) {                              \
+        matvec_id<T>(experts, ids, n_exp, row_bytes, x, x_div, y, rows, cols);                     \
+    }                                                                                              \
+    extern "C" __global__ void swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,  \
+                                                int n_exp, u64 row_bytes, const float* x, int k,   \
+                                                float* y, int rows, int cols) {                    \
+        swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, x, k, y, rows, cols);                      \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                              \
+        gemm_id_##NAME(const u64* experts, const u32* used, const u32* start, u64 row_bytes,       \
+                       const float* x, float* y, int rows, int cols) {                             \
+        gemm_id<T>(experts, used, start, row_bytes, x, y, rows, cols);                             \
     }
 
 MATMUL_KERNELS(f32, T_F32)
@@ -260,13 +517,6 @@ MATMUL_KERNELS(q6_k, T_Q6_K)
 // Float rows whose width is not a multiple of 32 (tiny test models only:
 // every released model's widths are): one warp per row as in `matvec`, any
 // number of tokens, one weight at a time.
-template <int T>
-__device__ __forceinline__ float weight_at(const u8* row, int c) {
-    if (T == T_F32) return ((const float*)row)[c];
-    u16 h = ((const u16*)row)[c];
-    return T == T_F16 ? f16_to_f32(h) : bf16_to_f32(h);
-}
-
 template <int T>
 __device__ void ragged(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols, int t) {
     int row = blockIdx.x * MV_ROWS + threadIdx.y;

@@ -24,11 +24,12 @@ mod load;
 
 pub use kv::DeviceKv;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    self, CudaContext, CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    self, CudaContext, CudaFunction, CudaModule, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
@@ -160,6 +161,20 @@ fn probe_context(ordinal: usize) -> Result<(GpuInfo, Arc<CudaContext>)> {
     Ok((info, ctx))
 }
 
+/// Where each of a layer's experts' matrices of one kind (gate, up or
+/// down) starts on the device, for the kernels that run every chosen
+/// expert in one launch ([`Gpu::swiglu_id`], [`Gpu::matvec_id`]). The
+/// experts share type and shape. It holds raw addresses: whoever owns it
+/// keeps the matrices alive as long as it (the decoder keeps both in the
+/// same layer).
+#[derive(Debug)]
+pub struct ExpertTable {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    ptrs: CudaSlice<u64>,
+}
+
 /// A weight matrix on the device, rows as stored (quantized blocks stay
 /// quantized).
 #[derive(Debug)]
@@ -185,6 +200,9 @@ pub struct Gpu {
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
     module: Arc<CudaModule>,
+    /// Kernels by name, looked up in the module once: a lookup costs a
+    /// driver call, about as much as the launch itself.
+    functions: Mutex<HashMap<String, CudaFunction>>,
 }
 
 impl Gpu {
@@ -192,6 +210,15 @@ impl Gpu {
     /// first call for its architecture.
     pub fn new(ordinal: usize) -> Result<Self> {
         let (info, ctx) = probe_context(ordinal)?;
+        // SAFETY: cudarc's event tracking records an event on every buffer
+        // a launch or copy touches, so that another stream waits for it;
+        // it costs host time on every launch. Here every kernel, copy,
+        // allocation and free runs on the compute stream, in call order,
+        // which already orders each buffer's writes, reads and free. The
+        // copy stream is used only by `upload_matrix_async`, which orders
+        // it against compute both ways itself. Called before any buffer
+        // is made, so none is tracked.
+        unsafe { ctx.disable_event_tracking() };
         let cubin = load::cubin(info.compute_capability)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
@@ -205,11 +232,20 @@ impl Gpu {
             copy: stream("copy")?,
             info,
             module,
+            functions: Mutex::default(),
         })
     }
 
     pub fn info(&self) -> &GpuInfo {
         &self.info
+    }
+
+    /// Free and total device memory now, in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.compute
+            .context()
+            .mem_get_info()
+            .map_err(|e| device_error("querying free memory", e))
     }
 
     /// The stream every kernel runs on, in call order.
@@ -299,21 +335,33 @@ impl Gpu {
 
     /// Uploads a weight matrix on the compute stream.
     pub fn upload_matrix(&self, w: Matrix<'_>) -> Result<GpuMatrix> {
-        self.matrix_on(&self.compute, w)
+        self.matrix_on(&self.compute, w, true)
     }
 
     /// Uploads a weight matrix on the copy stream, overlapping the kernels
     /// already queued; kernels queued after this call see it complete (as
     /// an expert copied in while the layer's attention runs would be).
     pub fn upload_matrix_async(&self, w: Matrix<'_>) -> Result<GpuMatrix> {
-        let m = self.matrix_on(&self.copy, w)?;
+        // Allocated (and so later freed) on the compute stream, which is
+        // all that orders buffers without event tracking; the copy waits
+        // for the allocation, and compute for the copy.
+        let mut m = self.matrix_on(&self.compute, w, false)?;
+        let order = |what, e| device_error(format!("ordering the copy stream {what} compute"), e);
+        self.copy
+            .join(&self.compute)
+            .map_err(|e| order("after", e))?;
+        self.copy
+            .memcpy_htod(w.data, &mut m.data)
+            .map_err(|e| device_error(format!("uploading a {} matrix", w.dtype.name()), e))?;
         self.compute
             .join(&self.copy)
-            .map_err(|e| device_error("ordering the copy stream before compute", e))?;
+            .map_err(|e| order("before", e))?;
         Ok(m)
     }
 
-    fn matrix_on(&self, stream: &Arc<CudaStream>, w: Matrix<'_>) -> Result<GpuMatrix> {
+    /// A matrix of `w`'s shape on `stream`, holding `w`'s rows when
+    /// `fill`, else uninitialised for the caller to fill.
+    fn matrix_on(&self, stream: &Arc<CudaStream>, w: Matrix<'_>, fill: bool) -> Result<GpuMatrix> {
         let name = w.dtype.name();
         kernel_dtype(w.dtype)?;
         // Quantized rows are whole blocks (32 or 256 weights); float rows
@@ -330,9 +378,14 @@ impl Gpu {
                 w.data.len()
             )));
         }
-        let data = stream
-            .clone_htod(w.data)
-            .map_err(|e| device_error(format!("uploading a {name} matrix"), e))?;
+        let data = if fill {
+            stream.clone_htod(w.data)
+        } else {
+            // SAFETY: the caller overwrites every byte before any kernel
+            // reads them.
+            unsafe { stream.alloc::<u8>(w.data.len()) }
+        }
+        .map_err(|e| device_error(format!("uploading a {name} matrix"), e))?;
         Ok(GpuMatrix {
             dtype: w.dtype,
             rows: w.rows,
@@ -342,9 +395,49 @@ impl Gpu {
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction> {
-        self.module
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = functions.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
             .load_function(name)
-            .map_err(|e| device_error(format!("kernel {name}"), e))
+            .map_err(|e| device_error(format!("kernel {name}"), e))?;
+        functions.insert(name.to_owned(), f.clone());
+        Ok(f)
+    }
+
+    /// The table of `mats`' device addresses, one per expert, when they
+    /// share a type and shape the id kernels take; `None` otherwise (the
+    /// caller runs the experts one by one).
+    pub fn expert_table(&self, mats: &[&GpuMatrix]) -> Result<Option<ExpertTable>> {
+        let Some(first) = mats.first() else {
+            return Ok(None);
+        };
+        let (dtype, rows, cols) = (first.dtype, first.rows, first.cols);
+        let quantized = matches!(dtype, DType::Quant(_));
+        if (quantized && kernel_dtype(dtype).is_err())
+            || mats
+                .iter()
+                .any(|m| (m.dtype, m.rows, m.cols) != (dtype, rows, cols))
+        {
+            return Ok(None);
+        }
+        let ptrs: Vec<u64> = mats
+            .iter()
+            .map(|m| {
+                // The address only: nothing is read here, and without event
+                // tracking the returned guard records nothing.
+                let (ptr, _guard) = m.data.device_ptr(&self.compute);
+                ptr
+            })
+            .collect();
+        Ok(Some(ExpertTable {
+            dtype,
+            rows,
+            cols,
+            ptrs: self.upload(&ptrs)?,
+        }))
     }
 
     /// `y[t, rows] = x[t, cols] · wᵀ`, as the CPU backend's `matmul` but
@@ -811,6 +904,190 @@ impl Gpu {
         launch!(self, "scatter", cfg, ys, pos, w, &k, &width, &rows, y, &n)
     }
 
+    /// Each of `ids.len()` (token, slot) pairs through its expert's gate
+    /// and up rows: `y[p] = silu(gate_e · x[p / k]) * (up_e · x[p / k])`
+    /// with `e = ids[p]`, as `silu_mul` over the two products, every
+    /// chosen expert in one launch with the ids left on the device.
+    pub fn swiglu_id(
+        &self,
+        gate: &ExpertTable,
+        up: &ExpertTable,
+        ids: &CudaView<'_, u32>,
+        x: &CudaView<'_, f32>,
+        k: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let pairs = ids.len();
+        let same = (gate.dtype, gate.rows, gate.cols, gate.ptrs.len())
+            == (up.dtype, up.rows, up.cols, up.ptrs.len());
+        if !same || k == 0 || x.len() < pairs.div_ceil(k) * gate.cols || y.len() < pairs * gate.rows
+        {
+            return Err(Error::invalid(format!(
+                "CUDA swiglu_id: {pairs} pairs (k {k}) through gates [{}, {}] and ups [{}, {}] \
+                 with {} inputs and {} outputs",
+                gate.rows,
+                gate.cols,
+                up.rows,
+                up.cols,
+                x.len(),
+                y.len()
+            )));
+        }
+        if pairs == 0 || gate.rows == 0 {
+            return Ok(());
+        }
+        let (n_exp, k, rows, cols) = (
+            int(gate.ptrs.len())?,
+            int(k)?,
+            int(gate.rows)?,
+            int(gate.cols)?,
+        );
+        let row_bytes = gate.dtype.row_bytes(gate.cols) as u64;
+        let name = format!("swiglu_id_{}", kernel_dtype(gate.dtype)?);
+        launch!(
+            self,
+            &name,
+            per_pair(gate.rows, pairs)?,
+            &gate.ptrs,
+            &up.ptrs,
+            ids,
+            &n_exp,
+            &row_bytes,
+            x,
+            &k,
+            y,
+            &rows,
+            &cols
+        )
+    }
+
+    /// Each of `ids.len()` pairs' own row of `x` (`[pairs, cols]`) through
+    /// its expert: `y[p] = w_e · x[p]` with `e = ids[p]`, in one launch.
+    pub fn matvec_id(
+        &self,
+        w: &ExpertTable,
+        ids: &CudaView<'_, u32>,
+        x: &CudaView<'_, f32>,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let pairs = ids.len();
+        if x.len() < pairs * w.cols || y.len() < pairs * w.rows {
+            return Err(Error::invalid(format!(
+                "CUDA matvec_id: {pairs} pairs through [{}, {}] with {} inputs and {} outputs",
+                w.rows,
+                w.cols,
+                x.len(),
+                y.len()
+            )));
+        }
+        if pairs == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        let (n_exp, rows, cols) = (int(w.ptrs.len())?, int(w.rows)?, int(w.cols)?);
+        let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let name = format!("matvec_id_{}", kernel_dtype(w.dtype)?);
+        let one = 1i32;
+        launch!(
+            self,
+            &name,
+            per_pair(w.rows, pairs)?,
+            &w.ptrs,
+            ids,
+            &n_exp,
+            &row_bytes,
+            x,
+            &one,
+            y,
+            &rows,
+            &cols
+        )
+    }
+
+    /// The experts `used` over their gathered rows of `x` (`[pairs, cols]`,
+    /// expert `e`'s rows `start[e]..start[e + 1]`, at most `most` of them)
+    /// into the same rows of `y`, every expert in one launch: a prefill's
+    /// grouped experts as [`Gpu::matmul`]'s tiled kernel runs each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_id(
+        &self,
+        w: &ExpertTable,
+        used: &CudaView<'_, u32>,
+        start: &CudaView<'_, u32>,
+        most: usize,
+        pairs: usize,
+        x: &CudaView<'_, f32>,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        if x.len() < pairs * w.cols
+            || y.len() < pairs * w.rows
+            || start.len() != w.ptrs.len() + 1
+            || used.len() > w.ptrs.len()
+        {
+            return Err(Error::invalid(format!(
+                "CUDA gemm_id: {pairs} rows of {} experts used of {} through [{}, {}] with {} \
+                 inputs and {} outputs, {} row starts",
+                used.len(),
+                w.ptrs.len(),
+                w.rows,
+                w.cols,
+                x.len(),
+                y.len(),
+                start.len()
+            )));
+        }
+        if used.is_empty() || most == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        let (rows, cols) = (int(w.rows)?, int(w.cols)?);
+        let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let name = format!("gemm_id_{}", kernel_dtype(w.dtype)?);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                w.rows.div_ceil(TILE as usize) as u32,
+                int(most.div_ceil(TILE as usize))? as u32,
+                int(used.len())? as u32,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, &name, cfg, &w.ptrs, used, start, &row_bytes, x, y, &rows, &cols)
+    }
+
+    /// Row `tok` of `y` (`t` rows) is `Σ_j w[tok * k + j] · ys[tok * k + j]`
+    /// over its `k` pairs in ascending expert id, summed from zero as the
+    /// CPU sums a token's experts.
+    pub fn moe_combine(
+        &self,
+        ys: &CudaView<'_, f32>,
+        ids: &CudaView<'_, u32>,
+        w: &CudaView<'_, f32>,
+        k: usize,
+        t: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let width = y.len() / t.max(1);
+        if k == 0
+            || ids.len() < t * k
+            || w.len() < t * k
+            || width * t != y.len()
+            || ys.len() < t * k * width
+        {
+            return Err(Error::invalid(format!(
+                "CUDA moe_combine: {t} tokens of {k} into {} values; {} ids, {} weights, {} rows",
+                y.len(),
+                ids.len(),
+                w.len(),
+                ys.len()
+            )));
+        }
+        if y.is_empty() {
+            return Ok(());
+        }
+        let (n, k, width) = (y.len() as u64, int(k)?, int(width)?);
+        let cfg = elems(y.len())?;
+        launch!(self, "moe_combine", cfg, ys, ids, w, &k, &width, y, &n)
+    }
+
     /// Latent attention's queries in latent space, as the CPU backend's
     /// `mla_absorb`: `q` `[t, heads, nope + rope]` through `kv_b` (widened
     /// to f32, `[heads * (nope + v_dim), rank]`) into `qa`
@@ -917,6 +1194,20 @@ fn kernel_dtype(d: DType) -> Result<&'static str> {
         ))),
         _ => Ok(d.name()),
     }
+}
+
+/// The id kernels' blocks: `MV_ROWS` warps over an expert's rows, one
+/// grid row per pair.
+fn per_pair(rows: usize, pairs: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            rows.div_ceil(MV_ROWS as usize) as u32,
+            int(pairs)? as u32,
+            1,
+        ),
+        block_dim: (32, MV_ROWS, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 /// One 256-thread block per row.

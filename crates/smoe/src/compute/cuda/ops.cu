@@ -108,6 +108,35 @@ extern "C" __global__ void scatter(const float* ys, const u32* pos, const float*
     y[i] = acc;
 }
 
+// Row tok of y is its k expert outputs (rows tok * k + j of ys, j in the
+// `route` kernel's choice order) times their weights, summed from zero in
+// ascending expert id (ties by j): the order the CPU sums them in, where
+// the pairs are grouped by expert. For the decode path that keeps routing
+// on the device (`matvec_id`); k is small, so the order is found by
+// selection.
+extern "C" __global__ void moe_combine(const float* ys, const u32* ids, const float* w, int k, int width,
+                                       float* y, u64 n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    size_t tok = i / width, c = i % width;
+    const u32* id = ids + tok * k;
+    float acc = 0.0f;
+    u32 last = 0;
+    int last_j = -1;
+    for (int step = 0; step < k; step++) {
+        int best = -1;
+        for (int j = 0; j < k; j++) {
+            bool after = id[j] > last || (id[j] == last && j > last_j);
+            if (after && (best < 0 || id[j] < id[best])) best = j;
+        }
+        size_t p = tok * k + best;
+        acc += w[p] * ys[p * width + c];
+        last = id[best];
+        last_j = best;
+    }
+    y[i] = acc;
+}
+
 // Latent attention (DeepSeek): head h's query absorbed into latent space,
 // qa[tok, h, r] = sum_i q[tok, h, i] * kv_b[h * (nope + vd) + i, r] for
 // r < rank (kv_b widened to f32, `rank` wide), then its rotary part copied.

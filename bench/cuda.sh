@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# smoe on CUDA against llama.cpp on the same GPU (issue 16's table): the
+# synthetic Qwen3-30B-A3B cut to $LAYERS layers, llama.cpp on its Q4_K_M,
+# smoe on a vault of the same checkpoint with the default recipe (q4_k
+# experts, Q4_K_M's types for the backbone), engines alternating, median of
+# $REPEAT, the ratio smoe / llama.cpp per row.
+#
+#   bench/cuda.sh pack     # here (Rust, network): build and pack what the GPU machine needs
+#   bench/cuda.sh setup    # there: llama.cpp, the checkpoint, GGUF, Q4_K_M and vault (cached)
+#   bench/cuda.sh          # there: setup, then the table
+#
+# The GPU machine has nvcc, cmake, python3 with torch and transformers, no
+# Rust and no network. `pack` puts under $PACK (default target/devX, ignored
+# by git, carried to the machine): smoe and the synth example built with
+# --features cuda, stripped and xz-compressed (and tools/test-cuda.sh's
+# binaries, when built); llama.cpp's source (from
+# $LLAMA_SRC, default /work/bench/llama.cpp, without its build, models and
+# docs) as a tarball; the Qwen3 tokenizer ($TOKENIZER). There, everything
+# built goes to $DIR (default /var/tmp/smoe-cuda-bench) and a step whose
+# output exists is skipped, so a second call on a machine still warm goes
+# straight to the table. llama.cpp is built with CUDA for sm_90 (the H200),
+# targets llama-bench and llama-quantize only (about 260 s on 16 cores).
+#
+# Rows (llama.cpp flags / smoe flags):
+# - everything in VRAM:      -ngl 99 -fa 1                  / --vram-budget auto
+# - experts in host RAM:     -ngl 99 -fa 1 -ot exps=CPU     / --vram-budget 0
+# - 2 of 8 layers' experts:  -ngl 99 -fa 1 -ncmoe 6         / --vram-budget (a quarter of the expert bytes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LAYERS=${LAYERS:-8}
+REPEAT=${REPEAT:-3}
+# smoe's own runs per call (its median): the first reads the experts from
+# the vault with O_DIRECT, cold, where llama.cpp's mapped GGUF is in the
+# page cache, so a median of three leaves it out.
+SMOE_REPEAT=${SMOE_REPEAT:-3}
+PP=${PP:-512}
+TG=${TG:-128}
+THREADS=${THREADS:-$(nproc)}
+PACK=${PACK:-target/devX}
+DIR=${SMOE_CUDA_BENCH_DIR:-/var/tmp/smoe-cuda-bench}
+LLAMA_SRC=${LLAMA_SRC:-/work/bench/llama.cpp}
+# ../shared beside the main checkout; a worktree sets TOKENIZER.
+TOKENIZER=${TOKENIZER:-../shared/qwen3-tokenizer}
+
+pack() {
+    cargo build --release -p smoe-cli --features cuda --bin smoe --example synth
+    rm -rf "$PACK" && mkdir -p "$PACK/tok"
+    for b in target/release/smoe target/release/examples/synth; do
+        strip -o "$PACK/$(basename "$b")" "$b"
+        xz -T0 -6 "$PACK/$(basename "$b")"
+    done
+    tar -C "$LLAMA_SRC" --exclude=./build --exclude=./models --exclude=./docs --exclude=./.git \
+        -cJf "$PACK/llama-src.tar.xz" .
+    cp "$TOKENIZER"/tokenizer.json "$TOKENIZER"/tokenizer_config.json "$PACK/tok/"
+    xz -T0 "$PACK/tok/tokenizer.json"
+    # tools/test-cuda.sh's binaries, when built, travel too.
+    for b in target/devC/cuda-tests target/devC/cuda_bench; do
+        [ ! -f "$b" ] || xz -T0 -c "$b" >"$PACK/$(basename "$b").xz"
+    done
+    du -sh "$PACK"/*
+}
+
+BIN="$DIR/bin"
+LLAMA="$DIR/llama.cpp"
+CKPT="$DIR/qwen3-30b-a3b-${LAYERS}l"
+GGUF_BF16="$DIR/qwen3-30b-a3b-${LAYERS}l-bf16.gguf"
+GGUF="$DIR/qwen3-30b-a3b-${LAYERS}l-Q4_K_M.gguf"
+VAULT="$DIR/qwen3-30b-a3b-${LAYERS}l-q4_k-bb-default"
+
+# The carried binaries, unpacked when newer than the ones in $BIN.
+unpack() {
+    mkdir -p "$BIN" "$DIR/tok"
+    for b in smoe synth; do
+        if [ ! -x "$BIN/$b" ] || [ "$PACK/$b.xz" -nt "$BIN/$b" ]; then
+            xz -dc "$PACK/$b.xz" >"$BIN/$b.tmp" && chmod +x "$BIN/$b.tmp" && mv "$BIN/$b.tmp" "$BIN/$b"
+        fi
+    done
+    [ -f "$DIR/tok/tokenizer.json" ] || xz -dc "$PACK/tok/tokenizer.json.xz" >"$DIR/tok/tokenizer.json"
+    cp "$PACK/tok/tokenizer_config.json" "$DIR/tok/"
+}
+
+llama_source() {
+    [ -f "$LLAMA/CMakeLists.txt" ] && [ -f "$LLAMA/convert_hf_to_gguf.py" ] && return
+    rm -rf "$LLAMA" && mkdir -p "$LLAMA"
+    tar -C "$LLAMA" -xJf "$PACK/llama-src.tar.xz"
+}
+
+build_llama() {
+    [ -x "$LLAMA/build/bin/llama-bench" ] && [ -x "$LLAMA/build/bin/llama-quantize" ] && return
+    local app=ON gen=()
+    [ -d "$LLAMA/app" ] || app=OFF
+    command -v ninja >/dev/null && gen=(-G Ninja)
+    cmake -S "$LLAMA" -B "$LLAMA/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_BUILD_APP=$app \
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$DIR/llama-cmake.log"
+    cmake --build "$LLAMA/build" -j "$(nproc)" --target llama-bench llama-quantize >"$DIR/llama-build.log"
+}
+
+models() {
+    [ -d "$CKPT" ] || "$BIN/synth" --preset qwen3-30b-a3b --layers "$LAYERS" --tokenizer "$DIR/tok" -o "$CKPT"
+    [ -d "$VAULT" ] || "$BIN/smoe" convert "$CKPT" -o "$VAULT" --experts q4_k --quiet
+    if [ ! -f "$GGUF_BF16" ] && [ ! -f "$GGUF" ]; then
+        PYTHONPATH="$LLAMA/gguf-py" python3 "$LLAMA/convert_hf_to_gguf.py" "$CKPT" \
+            --outtype bf16 --outfile "$GGUF_BF16.tmp" >"$DIR/gguf-convert.log" 2>&1
+        mv "$GGUF_BF16.tmp" "$GGUF_BF16"
+    fi
+}
+
+quantize() {
+    [ -f "$GGUF" ] && return
+    "$LLAMA/build/bin/llama-quantize" "$GGUF_BF16" "$GGUF.tmp" Q4_K_M "$THREADS" >"$DIR/quantize.log" 2>&1
+    mv "$GGUF.tmp" "$GGUF"
+    rm -f "$GGUF_BF16"
+}
+
+setup() {
+    mkdir -p "$DIR"
+    unpack
+    llama_source
+    # The build takes the cores for minutes; the checkpoint, vault and
+    # bf16 GGUF need none of it, so they are made meanwhile.
+    build_llama &
+    local build=$!
+    models
+    wait "$build"
+    quantize
+}
+
+llama_row() { # extra llama-bench flags...
+    "$LLAMA/build/bin/llama-bench" -m "$GGUF" -p "$PP" -n "$TG" -r 1 -t "$THREADS" -o json "$@" 2>/dev/null |
+        python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+pp = [x['avg_ts'] for x in r if x['n_prompt'] > 0][0]
+tg = [x['avg_ts'] for x in r if x['n_gen'] > 0][0]
+print(pp, tg)"
+}
+
+smoe_row() { # extra smoe bench flags...
+    "$BIN/smoe" bench --model "$VAULT" --device cuda --threads "$THREADS" --prompt-tokens "$PP" \
+        --gen-tokens "$TG" --repeat "$SMOE_REPEAT" --json "$@" 2>"$DIR/smoe-last.log" |
+        python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+print(r['prefill_tok_s'], r['decode_tok_s'])"
+}
+
+median() { python3 -c "import statistics, sys; print(statistics.median(float(v) for v in sys.argv[1:]))" "$@"; }
+
+row() { # name, llama flags (one word list), smoe flags (one word list)
+    local name=$1 lflags=$2 sflags=$3 i
+    local lpp=() ltg=() spp=() stg=() a b
+    for i in $(seq "$REPEAT"); do
+        # Alternate which engine goes first.
+        if [ $((i % 2)) -eq 1 ]; then
+            read -r a b < <(llama_row $lflags) && lpp+=("$a") && ltg+=("$b")
+            read -r a b < <(smoe_row $sflags) && spp+=("$a") && stg+=("$b")
+        else
+            read -r a b < <(smoe_row $sflags) && spp+=("$a") && stg+=("$b")
+            read -r a b < <(llama_row $lflags) && lpp+=("$a") && ltg+=("$b")
+        fi
+    done
+    python3 - "$name" "$lflags" "$sflags" "$(median "${lpp[@]}")" "$(median "${ltg[@]}")" \
+        "$(median "${spp[@]}")" "$(median "${stg[@]}")" <<'PY'
+import sys
+name, lf, sf, lpp, ltg, spp, stg = sys.argv[1:4] + [float(v) for v in sys.argv[4:]]
+print(f"| {name} | `{lf}` | `{sf}` | {lpp:,.0f} | {spp:,.0f} | {spp / lpp:.2f} | {ltg:,.1f} | {stg:,.1f} | {stg / ltg:.2f} |")
+PY
+}
+
+case "${1:-}" in
+pack) pack && exit 0 ;;
+setup) setup && exit 0 ;;
+"") ;;
+*) echo "usage: bench/cuda.sh [pack|setup]" >&2 && exit 2 ;;
+esac
+
+setup
+QUARTER=$(($(stat -c %s "$VAULT/experts.bin") / 4 + (1 << 20)))
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+echo "smoe: $("$BIN/smoe" --version 2>/dev/null || echo '?'); llama.cpp: $(cd "$LLAMA" && git describe --tags 2>/dev/null || echo "source of $(stat -c %y "$PACK/llama-src.tar.xz" | cut -d' ' -f1)")"
+echo "$LAYERS-layer Qwen3-30B-A3B, pp$PP / tg$TG, median of $REPEAT, engines alternating"
+echo
+echo "| placement | llama.cpp | smoe | llama.cpp pp$PP tok/s | smoe | ratio | llama.cpp tg$TG tok/s | smoe | ratio |"
+echo "|---|---|---|---|---|---|---|---|---|"
+row "everything in VRAM" "-ngl 99 -fa 1" "--vram-budget auto"
+row "experts in host RAM" "-ngl 99 -fa 1 -ot exps=CPU" "--vram-budget 0"
+row "2 of 8 layers' experts in VRAM" "-ngl 99 -fa 1 -ncmoe 6" "--vram-budget $QUARTER"
+echo
+echo "smoe's last start-up lines:"
+grep -E "^device|experts" "$DIR/smoe-last.log" | head -3 || true
