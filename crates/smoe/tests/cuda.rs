@@ -340,7 +340,11 @@ fn experts_by_id_match_one_by_one() {
 /// A prefill's grouped experts in one launch (`gemm_id`: expert `e` over
 /// its rows `start[e]..start[e + 1]`) against `matmul` on each expert's
 /// rows alone: the same tiled kernel, or for up to MATVEC_MAX_TOKENS rows
-/// the matrix-vector one, which sums in another order, so 1e-5.
+/// the matrix-vector one, which sums in another order and without tensor
+/// cores. On sm_80 and later the tiled kernel's 3xTF32 products drop the
+/// low-by-low term (about 2^-22 of each product), so the bound is
+/// `matmul_matches_cpu`'s against the exact sum, 1e-4 (the H200 measured
+/// 5.2e-5 for f32 rows, where 1e-5 failed).
 #[test]
 fn grouped_experts_match_one_by_one() {
     let Some(gpu) = gpu_or_skip("grouped experts") else {
@@ -404,7 +408,7 @@ fn grouped_experts_match_one_by_one() {
             &format!("grouped experts, {}", dtype.name()),
             &got,
             &want,
-            1e-5,
+            1e-4,
         );
     }
 }
