@@ -170,6 +170,8 @@ macro_rules! with_block_type {
         }
     };
 }
+// Outside this module only x86's fallback to candle's dot products uses it.
+#[cfg(not(target_arch = "aarch64"))]
 pub(crate) use with_block_type;
 
 impl QuantType {
@@ -313,7 +315,8 @@ pub(crate) trait WeightBlock: Block {
     fn vec_dot_unopt(xs: &[Self], ys: &[Self::VecDotType]) -> f32;
 
     /// [`WeightBlock::vec_dot_unopt`], or a faster equivalent where the
-    /// build has one.
+    /// build has one. Not on ARM, whose NEON kernels take every format.
+    #[cfg(not(target_arch = "aarch64"))]
     fn vec_dot(xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         Self::vec_dot_unopt(xs, ys)
     }
@@ -364,6 +367,7 @@ macro_rules! candle_weight_block {
                 <$b as k_quants::GgmlType>::vec_dot_unopt(xs.len() * Self::BLCK_SIZE, xs, ys)
             }
 
+            #[cfg(not(target_arch = "aarch64"))]
             fn vec_dot(xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
                 <$b as k_quants::GgmlType>::vec_dot(xs.len() * Self::BLCK_SIZE, xs, ys)
             }
