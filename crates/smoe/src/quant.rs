@@ -311,7 +311,9 @@ pub(crate) trait WeightBlock: Block {
 
     /// The product of weight blocks `xs` with as many activation blocks
     /// `ys`, by plain loops: the reference the SIMD kernels are tested
-    /// against.
+    /// against. ARM runs NEON kernels for every format, so there only the
+    /// tests call it.
+    #[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
     fn vec_dot_unopt(xs: &[Self], ys: &[Self::VecDotType]) -> f32;
 
     /// [`WeightBlock::vec_dot_unopt`], or a faster equivalent where the
