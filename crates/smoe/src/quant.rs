@@ -170,6 +170,8 @@ macro_rules! with_block_type {
         }
     };
 }
+// Outside this module only x86's fallback to candle's dot products uses it.
+#[cfg(not(target_arch = "aarch64"))]
 pub(crate) use with_block_type;
 
 impl QuantType {
@@ -309,11 +311,14 @@ pub(crate) trait WeightBlock: Block {
 
     /// The product of weight blocks `xs` with as many activation blocks
     /// `ys`, by plain loops: the reference the SIMD kernels are tested
-    /// against.
+    /// against. ARM runs NEON kernels for every format, so there only the
+    /// tests call it.
+    #[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
     fn vec_dot_unopt(xs: &[Self], ys: &[Self::VecDotType]) -> f32;
 
     /// [`WeightBlock::vec_dot_unopt`], or a faster equivalent where the
-    /// build has one.
+    /// build has one. Not on ARM, whose NEON kernels take every format.
+    #[cfg(not(target_arch = "aarch64"))]
     fn vec_dot(xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         Self::vec_dot_unopt(xs, ys)
     }
@@ -433,6 +438,7 @@ macro_rules! candle_weight_block {
                 <$b as k_quants::GgmlType>::vec_dot_unopt(xs.len() * Self::BLCK_SIZE, xs, ys)
             }
 
+            #[cfg(not(target_arch = "aarch64"))]
             fn vec_dot(xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
                 <$b as k_quants::GgmlType>::vec_dot(xs.len() * Self::BLCK_SIZE, xs, ys)
             }

@@ -27,7 +27,9 @@ use super::qdot::by_row;
 use super::{for_each_task, threads, SharedOut};
 #[cfg(target_arch = "x86_64")]
 use super::{qdot_avx512, qdot_x86};
-use crate::quant::{as_blocks, with_block_type, Activations, Block, QuantType, WeightBlock};
+#[cfg(not(target_arch = "aarch64"))]
+use crate::quant::with_block_type;
+use crate::quant::{as_blocks, Activations, Block, QuantType, WeightBlock};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::quant::{bytes_of, bytes_of_mut, BlockIq4Nl, BlockIq4Xs};
 

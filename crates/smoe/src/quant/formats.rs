@@ -34,8 +34,11 @@ pub(crate) const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
-/// Bytes of a Q8_0 and a Q8_K activation block.
+/// Bytes of a Q8_0 and a Q8_K activation block (for the scalar dot
+/// products, only the tests' reference on ARM).
+#[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
 const Q8_0_BYTES: usize = 34;
+#[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
 const Q8K_BYTES: usize = 292;
 
 /// ggml's `block_iq4_nl`.
