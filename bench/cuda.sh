@@ -25,6 +25,8 @@
 # - everything in VRAM:      -ngl 99 -fa 1                  / --vram-budget auto
 # - experts in host RAM:     -ngl 99 -fa 1 -ot exps=CPU     / --vram-budget 0
 # - 2 of 8 layers' experts:  -ngl 99 -fa 1 -ncmoe 6         / --vram-budget (a quarter of the expert bytes)
+# - experts on SSD (smoe only): --ram-budget a quarter of the expert bytes,
+#   --vram-budget a tenth: speed, hit rates, bytes read, share of the roofline
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,7 +48,8 @@ TOKENIZER=${TOKENIZER:-../shared/qwen3-tokenizer}
 pack() {
     cargo build --release -p smoe-cli --features cuda --bin smoe --example synth
     rm -rf "$PACK" && mkdir -p "$PACK/tok"
-    for b in target/release/smoe target/release/examples/synth; do
+    local out=${CARGO_TARGET_DIR:-target}/release
+    for b in "$out/smoe" "$out/examples/synth"; do
         strip -o "$PACK/$(basename "$b")" "$b"
         xz -T0 -6 "$PACK/$(basename "$b")"
     done
@@ -138,13 +141,24 @@ tg = [x['avg_ts'] for x in r if x['n_gen'] > 0][0]
 print(pp, tg)"
 }
 
-smoe_row() { # extra smoe bench flags...
+smoe_row() { # extra smoe bench flags... [--print-ssd: the streaming figures, in words]
+    local ssd=0 args=()
+    for a in "$@"; do [ "$a" = --print-ssd ] && ssd=1 || args+=("$a"); done
     "$BIN/smoe" bench --model "$VAULT" --device cuda --threads "$THREADS" --prompt-tokens "$PP" \
-        --gen-tokens "$TG" --repeat "$SMOE_REPEAT" --json "$@" 2>"$DIR/smoe-last.log" |
+        --gen-tokens "$TG" --repeat "$SMOE_REPEAT" --json "${args[@]}" 2>"$DIR/smoe-last.log" |
         python3 -c "
 import json, sys
 r = json.load(sys.stdin)
-print(r['prefill_tok_s'], r['decode_tok_s'])"
+if not $ssd:
+    print(r['prefill_tok_s'], r['decode_tok_s'])
+    sys.exit()
+s = r['streaming']
+v = s['decode_vs_roofline']
+print(f\"pp{r['prompt_tokens']} {r['prefill_tok_s']:,.1f} tok/s, tg{r['gen_tokens']} {r['decode_tok_s']:,.2f} tok/s; \"
+      f\"RAM-tier hit rate (of the experts not in VRAM) {s['decode_hit_rate']:.1%} decode, {s['prefill_hit_rate']:.1%} prefill; \"
+      f\"{s['bytes_read_per_token'] / 2**20:,.1f} MiB read from the SSD per token at {s['read_gb_s']:.2f} GB/s \"
+      f\"(disk measured {s['disk_read_gb_s']:.2f} GB/s); decode at {'?' if v is None else f'{v:.0%}'} of the SSD roofline\")
+print('device:', r['device'])"
 }
 
 median() { python3 -c "import statistics, sys; print(statistics.median(float(v) for v in sys.argv[1:]))" "$@"; }
@@ -179,6 +193,7 @@ esac
 
 setup
 QUARTER=$(($(stat -c %s "$VAULT/experts.bin") / 4 + (1 << 20)))
+TENTH=$(($(stat -c %s "$VAULT/experts.bin") / 10))
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 echo "smoe: $("$BIN/smoe" --version 2>/dev/null || echo '?'); llama.cpp: $(cd "$LLAMA" && git describe --tags 2>/dev/null || echo "source of $(stat -c %y "$PACK/llama-src.tar.xz" | cut -d' ' -f1)")"
 echo "$LAYERS-layer Qwen3-30B-A3B, pp$PP / tg$TG, median of $REPEAT, engines alternating"
@@ -190,4 +205,11 @@ row "experts in host RAM" "-ngl 99 -fa 1 -ot exps=CPU" "--vram-budget 0"
 row "2 of 8 layers' experts in VRAM" "-ngl 99 -fa 1 -ncmoe 6" "--vram-budget $QUARTER"
 echo
 echo "smoe's last start-up lines:"
+grep -E "^device|experts" "$DIR/smoe-last.log" | head -3 || true
+
+# No llama.cpp row: it has no mode that reads experts from the disk on
+# demand (only mmap, through the page cache).
+echo
+echo "experts on SSD: --ram-budget $QUARTER (a quarter of the expert bytes), --vram-budget $TENTH (a tenth), median of $SMOE_REPEAT:"
+smoe_row --ram-budget "$QUARTER" --vram-budget "$TENTH" --print-ssd
 grep -E "^device|experts" "$DIR/smoe-last.log" | head -3 || true

@@ -332,6 +332,13 @@ impl ExpertCache {
         self.inner.slot_len
     }
 
+    /// The slots' one allocation, for a GPU backend to page-lock: copies
+    /// from locked memory run at full PCIe speed. Whoever copies from a
+    /// slot must finish before releasing its [`Pinned`].
+    pub fn memory(&self) -> &Arc<AlignedBuf> {
+        &self.inner.memory
+    }
+
     pub fn direct_io(&self) -> bool {
         self.inner.files.iter().all(|f| f.direct)
     }

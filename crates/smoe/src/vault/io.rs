@@ -158,6 +158,12 @@ impl AlignedBuf {
         self.len == 0
     }
 
+    /// The first byte, for a driver that page-locks the buffer so a device
+    /// copies from it directly (`Gpu::pin_host`).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
     /// # Safety
     /// No other live reference may overlap `start..start + len` mutably.
     pub unsafe fn slice(&self, start: usize, len: usize) -> &[u8] {
