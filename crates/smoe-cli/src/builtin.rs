@@ -38,18 +38,12 @@ const FILES: &[(&str, &[u8])] = embed!(
 /// enough that it runs at interactive speed.
 pub const DEFAULT_BUDGET_FRACTION: u64 = 4;
 
-/// `$XDG_CACHE_HOME/smoe`, else `~/.cache/smoe`. The XDG spec says a
-/// relative `XDG_CACHE_HOME` is invalid and must be ignored.
+/// smoe's cache directory ([`smoe::paths::cache_dir`]), where the vault
+/// goes.
 fn cache_root() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from) {
-        if dir.is_absolute() {
-            return Ok(dir.join("smoe"));
-        }
-    }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context(
+    smoe::paths::cache_dir().context(
         "the built-in model needs a cache directory: set XDG_CACHE_HOME or HOME, or pass --model",
-    )?;
-    Ok(PathBuf::from(home).join(".cache").join("smoe"))
+    )
 }
 
 /// Routed-expert type of the vault. q4_0 and not the converter's default

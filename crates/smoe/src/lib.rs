@@ -29,6 +29,7 @@ pub mod kernels;
 pub mod load;
 pub mod memory;
 pub mod model;
+pub mod paths;
 pub mod plan;
 pub mod quant;
 pub mod sampler;

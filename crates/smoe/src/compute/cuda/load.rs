@@ -8,13 +8,17 @@
 //! usual install prefixes and loaded from there: once loaded, its soname
 //! resolves for cudarc's own lookup by name.
 //!
-//! The kernels are compiled once per process and architecture to a cubin
-//! for the device's own `sm_XY`, not to PTX: PTX from an NVRTC newer than
-//! the driver fails to load (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`), while a
-//! cubin needs no JIT and loads on any driver of the same major version.
+//! The kernels are compiled to a cubin for the device's own `sm_XY`, not to
+//! PTX: PTX from an NVRTC newer than the driver fails to load
+//! (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`), while a cubin needs no JIT and
+//! loads on any driver of the same major version. NVRTC takes 3-4 s over
+//! them on the H200 machine, so the cubin is kept in smoe's cache
+//! directory, named by everything it depends on, and compiled again only
+//! when one of those changes.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::{driver, nvrtc};
@@ -118,8 +122,8 @@ pub(super) fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// The kernels' cubin for compute capability `cc`, compiled on first use
-/// and kept for the process.
+/// The kernels' cubin for compute capability `cc`: from the disk cache, or
+/// compiled; kept for the process.
 pub(super) fn cubin(cc: (i32, i32)) -> Result<Arc<Vec<u8>>> {
     type Cubins = HashMap<(i32, i32), Arc<Vec<u8>>>;
     static CUBINS: OnceLock<Mutex<Cubins>> = OnceLock::new();
@@ -130,32 +134,110 @@ pub(super) fn cubin(cc: (i32, i32)) -> Result<Arc<Vec<u8>>> {
     if let Some(c) = cache.get(&cc) {
         return Ok(c.clone());
     }
-    let c = Arc::new(compile(cc)?);
+    let c = Arc::new(cached_or_compiled(cc)?);
     cache.insert(cc, c.clone());
     Ok(c)
 }
 
-fn compile(cc: (i32, i32)) -> Result<Vec<u8>> {
-    let src: String = SOURCES
+/// The one program's source and NVRTC options for compute capability `cc`.
+fn program(cc: (i32, i32)) -> (String, Vec<String>) {
+    let src = SOURCES
         .iter()
         .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
         .collect();
+    let options = [
+        format!("--gpu-architecture=sm_{}{}", cc.0, cc.1),
+        "--std=c++17".into(),
+        "-lineinfo".into(),
+    ];
+    (src, options.into())
+}
+
+/// The cubin a run before this one compiled from the same source with the
+/// same options and NVRTC, else compiled now and stored for the next run.
+/// The cache is best effort: one that cannot be read or written costs the
+/// compile, a damaged file fails its checksum and is replaced.
+fn cached_or_compiled(cc: (i32, i32)) -> Result<Vec<u8>> {
+    let (src, options) = program(cc);
+    let path = match crate::paths::cache_dir() {
+        Some(dir) => Some(
+            dir.join("kernels")
+                .join(cubin_name(nvrtc_version()?, &src, &options)),
+        ),
+        None => None,
+    };
+    if let Some(cubin) = path.as_deref().and_then(read_cubin) {
+        return Ok(cubin);
+    }
+    let cubin = compile(&src, &options)?;
+    if let Some(path) = &path {
+        let _ = write_cubin(path, &cubin);
+    }
+    Ok(cubin)
+}
+
+/// A file name that changes with anything the cubin depends on: NVRTC's
+/// version, the options (the architecture among them) and the source.
+fn cubin_name(nvrtc: (i32, i32), src: &str, options: &[String]) -> String {
+    let mut crc = crc32fast::Hasher::new();
+    for part in std::iter::once(src).chain(options.iter().map(String::as_str)) {
+        crc.update(&(part.len() as u64).to_le_bytes());
+        crc.update(part.as_bytes());
+    }
+    let arch = options
+        .iter()
+        .find_map(|o| o.strip_prefix("--gpu-architecture="))
+        .unwrap_or("sm");
+    format!(
+        "smoe-{arch}-nvrtc{}.{}-{:08x}.cubin",
+        nvrtc.0,
+        nvrtc.1,
+        crc.finalize()
+    )
+}
+
+/// The cubin stored in `path`, when its trailing CRC32 matches.
+fn read_cubin(path: &Path) -> Option<Vec<u8>> {
+    let mut bytes = std::fs::read(path).ok()?;
+    let n = bytes.len().checked_sub(4).filter(|&n| n > 0)?;
+    let crc = u32::from_le_bytes(bytes[n..].try_into().ok()?);
+    bytes.truncate(n);
+    (crc32fast::hash(&bytes) == crc).then_some(bytes)
+}
+
+/// Stores `cubin` and its CRC32 in `path`, through a temporary file renamed
+/// into place so that a concurrent start never reads half of one.
+fn write_cubin(path: &Path, cubin: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = PathBuf::from(path);
+    tmp.set_extension(format!("tmp{}", std::process::id()));
+    let mut data = Vec::with_capacity(cubin.len() + 4);
+    data.extend_from_slice(cubin);
+    data.extend_from_slice(&crc32fast::hash(cubin).to_le_bytes());
+    std::fs::write(&tmp, data)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+}
+
+fn compile(src: &str, options: &[String]) -> Result<Vec<u8>> {
     let src = CString::new(src).map_err(|e| device_error("kernel source", e))?;
     let prog = nvrtc::result::create_program(&src, Some(c"smoe.cu"))
         .map_err(|e| device_error("nvrtcCreateProgram", e))?;
-    let arch = format!("--gpu-architecture=sm_{}{}", cc.0, cc.1);
-    let options = [arch.as_str(), "--std=c++17", "-lineinfo"];
     // SAFETY: `prog` is a live program until the destroy below, and `src`
     // outlives it.
     let out = unsafe {
-        let compiled = nvrtc::result::compile_program(prog, &options);
+        let compiled = nvrtc::result::compile_program(prog, options);
         let log = nvrtc::result::get_program_log(prog)
             .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
             .unwrap_or_default();
         let out = match compiled {
             Err(e) => Err(Error::Device(format!(
-                "CUDA: compiling the kernels for sm_{}{} failed ({e:?}):\n{log}",
-                cc.0, cc.1
+                "CUDA: compiling the kernels ({}) failed ({e:?}):\n{log}",
+                options.join(" ")
             ))),
             Ok(()) => get_cubin(prog),
         };
@@ -177,4 +259,49 @@ unsafe fn get_cubin(prog: nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>> {
         .result()
         .map_err(|e| device_error("nvrtcGetCUBIN", e))?;
     Ok(cubin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cubin_name_follows_source_options_and_nvrtc() {
+        let (src, opts) = program((9, 0));
+        let name = cubin_name((13, 0), &src, &opts);
+        assert!(name.starts_with("smoe-sm_90-nvrtc13.0-"), "{name}");
+        assert_eq!(name, cubin_name((13, 0), &src, &opts));
+        let (_, opts89) = program((8, 9));
+        for other in [
+            cubin_name((13, 1), &src, &opts),
+            cubin_name((13, 0), &format!("{src} "), &opts),
+            cubin_name((13, 0), &src, &opts89),
+        ] {
+            assert_ne!(name, other);
+        }
+    }
+
+    #[test]
+    fn a_stored_cubin_reads_back_and_a_damaged_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kernels").join("x.cubin");
+        let cubin: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        write_cubin(&path, &cubin).unwrap();
+        assert_eq!(read_cubin(&path).as_deref(), Some(&cubin[..]));
+        // No temporary file left beside it.
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
+
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_cubin(&path), None);
+        for len in [0, 3, 4] {
+            std::fs::write(&path, &bytes[..len]).unwrap();
+            assert_eq!(read_cubin(&path), None, "{len} bytes");
+        }
+        assert_eq!(read_cubin(&dir.path().join("missing")), None);
+    }
 }
