@@ -432,6 +432,7 @@ struct Bufs {
     head: Buf<f32>,
     logits: Buf<f32>,
     host: Host,
+    paths: ExpertPaths,
 }
 
 /// Host buffers: the embedding rows and RoPE tables before upload,
@@ -457,6 +458,71 @@ struct Host {
     slots: Vec<usize>,
     best: Vec<f32>,
     predicted: Vec<u32>,
+    /// A small batch's gathered rows and their experts' outputs, when the
+    /// CPU computes streamed experts.
+    xs: Vec<f32>,
+    ys: Vec<f32>,
+}
+
+/// Which way a streamed expert reaches a small batch: copied to the GPU
+/// from its page-locked RAM slot and run there, or run on the CPU where
+/// it lies, only the batch's rows crossing the bus. Which is faster
+/// depends on the machine (PCIe against the cores' memory bandwidth: 55
+/// GB/s against ~96 on 16 threads of the H200 host, but ~14 on two cores)
+/// and on the batch (the CPU's cost grows with its rows, the copy's does
+/// not), so it is learned as the model runs rather than fixed: seconds per
+/// expert byte of each way, per batch size, each call taking the faster
+/// and every [`ExpertPaths::EXPLORE`]-th the other, to follow a machine
+/// whose load changes.
+#[derive(Default)]
+struct ExpertPaths {
+    /// `[copy, cpu]` seconds per expert byte for batches of `i + 1` tokens.
+    per_byte: [[Option<f64>; 2]; MATVEC_MAX_TOKENS],
+    calls: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum ExpertPath {
+    Copy = 0,
+    Cpu = 1,
+}
+
+impl ExpertPaths {
+    const EXPLORE: u64 = 32;
+    /// Weight of the newest time in the running figure.
+    const ALPHA: f64 = 0.25;
+
+    fn pick(&mut self, t: usize) -> ExpertPath {
+        use ExpertPath::{Copy, Cpu};
+        self.calls += 1;
+        let Some([copy, cpu]) = t.checked_sub(1).and_then(|i| self.per_byte.get(i)) else {
+            return Copy;
+        };
+        match (copy, cpu) {
+            (None, _) => Copy,
+            (_, None) => Cpu,
+            (Some(copy), Some(cpu)) => {
+                let best = if cpu < copy { Cpu } else { Copy };
+                match (self.calls.is_multiple_of(Self::EXPLORE), best) {
+                    (false, _) => best,
+                    (true, Cpu) => Copy,
+                    (true, Copy) => Cpu,
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, t: usize, path: ExpertPath, secs: f64, bytes: usize) {
+        let Some(slot) = t.checked_sub(1).and_then(|i| self.per_byte.get_mut(i)) else {
+            return;
+        };
+        if bytes == 0 {
+            return;
+        }
+        let v = secs / bytes as f64;
+        let e = &mut slot[path as usize];
+        *e = Some(e.map_or(v, |old| old + Self::ALPHA * (v - old)));
+    }
 }
 
 /// One sequence's rows of a call and its device cache.
@@ -845,7 +911,10 @@ impl GpuDecoder {
 
     /// Streamed experts: pinned in the RAM cache in groups that fit it
     /// (the next sparse layer's predicted experts queued behind the first
-    /// group's reads, as on the CPU), each uploaded as it is used.
+    /// group's reads, as on the CPU), then, for a small batch, each
+    /// group run the way [`ExpertPaths`] has found faster; a larger batch's
+    /// always copied to the GPU, where its rows run in one pass over
+    /// each expert. Only the time after the reads is what a way costs.
     #[allow(clippy::too_many_arguments)]
     fn streamed(
         &self,
@@ -859,6 +928,23 @@ impl GpuDecoder {
     ) -> Result<()> {
         let g = &self.gpu;
         let mut predict = self.predict_next(layer, t, b)?;
+        let small = t <= MATVEC_MAX_TOKENS;
+        let path = if small {
+            b.paths.pick(t)
+        } else {
+            ExpertPath::Copy
+        };
+        let pairs = b.host.order.len();
+        let mut spent = std::time::Duration::ZERO;
+        if path == ExpertPath::Cpu {
+            let start = std::time::Instant::now();
+            let host = &mut b.host;
+            host.xs.resize(pairs * hidden, 0.0);
+            host.ys.clear();
+            host.ys.resize(pairs * hidden, 0.0);
+            g.download_into(&b.xs.v(0..pairs * hidden)?, &mut host.xs)?;
+            spent += start.elapsed();
+        }
         for group in used.chunks(cache.capacity()) {
             let mut pinned = cache.request(cache_layer, group)?;
             if predict {
@@ -866,20 +952,53 @@ impl GpuDecoder {
                 predict = false;
             }
             pinned.wait()?;
-            let ids: smallvec::SmallVec<[u32; 16]> =
-                (0..pinned.len()).map(|i| pinned.get(i).0).collect();
-            let mats: Vec<[Matrix<'_>; 3]> = (0..pinned.len()).map(|i| pinned.get(i).1).collect();
-            let uploads = g.upload_experts(&mats)?;
-            let ran = ids.iter().zip(&uploads).try_for_each(|(&e, (w, ready))| {
-                g.wait_upload(ready)?;
-                let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
-                run_expert(g, w, rows, hidden, b)
-            });
-            // The copies read the slots, and write the device matrices,
-            // after `upload_experts` has returned: both (dropped with this
-            // scope, the matrices first, the pins last) wait for them.
-            let finished = g.finish_uploads();
-            ran.and(finished)?;
+            let start = std::time::Instant::now();
+            match path {
+                ExpertPath::Cpu => {
+                    let host = &mut b.host;
+                    Cpu.experts(
+                        pinned.len(),
+                        &|i| pinned.get(i),
+                        &host.start,
+                        &host.xs,
+                        &mut host.ys,
+                    );
+                }
+                ExpertPath::Copy => {
+                    let ids: smallvec::SmallVec<[u32; 16]> =
+                        (0..pinned.len()).map(|i| pinned.get(i).0).collect();
+                    let mats: Vec<[Matrix<'_>; 3]> =
+                        (0..pinned.len()).map(|i| pinned.get(i).1).collect();
+                    let uploads = g.upload_experts(&mats)?;
+                    let ran = ids.iter().zip(&uploads).try_for_each(|(&e, (w, ready))| {
+                        g.wait_upload(ready)?;
+                        let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
+                        run_expert(g, w, rows, hidden, b)
+                    });
+                    // The copies read the slots, and write the device
+                    // matrices, after `upload_experts` has returned: both
+                    // (dropped with this scope, the matrices first, the pins
+                    // last) wait for them.
+                    let finished = g.finish_uploads();
+                    ran.and(finished)?;
+                    if small {
+                        // What the choice compares: the experts' kernels too.
+                        g.stream()
+                            .synchronize()
+                            .map_err(|e| Error::Device(format!("CUDA: synchronize: {e:?}")))?;
+                    }
+                }
+            }
+            spent += start.elapsed();
+        }
+        if path == ExpertPath::Cpu {
+            let start = std::time::Instant::now();
+            g.upload_into(&b.host.ys, &mut b.ys.m(g, pairs * hidden)?)?;
+            spent += start.elapsed();
+        }
+        if small {
+            let bytes = used.len() * cache.slot_bytes();
+            b.paths.record(t, path, spent.as_secs_f64(), bytes);
         }
         Ok(())
     }
@@ -1202,5 +1321,39 @@ impl CausalLm for GpuDecoder {
         }
         s.logits = all;
         done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ExpertPath, ExpertPaths};
+
+    #[test]
+    fn each_way_is_tried_then_the_faster_taken_and_the_other_retried_now_and_then() {
+        let mut p = ExpertPaths::default();
+        assert_eq!(p.pick(1), ExpertPath::Copy);
+        p.record(1, ExpertPath::Copy, 2e-3, 1_000_000);
+        assert_eq!(p.pick(1), ExpertPath::Cpu);
+        p.record(1, ExpertPath::Cpu, 1e-3, 1_000_000);
+        // A batch of another size learns on its own.
+        assert_eq!(p.pick(4), ExpertPath::Copy);
+        let picks: Vec<ExpertPath> = (0..2 * ExpertPaths::EXPLORE).map(|_| p.pick(1)).collect();
+        let copies = picks.iter().filter(|&&w| w == ExpertPath::Copy).count();
+        assert_eq!(
+            copies,
+            2,
+            "the slower way once every {}",
+            ExpertPaths::EXPLORE
+        );
+        // The CPU slows down (the machine got busy): the copy takes over.
+        for _ in 0..8 {
+            p.record(1, ExpertPath::Cpu, 8e-3, 1_000_000);
+        }
+        assert_eq!(p.pick(1), ExpertPath::Copy);
+        // Sizes it cannot learn for copy, and record nothing.
+        assert_eq!(p.pick(0), ExpertPath::Copy);
+        assert_eq!(p.pick(1000), ExpertPath::Copy);
+        p.record(1000, ExpertPath::Cpu, 1.0, 1);
+        p.record(1, ExpertPath::Cpu, 1.0, 0);
     }
 }
