@@ -49,10 +49,11 @@ pub(crate) struct PlanArgs {
     /// `serve --parallel` (run and chat decode one).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     parallel: u64,
-    /// Where the model runs: smoe runs on the CPU.
+    /// Where the model runs: the plan models the CPU engine (`run
+    /// --device cuda`'s VRAM and PCIe tiers are not planned yet).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// GPU memory (needs a GPU device, which smoe does not have yet).
+    /// GPU memory (a GPU plan, not made yet: refused).
     #[arg(long, value_name = "SIZE")]
     vram: Option<String>,
     /// Measure this machine: direct reads on the model's disk and the
@@ -171,7 +172,7 @@ fn dtype(flag: &str, s: &str) -> Result<DType> {
 pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
     if !a.device.eq_ignore_ascii_case("cpu") || a.vram.is_some() || a.pcie_gbps.is_some() {
         bail!(
-            "--device {}{}{}: smoe runs on the CPU only, so a plan has no GPU tier; leave out --device gpu, --vram and --pcie-gbps",
+            "--device {}{}{}: smoe plan models the CPU engine only; the CUDA backend's VRAM and PCIe tiers are not planned yet (leave out --device, --vram and --pcie-gbps to plan the CPU)",
             a.device,
             a.vram.as_ref().map_or(String::new(), |v| format!(", --vram {v}")),
             a.pcie_gbps.map_or(String::new(), |p| format!(", --pcie-gbps {p}"))
@@ -193,7 +194,7 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
         .unwrap_or_default();
     if file.pcie_gbps.is_some() {
         bail!(
-            "{}: pcie_gbps: smoe runs on the CPU only; leave it out",
+            "{}: pcie_gbps: smoe plan models the CPU engine only (no GPU tiers yet); leave it out",
             a.machine.as_deref().unwrap_or(Path::new("")).display()
         );
     }

@@ -178,7 +178,11 @@ fn bad_input_gets_one_clear_line() {
     );
     bad(&[path_str(&big), "--ram-budget", "150%"], &["at most 100%"]);
     bad(&[path_str(&gguf)], &["model.gguf", "truncated"]);
-    bad(&[path_str(&big), "--device", "gpu"], &["CPU only"]);
+    bad(&[path_str(&big), "--device", "gpu"], &["CPU engine only"]);
+    bad(
+        &[path_str(&big), "--device", "cuda", "--vram", "24GB"],
+        &["--vram 24GB", "not planned yet"],
+    );
     // A directory without a config, a config that is not one.
     let empty = dir.path().join("empty");
     fs::create_dir(&empty).unwrap();
