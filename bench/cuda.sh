@@ -158,7 +158,11 @@ print(f\"pp{r['prompt_tokens']} {r['prefill_tok_s']:,.1f} tok/s, tg{r['gen_token
       f\"RAM-tier hit rate (of the experts not in VRAM) {s['decode_hit_rate']:.1%} decode, {s['prefill_hit_rate']:.1%} prefill; \"
       f\"{s['bytes_read_per_token'] / 2**20:,.1f} MiB read from the SSD per token at {s['read_gb_s']:.2f} GB/s \"
       f\"(disk measured {s['disk_read_gb_s']:.2f} GB/s); decode at {'?' if v is None else f'{v:.0%}'} of the SSD roofline\")
-print('device:', r['device'])"
+print('device:', r['device'])
+g = r.get('gpu_experts')
+if g:
+    print(f\"GPU tiers over all runs: VRAM hits {g['vram_hits']:,}, experts copied {g['copied']:,} \"
+          f\"({g['pcie_bytes'] / 1e9:.1f} GB over PCIe), run on the CPU {g['cpu_runs']:,}\")"
 }
 
 median() { python3 -c "import statistics, sys; print(statistics.median(float(v) for v in sys.argv[1:]))" "$@"; }

@@ -158,6 +158,11 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             "decode_vs_roofline": if roofline.is_finite() { json!(decode / roofline) } else { Value::Null },
         });
     }
+    if let Some(g) = engine.gpu_expert_stats() {
+        // Counted since load: every run of this bench, the uncounted first
+        // one too.
+        report["gpu_experts"] = json!(g);
+    }
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{report}")?;

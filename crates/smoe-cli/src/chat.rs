@@ -24,6 +24,7 @@ use smoe::config::ModelConfig;
 use smoe::engine::{Engine, Generation, TextStream};
 use smoe::experts::StatsSnapshot;
 use smoe::model::blocks::EMBED;
+use smoe::model::GpuExpertStats;
 use smoe::model::{human_bytes, Session};
 use smoe::sampler::SamplingParams;
 use smoe::vault::{self, Vault};
@@ -493,6 +494,7 @@ impl Chat<'_> {
         }
         let reused = self.session.reuse_prefix(&ids);
         let before = self.engine.cache().map(|c| c.stats().snapshot());
+        let gpu_before = self.engine.gpu_expert_stats();
 
         let mut stdout = std::io::stdout().lock();
         let mut text_out = TextStream::new(self.engine);
@@ -529,7 +531,10 @@ impl Chat<'_> {
                     if last_draw.is_none_or(|t| now - t >= Duration::from_millis(200)) {
                         let rate = (count > 1)
                             .then(|| smoe::engine::rate(count - 1, (now - first).as_secs_f64()));
-                        let _ = st.draw(&mut stdout, &status_text(engine, rate, before.as_ref()));
+                        let _ = st.draw(
+                            &mut stdout,
+                            &status_text(engine, rate, before.as_ref(), gpu_before.as_ref()),
+                        );
                         last_draw = Some(now);
                     }
                 }
@@ -590,7 +595,12 @@ impl Chat<'_> {
             writeln!(
                 stdout,
                 "{}",
-                status_text(self.engine, Some(rate), before.as_ref())
+                status_text(
+                    self.engine,
+                    Some(rate),
+                    before.as_ref(),
+                    gpu_before.as_ref()
+                )
             )?;
         }
         stdout.flush()?;
@@ -670,6 +680,15 @@ impl Chat<'_> {
                     );
                 }
             }
+            if let Some(g) = self.engine.gpu_expert_stats() {
+                out += &format!(
+                    "  GPU tiers   VRAM hits {}, copied to the GPU {} ({} over PCIe), run on the CPU {}\n",
+                    g.vram_hits,
+                    g.copied,
+                    human_bytes(g.pcie_bytes),
+                    g.cpu_runs
+                );
+            }
         }
         out.trim_end().to_string()
     }
@@ -696,8 +715,15 @@ fn printable(text: &str, tty: bool) -> std::borrow::Cow<'_, str> {
 }
 
 /// `smoe ▸ 1.84 tok/s │ RAM 21.3/48.0 GB │ cache 1534 slots 15.0 GB │ hit 84% │ SSD 2.9 GB/s`,
-/// the cache figures over the current turn; no rate before a second token.
-fn status_text(engine: &Engine, tok_s: Option<f64>, turn_start: Option<&StatsSnapshot>) -> String {
+/// on a GPU with `│ VRAM 25% │ PCIe 3.2 GB` after it (the share of expert
+/// uses VRAM served, the bytes copied to the GPU), the cache figures over
+/// the current turn; no rate before a second token.
+fn status_text(
+    engine: &Engine,
+    tok_s: Option<f64>,
+    turn_start: Option<&StatsSnapshot>,
+    gpu_start: Option<&GpuExpertStats>,
+) -> String {
     let mut parts = vec![match tok_s {
         Some(r) => format!("{r:.2} tok/s"),
         None => "-- tok/s".into(),
@@ -715,6 +741,17 @@ fn status_text(engine: &Engine, tok_s: Option<f64>, turn_start: Option<&StatsSna
         ));
         parts.push(format!("hit {:.0}%", 100.0 * st.hit_rate()));
         parts.push(format!("SSD {:.1} GB/s", st.read_gb_s()));
+        if let Some(now) = engine.gpu_expert_stats() {
+            let g = gpu_start.map_or(now, |b| now.since(b));
+            let uses = g.vram_hits + st.requests();
+            if uses > 0 {
+                parts.push(format!(
+                    "VRAM {:.0}%",
+                    100.0 * g.vram_hits as f64 / uses as f64
+                ));
+            }
+            parts.push(format!("PCIe {}", short_size(g.pcie_bytes)));
+        }
     }
     format!("smoe ▸ {}", parts.join(" │ "))
 }

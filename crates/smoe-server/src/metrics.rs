@@ -252,17 +252,38 @@ impl Collector for Live {
             // A checkpoint, or still loading: no experts are streamed.
             return Ok(());
         };
-        labelled(
-            &mut enc,
-            "smoe_expert_lookups",
-            "Routed experts a layer asked for, by the tier that served them: ram (already cached), readahead (brought in by a prediction), ssd (read while compute waited)",
-            "tier",
-            [
-                ("ram", cache.hits),
-                ("readahead", cache.prefetch_hits),
-                ("ssd", cache.misses),
-            ],
-        )?;
+        let help = "Routed experts a layer asked for, by the tier that served them: vram (on a GPU, a layer whose experts are in VRAM), ram (already cached), readahead (brought in by a prediction), ssd (read while compute waited)";
+        let tiers = [
+            ("ram", cache.hits),
+            ("readahead", cache.prefetch_hits),
+            ("ssd", cache.misses),
+        ];
+        match cache.gpu {
+            Some(g) => {
+                let [ram, readahead, ssd] = tiers;
+                labelled(
+                    &mut enc,
+                    "smoe_expert_lookups",
+                    help,
+                    "tier",
+                    [("vram", g.vram_hits), ram, readahead, ssd],
+                )?;
+                labelled(
+                    &mut enc,
+                    "smoe_gpu_experts",
+                    "Experts not in VRAM by where they ran: copied to the GPU from their RAM slots, or run on the CPU there",
+                    "way",
+                    [("copied", g.copied), ("cpu", g.cpu_runs)],
+                )?;
+                one(
+                    &mut enc,
+                    "smoe_gpu_pcie_bytes",
+                    "Bytes of experts copied from RAM to the GPU",
+                    ConstCounter::new(g.pcie_bytes),
+                )?;
+            }
+            None => labelled(&mut enc, "smoe_expert_lookups", help, "tier", tiers)?,
+        }
         labelled(
             &mut enc,
             "smoe_expert_read_bytes",
@@ -276,7 +297,7 @@ impl Collector for Live {
         one(
             &mut enc,
             "smoe_expert_read_gigabytes_per_second",
-            "Average read speed of expert records since start (bytes over time spent in reads)",
+            "Demand bytes of expert records per second the compute thread was blocked on them, since start (0 before it has waited)",
             ConstGauge::new(cache.read_gb_s),
         )?;
         one(

@@ -142,6 +142,11 @@ pub struct CacheReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base_rss_bytes: Option<Option<u64>>,
     pub plan: Option<MemoryPlan>,
+    /// On a GPU, the tiers above the RAM cache: VRAM hits, experts copied
+    /// over PCIe and their bytes, experts run on the CPU. The counts above
+    /// are the RAM cache's, of the experts that were not in VRAM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::model::GpuExpertStats>,
 }
 
 /// A loaded model with everything needed to turn text into text.
@@ -330,6 +335,12 @@ impl Engine {
         template.render(messages, tools, true, extra)
     }
 
+    /// On a GPU, what its expert tiers above the RAM cache served since
+    /// load; `None` on the CPU.
+    pub fn gpu_expert_stats(&self) -> Option<crate::model::GpuExpertStats> {
+        self.model.gpu_expert_stats()
+    }
+
     /// The expert cache's counters since start, with rates per token over
     /// `tokens` processed tokens when given; None without a vault.
     pub fn cache_report(&self, tokens: Option<usize>) -> Option<CacheReport> {
@@ -361,6 +372,7 @@ impl Engine {
             peak_rss_bytes: crate::memory::peak_rss(),
             base_rss_bytes: None,
             plan: self.plan.clone(),
+            gpu: self.model.gpu_expert_stats(),
         })
     }
 

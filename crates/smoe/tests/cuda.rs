@@ -931,6 +931,22 @@ fn streamed_experts_match_the_cpu() {
             let stats = cache.stats().snapshot();
             println!("{what}: {} slots, {stats:?}", cache.capacity());
             assert!(stats.misses > 0, "{what}: {stats:?}");
+            // The tiers above the cache: no layer in VRAM, about half, all.
+            let g = gpu
+                .gpu_expert_stats()
+                .expect("a GPU decoder counts its tiers");
+            println!("{what}: {g:?}");
+            let streamed = g.copied + g.cpu_runs;
+            match vram {
+                Budget::Bytes(0) => {
+                    assert_eq!(g.vram_hits, 0, "{what}: {g:?}");
+                    // A small batch tries both ways before it settles.
+                    assert!(g.copied > 0 && g.cpu_runs > 0, "{what}: {g:?}");
+                }
+                Budget::Auto => assert!(g.vram_hits > 0 && streamed == 0, "{what}: {g:?}"),
+                Budget::Bytes(_) => assert!(g.vram_hits > 0 && streamed > 0, "{what}: {g:?}"),
+            }
+            assert_eq!(g.pcie_bytes > 0, g.copied > 0, "{what}: {g:?}");
         }
     }
 }

@@ -14,6 +14,7 @@
 //! walks the CPU decoder's own layer structs, so a family defines its
 //! layers once, and the CPU path is untouched.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
@@ -30,7 +31,7 @@ use super::blocks::{
     group_by_expert, Attention, Experts, LatentAttention, Linear, Moe, QueryProj, Scratch,
 };
 use super::decoder::{Attn, Decoder, Layer, Mlp};
-use super::{check_input, CausalLm, Logits, Session, Step};
+use super::{check_input, CausalLm, GpuExpertStats, Logits, Session, Step};
 
 /// A [`Decoder`] running on GPU `N`.
 pub struct GpuDecoder {
@@ -44,6 +45,7 @@ pub struct GpuDecoder {
     /// The RAM expert caches' slots, page-locked while this decoder
     /// uploads from them.
     _pins: Vec<HostPin>,
+    tiers: TierCounters,
     /// The device's activations; one forward pass at a time uses them, as
     /// the GPU runs one pass at a time on its compute stream anyway.
     bufs: Mutex<Bufs>,
@@ -142,6 +144,7 @@ impl GpuDecoder {
             lm_head,
             vram_experts,
             _pins: pins,
+            tiers: TierCounters::default(),
             bufs: Mutex::new(Bufs::default()),
         })
     }
@@ -151,6 +154,15 @@ impl GpuDecoder {
     pub fn vram_experts(&self) -> Option<&str> {
         self.vram_experts.as_deref()
     }
+}
+
+/// [`GpuExpertStats`] as they are counted, from any thread.
+#[derive(Default)]
+struct TierCounters {
+    vram_hits: AtomicU64,
+    copied: AtomicU64,
+    pcie_bytes: AtomicU64,
+    cpu_runs: AtomicU64,
 }
 
 /// Page-locks the slots of every RAM expert cache the model streams
@@ -787,6 +799,7 @@ impl GpuDecoder {
             // Few tokens: every chosen expert in one launch per matrix,
             // reading the ids `route` wrote; nothing goes to the host.
             let (pairs, inter) = (t * k, gate.rows);
+            self.tiers.vram_hits.fetch_add(pairs as u64, Relaxed);
             let ids = b.ids.v(0..pairs)?;
             g.swiglu_id(
                 gate,
@@ -861,6 +874,9 @@ impl GpuDecoder {
         let grouped = tables
             .as_ref()
             .filter(|t| t.iter().all(|m| m.cols.is_multiple_of(32)));
+        if tables.is_some() || experts.is_some() {
+            self.tiers.vram_hits.fetch_add(pairs as u64, Relaxed);
+        }
         let ran = match (grouped, experts, &m.experts) {
             (Some(tables), _, _) => run_grouped(g, tables, &used, pairs, hidden, b),
             (None, Some(resident), _) => used.iter().try_for_each(|&e| {
@@ -963,6 +979,7 @@ impl GpuDecoder {
                         &host.xs,
                         &mut host.ys,
                     );
+                    self.tiers.cpu_runs.fetch_add(pinned.len() as u64, Relaxed);
                 }
                 ExpertPath::Copy => {
                     let ids: smallvec::SmallVec<[u32; 16]> =
@@ -970,6 +987,9 @@ impl GpuDecoder {
                     let mats: Vec<[Matrix<'_>; 3]> =
                         (0..pinned.len()).map(|i| pinned.get(i).1).collect();
                     let uploads = g.upload_experts(&mats)?;
+                    let bytes: usize = mats.iter().flatten().map(|m| m.data.len()).sum();
+                    self.tiers.copied.fetch_add(mats.len() as u64, Relaxed);
+                    self.tiers.pcie_bytes.fetch_add(bytes as u64, Relaxed);
                     let ran = ids.iter().zip(&uploads).try_for_each(|(&e, (w, ready))| {
                         g.wait_upload(ready)?;
                         let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
@@ -1241,6 +1261,16 @@ fn run_expert(
 }
 
 impl CausalLm for GpuDecoder {
+    fn gpu_expert_stats(&self) -> Option<GpuExpertStats> {
+        let t = &self.tiers;
+        Some(GpuExpertStats {
+            vram_hits: t.vram_hits.load(Relaxed),
+            copied: t.copied.load(Relaxed),
+            pcie_bytes: t.pcie_bytes.load(Relaxed),
+            cpu_runs: t.cpu_runs.load(Relaxed),
+        })
+    }
+
     fn config(&self) -> &ModelConfig {
         self.cfg()
     }

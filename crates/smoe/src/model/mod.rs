@@ -77,4 +77,37 @@ pub trait CausalLm: Send + Sync {
     /// result is the same as in [`CausalLm::forward`] with the same ids on
     /// the same session. `scratch` holds the batch's activations.
     fn forward_batch(&self, steps: &mut [Step<'_>], scratch: &mut blocks::Scratch) -> Result<()>;
+
+    /// What a GPU decoder's expert tiers served since load; `None` for a
+    /// model on the CPU, whose only tiers are the expert cache's.
+    fn gpu_expert_stats(&self) -> Option<GpuExpertStats> {
+        None
+    }
+}
+
+/// The tiers above the RAM expert cache on a GPU: the expert cache's own
+/// counters say what RAM and the SSD served of the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct GpuExpertStats {
+    /// Routed experts a token used from a layer whose experts are in VRAM.
+    pub vram_hits: u64,
+    /// Experts copied from their RAM slots to the GPU, and the bytes that
+    /// crossed PCIe for them.
+    pub copied: u64,
+    pub pcie_bytes: u64,
+    /// Experts run on the CPU from their RAM slots instead (a small
+    /// batch's, where that was measured faster).
+    pub cpu_runs: u64,
+}
+
+impl GpuExpertStats {
+    /// What was counted after `before`.
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            vram_hits: self.vram_hits.saturating_sub(before.vram_hits),
+            copied: self.copied.saturating_sub(before.copied),
+            pcie_bytes: self.pcie_bytes.saturating_sub(before.pcie_bytes),
+            cpu_runs: self.cpu_runs.saturating_sub(before.cpu_runs),
+        }
+    }
 }
