@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use smoe::kernels::DType;
 use smoe::model::{available_memory, human_bytes, parse_bytes, Budget, MemoryPlan};
-use smoe::plan::{self, HitCurve, Machine, Sizes};
+use smoe::plan::{self, gpu, HitCurve, Machine, Sizes};
 
 /// q4_k GFLOP/s per core of the multi-token product, for a machine given
 /// without `gflops`: what `smoe plan --measure` found on a 2-core AVX2
@@ -49,11 +49,12 @@ pub(crate) struct PlanArgs {
     /// `serve --parallel` (run and chat decode one).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     parallel: u64,
-    /// Where the model runs: the plan models the CPU engine (`run
-    /// --device cuda`'s VRAM and PCIe tiers are not planned yet).
+    /// Where the model runs: cpu, or cuda (with --vram): the backbone,
+    /// KV and as many layers' experts as fit in VRAM, the rest streamed
+    /// from RAM over PCIe or run on the CPU.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// GPU memory (a GPU plan, not made yet: refused).
+    /// GPU memory, for --device cuda.
     #[arg(long, value_name = "SIZE")]
     vram: Option<String>,
     /// Measure this machine: direct reads on the model's disk and the
@@ -67,7 +68,8 @@ pub(crate) struct PlanArgs {
     /// Memory bandwidth in GB/s.
     #[arg(long, value_name = "GB/S")]
     mem_gbps: Option<f64>,
-    /// Host-to-GPU GB/s (needs a GPU device).
+    /// Host-to-GPU GB/s from page-locked memory, for --device cuda
+    /// (default 25, PCIe 4.0 x16).
     #[arg(long, value_name = "GB/S")]
     pcie_gbps: Option<f64>,
     /// Quantized multi-token matmul GFLOP/s of all cores.
@@ -100,17 +102,26 @@ struct MachineFile {
     ram: Option<String>,
     disk_gbps: Option<f64>,
     mem_gbps: Option<f64>,
-    pcie_gbps: Option<f64>,
     gflops: Option<f64>,
     cores: Option<usize>,
     loop_us: Option<f64>,
+    /// The GPU, for --device cuda: its memory, host-to-device GB/s, and
+    /// milliseconds of one layer of a decoded token and of one layer over
+    /// a 512-token prompt (default: this engine on an H200).
+    vram: Option<String>,
+    pcie_gbps: Option<f64>,
+    gpu_layer_decode_ms: Option<f64>,
+    gpu_layer_prefill_ms: Option<f64>,
 }
+
+/// Keys a machine file may have, for the message that names a wrong one.
+const MACHINE_KEYS: &str = "name, ram, disk_gbps, mem_gbps, gflops, cores, loop_us, vram, pcie_gbps, gpu_layer_decode_ms, gpu_layer_prefill_ms";
 
 fn machine_file(path: &Path) -> Result<MachineFile> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let m: MachineFile = toml::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
-            "{}: {} (expected keys: name, ram, disk_gbps, mem_gbps, gflops, cores, loop_us)",
+            "{}: {} (expected keys: {MACHINE_KEYS})",
             path.display(),
             e.to_string().trim_end().replace('\n', " ")
         )
@@ -120,6 +131,9 @@ fn machine_file(path: &Path) -> Result<MachineFile> {
         (at("disk_gbps"), m.disk_gbps),
         (at("mem_gbps"), m.mem_gbps),
         (at("gflops"), m.gflops),
+        (at("pcie_gbps"), m.pcie_gbps),
+        (at("gpu_layer_decode_ms"), m.gpu_layer_decode_ms),
+        (at("gpu_layer_prefill_ms"), m.gpu_layer_prefill_ms),
     ])?;
     if m.loop_us.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
         bail!(
@@ -134,7 +148,7 @@ fn machine_file(path: &Path) -> Result<MachineFile> {
 }
 
 /// Refuses a figure given as zero, negative or not a number.
-fn positive(figures: [(String, Option<f64>); 3]) -> Result<()> {
+fn positive<const N: usize>(figures: [(String, Option<f64>); N]) -> Result<()> {
     for (what, v) in figures {
         if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
             bail!("{what} must be a positive number");
@@ -170,18 +184,32 @@ fn dtype(flag: &str, s: &str) -> Result<DType> {
 }
 
 pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
-    if !a.device.eq_ignore_ascii_case("cpu") || a.vram.is_some() || a.pcie_gbps.is_some() {
-        bail!(
-            "--device {}{}{}: smoe plan models the CPU engine only; the CUDA backend's VRAM and PCIe tiers are not planned yet (leave out --device, --vram and --pcie-gbps to plan the CPU)",
-            a.device,
-            a.vram.as_ref().map_or(String::new(), |v| format!(", --vram {v}")),
-            a.pcie_gbps.map_or(String::new(), |p| format!(", --pcie-gbps {p}"))
-        );
+    let on_gpu = match a.device.to_ascii_lowercase().as_str() {
+        "cpu" => false,
+        d if d == "cuda"
+            || d == "gpu"
+            || d.strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<u32>().is_ok()) =>
+        {
+            true
+        }
+        _ => bail!("--device \"{}\": expected cpu, cuda or cuda:N", a.device),
+    };
+    if !on_gpu && (a.vram.is_some() || a.pcie_gbps.is_some()) {
+        let flags: Vec<String> = [
+            a.vram.as_ref().map(|v| format!("--vram {v}")),
+            a.pcie_gbps.map(|p| format!("--pcie-gbps {p}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        bail!("{}: a GPU's figures; add --device cuda", flags.join(", "));
     }
     positive([
         ("--disk-gbps".into(), a.disk_gbps),
         ("--mem-gbps".into(), a.mem_gbps),
         ("--gflops".into(), a.gflops),
+        ("--pcie-gbps".into(), a.pcie_gbps),
     ])?;
     if a.cores == Some(0) {
         bail!("--cores must be at least 1");
@@ -192,12 +220,6 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
         .map(machine_file)
         .transpose()?
         .unwrap_or_default();
-    if file.pcie_gbps.is_some() {
-        bail!(
-            "{}: pcie_gbps: smoe plan models the CPU engine only (no GPU tiers yet); leave it out",
-            a.machine.as_deref().unwrap_or(Path::new("")).display()
-        );
-    }
     let experts = dtype("--quant", &a.quant)?;
     let backbone = dtype("--backbone", &a.backbone)?;
     let sizes = plan::sizes_of(&a.model, experts, backbone)?;
@@ -259,10 +281,43 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
         }
     };
     let forecast = plan::forecast(&sizes, &memory, &machine, &curve);
+    let gpu = if on_gpu {
+        let vram = match a.vram.as_deref().or(file.vram.as_deref()) {
+            Some(s) => size("--vram", s)?,
+            None => bail!("--device cuda: give --vram SIZE, the GPU's memory"),
+        };
+        let ms = |v: Option<f64>, default: f64| v.map_or(default, |ms| ms * 1e-3);
+        let g = gpu::Gpu {
+            vram,
+            pcie_gbps: a
+                .pcie_gbps
+                .or(file.pcie_gbps)
+                .unwrap_or(gpu::DEFAULT_PCIE_GBPS),
+            layer_decode_s: ms(file.gpu_layer_decode_ms, gpu::H200_LAYER_DECODE_S),
+            layer_prefill_s: ms(file.gpu_layer_prefill_ms, gpu::H200_LAYER_PREFILL_S),
+            head_gbps: gpu::H200_HEAD_GBPS,
+            assumed: file.gpu_layer_decode_ms.is_none(),
+        };
+        let placed = gpu::vram_plan(&sizes, &memory, vram)
+            .with_context(|| format!("{}: no plan", a.model.display()))?;
+        let f = gpu::forecast(&sizes, &memory, &placed, &machine, &g, &curve);
+        Some((g, placed, f))
+    } else {
+        None
+    };
     let mut out = std::io::stdout().lock();
     if a.json {
         let mut v = plan::to_json(&sizes, &memory, &machine, &curve, &forecast);
         v["machine"]["name"] = file.name.into();
+        v["device"] = if on_gpu { "cuda" } else { "cpu" }.into();
+        if let Some((g, placed, f)) = &gpu {
+            // The GPU's forecast replaces the CPU engine's; its tiers go
+            // beside the RAM plan.
+            let mut j = gpu::to_json(placed, g, f);
+            v["forecast"] = j["forecast"].take();
+            v["memory"]["vram"] = j["vram"].take();
+            v["gpu"] = j;
+        }
         writeln!(out, "{v}")?;
         return Ok(());
     }
@@ -275,6 +330,7 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
         &machine,
         &curve,
         &forecast,
+        gpu.as_ref(),
     )?;
     Ok(())
 }
@@ -298,6 +354,7 @@ fn print(
     m: &Machine,
     curve: &HitCurve,
     f: &plan::Forecast,
+    on_gpu: Option<&(gpu::Gpu, gpu::VramPlan, gpu::GpuForecast)>,
 ) -> Result<()> {
     let c = &s.config;
     let params = (s.backbone_params + s.expert_params) as f64 / 1e9;
@@ -379,6 +436,26 @@ fn print(
         human_bytes(t.backbone_bytes + t.kv_bytes + t.headroom_bytes + t.cache_bytes),
         human_bytes(t.room_bytes.unwrap_or(0).saturating_sub(t.cache_bytes))
     )?;
+    if let Some((g, v, _)) = on_gpu {
+        writeln!(
+            out,
+            "VRAM       backbone {} + KV {} + headroom {} + routed experts of {} of {} sparse layers {} = {} of {}; PCIe {:.1} GB/s{}",
+            human_bytes(v.backbone_bytes),
+            human_bytes(v.kv_bytes),
+            human_bytes(v.headroom_bytes),
+            v.expert_layers,
+            s.moe_layers,
+            human_bytes(v.expert_bytes),
+            human_bytes(v.backbone_bytes + v.kv_bytes + v.headroom_bytes + v.expert_bytes),
+            human_bytes(v.vram),
+            g.pcie_gbps,
+            if g.assumed {
+                "; the GPU's own time is this engine's on an H200 (gpu_layer_decode_ms and gpu_layer_prefill_ms in --machine for another)"
+            } else {
+                ""
+            }
+        )?;
+    }
     writeln!(
         out,
         "SSD        {} (expert records{})",
@@ -405,6 +482,9 @@ fn print(
         out,
         "           recalibrate on this model: smoe bench --model VAULT --prompts FILE --ram-budget SIZE --json >> curve.jsonl (a few sizes), then --hit-curve curve.jsonl"
     )?;
+    if let Some((_, v, g)) = on_gpu {
+        return print_gpu(out, s, v, g);
+    }
     writeln!(
         out,
         "per token  RAM {} (backbone {}, experts {}, KV {}) | SSD {} ({:.2} expert misses x {} layers x {})",
@@ -449,6 +529,60 @@ fn print(
         r(&f.ttft_s, 2),
         plan::PROMPT_TOKENS,
         r(&f.ttft_cold_s, 2)
+    )?;
+    Ok(())
+}
+
+/// The per-token traffic and the forecast on a GPU.
+fn print_gpu(
+    out: &mut impl Write,
+    s: &Sizes,
+    v: &gpu::VramPlan,
+    g: &gpu::GpuForecast,
+) -> Result<()> {
+    let k = s.config.num_experts_per_tok;
+    writeln!(
+        out,
+        "GPU tiers  {} sparse layers' experts in VRAM, {} streamed: RAM cache hit rate {:.1}% over those",
+        v.expert_layers,
+        g.streamed_layers,
+        100.0 * g.hit_rate
+    )?;
+    writeln!(
+        out,
+        "per token  from RAM {} ({k} experts x {} layers, run by {}) | SSD {} ({:.2} misses a layer x {})",
+        human_bytes(g.streamed_bytes_per_token),
+        g.streamed_layers,
+        g.stream_way,
+        human_bytes(g.ssd_bytes_per_token),
+        (1.0 - g.hit_rate) * k as f64,
+        human_bytes(s.record_bytes)
+    )?;
+    let r = |x: &plan::Range, p: usize| {
+        format!("{:.p$}-{:.p$} (expected {:.p$})", x.low, x.high, x.expected)
+    };
+    let ms = |x: &plan::Range| format!("{:.2} ms", x.expected * 1e3);
+    writeln!(
+        out,
+        "decode     {} tok/s, limited by {}; a token: GPU {}, streamed experts {}, waiting for misses {}",
+        r(&g.decode_tok_s, 1),
+        g.decode_limit,
+        ms(&g.decode_gpu_s),
+        ms(&g.decode_stream_s),
+        ms(&g.decode_read_s)
+    )?;
+    writeln!(
+        out,
+        "prefill    {} tok/s for a {}-token prompt, limited by {}",
+        r(&g.prefill_tok_s, 0),
+        plan::PROMPT_TOKENS,
+        g.prefill_limit
+    )?;
+    writeln!(
+        out,
+        "first token {} s after a {}-token prompt",
+        r(&g.ttft_s, 3),
+        plan::PROMPT_TOKENS
     )?;
     Ok(())
 }

@@ -131,6 +131,53 @@ fn a_target_machine_comes_from_toml_and_flags_override_it() {
     assert!((f - 0.1).abs() < 0.001, "{f}");
 }
 
+/// `--device cuda`: VRAM filled as `run --device cuda --vram-budget auto`
+/// fills it (backbone, KV, headroom, then whole layers' experts), the rest
+/// streamed; more VRAM or a faster bus never forecasts slower.
+#[test]
+fn a_gpu_plan_places_whole_layers_in_vram_and_streams_the_rest() {
+    let path = config("Qwen3-235B-A22B");
+    let gpu = |vram: &str, pcie: &str| {
+        let mut args = vec![path_str(&path), "--ram", "128GB"];
+        args.extend(GIVEN);
+        args.extend(["--device", "cuda", "--vram", vram, "--pcie-gbps", pcie]);
+        plan_json(&args)
+    };
+    let p = gpu("24GB", "25");
+    assert_eq!(p["device"], "cuda");
+    let v = &p["memory"]["vram"];
+    let n = |x: &Value| x.as_u64().unwrap();
+    let records = n(&p["model"]["expert_records"]);
+    let layer = n(&p["model"]["expert_record_bytes"]) * records / 94;
+    let fixed = n(&v["backbone_bytes"]) + n(&v["kv_bytes"]) + n(&v["headroom_bytes"]);
+    // 2 GiB of headroom at 24 GB (a twentieth is less).
+    assert_eq!(n(&v["headroom_bytes"]), 2 << 30);
+    assert_eq!(n(&v["expert_layers"]), (24_000_000_000 - fixed) / layer);
+    assert_eq!(n(&v["expert_bytes"]), n(&v["expert_layers"]) * layer);
+    assert_eq!(n(&p["gpu"]["streamed_layers"]), 94 - n(&v["expert_layers"]));
+    let decode = |p: &Value| p["forecast"]["decode_tok_s"]["expected"].as_f64().unwrap();
+    let limit = p["forecast"]["decode_limit"].as_str().unwrap();
+    assert!(limit.contains("streamed experts"), "{limit}");
+    // The CPU streams experts at 100 GB/s (GIVEN), faster than 25 over PCIe.
+    assert_eq!(p["gpu"]["per_token"]["streamed_way"], "the CPU");
+
+    let big = gpu("141GB", "25");
+    assert_eq!(n(&big["memory"]["vram"]["expert_layers"]), 94);
+    assert_eq!(n(&big["gpu"]["per_token"]["ssd_bytes"]), 0);
+    let gpu_limit = big["forecast"]["decode_limit"].as_str().unwrap();
+    assert!(gpu_limit.contains("GPU"), "{gpu_limit}");
+    assert!(decode(&big) > decode(&p));
+    let fast_bus = gpu("24GB", "400");
+    assert_eq!(fast_bus["gpu"]["per_token"]["streamed_way"], "PCIe");
+    assert!(decode(&fast_bus) > decode(&p));
+    // The CPU engine's forecast is not what a GPU plan prints.
+    let mut cpu_args = vec![path_str(&path), "--ram", "128GB"];
+    cpu_args.extend(GIVEN);
+    let cpu = plan_json(&cpu_args);
+    assert_eq!(cpu["device"], "cpu");
+    assert!(cpu["memory"]["vram"].is_null() && cpu["gpu"].is_null());
+}
+
 #[test]
 fn bad_input_gets_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -178,10 +225,27 @@ fn bad_input_gets_one_clear_line() {
     );
     bad(&[path_str(&big), "--ram-budget", "150%"], &["at most 100%"]);
     bad(&[path_str(&gguf)], &["model.gguf", "truncated"]);
-    bad(&[path_str(&big), "--device", "gpu"], &["CPU engine only"]);
+    bad(&[path_str(&big), "--device", "cuda"], &["give --vram"]);
+    bad(&[path_str(&big), "--device", "tpu"], &["tpu", "cpu, cuda"]);
     bad(
-        &[path_str(&big), "--device", "cuda", "--vram", "24GB"],
-        &["--vram 24GB", "not planned yet"],
+        &[path_str(&big), "--vram", "24GB"],
+        &["--vram 24GB", "add --device cuda"],
+    );
+    bad(
+        &[path_str(&big), "--device", "cuda", "--vram", "4GB"],
+        &["cannot hold the backbone"],
+    );
+    bad(
+        &[
+            path_str(&big),
+            "--device",
+            "cuda",
+            "--vram",
+            "24GB",
+            "--pcie-gbps",
+            "0",
+        ],
+        &["--pcie-gbps must be a positive number"],
     );
     // A directory without a config, a config that is not one.
     let empty = dir.path().join("empty");
@@ -192,7 +256,12 @@ fn bad_input_gets_one_clear_line() {
     bad(&[path_str(&big), "--ram-budget", "0"], &["holds 0 experts"]);
     for (text, parts) in [
         ("ram = 48GB\n", vec!["m.toml", "expected keys"]),
-        ("ram = \"48GB\"\nvram = \"24GB\"\n", vec!["m.toml", "vram"]),
+        ("pcie_gbps = 0.0\n", vec!["m.toml", "pcie_gbps", "positive"]),
+        (
+            "gpu_layer_decode_ms = -1.0\n",
+            vec!["m.toml", "gpu_layer_decode_ms", "positive"],
+        ),
+        ("vram = 24\n", vec!["m.toml", "expected keys"]),
         ("ram = \"lots\"\n", vec!["\"lots\" is not a size"]),
         ("disk_gbps = 0.0\n", vec!["m.toml", "disk_gbps", "positive"]),
         (

@@ -55,6 +55,7 @@
 //! time is named.
 
 mod gguf_sizes;
+pub mod gpu;
 mod probe;
 
 use std::cell::RefCell;
