@@ -497,9 +497,6 @@ fn print(
         s.moe_layers,
         human_bytes(s.record_bytes)
     )?;
-    let r = |x: &plan::Range, p: usize| {
-        format!("{:.p$}-{:.p$} (expected {:.p$})", x.low, x.high, x.expected)
-    };
     let ms = |x: &plan::Range| match x.expected {
         s if s >= 10.0 => format!("{s:.1} s"),
         s => format!("{:.1} ms", s * 1e3),
@@ -507,7 +504,7 @@ fn print(
     writeln!(
         out,
         "decode     {} tok/s, limited by {}; a token: layers and LM head {}, waiting for misses {}",
-        r(&f.decode_tok_s, 2),
+        range(&f.decode_tok_s, 2),
         f.decode_limit,
         ms(&f.decode_compute_s),
         ms(&f.decode_read_s)
@@ -515,7 +512,7 @@ fn print(
     writeln!(
         out,
         "prefill    {} tok/s for a {}-token prompt, limited by {}; compute {}, reads {} ({} of experts; {} on a cold cache)",
-        r(&f.prefill_tok_s, 1),
+        range(&f.prefill_tok_s, 1),
         plan::PROMPT_TOKENS,
         f.prefill_limit,
         ms(&f.prefill_compute_s),
@@ -526,9 +523,9 @@ fn print(
     writeln!(
         out,
         "first token {} s after a {}-token prompt ({} s on a cold cache)",
-        r(&f.ttft_s, 2),
+        range(&f.ttft_s, 2),
         plan::PROMPT_TOKENS,
-        r(&f.ttft_cold_s, 2)
+        range(&f.ttft_cold_s, 2)
     )?;
     Ok(())
 }
@@ -558,14 +555,11 @@ fn print_gpu(
         (1.0 - g.hit_rate) * k as f64,
         human_bytes(s.record_bytes)
     )?;
-    let r = |x: &plan::Range, p: usize| {
-        format!("{:.p$}-{:.p$} (expected {:.p$})", x.low, x.high, x.expected)
-    };
     let ms = |x: &plan::Range| format!("{:.2} ms", x.expected * 1e3);
     writeln!(
         out,
         "decode     {} tok/s, limited by {}; a token: GPU {}, streamed experts {}, waiting for misses {}",
-        r(&g.decode_tok_s, 1),
+        range(&g.decode_tok_s, 1),
         g.decode_limit,
         ms(&g.decode_gpu_s),
         ms(&g.decode_stream_s),
@@ -574,15 +568,20 @@ fn print_gpu(
     writeln!(
         out,
         "prefill    {} tok/s for a {}-token prompt, limited by {}",
-        r(&g.prefill_tok_s, 0),
+        range(&g.prefill_tok_s, 0),
         plan::PROMPT_TOKENS,
         g.prefill_limit
     )?;
     writeln!(
         out,
         "first token {} s after a {}-token prompt",
-        r(&g.ttft_s, 3),
+        range(&g.ttft_s, 3),
         plan::PROMPT_TOKENS
     )?;
     Ok(())
+}
+
+/// `low-high (expected e)` with `p` decimals.
+fn range(x: &plan::Range, p: usize) -> String {
+    format!("{:.p$}-{:.p$} (expected {:.p$})", x.low, x.high, x.expected)
 }
