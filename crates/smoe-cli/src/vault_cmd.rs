@@ -11,7 +11,7 @@ use smoe::model::{human_bytes, Budget, LoadOptions};
 use smoe::vault::convert::{convert, ConvertOptions};
 use smoe::vault::Vault;
 
-use crate::{describe_plan, parse_budget, set_threads};
+use crate::{describe_plan, parse_budget, parse_device, set_threads};
 
 #[derive(Args)]
 pub(crate) struct ConvertArgs {
@@ -57,6 +57,13 @@ pub(crate) struct InspectArgs {
     /// Budget to plan with, as for run.
     #[arg(long, default_value = "auto", value_parser = parse_budget)]
     ram_budget: Budget,
+    /// Where the model would run, as for run: with CUDA the model is
+    /// loaded onto the GPU and the device line says what went to VRAM.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: smoe::compute::Device,
+    /// VRAM for routed experts on CUDA, as for run.
+    #[arg(long, default_value = "auto", value_parser = parse_budget)]
+    vram_budget: Budget,
 }
 
 pub(crate) fn convert_cmd(a: ConvertArgs) -> Result<()> {
@@ -168,6 +175,8 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
     }
     let opts = LoadOptions {
         ram_budget: a.ram_budget,
+        device: a.device,
+        vram_budget: a.vram_budget,
         ..Default::default()
     };
     let engine = Engine::load_with(&a.path, &opts)?;
@@ -220,6 +229,9 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<()> {
             writeln!(out, "  quant error {class:<32} {err:.5}")?;
         }
     }
+    // The tiers above RAM: where the model runs and, on a GPU, which
+    // layers' experts went to VRAM.
+    writeln!(out, "device: {}", engine.device())?;
     if let Some(plan) = engine.plan() {
         writeln!(out, "{}", describe_plan(plan))?;
         // What bounds decode on a machine with the RAM for it: every

@@ -464,6 +464,8 @@ fn inspect_describes_checkpoints_and_vaults() {
         "memory plan",
         "direct I/O",
         "weights read per decoded token",
+        // Where it runs (this test's binary: the CPU, and why).
+        "\ndevice: ",
     ] {
         assert!(
             text.contains(part),
