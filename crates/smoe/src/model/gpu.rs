@@ -6,8 +6,10 @@
 //! final logits. A decode step of a model whose experts are all resident
 //! sends nothing back but the logits: its experts run by the ids routing
 //! left on the device. Routed experts come from where the CPU decoder takes
-//! them: uploaded with the backbone when resident, or from the RAM expert
-//! cache's pinned slots, uploaded as each is used.
+//! them: uploaded with the backbone when resident (a vault's, whole layers
+//! while `--vram-budget` holds them), or from the RAM expert cache's
+//! slots, page-locked, copied as each layer uses them; a small batch's may
+//! instead run on the CPU where they lie, when that is measured faster.
 //!
 //! This is a second forward pass beside [`Decoder`]'s rather than the
 //! same model code over a generic backend (docs/cuda.md says why): it
