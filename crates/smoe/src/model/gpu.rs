@@ -484,15 +484,19 @@ struct Host {
 /// depends on the machine (PCIe against the cores' memory bandwidth: 55
 /// GB/s against ~96 on 16 threads of the H200 host, but ~14 on two cores)
 /// and on the batch (the CPU's cost grows with its rows, the copy's does
-/// not), so it is learned as the model runs rather than fixed: seconds per
-/// expert byte of each way, per batch size, each call taking the faster
-/// and every [`ExpertPaths::EXPLORE`]-th the other, to follow a machine
-/// whose load changes.
+/// not), so it is measured as the model runs: each batch size's first
+/// calls alternate the two ways, the first of each uncounted (it sizes
+/// buffers), and once each has [`ExpertPaths::TRIALS`] counted the one with
+/// less time per expert byte is kept for the process. Kept, not
+/// re-checked: the two ways round differently (the CPU's kernels round
+/// activations to 8 bits for quantized experts), so a later switch would
+/// change a run's outputs mid-way.
 #[derive(Default)]
 struct ExpertPaths {
-    /// `[copy, cpu]` seconds per expert byte for batches of `i + 1` tokens.
-    per_byte: [[Option<f64>; 2]; MATVEC_MAX_TOKENS],
-    calls: u64,
+    /// Per batch size `i + 1`, per way `[copy, cpu]`: calls, and seconds
+    /// and expert bytes of the counted ones.
+    trials: [[(u32, f64, u64); 2]; MATVEC_MAX_TOKENS],
+    kept: [Option<ExpertPath>; MATVEC_MAX_TOKENS],
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -502,40 +506,41 @@ enum ExpertPath {
 }
 
 impl ExpertPaths {
-    const EXPLORE: u64 = 32;
-    /// Weight of the newest time in the running figure.
-    const ALPHA: f64 = 0.25;
+    const TRIALS: u32 = 4;
 
-    fn pick(&mut self, t: usize) -> ExpertPath {
-        use ExpertPath::{Copy, Cpu};
-        self.calls += 1;
-        let Some([copy, cpu]) = t.checked_sub(1).and_then(|i| self.per_byte.get(i)) else {
-            return Copy;
+    fn pick(&self, t: usize) -> ExpertPath {
+        let Some(i) = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS) else {
+            return ExpertPath::Copy;
         };
-        match (copy, cpu) {
-            (None, _) => Copy,
-            (_, None) => Cpu,
-            (Some(copy), Some(cpu)) => {
-                let best = if cpu < copy { Cpu } else { Copy };
-                match (self.calls.is_multiple_of(Self::EXPLORE), best) {
-                    (false, _) => best,
-                    (true, Cpu) => Copy,
-                    (true, Copy) => Cpu,
-                }
-            }
+        match self.kept[i] {
+            Some(way) => way,
+            None if self.trials[i][1].0 < self.trials[i][0].0 => ExpertPath::Cpu,
+            None => ExpertPath::Copy,
         }
     }
 
-    fn record(&mut self, t: usize, path: ExpertPath, secs: f64, bytes: usize) {
-        let Some(slot) = t.checked_sub(1).and_then(|i| self.per_byte.get_mut(i)) else {
+    fn record(&mut self, t: usize, way: ExpertPath, secs: f64, bytes: usize) {
+        let Some(i) = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS) else {
             return;
         };
-        if bytes == 0 {
+        if self.kept[i].is_some() {
             return;
         }
-        let v = secs / bytes as f64;
-        let e = &mut slot[path as usize];
-        *e = Some(e.map_or(v, |old| old + Self::ALPHA * (v - old)));
+        let (calls, s, b) = &mut self.trials[i][way as usize];
+        if *calls > 0 {
+            *s += secs;
+            *b += bytes as u64;
+        }
+        *calls += 1;
+        let [copy, cpu] = self.trials[i];
+        if copy.0 > Self::TRIALS && cpu.0 > Self::TRIALS {
+            let per_byte = |(_, s, b): (u32, f64, u64)| s / b.max(1) as f64;
+            self.kept[i] = Some(if per_byte(cpu) < per_byte(copy) {
+                ExpertPath::Cpu
+            } else {
+                ExpertPath::Copy
+            });
+        }
     }
 }
 
@@ -1361,31 +1366,33 @@ mod tests {
     use super::{ExpertPath, ExpertPaths};
 
     #[test]
-    fn each_way_is_tried_then_the_faster_taken_and_the_other_retried_now_and_then() {
+    fn each_way_is_tried_in_turn_then_the_faster_kept() {
+        use ExpertPath::{Copy, Cpu};
         let mut p = ExpertPaths::default();
-        assert_eq!(p.pick(1), ExpertPath::Copy);
-        p.record(1, ExpertPath::Copy, 2e-3, 1_000_000);
-        assert_eq!(p.pick(1), ExpertPath::Cpu);
-        p.record(1, ExpertPath::Cpu, 1e-3, 1_000_000);
-        // A batch of another size learns on its own.
-        assert_eq!(p.pick(4), ExpertPath::Copy);
-        let picks: Vec<ExpertPath> = (0..2 * ExpertPaths::EXPLORE).map(|_| p.pick(1)).collect();
-        let copies = picks.iter().filter(|&&w| w == ExpertPath::Copy).count();
-        assert_eq!(
-            copies,
-            2,
-            "the slower way once every {}",
-            ExpertPaths::EXPLORE
-        );
-        // The CPU slows down (the machine got busy): the copy takes over.
-        for _ in 0..8 {
-            p.record(1, ExpertPath::Cpu, 8e-3, 1_000_000);
+        let mut ways = Vec::new();
+        for _ in 0..2 * (ExpertPaths::TRIALS + 1) {
+            let way = p.pick(1);
+            ways.push(way);
+            // Uncounted first calls as slow as can be: they do not decide.
+            let secs = match (way, ways.iter().filter(|&&w| w == way).count()) {
+                (_, 1) => 1.0,
+                (Copy, _) => 2e-3,
+                (Cpu, _) => 1e-3,
+            };
+            p.record(1, way, secs, 1_000_000);
         }
-        assert_eq!(p.pick(1), ExpertPath::Copy);
-        // Sizes it cannot learn for copy, and record nothing.
-        assert_eq!(p.pick(0), ExpertPath::Copy);
-        assert_eq!(p.pick(1000), ExpertPath::Copy);
-        p.record(1000, ExpertPath::Cpu, 1.0, 1);
-        p.record(1, ExpertPath::Cpu, 1.0, 0);
+        assert!(ways.chunks(2).all(|w| w == [Copy, Cpu]), "{ways:?}");
+        assert_eq!(p.pick(1), Cpu);
+        // Kept, whatever comes later.
+        for _ in 0..10 {
+            p.record(1, Cpu, 1.0, 1);
+        }
+        assert_eq!(p.pick(1), Cpu);
+        // Another batch size decides on its own.
+        assert_eq!(p.pick(4), Copy);
+        // Sizes it does not learn for copy, and record nothing.
+        assert_eq!(p.pick(0), Copy);
+        assert_eq!(p.pick(1000), Copy);
+        p.record(1000, Cpu, 1.0, 1);
     }
 }
