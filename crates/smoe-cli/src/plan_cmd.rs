@@ -54,7 +54,8 @@ pub(crate) struct PlanArgs {
     /// from RAM over PCIe or run on the CPU.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// GPU memory, for --device cuda.
+    /// GPU memory, for --device cuda (default: the GPU's, when this binary
+    /// has CUDA and finds it).
     #[arg(long, value_name = "SIZE")]
     vram: Option<String>,
     /// Measure this machine: direct reads on the model's disk and the
@@ -284,7 +285,12 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
     let gpu = if on_gpu {
         let vram = match a.vram.as_deref().or(file.vram.as_deref()) {
             Some(s) => size("--vram", s)?,
-            None => bail!("--device cuda: give --vram SIZE, the GPU's memory"),
+            None => gpu_memory(&a.device).map_err(|why| {
+                anyhow::anyhow!(
+                    "--device {}: give --vram SIZE, the GPU's memory (not found here: {why})",
+                    a.device
+                )
+            })?,
         };
         let ms = |v: Option<f64>, default: f64| v.map_or(default, |ms| ms * 1e-3);
         let g = gpu::Gpu {
@@ -584,4 +590,21 @@ fn print_gpu(
 /// `low-high (expected e)` with `p` decimals.
 fn range(x: &plan::Range, p: usize) -> String {
     format!("{:.p$}-{:.p$} (expected {:.p$})", x.low, x.high, x.expected)
+}
+
+/// The memory of GPU `device` (`cuda` or `cuda:N`) on this machine, for a
+/// plan of the GPU at hand when no `--vram` is given.
+#[cfg(feature = "cuda")]
+fn gpu_memory(device: &str) -> Result<u64> {
+    let n = device
+        .to_ascii_lowercase()
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Ok(smoe::compute::cuda::probe(n)?.total_memory as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory(_device: &str) -> Result<u64> {
+    bail!("this binary was built without the cuda feature")
 }
