@@ -289,6 +289,13 @@ pub fn headroom(avail: u64) -> u64 {
     (avail / 10).max(192 << 20)
 }
 
+/// VRAM a GPU keeps free under `--vram-budget auto` for KV caches and
+/// activations, out of `total`: a twentieth of the device, at least 2 GiB.
+/// `smoe plan --device cuda` places VRAM by the same rule.
+pub fn vram_headroom(total: u64) -> u64 {
+    (total / 20).max(2 << 30)
+}
+
 /// Memory this process can still use: MemAvailable from /proc/meminfo,
 /// capped by what its memory cgroup has left. In a container (or under a
 /// systemd or cgroup limit) the host's free memory is not ours, and a budget

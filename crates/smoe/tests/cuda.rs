@@ -428,9 +428,12 @@ fn matrix_uploaded_on_the_copy_stream_is_ready_for_compute() {
     let sync = gpu.upload_matrix(w.matrix()).unwrap();
     gpu.matmul(&x.as_view(), 1, &sync, &mut a.as_view_mut())
         .unwrap();
-    let copied = gpu.upload_matrix_async(w.matrix()).unwrap();
+    let mut uploads = gpu.upload_experts(&[[w.matrix()]]).unwrap();
+    let ([copied], ready) = uploads.pop().unwrap();
+    gpu.wait_upload(&ready).unwrap();
     gpu.matmul(&x.as_view(), 1, &copied, &mut b.as_view_mut())
         .unwrap();
+    gpu.finish_uploads().unwrap();
     assert_eq!(copied.bytes(), w.bytes().len());
     assert_eq!(gpu.download(&a).unwrap(), gpu.download(&b).unwrap());
     gpu.synchronize().unwrap();

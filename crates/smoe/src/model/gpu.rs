@@ -198,12 +198,6 @@ fn pin_expert_slots(gpu: &Gpu, cpu: &Decoder) -> (Vec<HostPin>, String) {
     }
 }
 
-/// VRAM kept free under `--vram-budget auto` for KV caches and
-/// activations: a twentieth of the device, at least 2 GiB.
-fn vram_headroom(total: usize) -> usize {
-    (total / 20).max(2 << 30)
-}
-
 /// Uploads streamed layers' experts, all of a layer's at once, first
 /// layers first, while they fit `budget` (as llama.cpp's `-ncmoe` keeps
 /// the last layers' experts on the host); what it did, in words.
@@ -233,7 +227,7 @@ fn vram_experts(
         Budget::Bytes(b) => b as usize,
         Budget::Auto => {
             let (free, total) = gpu.memory()?;
-            free.saturating_sub(vram_headroom(total))
+            free.saturating_sub(crate::memory::vram_headroom(total as u64) as usize)
         }
     };
     let (mut used, mut placed) = (0usize, 0usize);
@@ -257,12 +251,13 @@ fn vram_experts(
         for group in all.chunks(cache.capacity()) {
             let mut pinned = cache.request(cache_layer, group)?;
             pinned.wait()?;
-            let mats: Vec<[Matrix<'_>; 3]> = (0..pinned.len()).map(|j| pinned.get(j).1).collect();
+            let (ids, mats): (Vec<u32>, Vec<[Matrix<'_>; 3]>) =
+                (0..pinned.len()).map(|j| pinned.get(j)).unzip();
             let uploads = gpu.upload_experts(&mats)?;
             // The slots are read after `upload_experts` returns.
             gpu.finish_uploads()?;
-            for (j, (w, _)) in uploads.into_iter().enumerate() {
-                uploaded[pinned.get(j).0 as usize] = Some(w);
+            for (e, (w, _)) in ids.into_iter().zip(uploads) {
+                uploaded[e as usize] = Some(w);
             }
         }
         let resident: Vec<GpuFfn> = uploaded
@@ -989,10 +984,8 @@ impl GpuDecoder {
                     self.tiers.cpu_runs.fetch_add(pinned.len() as u64, Relaxed);
                 }
                 ExpertPath::Copy => {
-                    let ids: smallvec::SmallVec<[u32; 16]> =
-                        (0..pinned.len()).map(|i| pinned.get(i).0).collect();
-                    let mats: Vec<[Matrix<'_>; 3]> =
-                        (0..pinned.len()).map(|i| pinned.get(i).1).collect();
+                    let (ids, mats): (Vec<u32>, Vec<[Matrix<'_>; 3]>) =
+                        (0..pinned.len()).map(|i| pinned.get(i)).unzip();
                     let uploads = g.upload_experts(&mats)?;
                     let bytes: usize = mats.iter().flatten().map(|m| m.data.len()).sum();
                     self.tiers.copied.fetch_add(mats.len() as u64, Relaxed);
@@ -1010,9 +1003,7 @@ impl GpuDecoder {
                     ran.and(finished)?;
                     if small {
                         // What the choice compares: the experts' kernels too.
-                        g.stream()
-                            .synchronize()
-                            .map_err(|e| Error::Device(format!("CUDA: synchronize: {e:?}")))?;
+                        g.synchronize()?;
                     }
                 }
             }

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::{fraction, time, HitCurve, Machine, Range, Sizes, PROMPT_TOKENS};
 use crate::error::{Error, Result};
-use crate::memory::MemoryPlan;
+use crate::memory::{vram_headroom, MemoryPlan};
 use crate::model::human_bytes;
 
 /// One decoded token's layer on the H200, seconds: (1 / 307.7 - the LM
@@ -62,16 +62,10 @@ pub struct VramPlan {
     pub expert_bytes: u64,
 }
 
-/// Headroom `--vram-budget auto` leaves for activations: a twentieth of
-/// the device, at least 2 GiB (`model::gpu`'s `vram_headroom`).
-fn headroom(vram: u64) -> u64 {
-    (vram / 20).max(2 << 30)
-}
-
 /// VRAM as the engine fills it; an error where the backbone, KV and
 /// headroom alone do not fit.
 pub fn vram_plan(sizes: &Sizes, ram: &MemoryPlan, vram: u64) -> Result<VramPlan> {
-    let (backbone, kv, head) = (sizes.resident_bytes(), ram.kv_bytes, headroom(vram));
+    let (backbone, kv, head) = (sizes.resident_bytes(), ram.kv_bytes, vram_headroom(vram));
     let need = backbone + kv + head;
     if need > vram {
         return Err(Error::invalid(format!(
@@ -164,20 +158,14 @@ pub fn forecast(
     );
     let decode_read = time(streamed as f64 * m.misses_s(k, 1.0 - hit, record), eff.disk);
     let decode = super::sum(super::sum(decode_gpu, decode_stream), decode_read);
-    let decode_limit = [
+    let decode_limit = limit([
+        (decode_gpu, "the GPU (kernel launches at these sizes)"),
         (
-            decode_gpu.expected,
-            "the GPU (kernel launches at these sizes)",
-        ),
-        (
-            decode_stream.expected,
+            decode_stream,
             "streamed experts from RAM (PCIe or the CPU, the faster)",
         ),
-        (decode_read.expected, "SSD reads of expert misses"),
-    ]
-    .into_iter()
-    .max_by(|a, b| a.0.total_cmp(&b.0))
-    .map_or("", |(_, what)| what);
+        (decode_read, "SSD reads of expert misses"),
+    ]);
 
     // A prompt copies each expert it routes to in a streamed layer once
     // (one copy serves all its rows), reading the misses first.
@@ -194,14 +182,11 @@ pub fn forecast(
         eff.disk,
     );
     let ttft = super::sum(super::sum(prefill_gpu, prefill_copy), prefill_read);
-    let prefill_limit = [
-        (prefill_gpu.expected, "the GPU"),
-        (prefill_copy.expected, "PCIe copies of the prompt's experts"),
-        (prefill_read.expected, "SSD reads of the prompt's experts"),
-    ]
-    .into_iter()
-    .max_by(|a, b| a.0.total_cmp(&b.0))
-    .map_or("", |(_, what)| what);
+    let prefill_limit = limit([
+        (prefill_gpu, "the GPU"),
+        (prefill_copy, "PCIe copies of the prompt's experts"),
+        (prefill_read, "SSD reads of the prompt's experts"),
+    ]);
     GpuForecast {
         hit_rate: hit,
         streamed_layers: streamed,
@@ -217,6 +202,14 @@ pub fn forecast(
         ttft_s: ttft,
         prefill_limit,
     }
+}
+
+/// The part that takes longest, by its expected time.
+fn limit(parts: [(Range, &'static str); 3]) -> &'static str {
+    parts
+        .into_iter()
+        .max_by(|a, b| a.0.expected.total_cmp(&b.0.expected))
+        .map_or("", |(_, what)| what)
 }
 
 pub fn to_json(v: &VramPlan, g: &Gpu, f: &GpuForecast) -> Value {

@@ -160,10 +160,12 @@ fn program(cc: (i32, i32)) -> (String, Vec<String>) {
 fn cached_or_compiled(cc: (i32, i32)) -> Result<Vec<u8>> {
     let (src, options) = program(cc);
     let path = match crate::paths::cache_dir() {
-        Some(dir) => Some(
-            dir.join("kernels")
-                .join(cubin_name(nvrtc_version()?, &src, &options)),
-        ),
+        Some(dir) => {
+            Some(
+                dir.join("kernels")
+                    .join(cubin_name(cc, nvrtc_version()?, &src, &options)),
+            )
+        }
         None => None,
     };
     if let Some(cubin) = path.as_deref().and_then(read_cubin) {
@@ -176,20 +178,18 @@ fn cached_or_compiled(cc: (i32, i32)) -> Result<Vec<u8>> {
     Ok(cubin)
 }
 
-/// A file name that changes with anything the cubin depends on: NVRTC's
-/// version, the options (the architecture among them) and the source.
-fn cubin_name(nvrtc: (i32, i32), src: &str, options: &[String]) -> String {
+/// A file name that changes with anything the cubin depends on: the
+/// architecture, NVRTC's version, the options and the source.
+fn cubin_name(cc: (i32, i32), nvrtc: (i32, i32), src: &str, options: &[String]) -> String {
     let mut crc = crc32fast::Hasher::new();
     for part in std::iter::once(src).chain(options.iter().map(String::as_str)) {
         crc.update(&(part.len() as u64).to_le_bytes());
         crc.update(part.as_bytes());
     }
-    let arch = options
-        .iter()
-        .find_map(|o| o.strip_prefix("--gpu-architecture="))
-        .unwrap_or("sm");
     format!(
-        "smoe-{arch}-nvrtc{}.{}-{:08x}.cubin",
+        "smoe-sm_{}{}-nvrtc{}.{}-{:08x}.cubin",
+        cc.0,
+        cc.1,
         nvrtc.0,
         nvrtc.1,
         crc.finalize()
@@ -268,14 +268,14 @@ mod tests {
     #[test]
     fn the_cubin_name_follows_source_options_and_nvrtc() {
         let (src, opts) = program((9, 0));
-        let name = cubin_name((13, 0), &src, &opts);
+        let name = cubin_name((9, 0), (13, 0), &src, &opts);
         assert!(name.starts_with("smoe-sm_90-nvrtc13.0-"), "{name}");
-        assert_eq!(name, cubin_name((13, 0), &src, &opts));
+        assert_eq!(name, cubin_name((9, 0), (13, 0), &src, &opts));
         let (_, opts89) = program((8, 9));
         for other in [
-            cubin_name((13, 1), &src, &opts),
-            cubin_name((13, 0), &format!("{src} "), &opts),
-            cubin_name((13, 0), &src, &opts89),
+            cubin_name((9, 0), (13, 1), &src, &opts),
+            cubin_name((9, 0), (13, 0), &format!("{src} "), &opts),
+            cubin_name((8, 9), (13, 0), &src, &opts89),
         ] {
             assert_ne!(name, other);
         }

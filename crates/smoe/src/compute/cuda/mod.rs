@@ -246,8 +246,8 @@ impl Gpu {
         // it costs host time on every launch. Here every kernel, copy,
         // allocation and free runs on the compute stream, in call order,
         // which already orders each buffer's writes, reads and free. The
-        // copy stream is used only by `upload_matrix_async` and
-        // `upload_experts`, which order it against compute themselves.
+        // copy stream is used only by `upload_experts`, which orders it
+        // against compute itself.
         // Called before any buffer is made, so none is tracked.
         unsafe { ctx.disable_event_tracking() };
         let cubin = load::cubin(info.compute_capability)?;
@@ -367,27 +367,6 @@ impl Gpu {
     /// Uploads a weight matrix on the compute stream.
     pub fn upload_matrix(&self, w: Matrix<'_>) -> Result<GpuMatrix> {
         self.matrix_on(&self.compute, w, true)
-    }
-
-    /// Uploads a weight matrix on the copy stream, overlapping the kernels
-    /// already queued; kernels queued after this call see it complete (as
-    /// an expert copied in while the layer's attention runs would be).
-    pub fn upload_matrix_async(&self, w: Matrix<'_>) -> Result<GpuMatrix> {
-        // Allocated (and so later freed) on the compute stream, which is
-        // all that orders buffers without event tracking; the copy waits
-        // for the allocation, and compute for the copy.
-        let mut m = self.matrix_on(&self.compute, w, false)?;
-        let order = |what, e| device_error(format!("ordering the copy stream {what} compute"), e);
-        self.copy
-            .join(&self.compute)
-            .map_err(|e| order("after", e))?;
-        self.copy
-            .memcpy_htod(w.data, &mut m.data)
-            .map_err(|e| device_error(format!("uploading a {} matrix", w.dtype.name()), e))?;
-        self.compute
-            .join(&self.copy)
-            .map_err(|e| order("before", e))?;
-        Ok(m)
     }
 
     /// Page-locks `mem` (the RAM expert cache's slots) with the driver, so
