@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use smoe::compute::Device;
 use smoe::kernels::DType;
 use smoe::model::{available_memory, human_bytes, parse_bytes, Budget, MemoryPlan};
 use smoe::plan::{self, gpu, HitCurve, Machine, Sizes};
@@ -49,9 +50,10 @@ pub(crate) struct PlanArgs {
     /// `serve --parallel` (run and chat decode one).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     parallel: u64,
-    /// Where the model runs: cpu, or cuda (with --vram): the backbone,
-    /// KV and as many layers' experts as fit in VRAM, the rest streamed
-    /// from RAM over PCIe or run on the CPU.
+    /// Where the model runs: cpu, cuda, cuda:N, or auto (the GPU where
+    /// there is one). On a GPU: the backbone, KV and as many layers'
+    /// experts as fit in VRAM, the rest streamed from RAM over PCIe or run
+    /// on the CPU.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// GPU memory, for --device cuda (default: the GPU's, when this binary
@@ -185,17 +187,14 @@ fn dtype(flag: &str, s: &str) -> Result<DType> {
 }
 
 pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
-    let on_gpu = match a.device.to_ascii_lowercase().as_str() {
-        "cpu" => false,
-        d if d == "cuda"
-            || d == "gpu"
-            || d.strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<u32>().is_ok()) =>
-        {
-            true
-        }
-        _ => bail!("--device \"{}\": expected cpu, cuda or cuda:N", a.device),
+    // The engine's own parsing of --device; `auto` plans the GPU where
+    // this binary finds one (or --vram says there is one).
+    let gpu_ordinal = match Device::parse(&a.device)? {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(n),
+        Device::Auto => (a.vram.is_some() || gpu_memory(0).is_ok()).then_some(0),
     };
+    let on_gpu = gpu_ordinal.is_some();
     if !on_gpu && (a.vram.is_some() || a.pcie_gbps.is_some()) {
         let flags: Vec<String> = [
             a.vram.as_ref().map(|v| format!("--vram {v}")),
@@ -285,7 +284,7 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
     let gpu = if on_gpu {
         let vram = match a.vram.as_deref().or(file.vram.as_deref()) {
             Some(s) => size("--vram", s)?,
-            None => gpu_memory(&a.device).map_err(|why| {
+            None => gpu_memory(gpu_ordinal.unwrap_or(0)).map_err(|why| {
                 anyhow::anyhow!(
                     "--device {}: give --vram SIZE, the GPU's memory (not found here: {why})",
                     a.device
@@ -592,19 +591,14 @@ fn range(x: &plan::Range, p: usize) -> String {
     format!("{:.p$}-{:.p$} (expected {:.p$})", x.low, x.high, x.expected)
 }
 
-/// The memory of GPU `device` (`cuda` or `cuda:N`) on this machine, for a
-/// plan of the GPU at hand when no `--vram` is given.
+/// The memory of GPU `n` on this machine, for a plan of the GPU at hand
+/// when no `--vram` is given.
 #[cfg(feature = "cuda")]
-fn gpu_memory(device: &str) -> Result<u64> {
-    let n = device
-        .to_ascii_lowercase()
-        .strip_prefix("cuda:")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+fn gpu_memory(n: usize) -> Result<u64> {
     Ok(smoe::compute::cuda::probe(n)?.total_memory as u64)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_memory(_device: &str) -> Result<u64> {
+fn gpu_memory(_n: usize) -> Result<u64> {
     bail!("this binary was built without the cuda feature")
 }
