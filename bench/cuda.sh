@@ -149,6 +149,7 @@ smoe_row() { # extra smoe bench flags... [--print-ssd: the streaming figures, in
         python3 -c "
 import json, sys
 r = json.load(sys.stdin)
+open('$DIR/smoe-last.device', 'w').write(r['device'] + '\n')
 if not $ssd:
     print(r['prefill_tok_s'], r['decode_tok_s'])
     sys.exit()
@@ -199,7 +200,8 @@ setup
 QUARTER=$(($(stat -c %s "$VAULT/experts.bin") / 4 + (1 << 20)))
 TENTH=$(($(stat -c %s "$VAULT/experts.bin") / 10))
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-echo "smoe: $("$BIN/smoe" --version 2>/dev/null || echo '?'); llama.cpp: $(cd "$LLAMA" && git describe --tags 2>/dev/null || echo "source of $(stat -c %y "$PACK/llama-src.tar.xz" | cut -d' ' -f1)")"
+ggml=$(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$LLAMA/ggml/CMakeLists.txt" | paste -sd.)
+echo "smoe: $("$BIN/smoe" --version 2>/dev/null || echo '?'); llama.cpp: ggml ${ggml:-?} (llama-cpp-python's source package)"
 echo "$LAYERS-layer Qwen3-30B-A3B, pp$PP / tg$TG, median of $REPEAT, engines alternating"
 echo
 echo "| placement | llama.cpp | smoe | llama.cpp pp$PP tok/s | smoe | ratio | llama.cpp tg$TG tok/s | smoe | ratio |"
@@ -208,12 +210,10 @@ row "everything in VRAM" "-ngl 99 -fa 1" "--vram-budget auto"
 row "experts in host RAM" "-ngl 99 -fa 1 -ot exps=CPU" "--vram-budget 0"
 row "2 of 8 layers' experts in VRAM" "-ngl 99 -fa 1 -ncmoe 6" "--vram-budget $QUARTER"
 echo
-echo "smoe's last start-up lines:"
-grep -E "^device|experts" "$DIR/smoe-last.log" | head -3 || true
+echo "smoe's placement in the last row: $(cat "$DIR/smoe-last.device")"
 
 # No llama.cpp row: it has no mode that reads experts from the disk on
 # demand (only mmap, through the page cache).
 echo
 echo "experts on SSD: --ram-budget $QUARTER (a quarter of the expert bytes), --vram-budget $TENTH (a tenth), median of $SMOE_REPEAT:"
 smoe_row --ram-budget "$QUARTER" --vram-budget "$TENTH" --print-ssd
-grep -E "^device|experts" "$DIR/smoe-last.log" | head -3 || true

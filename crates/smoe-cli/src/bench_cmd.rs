@@ -127,6 +127,12 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             "prefill": profile_json(&p.prefill_ops, p.prefill_s),
             "decode": profile_json(&d.decode_ops, d.decode_s),
         });
+        if d.decode_kernels.total().calls + p.prefill_kernels.total().calls > 0 {
+            report["profile"]["gpu_kernels"] = json!({
+                "prefill": kernels_json(&p.prefill_kernels, p.prefill_s),
+                "decode": kernels_json(&d.decode_kernels, d.decode_s),
+            });
+        }
     }
     if let Some((cache, disk)) = streaming {
         let ((disk_gb_s, direct), fraction) = disk?;
@@ -238,6 +244,26 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
                 )?;
             }
         }
+        for phase in ["prefill", "decode"] {
+            let Some(rows) = p["gpu_kernels"][phase].as_array() else {
+                continue;
+            };
+            writeln!(
+                out,
+                "{phase} of the median run, GPU kernels (device time; host time launching):"
+            )?;
+            for k in rows {
+                writeln!(
+                    out,
+                    "  {:<22} {:>7} calls {:>10.2} ms {:>5.1}%  launch {:>8.2} ms",
+                    k["kernel"].as_str().unwrap_or(""),
+                    k["calls"],
+                    k["device_ms"].as_f64().unwrap_or(0.0),
+                    k["percent"].as_f64().unwrap_or(0.0),
+                    k["launch_ms"].as_f64().unwrap_or(0.0),
+                )?;
+            }
+        }
     }
     Ok(())
 }
@@ -255,6 +281,21 @@ fn profile_json(ops: &smoe::compute::profile::OpTimes, wall_s: f64) -> Value {
     rows.push(
         json!({"op": "(outside ops)", "calls": 0, "ms": 1e3 * outside, "percent": share(outside)}),
     );
+    Value::Array(rows)
+}
+
+/// One phase's GPU kernels, longest on the device first, with their sum
+/// last: device and launch time, and the device time's share of the
+/// phase's wall time (what is left is the device idle, waiting for the
+/// host).
+fn kernels_json(k: &smoe::compute::profile::KernelTimes, wall_s: f64) -> Value {
+    let share = |s: f64| 100.0 * s / wall_s.max(f64::MIN_POSITIVE);
+    let row = |name: &str, t: smoe::compute::profile::KernelTime| {
+        json!({"kernel": name, "calls": t.calls, "device_ms": 1e3 * t.device_s,
+               "launch_ms": 1e3 * t.launch_s, "percent": share(t.device_s)})
+    };
+    let mut rows: Vec<Value> = k.kernels().into_iter().map(|(n, t)| row(n, t)).collect();
+    rows.push(row("(all kernels)", k.total()));
     Value::Array(rows)
 }
 

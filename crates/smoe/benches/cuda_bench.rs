@@ -141,9 +141,11 @@ fn main() {
     let q6k = DType::Quant(QuantType::Q6K);
     matvec(&gpu, "expert gate/up", q4k, 768, 2048);
     matvec(&gpu, "expert down", q4k, 2048, 768);
+    matvec(&gpu, "attention q", q4k, 4096, 2048);
     matvec(&gpu, "LM head", q6k, 151_936, 2048);
     matvec(&gpu, "LM head", DType::BF16, 151_936, 2048);
     gemm(&gpu, 512, 768, 2048);
+    attention(&gpu, 600, 1);
     attention(&gpu, 4096, 1);
     attention(&gpu, 0, 512);
 }

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use crate::compute::profile::OpTimes;
+use crate::compute::profile::{KernelTimes, OpTimes};
 use crate::config::ModelConfig;
 use crate::engine::{rate, Engine};
 use crate::error::{Error, Result};
@@ -40,6 +40,9 @@ pub struct BenchRun {
     /// was built.
     pub prefill_ops: OpTimes,
     pub decode_ops: OpTimes,
+    /// GPU kernels while prefilling and while decoding, as for the ops.
+    pub prefill_kernels: KernelTimes,
+    pub decode_kernels: KernelTimes,
 }
 
 impl BenchRun {
@@ -58,6 +61,8 @@ impl BenchRun {
             decode_s: 0.0,
             prefill_ops: OpTimes::default(),
             decode_ops: OpTimes::default(),
+            prefill_kernels: KernelTimes::default(),
+            decode_kernels: KernelTimes::default(),
         };
         for r in runs {
             t.prefill += r.prefill;
@@ -68,6 +73,8 @@ impl BenchRun {
             t.decode_s += r.decode_s;
             t.prefill_ops.add(&r.prefill_ops);
             t.decode_ops.add(&r.decode_ops);
+            t.prefill_kernels.add(&r.prefill_kernels);
+            t.decode_kernels.add(&r.decode_kernels);
             t.ttft_s += r.ttft_s / runs.len() as f64;
         }
         t.prefill_tok_s = rate(t.prefill_tokens, t.prefill_s);
@@ -130,10 +137,12 @@ fn measure(engine: &Engine, ids: &[u32], gen_tokens: usize) -> Result<BenchRun> 
     let mut session = engine.new_session();
     let before = snap();
     let ops_before = OpTimes::now();
+    let kernels_before = KernelTimes::now();
     let mut first = None;
     let start = Instant::now();
     let mut at_first = StatsSnapshot::default();
     let mut ops_at_first = ops_before;
+    let mut kernels_at_first = kernels_before.clone();
     let gen = engine.generate(
         &mut session,
         ids,
@@ -144,11 +153,13 @@ fn measure(engine: &Engine, ids: &[u32], gen_tokens: usize) -> Result<BenchRun> 
                 first = Some(start.elapsed().as_secs_f64());
                 at_first = snap();
                 ops_at_first = OpTimes::now();
+                kernels_at_first = KernelTimes::now();
             }
         },
     )?;
     let end = snap();
     let ops_end = OpTimes::now();
+    let kernels_end = KernelTimes::now();
     Ok(BenchRun {
         prefill_tok_s: gen.timings.prefill_tok_s(),
         decode_tok_s: gen.timings.decode_tok_s(),
@@ -161,6 +172,8 @@ fn measure(engine: &Engine, ids: &[u32], gen_tokens: usize) -> Result<BenchRun> 
         decode_s: gen.timings.decode_s,
         prefill_ops: ops_at_first.since(&ops_before),
         decode_ops: ops_end.since(&ops_at_first),
+        prefill_kernels: kernels_at_first.since(&kernels_before),
+        decode_kernels: kernels_end.since(&kernels_at_first),
     })
 }
 

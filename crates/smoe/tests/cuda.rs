@@ -697,6 +697,15 @@ fn attention_matches_cpu() {
             false,
         ),
         ("latent, 5 after 20", mla, 5, true),
+        // Few queries over many keys: split over the keys and merged.
+        ("2 tokens at 700", gqa(700, None), 2, false),
+        ("decode at 1000, window 200", gqa(1000, Some(200)), 1, false),
+        (
+            "latent decode at 300",
+            AttnShape { pos0: 300, ..mla },
+            1,
+            true,
+        ),
     ];
     for (seed, (name, s, t, shared)) in cases.into_iter().enumerate() {
         let total = s.pos0 + t;

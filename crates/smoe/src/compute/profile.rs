@@ -10,7 +10,9 @@
 //! gets the bare backend. Time outside every op (waiting for expert reads,
 //! the model's own bookkeeping) is what remains of the wall time.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use super::{
@@ -312,6 +314,81 @@ impl<B: Backend> Backend for Profiled<B> {
     }
 }
 
+/// One GPU kernel's launches: how many, their time on the device
+/// (between CUDA events recorded around each launch) and the host's time
+/// in the launch calls. A decode step whose device time is well under its
+/// wall time is bound by the host (launches, syncs, expert reads), not by
+/// the kernels.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KernelTime {
+    pub calls: u64,
+    pub device_s: f64,
+    pub launch_s: f64,
+}
+
+static KERNELS: Mutex<BTreeMap<String, KernelTime>> = Mutex::new(BTreeMap::new());
+
+/// Adds one launch of kernel `name` (the CUDA device calls it when
+/// profiling, as its events complete).
+pub fn record_kernel(name: &str, device_s: f64, launch_s: f64) {
+    let mut k = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
+    let t = k.entry(name.to_owned()).or_default();
+    t.calls += 1;
+    t.device_s += device_s;
+    t.launch_s += launch_s;
+}
+
+/// GPU kernel times by name summed since the process started; empty
+/// without a GPU or unless [`enable`] was called before it was opened.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KernelTimes(BTreeMap<String, KernelTime>);
+
+impl KernelTimes {
+    pub fn now() -> Self {
+        Self(KERNELS.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    pub fn since(&self, earlier: &Self) -> Self {
+        let mut t = self.clone();
+        for (name, e) in &earlier.0 {
+            if let Some(k) = t.0.get_mut(name) {
+                k.calls -= e.calls;
+                k.device_s -= e.device_s;
+                k.launch_s -= e.launch_s;
+            }
+        }
+        t.0.retain(|_, k| k.calls > 0);
+        t
+    }
+
+    pub fn add(&mut self, other: &Self) {
+        for (name, o) in &other.0 {
+            let k = self.0.entry(name.clone()).or_default();
+            k.calls += o.calls;
+            k.device_s += o.device_s;
+            k.launch_s += o.launch_s;
+        }
+    }
+
+    /// Every kernel that ran, longest on the device first.
+    pub fn kernels(&self) -> Vec<(&str, KernelTime)> {
+        let mut v: Vec<_> = self.0.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+        v.sort_by(|a, b| b.1.device_s.total_cmp(&a.1.device_s));
+        v
+    }
+
+    /// Seconds on the device and seconds launching, all kernels.
+    pub fn total(&self) -> KernelTime {
+        let mut t = KernelTime::default();
+        for k in self.0.values() {
+            t.calls += k.calls;
+            t.device_s += k.device_s;
+            t.launch_s += k.launch_s;
+        }
+        t
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,5 +411,18 @@ mod tests {
         assert!(calls(Op::clamp) >= 1, "{ops:?}");
         assert!(y.iter().all(|&v| v == 4.0), "the wrapped op ran");
         assert!(d.total_s() > 0.0);
+    }
+
+    #[test]
+    fn kernel_times_subtract_per_name() {
+        let before = KernelTimes::now();
+        record_kernel("profile_test_kernel", 0.5, 0.25);
+        record_kernel("profile_test_kernel", 0.5, 0.25);
+        let d = KernelTimes::now().since(&before);
+        let k = d.kernels();
+        let ours = k.iter().find(|k| k.0 == "profile_test_kernel").unwrap().1;
+        assert_eq!(ours.calls, 2);
+        assert_eq!((ours.device_s, ours.launch_s), (1.0, 0.5));
+        assert!(d.total().device_s >= 1.0);
     }
 }

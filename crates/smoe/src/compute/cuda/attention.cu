@@ -5,32 +5,37 @@
 // j * head_dim, its value at values + p * v_stride + j * v_dim (latent
 // attention passes its latent as both).
 //
-// One block per (query head, token), ATT_WARPS warps. The query, scaled,
-// sits in shared memory; warp w takes keys lo + w, lo + w + ATT_WARPS, ...
-// and keeps a FlashAttention-style online softmax (running max, sum and
-// output, rescaled when the max grows); lane i holds output elements
-// i, i + 32, ... The warps' partial results are merged at the end. This
-// serves decode and prefill alike; a split over keys across blocks for
-// long decode contexts and tensor-core tiles for prefill are the next
-// steps for speed.
-
+// One block per (query head, token, split of the keys), ATT_WARPS warps.
+// The query, scaled, sits in shared memory; warp w takes keys lo + w,
+// lo + w + ATT_WARPS, ... of its split and keeps a FlashAttention-style
+// online softmax (running max, sum and output, rescaled when the max
+// grows); lane i holds output elements i, i + 32, ... The warps' partial
+// results are merged at the end. A decode step has one token, so without
+// splits its grid would be the 32 heads, a quarter of an H200's SMs, each
+// walking hundreds of keys one dependent load after another (156 us a
+// layer at 600 keys): split over the keys ("flash-decoding"), each block
+// writes its unnormalized output with its max and sum, and
+// `attention_combine` merges the splits. Prefill has blocks enough and
+// runs unsplit, normalizing in place.
 #define ATT_WARPS 8
 #define ATT_MAX_HEAD 1024
 #define ATT_MAX_V 512
 #define ATT_V_PER_LANE (ATT_MAX_V / 32)
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-    attention(const float* q, const float* keys, const float* values, float* out, int n_heads,
-              int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride, float scale,
-              int pos0, int window) {
+    attention(const float* q, const float* keys, const float* values, float* out, float* parts,
+              int n_heads, int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride,
+              float scale, int pos0, int window, int splits) {
     __shared__ float qs[ATT_MAX_HEAD];
     __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
     __shared__ float part_o[ATT_WARPS][ATT_MAX_V];
-    int h = blockIdx.x, tok = blockIdx.y;
+    int h = blockIdx.x, tok = blockIdx.y, split = blockIdx.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int kvh = h / (n_heads / n_kv_heads);
-    int hi = pos0 + tok + 1;
-    int lo = window > 0 && hi > window ? hi - window : 0;
+    int end = pos0 + tok + 1;
+    int begin = window > 0 && end > window ? end - window : 0;
+    int chunk = (end - begin + splits - 1) / splits;
+    int lo = begin + split * chunk, hi = min(end, lo + chunk);
 
     const float* qr = q + ((size_t)tok * n_heads + h) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = qr[d] * scale;
@@ -72,10 +77,49 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
     for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, part_m[w]);
     float total = 0.0f;
     for (int w = 0; w < ATT_WARPS; w++) total += part_l[w] * expf(part_m[w] - mx);
-    float* orow = out + ((size_t)tok * n_heads + h) * v_dim;
+    if (splits == 1) {
+        float* orow = out + ((size_t)tok * n_heads + h) * v_dim;
+        for (int d = threadIdx.x; d < v_dim; d += blockDim.x) {
+            float acc = 0.0f;
+            for (int w = 0; w < ATT_WARPS; w++) acc += part_o[w][d] * expf(part_m[w] - mx);
+            orow[d] = acc / total;
+        }
+        return;
+    }
+    // This split's max, sum and unnormalized output; an empty split (more
+    // splits than keys) writes NEG, 0 and zeros, which weigh nothing.
+    float* pr = parts + (((size_t)tok * n_heads + h) * splits + split) * (v_dim + 2);
+    if (threadIdx.x == 0) {
+        pr[0] = mx;
+        pr[1] = total;
+    }
     for (int d = threadIdx.x; d < v_dim; d += blockDim.x) {
         float acc = 0.0f;
         for (int w = 0; w < ATT_WARPS; w++) acc += part_o[w][d] * expf(part_m[w] - mx);
+        pr[2 + d] = acc;
+    }
+}
+
+// The splits of `attention` merged: out = sum_s o_s e^(m_s - m) / sum_s l_s
+// e^(m_s - m), m the largest m_s. Grid (n_heads, t), ATT_WARPS * 32 threads.
+extern "C" __global__ void attention_combine(const float* parts, float* out, int n_heads, int v_dim,
+                                             int splits) {
+    int h = blockIdx.x, tok = blockIdx.y;
+    const float* pr = parts + ((size_t)tok * n_heads + h) * splits * (v_dim + 2);
+    float mx = NEG;
+    for (int s = 0; s < splits; s++) mx = fmaxf(mx, pr[(size_t)s * (v_dim + 2)]);
+    float total = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float* ps = pr + (size_t)s * (v_dim + 2);
+        total += ps[1] * expf(ps[0] - mx);
+    }
+    float* orow = out + ((size_t)tok * n_heads + h) * v_dim;
+    for (int d = threadIdx.x; d < v_dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float* ps = pr + (size_t)s * (v_dim + 2);
+            acc += ps[2 + d] * expf(ps[0] - mx);
+        }
         orow[d] = acc / total;
     }
 }

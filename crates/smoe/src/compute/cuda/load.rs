@@ -281,6 +281,24 @@ mod tests {
         }
     }
 
+    /// The kernels compile for the oldest and the newest architecture path
+    /// (Turing's f32 tile, Hopper's tensor cores) wherever NVRTC loads,
+    /// GPU or not: pip's `nvidia-cuda-nvrtc` wheel on LD_LIBRARY_PATH is
+    /// enough, so a kernel edit is checked before a GPU machine is.
+    #[test]
+    fn the_kernels_compile_where_nvrtc_is() {
+        // SAFETY: as in `libraries`.
+        if !unsafe { nvrtc::sys::is_culib_present() } {
+            eprintln!("SKIPPED: no libnvrtc.so.{NVRTC_MAJOR} on the loader path");
+            return;
+        }
+        for cc in [(7, 5), (9, 0)] {
+            let (src, opts) = program(cc);
+            let cubin = compile(&src, &opts).unwrap_or_else(|e| panic!("sm_{}{}: {e}", cc.0, cc.1));
+            assert!(cubin.len() > 1000);
+        }
+    }
+
     #[test]
     fn a_stored_cubin_reads_back_and_a_damaged_one_does_not() {
         let dir = tempfile::tempdir().unwrap();

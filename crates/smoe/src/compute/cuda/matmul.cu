@@ -152,23 +152,37 @@ __device__ constexpr int chunk_bytes() {
                          : 0;
 }
 
-// The warp copies `n` bytes at `src` into `dst` (16-byte aligned) with the
-// widest loads the address and length allow. GGML blocks have even sizes,
-// so two bytes is the least; q6_k's 210-byte blocks make 8 the usual
-// width there, 16 for the other formats.
-__device__ __forceinline__ void stage_bytes(const u8* src, int n, u8* dst) {
-    int lane = threadIdx.x;
-    size_t a = (size_t)src | (size_t)n;
-    if ((a & 15) == 0) {
-        for (int i = lane; i < n / 16; i += 32) ((uint4*)dst)[i] = ((const uint4*)src)[i];
-    } else if ((a & 7) == 0) {
-        for (int i = lane; i < n / 8; i += 32) ((uint2*)dst)[i] = ((const uint2*)src)[i];
-    } else if ((a & 3) == 0) {
-        for (int i = lane; i < n / 4; i += 32) ((u32*)dst)[i] = ((const u32*)src)[i];
-    } else {
-        for (int i = lane; i < n / 2; i += 32) ((u16*)dst)[i] = ((const u16*)src)[i];
+// A warp stages a chunk of a quantized row (32 groups: whole blocks in
+// every format) through shared memory with the widest loads the row's
+// alignment allows (W: uint4, uint2, u32 or u16; GGML blocks have even
+// sizes, and q6_k's 210-byte blocks make 8 bytes the usual width there, 16
+// for the other formats). Every lane issues all its loads of a chunk
+// before storing any, and the next chunk's loads go out before the
+// current chunk is multiplied: a load-store loop waits out the memory
+// latency once per load, which held the q6_k LM head to 570 GB/s.
+template <typename W>
+__device__ __forceinline__ constexpr int stage_loads() {
+    return (MV_STAGE / (int)sizeof(W) + 31) / 32;
+}
+
+template <typename W>
+__device__ __forceinline__ void stage_load(const u8* src, int n, W* r) {
+    int lane = threadIdx.x, words = n / (int)sizeof(W);
+#pragma unroll
+    for (int k = 0; k < stage_loads<W>(); k++) {
+        int i = lane + 32 * k;
+        if (i < words) r[k] = ((const W*)src)[i];
     }
-    __syncwarp();
+}
+
+template <typename W>
+__device__ __forceinline__ void stage_store(const W* r, int n, u8* dst) {
+    int lane = threadIdx.x, words = n / (int)sizeof(W);
+#pragma unroll
+    for (int k = 0; k < stage_loads<W>(); k++) {
+        int i = lane + 32 * k;
+        if (i < words) ((W*)dst)[i] = r[k];
+    }
 }
 
 // acc[tok] += v . x[tok, 32g..32g+32] for tok < t.
@@ -189,6 +203,98 @@ __device__ __forceinline__ void dot32(const float* v, const float* x, int cols, 
     }
 }
 
+// acc[tok] += (group wg of `row`) . x[tok, 32g..32g+32] for tok < t, as
+// `dequant32` then `dot32` compute it (the same products, summed in the
+// same order), but for q4_k and q6_k, the formats of a 4-bit model's
+// matrices, the weights are widened four at a time and never all held:
+// 32 widened floats per lane are registers that would otherwise let more
+// warps wait out the weight loads side by side.
+template <int T, int NT>
+__device__ __forceinline__ void dot_group(const u8* row, int wg, const float* x, int cols, int t, int g,
+                                          float* acc) {
+    if constexpr (T == T_Q4_K || T == T_Q6_K) {
+        const u8 *q, *qh = nullptr;
+        float d0, d1, dm = 0.0f;
+        int shift, hshift = 0;
+        if constexpr (T == T_Q4_K) {
+            const u8* b = row + (size_t)(wg >> 3) * 144;
+            int sb = wg & 7;
+            float sc, m;
+            scale_min_k4(sb, b + 4, &sc, &m);
+            d0 = d1 = ld_f16(b) * sc;
+            dm = ld_f16(b + 2) * m;
+            q = b + 16 + (sb >> 1) * 32;
+            shift = (sb & 1) * 4;
+        } else {
+            const u8* b = row + (size_t)(wg >> 3) * 210;
+            int gi = wg & 7, n = gi >> 2, part = gi & 3;
+            float d = ld_f16(b + 208);
+            const i8* sc = (const i8*)(b + 192) + 8 * n + 2 * part;
+            q = b + 64 * n + (part & 1) * 32;
+            qh = b + 128 + 32 * n;
+            shift = (part >> 1) * 4;
+            hshift = 2 * part;
+            d0 = d * (float)sc[0];
+            d1 = d * (float)sc[1];
+        }
+        float s[NT];
+#pragma unroll
+        for (int tok = 0; tok < NT; tok++) s[tok] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            float w[4];
+            // q4_k's nibbles sit 16-byte aligned (144-byte blocks, 16 bytes
+            // of scales first): four at one load.
+            u32 word = 0;
+            if constexpr (T == T_Q4_K) word = ((const u32*)q)[i];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int l = 4 * i + j;
+                if constexpr (T == T_Q4_K) {
+                    w[j] = d0 * (float)((word >> (8 * j + shift)) & 0xF) - dm;
+                } else {
+                    int v = ((q[l] >> shift) & 0xF) | (((qh[l] >> hshift) & 3) << 4);
+                    w[j] = (l < 16 ? d0 : d1) * (float)(v - 32);
+                }
+            }
+#pragma unroll
+            for (int tok = 0; tok < NT; tok++) {
+                if (tok < t) {
+                    float4 a = ((const float4*)(x + (size_t)tok * cols + g * 32))[i];
+                    s[tok] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w;
+                }
+            }
+        }
+#pragma unroll
+        for (int tok = 0; tok < NT; tok++)
+            if (tok < t) acc[tok] += s[tok];
+    } else {
+        float v[32];
+        dequant32<T>(row, wg, v);
+        dot32<NT>(v, x, cols, t, g, acc);
+    }
+}
+
+// The quantized half of `dot_row`, W-wide loads: chunk c staged and
+// multiplied while chunk c + 1 is on its way.
+template <int T, int NT, typename W>
+__device__ __forceinline__ void dot_chunks(const u8* wr, int cols, const float* x, int t, float* acc, u8* stage) {
+    const int cb = chunk_bytes<T>();
+    int lane = threadIdx.x, groups = cols >> 5;
+    W r[stage_loads<W>()];
+    int n = min(32, groups);
+    stage_load<W>(wr, n * cb / 32, r);
+    for (int g0 = 0; g0 < groups; g0 += 32) {
+        stage_store<W>(r, n * cb / 32, stage);
+        __syncwarp();
+        int next = g0 + 32, n_next = min(32, groups - next);
+        if (n_next > 0) stage_load<W>(wr + (size_t)(next >> 5) * cb, n_next * cb / 32, r);
+        if (lane < n) dot_group<T, NT>(stage, lane, x, cols, t, g0 + lane, acc);
+        __syncwarp();
+        n = n_next;
+    }
+}
+
 // One warp's partial dot products of stored row `wr` (whole 32-weight
 // groups) with t <= NT activation rows, per lane into acc. Float rows are
 // read in place (16-byte loads already); a quantized row goes through the
@@ -197,22 +303,26 @@ __device__ __forceinline__ void dot32(const float* v, const float* x, int cols, 
 template <int T, int NT>
 __device__ __forceinline__ void dot_row(const u8* wr, int cols, const float* x, int t, float* acc, u8* stage) {
     int lane = threadIdx.x, groups = cols >> 5;
-    float v[32];
     if constexpr (is_float<T>()) {
+        float v[32];
         for (int g = lane; g < groups; g += 32) {
             dequant32<T>(wr, g, v);
             dot32<NT>(v, x, cols, t, g, acc);
         }
     } else {
+        // Every chunk's start and length share the row's, the chunk size's
+        // and the last chunk's alignment.
         const int cb = chunk_bytes<T>();
-        for (int g0 = 0; g0 < groups; g0 += 32) {
-            int n = min(32, groups - g0);
-            stage_bytes(wr + (size_t)(g0 >> 5) * cb, n * cb / 32, stage);
-            if (lane < n) {
-                dequant32<T>(stage, lane, v);
-                dot32<NT>(v, x, cols, t, g0 + lane, acc);
-            }
-            __syncwarp();
+        int tail = (groups & 31) * cb / 32;
+        size_t a = (size_t)wr | (size_t)cb | (size_t)tail;
+        if ((a & 15) == 0) {
+            dot_chunks<T, NT, uint4>(wr, cols, x, t, acc, stage);
+        } else if ((a & 7) == 0) {
+            dot_chunks<T, NT, uint2>(wr, cols, x, t, acc, stage);
+        } else if ((a & 3) == 0) {
+            dot_chunks<T, NT, u32>(wr, cols, x, t, acc, stage);
+        } else {
+            dot_chunks<T, NT, u16>(wr, cols, x, t, acc, stage);
         }
     }
 }

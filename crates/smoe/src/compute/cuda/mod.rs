@@ -44,6 +44,7 @@ use load::device_error;
 macro_rules! launch {
     ($gpu:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let name = $name;
+        let timing = $gpu.time_start()?;
         let f = $gpu.function(&name)?;
         let mut b = $gpu.compute.launch_builder(&f);
         $(b.arg($arg);)+
@@ -51,7 +52,8 @@ macro_rules! launch {
         // passes, which bound what the kernel reads and writes.
         unsafe { b.launch($cfg) }
             .map(|_| ())
-            .map_err(|e| device_error(format!("launching {name}"), e))
+            .map_err(|e| device_error(format!("launching {name}"), e))?;
+        $gpu.time_end(timing, &name)
     }};
 }
 
@@ -72,6 +74,10 @@ const ROUTE_MAX_GROUPS: usize = 64;
 const ATT_MAX_HEAD: usize = 1024;
 const ATT_MAX_V: usize = 512;
 const ATT_THREADS: u32 = 8 * 32;
+/// Split attention: blocks wanted per SM, and the fewest keys a split
+/// takes (eight per warp).
+const ATT_BLOCKS_PER_SM: usize = 4;
+const ATT_MIN_SPLIT: usize = 64;
 
 /// A usable GPU, as [`probe`] found it.
 #[derive(Debug, Clone)]
@@ -85,6 +91,9 @@ pub struct GpuInfo {
     /// The CUDA version the driver supports, and NVRTC's.
     pub driver_version: (i32, i32),
     pub nvrtc_version: (i32, i32),
+    /// Streaming multiprocessors: how many blocks a launch needs to fill
+    /// the device.
+    pub sm_count: usize,
 }
 
 impl std::fmt::Display for GpuInfo {
@@ -151,6 +160,10 @@ fn probe_context(ordinal: usize) -> Result<(GpuInfo, Arc<CudaContext>)> {
         free_memory,
         driver_version: (driver / 1000, driver % 1000 / 10),
         nvrtc_version: load::nvrtc_version()?,
+        sm_count: ctx
+            .attribute(driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(what)?
+            .max(1) as usize,
     };
     // NVRTC 13 builds for Turing (7.5) and newer only.
     if compute_capability < (7, 5) {
@@ -234,7 +247,27 @@ pub struct Gpu {
     /// Kernels by name, looked up in the module once: a lookup costs a
     /// driver call, about as much as the launch itself.
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Launches timed but not yet read back, when profiling
+    /// ([`super::profile::enable`] before the GPU was opened).
+    timed: Option<Mutex<Vec<Timed>>>,
+    /// Split attention's partial results ([`Gpu::attention`]), grown to
+    /// the largest call; every use is on the compute stream, in order.
+    attn_parts: Mutex<Option<CudaSlice<f32>>>,
 }
+
+/// One profiled launch: events on the compute stream before and after it,
+/// and the host's time in the launch call.
+#[derive(Debug)]
+struct Timed {
+    name: String,
+    start: CudaEvent,
+    end: CudaEvent,
+    launch_s: f64,
+}
+
+/// Profiled launches kept before their events are read back at the latest
+/// (each holds two driver events).
+const MAX_TIMED: usize = 4096;
 
 impl Gpu {
     /// Opens GPU `ordinal` and loads the kernels, compiling them on the
@@ -264,7 +297,68 @@ impl Gpu {
             info,
             module,
             functions: Mutex::default(),
+            timed: super::profile::enabled().then(Mutex::default),
+            attn_parts: Mutex::default(),
         })
+    }
+
+    /// When profiling, an event recorded before a launch and the host
+    /// clock.
+    fn time_start(&self) -> Result<Option<(CudaEvent, std::time::Instant)>> {
+        if self.timed.is_none() {
+            return Ok(None);
+        }
+        let ev = self
+            .compute
+            .record_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| device_error("recording a profiling event", e))?;
+        Ok(Some((ev, std::time::Instant::now())))
+    }
+
+    /// Closes what [`Gpu::time_start`] opened with an event after the
+    /// launch; read back at the next download (which waits for the stream
+    /// anyway) or when too many are pending.
+    fn time_end(&self, started: Option<(CudaEvent, std::time::Instant)>, name: &str) -> Result<()> {
+        let (Some((start, at)), Some(timed)) = (started, &self.timed) else {
+            return Ok(());
+        };
+        let launch_s = at.elapsed().as_secs_f64();
+        let end = self
+            .compute
+            .record_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| device_error("recording a profiling event", e))?;
+        let full = {
+            let mut t = timed.lock().unwrap_or_else(|e| e.into_inner());
+            t.push(Timed {
+                name: name.to_owned(),
+                start,
+                end,
+                launch_s,
+            });
+            t.len() >= MAX_TIMED
+        };
+        if full {
+            self.read_timings()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits for the profiled launches still pending and adds their times
+    /// to [`super::profile::KernelTimes`].
+    fn read_timings(&self) -> Result<()> {
+        let Some(timed) = &self.timed else {
+            return Ok(());
+        };
+        let done = std::mem::take(&mut *timed.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in done {
+            let ms = t
+                .start
+                .elapsed_ms(&t.end)
+                .map_err(|e| device_error(format!("timing {}", t.name), e))?;
+            super::profile::record_kernel(&t.name, f64::from(ms) * 1e-3, t.launch_s);
+        }
+        Ok(())
     }
 
     pub fn info(&self) -> &GpuInfo {
@@ -342,7 +436,8 @@ impl Gpu {
         }
         self.compute
             .memcpy_dtoh(src, dst)
-            .map_err(|e| device_error(format!("downloading {} elements", dst.len()), e))
+            .map_err(|e| device_error(format!("downloading {} elements", dst.len()), e))?;
+        self.read_timings()
     }
 
     /// Copies `src` into `dst` on the device, in stream order.
@@ -855,11 +950,36 @@ impl Gpu {
         let (hd, vd) = (int(s.head_dim)?, int(s.v_dim)?);
         let (ks, vs) = (int(s.k_stride)?, int(s.v_stride)?);
         let (pos0, window) = (int(s.pos0)?, int(s.window.unwrap_or(0))?);
+        // Enough blocks for every SM to hold several, each at least
+        // ATT_MIN_SPLIT keys of the longest row (decode's few heads);
+        // prefill fills the device unsplit.
+        let longest = s.window.map_or(total, |w| w.min(total));
+        let blocks = s.n_heads * t;
+        let want = ATT_BLOCKS_PER_SM * self.info.sm_count;
+        let splits = if blocks >= want {
+            1
+        } else {
+            want.div_ceil(blocks)
+                .min(longest.div_ceil(ATT_MIN_SPLIT))
+                .max(1)
+        };
         let cfg = LaunchConfig {
-            grid_dim: (n_heads as u32, int(t)? as u32, 1),
+            grid_dim: (n_heads as u32, int(t)? as u32, int(splits)? as u32),
             block_dim: (ATT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let mut parts = self.attn_parts.lock().unwrap_or_else(|e| e.into_inner());
+        let need = if splits > 1 {
+            blocks * splits * (s.v_dim + 2)
+        } else {
+            1
+        };
+        if parts.as_ref().is_none_or(|p| p.len() < need) {
+            *parts = None;
+            *parts = Some(self.zeros(need)?);
+        }
+        let parts = parts.as_mut().expect("allocated above");
+        let n_splits = int(splits)?;
         launch!(
             self,
             "attention",
@@ -867,7 +987,8 @@ impl Gpu {
             q,
             keys,
             values,
-            out,
+            &mut *out,
+            &mut *parts,
             &n_heads,
             &n_kv,
             &hd,
@@ -876,7 +997,26 @@ impl Gpu {
             &vs,
             &s.scale,
             &pos0,
-            &window
+            &window,
+            &n_splits
+        )?;
+        if splits == 1 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n_heads as u32, int(t)? as u32, 1),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "attention_combine",
+            cfg,
+            &*parts,
+            out,
+            &n_heads,
+            &vd,
+            &n_splits
         )
     }
 }
