@@ -203,78 +203,6 @@ __device__ __forceinline__ void dot32(const float* v, const float* x, int cols, 
     }
 }
 
-// acc[tok] += (group wg of `row`) . x[tok, 32g..32g+32] for tok < t, as
-// `dequant32` then `dot32` compute it (the same products, summed in the
-// same order), but for q4_k and q6_k, the formats of a 4-bit model's
-// matrices, the weights are widened four at a time and never all held:
-// 32 widened floats per lane are registers that would otherwise let more
-// warps wait out the weight loads side by side.
-template <int T, int NT>
-__device__ __forceinline__ void dot_group(const u8* row, int wg, const float* x, int cols, int t, int g,
-                                          float* acc) {
-    if constexpr (T == T_Q4_K || T == T_Q6_K) {
-        const u8 *q, *qh = nullptr;
-        float d0, d1, dm = 0.0f;
-        int shift, hshift = 0;
-        if constexpr (T == T_Q4_K) {
-            const u8* b = row + (size_t)(wg >> 3) * 144;
-            int sb = wg & 7;
-            float sc, m;
-            scale_min_k4(sb, b + 4, &sc, &m);
-            d0 = d1 = ld_f16(b) * sc;
-            dm = ld_f16(b + 2) * m;
-            q = b + 16 + (sb >> 1) * 32;
-            shift = (sb & 1) * 4;
-        } else {
-            const u8* b = row + (size_t)(wg >> 3) * 210;
-            int gi = wg & 7, n = gi >> 2, part = gi & 3;
-            float d = ld_f16(b + 208);
-            const i8* sc = (const i8*)(b + 192) + 8 * n + 2 * part;
-            q = b + 64 * n + (part & 1) * 32;
-            qh = b + 128 + 32 * n;
-            shift = (part >> 1) * 4;
-            hshift = 2 * part;
-            d0 = d * (float)sc[0];
-            d1 = d * (float)sc[1];
-        }
-        float s[NT];
-#pragma unroll
-        for (int tok = 0; tok < NT; tok++) s[tok] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            float w[4];
-            // q4_k's nibbles sit 16-byte aligned (144-byte blocks, 16 bytes
-            // of scales first): four at one load.
-            u32 word = 0;
-            if constexpr (T == T_Q4_K) word = ((const u32*)q)[i];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                int l = 4 * i + j;
-                if constexpr (T == T_Q4_K) {
-                    w[j] = d0 * (float)((word >> (8 * j + shift)) & 0xF) - dm;
-                } else {
-                    int v = ((q[l] >> shift) & 0xF) | (((qh[l] >> hshift) & 3) << 4);
-                    w[j] = (l < 16 ? d0 : d1) * (float)(v - 32);
-                }
-            }
-#pragma unroll
-            for (int tok = 0; tok < NT; tok++) {
-                if (tok < t) {
-                    float4 a = ((const float4*)(x + (size_t)tok * cols + g * 32))[i];
-                    s[tok] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w;
-                }
-            }
-        }
-#pragma unroll
-        for (int tok = 0; tok < NT; tok++)
-            if (tok < t) acc[tok] += s[tok];
-    } else {
-        float v[32];
-        dequant32<T>(row, wg, v);
-        dot32<NT>(v, x, cols, t, g, acc);
-    }
-}
-
 // The quantized half of `dot_row`, W-wide loads: chunk c staged and
 // multiplied while chunk c + 1 is on its way.
 template <int T, int NT, typename W>
@@ -289,7 +217,11 @@ __device__ __forceinline__ void dot_chunks(const u8* wr, int cols, const float* 
         __syncwarp();
         int next = g0 + 32, n_next = min(32, groups - next);
         if (n_next > 0) stage_load<W>(wr + (size_t)(next >> 5) * cb, n_next * cb / 32, r);
-        if (lane < n) dot_group<T, NT>(stage, lane, x, cols, t, g0 + lane, acc);
+        if (lane < n) {
+            float v[32];
+            dequant32<T>(stage, lane, v);
+            dot32<NT>(v, x, cols, t, g0 + lane, acc);
+        }
         __syncwarp();
         n = n_next;
     }
