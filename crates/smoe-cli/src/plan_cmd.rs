@@ -60,6 +60,11 @@ pub(crate) struct PlanArgs {
     /// has CUDA and finds it).
     #[arg(long, value_name = "SIZE")]
     vram: Option<String>,
+    /// VRAM for routed experts, as run's --vram-budget: auto (what the
+    /// GPU leaves), a size, or a share of the expert bytes such as 25%;
+    /// whole layers, first layers first, up to it.
+    #[arg(long, default_value = "auto")]
+    vram_budget: String,
     /// Measure this machine: direct reads on the model's disk and the
     /// kernels' memory bandwidth and compute (the default for any figure
     /// not given).
@@ -164,17 +169,23 @@ fn size(what: &str, s: &str) -> Result<u64> {
     parse_bytes(s).with_context(|| format!("{what} \"{s}\" is not a size (e.g. 48GiB, 512MiB)"))
 }
 
-fn budget(s: &str, sizes: &Sizes) -> Result<Budget> {
+/// An expert budget (`flag`): auto, a size, or a share of the expert
+/// bytes; none at all only where the experts have another tier (VRAM's
+/// have RAM, RAM's have none).
+fn budget(flag: &str, s: &str, sizes: &Sizes, none_ok: bool) -> Result<Budget> {
     if s.eq_ignore_ascii_case("auto") {
         return Ok(Budget::Auto);
     }
     if let Some(p) = s.strip_suffix('%') {
         return match p.trim().parse::<f64>() {
-            Ok(v) if v > 0.0 && v <= 100.0 => Ok(plan::share(sizes, v / 100.0)),
-            _ => bail!("--ram-budget \"{s}\": a share must be above 0% and at most 100%"),
+            Ok(v) if (v > 0.0 || (none_ok && v == 0.0)) && v <= 100.0 => {
+                Ok(plan::share(sizes, v / 100.0))
+            }
+            _ if none_ok => bail!("{flag} \"{s}\": a share must be from 0% to 100%"),
+            _ => bail!("{flag} \"{s}\": a share must be above 0% and at most 100%"),
         };
     }
-    Ok(Budget::Bytes(size("--ram-budget", s)?))
+    Ok(Budget::Bytes(size(flag, s)?))
 }
 
 fn dtype(flag: &str, s: &str) -> Result<DType> {
@@ -195,9 +206,11 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
         Device::Auto => (a.vram.is_some() || gpu_memory(0).is_ok()).then_some(0),
     };
     let on_gpu = gpu_ordinal.is_some();
-    if !on_gpu && (a.vram.is_some() || a.pcie_gbps.is_some()) {
+    let vram_budget_given = !a.vram_budget.eq_ignore_ascii_case("auto");
+    if !on_gpu && (a.vram.is_some() || a.pcie_gbps.is_some() || vram_budget_given) {
         let flags: Vec<String> = [
             a.vram.as_ref().map(|v| format!("--vram {v}")),
+            vram_budget_given.then(|| format!("--vram-budget {}", a.vram_budget)),
             a.pcie_gbps.map(|p| format!("--pcie-gbps {p}")),
         ]
         .into_iter()
@@ -240,7 +253,7 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
     let memory = plan::memory_plan(
         &sizes,
         ram,
-        budget(&a.ram_budget, &sizes)?,
+        budget("--ram-budget", &a.ram_budget, &sizes, false)?,
         a.ctx,
         a.parallel as usize,
     )
@@ -303,7 +316,8 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
             head_gbps: gpu::H200_HEAD_GBPS,
             assumed: file.gpu_layer_decode_ms.is_none(),
         };
-        let placed = gpu::vram_plan(&sizes, &memory, vram)
+        let vram_budget = budget("--vram-budget", &a.vram_budget, &sizes, true)?;
+        let placed = gpu::vram_plan(&sizes, &memory, vram, vram_budget)
             .with_context(|| format!("{}: no plan", a.model.display()))?;
         let f = gpu::forecast(&sizes, &memory, &placed, &machine, &g, &curve);
         Some((g, placed, f))

@@ -170,6 +170,21 @@ fn a_gpu_plan_places_whole_layers_in_vram_and_streams_the_rest() {
     let fast_bus = gpu("24GB", "400");
     assert_eq!(fast_bus["gpu"]["per_token"]["streamed_way"], "PCIe");
     assert!(decode(&fast_bus) > decode(&p));
+    // --vram-budget caps the experts' share as run's does: none, a
+    // quarter of the expert bytes (whole layers under it), or a size.
+    let capped = |budget: &str| {
+        let mut args = vec![path_str(&path), "--ram", "128GB"];
+        args.extend(GIVEN);
+        args.extend(["--device", "cuda", "--vram", "141GB"]);
+        args.extend(["--vram-budget", budget]);
+        plan_json(&args)
+    };
+    let layers = |p: &Value| n(&p["memory"]["vram"]["expert_layers"]);
+    assert_eq!(layers(&capped("0")), 0);
+    assert_eq!(n(&capped("0")["gpu"]["streamed_layers"]), 94);
+    assert_eq!(layers(&capped("25%")), 94 / 4);
+    assert_eq!(layers(&capped(&format!("{}", 3 * layer + 1))), 3);
+    assert!(decode(&capped("25%")) < decode(&big));
     // The CPU engine's forecast is not what a GPU plan prints.
     let mut cpu_args = vec![path_str(&path), "--ram", "128GB"];
     cpu_args.extend(GIVEN);
@@ -230,6 +245,22 @@ fn bad_input_gets_one_clear_line() {
     bad(
         &[path_str(&big), "--vram", "24GB"],
         &["--vram 24GB", "add --device cuda"],
+    );
+    bad(
+        &[path_str(&big), "--vram-budget", "0"],
+        &["--vram-budget 0", "add --device cuda"],
+    );
+    bad(
+        &[
+            path_str(&big),
+            "--device",
+            "cuda",
+            "--vram",
+            "24GB",
+            "--vram-budget",
+            "101%",
+        ],
+        &["--vram-budget \"101%\"", "from 0% to 100%"],
     );
     bad(
         &[path_str(&big), "--device", "cuda", "--vram", "4GB"],

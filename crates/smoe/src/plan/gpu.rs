@@ -12,26 +12,27 @@
 //!
 //! The GPU's own time is the one figure not derived from bytes: at these
 //! sizes a decoded token's layer is bound by kernel launches, not by HBM.
-//! It is taken from this engine measured on an H200 (the 8-layer
-//! Qwen3-30B-A3B q4_k vault with every expert in VRAM: 307.7 tok/s decode,
-//! 6,292 tok/s prefill of 512 tokens, the q6_k LM head at 573 GB/s), and
-//! can be given for another GPU.
+//! It is taken from this engine measured on an H200 (`bench/cuda.sh` at
+//! 3a745b5, the 8-layer Qwen3-30B-A3B q4_k vault with every expert in
+//! VRAM: 408.1 tok/s decode, 5,976 tok/s prefill of 512 tokens; the q6_k
+//! LM head at 496 GB/s in `cuda_bench` on the same tree), and can be
+//! given for another GPU.
 
 use serde_json::{json, Value};
 
 use super::{fraction, time, HitCurve, Machine, Range, Sizes, PROMPT_TOKENS};
 use crate::error::{Error, Result};
-use crate::memory::{vram_headroom, MemoryPlan};
+use crate::memory::{vram_headroom, Budget, MemoryPlan};
 use crate::model::human_bytes;
 
-/// One decoded token's layer on the H200, seconds: (1 / 307.7 - the LM
-/// head's 0.445 ms) / 8 layers.
-pub const H200_LAYER_DECODE_S: f64 = 0.35e-3;
-/// One layer over a 512-token prompt on the H200, seconds: 512 / 6,292 /
+/// One decoded token's layer on the H200, seconds: (1 / 408.1 - the LM
+/// head's 0.515 ms) / 8 layers.
+pub const H200_LAYER_DECODE_S: f64 = 0.242e-3;
+/// One layer over a 512-token prompt on the H200, seconds: 512 / 5,976 /
 /// 8 layers.
-pub const H200_LAYER_PREFILL_S: f64 = 10.2e-3;
+pub const H200_LAYER_PREFILL_S: f64 = 10.7e-3;
 /// The LM head's matrix-vector product on the H200, GB/s.
-pub const H200_HEAD_GBPS: f64 = 573.0;
+pub const H200_HEAD_GBPS: f64 = 496.0;
 /// Host-to-device copies when no figure is given: PCIe 4.0 x16 as
 /// measured on common desktops from page-locked memory.
 pub const DEFAULT_PCIE_GBPS: f64 = 25.0;
@@ -62,9 +63,10 @@ pub struct VramPlan {
     pub expert_bytes: u64,
 }
 
-/// VRAM as the engine fills it; an error where the backbone, KV and
-/// headroom alone do not fit.
-pub fn vram_plan(sizes: &Sizes, ram: &MemoryPlan, vram: u64) -> Result<VramPlan> {
+/// VRAM as the engine fills it, routed experts up to `budget` (`Auto`: all
+/// the backbone, KV and headroom leave); an error where those alone do not
+/// fit.
+pub fn vram_plan(sizes: &Sizes, ram: &MemoryPlan, vram: u64, budget: Budget) -> Result<VramPlan> {
     let (backbone, kv, head) = (sizes.resident_bytes(), ram.kv_bytes, vram_headroom(vram));
     let need = backbone + kv + head;
     if need > vram {
@@ -78,9 +80,13 @@ pub fn vram_plan(sizes: &Sizes, ram: &MemoryPlan, vram: u64) -> Result<VramPlan>
         )));
     }
     let layer = sizes.config.num_experts as u64 * sizes.record_bytes;
+    let room = match budget {
+        Budget::Auto => vram - need,
+        Budget::Bytes(b) => b.min(vram - need),
+    };
     let expert_layers = match layer {
         0 => 0,
-        l => (((vram - need) / l) as usize).min(sizes.moe_layers),
+        l => ((room / l) as usize).min(sizes.moe_layers),
     };
     Ok(VramPlan {
         vram,

@@ -617,7 +617,19 @@ impl Gpu {
     /// share a type and shape the id kernels take; `None` otherwise (the
     /// caller runs the experts one by one).
     pub fn expert_table(&self, mats: &[&GpuMatrix]) -> Result<Option<ExpertTable>> {
-        let Some(first) = mats.first() else {
+        let all: Vec<_> = mats.iter().copied().enumerate().collect();
+        self.expert_table_of(mats.len(), &all)
+    }
+
+    /// As [`Gpu::expert_table`] for some of `n` experts: `(id, matrix)`
+    /// pairs, the other ids' addresses null (the grouped kernels read only
+    /// the ids they are given).
+    pub fn expert_table_of(
+        &self,
+        n: usize,
+        mats: &[(usize, &GpuMatrix)],
+    ) -> Result<Option<ExpertTable>> {
+        let Some(&(_, first)) = mats.first() else {
             return Ok(None);
         };
         let (dtype, rows, cols) = (first.dtype, first.rows, first.cols);
@@ -625,19 +637,17 @@ impl Gpu {
         if (quantized && kernel_dtype(dtype).is_err())
             || mats
                 .iter()
-                .any(|m| (m.dtype, m.rows, m.cols) != (dtype, rows, cols))
+                .any(|(e, m)| *e >= n || (m.dtype, m.rows, m.cols) != (dtype, rows, cols))
         {
             return Ok(None);
         }
-        let ptrs: Vec<u64> = mats
-            .iter()
-            .map(|m| {
-                // The address only: nothing is read here, and without event
-                // tracking the returned guard records nothing.
-                let (ptr, _guard) = m.data.device_ptr(&self.compute);
-                ptr
-            })
-            .collect();
+        let mut ptrs = vec![0u64; n];
+        for &(e, m) in mats {
+            // The address only: nothing is read here, and without event
+            // tracking the returned guard records nothing.
+            let (ptr, _guard) = m.data.device_ptr(&self.compute);
+            ptrs[e] = ptr;
+        }
         Ok(Some(ExpertTable {
             dtype,
             rows,
