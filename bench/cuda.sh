@@ -150,6 +150,7 @@ smoe_row() { # extra smoe bench flags... [--print-ssd: the streaming figures, in
 import json, sys
 r = json.load(sys.stdin)
 open('$DIR/smoe-last.device', 'w').write(r['device'] + '\n')
+open('$DIR/last-rates', 'w').write(f"{r['prefill_tok_s']}|{r['decode_tok_s']}\\n")
 if not $ssd:
     print(r['prefill_tok_s'], r['decode_tok_s'])
     sys.exit()
@@ -181,6 +182,7 @@ row() { # name, llama flags (one word list), smoe flags (one word list)
             read -r a b < <(llama_row $lflags) && lpp+=("$a") && ltg+=("$b")
         fi
     done
+    echo "$sflags|$(median "${spp[@]}")|$(median "${stg[@]}")" >>"$DIR/measured"
     python3 - "$name" "$lflags" "$sflags" "$(median "${lpp[@]}")" "$(median "${ltg[@]}")" \
         "$(median "${spp[@]}")" "$(median "${stg[@]}")" <<'PY'
 import sys
@@ -206,6 +208,7 @@ echo "$LAYERS-layer Qwen3-30B-A3B, pp$PP / tg$TG, median of $REPEAT, engines alt
 echo
 echo "| placement | llama.cpp | smoe | llama.cpp pp$PP tok/s | smoe | ratio | llama.cpp tg$TG tok/s | smoe | ratio |"
 echo "|---|---|---|---|---|---|---|---|---|"
+rm -f "$DIR/measured"
 row "everything in VRAM" "-ngl 99 -fa 1" "--vram-budget auto"
 row "experts in host RAM" "-ngl 99 -fa 1 -ot exps=CPU" "--vram-budget 0"
 row "2 of 8 layers' experts in VRAM" "-ngl 99 -fa 1 -ncmoe 6" "--vram-budget $QUARTER"
@@ -217,3 +220,19 @@ echo "smoe's placement in the last row: $(cat "$DIR/smoe-last.device")"
 echo
 echo "experts on SSD: --ram-budget $QUARTER (a quarter of the expert bytes), --vram-budget $TENTH (a tenth), median of $SMOE_REPEAT:"
 smoe_row --ram-budget "$QUARTER" --vram-budget "$TENTH" --print-ssd
+echo "--ram-budget $QUARTER --vram-budget $TENTH|$(cat "$DIR/last-rates")" >>"$DIR/measured"
+
+# Issue 22: what `smoe plan` forecast for each row on this machine's
+# figures, beside what the row measured.
+echo
+echo "smoe plan's forecast of each row (fixtures/machines/h200-host.toml), measured / forecast:"
+while IFS='|' read -r flags pp tg; do
+    # shellcheck disable=SC2086 # the row's flags, one word each
+    "$BIN/smoe" plan "$VAULT" --machine fixtures/machines/h200-host.toml --device cuda $flags \
+        --ctx 1024 --json | python3 -c "
+import json, sys
+f = json.load(sys.stdin)['forecast']
+d, p = f['decode_tok_s']['expected'], f['prefill_tok_s']['expected']
+print(f'{sys.argv[1]}: decode {float(sys.argv[3]):,.1f} / {d:,.1f} = {float(sys.argv[3]) / d:.2f}, '
+      f'prefill {float(sys.argv[2]):,.0f} / {p:,.0f} = {float(sys.argv[2]) / p:.2f}')" "$flags" "$pp" "$tg"
+done <"$DIR/measured"

@@ -641,6 +641,15 @@ fn time(work: f64, eff: (f64, f64)) -> Range {
     }
 }
 
+/// The longer of two times that overlap, bound by bound.
+fn longer(a: Range, b: Range) -> Range {
+    Range {
+        low: a.low.max(b.low),
+        high: a.high.max(b.high),
+        expected: a.expected.max(b.expected),
+    }
+}
+
 fn sum(a: Range, b: Range) -> Range {
     Range {
         low: a.low + b.low,

@@ -174,7 +174,10 @@ pub fn forecast(
     ]);
 
     // A prompt copies each expert it routes to in a streamed layer once
-    // (one copy serves all its rows), reading the misses first.
+    // (one copy serves all its rows), reading the misses first. The copies
+    // of a layer overlap its compute (the engine runs the uploaded experts
+    // a group at a time while the next group copies), so a streamed
+    // layer takes the longer of the two.
     let t = PROMPT_TOKENS as f64;
     let (e, kf) = (c.num_experts.max(1) as f64, k as f64);
     let touched = e * (1.0 - (1.0 - kf / e).powf(t));
@@ -187,7 +190,10 @@ pub fn forecast(
         streamed as f64 * m.read_s(touched * (1.0 - hit), record),
         eff.disk,
     );
-    let ttft = super::sum(super::sum(prefill_gpu, prefill_copy), prefill_read);
+    let streamed_gpu = time(streamed as f64 * gpu.layer_prefill_s, gpu_eff);
+    let resident_gpu = time((layers - streamed) as f64 * gpu.layer_prefill_s, gpu_eff);
+    let prefill_layers = super::sum(resident_gpu, super::longer(streamed_gpu, prefill_copy));
+    let ttft = super::sum(prefill_layers, prefill_read);
     let prefill_limit = limit([
         (prefill_gpu, "the GPU"),
         (prefill_copy, "PCIe copies of the prompt's experts"),
