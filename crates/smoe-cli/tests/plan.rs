@@ -250,28 +250,18 @@ fn bad_input_gets_one_clear_line() {
         &[path_str(&big), "--vram-budget", "0"],
         &["--vram-budget 0", "add --device cuda"],
     );
-    bad(
-        &[
-            path_str(&big),
-            "--device",
-            "cuda",
-            "--vram",
-            "24GB",
-            "--vram-budget",
-            "101%",
-        ],
+    // A 24 GB GPU with one more flag.
+    let gpu24 = |extra: &[&str], parts: &[&str]| {
+        let mut args = vec![path_str(&big), "--device", "cuda", "--vram", "24GB"];
+        args.extend_from_slice(extra);
+        bad(&args, parts)
+    };
+    gpu24(
+        &["--vram-budget", "101%"],
         &["--vram-budget \"101%\"", "from 0% to 100%"],
     );
-    bad(
-        &[
-            path_str(&big),
-            "--device",
-            "cuda",
-            "--vram",
-            "24GB",
-            "--vram-budget",
-            "100GB",
-        ],
+    gpu24(
+        &["--vram-budget", "100GB"],
         &[
             "VRAM budget of 93.13 GiB does not fit",
             "a GPU of 22.35 GiB",
@@ -281,16 +271,8 @@ fn bad_input_gets_one_clear_line() {
         &[path_str(&big), "--device", "cuda", "--vram", "4GB"],
         &["cannot hold the backbone"],
     );
-    bad(
-        &[
-            path_str(&big),
-            "--device",
-            "cuda",
-            "--vram",
-            "24GB",
-            "--pcie-gbps",
-            "0",
-        ],
+    gpu24(
+        &["--pcie-gbps", "0"],
         &["--pcie-gbps must be a positive number"],
     );
     // A directory without a config, a config that is not one.

@@ -26,7 +26,7 @@ use crate::compute::cuda::{ExpertTable, Gpu, GpuMatrix, HostPin, MATVEC_MAX_TOKE
 use crate::compute::{AttnShape, Backend, Cpu, KvCache, Matrix, MlaShape};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::experts::ExpertCache;
+use crate::experts::{ExpertCache, Pinned};
 use crate::memory::Budget;
 
 use super::blocks::{
@@ -224,7 +224,8 @@ fn vram_experts(
     }
     const GIB: f64 = (1u64 << 30) as f64;
     let (free, total) = gpu.memory()?;
-    let room = free.saturating_sub(crate::memory::vram_headroom(total as u64) as usize);
+    let headroom = crate::memory::vram_headroom(total as u64) as usize;
+    let room = free.saturating_sub(headroom);
     let limit = match budget {
         // More than the GPU has would fail part-way through the uploads
         // with the driver's out-of-memory error: say which number is wrong.
@@ -235,7 +236,7 @@ fn vram_experts(
                  most that, or auto",
                 b as f64 / GIB,
                 room as f64 / GIB,
-                crate::memory::vram_headroom(total as u64) as f64 / GIB
+                headroom as f64 / GIB
             )))
         }
         Budget::Bytes(b) => b as usize,
@@ -262,8 +263,7 @@ fn vram_experts(
         for group in all.chunks(cache.capacity()) {
             let mut pinned = cache.request(cache_layer, group)?;
             pinned.wait()?;
-            let (ids, mats): (Vec<u32>, Vec<[Matrix<'_>; 3]>) =
-                (0..pinned.len()).map(|j| pinned.get(j)).unzip();
+            let (ids, mats) = pinned_group(&pinned);
             let uploads = gpu.upload_experts(&mats)?;
             // The slots are read after `upload_experts` returns.
             gpu.finish_uploads()?;
@@ -883,10 +883,7 @@ impl GpuDecoder {
         }
 
         let used = std::mem::take(&mut b.host.used);
-        // The tiled kernel takes rows of whole 32-weight groups only.
-        let grouped = tables
-            .as_ref()
-            .filter(|t| t.iter().all(|m| m.cols.is_multiple_of(32)));
+        let grouped = tables.as_ref().filter(|t| tiled(t));
         if tables.is_some() || experts.is_some() {
             self.tiers.vram_hits.fetch_add(pairs as u64, Relaxed);
         }
@@ -995,8 +992,7 @@ impl GpuDecoder {
                     self.tiers.cpu_runs.fetch_add(pinned.len() as u64, Relaxed);
                 }
                 ExpertPath::Copy => {
-                    let (ids, mats): (Vec<u32>, Vec<[Matrix<'_>; 3]>) =
-                        (0..pinned.len()).map(|i| pinned.get(i)).unzip();
+                    let (ids, mats) = pinned_group(&pinned);
                     let uploads = g.upload_experts(&mats)?;
                     let bytes: usize = mats.iter().flatten().map(|m| m.data.len()).sum();
                     self.tiers.copied.fetch_add(mats.len() as u64, Relaxed);
@@ -1255,6 +1251,18 @@ fn run_grouped(
     )
 }
 
+/// Whether the tiled kernel (`gemm_id`) takes these experts: rows of
+/// whole 32-weight groups only.
+fn tiled(tables: &[ExpertTable; 3]) -> bool {
+    tables.iter().all(|m| m.cols.is_multiple_of(32))
+}
+
+/// A pinned group's expert ids and matrices, unzipped for
+/// [`Gpu::upload_experts`].
+fn pinned_group<'a>(pinned: &'a Pinned<'_>) -> (Vec<u32>, Vec<[Matrix<'a>; 3]>) {
+    (0..pinned.len()).map(|i| pinned.get(i)).unzip()
+}
+
 /// Experts a grouped launch takes at a time from a prompt's uploads.
 const UPLOADED_GROUP: usize = 16;
 
@@ -1291,13 +1299,7 @@ fn run_uploaded(
             g.expert_table_of(n_exp, &mats)
         };
         let grouped = match (table(0)?, table(1)?, table(2)?) {
-            (Some(gate), Some(up), Some(down))
-                if [&gate, &up, &down]
-                    .iter()
-                    .all(|t| t.cols.is_multiple_of(32)) =>
-            {
-                Some([gate, up, down])
-            }
+            (Some(gate), Some(up), Some(down)) => Some([gate, up, down]).filter(tiled),
             _ => None,
         };
         match grouped {

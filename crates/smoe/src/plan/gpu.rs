@@ -193,7 +193,6 @@ pub fn forecast(
     let t = PROMPT_TOKENS as f64;
     let (e, kf) = (c.num_experts.max(1) as f64, k as f64);
     let touched = e * (1.0 - (1.0 - kf / e).powf(t));
-    let prefill_gpu = time(layers as f64 * gpu.layer_prefill_s, gpu_eff);
     let prefill_copy = time(
         streamed as f64 * touched * record as f64 / (gpu.pcie_gbps * 1e9),
         eff.mem,
@@ -204,6 +203,7 @@ pub fn forecast(
     );
     let streamed_gpu = time(streamed as f64 * gpu.layer_prefill_s, gpu_eff);
     let resident_gpu = time((layers - streamed) as f64 * gpu.layer_prefill_s, gpu_eff);
+    let prefill_gpu = super::sum(resident_gpu, streamed_gpu);
     let prefill_layers = super::sum(resident_gpu, super::longer(streamed_gpu, prefill_copy));
     let ttft = super::sum(prefill_layers, prefill_read);
     let prefill_limit = limit([

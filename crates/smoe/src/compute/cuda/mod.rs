@@ -308,11 +308,14 @@ impl Gpu {
         if self.timed.is_none() {
             return Ok(None);
         }
-        let ev = self
-            .compute
+        Ok(Some((self.timing_event()?, std::time::Instant::now())))
+    }
+
+    /// A timing event recorded on the compute stream now.
+    fn timing_event(&self) -> Result<CudaEvent> {
+        self.compute
             .record_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| device_error("recording a profiling event", e))?;
-        Ok(Some((ev, std::time::Instant::now())))
+            .map_err(|e| device_error("recording a profiling event", e))
     }
 
     /// Closes what [`Gpu::time_start`] opened with an event after the
@@ -323,10 +326,7 @@ impl Gpu {
             return Ok(());
         };
         let launch_s = at.elapsed().as_secs_f64();
-        let end = self
-            .compute
-            .record_event(Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| device_error("recording a profiling event", e))?;
+        let end = self.timing_event()?;
         let full = {
             let mut t = timed.lock().unwrap_or_else(|e| e.into_inner());
             t.push(Timed {
