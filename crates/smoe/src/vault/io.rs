@@ -180,6 +180,14 @@ impl AlignedBuf {
         }
         // SAFETY: `skip + len` is within the mapping (`skip < align`).
         let ptr = unsafe { map.as_mut_ptr().add(skip) };
+        // Fault every page in now, as the heap's zeroing did: a page first
+        // touched by a direct read is allocated (a huge page zeroed, maybe
+        // compacted for) inside that read, which made a cold cache's first
+        // prompt 1.5x slower.
+        for at in (0..len).step_by(ALIGN as usize) {
+            // SAFETY: within the buffer; nothing else refers to it yet.
+            unsafe { ptr.add(at).write_volatile(0) };
+        }
         Self {
             _map: map,
             ptr,
@@ -386,6 +394,9 @@ mod tests {
             }
         }
         let flags = flags.expect("the buffer's mapping in /proc/self/smaps");
-        assert!(flags.split_whitespace().any(|f| f == "hg"), "VmFlags:{flags}");
+        assert!(
+            flags.split_whitespace().any(|f| f == "hg"),
+            "VmFlags:{flags}"
+        );
     }
 }
