@@ -67,13 +67,12 @@ impl Policy {
 /// (hundreds of milliseconds for 512 tokens) with the disk idle, so
 /// reading the next layer's guesses then delays no demand read: on the
 /// 8-layer bench vault at a quarter of the experts `Prompts` took time to
-/// first token from 2.5 to 1.85 s. But the guesses take slots that LFU
-/// would have kept for decoding (decode hit rate 0.44 -> 0.26 there,
-/// decode 15.5 -> 12.9 tok/s), and while decoding a wrong guess also takes
-/// bandwidth from the misses a layer waits for (`On`: decode -11 to -14%
-/// at 74% recall). So the default is `Off`; `Prompts` is for long prompts
-/// and short answers (README, "Read-ahead, cache policy and grouped
-/// prefill").
+/// first token from 2.5 to 1.8 s. But the guesses take slots that LFU
+/// would have kept for decoding (decode after it 0-12% slower at 25-50%),
+/// and while decoding a wrong guess also takes bandwidth from the misses a
+/// layer waits for (`On`: decode 8-18% slower at 74% recall). So the
+/// default is `Off`; `Prompts` is for long prompts and short answers
+/// (README, "Read-ahead, cache policy and grouped prefill").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadAhead {
     Off,
@@ -564,6 +563,7 @@ impl ExpertCache {
                     .unwrap_or_else(|e| e.into_inner());
             };
             self.inner.assign(&mut st, victim, (layer, e));
+            self.inner.touch(&mut st, victim);
             st.slots[victim].pins += 1;
             slots.push((e, victim));
             jobs.push(self.job(layer, lay, e, victim, Priority::Demand));
@@ -662,6 +662,9 @@ impl Inner {
             })
     }
 
+    /// Gives `slot` to `key`, not yet used: a guess read ahead counts as a
+    /// use only when its layer asks for it (else every read-ahead expert
+    /// counted twice, and LFU kept guesses over the experts decoding uses).
     fn assign(&self, st: &mut State, slot: usize, key: (usize, u32)) {
         if let Some(old) = st.slots[slot].key.take() {
             st.map.remove(&old);
@@ -680,7 +683,6 @@ impl Inner {
             last_used: 0,
             freq: 0.0,
         };
-        self.touch(st, slot);
     }
 
     fn touch(&self, st: &mut State, slot: usize) {
