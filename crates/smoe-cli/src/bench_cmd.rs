@@ -25,6 +25,11 @@ pub(crate) struct BenchArgs {
     /// Tokens to decode per run (end-of-sequence is ignored).
     #[arg(long, default_value_t = 32)]
     gen_tokens: usize,
+    /// Seed of the synthetic prompt: another seed is another prompt of the
+    /// same kind, e.g. to calibrate `smoe plan --hit-curve` on text the
+    /// measurement it is checked against never saw.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Chat prompts to run instead of a synthetic one: a JSON list of
     /// strings or of objects with a "prompt" (models/builtin/eval.json).
     /// Each run answers them all in turn, greedily, each reply ending on its
@@ -65,7 +70,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
     let opts = smoe::bench::BenchOptions {
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
-        seed: 0,
+        seed: a.seed,
     };
     let chats = a
         .prompts
