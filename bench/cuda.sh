@@ -150,7 +150,7 @@ smoe_row() { # extra smoe bench flags... [--print-ssd: the streaming figures, in
 import json, sys
 r = json.load(sys.stdin)
 open('$DIR/smoe-last.device', 'w').write(r['device'] + '\n')
-open('$DIR/last-rates', 'w').write(f"{r['prefill_tok_s']}|{r['decode_tok_s']}\\n")
+open('$DIR/last-rates', 'w').write('%s|%s\\n' % (r['prefill_tok_s'], r['decode_tok_s']))
 if not $ssd:
     print(r['prefill_tok_s'], r['decode_tok_s'])
     sys.exit()
