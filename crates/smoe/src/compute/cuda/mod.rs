@@ -253,6 +253,8 @@ pub struct Gpu {
     /// Split attention's partial results ([`Gpu::attention`]), grown to
     /// the largest call; every use is on the compute stream, in order.
     attn_parts: Mutex<Option<CudaSlice<f32>>>,
+    /// [`Gpu::matmul_q8`]'s rounded activations and their block scales.
+    q8: Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
 }
 
 /// One profiled launch: events on the compute stream before and after it,
@@ -299,6 +301,7 @@ impl Gpu {
             functions: Mutex::default(),
             timed: super::profile::enabled().then(Mutex::default),
             attn_parts: Mutex::default(),
+            q8: Mutex::default(),
         })
     }
 
@@ -706,6 +709,68 @@ impl Gpu {
         };
         let name = format!("{name}_{}", kernel_dtype(w.dtype)?);
         launch!(self, &name, cfg, &w.data, &row_bytes, x, y, &rows, &cols, &tokens)
+    }
+
+    /// As [`Gpu::matmul`] for a few tokens through q4_k or q6_k rows, with
+    /// the activations rounded to 8 bits per 32-block first (as the CPU
+    /// backend rounds them) and the products taken four at a time in
+    /// int8 (`dp4a`). An experiment beside `matmul`'s f32 kernel, which the
+    /// decoder still uses: `cuda_bench` times both.
+    pub fn matmul_q8(
+        &self,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        w: &GpuMatrix,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let name = match w.dtype {
+            DType::Quant(QuantType::Q4K) => "mmvq_q4_k",
+            DType::Quant(QuantType::Q6K) => "mmvq_q6_k",
+            other => {
+                return Err(Error::invalid(format!(
+                    "CUDA matmul_q8: {} rows (q4_k and q6_k only)",
+                    other.name()
+                )))
+            }
+        };
+        if t == 0
+            || t > MATVEC_MAX_TOKENS
+            || !w.cols.is_multiple_of(256)
+            || x.len() < t * w.cols
+            || y.len() < t * w.rows
+        {
+            return Err(Error::invalid(format!(
+                "CUDA matmul_q8: {t} tokens (1 to {MATVEC_MAX_TOKENS}) through [{}, {}] \
+                 (columns a multiple of 256) with {} inputs and {} outputs",
+                w.rows,
+                w.cols,
+                x.len(),
+                y.len()
+            )));
+        }
+        let blocks = t * w.cols / 32;
+        let mut q8 = self.q8.lock().unwrap_or_else(|e| e.into_inner());
+        if q8.as_ref().is_none_or(|(q, _)| q.len() < blocks * 32) {
+            *q8 = None;
+            *q8 = Some((self.zeros(blocks * 32)?, self.zeros(blocks * 2)?));
+        }
+        let (xq, xds) = q8.as_mut().expect("allocated above");
+        let warps = 4u32;
+        let cfg = LaunchConfig {
+            grid_dim: ((blocks as u32).div_ceil(warps), 1, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = blocks as u64;
+        launch!(self, "quantize_q8", cfg, x, &mut *xq, &mut *xds, &n)?;
+        let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
+        let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (w.rows.div_ceil(MV_ROWS as usize) as u32, 1, 1),
+            block_dim: (32, MV_ROWS, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, name, cfg, &w.data, &row_bytes, &*xq, &*xds, y, &rows, &cols, &tokens)
     }
 
     /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
