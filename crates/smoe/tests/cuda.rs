@@ -290,6 +290,16 @@ fn experts_by_id_match_one_by_one() {
     let Some(gpu) = gpu_or_skip("experts by id") else {
         return;
     };
+    experts_by_id(gpu, "");
+    // The int8-activation kernels on both sides (a GPU of its own: the
+    // switch is the device's): the id kernels round each pair's rows per
+    // 32-block as matmul_q8 rounds one row, so they agree as closely.
+    let int8 = Gpu::new(0).expect("a second handle on the GPU");
+    int8.set_int8_activations(true);
+    experts_by_id(&int8, ", int8 activations");
+}
+
+fn experts_by_id(gpu: &Gpu, what: &str) {
     let (n_exp, k, t) = (16, 4, 3);
     // Unsorted, as `route` writes them (best first).
     let ids: Vec<u32> = vec![7, 2, 15, 0, 3, 9, 2, 11, 14, 13, 1, 6];
@@ -380,7 +390,7 @@ fn experts_by_id_match_one_by_one() {
             }
         }
         check(
-            &format!("experts by id, {}", dtype.name()),
+            &format!("experts by id, {}{what}", dtype.name()),
             &got,
             &want,
             1e-5,

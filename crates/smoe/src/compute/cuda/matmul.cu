@@ -621,18 +621,14 @@ __device__ __forceinline__ int ld_u32_2(const u8* p) {
 // (c = lane / 8, p = 4 * (lane % 8)): elements p..p+3 of sub-block 2c (low
 // nibbles) and of 2c + 1 (high). Sub-block s is d * sc_s * q - dmin * m_s,
 // so its dot is d sc_s dx (q . xq) - dmin m_s (dx sum xq), the second term
-// once per sub-block (by the lanes with p = 0).
+// once per sub-block (by the lanes with p = 0). acc[tok] gets this lane's
+// part of row wr against activation row tok (xq rows of cols int8, xds
+// rows of cols / 32 (d, d * sum) pairs).
 template <int NT>
-__device__ void mmvq_q4k(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows,
-                         int cols, int t) {
-    int row = blockIdx.x * MV_ROWS + threadIdx.y;
-    if (row >= rows) return;
+__device__ __forceinline__ void q8_lanes_q4k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
+                                             float* acc) {
     int lane = threadIdx.x, c = lane >> 3, p = (lane & 7) * 4;
-    const u8* wr = w + (size_t)row * row_bytes;
     int nblk = cols >> 5;
-    float acc[NT];
-#pragma unroll
-    for (int i = 0; i < NT; i++) acc[i] = 0.0f;
     for (int sb = 0; sb < (cols >> 8); sb++) {
         const u8* b = wr + (size_t)sb * 144;
         int word = *(const int*)(b + 16 + 32 * c + p);
@@ -655,13 +651,6 @@ __device__ void mmvq_q4k(const u8* w, u64 row_bytes, const i8* xq, const float* 
             }
         }
     }
-#pragma unroll
-    for (int tok = 0; tok < NT; tok++) {
-        if (tok < t) {
-            float s = warp_sum(acc[tok]);
-            if (lane == 0) y[(size_t)tok * rows + row] = s;
-        }
-    }
 }
 
 // q6_k: lane takes half n = lane / 16, parts pp and pp + 2 (pp = lane / 8
@@ -670,16 +659,10 @@ __device__ void mmvq_q4k(const u8* w, u64 row_bytes, const i8* xq, const float* 
 // element 128n + 32 part + l, scale sc[8n + 2 part + l / 16], value
 // d * sc * (q - 32).
 template <int NT>
-__device__ void mmvq_q6k(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows,
-                         int cols, int t) {
-    int row = blockIdx.x * MV_ROWS + threadIdx.y;
-    if (row >= rows) return;
+__device__ __forceinline__ void q8_lanes_q6k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
+                                             float* acc) {
     int lane = threadIdx.x, n = lane >> 4, pp = (lane >> 3) & 1, l0 = (lane & 7) * 4;
-    const u8* wr = w + (size_t)row * row_bytes;
     int nblk = cols >> 5;
-    float acc[NT];
-#pragma unroll
-    for (int i = 0; i < NT; i++) acc[i] = 0.0f;
     for (int sb = 0; sb < (cols >> 8); sb++) {
         const u8* b = wr + (size_t)sb * 210;
         int ql = ld_u32_2(b + 64 * n + 32 * pp + l0);
@@ -702,21 +685,97 @@ __device__ void mmvq_q6k(const u8* w, u64 row_bytes, const i8* xq, const float* 
             }
         }
     }
+}
+
+template <int T, int NT>
+__device__ __forceinline__ void q8_lanes(const u8* wr, const i8* xq, const float* xds, int cols, int t,
+                                         float* acc) {
+    if constexpr (T == T_Q4_K) {
+        q8_lanes_q4k<NT>(wr, xq, xds, cols, t, acc);
+    } else {
+        q8_lanes_q6k<NT>(wr, xq, xds, cols, t, acc);
+    }
+}
+
+// The whole warp's dot of row wr with one activation row.
+template <int T>
+__device__ __forceinline__ float q8_row_dot(const u8* wr, const i8* xq, const float* xds, int cols) {
+    float acc[1] = {0.0f};
+    q8_lanes<T, 1>(wr, xq, xds, cols, 1, acc);
+    return warp_sum(acc[0]);
+}
+
+// y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`.
+template <int T>
+__device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
+                     int t) {
+    int row = blockIdx.x * MV_ROWS + threadIdx.y;
+    if (row >= rows) return;
+    float acc[MV_TOKENS];
 #pragma unroll
-    for (int tok = 0; tok < NT; tok++) {
+    for (int i = 0; i < MV_TOKENS; i++) acc[i] = 0.0f;
+    q8_lanes<T, MV_TOKENS>(w + (size_t)row * row_bytes, xq, xds, cols, t, acc);
+#pragma unroll
+    for (int tok = 0; tok < MV_TOKENS; tok++) {
         if (tok < t) {
             float s = warp_sum(acc[tok]);
-            if (lane == 0) y[(size_t)tok * rows + row] = s;
+            if (threadIdx.x == 0) y[(size_t)tok * rows + row] = s;
         }
     }
 }
 
-extern "C" __global__ void mmvq_q4_k(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y,
-                                     int rows, int cols, int t) {
-    mmvq_q4k<MV_TOKENS>(w, row_bytes, xq, xds, y, rows, cols, t);
+// As `matvec_id`, pair p's activations being row p / x_div of xq/xds.
+template <int T>
+__device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
+                        const float* xds, int x_div, float* y, int rows, int cols) {
+    int row = blockIdx.x * MV_ROWS + threadIdx.y, p = blockIdx.y;
+    if (row >= rows) return;
+    u32 e = ids[p];
+    float s = 0.0f;
+    if (e < (u32)n_exp) {
+        size_t x = (size_t)(p / x_div);
+        s = q8_row_dot<T>((const u8*)experts[e] + (size_t)row * row_bytes, xq + x * cols,
+                          xds + 2 * x * (cols >> 5), cols);
+    }
+    if (threadIdx.x == 0) y[(size_t)p * rows + row] = s;
 }
 
-extern "C" __global__ void mmvq_q6_k(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y,
-                                     int rows, int cols, int t) {
-    mmvq_q6k<MV_TOKENS>(w, row_bytes, xq, xds, y, rows, cols, t);
+// As `swiglu_id`: y[p, row] = silu(gate . x) * (up . x) for pair p's token
+// (p / k).
+template <int T>
+__device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids, int n_exp, u64 row_bytes,
+                               const i8* xq, const float* xds, int k, float* y, int rows, int cols) {
+    int row = blockIdx.x * MV_ROWS + threadIdx.y, p = blockIdx.y;
+    if (row >= rows) return;
+    u32 e = ids[p];
+    float out = 0.0f;
+    if (e < (u32)n_exp) {
+        size_t x = (size_t)(p / k), at = (size_t)row * row_bytes;
+        const i8* xr = xq + x * cols;
+        const float* ds = xds + 2 * x * (cols >> 5);
+        float g = q8_row_dot<T>((const u8*)gates[e] + at, xr, ds, cols);
+        float u = q8_row_dot<T>((const u8*)ups[e] + at, xr, ds, cols);
+        out = g / (1.0f + expf(-g)) * u;
+    }
+    if (threadIdx.x == 0) y[(size_t)p * rows + row] = out;
 }
+
+#define MMVQ_KERNELS(NAME, T)                                                                            \
+    extern "C" __global__ void mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
+                                           float* y, int rows, int cols, int t) {                        \
+        mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t);                                                 \
+    }                                                                                                     \
+    extern "C" __global__ void mmvq_id_##NAME(const u64* experts, const u32* ids, int n_exp,             \
+                                              u64 row_bytes, const i8* xq, const float* xds, int x_div,  \
+                                              float* y, int rows, int cols) {                            \
+        mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols);                        \
+    }                                                                                                     \
+    extern "C" __global__ void mmvq_swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,   \
+                                                     int n_exp, u64 row_bytes, const i8* xq,             \
+                                                     const float* xds, int k, float* y, int rows,        \
+                                                     int cols) {                                          \
+        mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols);                  \
+    }
+
+MMVQ_KERNELS(q4_k, T_Q4_K)
+MMVQ_KERNELS(q6_k, T_Q6_K)
