@@ -263,6 +263,21 @@ fn bad_input_gets_one_clear_line() {
         &["--vram-budget \"101%\"", "from 0% to 100%"],
     );
     bad(
+        &[
+            path_str(&big),
+            "--device",
+            "cuda",
+            "--vram",
+            "24GB",
+            "--vram-budget",
+            "100GB",
+        ],
+        &[
+            "VRAM budget of 93.13 GiB does not fit",
+            "a GPU of 22.35 GiB",
+        ],
+    );
+    bad(
         &[path_str(&big), "--device", "cuda", "--vram", "4GB"],
         &["cannot hold the backbone"],
     );

@@ -1021,6 +1021,20 @@ fn streamed_experts_match_the_cpu() {
             }
             assert_eq!(g.pcie_bytes > 0, g.copied > 0, "{what}: {g:?}");
         }
+        // A budget past what the GPU has is refused before any upload.
+        let opts = LoadOptions {
+            device: Device::Cuda(0),
+            ram_budget: budget,
+            vram_budget: Budget::Bytes(1 << 50),
+            ..LoadOptions::default()
+        };
+        let err = Engine::load_with(&vault, &opts)
+            .err()
+            .expect("1 PiB of VRAM refused");
+        assert!(
+            err.to_string().contains("--vram-budget 1048576.00 GiB"),
+            "{err}"
+        );
     }
 }
 

@@ -223,12 +223,23 @@ fn vram_experts(
         return Ok(None);
     }
     const GIB: f64 = (1u64 << 30) as f64;
+    let (free, total) = gpu.memory()?;
+    let room = free.saturating_sub(crate::memory::vram_headroom(total as u64) as usize);
     let limit = match budget {
-        Budget::Bytes(b) => b as usize,
-        Budget::Auto => {
-            let (free, total) = gpu.memory()?;
-            free.saturating_sub(crate::memory::vram_headroom(total as u64) as usize)
+        // More than the GPU has would fail part-way through the uploads
+        // with the driver's out-of-memory error: say which number is wrong.
+        Budget::Bytes(b) if b as usize > room => {
+            return Err(Error::invalid(format!(
+                "--vram-budget {:.2} GiB: the GPU has {:.2} GiB free for experts after the \
+                 backbone and {:.2} GiB of headroom for KV caches and activations; give at \
+                 most that, or auto",
+                b as f64 / GIB,
+                room as f64 / GIB,
+                crate::memory::vram_headroom(total as u64) as f64 / GIB
+            )))
         }
+        Budget::Bytes(b) => b as usize,
+        Budget::Auto => room,
     };
     let (mut used, mut placed) = (0usize, 0usize);
     for &(i, cache, cache_layer) in &streamed {

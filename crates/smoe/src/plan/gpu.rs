@@ -82,7 +82,19 @@ pub fn vram_plan(sizes: &Sizes, ram: &MemoryPlan, vram: u64, budget: Budget) -> 
     let layer = sizes.config.num_experts as u64 * sizes.record_bytes;
     let room = match budget {
         Budget::Auto => vram - need,
-        Budget::Bytes(b) => b.min(vram - need),
+        Budget::Bytes(b) if b > vram - need => {
+            return Err(Error::invalid(format!(
+                "a VRAM budget of {} does not fit: a GPU of {} holds {} of experts beside the \
+                 backbone {} + KV {} + headroom {}",
+                human_bytes(b),
+                human_bytes(vram),
+                human_bytes(vram - need),
+                human_bytes(backbone),
+                human_bytes(kv),
+                human_bytes(head)
+            )));
+        }
+        Budget::Bytes(b) => b,
     };
     let expert_layers = match layer {
         0 => 0,
