@@ -72,13 +72,30 @@ fn matvec(gpu: &Gpu, name: &str, dtype: DType, rows: usize, cols: usize) {
         )
         .expect("matmul")
     });
-    println!(
-        "matvec {name:<28} {:>5} [{rows:>6}, {cols}] {:>8.1} MB {:>9.2} us/call {:>7.0} GB/s",
-        dtype.name(),
-        bytes as f64 / 1e6,
-        ms * 1e3,
-        bytes as f64 / (ms * 1e-3) / 1e9
-    );
+    let line = |kernel: &str, ms: f64| {
+        println!(
+            "{kernel} {name:<28} {:>5} [{rows:>6}, {cols}] {:>8.1} MB {:>9.2} us/call {:>7.0} GB/s",
+            dtype.name(),
+            bytes as f64 / 1e6,
+            ms * 1e3,
+            bytes as f64 / (ms * 1e-3) / 1e9
+        )
+    };
+    line("matvec", ms);
+    // The int8-activation experiment on the same copies, where it applies
+    // (its activation rounding is inside the time).
+    if matches!(dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K)) && cols.is_multiple_of(256) {
+        let ms = time(gpu, |i| {
+            gpu.matmul_q8(
+                &x.as_view(),
+                1,
+                &copies[i % copies.len()],
+                &mut y.as_view_mut(),
+            )
+            .expect("matmul_q8")
+        });
+        line("mmvq  ", ms);
+    }
 }
 
 fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {

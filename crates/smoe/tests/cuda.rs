@@ -203,6 +203,57 @@ fn matmul_matches_cpu_for_every_weight_type() {
     }
 }
 
+/// The int8-activation experiment (`Gpu::matmul_q8`) against the exact
+/// product of the stored q4_k/q6_k weights. The activations' rounding to 8
+/// bits per 32-block (up to 1/254 of each block's largest value) bounds the
+/// error: 1e-2 of the outputs' RMS, which a wrong nibble, scale or block
+/// order exceeds many times over. Shapes and token counts it does not take
+/// are errors.
+#[test]
+fn int8_matvec_matches_the_exact_product() {
+    let Some(gpu) = gpu_or_skip("matmul_q8") else {
+        return;
+    };
+    for (seed, q) in [QuantType::Q4K, QuantType::Q6K].into_iter().enumerate() {
+        let dtype = DType::Quant(q);
+        // 768 columns: three super-blocks, so a row's second and third are
+        // 144- and 210-byte offsets (q6_k's only 2-byte aligned).
+        for (rows, cols) in [(INTER, HIDDEN), (HIDDEN, INTER), (37, 256)] {
+            let w = Weights::new(dtype, rows, cols, 40 + seed as u64);
+            let wf = dequantized(&w);
+            let dw = gpu.upload_matrix(w.matrix()).expect("upload");
+            for t in [1, 3, MATVEC_MAX_TOKENS] {
+                let x = values(t * cols, 200 + t as u64);
+                let dx = gpu.upload(&x).unwrap();
+                let mut dy = gpu.zeros::<f32>(t * rows).unwrap();
+                gpu.matmul_q8(&dx.as_view(), t, &dw, &mut dy.as_view_mut())
+                    .expect("matmul_q8");
+                check(
+                    &format!("matmul_q8 {} [{rows}, {cols}] t={t} vs exact", dtype.name()),
+                    &gpu.download(&dy).unwrap(),
+                    &exact_matmul(&x, t, &wf, rows, cols),
+                    1e-2,
+                );
+            }
+        }
+    }
+    let x = gpu.upload(&values(9 * HIDDEN, 1)).unwrap();
+    let mut y = gpu.zeros::<f32>(9 * INTER).unwrap();
+    let q4k = Weights::new(DType::Quant(QuantType::Q4K), INTER, HIDDEN, 1);
+    let q8 = Weights::new(DType::Quant(QuantType::Q8_0), INTER, HIDDEN, 1);
+    let (q4k, q8) = (
+        gpu.upload_matrix(q4k.matrix()).unwrap(),
+        gpu.upload_matrix(q8.matrix()).unwrap(),
+    );
+    for (t, w, want) in [(9, &q4k, "1 to 8"), (1, &q8, "q4_k and q6_k only")] {
+        let err = gpu
+            .matmul_q8(&x.as_view(), t, w, &mut y.as_view_mut())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}
+
 /// The LM head of a 4-bit backbone: q6_k, 151936 rows, one token.
 #[test]
 fn matvec_of_a_q6k_lm_head_matches_cpu() {
@@ -239,6 +290,16 @@ fn experts_by_id_match_one_by_one() {
     let Some(gpu) = gpu_or_skip("experts by id") else {
         return;
     };
+    experts_by_id(gpu, "");
+    // The int8-activation kernels on both sides (a GPU of its own: the
+    // switch is the device's): the id kernels round each pair's rows per
+    // 32-block as matmul_q8 rounds one row, so they agree as closely.
+    let int8 = Gpu::new(0).expect("a second handle on the GPU");
+    int8.set_int8_activations(true);
+    experts_by_id(&int8, ", int8 activations");
+}
+
+fn experts_by_id(gpu: &Gpu, what: &str) {
     let (n_exp, k, t) = (16, 4, 3);
     // Unsorted, as `route` writes them (best first).
     let ids: Vec<u32> = vec![7, 2, 15, 0, 3, 9, 2, 11, 14, 13, 1, 6];
@@ -329,7 +390,7 @@ fn experts_by_id_match_one_by_one() {
             }
         }
         check(
-            &format!("experts by id, {}", dtype.name()),
+            &format!("experts by id, {}{what}", dtype.name()),
             &got,
             &want,
             1e-5,

@@ -582,3 +582,200 @@ __device__ void ragged(const u8* w, u64 row_bytes, const float* x, float* y, int
 RAGGED_KERNEL(f32, T_F32)
 RAGGED_KERNEL(f16, T_F16)
 RAGGED_KERNEL(bf16, T_BF16)
+
+// ---- Matrix-vector products on int8 activations (an experiment beside
+// `matvec`; llama.cpp's mmvq is the model, written anew here).
+//
+// The activations are rounded once per call to 8 bits per 32-block
+// (`quantize_q8`: 32 int8 and the pair (scale d, d * their sum)), as the
+// CPU backend rounds them, and each lane multiplies four weights at a time
+// with `__dp4a` straight from its own 4-byte load of the stored block: no
+// shared-memory staging, no float widening. Rows as in `matvec` (a warp
+// each, MV_ROWS per block); each lane takes a fixed quarter-word of every
+// 256-weight super-block, the warp a whole super-block per step.
+
+// Block blk (32 values) of the t * cols activations, one warp each.
+extern "C" __global__ void quantize_q8(const float* x, i8* xq, float* xds, u64 blocks) {
+    u64 blk = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (blk >= blocks) return;
+    int lane = threadIdx.x & 31;
+    float v = x[blk * 32 + lane];
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    int q = amax == 0.0f ? 0 : __float2int_rn(v / d);
+    xq[blk * 32 + lane] = (i8)q;
+    float sum = warp_sum((float)q);
+    if (lane == 0) {
+        xds[2 * blk] = d;
+        xds[2 * blk + 1] = d * sum;
+    }
+}
+
+// Four bytes at a 2-byte aligned address (q6_k's 210-byte blocks).
+__device__ __forceinline__ int ld_u32_2(const u8* p) {
+    const u16* h = (const u16*)p;
+    return (int)((u32)h[0] | ((u32)h[1] << 16));
+}
+
+// q4_k: lane takes the 4 bytes at 32c + p of the super-block's nibbles
+// (c = lane / 8, p = 4 * (lane % 8)): elements p..p+3 of sub-block 2c (low
+// nibbles) and of 2c + 1 (high). Sub-block s is d * sc_s * q - dmin * m_s,
+// so its dot is d sc_s dx (q . xq) - dmin m_s (dx sum xq), the second term
+// once per sub-block (by the lanes with p = 0). acc[tok] gets this lane's
+// part of row wr against activation row tok (xq rows of cols int8, xds
+// rows of cols / 32 (d, d * sum) pairs).
+template <int NT>
+__device__ __forceinline__ void q8_lanes_q4k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
+                                             float* acc) {
+    int lane = threadIdx.x, c = lane >> 3, p = (lane & 7) * 4;
+    int nblk = cols >> 5;
+    for (int sb = 0; sb < (cols >> 8); sb++) {
+        const u8* b = wr + (size_t)sb * 144;
+        int word = *(const int*)(b + 16 + 32 * c + p);
+        float dd = ld_f16(b), dmin = ld_f16(b + 2);
+        float sc0, m0, sc1, m1;
+        scale_min_k4(2 * c, b + 4, &sc0, &m0);
+        scale_min_k4(2 * c + 1, b + 4, &sc1, &m1);
+        int lo = word & 0x0F0F0F0F, hi = (word >> 4) & 0x0F0F0F0F;
+        int j0 = sb * 8 + 2 * c;
+#pragma unroll
+        for (int tok = 0; tok < NT; tok++) {
+            if (tok < t) {
+                const i8* xr = xq + (size_t)tok * cols;
+                const float* ds = xds + 2 * ((size_t)tok * nblk + j0);
+                int s0 = __dp4a(lo, *(const int*)(xr + j0 * 32 + p), 0);
+                int s1 = __dp4a(hi, *(const int*)(xr + (j0 + 1) * 32 + p), 0);
+                float v = dd * (sc0 * ds[0] * (float)s0 + sc1 * ds[2] * (float)s1);
+                if (p == 0) v -= dmin * (m0 * ds[1] + m1 * ds[3]);
+                acc[tok] += v;
+            }
+        }
+    }
+}
+
+// q6_k: lane takes half n = lane / 16, parts pp and pp + 2 (pp = lane / 8
+// % 2: the low and high nibbles of ql's bytes 32pp + l0.., with qh's bit
+// pairs 2pp and 2pp + 4), elements l0..l0+3 (l0 = 4 * (lane % 8)) of each:
+// element 128n + 32 part + l, scale sc[8n + 2 part + l / 16], value
+// d * sc * (q - 32).
+template <int NT>
+__device__ __forceinline__ void q8_lanes_q6k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
+                                             float* acc) {
+    int lane = threadIdx.x, n = lane >> 4, pp = (lane >> 3) & 1, l0 = (lane & 7) * 4;
+    int nblk = cols >> 5;
+    for (int sb = 0; sb < (cols >> 8); sb++) {
+        const u8* b = wr + (size_t)sb * 210;
+        int ql = ld_u32_2(b + 64 * n + 32 * pp + l0);
+        int qh = ld_u32_2(b + 128 + 32 * n + l0);
+        float d = ld_f16(b + 208);
+        const i8* sc = (const i8*)(b + 192) + 8 * n + l0 / 16;
+        float sa = d * (float)sc[2 * pp], sb2 = d * (float)sc[2 * (pp + 2)];
+        int qa = (ql & 0x0F0F0F0F) | (((qh >> (2 * pp)) & 0x03030303) << 4);
+        int qb = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * pp + 4)) & 0x03030303) << 4);
+        int va = (int)__vsub4((u32)qa, 0x20202020u), vb = (int)__vsub4((u32)qb, 0x20202020u);
+        int ja = sb * 8 + 4 * n + pp, jb = ja + 2;
+#pragma unroll
+        for (int tok = 0; tok < NT; tok++) {
+            if (tok < t) {
+                const i8* xr = xq + (size_t)tok * cols;
+                const float* ds = xds + 2 * (size_t)tok * nblk;
+                int s0 = __dp4a(va, *(const int*)(xr + ja * 32 + l0), 0);
+                int s1 = __dp4a(vb, *(const int*)(xr + jb * 32 + l0), 0);
+                acc[tok] += sa * ds[2 * ja] * (float)s0 + sb2 * ds[2 * jb] * (float)s1;
+            }
+        }
+    }
+}
+
+template <int T, int NT>
+__device__ __forceinline__ void q8_lanes(const u8* wr, const i8* xq, const float* xds, int cols, int t,
+                                         float* acc) {
+    if constexpr (T == T_Q4_K) {
+        q8_lanes_q4k<NT>(wr, xq, xds, cols, t, acc);
+    } else {
+        q8_lanes_q6k<NT>(wr, xq, xds, cols, t, acc);
+    }
+}
+
+// The whole warp's dot of row wr with one activation row.
+template <int T>
+__device__ __forceinline__ float q8_row_dot(const u8* wr, const i8* xq, const float* xds, int cols) {
+    float acc[1] = {0.0f};
+    q8_lanes<T, 1>(wr, xq, xds, cols, 1, acc);
+    return warp_sum(acc[0]);
+}
+
+// y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`.
+template <int T>
+__device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
+                     int t) {
+    int row = blockIdx.x * MV_ROWS + threadIdx.y;
+    if (row >= rows) return;
+    float acc[MV_TOKENS];
+#pragma unroll
+    for (int i = 0; i < MV_TOKENS; i++) acc[i] = 0.0f;
+    q8_lanes<T, MV_TOKENS>(w + (size_t)row * row_bytes, xq, xds, cols, t, acc);
+#pragma unroll
+    for (int tok = 0; tok < MV_TOKENS; tok++) {
+        if (tok < t) {
+            float s = warp_sum(acc[tok]);
+            if (threadIdx.x == 0) y[(size_t)tok * rows + row] = s;
+        }
+    }
+}
+
+// As `matvec_id`, pair p's activations being row p / x_div of xq/xds.
+template <int T>
+__device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
+                        const float* xds, int x_div, float* y, int rows, int cols) {
+    int row = blockIdx.x * MV_ROWS + threadIdx.y, p = blockIdx.y;
+    if (row >= rows) return;
+    u32 e = ids[p];
+    float s = 0.0f;
+    if (e < (u32)n_exp) {
+        size_t x = (size_t)(p / x_div);
+        s = q8_row_dot<T>((const u8*)experts[e] + (size_t)row * row_bytes, xq + x * cols,
+                          xds + 2 * x * (cols >> 5), cols);
+    }
+    if (threadIdx.x == 0) y[(size_t)p * rows + row] = s;
+}
+
+// As `swiglu_id`: y[p, row] = silu(gate . x) * (up . x) for pair p's token
+// (p / k).
+template <int T>
+__device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids, int n_exp, u64 row_bytes,
+                               const i8* xq, const float* xds, int k, float* y, int rows, int cols) {
+    int row = blockIdx.x * MV_ROWS + threadIdx.y, p = blockIdx.y;
+    if (row >= rows) return;
+    u32 e = ids[p];
+    float out = 0.0f;
+    if (e < (u32)n_exp) {
+        size_t x = (size_t)(p / k), at = (size_t)row * row_bytes;
+        const i8* xr = xq + x * cols;
+        const float* ds = xds + 2 * x * (cols >> 5);
+        float g = q8_row_dot<T>((const u8*)gates[e] + at, xr, ds, cols);
+        float u = q8_row_dot<T>((const u8*)ups[e] + at, xr, ds, cols);
+        out = g / (1.0f + expf(-g)) * u;
+    }
+    if (threadIdx.x == 0) y[(size_t)p * rows + row] = out;
+}
+
+#define MMVQ_KERNELS(NAME, T)                                                                            \
+    extern "C" __global__ void mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
+                                           float* y, int rows, int cols, int t) {                        \
+        mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t);                                                 \
+    }                                                                                                     \
+    extern "C" __global__ void mmvq_id_##NAME(const u64* experts, const u32* ids, int n_exp,             \
+                                              u64 row_bytes, const i8* xq, const float* xds, int x_div,  \
+                                              float* y, int rows, int cols) {                            \
+        mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols);                        \
+    }                                                                                                     \
+    extern "C" __global__ void mmvq_swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,   \
+                                                     int n_exp, u64 row_bytes, const i8* xq,             \
+                                                     const float* xds, int k, float* y, int rows,        \
+                                                     int cols) {                                          \
+        mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols);                  \
+    }
+
+MMVQ_KERNELS(q4_k, T_Q4_K)
+MMVQ_KERNELS(q6_k, T_Q6_K)

@@ -253,6 +253,12 @@ pub struct Gpu {
     /// Split attention's partial results ([`Gpu::attention`]), grown to
     /// the largest call; every use is on the compute stream, in order.
     attn_parts: Mutex<Option<CudaSlice<f32>>>,
+    /// [`Gpu::matmul_q8`]'s rounded activations and their block scales.
+    q8: Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
+    /// `SMOE_CUDA_MMVQ=1` or [`Gpu::set_int8_activations`]: [`Gpu::matmul`]
+    /// and the id kernels take the int8-activation kernels where they
+    /// apply (the experiment's switch, so that one binary measures both).
+    mmvq: std::sync::atomic::AtomicBool,
 }
 
 /// One profiled launch: events on the compute stream before and after it,
@@ -299,6 +305,10 @@ impl Gpu {
             functions: Mutex::default(),
             timed: super::profile::enabled().then(Mutex::default),
             attn_parts: Mutex::default(),
+            q8: Mutex::default(),
+            mmvq: std::env::var_os("SMOE_CUDA_MMVQ")
+                .is_some_and(|v| v == "1")
+                .into(),
         })
     }
 
@@ -681,6 +691,13 @@ impl Gpu {
         if t == 0 || w.rows == 0 {
             return Ok(());
         }
+        if self.int8_activations()
+            && t <= MATVEC_MAX_TOKENS
+            && w.cols.is_multiple_of(256)
+            && matches!(w.dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
+        {
+            return self.matmul_q8(x, t, w, y);
+        }
         let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
         let per_warp = LaunchConfig {
@@ -706,6 +723,105 @@ impl Gpu {
         };
         let name = format!("{name}_{}", kernel_dtype(w.dtype)?);
         launch!(self, &name, cfg, &w.data, &row_bytes, x, y, &rows, &cols, &tokens)
+    }
+
+    /// The first `n` activations of `x` rounded to 8 bits per 32-block
+    /// into the q8 scratch (`(int8 values, (d, d * sum) per block)`), held
+    /// locked for the launch that reads them.
+    #[allow(clippy::type_complexity)]
+    fn quantize_q8(
+        &self,
+        x: &CudaView<'_, f32>,
+        n: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Option<(CudaSlice<u8>, CudaSlice<f32>)>>> {
+        if !n.is_multiple_of(32) || x.len() < n {
+            return Err(Error::invalid(format!(
+                "CUDA quantize_q8: {n} values (whole 32-blocks) of {}",
+                x.len()
+            )));
+        }
+        let blocks = n / 32;
+        let mut q8 = self.q8.lock().unwrap_or_else(|e| e.into_inner());
+        if q8.as_ref().is_none_or(|(q, _)| q.len() < blocks * 32) {
+            *q8 = None;
+            *q8 = Some((self.zeros(blocks * 32)?, self.zeros(blocks * 2)?));
+        }
+        let (xq, xds) = q8.as_mut().expect("allocated above");
+        let warps = 4u32;
+        let cfg = LaunchConfig {
+            grid_dim: ((blocks as u32).div_ceil(warps), 1, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let blocks = blocks as u64;
+        launch!(self, "quantize_q8", cfg, x, &mut *xq, &mut *xds, &blocks)?;
+        Ok(q8)
+    }
+
+    /// Turns the int8-activation kernels on or off for what is queued
+    /// from now on.
+    pub fn set_int8_activations(&self, on: bool) {
+        self.mmvq.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn int8_activations(&self) -> bool {
+        self.mmvq.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the id kernels take the int8-activation path for `w`.
+    fn mmvq_for(&self, w: &ExpertTable) -> bool {
+        self.int8_activations()
+            && w.cols.is_multiple_of(256)
+            && matches!(w.dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
+    }
+
+    /// As [`Gpu::matmul`] for a few tokens through q4_k or q6_k rows, with
+    /// the activations rounded to 8 bits per 32-block first (as the CPU
+    /// backend rounds them) and the products taken four at a time in
+    /// int8 (`dp4a`). An experiment beside `matmul`'s f32 kernel, which the
+    /// decoder still uses: `cuda_bench` times both.
+    pub fn matmul_q8(
+        &self,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        w: &GpuMatrix,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let name = match w.dtype {
+            DType::Quant(QuantType::Q4K) => "mmvq_q4_k",
+            DType::Quant(QuantType::Q6K) => "mmvq_q6_k",
+            other => {
+                return Err(Error::invalid(format!(
+                    "CUDA matmul_q8: {} rows (q4_k and q6_k only)",
+                    other.name()
+                )))
+            }
+        };
+        if t == 0
+            || t > MATVEC_MAX_TOKENS
+            || !w.cols.is_multiple_of(256)
+            || x.len() < t * w.cols
+            || y.len() < t * w.rows
+        {
+            return Err(Error::invalid(format!(
+                "CUDA matmul_q8: {t} tokens (1 to {MATVEC_MAX_TOKENS}) through [{}, {}] \
+                 (columns a multiple of 256) with {} inputs and {} outputs",
+                w.rows,
+                w.cols,
+                x.len(),
+                y.len()
+            )));
+        }
+        let mut q8 = self.quantize_q8(x, t * w.cols)?;
+        let (xq, xds) = q8.as_mut().expect("quantized above");
+        let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
+        let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (w.rows.div_ceil(MV_ROWS as usize) as u32, 1, 1),
+            block_dim: (32, MV_ROWS, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, name, cfg, &w.data, &row_bytes, &*xq, &*xds, y, &rows, &cols, &tokens)
     }
 
     /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
@@ -1204,6 +1320,28 @@ impl Gpu {
             int(gate.cols)?,
         );
         let row_bytes = gate.dtype.row_bytes(gate.cols) as u64;
+        if self.mmvq_for(gate) {
+            let tokens = pairs.div_ceil(k as usize);
+            let mut q8 = self.quantize_q8(x, tokens * gate.cols)?;
+            let (xq, xds) = q8.as_mut().expect("quantized above");
+            let name = format!("mmvq_swiglu_id_{}", kernel_dtype(gate.dtype)?);
+            return launch!(
+                self,
+                &name,
+                per_pair(gate.rows, pairs)?,
+                &gate.ptrs,
+                &up.ptrs,
+                ids,
+                &n_exp,
+                &row_bytes,
+                &*xq,
+                &*xds,
+                &k,
+                y,
+                &rows,
+                &cols
+            );
+        }
         let name = format!("swiglu_id_{}", kernel_dtype(gate.dtype)?);
         launch!(
             self,
@@ -1246,8 +1384,28 @@ impl Gpu {
         }
         let (n_exp, rows, cols) = (int(w.ptrs.len())?, int(w.rows)?, int(w.cols)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
-        let name = format!("matvec_id_{}", kernel_dtype(w.dtype)?);
         let one = 1i32;
+        if self.mmvq_for(w) {
+            let mut q8 = self.quantize_q8(x, pairs * w.cols)?;
+            let (xq, xds) = q8.as_mut().expect("quantized above");
+            let name = format!("mmvq_id_{}", kernel_dtype(w.dtype)?);
+            return launch!(
+                self,
+                &name,
+                per_pair(w.rows, pairs)?,
+                &w.ptrs,
+                ids,
+                &n_exp,
+                &row_bytes,
+                &*xq,
+                &*xds,
+                &one,
+                y,
+                &rows,
+                &cols
+            );
+        }
+        let name = format!("matvec_id_{}", kernel_dtype(w.dtype)?);
         launch!(
             self,
             &name,
