@@ -444,6 +444,9 @@ struct Bufs {
     router: Buf<f32>,
     ids: Buf<u32>,
     weights: Buf<f32>,
+    /// The next sparse layer's routing guessed from this layer's residual.
+    pred_ids: Buf<u32>,
+    pred_weights: Buf<f32>,
     order: Buf<u32>,
     pos: Buf<u32>,
     pos_weights: Buf<f32>,
@@ -466,6 +469,10 @@ struct Host {
     seq_sin: Vec<f32>,
     ids: Vec<u32>,
     weights: Vec<f32>,
+    pred_ids: Vec<u32>,
+    pred_weights: Vec<f32>,
+    /// A small batch's normed rows, for the CPU's gather.
+    h: Vec<f32>,
     chosen: Vec<(u32, f32)>,
     start: Vec<usize>,
     fill: Vec<usize>,
@@ -832,7 +839,29 @@ impl GpuDecoder {
             g.moe_combine(&ys, &ids, &w, k, t, &mut b.out.m(g, t * hidden)?)?;
             return self.shared_expert(shared.as_ref(), t, hidden, b);
         }
+        // Everything the host needs from this layer in one wait: the
+        // routes (which experts to fetch), the next layer's predicted
+        // routes (what to read ahead) and, when the CPU will run a small
+        // batch's streamed experts, the normed rows it gathers itself.
+        let streamed =
+            tables.is_none() && experts.is_none() && matches!(m.experts, Experts::Streamed { .. });
+        let predict = streamed && self.launch_prediction(layer, t, b)?;
+        let path = if !streamed {
+            ExpertPath::Copy
+        } else if t <= MATVEC_MAX_TOKENS {
+            b.paths.pick(t)
+        } else {
+            ExpertPath::Copy
+        };
         self.routes_to_host(t * k, b)?;
+        if predict {
+            self.prediction_to_host(layer, t, b)?;
+        }
+        if path == ExpertPath::Cpu {
+            let host = &mut b.host;
+            host.h.resize(t * hidden, 0.0);
+            g.download_into(&b.h.v(0..t * hidden)?, &mut host.h)?;
+        }
         let host = &mut b.host;
         host.chosen.clear();
         host.chosen
@@ -876,11 +905,11 @@ impl GpuDecoder {
         g.upload_into(&host.order32, &mut b.order.m(g, pairs)?)?;
         g.upload_into(&host.pos, &mut b.pos.m(g, pairs)?)?;
         g.upload_into(&host.pos_weights, &mut b.pos_weights.m(g, pairs)?)?;
-        {
+        if path == ExpertPath::Copy {
             let (hn, order) = (b.h.v(0..t * hidden)?, b.order.v(0..pairs)?);
             g.gather(&hn, hidden, &order, k, &mut b.xs.m(g, pairs * hidden)?)?;
-            b.ys.m(g, pairs * hidden)?;
         }
+        b.ys.m(g, pairs * hidden)?;
 
         let used = std::mem::take(&mut b.host.used);
         let grouped = tables.as_ref().filter(|t| tiled(t));
@@ -894,7 +923,7 @@ impl GpuDecoder {
                 run_expert(g, &resident[e as usize], rows, hidden, b)
             }),
             (None, None, Experts::Streamed { cache, layer: l }) => {
-                self.streamed(cache, *l, layer, &used, hidden, t, b)
+                self.streamed(cache, *l, layer, &used, hidden, k, t, path, predict, b)
             }
             (None, None, Experts::Resident(_)) => Err(Error::invalid(
                 "CUDA decoder: resident experts not uploaded",
@@ -949,26 +978,28 @@ impl GpuDecoder {
         layer: usize,
         used: &[u32],
         hidden: usize,
+        k: usize,
         t: usize,
+        path: ExpertPath,
+        mut predict: bool,
         b: &mut Bufs,
     ) -> Result<()> {
         let g = &self.gpu;
-        let mut predict = self.predict_next(layer, t, b)?;
         let small = t <= MATVEC_MAX_TOKENS;
-        let path = if small {
-            b.paths.pick(t)
-        } else {
-            ExpertPath::Copy
-        };
         let pairs = b.host.order.len();
         let mut spent = std::time::Duration::ZERO;
         if path == ExpertPath::Cpu {
+            // The rows in expert order, as the `gather` kernel would have
+            // put them (its rows are the ones `moe` downloaded).
             let start = std::time::Instant::now();
             let host = &mut b.host;
             host.xs.resize(pairs * hidden, 0.0);
             host.ys.clear();
             host.ys.resize(pairs * hidden, 0.0);
-            g.download_into(&b.xs.v(0..pairs * hidden)?, &mut host.xs)?;
+            for (row, &pair) in host.xs.chunks_exact_mut(hidden).zip(&host.order) {
+                let tok = pair / k;
+                row.copy_from_slice(&host.h[tok * hidden..(tok + 1) * hidden]);
+            }
             spent += start.elapsed();
         }
         for group in used.chunks(cache.capacity()) {
@@ -1032,10 +1063,8 @@ impl GpuDecoder {
         Ok(())
     }
 
-    /// When the next layer is sparse and streamed, its experts guessed
-    /// from the residual stream as it is now (as [`Moe::predict`]) into
-    /// `b.host.predicted`, most likely first; whether there are any.
-    fn predict_next(&self, layer: usize, t: usize, b: &mut Bufs) -> Result<bool> {
+    /// The next layer's sparse block, when its experts stream.
+    fn next_streamed(&self, layer: usize) -> Option<NextSparse<'_>> {
         let (
             Some(next),
             Some(GpuLayer {
@@ -1051,14 +1080,27 @@ impl GpuDecoder {
             }),
         ) = (self.cpu.layers.get(layer + 1), self.layers.get(layer + 1))
         else {
-            return Ok(false);
+            return None;
         };
         let Mlp::Sparse(m) = &next.mlp else {
+            return None;
+        };
+        matches!(m.experts, Experts::Streamed { .. }).then_some((
+            m,
+            router,
+            score_bias.as_ref(),
+            post_norm,
+        ))
+    }
+
+    /// When the next layer is sparse and streamed, its experts guessed
+    /// from the residual stream as it is now (as [`Moe::predict`]): the
+    /// routing launched into `b.pred_ids` and `b.pred_weights`; whether
+    /// there is one.
+    fn launch_prediction(&self, layer: usize, t: usize, b: &mut Bufs) -> Result<bool> {
+        let Some((m, router, score_bias, post_norm)) = self.next_streamed(layer) else {
             return Ok(false);
         };
-        if !matches!(m.experts, Experts::Streamed { .. }) {
-            return Ok(false);
-        }
         let g = &self.gpu;
         let th = t * router.cols;
         let eps = self.cfg().rms_norm_eps;
@@ -1068,13 +1110,30 @@ impl GpuDecoder {
             eps,
             &mut b.head.m(g, th)?,
         )?;
-        self.route_on_device(m, router, score_bias.as_ref(), Input::Head, t, b)?;
-        self.routes_to_host(t * m.routing.top_k, b)?;
+        self.route_on_device(m, router, score_bias, Input::Head, t, b)?;
+        Ok(true)
+    }
+
+    /// The routes [`GpuDecoder::launch_prediction`] launched, to the host
+    /// as `b.host.predicted`: the experts chosen, most likely first.
+    fn prediction_to_host(&self, layer: usize, t: usize, b: &mut Bufs) -> Result<()> {
+        let Some((m, router, ..)) = self.next_streamed(layer) else {
+            return Ok(());
+        };
+        let g = &self.gpu;
+        let pairs = t * m.routing.top_k;
         let host = &mut b.host;
+        host.pred_ids.resize(pairs, 0);
+        host.pred_weights.resize(pairs, 0.0);
+        g.download_into(&b.pred_ids.v(0..pairs)?, &mut host.pred_ids)?;
+        g.download_into(&b.pred_weights.v(0..pairs)?, &mut host.pred_weights)?;
         host.best.clear();
         host.best.resize(router.rows, f32::NEG_INFINITY);
-        for (&e, &w) in host.ids.iter().zip(&host.weights) {
-            let best = &mut host.best[e as usize];
+        for (&e, &w) in host.pred_ids.iter().zip(&host.pred_weights) {
+            // The device chose it: check before it indexes.
+            let best = host.best.get_mut(e as usize).ok_or_else(|| {
+                Error::invalid(format!("CUDA routing chose expert {e} of {}", router.rows))
+            })?;
             *best = best.max(w);
         }
         let best = &host.best;
@@ -1086,11 +1145,12 @@ impl GpuDecoder {
                 .total_cmp(&best[a as usize])
                 .then(a.cmp(&c))
         });
-        Ok(true)
+        Ok(())
     }
 
     /// Router logits of `input` through `router`, the top-k on the device
-    /// into `b.ids` and `b.weights`.
+    /// into `b.ids` and `b.weights` (a prediction's into `b.pred_ids` and
+    /// `b.pred_weights`).
     fn route_on_device(
         &self,
         m: &Moe,
@@ -1109,7 +1169,11 @@ impl GpuDecoder {
         g.matmul(&x, t, router, &mut b.router.m(g, t * n_exp)?)?;
         let bias = bias.map(|b| b.as_view());
         let logits = b.router.v(0..t * n_exp)?;
-        let (mut ids, mut w) = (b.ids.m(g, t * k)?, b.weights.m(g, t * k)?);
+        let (ids, w) = match input {
+            Input::Normed => (&mut b.ids, &mut b.weights),
+            Input::Head => (&mut b.pred_ids, &mut b.pred_weights),
+        };
+        let (mut ids, mut w) = (ids.m(g, t * k)?, w.m(g, t * k)?);
         g.route(&logits, t, &m.routing, bias.as_ref(), &mut ids, &mut w)
     }
 
@@ -1149,6 +1213,15 @@ impl GpuDecoder {
         self.bufs.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// A sparse layer whose experts stream: its block, router, score bias
+/// and the norm before it.
+type NextSparse<'a> = (
+    &'a Moe,
+    &'a GpuMatrix,
+    Option<&'a CudaSlice<f32>>,
+    &'a CudaSlice<f32>,
+);
 
 /// Which device buffer routing reads.
 #[derive(Clone, Copy)]
