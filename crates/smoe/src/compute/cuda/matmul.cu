@@ -590,9 +590,12 @@ RAGGED_KERNEL(bf16, T_BF16)
 // (`quantize_q8`: 32 int8 and the pair (scale d, d * their sum)), as the
 // CPU backend rounds them, and each lane multiplies four weights at a time
 // with `__dp4a` straight from its own 4-byte load of the stored block: no
-// shared-memory staging, no float widening. Rows as in `matvec` (a warp
-// each, MV_ROWS per block); each lane takes a fixed quarter-word of every
-// 256-weight super-block, the warp a whole super-block per step.
+// shared-memory staging, no float widening. A block of MQ_WARPS warps takes
+// one row, warp w its super-blocks w, w + MQ_WARPS, ... (a decode's rows are
+// few and short: 768 of 8 super-blocks for an expert, so a warp per row
+// left too few loads in flight), each lane a fixed quarter-word of every
+// 256-weight super-block it visits.
+#define MQ_WARPS 4
 
 // Block blk (32 values) of the t * cols activations, one warp each.
 extern "C" __global__ void quantize_q8(const float* x, i8* xq, float* xds, u64 blocks) {
@@ -629,7 +632,8 @@ __device__ __forceinline__ void q8_lanes_q4k(const u8* wr, const i8* xq, const f
                                              float* acc) {
     int lane = threadIdx.x, c = lane >> 3, p = (lane & 7) * 4;
     int nblk = cols >> 5;
-    for (int sb = 0; sb < (cols >> 8); sb++) {
+#pragma unroll 2
+    for (int sb = threadIdx.y; sb < (cols >> 8); sb += MQ_WARPS) {
         const u8* b = wr + (size_t)sb * 144;
         int word = *(const int*)(b + 16 + 32 * c + p);
         float dd = ld_f16(b), dmin = ld_f16(b + 2);
@@ -663,7 +667,8 @@ __device__ __forceinline__ void q8_lanes_q6k(const u8* wr, const i8* xq, const f
                                              float* acc) {
     int lane = threadIdx.x, n = lane >> 4, pp = (lane >> 3) & 1, l0 = (lane & 7) * 4;
     int nblk = cols >> 5;
-    for (int sb = 0; sb < (cols >> 8); sb++) {
+#pragma unroll 2
+    for (int sb = threadIdx.y; sb < (cols >> 8); sb += MQ_WARPS) {
         const u8* b = wr + (size_t)sb * 210;
         int ql = ld_u32_2(b + 64 * n + 32 * pp + l0);
         int qh = ld_u32_2(b + 128 + 32 * n + l0);
@@ -697,20 +702,34 @@ __device__ __forceinline__ void q8_lanes(const u8* wr, const i8* xq, const float
     }
 }
 
-// The whole warp's dot of row wr with one activation row.
-template <int T>
-__device__ __forceinline__ float q8_row_dot(const u8* wr, const i8* xq, const float* xds, int cols) {
-    float acc[1] = {0.0f};
-    q8_lanes<T, 1>(wr, xq, xds, cols, 1, acc);
-    return warp_sum(acc[0]);
+// The sum of v over the block's MQ_WARPS warps, in every thread; `part`
+// is the block's shared scratch for this sum (one per sum taken before a
+// barrier).
+__device__ __forceinline__ float warps_sum(float v, float* part) {
+    v = warp_sum(v);
+    if (threadIdx.x == 0) part[threadIdx.y] = v;
+    __syncthreads();
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < MQ_WARPS; w++) s += part[w];
+    return s;
 }
 
-// y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`.
+// The whole block's dot of row wr with one activation row.
+template <int T>
+__device__ __forceinline__ float q8_row_dot(const u8* wr, const i8* xq, const float* xds, int cols, float* part) {
+    float acc[1] = {0.0f};
+    q8_lanes<T, 1>(wr, xq, xds, cols, 1, acc);
+    return warps_sum(acc[0], part);
+}
+
+// y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`,
+// one row per block.
 template <int T>
 __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
                      int t) {
-    int row = blockIdx.x * MV_ROWS + threadIdx.y;
-    if (row >= rows) return;
+    __shared__ float part[MV_TOKENS][MQ_WARPS];
+    int row = blockIdx.x;
     float acc[MV_TOKENS];
 #pragma unroll
     for (int i = 0; i < MV_TOKENS; i++) acc[i] = 0.0f;
@@ -719,8 +738,16 @@ __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds,
     for (int tok = 0; tok < MV_TOKENS; tok++) {
         if (tok < t) {
             float s = warp_sum(acc[tok]);
-            if (threadIdx.x == 0) y[(size_t)tok * rows + row] = s;
+            if (threadIdx.x == 0) part[tok][threadIdx.y] = s;
         }
+    }
+    __syncthreads();
+    int tok = threadIdx.x;
+    if (threadIdx.y == 0 && tok < t) {
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < MQ_WARPS; w++) s += part[tok][w];
+        y[(size_t)tok * rows + row] = s;
     }
 }
 
@@ -728,16 +755,18 @@ __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds,
 template <int T>
 __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
                         const float* xds, int x_div, float* y, int rows, int cols) {
-    int row = blockIdx.x * MV_ROWS + threadIdx.y, p = blockIdx.y;
-    if (row >= rows) return;
+    __shared__ float part[MQ_WARPS];
+    int row = blockIdx.x, p = blockIdx.y;
     u32 e = ids[p];
-    float s = 0.0f;
-    if (e < (u32)n_exp) {
-        size_t x = (size_t)(p / x_div);
-        s = q8_row_dot<T>((const u8*)experts[e] + (size_t)row * row_bytes, xq + x * cols,
-                          xds + 2 * x * (cols >> 5), cols);
+    // Uniform over the block, so every warp reaches the barrier or none.
+    if (e >= (u32)n_exp) {
+        if (threadIdx.x == 0 && threadIdx.y == 0) y[(size_t)p * rows + row] = 0.0f;
+        return;
     }
-    if (threadIdx.x == 0) y[(size_t)p * rows + row] = s;
+    size_t x = (size_t)(p / x_div);
+    float s = q8_row_dot<T>((const u8*)experts[e] + (size_t)row * row_bytes, xq + x * cols,
+                            xds + 2 * x * (cols >> 5), cols, part);
+    if (threadIdx.x == 0 && threadIdx.y == 0) y[(size_t)p * rows + row] = s;
 }
 
 // As `swiglu_id`: y[p, row] = silu(gate . x) * (up . x) for pair p's token
@@ -745,19 +774,19 @@ __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_b
 template <int T>
 __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids, int n_exp, u64 row_bytes,
                                const i8* xq, const float* xds, int k, float* y, int rows, int cols) {
-    int row = blockIdx.x * MV_ROWS + threadIdx.y, p = blockIdx.y;
-    if (row >= rows) return;
+    __shared__ float part[2][MQ_WARPS];
+    int row = blockIdx.x, p = blockIdx.y;
     u32 e = ids[p];
-    float out = 0.0f;
-    if (e < (u32)n_exp) {
-        size_t x = (size_t)(p / k), at = (size_t)row * row_bytes;
-        const i8* xr = xq + x * cols;
-        const float* ds = xds + 2 * x * (cols >> 5);
-        float g = q8_row_dot<T>((const u8*)gates[e] + at, xr, ds, cols);
-        float u = q8_row_dot<T>((const u8*)ups[e] + at, xr, ds, cols);
-        out = g / (1.0f + expf(-g)) * u;
+    if (e >= (u32)n_exp) {
+        if (threadIdx.x == 0 && threadIdx.y == 0) y[(size_t)p * rows + row] = 0.0f;
+        return;
     }
-    if (threadIdx.x == 0) y[(size_t)p * rows + row] = out;
+    size_t x = (size_t)(p / k), at = (size_t)row * row_bytes;
+    const i8* xr = xq + x * cols;
+    const float* ds = xds + 2 * x * (cols >> 5);
+    float g = q8_row_dot<T>((const u8*)gates[e] + at, xr, ds, cols, part[0]);
+    float u = q8_row_dot<T>((const u8*)ups[e] + at, xr, ds, cols, part[1]);
+    if (threadIdx.x == 0 && threadIdx.y == 0) y[(size_t)p * rows + row] = g / (1.0f + expf(-g)) * u;
 }
 
 #define MMVQ_KERNELS(NAME, T)                                                                            \
