@@ -254,9 +254,34 @@ fn matmul_matches_cpu_for_every_weight_type() {
 /// does not take are errors.
 #[test]
 fn int8_matvec_matches_the_exact_product() {
-    let Some(gpu) = gpu_or_skip("matmul_q8") else {
+    if gpu_or_skip("matmul_q8").is_none() {
         return;
-    };
+    }
+    // A handle of its own: the warps-per-row choice is the device's.
+    let gpu = &Gpu::new(0).expect("a second handle on the GPU");
+    for kw in [None, Some(1), Some(2), Some(4)] {
+        gpu.set_q8_warps_per_row(kw);
+        int8_matvec_at(gpu, &format!("{kw:?} warps a row"));
+    }
+    gpu.set_q8_warps_per_row(None);
+    let x = gpu.upload(&values(9 * HIDDEN, 1)).unwrap();
+    let mut y = gpu.zeros::<f32>(9 * INTER).unwrap();
+    let q4k = Weights::new(DType::Quant(QuantType::Q4K), INTER, HIDDEN, 1);
+    let q8 = Weights::new(DType::Quant(QuantType::Q8_0), INTER, HIDDEN, 1);
+    let (q4k, q8) = (
+        gpu.upload_matrix(q4k.matrix()).unwrap(),
+        gpu.upload_matrix(q8.matrix()).unwrap(),
+    );
+    for (t, w, want) in [(9, &q4k, "1 to 8"), (1, &q8, "q4_k and q6_k only")] {
+        let err = gpu
+            .matmul_q8(&x.as_view(), t, w, &mut y.as_view_mut())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}
+
+fn int8_matvec_at(gpu: &Gpu, how: &str) {
     for (seed, q) in [QuantType::Q4K, QuantType::Q6K].into_iter().enumerate() {
         let dtype = DType::Quant(q);
         // 768 columns: three super-blocks, so a row's second and third are
@@ -272,7 +297,7 @@ fn int8_matvec_matches_the_exact_product() {
                 gpu.matmul_q8(&dx.as_view(), t, &dw, &mut dy.as_view_mut())
                     .expect("matmul_q8");
                 let got = gpu.download(&dy).unwrap();
-                let what = format!("matmul_q8 {} [{rows}, {cols}] t={t}", dtype.name());
+                let what = format!("matmul_q8 {} [{rows}, {cols}] t={t}, {how}", dtype.name());
                 check(
                     &format!("{what} vs exact (int8 activations)"),
                     &got,
@@ -287,21 +312,6 @@ fn int8_matvec_matches_the_exact_product() {
                 );
             }
         }
-    }
-    let x = gpu.upload(&values(9 * HIDDEN, 1)).unwrap();
-    let mut y = gpu.zeros::<f32>(9 * INTER).unwrap();
-    let q4k = Weights::new(DType::Quant(QuantType::Q4K), INTER, HIDDEN, 1);
-    let q8 = Weights::new(DType::Quant(QuantType::Q8_0), INTER, HIDDEN, 1);
-    let (q4k, q8) = (
-        gpu.upload_matrix(q4k.matrix()).unwrap(),
-        gpu.upload_matrix(q8.matrix()).unwrap(),
-    );
-    for (t, w, want) in [(9, &q4k, "1 to 8"), (1, &q8, "q4_k and q6_k only")] {
-        let err = gpu
-            .matmul_q8(&x.as_view(), t, w, &mut y.as_view_mut())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(want), "{err}");
     }
 }
 
@@ -451,13 +461,12 @@ fn experts_by_id(gpu: &Gpu, what: &str) {
 }
 
 /// A prefill's grouped experts in one launch (`gemm_id`: expert `e` over
-/// its rows `start[e]..start[e + 1]`) against `matmul` on each expert's
-/// rows alone: the same tiled kernel, or for up to MATVEC_MAX_TOKENS rows
-/// the matrix-vector one, which sums in another order and without tensor
-/// cores. On sm_80 and later the tiled kernel's 3xTF32 products drop the
-/// low-by-low term (about 2^-22 of each product), so the bound is
-/// `matmul_matches_cpu`'s against the exact sum, 1e-4 (the H200 measured
-/// 5.2e-5 for f32 rows, where 1e-5 failed).
+/// its rows `start[e]..start[e + 1]`) against the exact product of each
+/// expert's rows (not `matmul` on them: up to MATVEC_MAX_TOKENS rows that
+/// is the int8-activation kernel). On sm_80 and later the tiled kernel's
+/// 3xTF32 products drop the low-by-low term (about 2^-22 of each product),
+/// so the bound is `matmul_matches_cpu`'s against the exact sum, 1e-4
+/// (the H200 measured 5.2e-5 for f32 rows, where 1e-5 failed).
 #[test]
 fn grouped_experts_match_one_by_one() {
     let Some(gpu) = gpu_or_skip("grouped experts") else {
@@ -482,11 +491,12 @@ fn grouped_experts_match_one_by_one() {
     .into_iter()
     .enumerate()
     {
-        let mats: Vec<cuda::GpuMatrix> = (0..n_exp as u64)
-            .map(|e| {
-                let w = Weights::new(dtype, INTER, HIDDEN, 500 + 10 * seed as u64 + e);
-                gpu.upload_matrix(w.matrix()).unwrap()
-            })
+        let ws: Vec<Weights> = (0..n_exp as u64)
+            .map(|e| Weights::new(dtype, INTER, HIDDEN, 500 + 10 * seed as u64 + e))
+            .collect();
+        let mats: Vec<cuda::GpuMatrix> = ws
+            .iter()
+            .map(|w| gpu.upload_matrix(w.matrix()).unwrap())
             .collect();
         let table = gpu
             .expert_table(&mats.iter().collect::<Vec<_>>())
@@ -511,11 +521,10 @@ fn grouped_experts_match_one_by_one() {
         let mut want = vec![0.0f32; pairs * INTER];
         for &e in &used {
             let (s, n) = (start[e as usize] as usize, counts[e as usize]);
-            let xe = gpu.upload(&x[s * HIDDEN..(s + n) * HIDDEN]).unwrap();
-            let mut ye = gpu.zeros::<f32>(n * INTER).unwrap();
-            gpu.matmul(&xe.as_view(), n, &mats[e as usize], &mut ye.as_view_mut())
-                .unwrap();
-            want[s * INTER..(s + n) * INTER].copy_from_slice(&gpu.download(&ye).unwrap());
+            let xe = &x[s * HIDDEN..(s + n) * HIDDEN];
+            let we = dequantized(&ws[e as usize]);
+            want[s * INTER..(s + n) * INTER]
+                .copy_from_slice(&exact_matmul(xe, n, &we, INTER, HIDDEN));
         }
         check(
             &format!("grouped experts, {}", dtype.name()),
@@ -1134,4 +1143,3 @@ fn ragged_float_rows_match_cpu() {
         }
     }
 }
-

@@ -664,9 +664,19 @@ impl GpuDecoder {
         let (hd, h) = (a.head_dim, self.cfg().hidden_size);
         let (nq, nkv) = (a.n_heads * hd, a.n_kv_heads * hd);
         let hn = b.h.v(0..t * h)?;
-        forward(g, wq, &hn, t, &mut b.q.m(g, t * nq)?)?;
-        forward(g, wk, &hn, t, &mut b.k.m(g, t * nkv)?)?;
-        forward(g, wv, &hn, t, &mut b.v.m(g, t * nkv)?)?;
+        {
+            let (mut q, mut k, mut v) = (b.q.m(g, t * nq)?, b.k.m(g, t * nkv)?, b.v.m(g, t * nkv)?);
+            g.matmul_each(
+                &hn,
+                t,
+                &mut [(&wq.w, &mut q), (&wk.w, &mut k), (&wv.w, &mut v)],
+            )?;
+            for (l, y) in [(wq, &mut q), (wk, &mut k), (wv, &mut v)] {
+                if let Some(bias) = &l.bias {
+                    g.add_rows(y, &bias.as_view())?;
+                }
+            }
+        }
         if let Some(w) = q_norm {
             g.rms_norm(&mut b.q.part(0..t * nq)?, w.len(), &w.as_view(), a.eps)?;
         }

@@ -590,11 +590,8 @@ RAGGED_KERNEL(bf16, T_BF16)
 // (`quantize_q8`: 32 int8 and the pair (scale d, d * their sum)), as the
 // CPU backend rounds them, and each lane multiplies four weights at a time
 // with `__dp4a` straight from its own 4-byte load of the stored block: no
-// shared-memory staging, no float widening. A block of MQ_WARPS warps takes
-// one row, warp w its super-blocks w, w + MQ_WARPS, ... (a decode's rows are
-// few and short: 768 of 8 super-blocks for an expert, so a warp per row
-// left too few loads in flight), each lane a fixed quarter-word of every
-// 256-weight super-block it visits.
+// shared-memory staging, no float widening. Each lane takes a fixed
+// quarter-word of every 256-weight super-block its warp visits.
 #define MQ_WARPS 4
 
 // Block blk (32 values) of the t * cols activations, one warp each.
@@ -629,11 +626,11 @@ __device__ __forceinline__ int ld_u32_2(const u8* p) {
 // rows of cols / 32 (d, d * sum) pairs).
 template <int NT>
 __device__ __forceinline__ void q8_lanes_q4k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
-                                             float* acc) {
+                                             int sb0, int step, float* acc) {
     int lane = threadIdx.x, c = lane >> 3, p = (lane & 7) * 4;
     int nblk = cols >> 5;
 #pragma unroll 2
-    for (int sb = threadIdx.y; sb < (cols >> 8); sb += MQ_WARPS) {
+    for (int sb = sb0; sb < (cols >> 8); sb += step) {
         const u8* b = wr + (size_t)sb * 144;
         int word = *(const int*)(b + 16 + 32 * c + p);
         float dd = ld_f16(b), dmin = ld_f16(b + 2);
@@ -664,11 +661,11 @@ __device__ __forceinline__ void q8_lanes_q4k(const u8* wr, const i8* xq, const f
 // d * sc * (q - 32).
 template <int NT>
 __device__ __forceinline__ void q8_lanes_q6k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
-                                             float* acc) {
+                                             int sb0, int step, float* acc) {
     int lane = threadIdx.x, n = lane >> 4, pp = (lane >> 3) & 1, l0 = (lane & 7) * 4;
     int nblk = cols >> 5;
 #pragma unroll 2
-    for (int sb = threadIdx.y; sb < (cols >> 8); sb += MQ_WARPS) {
+    for (int sb = sb0; sb < (cols >> 8); sb += step) {
         const u8* b = wr + (size_t)sb * 210;
         int ql = ld_u32_2(b + 64 * n + 32 * pp + l0);
         int qh = ld_u32_2(b + 128 + 32 * n + l0);
@@ -693,117 +690,128 @@ __device__ __forceinline__ void q8_lanes_q6k(const u8* wr, const i8* xq, const f
 }
 
 template <int T, int NT>
-__device__ __forceinline__ void q8_lanes(const u8* wr, const i8* xq, const float* xds, int cols, int t,
-                                         float* acc) {
+__device__ __forceinline__ void q8_lanes(const u8* wr, const i8* xq, const float* xds, int cols, int t, int sb0,
+                                         int step, float* acc) {
     if constexpr (T == T_Q4_K) {
-        q8_lanes_q4k<NT>(wr, xq, xds, cols, t, acc);
+        q8_lanes_q4k<NT>(wr, xq, xds, cols, t, sb0, step, acc);
     } else {
-        q8_lanes_q6k<NT>(wr, xq, xds, cols, t, acc);
+        q8_lanes_q6k<NT>(wr, xq, xds, cols, t, sb0, step, acc);
     }
 }
 
-// The sum of v over the block's MQ_WARPS warps, in every thread; `part`
-// is the block's shared scratch for this sum (one per sum taken before a
-// barrier).
-__device__ __forceinline__ float warps_sum(float v, float* part) {
+// A block is MQ_WARPS warps; kw of them (1, 2 or 4) share a row, warp
+// part = y % kw taking the row's super-blocks part, part + kw, ...: one warp
+// a row keeps the most rows in flight where there are many (an LM head),
+// several where there are few (one expert's 768), so that either way the
+// GPU has loads enough in flight.
+struct Q8Row {
+    int row, part, kw;
+    bool valid;
+};
+
+__device__ __forceinline__ Q8Row q8_row(int rows, int kw) {
+    int row = blockIdx.x * (MQ_WARPS / kw) + threadIdx.y / kw;
+    return Q8Row{row, (int)threadIdx.y % kw, kw, row < rows};
+}
+
+// v summed over the warps sharing r's row, returned to its first warp's
+// lanes (the others get their own part); `part` is MQ_WARPS floats of
+// shared scratch for this one sum. Every thread of the block must call it.
+__device__ __forceinline__ float row_sum(float v, const Q8Row& r, float* part) {
     v = warp_sum(v);
+    if (r.kw == 1) return v;
     if (threadIdx.x == 0) part[threadIdx.y] = v;
     __syncthreads();
-    float s = 0.0f;
-#pragma unroll
-    for (int w = 0; w < MQ_WARPS; w++) s += part[w];
-    return s;
+    if (r.part == 0)
+        for (int w = 1; w < r.kw; w++) v += part[threadIdx.y + w];
+    return v;
 }
 
-// The whole block's dot of row wr with one activation row.
+// Row r's dot with one activation row, in its first warp.
 template <int T>
-__device__ __forceinline__ float q8_row_dot(const u8* wr, const i8* xq, const float* xds, int cols, float* part) {
+__device__ __forceinline__ float q8_row_dot(const u8* wr, const i8* xq, const float* xds, int cols,
+                                            const Q8Row& r, float* part) {
     float acc[1] = {0.0f};
-    q8_lanes<T, 1>(wr, xq, xds, cols, 1, acc);
-    return warps_sum(acc[0], part);
+    if (r.valid) q8_lanes<T, 1>(wr, xq, xds, cols, 1, r.part, r.kw, acc);
+    return row_sum(acc[0], r, part);
 }
 
-// y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`,
-// one row per block.
+__device__ __forceinline__ bool q8_writes(const Q8Row& r) { return r.valid && r.part == 0 && threadIdx.x == 0; }
+
+// y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`.
 template <int T>
 __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
-                     int t) {
+                     int t, int kw) {
     __shared__ float part[MV_TOKENS][MQ_WARPS];
-    int row = blockIdx.x;
+    Q8Row r = q8_row(rows, kw);
     float acc[MV_TOKENS];
 #pragma unroll
     for (int i = 0; i < MV_TOKENS; i++) acc[i] = 0.0f;
-    q8_lanes<T, MV_TOKENS>(w + (size_t)row * row_bytes, xq, xds, cols, t, acc);
+    if (r.valid) q8_lanes<T, MV_TOKENS>(w + (size_t)r.row * row_bytes, xq, xds, cols, t, r.part, kw, acc);
 #pragma unroll
     for (int tok = 0; tok < MV_TOKENS; tok++) {
         if (tok < t) {
-            float s = warp_sum(acc[tok]);
-            if (threadIdx.x == 0) part[tok][threadIdx.y] = s;
+            float s = row_sum(acc[tok], r, part[tok]);
+            if (q8_writes(r)) y[(size_t)tok * rows + r.row] = s;
         }
-    }
-    __syncthreads();
-    int tok = threadIdx.x;
-    if (threadIdx.y == 0 && tok < t) {
-        float s = 0.0f;
-#pragma unroll
-        for (int w = 0; w < MQ_WARPS; w++) s += part[tok][w];
-        y[(size_t)tok * rows + row] = s;
     }
 }
 
 // As `matvec_id`, pair p's activations being row p / x_div of xq/xds.
 template <int T>
 __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
-                        const float* xds, int x_div, float* y, int rows, int cols) {
+                        const float* xds, int x_div, float* y, int rows, int cols, int kw) {
     __shared__ float part[MQ_WARPS];
-    int row = blockIdx.x, p = blockIdx.y;
+    Q8Row r = q8_row(rows, kw);
+    int p = blockIdx.y;
     u32 e = ids[p];
-    // Uniform over the block, so every warp reaches the barrier or none.
+    // Uniform over the block, so every warp reaches row_sum's barrier or none.
     if (e >= (u32)n_exp) {
-        if (threadIdx.x == 0 && threadIdx.y == 0) y[(size_t)p * rows + row] = 0.0f;
+        if (q8_writes(r)) y[(size_t)p * rows + r.row] = 0.0f;
         return;
     }
     size_t x = (size_t)(p / x_div);
-    float s = q8_row_dot<T>((const u8*)experts[e] + (size_t)row * row_bytes, xq + x * cols,
-                            xds + 2 * x * (cols >> 5), cols, part);
-    if (threadIdx.x == 0 && threadIdx.y == 0) y[(size_t)p * rows + row] = s;
+    float s = q8_row_dot<T>((const u8*)experts[e] + (size_t)r.row * row_bytes, xq + x * cols,
+                            xds + 2 * x * (cols >> 5), cols, r, part);
+    if (q8_writes(r)) y[(size_t)p * rows + r.row] = s;
 }
 
 // As `swiglu_id`: y[p, row] = silu(gate . x) * (up . x) for pair p's token
 // (p / k).
 template <int T>
 __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids, int n_exp, u64 row_bytes,
-                               const i8* xq, const float* xds, int k, float* y, int rows, int cols) {
+                               const i8* xq, const float* xds, int k, float* y, int rows, int cols, int kw) {
     __shared__ float part[2][MQ_WARPS];
-    int row = blockIdx.x, p = blockIdx.y;
+    Q8Row r = q8_row(rows, kw);
+    int p = blockIdx.y;
     u32 e = ids[p];
     if (e >= (u32)n_exp) {
-        if (threadIdx.x == 0 && threadIdx.y == 0) y[(size_t)p * rows + row] = 0.0f;
+        if (q8_writes(r)) y[(size_t)p * rows + r.row] = 0.0f;
         return;
     }
-    size_t x = (size_t)(p / k), at = (size_t)row * row_bytes;
+    size_t x = (size_t)(p / k), at = (size_t)r.row * row_bytes;
     const i8* xr = xq + x * cols;
     const float* ds = xds + 2 * x * (cols >> 5);
-    float g = q8_row_dot<T>((const u8*)gates[e] + at, xr, ds, cols, part[0]);
-    float u = q8_row_dot<T>((const u8*)ups[e] + at, xr, ds, cols, part[1]);
-    if (threadIdx.x == 0 && threadIdx.y == 0) y[(size_t)p * rows + row] = g / (1.0f + expf(-g)) * u;
+    float g = q8_row_dot<T>((const u8*)gates[e] + at, xr, ds, cols, r, part[0]);
+    float u = q8_row_dot<T>((const u8*)ups[e] + at, xr, ds, cols, r, part[1]);
+    if (q8_writes(r)) y[(size_t)p * rows + r.row] = g / (1.0f + expf(-g)) * u;
 }
 
 #define MMVQ_KERNELS(NAME, T)                                                                            \
     extern "C" __global__ void mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
-                                           float* y, int rows, int cols, int t) {                        \
-        mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t);                                                 \
+                                           float* y, int rows, int cols, int t, int kw) {                \
+        mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t, kw);                                             \
     }                                                                                                     \
     extern "C" __global__ void mmvq_id_##NAME(const u64* experts, const u32* ids, int n_exp,             \
                                               u64 row_bytes, const i8* xq, const float* xds, int x_div,  \
-                                              float* y, int rows, int cols) {                            \
-        mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols);                        \
+                                              float* y, int rows, int cols, int kw) {                    \
+        mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols, kw);                    \
     }                                                                                                     \
     extern "C" __global__ void mmvq_swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,   \
                                                      int n_exp, u64 row_bytes, const i8* xq,             \
                                                      const float* xds, int k, float* y, int rows,        \
-                                                     int cols) {                                          \
-        mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols);                  \
+                                                     int cols, int kw) {                                  \
+        mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols, kw);              \
     }
 
 MMVQ_KERNELS(q4_k, T_Q4_K)

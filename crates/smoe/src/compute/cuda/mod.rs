@@ -64,11 +64,12 @@ pub const MATVEC_MAX_TOKENS: usize = 8;
 /// Output rows per matrix-vector block (`MV_ROWS`), and the tiled
 /// kernel's square tile (`TILE`).
 const MV_ROWS: u32 = 4;
-
-/// Warps sharing one row in the int8-activation kernels (`MQ_WARPS` in
-/// `matmul.cu`).
-const MQ_WARPS: u32 = 4;
 const TILE: u32 = 64;
+/// Warps of an int8-activation kernel's block (`MQ_WARPS` in `matmul.cu`),
+/// and the rows per SM from which they take one warp a row (a quarter of
+/// an SM's 64 resident warps; see [`Gpu::q8_warps_per_row`]).
+const MQ_WARPS: u32 = 4;
+const Q8_ROWS_PER_SM: usize = 16;
 /// Most experts and groups the routing kernel takes (`ROUTE_MAX`,
 /// `ROUTE_MAX_GROUPS`).
 const ROUTE_MAX: usize = 1024;
@@ -264,6 +265,10 @@ pub struct Gpu {
     /// [`Gpu::set_int8_activations`] say otherwise (so that one binary
     /// measures both; the float kernels stay for the exact product).
     mmvq: std::sync::atomic::AtomicBool,
+    /// Warps per row of the int8 kernels when set (1, 2 or 4), else
+    /// chosen per call by [`Gpu::q8_warps_per_row`]; `cuda_bench` sets it
+    /// to time each.
+    q8_kw: std::sync::atomic::AtomicU32,
 }
 
 /// One profiled launch: events on the compute stream before and after it,
@@ -314,6 +319,7 @@ impl Gpu {
             mmvq: std::env::var_os("SMOE_CUDA_MMVQ")
                 .is_none_or(|v| v != "0")
                 .into(),
+            q8_kw: 0.into(),
         })
     }
 
@@ -696,11 +702,7 @@ impl Gpu {
         if t == 0 || w.rows == 0 {
             return Ok(());
         }
-        if self.int8_activations()
-            && t <= MATVEC_MAX_TOKENS
-            && w.cols.is_multiple_of(256)
-            && matches!(w.dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
-        {
+        if self.int8_activations() && takes_q8(w, t) {
             return self.matmul_q8(x, t, w, y);
         }
         let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
@@ -775,6 +777,47 @@ impl Gpu {
         self.mmvq.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Fixes the int8 kernels' warps per row (1, 2 or 4; `None` for the
+    /// choice by shape), for timing each.
+    pub fn set_q8_warps_per_row(&self, kw: Option<u32>) {
+        let kw = kw.map_or(0, |k| k.clamp(1, MQ_WARPS).next_power_of_two());
+        self.q8_kw.store(kw, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Warps per row for `rows` rows in all (pairs included): one where
+    /// there are rows enough to keep loads in flight by themselves, more
+    /// where they are few. On the H200 (132 SMs): one expert's 768 rows
+    /// 107 GB/s at four warps against 78 at one; 4,096 rows (attention's
+    /// q) 416 at one against 303 at four; the 151,936-row LM head 1,628 at
+    /// one against 689 at four.
+    fn q8_warps_per_row(&self, rows: usize) -> u32 {
+        match self.q8_kw.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => {
+                let want = Q8_ROWS_PER_SM * self.info.sm_count.max(1);
+                (want.div_ceil(rows.max(1)) as u32)
+                    .next_power_of_two()
+                    .min(MQ_WARPS)
+            }
+            kw => kw,
+        }
+    }
+
+    /// The int8 kernels' blocks for `rows` rows of `pairs` pairs: a grid row
+    /// per pair.
+    fn per_q8_row(&self, rows: usize, pairs: usize) -> Result<(LaunchConfig, i32)> {
+        let kw = self.q8_warps_per_row(rows * pairs);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(rows.div_ceil((MQ_WARPS / kw) as usize))? as u32,
+                int(pairs)? as u32,
+                1,
+            ),
+            block_dim: (32, MQ_WARPS, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok((cfg, kw as i32))
+    }
+
     /// Whether the id kernels take the int8-activation path for `w`.
     fn mmvq_for(&self, w: &ExpertTable) -> bool {
         self.int8_activations()
@@ -794,48 +837,53 @@ impl Gpu {
         w: &GpuMatrix,
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let name = match w.dtype {
-            DType::Quant(QuantType::Q4K) => "mmvq_q4_k",
-            DType::Quant(QuantType::Q6K) => "mmvq_q6_k",
-            other => {
-                return Err(Error::invalid(format!(
-                    "CUDA matmul_q8: {} rows (q4_k and q6_k only)",
-                    other.name()
-                )))
+        let name = q8_kernel(w, t, x, y)?;
+        let q8 = self.quantize_q8(x, t * w.cols)?;
+        let (xq, xds) = q8.as_ref().expect("quantized above");
+        self.mmvq(name, xq, xds, t, w, y)
+    }
+
+    /// `matmul` of one `x` through several matrices (attention's q, k and
+    /// v): with int8 activations they are rounded once for all.
+    pub fn matmul_each(
+        &self,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        outs: &mut [(&GpuMatrix, &mut CudaViewMut<'_, f32>)],
+    ) -> Result<()> {
+        let cols = outs.first().map(|(w, _)| w.cols);
+        let shared = self.int8_activations()
+            && outs.iter().all(|(w, y)| {
+                Some(w.cols) == cols && takes_q8(w, t) && q8_kernel(w, t, x, y).is_ok()
+            });
+        let (Some(cols), true) = (cols, shared) else {
+            for (w, y) in outs.iter_mut() {
+                self.matmul(x, t, w, y)?;
             }
+            return Ok(());
         };
-        if t == 0
-            || t > MATVEC_MAX_TOKENS
-            || !w.cols.is_multiple_of(256)
-            || x.len() < t * w.cols
-            || y.len() < t * w.rows
-        {
-            return Err(Error::invalid(format!(
-                "CUDA matmul_q8: {t} tokens (1 to {MATVEC_MAX_TOKENS}) through [{}, {}] \
-                 (columns a multiple of 256) with {} inputs and {} outputs",
-                w.rows,
-                w.cols,
-                x.len(),
-                y.len()
-            )));
+        let q8 = self.quantize_q8(x, t * cols)?;
+        let (xq, xds) = q8.as_ref().expect("quantized above");
+        for (w, y) in outs.iter_mut() {
+            self.mmvq(q8_kernel(w, t, x, y)?, xq, xds, t, w, y)?;
         }
-        let mut q8 = self.quantize_q8(x, t * w.cols)?;
-        let (xq, xds) = q8.as_mut().expect("quantized above");
+        Ok(())
+    }
+
+    /// The int8 kernel `name` on activations already rounded.
+    fn mmvq(
+        &self,
+        name: &str,
+        xq: &CudaSlice<u8>,
+        xds: &CudaSlice<f32>,
+        t: usize,
+        w: &GpuMatrix,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
         let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
-        launch!(
-            self,
-            name,
-            per_q8_row(w.rows, 1)?,
-            &w.data,
-            &row_bytes,
-            &*xq,
-            &*xds,
-            y,
-            &rows,
-            &cols,
-            &tokens
-        )
+        let (cfg, kw) = self.per_q8_row(w.rows, 1)?;
+        launch!(self, name, cfg, &w.data, &row_bytes, xq, xds, y, &rows, &cols, &tokens, &kw)
     }
 
     /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
@@ -1339,21 +1387,10 @@ impl Gpu {
             let mut q8 = self.quantize_q8(x, tokens * gate.cols)?;
             let (xq, xds) = q8.as_mut().expect("quantized above");
             let name = format!("mmvq_swiglu_id_{}", kernel_dtype(gate.dtype)?);
+            let (cfg, kw) = self.per_q8_row(gate.rows, pairs)?;
             return launch!(
-                self,
-                &name,
-                per_q8_row(gate.rows, pairs)?,
-                &gate.ptrs,
-                &up.ptrs,
-                ids,
-                &n_exp,
-                &row_bytes,
-                &*xq,
-                &*xds,
-                &k,
-                y,
-                &rows,
-                &cols
+                self, &name, cfg, &gate.ptrs, &up.ptrs, ids, &n_exp, &row_bytes, &*xq, &*xds, &k,
+                y, &rows, &cols, &kw
             );
         }
         let name = format!("swiglu_id_{}", kernel_dtype(gate.dtype)?);
@@ -1403,20 +1440,10 @@ impl Gpu {
             let mut q8 = self.quantize_q8(x, pairs * w.cols)?;
             let (xq, xds) = q8.as_mut().expect("quantized above");
             let name = format!("mmvq_id_{}", kernel_dtype(w.dtype)?);
+            let (cfg, kw) = self.per_q8_row(w.rows, pairs)?;
             return launch!(
-                self,
-                &name,
-                per_q8_row(w.rows, pairs)?,
-                &w.ptrs,
-                ids,
-                &n_exp,
-                &row_bytes,
-                &*xq,
-                &*xds,
-                &one,
-                y,
-                &rows,
-                &cols
+                self, &name, cfg, &w.ptrs, ids, &n_exp, &row_bytes, &*xq, &*xds, &one, y, &rows,
+                &cols, &kw
             );
         }
         let name = format!("matvec_id_{}", kernel_dtype(w.dtype)?);
@@ -1629,6 +1656,48 @@ fn kernel_dtype(d: DType) -> Result<&'static str> {
     }
 }
 
+/// Whether the int8 kernels take `t` tokens through `w`.
+fn takes_q8(w: &GpuMatrix, t: usize) -> bool {
+    t <= MATVEC_MAX_TOKENS
+        && w.cols.is_multiple_of(256)
+        && matches!(w.dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
+}
+
+/// The int8 kernel for `t` tokens of `x` through `w` into `y`, or why not.
+fn q8_kernel(
+    w: &GpuMatrix,
+    t: usize,
+    x: &CudaView<'_, f32>,
+    y: &CudaViewMut<'_, f32>,
+) -> Result<&'static str> {
+    let name = match w.dtype {
+        DType::Quant(QuantType::Q4K) => "mmvq_q4_k",
+        DType::Quant(QuantType::Q6K) => "mmvq_q6_k",
+        other => {
+            return Err(Error::invalid(format!(
+                "CUDA matmul_q8: {} rows (q4_k and q6_k only)",
+                other.name()
+            )))
+        }
+    };
+    if t == 0
+        || t > MATVEC_MAX_TOKENS
+        || !w.cols.is_multiple_of(256)
+        || x.len() < t * w.cols
+        || y.len() < t * w.rows
+    {
+        return Err(Error::invalid(format!(
+            "CUDA matmul_q8: {t} tokens (1 to {MATVEC_MAX_TOKENS}) through [{}, {}] \
+             (columns a multiple of 256) with {} inputs and {} outputs",
+            w.rows,
+            w.cols,
+            x.len(),
+            y.len()
+        )));
+    }
+    Ok(name)
+}
+
 /// The id kernels' blocks: `MV_ROWS` warps over an expert's rows, one
 /// grid row per pair.
 fn per_pair(rows: usize, pairs: usize) -> Result<LaunchConfig> {
@@ -1639,16 +1708,6 @@ fn per_pair(rows: usize, pairs: usize) -> Result<LaunchConfig> {
             1,
         ),
         block_dim: (32, MV_ROWS, 1),
-        shared_mem_bytes: 0,
-    })
-}
-
-/// The int8-activation kernels' blocks: `MQ_WARPS` warps on one row, a
-/// grid row per pair (or the one activation batch).
-fn per_q8_row(rows: usize, pairs: usize) -> Result<LaunchConfig> {
-    Ok(LaunchConfig {
-        grid_dim: (int(rows)? as u32, int(pairs)? as u32, 1),
-        block_dim: (32, MQ_WARPS, 1),
         shared_mem_bytes: 0,
     })
 }
