@@ -599,14 +599,26 @@ impl GpuDecoder {
         g.upload_into(&host.cos, &mut b.cos.m(g, host.cos.len())?)?;
         g.upload_into(&host.sin, &mut b.sin.m(g, host.sin.len())?)?;
 
+        let th = t * h;
         for (i, (layer, dev)) in self.cpu.layers.iter().zip(&self.layers).enumerate() {
-            let th = t * h;
-            g.rms_norm_rows(
-                &b.x.v(0..th)?,
-                &dev.input_norm.as_view(),
-                eps,
-                &mut b.h.m(g, th)?,
-            )?;
+            // The previous layer's MLP output joins the residual in the
+            // same launch as this layer's norm.
+            if i == 0 {
+                g.rms_norm_rows(
+                    &b.x.v(0..th)?,
+                    &dev.input_norm.as_view(),
+                    eps,
+                    &mut b.h.m(g, th)?,
+                )?;
+            } else {
+                g.add_rms_norm_rows(
+                    &mut b.x.part(0..th)?,
+                    &b.out.v(0..th)?,
+                    &dev.input_norm.as_view(),
+                    eps,
+                    &mut b.h.m(g, th)?,
+                )?;
+            }
             match (&layer.attn, &dev.attn) {
                 (Attn::Grouped(a), GpuAttn::Grouped { .. }) => {
                     self.grouped(a, &dev.attn, i, t, seqs, b)?
@@ -616,9 +628,9 @@ impl GpuDecoder {
                 }
                 _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
             }
-            g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
-            g.rms_norm_rows(
-                &b.x.v(0..th)?,
+            g.add_rms_norm_rows(
+                &mut b.x.part(0..th)?,
+                &b.out.v(0..th)?,
                 &dev.post_norm.as_view(),
                 eps,
                 &mut b.h.m(g, th)?,
@@ -630,6 +642,8 @@ impl GpuDecoder {
                 (Mlp::Sparse(m), GpuMlp::Sparse { .. }) => self.moe(m, &dev.mlp, i, t, b)?,
                 _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
             }
+        }
+        if !self.layers.is_empty() {
             g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
         }
         for seq in seqs.iter_mut() {
@@ -677,21 +691,36 @@ impl GpuDecoder {
                 }
             }
         }
-        if let Some(w) = q_norm {
-            g.rms_norm(&mut b.q.part(0..t * nq)?, w.len(), &w.as_view(), a.eps)?;
-        }
-        if let Some(w) = k_norm {
-            g.rms_norm(&mut b.k.part(0..t * nkv)?, w.len(), &w.as_view(), a.eps)?;
-        }
-        if let Some(c) = a.clip {
-            g.clamp(&mut b.q.part(0..t * nq)?, c)?;
-            g.clamp(&mut b.k.part(0..t * nkv)?, c)?;
-            g.clamp(&mut b.v.part(0..t * nkv)?, c)?;
-        }
         let half = hd / 2;
         let (cos, sin) = (b.cos.v(0..t * half)?, b.sin.v(0..t * half)?);
-        g.rope(&mut b.q.part(0..t * nq)?, t, hd, 0, &cos, &sin, false)?;
-        g.rope(&mut b.k.part(0..t * nkv)?, t, hd, 0, &cos, &sin, false)?;
+        match (q_norm, k_norm, a.clip) {
+            // Qwen3's per-head norms: with the rotation, one launch.
+            (Some(wq), Some(wk), None) if wq.len() == hd && wk.len() == hd => g.qk_norm_rope(
+                &mut b.q.part(0..t * nq)?,
+                &mut b.k.part(0..t * nkv)?,
+                &wq.as_view(),
+                &wk.as_view(),
+                t,
+                &cos,
+                &sin,
+                a.eps,
+            )?,
+            _ => {
+                if let Some(w) = q_norm {
+                    g.rms_norm(&mut b.q.part(0..t * nq)?, w.len(), &w.as_view(), a.eps)?;
+                }
+                if let Some(w) = k_norm {
+                    g.rms_norm(&mut b.k.part(0..t * nkv)?, w.len(), &w.as_view(), a.eps)?;
+                }
+                if let Some(c) = a.clip {
+                    g.clamp(&mut b.q.part(0..t * nq)?, c)?;
+                    g.clamp(&mut b.k.part(0..t * nkv)?, c)?;
+                    g.clamp(&mut b.v.part(0..t * nkv)?, c)?;
+                }
+                g.rope(&mut b.q.part(0..t * nq)?, t, hd, 0, &cos, &sin, false)?;
+                g.rope(&mut b.k.part(0..t * nkv)?, t, hd, 0, &cos, &sin, false)?;
+            }
+        }
         let mut attn = b.attn.m(g, t * nq)?;
         for seq in seqs.iter_mut() {
             let (pos0, first, len) = (seq.kv.len(), seq.start, seq.len);

@@ -909,6 +909,103 @@ impl Gpu {
         launch!(self, "rms_norm", per_row(rows)?, x, out, w, &width, &eps)
     }
 
+    /// `x += d`, then RMSNorm of each `w.len()`-wide row of the sum into
+    /// `out`: a residual add and the next norm in one launch.
+    pub fn add_rms_norm_rows(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        d: &CudaView<'_, f32>,
+        w: &CudaView<'_, f32>,
+        eps: f32,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let width = w.len();
+        if width == 0 || !x.len().is_multiple_of(width) || out.len() < x.len() || d.len() < x.len()
+        {
+            return Err(Error::invalid(format!(
+                "CUDA add_rms_norm_rows: {} values plus {}, {} outputs, rows of {width}",
+                x.len(),
+                d.len(),
+                out.len()
+            )));
+        }
+        let (rows, width) = (x.len() / width, int(width)?);
+        if rows == 0 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "add_rms_norm",
+            per_row(rows)?,
+            x,
+            d,
+            out,
+            w,
+            &width,
+            &eps
+        )
+    }
+
+    /// Per-head RMSNorm (weights `wq`, `wk`, one head wide) then NeoX
+    /// rotary embedding of `t` rows of q's and k's heads, in place, in
+    /// one launch: as [`Gpu::rms_norm`] then [`Gpu::rope`] on each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_norm_rope(
+        &self,
+        q: &mut CudaViewMut<'_, f32>,
+        k: &mut CudaViewMut<'_, f32>,
+        wq: &CudaView<'_, f32>,
+        wk: &CudaView<'_, f32>,
+        t: usize,
+        cos: &CudaView<'_, f32>,
+        sin: &CudaView<'_, f32>,
+        eps: f32,
+    ) -> Result<()> {
+        let head = wq.len();
+        let half = head / 2;
+        if t == 0 {
+            return Ok(());
+        }
+        if head == 0
+            || !head.is_multiple_of(2)
+            || wk.len() != head
+            || !q.len().is_multiple_of(t * head)
+            || !k.len().is_multiple_of(t * head)
+            || cos.len() < t * half
+            || sin.len() < t * half
+        {
+            return Err(Error::invalid(format!(
+                "CUDA qk_norm_rope: {} and {} values in {t} rows of heads {head} wide \
+                 (norms of {} and {}); tables of {} and {}",
+                q.len(),
+                k.len(),
+                wq.len(),
+                wk.len(),
+                cos.len(),
+                sin.len()
+            )));
+        }
+        let (q_heads, k_heads) = (q.len() / (t * head), k.len() / (t * head));
+        let blocks = t * (q_heads + k_heads);
+        let (head, q_heads, k_heads, t) = (int(head)?, int(q_heads)?, int(k_heads)?, int(t)?);
+        launch!(
+            self,
+            "qk_norm_rope",
+            per_row(blocks)?,
+            q,
+            k,
+            wq,
+            wk,
+            cos,
+            sin,
+            &head,
+            &q_heads,
+            &k_heads,
+            &t,
+            &eps
+        )
+    }
+
     /// RMSNorm in place of the first `w.len()` values of each
     /// `stride`-wide row of `x` (per-head q/k norms).
     pub fn rms_norm(
