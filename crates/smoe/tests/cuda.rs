@@ -600,6 +600,32 @@ fn rms_norm_matches_cpu() {
         .unwrap();
     check("rms_norm_rows", &gpu.download(&out).unwrap(), &want, 1e-5);
 
+    // A residual add and the norm in one launch: the sum kept in x.
+    let d = values(t * HIDDEN, 35);
+    let sum: Vec<f32> = x.iter().zip(&d).map(|(a, b)| a + b).collect();
+    Cpu.rms_norm_rows(&sum, &w, eps, &mut want);
+    let (mut dx, dd) = (gpu.upload(&x).unwrap(), gpu.upload(&d).unwrap());
+    gpu.add_rms_norm_rows(
+        &mut dx.as_view_mut(),
+        &dd.as_view(),
+        &dw.as_view(),
+        eps,
+        &mut out.as_view_mut(),
+    )
+    .unwrap();
+    check(
+        "add_rms_norm_rows, sum",
+        &gpu.download(&dx).unwrap(),
+        &sum,
+        0.0,
+    );
+    check(
+        "add_rms_norm_rows",
+        &gpu.download(&out).unwrap(),
+        &want,
+        1e-5,
+    );
+
     for (stride, width) in [(128, 128), (576, 512)] {
         let x = values(t * 32 * stride, 33);
         let w = values(width, 34);
@@ -670,6 +696,36 @@ fn rope_matches_cpu() {
             1e-5,
         );
     }
+
+    // Qwen3's per-head q/k norms and the rotation in one launch, against
+    // the CPU's norm then rotation: 32 q heads and 4 k heads of 128.
+    let (head, eps) = (128, 1e-6);
+    let rope = Rope::new(head, 1e6, &RopeScaling::None);
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    Cpu.rope_tables(&rope, 500..500 + t, &mut cos, &mut sin);
+    let (q, k) = (values(t * 32 * head, 42), values(t * 4 * head, 43));
+    let (wq, wk) = (values(head, 44), values(head, 45));
+    let (mut want_q, mut want_k) = (q.clone(), k.clone());
+    for (x, w) in [(&mut want_q, &wq), (&mut want_k, &wk)] {
+        Cpu.rms_norm(x, head, w, eps);
+        Cpu.rope(x, t, head, 0, &cos, &sin, false);
+    }
+    let (mut dq, mut dk) = (gpu.upload(&q).unwrap(), gpu.upload(&k).unwrap());
+    let up = |v: &[f32]| gpu.upload(v).unwrap();
+    let (dwq, dwk, dc, ds) = (up(&wq), up(&wk), up(&cos), up(&sin));
+    gpu.qk_norm_rope(
+        &mut dq.as_view_mut(),
+        &mut dk.as_view_mut(),
+        &dwq.as_view(),
+        &dwk.as_view(),
+        t,
+        &dc.as_view(),
+        &ds.as_view(),
+        eps,
+    )
+    .unwrap();
+    check("qk_norm_rope q", &gpu.download(&dq).unwrap(), &want_q, 1e-5);
+    check("qk_norm_rope k", &gpu.download(&dk).unwrap(), &want_k, 1e-5);
 }
 
 /// Tolerance 1e-5: one exp per element.
