@@ -23,7 +23,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut, DeviceRepr, Va
 
 use crate::checkpoint::Weight;
 use crate::compute::cuda::{ExpertTable, Gpu, GpuMatrix, HostPin, MATVEC_MAX_TOKENS};
-use crate::compute::{AttnShape, Backend, Cpu, KvCache, Matrix, MlaShape};
+use crate::compute::{AttnShape, KvCache, Matrix, MlaShape};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::{ExpertCache, Pinned};
@@ -583,7 +583,7 @@ impl GpuDecoder {
         // disk) and uploaded: `t * hidden` floats.
         let host = &mut b.host;
         host.x.resize(t * h, 0.0);
-        Cpu.embed(&self.cpu.embed, ids, &mut host.x)?;
+        self.cpu.backend.embed(&self.cpu.embed, ids, &mut host.x)?;
         g.upload_into(&host.x, &mut b.x.m(g, t * h)?)?;
         host.cos.clear();
         host.sin.clear();
@@ -1052,7 +1052,7 @@ impl GpuDecoder {
             match path {
                 ExpertPath::Cpu => {
                     let host = &mut b.host;
-                    Cpu.experts(
+                    self.cpu.backend.experts(
                         pinned.len(),
                         &|i| pinned.get(i),
                         &host.start,
