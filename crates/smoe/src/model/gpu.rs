@@ -493,22 +493,26 @@ struct Host {
 
 /// Which way a streamed expert reaches a small batch: copied to the GPU
 /// from its page-locked RAM slot and run there, or run on the CPU where
-/// it lies, only the batch's rows crossing the bus. Which is faster
-/// depends on the machine (PCIe against the cores' memory bandwidth: 55
-/// GB/s against ~96 on 16 threads of the H200 host, but ~14 on two cores)
-/// and on the batch (the CPU's cost grows with its rows, the copy's does
-/// not), so it is measured as the model runs: each batch size's first
-/// calls alternate the two ways, the first of each uncounted (it sizes
-/// buffers), and once each has [`ExpertPaths::TRIALS`] counted the one with
-/// less time per expert byte is kept for the process. Kept, not
-/// re-checked: the two ways round differently (the CPU's kernels round
-/// activations to 8 bits for quantized experts), so a later switch would
-/// change a run's outputs mid-way.
+/// it lies, only the batch's rows crossing the bus, or both at once on a
+/// share of the layer's experts each (the copies and the GPU's kernels
+/// run while the CPU computes its share: PCIe and the cores' memory
+/// bandwidth add up). Which is faster depends on the machine (PCIe
+/// against the cores' memory bandwidth: 55 GB/s against ~96 on 16 threads
+/// of the H200 host, but ~14 on two cores) and on the batch (the CPU's
+/// cost grows with its rows, the copy's does not), so it is measured as
+/// the model runs: each batch size's first calls alternate copy and CPU,
+/// the first of each uncounted (it sizes buffers); once each has
+/// [`ExpertPaths::TRIALS`] counted, the split is tried as often, its CPU
+/// share what the two rates give (the CPU's rate over their sum), and the
+/// way with the least time per expert byte is kept for the process. Kept,
+/// not re-checked: the ways round differently (the CPU's kernels round
+/// activations to 8 bits per 256, the GPU's per 32), so a later switch
+/// would change a run's outputs mid-way.
 #[derive(Default)]
 struct ExpertPaths {
-    /// Per batch size `i + 1`, per way `[copy, cpu]`: calls, and seconds
-    /// and expert bytes of the counted ones.
-    trials: [[(u32, f64, u64); 2]; MATVEC_MAX_TOKENS],
+    /// Per batch size `i + 1`, per way `[copy, cpu, split]`: calls, and
+    /// seconds and expert bytes of the counted ones.
+    trials: [[(u32, f64, u64); 3]; MATVEC_MAX_TOKENS],
     kept: [Option<ExpertPath>; MATVEC_MAX_TOKENS],
 }
 
@@ -516,6 +520,7 @@ struct ExpertPaths {
 enum ExpertPath {
     Copy = 0,
     Cpu = 1,
+    Split = 2,
 }
 
 impl ExpertPaths {
@@ -525,10 +530,28 @@ impl ExpertPaths {
         let Some(i) = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS) else {
             return ExpertPath::Copy;
         };
+        let [copy, cpu, _] = self.trials[i];
         match self.kept[i] {
             Some(way) => way,
-            None if self.trials[i][1].0 < self.trials[i][0].0 => ExpertPath::Cpu,
+            None if cpu.0 < copy.0 => ExpertPath::Cpu,
+            None if cpu.0 > Self::TRIALS => ExpertPath::Split,
             None => ExpertPath::Copy,
+        }
+    }
+
+    /// The CPU's share of a split's experts for batch size `t`: its rate
+    /// over the sum of both ways' rates, measured alone.
+    fn cpu_share(&self, t: usize) -> f64 {
+        let Some(i) = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS) else {
+            return 0.0;
+        };
+        let rate = |(_, s, b): (u32, f64, u64)| b as f64 / s.max(1e-12);
+        let [copy, cpu, _] = self.trials[i];
+        let (copy, cpu) = (rate(copy), rate(cpu));
+        if copy + cpu > 0.0 {
+            cpu / (copy + cpu)
+        } else {
+            0.5
         }
     }
 
@@ -540,18 +563,19 @@ impl ExpertPaths {
             return;
         }
         let (calls, s, b) = &mut self.trials[i][way as usize];
-        if *calls > 0 {
+        if *calls > 0 || way == ExpertPath::Split {
+            // The split needs no uncounted call: the other two sized the
+            // buffers it uses.
             *s += secs;
             *b += bytes as u64;
         }
         *calls += 1;
-        let [copy, cpu] = self.trials[i];
-        if copy.0 > Self::TRIALS && cpu.0 > Self::TRIALS {
+        if self.trials[i][ExpertPath::Split as usize].0 >= Self::TRIALS {
             let per_byte = |(_, s, b): (u32, f64, u64)| s / b.max(1) as f64;
-            self.kept[i] = Some(if per_byte(cpu) < per_byte(copy) {
-                ExpertPath::Cpu
-            } else {
-                ExpertPath::Copy
+            let ways = [ExpertPath::Copy, ExpertPath::Cpu, ExpertPath::Split];
+            self.kept[i] = ways.into_iter().min_by(|&a, &b| {
+                per_byte(self.trials[i][a as usize])
+                    .total_cmp(&per_byte(self.trials[i][b as usize]))
             });
         }
     }
@@ -896,7 +920,7 @@ impl GpuDecoder {
         if predict {
             self.prediction_to_host(layer, t, b)?;
         }
-        if path == ExpertPath::Cpu {
+        if path != ExpertPath::Copy {
             let host = &mut b.host;
             host.h.resize(t * hidden, 0.0);
             g.download_into(&b.h.v(0..t * hidden)?, &mut host.h)?;
@@ -944,7 +968,7 @@ impl GpuDecoder {
         g.upload_into(&host.order32, &mut b.order.m(g, pairs)?)?;
         g.upload_into(&host.pos, &mut b.pos.m(g, pairs)?)?;
         g.upload_into(&host.pos_weights, &mut b.pos_weights.m(g, pairs)?)?;
-        if path == ExpertPath::Copy {
+        if path != ExpertPath::Cpu {
             let (hn, order) = (b.h.v(0..t * hidden)?, b.order.v(0..pairs)?);
             g.gather(&hn, hidden, &order, k, &mut b.xs.m(g, pairs * hidden)?)?;
         }
@@ -1027,7 +1051,8 @@ impl GpuDecoder {
         let small = t <= MATVEC_MAX_TOKENS;
         let pairs = b.host.order.len();
         let mut spent = std::time::Duration::ZERO;
-        if path == ExpertPath::Cpu {
+        let share = b.paths.cpu_share(t);
+        if path != ExpertPath::Copy {
             // The rows in expert order, as the `gather` kernel would have
             // put them (its rows are the ones `moe` downloaded).
             let start = std::time::Instant::now();
@@ -1064,15 +1089,9 @@ impl GpuDecoder {
                 ExpertPath::Copy => {
                     let (ids, mats) = pinned_group(&pinned);
                     let uploads = g.upload_experts(&mats)?;
-                    let bytes: usize = mats.iter().flatten().map(|m| m.data.len()).sum();
-                    self.tiers.copied.fetch_add(mats.len() as u64, Relaxed);
-                    self.tiers.pcie_bytes.fetch_add(bytes as u64, Relaxed);
+                    self.count_copies(&mats);
                     let ran = if small {
-                        ids.iter().zip(&uploads).try_for_each(|(&e, (w, ready))| {
-                            g.wait_upload(ready)?;
-                            let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
-                            run_expert(g, w, rows, hidden, b)
-                        })
+                        run_copied(g, &ids, &uploads, hidden, b)
                     } else {
                         run_uploaded(g, &ids, &uploads, pairs, hidden, b)
                     };
@@ -1087,6 +1106,37 @@ impl GpuDecoder {
                         g.synchronize()?;
                     }
                 }
+                ExpertPath::Split => {
+                    // The GPU's share queued first (copies, and kernels
+                    // waiting for them on the device), so that it runs
+                    // while the CPU computes the first `on_cpu` experts,
+                    // whose rows come first (rows go by expert id, as the
+                    // group does).
+                    let (ids, mats) = pinned_group(&pinned);
+                    let on_cpu = ((ids.len() as f64 * share).round() as usize).min(ids.len());
+                    let uploads = g.upload_experts(&mats[on_cpu..])?;
+                    self.count_copies(&mats[on_cpu..]);
+                    let ran = run_copied(g, &ids[on_cpu..], &uploads, hidden, b).and_then(|()| {
+                        let Some(&last) = ids[..on_cpu].last() else {
+                            return Ok(());
+                        };
+                        let host = &mut b.host;
+                        self.cpu.backend.experts(
+                            on_cpu,
+                            &|i| pinned.get(i),
+                            &host.start,
+                            &host.xs,
+                            &mut host.ys,
+                        );
+                        self.tiers.cpu_runs.fetch_add(on_cpu as u64, Relaxed);
+                        let rows = host.start[ids[0] as usize] * hidden
+                            ..host.start[last as usize + 1] * hidden;
+                        g.upload_into(&host.ys[rows.clone()], &mut b.ys.part(rows)?)
+                    });
+                    let finished = g.finish_uploads();
+                    ran.and(finished)?;
+                    g.synchronize()?;
+                }
             }
             spent += start.elapsed();
         }
@@ -1100,6 +1150,13 @@ impl GpuDecoder {
             b.paths.record(t, path, spent.as_secs_f64(), bytes);
         }
         Ok(())
+    }
+
+    /// Counts experts copied to the GPU and their bytes.
+    fn count_copies(&self, mats: &[[Matrix<'_>; 3]]) {
+        let bytes: usize = mats.iter().flatten().map(|m| m.data.len()).sum();
+        self.tiers.copied.fetch_add(mats.len() as u64, Relaxed);
+        self.tiers.pcie_bytes.fetch_add(bytes as u64, Relaxed);
     }
 
     /// The next layer's sparse block, when its experts stream.
@@ -1429,6 +1486,22 @@ fn run_uploaded(
 
 /// One expert's SwiGLU over its rows `rows` of the gathered `b.xs` into
 /// the same rows of `b.ys`.
+/// A small batch's copied experts, each once its copy is in (a wait on
+/// the device, not the host).
+fn run_copied(
+    g: &Gpu,
+    ids: &[u32],
+    uploads: &[(GpuFfn, CudaEvent)],
+    hidden: usize,
+    b: &mut Bufs,
+) -> Result<()> {
+    ids.iter().zip(uploads).try_for_each(|(&e, (w, ready))| {
+        g.wait_upload(ready)?;
+        let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
+        run_expert(g, w, rows, hidden, b)
+    })
+}
+
 fn run_expert(
     g: &Gpu,
     [gate, up, down]: &GpuFfn,
@@ -1545,27 +1618,42 @@ mod tests {
 
     #[test]
     fn each_way_is_tried_in_turn_then_the_faster_kept() {
-        use ExpertPath::{Copy, Cpu};
-        let mut p = ExpertPaths::default();
-        let mut ways = Vec::new();
-        for _ in 0..2 * (ExpertPaths::TRIALS + 1) {
-            let way = p.pick(1);
-            ways.push(way);
-            // Uncounted first calls as slow as can be: they do not decide.
-            let secs = match (way, ways.iter().filter(|&&w| w == way).count()) {
-                (_, 1) => 1.0,
-                (Copy, _) => 2e-3,
-                (Cpu, _) => 1e-3,
-            };
-            p.record(1, way, secs, 1_000_000);
-        }
-        assert!(ways.chunks(2).all(|w| w == [Copy, Cpu]), "{ways:?}");
-        assert_eq!(p.pick(1), Cpu);
+        use ExpertPath::{Copy, Cpu, Split};
+        // Copy at 2 ms and the CPU at 1 ms per MB; the split at `split`.
+        let run = |split: f64| {
+            let mut p = ExpertPaths::default();
+            let mut ways = Vec::new();
+            for _ in 0..2 * (ExpertPaths::TRIALS + 1) + ExpertPaths::TRIALS {
+                let way = p.pick(1);
+                ways.push(way);
+                // Uncounted first calls as slow as can be: they do not decide.
+                let secs = match (way, ways.iter().filter(|&&w| w == way).count()) {
+                    (Copy | Cpu, 1) => 1.0,
+                    (Copy, _) => 2e-3,
+                    (Cpu, _) => 1e-3,
+                    (Split, _) => split,
+                };
+                p.record(1, way, secs, 1_000_000);
+            }
+            (p, ways)
+        };
+        let (mut p, ways) = run(0.7e-3);
+        let pairs = 2 * (ExpertPaths::TRIALS as usize + 1);
+        assert!(
+            ways[..pairs].chunks(2).all(|w| w == [Copy, Cpu]),
+            "{ways:?}"
+        );
+        assert!(ways[pairs..].iter().all(|&w| w == Split), "{ways:?}");
+        // The CPU, twice the copy's rate, takes two thirds of a split.
+        assert!((p.cpu_share(1) - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!(p.pick(1), Split);
         // Kept, whatever comes later.
         for _ in 0..10 {
             p.record(1, Cpu, 1.0, 1);
         }
-        assert_eq!(p.pick(1), Cpu);
+        assert_eq!(p.pick(1), Split);
+        // A split slower than the CPU alone loses to it.
+        assert_eq!(run(1.5e-3).0.pick(1), Cpu);
         // Another batch size decides on its own.
         assert_eq!(p.pick(4), Copy);
         // Sizes it does not learn for copy, and record nothing.
