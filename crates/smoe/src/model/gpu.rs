@@ -165,6 +165,7 @@ struct TierCounters {
     copied: AtomicU64,
     pcie_bytes: AtomicU64,
     cpu_runs: AtomicU64,
+    graph_steps: AtomicU64,
 }
 
 /// Page-locks the slots of every RAM expert cache the model streams
@@ -392,6 +393,7 @@ impl<T: DeviceRepr + ValidAsZeroBits> Buf<T> {
     /// if it is shorter.
     fn m(&mut self, gpu: &Gpu, n: usize) -> Result<CudaViewMut<'_, T>> {
         if self.0.as_ref().is_none_or(|b| b.len() < n) {
+            gpu.not_capturing("growing a buffer")?;
             self.0 = None;
             self.0 = Some(gpu.zeros(n.max(1))?);
         }
@@ -426,6 +428,9 @@ impl<T: DeviceRepr + ValidAsZeroBits> Buf<T> {
 /// of routing.
 #[derive(Default)]
 struct Bufs {
+    /// `(tokens, sequences)` of the last step: a step of the same shape
+    /// finds its buffers sized, so it can be captured as a graph.
+    last_shape: Option<(usize, usize)>,
     x: Buf<f32>,
     h: Buf<f32>,
     q: Buf<f32>,
@@ -598,7 +603,6 @@ impl GpuDecoder {
     fn rows(&self, ids: &[u32], seqs: &mut [Seq<'_>], b: &mut Bufs) -> Result<()> {
         let g = &self.gpu;
         let (t, h) = (ids.len(), self.cfg().hidden_size);
-        let eps = self.cfg().rms_norm_eps;
         if seqs.iter().any(|s| !s.kv.is_on_device()) {
             return Err(no_device_kv());
         }
@@ -623,6 +627,31 @@ impl GpuDecoder {
         g.upload_into(&host.cos, &mut b.cos.m(g, host.cos.len())?)?;
         g.upload_into(&host.sin, &mut b.sin.m(g, host.sin.len())?)?;
 
+        // A step whose every launch stays on the GPU (nothing streamed,
+        // no buffer growing), of the shape the previous step sized the
+        // buffers for, runs as one graph.
+        let shape = (t, seqs.len());
+        let graph = g.graphs()
+            && b.last_shape == Some(shape)
+            && self.on_gpu_only(t)
+            && seqs.iter().all(|s| s.kv.device_fits(s.len));
+        b.last_shape = Some(shape);
+        if graph && g.captured(&mut || self.layers(t, seqs, b))? {
+            self.tiers.graph_steps.fetch_add(1, Relaxed);
+        } else {
+            self.layers(t, seqs, b)?;
+        }
+        for seq in seqs.iter_mut() {
+            seq.kv.advance(seq.len);
+        }
+        Ok(())
+    }
+
+    /// The layers of a step over `b.x`, the residual of each layer added
+    /// in (after [`GpuDecoder::rows`] has uploaded the rows and tables).
+    fn layers(&self, t: usize, seqs: &mut [Seq<'_>], b: &mut Bufs) -> Result<()> {
+        let g = &self.gpu;
+        let (h, eps) = (self.cfg().hidden_size, self.cfg().rms_norm_eps);
         let th = t * h;
         for (i, (layer, dev)) in self.cpu.layers.iter().zip(&self.layers).enumerate() {
             // The previous layer's MLP output joins the residual in the
@@ -670,10 +699,18 @@ impl GpuDecoder {
         if !self.layers.is_empty() {
             g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
         }
-        for seq in seqs.iter_mut() {
-            seq.kv.advance(seq.len);
-        }
         Ok(())
+    }
+
+    /// Whether a step of `t` tokens a sequence runs on the GPU alone:
+    /// every sparse layer's experts in VRAM, so their ids never go to the
+    /// host (`moe`'s few-token path).
+    fn on_gpu_only(&self, t: usize) -> bool {
+        t <= MATVEC_MAX_TOKENS
+            && self.layers.iter().all(|l| match &l.mlp {
+                GpuMlp::Sparse { tables, .. } => tables.is_some(),
+                GpuMlp::Dense(_) => true,
+            })
     }
 
     /// Grouped-query attention of `b.h` into `b.out`, as
@@ -1526,6 +1563,7 @@ impl CausalLm for GpuDecoder {
             copied: t.copied.load(Relaxed),
             pcie_bytes: t.pcie_bytes.load(Relaxed),
             cpu_runs: t.cpu_runs.load(Relaxed),
+            graph_steps: t.graph_steps.load(Relaxed),
         })
     }
 

@@ -269,7 +269,38 @@ pub struct Gpu {
     /// chosen per call by [`Gpu::q8_warps_per_row`]; `cuda_bench` sets it
     /// to time each.
     q8_kw: std::sync::atomic::AtomicU32,
+    /// The last step captured by [`Gpu::captured`], instantiated: the next
+    /// capture of the same shape updates it in place.
+    graph: Mutex<Option<GraphExec>>,
+    /// While [`Gpu::captured`] records: anything that would allocate,
+    /// copy to or from the host or wait is refused instead (in a graph it
+    /// would not run when the caller thinks it does).
+    capturing: std::sync::atomic::AtomicBool,
+    /// Captures that fell back to running eagerly; past
+    /// [`GRAPH_FALLBACKS`] no more are tried.
+    graph_fallbacks: std::sync::atomic::AtomicU32,
 }
+
+/// An instantiated CUDA graph, destroyed on drop.
+#[derive(Debug)]
+struct GraphExec(cudarc::driver::sys::CUgraphExec);
+
+// SAFETY: a graph exec is a driver handle, usable from any thread that has
+// the context current (every use binds it); the Mutex serialises uses.
+unsafe impl Send for GraphExec {}
+
+impl Drop for GraphExec {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from instantiation and is dropped once.
+        // Nothing to do about a failure: the memory goes with the context.
+        let _ = unsafe { cudarc::driver::result::graph::exec_destroy(self.0) };
+    }
+}
+
+/// Captures [`Gpu::captured`] lets fall back before it stops trying: each
+/// costs the step's launches twice. A decode has a few (the KV cache or
+/// the split attention's scratch growing mid-step).
+const GRAPH_FALLBACKS: u32 = 16;
 
 /// One profiled launch: events on the compute stream before and after it,
 /// and the host's time in the launch call.
@@ -320,6 +351,15 @@ impl Gpu {
                 .is_none_or(|v| v != "0")
                 .into(),
             q8_kw: 0.into(),
+            graph: Mutex::default(),
+            capturing: false.into(),
+            // SMOE_CUDA_GRAPH=0 runs every step eagerly (to measure both).
+            graph_fallbacks: if std::env::var_os("SMOE_CUDA_GRAPH").is_some_and(|v| v == "0") {
+                GRAPH_FALLBACKS
+            } else {
+                0
+            }
+            .into(),
         })
     }
 
@@ -400,7 +440,100 @@ impl Gpu {
     }
 
     /// Waits for everything queued on both streams.
+    /// Refuses `what` while a step is being captured ([`Gpu::captured`]):
+    /// also before dropping a buffer to grow it, as a free in a capture
+    /// would be recorded, not done.
+    pub(crate) fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::invalid(format!(
+                "CUDA: {what} while a step is captured as a graph"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether [`Gpu::captured`] will try: not when profiling (the events
+    /// between launches), nor after too many fallbacks, nor with
+    /// `SMOE_CUDA_GRAPH=0`.
+    pub fn graphs(&self) -> bool {
+        self.timed.is_none()
+            && self
+                .graph_fallbacks
+                .load(std::sync::atomic::Ordering::Relaxed)
+                < GRAPH_FALLBACKS
+    }
+
+    /// Runs `step`'s launches as one CUDA graph: recorded on the compute
+    /// stream (nothing runs while it records), then the previous step's
+    /// graph updated in place with them where the two have the same shape
+    /// (kernels and their order; arguments and grids may differ), else
+    /// instantiated anew, and launched. A decode step is ~200 small
+    /// kernels whose launches, one by one, left the GPU idle between them.
+    ///
+    /// `Ok(false)` when `step` failed or did something a graph cannot hold
+    /// (an allocation, a host copy, a wait: refused while recording) or
+    /// the driver refused the graph: then nothing of it ran, and the caller
+    /// runs the step again eagerly (and a real error shows there).
+    pub fn captured(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+        use cudarc::driver::{result, sys};
+        use std::sync::atomic::Ordering::Relaxed;
+        let stream = self.compute.cu_stream();
+        self.compute
+            .context()
+            .bind_to_thread()
+            .map_err(|e| device_error("binding the context", e))?;
+        // SAFETY: the stream is this device's, alive as long as self.
+        unsafe {
+            result::stream::begin_capture(
+                stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| device_error("starting a graph capture", e))?;
+        self.capturing.store(true, Relaxed);
+        let ran = step();
+        self.capturing.store(false, Relaxed);
+        // SAFETY: as above; capture was begun on this stream.
+        let graph = unsafe { result::stream::end_capture(stream) };
+        let graph = match (ran, graph) {
+            (Ok(()), Ok(g)) if !g.is_null() => g,
+            (_, graph) => {
+                if let Some(g) = graph.ok().filter(|g| !g.is_null()) {
+                    // SAFETY: a graph the capture returned, not used again.
+                    let _ = unsafe { result::graph::destroy(g) };
+                }
+                self.graph_fallbacks.fetch_add(1, Relaxed);
+                return Ok(false);
+            }
+        };
+        let mut slot = self.graph.lock().unwrap_or_else(|e| e.into_inner());
+        let updated = slot.take().filter(|exec| {
+            let mut info = std::mem::MaybeUninit::<sys::CUgraphExecUpdateResultInfo>::zeroed();
+            // SAFETY: both handles are live; info is written by the call.
+            let r = unsafe { sys::cuGraphExecUpdate_v2(exec.0, graph, info.as_mut_ptr()) };
+            r == sys::CUresult::CUDA_SUCCESS
+        });
+        let exec = match updated {
+            Some(exec) => Ok(exec),
+            // SAFETY: a complete graph from the capture.
+            None => unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+                .map(GraphExec),
+        };
+        // SAFETY: the exec holds what it needs of the graph.
+        let _ = unsafe { result::graph::destroy(graph) };
+        let Ok(exec) = exec else {
+            self.graph_fallbacks.fetch_add(1, Relaxed);
+            return Ok(false);
+        };
+        // SAFETY: a live exec on this device's stream.
+        unsafe { result::graph::launch(exec.0, stream) }
+            .map_err(|e| device_error("launching a captured step", e))?;
+        *slot = Some(exec);
+        Ok(true)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
+        self.not_capturing("waiting for the GPU")?;
         for s in [&self.copy, &self.compute] {
             s.synchronize()
                 .map_err(|e| device_error("synchronize", e))?;
@@ -409,12 +542,14 @@ impl Gpu {
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.not_capturing("an upload")?;
         self.compute
             .clone_htod(host)
             .map_err(|e| device_error(format!("uploading {} bytes", size_of_val(host)), e))
     }
 
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.not_capturing("an allocation")?;
         self.compute
             .alloc_zeros(n)
             .map_err(|e| device_error(format!("allocating {n} elements"), e))
@@ -422,6 +557,7 @@ impl Gpu {
 
     /// Copies a device buffer back, after the work queued before it.
     pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.not_capturing("a download")?;
         self.compute
             .clone_dtoh(dev)
             .map_err(|e| device_error(format!("downloading {} elements", dev.len()), e))
@@ -433,6 +569,7 @@ impl Gpu {
         host: &[T],
         dst: &mut CudaViewMut<'_, T>,
     ) -> Result<()> {
+        self.not_capturing("an upload")?;
         if dst.len() < host.len() {
             return Err(Error::invalid(format!(
                 "CUDA upload: {} elements into {}",
@@ -448,6 +585,7 @@ impl Gpu {
     /// Copies `dst.len()` elements of `src` back, after the work queued
     /// before.
     pub fn download_into<T: DeviceRepr>(&self, src: &CudaView<'_, T>, dst: &mut [T]) -> Result<()> {
+        self.not_capturing("a download")?;
         if dst.len() < src.len() {
             return Err(Error::invalid(format!(
                 "CUDA download: {} elements into {}",
@@ -581,6 +719,7 @@ impl Gpu {
 
     /// Blocks until every upload queued so far has read its host memory.
     pub fn finish_uploads(&self) -> Result<()> {
+        self.not_capturing("waiting for uploads")?;
         self.copy
             .synchronize()
             .map_err(|e| device_error("finishing uploads", e))
@@ -589,6 +728,7 @@ impl Gpu {
     /// A matrix of `w`'s shape on `stream`, holding `w`'s rows when
     /// `fill`, else uninitialised for the caller to fill.
     fn matrix_on(&self, stream: &Arc<CudaStream>, w: Matrix<'_>, fill: bool) -> Result<GpuMatrix> {
+        self.not_capturing("an allocation")?;
         let name = w.dtype.name();
         kernel_dtype(w.dtype)?;
         // Quantized rows are whole blocks (32 or 256 weights); float rows
@@ -750,6 +890,7 @@ impl Gpu {
         let blocks = n / 32;
         let mut q8 = self.q8.lock().unwrap_or_else(|e| e.into_inner());
         if q8.as_ref().is_none_or(|(q, _)| q.len() < blocks * 32) {
+            self.not_capturing("growing the int8 scratch")?;
             *q8 = None;
             *q8 = Some((self.zeros(blocks * 32)?, self.zeros(blocks * 2)?));
         }
@@ -1260,6 +1401,7 @@ impl Gpu {
             1
         };
         if parts.as_ref().is_none_or(|p| p.len() < need) {
+            self.not_capturing("growing the attention scratch")?;
             *parts = None;
             *parts = Some(self.zeros(need)?);
         }
