@@ -629,17 +629,31 @@ impl GpuDecoder {
 
         // A step whose every launch stays on the GPU (nothing streamed,
         // no buffer growing), of the shape the previous step sized the
-        // buffers for, runs as one graph.
+        // buffers for, runs as captured graphs.
         let shape = (t, seqs.len());
         let graph = g.graphs()
             && b.last_shape == Some(shape)
             && self.on_gpu_only(t)
             && seqs.iter().all(|s| s.kv.device_fits(s.len));
         b.last_shape = Some(shape);
-        if graph && g.captured(&mut || self.layers(t, seqs, b))? {
+        // One graph per GRAPH_LAYERS layers: the GPU runs a part while the
+        // host records the next. A part that cannot be captured runs
+        // eagerly, after the parts before it in stream order.
+        let n = self.layers.len();
+        let mut whole = graph;
+        for (slot, first) in (0..n).step_by(GRAPH_LAYERS).enumerate() {
+            let part = first..(first + GRAPH_LAYERS).min(n);
+            if !(graph && g.captured(slot, &mut || self.layers(part.clone(), t, seqs, b))?) {
+                whole = false;
+                self.layers(part, t, seqs, b)?;
+            }
+        }
+        if whole {
             self.tiers.graph_steps.fetch_add(1, Relaxed);
-        } else {
-            self.layers(t, seqs, b)?;
+        }
+        if n > 0 {
+            let th = t * self.cfg().hidden_size;
+            g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
         }
         for seq in seqs.iter_mut() {
             seq.kv.advance(seq.len);
@@ -647,13 +661,21 @@ impl GpuDecoder {
         Ok(())
     }
 
-    /// The layers of a step over `b.x`, the residual of each layer added
-    /// in (after [`GpuDecoder::rows`] has uploaded the rows and tables).
-    fn layers(&self, t: usize, seqs: &mut [Seq<'_>], b: &mut Bufs) -> Result<()> {
+    /// Layers `range` of a step over `b.x` (after [`GpuDecoder::rows`] has
+    /// uploaded the rows and tables): each adds the previous layer's MLP
+    /// output into the residual, the last layer's is left in `b.out`.
+    fn layers(
+        &self,
+        range: std::ops::Range<usize>,
+        t: usize,
+        seqs: &mut [Seq<'_>],
+        b: &mut Bufs,
+    ) -> Result<()> {
         let g = &self.gpu;
         let (h, eps) = (self.cfg().hidden_size, self.cfg().rms_norm_eps);
         let th = t * h;
-        for (i, (layer, dev)) in self.cpu.layers.iter().zip(&self.layers).enumerate() {
+        for i in range {
+            let (layer, dev) = (&self.cpu.layers[i], &self.layers[i]);
             // The previous layer's MLP output joins the residual in the
             // same launch as this layer's norm.
             if i == 0 {
@@ -695,9 +717,6 @@ impl GpuDecoder {
                 (Mlp::Sparse(m), GpuMlp::Sparse { .. }) => self.moe(m, &dev.mlp, i, t, b)?,
                 _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
             }
-        }
-        if !self.layers.is_empty() {
-            g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
         }
         Ok(())
     }
@@ -1468,6 +1487,12 @@ fn tiled(tables: &[ExpertTable; 3]) -> bool {
 fn pinned_group<'a>(pinned: &'a Pinned<'_>) -> (Vec<u32>, Vec<[Matrix<'a>; 3]>) {
     (0..pinned.len()).map(|i| pinned.get(i)).unzip()
 }
+
+/// Layers per captured graph of a decode step ([`Gpu::captured`]'s
+/// slots): small enough that the GPU starts on the first part early, large
+/// enough that each part's launch and update cost little against its
+/// kernels (an 8-layer model: two parts).
+const GRAPH_LAYERS: usize = 4;
 
 /// Experts a grouped launch takes at a time from a prompt's uploads.
 const UPLOADED_GROUP: usize = 16;

@@ -269,9 +269,10 @@ pub struct Gpu {
     /// chosen per call by [`Gpu::q8_warps_per_row`]; `cuda_bench` sets it
     /// to time each.
     q8_kw: std::sync::atomic::AtomicU32,
-    /// The last step captured by [`Gpu::captured`], instantiated: the next
-    /// capture of the same shape updates it in place.
-    graph: Mutex<Option<GraphExec>>,
+    /// The last graph captured by [`Gpu::captured`] in each slot (a step's
+    /// part), instantiated: the next capture of the slot updates it in
+    /// place.
+    graphs: Mutex<Vec<Option<GraphExec>>>,
     /// While [`Gpu::captured`] records: anything that would allocate,
     /// copy to or from the host or wait is refused instead (in a graph it
     /// would not run when the caller thinks it does).
@@ -351,7 +352,7 @@ impl Gpu {
                 .is_none_or(|v| v != "0")
                 .into(),
             q8_kw: 0.into(),
-            graph: Mutex::default(),
+            graphs: Mutex::default(),
             capturing: false.into(),
             // SMOE_CUDA_GRAPH=0 runs every step eagerly (to measure both).
             graph_fallbacks: if std::env::var_os("SMOE_CUDA_GRAPH").is_some_and(|v| v == "0") {
@@ -464,17 +465,19 @@ impl Gpu {
     }
 
     /// Runs `step`'s launches as one CUDA graph: recorded on the compute
-    /// stream (nothing runs while it records), then the previous step's
-    /// graph updated in place with them where the two have the same shape
-    /// (kernels and their order; arguments and grids may differ), else
-    /// instantiated anew, and launched. A decode step is ~200 small
-    /// kernels whose launches, one by one, left the GPU idle between them.
+    /// stream (nothing runs while it records), then the graph last
+    /// captured in `slot` updated in place with them where the two have
+    /// the same shape (kernels and their order; arguments and grids may
+    /// differ), else instantiated anew, and launched. A decode step is
+    /// ~200 small kernels whose launches, one by one, left the GPU idle
+    /// between them; a caller that captures a step in parts (slots) lets
+    /// the GPU run one part while the next is recorded.
     ///
     /// `Ok(false)` when `step` failed or did something a graph cannot hold
     /// (an allocation, a host copy, a wait: refused while recording) or
     /// the driver refused the graph: then nothing of it ran, and the caller
     /// runs the step again eagerly (and a real error shows there).
-    pub fn captured(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+    pub fn captured(&self, slot: usize, step: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
         use cudarc::driver::{result, sys};
         use std::sync::atomic::Ordering::Relaxed;
         let stream = self.compute.cu_stream();
@@ -506,7 +509,11 @@ impl Gpu {
                 return Ok(false);
             }
         };
-        let mut slot = self.graph.lock().unwrap_or_else(|e| e.into_inner());
+        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        if graphs.len() <= slot {
+            graphs.resize_with(slot + 1, || None);
+        }
+        let slot = &mut graphs[slot];
         let updated = slot.take().filter(|exec| {
             let mut info = std::mem::MaybeUninit::<sys::CUgraphExecUpdateResultInfo>::zeroed();
             // SAFETY: both handles are live; info is written by the call.
