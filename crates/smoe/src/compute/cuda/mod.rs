@@ -1402,8 +1402,11 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let mut parts = self.attn_parts.lock().unwrap_or_else(|e| e.into_inner());
-        let need = if splits > 1 {
-            blocks * splits * (s.v_dim + 2)
+        // Sized for the most splits this shape reaches as the keys grow (a
+        // few hundred KB), not this call's: a decode step captured as a
+        // graph must not find it growing.
+        let need = if blocks < want {
+            blocks * want.div_ceil(blocks) * (s.v_dim + 2)
         } else {
             1
         };
