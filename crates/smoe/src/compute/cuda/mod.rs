@@ -824,9 +824,12 @@ impl Gpu {
         }))
     }
 
-    /// `y[t, rows] = x[t, cols] · wᵀ`, as the CPU backend's `matmul` but
-    /// with f32 activations throughout (the CPU quantizes them to 8 bits
-    /// for quantized weights).
+    /// `y[t, rows] = x[t, cols] · wᵀ`, as the CPU backend's `matmul`: up to
+    /// MATVEC_MAX_TOKENS tokens through q4_k or q6_k rows with activations
+    /// rounded to int8 per 32 ([`Gpu::matmul_q8`], unless
+    /// [`Gpu::set_int8_activations`] turned that off), everything else
+    /// with f32 activations (the CPU rounds them to 8 bits per 256 for
+    /// every quantized type).
     pub fn matmul(
         &self,
         x: &CudaView<'_, f32>,
