@@ -186,7 +186,19 @@ fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {
     });
     let flops = 2.0 * (t * rows * cols) as f64;
     println!(
-        "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s",
+        "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s (3xTF32)",
+        ms * 1e3,
+        flops / (ms * 1e-3) / 1e12
+    );
+    // The experiment: one TF32 product (a third of the tensor work).
+    gpu.set_exact_gemm(false);
+    let ms = time(gpu, |_| {
+        gpu.matmul(&x.as_view(), t, &w, &mut y.as_view_mut())
+            .expect("matmul")
+    });
+    gpu.set_exact_gemm(true);
+    println!(
+        "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s (TF32)",
         ms * 1e3,
         flops / (ms * 1e-3) / 1e12
     );

@@ -315,6 +315,50 @@ fn int8_matvec_at(gpu: &Gpu, how: &str) {
     }
 }
 
+/// The tiled product with one TF32 product instead of 3xTF32
+/// (`Gpu::set_exact_gemm(false)`, an experiment) against the exact
+/// product: TF32 keeps 10 bits of mantissa, so each operand moves by up to
+/// 2^-11 of itself and each product by about 1e-3; over 2048 terms of
+/// either sign that is ~5e-4 of the outputs' RMS, the largest of 50,000
+/// outputs a few times that: 1e-2, which a wrong fragment or tile exceeds
+/// many times over. Prefill sizes, ragged tiles, and the grouped kernel.
+#[test]
+fn one_tf32_product_stays_close() {
+    if gpu_or_skip("TF32 tiled product").is_none() {
+        return;
+    }
+    // A handle of its own: the switch is the device's.
+    let gpu = &Gpu::new(0).expect("a second handle on the GPU");
+    gpu.set_exact_gemm(false);
+    for (seed, dtype) in [DType::F32, DType::Quant(QuantType::Q4K)]
+        .into_iter()
+        .enumerate()
+    {
+        let w = Weights::new(dtype, INTER, HIDDEN, 700 + seed as u64);
+        let wf = dequantized(&w);
+        let dw = gpu.upload_matrix(w.matrix()).unwrap();
+        let t = 70;
+        let x = values(t * HIDDEN, 701 + seed as u64);
+        let mut dy = gpu.zeros::<f32>(t * INTER).unwrap();
+        gpu.matmul(
+            &gpu.upload(&x).unwrap().as_view(),
+            t,
+            &dw,
+            &mut dy.as_view_mut(),
+        )
+        .unwrap();
+        check(
+            &format!(
+                "one TF32 product, {} [{INTER}, {HIDDEN}] t={t} vs exact",
+                dtype.name()
+            ),
+            &gpu.download(&dy).unwrap(),
+            &exact_matmul(&x, t, &wf, INTER, HIDDEN),
+            1e-2,
+        );
+    }
+}
+
 /// The LM head of a 4-bit backbone: q6_k, 151936 rows, one token.
 #[test]
 fn matvec_of_a_q6k_lm_head_matches_cpu() {

@@ -366,6 +366,17 @@ __device__ __forceinline__ void split_tf32(float v, u32* big, u32* small) {
     *small = to_tf32(v - __uint_as_float(*big));
 }
 
+// v's TF32 halves when `exact` (3xTF32 products), else v rounded to TF32
+// alone (one product, TF32's precision: the experiment `exact` = 0 runs).
+__device__ __forceinline__ void tf32_parts(float v, int exact, u32* big, u32* small) {
+    if (exact) {
+        split_tf32(v, big, small);
+    } else {
+        *big = to_tf32(v);
+        *small = 0;
+    }
+}
+
 // c += a . b on the tensor cores: a 16x8 (row-major) by b 8x8 (column-major)
 // TF32 product into a 16x8 f32 accumulator (PTX's m16n8k8 fragments).
 __device__ __forceinline__ void mma_tf32(float* c, const u32* a, const u32* b) {
@@ -417,10 +428,13 @@ __device__ __forceinline__ void fill_tiles(const u8* w, u64 row_bytes, const flo
 // fragments (rows), each operand split into two TF32 halves and multiplied
 // as big*big + big*small + small*big (the "3xTF32" scheme), which keeps
 // f32's accuracy at a third of TF32's tensor rate, so results differ from
-// the CPU's by f32 summation order only. On Turing (no TF32 mma), f32 FMAs,
+// the CPU's by f32 summation order only; with `exact` 0, the big halves'
+// product alone (TF32's precision, a third of the tensor work: an
+// experiment, `Gpu::set_exact_gemm`). On Turing (no TF32 mma), f32 FMAs,
 // each thread 4 rows x 4 tokens.
 template <int T>
-__device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols, int t) {
+__device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols, int t,
+                     int exact) {
     __shared__ __align__(16) float ws[TILE][TILE_PITCH];
     __shared__ __align__(16) float xs[TILE][TILE_PITCH];
     int tid = threadIdx.x;
@@ -441,19 +455,21 @@ __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int r
 #pragma unroll
         for (int kk = 0; kk < TILE; kk += 8) {
             u32 ab[4], as[4];
-            split_tf32(xs[kk + tig][m0 + gid], &ab[0], &as[0]);
-            split_tf32(xs[kk + tig][m0 + gid + 8], &ab[1], &as[1]);
-            split_tf32(xs[kk + tig + 4][m0 + gid], &ab[2], &as[2]);
-            split_tf32(xs[kk + tig + 4][m0 + gid + 8], &ab[3], &as[3]);
+            tf32_parts(xs[kk + tig][m0 + gid], exact, &ab[0], &as[0]);
+            tf32_parts(xs[kk + tig][m0 + gid + 8], exact, &ab[1], &as[1]);
+            tf32_parts(xs[kk + tig + 4][m0 + gid], exact, &ab[2], &as[2]);
+            tf32_parts(xs[kk + tig + 4][m0 + gid + 8], exact, &ab[3], &as[3]);
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 u32 bb[2], bs[2];
                 int n = n0 + 8 * j + gid;
-                split_tf32(ws[kk + tig][n], &bb[0], &bs[0]);
-                split_tf32(ws[kk + tig + 4][n], &bb[1], &bs[1]);
+                tf32_parts(ws[kk + tig][n], exact, &bb[0], &bs[0]);
+                tf32_parts(ws[kk + tig + 4][n], exact, &bb[1], &bs[1]);
                 // The small terms first, so the big product lands last.
-                mma_tf32(acc[j], as, bb);
-                mma_tf32(acc[j], ab, bs);
+                if (exact) {
+                    mma_tf32(acc[j], as, bb);
+                    mma_tf32(acc[j], ab, bs);
+                }
                 mma_tf32(acc[j], ab, bb);
             }
         }
@@ -514,11 +530,12 @@ __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int r
 // experts used); blocks past an expert's rows return at once.
 template <int T>
 __device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u64 row_bytes,
-                        const float* x, float* y, int rows, int cols) {
+                        const float* x, float* y, int rows, int cols, int exact) {
     u32 e = used[blockIdx.z];
     u32 s = start[e];
     int n = (int)(start[e + 1] - s);
-    gemm<T>((const u8*)experts[e], row_bytes, x + (size_t)s * cols, y + (size_t)s * rows, rows, cols, n);
+    gemm<T>((const u8*)experts[e], row_bytes, x + (size_t)s * cols, y + (size_t)s * rows, rows, cols, n,
+            exact);
 }
 
 #define MATMUL_KERNELS(NAME, T)                                                                   \
@@ -528,8 +545,8 @@ __device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         gemm_##NAME(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols,      \
-                    int t) {                                                                       \
-        gemm<T>(w, row_bytes, x, y, rows, cols, t);                                                \
+                    int t, int exact) {                                                            \
+        gemm<T>(w, row_bytes, x, y, rows, cols, t, exact);                                         \
     }                                                                                              \
     extern "C" __global__ void matvec_id_##NAME(const u64* experts, const u32* ids, int n_exp,     \
                                                 u64 row_bytes, const float* x, int x_div, float* y, \
@@ -543,8 +560,8 @@ __device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         gemm_id_##NAME(const u64* experts, const u32* used, const u32* start, u64 row_bytes,       \
-                       const float* x, float* y, int rows, int cols) {                             \
-        gemm_id<T>(experts, used, start, row_bytes, x, y, rows, cols);                             \
+                       const float* x, float* y, int rows, int cols, int exact) {                  \
+        gemm_id<T>(experts, used, start, row_bytes, x, y, rows, cols, exact);                      \
     }
 
 MATMUL_KERNELS(f32, T_F32)

@@ -277,6 +277,9 @@ pub struct Gpu {
     /// copy to or from the host or wait is refused instead (in a graph it
     /// would not run when the caller thinks it does).
     capturing: std::sync::atomic::AtomicBool,
+    /// The tiled products' 3xTF32 (f32 accuracy); off, one TF32 product
+    /// (`SMOE_CUDA_TF32=1` or [`Gpu::set_exact_gemm`], to measure both).
+    exact_gemm: std::sync::atomic::AtomicBool,
     /// Captures that fell back to running eagerly; past
     /// [`GRAPH_FALLBACKS`] no more are tried.
     graph_fallbacks: std::sync::atomic::AtomicU32,
@@ -353,6 +356,9 @@ impl Gpu {
                 .into(),
             q8_kw: 0.into(),
             graphs: Mutex::default(),
+            exact_gemm: std::env::var_os("SMOE_CUDA_TF32")
+                .is_none_or(|v| v != "1")
+                .into(),
             capturing: false.into(),
             // SMOE_CUDA_GRAPH=0 runs every step eagerly (to measure both).
             graph_fallbacks: if std::env::var_os("SMOE_CUDA_GRAPH").is_some_and(|v| v == "0") {
@@ -878,7 +884,14 @@ impl Gpu {
             };
             ("gemm", cfg)
         };
+        let tiled = name == "gemm";
         let name = format!("{name}_{}", kernel_dtype(w.dtype)?);
+        if tiled {
+            let exact = self.exact_gemm();
+            return launch!(
+                self, &name, cfg, &w.data, &row_bytes, x, y, &rows, &cols, &tokens, &exact
+            );
+        }
         launch!(self, &name, cfg, &w.data, &row_bytes, x, y, &rows, &cols, &tokens)
     }
 
@@ -914,6 +927,19 @@ impl Gpu {
         let blocks = blocks as u64;
         launch!(self, "quantize_q8", cfg, x, &mut *xq, &mut *xds, &blocks)?;
         Ok(q8)
+    }
+
+    /// The tiled products (prefill) in 3xTF32, f32's accuracy (`true`, the
+    /// default), or in one TF32 product each (an experiment: a third of
+    /// the tensor work, 10 bits of mantissa), for what is queued from now
+    /// on.
+    pub fn set_exact_gemm(&self, exact: bool) {
+        self.exact_gemm
+            .store(exact, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn exact_gemm(&self) -> i32 {
+        self.exact_gemm.load(std::sync::atomic::Ordering::Relaxed) as i32
     }
 
     /// Turns the int8-activation kernels on or off for what is queued
@@ -1762,7 +1788,8 @@ impl Gpu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, &name, cfg, &w.ptrs, used, start, &row_bytes, x, y, &rows, &cols)
+        let exact = self.exact_gemm();
+        launch!(self, &name, cfg, &w.ptrs, used, start, &row_bytes, x, y, &rows, &cols, &exact)
     }
 
     /// Row `tok` of `y` (`t` rows) is `Σ_j w[tok * k + j] · ys[tok * k + j]`
