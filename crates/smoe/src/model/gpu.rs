@@ -652,8 +652,7 @@ impl GpuDecoder {
             self.tiers.graph_steps.fetch_add(1, Relaxed);
         }
         if n > 0 {
-            let th = t * self.cfg().hidden_size;
-            g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
+            g.add(&mut b.x.part(0..t * h)?, &b.out.v(0..t * h)?)?;
         }
         for seq in seqs.iter_mut() {
             seq.kv.advance(seq.len);
@@ -758,19 +757,16 @@ impl GpuDecoder {
         let (hd, h) = (a.head_dim, self.cfg().hidden_size);
         let (nq, nkv) = (a.n_heads * hd, a.n_kv_heads * hd);
         let hn = b.h.v(0..t * h)?;
-        {
-            let (mut q, mut k, mut v) = (b.q.m(g, t * nq)?, b.k.m(g, t * nkv)?, b.v.m(g, t * nkv)?);
-            g.matmul_each(
-                &hn,
-                t,
-                &mut [(&wq.w, &mut q), (&wk.w, &mut k), (&wv.w, &mut v)],
-            )?;
-            for (l, y) in [(wq, &mut q), (wk, &mut k), (wv, &mut v)] {
-                if let Some(bias) = &l.bias {
-                    g.add_rows(y, &bias.as_view())?;
-                }
-            }
-        }
+        forward_each(
+            g,
+            &hn,
+            t,
+            &mut [
+                (wq, &mut b.q.m(g, t * nq)?),
+                (wk, &mut b.k.m(g, t * nkv)?),
+                (wv, &mut b.v.m(g, t * nkv)?),
+            ],
+        )?;
         let half = hd / 2;
         let (cos, sin) = (b.cos.v(0..t * half)?, b.sin.v(0..t * half)?);
         match (q_norm, k_norm, a.clip) {
@@ -964,7 +960,11 @@ impl GpuDecoder {
         // batch's streamed experts, the normed rows it gathers itself.
         let streamed =
             tables.is_none() && experts.is_none() && matches!(m.experts, Experts::Streamed { .. });
-        let predict = streamed && self.launch_prediction(layer, t, b)?;
+        let predicted = if streamed {
+            self.launch_prediction(layer, t, b)?
+        } else {
+            None
+        };
         let path = if !streamed {
             ExpertPath::Copy
         } else if t <= MATVEC_MAX_TOKENS {
@@ -973,8 +973,8 @@ impl GpuDecoder {
             ExpertPath::Copy
         };
         self.routes_to_host(t * k, b)?;
-        if predict {
-            self.prediction_to_host(layer, t, b)?;
+        if let Some((pairs, n_exp)) = predicted {
+            self.prediction_to_host(pairs, n_exp, b)?;
         }
         if path != ExpertPath::Copy {
             let host = &mut b.host;
@@ -1041,9 +1041,18 @@ impl GpuDecoder {
                 let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
                 run_expert(g, &resident[e as usize], rows, hidden, b)
             }),
-            (None, None, Experts::Streamed { cache, layer: l }) => {
-                self.streamed(cache, *l, layer, &used, hidden, k, t, path, predict, b)
-            }
+            (None, None, Experts::Streamed { cache, layer: l }) => self.streamed(
+                cache,
+                *l,
+                layer,
+                &used,
+                hidden,
+                k,
+                t,
+                path,
+                predicted.is_some(),
+                b,
+            ),
             (None, None, Experts::Resident(_)) => Err(Error::invalid(
                 "CUDA decoder: resident experts not uploaded",
             )),
@@ -1131,17 +1140,7 @@ impl GpuDecoder {
             pinned.wait()?;
             let start = std::time::Instant::now();
             match path {
-                ExpertPath::Cpu => {
-                    let host = &mut b.host;
-                    self.cpu.backend.experts(
-                        pinned.len(),
-                        &|i| pinned.get(i),
-                        &host.start,
-                        &host.xs,
-                        &mut host.ys,
-                    );
-                    self.tiers.cpu_runs.fetch_add(pinned.len() as u64, Relaxed);
-                }
+                ExpertPath::Cpu => self.cpu_experts(&pinned, pinned.len(), &mut b.host),
                 ExpertPath::Copy => {
                     let (ids, mats) = pinned_group(&pinned);
                     let uploads = g.upload_experts(&mats)?;
@@ -1177,14 +1176,7 @@ impl GpuDecoder {
                             return Ok(());
                         };
                         let host = &mut b.host;
-                        self.cpu.backend.experts(
-                            on_cpu,
-                            &|i| pinned.get(i),
-                            &host.start,
-                            &host.xs,
-                            &mut host.ys,
-                        );
-                        self.tiers.cpu_runs.fetch_add(on_cpu as u64, Relaxed);
+                        self.cpu_experts(&pinned, on_cpu, host);
                         let rows = host.start[ids[0] as usize] * hidden
                             ..host.start[last as usize + 1] * hidden;
                         g.upload_into(&host.ys[rows.clone()], &mut b.ys.part(rows)?)
@@ -1206,6 +1198,15 @@ impl GpuDecoder {
             b.paths.record(t, path, spent.as_secs_f64(), bytes);
         }
         Ok(())
+    }
+
+    /// The first `n` of `pinned`'s experts on the CPU, over the host's
+    /// gathered rows into its outputs.
+    fn cpu_experts(&self, pinned: &Pinned<'_>, n: usize, host: &mut Host) {
+        self.cpu
+            .backend
+            .experts(n, &|i| pinned.get(i), &host.start, &host.xs, &mut host.ys);
+        self.tiers.cpu_runs.fetch_add(n as u64, Relaxed);
     }
 
     /// Counts experts copied to the GPU and their bytes.
@@ -1247,11 +1248,16 @@ impl GpuDecoder {
 
     /// When the next layer is sparse and streamed, its experts guessed
     /// from the residual stream as it is now (as [`Moe::predict`]): the
-    /// routing launched into `b.pred_ids` and `b.pred_weights`; whether
-    /// there is one.
-    fn launch_prediction(&self, layer: usize, t: usize, b: &mut Bufs) -> Result<bool> {
+    /// routing launched into `b.pred_ids` and `b.pred_weights`; its
+    /// (pairs, experts) if there is one.
+    fn launch_prediction(
+        &self,
+        layer: usize,
+        t: usize,
+        b: &mut Bufs,
+    ) -> Result<Option<(usize, usize)>> {
         let Some((m, router, score_bias, post_norm)) = self.next_streamed(layer) else {
-            return Ok(false);
+            return Ok(None);
         };
         let g = &self.gpu;
         let th = t * router.cols;
@@ -1263,28 +1269,25 @@ impl GpuDecoder {
             &mut b.head.m(g, th)?,
         )?;
         self.route_on_device(m, router, score_bias, Input::Head, t, b)?;
-        Ok(true)
+        Ok(Some((t * m.routing.top_k, router.rows)))
     }
 
-    /// The routes [`GpuDecoder::launch_prediction`] launched, to the host
-    /// as `b.host.predicted`: the experts chosen, most likely first.
-    fn prediction_to_host(&self, layer: usize, t: usize, b: &mut Bufs) -> Result<()> {
-        let Some((m, router, ..)) = self.next_streamed(layer) else {
-            return Ok(());
-        };
+    /// The routes [`GpuDecoder::launch_prediction`] launched (`pairs` of
+    /// `n_exp` experts), to the host as `b.host.predicted`: the experts
+    /// chosen, most likely first.
+    fn prediction_to_host(&self, pairs: usize, n_exp: usize, b: &mut Bufs) -> Result<()> {
         let g = &self.gpu;
-        let pairs = t * m.routing.top_k;
         let host = &mut b.host;
         host.pred_ids.resize(pairs, 0);
         host.pred_weights.resize(pairs, 0.0);
         g.download_into(&b.pred_ids.v(0..pairs)?, &mut host.pred_ids)?;
         g.download_into(&b.pred_weights.v(0..pairs)?, &mut host.pred_weights)?;
         host.best.clear();
-        host.best.resize(router.rows, f32::NEG_INFINITY);
+        host.best.resize(n_exp, f32::NEG_INFINITY);
         for (&e, &w) in host.pred_ids.iter().zip(&host.pred_weights) {
             // The device chose it: check before it indexes.
             let best = host.best.get_mut(e as usize).ok_or_else(|| {
-                Error::invalid(format!("CUDA routing chose expert {e} of {}", router.rows))
+                Error::invalid(format!("CUDA routing chose expert {e} of {n_exp}"))
             })?;
             *best = best.max(w);
         }
@@ -1396,11 +1399,25 @@ fn forward(
     t: usize,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    g.matmul(x, t, &l.w, y)?;
-    match &l.bias {
-        Some(bias) => g.add_rows(y, &bias.as_view()),
-        None => Ok(()),
+    forward_each(g, x, t, &mut [(l, y)])
+}
+
+/// [`forward`] of one `x` through several layers (attention's q, k and
+/// v), which [`Gpu::matmul_each`] lets share one activation rounding.
+fn forward_each(
+    g: &Gpu,
+    x: &CudaView<'_, f32>,
+    t: usize,
+    outs: &mut [(&GpuLinear, &mut CudaViewMut<'_, f32>)],
+) -> Result<()> {
+    let mut products: Vec<_> = outs.iter_mut().map(|(l, y)| (&l.w, &mut **y)).collect();
+    g.matmul_each(x, t, &mut products)?;
+    for (l, y) in outs.iter_mut() {
+        if let Some(bias) = &l.bias {
+            g.add_rows(y, &bias.as_view())?;
+        }
     }
+    Ok(())
 }
 
 /// `down(silu(gate(x)) * up(x))` into `y`.
@@ -1546,8 +1563,6 @@ fn run_uploaded(
     Ok(())
 }
 
-/// One expert's SwiGLU over its rows `rows` of the gathered `b.xs` into
-/// the same rows of `b.ys`.
 /// A small batch's copied experts, each once its copy is in (a wait on
 /// the device, not the host).
 fn run_copied(
@@ -1564,6 +1579,8 @@ fn run_copied(
     })
 }
 
+/// One expert's SwiGLU over its rows `rows` of the gathered `b.xs` into
+/// the same rows of `b.ys`.
 fn run_expert(
     g: &Gpu,
     [gate, up, down]: &GpuFfn,

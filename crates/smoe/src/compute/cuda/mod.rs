@@ -997,9 +997,7 @@ impl Gpu {
 
     /// Whether the id kernels take the int8-activation path for `w`.
     fn mmvq_for(&self, w: &ExpertTable) -> bool {
-        self.int8_activations()
-            && w.cols.is_multiple_of(256)
-            && matches!(w.dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
+        self.int8_activations() && q8_rows(w.dtype, w.cols)
     }
 
     /// As [`Gpu::matmul`] for a few tokens through q4_k or q6_k rows, with
@@ -1029,11 +1027,16 @@ impl Gpu {
         outs: &mut [(&GpuMatrix, &mut CudaViewMut<'_, f32>)],
     ) -> Result<()> {
         let cols = outs.first().map(|(w, _)| w.cols);
-        let shared = self.int8_activations()
-            && outs.iter().all(|(w, y)| {
-                Some(w.cols) == cols && takes_q8(w, t) && q8_kernel(w, t, x, y).is_ok()
-            });
-        let (Some(cols), true) = (cols, shared) else {
+        // Every product's int8 kernel, where all take one and are as wide.
+        let kernels: Option<Vec<&str>> = self
+            .int8_activations()
+            .then(|| {
+                outs.iter()
+                    .map(|(w, y)| q8_kernel(w, t, x, y).ok().filter(|_| Some(w.cols) == cols))
+                    .collect()
+            })
+            .flatten();
+        let (Some(cols), Some(kernels)) = (cols, kernels) else {
             for (w, y) in outs.iter_mut() {
                 self.matmul(x, t, w, y)?;
             }
@@ -1041,8 +1044,8 @@ impl Gpu {
         };
         let q8 = self.quantize_q8(x, t * cols)?;
         let (xq, xds) = q8.as_ref().expect("quantized above");
-        for (w, y) in outs.iter_mut() {
-            self.mmvq(q8_kernel(w, t, x, y)?, xq, xds, t, w, y)?;
+        for ((w, y), name) in outs.iter_mut().zip(kernels) {
+            self.mmvq(name, xq, xds, t, w, y)?;
         }
         Ok(())
     }
@@ -1935,11 +1938,14 @@ fn kernel_dtype(d: DType) -> Result<&'static str> {
     }
 }
 
+/// Whether the int8 kernels take rows of `dtype`, `cols` wide.
+fn q8_rows(dtype: DType, cols: usize) -> bool {
+    cols.is_multiple_of(256) && matches!(dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
+}
+
 /// Whether the int8 kernels take `t` tokens through `w`.
 fn takes_q8(w: &GpuMatrix, t: usize) -> bool {
-    t <= MATVEC_MAX_TOKENS
-        && w.cols.is_multiple_of(256)
-        && matches!(w.dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
+    t <= MATVEC_MAX_TOKENS && q8_rows(w.dtype, w.cols)
 }
 
 /// The int8 kernel for `t` tokens of `x` through `w` into `y`, or why not.
