@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Same-run A/B of two smoe binaries on one vault: rounds alternate A and B,
 # each round one `smoe bench` per binary and mode (resident, and an expert
-# cache of a quarter of the experts' bytes), and the medians are compared.
+# cache of each size in CAP), and the medians are compared.
 #
 #   bench/ab.sh OLD_SMOE NEW_SMOE VAULT [ROUNDS=5] [THREADS=2]
 #
 # PP (128) prompt tokens and TG (32) generated tokens per run; CAP is the
-# capped mode's --ram-budget (default 648MiB: a quarter of the 8-layer bench
-# vault's 2.53 GiB of experts, as `smoe inspect` prints them).
+# capped modes' --ram-budget, one or more sizes apart by spaces (default
+# 648MiB: a quarter of the 8-layer bench vault's 2.53 GiB of experts, as
+# `smoe inspect` prints them; 259MiB is a tenth).
 set -euo pipefail
 A=$1 B=$2 VAULT=$3 ROUNDS=${4:-5} THREADS=${5:-2}
 PP=${PP:-128} TG=${TG:-32} CAP=${CAP:-648MiB}
@@ -15,8 +16,8 @@ OUT=$(mktemp)
 for r in $(seq "$ROUNDS"); do
     for bin in A B; do
         exe=${!bin}
-        for mode in resident capped; do
-            budget=$([ $mode = resident ] && echo 64GiB || echo "$CAP")
+        for budget in 64GiB $CAP; do
+            mode=$([ "$budget" = 64GiB ] && echo resident || echo "$budget")
             "$exe" bench --model "$VAULT" --threads "$THREADS" --prompt-tokens "$PP" \
                 --gen-tokens "$TG" --repeat 1 --ram-budget "$budget" --json |
                 python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'bin':'$bin','mode':'$mode','prefill':r['prefill_tok_s'],'decode':r['decode_tok_s']}))" >>"$OUT"
@@ -27,7 +28,7 @@ python3 - "$OUT" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print(f"{'mode':<9} {'measure':<8} {'A median':>9} {'B median':>9} {'B/A':>6}   A runs / B runs")
-for mode in ("resident", "capped"):
+for mode in dict.fromkeys(r["mode"] for r in rows):
     for k in ("prefill", "decode"):
         a = [r[k] for r in rows if r["bin"] == "A" and r["mode"] == mode]
         b = [r[k] for r in rows if r["bin"] == "B" and r["mode"] == mode]

@@ -8,7 +8,7 @@
 //! (tmpfs, some overlays) with plain reads followed by
 //! `posix_fadvise(DONTNEED)` to drop what the kernel kept.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -126,12 +126,28 @@ impl DirectFile {
     }
 }
 
-/// A zeroed heap buffer aligned to [`ALIGN`], as direct I/O requires.
+/// A zeroed buffer aligned to [`ALIGN`], as direct I/O requires, mapped
+/// from the kernel rather than the heap so that a large one sits on
+/// transparent huge pages where Linux has them.
+///
+/// The block layer splits a direct read into one disk request per run of
+/// physically contiguous pages it can gather, up to the queue's segment
+/// limit (254 on a virtio disk). In 4 KiB pages scattered by the
+/// allocator a 2.6 MB expert record became four requests instead of one on
+/// the build VM's disk, and took 2.0 ms instead of 1.0; the engine's reads
+/// ran at either rate depending on where its cache happened to land. On
+/// 2 MiB pages every record is one request however fragmented memory is,
+/// and the kernel pins a few pages per read instead of hundreds.
 #[derive(Debug)]
 pub struct AlignedBuf {
+    /// Owns the mapping; `ptr` points into it.
+    _map: memmap2::MmapMut,
     ptr: *mut u8,
     len: usize,
 }
+
+/// The huge page size a large buffer is aligned to.
+const HUGE_PAGE: usize = 2 << 20;
 
 // SAFETY: the buffer is plain bytes; callers coordinate access to disjoint
 // regions (the cache hands each slot to one reader, then to readers only).
@@ -141,13 +157,42 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     pub fn new(len: usize) -> Self {
         let len = len.max(ALIGN as usize);
-        let layout = Layout::from_size_align(len, ALIGN as usize).expect("aligned layout");
-        // SAFETY: non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
+        // A mapping is page-aligned; a large one is mapped a huge page
+        // longer and starts at the first huge-page boundary inside, so
+        // that all but its tail can be huge pages.
+        let align = if len >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            ALIGN as usize
+        };
+        let Ok(mut map) = memmap2::MmapMut::map_anon(len + align - ALIGN as usize) else {
+            std::alloc::handle_alloc_error(
+                Layout::from_size_align(len, align).expect("aligned layout"),
+            );
+        };
+        let at = map.as_ptr() as usize;
+        let skip = at.next_multiple_of(align) - at;
+        #[cfg(target_os = "linux")]
+        if align == HUGE_PAGE {
+            // Advice: where huge pages are off or short the buffer is in
+            // small pages, as a heap buffer would be.
+            let _ = map.advise_range(memmap2::Advice::HugePage, skip, len);
         }
-        Self { ptr, len }
+        // SAFETY: `skip + len` is within the mapping (`skip < align`).
+        let ptr = unsafe { map.as_mut_ptr().add(skip) };
+        // Fault every page in now, as the heap's zeroing did: a page first
+        // touched by a direct read is allocated (a huge page zeroed, maybe
+        // compacted for) inside that read, which made a cold cache's first
+        // prompt 1.5x slower.
+        for at in (0..len).step_by(ALIGN as usize) {
+            // SAFETY: within the buffer; nothing else refers to it yet.
+            unsafe { ptr.add(at).write_volatile(0) };
+        }
+        Self {
+            _map: map,
+            ptr,
+            len,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -177,14 +222,6 @@ impl AlignedBuf {
     pub unsafe fn slice_mut(&self, start: usize, len: usize) -> &mut [u8] {
         assert!(start + len <= self.len);
         std::slice::from_raw_parts_mut(self.ptr.add(start), len)
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, ALIGN as usize).expect("aligned layout");
-        // SAFETY: allocated with this layout in new().
-        unsafe { dealloc(self.ptr, layout) };
     }
 }
 
@@ -298,5 +335,68 @@ pub(crate) mod faults {
         pub(crate) fn inject(&self, fault: Option<Fault>) {
             *self.fault.lock().unwrap() = fault;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AlignedBuf, ALIGN, HUGE_PAGE};
+
+    #[test]
+    fn buffers_are_aligned_zeroed_and_writable_to_the_end() {
+        for len in [1, 4096, 5000, HUGE_PAGE, 3 * HUGE_PAGE + 17] {
+            let buf = AlignedBuf::new(len);
+            assert!(buf.len() >= len);
+            let at = buf.as_ptr() as usize;
+            assert_eq!(at % ALIGN as usize, 0, "{len} bytes");
+            if len >= HUGE_PAGE {
+                assert_eq!(at % HUGE_PAGE, 0, "{len} bytes");
+            }
+            // SAFETY: the buffer is ours alone.
+            let bytes = unsafe { buf.slice_mut(0, buf.len()) };
+            assert!(bytes.iter().all(|&b| b == 0));
+            bytes.fill(7);
+            assert!(unsafe { buf.slice(0, buf.len()) }.iter().all(|&b| b == 7));
+        }
+    }
+
+    /// Where the kernel offers transparent huge pages for advised memory,
+    /// a large buffer is advised (the `hg` flag of its mapping).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_large_buffer_asks_for_huge_pages() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+        if !thp.is_ok_and(|s| !s.contains("[never]")) {
+            eprintln!("SKIPPED: transparent huge pages are off on this kernel");
+            return;
+        }
+        let buf = AlignedBuf::new(4 * HUGE_PAGE);
+        let at = buf.as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        // Each mapping: a "start-end ..." line, then fields, VmFlags last.
+        let mut inside = false;
+        let mut flags = None;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = a <= at && at < b;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(f) = line.strip_prefix("VmFlags:") {
+                    flags = Some(f.to_string());
+                }
+            }
+        }
+        let flags = flags.expect("the buffer's mapping in /proc/self/smaps");
+        assert!(
+            flags.split_whitespace().any(|f| f == "hg"),
+            "VmFlags:{flags}"
+        );
     }
 }
