@@ -185,23 +185,32 @@ fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {
             .expect("matmul")
     });
     let flops = 2.0 * (t * rows * cols) as f64;
-    println!(
-        "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s (3xTF32)",
-        ms * 1e3,
-        flops / (ms * 1e-3) / 1e12
-    );
-    // The experiment: one TF32 product (a third of the tensor work).
+    let line = |ms: f64, how: &str| {
+        println!(
+            "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s ({how})",
+            ms * 1e3,
+            flops / (ms * 1e-3) / 1e12
+        )
+    };
+    line(ms, "3xTF32");
+    // The experiments: one TF32 product (a third of the tensor work), and
+    // int8 activations on the int8 tensor cores (the rounding included).
     gpu.set_exact_gemm(false);
     let ms = time(gpu, |_| {
         gpu.matmul(&x.as_view(), t, &w, &mut y.as_view_mut())
             .expect("matmul")
     });
     gpu.set_exact_gemm(true);
-    println!(
-        "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s (TF32)",
-        ms * 1e3,
-        flops / (ms * 1e-3) / 1e12
-    );
+    line(ms, "TF32");
+    gpu.set_int8_tiles(true);
+    if gpu.int8_tiles() {
+        let ms = time(gpu, |_| {
+            gpu.matmul(&x.as_view(), t, &w, &mut y.as_view_mut())
+                .expect("matmul")
+        });
+        line(ms, "int8 mmq");
+    }
+    gpu.set_int8_tiles(false);
 }
 
 fn attention(gpu: &Gpu, pos0: usize, t: usize) {

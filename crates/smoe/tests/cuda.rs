@@ -118,13 +118,16 @@ fn q8_rounded(x: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Whether `gpu.matmul` takes the int8-activation kernel for `t` tokens
-/// through `dtype` rows of `cols`.
+/// Whether `gpu.matmul` takes an int8-activation kernel for `t` tokens
+/// through `dtype` rows of `cols` (the matrix-vector one up to
+/// MATVEC_MAX_TOKENS, the tiled one past it).
 fn takes_int8(gpu: &Gpu, dtype: DType, t: usize, cols: usize) -> bool {
-    gpu.int8_activations()
-        && t <= MATVEC_MAX_TOKENS
-        && cols.is_multiple_of(256)
-        && matches!(dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
+    let on = if t <= MATVEC_MAX_TOKENS {
+        gpu.int8_activations()
+    } else {
+        gpu.int8_tiles()
+    };
+    on && cols.is_multiple_of(256) && matches!(dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
 }
 
 /// Against the exact product of `x` as the kernel sees it: rounded to int8
@@ -313,6 +316,57 @@ fn int8_matvec_at(gpu: &Gpu, how: &str) {
             }
         }
     }
+}
+
+/// The int8 tiled products (`mmq`, `Gpu::set_int8_tiles`, an experiment
+/// for prefill) against the exact product of the stored q4_k/q6_k weights
+/// with the activations rounded as the kernel rounds them (1e-3, as for
+/// the matrix-vector kernels: the int8 products are exact, the scaling in
+/// f32) and unrounded (3e-2): whole and ragged tiles of tokens and rows,
+/// one super-block and eight, and the grouped experts' kernel against each
+/// expert's exact product.
+#[test]
+fn int8_tiles_match_the_exact_product() {
+    if gpu_or_skip("int8 tiles").is_none() {
+        return;
+    }
+    // A handle of its own: the switch is the device's.
+    let gpu = &Gpu::new(0).expect("a second handle on the GPU");
+    gpu.set_int8_tiles(true);
+    if !gpu.int8_tiles() {
+        println!("SKIPPED int8 tiles: the int8 tensor-core product needs compute capability 8.0");
+        return;
+    }
+    for (seed, q) in [QuantType::Q4K, QuantType::Q6K].into_iter().enumerate() {
+        let dtype = DType::Quant(q);
+        for (rows, cols) in [(INTER, HIDDEN), (HIDDEN, INTER), (37, 256)] {
+            let w = Weights::new(dtype, rows, cols, 60 + seed as u64);
+            let wf = dequantized(&w);
+            let dw = gpu.upload_matrix(w.matrix()).expect("upload");
+            for t in [MATVEC_MAX_TOKENS + 1, 64, 70, 130] {
+                let x = values(t * cols, 300 + t as u64);
+                let dx = gpu.upload(&x).unwrap();
+                let mut dy = gpu.zeros::<f32>(t * rows).unwrap();
+                gpu.matmul(&dx.as_view(), t, &dw, &mut dy.as_view_mut())
+                    .expect("matmul");
+                let got = gpu.download(&dy).unwrap();
+                let what = format!("int8 tiles {} [{rows}, {cols}] t={t}", dtype.name());
+                check(
+                    &format!("{what} vs exact (int8 activations)"),
+                    &got,
+                    &exact_matmul(&q8_rounded(&x), t, &wf, rows, cols),
+                    1e-3,
+                );
+                check(
+                    &format!("{what} vs exact"),
+                    &got,
+                    &exact_matmul(&x, t, &wf, rows, cols),
+                    3e-2,
+                );
+            }
+        }
+    }
+    grouped_experts(gpu);
 }
 
 /// The tiled product with one TF32 product instead of 3xTF32
@@ -516,6 +570,12 @@ fn grouped_experts_match_one_by_one() {
     let Some(gpu) = gpu_or_skip("grouped experts") else {
         return;
     };
+    grouped_experts(gpu);
+}
+
+/// Against each expert's exact product, its activations rounded where the
+/// int8 tiles take them (`check_exact`'s tolerances).
+fn grouped_experts(gpu: &Gpu) {
     let n_exp = 8;
     // Rows per expert: none, fewer than a tile, several tiles.
     let counts = [5usize, 0, 70, 1, 0, 12, 0, 64];
@@ -562,19 +622,27 @@ fn grouped_experts_match_one_by_one() {
         )
         .unwrap();
         let got = gpu.download(&dy).unwrap();
+        // Past MATVEC_MAX_TOKENS: the tiled kernels' choice.
+        let int8 = takes_int8(gpu, dtype, MATVEC_MAX_TOKENS + 1, HIDDEN);
+        let xr = if int8 { q8_rounded(&x) } else { x.clone() };
         let mut want = vec![0.0f32; pairs * INTER];
         for &e in &used {
             let (s, n) = (start[e as usize] as usize, counts[e as usize]);
-            let xe = &x[s * HIDDEN..(s + n) * HIDDEN];
+            let xe = &xr[s * HIDDEN..(s + n) * HIDDEN];
             let we = dequantized(&ws[e as usize]);
             want[s * INTER..(s + n) * INTER]
                 .copy_from_slice(&exact_matmul(xe, n, &we, INTER, HIDDEN));
         }
+        let (tol, how) = if int8 {
+            (1e-3, ", int8 tiles")
+        } else {
+            (1e-4, "")
+        };
         check(
-            &format!("grouped experts, {}", dtype.name()),
+            &format!("grouped experts, {}{how}", dtype.name()),
             &got,
             &want,
-            1e-4,
+            tol,
         );
     }
 }

@@ -833,3 +833,240 @@ __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids,
 
 MMVQ_KERNELS(q4_k, T_Q4_K)
 MMVQ_KERNELS(q6_k, T_Q6_K)
+
+// ---- Tiled products on int8 activations (prefill; an experiment beside
+// `gemm`, llama.cpp's mmq the model, written anew here).
+//
+// A 64-token x 64-row output tile per 256-thread block, as `gemm`, one
+// 256-column super-block per step. Shared memory holds the step's weights
+// unpacked to int8 with their scales per 32 columns (q4_k: d * sc and the
+// minimum dmin * m; q6_k: one scale per 16) and the activations as
+// `quantize_q8` rounded them, with their (d, d * sum) pairs. Each 32-column
+// group is one int8 tensor-core product (m16n8k32) per fragment, scaled
+// into f32: w . x = dw dx (qw . qx) - mw (dx sum qx). q6_k's two scales
+// per group take two products, each with the other half of the weights
+// zeroed. Where `gemm` widens every weight to f32 and multiplies in 3xTF32,
+// this moves a quarter of the bytes through shared memory and does the
+// products at the int8 rate.
+//
+// PTX fragments of m16n8k32 (s8): with gid = lane / 4 and tig = lane % 4,
+// a[0..4] hold A[gid][4 tig..], A[gid + 8][4 tig..], A[gid][16 + 4 tig..],
+// A[gid + 8][16 + 4 tig..] (four int8 each); b[0..2] B[4 tig..][gid] and
+// B[16 + 4 tig..][gid]; c[0..4] C[gid][2 tig], C[gid][2 tig + 1],
+// C[gid + 8][2 tig], C[gid + 8][2 tig + 1]. A is 16 tokens, B 8 rows.
+
+// Row pitch of the int8 tiles: 272 bytes = 68 words = 4 mod 32, so the
+// eight rows and four words a fragment load reads fall in 32 banks.
+#define MQ_PITCH 272
+
+struct MmqTiles {
+    i8 w[TILE][MQ_PITCH];
+    i8 x[TILE][MQ_PITCH];
+    // Per row: the weights' scale per 16 columns (q4_k repeats it per 32).
+    float wd[TILE][16];
+    float wm[TILE][8];
+    // Per token and 32-block: d and d * sum of the int8 values.
+    float xd[TILE][8];
+    float xs[TILE][8];
+};
+
+// Super-block sb of the tile's 64 rows into t.w/wd/wm, one (row, quarter)
+// per thread: q4_k's quarter c is the 32 bytes of nibbles shared by groups
+// 2c (low) and 2c + 1 (high); q6_k's is half n = c / 2, parity pp = c % 2:
+// groups 4n + pp (low nibbles) and 4n + pp + 2 (high), both from the same
+// 32 bytes of low bits and of high bit pairs.
+template <int T>
+__device__ __forceinline__ void mmq_fill_w(const u8* w, u64 row_bytes, int rows, int row0, int sb, MmqTiles& t) {
+    int r = threadIdx.x >> 2, c = threadIdx.x & 3;
+    bool in = row0 + r < rows;
+    const u8* wr = w + (size_t)(row0 + r) * row_bytes;
+    int ga, gb;
+    int lo[8], hi[8];
+    if (T == T_Q4_K) {
+        ga = 2 * c;
+        gb = ga + 1;
+        const u8* b = wr + (size_t)sb * 144;
+        float sc0 = 0.0f, m0 = 0.0f, sc1 = 0.0f, m1 = 0.0f, d = 0.0f, dmin = 0.0f;
+        if (in) {
+            d = ld_f16(b);
+            dmin = ld_f16(b + 2);
+            scale_min_k4(ga, b + 4, &sc0, &m0);
+            scale_min_k4(gb, b + 4, &sc1, &m1);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int q = in ? *(const int*)(b + 16 + 32 * c + 4 * i) : 0;
+            lo[i] = q & 0x0F0F0F0F;
+            hi[i] = (q >> 4) & 0x0F0F0F0F;
+        }
+        t.wd[r][2 * ga] = t.wd[r][2 * ga + 1] = d * sc0;
+        t.wd[r][2 * gb] = t.wd[r][2 * gb + 1] = d * sc1;
+        t.wm[r][ga] = dmin * m0;
+        t.wm[r][gb] = dmin * m1;
+    } else {
+        int n = c >> 1, pp = c & 1;
+        ga = 4 * n + pp;
+        gb = ga + 2;
+        const u8* b = wr + (size_t)sb * 210;
+        float d = in ? ld_f16(b + 208) : 0.0f;
+        const i8* sc = (const i8*)(b + 192) + 8 * n;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int ql = in ? ld_u32_2(b + 64 * n + 32 * pp + 4 * i) : 0;
+            int qh = in ? ld_u32_2(b + 128 + 32 * n + 4 * i) : 0;
+            int qa = (ql & 0x0F0F0F0F) | (((qh >> (2 * pp)) & 0x03030303) << 4);
+            int qb = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * pp + 4)) & 0x03030303) << 4);
+            // Out of range: 0 - 32 with a scale of 0.
+            lo[i] = (int)__vsub4((u32)qa, 0x20202020u);
+            hi[i] = (int)__vsub4((u32)qb, 0x20202020u);
+        }
+        // Group 4n + part's halves take scales 2 part and 2 part + 1.
+        t.wd[r][2 * ga] = in ? d * (float)sc[2 * pp] : 0.0f;
+        t.wd[r][2 * ga + 1] = in ? d * (float)sc[2 * pp + 1] : 0.0f;
+        t.wd[r][2 * gb] = in ? d * (float)sc[2 * pp + 4] : 0.0f;
+        t.wd[r][2 * gb + 1] = in ? d * (float)sc[2 * pp + 5] : 0.0f;
+        t.wm[r][ga] = t.wm[r][gb] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        *(int*)&t.w[r][32 * ga + 4 * i] = lo[i];
+        *(int*)&t.w[r][32 * gb + 4 * i] = hi[i];
+    }
+}
+
+// Super-block sb of the tile's 64 tokens' int8 activations (rows of cols)
+// and their pairs into t.x/xd/xs, zero past the last token.
+__device__ __forceinline__ void mmq_fill_x(const i8* xq, const float* xds, int cols, int t, int tok0, int sb,
+                                           MmqTiles& s) {
+    int tid = threadIdx.x, nblk = cols >> 5;
+#pragma unroll
+    for (int i = 0; i < (TILE * 64) / 256; i++) {
+        int idx = tid + 256 * i, tok = idx >> 6, word = idx & 63;
+        int v = 0;
+        if (tok0 + tok < t) v = ((const int*)(xq + (size_t)(tok0 + tok) * cols + (size_t)sb * 256))[word];
+        *(int*)&s.x[tok][4 * word] = v;
+    }
+#pragma unroll
+    for (int i = 0; i < (TILE * 8) / 256; i++) {
+        int idx = tid + 256 * i, tok = idx >> 3, g = idx & 7;
+        float d = 0.0f, ds = 0.0f;
+        if (tok0 + tok < t) {
+            const float* p = xds + 2 * ((size_t)(tok0 + tok) * nblk + (size_t)sb * 8 + g);
+            d = p[0];
+            ds = p[1];
+        }
+        s.xd[tok][g] = d;
+        s.xs[tok][g] = ds;
+    }
+}
+
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void mma_s8(int* c, const int* a, int b0, int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+// y[tok, row] = x[tok] . w[row] for t tokens of int8 activations (xq, xds
+// as `quantize_q8` wrote them) through q4_k or q6_k rows, cols a multiple of
+// 256. Block 256; grid (ceil(rows/64), ceil(t/64)). Ampere and newer only:
+// the caller keeps older GPUs on `gemm`.
+template <int T>
+__device__ void mmq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
+                    int t) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ __align__(16) MmqTiles s;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int gid = lane >> 2, tig = lane & 3;
+    int row0 = blockIdx.x * TILE, tok0 = blockIdx.y * TILE;
+    if (tok0 >= t) return;
+    // Each warp: 16 tokens from m0, 32 rows from n0 (four 8-row fragments).
+    int m0 = (warp >> 1) * 16, n0 = (warp & 1) * 32;
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) acc[j][r] = 0.0f;
+    for (int sb = 0; sb < (cols >> 8); sb++) {
+        mmq_fill_w<T>(w, row_bytes, rows, row0, sb, s);
+        mmq_fill_x(xq, xds, cols, t, tok0, sb, s);
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < 8; g++) {
+            const i8* xa = &s.x[m0 + gid][32 * g + 4 * tig];
+            int a[4] = {*(const int*)xa, *(const int*)(xa + 8 * MQ_PITCH), *(const int*)(xa + 16),
+                        *(const int*)(xa + 8 * MQ_PITCH + 16)};
+            // Tokens gid and gid + 8 of the warp's 16.
+            float dx[2] = {s.xd[m0 + gid][g], s.xd[m0 + gid + 8][g]};
+            float sx[2] = {s.xs[m0 + gid][g], s.xs[m0 + gid + 8][g]};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const i8* wb = &s.w[n0 + 8 * j + gid][32 * g + 4 * tig];
+                int b0 = *(const int*)wb, b1 = *(const int*)(wb + 16);
+                // Rows 2 tig and 2 tig + 1 of the fragment.
+                int rr = n0 + 8 * j + 2 * tig;
+                if (T == T_Q4_K) {
+                    int c[4] = {0, 0, 0, 0};
+                    mma_s8(c, a, b0, b1);
+#pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        int row = rr + (r & 1), tk = r >> 1;
+                        acc[j][r] += dx[tk] * s.wd[row][2 * g] * (float)c[r] - sx[tk] * s.wm[row][g];
+                    }
+                } else {
+                    int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+                    mma_s8(lo, a, b0, 0);
+                    mma_s8(hi, a, 0, b1);
+#pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        int row = rr + (r & 1), tk = r >> 1;
+                        acc[j][r] += dx[tk] * (s.wd[row][2 * g] * (float)lo[r] + s.wd[row][2 * g + 1] * (float)hi[r]);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int tok = tok0 + m0 + gid + 8 * (r >> 1);
+            int row = row0 + n0 + 8 * j + 2 * tig + (r & 1);
+            if (tok < t && row < rows) y[(size_t)tok * rows + row] = acc[j][r];
+        }
+    }
+#endif
+}
+
+// `gemm_id` on int8 activations: block z runs expert used[z] over its rows
+// start[e]..start[e + 1] of the rounded activations.
+template <int T>
+__device__ void mmq_id(const u64* experts, const u32* used, const u32* start, u64 row_bytes, const i8* xq,
+                       const float* xds, float* y, int rows, int cols) {
+    u32 e = used[blockIdx.z];
+    u32 s = start[e];
+    int n = (int)(start[e + 1] - s);
+    mmq<T>((const u8*)experts[e], row_bytes, xq + (size_t)s * cols, xds + 2 * (size_t)s * (cols >> 5),
+           y + (size_t)s * rows, rows, cols, n);
+}
+
+// Two blocks an SM (at most 128 registers a thread): the grouped kernel
+// took 142 and so one block, with nothing to hide a block's tile fills.
+#define MMQ_KERNELS(NAME, T)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                 \
+        mmq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows,       \
+                   int cols, int t) {                                                                    \
+        mmq<T>(w, row_bytes, xq, xds, y, rows, cols, t);                                                  \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                 \
+        mmq_id_##NAME(const u64* experts, const u32* used, const u32* start, u64 row_bytes,              \
+                      const i8* xq, const float* xds, float* y, int rows, int cols) {                    \
+        mmq_id<T>(experts, used, start, row_bytes, xq, xds, y, rows, cols);                               \
+    }
+
+MMQ_KERNELS(q4_k, T_Q4_K)
+MMQ_KERNELS(q6_k, T_Q6_K)

@@ -277,6 +277,10 @@ pub struct Gpu {
     /// copy to or from the host or wait is refused instead (in a graph it
     /// would not run when the caller thinks it does).
     capturing: std::sync::atomic::AtomicBool,
+    /// The tiled products of q4_k and q6_k rows on int8 activations
+    /// (`mmq`, an experiment: on with `SMOE_CUDA_MMQ=1` or
+    /// [`Gpu::set_int8_tiles`]) instead of widened weights in 3xTF32.
+    mmq: std::sync::atomic::AtomicBool,
     /// The tiled products' 3xTF32 (f32 accuracy); off, one TF32 product
     /// (`SMOE_CUDA_TF32=1` or [`Gpu::set_exact_gemm`], to measure both).
     exact_gemm: std::sync::atomic::AtomicBool,
@@ -356,6 +360,9 @@ impl Gpu {
                 .into(),
             q8_kw: 0.into(),
             graphs: Mutex::default(),
+            mmq: std::env::var_os("SMOE_CUDA_MMQ")
+                .is_some_and(|v| v == "1")
+                .into(),
             exact_gemm: std::env::var_os("SMOE_CUDA_TF32")
                 .is_none_or(|v| v != "1")
                 .into(),
@@ -861,6 +868,9 @@ impl Gpu {
         if self.int8_activations() && takes_q8(w, t) {
             return self.matmul_q8(x, t, w, y);
         }
+        if t > MATVEC_MAX_TOKENS && self.int8_tiles() && q8_rows(w.dtype, w.cols) {
+            return self.mmq(x, t, w, y);
+        }
         let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
         let per_warp = LaunchConfig {
@@ -873,16 +883,7 @@ impl Gpu {
         } else if t <= MATVEC_MAX_TOKENS {
             ("matvec", per_warp)
         } else {
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    w.rows.div_ceil(TILE as usize) as u32,
-                    t.div_ceil(TILE as usize) as u32,
-                    1,
-                ),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            ("gemm", cfg)
+            ("gemm", Self::tiles(w.rows, t, 1)?)
         };
         let tiled = name == "gemm";
         let name = format!("{name}_{}", kernel_dtype(w.dtype)?);
@@ -940,6 +941,53 @@ impl Gpu {
 
     fn exact_gemm(&self) -> i32 {
         self.exact_gemm.load(std::sync::atomic::Ordering::Relaxed) as i32
+    }
+
+    /// Turns the int8 tiled products (`mmq`) on or off for what is queued
+    /// from now on.
+    pub fn set_int8_tiles(&self, on: bool) {
+        self.mmq.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether prefill's tiled products of q4_k and q6_k rows (and their
+    /// grouped experts) round the activations to int8 and multiply on the
+    /// int8 tensor cores (Ampere and newer).
+    pub fn int8_tiles(&self) -> bool {
+        self.mmq.load(std::sync::atomic::Ordering::Relaxed)
+            && self.info.compute_capability >= (8, 0)
+    }
+
+    /// The tiled kernel's grid for `rows` rows of `tokens` tokens, over
+    /// `experts` experts (1 for one matrix).
+    fn tiles(rows: usize, tokens: usize, experts: usize) -> Result<LaunchConfig> {
+        Ok(LaunchConfig {
+            grid_dim: (
+                int(rows.div_ceil(TILE as usize))? as u32,
+                int(tokens.div_ceil(TILE as usize))? as u32,
+                int(experts)? as u32,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    /// [`Gpu::matmul`] of many tokens through q4_k or q6_k rows on int8
+    /// activations: rounded per 32-block as for the matrix-vector kernels,
+    /// multiplied in int8 on the tensor cores, 64 x 64 tiles as `gemm`.
+    fn mmq(
+        &self,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        w: &GpuMatrix,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
+        let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let q8 = self.quantize_q8(x, t * w.cols)?;
+        let (xq, xds) = q8.as_ref().expect("quantized above");
+        let name = format!("mmq_{}", kernel_dtype(w.dtype)?);
+        let cfg = Self::tiles(w.rows, t, 1)?;
+        launch!(self, &name, cfg, &w.data, &row_bytes, xq, xds, y, &rows, &cols, &tokens)
     }
 
     /// Turns the int8-activation kernels on or off for what is queued
@@ -1781,16 +1829,16 @@ impl Gpu {
         }
         let (rows, cols) = (int(w.rows)?, int(w.cols)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let cfg = Self::tiles(w.rows, most, used.len())?;
+        if self.int8_tiles() && q8_rows(w.dtype, w.cols) {
+            let q8 = self.quantize_q8(x, pairs * w.cols)?;
+            let (xq, xds) = q8.as_ref().expect("quantized above");
+            let name = format!("mmq_id_{}", kernel_dtype(w.dtype)?);
+            return launch!(
+                self, &name, cfg, &w.ptrs, used, start, &row_bytes, xq, xds, y, &rows, &cols
+            );
+        }
         let name = format!("gemm_id_{}", kernel_dtype(w.dtype)?);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                w.rows.div_ceil(TILE as usize) as u32,
-                int(most.div_ceil(TILE as usize))? as u32,
-                int(used.len())? as u32,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let exact = self.exact_gemm();
         launch!(self, &name, cfg, &w.ptrs, used, start, &row_bytes, x, y, &rows, &cols, &exact)
     }
