@@ -147,7 +147,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             "cache_slots": cache.capacity(),
             // What `smoe plan --hit-curve` reads the hit rate against.
             "expert_fraction": fraction,
-            "prefetch": cache.read_ahead(),
+            "prefetch": cache.read_ahead().name(),
             "cache_policy": cache.policy().name(),
             "prefill_chunk": engine.prefill_chunk(),
             "prefill_hit_rate": med(&|r| r.prefill.hit_rate()),
@@ -199,11 +199,11 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         let g = |k: &str| st[k].as_f64().unwrap_or(0.0);
         writeln!(
             out,
-            "cache {} in {} slots, policy {}, prefetch {} | prefill: hit {:.1}%, {} read",
+            "cache {} in {} slots, policy {}, read-ahead {} | prefill: hit {:.1}%, {} read",
             human_bytes(g("ram_budget_bytes") as u64),
             st["cache_slots"],
             st["cache_policy"].as_str().unwrap_or(""),
-            if st["prefetch"] == true { "on" } else { "off" },
+            st["prefetch"].as_str().unwrap_or(""),
             100.0 * g("prefill_hit_rate"),
             human_bytes(g("prefill_bytes_read") as u64)
         )?;

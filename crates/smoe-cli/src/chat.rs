@@ -655,12 +655,12 @@ impl Chat<'_> {
         if let Some(c) = self.engine.cache() {
             let all = c.stats().snapshot();
             out += &format!(
-                "expert cache  {} slots of {} ({}), direct I/O {}, {} prefetch, {} eviction\n",
+                "expert cache  {} slots of {} ({}), direct I/O {}, read-ahead {}, {} eviction\n",
                 c.capacity(),
                 human_bytes(c.slot_bytes() as u64),
                 human_bytes((c.capacity() * c.slot_bytes()) as u64),
                 if c.direct_io() { "on" } else { "off" },
-                if c.read_ahead() { "with" } else { "no" },
+                c.read_ahead().name(),
                 c.policy().name()
             );
             for (label, st) in [

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use smoe::check::Code;
 use smoe::compute::Device;
 use smoe::engine::{Engine, Prompt, TextStream};
-use smoe::experts::Policy;
+use smoe::experts::{Policy, ReadAhead};
 use smoe::model::{human_bytes, parse_bytes, Budget, LoadOptions, Logits, MemoryPlan};
 use smoe::sampler::SamplingParams;
 use smoe::template::{ChatTemplate, SpecialTokens};
@@ -88,9 +88,12 @@ struct ModelArgs {
     /// Context length to plan the KV cache for.
     #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     ctx: usize,
-    /// Read the next layer's predicted experts ahead: on or off (off by
-    /// default: see the README's read-ahead measurements).
-    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    /// Read the next layer's predicted experts ahead while a layer
+    /// computes: off (the default: see the README's read-ahead
+    /// measurements), prompts (while a prompt is processed: a shorter time
+    /// to first token, a lower hit rate after it) or on (also while
+    /// decoding).
+    #[arg(long, default_value = "off", value_parser = ["off", "prompts", "on"])]
     prefetch: String,
     /// Expert cache eviction: lfu (frequency with decay) or lru.
     #[arg(long, default_value = "lfu", value_parser = ["lru", "lfu"])]
@@ -387,7 +390,7 @@ fn load_options(m: &ModelArgs) -> LoadOptions {
         ram_budget: m.ram_budget,
         verify_experts: m.verify_experts,
         ctx: m.ctx,
-        prefetch: m.prefetch == "on",
+        prefetch: ReadAhead::parse(&m.prefetch).unwrap_or(LoadOptions::default().prefetch),
         policy: Policy::parse(&m.cache_policy).unwrap_or(LoadOptions::default().policy),
         prefill_chunk: m.prefill_chunk as usize,
         parallel: m.parallel,

@@ -113,7 +113,7 @@ fn prefetch_and_policy_never_change_the_output() {
     // From the least cache (one token's top-4 of one layer) to all 256
     // records.
     for budget in [len * 4, len * 10, len * 64, len * n] {
-        for prefetch in ["on", "off"] {
+        for prefetch in ["on", "prompts", "off"] {
             for policy in ["lru", "lfu"] {
                 let b = budget.to_string();
                 let extra = [
@@ -133,7 +133,7 @@ fn prefetch_and_policy_never_change_the_output() {
                     got["text"]
                 );
                 let st = &got["stats"];
-                assert_eq!(st["prefetch"], prefetch == "on");
+                assert_eq!(st["prefetch"], prefetch);
                 assert_eq!(st["cache_policy"], policy);
                 let recall = st["recall"].as_f64().unwrap();
                 assert!((0.0..=1.0).contains(&recall), "recall {recall}");
@@ -196,6 +196,47 @@ fn prediction_is_scored_and_prefetch_reads_ahead() {
             "{prompt}: recall {recall}, precision {precision}: {st}"
         );
     }
+}
+
+/// `--prefetch prompts` reads ahead while the prompt is
+/// processed and never while decoding: a 32-token reply adds no
+/// read-ahead to the prompt's, where `on` adds some.
+#[test]
+fn prompts_read_ahead_only_while_the_prompt_is_processed() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = builtin_vault(dir.path());
+    let (len, n) = record(&v);
+    let budget = (len * n).to_string();
+    let ids = join(&prompt_ids(&v, COUNT));
+    let prefetches = |mode: &str, tokens: &str| {
+        let got = run(
+            &v,
+            &ids,
+            &[
+                "--max-tokens",
+                tokens,
+                "--ram-budget",
+                &budget,
+                "--prefetch",
+                mode,
+            ],
+        );
+        assert_eq!(got["stats"]["prefetch"], mode);
+        got["stats"]["prefetches"].as_u64().unwrap()
+    };
+    // --max-tokens 1: the prompt's forward pass and nothing else.
+    let prompt = prefetches("prompts", "1");
+    assert!(prompt > 0, "the prompt read nothing ahead");
+    assert_eq!(prefetches("prompts", "32"), prompt, "decoding read ahead");
+    assert_eq!(prefetches("on", "1"), prompt);
+    assert!(
+        prefetches("on", "32") > prompt,
+        "on: decoding read nothing ahead"
+    );
+    // The default reads nothing ahead.
+    let got = run(&v, &ids, &["--max-tokens", "1", "--ram-budget", &budget]);
+    assert_eq!(got["stats"]["prefetch"], "off");
+    assert_eq!(got["stats"]["prefetches"], 0);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::checkpoint::Checkpoint;
 use crate::compute::{Device, Placement};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::experts::{ExpertCache, Policy, LFU_HALF_LIFE};
+use crate::experts::{ExpertCache, Policy, ReadAhead, LFU_HALF_LIFE};
 use crate::gguf::{self, Gguf, GgufWeights};
 use crate::memory::{available_memory, Budget, Footprint, MemoryPlan};
 use crate::model::blocks::Embedding;
@@ -28,8 +28,9 @@ pub struct LoadOptions {
     /// Sequences decoding at once (`smoe serve --parallel`), each with a
     /// KV cache of its own.
     pub parallel: usize,
-    /// Read the next layer's predicted experts while this one computes.
-    pub prefetch: bool,
+    /// When the next layer's predicted experts are read while this one
+    /// computes.
+    pub prefetch: ReadAhead,
     pub policy: Policy,
     /// Prompt tokens per batched forward pass. Each chunk reads every
     /// expert it routes to at most once per layer.
@@ -52,8 +53,8 @@ impl Default for LoadOptions {
             parallel: 1,
             // Measured on the 8-layer synthetic Qwen3-30B-A3B (README,
             // bench/readahead.sh): LFU beat LRU at 25% and 10% budgets, and
-            // read-ahead at 67% recall cost as much bandwidth as it saved.
-            prefetch: false,
+            // read-ahead cost decoding more than it saved (see `ReadAhead`).
+            prefetch: ReadAhead::Off,
             policy: Policy::Lfu {
                 half_life: LFU_HALF_LIFE,
             },

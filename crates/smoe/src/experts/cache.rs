@@ -61,6 +61,56 @@ impl Policy {
     }
 }
 
+/// When the next layer's predicted experts are read ahead.
+///
+/// A prompt chunk computes each layer for a long while after its reads
+/// (hundreds of milliseconds for 512 tokens) with the disk idle, so
+/// reading the next layer's guesses then delays no demand read: on the
+/// 8-layer bench vault at a quarter of the experts `Prompts` took time to
+/// first token from 2.5 to 1.8 s. But the guesses take slots that LFU
+/// would have kept for decoding (decode after it 0-12% slower at 25-50%),
+/// and while decoding a wrong guess also takes bandwidth from the misses a
+/// layer waits for (`On`: decode 8-18% slower at 74% recall). So the
+/// default is `Off`; `Prompts` is for long prompts and short answers
+/// (README, "Read-ahead, cache policy and grouped prefill").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadAhead {
+    Off,
+    /// While a prompt is processed, not while decoding.
+    Prompts,
+    /// Always.
+    On,
+}
+
+impl ReadAhead {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "off" => Some(ReadAhead::Off),
+            "prompts" => Some(ReadAhead::Prompts),
+            "on" => Some(ReadAhead::On),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadAhead::Off => "off",
+            ReadAhead::Prompts => "prompts",
+            ReadAhead::On => "on",
+        }
+    }
+
+    /// Whether a forward pass reads ahead; `prompt` when it processes
+    /// prompt tokens.
+    fn reads(self, prompt: bool) -> bool {
+        match self {
+            ReadAhead::Off => false,
+            ReadAhead::Prompts => prompt,
+            ReadAhead::On => true,
+        }
+    }
+}
+
 /// One part (gate, up or down) of a layer's experts: its type and shape,
 /// where its region starts in a slot, and its bytes.
 #[derive(Debug, Clone, Copy)]
@@ -200,7 +250,7 @@ struct Inner {
 pub struct ExpertCache {
     inner: Arc<Inner>,
     reader: ReaderPool,
-    read_ahead: bool,
+    read_ahead: ReadAhead,
 }
 
 /// Experts of one layer made resident and pinned; unpinned on drop.
@@ -221,7 +271,7 @@ impl ExpertCache {
         read_threads: usize,
         verify: bool,
         policy: Policy,
-        read_ahead: bool,
+        read_ahead: ReadAhead,
     ) -> Result<Self> {
         let path = vault.experts_path();
         let file = Arc::new(DirectFile::open(&path)?);
@@ -250,7 +300,7 @@ impl ExpertCache {
         slots: usize,
         read_threads: usize,
         policy: Policy,
-        read_ahead: bool,
+        read_ahead: ReadAhead,
     ) -> Result<Self> {
         let files = g
             .shards()
@@ -279,7 +329,7 @@ impl ExpertCache {
         read_threads: usize,
         verify: bool,
         policy: Policy,
-        read_ahead: bool,
+        read_ahead: ReadAhead,
     ) -> Result<Self> {
         let slot_len = layers.values().map(|l| l.record_len).max().unwrap_or(0);
         if slots == 0 || slot_len == 0 {
@@ -319,8 +369,8 @@ impl ExpertCache {
         })
     }
 
-    /// Whether predictions are read ahead or only scored.
-    pub fn read_ahead(&self) -> bool {
+    /// When predictions are read ahead (else only scored).
+    pub fn read_ahead(&self) -> ReadAhead {
         self.read_ahead
     }
 
@@ -358,11 +408,12 @@ impl ExpertCache {
     }
 
     /// Records the predicted `experts` of `layer` (most likely first) for
-    /// recall and precision and, with read-ahead on, reads the missing ones into
+    /// recall and precision and, where [`ReadAhead`] says so for this pass
+    /// (`prompt`: it processes prompt tokens), reads the missing ones into
     /// free slots at low priority and protects them until `layer` runs.
     /// Never waits, never evicts a pinned or protected slot, and drops the
     /// tail of the list when no slot is free.
-    pub fn prefetch(&self, layer: usize, experts: &[u32]) {
+    pub fn prefetch(&self, layer: usize, experts: &[u32], prompt: bool) {
         let Some(lay) = self.inner.layers.get(&layer) else {
             return;
         };
@@ -371,7 +422,7 @@ impl ExpertCache {
         let pred = st.predicted.entry(layer).or_default();
         pred.clear();
         pred.extend_from_slice(experts);
-        if !self.read_ahead {
+        if !self.read_ahead.reads(prompt) {
             return;
         }
         let mut jobs = std::mem::take(&mut st.spare_jobs);
@@ -512,6 +563,7 @@ impl ExpertCache {
                     .unwrap_or_else(|e| e.into_inner());
             };
             self.inner.assign(&mut st, victim, (layer, e));
+            self.inner.touch(&mut st, victim);
             st.slots[victim].pins += 1;
             slots.push((e, victim));
             jobs.push(self.job(layer, lay, e, victim, Priority::Demand));
@@ -610,6 +662,9 @@ impl Inner {
             })
     }
 
+    /// Gives `slot` to `key`, not yet used: a guess read ahead counts as a
+    /// use only when its layer asks for it (else every read-ahead expert
+    /// counted twice, and LFU kept guesses over the experts decoding uses).
     fn assign(&self, st: &mut State, slot: usize, key: (usize, u32)) {
         if let Some(old) = st.slots[slot].key.take() {
             st.map.remove(&old);
@@ -628,7 +683,6 @@ impl Inner {
             last_used: 0,
             freq: 0.0,
         };
-        self.touch(st, slot);
     }
 
     fn touch(&self, st: &mut State, slot: usize) {

@@ -6,7 +6,7 @@ pub mod io;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use cache::{ExpertCache, Pinned, Policy, LFU_HALF_LIFE};
+pub use cache::{ExpertCache, Pinned, Policy, ReadAhead, LFU_HALF_LIFE};
 
 /// Honest counters: every routed expert a layer asks for is a hit (already
 /// resident), a prefetch hit (brought in by a prediction) or a miss (read

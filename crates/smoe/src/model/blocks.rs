@@ -570,7 +570,7 @@ impl Moe {
                 for group in used.chunks(cache.capacity()) {
                     let mut pinned = cache.request(*layer, group)?;
                     if let Some(n) = next.take() {
-                        cache.prefetch(n.layer, n.experts);
+                        cache.prefetch(n.layer, n.experts, n.prompt);
                     }
                     pinned.wait()?;
                     be.experts(pinned.len(), &|i| pinned.get(i), &m.start, xs, ys);
@@ -650,6 +650,8 @@ impl Moe {
 pub struct NextLayer<'a> {
     pub layer: usize,
     pub experts: &'a [u32],
+    /// The pass processes prompt tokens (for [`crate::experts::ReadAhead`]).
+    pub prompt: bool,
 }
 
 /// Buffers for predicting a later layer's experts.

@@ -259,6 +259,8 @@ impl Decoder {
             ));
         }
 
+        // A sequence of more than one row is a prompt (decoding gives one).
+        let prompt = seqs.iter().any(|q| q.len > 1);
         let x = sized(&mut s.x, t * h);
         be.embed(&self.embed, ids, x)?;
         s.cos.clear();
@@ -299,6 +301,7 @@ impl Decoder {
                             Some(NextLayer {
                                 layer: i + 1,
                                 experts: &pred.experts,
+                                prompt,
                             })
                         }
                         _ => None,

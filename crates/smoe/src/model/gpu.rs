@@ -461,6 +461,8 @@ struct Bufs {
     logits: Buf<f32>,
     host: Host,
     paths: ExpertPaths,
+    /// This pass processes prompt tokens (for [`crate::experts::ReadAhead`]).
+    prompt: bool,
 }
 
 /// Host buffers: the embedding rows and RoPE tables before upload,
@@ -606,6 +608,8 @@ impl GpuDecoder {
         if seqs.iter().any(|s| !s.kv.is_on_device()) {
             return Err(no_device_kv());
         }
+        // A sequence of more than one row is a prompt (decoding gives one).
+        b.prompt = seqs.iter().any(|s| s.len > 1);
 
         // The embedding rows are read on the host (the table may be on
         // disk) and uploaded: `t * hidden` floats.
@@ -1134,7 +1138,7 @@ impl GpuDecoder {
         for group in used.chunks(cache.capacity()) {
             let mut pinned = cache.request(cache_layer, group)?;
             if predict {
-                cache.prefetch(layer + 1, &b.host.predicted);
+                cache.prefetch(layer + 1, &b.host.predicted, b.prompt);
                 predict = false;
             }
             pinned.wait()?;
