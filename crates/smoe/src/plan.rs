@@ -41,11 +41,15 @@
 //! token is then the layers (a dense layer in proportion to its bytes) and
 //! the LM head at the measured DRAM rate, plus, per sparse layer, the wait
 //! for its misses: they are read at once, and the disk probe timed batches
-//! of 1-16 records of the model's size, so the wait is the expected batch
-//! time over how many of the `k` experts miss (binomial in `1 - h`). A
+//! of 1-16 records of the model's size, so the reads take the expected batch
+//! time over how many of the `k` experts miss (binomial in `1 - h`), and
+//! the layer waits for what of that outlasts computing its hits (the
+//! engine runs the cached experts while the misses arrive; the experts'
+//! share of a layer's compute is their share of the bytes it streams). A
 //! prompt is the layers' prefill time, a new session's buffers once (all
-//! layers share them), plus, per sparse layer, reading the experts it
-//! touches that the cache lacks, 16 at a time, before computing.
+//! layers share them), plus, per sparse layer, the wait for reading the
+//! experts it touches that the cache lacks, 16 at a time, less computing
+//! the ones it has.
 //! For a machine given by figures instead, a layer is its bytes over the
 //! memory bandwidth plus its parallel loops' hand-offs, a prompt two flops
 //! per active weight per token plus attention at the given GFLOP/s, reads
@@ -519,12 +523,14 @@ impl Machine {
     }
 
     /// Expected seconds a layer waits for its misses when each of its `k`
-    /// experts misses with probability `p`, all misses read at once.
-    fn misses_s(&self, k: usize, p: f64, len: u64) -> f64 {
+    /// experts misses with probability `p`, all misses read at once while
+    /// its hits compute, `hit_s` each (0 where nothing overlaps the reads).
+    fn misses_s(&self, k: usize, p: f64, len: u64, hit_s: f64) -> f64 {
         let mut prob = (1.0 - p).powi(k as i32);
         let mut sum = 0.0;
         for n in 0..=k {
-            sum += prob * self.read_s(n as f64, len);
+            let wait = self.read_s(n as f64, len) - (k - n) as f64 * hit_s;
+            sum += prob * wait.max(0.0);
             // Binomial(k, p): P(n + 1) from P(n).
             if p < 1.0 {
                 prob *= (k - n) as f64 / (n + 1) as f64 * p / (1.0 - p);
@@ -703,13 +709,14 @@ fn loops(c: &ModelConfig, i: usize) -> f64 {
 ///
 /// Decode: each layer streams its backbone, its top-k experts and its KV
 /// from RAM (the engine's measured layer, else bytes over bandwidth plus
-/// the loops' hand-offs), then, without read-ahead, first waits for the
-/// experts it misses, read at once (the measured batch times at that
-/// count, averaged over how many of its k miss); the LM head is streamed
-/// once. Prefill of a 512-token chunk: each layer's measured time and a
-/// new session's once (else two flops per active weight per token and
-/// attention at the given GFLOP/s), and each sparse layer reads the experts the prompt routes to
-/// that the cache does not hold, 16 at a time, before it computes.
+/// the loops' hand-offs) and, without read-ahead, waits for the experts it
+/// misses, read at once (the measured batch times at that count, averaged
+/// over how many of its k miss), less the compute of its hits, which runs
+/// meanwhile; the LM head is streamed once. Prefill of a 512-token chunk:
+/// each layer's measured time and a new session's once (else two flops per
+/// active weight per token and attention at the given GFLOP/s), and each
+/// sparse layer waits for reading the experts the prompt routes to that
+/// the cache does not hold, 16 at a time, less computing those it holds.
 pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve) -> Forecast {
     let c = &sizes.config;
     let eff = m.efficiency();
@@ -781,9 +788,30 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
             )
         }
     };
+    // A sparse layer's routed experts' share of its compute (by the bytes
+    // a token streams there), and its compute: the engine runs the experts
+    // it finds cached while its misses are read, so a layer waits only for
+    // the reads that outlast them.
+    let expert_share = (k as u64 * record) as f64 / sparse_bytes.max(1.0);
+    let (sparse_dec_s, sparse_pre_s) = match m.layer {
+        Some(l) => (l.decode_s, l.prefill_s),
+        None => {
+            let total: f64 = (0..layers)
+                .map(|i| token_bytes(i) as f64 / sparse_bytes.max(1.0))
+                .sum();
+            (
+                layers_dec.expected / total.max(1.0),
+                layers_pre.expected / total.max(1.0),
+            )
+        }
+    };
+    let waits =
+        |reads: f64, hits: f64, compute: f64| reads - reads.min(hits * expert_share * compute);
     let decode_compute = sum(layers_dec, head);
+    // One token's hit: a k-th of its layer's experts.
+    let hit_s = expert_share * sparse_dec_s / k.max(1) as f64;
     let decode_read = time(
-        sizes.moe_layers as f64 * m.misses_s(k, 1.0 - hit, record),
+        sizes.moe_layers as f64 * m.misses_s(k, 1.0 - hit, record, hit_s),
         eff.disk,
     );
     let decode = sum(decode_compute, decode_read);
@@ -816,7 +844,11 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
     };
     let cold_reads = time(ls * m.read_s(touched, record), eff.disk);
     let warm_reads = time(
-        ls * m.read_s(touched * (1.0 - prefill_hit), record),
+        ls * waits(
+            m.read_s(touched * (1.0 - prefill_hit), record),
+            prefill_hit,
+            sparse_pre_s,
+        ),
         eff.disk,
     );
     let prefill_compute = sum(layers_pre, head);
@@ -1194,10 +1226,14 @@ mod tests {
         assert!((m.read_s(3.0, 1) - 0.014).abs() < 1e-12);
         // Past 16 at once, 16 stay in flight.
         assert!((m.read_s(32.0, 1) - 0.080).abs() < 1e-12);
-        assert_eq!(m.misses_s(8, 0.0, 1), 0.0);
-        assert!((m.misses_s(8, 1.0, 1) - 0.024).abs() < 1e-12);
+        assert_eq!(m.misses_s(8, 0.0, 1, 0.0), 0.0);
+        assert!((m.misses_s(8, 1.0, 1, 0.0) - 0.024).abs() < 1e-12);
         // Each of two misses with p = 1/2: one read half the time, two a quarter.
-        assert!((m.misses_s(2, 0.5, 1) - (0.5 * 0.010 + 0.25 * 0.012)).abs() < 1e-12);
+        assert!((m.misses_s(2, 0.5, 1, 0.0) - (0.5 * 0.010 + 0.25 * 0.012)).abs() < 1e-12);
+        // The other expert computing for 4 ms hides as much of one read,
+        assert!((m.misses_s(2, 0.5, 1, 0.004) - (0.5 * 0.006 + 0.25 * 0.012)).abs() < 1e-12);
+        // and for longer than the read all of it.
+        assert!((m.misses_s(2, 0.5, 1, 0.020) - 0.25 * 0.012).abs() < 1e-12);
         // A given machine reads at its GB/s.
         assert!((laptop(5.0).read_s(2.0, 3_000_000) - 0.001).abs() < 1e-12);
     }

@@ -798,6 +798,20 @@ impl Pinned<'_> {
         self.slots.len()
     }
 
+    /// Reorders the pinned experts so that those already resident (hits,
+    /// and reads that have landed) come first, and returns how many they
+    /// are: the caller can compute them while the others arrive. Without
+    /// waiting; `get(i)` for `i` below the count is safe before [`wait`].
+    ///
+    /// [`wait`]: Self::wait
+    pub(crate) fn resident_first(&mut self) -> usize {
+        let st = self.cache.inner.lock();
+        let ready = |s: usize| st.slots[s].fill == Fill::Ready;
+        // Stable, so each part keeps the order asked.
+        self.slots.sort_by_key(|&(_, s)| !ready(s));
+        self.slots.iter().take_while(|&&(_, s)| ready(s)).count()
+    }
+
     /// The `i`-th expert asked for: (expert id, [gate, up, down]).
     ///
     /// # Panics

@@ -572,8 +572,22 @@ impl Moe {
                     if let Some(n) = next.take() {
                         cache.prefetch(n.layer, n.experts, n.prompt);
                     }
+                    // The resident experts run while the misses arrive;
+                    // each expert writes its own rows, so the order does
+                    // not change a result.
+                    let ready = pinned.resident_first();
+                    let early = if ready < pinned.len() { ready } else { 0 };
+                    if early > 0 {
+                        be.experts(early, &|i| pinned.get(i), &m.start, xs, ys);
+                    }
                     pinned.wait()?;
-                    be.experts(pinned.len(), &|i| pinned.get(i), &m.start, xs, ys);
+                    be.experts(
+                        pinned.len() - early,
+                        &|i| pinned.get(early + i),
+                        &m.start,
+                        xs,
+                        ys,
+                    );
                 }
             }
         }

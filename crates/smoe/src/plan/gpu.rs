@@ -174,7 +174,10 @@ pub fn forecast(
         (streamed as u64 * per_layer) as f64 / (stream_gbps * 1e9),
         eff.mem,
     );
-    let decode_read = time(streamed as f64 * m.misses_s(k, 1.0 - hit, record), eff.disk);
+    let decode_read = time(
+        streamed as f64 * m.misses_s(k, 1.0 - hit, record, 0.0),
+        eff.disk,
+    );
     let decode = super::sum(super::sum(decode_gpu, decode_stream), decode_read);
     let decode_limit = limit([
         (decode_gpu, "the GPU (kernel launches at these sizes)"),
