@@ -751,14 +751,16 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
         / n_sparse as f64;
     let head = time(sizes.lm_head_bytes as f64 / (m.mem_gbps * 1e9), eff.mem);
 
+    // The layers as so many sparse layers: a dense one in proportion to
+    // its bytes.
+    let scale: f64 = (0..layers)
+        .map(|i| token_bytes(i) as f64 / sparse_bytes.max(1.0))
+        .sum();
     // Seconds of the layers for a token and for a prompt, and of the
     // hand-offs among the former (given machines only).
     let (layers_dec, layers_pre, handoffs) = match m.layer {
-        // The measured layer; a dense layer in proportion to its bytes.
+        // The measured layer, `scale` times.
         Some(l) => {
-            let scale: f64 = (0..layers)
-                .map(|i| token_bytes(i) as f64 / sparse_bytes.max(1.0))
-                .sum();
             (
                 time(scale * l.decode_s, eff.compute),
                 // A prompt's new session once, its layers each.
@@ -795,15 +797,10 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
     let expert_share = (k as u64 * record) as f64 / sparse_bytes.max(1.0);
     let (sparse_dec_s, sparse_pre_s) = match m.layer {
         Some(l) => (l.decode_s, l.prefill_s),
-        None => {
-            let total: f64 = (0..layers)
-                .map(|i| token_bytes(i) as f64 / sparse_bytes.max(1.0))
-                .sum();
-            (
-                layers_dec.expected / total.max(1.0),
-                layers_pre.expected / total.max(1.0),
-            )
-        }
+        None => (
+            layers_dec.expected / scale.max(1.0),
+            layers_pre.expected / scale.max(1.0),
+        ),
     };
     let waits =
         |reads: f64, hits: f64, compute: f64| reads - reads.min(hits * expert_share * compute);

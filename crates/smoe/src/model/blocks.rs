@@ -576,18 +576,14 @@ impl Moe {
                     // each expert writes its own rows, so the order does
                     // not change a result.
                     let ready = pinned.resident_first();
-                    let early = if ready < pinned.len() { ready } else { 0 };
-                    if early > 0 {
-                        be.experts(early, &|i| pinned.get(i), &m.start, xs, ys);
+                    if ready > 0 {
+                        be.experts(ready, &|i| pinned.get(i), &m.start, xs, ys);
                     }
                     pinned.wait()?;
-                    be.experts(
-                        pinned.len() - early,
-                        &|i| pinned.get(early + i),
-                        &m.start,
-                        xs,
-                        ys,
-                    );
+                    if ready < pinned.len() {
+                        let rest = pinned.len() - ready;
+                        be.experts(rest, &|i| pinned.get(ready + i), &m.start, xs, ys);
+                    }
                 }
             }
         }
