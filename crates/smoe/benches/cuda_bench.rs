@@ -180,6 +180,11 @@ fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {
         .expect("upload");
     let x = gpu.upload(&values(t * cols, 4)).expect("upload");
     let mut y = gpu.zeros::<f32>(t * rows).expect("alloc");
+    // The widened weights first (the path of f32/bf16 rows, and of q4_k
+    // before Ampere), then one TF32 product, then the int8 tiles (q4_k's
+    // default on Ampere and newer, the activations' rounding included).
+    let int8 = gpu.int8_tiles();
+    gpu.set_int8_tiles(false);
     let ms = time(gpu, |_| {
         gpu.matmul(&x.as_view(), t, &w, &mut y.as_view_mut())
             .expect("matmul")
@@ -193,8 +198,6 @@ fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {
         )
     };
     line(ms, "3xTF32");
-    // The experiments: one TF32 product (a third of the tensor work), and
-    // int8 activations on the int8 tensor cores (the rounding included).
     gpu.set_exact_gemm(false);
     let ms = time(gpu, |_| {
         gpu.matmul(&x.as_view(), t, &w, &mut y.as_view_mut())
@@ -210,7 +213,7 @@ fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {
         });
         line(ms, "int8 mmq");
     }
-    gpu.set_int8_tiles(false);
+    gpu.set_int8_tiles(int8);
 }
 
 fn attention(gpu: &Gpu, pos0: usize, t: usize) {

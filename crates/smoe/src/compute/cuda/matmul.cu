@@ -600,8 +600,8 @@ RAGGED_KERNEL(f32, T_F32)
 RAGGED_KERNEL(f16, T_F16)
 RAGGED_KERNEL(bf16, T_BF16)
 
-// ---- Matrix-vector products on int8 activations (an experiment beside
-// `matvec`; llama.cpp's mmvq is the model, written anew here).
+// ---- Matrix-vector products on int8 activations (decode's default,
+// `matvec` the fallback; llama.cpp's mmvq is the model, written anew here).
 //
 // The activations are rounded once per call to 8 bits per 32-block
 // (`quantize_q8`: 32 int8 and the pair (scale d, d * their sum)), as the
@@ -834,8 +834,9 @@ __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids,
 MMVQ_KERNELS(q4_k, T_Q4_K)
 MMVQ_KERNELS(q6_k, T_Q6_K)
 
-// ---- Tiled products on int8 activations (prefill; an experiment beside
-// `gemm`, llama.cpp's mmq the model, written anew here).
+// ---- Tiled products on int8 activations (prefill's default for q4_k and
+// q6_k rows on sm_80 and newer, `gemm` the fallback; llama.cpp's mmq the
+// model, written anew here).
 //
 // A 64-token x 64-row output tile per 256-thread block, as `gemm`, one
 // 256-column super-block per step. Shared memory holds the step's weights
