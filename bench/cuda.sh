@@ -164,7 +164,8 @@ print('device:', r['device'])
 g = r.get('gpu_experts')
 if g:
     print(f\"GPU tiers over all runs: VRAM hits {g['vram_hits']:,}, experts copied {g['copied']:,} \"
-          f\"({g['pcie_bytes'] / 1e9:.1f} GB over PCIe), run on the CPU {g['cpu_runs']:,}\")"
+          f\"({g['pcie_bytes'] / 1e9:.1f} GB over PCIe), run on the CPU {g['cpu_runs']:,}, \"
+          f\"steps run as one CUDA graph {g.get('graph_steps', 0):,}\")"
 }
 
 median() { python3 -c "import statistics, sys; print(statistics.median(float(v) for v in sys.argv[1:]))" "$@"; }

@@ -1,6 +1,7 @@
 //! CUDA kernel timings: the decode matrix-vector product on a
-//! Qwen3-30B-A3B q4_k expert (gate/up `[768, 2048]`, down `[2048, 768]`)
-//! and on a q6_k LM head `[151936, 2048]` (bf16 beside it as the
+//! Qwen3-30B-A3B q4_k expert (gate/up `[768, 2048]`, down `[2048, 768]`),
+//! alone and 8 of 128 by id as a decode step runs them, and on a q6_k LM
+//! head `[151936, 2048]` (bf16 beside it as the
 //! unquantized baseline), as weight GB/s; the tiled product on a 512-token
 //! prefill chunk through the expert, as TFLOP/s; and attention at 32 query
 //! heads and 4 KV heads of 128, decode after 4096 positions and a
@@ -72,13 +73,104 @@ fn matvec(gpu: &Gpu, name: &str, dtype: DType, rows: usize, cols: usize) {
         )
         .expect("matmul")
     });
-    println!(
-        "matvec {name:<28} {:>5} [{rows:>6}, {cols}] {:>8.1} MB {:>9.2} us/call {:>7.0} GB/s",
-        dtype.name(),
-        bytes as f64 / 1e6,
-        ms * 1e3,
-        bytes as f64 / (ms * 1e-3) / 1e9
-    );
+    let line = |kernel: &str, ms: f64| {
+        println!(
+            "{kernel} {name:<28} {:>5} [{rows:>6}, {cols}] {:>8.1} MB {:>9.2} us/call {:>7.0} GB/s",
+            dtype.name(),
+            bytes as f64 / 1e6,
+            ms * 1e3,
+            bytes as f64 / (ms * 1e-3) / 1e9
+        )
+    };
+    line("matvec", ms);
+    // The int8-activation kernels on the same copies, where they apply
+    // (their activation rounding is inside the time).
+    if matches!(dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K)) && cols.is_multiple_of(256) {
+        // The choice by shape, then each fixed warps-per-row count.
+        for (kw, label) in [
+            (None, "mmvq  "),
+            (Some(1), "mmvq/1"),
+            (Some(2), "mmvq/2"),
+            (Some(4), "mmvq/4"),
+        ] {
+            gpu.set_q8_warps_per_row(kw);
+            let ms = time(gpu, |i| {
+                gpu.matmul_q8(
+                    &x.as_view(),
+                    1,
+                    &copies[i % copies.len()],
+                    &mut y.as_view_mut(),
+                )
+                .expect("matmul_q8")
+            });
+            line(label, ms);
+        }
+        gpu.set_q8_warps_per_row(None);
+    }
+}
+
+/// A decode step's routed experts as the decoder runs them: 8 of 128 q4_k
+/// experts (gate/up `[768, 2048]`, down `[2048, 768]`) by id, `swiglu_id`
+/// then `matvec_id`, a different 8 each call, with the f32 and the int8
+/// kernels; GB/s of the 24 matrices read.
+fn experts_by_id(gpu: &Gpu) {
+    let (n, k, inter, hidden) = (128usize, 8usize, 768usize, 2048usize);
+    let dtype = DType::Quant(QuantType::Q4K);
+    let mats: Vec<[GpuMatrix; 3]> = (0..n as u64)
+        .map(|e| {
+            [(inter, hidden), (inter, hidden), (hidden, inter)].map(|(r, c)| {
+                let w = Weights::new(dtype, r, c, 50 + e);
+                gpu.upload_matrix(w.matrix()).expect("upload")
+            })
+        })
+        .collect();
+    let table = |i: usize| {
+        let m: Vec<_> = mats.iter().map(|f| &f[i]).collect();
+        gpu.expert_table(&m).expect("table").expect("a table")
+    };
+    let (gate, up, down) = (table(0), table(1), table(2));
+    // 16 sets of 8 distinct ids, stepping through all 128 experts.
+    let sets: Vec<_> = (0..16u32)
+        .map(|s| {
+            let ids: Vec<u32> = (0..k as u32).map(|j| (s * 8 + j * 17) % n as u32).collect();
+            gpu.upload(&ids).expect("upload")
+        })
+        .collect();
+    let x = gpu.upload(&values(hidden, 5)).expect("upload");
+    let mut act = gpu.zeros::<f32>(k * inter).expect("alloc");
+    let mut y = gpu.zeros::<f32>(k * hidden).expect("alloc");
+    let bytes = 3 * k * mats[0][0].dtype.row_bytes(hidden) * inter;
+    let was = gpu.int8_activations();
+    for (int8, kw) in [
+        (false, None),
+        (true, None),
+        (true, Some(1)),
+        (true, Some(2)),
+        (true, Some(4)),
+    ] {
+        gpu.set_int8_activations(int8);
+        gpu.set_q8_warps_per_row(kw);
+        let ms = time(gpu, |i| {
+            let ids = sets[i % sets.len()].as_view();
+            gpu.swiglu_id(&gate, &up, &ids, &x.as_view(), k, &mut act.as_view_mut())
+                .expect("swiglu_id");
+            gpu.matvec_id(&down, &ids, &act.as_view(), &mut y.as_view_mut())
+                .expect("matvec_id");
+        });
+        println!(
+            "{} experts by id, {k} of {n} q4_k          {:>8.1} MB {:>9.2} us/call {:>7.0} GB/s",
+            match (int8, kw) {
+                (false, _) => "matvec".to_string(),
+                (true, None) => "mmvq  ".to_string(),
+                (true, Some(k)) => format!("mmvq/{k}"),
+            },
+            bytes as f64 / 1e6,
+            ms * 1e3,
+            bytes as f64 / (ms * 1e-3) / 1e9
+        );
+    }
+    gpu.set_int8_activations(was);
+    gpu.set_q8_warps_per_row(None);
 }
 
 fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {
@@ -88,16 +180,40 @@ fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {
         .expect("upload");
     let x = gpu.upload(&values(t * cols, 4)).expect("upload");
     let mut y = gpu.zeros::<f32>(t * rows).expect("alloc");
+    // The widened weights first (the path of f32/bf16 rows, and of q4_k
+    // before Ampere), then one TF32 product, then the int8 tiles (q4_k's
+    // default on Ampere and newer, the activations' rounding included).
+    let int8 = gpu.int8_tiles();
+    gpu.set_int8_tiles(false);
     let ms = time(gpu, |_| {
         gpu.matmul(&x.as_view(), t, &w, &mut y.as_view_mut())
             .expect("matmul")
     });
     let flops = 2.0 * (t * rows * cols) as f64;
-    println!(
-        "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s",
-        ms * 1e3,
-        flops / (ms * 1e-3) / 1e12
-    );
+    let line = |ms: f64, how: &str| {
+        println!(
+            "gemm   {t} tokens through q4_k [{rows}, {cols}] {:>9.2} us/call {:>7.2} TFLOP/s ({how})",
+            ms * 1e3,
+            flops / (ms * 1e-3) / 1e12
+        )
+    };
+    line(ms, "3xTF32");
+    gpu.set_exact_gemm(false);
+    let ms = time(gpu, |_| {
+        gpu.matmul(&x.as_view(), t, &w, &mut y.as_view_mut())
+            .expect("matmul")
+    });
+    gpu.set_exact_gemm(true);
+    line(ms, "TF32");
+    gpu.set_int8_tiles(true);
+    if gpu.int8_tiles() {
+        let ms = time(gpu, |_| {
+            gpu.matmul(&x.as_view(), t, &w, &mut y.as_view_mut())
+                .expect("matmul")
+        });
+        line(ms, "int8 mmq");
+    }
+    gpu.set_int8_tiles(int8);
 }
 
 fn attention(gpu: &Gpu, pos0: usize, t: usize) {
@@ -139,6 +255,10 @@ fn main() {
     println!("{}; median of {ROUNDS} rounds of {CALLS} calls", gpu.info());
     let q4k = DType::Quant(QuantType::Q4K);
     let q6k = DType::Quant(QuantType::Q6K);
+    // `matmul` is the f32 kernel in the "matvec" lines; `matmul_q8` the
+    // int8 one in the "mmvq" lines.
+    gpu.set_int8_activations(false);
+    experts_by_id(&gpu);
     matvec(&gpu, "expert gate/up", q4k, 768, 2048);
     matvec(&gpu, "expert down", q4k, 2048, 768);
     matvec(&gpu, "attention q", q4k, 4096, 2048);

@@ -55,6 +55,13 @@ impl KvCache {
         self.device.as_mut().map(|d| (d, widths))
     }
 
+    /// Whether `t` more positions fit the device's buffers of every layer
+    /// as they are (no growth, which a captured graph cannot hold).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_fits(&self, t: usize) -> bool {
+        self.device.as_ref().is_some_and(|d| d.fits(self.len, t))
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.len

@@ -105,7 +105,7 @@ pub struct Decoder {
     pub(super) lm_head: Weight,
     pub(super) rope: Rope,
     /// Where every tensor op runs.
-    backend: Box<dyn Backend>,
+    pub(super) backend: Box<dyn Backend>,
 }
 
 impl Decoder {

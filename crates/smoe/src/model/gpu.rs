@@ -23,7 +23,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut, DeviceRepr, Va
 
 use crate::checkpoint::Weight;
 use crate::compute::cuda::{ExpertTable, Gpu, GpuMatrix, HostPin, MATVEC_MAX_TOKENS};
-use crate::compute::{AttnShape, Backend, Cpu, KvCache, Matrix, MlaShape};
+use crate::compute::{AttnShape, KvCache, Matrix, MlaShape};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::{ExpertCache, Pinned};
@@ -165,6 +165,7 @@ struct TierCounters {
     copied: AtomicU64,
     pcie_bytes: AtomicU64,
     cpu_runs: AtomicU64,
+    graph_steps: AtomicU64,
 }
 
 /// Page-locks the slots of every RAM expert cache the model streams
@@ -392,6 +393,7 @@ impl<T: DeviceRepr + ValidAsZeroBits> Buf<T> {
     /// if it is shorter.
     fn m(&mut self, gpu: &Gpu, n: usize) -> Result<CudaViewMut<'_, T>> {
         if self.0.as_ref().is_none_or(|b| b.len() < n) {
+            gpu.not_capturing("growing a buffer")?;
             self.0 = None;
             self.0 = Some(gpu.zeros(n.max(1))?);
         }
@@ -426,6 +428,9 @@ impl<T: DeviceRepr + ValidAsZeroBits> Buf<T> {
 /// of routing.
 #[derive(Default)]
 struct Bufs {
+    /// `(tokens, sequences)` of the last step: a step of the same shape
+    /// finds its buffers sized, so it can be captured as a graph.
+    last_shape: Option<(usize, usize)>,
     x: Buf<f32>,
     h: Buf<f32>,
     q: Buf<f32>,
@@ -444,6 +449,9 @@ struct Bufs {
     router: Buf<f32>,
     ids: Buf<u32>,
     weights: Buf<f32>,
+    /// The next sparse layer's routing guessed from this layer's residual.
+    pred_ids: Buf<u32>,
+    pred_weights: Buf<f32>,
     order: Buf<u32>,
     pos: Buf<u32>,
     pos_weights: Buf<f32>,
@@ -468,6 +476,10 @@ struct Host {
     seq_sin: Vec<f32>,
     ids: Vec<u32>,
     weights: Vec<f32>,
+    pred_ids: Vec<u32>,
+    pred_weights: Vec<f32>,
+    /// A small batch's normed rows, for the CPU's gather.
+    h: Vec<f32>,
     chosen: Vec<(u32, f32)>,
     start: Vec<usize>,
     fill: Vec<usize>,
@@ -488,22 +500,26 @@ struct Host {
 
 /// Which way a streamed expert reaches a small batch: copied to the GPU
 /// from its page-locked RAM slot and run there, or run on the CPU where
-/// it lies, only the batch's rows crossing the bus. Which is faster
-/// depends on the machine (PCIe against the cores' memory bandwidth: 55
-/// GB/s against ~96 on 16 threads of the H200 host, but ~14 on two cores)
-/// and on the batch (the CPU's cost grows with its rows, the copy's does
-/// not), so it is measured as the model runs: each batch size's first
-/// calls alternate the two ways, the first of each uncounted (it sizes
-/// buffers), and once each has [`ExpertPaths::TRIALS`] counted the one with
-/// less time per expert byte is kept for the process. Kept, not
-/// re-checked: the two ways round differently (the CPU's kernels round
-/// activations to 8 bits for quantized experts), so a later switch would
-/// change a run's outputs mid-way.
+/// it lies, only the batch's rows crossing the bus, or both at once on a
+/// share of the layer's experts each (the copies and the GPU's kernels
+/// run while the CPU computes its share: PCIe and the cores' memory
+/// bandwidth add up). Which is faster depends on the machine (PCIe
+/// against the cores' memory bandwidth: 55 GB/s against ~96 on 16 threads
+/// of the H200 host, but ~14 on two cores) and on the batch (the CPU's
+/// cost grows with its rows, the copy's does not), so it is measured as
+/// the model runs: each batch size's first calls alternate copy and CPU,
+/// the first of each uncounted (it sizes buffers); once each has
+/// [`ExpertPaths::TRIALS`] counted, the split is tried as often, its CPU
+/// share what the two rates give (the CPU's rate over their sum), and the
+/// way with the least time per expert byte is kept for the process. Kept,
+/// not re-checked: the ways round differently (the CPU's kernels round
+/// activations to 8 bits per 256, the GPU's per 32), so a later switch
+/// would change a run's outputs mid-way.
 #[derive(Default)]
 struct ExpertPaths {
-    /// Per batch size `i + 1`, per way `[copy, cpu]`: calls, and seconds
-    /// and expert bytes of the counted ones.
-    trials: [[(u32, f64, u64); 2]; MATVEC_MAX_TOKENS],
+    /// Per batch size `i + 1`, per way `[copy, cpu, split]`: calls, and
+    /// seconds and expert bytes of the counted ones.
+    trials: [[(u32, f64, u64); 3]; MATVEC_MAX_TOKENS],
     kept: [Option<ExpertPath>; MATVEC_MAX_TOKENS],
 }
 
@@ -511,6 +527,7 @@ struct ExpertPaths {
 enum ExpertPath {
     Copy = 0,
     Cpu = 1,
+    Split = 2,
 }
 
 impl ExpertPaths {
@@ -520,10 +537,28 @@ impl ExpertPaths {
         let Some(i) = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS) else {
             return ExpertPath::Copy;
         };
+        let [copy, cpu, _] = self.trials[i];
         match self.kept[i] {
             Some(way) => way,
-            None if self.trials[i][1].0 < self.trials[i][0].0 => ExpertPath::Cpu,
+            None if cpu.0 < copy.0 => ExpertPath::Cpu,
+            None if cpu.0 > Self::TRIALS => ExpertPath::Split,
             None => ExpertPath::Copy,
+        }
+    }
+
+    /// The CPU's share of a split's experts for batch size `t`: its rate
+    /// over the sum of both ways' rates, measured alone.
+    fn cpu_share(&self, t: usize) -> f64 {
+        let Some(i) = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS) else {
+            return 0.0;
+        };
+        let rate = |(_, s, b): (u32, f64, u64)| b as f64 / s.max(1e-12);
+        let [copy, cpu, _] = self.trials[i];
+        let (copy, cpu) = (rate(copy), rate(cpu));
+        if copy + cpu > 0.0 {
+            cpu / (copy + cpu)
+        } else {
+            0.5
         }
     }
 
@@ -535,18 +570,19 @@ impl ExpertPaths {
             return;
         }
         let (calls, s, b) = &mut self.trials[i][way as usize];
-        if *calls > 0 {
+        if *calls > 0 || way == ExpertPath::Split {
+            // The split needs no uncounted call: the other two sized the
+            // buffers it uses.
             *s += secs;
             *b += bytes as u64;
         }
         *calls += 1;
-        let [copy, cpu] = self.trials[i];
-        if copy.0 > Self::TRIALS && cpu.0 > Self::TRIALS {
+        if self.trials[i][ExpertPath::Split as usize].0 >= Self::TRIALS {
             let per_byte = |(_, s, b): (u32, f64, u64)| s / b.max(1) as f64;
-            self.kept[i] = Some(if per_byte(cpu) < per_byte(copy) {
-                ExpertPath::Cpu
-            } else {
-                ExpertPath::Copy
+            let ways = [ExpertPath::Copy, ExpertPath::Cpu, ExpertPath::Split];
+            self.kept[i] = ways.into_iter().min_by(|&a, &b| {
+                per_byte(self.trials[i][a as usize])
+                    .total_cmp(&per_byte(self.trials[i][b as usize]))
             });
         }
     }
@@ -569,7 +605,6 @@ impl GpuDecoder {
     fn rows(&self, ids: &[u32], seqs: &mut [Seq<'_>], b: &mut Bufs) -> Result<()> {
         let g = &self.gpu;
         let (t, h) = (ids.len(), self.cfg().hidden_size);
-        let eps = self.cfg().rms_norm_eps;
         if seqs.iter().any(|s| !s.kv.is_on_device()) {
             return Err(no_device_kv());
         }
@@ -580,7 +615,7 @@ impl GpuDecoder {
         // disk) and uploaded: `t * hidden` floats.
         let host = &mut b.host;
         host.x.resize(t * h, 0.0);
-        Cpu.embed(&self.cpu.embed, ids, &mut host.x)?;
+        self.cpu.backend.embed(&self.cpu.embed, ids, &mut host.x)?;
         g.upload_into(&host.x, &mut b.x.m(g, t * h)?)?;
         host.cos.clear();
         host.sin.clear();
@@ -596,14 +631,72 @@ impl GpuDecoder {
         g.upload_into(&host.cos, &mut b.cos.m(g, host.cos.len())?)?;
         g.upload_into(&host.sin, &mut b.sin.m(g, host.sin.len())?)?;
 
-        for (i, (layer, dev)) in self.cpu.layers.iter().zip(&self.layers).enumerate() {
-            let th = t * h;
-            g.rms_norm_rows(
-                &b.x.v(0..th)?,
-                &dev.input_norm.as_view(),
-                eps,
-                &mut b.h.m(g, th)?,
-            )?;
+        // A step whose every launch stays on the GPU (nothing streamed,
+        // no buffer growing), of the shape the previous step sized the
+        // buffers for, runs as captured graphs.
+        let shape = (t, seqs.len());
+        let graph = g.graphs()
+            && b.last_shape == Some(shape)
+            && self.on_gpu_only(t)
+            && seqs.iter().all(|s| s.kv.device_fits(s.len));
+        b.last_shape = Some(shape);
+        // One graph per GRAPH_LAYERS layers: the GPU runs a part while the
+        // host records the next. A part that cannot be captured runs
+        // eagerly, after the parts before it in stream order.
+        let n = self.layers.len();
+        let mut whole = graph;
+        for (slot, first) in (0..n).step_by(GRAPH_LAYERS).enumerate() {
+            let part = first..(first + GRAPH_LAYERS).min(n);
+            if !(graph && g.captured(slot, &mut || self.layers(part.clone(), t, seqs, b))?) {
+                whole = false;
+                self.layers(part, t, seqs, b)?;
+            }
+        }
+        if whole {
+            self.tiers.graph_steps.fetch_add(1, Relaxed);
+        }
+        if n > 0 {
+            g.add(&mut b.x.part(0..t * h)?, &b.out.v(0..t * h)?)?;
+        }
+        for seq in seqs.iter_mut() {
+            seq.kv.advance(seq.len);
+        }
+        Ok(())
+    }
+
+    /// Layers `range` of a step over `b.x` (after [`GpuDecoder::rows`] has
+    /// uploaded the rows and tables): each adds the previous layer's MLP
+    /// output into the residual, the last layer's is left in `b.out`.
+    fn layers(
+        &self,
+        range: std::ops::Range<usize>,
+        t: usize,
+        seqs: &mut [Seq<'_>],
+        b: &mut Bufs,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let (h, eps) = (self.cfg().hidden_size, self.cfg().rms_norm_eps);
+        let th = t * h;
+        for i in range {
+            let (layer, dev) = (&self.cpu.layers[i], &self.layers[i]);
+            // The previous layer's MLP output joins the residual in the
+            // same launch as this layer's norm.
+            if i == 0 {
+                g.rms_norm_rows(
+                    &b.x.v(0..th)?,
+                    &dev.input_norm.as_view(),
+                    eps,
+                    &mut b.h.m(g, th)?,
+                )?;
+            } else {
+                g.add_rms_norm_rows(
+                    &mut b.x.part(0..th)?,
+                    &b.out.v(0..th)?,
+                    &dev.input_norm.as_view(),
+                    eps,
+                    &mut b.h.m(g, th)?,
+                )?;
+            }
             match (&layer.attn, &dev.attn) {
                 (Attn::Grouped(a), GpuAttn::Grouped { .. }) => {
                     self.grouped(a, &dev.attn, i, t, seqs, b)?
@@ -613,9 +706,9 @@ impl GpuDecoder {
                 }
                 _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
             }
-            g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
-            g.rms_norm_rows(
-                &b.x.v(0..th)?,
+            g.add_rms_norm_rows(
+                &mut b.x.part(0..th)?,
+                &b.out.v(0..th)?,
                 &dev.post_norm.as_view(),
                 eps,
                 &mut b.h.m(g, th)?,
@@ -627,12 +720,19 @@ impl GpuDecoder {
                 (Mlp::Sparse(m), GpuMlp::Sparse { .. }) => self.moe(m, &dev.mlp, i, t, b)?,
                 _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
             }
-            g.add(&mut b.x.part(0..th)?, &b.out.v(0..th)?)?;
-        }
-        for seq in seqs.iter_mut() {
-            seq.kv.advance(seq.len);
         }
         Ok(())
+    }
+
+    /// Whether a step of `t` tokens a sequence runs on the GPU alone:
+    /// every sparse layer's experts in VRAM, so their ids never go to the
+    /// host (`moe`'s few-token path).
+    fn on_gpu_only(&self, t: usize) -> bool {
+        t <= MATVEC_MAX_TOKENS
+            && self.layers.iter().all(|l| match &l.mlp {
+                GpuMlp::Sparse { tables, .. } => tables.is_some(),
+                GpuMlp::Dense(_) => true,
+            })
     }
 
     /// Grouped-query attention of `b.h` into `b.out`, as
@@ -661,24 +761,46 @@ impl GpuDecoder {
         let (hd, h) = (a.head_dim, self.cfg().hidden_size);
         let (nq, nkv) = (a.n_heads * hd, a.n_kv_heads * hd);
         let hn = b.h.v(0..t * h)?;
-        forward(g, wq, &hn, t, &mut b.q.m(g, t * nq)?)?;
-        forward(g, wk, &hn, t, &mut b.k.m(g, t * nkv)?)?;
-        forward(g, wv, &hn, t, &mut b.v.m(g, t * nkv)?)?;
-        if let Some(w) = q_norm {
-            g.rms_norm(&mut b.q.part(0..t * nq)?, w.len(), &w.as_view(), a.eps)?;
-        }
-        if let Some(w) = k_norm {
-            g.rms_norm(&mut b.k.part(0..t * nkv)?, w.len(), &w.as_view(), a.eps)?;
-        }
-        if let Some(c) = a.clip {
-            g.clamp(&mut b.q.part(0..t * nq)?, c)?;
-            g.clamp(&mut b.k.part(0..t * nkv)?, c)?;
-            g.clamp(&mut b.v.part(0..t * nkv)?, c)?;
-        }
+        forward_each(
+            g,
+            &hn,
+            t,
+            &mut [
+                (wq, &mut b.q.m(g, t * nq)?),
+                (wk, &mut b.k.m(g, t * nkv)?),
+                (wv, &mut b.v.m(g, t * nkv)?),
+            ],
+        )?;
         let half = hd / 2;
         let (cos, sin) = (b.cos.v(0..t * half)?, b.sin.v(0..t * half)?);
-        g.rope(&mut b.q.part(0..t * nq)?, t, hd, 0, &cos, &sin, false)?;
-        g.rope(&mut b.k.part(0..t * nkv)?, t, hd, 0, &cos, &sin, false)?;
+        match (q_norm, k_norm, a.clip) {
+            // Qwen3's per-head norms: with the rotation, one launch.
+            (Some(wq), Some(wk), None) if wq.len() == hd && wk.len() == hd => g.qk_norm_rope(
+                &mut b.q.part(0..t * nq)?,
+                &mut b.k.part(0..t * nkv)?,
+                &wq.as_view(),
+                &wk.as_view(),
+                t,
+                &cos,
+                &sin,
+                a.eps,
+            )?,
+            _ => {
+                if let Some(w) = q_norm {
+                    g.rms_norm(&mut b.q.part(0..t * nq)?, w.len(), &w.as_view(), a.eps)?;
+                }
+                if let Some(w) = k_norm {
+                    g.rms_norm(&mut b.k.part(0..t * nkv)?, w.len(), &w.as_view(), a.eps)?;
+                }
+                if let Some(c) = a.clip {
+                    g.clamp(&mut b.q.part(0..t * nq)?, c)?;
+                    g.clamp(&mut b.k.part(0..t * nkv)?, c)?;
+                    g.clamp(&mut b.v.part(0..t * nkv)?, c)?;
+                }
+                g.rope(&mut b.q.part(0..t * nq)?, t, hd, 0, &cos, &sin, false)?;
+                g.rope(&mut b.k.part(0..t * nkv)?, t, hd, 0, &cos, &sin, false)?;
+            }
+        }
         let mut attn = b.attn.m(g, t * nq)?;
         for seq in seqs.iter_mut() {
             let (pos0, first, len) = (seq.kv.len(), seq.start, seq.len);
@@ -836,7 +958,33 @@ impl GpuDecoder {
             g.moe_combine(&ys, &ids, &w, k, t, &mut b.out.m(g, t * hidden)?)?;
             return self.shared_expert(shared.as_ref(), t, hidden, b);
         }
+        // Everything the host needs from this layer in one wait: the
+        // routes (which experts to fetch), the next layer's predicted
+        // routes (what to read ahead) and, when the CPU will run a small
+        // batch's streamed experts, the normed rows it gathers itself.
+        let streamed =
+            tables.is_none() && experts.is_none() && matches!(m.experts, Experts::Streamed { .. });
+        let predicted = if streamed {
+            self.launch_prediction(layer, t, b)?
+        } else {
+            None
+        };
+        let path = if !streamed {
+            ExpertPath::Copy
+        } else if t <= MATVEC_MAX_TOKENS {
+            b.paths.pick(t)
+        } else {
+            ExpertPath::Copy
+        };
         self.routes_to_host(t * k, b)?;
+        if let Some((pairs, n_exp)) = predicted {
+            self.prediction_to_host(pairs, n_exp, b)?;
+        }
+        if path != ExpertPath::Copy {
+            let host = &mut b.host;
+            host.h.resize(t * hidden, 0.0);
+            g.download_into(&b.h.v(0..t * hidden)?, &mut host.h)?;
+        }
         let host = &mut b.host;
         host.chosen.clear();
         host.chosen
@@ -880,11 +1028,11 @@ impl GpuDecoder {
         g.upload_into(&host.order32, &mut b.order.m(g, pairs)?)?;
         g.upload_into(&host.pos, &mut b.pos.m(g, pairs)?)?;
         g.upload_into(&host.pos_weights, &mut b.pos_weights.m(g, pairs)?)?;
-        {
+        if path != ExpertPath::Cpu {
             let (hn, order) = (b.h.v(0..t * hidden)?, b.order.v(0..pairs)?);
             g.gather(&hn, hidden, &order, k, &mut b.xs.m(g, pairs * hidden)?)?;
-            b.ys.m(g, pairs * hidden)?;
         }
+        b.ys.m(g, pairs * hidden)?;
 
         let used = std::mem::take(&mut b.host.used);
         let grouped = tables.as_ref().filter(|t| tiled(t));
@@ -897,9 +1045,18 @@ impl GpuDecoder {
                 let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
                 run_expert(g, &resident[e as usize], rows, hidden, b)
             }),
-            (None, None, Experts::Streamed { cache, layer: l }) => {
-                self.streamed(cache, *l, layer, &used, hidden, t, b)
-            }
+            (None, None, Experts::Streamed { cache, layer: l }) => self.streamed(
+                cache,
+                *l,
+                layer,
+                &used,
+                hidden,
+                k,
+                t,
+                path,
+                predicted.is_some(),
+                b,
+            ),
             (None, None, Experts::Resident(_)) => Err(Error::invalid(
                 "CUDA decoder: resident experts not uploaded",
             )),
@@ -953,26 +1110,29 @@ impl GpuDecoder {
         layer: usize,
         used: &[u32],
         hidden: usize,
+        k: usize,
         t: usize,
+        path: ExpertPath,
+        mut predict: bool,
         b: &mut Bufs,
     ) -> Result<()> {
         let g = &self.gpu;
-        let mut predict = self.predict_next(layer, t, b)?;
         let small = t <= MATVEC_MAX_TOKENS;
-        let path = if small {
-            b.paths.pick(t)
-        } else {
-            ExpertPath::Copy
-        };
         let pairs = b.host.order.len();
         let mut spent = std::time::Duration::ZERO;
-        if path == ExpertPath::Cpu {
+        let share = b.paths.cpu_share(t);
+        if path != ExpertPath::Copy {
+            // The rows in expert order, as the `gather` kernel would have
+            // put them (its rows are the ones `moe` downloaded).
             let start = std::time::Instant::now();
             let host = &mut b.host;
             host.xs.resize(pairs * hidden, 0.0);
             host.ys.clear();
             host.ys.resize(pairs * hidden, 0.0);
-            g.download_into(&b.xs.v(0..pairs * hidden)?, &mut host.xs)?;
+            for (row, &pair) in host.xs.chunks_exact_mut(hidden).zip(&host.order) {
+                let tok = pair / k;
+                row.copy_from_slice(&host.h[tok * hidden..(tok + 1) * hidden]);
+            }
             spent += start.elapsed();
         }
         for group in used.chunks(cache.capacity()) {
@@ -984,29 +1144,13 @@ impl GpuDecoder {
             pinned.wait()?;
             let start = std::time::Instant::now();
             match path {
-                ExpertPath::Cpu => {
-                    let host = &mut b.host;
-                    Cpu.experts(
-                        pinned.len(),
-                        &|i| pinned.get(i),
-                        &host.start,
-                        &host.xs,
-                        &mut host.ys,
-                    );
-                    self.tiers.cpu_runs.fetch_add(pinned.len() as u64, Relaxed);
-                }
+                ExpertPath::Cpu => self.cpu_experts(&pinned, pinned.len(), &mut b.host),
                 ExpertPath::Copy => {
                     let (ids, mats) = pinned_group(&pinned);
                     let uploads = g.upload_experts(&mats)?;
-                    let bytes: usize = mats.iter().flatten().map(|m| m.data.len()).sum();
-                    self.tiers.copied.fetch_add(mats.len() as u64, Relaxed);
-                    self.tiers.pcie_bytes.fetch_add(bytes as u64, Relaxed);
+                    self.count_copies(&mats);
                     let ran = if small {
-                        ids.iter().zip(&uploads).try_for_each(|(&e, (w, ready))| {
-                            g.wait_upload(ready)?;
-                            let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
-                            run_expert(g, w, rows, hidden, b)
-                        })
+                        run_copied(g, &ids, &uploads, hidden, b)
                     } else {
                         run_uploaded(g, &ids, &uploads, pairs, hidden, b)
                     };
@@ -1020,6 +1164,30 @@ impl GpuDecoder {
                         // What the choice compares: the experts' kernels too.
                         g.synchronize()?;
                     }
+                }
+                ExpertPath::Split => {
+                    // The GPU's share queued first (copies, and kernels
+                    // waiting for them on the device), so that it runs
+                    // while the CPU computes the first `on_cpu` experts,
+                    // whose rows come first (rows go by expert id, as the
+                    // group does).
+                    let (ids, mats) = pinned_group(&pinned);
+                    let on_cpu = ((ids.len() as f64 * share).round() as usize).min(ids.len());
+                    let uploads = g.upload_experts(&mats[on_cpu..])?;
+                    self.count_copies(&mats[on_cpu..]);
+                    let ran = run_copied(g, &ids[on_cpu..], &uploads, hidden, b).and_then(|()| {
+                        let Some(&last) = ids[..on_cpu].last() else {
+                            return Ok(());
+                        };
+                        let host = &mut b.host;
+                        self.cpu_experts(&pinned, on_cpu, host);
+                        let rows = host.start[ids[0] as usize] * hidden
+                            ..host.start[last as usize + 1] * hidden;
+                        g.upload_into(&host.ys[rows.clone()], &mut b.ys.part(rows)?)
+                    });
+                    let finished = g.finish_uploads();
+                    ran.and(finished)?;
+                    g.synchronize()?;
                 }
             }
             spent += start.elapsed();
@@ -1036,10 +1204,24 @@ impl GpuDecoder {
         Ok(())
     }
 
-    /// When the next layer is sparse and streamed, its experts guessed
-    /// from the residual stream as it is now (as [`Moe::predict`]) into
-    /// `b.host.predicted`, most likely first; whether there are any.
-    fn predict_next(&self, layer: usize, t: usize, b: &mut Bufs) -> Result<bool> {
+    /// The first `n` of `pinned`'s experts on the CPU, over the host's
+    /// gathered rows into its outputs.
+    fn cpu_experts(&self, pinned: &Pinned<'_>, n: usize, host: &mut Host) {
+        self.cpu
+            .backend
+            .experts(n, &|i| pinned.get(i), &host.start, &host.xs, &mut host.ys);
+        self.tiers.cpu_runs.fetch_add(n as u64, Relaxed);
+    }
+
+    /// Counts experts copied to the GPU and their bytes.
+    fn count_copies(&self, mats: &[[Matrix<'_>; 3]]) {
+        let bytes: usize = mats.iter().flatten().map(|m| m.data.len()).sum();
+        self.tiers.copied.fetch_add(mats.len() as u64, Relaxed);
+        self.tiers.pcie_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    /// The next layer's sparse block, when its experts stream.
+    fn next_streamed(&self, layer: usize) -> Option<NextSparse<'_>> {
         let (
             Some(next),
             Some(GpuLayer {
@@ -1055,14 +1237,32 @@ impl GpuDecoder {
             }),
         ) = (self.cpu.layers.get(layer + 1), self.layers.get(layer + 1))
         else {
-            return Ok(false);
+            return None;
         };
         let Mlp::Sparse(m) = &next.mlp else {
-            return Ok(false);
+            return None;
         };
-        if !matches!(m.experts, Experts::Streamed { .. }) {
-            return Ok(false);
-        }
+        matches!(m.experts, Experts::Streamed { .. }).then_some((
+            m,
+            router,
+            score_bias.as_ref(),
+            post_norm,
+        ))
+    }
+
+    /// When the next layer is sparse and streamed, its experts guessed
+    /// from the residual stream as it is now (as [`Moe::predict`]): the
+    /// routing launched into `b.pred_ids` and `b.pred_weights`; its
+    /// (pairs, experts) if there is one.
+    fn launch_prediction(
+        &self,
+        layer: usize,
+        t: usize,
+        b: &mut Bufs,
+    ) -> Result<Option<(usize, usize)>> {
+        let Some((m, router, score_bias, post_norm)) = self.next_streamed(layer) else {
+            return Ok(None);
+        };
         let g = &self.gpu;
         let th = t * router.cols;
         let eps = self.cfg().rms_norm_eps;
@@ -1072,13 +1272,27 @@ impl GpuDecoder {
             eps,
             &mut b.head.m(g, th)?,
         )?;
-        self.route_on_device(m, router, score_bias.as_ref(), Input::Head, t, b)?;
-        self.routes_to_host(t * m.routing.top_k, b)?;
+        self.route_on_device(m, router, score_bias, Input::Head, t, b)?;
+        Ok(Some((t * m.routing.top_k, router.rows)))
+    }
+
+    /// The routes [`GpuDecoder::launch_prediction`] launched (`pairs` of
+    /// `n_exp` experts), to the host as `b.host.predicted`: the experts
+    /// chosen, most likely first.
+    fn prediction_to_host(&self, pairs: usize, n_exp: usize, b: &mut Bufs) -> Result<()> {
+        let g = &self.gpu;
         let host = &mut b.host;
+        host.pred_ids.resize(pairs, 0);
+        host.pred_weights.resize(pairs, 0.0);
+        g.download_into(&b.pred_ids.v(0..pairs)?, &mut host.pred_ids)?;
+        g.download_into(&b.pred_weights.v(0..pairs)?, &mut host.pred_weights)?;
         host.best.clear();
-        host.best.resize(router.rows, f32::NEG_INFINITY);
-        for (&e, &w) in host.ids.iter().zip(&host.weights) {
-            let best = &mut host.best[e as usize];
+        host.best.resize(n_exp, f32::NEG_INFINITY);
+        for (&e, &w) in host.pred_ids.iter().zip(&host.pred_weights) {
+            // The device chose it: check before it indexes.
+            let best = host.best.get_mut(e as usize).ok_or_else(|| {
+                Error::invalid(format!("CUDA routing chose expert {e} of {n_exp}"))
+            })?;
             *best = best.max(w);
         }
         let best = &host.best;
@@ -1090,11 +1304,12 @@ impl GpuDecoder {
                 .total_cmp(&best[a as usize])
                 .then(a.cmp(&c))
         });
-        Ok(true)
+        Ok(())
     }
 
     /// Router logits of `input` through `router`, the top-k on the device
-    /// into `b.ids` and `b.weights`.
+    /// into `b.ids` and `b.weights` (a prediction's into `b.pred_ids` and
+    /// `b.pred_weights`).
     fn route_on_device(
         &self,
         m: &Moe,
@@ -1113,7 +1328,11 @@ impl GpuDecoder {
         g.matmul(&x, t, router, &mut b.router.m(g, t * n_exp)?)?;
         let bias = bias.map(|b| b.as_view());
         let logits = b.router.v(0..t * n_exp)?;
-        let (mut ids, mut w) = (b.ids.m(g, t * k)?, b.weights.m(g, t * k)?);
+        let (ids, w) = match input {
+            Input::Normed => (&mut b.ids, &mut b.weights),
+            Input::Head => (&mut b.pred_ids, &mut b.pred_weights),
+        };
+        let (mut ids, mut w) = (ids.m(g, t * k)?, w.m(g, t * k)?);
         g.route(&logits, t, &m.routing, bias.as_ref(), &mut ids, &mut w)
     }
 
@@ -1154,6 +1373,15 @@ impl GpuDecoder {
     }
 }
 
+/// A sparse layer whose experts stream: its block, router, score bias
+/// and the norm before it.
+type NextSparse<'a> = (
+    &'a Moe,
+    &'a GpuMatrix,
+    Option<&'a CudaSlice<f32>>,
+    &'a CudaSlice<f32>,
+);
+
 /// Which device buffer routing reads.
 #[derive(Clone, Copy)]
 enum Input {
@@ -1175,11 +1403,25 @@ fn forward(
     t: usize,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    g.matmul(x, t, &l.w, y)?;
-    match &l.bias {
-        Some(bias) => g.add_rows(y, &bias.as_view()),
-        None => Ok(()),
+    forward_each(g, x, t, &mut [(l, y)])
+}
+
+/// [`forward`] of one `x` through several layers (attention's q, k and
+/// v), which [`Gpu::matmul_each`] lets share one activation rounding.
+fn forward_each(
+    g: &Gpu,
+    x: &CudaView<'_, f32>,
+    t: usize,
+    outs: &mut [(&GpuLinear, &mut CudaViewMut<'_, f32>)],
+) -> Result<()> {
+    let mut products: Vec<_> = outs.iter_mut().map(|(l, y)| (&l.w, &mut **y)).collect();
+    g.matmul_each(x, t, &mut products)?;
+    for (l, y) in outs.iter_mut() {
+        if let Some(bias) = &l.bias {
+            g.add_rows(y, &bias.as_view())?;
+        }
     }
+    Ok(())
 }
 
 /// `down(silu(gate(x)) * up(x))` into `y`.
@@ -1267,6 +1509,12 @@ fn pinned_group<'a>(pinned: &'a Pinned<'_>) -> (Vec<u32>, Vec<[Matrix<'a>; 3]>) 
     (0..pinned.len()).map(|i| pinned.get(i)).unzip()
 }
 
+/// Layers per captured graph of a decode step ([`Gpu::captured`]'s
+/// slots): small enough that the GPU starts on the first part early, large
+/// enough that each part's launch and update cost little against its
+/// kernels (an 8-layer model: two parts).
+const GRAPH_LAYERS: usize = 4;
+
 /// Experts a grouped launch takes at a time from a prompt's uploads.
 const UPLOADED_GROUP: usize = 16;
 
@@ -1319,6 +1567,22 @@ fn run_uploaded(
     Ok(())
 }
 
+/// A small batch's copied experts, each once its copy is in (a wait on
+/// the device, not the host).
+fn run_copied(
+    g: &Gpu,
+    ids: &[u32],
+    uploads: &[(GpuFfn, CudaEvent)],
+    hidden: usize,
+    b: &mut Bufs,
+) -> Result<()> {
+    ids.iter().zip(uploads).try_for_each(|(&e, (w, ready))| {
+        g.wait_upload(ready)?;
+        let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
+        run_expert(g, w, rows, hidden, b)
+    })
+}
+
 /// One expert's SwiGLU over its rows `rows` of the gathered `b.xs` into
 /// the same rows of `b.ys`.
 fn run_expert(
@@ -1345,6 +1609,7 @@ impl CausalLm for GpuDecoder {
             copied: t.copied.load(Relaxed),
             pcie_bytes: t.pcie_bytes.load(Relaxed),
             cpu_runs: t.cpu_runs.load(Relaxed),
+            graph_steps: t.graph_steps.load(Relaxed),
         })
     }
 
@@ -1437,27 +1702,42 @@ mod tests {
 
     #[test]
     fn each_way_is_tried_in_turn_then_the_faster_kept() {
-        use ExpertPath::{Copy, Cpu};
-        let mut p = ExpertPaths::default();
-        let mut ways = Vec::new();
-        for _ in 0..2 * (ExpertPaths::TRIALS + 1) {
-            let way = p.pick(1);
-            ways.push(way);
-            // Uncounted first calls as slow as can be: they do not decide.
-            let secs = match (way, ways.iter().filter(|&&w| w == way).count()) {
-                (_, 1) => 1.0,
-                (Copy, _) => 2e-3,
-                (Cpu, _) => 1e-3,
-            };
-            p.record(1, way, secs, 1_000_000);
-        }
-        assert!(ways.chunks(2).all(|w| w == [Copy, Cpu]), "{ways:?}");
-        assert_eq!(p.pick(1), Cpu);
+        use ExpertPath::{Copy, Cpu, Split};
+        // Copy at 2 ms and the CPU at 1 ms per MB; the split at `split`.
+        let run = |split: f64| {
+            let mut p = ExpertPaths::default();
+            let mut ways = Vec::new();
+            for _ in 0..2 * (ExpertPaths::TRIALS + 1) + ExpertPaths::TRIALS {
+                let way = p.pick(1);
+                ways.push(way);
+                // Uncounted first calls as slow as can be: they do not decide.
+                let secs = match (way, ways.iter().filter(|&&w| w == way).count()) {
+                    (Copy | Cpu, 1) => 1.0,
+                    (Copy, _) => 2e-3,
+                    (Cpu, _) => 1e-3,
+                    (Split, _) => split,
+                };
+                p.record(1, way, secs, 1_000_000);
+            }
+            (p, ways)
+        };
+        let (mut p, ways) = run(0.7e-3);
+        let pairs = 2 * (ExpertPaths::TRIALS as usize + 1);
+        assert!(
+            ways[..pairs].chunks(2).all(|w| w == [Copy, Cpu]),
+            "{ways:?}"
+        );
+        assert!(ways[pairs..].iter().all(|&w| w == Split), "{ways:?}");
+        // The CPU, twice the copy's rate, takes two thirds of a split.
+        assert!((p.cpu_share(1) - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!(p.pick(1), Split);
         // Kept, whatever comes later.
         for _ in 0..10 {
             p.record(1, Cpu, 1.0, 1);
         }
-        assert_eq!(p.pick(1), Cpu);
+        assert_eq!(p.pick(1), Split);
+        // A split slower than the CPU alone loses to it.
+        assert_eq!(run(1.5e-3).0.pick(1), Cpu);
         // Another batch size decides on its own.
         assert_eq!(p.pick(4), Copy);
         // Sizes it does not learn for copy, and record nothing.

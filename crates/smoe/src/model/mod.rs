@@ -98,6 +98,9 @@ pub struct GpuExpertStats {
     /// Experts run on the CPU from their RAM slots instead (a small
     /// batch's, where that was measured faster).
     pub cpu_runs: u64,
+    /// Forward steps run as one captured CUDA graph (decode steps with
+    /// every layer on the GPU).
+    pub graph_steps: u64,
 }
 
 impl GpuExpertStats {
@@ -108,6 +111,7 @@ impl GpuExpertStats {
             copied: self.copied.saturating_sub(before.copied),
             pcie_bytes: self.pcie_bytes.saturating_sub(before.pcie_bytes),
             cpu_runs: self.cpu_runs.saturating_sub(before.cpu_runs),
+            graph_steps: self.graph_steps.saturating_sub(before.graph_steps),
         }
     }
 }

@@ -72,6 +72,14 @@ impl DeviceKv {
 
     /// Keys and values of `layer` (its keys twice for latent attention);
     /// `None` before anything was appended.
+    /// Whether `t` positions after the first `len` fit every layer's
+    /// buffers without growing them (a layer never appended to has none).
+    pub fn fits(&self, len: usize, t: usize) -> bool {
+        self.layers
+            .iter()
+            .all(|l| l.k.is_some() && len + t <= l.cap)
+    }
+
     pub fn layer(&self, layer: usize) -> Option<(CudaView<'_, f32>, CudaView<'_, f32>)> {
         let l = &self.layers[layer];
         let k = l.k.as_ref()?;

@@ -366,6 +366,17 @@ __device__ __forceinline__ void split_tf32(float v, u32* big, u32* small) {
     *small = to_tf32(v - __uint_as_float(*big));
 }
 
+// v's TF32 halves when `exact` (3xTF32 products), else v rounded to TF32
+// alone (one product, TF32's precision: the experiment `exact` = 0 runs).
+__device__ __forceinline__ void tf32_parts(float v, int exact, u32* big, u32* small) {
+    if (exact) {
+        split_tf32(v, big, small);
+    } else {
+        *big = to_tf32(v);
+        *small = 0;
+    }
+}
+
 // c += a . b on the tensor cores: a 16x8 (row-major) by b 8x8 (column-major)
 // TF32 product into a 16x8 f32 accumulator (PTX's m16n8k8 fragments).
 __device__ __forceinline__ void mma_tf32(float* c, const u32* a, const u32* b) {
@@ -417,10 +428,13 @@ __device__ __forceinline__ void fill_tiles(const u8* w, u64 row_bytes, const flo
 // fragments (rows), each operand split into two TF32 halves and multiplied
 // as big*big + big*small + small*big (the "3xTF32" scheme), which keeps
 // f32's accuracy at a third of TF32's tensor rate, so results differ from
-// the CPU's by f32 summation order only. On Turing (no TF32 mma), f32 FMAs,
+// the CPU's by f32 summation order only; with `exact` 0, the big halves'
+// product alone (TF32's precision, a third of the tensor work: an
+// experiment, `Gpu::set_exact_gemm`). On Turing (no TF32 mma), f32 FMAs,
 // each thread 4 rows x 4 tokens.
 template <int T>
-__device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols, int t) {
+__device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols, int t,
+                     int exact) {
     __shared__ __align__(16) float ws[TILE][TILE_PITCH];
     __shared__ __align__(16) float xs[TILE][TILE_PITCH];
     int tid = threadIdx.x;
@@ -441,19 +455,21 @@ __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int r
 #pragma unroll
         for (int kk = 0; kk < TILE; kk += 8) {
             u32 ab[4], as[4];
-            split_tf32(xs[kk + tig][m0 + gid], &ab[0], &as[0]);
-            split_tf32(xs[kk + tig][m0 + gid + 8], &ab[1], &as[1]);
-            split_tf32(xs[kk + tig + 4][m0 + gid], &ab[2], &as[2]);
-            split_tf32(xs[kk + tig + 4][m0 + gid + 8], &ab[3], &as[3]);
+            tf32_parts(xs[kk + tig][m0 + gid], exact, &ab[0], &as[0]);
+            tf32_parts(xs[kk + tig][m0 + gid + 8], exact, &ab[1], &as[1]);
+            tf32_parts(xs[kk + tig + 4][m0 + gid], exact, &ab[2], &as[2]);
+            tf32_parts(xs[kk + tig + 4][m0 + gid + 8], exact, &ab[3], &as[3]);
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 u32 bb[2], bs[2];
                 int n = n0 + 8 * j + gid;
-                split_tf32(ws[kk + tig][n], &bb[0], &bs[0]);
-                split_tf32(ws[kk + tig + 4][n], &bb[1], &bs[1]);
+                tf32_parts(ws[kk + tig][n], exact, &bb[0], &bs[0]);
+                tf32_parts(ws[kk + tig + 4][n], exact, &bb[1], &bs[1]);
                 // The small terms first, so the big product lands last.
-                mma_tf32(acc[j], as, bb);
-                mma_tf32(acc[j], ab, bs);
+                if (exact) {
+                    mma_tf32(acc[j], as, bb);
+                    mma_tf32(acc[j], ab, bs);
+                }
                 mma_tf32(acc[j], ab, bb);
             }
         }
@@ -514,11 +530,12 @@ __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int r
 // experts used); blocks past an expert's rows return at once.
 template <int T>
 __device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u64 row_bytes,
-                        const float* x, float* y, int rows, int cols) {
+                        const float* x, float* y, int rows, int cols, int exact) {
     u32 e = used[blockIdx.z];
     u32 s = start[e];
     int n = (int)(start[e + 1] - s);
-    gemm<T>((const u8*)experts[e], row_bytes, x + (size_t)s * cols, y + (size_t)s * rows, rows, cols, n);
+    gemm<T>((const u8*)experts[e], row_bytes, x + (size_t)s * cols, y + (size_t)s * rows, rows, cols, n,
+            exact);
 }
 
 #define MATMUL_KERNELS(NAME, T)                                                                   \
@@ -528,8 +545,8 @@ __device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         gemm_##NAME(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols,      \
-                    int t) {                                                                       \
-        gemm<T>(w, row_bytes, x, y, rows, cols, t);                                                \
+                    int t, int exact) {                                                            \
+        gemm<T>(w, row_bytes, x, y, rows, cols, t, exact);                                         \
     }                                                                                              \
     extern "C" __global__ void matvec_id_##NAME(const u64* experts, const u32* ids, int n_exp,     \
                                                 u64 row_bytes, const float* x, int x_div, float* y, \
@@ -543,8 +560,8 @@ __device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         gemm_id_##NAME(const u64* experts, const u32* used, const u32* start, u64 row_bytes,       \
-                       const float* x, float* y, int rows, int cols) {                             \
-        gemm_id<T>(experts, used, start, row_bytes, x, y, rows, cols);                             \
+                       const float* x, float* y, int rows, int cols, int exact) {                  \
+        gemm_id<T>(experts, used, start, row_bytes, x, y, rows, cols, exact);                      \
     }
 
 MATMUL_KERNELS(f32, T_F32)
@@ -582,3 +599,475 @@ __device__ void ragged(const u8* w, u64 row_bytes, const float* x, float* y, int
 RAGGED_KERNEL(f32, T_F32)
 RAGGED_KERNEL(f16, T_F16)
 RAGGED_KERNEL(bf16, T_BF16)
+
+// ---- Matrix-vector products on int8 activations (decode's default,
+// `matvec` the fallback; llama.cpp's mmvq is the model, written anew here).
+//
+// The activations are rounded once per call to 8 bits per 32-block
+// (`quantize_q8`: 32 int8 and the pair (scale d, d * their sum)), as the
+// CPU backend rounds them, and each lane multiplies four weights at a time
+// with `__dp4a` straight from its own 4-byte load of the stored block: no
+// shared-memory staging, no float widening. Each lane takes a fixed
+// quarter-word of every 256-weight super-block its warp visits.
+#define MQ_WARPS 4
+
+// Block blk (32 values) of the t * cols activations, one warp each.
+extern "C" __global__ void quantize_q8(const float* x, i8* xq, float* xds, u64 blocks) {
+    u64 blk = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (blk >= blocks) return;
+    int lane = threadIdx.x & 31;
+    float v = x[blk * 32 + lane];
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    int q = amax == 0.0f ? 0 : __float2int_rn(v / d);
+    xq[blk * 32 + lane] = (i8)q;
+    float sum = warp_sum((float)q);
+    if (lane == 0) {
+        xds[2 * blk] = d;
+        xds[2 * blk + 1] = d * sum;
+    }
+}
+
+// Four bytes at a 2-byte aligned address (q6_k's 210-byte blocks).
+__device__ __forceinline__ int ld_u32_2(const u8* p) {
+    const u16* h = (const u16*)p;
+    return (int)((u32)h[0] | ((u32)h[1] << 16));
+}
+
+// q4_k: lane takes the 4 bytes at 32c + p of the super-block's nibbles
+// (c = lane / 8, p = 4 * (lane % 8)): elements p..p+3 of sub-block 2c (low
+// nibbles) and of 2c + 1 (high). Sub-block s is d * sc_s * q - dmin * m_s,
+// so its dot is d sc_s dx (q . xq) - dmin m_s (dx sum xq), the second term
+// once per sub-block (by the lanes with p = 0). acc[tok] gets this lane's
+// part of row wr against activation row tok (xq rows of cols int8, xds
+// rows of cols / 32 (d, d * sum) pairs).
+template <int NT>
+__device__ __forceinline__ void q8_lanes_q4k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
+                                             int sb0, int step, float* acc) {
+    int lane = threadIdx.x, c = lane >> 3, p = (lane & 7) * 4;
+    int nblk = cols >> 5;
+#pragma unroll 2
+    for (int sb = sb0; sb < (cols >> 8); sb += step) {
+        const u8* b = wr + (size_t)sb * 144;
+        int word = *(const int*)(b + 16 + 32 * c + p);
+        float dd = ld_f16(b), dmin = ld_f16(b + 2);
+        float sc0, m0, sc1, m1;
+        scale_min_k4(2 * c, b + 4, &sc0, &m0);
+        scale_min_k4(2 * c + 1, b + 4, &sc1, &m1);
+        int lo = word & 0x0F0F0F0F, hi = (word >> 4) & 0x0F0F0F0F;
+        int j0 = sb * 8 + 2 * c;
+#pragma unroll
+        for (int tok = 0; tok < NT; tok++) {
+            if (tok < t) {
+                const i8* xr = xq + (size_t)tok * cols;
+                const float* ds = xds + 2 * ((size_t)tok * nblk + j0);
+                int s0 = __dp4a(lo, *(const int*)(xr + j0 * 32 + p), 0);
+                int s1 = __dp4a(hi, *(const int*)(xr + (j0 + 1) * 32 + p), 0);
+                float v = dd * (sc0 * ds[0] * (float)s0 + sc1 * ds[2] * (float)s1);
+                if (p == 0) v -= dmin * (m0 * ds[1] + m1 * ds[3]);
+                acc[tok] += v;
+            }
+        }
+    }
+}
+
+// q6_k: lane takes half n = lane / 16, parts pp and pp + 2 (pp = lane / 8
+// % 2: the low and high nibbles of ql's bytes 32pp + l0.., with qh's bit
+// pairs 2pp and 2pp + 4), elements l0..l0+3 (l0 = 4 * (lane % 8)) of each:
+// element 128n + 32 part + l, scale sc[8n + 2 part + l / 16], value
+// d * sc * (q - 32).
+template <int NT>
+__device__ __forceinline__ void q8_lanes_q6k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
+                                             int sb0, int step, float* acc) {
+    int lane = threadIdx.x, n = lane >> 4, pp = (lane >> 3) & 1, l0 = (lane & 7) * 4;
+    int nblk = cols >> 5;
+#pragma unroll 2
+    for (int sb = sb0; sb < (cols >> 8); sb += step) {
+        const u8* b = wr + (size_t)sb * 210;
+        int ql = ld_u32_2(b + 64 * n + 32 * pp + l0);
+        int qh = ld_u32_2(b + 128 + 32 * n + l0);
+        float d = ld_f16(b + 208);
+        const i8* sc = (const i8*)(b + 192) + 8 * n + l0 / 16;
+        float sa = d * (float)sc[2 * pp], sb2 = d * (float)sc[2 * (pp + 2)];
+        int qa = (ql & 0x0F0F0F0F) | (((qh >> (2 * pp)) & 0x03030303) << 4);
+        int qb = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * pp + 4)) & 0x03030303) << 4);
+        int va = (int)__vsub4((u32)qa, 0x20202020u), vb = (int)__vsub4((u32)qb, 0x20202020u);
+        int ja = sb * 8 + 4 * n + pp, jb = ja + 2;
+#pragma unroll
+        for (int tok = 0; tok < NT; tok++) {
+            if (tok < t) {
+                const i8* xr = xq + (size_t)tok * cols;
+                const float* ds = xds + 2 * (size_t)tok * nblk;
+                int s0 = __dp4a(va, *(const int*)(xr + ja * 32 + l0), 0);
+                int s1 = __dp4a(vb, *(const int*)(xr + jb * 32 + l0), 0);
+                acc[tok] += sa * ds[2 * ja] * (float)s0 + sb2 * ds[2 * jb] * (float)s1;
+            }
+        }
+    }
+}
+
+template <int T, int NT>
+__device__ __forceinline__ void q8_lanes(const u8* wr, const i8* xq, const float* xds, int cols, int t, int sb0,
+                                         int step, float* acc) {
+    if constexpr (T == T_Q4_K) {
+        q8_lanes_q4k<NT>(wr, xq, xds, cols, t, sb0, step, acc);
+    } else {
+        q8_lanes_q6k<NT>(wr, xq, xds, cols, t, sb0, step, acc);
+    }
+}
+
+// A block is MQ_WARPS warps; kw of them (1, 2 or 4) share a row, warp
+// part = y % kw taking the row's super-blocks part, part + kw, ...: one warp
+// a row keeps the most rows in flight where there are many (an LM head),
+// several where there are few (one expert's 768), so that either way the
+// GPU has loads enough in flight.
+struct Q8Row {
+    int row, part, kw;
+    bool valid;
+};
+
+__device__ __forceinline__ Q8Row q8_row(int rows, int kw) {
+    int row = blockIdx.x * (MQ_WARPS / kw) + threadIdx.y / kw;
+    return Q8Row{row, (int)threadIdx.y % kw, kw, row < rows};
+}
+
+// v summed over the warps sharing r's row, returned to its first warp's
+// lanes (the others get their own part); `part` is MQ_WARPS floats of
+// shared scratch for this one sum. Every thread of the block must call it.
+__device__ __forceinline__ float row_sum(float v, const Q8Row& r, float* part) {
+    v = warp_sum(v);
+    if (r.kw == 1) return v;
+    if (threadIdx.x == 0) part[threadIdx.y] = v;
+    __syncthreads();
+    if (r.part == 0)
+        for (int w = 1; w < r.kw; w++) v += part[threadIdx.y + w];
+    return v;
+}
+
+// Row r's dot with one activation row, in its first warp.
+template <int T>
+__device__ __forceinline__ float q8_row_dot(const u8* wr, const i8* xq, const float* xds, int cols,
+                                            const Q8Row& r, float* part) {
+    float acc[1] = {0.0f};
+    if (r.valid) q8_lanes<T, 1>(wr, xq, xds, cols, 1, r.part, r.kw, acc);
+    return row_sum(acc[0], r, part);
+}
+
+__device__ __forceinline__ bool q8_writes(const Q8Row& r) { return r.valid && r.part == 0 && threadIdx.x == 0; }
+
+// y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`.
+template <int T>
+__device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
+                     int t, int kw) {
+    __shared__ float part[MV_TOKENS][MQ_WARPS];
+    Q8Row r = q8_row(rows, kw);
+    float acc[MV_TOKENS];
+#pragma unroll
+    for (int i = 0; i < MV_TOKENS; i++) acc[i] = 0.0f;
+    if (r.valid) q8_lanes<T, MV_TOKENS>(w + (size_t)r.row * row_bytes, xq, xds, cols, t, r.part, kw, acc);
+#pragma unroll
+    for (int tok = 0; tok < MV_TOKENS; tok++) {
+        if (tok < t) {
+            float s = row_sum(acc[tok], r, part[tok]);
+            if (q8_writes(r)) y[(size_t)tok * rows + r.row] = s;
+        }
+    }
+}
+
+// As `matvec_id`, pair p's activations being row p / x_div of xq/xds.
+template <int T>
+__device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
+                        const float* xds, int x_div, float* y, int rows, int cols, int kw) {
+    __shared__ float part[MQ_WARPS];
+    Q8Row r = q8_row(rows, kw);
+    int p = blockIdx.y;
+    u32 e = ids[p];
+    // Uniform over the block, so every warp reaches row_sum's barrier or none.
+    if (e >= (u32)n_exp) {
+        if (q8_writes(r)) y[(size_t)p * rows + r.row] = 0.0f;
+        return;
+    }
+    size_t x = (size_t)(p / x_div);
+    float s = q8_row_dot<T>((const u8*)experts[e] + (size_t)r.row * row_bytes, xq + x * cols,
+                            xds + 2 * x * (cols >> 5), cols, r, part);
+    if (q8_writes(r)) y[(size_t)p * rows + r.row] = s;
+}
+
+// As `swiglu_id`: y[p, row] = silu(gate . x) * (up . x) for pair p's token
+// (p / k).
+template <int T>
+__device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids, int n_exp, u64 row_bytes,
+                               const i8* xq, const float* xds, int k, float* y, int rows, int cols, int kw) {
+    __shared__ float part[2][MQ_WARPS];
+    Q8Row r = q8_row(rows, kw);
+    int p = blockIdx.y;
+    u32 e = ids[p];
+    if (e >= (u32)n_exp) {
+        if (q8_writes(r)) y[(size_t)p * rows + r.row] = 0.0f;
+        return;
+    }
+    size_t x = (size_t)(p / k), at = (size_t)r.row * row_bytes;
+    const i8* xr = xq + x * cols;
+    const float* ds = xds + 2 * x * (cols >> 5);
+    float g = q8_row_dot<T>((const u8*)gates[e] + at, xr, ds, cols, r, part[0]);
+    float u = q8_row_dot<T>((const u8*)ups[e] + at, xr, ds, cols, r, part[1]);
+    if (q8_writes(r)) y[(size_t)p * rows + r.row] = g / (1.0f + expf(-g)) * u;
+}
+
+#define MMVQ_KERNELS(NAME, T)                                                                            \
+    extern "C" __global__ void mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
+                                           float* y, int rows, int cols, int t, int kw) {                \
+        mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t, kw);                                             \
+    }                                                                                                     \
+    extern "C" __global__ void mmvq_id_##NAME(const u64* experts, const u32* ids, int n_exp,             \
+                                              u64 row_bytes, const i8* xq, const float* xds, int x_div,  \
+                                              float* y, int rows, int cols, int kw) {                    \
+        mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols, kw);                    \
+    }                                                                                                     \
+    extern "C" __global__ void mmvq_swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,   \
+                                                     int n_exp, u64 row_bytes, const i8* xq,             \
+                                                     const float* xds, int k, float* y, int rows,        \
+                                                     int cols, int kw) {                                  \
+        mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols, kw);              \
+    }
+
+MMVQ_KERNELS(q4_k, T_Q4_K)
+MMVQ_KERNELS(q6_k, T_Q6_K)
+
+// ---- Tiled products on int8 activations (prefill's default for q4_k and
+// q6_k rows on sm_80 and newer, `gemm` the fallback; llama.cpp's mmq the
+// model, written anew here).
+//
+// A 64-token x 64-row output tile per 256-thread block, as `gemm`, one
+// 256-column super-block per step. Shared memory holds the step's weights
+// unpacked to int8 with their scales per 32 columns (q4_k: d * sc and the
+// minimum dmin * m; q6_k: one scale per 16) and the activations as
+// `quantize_q8` rounded them, with their (d, d * sum) pairs. Each 32-column
+// group is one int8 tensor-core product (m16n8k32) per fragment, scaled
+// into f32: w . x = dw dx (qw . qx) - mw (dx sum qx). q6_k's two scales
+// per group take two products, each with the other half of the weights
+// zeroed. Where `gemm` widens every weight to f32 and multiplies in 3xTF32,
+// this moves a quarter of the bytes through shared memory and does the
+// products at the int8 rate.
+//
+// PTX fragments of m16n8k32 (s8): with gid = lane / 4 and tig = lane % 4,
+// a[0..4] hold A[gid][4 tig..], A[gid + 8][4 tig..], A[gid][16 + 4 tig..],
+// A[gid + 8][16 + 4 tig..] (four int8 each); b[0..2] B[4 tig..][gid] and
+// B[16 + 4 tig..][gid]; c[0..4] C[gid][2 tig], C[gid][2 tig + 1],
+// C[gid + 8][2 tig], C[gid + 8][2 tig + 1]. A is 16 tokens, B 8 rows.
+
+// Row pitch of the int8 tiles: 272 bytes = 68 words = 4 mod 32, so the
+// eight rows and four words a fragment load reads fall in 32 banks.
+#define MQ_PITCH 272
+
+struct MmqTiles {
+    i8 w[TILE][MQ_PITCH];
+    i8 x[TILE][MQ_PITCH];
+    // Per row: the weights' scale per 16 columns (q4_k repeats it per 32).
+    float wd[TILE][16];
+    float wm[TILE][8];
+    // Per token and 32-block: d and d * sum of the int8 values.
+    float xd[TILE][8];
+    float xs[TILE][8];
+};
+
+// Super-block sb of the tile's 64 rows into t.w/wd/wm, one (row, quarter)
+// per thread: q4_k's quarter c is the 32 bytes of nibbles shared by groups
+// 2c (low) and 2c + 1 (high); q6_k's is half n = c / 2, parity pp = c % 2:
+// groups 4n + pp (low nibbles) and 4n + pp + 2 (high), both from the same
+// 32 bytes of low bits and of high bit pairs.
+template <int T>
+__device__ __forceinline__ void mmq_fill_w(const u8* w, u64 row_bytes, int rows, int row0, int sb, MmqTiles& t) {
+    int r = threadIdx.x >> 2, c = threadIdx.x & 3;
+    bool in = row0 + r < rows;
+    const u8* wr = w + (size_t)(row0 + r) * row_bytes;
+    int ga, gb;
+    int lo[8], hi[8];
+    if (T == T_Q4_K) {
+        ga = 2 * c;
+        gb = ga + 1;
+        const u8* b = wr + (size_t)sb * 144;
+        float sc0 = 0.0f, m0 = 0.0f, sc1 = 0.0f, m1 = 0.0f, d = 0.0f, dmin = 0.0f;
+        if (in) {
+            d = ld_f16(b);
+            dmin = ld_f16(b + 2);
+            scale_min_k4(ga, b + 4, &sc0, &m0);
+            scale_min_k4(gb, b + 4, &sc1, &m1);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int q = in ? *(const int*)(b + 16 + 32 * c + 4 * i) : 0;
+            lo[i] = q & 0x0F0F0F0F;
+            hi[i] = (q >> 4) & 0x0F0F0F0F;
+        }
+        t.wd[r][2 * ga] = t.wd[r][2 * ga + 1] = d * sc0;
+        t.wd[r][2 * gb] = t.wd[r][2 * gb + 1] = d * sc1;
+        t.wm[r][ga] = dmin * m0;
+        t.wm[r][gb] = dmin * m1;
+    } else {
+        int n = c >> 1, pp = c & 1;
+        ga = 4 * n + pp;
+        gb = ga + 2;
+        const u8* b = wr + (size_t)sb * 210;
+        float d = in ? ld_f16(b + 208) : 0.0f;
+        const i8* sc = (const i8*)(b + 192) + 8 * n;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int ql = in ? ld_u32_2(b + 64 * n + 32 * pp + 4 * i) : 0;
+            int qh = in ? ld_u32_2(b + 128 + 32 * n + 4 * i) : 0;
+            int qa = (ql & 0x0F0F0F0F) | (((qh >> (2 * pp)) & 0x03030303) << 4);
+            int qb = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * pp + 4)) & 0x03030303) << 4);
+            // Out of range: 0 - 32 with a scale of 0.
+            lo[i] = (int)__vsub4((u32)qa, 0x20202020u);
+            hi[i] = (int)__vsub4((u32)qb, 0x20202020u);
+        }
+        // Group 4n + part's halves take scales 2 part and 2 part + 1.
+        t.wd[r][2 * ga] = in ? d * (float)sc[2 * pp] : 0.0f;
+        t.wd[r][2 * ga + 1] = in ? d * (float)sc[2 * pp + 1] : 0.0f;
+        t.wd[r][2 * gb] = in ? d * (float)sc[2 * pp + 4] : 0.0f;
+        t.wd[r][2 * gb + 1] = in ? d * (float)sc[2 * pp + 5] : 0.0f;
+        t.wm[r][ga] = t.wm[r][gb] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        *(int*)&t.w[r][32 * ga + 4 * i] = lo[i];
+        *(int*)&t.w[r][32 * gb + 4 * i] = hi[i];
+    }
+}
+
+// Super-block sb of the tile's 64 tokens' int8 activations (rows of cols)
+// and their pairs into t.x/xd/xs, zero past the last token.
+__device__ __forceinline__ void mmq_fill_x(const i8* xq, const float* xds, int cols, int t, int tok0, int sb,
+                                           MmqTiles& s) {
+    int tid = threadIdx.x, nblk = cols >> 5;
+#pragma unroll
+    for (int i = 0; i < (TILE * 64) / 256; i++) {
+        int idx = tid + 256 * i, tok = idx >> 6, word = idx & 63;
+        int v = 0;
+        if (tok0 + tok < t) v = ((const int*)(xq + (size_t)(tok0 + tok) * cols + (size_t)sb * 256))[word];
+        *(int*)&s.x[tok][4 * word] = v;
+    }
+#pragma unroll
+    for (int i = 0; i < (TILE * 8) / 256; i++) {
+        int idx = tid + 256 * i, tok = idx >> 3, g = idx & 7;
+        float d = 0.0f, ds = 0.0f;
+        if (tok0 + tok < t) {
+            const float* p = xds + 2 * ((size_t)(tok0 + tok) * nblk + (size_t)sb * 8 + g);
+            d = p[0];
+            ds = p[1];
+        }
+        s.xd[tok][g] = d;
+        s.xs[tok][g] = ds;
+    }
+}
+
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void mma_s8(int* c, const int* a, int b0, int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+// y[tok, row] = x[tok] . w[row] for t tokens of int8 activations (xq, xds
+// as `quantize_q8` wrote them) through q4_k or q6_k rows, cols a multiple of
+// 256. Block 256; grid (ceil(rows/64), ceil(t/64)). Ampere and newer only:
+// the caller keeps older GPUs on `gemm`.
+template <int T>
+__device__ void mmq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
+                    int t) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ __align__(16) MmqTiles s;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int gid = lane >> 2, tig = lane & 3;
+    int row0 = blockIdx.x * TILE, tok0 = blockIdx.y * TILE;
+    if (tok0 >= t) return;
+    // Each warp: 16 tokens from m0, 32 rows from n0 (four 8-row fragments).
+    int m0 = (warp >> 1) * 16, n0 = (warp & 1) * 32;
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) acc[j][r] = 0.0f;
+    for (int sb = 0; sb < (cols >> 8); sb++) {
+        mmq_fill_w<T>(w, row_bytes, rows, row0, sb, s);
+        mmq_fill_x(xq, xds, cols, t, tok0, sb, s);
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < 8; g++) {
+            const i8* xa = &s.x[m0 + gid][32 * g + 4 * tig];
+            int a[4] = {*(const int*)xa, *(const int*)(xa + 8 * MQ_PITCH), *(const int*)(xa + 16),
+                        *(const int*)(xa + 8 * MQ_PITCH + 16)};
+            // Tokens gid and gid + 8 of the warp's 16.
+            float dx[2] = {s.xd[m0 + gid][g], s.xd[m0 + gid + 8][g]};
+            float sx[2] = {s.xs[m0 + gid][g], s.xs[m0 + gid + 8][g]};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const i8* wb = &s.w[n0 + 8 * j + gid][32 * g + 4 * tig];
+                int b0 = *(const int*)wb, b1 = *(const int*)(wb + 16);
+                // Rows 2 tig and 2 tig + 1 of the fragment.
+                int rr = n0 + 8 * j + 2 * tig;
+                if (T == T_Q4_K) {
+                    int c[4] = {0, 0, 0, 0};
+                    mma_s8(c, a, b0, b1);
+#pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        int row = rr + (r & 1), tk = r >> 1;
+                        acc[j][r] += dx[tk] * s.wd[row][2 * g] * (float)c[r] - sx[tk] * s.wm[row][g];
+                    }
+                } else {
+                    int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+                    mma_s8(lo, a, b0, 0);
+                    mma_s8(hi, a, 0, b1);
+#pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        int row = rr + (r & 1), tk = r >> 1;
+                        acc[j][r] += dx[tk] * (s.wd[row][2 * g] * (float)lo[r] + s.wd[row][2 * g + 1] * (float)hi[r]);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int tok = tok0 + m0 + gid + 8 * (r >> 1);
+            int row = row0 + n0 + 8 * j + 2 * tig + (r & 1);
+            if (tok < t && row < rows) y[(size_t)tok * rows + row] = acc[j][r];
+        }
+    }
+#endif
+}
+
+// `gemm_id` on int8 activations: block z runs expert used[z] over its rows
+// start[e]..start[e + 1] of the rounded activations.
+template <int T>
+__device__ void mmq_id(const u64* experts, const u32* used, const u32* start, u64 row_bytes, const i8* xq,
+                       const float* xds, float* y, int rows, int cols) {
+    u32 e = used[blockIdx.z];
+    u32 s = start[e];
+    int n = (int)(start[e + 1] - s);
+    mmq<T>((const u8*)experts[e], row_bytes, xq + (size_t)s * cols, xds + 2 * (size_t)s * (cols >> 5),
+           y + (size_t)s * rows, rows, cols, n);
+}
+
+// Two blocks an SM (at most 128 registers a thread): the grouped kernel
+// took 142 and so one block, with nothing to hide a block's tile fills.
+#define MMQ_KERNELS(NAME, T)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                 \
+        mmq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows,       \
+                   int cols, int t) {                                                                    \
+        mmq<T>(w, row_bytes, xq, xds, y, rows, cols, t);                                                  \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                 \
+        mmq_id_##NAME(const u64* experts, const u32* used, const u32* start, u64 row_bytes,              \
+                      const i8* xq, const float* xds, float* y, int rows, int cols) {                    \
+        mmq_id<T>(experts, used, start, row_bytes, xq, xds, y, rows, cols);                               \
+    }
+
+MMQ_KERNELS(q4_k, T_Q4_K)
+MMQ_KERNELS(q6_k, T_Q6_K)

@@ -65,6 +65,11 @@ pub const MATVEC_MAX_TOKENS: usize = 8;
 /// kernel's square tile (`TILE`).
 const MV_ROWS: u32 = 4;
 const TILE: u32 = 64;
+/// Warps of an int8-activation kernel's block (`MQ_WARPS` in `matmul.cu`),
+/// and the rows per SM from which they take one warp a row (a quarter of
+/// an SM's 64 resident warps; see [`Gpu::q8_warps_per_row`]).
+const MQ_WARPS: u32 = 4;
+const Q8_ROWS_PER_SM: usize = 16;
 /// Most experts and groups the routing kernel takes (`ROUTE_MAX`,
 /// `ROUTE_MAX_GROUPS`).
 const ROUTE_MAX: usize = 1024;
@@ -253,7 +258,59 @@ pub struct Gpu {
     /// Split attention's partial results ([`Gpu::attention`]), grown to
     /// the largest call; every use is on the compute stream, in order.
     attn_parts: Mutex<Option<CudaSlice<f32>>>,
+    /// [`Gpu::matmul_q8`]'s rounded activations and their block scales.
+    q8: Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
+    /// [`Gpu::matmul`] and the id kernels take the int8-activation kernels
+    /// where they apply: on unless `SMOE_CUDA_MMVQ=0` or
+    /// [`Gpu::set_int8_activations`] say otherwise (so that one binary
+    /// measures both; the float kernels stay for the exact product).
+    mmvq: std::sync::atomic::AtomicBool,
+    /// Warps per row of the int8 kernels when set (1, 2 or 4), else
+    /// chosen per call by [`Gpu::q8_warps_per_row`]; `cuda_bench` sets it
+    /// to time each.
+    q8_kw: std::sync::atomic::AtomicU32,
+    /// The last graph captured by [`Gpu::captured`] in each slot (a step's
+    /// part), instantiated: the next capture of the slot updates it in
+    /// place.
+    graphs: Mutex<Vec<Option<GraphExec>>>,
+    /// While [`Gpu::captured`] records: anything that would allocate,
+    /// copy to or from the host or wait is refused instead (in a graph it
+    /// would not run when the caller thinks it does).
+    capturing: std::sync::atomic::AtomicBool,
+    /// The tiled products of q4_k and q6_k rows on int8 activations
+    /// (`mmq`, as llama.cpp's prefill rounds them) instead of widened
+    /// weights in 3xTF32: 4.7x the rate on the H200 (36.1 against 7.7
+    /// TFLOP/s, 512 tokens through [768, 2048]). Off with `SMOE_CUDA_MMQ=0`
+    /// or [`Gpu::set_int8_tiles`].
+    mmq: std::sync::atomic::AtomicBool,
+    /// The tiled products' 3xTF32 (f32 accuracy); off, one TF32 product
+    /// (`SMOE_CUDA_TF32=1` or [`Gpu::set_exact_gemm`], to measure both).
+    exact_gemm: std::sync::atomic::AtomicBool,
+    /// Captures that fell back to running eagerly; past
+    /// [`GRAPH_FALLBACKS`] no more are tried.
+    graph_fallbacks: std::sync::atomic::AtomicU32,
 }
+
+/// An instantiated CUDA graph, destroyed on drop.
+#[derive(Debug)]
+struct GraphExec(cudarc::driver::sys::CUgraphExec);
+
+// SAFETY: a graph exec is a driver handle, usable from any thread that has
+// the context current (every use binds it); the Mutex serialises uses.
+unsafe impl Send for GraphExec {}
+
+impl Drop for GraphExec {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from instantiation and is dropped once.
+        // Nothing to do about a failure: the memory goes with the context.
+        let _ = unsafe { cudarc::driver::result::graph::exec_destroy(self.0) };
+    }
+}
+
+/// Captures [`Gpu::captured`] lets fall back before it stops trying: each
+/// costs the step's launches twice. A decode has a few (the KV cache or
+/// the split attention's scratch growing mid-step).
+const GRAPH_FALLBACKS: u32 = 16;
 
 /// One profiled launch: events on the compute stream before and after it,
 /// and the host's time in the launch call.
@@ -299,6 +356,26 @@ impl Gpu {
             functions: Mutex::default(),
             timed: super::profile::enabled().then(Mutex::default),
             attn_parts: Mutex::default(),
+            q8: Mutex::default(),
+            mmvq: std::env::var_os("SMOE_CUDA_MMVQ")
+                .is_none_or(|v| v != "0")
+                .into(),
+            q8_kw: 0.into(),
+            graphs: Mutex::default(),
+            mmq: std::env::var_os("SMOE_CUDA_MMQ")
+                .is_none_or(|v| v != "0")
+                .into(),
+            exact_gemm: std::env::var_os("SMOE_CUDA_TF32")
+                .is_none_or(|v| v != "1")
+                .into(),
+            capturing: false.into(),
+            // SMOE_CUDA_GRAPH=0 runs every step eagerly (to measure both).
+            graph_fallbacks: if std::env::var_os("SMOE_CUDA_GRAPH").is_some_and(|v| v == "0") {
+                GRAPH_FALLBACKS
+            } else {
+                0
+            }
+            .into(),
         })
     }
 
@@ -379,7 +456,106 @@ impl Gpu {
     }
 
     /// Waits for everything queued on both streams.
+    /// Refuses `what` while a step is being captured ([`Gpu::captured`]):
+    /// also before dropping a buffer to grow it, as a free in a capture
+    /// would be recorded, not done.
+    pub(crate) fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::invalid(format!(
+                "CUDA: {what} while a step is captured as a graph"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether [`Gpu::captured`] will try: not when profiling (the events
+    /// between launches), nor after too many fallbacks, nor with
+    /// `SMOE_CUDA_GRAPH=0`.
+    pub fn graphs(&self) -> bool {
+        self.timed.is_none()
+            && self
+                .graph_fallbacks
+                .load(std::sync::atomic::Ordering::Relaxed)
+                < GRAPH_FALLBACKS
+    }
+
+    /// Runs `step`'s launches as one CUDA graph: recorded on the compute
+    /// stream (nothing runs while it records), then the graph last
+    /// captured in `slot` updated in place with them where the two have
+    /// the same shape (kernels and their order; arguments and grids may
+    /// differ), else instantiated anew, and launched. A decode step is
+    /// ~200 small kernels whose launches, one by one, left the GPU idle
+    /// between them; a caller that captures a step in parts (slots) lets
+    /// the GPU run one part while the next is recorded.
+    ///
+    /// `Ok(false)` when `step` failed or did something a graph cannot hold
+    /// (an allocation, a host copy, a wait: refused while recording) or
+    /// the driver refused the graph: then nothing of it ran, and the caller
+    /// runs the step again eagerly (and a real error shows there).
+    pub fn captured(&self, slot: usize, step: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+        use cudarc::driver::{result, sys};
+        use std::sync::atomic::Ordering::Relaxed;
+        let stream = self.compute.cu_stream();
+        self.compute
+            .context()
+            .bind_to_thread()
+            .map_err(|e| device_error("binding the context", e))?;
+        // SAFETY: the stream is this device's, alive as long as self.
+        unsafe {
+            result::stream::begin_capture(
+                stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| device_error("starting a graph capture", e))?;
+        self.capturing.store(true, Relaxed);
+        let ran = step();
+        self.capturing.store(false, Relaxed);
+        // SAFETY: as above; capture was begun on this stream.
+        let graph = unsafe { result::stream::end_capture(stream) };
+        let graph = match (ran, graph) {
+            (Ok(()), Ok(g)) if !g.is_null() => g,
+            (_, graph) => {
+                if let Some(g) = graph.ok().filter(|g| !g.is_null()) {
+                    // SAFETY: a graph the capture returned, not used again.
+                    let _ = unsafe { result::graph::destroy(g) };
+                }
+                self.graph_fallbacks.fetch_add(1, Relaxed);
+                return Ok(false);
+            }
+        };
+        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        if graphs.len() <= slot {
+            graphs.resize_with(slot + 1, || None);
+        }
+        let slot = &mut graphs[slot];
+        let updated = slot.take().filter(|exec| {
+            let mut info = std::mem::MaybeUninit::<sys::CUgraphExecUpdateResultInfo>::zeroed();
+            // SAFETY: both handles are live; info is written by the call.
+            let r = unsafe { sys::cuGraphExecUpdate_v2(exec.0, graph, info.as_mut_ptr()) };
+            r == sys::CUresult::CUDA_SUCCESS
+        });
+        let exec = match updated {
+            Some(exec) => Ok(exec),
+            // SAFETY: a complete graph from the capture.
+            None => unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+                .map(GraphExec),
+        };
+        // SAFETY: the exec holds what it needs of the graph.
+        let _ = unsafe { result::graph::destroy(graph) };
+        let Ok(exec) = exec else {
+            self.graph_fallbacks.fetch_add(1, Relaxed);
+            return Ok(false);
+        };
+        // SAFETY: a live exec on this device's stream.
+        unsafe { result::graph::launch(exec.0, stream) }
+            .map_err(|e| device_error("launching a captured step", e))?;
+        *slot = Some(exec);
+        Ok(true)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
+        self.not_capturing("waiting for the GPU")?;
         for s in [&self.copy, &self.compute] {
             s.synchronize()
                 .map_err(|e| device_error("synchronize", e))?;
@@ -388,12 +564,14 @@ impl Gpu {
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.not_capturing("an upload")?;
         self.compute
             .clone_htod(host)
             .map_err(|e| device_error(format!("uploading {} bytes", size_of_val(host)), e))
     }
 
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.not_capturing("an allocation")?;
         self.compute
             .alloc_zeros(n)
             .map_err(|e| device_error(format!("allocating {n} elements"), e))
@@ -401,6 +579,7 @@ impl Gpu {
 
     /// Copies a device buffer back, after the work queued before it.
     pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.not_capturing("a download")?;
         self.compute
             .clone_dtoh(dev)
             .map_err(|e| device_error(format!("downloading {} elements", dev.len()), e))
@@ -412,6 +591,7 @@ impl Gpu {
         host: &[T],
         dst: &mut CudaViewMut<'_, T>,
     ) -> Result<()> {
+        self.not_capturing("an upload")?;
         if dst.len() < host.len() {
             return Err(Error::invalid(format!(
                 "CUDA upload: {} elements into {}",
@@ -427,6 +607,7 @@ impl Gpu {
     /// Copies `dst.len()` elements of `src` back, after the work queued
     /// before.
     pub fn download_into<T: DeviceRepr>(&self, src: &CudaView<'_, T>, dst: &mut [T]) -> Result<()> {
+        self.not_capturing("a download")?;
         if dst.len() < src.len() {
             return Err(Error::invalid(format!(
                 "CUDA download: {} elements into {}",
@@ -560,6 +741,7 @@ impl Gpu {
 
     /// Blocks until every upload queued so far has read its host memory.
     pub fn finish_uploads(&self) -> Result<()> {
+        self.not_capturing("waiting for uploads")?;
         self.copy
             .synchronize()
             .map_err(|e| device_error("finishing uploads", e))
@@ -568,6 +750,7 @@ impl Gpu {
     /// A matrix of `w`'s shape on `stream`, holding `w`'s rows when
     /// `fill`, else uninitialised for the caller to fill.
     fn matrix_on(&self, stream: &Arc<CudaStream>, w: Matrix<'_>, fill: bool) -> Result<GpuMatrix> {
+        self.not_capturing("an allocation")?;
         let name = w.dtype.name();
         kernel_dtype(w.dtype)?;
         // Quantized rows are whole blocks (32 or 256 weights); float rows
@@ -656,9 +839,12 @@ impl Gpu {
         }))
     }
 
-    /// `y[t, rows] = x[t, cols] · wᵀ`, as the CPU backend's `matmul` but
-    /// with f32 activations throughout (the CPU quantizes them to 8 bits
-    /// for quantized weights).
+    /// `y[t, rows] = x[t, cols] · wᵀ`, as the CPU backend's `matmul`: up to
+    /// MATVEC_MAX_TOKENS tokens through q4_k or q6_k rows with activations
+    /// rounded to int8 per 32 ([`Gpu::matmul_q8`], unless
+    /// [`Gpu::set_int8_activations`] turned that off), everything else
+    /// with f32 activations (the CPU rounds them to 8 bits per 256 for
+    /// every quantized type).
     pub fn matmul(
         &self,
         x: &CudaView<'_, f32>,
@@ -681,6 +867,12 @@ impl Gpu {
         if t == 0 || w.rows == 0 {
             return Ok(());
         }
+        if self.int8_activations() && takes_q8(w, t) {
+            return self.matmul_q8(x, t, w, y);
+        }
+        if t > MATVEC_MAX_TOKENS && self.int8_tiles() && q8_rows(w.dtype, w.cols) {
+            return self.mmq(x, t, w, y);
+        }
         let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
         let per_warp = LaunchConfig {
@@ -693,19 +885,235 @@ impl Gpu {
         } else if t <= MATVEC_MAX_TOKENS {
             ("matvec", per_warp)
         } else {
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    w.rows.div_ceil(TILE as usize) as u32,
-                    t.div_ceil(TILE as usize) as u32,
-                    1,
-                ),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            ("gemm", cfg)
+            ("gemm", Self::tiles(w.rows, t, 1)?)
         };
+        let tiled = name == "gemm";
         let name = format!("{name}_{}", kernel_dtype(w.dtype)?);
+        if tiled {
+            let exact = self.exact_gemm();
+            return launch!(
+                self, &name, cfg, &w.data, &row_bytes, x, y, &rows, &cols, &tokens, &exact
+            );
+        }
         launch!(self, &name, cfg, &w.data, &row_bytes, x, y, &rows, &cols, &tokens)
+    }
+
+    /// The first `n` activations of `x` rounded to 8 bits per 32-block
+    /// into the q8 scratch (`(int8 values, (d, d * sum) per block)`), held
+    /// locked for the launch that reads them.
+    #[allow(clippy::type_complexity)]
+    fn quantize_q8(
+        &self,
+        x: &CudaView<'_, f32>,
+        n: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Option<(CudaSlice<u8>, CudaSlice<f32>)>>> {
+        if !n.is_multiple_of(32) || x.len() < n {
+            return Err(Error::invalid(format!(
+                "CUDA quantize_q8: {n} values (whole 32-blocks) of {}",
+                x.len()
+            )));
+        }
+        let blocks = n / 32;
+        let mut q8 = self.q8.lock().unwrap_or_else(|e| e.into_inner());
+        if q8.as_ref().is_none_or(|(q, _)| q.len() < blocks * 32) {
+            self.not_capturing("growing the int8 scratch")?;
+            *q8 = None;
+            *q8 = Some((self.zeros(blocks * 32)?, self.zeros(blocks * 2)?));
+        }
+        let (xq, xds) = q8.as_mut().expect("allocated above");
+        let warps = 4u32;
+        let cfg = LaunchConfig {
+            grid_dim: ((blocks as u32).div_ceil(warps), 1, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let blocks = blocks as u64;
+        launch!(self, "quantize_q8", cfg, x, &mut *xq, &mut *xds, &blocks)?;
+        Ok(q8)
+    }
+
+    /// The tiled products (prefill) in 3xTF32, f32's accuracy (`true`, the
+    /// default), or in one TF32 product each (an experiment: a third of
+    /// the tensor work, 10 bits of mantissa), for what is queued from now
+    /// on.
+    pub fn set_exact_gemm(&self, exact: bool) {
+        self.exact_gemm
+            .store(exact, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn exact_gemm(&self) -> i32 {
+        self.exact_gemm.load(std::sync::atomic::Ordering::Relaxed) as i32
+    }
+
+    /// Turns the int8 tiled products (`mmq`) on or off for what is queued
+    /// from now on.
+    pub fn set_int8_tiles(&self, on: bool) {
+        self.mmq.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether prefill's tiled products of q4_k and q6_k rows (and their
+    /// grouped experts) round the activations to int8 and multiply on the
+    /// int8 tensor cores (Ampere and newer).
+    pub fn int8_tiles(&self) -> bool {
+        self.mmq.load(std::sync::atomic::Ordering::Relaxed)
+            && self.info.compute_capability >= (8, 0)
+    }
+
+    /// The tiled kernel's grid for `rows` rows of `tokens` tokens, over
+    /// `experts` experts (1 for one matrix).
+    fn tiles(rows: usize, tokens: usize, experts: usize) -> Result<LaunchConfig> {
+        Ok(LaunchConfig {
+            grid_dim: (
+                int(rows.div_ceil(TILE as usize))? as u32,
+                int(tokens.div_ceil(TILE as usize))? as u32,
+                int(experts)? as u32,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    /// [`Gpu::matmul`] of many tokens through q4_k or q6_k rows on int8
+    /// activations: rounded per 32-block as for the matrix-vector kernels,
+    /// multiplied in int8 on the tensor cores, 64 x 64 tiles as `gemm`.
+    fn mmq(
+        &self,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        w: &GpuMatrix,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
+        let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let q8 = self.quantize_q8(x, t * w.cols)?;
+        let (xq, xds) = q8.as_ref().expect("quantized above");
+        let name = format!("mmq_{}", kernel_dtype(w.dtype)?);
+        let cfg = Self::tiles(w.rows, t, 1)?;
+        launch!(self, &name, cfg, &w.data, &row_bytes, xq, xds, y, &rows, &cols, &tokens)
+    }
+
+    /// Turns the int8-activation kernels on or off for what is queued
+    /// from now on.
+    pub fn set_int8_activations(&self, on: bool) {
+        self.mmvq.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`Gpu::matmul`] and the id kernels round a few tokens'
+    /// activations to int8 for q4_k and q6_k rows.
+    pub fn int8_activations(&self) -> bool {
+        self.mmvq.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Fixes the int8 kernels' warps per row (1, 2 or 4; `None` for the
+    /// choice by shape), for timing each.
+    pub fn set_q8_warps_per_row(&self, kw: Option<u32>) {
+        let kw = kw.map_or(0, |k| k.clamp(1, MQ_WARPS).next_power_of_two());
+        self.q8_kw.store(kw, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Warps per row for `rows` rows in all (pairs included): one where
+    /// there are rows enough to keep loads in flight by themselves, more
+    /// where they are few. On the H200 (132 SMs): one expert's 768 rows
+    /// 107 GB/s at four warps against 78 at one; 4,096 rows (attention's
+    /// q) 416 at one against 303 at four; the 151,936-row LM head 1,628 at
+    /// one against 689 at four.
+    fn q8_warps_per_row(&self, rows: usize) -> u32 {
+        match self.q8_kw.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => {
+                let want = Q8_ROWS_PER_SM * self.info.sm_count.max(1);
+                (want.div_ceil(rows.max(1)) as u32)
+                    .next_power_of_two()
+                    .min(MQ_WARPS)
+            }
+            kw => kw,
+        }
+    }
+
+    /// The int8 kernels' blocks for `rows` rows of `pairs` pairs: a grid row
+    /// per pair.
+    fn per_q8_row(&self, rows: usize, pairs: usize) -> Result<(LaunchConfig, i32)> {
+        let kw = self.q8_warps_per_row(rows * pairs);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(rows.div_ceil((MQ_WARPS / kw) as usize))? as u32,
+                int(pairs)? as u32,
+                1,
+            ),
+            block_dim: (32, MQ_WARPS, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok((cfg, kw as i32))
+    }
+
+    /// Whether the id kernels take the int8-activation path for `w`.
+    fn mmvq_for(&self, w: &ExpertTable) -> bool {
+        self.int8_activations() && q8_rows(w.dtype, w.cols)
+    }
+
+    /// As [`Gpu::matmul`] for a few tokens through q4_k or q6_k rows, with
+    /// the activations rounded to 8 bits per 32-block first (as the CPU
+    /// backend rounds them) and the products taken four at a time in
+    /// int8 (`dp4a`), as llama.cpp's mmvq does: 2.7x the f32 kernel's rate
+    /// on a q6_k LM head (`cuda_bench` times both).
+    pub fn matmul_q8(
+        &self,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        w: &GpuMatrix,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let name = q8_kernel(w, t, x, y)?;
+        let q8 = self.quantize_q8(x, t * w.cols)?;
+        let (xq, xds) = q8.as_ref().expect("quantized above");
+        self.mmvq(name, xq, xds, t, w, y)
+    }
+
+    /// `matmul` of one `x` through several matrices (attention's q, k and
+    /// v): with int8 activations they are rounded once for all.
+    pub fn matmul_each(
+        &self,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        outs: &mut [(&GpuMatrix, &mut CudaViewMut<'_, f32>)],
+    ) -> Result<()> {
+        let cols = outs.first().map(|(w, _)| w.cols);
+        // Every product's int8 kernel, where all take one and are as wide.
+        let kernels: Option<Vec<&str>> = self
+            .int8_activations()
+            .then(|| {
+                outs.iter()
+                    .map(|(w, y)| q8_kernel(w, t, x, y).ok().filter(|_| Some(w.cols) == cols))
+                    .collect()
+            })
+            .flatten();
+        let (Some(cols), Some(kernels)) = (cols, kernels) else {
+            for (w, y) in outs.iter_mut() {
+                self.matmul(x, t, w, y)?;
+            }
+            return Ok(());
+        };
+        let q8 = self.quantize_q8(x, t * cols)?;
+        let (xq, xds) = q8.as_ref().expect("quantized above");
+        for ((w, y), name) in outs.iter_mut().zip(kernels) {
+            self.mmvq(name, xq, xds, t, w, y)?;
+        }
+        Ok(())
+    }
+
+    /// The int8 kernel `name` on activations already rounded.
+    fn mmvq(
+        &self,
+        name: &str,
+        xq: &CudaSlice<u8>,
+        xds: &CudaSlice<f32>,
+        t: usize,
+        w: &GpuMatrix,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
+        let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let (cfg, kw) = self.per_q8_row(w.rows, 1)?;
+        launch!(self, name, cfg, &w.data, &row_bytes, xq, xds, y, &rows, &cols, &tokens, &kw)
     }
 
     /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
@@ -729,6 +1137,103 @@ impl Gpu {
             return Ok(());
         }
         launch!(self, "rms_norm", per_row(rows)?, x, out, w, &width, &eps)
+    }
+
+    /// `x += d`, then RMSNorm of each `w.len()`-wide row of the sum into
+    /// `out`: a residual add and the next norm in one launch.
+    pub fn add_rms_norm_rows(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        d: &CudaView<'_, f32>,
+        w: &CudaView<'_, f32>,
+        eps: f32,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let width = w.len();
+        if width == 0 || !x.len().is_multiple_of(width) || out.len() < x.len() || d.len() < x.len()
+        {
+            return Err(Error::invalid(format!(
+                "CUDA add_rms_norm_rows: {} values plus {}, {} outputs, rows of {width}",
+                x.len(),
+                d.len(),
+                out.len()
+            )));
+        }
+        let (rows, width) = (x.len() / width, int(width)?);
+        if rows == 0 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "add_rms_norm",
+            per_row(rows)?,
+            x,
+            d,
+            out,
+            w,
+            &width,
+            &eps
+        )
+    }
+
+    /// Per-head RMSNorm (weights `wq`, `wk`, one head wide) then NeoX
+    /// rotary embedding of `t` rows of q's and k's heads, in place, in
+    /// one launch: as [`Gpu::rms_norm`] then [`Gpu::rope`] on each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_norm_rope(
+        &self,
+        q: &mut CudaViewMut<'_, f32>,
+        k: &mut CudaViewMut<'_, f32>,
+        wq: &CudaView<'_, f32>,
+        wk: &CudaView<'_, f32>,
+        t: usize,
+        cos: &CudaView<'_, f32>,
+        sin: &CudaView<'_, f32>,
+        eps: f32,
+    ) -> Result<()> {
+        let head = wq.len();
+        let half = head / 2;
+        if t == 0 {
+            return Ok(());
+        }
+        if head == 0
+            || !head.is_multiple_of(2)
+            || wk.len() != head
+            || !q.len().is_multiple_of(t * head)
+            || !k.len().is_multiple_of(t * head)
+            || cos.len() < t * half
+            || sin.len() < t * half
+        {
+            return Err(Error::invalid(format!(
+                "CUDA qk_norm_rope: {} and {} values in {t} rows of heads {head} wide \
+                 (norms of {} and {}); tables of {} and {}",
+                q.len(),
+                k.len(),
+                wq.len(),
+                wk.len(),
+                cos.len(),
+                sin.len()
+            )));
+        }
+        let (q_heads, k_heads) = (q.len() / (t * head), k.len() / (t * head));
+        let blocks = t * (q_heads + k_heads);
+        let (head, q_heads, k_heads, t) = (int(head)?, int(q_heads)?, int(k_heads)?, int(t)?);
+        launch!(
+            self,
+            "qk_norm_rope",
+            per_row(blocks)?,
+            q,
+            k,
+            wq,
+            wk,
+            cos,
+            sin,
+            &head,
+            &q_heads,
+            &k_heads,
+            &t,
+            &eps
+        )
     }
 
     /// RMSNorm in place of the first `w.len()` values of each
@@ -979,12 +1484,16 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let mut parts = self.attn_parts.lock().unwrap_or_else(|e| e.into_inner());
-        let need = if splits > 1 {
-            blocks * splits * (s.v_dim + 2)
+        // Sized for the most splits this shape reaches as the keys grow (a
+        // few hundred KB), not this call's: a decode step captured as a
+        // graph must not find it growing.
+        let need = if blocks < want {
+            blocks * want.div_ceil(blocks) * (s.v_dim + 2)
         } else {
             1
         };
         if parts.as_ref().is_none_or(|p| p.len() < need) {
+            self.not_capturing("growing the attention scratch")?;
             *parts = None;
             *parts = Some(self.zeros(need)?);
         }
@@ -1204,6 +1713,17 @@ impl Gpu {
             int(gate.cols)?,
         );
         let row_bytes = gate.dtype.row_bytes(gate.cols) as u64;
+        if self.mmvq_for(gate) {
+            let tokens = pairs.div_ceil(k as usize);
+            let mut q8 = self.quantize_q8(x, tokens * gate.cols)?;
+            let (xq, xds) = q8.as_mut().expect("quantized above");
+            let name = format!("mmvq_swiglu_id_{}", kernel_dtype(gate.dtype)?);
+            let (cfg, kw) = self.per_q8_row(gate.rows, pairs)?;
+            return launch!(
+                self, &name, cfg, &gate.ptrs, &up.ptrs, ids, &n_exp, &row_bytes, &*xq, &*xds, &k,
+                y, &rows, &cols, &kw
+            );
+        }
         let name = format!("swiglu_id_{}", kernel_dtype(gate.dtype)?);
         launch!(
             self,
@@ -1246,8 +1766,18 @@ impl Gpu {
         }
         let (n_exp, rows, cols) = (int(w.ptrs.len())?, int(w.rows)?, int(w.cols)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
-        let name = format!("matvec_id_{}", kernel_dtype(w.dtype)?);
         let one = 1i32;
+        if self.mmvq_for(w) {
+            let mut q8 = self.quantize_q8(x, pairs * w.cols)?;
+            let (xq, xds) = q8.as_mut().expect("quantized above");
+            let name = format!("mmvq_id_{}", kernel_dtype(w.dtype)?);
+            let (cfg, kw) = self.per_q8_row(w.rows, pairs)?;
+            return launch!(
+                self, &name, cfg, &w.ptrs, ids, &n_exp, &row_bytes, &*xq, &*xds, &one, y, &rows,
+                &cols, &kw
+            );
+        }
+        let name = format!("matvec_id_{}", kernel_dtype(w.dtype)?);
         launch!(
             self,
             &name,
@@ -1301,17 +1831,18 @@ impl Gpu {
         }
         let (rows, cols) = (int(w.rows)?, int(w.cols)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
+        let cfg = Self::tiles(w.rows, most, used.len())?;
+        if self.int8_tiles() && q8_rows(w.dtype, w.cols) {
+            let q8 = self.quantize_q8(x, pairs * w.cols)?;
+            let (xq, xds) = q8.as_ref().expect("quantized above");
+            let name = format!("mmq_id_{}", kernel_dtype(w.dtype)?);
+            return launch!(
+                self, &name, cfg, &w.ptrs, used, start, &row_bytes, xq, xds, y, &rows, &cols
+            );
+        }
         let name = format!("gemm_id_{}", kernel_dtype(w.dtype)?);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                w.rows.div_ceil(TILE as usize) as u32,
-                int(most.div_ceil(TILE as usize))? as u32,
-                int(used.len())? as u32,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, &name, cfg, &w.ptrs, used, start, &row_bytes, x, y, &rows, &cols)
+        let exact = self.exact_gemm();
+        launch!(self, &name, cfg, &w.ptrs, used, start, &row_bytes, x, y, &rows, &cols, &exact)
     }
 
     /// Row `tok` of `y` (`t` rows) is `Σ_j w[tok * k + j] · ys[tok * k + j]`
@@ -1455,6 +1986,51 @@ fn kernel_dtype(d: DType) -> Result<&'static str> {
         ))),
         _ => Ok(d.name()),
     }
+}
+
+/// Whether the int8 kernels take rows of `dtype`, `cols` wide.
+fn q8_rows(dtype: DType, cols: usize) -> bool {
+    cols.is_multiple_of(256) && matches!(dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K))
+}
+
+/// Whether the int8 kernels take `t` tokens through `w`.
+fn takes_q8(w: &GpuMatrix, t: usize) -> bool {
+    t <= MATVEC_MAX_TOKENS && q8_rows(w.dtype, w.cols)
+}
+
+/// The int8 kernel for `t` tokens of `x` through `w` into `y`, or why not.
+fn q8_kernel(
+    w: &GpuMatrix,
+    t: usize,
+    x: &CudaView<'_, f32>,
+    y: &CudaViewMut<'_, f32>,
+) -> Result<&'static str> {
+    let name = match w.dtype {
+        DType::Quant(QuantType::Q4K) => "mmvq_q4_k",
+        DType::Quant(QuantType::Q6K) => "mmvq_q6_k",
+        other => {
+            return Err(Error::invalid(format!(
+                "CUDA matmul_q8: {} rows (q4_k and q6_k only)",
+                other.name()
+            )))
+        }
+    };
+    if t == 0
+        || t > MATVEC_MAX_TOKENS
+        || !w.cols.is_multiple_of(256)
+        || x.len() < t * w.cols
+        || y.len() < t * w.rows
+    {
+        return Err(Error::invalid(format!(
+            "CUDA matmul_q8: {t} tokens (1 to {MATVEC_MAX_TOKENS}) through [{}, {}] \
+             (columns a multiple of 256) with {} inputs and {} outputs",
+            w.rows,
+            w.cols,
+            x.len(),
+            y.len()
+        )));
+    }
+    Ok(name)
 }
 
 /// The id kernels' blocks: `MV_ROWS` warps over an expert's rows, one

@@ -20,6 +20,49 @@ extern "C" __global__ void rms_norm(const float* x, float* out, const float* w, 
     rms_row(x + at, out + at, w, width, eps);
 }
 
+// x += d, then RMSNorm of the sum into out, row blockIdx.x: a residual
+// add and the next norm in one launch (each thread reads back only the
+// sums it wrote).
+extern "C" __global__ void add_rms_norm(float* x, const float* d, float* out, const float* w, int width,
+                                        float eps) {
+    __shared__ float sh[32];
+    size_t at = (size_t)blockIdx.x * width;
+    float *xr = x + at, *orow = out + at;
+    const float* dr = d + at;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = xr[i] + dr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    float inv = 1.0f / sqrtf(ss / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) orow[i] = w[i] * (xr[i] * inv);
+}
+
+// Per-head RMSNorm then NeoX rotary embedding of q's and k's heads (`head`
+// wide, t rows of q_heads and k_heads), in place, one block per head: q's
+// heads first, then k's. As rms_norm_in_place then rope on each, in one
+// launch instead of four.
+extern "C" __global__ void qk_norm_rope(float* q, float* k, const float* wq, const float* wk,
+                                        const float* cos_t, const float* sin_t, int head, int q_heads,
+                                        int k_heads, int t, float eps) {
+    int b = blockIdx.x, qn = t * q_heads;
+    bool is_q = b < qn;
+    int hb = is_q ? b : b - qn, heads = is_q ? q_heads : k_heads;
+    int tok = hb / heads;
+    float* r = (is_q ? q : k) + (size_t)hb * head;
+    rms_row(r, r, is_q ? wq : wk, head, eps);
+    __syncthreads();
+    int half = head / 2;
+    const float *c = cos_t + (size_t)tok * half, *s = sin_t + (size_t)tok * half;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float x0 = r[i], x1 = r[i + half];
+        r[i] = x0 * c[i] - x1 * s[i];
+        r[i + half] = x1 * c[i] + x0 * s[i];
+    }
+}
+
 // The first `width` values of row blockIdx.x (rows `stride` apart), in place.
 extern "C" __global__ void rms_norm_in_place(float* x, const float* w, int width, int stride,
                                              float eps) {
