@@ -1260,9 +1260,7 @@ fn streamed_experts_match_the_cpu() {
                 // (which sizes the buffers) replay one captured graph,
                 // unless SMOE_CUDA_GRAPH=0 turned graphs off.
                 Budget::Auto => assert!(
-                    g.vram_hits > 0
-                        && streamed == 0
-                        && (g.graph_steps >= 5 || !graphs_on()),
+                    g.vram_hits > 0 && streamed == 0 && (g.graph_steps >= 5 || !graphs_on()),
                     "{what}: {g:?}"
                 ),
                 Budget::Bytes(_) => assert!(g.vram_hits > 0 && streamed > 0, "{what}: {g:?}"),
