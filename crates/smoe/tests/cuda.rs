@@ -118,12 +118,6 @@ fn q8_rounded(x: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Whether decode steps may run as CUDA graphs (`SMOE_CUDA_GRAPH=0` runs
-/// every step eagerly, to measure both).
-fn graphs_on() -> bool {
-    std::env::var_os("SMOE_CUDA_GRAPH").is_none_or(|v| v != "0")
-}
-
 /// Whether `gpu.matmul` takes an int8-activation kernel for `t` tokens
 /// through `dtype` rows of `cols` (the matrix-vector one up to
 /// MATVEC_MAX_TOKENS, the tiled one past it).
@@ -325,8 +319,9 @@ fn int8_matvec_at(gpu: &Gpu, how: &str) {
 }
 
 /// The int8 tiled products (`mmq`, prefill's default for q4_k/q6_k rows on
-/// Ampere and newer, `Gpu::set_int8_tiles`) against the exact product of the stored q4_k/q6_k weights
-/// with the activations rounded as the kernel rounds them (1e-3, as for
+/// Ampere and newer, `Gpu::set_int8_tiles`) against the exact product of
+/// the stored q4_k/q6_k weights with the activations rounded as the
+/// kernel rounds them (1e-3, as for
 /// the matrix-vector kernels: the int8 products are exact, the scaling in
 /// f32) and unrounded (3e-2): whole and ragged tiles of tokens and rows,
 /// one super-block and eight, and the grouped experts' kernel against each
@@ -1210,9 +1205,11 @@ fn a_batch_on_cuda_equals_its_sequences_alone() {
 /// CPU's instead): the tolerance is the families' 1e-3.
 #[test]
 fn streamed_experts_match_the_cpu() {
-    if gpu_or_skip("streamed experts on CUDA").is_none() {
+    // The engines make handles of their own; this one, which never
+    // captures, says whether theirs will (`SMOE_CUDA_GRAPH=0` says not).
+    let Some(handle) = gpu_or_skip("streamed experts on CUDA") else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     for name in ["qwen3-moe-a", "olmoe"] {
         let vault = tmp.path().join(name);
@@ -1258,9 +1255,9 @@ fn streamed_experts_match_the_cpu() {
                 }
                 // Every layer on the GPU: the decode steps after the first
                 // (which sizes the buffers) replay one captured graph,
-                // unless SMOE_CUDA_GRAPH=0 turned graphs off.
+                // unless graphs are off.
                 Budget::Auto => assert!(
-                    g.vram_hits > 0 && streamed == 0 && (g.graph_steps >= 5 || !graphs_on()),
+                    g.vram_hits > 0 && streamed == 0 && (g.graph_steps >= 5 || !handle.graphs()),
                     "{what}: {g:?}"
                 ),
                 Budget::Bytes(_) => assert!(g.vram_hits > 0 && streamed > 0, "{what}: {g:?}"),
