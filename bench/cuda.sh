@@ -8,6 +8,8 @@
 #   bench/cuda.sh pack     # here (Rust, network): build and pack what the GPU machine needs
 #   bench/cuda.sh setup    # there: llama.cpp, the checkpoint, GGUF, Q4_K_M and vault (cached)
 #   bench/cuda.sh          # there: setup, then the table
+#   bench/cuda.sh profile  # there: checkpoint and vault only, then smoe's
+#                          # per-kernel profile of the first three rows
 #
 # The GPU machine has nvcc, cmake, python3 with torch and transformers, no
 # Rust and no network. `pack` puts under $PACK (default target/devX, ignored
@@ -165,7 +167,7 @@ g = r.get('gpu_experts')
 if g:
     print(f\"GPU tiers over all runs: VRAM hits {g['vram_hits']:,}, experts copied {g['copied']:,} \"
           f\"({g['pcie_bytes'] / 1e9:.1f} GB over PCIe), run on the CPU {g['cpu_runs']:,}, \"
-          f\"steps run as one CUDA graph {g.get('graph_steps', 0):,}\")"
+          f\"steps run as one CUDA graph {g.get('graph_steps', 0):,} ({g.get('graph_replays', 0):,} replayed)\")"
 }
 
 median() { python3 -c "import statistics, sys; print(statistics.median(float(v) for v in sys.argv[1:]))" "$@"; }
@@ -192,11 +194,28 @@ print(f"| {name} | `{lf}` | `{sf}` | {lpp:,.0f} | {spp:,.0f} | {spp / lpp:.2f} |
 PY
 }
 
+# smoe alone (no llama.cpp build): where a step's time goes, per kernel
+# (device time from events around each launch, which also serialises the
+# launches: the rates are lower than the table's) and per op on the host.
+profile() {
+    mkdir -p "$DIR"
+    unpack
+    [ -d "$CKPT" ] || "$BIN/synth" --preset qwen3-30b-a3b --layers "$LAYERS" --tokenizer "$DIR/tok" -o "$CKPT"
+    [ -d "$VAULT" ] || "$BIN/smoe" convert "$CKPT" -o "$VAULT" --experts q4_k --quiet
+    local quarter=$(($(stat -c %s "$VAULT/experts.bin") / 4 + (1 << 20)))
+    for budget in auto 0 "$quarter"; do
+        echo "== --vram-budget $budget"
+        "$BIN/smoe" bench --model "$VAULT" --device cuda --threads "$THREADS" --prompt-tokens "$PP" \
+            --gen-tokens "$TG" --repeat "$SMOE_REPEAT" --vram-budget "$budget" --profile
+    done
+}
+
 case "${1:-}" in
 pack) pack && exit 0 ;;
 setup) setup && exit 0 ;;
+profile) profile && exit 0 ;;
 "") ;;
-*) echo "usage: bench/cuda.sh [pack|setup]" >&2 && exit 2 ;;
+*) echo "usage: bench/cuda.sh [pack|setup|profile]" >&2 && exit 2 ;;
 esac
 
 setup

@@ -683,12 +683,13 @@ impl Chat<'_> {
             if let Some(g) = self.engine.gpu_expert_stats() {
                 out += &format!(
                     "  GPU tiers   VRAM hits {}, copied to the GPU {} ({} over PCIe), run on the CPU {}; \
-                     steps run as one CUDA graph {}\n",
+                     steps run as one CUDA graph {} ({} replayed)\n",
                     g.vram_hits,
                     g.copied,
                     human_bytes(g.pcie_bytes),
                     g.cpu_runs,
-                    g.graph_steps
+                    g.graph_steps,
+                    g.graph_replays
                 );
             }
         }

@@ -228,6 +228,7 @@ fn attention(gpu: &Gpu, pos0: usize, t: usize) {
             &kv.as_view(),
             &kv.as_view(),
             s,
+            None,
             t,
             &mut out.as_view_mut(),
         )

@@ -62,6 +62,18 @@ impl KvCache {
         self.device.as_ref().is_some_and(|d| d.fits(self.len, t))
     }
 
+    /// The device buffers' addresses, layer by layer (empty off the
+    /// device): a captured step holds them.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_addresses(
+        &self,
+        stream: &std::sync::Arc<super::cuda::CudaStream>,
+    ) -> Vec<u64> {
+        self.device
+            .as_ref()
+            .map_or_else(Vec::new, |d| d.addresses(stream))
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.len

@@ -166,6 +166,7 @@ struct TierCounters {
     pcie_bytes: AtomicU64,
     cpu_runs: AtomicU64,
     graph_steps: AtomicU64,
+    graph_replays: AtomicU64,
 }
 
 /// Page-locks the slots of every RAM expert cache the model streams
@@ -431,6 +432,12 @@ struct Bufs {
     /// `(tokens, sequences)` of the last step: a step of the same shape
     /// finds its buffers sized, so it can be captured as a graph.
     last_shape: Option<(usize, usize)>,
+    /// What the graphs of the last capture are valid for, and the VRAM
+    /// expert hits recording them counted (a replay counts them again).
+    graph: Option<GraphKey>,
+    graph_hits: u64,
+    /// Each sequence's position (its cache's length) for the step.
+    kv_pos: Buf<u32>,
     x: Buf<f32>,
     h: Buf<f32>,
     q: Buf<f32>,
@@ -467,9 +474,19 @@ struct Bufs {
 
 /// Host buffers: the embedding rows and RoPE tables before upload,
 /// routing's pairs and the expert grouping they give.
+/// A step's shape, the device's allocation count and its sequences' cache
+/// buffers ([`Gpu::replay`]): equal keys, equal captured graphs.
+#[derive(PartialEq)]
+struct GraphKey {
+    shape: (usize, usize),
+    allocations: u64,
+    caches: Vec<u64>,
+}
+
 #[derive(Default)]
 struct Host {
     x: Vec<f32>,
+    kv_pos: Vec<u32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     seq_cos: Vec<f32>,
@@ -630,6 +647,14 @@ impl GpuDecoder {
         }
         g.upload_into(&host.cos, &mut b.cos.m(g, host.cos.len())?)?;
         g.upload_into(&host.sin, &mut b.sin.m(g, host.sin.len())?)?;
+        // Each sequence's position, which the KV writes and attention read
+        // on the device.
+        host.kv_pos.clear();
+        host.kv_pos.extend(
+            seqs.iter()
+                .map(|s| s.kv.len().min(u32::MAX as usize) as u32),
+        );
+        g.upload_into(&host.kv_pos, &mut b.kv_pos.m(g, seqs.len())?)?;
 
         // A step whose every launch stays on the GPU (nothing streamed,
         // no buffer growing), of the shape the previous step sized the
@@ -640,20 +665,53 @@ impl GpuDecoder {
             && self.on_gpu_only(t)
             && seqs.iter().all(|s| s.kv.device_fits(s.len));
         b.last_shape = Some(shape);
-        // One graph per GRAPH_LAYERS layers: the GPU runs a part while the
-        // host records the next. A part that cannot be captured runs
-        // eagerly, after the parts before it in stream order.
+        // The graphs of the last capture hold the addresses of every
+        // buffer they touch (and the attention's split, sized for the
+        // caches' capacity): while no allocation was made and the step
+        // runs over the same caches, they replay as they are, without
+        // the host recording a step's launches again.
+        let key = GraphKey {
+            shape,
+            allocations: g.allocations(),
+            caches: seqs
+                .iter()
+                .flat_map(|s| s.kv.device_addresses(g.stream()))
+                .collect(),
+        };
         let n = self.layers.len();
-        let mut whole = graph;
-        for (slot, first) in (0..n).step_by(GRAPH_LAYERS).enumerate() {
-            let part = first..(first + GRAPH_LAYERS).min(n);
-            if !(graph && g.captured(slot, &mut || self.layers(part.clone(), t, seqs, b))?) {
-                whole = false;
-                self.layers(part, t, seqs, b)?;
+        let parts = n.div_ceil(GRAPH_LAYERS);
+        if graph && b.graph.as_ref() == Some(&key) {
+            for slot in 0..parts {
+                if !g.replay(slot)? {
+                    return Err(Error::invalid("CUDA decoder: a captured step is missing"));
+                }
             }
-        }
-        if whole {
+            // What recording the step counted on the host.
+            self.tiers.vram_hits.fetch_add(b.graph_hits, Relaxed);
             self.tiers.graph_steps.fetch_add(1, Relaxed);
+            self.tiers.graph_replays.fetch_add(1, Relaxed);
+        } else {
+            b.graph = None;
+            // One graph per GRAPH_LAYERS layers: the GPU runs a part while
+            // the host records the next. A part that cannot be captured
+            // runs eagerly, after the parts before it in stream order.
+            let hits = self.tiers.vram_hits.load(Relaxed);
+            let mut whole = graph;
+            for (slot, first) in (0..n).step_by(GRAPH_LAYERS).enumerate() {
+                let part = first..(first + GRAPH_LAYERS).min(n);
+                if !(graph && g.captured(slot, &mut || self.layers(part.clone(), t, seqs, b))?) {
+                    whole = false;
+                    self.layers(part, t, seqs, b)?;
+                }
+            }
+            if whole {
+                self.tiers.graph_steps.fetch_add(1, Relaxed);
+                // Captured without allocating: valid for the next step.
+                if key.allocations == g.allocations() {
+                    b.graph_hits = self.tiers.vram_hits.load(Relaxed) - hits;
+                    b.graph = Some(key);
+                }
+            }
         }
         if n > 0 {
             g.add(&mut b.x.part(0..t * h)?, &b.out.v(0..t * h)?)?;
@@ -802,12 +860,13 @@ impl GpuDecoder {
             }
         }
         let mut attn = b.attn.m(g, t * nq)?;
-        for seq in seqs.iter_mut() {
+        for (i, seq) in seqs.iter_mut().enumerate() {
             let (pos0, first, len) = (seq.kv.len(), seq.start, seq.len);
             let rows = |w: usize| first * w..(first + len) * w;
             let (kv, widths) = seq.kv.device_mut().ok_or_else(no_device_kv)?;
             let (k, v) = (b.k.v(rows(nkv))?, b.v.v(rows(nkv))?);
-            kv.append(g, layer, pos0, widths, len, &k, &v)?;
+            let pos_at = b.kv_pos.v(i..i + 1)?;
+            kv.append(g, layer, (pos0, &pos_at), widths, len, &k, &v)?;
             let (keys, values) = kv.layer(layer).ok_or_else(no_device_kv)?;
             let shape = AttnShape::grouped(a.n_heads, a.n_kv_heads, hd, pos0, a.window);
             let q = b.q.v(rows(nq))?;
@@ -816,6 +875,7 @@ impl GpuDecoder {
                 &keys,
                 &values,
                 shape,
+                Some(&pos_at),
                 len,
                 &mut attn.slice_mut(rows(nq)),
             )?;
@@ -887,12 +947,13 @@ impl GpuDecoder {
             &mut b.k.m(g, t * nh * row)?,
         )?;
         let mut out_lat = b.attn.m(g, t * nh * rank)?;
-        for seq in seqs.iter_mut() {
+        for (i, seq) in seqs.iter_mut().enumerate() {
             let (pos0, first, len) = (seq.kv.len(), seq.start, seq.len);
             let rows = |w: usize| first * w..(first + len) * w;
             let (kv, widths) = seq.kv.device_mut().ok_or_else(no_device_kv)?;
             let latent = b.v.v(rows(row))?;
-            kv.append(g, layer, pos0, widths, len, &latent, &latent)?;
+            let pos_at = b.kv_pos.v(i..i + 1)?;
+            kv.append(g, layer, (pos0, &pos_at), widths, len, &latent, &latent)?;
             let (keys, values) = kv.layer(layer).ok_or_else(no_device_kv)?;
             let shape = AttnShape {
                 n_heads: nh,
@@ -907,7 +968,7 @@ impl GpuDecoder {
             };
             let q = b.k.v(rows(nh * row))?;
             let out = &mut out_lat.slice_mut(rows(nh * rank));
-            g.attention(&q, &keys, &values, shape, len, out)?;
+            g.attention(&q, &keys, &values, shape, Some(&pos_at), len, out)?;
         }
         let vd = nh * a.v_dim;
         let lat = b.attn.v(0..t * nh * rank)?;
@@ -1610,6 +1671,7 @@ impl CausalLm for GpuDecoder {
             pcie_bytes: t.pcie_bytes.load(Relaxed),
             cpu_runs: t.cpu_runs.load(Relaxed),
             graph_steps: t.graph_steps.load(Relaxed),
+            graph_replays: t.graph_replays.load(Relaxed),
         })
     }
 

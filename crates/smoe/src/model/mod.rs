@@ -101,6 +101,9 @@ pub struct GpuExpertStats {
     /// Forward steps run as one captured CUDA graph (decode steps with
     /// every layer on the GPU).
     pub graph_steps: u64,
+    /// Of those, steps whose graphs were replayed as captured before,
+    /// without recording the step's launches again.
+    pub graph_replays: u64,
 }
 
 impl GpuExpertStats {
@@ -112,6 +115,7 @@ impl GpuExpertStats {
             pcie_bytes: self.pcie_bytes.saturating_sub(before.pcie_bytes),
             cpu_runs: self.cpu_runs.saturating_sub(before.cpu_runs),
             graph_steps: self.graph_steps.saturating_sub(before.graph_steps),
+            graph_replays: self.graph_replays.saturating_sub(before.graph_replays),
         }
     }
 }

@@ -25,13 +25,16 @@
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
     attention(const float* q, const float* keys, const float* values, float* out, float* parts,
               int n_heads, int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride,
-              float scale, int pos0, int window, int splits) {
+              float scale, int pos0, const u32* pos_at, int window, int splits) {
     __shared__ float qs[ATT_MAX_HEAD];
     __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
     __shared__ float part_o[ATT_WARPS][ATT_MAX_V];
     int h = blockIdx.x, tok = blockIdx.y, split = blockIdx.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int kvh = h / (n_heads / n_kv_heads);
+    // A captured decode step reads its position from the device, so that
+    // the same graph replays at every position.
+    if (pos_at) pos0 = (int)*pos_at;
     int end = pos0 + tok + 1;
     int begin = window > 0 && end > window ? end - window : 0;
     int chunk = (end - begin + splits - 1) / splits;
@@ -122,4 +125,13 @@ extern "C" __global__ void attention_combine(const float* parts, float* out, int
         }
         orow[d] = acc / total;
     }
+}
+
+// `t` rows of new keys or values (src, [t, width]) into a layer's cache
+// at the position the device holds (*pos_at), as `attention` reads it: the
+// write is the same launch at every position.
+extern "C" __global__ void kv_write(const float* src, float* dst, int width, int t, const u32* pos_at) {
+    u64 at = (u64)*pos_at * width, n = (u64)t * width;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        dst[at + i] = src[i];
 }

@@ -3,7 +3,9 @@
 //! holds one of these in place of its host buffers when the model runs on
 //! CUDA, and keeps the length and widths itself).
 
-use cudarc::driver::{CudaSlice, CudaView};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr};
 
 use super::Gpu;
 use crate::Result;
@@ -33,13 +35,15 @@ impl DeviceKv {
     /// Writes `t` positions of keys `k` (`t * k_width`) and values `v`
     /// (`t * v_width`, empty for latent attention) at position `len` of
     /// `layer`, growing its buffers (doubling, so a long generation copies
-    /// each position a bounded number of times) when they are full.
+    /// each position a bounded number of times) when they are full. The
+    /// kernels take the position from `pos_at` on the device (holding
+    /// `len`), so a captured step replays at the next.
     #[allow(clippy::too_many_arguments)]
     pub fn append(
         &mut self,
         gpu: &Gpu,
         layer: usize,
-        len: usize,
+        (len, pos_at): (usize, &CudaView<'_, u32>),
         widths: (usize, usize),
         t: usize,
         k: &CudaView<'_, f32>,
@@ -56,16 +60,10 @@ impl DeviceKv {
             l.cap = cap;
         }
         if let Some(keys) = &mut l.k {
-            gpu.copy(
-                &k.slice(..t * kw),
-                &mut keys.slice_mut(len * kw..(len + t) * kw),
-            )?;
+            gpu.kv_write(k, &mut keys.as_view_mut(), kw, t, (len, pos_at))?;
         }
         if let Some(values) = &mut l.v {
-            gpu.copy(
-                &v.slice(..t * vw),
-                &mut values.slice_mut(len * vw..(len + t) * vw),
-            )?;
+            gpu.kv_write(v, &mut values.as_view_mut(), vw, t, (len, pos_at))?;
         }
         Ok(())
     }
@@ -78,6 +76,15 @@ impl DeviceKv {
         self.layers
             .iter()
             .all(|l| l.k.is_some() && len + t <= l.cap)
+    }
+
+    /// Every layer's key and value buffer addresses (0 for none).
+    pub fn addresses(&self, stream: &Arc<CudaStream>) -> Vec<u64> {
+        let at = |b: &Option<CudaSlice<f32>>| b.as_ref().map_or(0, |b| b.device_ptr(stream).0);
+        self.layers
+            .iter()
+            .flat_map(|l| [at(&l.k), at(&l.v)])
+            .collect()
     }
 
     pub fn layer(&self, layer: usize) -> Option<(CudaView<'_, f32>, CudaView<'_, f32>)> {

@@ -289,6 +289,10 @@ pub struct Gpu {
     /// Captures that fell back to running eagerly; past
     /// [`GRAPH_FALLBACKS`] no more are tried.
     graph_fallbacks: std::sync::atomic::AtomicU32,
+    /// Device allocations made so far: a captured graph holds the
+    /// addresses of the buffers it was captured with, so it is replayed
+    /// only while this count is the one it was captured at.
+    allocations: std::sync::atomic::AtomicU64,
 }
 
 /// An instantiated CUDA graph, destroyed on drop.
@@ -369,6 +373,7 @@ impl Gpu {
                 .is_none_or(|v| v != "1")
                 .into(),
             capturing: false.into(),
+            allocations: 0.into(),
             // SMOE_CUDA_GRAPH=0 runs every step eagerly (to measure both).
             graph_fallbacks: if std::env::var_os("SMOE_CUDA_GRAPH").is_some_and(|v| v == "0") {
                 GRAPH_FALLBACKS
@@ -554,6 +559,36 @@ impl Gpu {
         Ok(true)
     }
 
+    fn allocated(&self) {
+        self.allocations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Device allocations made so far ([`Gpu::replay`]'s validity).
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Launches the graph [`Gpu::captured`] last kept in `slot` again, as
+    /// captured: false (nothing launched) where there is none. The caller
+    /// knows that every address and launch shape in it still holds (the
+    /// same step shape, no allocation since, values that vary per step
+    /// read from device buffers).
+    pub fn replay(&self, slot: usize) -> Result<bool> {
+        let graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(Some(exec)) = graphs.get(slot) else {
+            return Ok(false);
+        };
+        self.compute
+            .context()
+            .bind_to_thread()
+            .map_err(|e| device_error("binding the context", e))?;
+        // SAFETY: a live exec on this device's stream.
+        unsafe { cudarc::driver::result::graph::launch(exec.0, self.compute.cu_stream()) }
+            .map_err(|e| device_error("replaying a captured step", e))?;
+        Ok(true)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.not_capturing("waiting for the GPU")?;
         for s in [&self.copy, &self.compute] {
@@ -565,6 +600,7 @@ impl Gpu {
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.not_capturing("an upload")?;
+        self.allocated();
         self.compute
             .clone_htod(host)
             .map_err(|e| device_error(format!("uploading {} bytes", size_of_val(host)), e))
@@ -572,6 +608,7 @@ impl Gpu {
 
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         self.not_capturing("an allocation")?;
+        self.allocated();
         self.compute
             .alloc_zeros(n)
             .map_err(|e| device_error(format!("allocating {n} elements"), e))
@@ -767,6 +804,7 @@ impl Gpu {
                 w.data.len()
             )));
         }
+        self.allocated();
         let data = if fill {
             stream.clone_htod(w.data)
         } else {
@@ -1428,13 +1466,18 @@ impl Gpu {
     /// Causal attention of `t` queries (`[t, n_heads * head_dim]`, positions
     /// `s.pos0..s.pos0 + t`) over `keys`/`values` holding positions
     /// `0..s.pos0 + t`, into `out` (`[t, n_heads * v_dim]`), as the CPU's
-    /// `kernels::attention`.
+    /// `kernels::attention`. With `pos_at`, the kernel reads `pos0` from
+    /// the device (it must equal `s.pos0` now) and the launch does not
+    /// depend on it: a captured step replays at later positions while the
+    /// cache's buffers stay.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
         q: &CudaView<'_, f32>,
         keys: &CudaView<'_, f32>,
         values: &CudaView<'_, f32>,
         s: AttnShape,
+        pos_at: Option<&CudaView<'_, u32>>,
         t: usize,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
@@ -1450,7 +1493,8 @@ impl Gpu {
             || q.len() < t * s.n_heads * s.head_dim
             || out.len() < t * s.n_heads * s.v_dim
             || keys.len() < (total - 1) * s.k_stride + s.n_kv_heads * s.head_dim
-            || values.len() < (total - 1) * s.v_stride + s.n_kv_heads * s.v_dim;
+            || values.len() < (total - 1) * s.v_stride + s.n_kv_heads * s.v_dim
+            || pos_at.is_some_and(|p| p.is_empty());
         if bad {
             return Err(Error::invalid(format!(
                 "CUDA attention: {s:?} for {t} tokens (heads at most {ATT_MAX_HEAD} wide, \
@@ -1468,7 +1512,13 @@ impl Gpu {
         // Enough blocks for every SM to hold several, each at least
         // ATT_MIN_SPLIT keys of the longest row (decode's few heads);
         // prefill fills the device unsplit.
-        let longest = s.window.map_or(total, |w| w.min(total));
+        // Where the position comes from the device, the split is sized
+        // for every position the cache's buffers hold.
+        let held = match pos_at {
+            Some(_) => (keys.len() - s.n_kv_heads * s.head_dim) / s.k_stride.max(1) + 1,
+            None => total,
+        };
+        let longest = s.window.map_or(held, |w| w.min(held));
         let blocks = s.n_heads * t;
         let want = ATT_BLOCKS_PER_SM * self.info.sm_count;
         let splits = if blocks >= want {
@@ -1499,6 +1549,11 @@ impl Gpu {
         }
         let parts = parts.as_mut().expect("allocated above");
         let n_splits = int(splits)?;
+        // A null pointer: the kernel takes `pos0` as given.
+        let pos_at = pos_at.map_or(0, |p| {
+            let (ptr, _sync) = p.device_ptr(&self.compute);
+            ptr
+        });
         launch!(
             self,
             "attention",
@@ -1516,6 +1571,7 @@ impl Gpu {
             &vs,
             &s.scale,
             &pos0,
+            &pos_at,
             &window,
             &n_splits
         )?;
@@ -1541,6 +1597,32 @@ impl Gpu {
 }
 
 impl Gpu {
+    /// `t` rows of `width` keys or values from `src` into `dst` at the
+    /// position `pos_at` holds on the device; `pos` is that position, to
+    /// check `dst` against.
+    pub fn kv_write(
+        &self,
+        src: &CudaView<'_, f32>,
+        dst: &mut CudaViewMut<'_, f32>,
+        width: usize,
+        t: usize,
+        (pos, pos_at): (usize, &CudaView<'_, u32>),
+    ) -> Result<()> {
+        let n = t * width;
+        if src.len() < n || dst.len() < (pos + t) * width || pos_at.is_empty() {
+            return Err(Error::invalid(format!(
+                "CUDA kv_write: {t} rows of {width} at {pos} from {} into {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (width, t) = (int(width)?, int(t)?);
+        launch!(self, "kv_write", elems(n)?, src, dst, &width, &t, pos_at)
+    }
+
     /// `y += x`.
     pub fn add(&self, y: &mut CudaViewMut<'_, f32>, x: &CudaView<'_, f32>) -> Result<()> {
         if x.len() < y.len() {
