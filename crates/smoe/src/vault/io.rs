@@ -258,6 +258,33 @@ impl DiskRows {
         }
     }
 
+    /// The whole table's bytes in order, `each(first_byte, bytes)` per
+    /// piece of at most 32 MiB: for a copy kept elsewhere (a GPU's) without
+    /// holding all of it in RAM at once.
+    pub fn read_table(&self, mut each: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
+        const PIECE: u64 = 32 << 20;
+        let total = (self.rows * self.row_bytes) as u64;
+        let buf = AlignedBuf::new((PIECE + 2 * ALIGN) as usize);
+        let mut at = 0;
+        while at < total {
+            let n = PIECE.min(total - at);
+            let start = self.offset + at;
+            let first = start / ALIGN * ALIGN;
+            let skip = (start - first) as usize;
+            let end = align_up(start + n);
+            // SAFETY: the buffer is this call's own.
+            let span = unsafe { buf.slice_mut(0, (end - first) as usize) };
+            self.file
+                .read_at_least(span, first, skip + n as usize)
+                .map_err(|e| {
+                    Error::format(&self.file.path, format!("reading the embedding table: {e}"))
+                })?;
+            each(at as usize, &span[skip..skip + n as usize])?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Row `id`, widened into `out`.
     pub fn read(&self, id: u32, out: &mut [f32]) -> Result<()> {
         let align = ALIGN;

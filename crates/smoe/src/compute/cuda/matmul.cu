@@ -600,15 +600,55 @@ RAGGED_KERNEL(f32, T_F32)
 RAGGED_KERNEL(f16, T_F16)
 RAGGED_KERNEL(bf16, T_BF16)
 
+// Embedding rows: x[tok] = row ids[tok] of the table w, widened (the
+// table kept in VRAM, so a decode step uploads its token id, not its
+// row). Quantized rows a 32-weight group per thread, float rows (of any
+// width) a weight per thread. Grid (ceil(groups or cols / 128), t).
+template <int T>
+__device__ void get_rows(const u8* w, u64 row_bytes, u32 rows, const u32* ids, float* x, int cols) {
+    int tok = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+    float* xr = x + (size_t)tok * cols;
+    // An id past the table (which the model's input check refuses first)
+    // reads nothing: its row is zeros.
+    if (ids[tok] >= rows) {
+        for (int c = i; c < cols; c += gridDim.x * blockDim.x) xr[c] = 0.0f;
+        return;
+    }
+    const u8* row = w + (size_t)ids[tok] * row_bytes;
+    if constexpr (is_float<T>()) {
+        if (i < cols) xr[i] = weight_at<T>(row, i);
+    } else if (i < (cols >> 5)) {
+        float v[32];
+        dequant32<T>(row, i, v);
+#pragma unroll
+        for (int k = 0; k < 32; k++) xr[i * 32 + k] = v[k];
+    }
+}
+
+#define GET_ROWS_KERNEL(NAME, T)                                                                     \
+    extern "C" __global__ void get_rows_##NAME(const u8* w, u64 row_bytes, u32 rows, const u32* ids, \
+                                               float* x, int cols) {                                 \
+        get_rows<T>(w, row_bytes, rows, ids, x, cols);                                               \
+    }
+
+GET_ROWS_KERNEL(f32, T_F32)
+GET_ROWS_KERNEL(f16, T_F16)
+GET_ROWS_KERNEL(bf16, T_BF16)
+GET_ROWS_KERNEL(q4_0, T_Q4_0)
+GET_ROWS_KERNEL(q8_0, T_Q8_0)
+GET_ROWS_KERNEL(q4_k, T_Q4_K)
+GET_ROWS_KERNEL(q5_k, T_Q5_K)
+GET_ROWS_KERNEL(q6_k, T_Q6_K)
+
 // ---- Matrix-vector products on int8 activations (decode's default,
 // `matvec` the fallback; llama.cpp's mmvq is the model, written anew here).
 //
 // The activations are rounded once per call to 8 bits per 32-block
 // (`quantize_q8`: 32 int8 and the pair (scale d, d * their sum)), as the
 // CPU backend rounds them, and each lane multiplies four weights at a time
-// with `__dp4a` straight from its own 4-byte load of the stored block: no
-// shared-memory staging, no float widening. Each lane takes a fixed
-// quarter-word of every 256-weight super-block its warp visits.
+// with `__dp4a` on 4 bytes of the stored block, no float widening. Each
+// lane takes a fixed quarter-word of every 256-weight super-block its warp
+// visits, read from the warp's staged copy of the row (`q8_rows`).
 #define MQ_WARPS 4
 
 // Block blk (32 values) of the t * cols activations, one warp each.
@@ -642,13 +682,13 @@ __device__ __forceinline__ int ld_u32_2(const u8* p) {
 // part of row wr against activation row tok (xq rows of cols int8, xds
 // rows of cols / 32 (d, d * sum) pairs).
 template <int NT>
-__device__ __forceinline__ void q8_lanes_q4k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
-                                             int sb0, int step, float* acc) {
+__device__ __forceinline__ void q8_lanes_q4k(const u8* blocks, int n_sb, int sb_first, const i8* xq,
+                                             const float* xds, int cols, int t, float* acc) {
     int lane = threadIdx.x, c = lane >> 3, p = (lane & 7) * 4;
     int nblk = cols >> 5;
-#pragma unroll 2
-    for (int sb = sb0; sb < (cols >> 8); sb += step) {
-        const u8* b = wr + (size_t)sb * 144;
+    for (int i = 0; i < n_sb; i++) {
+        const u8* b = blocks + i * 144;
+        int sb = sb_first + i;
         int word = *(const int*)(b + 16 + 32 * c + p);
         float dd = ld_f16(b), dmin = ld_f16(b + 2);
         float sc0, m0, sc1, m1;
@@ -677,13 +717,13 @@ __device__ __forceinline__ void q8_lanes_q4k(const u8* wr, const i8* xq, const f
 // element 128n + 32 part + l, scale sc[8n + 2 part + l / 16], value
 // d * sc * (q - 32).
 template <int NT>
-__device__ __forceinline__ void q8_lanes_q6k(const u8* wr, const i8* xq, const float* xds, int cols, int t,
-                                             int sb0, int step, float* acc) {
+__device__ __forceinline__ void q8_lanes_q6k(const u8* blocks, int n_sb, int sb_first, const i8* xq,
+                                             const float* xds, int cols, int t, float* acc) {
     int lane = threadIdx.x, n = lane >> 4, pp = (lane >> 3) & 1, l0 = (lane & 7) * 4;
     int nblk = cols >> 5;
-#pragma unroll 2
-    for (int sb = sb0; sb < (cols >> 8); sb += step) {
-        const u8* b = wr + (size_t)sb * 210;
+    for (int i = 0; i < n_sb; i++) {
+        const u8* b = blocks + i * 210;
+        int sb = sb_first + i;
         int ql = ld_u32_2(b + 64 * n + 32 * pp + l0);
         int qh = ld_u32_2(b + 128 + 32 * n + l0);
         float d = ld_f16(b + 208);
@@ -707,17 +747,91 @@ __device__ __forceinline__ void q8_lanes_q6k(const u8* wr, const i8* xq, const f
 }
 
 template <int T, int NT>
-__device__ __forceinline__ void q8_lanes(const u8* wr, const i8* xq, const float* xds, int cols, int t, int sb0,
-                                         int step, float* acc) {
+__device__ __forceinline__ void q8_lanes(const u8* blocks, int n_sb, int sb_first, const i8* xq, const float* xds,
+                                         int cols, int t, float* acc) {
     if constexpr (T == T_Q4_K) {
-        q8_lanes_q4k<NT>(wr, xq, xds, cols, t, sb0, step, acc);
+        q8_lanes_q4k<NT>(blocks, n_sb, sb_first, xq, xds, cols, t, acc);
     } else {
-        q8_lanes_q6k<NT>(wr, xq, xds, cols, t, sb0, step, acc);
+        q8_lanes_q6k<NT>(blocks, n_sb, sb_first, xq, xds, cols, t, acc);
+    }
+}
+
+// The lanes above read their super-blocks from shared memory: a warp
+// stages Q8_SB super-blocks of a row at a time (2,048 weights: the whole
+// row of a hidden-size matrix) with 16-byte loads, every lane's loads of
+// a chunk issued before any is used and the next chunk's before the
+// current one is multiplied. Each lane reading its 4 bytes of each block
+// straight from global memory kept a warp's loads in flight to a block's
+// (one load instruction per 4 bytes, a dozen per block with the scales):
+// the LM head ran at 1.08 TB/s and the experts at 0.55 of the H200's 4.8.
+// q6_k's 210-byte blocks are only 2-byte aligned, so a chunk is loaded
+// from the 16-byte boundary below it (at most 15 bytes of the row before
+// it and after it: never outside the allocation, whose start is aligned
+// and whose end, when not a multiple of 16, is not a page's end).
+#define Q8_SB 8
+// 16-byte words of a staged chunk: Q8_SB q6_k blocks (1,680 bytes) from
+// the boundary below them.
+#define Q8_WORDS 107
+#define Q8_LOADS ((Q8_WORDS + 31) / 32)
+
+template <int T>
+__device__ __forceinline__ constexpr int sb_bytes() {
+    return T == T_Q4_K ? 144 : 210;
+}
+
+__device__ __forceinline__ void q8_load(const u8* p, int n, uint4* r) {
+    const uint4* w = (const uint4*)((size_t)p & ~(size_t)15);
+    int words = (int)(((size_t)p + n - (size_t)w + 15) >> 4);
+#pragma unroll
+    for (int k = 0; k < Q8_LOADS; k++) {
+        int i = threadIdx.x + 32 * k;
+        if (i < words) r[k] = w[i];
+    }
+}
+
+__device__ __forceinline__ void q8_store(const uint4* r, uint4* stage) {
+#pragma unroll
+    for (int k = 0; k < Q8_LOADS; k++) {
+        int i = threadIdx.x + 32 * k;
+        if (i < Q8_WORDS) stage[i] = r[k];
+    }
+}
+
+// R rows' (an expert's gate and up together: both rows' loads in flight)
+// partial dots with t <= NT activation rows into acc[row][tok]. Where kw
+// warps share a row (kw divides Q8_SB), chunks are Q8_SB / kw super-blocks
+// and this warp takes chunks part, part + kw, ...; stage[row] holds one
+// chunk of each row.
+template <int T, int NT, int R>
+__device__ __forceinline__ void q8_rows(const u8* const* wr, const i8* xq, const float* xds, int cols, int t,
+                                        int part, int kw, float (*acc)[NT], uint4 (*stage)[Q8_WORDS]) {
+    const int sb = sb_bytes<T>();
+    int cs = Q8_SB / kw, nsb = cols >> 8, chunks = (nsb + cs - 1) / cs;
+    uint4 r[R][Q8_LOADS];
+    int ch = part;
+    if (ch < chunks)
+#pragma unroll
+        for (int i = 0; i < R; i++) q8_load(wr[i] + (size_t)ch * cs * sb, min(cs, nsb - ch * cs) * sb, r[i]);
+    for (; ch < chunks; ch += kw) {
+        int n = min(cs, nsb - ch * cs), next = ch + kw;
+#pragma unroll
+        for (int i = 0; i < R; i++) q8_store(r[i], stage[i]);
+        __syncwarp();
+        if (next < chunks)
+#pragma unroll
+            for (int i = 0; i < R; i++)
+                q8_load(wr[i] + (size_t)next * cs * sb, min(cs, nsb - next * cs) * sb, r[i]);
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            size_t at = (size_t)wr[i] + (size_t)ch * cs * sb;
+            q8_lanes<T, NT>((const u8*)stage[i] + (at & 15), n, ch * cs, xq, xds, cols, t, acc[i]);
+        }
+        __syncwarp();
     }
 }
 
 // A block is MQ_WARPS warps; kw of them (1, 2 or 4) share a row, warp
-// part = y % kw taking the row's super-blocks part, part + kw, ...: one warp
+// part = y % kw taking the row's chunks part, part + kw, ...: one warp
 // a row keeps the most rows in flight where there are many (an LM head),
 // several where there are few (one expert's 768), so that either way the
 // GPU has loads enough in flight.
@@ -744,14 +858,6 @@ __device__ __forceinline__ float row_sum(float v, const Q8Row& r, float* part) {
     return v;
 }
 
-// Row r's dot with one activation row, in its first warp.
-template <int T>
-__device__ __forceinline__ float q8_row_dot(const u8* wr, const i8* xq, const float* xds, int cols,
-                                            const Q8Row& r, float* part) {
-    float acc[1] = {0.0f};
-    if (r.valid) q8_lanes<T, 1>(wr, xq, xds, cols, 1, r.part, r.kw, acc);
-    return row_sum(acc[0], r, part);
-}
 
 __device__ __forceinline__ bool q8_writes(const Q8Row& r) { return r.valid && r.part == 0 && threadIdx.x == 0; }
 
@@ -760,15 +866,17 @@ template <int T>
 __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
                      int t, int kw) {
     __shared__ float part[MV_TOKENS][MQ_WARPS];
+    __shared__ uint4 stage[MQ_WARPS][1][Q8_WORDS];
     Q8Row r = q8_row(rows, kw);
-    float acc[MV_TOKENS];
+    float acc[1][MV_TOKENS];
 #pragma unroll
-    for (int i = 0; i < MV_TOKENS; i++) acc[i] = 0.0f;
-    if (r.valid) q8_lanes<T, MV_TOKENS>(w + (size_t)r.row * row_bytes, xq, xds, cols, t, r.part, kw, acc);
+    for (int i = 0; i < MV_TOKENS; i++) acc[0][i] = 0.0f;
+    const u8* wr = w + (size_t)r.row * row_bytes;
+    if (r.valid) q8_rows<T, MV_TOKENS, 1>(&wr, xq, xds, cols, t, r.part, kw, acc, stage[threadIdx.y]);
 #pragma unroll
     for (int tok = 0; tok < MV_TOKENS; tok++) {
         if (tok < t) {
-            float s = row_sum(acc[tok], r, part[tok]);
+            float s = row_sum(acc[0][tok], r, part[tok]);
             if (q8_writes(r)) y[(size_t)tok * rows + r.row] = s;
         }
     }
@@ -779,6 +887,7 @@ template <int T>
 __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
                         const float* xds, int x_div, float* y, int rows, int cols, int kw) {
     __shared__ float part[MQ_WARPS];
+    __shared__ uint4 stage[MQ_WARPS][1][Q8_WORDS];
     Q8Row r = q8_row(rows, kw);
     int p = blockIdx.y;
     u32 e = ids[p];
@@ -788,8 +897,12 @@ __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_b
         return;
     }
     size_t x = (size_t)(p / x_div);
-    float s = q8_row_dot<T>((const u8*)experts[e] + (size_t)r.row * row_bytes, xq + x * cols,
-                            xds + 2 * x * (cols >> 5), cols, r, part);
+    const u8* wr = (const u8*)experts[e] + (size_t)r.row * row_bytes;
+    float acc[1][1] = {{0.0f}};
+    if (r.valid)
+        q8_rows<T, 1, 1>(&wr, xq + x * cols, xds + 2 * x * (cols >> 5), cols, 1, r.part, r.kw, acc,
+                         stage[threadIdx.y]);
+    float s = row_sum(acc[0][0], r, part);
     if (q8_writes(r)) y[(size_t)p * rows + r.row] = s;
 }
 
@@ -799,6 +912,7 @@ template <int T>
 __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids, int n_exp, u64 row_bytes,
                                const i8* xq, const float* xds, int k, float* y, int rows, int cols, int kw) {
     __shared__ float part[2][MQ_WARPS];
+    __shared__ uint4 stage[MQ_WARPS][2][Q8_WORDS];
     Q8Row r = q8_row(rows, kw);
     int p = blockIdx.y;
     u32 e = ids[p];
@@ -807,10 +921,13 @@ __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids,
         return;
     }
     size_t x = (size_t)(p / k), at = (size_t)r.row * row_bytes;
-    const i8* xr = xq + x * cols;
-    const float* ds = xds + 2 * x * (cols >> 5);
-    float g = q8_row_dot<T>((const u8*)gates[e] + at, xr, ds, cols, r, part[0]);
-    float u = q8_row_dot<T>((const u8*)ups[e] + at, xr, ds, cols, r, part[1]);
+    const u8* wr[2] = {(const u8*)gates[e] + at, (const u8*)ups[e] + at};
+    float acc[2][1] = {{0.0f}, {0.0f}};
+    if (r.valid)
+        q8_rows<T, 1, 2>(wr, xq + x * cols, xds + 2 * x * (cols >> 5), cols, 1, r.part, r.kw, acc,
+                         stage[threadIdx.y]);
+    float g = row_sum(acc[0][0], r, part[0]);
+    float u = row_sum(acc[1][0], r, part[1]);
     if (q8_writes(r)) y[(size_t)p * rows + r.row] = g / (1.0f + expf(-g)) * u;
 }
 

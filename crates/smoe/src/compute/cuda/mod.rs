@@ -682,6 +682,97 @@ impl Gpu {
         self.matrix_on(&self.compute, w, true)
     }
 
+    /// A `rows x cols` matrix of `dtype` whose bytes `fill` hands over in
+    /// pieces (`piece(first_byte, bytes)`), for a table read from disk
+    /// without all of it in RAM; every byte must be given.
+    pub fn upload_matrix_pieces(
+        &self,
+        (dtype, rows, cols): (DType, usize, usize),
+        fill: impl FnOnce(&mut dyn FnMut(usize, &[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<GpuMatrix> {
+        let len = rows * dtype.row_bytes(cols);
+        let mut m = self.matrix_on(
+            &self.compute,
+            Matrix {
+                dtype,
+                rows,
+                cols,
+                data: &[],
+            },
+            false,
+        )?;
+        let mut given = 0;
+        fill(&mut |at, bytes| {
+            if at + bytes.len() > len {
+                return Err(Error::invalid(format!(
+                    "CUDA: {} bytes at {at} of a {len}-byte matrix",
+                    bytes.len()
+                )));
+            }
+            given += bytes.len();
+            self.upload_into(bytes, &mut m.data.slice_mut(at..at + bytes.len()))
+        })?;
+        if given != len {
+            return Err(Error::invalid(format!(
+                "CUDA: {given} bytes given of a {len}-byte matrix"
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Whether the kernels take `dtype` weights.
+    pub fn has_kernels(&self, dtype: DType) -> bool {
+        kernel_dtype(dtype).is_ok()
+    }
+
+    /// Rows `ids` (`t` of them, on the device) of `table`, widened into `x`
+    /// (`[t, cols]`): the embedding lookup of a table kept in VRAM. An id
+    /// past the table's rows (which the model's input check refuses
+    /// first) gives a row of zeros.
+    pub fn get_rows(
+        &self,
+        table: &GpuMatrix,
+        ids: &CudaView<'_, u32>,
+        t: usize,
+        x: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let cols = table.cols;
+        if ids.len() < t || x.len() < t * cols {
+            return Err(Error::invalid(format!(
+                "CUDA get_rows: {t} rows of {cols} from {} ids into {}",
+                ids.len(),
+                x.len()
+            )));
+        }
+        if t == 0 {
+            return Ok(());
+        }
+        let name = format!("get_rows_{}", kernel_dtype(table.dtype)?);
+        let per = if matches!(table.dtype, DType::Quant(_)) {
+            cols / 32
+        } else {
+            cols
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (int(per.div_ceil(128))? as u32, int(t)? as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (row_bytes, cols) = (table.dtype.row_bytes(cols) as u64, int(cols)?);
+        let rows = u32::try_from(table.rows).unwrap_or(u32::MAX);
+        launch!(
+            self,
+            name,
+            cfg,
+            &table.data,
+            &row_bytes,
+            &rows,
+            ids,
+            x,
+            &cols
+        )
+    }
+
     /// Page-locks `mem` (the RAM expert cache's slots) with the driver, so
     /// that uploads from it are DMA at full PCIe speed instead of going
     /// through the driver's staging buffer: 55 GB/s against 7.9 on the H200
@@ -785,7 +876,8 @@ impl Gpu {
     }
 
     /// A matrix of `w`'s shape on `stream`, holding `w`'s rows when
-    /// `fill`, else uninitialised for the caller to fill.
+    /// `fill`, else uninitialised for the caller to fill (`w.data` then
+    /// unread).
     fn matrix_on(&self, stream: &Arc<CudaStream>, w: Matrix<'_>, fill: bool) -> Result<GpuMatrix> {
         self.not_capturing("an allocation")?;
         let name = w.dtype.name();
@@ -793,9 +885,8 @@ impl Gpu {
         // Quantized rows are whole blocks (32 or 256 weights); float rows
         // of any width go to the `ragged` kernel.
         let quantized = matches!(w.dtype, DType::Quant(_));
-        if (quantized && !w.cols.is_multiple_of(32))
-            || w.data.len() != w.rows * w.dtype.row_bytes(w.cols)
-        {
+        let len = w.rows * w.dtype.row_bytes(w.cols);
+        if (quantized && !w.cols.is_multiple_of(32)) || (fill && w.data.len() != len) {
             return Err(Error::invalid(format!(
                 "CUDA: a {name} matrix of {} rows x {} columns in {} bytes: the kernels take \
                  whole rows, of whole blocks when quantized",
@@ -810,7 +901,7 @@ impl Gpu {
         } else {
             // SAFETY: the caller overwrites every byte before any kernel
             // reads them.
-            unsafe { stream.alloc::<u8>(w.data.len()) }
+            unsafe { stream.alloc::<u8>(len) }
         }
         .map_err(|e| device_error(format!("uploading a {name} matrix"), e))?;
         Ok(GpuMatrix {
