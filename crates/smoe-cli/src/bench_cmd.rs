@@ -200,6 +200,19 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         f("decode_tok_s"),
         f("ttft_s")
     )?;
+    if let Some(g) = engine.gpu_expert_stats() {
+        writeln!(
+            out,
+            "GPU tiers over all runs: VRAM hits {}, copied {} ({}), run on the CPU {}; \
+             steps run as one CUDA graph {} ({} replayed)",
+            g.vram_hits,
+            g.copied,
+            human_bytes(g.pcie_bytes),
+            g.cpu_runs,
+            g.graph_steps,
+            g.graph_replays
+        )?;
+    }
     if let Some(st) = report.get("streaming") {
         let g = |k: &str| st[k].as_f64().unwrap_or(0.0);
         writeln!(
