@@ -464,10 +464,9 @@ struct Bufs {
     /// expert hits recording them counted (a replay counts them again).
     graph: Option<GraphKey>,
     graph_hits: u64,
-    /// Each sequence's position (its cache's length) for the step.
-    kv_pos: Buf<u32>,
-    /// The step's token ids, for the embedding lookup on the device.
-    tokens: Buf<u32>,
+    /// Each sequence's position (its cache's length) for the step, then
+    /// the token ids when the embedding lookup is on the device.
+    step: Buf<u32>,
     x: Buf<f32>,
     h: Buf<f32>,
     q: Buf<f32>,
@@ -475,8 +474,9 @@ struct Bufs {
     v: Buf<f32>,
     attn: Buf<f32>,
     out: Buf<f32>,
-    cos: Buf<f32>,
-    sin: Buf<f32>,
+    /// The step's RoPE cosines (`rope_len` of them) then sines.
+    rope: Buf<f32>,
+    rope_len: usize,
     gate: Buf<f32>,
     up: Buf<f32>,
     xs: Buf<f32>,
@@ -516,8 +516,8 @@ struct GraphKey {
 #[derive(Default)]
 struct Host {
     x: Vec<f32>,
-    kv_pos: Vec<u32>,
-    cos: Vec<f32>,
+    step: Vec<u32>,
+    rope: Vec<f32>,
     sin: Vec<f32>,
     seq_cos: Vec<f32>,
     seq_sin: Vec<f32>,
@@ -658,11 +658,24 @@ impl GpuDecoder {
         // A sequence of more than one row is a prompt (decoding gives one).
         b.prompt = seqs.iter().any(|s| s.len > 1);
 
+        // What the step's kernels read that varies per step, in two
+        // uploads: each sequence's position (the KV writes and attention
+        // read it on the device) then the token ids, as u32; the RoPE
+        // tables' cosines then sines.
         let host = &mut b.host;
+        host.step.clear();
+        host.step.extend(
+            seqs.iter()
+                .map(|s| s.kv.len().min(u32::MAX as usize) as u32),
+        );
+        if self.embed.is_some() {
+            host.step.extend_from_slice(ids);
+        }
+        g.upload_into(&host.step, &mut b.step.m(g, host.step.len())?)?;
         match &self.embed {
             Some(table) => {
-                g.upload_into(ids, &mut b.tokens.m(g, t)?)?;
-                g.get_rows(table, &b.tokens.v(0..t)?, t, &mut b.x.m(g, t * h)?)?;
+                let ids = b.step.v(seqs.len()..seqs.len() + t)?;
+                g.get_rows(table, &ids, t, &mut b.x.m(g, t * h)?)?;
             }
             None => {
                 host.x.resize(t * h, 0.0);
@@ -670,7 +683,7 @@ impl GpuDecoder {
                 g.upload_into(&host.x, &mut b.x.m(g, t * h)?)?;
             }
         }
-        host.cos.clear();
+        host.rope.clear();
         host.sin.clear();
         for seq in seqs.iter() {
             let pos0 = seq.kv.len();
@@ -678,19 +691,12 @@ impl GpuDecoder {
             self.cpu
                 .rope
                 .tables(range, &mut host.seq_cos, &mut host.seq_sin);
-            host.cos.extend_from_slice(&host.seq_cos);
+            host.rope.extend_from_slice(&host.seq_cos);
             host.sin.extend_from_slice(&host.seq_sin);
         }
-        g.upload_into(&host.cos, &mut b.cos.m(g, host.cos.len())?)?;
-        g.upload_into(&host.sin, &mut b.sin.m(g, host.sin.len())?)?;
-        // Each sequence's position, which the KV writes and attention read
-        // on the device.
-        host.kv_pos.clear();
-        host.kv_pos.extend(
-            seqs.iter()
-                .map(|s| s.kv.len().min(u32::MAX as usize) as u32),
-        );
-        g.upload_into(&host.kv_pos, &mut b.kv_pos.m(g, seqs.len())?)?;
+        b.rope_len = host.rope.len();
+        host.rope.extend_from_slice(&host.sin);
+        g.upload_into(&host.rope, &mut b.rope.m(g, host.rope.len())?)?;
 
         // A step whose every launch stays on the GPU (nothing streamed,
         // no buffer growing), of the shape the previous step sized the
@@ -866,7 +872,7 @@ impl GpuDecoder {
             ],
         )?;
         let half = hd / 2;
-        let (cos, sin) = (b.cos.v(0..t * half)?, b.sin.v(0..t * half)?);
+        let (cos, sin) = rope_tables(&b.rope, b.rope_len, t * half)?;
         match (q_norm, k_norm, a.clip) {
             // Qwen3's per-head norms: with the rotation, one launch.
             (Some(wq), Some(wk), None) if wq.len() == hd && wk.len() == hd => g.qk_norm_rope(
@@ -901,7 +907,7 @@ impl GpuDecoder {
             let rows = |w: usize| first * w..(first + len) * w;
             let (kv, widths) = seq.kv.device_mut().ok_or_else(no_device_kv)?;
             let (k, v) = (b.k.v(rows(nkv))?, b.v.v(rows(nkv))?);
-            let pos_at = b.kv_pos.v(i..i + 1)?;
+            let pos_at = b.step.v(i..i + 1)?;
             kv.append(g, layer, (pos0, &pos_at), widths, len, &k, &v)?;
             let (keys, values) = kv.layer(layer).ok_or_else(no_device_kv)?;
             let shape = AttnShape::grouped(a.n_heads, a.n_kv_heads, hd, pos0, a.window);
@@ -962,7 +968,7 @@ impl GpuDecoder {
         forward(g, kv_a, &hn, t, &mut b.v.m(g, t * row)?)?;
         g.rms_norm(&mut b.v.part(0..t * row)?, row, &kv_norm.as_view(), a.eps)?;
         let half = rope / 2;
-        let (cos, sin) = (b.cos.v(0..t * half)?, b.sin.v(0..t * half)?);
+        let (cos, sin) = rope_tables(&b.rope, b.rope_len, t * half)?;
         let il = a.interleave;
         g.rope(&mut b.v.part(0..t * row)?, t, row, rank, &cos, &sin, il)?;
         g.rope(&mut b.q.part(0..t * nh * qk)?, t, qk, nope, &cos, &sin, il)?;
@@ -988,7 +994,7 @@ impl GpuDecoder {
             let rows = |w: usize| first * w..(first + len) * w;
             let (kv, widths) = seq.kv.device_mut().ok_or_else(no_device_kv)?;
             let latent = b.v.v(rows(row))?;
-            let pos_at = b.kv_pos.v(i..i + 1)?;
+            let pos_at = b.step.v(i..i + 1)?;
             kv.append(g, layer, (pos0, &pos_at), widths, len, &latent, &latent)?;
             let (keys, values) = kv.layer(layer).ok_or_else(no_device_kv)?;
             let shape = AttnShape {
@@ -1486,6 +1492,16 @@ enum Input {
     Normed,
     /// A prediction's normed residual stream (`b.head`).
     Head,
+}
+
+/// The step's first `n` RoPE cosines and sines (`rope` holds the
+/// cosines, then the sines from `at`).
+fn rope_tables(
+    rope: &Buf<f32>,
+    at: usize,
+    n: usize,
+) -> Result<(CudaView<'_, f32>, CudaView<'_, f32>)> {
+    Ok((rope.v(0..n)?, rope.v(at..at + n)?))
 }
 
 fn no_device_kv() -> Error {
