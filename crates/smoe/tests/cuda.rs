@@ -559,6 +559,27 @@ fn experts_by_id(gpu: &Gpu, what: &str) {
             &want,
             1e-5,
         );
+        // The down projections and the sum in one launch (where the int8
+        // kernels take the rows; the two launches above otherwise): the
+        // same products summed in the same order.
+        let mut fused = gpu.zeros::<f32>(t * HIDDEN).unwrap();
+        gpu.matvec_id_sum(
+            &down,
+            &dids.as_view(),
+            &act.as_view(),
+            &dw.as_view(),
+            k,
+            t,
+            &mut ys.as_view_mut(),
+            &mut fused.as_view_mut(),
+        )
+        .unwrap();
+        check(
+            &format!("experts by id, down and sum in one, {}{what}", dtype.name()),
+            &gpu.download(&fused).unwrap(),
+            &want,
+            1e-5,
+        );
     }
 }
 

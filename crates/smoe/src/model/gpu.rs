@@ -1051,14 +1051,16 @@ impl GpuDecoder {
                 k,
                 &mut b.gate.m(g, pairs * inter)?,
             )?;
-            g.matvec_id(
+            g.matvec_id_sum(
                 down,
                 &ids,
                 &b.gate.v(0..pairs * inter)?,
+                &b.weights.v(0..pairs)?,
+                k,
+                t,
                 &mut b.ys.m(g, pairs * hidden)?,
+                &mut b.out.m(g, t * hidden)?,
             )?;
-            let (ys, w) = (b.ys.v(0..pairs * hidden)?, b.weights.v(0..pairs)?);
-            g.moe_combine(&ys, &ids, &w, k, t, &mut b.out.m(g, t * hidden)?)?;
             return self.shared_expert(shared.as_ref(), t, hidden, b);
         }
         // Everything the host needs from this layer in one wait: the

@@ -931,6 +931,49 @@ __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids,
     if (q8_writes(r)) y[(size_t)p * rows + r.row] = g / (1.0f + expf(-g)) * u;
 }
 
+// The chosen experts' down projections and their weighted sum in one
+// launch (decode; `mmvq_id` then `moe_combine` otherwise): block (row r,
+// token tok) runs pair tok * k + j's row r on warp j % SUM_WARPS, pair p's
+// activations being row p of xq/xds, then sums w[p] times them from zero
+// in ascending expert id (ties by j), as `moe_combine` and the CPU do.
+#define SUM_WARPS 8
+#define SUM_MAX_K 32
+template <int T>
+__device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
+                            const float* xds, const float* w, int k, float* y, int rows, int cols) {
+    __shared__ float dots[SUM_MAX_K];
+    __shared__ uint4 stage[SUM_WARPS][1][Q8_WORDS];
+    int r = blockIdx.x, tok = blockIdx.y, warp = threadIdx.y;
+    const u32* id = ids + (size_t)tok * k;
+    for (int j = warp; j < k; j += SUM_WARPS) {
+        size_t p = (size_t)tok * k + j;
+        float acc[1][1] = {{0.0f}};
+        // An id past n_exp (which `route` never writes) gives 0.
+        if (id[j] < (u32)n_exp) {
+            const u8* wr = (const u8*)experts[id[j]] + (size_t)r * row_bytes;
+            q8_rows<T, 1, 1>(&wr, xq + p * cols, xds + 2 * p * (cols >> 5), cols, 1, 0, 1, acc, stage[warp]);
+        }
+        float d = warp_sum(acc[0][0]);
+        if (threadIdx.x == 0) dots[j] = d;
+    }
+    __syncthreads();
+    if (warp != 0 || threadIdx.x != 0) return;
+    float sum = 0.0f;
+    u32 last = 0;
+    int last_j = -1;
+    for (int step = 0; step < k; step++) {
+        int best = -1;
+        for (int j = 0; j < k; j++) {
+            bool after = id[j] > last || (id[j] == last && j > last_j);
+            if (after && (best < 0 || id[j] < id[best])) best = j;
+        }
+        sum += w[(size_t)tok * k + best] * dots[best];
+        last = id[best];
+        last_j = best;
+    }
+    y[(size_t)tok * rows + r] = sum;
+}
+
 #define MMVQ_KERNELS(NAME, T)                                                                            \
     extern "C" __global__ void mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
                                            float* y, int rows, int cols, int t, int kw) {                \
@@ -940,6 +983,11 @@ __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids,
                                               u64 row_bytes, const i8* xq, const float* xds, int x_div,  \
                                               float* y, int rows, int cols, int kw) {                    \
         mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols, kw);                    \
+    }                                                                                                     \
+    extern "C" __global__ void mmvq_id_sum_##NAME(const u64* experts, const u32* ids, int n_exp,         \
+                                                  u64 row_bytes, const i8* xq, const float* xds,         \
+                                                  const float* w, int k, float* y, int rows, int cols) { \
+        mmvq_id_sum<T>(experts, ids, n_exp, row_bytes, xq, xds, w, k, y, rows, cols);                     \
     }                                                                                                     \
     extern "C" __global__ void mmvq_swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,   \
                                                      int n_exp, u64 row_bytes, const i8* xq,             \

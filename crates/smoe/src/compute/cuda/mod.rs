@@ -69,6 +69,10 @@ const TILE: u32 = 64;
 /// and the rows per SM from which they take one warp a row (a quarter of
 /// an SM's 64 resident warps; see [`Gpu::q8_warps_per_row`]).
 const MQ_WARPS: u32 = 4;
+/// Warps of `mmvq_id_sum`'s block and the most pairs a token it takes
+/// (`SUM_WARPS`, `SUM_MAX_K`).
+const SUM_WARPS: u32 = 8;
+const SUM_MAX_K: usize = 32;
 const Q8_ROWS_PER_SM: usize = 16;
 /// Most experts and groups the routing kernel takes (`ROUTE_MAX`,
 /// `ROUTE_MAX_GROUPS`).
@@ -2016,6 +2020,63 @@ impl Gpu {
         let name = format!("gemm_id_{}", kernel_dtype(w.dtype)?);
         let exact = self.exact_gemm();
         launch!(self, &name, cfg, &w.ptrs, used, start, &row_bytes, x, y, &rows, &cols, &exact)
+    }
+
+    /// `matvec_id` of `x` through `w` (each pair's own row) then
+    /// `moe_combine` of the outputs with `weights` into `y` (`[t, w.rows]`),
+    /// in one launch where the int8 kernels take `w` and `k` is at most
+    /// SUM_MAX_K: a decode step's experts' down projections and their sum.
+    /// `ys` (`[t * k, w.rows]`) holds the outputs where it takes two.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_id_sum(
+        &self,
+        w: &ExpertTable,
+        ids: &CudaView<'_, u32>,
+        x: &CudaView<'_, f32>,
+        weights: &CudaView<'_, f32>,
+        k: usize,
+        t: usize,
+        ys: &mut CudaViewMut<'_, f32>,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let pairs = t * k;
+        if !self.mmvq_for(w) || k > SUM_MAX_K {
+            self.matvec_id(w, &ids.slice(..pairs), x, ys)?;
+            return self.moe_combine(&ys.as_view(), ids, weights, k, t, y);
+        }
+        if ids.len() < pairs
+            || weights.len() < pairs
+            || x.len() < pairs * w.cols
+            || y.len() < t * w.rows
+        {
+            return Err(Error::invalid(format!(
+                "CUDA matvec_id_sum: {t} tokens of {k} pairs through [{}, {}] with {} ids, {} \
+                 weights, {} inputs and {} outputs",
+                w.rows,
+                w.cols,
+                ids.len(),
+                weights.len(),
+                x.len(),
+                y.len()
+            )));
+        }
+        if pairs == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        let (n_exp, rows, cols) = (int(w.ptrs.len())?, int(w.rows)?, int(w.cols)?);
+        let (row_bytes, k) = (w.dtype.row_bytes(w.cols) as u64, int(k)?);
+        let mut q8 = self.quantize_q8(x, pairs * w.cols)?;
+        let (xq, xds) = q8.as_mut().expect("quantized above");
+        let name = format!("mmvq_id_sum_{}", kernel_dtype(w.dtype)?);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, int(t)? as u32, 1),
+            block_dim: (32, SUM_WARPS, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self, &name, cfg, &w.ptrs, ids, &n_exp, &row_bytes, &*xq, &*xds, weights, &k, y, &rows,
+            &cols
+        )
     }
 
     /// Row `tok` of `y` (`t` rows) is `Σ_j w[tok * k + j] · ys[tok * k + j]`
