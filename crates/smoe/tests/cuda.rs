@@ -1012,6 +1012,14 @@ fn attention_matches_cpu() {
             false,
         ),
         ("latent, 5 after 20", mla, 5, true),
+        // The tiled prompt kernel's rows: groups of 6 heads (not dividing
+        // its 32 rows a block), heads of 64, a partial last block.
+        (
+            "prefill 30 after 5, 24 heads of 64 in 4 groups",
+            AttnShape::grouped(24, 4, 64, 5, None),
+            30,
+            false,
+        ),
         // Few queries over many keys: split over the keys and merged.
         ("2 tokens at 700", gqa(700, None), 2, false),
         ("decode at 1000, window 200", gqa(1000, Some(200)), 1, false),

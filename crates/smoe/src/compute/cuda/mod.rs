@@ -83,6 +83,8 @@ const ROUTE_MAX_GROUPS: usize = 64;
 const ATT_MAX_HEAD: usize = 1024;
 const ATT_MAX_V: usize = 512;
 const ATT_THREADS: u32 = 8 * 32;
+/// Query rows of a block of the tiled prompt kernel (`ATT_ROWS`).
+const ATT_ROWS: usize = 32;
 /// Split attention: blocks wanted per SM, and the fewest keys a split
 /// takes (eight per warp).
 const ATT_BLOCKS_PER_SM: usize = 4;
@@ -1644,11 +1646,48 @@ impl Gpu {
         }
         let parts = parts.as_mut().expect("allocated above");
         let n_splits = int(splits)?;
+        // A prompt (blocks enough unsplit) with heads the tiled kernel
+        // takes: keys and values read once per block of query rows.
+        let tiled = splits == 1
+            && s.head_dim <= 128
+            && s.v_dim <= 128
+            && [s.head_dim, s.v_dim, s.k_stride, s.v_stride]
+                .iter()
+                .all(|d| d.is_multiple_of(4));
         // A null pointer: the kernel takes `pos0` as given.
         let pos_at = pos_at.map_or(0, |p| {
             let (ptr, _sync) = p.device_ptr(&self.compute);
             ptr
         });
+        if tiled {
+            let rows = t * (s.n_heads / s.n_kv_heads);
+            let cfg = LaunchConfig {
+                grid_dim: (n_kv as u32, int(rows.div_ceil(ATT_ROWS))? as u32, 1),
+                block_dim: (ATT_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let t = int(t)?;
+            return launch!(
+                self,
+                "attention_rows",
+                cfg,
+                q,
+                keys,
+                values,
+                out,
+                &n_heads,
+                &n_kv,
+                &hd,
+                &vd,
+                &ks,
+                &vs,
+                &s.scale,
+                &pos0,
+                &pos_at,
+                &window,
+                &t
+            );
+        }
         launch!(
             self,
             "attention",
