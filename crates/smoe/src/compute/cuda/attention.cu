@@ -220,11 +220,16 @@ extern "C" __global__ void attention_combine(const float* parts, float* out, int
     }
 }
 
-// `t` rows of new keys or values (src, [t, width]) into a layer's cache
-// at the position the device holds (*pos_at), as `attention` reads it: the
-// write is the same launch at every position.
-extern "C" __global__ void kv_write(const float* src, float* dst, int width, int t, const u32* pos_at) {
-    u64 at = (u64)*pos_at * width, n = (u64)t * width;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        dst[at + i] = src[i];
+// `t` rows of new keys (k, [t, kw]) and values (v, [t, vw]; none when vw
+// is 0) into a layer's cache at the position the device holds (*pos_at),
+// as `attention` reads it: the write is the same launch at every position.
+extern "C" __global__ void kv_write(const float* k, float* keys, int kw, const float* v, float* values, int vw,
+                                   int t, const u32* pos_at) {
+    u64 pos = *pos_at, nk = (u64)t * kw, n = nk + (u64)t * vw;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        if (i < nk)
+            keys[pos * kw + i] = k[i];
+        else
+            values[pos * vw + (i - nk)] = v[i - nk];
+    }
 }

@@ -59,13 +59,16 @@ impl DeviceKv {
             }
             l.cap = cap;
         }
-        if let Some(keys) = &mut l.k {
-            gpu.kv_write(k, &mut keys.as_view_mut(), kw, t, (len, pos_at))?;
-        }
-        if let Some(values) = &mut l.v {
-            gpu.kv_write(v, &mut values.as_view_mut(), vw, t, (len, pos_at))?;
-        }
-        Ok(())
+        let Some(keys) = &mut l.k else {
+            return Ok(());
+        };
+        let mut values = l.v.as_mut().map(|b| b.as_view_mut());
+        gpu.kv_write(
+            (k, &mut keys.as_view_mut(), kw),
+            values.as_mut().map(|b| (v, b, vw)),
+            t,
+            (len, pos_at),
+        )
     }
 
     /// Keys and values of `layer` (its keys twice for latent attention);

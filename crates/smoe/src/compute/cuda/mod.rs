@@ -1731,30 +1731,43 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// `t` rows of `width` keys or values from `src` into `dst` at the
-    /// position `pos_at` holds on the device; `pos` is that position, to
-    /// check `dst` against.
+    /// `t` rows of keys `k` (`[t, kw]`) into `keys` and, when given, of
+    /// values (`[t, vw]`) into their cache, at the position `pos_at` holds on
+    /// the device, in one launch; `pos` is that position, to check the
+    /// caches against.
     pub fn kv_write(
         &self,
-        src: &CudaView<'_, f32>,
-        dst: &mut CudaViewMut<'_, f32>,
-        width: usize,
+        (k, keys, kw): (&CudaView<'_, f32>, &mut CudaViewMut<'_, f32>, usize),
+        v: Option<(&CudaView<'_, f32>, &mut CudaViewMut<'_, f32>, usize)>,
         t: usize,
         (pos, pos_at): (usize, &CudaView<'_, u32>),
     ) -> Result<()> {
-        let n = t * width;
-        if src.len() < n || dst.len() < (pos + t) * width || pos_at.is_empty() {
+        let vw = v.as_ref().map_or(0, |v| v.2);
+        let short = |src: usize, dst: usize, w: usize| src < t * w || dst < (pos + t) * w;
+        if short(k.len(), keys.len(), kw)
+            || v.as_ref()
+                .is_some_and(|(v, values, vw)| short(v.len(), values.len(), *vw))
+            || pos_at.is_empty()
+        {
             return Err(Error::invalid(format!(
-                "CUDA kv_write: {t} rows of {width} at {pos} from {} into {}",
-                src.len(),
-                dst.len()
+                "CUDA kv_write: {t} rows of {kw} keys and {vw} values at {pos} into caches of {} \
+                 and {}",
+                keys.len(),
+                v.as_ref().map_or(0, |v| v.1.len())
             )));
         }
+        let n = t * (kw + vw);
         if n == 0 {
             return Ok(());
         }
-        let (width, t) = (int(width)?, int(t)?);
-        launch!(self, "kv_write", elems(n)?, src, dst, &width, &t, pos_at)
+        let (kw, vw, t, cfg) = (int(kw)?, int(vw)?, int(t)?, elems(n)?);
+        match v {
+            Some((v, values, _)) => {
+                launch!(self, "kv_write", cfg, k, keys, &kw, v, values, &vw, &t, pos_at)
+            }
+            // No values: null pointers the kernel never reads.
+            None => launch!(self, "kv_write", cfg, k, keys, &kw, &0u64, &0u64, &vw, &t, pos_at),
+        }
     }
 
     /// `y += x`.
