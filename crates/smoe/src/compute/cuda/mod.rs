@@ -2092,10 +2092,6 @@ impl Gpu {
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         let pairs = t * k;
-        if !self.mmvq_for(w) || k > SUM_MAX_K {
-            self.matvec_id(w, &ids.slice(..pairs), x, ys)?;
-            return self.moe_combine(&ys.as_view(), ids, weights, k, t, y);
-        }
         if ids.len() < pairs
             || weights.len() < pairs
             || x.len() < pairs * w.cols
@@ -2111,6 +2107,10 @@ impl Gpu {
                 x.len(),
                 y.len()
             )));
+        }
+        if !self.mmvq_for(w) || k > SUM_MAX_K {
+            self.matvec_id(w, &ids.slice(..pairs), x, ys)?;
+            return self.moe_combine(&ys.as_view(), &ids.slice(..pairs), weights, k, t, y);
         }
         if pairs == 0 || w.rows == 0 {
             return Ok(());
