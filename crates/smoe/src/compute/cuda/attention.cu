@@ -14,18 +14,44 @@
 // splits its grid would be the 32 heads, a quarter of an H200's SMs, each
 // walking hundreds of keys one dependent load after another (156 us a
 // layer at 600 keys): split over the keys ("flash-decoding"), each block
-// writes its unnormalized output with its max and sum, and
-// `attention_combine` merges the splits. Prefill has blocks enough and
+// writes its unnormalized output with its max and sum, and the split that
+// finishes last merges them (`combine_splits`; a counter per (head, token)
+// in `done`, left at zero again for the next launch, so a captured step
+// needs no second kernel). Prefill has blocks enough and
 // runs unsplit, normalizing in place.
 #define ATT_WARPS 8
 #define ATT_MAX_HEAD 1024
 #define ATT_MAX_V 512
 #define ATT_V_PER_LANE (ATT_MAX_V / 32)
 
+// The splits of `attention` for (head h, token tok) merged, by the block
+// that finished last: out = sum_s o_s e^(m_s - m) / sum_s l_s e^(m_s - m),
+// m the largest m_s.
+__device__ void combine_splits(const float* parts, float* out, int n_heads, int v_dim, int splits, int h,
+                               int tok) {
+    const float* pr = parts + ((size_t)tok * n_heads + h) * splits * (v_dim + 2);
+    float mx = NEG;
+    for (int s = 0; s < splits; s++) mx = fmaxf(mx, pr[(size_t)s * (v_dim + 2)]);
+    float total = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float* ps = pr + (size_t)s * (v_dim + 2);
+        total += ps[1] * expf(ps[0] - mx);
+    }
+    float* orow = out + ((size_t)tok * n_heads + h) * v_dim;
+    for (int d = threadIdx.x; d < v_dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float* ps = pr + (size_t)s * (v_dim + 2);
+            acc += ps[2 + d] * expf(ps[0] - mx);
+        }
+        orow[d] = acc / total;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
     attention(const float* q, const float* keys, const float* values, float* out, float* parts,
               int n_heads, int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride,
-              float scale, int pos0, const u32* pos_at, int window, int splits) {
+              float scale, int pos0, const u32* pos_at, int window, int splits, u32* done) {
     __shared__ float qs[ATT_MAX_HEAD];
     __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
     __shared__ float part_o[ATT_WARPS][ATT_MAX_V];
@@ -101,6 +127,21 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
         for (int w = 0; w < ATT_WARPS; w++) acc += part_o[w][d] * expf(part_m[w] - mx);
         pr[2 + d] = acc;
     }
+    // The last split of (h, tok) to get here merges them all: its own
+    // writes and every other split's are visible once the counter says
+    // the others are done (each fenced before counting).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* c = done + (size_t)tok * n_heads + h;
+        last = atomicAdd(c, 1u) == (u32)splits - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    combine_splits(parts, out, n_heads, v_dim, splits, h, tok);
 }
 
 // A prompt's attention with its keys and values read once per block
@@ -196,29 +237,6 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
     }
 }
 
-// The splits of `attention` merged: out = sum_s o_s e^(m_s - m) / sum_s l_s
-// e^(m_s - m), m the largest m_s. Grid (n_heads, t), ATT_WARPS * 32 threads.
-extern "C" __global__ void attention_combine(const float* parts, float* out, int n_heads, int v_dim,
-                                             int splits) {
-    int h = blockIdx.x, tok = blockIdx.y;
-    const float* pr = parts + ((size_t)tok * n_heads + h) * splits * (v_dim + 2);
-    float mx = NEG;
-    for (int s = 0; s < splits; s++) mx = fmaxf(mx, pr[(size_t)s * (v_dim + 2)]);
-    float total = 0.0f;
-    for (int s = 0; s < splits; s++) {
-        const float* ps = pr + (size_t)s * (v_dim + 2);
-        total += ps[1] * expf(ps[0] - mx);
-    }
-    float* orow = out + ((size_t)tok * n_heads + h) * v_dim;
-    for (int d = threadIdx.x; d < v_dim; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            const float* ps = pr + (size_t)s * (v_dim + 2);
-            acc += ps[2 + d] * expf(ps[0] - mx);
-        }
-        orow[d] = acc / total;
-    }
-}
 
 // `t` rows of new keys (k, [t, kw]) and values (v, [t, vw]; none when vw
 // is 0) into a layer's cache at the position the device holds (*pos_at),

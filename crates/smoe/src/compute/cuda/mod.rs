@@ -261,9 +261,10 @@ pub struct Gpu {
     /// Launches timed but not yet read back, when profiling
     /// ([`super::profile::enable`] before the GPU was opened).
     timed: Option<Mutex<Vec<Timed>>>,
-    /// Split attention's partial results ([`Gpu::attention`]), grown to
-    /// the largest call; every use is on the compute stream, in order.
-    attn_parts: Mutex<Option<CudaSlice<f32>>>,
+    /// Split attention's partial results and its counters of finished
+    /// splits per (head, token) ([`Gpu::attention`]), grown to the largest
+    /// call; every use is on the compute stream, in order.
+    attn_parts: Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
     /// [`Gpu::matmul_q8`]'s rounded activations and their block scales.
     q8: Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
     /// [`Gpu::matmul`] and the id kernels take the int8-activation kernels
@@ -1634,17 +1635,22 @@ impl Gpu {
         // Sized for the most splits this shape reaches as the keys grow (a
         // few hundred KB), not this call's: a decode step captured as a
         // graph must not find it growing.
-        let need = if blocks < want {
-            blocks * want.div_ceil(blocks) * (s.v_dim + 2)
+        // With it, a counter per (head, token): the split finishing last
+        // merges them, and leaves it at zero.
+        let (need, counters) = if blocks < want {
+            (blocks * want.div_ceil(blocks) * (s.v_dim + 2), blocks)
         } else {
-            1
+            (1, 1)
         };
-        if parts.as_ref().is_none_or(|p| p.len() < need) {
+        if parts
+            .as_ref()
+            .is_none_or(|(p, d)| p.len() < need || d.len() < counters)
+        {
             self.not_capturing("growing the attention scratch")?;
             *parts = None;
-            *parts = Some(self.zeros(need)?);
+            *parts = Some((self.zeros(need)?, self.zeros(counters)?));
         }
-        let parts = parts.as_mut().expect("allocated above");
+        let (parts, done) = parts.as_mut().expect("allocated above");
         let n_splits = int(splits)?;
         // A prompt (blocks enough unsplit) with heads the tiled kernel
         // takes: keys and values read once per block of query rows.
@@ -1707,25 +1713,8 @@ impl Gpu {
             &pos0,
             &pos_at,
             &window,
-            &n_splits
-        )?;
-        if splits == 1 {
-            return Ok(());
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (n_heads as u32, int(t)? as u32, 1),
-            block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(
-            self,
-            "attention_combine",
-            cfg,
-            &*parts,
-            out,
-            &n_heads,
-            &vd,
-            &n_splits
+            &n_splits,
+            done
         )
     }
 }
