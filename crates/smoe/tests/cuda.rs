@@ -442,6 +442,57 @@ fn matvec_of_a_q6k_lm_head_matches_cpu() {
     check("q6_k LM head vs CPU", &got, &cpu, 3e-2);
 }
 
+/// Several products of one activation (attention's q, k and v) in one
+/// launch (`matmul_each`: one rounding, one `mmvq_each` for two or three
+/// q4_k/q6_k matrices) against each alone through `matmul`: the same
+/// rounding and lanes, the warps a row chosen for all the rows rather
+/// than each matrix's (another summation order), so 1e-5.
+#[test]
+fn products_of_one_input_match_each_alone() {
+    let Some(gpu) = gpu_or_skip("products of one input") else {
+        return;
+    };
+    let (q4, q6) = (DType::Quant(QuantType::Q4K), DType::Quant(QuantType::Q6K));
+    let sets: [&[(DType, usize)]; 3] = [
+        &[(q4, 4096), (q4, 512), (q6, 512)],
+        &[(q6, 1536), (q4, 256)],
+        &[(q4, 300), (q6, 7), (q4, 33)],
+    ];
+    for (i, set) in sets.iter().enumerate() {
+        let mats: Vec<_> = set
+            .iter()
+            .enumerate()
+            .map(|(j, &(d, rows))| {
+                let w = Weights::new(d, rows, HIDDEN, 500 + 10 * i as u64 + j as u64);
+                gpu.upload_matrix(w.matrix()).unwrap()
+            })
+            .collect();
+        for t in [1, 3] {
+            let x = gpu.upload(&values(t * HIDDEN, 77 + t as u64)).unwrap();
+            let mut alone = Vec::new();
+            for m in &mats {
+                let mut y = gpu.zeros::<f32>(t * m.rows).unwrap();
+                gpu.matmul(&x.as_view(), t, m, &mut y.as_view_mut())
+                    .unwrap();
+                alone.push(gpu.download(&y).unwrap());
+            }
+            let mut ys: Vec<_> = mats
+                .iter()
+                .map(|m| gpu.zeros::<f32>(t * m.rows).unwrap())
+                .collect();
+            {
+                let mut views: Vec<_> = ys.iter_mut().map(|y| y.as_view_mut()).collect();
+                let mut outs: Vec<_> = mats.iter().zip(views.iter_mut()).collect();
+                gpu.matmul_each(&x.as_view(), t, &mut outs).unwrap();
+            }
+            for (j, (y, want)) in ys.iter().zip(&alone).enumerate() {
+                let what = format!("set {i}, matrix {j} of {}, {t} tokens", set.len());
+                check(&what, &gpu.download(y).unwrap(), want, 1e-5);
+            }
+        }
+    }
+}
+
 /// A decode step's routed experts run by id in one launch per matrix
 /// (`swiglu_id`, `matvec_id`, `moe_combine`) against each expert run alone
 /// through `matmul` and `silu_mul`, summed on the host in ascending expert

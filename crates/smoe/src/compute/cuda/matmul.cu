@@ -840,10 +840,12 @@ struct Q8Row {
     bool valid;
 };
 
-__device__ __forceinline__ Q8Row q8_row(int rows, int kw) {
-    int row = blockIdx.x * (MQ_WARPS / kw) + threadIdx.y / kw;
+__device__ __forceinline__ Q8Row q8_row_in(int block, int rows, int kw) {
+    int row = block * (MQ_WARPS / kw) + threadIdx.y / kw;
     return Q8Row{row, (int)threadIdx.y % kw, kw, row < rows};
 }
+
+__device__ __forceinline__ Q8Row q8_row(int rows, int kw) { return q8_row_in(blockIdx.x, rows, kw); }
 
 // v summed over the warps sharing r's row, returned to its first warp's
 // lanes (the others get their own part); `part` is MQ_WARPS floats of
@@ -864,10 +866,10 @@ __device__ __forceinline__ bool q8_writes(const Q8Row& r) { return r.valid && r.
 // y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`.
 template <int T>
 __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
-                     int t, int kw) {
+                     int t, int kw, int block) {
     __shared__ float part[MV_TOKENS][MQ_WARPS];
     __shared__ uint4 stage[MQ_WARPS][1][Q8_WORDS];
-    Q8Row r = q8_row(rows, kw);
+    Q8Row r = q8_row_in(block, rows, kw);
     float acc[1][MV_TOKENS];
 #pragma unroll
     for (int i = 0; i < MV_TOKENS; i++) acc[0][i] = 0.0f;
@@ -977,7 +979,7 @@ __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 r
 #define MMVQ_KERNELS(NAME, T)                                                                            \
     extern "C" __global__ void mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
                                            float* y, int rows, int cols, int t, int kw) {                \
-        mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t, kw);                                             \
+        mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t, kw, blockIdx.x);                                 \
     }                                                                                                     \
     extern "C" __global__ void mmvq_id_##NAME(const u64* experts, const u32* ids, int n_exp,             \
                                               u64 row_bytes, const i8* xq, const float* xds, int x_div,  \
@@ -998,6 +1000,33 @@ __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 r
 
 MMVQ_KERNELS(q4_k, T_Q4_K)
 MMVQ_KERNELS(q6_k, T_Q6_K)
+
+// Up to three matrices over the same rounded activations in one launch
+// (attention's q, k and v; two launches fewer a layer): matrix i, of type
+// ty_i (q4_k or q6_k), takes the next n_i = ceil(rows_i / (MQ_WARPS / kw))
+// blocks, each as `mmvq` would run it; rows_i 0 leaves a matrix out.
+extern "C" __global__ void mmvq_each(const u8* w0, const u8* w1, const u8* w2, u64 rb0, u64 rb1, u64 rb2,
+                                     int rows0, int rows1, int rows2, int ty0, int ty1, int ty2, float* y0,
+                                     float* y1, float* y2, const i8* xq, const float* xds, int cols, int t,
+                                     int kw) {
+    int per = MQ_WARPS / kw, b = blockIdx.x;
+    int n0 = (rows0 + per - 1) / per, n1 = (rows1 + per - 1) / per;
+    const u8* w = w0;
+    u64 rb = rb0;
+    int rows = rows0, ty = ty0;
+    float* y = y0;
+    if (b >= n0 + n1) {
+        b -= n0 + n1;
+        w = w2, rb = rb2, rows = rows2, ty = ty2, y = y2;
+    } else if (b >= n0) {
+        b -= n0;
+        w = w1, rb = rb1, rows = rows1, ty = ty1, y = y1;
+    }
+    if (ty == T_Q4_K)
+        mmvq<T_Q4_K>(w, rb, xq, xds, y, rows, cols, t, kw, b);
+    else
+        mmvq<T_Q6_K>(w, rb, xq, xds, y, rows, cols, t, kw, b);
+}
 
 // ---- Tiled products on int8 activations (prefill's default for q4_k and
 // q6_k rows on sm_80 and newer, `gemm` the fallback; llama.cpp's mmq the

@@ -1230,10 +1230,106 @@ impl Gpu {
         };
         let q8 = self.quantize_q8(x, t * cols)?;
         let (xq, xds) = q8.as_ref().expect("quantized above");
+        if let [a, b, c @ ..] = &mut outs[..] {
+            if c.len() <= 1 {
+                return self.mmvq_each([a, b], c.first_mut(), xq, xds, t);
+            }
+        }
         for ((w, y), name) in outs.iter_mut().zip(kernels) {
             self.mmvq(name, xq, xds, t, w, y)?;
         }
         Ok(())
+    }
+
+    /// Two or three products of the same rounded activations (each matrix
+    /// q4_k or q6_k, checked by the caller) in one `mmvq_each` launch.
+    fn mmvq_each(
+        &self,
+        [a, b]: [&mut (&GpuMatrix, &mut CudaViewMut<'_, f32>); 2],
+        c: Option<&mut (&GpuMatrix, &mut CudaViewMut<'_, f32>)>,
+        xq: &CudaSlice<u8>,
+        xds: &CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        // The kernels' type numbers (T_Q4_K, T_Q6_K in matmul.cu).
+        let ty = |w: &GpuMatrix| match w.dtype {
+            DType::Quant(QuantType::Q6K) => 7i32,
+            _ => 5i32,
+        };
+        let rows_all = a.0.rows + b.0.rows + c.as_ref().map_or(0, |c| c.0.rows);
+        let kw = self.q8_warps_per_row(rows_all);
+        let per = (MQ_WARPS / kw) as usize;
+        let blocks = |w: &GpuMatrix| w.rows.div_ceil(per);
+        let n = blocks(a.0) + blocks(b.0) + c.as_ref().map_or(0, |c| blocks(c.0));
+        let cfg = LaunchConfig {
+            grid_dim: (int(n)? as u32, 1, 1),
+            block_dim: (32, MQ_WARPS, 1),
+            shared_mem_bytes: 0,
+        };
+        let rb = |w: &GpuMatrix| w.dtype.row_bytes(w.cols) as u64;
+        let (cols, t, kw) = (int(a.0.cols)?, int(t)?, kw as i32);
+        // A missing third matrix: 0 rows, never read (the second's
+        // pointers stand in).
+        let third = c.as_ref().map_or(b.0, |c| c.0);
+        let rows = [
+            int(a.0.rows)?,
+            int(b.0.rows)?,
+            c.as_ref().map_or(Ok(0), |c| int(c.0.rows))?,
+        ];
+        let (rbs, tys) = ([rb(a.0), rb(b.0), rb(third)], [ty(a.0), ty(b.0), ty(third)]);
+        let (w0, w1, w2) = (&a.0.data, &b.0.data, &third.data);
+        match c {
+            Some(c) => launch!(
+                self,
+                "mmvq_each",
+                cfg,
+                w0,
+                w1,
+                w2,
+                &rbs[0],
+                &rbs[1],
+                &rbs[2],
+                &rows[0],
+                &rows[1],
+                &rows[2],
+                &tys[0],
+                &tys[1],
+                &tys[2],
+                &mut *a.1,
+                &mut *b.1,
+                &mut *c.1,
+                xq,
+                xds,
+                &cols,
+                &t,
+                &kw
+            ),
+            None => launch!(
+                self,
+                "mmvq_each",
+                cfg,
+                w0,
+                w1,
+                w2,
+                &rbs[0],
+                &rbs[1],
+                &rbs[2],
+                &rows[0],
+                &rows[1],
+                &rows[2],
+                &tys[0],
+                &tys[1],
+                &tys[2],
+                &mut *a.1,
+                &mut *b.1,
+                &0u64,
+                xq,
+                xds,
+                &cols,
+                &t,
+                &kw
+            ),
+        }
     }
 
     /// The int8 kernel `name` on activations already rounded.
