@@ -493,6 +493,138 @@ fn products_of_one_input_match_each_alone() {
     }
 }
 
+/// A norm that rounds its output for the int8 kernels as it writes it
+/// (`norm_rows_rounded`, with and without the residual add) against the
+/// norm then the products rounding it themselves: the same values, the
+/// same rounding, so the products agree to 1e-6 and the norm's outputs
+/// exactly; and the experts' gate/up from the rounded rows likewise.
+#[test]
+fn rounded_norms_match_norm_then_round() {
+    let Some(gpu) = gpu_or_skip("rounded norms") else {
+        return;
+    };
+    if !gpu.int8_activations() {
+        println!("SKIPPED rounded norms: int8 activations off (SMOE_CUDA_MMVQ=0)");
+        return;
+    }
+    let (q4, q6) = (DType::Quant(QuantType::Q4K), DType::Quant(QuantType::Q6K));
+    let mats: Vec<_> = [(q4, 1024), (q4, 256), (q6, 256)]
+        .iter()
+        .enumerate()
+        .map(|(j, &(d, rows))| {
+            let w = Weights::new(d, rows, HIDDEN, 900 + j as u64);
+            gpu.upload_matrix(w.matrix()).unwrap()
+        })
+        .collect();
+    let w = gpu.upload(&values(HIDDEN, 41)).unwrap();
+    for (t, add) in [(1, false), (1, true), (3, true)] {
+        let what = format!("{t} rows, {}", if add { "add then norm" } else { "norm" });
+        let x0 = values(t * HIDDEN, 42);
+        let d = gpu.upload(&values(t * HIDDEN, 43)).unwrap();
+        let run = |rounded: bool| {
+            let mut x = gpu.upload(&x0).unwrap();
+            let mut h = gpu.zeros::<f32>(t * HIDDEN).unwrap();
+            let mut ys: Vec<_> = mats
+                .iter()
+                .map(|m| gpu.zeros::<f32>(t * m.rows).unwrap())
+                .collect();
+            {
+                let mut views: Vec<_> = ys.iter_mut().map(|y| y.as_view_mut()).collect();
+                let mut outs: Vec<_> = mats.iter().zip(views.iter_mut()).collect();
+                let dv = d.as_view();
+                let dx = add.then_some(&dv);
+                if rounded {
+                    let r = gpu
+                        .norm_rows_rounded(
+                            &mut x.as_view_mut(),
+                            dx,
+                            &w.as_view(),
+                            1e-6,
+                            &mut h.as_view_mut(),
+                        )
+                        .unwrap();
+                    gpu.matmul_each_rounded(&r, t, &mut outs).unwrap();
+                } else {
+                    match dx {
+                        Some(dv) => gpu
+                            .add_rms_norm_rows(
+                                &mut x.as_view_mut(),
+                                dv,
+                                &w.as_view(),
+                                1e-6,
+                                &mut h.as_view_mut(),
+                            )
+                            .unwrap(),
+                        None => gpu
+                            .rms_norm_rows(&x.as_view(), &w.as_view(), 1e-6, &mut h.as_view_mut())
+                            .unwrap(),
+                    }
+                    gpu.matmul_each(&h.as_view(), t, &mut outs).unwrap();
+                }
+            }
+            let ys: Vec<_> = ys.iter().map(|y| gpu.download(y).unwrap()).collect();
+            (gpu.download(&x).unwrap(), gpu.download(&h).unwrap(), ys)
+        };
+        let ((x1, h1, y1), (x2, h2, y2)) = (run(false), run(true));
+        assert_eq!(x1, x2, "{what}: residual");
+        assert_eq!(h1, h2, "{what}: normed rows");
+        for (j, (a, b)) in y2.iter().zip(&y1).enumerate() {
+            check(&format!("{what}: product {j}"), a, b, 1e-6);
+        }
+    }
+
+    // A decode step's experts' gate and up from the rounded rows.
+    let (n_exp, k, t) = (4, 2, 3);
+    let tables: Vec<_> = (0..2u64)
+        .map(|m| {
+            let experts: Vec<_> = (0..n_exp as u64)
+                .map(|e| {
+                    let w = Weights::new(q4, INTER, HIDDEN, 950 + 10 * m + e);
+                    gpu.upload_matrix(w.matrix()).unwrap()
+                })
+                .collect();
+            let refs: Vec<_> = experts.iter().collect();
+            (gpu.expert_table(&refs).unwrap().expect("a table"), experts)
+        })
+        .collect();
+    let ids = gpu.upload(&[3u32, 0, 1, 3, 2, 1]).unwrap();
+    let mut x = gpu.upload(&values(t * HIDDEN, 44)).unwrap();
+    let mut h = gpu.zeros::<f32>(t * HIDDEN).unwrap();
+    let (mut a, mut b) = (
+        gpu.zeros::<f32>(t * k * INTER).unwrap(),
+        gpu.zeros::<f32>(t * k * INTER).unwrap(),
+    );
+    let (gate, up) = (&tables[0].0, &tables[1].0);
+    {
+        let r = gpu
+            .norm_rows_rounded(
+                &mut x.as_view_mut(),
+                None,
+                &w.as_view(),
+                1e-6,
+                &mut h.as_view_mut(),
+            )
+            .unwrap();
+        gpu.swiglu_id_rounded(gate, up, &ids.as_view(), &r, k, &mut a.as_view_mut())
+            .unwrap();
+    }
+    gpu.swiglu_id(
+        gate,
+        up,
+        &ids.as_view(),
+        &h.as_view(),
+        k,
+        &mut b.as_view_mut(),
+    )
+    .unwrap();
+    check(
+        "experts' gate and up from rounded rows",
+        &gpu.download(&a).unwrap(),
+        &gpu.download(&b).unwrap(),
+        1e-6,
+    );
+}
+
 /// A decode step's routed experts run by id in one launch per matrix
 /// (`swiglu_id`, `matvec_id`, `moe_combine`) against each expert run alone
 /// through `matmul` and `silu_mul`, summed on the host in ascending expert

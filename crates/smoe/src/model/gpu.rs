@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::checkpoint::Weight;
-use crate::compute::cuda::{ExpertTable, Gpu, GpuMatrix, HostPin, MATVEC_MAX_TOKENS};
+use crate::compute::cuda::{ExpertTable, Gpu, GpuMatrix, HostPin, Rounded, MATVEC_MAX_TOKENS};
 use crate::compute::{AttnShape, Embedding, KvCache, Matrix, MlaShape};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -775,53 +775,73 @@ impl GpuDecoder {
         b: &mut Bufs,
     ) -> Result<()> {
         let g = &self.gpu;
-        let (h, eps) = (self.cfg().hidden_size, self.cfg().rms_norm_eps);
-        let th = t * h;
+        let th = t * self.cfg().hidden_size;
         for i in range {
             let (layer, dev) = (&self.cpu.layers[i], &self.layers[i]);
             // The previous layer's MLP output joins the residual in the
-            // same launch as this layer's norm.
-            if i == 0 {
-                g.rms_norm_rows(
-                    &b.x.v(0..th)?,
-                    &dev.input_norm.as_view(),
-                    eps,
-                    &mut b.h.m(g, th)?,
-                )?;
-            } else {
-                g.add_rms_norm_rows(
-                    &mut b.x.part(0..th)?,
-                    &b.out.v(0..th)?,
-                    &dev.input_norm.as_view(),
-                    eps,
-                    &mut b.h.m(g, th)?,
-                )?;
-            }
-            match (&layer.attn, &dev.attn) {
-                (Attn::Grouped(a), GpuAttn::Grouped { .. }) => {
-                    self.grouped(a, &dev.attn, i, t, seqs, b)?
+            // same launch as this layer's norm, which also rounds its
+            // output for the int8 kernels where all that read it take
+            // them (its guard dropped before the next norm's).
+            {
+                let round = t <= MATVEC_MAX_TOKENS
+                    && match &dev.attn {
+                        GpuAttn::Grouped { q, k, v, .. } => {
+                            [q, k, v].iter().all(|l| g.takes_int8(&l.w, t))
+                        }
+                        GpuAttn::Latent { .. } => false,
+                    };
+                let rounded = self.norm(b, i > 0, &dev.input_norm, th, round)?;
+                match (&layer.attn, &dev.attn) {
+                    (Attn::Grouped(a), GpuAttn::Grouped { .. }) => {
+                        self.grouped(a, &dev.attn, i, t, seqs, b, rounded.as_ref())?
+                    }
+                    (Attn::Latent(a), GpuAttn::Latent { .. }) => {
+                        self.latent(a, &dev.attn, i, t, seqs, b)?
+                    }
+                    _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
                 }
-                (Attn::Latent(a), GpuAttn::Latent { .. }) => {
-                    self.latent(a, &dev.attn, i, t, seqs, b)?
-                }
-                _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
             }
-            g.add_rms_norm_rows(
-                &mut b.x.part(0..th)?,
-                &b.out.v(0..th)?,
-                &dev.post_norm.as_view(),
-                eps,
-                &mut b.h.m(g, th)?,
-            )?;
+            let round = t <= MATVEC_MAX_TOKENS
+                && matches!(&dev.mlp, GpuMlp::Sparse { tables: Some([gate, ..]), .. }
+                    if g.takes_int8_experts(gate));
+            let rounded = self.norm(b, true, &dev.post_norm, th, round)?;
             match (&layer.mlp, &dev.mlp) {
                 (Mlp::Dense(_), GpuMlp::Dense(w)) => {
                     swiglu(g, w, &b.h.v(0..th)?, t, &mut b.gate, &mut b.up, &mut b.out)?
                 }
-                (Mlp::Sparse(m), GpuMlp::Sparse { .. }) => self.moe(m, &dev.mlp, i, t, b)?,
+                (Mlp::Sparse(m), GpuMlp::Sparse { .. }) => {
+                    self.moe(m, &dev.mlp, i, t, b, rounded.as_ref())?
+                }
                 _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
             }
         }
         Ok(())
+    }
+
+    /// The RMSNorm of `b.x` (after adding `b.out` to it when `add`) with
+    /// weights `w` into `b.h`, `th` values; with `round`, also rounded to
+    /// int8 as it is written, for the int8 kernels that read it next.
+    fn norm<'g>(
+        &'g self,
+        b: &mut Bufs,
+        add: bool,
+        w: &CudaSlice<f32>,
+        th: usize,
+        round: bool,
+    ) -> Result<Option<Rounded<'g>>> {
+        let g = &self.gpu;
+        let eps = self.cfg().rms_norm_eps;
+        let d = if add { Some(b.out.v(0..th)?) } else { None };
+        let (w, h) = (w.as_view(), &mut b.h.m(g, th)?);
+        if round {
+            let x = &mut b.x.part(0..th)?;
+            return g.norm_rows_rounded(x, d.as_ref(), &w, eps, h).map(Some);
+        }
+        match d {
+            Some(d) => g.add_rms_norm_rows(&mut b.x.part(0..th)?, &d, &w, eps, h)?,
+            None => g.rms_norm_rows(&b.x.v(0..th)?, &w, eps, h)?,
+        }
+        Ok(None)
     }
 
     /// Whether a step of `t` tokens a sequence runs on the GPU alone:
@@ -837,6 +857,7 @@ impl GpuDecoder {
 
     /// Grouped-query attention of `b.h` into `b.out`, as
     /// [`Attention::forward`].
+    #[allow(clippy::too_many_arguments)]
     fn grouped(
         &self,
         a: &Attention,
@@ -845,6 +866,7 @@ impl GpuDecoder {
         t: usize,
         seqs: &mut [Seq<'_>],
         b: &mut Bufs,
+        rounded: Option<&Rounded<'_>>,
     ) -> Result<()> {
         let GpuAttn::Grouped {
             q: wq,
@@ -863,7 +885,7 @@ impl GpuDecoder {
         let hn = b.h.v(0..t * h)?;
         forward_each(
             g,
-            &hn,
+            (&hn, rounded),
             t,
             &mut [
                 (wq, &mut b.q.m(g, t * nq)?),
@@ -1023,7 +1045,17 @@ impl GpuDecoder {
     /// every chosen expert run in place by id; otherwise its pairs to the
     /// host, the tokens grouped by expert, each chosen expert once over its
     /// rows, the weighted sum.
-    fn moe(&self, m: &Moe, dev: &GpuMlp, layer: usize, t: usize, b: &mut Bufs) -> Result<()> {
+    /// `rounded`: `b.h` rounded by its norm, for the few-token path's
+    /// int8 experts.
+    fn moe(
+        &self,
+        m: &Moe,
+        dev: &GpuMlp,
+        layer: usize,
+        t: usize,
+        b: &mut Bufs,
+        rounded: Option<&Rounded<'_>>,
+    ) -> Result<()> {
         let GpuMlp::Sparse {
             router,
             score_bias,
@@ -1043,14 +1075,11 @@ impl GpuDecoder {
             let (pairs, inter) = (t * k, gate.rows);
             self.tiers.vram_hits.fetch_add(pairs as u64, Relaxed);
             let ids = b.ids.v(0..pairs)?;
-            g.swiglu_id(
-                gate,
-                up,
-                &ids,
-                &b.h.v(0..t * hidden)?,
-                k,
-                &mut b.gate.m(g, pairs * inter)?,
-            )?;
+            let act = &mut b.gate.m(g, pairs * inter)?;
+            match rounded {
+                Some(r) => g.swiglu_id_rounded(gate, up, &ids, r, k, act)?,
+                None => g.swiglu_id(gate, up, &ids, &b.h.v(0..t * hidden)?, k, act)?,
+            }
             g.matvec_id_sum(
                 down,
                 &ids,
@@ -1518,19 +1547,22 @@ fn forward(
     t: usize,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    forward_each(g, x, t, &mut [(l, y)])
+    forward_each(g, (x, None), t, &mut [(l, y)])
 }
 
 /// [`forward`] of one `x` through several layers (attention's q, k and
 /// v), which [`Gpu::matmul_each`] lets share one activation rounding.
 fn forward_each(
     g: &Gpu,
-    x: &CudaView<'_, f32>,
+    (x, rounded): (&CudaView<'_, f32>, Option<&Rounded<'_>>),
     t: usize,
     outs: &mut [(&GpuLinear, &mut CudaViewMut<'_, f32>)],
 ) -> Result<()> {
     let mut products: Vec<_> = outs.iter_mut().map(|(l, y)| (&l.w, &mut **y)).collect();
-    g.matmul_each(x, t, &mut products)?;
+    match rounded {
+        Some(r) => g.matmul_each_rounded(r, t, &mut products)?,
+        None => g.matmul_each(x, t, &mut products)?,
+    }
     for (l, y) in outs.iter_mut() {
         if let Some(bias) = &l.bias {
             g.add_rows(y, &bias.as_view())?;

@@ -200,6 +200,11 @@ pub struct ExpertTable {
     ptrs: CudaSlice<u64>,
 }
 
+/// Activations rounded to int8 per 32-block by the norm that wrote them
+/// ([`Gpu::norm_rows_rounded`]): the values and their `(d, d * sum)` pairs,
+/// locked while held.
+pub type Rounded<'a> = std::sync::MutexGuard<'a, Option<(CudaSlice<u8>, CudaSlice<f32>)>>;
+
 /// A weight matrix on the device, rows as stored (quantized blocks stay
 /// quantized).
 #[derive(Debug)]
@@ -267,6 +272,9 @@ pub struct Gpu {
     attn_parts: Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
     /// [`Gpu::matmul_q8`]'s rounded activations and their block scales.
     q8: Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
+    /// The rows a norm rounded as it wrote them ([`Gpu::norm_rows_rounded`]),
+    /// apart from `q8` so that other products may round theirs meanwhile.
+    rounded: Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
     /// [`Gpu::matmul`] and the id kernels take the int8-activation kernels
     /// where they apply: on unless `SMOE_CUDA_MMVQ=0` or
     /// [`Gpu::set_int8_activations`] say otherwise (so that one binary
@@ -368,6 +376,7 @@ impl Gpu {
             timed: super::profile::enabled().then(Mutex::default),
             attn_parts: Mutex::default(),
             q8: Mutex::default(),
+            rounded: Mutex::default(),
             mmvq: std::env::var_os("SMOE_CUDA_MMVQ")
                 .is_none_or(|v| v != "0")
                 .into(),
@@ -1230,6 +1239,71 @@ impl Gpu {
         };
         let q8 = self.quantize_q8(x, t * cols)?;
         let (xq, xds) = q8.as_ref().expect("quantized above");
+        self.mmvq_all(xq, xds, t, outs, &kernels)
+    }
+
+    /// As [`Gpu::matmul_each`] on rows a norm rounded as it wrote them;
+    /// every matrix must take the int8 kernels ([`Gpu::takes_int8`]).
+    pub fn matmul_each_rounded(
+        &self,
+        rounded: &Rounded<'_>,
+        t: usize,
+        outs: &mut [(&GpuMatrix, &mut CudaViewMut<'_, f32>)],
+    ) -> Result<()> {
+        let Some((xq, xds)) = rounded.as_ref() else {
+            return Err(Error::invalid("CUDA matmul_each_rounded: nothing rounded"));
+        };
+        let cols = outs.first().map_or(0, |(w, _)| w.cols);
+        let kernels = outs
+            .iter()
+            .map(|(w, y)| {
+                match w.dtype {
+                    DType::Quant(QuantType::Q4K) => Ok("mmvq_q4_k"),
+                    DType::Quant(QuantType::Q6K) => Ok("mmvq_q6_k"),
+                    _ => Err(w.dtype),
+                }
+                .ok()
+                .filter(|_| {
+                    w.cols == cols
+                        && cols.is_multiple_of(256)
+                        && (1..=MATVEC_MAX_TOKENS).contains(&t)
+                        && y.len() >= t * w.rows
+                        && xq.len() >= t * cols
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "CUDA matmul_each_rounded: {t} rounded rows of {} through {:?}",
+                    xq.len(),
+                    outs.iter()
+                        .map(|(w, _)| (w.dtype.name(), w.rows, w.cols))
+                        .collect::<Vec<_>>()
+                ))
+            })?;
+        self.mmvq_all(xq, xds, t, outs, &kernels)
+    }
+
+    /// Whether `t` rows through `w` take the int8 kernels.
+    pub fn takes_int8(&self, w: &GpuMatrix, t: usize) -> bool {
+        self.int8_activations() && takes_q8(w, t)
+    }
+
+    /// Whether a layer's experts of `w` take the int8 id kernels.
+    pub fn takes_int8_experts(&self, w: &ExpertTable) -> bool {
+        self.mmvq_for(w)
+    }
+
+    /// The int8 products `kernels` of rounded rows `xq`/`xds`: two or
+    /// three in one `mmvq_each` launch, else one launch each.
+    fn mmvq_all(
+        &self,
+        xq: &CudaSlice<u8>,
+        xds: &CudaSlice<f32>,
+        t: usize,
+        outs: &mut [(&GpuMatrix, &mut CudaViewMut<'_, f32>)],
+        kernels: &[&str],
+    ) -> Result<()> {
         if let [a, b, c @ ..] = &mut outs[..] {
             if c.len() <= 1 {
                 return self.mmvq_each([a, b], c.first_mut(), xq, xds, t);
@@ -1406,6 +1480,76 @@ impl Gpu {
             &width,
             &eps
         )
+    }
+
+    /// [`Gpu::add_rms_norm_rows`] (`d` none: [`Gpu::rms_norm_rows`] of `x`,
+    /// left as it is), the output also rounded to int8 per 32-block as the
+    /// int8 kernels round their input, for [`Gpu::matmul_each_rounded`] and
+    /// [`Gpu::swiglu_id_rounded`]: one launch for two.
+    pub fn norm_rows_rounded(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        d: Option<&CudaView<'_, f32>>,
+        w: &CudaView<'_, f32>,
+        eps: f32,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<Rounded<'_>> {
+        let width = w.len();
+        if width == 0
+            || !width.is_multiple_of(32)
+            || !x.len().is_multiple_of(width)
+            || out.len() < x.len()
+            || d.is_some_and(|d| d.len() < x.len())
+        {
+            return Err(Error::invalid(format!(
+                "CUDA norm_rows_rounded: {} values plus {:?}, {} outputs, rows of {width} (a \
+                 multiple of 32)",
+                x.len(),
+                d.map(|d| d.len()),
+                out.len()
+            )));
+        }
+        let n = x.len();
+        let mut r = self.rounded.lock().unwrap_or_else(|e| e.into_inner());
+        if r.as_ref().is_none_or(|(q, _)| q.len() < n) {
+            self.not_capturing("growing the rounded rows")?;
+            *r = None;
+            *r = Some((self.zeros(n)?, self.zeros(n / 16)?));
+        }
+        let (rows, width) = (n / width, int(width)?);
+        if rows == 0 {
+            return Ok(r);
+        }
+        let (xq, xds) = r.as_mut().expect("allocated above");
+        match d {
+            Some(d) => launch!(
+                self,
+                "norm_q8",
+                per_row(rows)?,
+                x,
+                d,
+                out,
+                w,
+                &width,
+                &eps,
+                &mut *xq,
+                &mut *xds
+            )?,
+            None => launch!(
+                self,
+                "norm_q8",
+                per_row(rows)?,
+                x,
+                &0u64,
+                out,
+                w,
+                &width,
+                &eps,
+                &mut *xq,
+                &mut *xds
+            )?,
+        }
+        Ok(r)
     }
 
     /// Per-head RMSNorm (weights `wq`, `wk`, one head wide) then NeoX
@@ -2029,14 +2173,9 @@ impl Gpu {
         let row_bytes = gate.dtype.row_bytes(gate.cols) as u64;
         if self.mmvq_for(gate) {
             let tokens = pairs.div_ceil(k as usize);
-            let mut q8 = self.quantize_q8(x, tokens * gate.cols)?;
-            let (xq, xds) = q8.as_mut().expect("quantized above");
-            let name = format!("mmvq_swiglu_id_{}", kernel_dtype(gate.dtype)?);
-            let (cfg, kw) = self.per_q8_row(gate.rows, pairs)?;
-            return launch!(
-                self, &name, cfg, &gate.ptrs, &up.ptrs, ids, &n_exp, &row_bytes, &*xq, &*xds, &k,
-                y, &rows, &cols, &kw
-            );
+            let q8 = self.quantize_q8(x, tokens * gate.cols)?;
+            let (xq, xds) = q8.as_ref().expect("quantized above");
+            return self.swiglu_id_q8(gate, up, ids, (xq, xds), k as usize, y);
         }
         let name = format!("swiglu_id_{}", kernel_dtype(gate.dtype)?);
         launch!(
@@ -2053,6 +2192,69 @@ impl Gpu {
             y,
             &rows,
             &cols
+        )
+    }
+
+    /// As [`Gpu::swiglu_id`] on rows a norm rounded as it wrote them; the
+    /// experts must take the int8 kernels ([`Gpu::takes_int8_experts`]).
+    pub fn swiglu_id_rounded(
+        &self,
+        gate: &ExpertTable,
+        up: &ExpertTable,
+        ids: &CudaView<'_, u32>,
+        rounded: &Rounded<'_>,
+        k: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let pairs = ids.len();
+        let ok = rounded.as_ref().filter(|(xq, _)| {
+            let same = (gate.dtype, gate.rows, gate.cols, gate.ptrs.len())
+                == (up.dtype, up.rows, up.cols, up.ptrs.len());
+            same && k > 0
+                && self.mmvq_for(gate)
+                && xq.len() >= pairs.div_ceil(k) * gate.cols
+                && y.len() >= pairs * gate.rows
+        });
+        let Some((xq, xds)) = ok else {
+            return Err(Error::invalid(format!(
+                "CUDA swiglu_id_rounded: {pairs} pairs (k {k}) through [{}, {}] ({}) with {} \
+                 rounded inputs and {} outputs",
+                gate.rows,
+                gate.cols,
+                gate.dtype.name(),
+                rounded.as_ref().map_or(0, |(q, _)| q.len()),
+                y.len()
+            )));
+        };
+        if pairs == 0 || gate.rows == 0 {
+            return Ok(());
+        }
+        self.swiglu_id_q8(gate, up, ids, (xq, xds), k, y)
+    }
+
+    /// The int8 `swiglu_id` launch on rounded rows.
+    fn swiglu_id_q8(
+        &self,
+        gate: &ExpertTable,
+        up: &ExpertTable,
+        ids: &CudaView<'_, u32>,
+        (xq, xds): (&CudaSlice<u8>, &CudaSlice<f32>),
+        k: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let pairs = ids.len();
+        let (n_exp, k, rows, cols) = (
+            int(gate.ptrs.len())?,
+            int(k)?,
+            int(gate.rows)?,
+            int(gate.cols)?,
+        );
+        let row_bytes = gate.dtype.row_bytes(gate.cols) as u64;
+        let name = format!("mmvq_swiglu_id_{}", kernel_dtype(gate.dtype)?);
+        let (cfg, kw) = self.per_q8_row(gate.rows, pairs)?;
+        launch!(
+            self, &name, cfg, &gate.ptrs, &up.ptrs, ids, &n_exp, &row_bytes, xq, xds, &k, y, &rows,
+            &cols, &kw
         )
     }
 

@@ -40,6 +40,43 @@ extern "C" __global__ void add_rms_norm(float* x, const float* d, float* out, co
     for (int i = threadIdx.x; i < width; i += blockDim.x) orow[i] = w[i] * (xr[i] * inv);
 }
 
+// `add_rms_norm` (d null: `rms_norm`, x only read) whose output is also
+// rounded to int8 per 32-block as `quantize_q8` rounds it, for the int8
+// kernels that read it next (attention's projections, a decode step's
+// experts): a launch and a pass over the row fewer. width a multiple of
+// 32, so each warp's 32 consecutive outputs are one block.
+extern "C" __global__ void norm_q8(float* x, const float* d, float* out, const float* w, int width, float eps,
+                                   i8* xq, float* xds) {
+    __shared__ float sh[32];
+    size_t at = (size_t)blockIdx.x * width;
+    float *xr = x + at, *orow = out + at;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = xr[i];
+        if (d) {
+            v += d[at + i];
+            xr[i] = v;
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    float inv = 1.0f / sqrtf(ss / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = w[i] * (xr[i] * inv);
+        orow[i] = v;
+        float amax = warp_max(fabsf(v));
+        float dq = amax / 127.0f;
+        int q = amax == 0.0f ? 0 : __float2int_rn(v / dq);
+        xq[at + i] = (i8)q;
+        float sum = warp_sum((float)q);
+        if ((threadIdx.x & 31) == 0) {
+            size_t blk = (at + i) >> 5;
+            xds[2 * blk] = dq;
+            xds[2 * blk + 1] = dq * sum;
+        }
+    }
+}
+
 // Per-head RMSNorm then NeoX rotary embedding of q's and k's heads (`head`
 // wide, t rows of q_heads and k_heads), in place, one block per head: q's
 // heads first, then k's. As rms_norm_in_place then rope on each, in one
