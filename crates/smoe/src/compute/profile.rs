@@ -9,6 +9,12 @@
 //! [`enable`] was called before the model was built: otherwise the decoder
 //! gets the bare backend. Time outside every op (waiting for expert reads,
 //! the model's own bookkeeping) is what remains of the wall time.
+//!
+//! A GPU decoder's ops are kernels ([`KernelTimes`]); what its host thread
+//! does between them is timed here too, as [`wait`] spans: blocked on the
+//! device, on expert copies, on the expert cache, or queueing copies. A
+//! decode step slower than its kernels sum to is one of those or the
+//! launches themselves (what is left outside every op).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,7 +40,8 @@ pub fn enabled() -> bool {
 
 macro_rules! ops {
     ($($op:ident => $name:literal),* $(,)?) => {
-        /// The timed ops, one per [`Backend`] method.
+        /// The timed ops: one per [`Backend`] method, then a GPU decoder's
+        /// host waits ([`wait`]).
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[allow(non_camel_case_types)]
         pub enum Op { $($op),* }
@@ -71,6 +78,10 @@ ops! {
     embed => "embed",
     mla_absorb => "mla_absorb",
     mla_values => "mla_values",
+    wait_gpu => "wait_gpu",
+    wait_copies => "wait_copies",
+    wait_experts => "wait_experts",
+    queue_copies => "queue_copies",
 }
 
 const N: usize = Op::ALL.len();
@@ -143,6 +154,21 @@ impl Drop for Span {
 
 fn span(op: Op) -> Span {
     Span(op, Instant::now())
+}
+
+/// Times what the host does until the guard drops, as `op`, when
+/// profiling: for a GPU decoder's waits (`wait_gpu`, `wait_copies`,
+/// `wait_experts`) and copy queueing (`queue_copies`), which no backend
+/// method covers. Nothing when not profiling.
+#[must_use]
+pub struct Wait {
+    _span: Option<Span>,
+}
+
+pub fn wait(op: Op) -> Wait {
+    Wait {
+        _span: enabled().then(|| span(op)),
+    }
 }
 
 /// `B` with every call timed.
@@ -411,6 +437,21 @@ mod tests {
         assert!(calls(Op::clamp) >= 1, "{ops:?}");
         assert!(y.iter().all(|&v| v == 4.0), "the wrapped op ran");
         assert!(d.total_s() > 0.0);
+    }
+
+    #[test]
+    fn waits_count_once_profiling_is_on() {
+        // Process-wide: every model built later in this test binary is
+        // timed too, which changes no result.
+        enable();
+        let before = OpTimes::now();
+        drop(wait(Op::wait_gpu));
+        let _w = wait(Op::wait_experts);
+        drop(_w);
+        let d = OpTimes::now().since(&before);
+        let calls = |op| d.ops().iter().find(|o| o.0 == op).map_or(0, |o| o.1);
+        assert!(calls(Op::wait_gpu) >= 1 && calls(Op::wait_experts) >= 1);
+        assert_eq!(Op::wait_copies.name(), "wait_copies");
     }
 
     #[test]

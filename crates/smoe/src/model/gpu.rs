@@ -23,6 +23,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut, DeviceRepr, Va
 
 use crate::checkpoint::Weight;
 use crate::compute::cuda::{ExpertTable, Gpu, GpuMatrix, HostPin, Rounded, MATVEC_MAX_TOKENS};
+use crate::compute::profile::{self, Op};
 use crate::compute::{AttnShape, Embedding, KvCache, Matrix, MlaShape};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -489,6 +490,9 @@ struct Bufs {
     /// The next sparse layer's routing guessed from this layer's residual.
     pred_ids: Buf<u32>,
     pred_weights: Buf<f32>,
+    /// What a streamed layer sends the host, back to back for one
+    /// download ([`GpuDecoder::layer_to_host`]).
+    to_host: Buf<u32>,
     order: Buf<u32>,
     pos: Buf<u32>,
     pos_weights: Buf<f32>,
@@ -502,8 +506,6 @@ struct Bufs {
     prompt: bool,
 }
 
-/// Host buffers: the embedding rows and RoPE tables before upload,
-/// routing's pairs and the expert grouping they give.
 /// A step's shape, the device's allocation count and its sequences' cache
 /// buffers ([`Gpu::replay`]): equal keys, equal captured graphs.
 #[derive(PartialEq)]
@@ -513,6 +515,8 @@ struct GraphKey {
     caches: Vec<u64>,
 }
 
+/// Host buffers: the embedding rows and RoPE tables before upload,
+/// routing's pairs and the expert grouping they give.
 #[derive(Default)]
 struct Host {
     x: Vec<f32>,
@@ -525,6 +529,7 @@ struct Host {
     weights: Vec<f32>,
     pred_ids: Vec<u32>,
     pred_weights: Vec<f32>,
+    to_host: Vec<u32>,
     /// A small batch's normed rows, for the CPU's gather.
     h: Vec<f32>,
     chosen: Vec<(u32, f32)>,
@@ -591,6 +596,14 @@ impl ExpertPaths {
             None if cpu.0 > Self::TRIALS => ExpertPath::Split,
             None => ExpertPath::Copy,
         }
+    }
+
+    /// Whether batch size `t`'s way is kept (or `t` is too large to have
+    /// a choice): then nothing needs its time.
+    fn settled(&self, t: usize) -> bool {
+        t.checked_sub(1)
+            .filter(|&i| i < MATVEC_MAX_TOKENS)
+            .is_none_or(|i| self.kept[i].is_some())
     }
 
     /// The CPU's share of a split's experts for batch size `t`: its rate
@@ -1110,14 +1123,14 @@ impl GpuDecoder {
         } else {
             ExpertPath::Copy
         };
-        self.routes_to_host(t * k, b)?;
-        if let Some((pairs, n_exp)) = predicted {
-            self.prediction_to_host(pairs, n_exp, b)?;
-        }
-        if path != ExpertPath::Copy {
-            let host = &mut b.host;
-            host.h.resize(t * hidden, 0.0);
-            g.download_into(&b.h.v(0..t * hidden)?, &mut host.h)?;
+        let rows = if path == ExpertPath::Copy {
+            0
+        } else {
+            t * hidden
+        };
+        self.layer_to_host(t * k, predicted.map_or(0, |p| p.0), rows, b)?;
+        if let Some((_, n_exp)) = predicted {
+            self.digest_prediction(n_exp, b)?;
         }
         let host = &mut b.host;
         host.chosen.clear();
@@ -1269,13 +1282,18 @@ impl GpuDecoder {
             }
             spent += start.elapsed();
         }
+        // Once the way is kept nothing times it: the host goes on queueing
+        // the layer's last kernels and the next layer's without waiting.
+        let timed = !b.paths.settled(t);
         for group in used.chunks(cache.capacity()) {
+            let waiting = profile::wait(Op::wait_experts);
             let mut pinned = cache.request(cache_layer, group)?;
             if predict {
                 cache.prefetch(layer + 1, &b.host.predicted, b.prompt);
                 predict = false;
             }
             pinned.wait()?;
+            drop(waiting);
             let start = std::time::Instant::now();
             match path {
                 ExpertPath::Cpu => self.cpu_experts(&pinned, pinned.len(), &mut b.host),
@@ -1284,7 +1302,7 @@ impl GpuDecoder {
                     let uploads = g.upload_experts(&mats)?;
                     self.count_copies(&mats);
                     let ran = if small {
-                        run_copied(g, &ids, &uploads, hidden, b)
+                        run_copied(g, t, &ids, &uploads, hidden, b)
                     } else {
                         run_uploaded(g, &ids, &uploads, pairs, hidden, b)
                     };
@@ -1294,7 +1312,7 @@ impl GpuDecoder {
                     // last) wait for them.
                     let finished = g.finish_uploads();
                     ran.and(finished)?;
-                    if small {
+                    if small && timed {
                         // What the choice compares: the experts' kernels too.
                         g.synchronize()?;
                     }
@@ -1309,19 +1327,22 @@ impl GpuDecoder {
                     let on_cpu = ((ids.len() as f64 * share).round() as usize).min(ids.len());
                     let uploads = g.upload_experts(&mats[on_cpu..])?;
                     self.count_copies(&mats[on_cpu..]);
-                    let ran = run_copied(g, &ids[on_cpu..], &uploads, hidden, b).and_then(|()| {
-                        let Some(&last) = ids[..on_cpu].last() else {
-                            return Ok(());
-                        };
-                        let host = &mut b.host;
-                        self.cpu_experts(&pinned, on_cpu, host);
-                        let rows = host.start[ids[0] as usize] * hidden
-                            ..host.start[last as usize + 1] * hidden;
-                        g.upload_into(&host.ys[rows.clone()], &mut b.ys.part(rows)?)
-                    });
+                    let ran =
+                        run_copied(g, t, &ids[on_cpu..], &uploads, hidden, b).and_then(|()| {
+                            let Some(&last) = ids[..on_cpu].last() else {
+                                return Ok(());
+                            };
+                            let host = &mut b.host;
+                            self.cpu_experts(&pinned, on_cpu, host);
+                            let rows = host.start[ids[0] as usize] * hidden
+                                ..host.start[last as usize + 1] * hidden;
+                            g.upload_into(&host.ys[rows.clone()], &mut b.ys.part(rows)?)
+                        });
                     let finished = g.finish_uploads();
                     ran.and(finished)?;
-                    g.synchronize()?;
+                    if timed {
+                        g.synchronize()?;
+                    }
                 }
             }
             spent += start.elapsed();
@@ -1410,16 +1431,11 @@ impl GpuDecoder {
         Ok(Some((t * m.routing.top_k, router.rows)))
     }
 
-    /// The routes [`GpuDecoder::launch_prediction`] launched (`pairs` of
-    /// `n_exp` experts), to the host as `b.host.predicted`: the experts
-    /// chosen, most likely first.
-    fn prediction_to_host(&self, pairs: usize, n_exp: usize, b: &mut Bufs) -> Result<()> {
-        let g = &self.gpu;
+    /// The routes [`GpuDecoder::launch_prediction`] launched, downloaded
+    /// into `b.host.pred_ids` and `pred_weights` (of `n_exp` experts), as
+    /// `b.host.predicted`: the experts chosen, most likely first.
+    fn digest_prediction(&self, n_exp: usize, b: &mut Bufs) -> Result<()> {
         let host = &mut b.host;
-        host.pred_ids.resize(pairs, 0);
-        host.pred_weights.resize(pairs, 0.0);
-        g.download_into(&b.pred_ids.v(0..pairs)?, &mut host.pred_ids)?;
-        g.download_into(&b.pred_weights.v(0..pairs)?, &mut host.pred_weights)?;
         host.best.clear();
         host.best.resize(n_exp, f32::NEG_INFINITY);
         for (&e, &w) in host.pred_ids.iter().zip(&host.pred_weights) {
@@ -1470,15 +1486,61 @@ impl GpuDecoder {
         g.route(&logits, t, &m.routing, bias.as_ref(), &mut ids, &mut w)
     }
 
-    /// The `pairs` routing choices [`GpuDecoder::route_on_device`] left in
-    /// `b.ids` and `b.weights`, into `b.host.ids` and `b.host.weights`.
-    fn routes_to_host(&self, pairs: usize, b: &mut Bufs) -> Result<()> {
+    /// What the host needs of a streamed layer, in one wait: the `pairs`
+    /// routing choices [`GpuDecoder::route_on_device`] left in `b.ids` and
+    /// `b.weights`, the `predicted` pairs of the next layer's guess, and
+    /// `rows` floats of the normed rows `b.h` (for the CPU's own gather),
+    /// into the same names on `b.host`. Copied back to back on the device
+    /// first (all are four-byte words), so the host waits for the device
+    /// and the bus once, not once a buffer.
+    fn layer_to_host(
+        &self,
+        pairs: usize,
+        predicted: usize,
+        rows: usize,
+        b: &mut Bufs,
+    ) -> Result<()> {
         let g = &self.gpu;
+        let n = 2 * pairs + 2 * predicted + rows;
+        {
+            let mut parts = Vec::with_capacity(5);
+            if pairs > 0 {
+                parts.push(b.ids.v(0..pairs)?);
+                parts.push(words(b.weights.v(0..pairs)?)?);
+            }
+            if predicted > 0 {
+                parts.push(b.pred_ids.v(0..predicted)?);
+                parts.push(words(b.pred_weights.v(0..predicted)?)?);
+            }
+            if rows > 0 {
+                parts.push(words(b.h.v(0..rows)?)?);
+            }
+            let mut stage = b.to_host.m(g, n)?;
+            let mut at = 0;
+            for part in &parts {
+                g.copy(part, &mut stage.slice_mut(at..at + part.len()))?;
+                at += part.len();
+            }
+        }
         let host = &mut b.host;
-        host.ids.resize(pairs, 0);
-        host.weights.resize(pairs, 0.0);
-        g.download_into(&b.ids.v(0..pairs)?, &mut host.ids)?;
-        g.download_into(&b.weights.v(0..pairs)?, &mut host.weights)
+        host.to_host.resize(n, 0);
+        g.download_into(&b.to_host.v(0..n)?, &mut host.to_host)?;
+        let (ids, rest) = host.to_host.split_at(pairs);
+        let (weights, rest) = rest.split_at(pairs);
+        let (pred_ids, rest) = rest.split_at(predicted);
+        let (pred_weights, h) = rest.split_at(predicted);
+        let floats = |dst: &mut Vec<f32>, src: &[u32]| {
+            dst.clear();
+            dst.extend(src.iter().map(|&w| f32::from_bits(w)));
+        };
+        host.ids.clear();
+        host.ids.extend_from_slice(ids);
+        floats(&mut host.weights, weights);
+        host.pred_ids.clear();
+        host.pred_ids.extend_from_slice(pred_ids);
+        floats(&mut host.pred_weights, pred_weights);
+        floats(&mut host.h, h);
+        Ok(())
     }
 
     /// Logits of rows `rows` of `b.x` into `out`, `[rows, vocab]`.
@@ -1715,19 +1777,88 @@ fn run_uploaded(
 }
 
 /// A small batch's copied experts, each once its copy is in (a wait on
-/// the device, not the host).
+/// the device, not the host); one token's through the id kernels where
+/// they take the matrices.
 fn run_copied(
     g: &Gpu,
+    t: usize,
     ids: &[u32],
     uploads: &[(GpuFfn, CudaEvent)],
     hidden: usize,
     b: &mut Bufs,
 ) -> Result<()> {
+    if run_copied_by_id(g, t, ids, uploads, hidden, b)? {
+        return Ok(());
+    }
     ids.iter().zip(uploads).try_for_each(|(&e, (w, ready))| {
         g.wait_upload(ready)?;
         let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
         run_expert(g, w, rows, hidden, b)
     })
+}
+
+/// A one-token batch's copied experts in three launches (the input
+/// rounded, gate and up, down), after the last copy, where one by one
+/// takes four launches an expert: the host queues them in a few
+/// microseconds and gets on with its own share of a split. False, with
+/// nothing queued, where the batch has several tokens or the id kernels
+/// do not take the matrices.
+fn run_copied_by_id(
+    g: &Gpu,
+    t: usize,
+    ids: &[u32],
+    uploads: &[(GpuFfn, CudaEvent)],
+    hidden: usize,
+    b: &mut Bufs,
+) -> Result<bool> {
+    let (Some(&first), Some((_, last))) = (ids.first(), uploads.last()) else {
+        return Ok(false);
+    };
+    if t != 1 {
+        return Ok(false);
+    }
+    let n_exp = b.host.start.len().saturating_sub(1);
+    let table = |i: usize| {
+        let mats: Vec<_> = ids
+            .iter()
+            .zip(uploads)
+            .map(|(&e, (m, _))| (e as usize, &m[i]))
+            .collect();
+        g.expert_table_of(n_exp, &mats)
+    };
+    let (Some(gate), Some(up), Some(down)) = (table(0)?, table(1)?, table(2)?) else {
+        return Ok(false);
+    };
+    // One row per expert, in ascending id: the share's rows are one run.
+    let (pairs, inter, row) = (ids.len(), gate.rows, b.host.start[first as usize]);
+    g.upload_into(ids, &mut b.used.m(g, pairs)?)?;
+    g.wait_upload(last)?;
+    let used = b.used.v(0..pairs)?;
+    g.swiglu_id(
+        &gate,
+        &up,
+        &used,
+        &b.h.v(0..hidden)?,
+        pairs,
+        &mut b.gate.m(g, pairs * inter)?,
+    )?;
+    let act = b.gate.v(0..pairs * inter)?;
+    g.matvec_id(
+        &down,
+        &used,
+        &act,
+        &mut b.ys.part(row * hidden..(row + pairs) * hidden)?,
+    )?;
+    Ok(true)
+}
+
+/// A float buffer's view as the words [`GpuDecoder::layer_to_host`]
+/// downloads.
+fn words(v: CudaView<'_, f32>) -> Result<CudaView<'_, u32>> {
+    // SAFETY: f32 and u32 have one size, and every bit pattern is a u32;
+    // the host turns them back with `f32::from_bits`.
+    unsafe { v.transmute::<u32>(v.len()) }
+        .ok_or_else(|| Error::invalid("CUDA decoder: a view as words"))
 }
 
 /// One expert's SwiGLU over its rows `rows` of the gathered `b.xs` into
@@ -1879,6 +2010,9 @@ mod tests {
         // The CPU, twice the copy's rate, takes two thirds of a split.
         assert!((p.cpu_share(1) - 2.0 / 3.0).abs() < 1e-9);
         assert_eq!(p.pick(1), Split);
+        // Kept: nothing times batch size 1 any more.
+        assert!(p.settled(1));
+        assert!(!run(0.7e-3).0.settled(2));
         // Kept, whatever comes later.
         for _ in 0..10 {
             p.record(1, Cpu, 1.0, 1);
@@ -1891,6 +2025,7 @@ mod tests {
         // Sizes it does not learn for copy, and record nothing.
         assert_eq!(p.pick(0), Copy);
         assert_eq!(p.pick(1000), Copy);
+        assert!(p.settled(1000) && !p.settled(4));
         p.record(1000, Cpu, 1.0, 1);
     }
 }

@@ -33,6 +33,7 @@ use cudarc::driver::{
 };
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
+use super::profile::{self, Op};
 use super::{AttnShape, Matrix, MlaShape};
 use crate::config::{Routing, Scoring};
 use crate::experts::io::AlignedBuf;
@@ -373,7 +374,7 @@ impl Gpu {
             info,
             module,
             functions: Mutex::default(),
-            timed: super::profile::enabled().then(Mutex::default),
+            timed: profile::enabled().then(Mutex::default),
             attn_parts: Mutex::default(),
             q8: Mutex::default(),
             rounded: Mutex::default(),
@@ -454,7 +455,7 @@ impl Gpu {
                 .start
                 .elapsed_ms(&t.end)
                 .map_err(|e| device_error(format!("timing {}", t.name), e))?;
-            super::profile::record_kernel(&t.name, f64::from(ms) * 1e-3, t.launch_s);
+            profile::record_kernel(&t.name, f64::from(ms) * 1e-3, t.launch_s);
         }
         Ok(())
     }
@@ -607,6 +608,7 @@ impl Gpu {
 
     pub fn synchronize(&self) -> Result<()> {
         self.not_capturing("waiting for the GPU")?;
+        let _w = profile::wait(Op::wait_gpu);
         for s in [&self.copy, &self.compute] {
             s.synchronize()
                 .map_err(|e| device_error("synchronize", e))?;
@@ -633,6 +635,7 @@ impl Gpu {
     /// Copies a device buffer back, after the work queued before it.
     pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
         self.not_capturing("a download")?;
+        let _w = profile::wait(Op::wait_gpu);
         self.compute
             .clone_dtoh(dev)
             .map_err(|e| device_error(format!("downloading {} elements", dev.len()), e))
@@ -668,9 +671,12 @@ impl Gpu {
                 dst.len()
             )));
         }
-        self.compute
-            .memcpy_dtoh(src, dst)
-            .map_err(|e| device_error(format!("downloading {} elements", dst.len()), e))?;
+        {
+            let _w = profile::wait(Op::wait_gpu);
+            self.compute
+                .memcpy_dtoh(src, dst)
+                .map_err(|e| device_error(format!("downloading {} elements", dst.len()), e))?;
+        }
         self.read_timings()
     }
 
@@ -834,6 +840,7 @@ impl Gpu {
         &self,
         experts: &[[Matrix<'_>; N]],
     ) -> Result<Vec<([GpuMatrix; N], CudaEvent)>> {
+        let _w = profile::wait(Op::queue_copies);
         // Allocated on the compute stream, which orders their frees after
         // the kernels that read them; the copies wait for the allocations.
         let mut out = Vec::with_capacity(experts.len());
@@ -886,6 +893,7 @@ impl Gpu {
     /// Blocks until every upload queued so far has read its host memory.
     pub fn finish_uploads(&self) -> Result<()> {
         self.not_capturing("waiting for uploads")?;
+        let _w = profile::wait(Op::wait_copies);
         self.copy
             .synchronize()
             .map_err(|e| device_error("finishing uploads", e))
