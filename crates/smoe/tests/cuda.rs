@@ -881,6 +881,58 @@ fn matrix_uploaded_on_the_copy_stream_is_ready_for_compute() {
     gpu.synchronize().unwrap();
 }
 
+/// A recycled expert matrix takes the next upload of its shape without an
+/// allocation, and holds the new expert's rows once its copy is in, even
+/// while a kernel queued before still reads the old ones.
+#[test]
+fn recycled_matrices_take_the_next_upload() {
+    let Some(gpu) = gpu_or_skip("recycle") else {
+        return;
+    };
+    let (w1, w2) = (
+        Weights::new(DType::Quant(QuantType::Q4K), INTER, HIDDEN, 31),
+        Weights::new(DType::Quant(QuantType::Q4K), INTER, HIDDEN, 32),
+    );
+    let x = gpu.upload(&values(HIDDEN, 33)).unwrap();
+    let mut want = [
+        gpu.zeros::<f32>(INTER).unwrap(),
+        gpu.zeros::<f32>(INTER).unwrap(),
+    ];
+    for (w, y) in [&w1, &w2].into_iter().zip(&mut want) {
+        let m = gpu.upload_matrix(w.matrix()).unwrap();
+        gpu.matmul(&x.as_view(), 1, &m, &mut y.as_view_mut())
+            .unwrap();
+    }
+    let mut got = [
+        gpu.zeros::<f32>(INTER).unwrap(),
+        gpu.zeros::<f32>(INTER).unwrap(),
+    ];
+    let ([first], ready) = gpu.upload_experts(&[[w1.matrix()]]).unwrap().pop().unwrap();
+    gpu.wait_upload(&ready).unwrap();
+    gpu.matmul(&x.as_view(), 1, &first, &mut got[0].as_view_mut())
+        .unwrap();
+    gpu.finish_uploads().unwrap();
+    gpu.recycle([first]);
+    let before = gpu.allocations();
+    let ([second], ready) = gpu.upload_experts(&[[w2.matrix()]]).unwrap().pop().unwrap();
+    assert_eq!(gpu.allocations(), before, "the spare took the upload");
+    gpu.wait_upload(&ready).unwrap();
+    gpu.matmul(&x.as_view(), 1, &second, &mut got[1].as_view_mut())
+        .unwrap();
+    gpu.finish_uploads().unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(gpu.download(g).unwrap(), gpu.download(w).unwrap());
+    }
+    // Another shape finds no spare.
+    gpu.recycle([second]);
+    let other = Weights::new(DType::Quant(QuantType::Q4K), HIDDEN, INTER, 34);
+    let before = gpu.allocations();
+    drop(gpu.upload_experts(&[[other.matrix()]]).unwrap());
+    gpu.finish_uploads().unwrap();
+    assert!(gpu.allocations() > before);
+    gpu.synchronize().unwrap();
+}
+
 #[test]
 fn bad_shapes_and_types_are_errors() {
     let Some(gpu) = gpu_or_skip("errors") else {

@@ -1308,10 +1308,11 @@ impl GpuDecoder {
                     };
                     // The copies read the slots, and write the device
                     // matrices, after `upload_experts` has returned: both
-                    // (dropped with this scope, the matrices first, the pins
-                    // last) wait for them.
+                    // (the matrices kept for the next upload, the pins
+                    // dropped with this scope) wait for them.
                     let finished = g.finish_uploads();
                     ran.and(finished)?;
+                    g.recycle(uploads.into_iter().flat_map(|(m, _)| m));
                     if small && timed {
                         // What the choice compares: the experts' kernels too.
                         g.synchronize()?;
@@ -1340,6 +1341,7 @@ impl GpuDecoder {
                         });
                     let finished = g.finish_uploads();
                     ran.and(finished)?;
+                    g.recycle(uploads.into_iter().flat_map(|(m, _)| m));
                     if timed {
                         g.synchronize()?;
                     }

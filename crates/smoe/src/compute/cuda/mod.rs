@@ -145,6 +145,27 @@ pub fn probe(ordinal: usize) -> Result<GpuInfo> {
     probe_context(ordinal).map(|(info, _)| info)
 }
 
+/// Lets the device's default memory pool keep freed memory for the next
+/// stream-ordered allocation: by default it gives all of it back to the
+/// system at every synchronisation, and a streamed layer, which waits for
+/// the device once a layer, would map fresh memory for its buffers each
+/// time. [`Gpu::memory`] trims the pool before it counts free memory.
+/// Where the device has no such pool nothing changes.
+fn keep_freed_memory(ctx: &CudaContext) {
+    let mut keep = u64::MAX;
+    // SAFETY: the context's own device; the threshold attribute takes a
+    // u64, which `keep` is.
+    unsafe {
+        if let Ok(pool) = driver::result::device::get_default_mem_pool(ctx.cu_device()) {
+            let _ = driver::result::mem_pool::set_attribute(
+                pool,
+                driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            );
+        }
+    }
+}
+
 fn probe_context(ordinal: usize) -> Result<(GpuInfo, Arc<CudaContext>)> {
     load::libraries()?;
     driver::result::init().map_err(|e| device_error("the driver did not initialise", e))?;
@@ -309,7 +330,19 @@ pub struct Gpu {
     /// addresses of the buffers it was captured with, so it is replayed
     /// only while this count is the one it was captured at.
     allocations: std::sync::atomic::AtomicU64,
+    /// Streamed experts' device matrices given back after use
+    /// ([`Gpu::recycle`]), for [`Gpu::upload_experts`] to copy the next
+    /// experts of the same shape into instead of allocating (a decode step
+    /// of Qwen3-30B-A3B with its experts in RAM would otherwise allocate
+    /// and free 24 matrices a layer).
+    spare: Mutex<Vec<GpuMatrix>>,
 }
+
+/// Most matrices [`Gpu::recycle`] keeps: a decode step's experts of a
+/// layer several times over (each of Qwen3-30B-A3B's is 0.9 MB), not a
+/// prompt's every expert of a layer, which would hold that much VRAM for
+/// good.
+const MAX_SPARE: usize = 96;
 
 /// An instantiated CUDA graph, destroyed on drop.
 #[derive(Debug)]
@@ -360,6 +393,7 @@ impl Gpu {
         // against compute itself.
         // Called before any buffer is made, so none is tracked.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx);
         let cubin = load::cubin(info.compute_capability)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
@@ -391,6 +425,7 @@ impl Gpu {
                 .into(),
             capturing: false.into(),
             allocations: 0.into(),
+            spare: Mutex::default(),
             // SMOE_CUDA_GRAPH=0 runs every step eagerly (to measure both).
             graph_fallbacks: if std::env::var_os("SMOE_CUDA_GRAPH").is_some_and(|v| v == "0") {
                 GRAPH_FALLBACKS
@@ -464,8 +499,19 @@ impl Gpu {
         &self.info
     }
 
-    /// Free and total device memory now, in bytes.
+    /// Free and total device memory now, in bytes, counting what the
+    /// driver's pool holds of freed buffers as free ([`keep_freed_memory`]).
     pub fn memory(&self) -> Result<(usize, usize)> {
+        self.synchronize()?;
+        // SAFETY: the device's own default pool; trimming releases only
+        // memory no allocation holds.
+        unsafe {
+            if let Ok(pool) =
+                driver::result::device::get_default_mem_pool(self.compute.context().cu_device())
+            {
+                let _ = driver::result::mem_pool::trim_to(pool, 0);
+            }
+        }
         self.compute
             .context()
             .mem_get_info()
@@ -847,7 +893,10 @@ impl Gpu {
         for mats in experts {
             let dev = mats
                 .iter()
-                .map(|&m| self.matrix_on(&self.compute, m, false))
+                .map(|&m| match self.spare_for(m) {
+                    Some(d) => Ok(d),
+                    None => self.matrix_on(&self.compute, m, false),
+                })
                 .collect::<Result<Vec<_>>>()?;
             let dev: [GpuMatrix; N] = dev.try_into().expect("one matrix each");
             out.push(dev);
@@ -881,6 +930,30 @@ impl Gpu {
             }
         }
         Ok(queued)
+    }
+
+    /// A matrix [`Gpu::recycle`] kept of `w`'s type and shape, if any.
+    /// Its last readers were queued on the compute stream before, and
+    /// `upload_experts` orders its copies after everything queued there.
+    fn spare_for(&self, w: Matrix<'_>) -> Option<GpuMatrix> {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let i = spare
+            .iter()
+            .position(|d| (d.dtype, d.rows, d.cols) == (w.dtype, w.rows, w.cols))?;
+        Some(spare.swap_remove(i))
+    }
+
+    /// Keeps streamed experts' device matrices, once their kernels are
+    /// queued, for the next [`Gpu::upload_experts`] (up to [`MAX_SPARE`];
+    /// the rest are freed).
+    pub fn recycle(&self, mats: impl IntoIterator<Item = GpuMatrix>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        for m in mats {
+            if spare.len() >= MAX_SPARE {
+                break;
+            }
+            spare.push(m);
+        }
     }
 
     /// Makes the kernels queued from now on wait for one expert's upload.
