@@ -8,18 +8,29 @@
 # PP (128) prompt tokens and TG (32) generated tokens per run; CAP is the
 # capped modes' --ram-budget, one or more sizes apart by spaces (default
 # 648MiB: a quarter of the 8-layer bench vault's 2.53 GiB of experts, as
-# `smoe inspect` prints them; 259MiB is a tenth).
+# `smoe inspect` prints them; 259MiB is a tenth). MODES, when set, replaces
+# those modes: NAME=FLAGS entries apart by spaces, each entry's flags apart
+# by commas; the CUDA rows of bench/cuda.sh, on the GPU machine:
+#
+#   MODES="vram=--device,cuda,--vram-budget,auto host=--device,cuda,--vram-budget,0
+#          quarter=--device,cuda,--vram-budget,680526848" PP=512 TG=128 \
+#       bench/ab.sh OLD NEW VAULT 5 16
 set -euo pipefail
 A=$1 B=$2 VAULT=$3 ROUNDS=${4:-5} THREADS=${5:-2}
 PP=${PP:-128} TG=${TG:-32} CAP=${CAP:-648MiB}
+if [ -z "${MODES:-}" ]; then
+    MODES="resident=--ram-budget,64GiB"
+    for c in $CAP; do MODES+=" $c=--ram-budget,$c"; done
+fi
 OUT=$(mktemp)
 for r in $(seq "$ROUNDS"); do
     for bin in A B; do
         exe=${!bin}
-        for budget in 64GiB $CAP; do
-            mode=$([ "$budget" = 64GiB ] && echo resident || echo "$budget")
+        for entry in $MODES; do
+            mode=${entry%%=*}
+            IFS=, read -r -a flags <<<"${entry#*=}"
             "$exe" bench --model "$VAULT" --threads "$THREADS" --prompt-tokens "$PP" \
-                --gen-tokens "$TG" --repeat 1 --ram-budget "$budget" --json |
+                --gen-tokens "$TG" --repeat 1 "${flags[@]}" --json |
                 python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'bin':'$bin','mode':'$mode','prefill':r['prefill_tok_s'],'decode':r['decode_tok_s']}))" >>"$OUT"
         done
     done

@@ -10,6 +10,11 @@
 #   bench/cuda.sh          # there: setup, then the table
 #   bench/cuda.sh profile  # there: checkpoint and vault only, then smoe's
 #                          # per-kernel profile of the first three rows
+#   bench/cuda.sh ab       # there: checkpoint and vault only, then the
+#                          # three rows' smoe against $BASE's (bench/ab.sh)
+#
+# BASE=path/to/smoe at `pack` carries another smoe binary (built with
+# --features cuda from the commit to compare against) for `ab`.
 #
 # The GPU machine has nvcc, cmake, python3 with torch and transformers, no
 # Rust and no network. `pack` puts under $PACK (default target/devX, ignored
@@ -59,6 +64,9 @@ pack() {
         -cJf "$PACK/llama-src.tar.xz" .
     cp "$TOKENIZER"/tokenizer.json "$TOKENIZER"/tokenizer_config.json "$PACK/tok/"
     xz -T0 "$PACK/tok/tokenizer.json"
+    if [ -n "${BASE:-}" ]; then
+        strip -o "$PACK/smoe-base" "$BASE" && xz -T0 -6 "$PACK/smoe-base"
+    fi
     # tools/test-cuda.sh's binaries, when built, travel too.
     for b in target/devC/cuda-tests target/devC/cuda_bench; do
         [ ! -f "$b" ] || xz -T0 -c "$b" >"$PACK/$(basename "$b").xz"
@@ -76,7 +84,8 @@ VAULT="$DIR/qwen3-30b-a3b-${LAYERS}l-q4_k-bb-default"
 # The carried binaries, unpacked when newer than the ones in $BIN.
 unpack() {
     mkdir -p "$BIN" "$DIR/tok"
-    for b in smoe synth; do
+    for b in smoe synth smoe-base; do
+        [ "$b" != smoe-base ] || [ -f "$PACK/$b.xz" ] || continue
         if [ ! -x "$BIN/$b" ] || [ "$PACK/$b.xz" -nt "$BIN/$b" ]; then
             xz -dc "$PACK/$b.xz" >"$BIN/$b.tmp" && chmod +x "$BIN/$b.tmp" && mv "$BIN/$b.tmp" "$BIN/$b"
         fi
@@ -197,11 +206,15 @@ PY
 # smoe alone (no llama.cpp build): where a step's time goes, per kernel
 # (device time from events around each launch, which also serialises the
 # launches: the rates are lower than the table's) and per op on the host.
-profile() {
+smoe_models() {
     mkdir -p "$DIR"
     unpack
     [ -d "$CKPT" ] || "$BIN/synth" --preset qwen3-30b-a3b --layers "$LAYERS" --tokenizer "$DIR/tok" -o "$CKPT"
     [ -d "$VAULT" ] || "$BIN/smoe" convert "$CKPT" -o "$VAULT" --experts q4_k --quiet
+}
+
+profile() {
+    smoe_models
     local quarter=$(($(stat -c %s "$VAULT/experts.bin") / 4 + (1 << 20)))
     for budget in auto 0 "$quarter"; do
         echo "== --vram-budget $budget"
@@ -210,12 +223,23 @@ profile() {
     done
 }
 
+# The three rows, this pack's smoe (B) against $BASE's (A), alternating,
+# each row's medians and B/A.
+ab() {
+    smoe_models
+    [ -x "$BIN/smoe-base" ] || { echo "bench/cuda.sh ab: no smoe-base (BASE= at pack)" >&2; return 1; }
+    local quarter=$(($(stat -c %s "$VAULT/experts.bin") / 4 + (1 << 20))) f=--device,cuda,--vram-budget
+    MODES="vram=$f,auto host=$f,0 quarter=$f,$quarter" PP=$PP TG=$TG \
+        bash bench/ab.sh "$BIN/smoe-base" "$BIN/smoe" "$VAULT" "$REPEAT" "$THREADS"
+}
+
 case "${1:-}" in
 pack) pack && exit 0 ;;
 setup) setup && exit 0 ;;
 profile) profile && exit 0 ;;
+ab) ab && exit 0 ;;
 "") ;;
-*) echo "usage: bench/cuda.sh [pack|setup|profile]" >&2 && exit 2 ;;
+*) echo "usage: bench/cuda.sh [pack|setup|profile|ab]" >&2 && exit 2 ;;
 esac
 
 setup
