@@ -563,15 +563,18 @@ struct Host {
 /// the first of each uncounted (it sizes buffers); once each has
 /// [`ExpertPaths::TRIALS`] counted, the split is tried as often, its CPU
 /// share what the two rates give (the CPU's rate over their sum), and the
-/// way with the least time per expert byte is kept for the process. Kept,
-/// not re-checked: the ways round differently (the CPU's kernels round
-/// activations to 8 bits per 256, the GPU's per 32), so a later switch
-/// would change a run's outputs mid-way.
+/// way with the least median time per expert byte is kept for the
+/// process: the median, because one call that a page fault or another
+/// process stretched tenfold moved a mean of four enough to flip the
+/// choice between two runs of the same bench. Kept, not re-checked: the
+/// ways round differently (the CPU's kernels round activations to 8 bits
+/// per 256, the GPU's per 32), so a later switch would change a run's
+/// outputs mid-way.
 #[derive(Default)]
 struct ExpertPaths {
     /// Per batch size `i + 1`, per way `[copy, cpu, split]`: calls, and
-    /// seconds and expert bytes of the counted ones.
-    trials: [[(u32, f64, u64); 3]; MATVEC_MAX_TOKENS],
+    /// the seconds per expert byte of each counted one.
+    trials: [[(u32, Vec<f64>); 3]; MATVEC_MAX_TOKENS],
     kept: [Option<ExpertPath>; MATVEC_MAX_TOKENS],
 }
 
@@ -583,13 +586,15 @@ enum ExpertPath {
 }
 
 impl ExpertPaths {
-    const TRIALS: u32 = 4;
+    /// Counted calls of each way: a decode step of an 8-layer model makes
+    /// eight, so the choice is made within its first seven tokens.
+    const TRIALS: u32 = 8;
 
     fn pick(&self, t: usize) -> ExpertPath {
         let Some(i) = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS) else {
             return ExpertPath::Copy;
         };
-        let [copy, cpu, _] = self.trials[i];
+        let [copy, cpu, _] = &self.trials[i];
         match self.kept[i] {
             Some(way) => way,
             None if cpu.0 < copy.0 => ExpertPath::Cpu,
@@ -606,16 +611,31 @@ impl ExpertPaths {
             .is_none_or(|i| self.kept[i].is_some())
     }
 
+    /// Median seconds per expert byte of way `way` at batch index `i`
+    /// (infinite before any counted call).
+    fn median(&self, i: usize, way: ExpertPath) -> f64 {
+        let mut v = self.trials[i][way as usize].1.clone();
+        if v.is_empty() {
+            return f64::INFINITY;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    }
+
     /// The CPU's share of a split's experts for batch size `t`: its rate
     /// over the sum of both ways' rates, measured alone.
     fn cpu_share(&self, t: usize) -> f64 {
         let Some(i) = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS) else {
             return 0.0;
         };
-        let rate = |(_, s, b): (u32, f64, u64)| b as f64 / s.max(1e-12);
-        let [copy, cpu, _] = self.trials[i];
-        let (copy, cpu) = (rate(copy), rate(cpu));
-        if copy + cpu > 0.0 {
+        let rate = |way| 1.0 / self.median(i, way).max(1e-18);
+        let (copy, cpu) = (rate(ExpertPath::Copy), rate(ExpertPath::Cpu));
+        if (copy + cpu).is_finite() && copy + cpu > 0.0 {
             cpu / (copy + cpu)
         } else {
             0.5
@@ -629,21 +649,18 @@ impl ExpertPaths {
         if self.kept[i].is_some() {
             return;
         }
-        let (calls, s, b) = &mut self.trials[i][way as usize];
+        let (calls, per_byte) = &mut self.trials[i][way as usize];
         if *calls > 0 || way == ExpertPath::Split {
             // The split needs no uncounted call: the other two sized the
             // buffers it uses.
-            *s += secs;
-            *b += bytes as u64;
+            per_byte.push(secs / bytes.max(1) as f64);
         }
         *calls += 1;
         if self.trials[i][ExpertPath::Split as usize].0 >= Self::TRIALS {
-            let per_byte = |(_, s, b): (u32, f64, u64)| s / b.max(1) as f64;
             let ways = [ExpertPath::Copy, ExpertPath::Cpu, ExpertPath::Split];
-            self.kept[i] = ways.into_iter().min_by(|&a, &b| {
-                per_byte(self.trials[i][a as usize])
-                    .total_cmp(&per_byte(self.trials[i][b as usize]))
-            });
+            self.kept[i] = ways
+                .into_iter()
+                .min_by(|&a, &b| self.median(i, a).total_cmp(&self.median(i, b)));
         }
     }
 }
@@ -1984,8 +2001,10 @@ mod tests {
     #[test]
     fn each_way_is_tried_in_turn_then_the_faster_kept() {
         use ExpertPath::{Copy, Cpu, Split};
-        // Copy at 2 ms and the CPU at 1 ms per MB; the split at `split`.
-        let run = |split: f64| {
+        // Copy at 2 ms and the CPU at 1 ms per MB; the split at `split`;
+        // with `stalled`, the CPU's third counted call 100 ms (a page
+        // fault, another process).
+        let run_with = |split: f64, stalled: bool| {
             let mut p = ExpertPaths::default();
             let mut ways = Vec::new();
             for _ in 0..2 * (ExpertPaths::TRIALS + 1) + ExpertPaths::TRIALS {
@@ -1994,6 +2013,7 @@ mod tests {
                 // Uncounted first calls as slow as can be: they do not decide.
                 let secs = match (way, ways.iter().filter(|&&w| w == way).count()) {
                     (Copy | Cpu, 1) => 1.0,
+                    (Cpu, 4) if stalled => 0.1,
                     (Copy, _) => 2e-3,
                     (Cpu, _) => 1e-3,
                     (Split, _) => split,
@@ -2002,6 +2022,7 @@ mod tests {
             }
             (p, ways)
         };
+        let run = |split| run_with(split, false);
         let (mut p, ways) = run(0.7e-3);
         let pairs = 2 * (ExpertPaths::TRIALS as usize + 1);
         assert!(
@@ -2022,6 +2043,10 @@ mod tests {
         assert_eq!(p.pick(1), Split);
         // A split slower than the CPU alone loses to it.
         assert_eq!(run(1.5e-3).0.pick(1), Cpu);
+        // One stalled call moves neither the choice nor the split's share.
+        let stalled = run_with(1.5e-3, true).0;
+        assert_eq!(stalled.pick(1), Cpu);
+        assert!((stalled.cpu_share(1) - 2.0 / 3.0).abs() < 1e-9);
         // Another batch size decides on its own.
         assert_eq!(p.pick(4), Copy);
         // Sizes it does not learn for copy, and record nothing.
