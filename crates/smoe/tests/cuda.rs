@@ -647,10 +647,19 @@ fn experts_by_id_match_one_by_one() {
 }
 
 fn experts_by_id(gpu: &Gpu, what: &str) {
-    let (n_exp, k, t) = (16, 4, 3);
-    // Unsorted, as `route` writes them (best first).
-    let ids: Vec<u32> = vec![7, 2, 15, 0, 3, 9, 2, 11, 14, 13, 1, 6];
-    let weights = values(t * k, 31);
+    let n_exp = 16;
+    // (k, tokens, ids): unsorted, as `route` writes them (best first).
+    // Qwen3's eight a token, and more pairs a token than the fused
+    // kernel's eight warps (each warp then takes two).
+    let cases: [(usize, usize, Vec<u32>); 3] = [
+        (4, 3, vec![7, 2, 15, 0, 3, 9, 2, 11, 14, 13, 1, 6]),
+        (
+            8,
+            2,
+            vec![3, 14, 0, 9, 5, 12, 7, 1, 15, 2, 8, 11, 4, 6, 13, 10],
+        ),
+        (10, 1, vec![9, 0, 13, 4, 11, 2, 15, 6, 1, 8]),
+    ];
     for (seed, dtype) in [
         DType::BF16,
         DType::Quant(QuantType::Q4K),
@@ -679,90 +688,97 @@ fn experts_by_id(gpu: &Gpu, what: &str) {
             gpu.expert_table(&mats).unwrap().expect("a table")
         };
         let (gate, up, down) = (table(0), table(1), table(2));
-        let x = values(t * HIDDEN, seed + 99);
-        let dx = gpu.upload(&x).unwrap();
-        let dids = gpu.upload(&ids).unwrap();
-        let dw = gpu.upload(&weights).unwrap();
-        let mut act = gpu.zeros::<f32>(t * k * INTER).unwrap();
-        let mut ys = gpu.zeros::<f32>(t * k * HIDDEN).unwrap();
-        let mut out = gpu.zeros::<f32>(t * HIDDEN).unwrap();
-        gpu.swiglu_id(
-            &gate,
-            &up,
-            &dids.as_view(),
-            &dx.as_view(),
-            k,
-            &mut act.as_view_mut(),
-        )
-        .unwrap();
-        gpu.matvec_id(
-            &down,
-            &dids.as_view(),
-            &act.as_view(),
-            &mut ys.as_view_mut(),
-        )
-        .unwrap();
-        gpu.moe_combine(
-            &ys.as_view(),
-            &dids.as_view(),
-            &dw.as_view(),
-            k,
-            t,
-            &mut out.as_view_mut(),
-        )
-        .unwrap();
-        let got = gpu.download(&out).unwrap();
+        for (k, t, ids) in &cases {
+            let (k, t) = (*k, *t);
+            let weights = values(t * k, 31);
+            let x = values(t * HIDDEN, seed + 99);
+            let dx = gpu.upload(&x).unwrap();
+            let dids = gpu.upload(ids).unwrap();
+            let dw = gpu.upload(&weights).unwrap();
+            let mut act = gpu.zeros::<f32>(t * k * INTER).unwrap();
+            let mut ys = gpu.zeros::<f32>(t * k * HIDDEN).unwrap();
+            let mut out = gpu.zeros::<f32>(t * HIDDEN).unwrap();
+            gpu.swiglu_id(
+                &gate,
+                &up,
+                &dids.as_view(),
+                &dx.as_view(),
+                k,
+                &mut act.as_view_mut(),
+            )
+            .unwrap();
+            gpu.matvec_id(
+                &down,
+                &dids.as_view(),
+                &act.as_view(),
+                &mut ys.as_view_mut(),
+            )
+            .unwrap();
+            gpu.moe_combine(
+                &ys.as_view(),
+                &dids.as_view(),
+                &dw.as_view(),
+                k,
+                t,
+                &mut out.as_view_mut(),
+            )
+            .unwrap();
+            let got = gpu.download(&out).unwrap();
 
-        let mut want = vec![0.0f32; t * HIDDEN];
-        for tok in 0..t {
-            let mut pairs: Vec<usize> = (tok * k..(tok + 1) * k).collect();
-            pairs.sort_by_key(|&p| ids[p]);
-            let xt = gpu.upload(&x[tok * HIDDEN..][..HIDDEN]).unwrap();
-            for p in pairs {
-                let [g, u, d] = &experts[ids[p] as usize];
-                let (mut dg, mut du) =
-                    (gpu.zeros::<f32>(INTER).unwrap(), gpu.zeros(INTER).unwrap());
-                let mut dy = gpu.zeros::<f32>(HIDDEN).unwrap();
-                gpu.matmul(&xt.as_view(), 1, g, &mut dg.as_view_mut())
-                    .unwrap();
-                gpu.matmul(&xt.as_view(), 1, u, &mut du.as_view_mut())
-                    .unwrap();
-                gpu.silu_mul(&mut dg.as_view_mut(), &du.as_view()).unwrap();
-                gpu.matmul(&dg.as_view(), 1, d, &mut dy.as_view_mut())
-                    .unwrap();
-                let y = gpu.download(&dy).unwrap();
-                for (o, v) in want[tok * HIDDEN..][..HIDDEN].iter_mut().zip(y) {
-                    *o += weights[p] * v;
+            let mut want = vec![0.0f32; t * HIDDEN];
+            for tok in 0..t {
+                let mut pairs: Vec<usize> = (tok * k..(tok + 1) * k).collect();
+                pairs.sort_by_key(|&p| ids[p]);
+                let xt = gpu.upload(&x[tok * HIDDEN..][..HIDDEN]).unwrap();
+                for p in pairs {
+                    let [g, u, d] = &experts[ids[p] as usize];
+                    let (mut dg, mut du) =
+                        (gpu.zeros::<f32>(INTER).unwrap(), gpu.zeros(INTER).unwrap());
+                    let mut dy = gpu.zeros::<f32>(HIDDEN).unwrap();
+                    gpu.matmul(&xt.as_view(), 1, g, &mut dg.as_view_mut())
+                        .unwrap();
+                    gpu.matmul(&xt.as_view(), 1, u, &mut du.as_view_mut())
+                        .unwrap();
+                    gpu.silu_mul(&mut dg.as_view_mut(), &du.as_view()).unwrap();
+                    gpu.matmul(&dg.as_view(), 1, d, &mut dy.as_view_mut())
+                        .unwrap();
+                    let y = gpu.download(&dy).unwrap();
+                    for (o, v) in want[tok * HIDDEN..][..HIDDEN].iter_mut().zip(y) {
+                        *o += weights[p] * v;
+                    }
                 }
             }
+            check(
+                &format!("experts by id, k {k}, {}{what}", dtype.name()),
+                &got,
+                &want,
+                1e-5,
+            );
+            // The down projections and the sum in one launch (where the int8
+            // kernels take the rows; the two launches above otherwise): the
+            // same products summed in the same order.
+            let mut fused = gpu.zeros::<f32>(t * HIDDEN).unwrap();
+            gpu.matvec_id_sum(
+                &down,
+                &dids.as_view(),
+                &act.as_view(),
+                &dw.as_view(),
+                k,
+                t,
+                &mut ys.as_view_mut(),
+                &mut fused.as_view_mut(),
+            )
+            .unwrap();
+            check(
+                &format!(
+                    "experts by id, down and sum in one, k {k}, {}{what}",
+                    dtype.name()
+                ),
+                &gpu.download(&fused).unwrap(),
+                &want,
+                1e-5,
+            );
         }
-        check(
-            &format!("experts by id, {}{what}", dtype.name()),
-            &got,
-            &want,
-            1e-5,
-        );
-        // The down projections and the sum in one launch (where the int8
-        // kernels take the rows; the two launches above otherwise): the
-        // same products summed in the same order.
-        let mut fused = gpu.zeros::<f32>(t * HIDDEN).unwrap();
-        gpu.matvec_id_sum(
-            &down,
-            &dids.as_view(),
-            &act.as_view(),
-            &dw.as_view(),
-            k,
-            t,
-            &mut ys.as_view_mut(),
-            &mut fused.as_view_mut(),
-        )
-        .unwrap();
-        check(
-            &format!("experts by id, down and sum in one, {}{what}", dtype.name()),
-            &gpu.download(&fused).unwrap(),
-            &want,
-            1e-5,
-        );
     }
 }
 
@@ -1263,6 +1279,22 @@ fn attention_matches_cpu() {
             AttnShape { pos0: 300, ..mla },
             1,
             true,
+        ),
+        // A short context: one split, one query (the one-row kernel).
+        ("decode at 30", gqa(30, None), 1, false),
+        // The tiled kernel with a KV head per query head (OLMoE) and with
+        // heads of 80 (neither a power of two nor a multiple of 32).
+        (
+            "prefill 9 after 3, 16 heads of 64, no groups",
+            AttnShape::grouped(16, 16, 64, 3, None),
+            9,
+            false,
+        ),
+        (
+            "prefill 12, 8 heads of 80 in 2 groups",
+            AttnShape::grouped(8, 2, 80, 0, None),
+            12,
+            false,
         ),
     ];
     for (seed, (name, s, t, shared)) in cases.into_iter().enumerate() {

@@ -1406,10 +1406,15 @@ impl Gpu {
         xds: &CudaSlice<f32>,
         t: usize,
     ) -> Result<()> {
-        // The kernels' type numbers (T_Q4_K, T_Q6_K in matmul.cu).
+        // The kernels' type numbers (T_Q4_K, T_Q6_K in matmul.cu); the
+        // kernel reads any other number as q6_k, so refuse the rest here.
         let ty = |w: &GpuMatrix| match w.dtype {
-            DType::Quant(QuantType::Q6K) => 7i32,
-            _ => 5i32,
+            DType::Quant(QuantType::Q4K) => Ok(5i32),
+            DType::Quant(QuantType::Q6K) => Ok(7i32),
+            other => Err(Error::invalid(format!(
+                "CUDA mmvq_each: a {} matrix (q4_k and q6_k only)",
+                other.name()
+            ))),
         };
         let rows_all = a.0.rows + b.0.rows + c.as_ref().map_or(0, |c| c.0.rows);
         let kw = self.q8_warps_per_row(rows_all);
@@ -1431,7 +1436,10 @@ impl Gpu {
             int(b.0.rows)?,
             c.as_ref().map_or(Ok(0), |c| int(c.0.rows))?,
         ];
-        let (rbs, tys) = ([rb(a.0), rb(b.0), rb(third)], [ty(a.0), ty(b.0), ty(third)]);
+        let (rbs, tys) = (
+            [rb(a.0), rb(b.0), rb(third)],
+            [ty(a.0)?, ty(b.0)?, ty(third)?],
+        );
         let (w0, w1, w2) = (&a.0.data, &b.0.data, &third.data);
         match c {
             Some(c) => launch!(
@@ -1974,13 +1982,22 @@ impl Gpu {
         let (parts, done) = parts.as_mut().expect("allocated above");
         let n_splits = int(splits)?;
         // A prompt (blocks enough unsplit) with heads the tiled kernel
-        // takes: keys and values read once per block of query rows.
+        // takes: keys and values read once per block of query rows, in
+        // 16-byte loads. Not one token: a block per KV head would leave
+        // most of the device idle where the one-row kernel has a block
+        // per head.
+        let aligned = |p: u64| p.is_multiple_of(16);
         let tiled = splits == 1
+            && t > 1
             && s.head_dim <= 128
             && s.v_dim <= 128
             && [s.head_dim, s.v_dim, s.k_stride, s.v_stride]
                 .iter()
-                .all(|d| d.is_multiple_of(4));
+                .all(|d| d.is_multiple_of(4))
+            && aligned(q.device_ptr(&self.compute).0)
+            && aligned(keys.device_ptr(&self.compute).0)
+            && aligned(values.device_ptr(&self.compute).0)
+            && aligned(out.device_ptr(&self.compute).0);
         // A null pointer: the kernel takes `pos0` as given.
         let pos_at = pos_at.map_or(0, |p| {
             let (ptr, _sync) = p.device_ptr(&self.compute);
@@ -2460,7 +2477,8 @@ impl Gpu {
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         let pairs = t * k;
-        if ids.len() < pairs
+        if k == 0
+            || ids.len() < pairs
             || weights.len() < pairs
             || x.len() < pairs * w.cols
             || y.len() < t * w.rows
@@ -2478,6 +2496,9 @@ impl Gpu {
         }
         if !self.mmvq_for(w) || k > SUM_MAX_K {
             self.matvec_id(w, &ids.slice(..pairs), x, ys)?;
+            // `moe_combine` takes the row width from `y`: only the rows
+            // the fused kernel would write.
+            let y = &mut y.slice_mut(..t * w.rows);
             return self.moe_combine(&ys.as_view(), &ids.slice(..pairs), weights, k, t, y);
         }
         if pairs == 0 || w.rows == 0 {
