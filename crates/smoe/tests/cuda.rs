@@ -1683,6 +1683,179 @@ fn streamed_experts_match_the_cpu() {
     }
 }
 
+/// The int8 paths end to end: the family fixtures are 64 wide, and the
+/// int8 kernels take rows of whole 256-weight blocks, so none of their
+/// steps reaches them. This model (Qwen3-MoE, written here: 256 wide,
+/// heads of 64, eight experts of 256, two layers, random bf16 weights
+/// converted to q4_k with the default recipe's q6_k values and head) runs
+/// the rounded norms, q/k/v in one launch, the fused down-and-sum and the
+/// graphs with every expert in VRAM, and with none (a token's copied
+/// experts through the id kernels, the one download a layer, recycled
+/// device matrices) and half. The GPU follows the CPU's greedy ids, so a
+/// close call cannot send the two down different tokens.
+///
+/// Tolerance: both sides round activations to int8 for these products
+/// (the CPU per 256, the GPU per 32), each about 0.5% of a product's
+/// RMS; through two layers and the head the logits differ by 1-2% of
+/// their RMS, and their largest difference over ~5,000 logits by about
+/// four times that. Bounds: 5% on the RMS of the difference, 25% on the
+/// largest. A wrong expert, pair weight or row moves a layer's output by
+/// tens of percent, the RMS of the logits' difference with it.
+#[test]
+fn int8_paths_match_the_cpu_on_a_wide_model() {
+    if gpu_or_skip("a 256-wide q4_k model").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let vault = wide_q4_k_vault(tmp.path());
+    let ids = prompt("qwen3-moe-a");
+    let cpu = engine(&vault, Device::Cpu, Budget::Auto);
+    let (want_all, greedy, want_steps) = prefill_and_decode(&cpu, &ids, 12);
+    let half = smoe::vault::Vault::open(&vault).unwrap().expert_bytes() / 2;
+    for vram in [Budget::Auto, Budget::Bytes(half), Budget::Bytes(0)] {
+        let gpu = engine_in(&vault, Device::Cuda(0), Budget::Auto, vram);
+        let what = format!("wide q4_k, VRAM {vram:?} ({})", gpu.device());
+        let (got_all, got_steps) = follow(&gpu, &ids, &greedy);
+        for (part, got, want) in [
+            ("prefill", &got_all, &want_all),
+            ("decode", &got_steps, &want_steps),
+        ] {
+            check(&format!("{what}: {part}"), got, want, 0.25);
+            check_rms(&format!("{what}: {part}"), got, want, 0.05);
+        }
+        println!("{what}: {:?}", gpu.gpu_expert_stats());
+    }
+}
+
+/// The prompt's logits, then those of decoding `chosen` (a greedy run's
+/// ids, the first one the prompt's) one at a time.
+fn follow(e: &Engine, ids: &[u32], chosen: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let m = e.model();
+    let mut s = m.new_session();
+    let all = m.forward(ids, &mut s, Logits::All).unwrap().to_vec();
+    let mut logits = Vec::new();
+    for &next in &chosen[..chosen.len().saturating_sub(1)] {
+        logits.extend_from_slice(m.forward(&[next], &mut s, Logits::Last).unwrap());
+    }
+    (all, logits)
+}
+
+/// The root mean square of `got - want` over that of `want`.
+fn check_rms(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let sq = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>();
+    let diff = sq(&mut got.iter().zip(want).map(|(&g, &w)| g as f64 - w as f64));
+    let base = sq(&mut want.iter().map(|&w| w as f64)).max(1e-30);
+    let err = (diff / base).sqrt();
+    println!("{what}: RMS err {err:.2e} (tolerance {tol:.0e})");
+    assert!(err <= tol, "{what}: RMS error {err:.3e} above {tol:.0e}");
+}
+
+/// A Qwen3-MoE checkpoint 256 wide (the fixture qwen3-moe-a's config and
+/// tokenizer, wider), random bf16 weights, converted to a q4_k vault in
+/// `dir`; returns the vault's path.
+fn wide_q4_k_vault(dir: &Path) -> PathBuf {
+    let (hidden, inter, heads, kv, hd, n_exp, layers) = (256, 256, 4, 2, 64, 8, 2);
+    let src = fixture("qwen3-moe-a");
+    let ckpt = dir.join("wide-checkpoint");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), ckpt.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    for (k, v) in [
+        ("hidden_size", hidden),
+        ("intermediate_size", 2 * inter),
+        ("moe_intermediate_size", inter),
+        ("num_hidden_layers", layers),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", kv),
+        ("head_dim", hd),
+        ("num_experts", n_exp),
+    ] {
+        cfg[k] = v.into();
+    }
+    let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
+    std::fs::write(ckpt.join("config.json"), cfg.to_string()).unwrap();
+
+    // (name, shape); matrices scaled by 1/sqrt(columns) so that
+    // activations keep their size through the layers, norms all ones.
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![vocab, hidden]),
+        ("lm_head.weight".into(), vec![vocab, hidden]),
+        ("model.norm.weight".into(), vec![hidden]),
+    ];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in [
+            ("input_layernorm", vec![hidden]),
+            ("post_attention_layernorm", vec![hidden]),
+            ("self_attn.q_norm", vec![hd]),
+            ("self_attn.k_norm", vec![hd]),
+            ("self_attn.q_proj", vec![heads * hd, hidden]),
+            ("self_attn.k_proj", vec![kv * hd, hidden]),
+            ("self_attn.v_proj", vec![kv * hd, hidden]),
+            ("self_attn.o_proj", vec![hidden, heads * hd]),
+            ("mlp.gate", vec![n_exp, hidden]),
+        ] {
+            tensors.push((format!("{p}.{n}.weight"), shape));
+        }
+        for e in 0..n_exp {
+            for (n, shape) in [
+                ("gate_proj", vec![inter, hidden]),
+                ("up_proj", vec![inter, hidden]),
+                ("down_proj", vec![hidden, inter]),
+            ] {
+                tensors.push((format!("{p}.mlp.experts.{e}.{n}.weight"), shape));
+            }
+        }
+    }
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (seed, (name, shape)) in tensors.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let vals = match shape.len() {
+            1 => vec![1.0; n],
+            _ => {
+                let scale = 1.0 / (shape[1] as f32).sqrt();
+                values(n, 7_000 + seed as u64)
+                    .iter()
+                    .map(|v| v * scale)
+                    .collect()
+            }
+        };
+        let start = data.len();
+        for v in vals {
+            data.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+        }
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&head);
+    file.extend_from_slice(&data);
+    std::fs::write(ckpt.join("model.safetensors"), file).unwrap();
+
+    let vault = dir.join("wide-vault");
+    let q4k = DType::Quant(QuantType::Q4K);
+    let opts = ConvertOptions {
+        experts: q4k,
+        backbone: q4k,
+        allow_lossy: false,
+        stop_after_layers: None,
+    };
+    convert(&ckpt, &vault, &opts, &mut |_| ()).unwrap();
+    vault
+}
+
 /// `--device` on the library side: the chosen device is named, and a
 /// device that does not exist is an error, not a panic or a fallback.
 #[test]
