@@ -159,7 +159,8 @@ fn span(op: Op) -> Span {
 /// Times what the host does until the guard drops, as `op`, when
 /// profiling: for a GPU decoder's waits (`wait_gpu`, `wait_copies`,
 /// `wait_experts`) and copy queueing (`queue_copies`), which no backend
-/// method covers. Nothing when not profiling.
+/// method covers. Nothing when not profiling. `wait_copies` includes
+/// the kernels queued before the copies: those start after them.
 #[must_use]
 pub struct Wait {
     _span: Option<Span>,

@@ -587,7 +587,8 @@ enum ExpertPath {
 
 impl ExpertPaths {
     /// Counted calls of each way: a decode step of an 8-layer model makes
-    /// eight, so the choice is made within its first seven tokens.
+    /// eight, so the choice (nine calls of copy and of the CPU, eight of
+    /// the split) is made within its first four tokens.
     const TRIALS: u32 = 8;
 
     fn pick(&self, t: usize) -> ExpertPath {
@@ -1816,12 +1817,13 @@ fn run_copied(
     })
 }
 
-/// A one-token batch's copied experts in three launches (the input
-/// rounded, gate and up, down), after the last copy, where one by one
-/// takes four launches an expert: the host queues them in a few
-/// microseconds and gets on with its own share of a split. False, with
-/// nothing queued, where the batch has several tokens or the id kernels
-/// do not take the matrices.
+/// A one-token batch's copied experts in four launches (the input
+/// rounded, gate and up together, the activations rounded, down), after
+/// the last copy, where one by one takes four launches an expert: the
+/// host queues them in a few microseconds and gets on with its own share
+/// of a split. False, with nothing queued, where the batch has several
+/// tokens, an expert has other than one row (routing that repeated an
+/// expert) or the id kernels do not take the matrices.
 fn run_copied_by_id(
     g: &Gpu,
     t: usize,
@@ -1833,10 +1835,18 @@ fn run_copied_by_id(
     let (Some(&first), Some((_, last))) = (ids.first(), uploads.last()) else {
         return Ok(false);
     };
-    if t != 1 {
+    let start = &b.host.start;
+    let one_row = |e: u32| {
+        let e = e as usize;
+        start
+            .get(e + 1)
+            .zip(start.get(e))
+            .is_some_and(|(b, a)| b - a == 1)
+    };
+    if t != 1 || !ids.iter().all(|&e| one_row(e)) {
         return Ok(false);
     }
-    let n_exp = b.host.start.len().saturating_sub(1);
+    let n_exp = start.len().saturating_sub(1);
     let table = |i: usize| {
         let mats: Vec<_> = ids
             .iter()

@@ -886,6 +886,7 @@ impl Gpu {
         &self,
         experts: &[[Matrix<'_>; N]],
     ) -> Result<Vec<([GpuMatrix; N], CudaEvent)>> {
+        self.not_capturing("an upload")?;
         let _w = profile::wait(Op::queue_copies);
         // Allocated on the compute stream, which orders their frees after
         // the kernels that read them; the copies wait for the allocations.
