@@ -944,10 +944,21 @@ template <int T>
 __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
                             const float* xds, const float* w, int k, float* y, int rows, int cols) {
     __shared__ float dots[SUM_MAX_K];
+    __shared__ int order[SUM_MAX_K];
     __shared__ uint4 stage[SUM_WARPS][1][Q8_WORDS];
     int r = blockIdx.x, tok = blockIdx.y, warp = threadIdx.y;
     const u32* id = ids + (size_t)tok * k;
-    for (int j = warp; j < k; j += SUM_WARPS) {
+    // The token's pairs in ascending (expert id, slot), each lane of the
+    // first warp placing its own pair (k <= 32): the order moe_combine sums
+    // in, without one thread searching k times.
+    if (warp == 0 && threadIdx.x < k) {
+        int j = threadIdx.x, rank = 0;
+        u32 e = id[j];
+        for (int i = 0; i < k; i++) rank += id[i] < e || (id[i] == e && i < j);
+        order[rank] = j;
+    }
+    // As many warps as pairs, up to SUM_WARPS (the launcher's choice).
+    for (int j = warp; j < k; j += blockDim.y) {
         size_t p = (size_t)tok * k + j;
         float acc[1][1] = {{0.0f}};
         // An id past n_exp (which `route` never writes) gives 0.
@@ -961,17 +972,9 @@ __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 r
     __syncthreads();
     if (warp != 0 || threadIdx.x != 0) return;
     float sum = 0.0f;
-    u32 last = 0;
-    int last_j = -1;
-    for (int step = 0; step < k; step++) {
-        int best = -1;
-        for (int j = 0; j < k; j++) {
-            bool after = id[j] > last || (id[j] == last && j > last_j);
-            if (after && (best < 0 || id[j] < id[best])) best = j;
-        }
-        sum += w[(size_t)tok * k + best] * dots[best];
-        last = id[best];
-        last_j = best;
+    for (int s = 0; s < k; s++) {
+        int j = order[s];
+        sum += w[(size_t)tok * k + j] * dots[j];
     }
     y[(size_t)tok * rows + r] = sum;
 }

@@ -2510,9 +2510,10 @@ impl Gpu {
         let mut q8 = self.quantize_q8(x, pairs * w.cols)?;
         let (xq, xds) = q8.as_mut().expect("quantized above");
         let name = format!("mmvq_id_sum_{}", kernel_dtype(w.dtype)?);
+        // A warp a pair up to SUM_WARPS (Mixtral's two leave none idle).
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, int(t)? as u32, 1),
-            block_dim: (32, SUM_WARPS, 1),
+            block_dim: (32, SUM_WARPS.min(k as u32), 1),
             shared_mem_bytes: 0,
         };
         launch!(
