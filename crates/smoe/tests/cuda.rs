@@ -246,6 +246,24 @@ fn matmul_matches_cpu_for_every_weight_type() {
             }
         }
     }
+    // A prompt's router: 16 output tiles, so the columns split eight ways
+    // and the parts are summed after (the shapes above split too, fewer
+    // ways); twice, the same bits both times.
+    let (rows, cols, t) = (128, HIDDEN, 512);
+    let w = Weights::new(DType::BF16, rows, cols, 77);
+    let dw = gpu.upload_matrix(w.matrix()).unwrap();
+    let x = values(t * cols, 78);
+    let dx = gpu.upload(&x).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut dy = gpu.zeros::<f32>(t * rows).unwrap();
+        gpu.matmul(&dx.as_view(), t, &dw, &mut dy.as_view_mut())
+            .unwrap();
+        runs.push(gpu.download(&dy).unwrap());
+    }
+    let what = format!("matmul bf16 [{rows}, {cols}] t={t} (split columns)");
+    check_exact(gpu, &what, &runs[0], &x, &w, &dequantized(&w), t);
+    assert_eq!(runs[0], runs[1], "{what}: not the same twice");
 }
 
 /// The int8-activation kernels (`Gpu::matmul_q8`) against the exact

@@ -421,7 +421,11 @@ __device__ __forceinline__ void fill_tiles(const u8* w, u64 row_bytes, const flo
 
 // The tiled product: a 64-token x 64-row output tile per 256-thread block
 // over 64 columns of widened weights and activations in shared memory per
-// step. Grid (ceil(rows/64), ceil(t/64)).
+// step, columns kb..ke (whole tiles but the last). Grid (ceil(rows/64),
+// ceil(t/64), splits): with several splits, split z takes columns
+// z*kc..(z+1)*kc into its own t x rows part of y, and `sum_parts` adds
+// the parts (a few output tiles, a router's, leave most SMs idle
+// otherwise).
 //
 // On Ampere and newer, on the tensor cores: each of the 8 warps owns 16
 // tokens x 32 rows, per 8 columns one A fragment (tokens) and four B
@@ -434,7 +438,7 @@ __device__ __forceinline__ void fill_tiles(const u8* w, u64 row_bytes, const flo
 // each thread 4 rows x 4 tokens.
 template <int T>
 __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols, int t,
-                     int exact) {
+                     int exact, int kb, int ke) {
     __shared__ __align__(16) float ws[TILE][TILE_PITCH];
     __shared__ __align__(16) float xs[TILE][TILE_PITCH];
     int tid = threadIdx.x;
@@ -449,7 +453,7 @@ __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int r
     for (int j = 0; j < 4; j++)
 #pragma unroll
         for (int r = 0; r < 4; r++) acc[j][r] = 0.0f;
-    for (int k0 = 0; k0 < cols; k0 += TILE) {
+    for (int k0 = kb; k0 < ke; k0 += TILE) {
         fill_tiles<T>(w, row_bytes, x, rows, cols, t, row0, tok0, k0, ws, xs);
         __syncthreads();
 #pragma unroll
@@ -493,7 +497,7 @@ __device__ void gemm(const u8* w, u64 row_bytes, const float* x, float* y, int r
     for (int i = 0; i < 4; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-    for (int k0 = 0; k0 < cols; k0 += TILE) {
+    for (int k0 = kb; k0 < ke; k0 += TILE) {
         fill_tiles<T>(w, row_bytes, x, rows, cols, t, row0, tok0, k0, ws, xs);
         __syncthreads();
 #pragma unroll 8
@@ -535,7 +539,7 @@ __device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u
     u32 s = start[e];
     int n = (int)(start[e + 1] - s);
     gemm<T>((const u8*)experts[e], row_bytes, x + (size_t)s * cols, y + (size_t)s * rows, rows, cols, n,
-            exact);
+            exact, 0, cols);
 }
 
 #define MATMUL_KERNELS(NAME, T)                                                                   \
@@ -545,8 +549,10 @@ __device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         gemm_##NAME(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols,      \
-                    int t, int exact) {                                                            \
-        gemm<T>(w, row_bytes, x, y, rows, cols, t, exact);                                         \
+                    int t, int exact, int kc) {                                                    \
+        int kb = blockIdx.z * kc;                                                                  \
+        gemm<T>(w, row_bytes, x, y + (size_t)blockIdx.z * t * rows, rows, cols, t, exact, kb,      \
+                min(cols, kb + kc));                                                               \
     }                                                                                              \
     extern "C" __global__ void matvec_id_##NAME(const u64* experts, const u32* ids, int n_exp,     \
                                                 u64 row_bytes, const float* x, int x_div, float* y, \

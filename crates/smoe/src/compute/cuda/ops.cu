@@ -135,6 +135,16 @@ extern "C" __global__ void silu_mul(float* gate, const float* up, u64 n) {
     gate[i] = g / (1.0f + expf(-g)) * up[i];
 }
 
+// y = the sum of `splits` parts of n values each, in part order (a split
+// product's partial sums: the same order every run).
+extern "C" __global__ void sum_parts(const float* parts, float* y, u64 n, int splits) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = 0.0f;
+    for (int z = 0; z < splits; z++) s += parts[(size_t)z * n + i];
+    y[i] = s;
+}
+
 // y += x.
 extern "C" __global__ void add(float* y, const float* x, u64 n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
