@@ -1771,18 +1771,7 @@ fn run_uploaded(
             continue;
         };
         g.wait_upload(last)?;
-        let table = |i: usize| {
-            let mats: Vec<_> = ids
-                .iter()
-                .zip(ups)
-                .map(|(&e, (m, _))| (e as usize, &m[i]))
-                .collect();
-            g.expert_table_of(n_exp, &mats)
-        };
-        let grouped = match (table(0)?, table(1)?, table(2)?) {
-            (Some(gate), Some(up), Some(down)) => Some([gate, up, down]).filter(tiled),
-            _ => None,
-        };
+        let grouped = uploaded_tables(g, n_exp, ids, ups)?.filter(tiled);
         match grouped {
             Some(tables) => run_grouped(g, &tables, ids, pairs, hidden, b)?,
             None => {
@@ -1847,15 +1836,7 @@ fn run_copied_by_id(
         return Ok(false);
     }
     let n_exp = start.len().saturating_sub(1);
-    let table = |i: usize| {
-        let mats: Vec<_> = ids
-            .iter()
-            .zip(uploads)
-            .map(|(&e, (m, _))| (e as usize, &m[i]))
-            .collect();
-        g.expert_table_of(n_exp, &mats)
-    };
-    let (Some(gate), Some(up), Some(down)) = (table(0)?, table(1)?, table(2)?) else {
+    let Some([gate, up, down]) = uploaded_tables(g, n_exp, ids, uploads)? else {
         return Ok(false);
     };
     // One row per expert, in ascending id: the share's rows are one run.
@@ -1879,6 +1860,29 @@ fn run_copied_by_id(
         &mut b.ys.part(row * hidden..(row + pairs) * hidden)?,
     )?;
     Ok(true)
+}
+
+/// The id kernels' tables (gate, up, down) of copied experts `ids` among
+/// `n_exp`, their matrices in `uploads`; `None` where the kernels do not
+/// take the matrices.
+fn uploaded_tables(
+    g: &Gpu,
+    n_exp: usize,
+    ids: &[u32],
+    uploads: &[(GpuFfn, CudaEvent)],
+) -> Result<Option<[ExpertTable; 3]>> {
+    let table = |i: usize| {
+        let mats: Vec<_> = ids
+            .iter()
+            .zip(uploads)
+            .map(|(&e, (m, _))| (e as usize, &m[i]))
+            .collect();
+        g.expert_table_of(n_exp, &mats)
+    };
+    Ok(match (table(0)?, table(1)?, table(2)?) {
+        (Some(gate), Some(up), Some(down)) => Some([gate, up, down]),
+        _ => None,
+    })
 }
 
 /// A float buffer's view as the words [`GpuDecoder::layer_to_host`]

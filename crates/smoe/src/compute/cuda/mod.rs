@@ -28,8 +28,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    self, CudaContext, CudaEvent, CudaFunction, CudaModule, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    self, CudaContext, CudaEvent, CudaFunction, CudaModule, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
@@ -1497,58 +1497,33 @@ impl Gpu {
             [ty(a.0)?, ty(b.0)?, ty(third)?],
         );
         let (w0, w1, w2) = (&a.0.data, &b.0.data, &third.data);
-        match c {
-            Some(c) => launch!(
-                self,
-                "mmvq_each",
-                cfg,
-                w0,
-                w1,
-                w2,
-                &rbs[0],
-                &rbs[1],
-                &rbs[2],
-                &rows[0],
-                &rows[1],
-                &rows[2],
-                &tys[0],
-                &tys[1],
-                &tys[2],
-                &mut *a.1,
-                &mut *b.1,
-                &mut *c.1,
-                xq,
-                xds,
-                &cols,
-                &t,
-                &kw
-            ),
-            None => launch!(
-                self,
-                "mmvq_each",
-                cfg,
-                w0,
-                w1,
-                w2,
-                &rbs[0],
-                &rbs[1],
-                &rbs[2],
-                &rows[0],
-                &rows[1],
-                &rows[2],
-                &tys[0],
-                &tys[1],
-                &tys[2],
-                &mut *a.1,
-                &mut *b.1,
-                &0u64,
-                xq,
-                xds,
-                &cols,
-                &t,
-                &kw
-            ),
-        }
+        // A missing third output is never written: a null address.
+        let y2 = c.map_or(0, |c| c.1.device_ptr_mut(&self.compute).0);
+        launch!(
+            self,
+            "mmvq_each",
+            cfg,
+            w0,
+            w1,
+            w2,
+            &rbs[0],
+            &rbs[1],
+            &rbs[2],
+            &rows[0],
+            &rows[1],
+            &rows[2],
+            &tys[0],
+            &tys[1],
+            &tys[2],
+            &mut *a.1,
+            &mut *b.1,
+            &y2,
+            xq,
+            xds,
+            &cols,
+            &t,
+            &kw
+        )
     }
 
     /// The int8 kernel `name` on activations already rounded.
