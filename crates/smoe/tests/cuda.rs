@@ -246,24 +246,27 @@ fn matmul_matches_cpu_for_every_weight_type() {
             }
         }
     }
-    // A prompt's router: 16 output tiles, so the columns split eight ways
-    // and the parts are summed after (the shapes above split too, fewer
-    // ways); twice, the same bits both times.
-    let (rows, cols, t) = (128, HIDDEN, 512);
-    let w = Weights::new(DType::BF16, rows, cols, 77);
-    let dw = gpu.upload_matrix(w.matrix()).unwrap();
-    let x = values(t * cols, 78);
-    let dx = gpu.upload(&x).unwrap();
-    let mut runs = Vec::new();
-    for _ in 0..2 {
-        let mut dy = gpu.zeros::<f32>(t * rows).unwrap();
-        gpu.matmul(&dx.as_view(), t, &dw, &mut dy.as_view_mut())
-            .unwrap();
-        runs.push(gpu.download(&dy).unwrap());
+    // Many tokens through few output tiles split the columns into parts
+    // summed after (on 132 SMs the shapes above split two to eight ways):
+    // a prompt's router (eight ways), one with a 32-column tail in its
+    // last split, and one with tiles enough not to split; each twice, the
+    // same bits both times.
+    for (rows, cols, t) in [(128, HIDDEN, 512), (128, 1056, 512), (HIDDEN, INTER, 512)] {
+        let w = Weights::new(DType::BF16, rows, cols, 77);
+        let dw = gpu.upload_matrix(w.matrix()).unwrap();
+        let x = values(t * cols, 78);
+        let dx = gpu.upload(&x).unwrap();
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let mut dy = gpu.zeros::<f32>(t * rows).unwrap();
+            gpu.matmul(&dx.as_view(), t, &dw, &mut dy.as_view_mut())
+                .unwrap();
+            runs.push(gpu.download(&dy).unwrap());
+        }
+        let what = format!("matmul bf16 [{rows}, {cols}] t={t}");
+        check_exact(gpu, &what, &runs[0], &x, &w, &dequantized(&w), t);
+        assert_eq!(runs[0], runs[1], "{what}: not the same twice");
     }
-    let what = format!("matmul bf16 [{rows}, {cols}] t={t} (split columns)");
-    check_exact(gpu, &what, &runs[0], &x, &w, &dequantized(&w), t);
-    assert_eq!(runs[0], runs[1], "{what}: not the same twice");
 }
 
 /// The int8-activation kernels (`Gpu::matmul_q8`) against the exact
@@ -667,9 +670,12 @@ fn experts_by_id_match_one_by_one() {
 fn experts_by_id(gpu: &Gpu, what: &str) {
     let n_exp = 16;
     // (k, tokens, ids): unsorted, as `route` writes them (best first).
-    // Qwen3's eight a token, and more pairs a token than the fused
-    // kernel's eight warps (each warp then takes two).
-    let cases: [(usize, usize, Vec<u32>); 3] = [
+    // One and two a token (a warp a pair: blocks of one and two warps),
+    // Qwen3's eight, and more pairs a token than the fused kernel's eight
+    // warps (a warp then takes two).
+    let cases: [(usize, usize, Vec<u32>); 5] = [
+        (1, 3, vec![5, 12, 0]),
+        (2, 3, vec![9, 4, 15, 1, 3, 8]),
         (4, 3, vec![7, 2, 15, 0, 3, 9, 2, 11, 14, 13, 1, 6]),
         (
             8,

@@ -941,7 +941,8 @@ __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids,
 
 // The chosen experts' down projections and their weighted sum in one
 // launch (decode; `mmvq_id` then `moe_combine` otherwise): block (row r,
-// token tok) runs pair tok * k + j's row r on warp j % SUM_WARPS, pair p's
+// token tok) runs pair tok * k + j's row r on warp j % blockDim.y (a warp
+// a pair up to SUM_WARPS), pair p's
 // activations being row p of xq/xds, then sums w[p] times them from zero
 // in ascending expert id (ties by j), as `moe_combine` and the CPU do.
 #define SUM_WARPS 8

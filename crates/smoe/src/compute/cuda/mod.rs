@@ -70,8 +70,8 @@ const TILE: u32 = 64;
 /// and the rows per SM from which they take one warp a row (a quarter of
 /// an SM's 64 resident warps; see [`Gpu::q8_warps_per_row`]).
 const MQ_WARPS: u32 = 4;
-/// Warps of `mmvq_id_sum`'s block and the most pairs a token it takes
-/// (`SUM_WARPS`, `SUM_MAX_K`).
+/// Most warps of `mmvq_id_sum`'s block (one a pair) and the most pairs a
+/// token it takes (`SUM_WARPS`, `SUM_MAX_K`).
 const SUM_WARPS: u32 = 8;
 const SUM_MAX_K: usize = 32;
 const Q8_ROWS_PER_SM: usize = 16;
@@ -1225,13 +1225,13 @@ impl Gpu {
             && self.info.compute_capability >= (8, 0)
     }
 
-    /// The tiled kernel's grid for `rows` rows of `tokens` tokens, over
-    /// `experts` experts (1 for one matrix).
     /// Column splits for a tiled product whose output tiles alone would
     /// leave most SMs idle: a prompt's router (128 rows, 512 tokens: 16
     /// tiles on 132 SMs, 142 us a layer on the H200) runs eight splits of
     /// four column tiles each, their parts summed in order after. Each
-    /// split keeps at least four column tiles, so the sums stay few.
+    /// split keeps at least four column tiles, so the sums stay few. The
+    /// last bits of such a product then depend on the token count and the
+    /// GPU's SMs (the split): a prompt chunked otherwise may differ there.
     fn gemm_splits(&self, rows: usize, tokens: usize, cols: usize) -> usize {
         let tiles = rows.div_ceil(TILE as usize) * tokens.div_ceil(TILE as usize);
         let sms = self.info.sm_count;
@@ -1243,6 +1243,8 @@ impl Gpu {
             .max(1)
     }
 
+    /// The tiled kernel's grid for `rows` rows of `tokens` tokens, over
+    /// `experts` experts (1 for one matrix).
     fn tiles(rows: usize, tokens: usize, experts: usize) -> Result<LaunchConfig> {
         Ok(LaunchConfig {
             grid_dim: (
