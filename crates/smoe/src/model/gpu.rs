@@ -1285,7 +1285,6 @@ impl GpuDecoder {
         let small = t <= MATVEC_MAX_TOKENS;
         let pairs = b.host.order.len();
         let mut spent = std::time::Duration::ZERO;
-        let share = b.paths.cpu_share(t);
         if path != ExpertPath::Copy {
             // The rows in expert order, as the `gather` kernel would have
             // put them (its rows are the ones `moe` downloaded).
@@ -1343,6 +1342,7 @@ impl GpuDecoder {
                     // whose rows come first (rows go by expert id, as the
                     // group does).
                     let (ids, mats) = pinned_group(&pinned);
+                    let share = b.paths.cpu_share(t);
                     let on_cpu = ((ids.len() as f64 * share).round() as usize).min(ids.len());
                     let uploads = g.upload_experts(&mats[on_cpu..])?;
                     self.count_copies(&mats[on_cpu..]);
