@@ -290,7 +290,23 @@ fn pick(target: f64, weights: impl Iterator<Item = (u32, f32)>) -> Option<u32> {
 /// (all-NaN gives 0).
 fn argmax(logits: &[f32]) -> usize {
     // Two simple passes beat one that tracks the index in a branchy loop.
-    let max = logits.iter().copied().fold(f32::NAN, f32::max);
+    // Sixteen running maxima with `>` (NaN never wins) vectorise on any x86
+    // target; `f32::max`'s NaN rule kept the fold scalar: 39 against 10 us
+    // over Qwen3's 151,936 logits, per generated token.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = logits.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &l) in lanes.iter_mut().zip(c) {
+            if l > *m {
+                *m = l;
+            }
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
     logits.iter().position(|&l| l == max).unwrap_or(0)
 }
 
@@ -396,6 +412,16 @@ mod tests {
             2
         );
         assert_eq!(s.sample(&mut [], &[]), 0);
+        // Past the sixteen lanes: ties in different lanes, NaN in a lane,
+        // the maximum in the tail after the last whole chunk.
+        let mut long = vec![-3.0f32; 37];
+        long[5] = f32::NAN;
+        long[21] = 4.0;
+        long[9] = 4.0;
+        assert_eq!(s.sample(&mut long.clone(), &[]), 9);
+        long[35] = 4.5;
+        assert_eq!(s.sample(&mut long, &[]), 35);
+        assert_eq!(s.sample(&mut [f32::NAN; 40], &[]), 0);
     }
 
     #[test]
