@@ -347,6 +347,13 @@ pub struct Gpu {
 /// good.
 const MAX_SPARE: usize = 96;
 
+/// Most bytes those matrices hold: a count alone would keep 0.8 GB of
+/// DeepSeek-V3's 8.3 MB matrices; 256 MiB still holds a decode step's
+/// layer of them (24), and is an eighth of the 2 GiB or more that
+/// `--vram-budget auto` leaves free for KV caches and activations
+/// ([`crate::memory::vram_headroom`]).
+const MAX_SPARE_BYTES: usize = 256 << 20;
+
 /// An instantiated CUDA graph, destroyed on drop.
 #[derive(Debug)]
 struct GraphExec(cudarc::driver::sys::CUgraphExec);
@@ -949,14 +956,16 @@ impl Gpu {
     }
 
     /// Keeps streamed experts' device matrices, once their kernels are
-    /// queued, for the next [`Gpu::upload_experts`] (up to [`MAX_SPARE`];
-    /// the rest are freed).
+    /// queued, for the next [`Gpu::upload_experts`] (up to [`MAX_SPARE`]
+    /// of them and [`MAX_SPARE_BYTES`]; the rest are freed).
     pub fn recycle(&self, mats: impl IntoIterator<Item = GpuMatrix>) {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held: usize = spare.iter().map(GpuMatrix::bytes).sum();
         for m in mats {
-            if spare.len() >= MAX_SPARE {
+            if spare.len() >= MAX_SPARE || held + m.bytes() > MAX_SPARE_BYTES {
                 break;
             }
+            held += m.bytes();
             spare.push(m);
         }
     }
