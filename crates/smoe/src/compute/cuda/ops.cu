@@ -1,79 +1,122 @@
 // Row-wise and element-wise ops of the transformer block, written to give
 // the CPU backend's results (kernels/ops.rs) up to f32 summation order.
 
-// RMSNorm of one row of `width` values from xr into orow (which may be xr:
-// each thread reads and writes only its own elements). 256 threads.
-__device__ void rms_row(const float* xr, float* orow, const float* w, int width, float eps) {
-    __shared__ float sh[32];
+// A norm's row values a thread holds in registers between its two passes:
+// rows up to ROW_REGS * 256 wide (4,096: Qwen3's, Mixtral's hidden sizes)
+// never go back to memory; wider ones (DeepSeek-V3's 7,168) re-read the
+// rest. A decode step normalises one row on one block, so its time is the
+// latency of each thread's loads: a loop that waited on a load a turn,
+// twice (sum of squares, then scale), took 11 us over 2,048 values; here
+// every load is issued before any is used.
+#define ROW_REGS 16
+
+// First pass of a norm of row xr (plus dr, when not null, the sum written
+// back to xr): this thread's values and their weights into v and wv; its
+// share of the sum of squares, in the order a strided loop would add them
+// (so the results are those of that loop, bit for bit).
+__device__ __forceinline__ float norm_load(float* xr, const float* dr, const float* w, int width,
+                                           float* v, float* wv) {
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) ss += xr[i] * xr[i];
-    ss = block_sum(ss, sh);
-    // As the CPU: 1 / sqrt(mean + eps), then w * (x * inv).
-    float inv = 1.0f / sqrtf(ss / (float)width + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x) orow[i] = w[i] * (xr[i] * inv);
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        v[k] = i < width ? xr[i] : 0.0f;
+        wv[k] = i < width ? w[i] : 0.0f;
+        if (dr && i < width) v[k] += dr[i];
+    }
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (dr && i < width) xr[i] = v[k];
+        ss += v[k] * v[k];
+    }
+    for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < width; i += blockDim.x) {
+        float x = xr[i];
+        if (dr) {
+            x += dr[i];
+            xr[i] = x;
+        }
+        ss += x * x;
+    }
+    return ss;
 }
 
-// Row blockIdx.x of x into the same row of out.
+// 1 / sqrt(mean + eps) of a row whose threads' sums of squares are ss, as
+// the CPU computes it (then w * (x * inv)).
+__device__ __forceinline__ float norm_inv(float ss, int width, float eps) {
+    __shared__ float sh[32];
+    ss = block_sum(ss, sh);
+    return 1.0f / sqrtf(ss / (float)width + eps);
+}
+
+// RMSNorm of row xr (plus dr, as norm_load) into orow, which may be xr:
+// each thread reads and writes only its own elements. 256 threads.
+__device__ void rms_row(float* xr, const float* dr, float* orow, const float* w, int width, float eps) {
+    float v[ROW_REGS], wv[ROW_REGS];
+    float inv = norm_inv(norm_load(xr, dr, w, width, v, wv), width, eps);
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < width) orow[i] = wv[k] * (v[k] * inv);
+    }
+    for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < width; i += blockDim.x) orow[i] = w[i] * (xr[i] * inv);
+}
+
+// Row blockIdx.x of x into the same row of out (x only read: no dr).
 extern "C" __global__ void rms_norm(const float* x, float* out, const float* w, int width,
                                     float eps) {
     size_t at = (size_t)blockIdx.x * width;
-    rms_row(x + at, out + at, w, width, eps);
+    rms_row((float*)x + at, nullptr, out + at, w, width, eps);
 }
 
 // x += d, then RMSNorm of the sum into out, row blockIdx.x: a residual
-// add and the next norm in one launch (each thread reads back only the
-// sums it wrote).
+// add and the next norm in one launch.
 extern "C" __global__ void add_rms_norm(float* x, const float* d, float* out, const float* w, int width,
                                         float eps) {
-    __shared__ float sh[32];
     size_t at = (size_t)blockIdx.x * width;
-    float *xr = x + at, *orow = out + at;
-    const float* dr = d + at;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = xr[i] + dr[i];
-        xr[i] = v;
-        ss += v * v;
+    rms_row(x + at, d + at, out + at, w, width, eps);
+}
+
+// Rounds a warp's 32 consecutive outputs (one block: `at` is its first
+// element's index) to int8 as `quantize_q8` does.
+__device__ __forceinline__ void round_q8(float v, size_t at, i8* xq, float* xds) {
+    float amax = warp_max(fabsf(v));
+    float dq = amax / 127.0f;
+    int q = amax == 0.0f ? 0 : __float2int_rn(v / dq);
+    xq[at] = (i8)q;
+    float sum = warp_sum((float)q);
+    if ((threadIdx.x & 31) == 0) {
+        size_t blk = at >> 5;
+        xds[2 * blk] = dq;
+        xds[2 * blk + 1] = dq * sum;
     }
-    ss = block_sum(ss, sh);
-    float inv = 1.0f / sqrtf(ss / (float)width + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x) orow[i] = w[i] * (xr[i] * inv);
 }
 
 // `add_rms_norm` (d null: `rms_norm`, x only read) whose output is also
 // rounded to int8 per 32-block as `quantize_q8` rounds it, for the int8
 // kernels that read it next (attention's projections, a decode step's
 // experts): a launch and a pass over the row fewer. width a multiple of
-// 32, so each warp's 32 consecutive outputs are one block.
+// 32 (and blockDim.x too), so each warp's 32 consecutive outputs are one
+// block and `i < width` holds for a whole warp or none of it.
 extern "C" __global__ void norm_q8(float* x, const float* d, float* out, const float* w, int width, float eps,
                                    i8* xq, float* xds) {
-    __shared__ float sh[32];
     size_t at = (size_t)blockIdx.x * width;
     float *xr = x + at, *orow = out + at;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = xr[i];
-        if (d) {
-            v += d[at + i];
-            xr[i] = v;
+    float v[ROW_REGS], wv[ROW_REGS];
+    float inv = norm_inv(norm_load(xr, d ? d + at : nullptr, w, width, v, wv), width, eps);
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < width) {
+            float o = wv[k] * (v[k] * inv);
+            orow[i] = o;
+            round_q8(o, at + i, xq, xds);
         }
-        ss += v * v;
     }
-    ss = block_sum(ss, sh);
-    float inv = 1.0f / sqrtf(ss / (float)width + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = w[i] * (xr[i] * inv);
-        orow[i] = v;
-        float amax = warp_max(fabsf(v));
-        float dq = amax / 127.0f;
-        int q = amax == 0.0f ? 0 : __float2int_rn(v / dq);
-        xq[at + i] = (i8)q;
-        float sum = warp_sum((float)q);
-        if ((threadIdx.x & 31) == 0) {
-            size_t blk = (at + i) >> 5;
-            xds[2 * blk] = dq;
-            xds[2 * blk + 1] = dq * sum;
-        }
+    for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < width; i += blockDim.x) {
+        float o = w[i] * (xr[i] * inv);
+        orow[i] = o;
+        round_q8(o, at + i, xq, xds);
     }
 }
 
@@ -89,7 +132,7 @@ extern "C" __global__ void qk_norm_rope(float* q, float* k, const float* wq, con
     int hb = is_q ? b : b - qn, heads = is_q ? q_heads : k_heads;
     int tok = hb / heads;
     float* r = (is_q ? q : k) + (size_t)hb * head;
-    rms_row(r, r, is_q ? wq : wk, head, eps);
+    rms_row(r, nullptr, r, is_q ? wq : wk, head, eps);
     __syncthreads();
     int half = head / 2;
     const float *c = cos_t + (size_t)tok * half, *s = sin_t + (size_t)tok * half;
@@ -104,7 +147,7 @@ extern "C" __global__ void qk_norm_rope(float* q, float* k, const float* wq, con
 extern "C" __global__ void rms_norm_in_place(float* x, const float* w, int width, int stride,
                                              float eps) {
     float* r = x + (size_t)blockIdx.x * stride;
-    rms_row(r, r, w, width, eps);
+    rms_row(r, nullptr, r, w, width, eps);
 }
 
 // Rotary embedding in place over `t` rows `width` wide of heads `head`

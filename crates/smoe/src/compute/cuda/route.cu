@@ -13,37 +13,6 @@
 #define ROUTE_MAX 1024
 #define ROUTE_MAX_GROUPS 64
 
-// (value, index) argmax over the block, ties to the lower index.
-__device__ void block_argmax(float v, int i, float* shv, int* shi, float* out_v, int* out_i) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(FULL_MASK, v, o);
-        int oi = __shfl_xor_sync(FULL_MASK, i, o);
-        if (ov > v || (ov == v && oi < i)) {
-            v = ov;
-            i = oi;
-        }
-    }
-    __syncthreads();
-    if (lane == 0) {
-        shv[warp] = v;
-        shi[warp] = i;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < nw; w++) {
-            if (shv[w] > v || (shv[w] == v && shi[w] < i)) {
-                v = shv[w];
-                i = shi[w];
-            }
-        }
-        *out_v = v;
-        *out_i = i;
-    }
-    __syncthreads();
-}
-
 extern "C" __global__ void route(const float* logits, const float* bias, int has_bias, int n, int k,
                                  int sigmoid, int n_group, int topk_group, int norm, float scale,
                                  u32* ids, float* weights) {
@@ -52,9 +21,6 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
     __shared__ float gscore[ROUTE_MAX_GROUPS];
     __shared__ int keep[ROUTE_MAX_GROUPS];
     __shared__ float sh[32];
-    __shared__ int shi[32];
-    __shared__ float best_v;
-    __shared__ int best_i;
     const float* l = logits + (size_t)blockIdx.x * n;
 
     if (sigmoid) {
@@ -108,24 +74,41 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
         __syncthreads();
     }
 
+    // The top k by the first warp alone: a round is a scan of shared
+    // memory (four scores a lane for 128 experts) and shuffles, where the
+    // whole block's argmax cost a round three barriers (9 us a decode
+    // step's routing for Qwen3's k = 8).
     u32* out_ids = ids + (size_t)blockIdx.x * k;
     float* out_w = weights + (size_t)blockIdx.x * k;
-    for (int r = 0; r < k; r++) {
-        float v = -INF;
-        int i = 0x7fffffff;
-        for (int e = threadIdx.x; e < n; e += blockDim.x) {
-            if (choice[e] > v || (choice[e] == v && e < i)) {
-                v = choice[e];
-                i = e;
+    if (threadIdx.x < 32) {
+        for (int r = 0; r < k; r++) {
+            float v = -INF;
+            int i = 0x7fffffff;
+            for (int e = threadIdx.x; e < n; e += 32) {
+                if (choice[e] > v || (choice[e] == v && e < i)) {
+                    v = choice[e];
+                    i = e;
+                }
             }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(FULL_MASK, v, o);
+                int oi = __shfl_xor_sync(FULL_MASK, i, o);
+                if (ov > v || (ov == v && oi < i)) {
+                    v = ov;
+                    i = oi;
+                }
+            }
+            // Only NaN scores leave no candidate: expert 0, as the CPU's
+            // scan from the first expert picks then.
+            if (i >= n) i = 0;
+            if (threadIdx.x == 0) {
+                out_ids[r] = (u32)i;
+                out_w[r] = score[i];
+                choice[i] = -INF;
+            }
+            __syncwarp();
         }
-        block_argmax(v, i, sh, shi, &best_v, &best_i);
-        if (threadIdx.x == 0) {
-            out_ids[r] = (u32)best_i;
-            out_w[r] = score[best_i];
-            choice[best_i] = -INF;
-        }
-        __syncthreads();
     }
     if (threadIdx.x == 0) {
         if (norm) {
