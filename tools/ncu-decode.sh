@@ -9,11 +9,25 @@
 #
 # Profiles LAUNCHES launches (default 900: six steps of the 8-layer bench
 # model) after the first SKIP (the prompt and the first decode steps).
+# KERNELS=REGEX keeps to the kernels it matches and, instead of their
+# times, collects why they take them (memory throughput, occupancy,
+# registers, what warps stall on), each launch replayed by ncu:
+#
+#   KERNELS='mmvq_q4_k|norm_q8|route' tools/ncu-decode.sh SMOE VAULT
 set -euo pipefail
 NCU=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
 SMOE=$1 VAULT=$2
 shift 2
-"$NCU" --clock-control none --metrics gpu__time_duration.sum --launch-skip "${SKIP:-1500}" \
-    --launch-count "${LAUNCHES:-900}" --print-summary per-kernel \
+if [ -n "${KERNELS:-}" ]; then
+    # SKIP and LAUNCHES count only the matching launches here: past the
+    # prompt's, a decode step's first few.
+    what=(--kernel-name "regex:^(${KERNELS})\$" --launch-skip "${SKIP:-40}" --launch-count "${LAUNCHES:-8}"
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+        --section MemoryWorkloadAnalysis)
+else
+    what=(--clock-control none --metrics gpu__time_duration.sum --launch-skip "${SKIP:-1500}"
+        --launch-count "${LAUNCHES:-900}" --print-summary per-kernel)
+fi
+"$NCU" "${what[@]}" \
     "$SMOE" bench --model "$VAULT" --device cuda --prompt-tokens 64 --gen-tokens 24 --repeat 1 "$@" 2>&1 |
     grep -vE '^==PROF==|^\s*$' | cut -c1-160
