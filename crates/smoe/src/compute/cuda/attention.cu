@@ -23,6 +23,8 @@
 #define ATT_MAX_HEAD 1024
 #define ATT_MAX_V 512
 #define ATT_V_PER_LANE (ATT_MAX_V / 32)
+// Keys a warp of `attention` has in flight at once.
+#define ATT_STEP 4
 
 // The splits of `attention` for (head h, token tok) merged, by the block
 // that finished last: out = sum_s o_s e^(m_s - m) / sum_s l_s e^(m_s - m),
@@ -76,19 +78,54 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
     for (int i = 0; i < ATT_V_PER_LANE; i++) o[i] = 0.0f;
     const float* kb = keys + (size_t)kvh * head_dim;
     const float* vb = values + (size_t)kvh * v_dim;
-    for (int p = lo + warp; p < hi; p += ATT_WARPS) {
-        const float* kr = kb + (size_t)p * k_stride;
-        float s = 0.0f;
-        for (int d = lane; d < head_dim; d += 32) s += qs[d] * kr[d];
-        s = warp_sum(s);
-        float mn = fmaxf(m, s);
-        float corr = expf(m - mn), e = expf(s - mn);
-        l = l * corr + e;
-        const float* vr = vb + (size_t)p * v_stride;
+    // A warp takes ATT_STEP of its keys a turn (lo + warp, + ATT_WARPS, ...),
+    // their loads issued together: one key a turn waited on a key's loads,
+    // then its value's, per key (12 us a layer at 80 keys as at 600: the
+    // latency of one warp's walk, not bandwidth).
+    for (int p0 = lo + warp; p0 < hi; p0 += ATT_WARPS * ATT_STEP) {
+        const float* kr[ATT_STEP];
+        bool in[ATT_STEP];
+        float s[ATT_STEP];
+#pragma unroll
+        for (int j = 0; j < ATT_STEP; j++) {
+            int p = p0 + j * ATT_WARPS;
+            in[j] = p < hi;
+            kr[j] = kb + (size_t)(in[j] ? p : p0) * k_stride;
+            s[j] = 0.0f;
+        }
+#pragma unroll 4
+        for (int d = lane; d < head_dim; d += 32) {
+            float qd = qs[d];
+#pragma unroll
+            for (int j = 0; j < ATT_STEP; j++)
+                if (in[j]) s[j] += qd * kr[j][d];
+        }
+        float mn = m;
+#pragma unroll
+        for (int j = 0; j < ATT_STEP; j++) {
+            s[j] = warp_sum(s[j]);
+            if (in[j]) mn = fmaxf(mn, s[j]);
+        }
+        float corr = expf(m - mn), e[ATT_STEP];
+        const float* vr[ATT_STEP];
+#pragma unroll
+        for (int j = 0; j < ATT_STEP; j++) {
+            e[j] = in[j] ? expf(s[j] - mn) : 0.0f;
+            vr[j] = vb + (size_t)(in[j] ? p0 + j * ATT_WARPS : p0) * v_stride;
+        }
+        l *= corr;
+#pragma unroll
+        for (int j = 0; j < ATT_STEP; j++) l += e[j];
 #pragma unroll
         for (int i = 0; i < ATT_V_PER_LANE; i++) {
             int d = lane + 32 * i;
-            if (d < v_dim) o[i] = o[i] * corr + e * vr[d];
+            if (d < v_dim) {
+                float acc = o[i] * corr;
+#pragma unroll
+                for (int j = 0; j < ATT_STEP; j++)
+                    if (in[j]) acc += e[j] * vr[j][d];
+                o[i] = acc;
+            }
         }
         m = mn;
     }
