@@ -986,8 +986,12 @@ __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 r
     y[(size_t)tok * rows + r] = sum;
 }
 
+// `mmvq` at 64 registers (72 unbounded, no spills at 64): eight blocks an
+// SM instead of seven, so that attention's 4,096-row projections (1,024
+// blocks) fit the H200's 132 SMs in one wave, not one and a ninth, and the
+// LM head keeps more rows in flight. The id kernels spill at 64.
 #define MMVQ_KERNELS(NAME, T)                                                                            \
-    extern "C" __global__ void mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
+    extern "C" __global__ void __launch_bounds__(128, 8) mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
                                            float* y, int rows, int cols, int t, int kw) {                \
         mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t, kw, blockIdx.x);                                 \
     }                                                                                                     \
