@@ -989,7 +989,8 @@ __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 r
 // `mmvq` at 64 registers (72 unbounded, no spills at 64): eight blocks an
 // SM instead of seven, so that attention's 4,096-row projections (1,024
 // blocks) fit the H200's 132 SMs in one wave, not one and a ninth, and the
-// LM head keeps more rows in flight. The id kernels spill at 64.
+// LM head keeps more rows in flight. `mmvq_id_sum` (256 threads) at four
+// blocks an SM instead of three. The other id kernels spill at 64.
 #define MMVQ_KERNELS(NAME, T)                                                                            \
     extern "C" __global__ void __launch_bounds__(128, 8) mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
                                            float* y, int rows, int cols, int t, int kw) {                \
@@ -1000,7 +1001,7 @@ __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 r
                                               float* y, int rows, int cols, int kw) {                    \
         mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols, kw);                    \
     }                                                                                                     \
-    extern "C" __global__ void mmvq_id_sum_##NAME(const u64* experts, const u32* ids, int n_exp,         \
+    extern "C" __global__ void __launch_bounds__(256, 4) mmvq_id_sum_##NAME(const u64* experts, const u32* ids, int n_exp,         \
                                                   u64 row_bytes, const i8* xq, const float* xds,         \
                                                   const float* w, int k, float* y, int rows, int cols) { \
         mmvq_id_sum<T>(experts, ids, n_exp, row_bytes, xq, xds, w, k, y, rows, cols);                     \
