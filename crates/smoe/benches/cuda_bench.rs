@@ -82,18 +82,18 @@ fn matvec(gpu: &Gpu, name: &str, dtype: DType, rows: usize, cols: usize) {
             bytes as f64 / (ms * 1e-3) / 1e9
         )
     };
-    line("matvec", ms);
+    line("matvec ", ms);
     // The int8-activation kernels on the same copies, where they apply
     // (their activation rounding is inside the time).
     if matches!(dtype, DType::Quant(QuantType::Q4K | QuantType::Q6K)) && cols.is_multiple_of(256) {
-        // The choice by shape, then each fixed warps-per-row count.
-        for (kw, label) in [
-            (None, "mmvq  "),
-            (Some(1), "mmvq/1"),
-            (Some(2), "mmvq/2"),
-            (Some(4), "mmvq/4"),
+        // The choice by width, then each fixed lanes-per-row count.
+        for (lanes, label) in [
+            (None, "mmvq   "),
+            (Some(8), "mmvq/8 "),
+            (Some(16), "mmvq/16"),
+            (Some(32), "mmvq/32"),
         ] {
-            gpu.set_q8_warps_per_row(kw);
+            gpu.set_q8_lanes_per_row(lanes);
             let ms = time(gpu, |i| {
                 gpu.matmul_q8(
                     &x.as_view(),
@@ -105,7 +105,7 @@ fn matvec(gpu: &Gpu, name: &str, dtype: DType, rows: usize, cols: usize) {
             });
             line(label, ms);
         }
-        gpu.set_q8_warps_per_row(None);
+        gpu.set_q8_lanes_per_row(None);
     }
 }
 
@@ -141,15 +141,15 @@ fn experts_by_id(gpu: &Gpu) {
     let mut y = gpu.zeros::<f32>(k * hidden).expect("alloc");
     let bytes = 3 * k * mats[0][0].dtype.row_bytes(hidden) * inter;
     let was = gpu.int8_activations();
-    for (int8, kw) in [
+    for (int8, lanes) in [
         (false, None),
         (true, None),
-        (true, Some(1)),
-        (true, Some(2)),
-        (true, Some(4)),
+        (true, Some(8)),
+        (true, Some(16)),
+        (true, Some(32)),
     ] {
         gpu.set_int8_activations(int8);
-        gpu.set_q8_warps_per_row(kw);
+        gpu.set_q8_lanes_per_row(lanes);
         let ms = time(gpu, |i| {
             let ids = sets[i % sets.len()].as_view();
             gpu.swiglu_id(&gate, &up, &ids, &x.as_view(), k, &mut act.as_view_mut())
@@ -159,10 +159,10 @@ fn experts_by_id(gpu: &Gpu) {
         });
         println!(
             "{} experts by id, {k} of {n} q4_k          {:>8.1} MB {:>9.2} us/call {:>7.0} GB/s",
-            match (int8, kw) {
-                (false, _) => "matvec".to_string(),
-                (true, None) => "mmvq  ".to_string(),
-                (true, Some(k)) => format!("mmvq/{k}"),
+            match (int8, lanes) {
+                (false, _) => "matvec ".to_string(),
+                (true, None) => "mmvq   ".to_string(),
+                (true, Some(l)) => format!("mmvq/{l:<2}"),
             },
             bytes as f64 / 1e6,
             ms * 1e3,
@@ -170,7 +170,7 @@ fn experts_by_id(gpu: &Gpu) {
         );
     }
     gpu.set_int8_activations(was);
-    gpu.set_q8_warps_per_row(None);
+    gpu.set_q8_lanes_per_row(None);
 }
 
 fn gemm(gpu: &Gpu, t: usize, rows: usize, cols: usize) {

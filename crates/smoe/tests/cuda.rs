@@ -281,13 +281,13 @@ fn int8_matvec_matches_the_exact_product() {
     if gpu_or_skip("matmul_q8").is_none() {
         return;
     }
-    // A handle of its own: the warps-per-row choice is the device's.
+    // A handle of its own: the lanes-per-row choice is the device's.
     let gpu = &Gpu::new(0).expect("a second handle on the GPU");
-    for kw in [None, Some(1), Some(2), Some(4)] {
-        gpu.set_q8_warps_per_row(kw);
-        int8_matvec_at(gpu, &format!("{kw:?} warps a row"));
+    for lanes in [None, Some(8), Some(16), Some(32)] {
+        gpu.set_q8_lanes_per_row(lanes);
+        int8_matvec_at(gpu, &format!("{lanes:?} lanes a row"));
     }
-    gpu.set_q8_warps_per_row(None);
+    gpu.set_q8_lanes_per_row(None);
     let x = gpu.upload(&values(9 * HIDDEN, 1)).unwrap();
     let mut y = gpu.zeros::<f32>(9 * INTER).unwrap();
     let q4k = Weights::new(DType::Quant(QuantType::Q4K), INTER, HIDDEN, 1);

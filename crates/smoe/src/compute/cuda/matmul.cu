@@ -652,9 +652,8 @@ GET_ROWS_KERNEL(q6_k, T_Q6_K)
 // The activations are rounded once per call to 8 bits per 32-block
 // (`quantize_q8`: 32 int8 and the pair (scale d, d * their sum)), as the
 // CPU backend rounds them, and each lane multiplies four weights at a time
-// with `__dp4a` on 4 bytes of the stored block, no float widening. Each
-// lane takes a fixed quarter-word of every 256-weight super-block its warp
-// visits, read from the warp's staged copy of the row (`q8_rows`).
+// with `__dp4a` on 4 bytes of the stored block, no float widening (see
+// `q8_units` for how a row's work is split). Blocks are MQ_WARPS warps.
 #define MQ_WARPS 4
 
 // Block blk (32 values) of the t * cols activations, one warp each.
@@ -680,211 +679,211 @@ __device__ __forceinline__ int ld_u32_2(const u8* p) {
     return (int)((u32)h[0] | ((u32)h[1] << 16));
 }
 
-// q4_k: lane takes the 4 bytes at 32c + p of the super-block's nibbles
-// (c = lane / 8, p = 4 * (lane % 8)): elements p..p+3 of sub-block 2c (low
-// nibbles) and of 2c + 1 (high). Sub-block s is d * sc_s * q - dmin * m_s,
-// so its dot is d sc_s dx (q . xq) - dmin m_s (dx sum xq), the second term
-// once per sub-block (by the lanes with p = 0). acc[tok] gets this lane's
-// part of row wr against activation row tok (xq rows of cols int8, xds
-// rows of cols / 32 (d, d * sum) pairs).
-template <int NT>
-__device__ __forceinline__ void q8_lanes_q4k(const u8* blocks, int n_sb, int sb_first, const i8* xq,
-                                             const float* xds, int cols, int t, float* acc) {
-    int lane = threadIdx.x, c = lane >> 3, p = (lane & 7) * 4;
-    int nblk = cols >> 5;
-    for (int i = 0; i < n_sb; i++) {
-        const u8* b = blocks + i * 144;
-        int sb = sb_first + i;
-        int word = *(const int*)(b + 16 + 32 * c + p);
-        float dd = ld_f16(b), dmin = ld_f16(b + 2);
-        float sc0, m0, sc1, m1;
-        scale_min_k4(2 * c, b + 4, &sc0, &m0);
-        scale_min_k4(2 * c + 1, b + 4, &sc1, &m1);
-        int lo = word & 0x0F0F0F0F, hi = (word >> 4) & 0x0F0F0F0F;
-        int j0 = sb * 8 + 2 * c;
-#pragma unroll
-        for (int tok = 0; tok < NT; tok++) {
-            if (tok < t) {
-                const i8* xr = xq + (size_t)tok * cols;
-                const float* ds = xds + 2 * ((size_t)tok * nblk + j0);
-                int s0 = __dp4a(lo, *(const int*)(xr + j0 * 32 + p), 0);
-                int s1 = __dp4a(hi, *(const int*)(xr + (j0 + 1) * 32 + p), 0);
-                float v = dd * (sc0 * ds[0] * (float)s0 + sc1 * ds[2] * (float)s1);
-                if (p == 0) v -= dmin * (m0 * ds[1] + m1 * ds[3]);
-                acc[tok] += v;
-            }
-        }
-    }
-}
+// A lane's work is a unit: 32 weights of a row (an eighth of a 256-weight
+// super-block) against the same 32 columns of each token's activations,
+// eight `dp4a`s on 32 bytes of weights loaded 16 at a time straight from
+// global memory, one scale decode per unit. `lanes` (8, 16 or 32) lanes of
+// a warp share a row, lane `sub` taking units sub, sub + lanes, ...,
+// MQ_UNROLL of them loaded before any is multiplied, so that every lane has
+// its loads in flight at once and no warp waits on another. The first
+// version staged each row through shared memory with a warp a row and
+// walked its super-blocks one after another: a load latency a super-block,
+// 300-650 GB/s on the H100/H200 and an SM half busy with staging
+// (`tools/ncu-decode.sh`: 10-16% of DRAM bandwidth, 53% of issue slots).
+#define MQ_UNROLL 2
 
-// q6_k: lane takes half n = lane / 16, parts pp and pp + 2 (pp = lane / 8
-// % 2: the low and high nibbles of ql's bytes 32pp + l0.., with qh's bit
-// pairs 2pp and 2pp + 4), elements l0..l0+3 (l0 = 4 * (lane % 8)) of each:
-// element 128n + 32 part + l, scale sc[8n + 2 part + l / 16], value
-// d * sc * (q - 32).
-template <int NT>
-__device__ __forceinline__ void q8_lanes_q6k(const u8* blocks, int n_sb, int sb_first, const i8* xq,
-                                             const float* xds, int cols, int t, float* acc) {
-    int lane = threadIdx.x, n = lane >> 4, pp = (lane >> 3) & 1, l0 = (lane & 7) * 4;
-    int nblk = cols >> 5;
-    for (int i = 0; i < n_sb; i++) {
-        const u8* b = blocks + i * 210;
-        int sb = sb_first + i;
-        int ql = ld_u32_2(b + 64 * n + 32 * pp + l0);
-        int qh = ld_u32_2(b + 128 + 32 * n + l0);
-        float d = ld_f16(b + 208);
-        const i8* sc = (const i8*)(b + 192) + 8 * n + l0 / 16;
-        float sa = d * (float)sc[2 * pp], sb2 = d * (float)sc[2 * (pp + 2)];
-        int qa = (ql & 0x0F0F0F0F) | (((qh >> (2 * pp)) & 0x03030303) << 4);
-        int qb = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (2 * pp + 4)) & 0x03030303) << 4);
-        int va = (int)__vsub4((u32)qa, 0x20202020u), vb = (int)__vsub4((u32)qb, 0x20202020u);
-        int ja = sb * 8 + 4 * n + pp, jb = ja + 2;
-#pragma unroll
-        for (int tok = 0; tok < NT; tok++) {
-            if (tok < t) {
-                const i8* xr = xq + (size_t)tok * cols;
-                const float* ds = xds + 2 * (size_t)tok * nblk;
-                int s0 = __dp4a(va, *(const int*)(xr + ja * 32 + l0), 0);
-                int s1 = __dp4a(vb, *(const int*)(xr + jb * 32 + l0), 0);
-                acc[tok] += sa * ds[2 * ja] * (float)s0 + sb2 * ds[2 * jb] * (float)s1;
-            }
-        }
-    }
-}
-
-template <int T, int NT>
-__device__ __forceinline__ void q8_lanes(const u8* blocks, int n_sb, int sb_first, const i8* xq, const float* xds,
-                                         int cols, int t, float* acc) {
-    if constexpr (T == T_Q4_K) {
-        q8_lanes_q4k<NT>(blocks, n_sb, sb_first, xq, xds, cols, t, acc);
-    } else {
-        q8_lanes_q6k<NT>(blocks, n_sb, sb_first, xq, xds, cols, t, acc);
-    }
-}
-
-// The lanes above read their super-blocks from shared memory: a warp
-// stages Q8_SB super-blocks of a row at a time (2,048 weights: the whole
-// row of a hidden-size matrix) with 16-byte loads, every lane's loads of
-// a chunk issued before any is used and the next chunk's before the
-// current one is multiplied. Each lane reading its 4 bytes of each block
-// straight from global memory kept a warp's loads in flight to a block's
-// (one load instruction per 4 bytes, a dozen per block with the scales):
-// the LM head ran at 1.08 TB/s and the experts at 0.55 of the H200's 4.8.
-// q6_k's 210-byte blocks are only 2-byte aligned, so a chunk is loaded
-// from the 16-byte boundary below it (at most 15 bytes of the row before
-// it and after it: never outside the allocation, whose start is aligned
-// and whose end, when not a multiple of 16, is not a page's end).
-#define Q8_SB 8
-// 16-byte words of a staged chunk: Q8_SB q6_k blocks (1,680 bytes) from
-// the boundary below them.
-#define Q8_WORDS 107
-#define Q8_LOADS ((Q8_WORDS + 31) / 32)
-
-template <int T>
-__device__ __forceinline__ constexpr int sb_bytes() {
-    return T == T_Q4_K ? 144 : 210;
-}
-
-__device__ __forceinline__ void q8_load(const u8* p, int n, uint4* r) {
-    const uint4* w = (const uint4*)((size_t)p & ~(size_t)15);
-    int words = (int)(((size_t)p + n - (size_t)w + 15) >> 4);
-#pragma unroll
-    for (int k = 0; k < Q8_LOADS; k++) {
-        int i = threadIdx.x + 32 * k;
-        if (i < words) r[k] = w[i];
-    }
-}
-
-__device__ __forceinline__ void q8_store(const uint4* r, uint4* stage) {
-#pragma unroll
-    for (int k = 0; k < Q8_LOADS; k++) {
-        int i = threadIdx.x + 32 * k;
-        if (i < Q8_WORDS) stage[i] = r[k];
-    }
-}
-
-// R rows' (an expert's gate and up together: both rows' loads in flight)
-// partial dots with t <= NT activation rows into acc[row][tok]. Where kw
-// warps share a row (kw divides Q8_SB), chunks are Q8_SB / kw super-blocks
-// and this warp takes chunks part, part + kw, ...; stage[row] holds one
-// chunk of each row.
-template <int T, int NT, int R>
-__device__ __forceinline__ void q8_rows(const u8* const* wr, const i8* xq, const float* xds, int cols, int t,
-                                        int part, int kw, float (*acc)[NT], uint4 (*stage)[Q8_WORDS]) {
-    const int sb = sb_bytes<T>();
-    int cs = Q8_SB / kw, nsb = cols >> 8, chunks = (nsb + cs - 1) / cs;
-    uint4 r[R][Q8_LOADS];
-    int ch = part;
-    if (ch < chunks)
-#pragma unroll
-        for (int i = 0; i < R; i++) q8_load(wr[i] + (size_t)ch * cs * sb, min(cs, nsb - ch * cs) * sb, r[i]);
-    for (; ch < chunks; ch += kw) {
-        int n = min(cs, nsb - ch * cs), next = ch + kw;
-#pragma unroll
-        for (int i = 0; i < R; i++) q8_store(r[i], stage[i]);
-        __syncwarp();
-        if (next < chunks)
-#pragma unroll
-            for (int i = 0; i < R; i++)
-                q8_load(wr[i] + (size_t)next * cs * sb, min(cs, nsb - next * cs) * sb, r[i]);
-#pragma unroll
-        for (int i = 0; i < R; i++) {
-            size_t at = (size_t)wr[i] + (size_t)ch * cs * sb;
-            q8_lanes<T, NT>((const u8*)stage[i] + (at & 15), n, ch * cs, xq, xds, cols, t, acc[i]);
-        }
-        __syncwarp();
-    }
-}
-
-// A block is MQ_WARPS warps; kw of them (1, 2 or 4) share a row, warp
-// part = y % kw taking the row's chunks part, part + kw, ...: one warp
-// a row keeps the most rows in flight where there are many (an LM head),
-// several where there are few (one expert's 768), so that either way the
-// GPU has loads enough in flight.
-struct Q8Row {
-    int row, part, kw;
-    bool valid;
+// q4_k unit u of a row: super-block u / 8, sub-block pair c = u / 2 % 4
+// (sub-blocks 2c and 2c + 1, the low and high nibbles of bytes 32c..32c+32
+// of qs), half hh = u % 2 (elements 16hh..16hh+16 of each). The block's
+// first 16 bytes (d, dmin and the twelve bytes of 6-bit scales and
+// minimums) and the unit's 16 bytes of nibbles, both 16-byte aligned: a
+// row is whole 144-byte blocks and starts 16-byte aligned.
+struct UnitQ4K {
+    uint4 h, q;
 };
 
-__device__ __forceinline__ Q8Row q8_row_in(int block, int rows, int kw) {
-    int row = block * (MQ_WARPS / kw) + threadIdx.y / kw;
-    return Q8Row{row, (int)threadIdx.y % kw, kw, row < rows};
+__device__ __forceinline__ void unit_load(UnitQ4K& w, const u8* row, int u) {
+    const u8* b = row + (size_t)(u >> 3) * 144;
+    w.h = *(const uint4*)b;
+    w.q = *(const uint4*)(b + 16 + 16 * (u & 7));
 }
 
-__device__ __forceinline__ Q8Row q8_row(int rows, int kw) { return q8_row_in(blockIdx.x, rows, kw); }
+// Sub-block s of a q4_k super-block is d * sc_s * q - dmin * m_s, so its
+// dot with int8 activations (scale dx, sum sx) is d sc_s dx (q . xq) -
+// dmin m_s dx sx; the minimum's term belongs to the whole sub-block, so
+// only the unit with hh = 0 adds it. The scales and minimums of the pair
+// (2c, 2c + 1) are two bytes of one 16-bit half of the scale words
+// (ggml's get_scale_min_k4, two at a time, no indexing into registers).
+template <int NT>
+__device__ __forceinline__ void unit_dot(const UnitQ4K& w, int u, const i8* xq, const float* xds, int cols,
+                                         int t, float* acc) {
+    int c = (u >> 1) & 3, hh = u & 1, j0 = (u >> 3) * 8 + 2 * c;
+    float d = f16_to_f32((u16)(w.h.x & 0xFFFF)), dmin = f16_to_f32((u16)(w.h.x >> 16));
+    int sh = (c & 1) * 16;
+    u32 a = (w.h.y >> sh) & 0xFFFF, b = (w.h.z >> sh) & 0xFFFF, e = (w.h.w >> sh) & 0xFFFF;
+    u32 sc = c < 2 ? a & 0x3F3F : (e & 0x0F0F) | ((a & 0xC0C0) >> 2);
+    u32 mn = c < 2 ? b & 0x3F3F : ((e >> 4) & 0x0F0F) | ((b & 0xC0C0) >> 2);
+    float sc0 = d * (float)(sc & 0xFF), sc1 = d * (float)(sc >> 8);
+    float m0 = dmin * (float)(mn & 0xFF), m1 = dmin * (float)(mn >> 8);
+    const int q[4] = {(int)w.q.x, (int)w.q.y, (int)w.q.z, (int)w.q.w};
+    int nblk = cols >> 5;
+#pragma unroll
+    for (int tok = 0; tok < NT; tok++) {
+        if (tok < t) {
+            const i8* xr = xq + (size_t)tok * cols + j0 * 32 + 16 * hh;
+            int4 xa = *(const int4*)xr, xb = *(const int4*)(xr + 32);
+            float4 ds = *(const float4*)(xds + 2 * ((size_t)tok * nblk + j0));
+            const int lo[4] = {xa.x, xa.y, xa.z, xa.w}, hi[4] = {xb.x, xb.y, xb.z, xb.w};
+            int s0 = 0, s1 = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                s0 = __dp4a(q[i] & 0x0F0F0F0F, lo[i], s0);
+                s1 = __dp4a((q[i] >> 4) & 0x0F0F0F0F, hi[i], s1);
+            }
+            float v = sc0 * ds.x * (float)s0 + sc1 * ds.z * (float)s1;
+            if (hh == 0) v -= m0 * ds.y + m1 * ds.w;
+            acc[tok] += v;
+        }
+    }
+}
 
-// v summed over the warps sharing r's row, returned to its first warp's
-// lanes (the others get their own part); `part` is MQ_WARPS floats of
-// shared scratch for this one sum. Every thread of the block must call it.
-__device__ __forceinline__ float row_sum(float v, const Q8Row& r, float* part) {
-    v = warp_sum(v);
-    if (r.kw == 1) return v;
-    if (threadIdx.x == 0) part[threadIdx.y] = v;
-    __syncthreads();
-    if (r.part == 0)
-        for (int w = 1; w < r.kw; w++) v += part[threadIdx.y + w];
+// 16 bytes at a 2-byte aligned address (q6_k's 210-byte blocks): five
+// aligned words, shifted. The fifth word stays inside the block for every
+// unit's ql and qh below (at most byte 196 of 210).
+__device__ __forceinline__ uint4 ld16_2(const u8* p) {
+    const u32* a = (const u32*)((size_t)p & ~(size_t)3);
+    u32 s = ((u32)(size_t)p & 2) * 8, w0 = a[0], w1 = a[1], w2 = a[2], w3 = a[3], w4 = a[4];
+    return make_uint4(__funnelshift_r(w0, w1, s), __funnelshift_r(w1, w2, s), __funnelshift_r(w2, w3, s),
+                      __funnelshift_r(w3, w4, s));
+}
+
+// q6_k unit u: super-block u / 8, half n = u / 4 % 2 (elements 128n..),
+// part pair pp = u / 2 % 2 (parts pp and pp + 2: the low and high nibbles
+// of ql's bytes 64n + 32pp.., with qh's bit pairs 2pp and 2pp + 4), l-half
+// lh = u % 2 (elements l = 16lh..16lh+16 of each part): element
+// 128n + 32 part + l is d * sc[8n + l / 16 + 2 part] * (q - 32).
+struct UnitQ6K {
+    uint4 ql, qh;
+    int sa, sb;
+    float d;
+};
+
+__device__ __forceinline__ void unit_load(UnitQ6K& w, const u8* row, int u) {
+    const u8* b = row + (size_t)(u >> 3) * 210;
+    int n = (u >> 2) & 1, pp = (u >> 1) & 1, lh = u & 1;
+    w.ql = ld16_2(b + 64 * n + 32 * pp + 16 * lh);
+    w.qh = ld16_2(b + 128 + 32 * n + 16 * lh);
+    const i8* sc = (const i8*)(b + 192) + 8 * n + lh + 2 * pp;
+    w.sa = sc[0];
+    w.sb = sc[4];
+    w.d = ld_f16(b + 208);
+}
+
+template <int NT>
+__device__ __forceinline__ void unit_dot(const UnitQ6K& w, int u, const i8* xq, const float* xds, int cols,
+                                         int t, float* acc) {
+    int n = (u >> 2) & 1, pp = (u >> 1) & 1, lh = u & 1;
+    int ja = (u >> 3) * 8 + 4 * n + pp, jb = ja + 2;
+    const u32 ql[4] = {w.ql.x, w.ql.y, w.ql.z, w.ql.w}, qh[4] = {w.qh.x, w.qh.y, w.qh.z, w.qh.w};
+    int va[4], vb[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        u32 a = (ql[i] & 0x0F0F0F0F) | (((qh[i] >> (2 * pp)) & 0x03030303) << 4);
+        u32 b = ((ql[i] >> 4) & 0x0F0F0F0F) | (((qh[i] >> (2 * pp + 4)) & 0x03030303) << 4);
+        va[i] = (int)__vsub4(a, 0x20202020u);
+        vb[i] = (int)__vsub4(b, 0x20202020u);
+    }
+    float fa = w.d * (float)w.sa, fb = w.d * (float)w.sb;
+    int nblk = cols >> 5;
+#pragma unroll
+    for (int tok = 0; tok < NT; tok++) {
+        if (tok < t) {
+            const i8* xr = xq + (size_t)tok * cols + 16 * lh;
+            int4 xa = *(const int4*)(xr + ja * 32), xb = *(const int4*)(xr + jb * 32);
+            const float* ds = xds + 2 * (size_t)tok * nblk;
+            const int ta[4] = {xa.x, xa.y, xa.z, xa.w}, tb[4] = {xb.x, xb.y, xb.z, xb.w};
+            int s0 = 0, s1 = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                s0 = __dp4a(va[i], ta[i], s0);
+                s1 = __dp4a(vb[i], tb[i], s1);
+            }
+            acc[tok] += fa * ds[2 * ja] * (float)s0 + fb * ds[2 * jb] * (float)s1;
+        }
+    }
+}
+
+template <int T>
+struct Q8Unit;
+template <>
+struct Q8Unit<T_Q4_K> {
+    typedef UnitQ4K type;
+};
+template <>
+struct Q8Unit<T_Q6_K> {
+    typedef UnitQ6K type;
+};
+
+// R rows' (an expert's gate and up together: both rows' loads in flight)
+// partial dots, this lane's units of them, with t <= NT activation rows
+// into acc[row][tok].
+template <int T, int NT, int R>
+__device__ __forceinline__ void q8_units(const u8* const* wr, const i8* xq, const float* xds, int cols, int t,
+                                         int sub, int lanes, float (*acc)[NT]) {
+    typedef typename Q8Unit<T>::type Unit;
+    int units = cols >> 5;
+    for (int u0 = sub; u0 < units; u0 += MQ_UNROLL * lanes) {
+        Unit w[R][MQ_UNROLL];
+#pragma unroll
+        for (int k = 0; k < MQ_UNROLL; k++)
+            if (u0 + k * lanes < units)
+#pragma unroll
+                for (int i = 0; i < R; i++) unit_load(w[i][k], wr[i], u0 + k * lanes);
+#pragma unroll
+        for (int k = 0; k < MQ_UNROLL; k++)
+            if (u0 + k * lanes < units)
+#pragma unroll
+                for (int i = 0; i < R; i++) unit_dot<NT>(w[i][k], u0 + k * lanes, xq, xds, cols, t, acc[i]);
+    }
+}
+
+// v summed over the `lanes` lanes sharing a row (aligned groups of a
+// warp), returned to all of them. Every lane of the warp must call it.
+__device__ __forceinline__ float lanes_sum(float v, int lanes) {
+    for (int o = lanes >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
     return v;
 }
 
+// A block is MQ_WARPS warps of 32 / lanes rows each.
+struct Q8Row {
+    int row, sub;
+    bool valid;
+};
 
-__device__ __forceinline__ bool q8_writes(const Q8Row& r) { return r.valid && r.part == 0 && threadIdx.x == 0; }
+__device__ __forceinline__ Q8Row q8_row_in(int block, int rows, int lanes) {
+    int per_warp = 32 / lanes;
+    int row = (block * MQ_WARPS + (int)threadIdx.y) * per_warp + (int)threadIdx.x / lanes;
+    return Q8Row{row, (int)threadIdx.x % lanes, row < rows};
+}
+
+__device__ __forceinline__ Q8Row q8_row(int rows, int lanes) { return q8_row_in(blockIdx.x, rows, lanes); }
+
+__device__ __forceinline__ bool q8_writes(const Q8Row& r) { return r.valid && r.sub == 0; }
 
 // y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`.
 template <int T>
 __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
-                     int t, int kw, int block) {
-    __shared__ float part[MV_TOKENS][MQ_WARPS];
-    __shared__ uint4 stage[MQ_WARPS][1][Q8_WORDS];
-    Q8Row r = q8_row_in(block, rows, kw);
+                     int t, int lanes, int block) {
+    Q8Row r = q8_row_in(block, rows, lanes);
     float acc[1][MV_TOKENS];
 #pragma unroll
     for (int i = 0; i < MV_TOKENS; i++) acc[0][i] = 0.0f;
     const u8* wr = w + (size_t)r.row * row_bytes;
-    if (r.valid) q8_rows<T, MV_TOKENS, 1>(&wr, xq, xds, cols, t, r.part, kw, acc, stage[threadIdx.y]);
+    if (r.valid) q8_units<T, MV_TOKENS, 1>(&wr, xq, xds, cols, t, r.sub, lanes, acc);
 #pragma unroll
     for (int tok = 0; tok < MV_TOKENS; tok++) {
         if (tok < t) {
-            float s = row_sum(acc[0][tok], r, part[tok]);
+            float s = lanes_sum(acc[0][tok], lanes);
             if (q8_writes(r)) y[(size_t)tok * rows + r.row] = s;
         }
     }
@@ -893,13 +892,10 @@ __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds,
 // As `matvec_id`, pair p's activations being row p / x_div of xq/xds.
 template <int T>
 __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
-                        const float* xds, int x_div, float* y, int rows, int cols, int kw) {
-    __shared__ float part[MQ_WARPS];
-    __shared__ uint4 stage[MQ_WARPS][1][Q8_WORDS];
-    Q8Row r = q8_row(rows, kw);
+                        const float* xds, int x_div, float* y, int rows, int cols, int lanes) {
+    Q8Row r = q8_row(rows, lanes);
     int p = blockIdx.y;
     u32 e = ids[p];
-    // Uniform over the block, so every warp reaches row_sum's barrier or none.
     if (e >= (u32)n_exp) {
         if (q8_writes(r)) y[(size_t)p * rows + r.row] = 0.0f;
         return;
@@ -907,10 +903,8 @@ __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_b
     size_t x = (size_t)(p / x_div);
     const u8* wr = (const u8*)experts[e] + (size_t)r.row * row_bytes;
     float acc[1][1] = {{0.0f}};
-    if (r.valid)
-        q8_rows<T, 1, 1>(&wr, xq + x * cols, xds + 2 * x * (cols >> 5), cols, 1, r.part, r.kw, acc,
-                         stage[threadIdx.y]);
-    float s = row_sum(acc[0][0], r, part);
+    if (r.valid) q8_units<T, 1, 1>(&wr, xq + x * cols, xds + 2 * x * (cols >> 5), cols, 1, r.sub, lanes, acc);
+    float s = lanes_sum(acc[0][0], lanes);
     if (q8_writes(r)) y[(size_t)p * rows + r.row] = s;
 }
 
@@ -918,10 +912,8 @@ __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_b
 // (p / k).
 template <int T>
 __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids, int n_exp, u64 row_bytes,
-                               const i8* xq, const float* xds, int k, float* y, int rows, int cols, int kw) {
-    __shared__ float part[2][MQ_WARPS];
-    __shared__ uint4 stage[MQ_WARPS][2][Q8_WORDS];
-    Q8Row r = q8_row(rows, kw);
+                               const i8* xq, const float* xds, int k, float* y, int rows, int cols, int lanes) {
+    Q8Row r = q8_row(rows, lanes);
     int p = blockIdx.y;
     u32 e = ids[p];
     if (e >= (u32)n_exp) {
@@ -931,53 +923,53 @@ __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids,
     size_t x = (size_t)(p / k), at = (size_t)r.row * row_bytes;
     const u8* wr[2] = {(const u8*)gates[e] + at, (const u8*)ups[e] + at};
     float acc[2][1] = {{0.0f}, {0.0f}};
-    if (r.valid)
-        q8_rows<T, 1, 2>(wr, xq + x * cols, xds + 2 * x * (cols >> 5), cols, 1, r.part, r.kw, acc,
-                         stage[threadIdx.y]);
-    float g = row_sum(acc[0][0], r, part[0]);
-    float u = row_sum(acc[1][0], r, part[1]);
+    if (r.valid) q8_units<T, 1, 2>(wr, xq + x * cols, xds + 2 * x * (cols >> 5), cols, 1, r.sub, lanes, acc);
+    float g = lanes_sum(acc[0][0], lanes);
+    float u = lanes_sum(acc[1][0], lanes);
     if (q8_writes(r)) y[(size_t)p * rows + r.row] = g / (1.0f + expf(-g)) * u;
 }
 
 // The chosen experts' down projections and their weighted sum in one
 // launch (decode; `mmvq_id` then `moe_combine` otherwise): block (row r,
-// token tok) runs pair tok * k + j's row r on warp j % blockDim.y (a warp
-// a pair up to SUM_WARPS), pair p's
-// activations being row p of xq/xds, then sums w[p] times them from zero
-// in ascending expert id (ties by j), as `moe_combine` and the CPU do.
-#define SUM_WARPS 8
+// token tok) gives each of the token's k pairs a group of `lanes` lanes
+// (32 / lanes groups a warp, blockDim.y warps; groups take pairs g, g +
+// groups, ...), pair p's activations being row p of xq/xds, then sums w[p]
+// times their dots from zero in ascending expert id (ties by slot), as
+// `moe_combine` and the CPU do.
 #define SUM_MAX_K 32
 template <int T>
 __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
-                            const float* xds, const float* w, int k, float* y, int rows, int cols) {
+                            const float* xds, const float* w, int k, float* y, int rows, int cols, int lanes) {
     __shared__ float dots[SUM_MAX_K];
     __shared__ int order[SUM_MAX_K];
-    __shared__ uint4 stage[SUM_WARPS][1][Q8_WORDS];
-    int r = blockIdx.x, tok = blockIdx.y, warp = threadIdx.y;
+    int r = blockIdx.x, tok = blockIdx.y, lane = threadIdx.x;
+    int per_warp = 32 / lanes, groups = blockDim.y * per_warp;
+    int g = threadIdx.y * per_warp + lane / lanes, sub = lane % lanes;
     const u32* id = ids + (size_t)tok * k;
     // The token's pairs in ascending (expert id, slot), each lane of the
     // first warp placing its own pair (k <= 32): the order moe_combine sums
     // in, without one thread searching k times.
-    if (warp == 0 && threadIdx.x < k) {
-        int j = threadIdx.x, rank = 0;
-        u32 e = id[j];
-        for (int i = 0; i < k; i++) rank += id[i] < e || (id[i] == e && i < j);
-        order[rank] = j;
+    if (threadIdx.y == 0 && lane < k) {
+        int rank = 0;
+        u32 e = id[lane];
+        for (int i = 0; i < k; i++) rank += id[i] < e || (id[i] == e && i < lane);
+        order[rank] = lane;
     }
-    // As many warps as pairs, up to SUM_WARPS (the launcher's choice).
-    for (int j = warp; j < k; j += blockDim.y) {
-        size_t p = (size_t)tok * k + j;
+    // Rounds uniform over the block, so that every lane reaches lanes_sum.
+    for (int j0 = 0; j0 < k; j0 += groups) {
+        int j = j0 + g;
         float acc[1][1] = {{0.0f}};
         // An id past n_exp (which `route` never writes) gives 0.
-        if (id[j] < (u32)n_exp) {
+        if (j < k && id[j] < (u32)n_exp) {
+            size_t p = (size_t)tok * k + j;
             const u8* wr = (const u8*)experts[id[j]] + (size_t)r * row_bytes;
-            q8_rows<T, 1, 1>(&wr, xq + p * cols, xds + 2 * p * (cols >> 5), cols, 1, 0, 1, acc, stage[warp]);
+            q8_units<T, 1, 1>(&wr, xq + p * cols, xds + 2 * p * (cols >> 5), cols, 1, sub, lanes, acc);
         }
-        float d = warp_sum(acc[0][0]);
-        if (threadIdx.x == 0) dots[j] = d;
+        float d = lanes_sum(acc[0][0], lanes);
+        if (j < k && sub == 0) dots[j] = d;
     }
     __syncthreads();
-    if (warp != 0 || threadIdx.x != 0) return;
+    if (threadIdx.y != 0 || lane != 0) return;
     float sum = 0.0f;
     for (int s = 0; s < k; s++) {
         int j = order[s];
@@ -986,31 +978,27 @@ __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 r
     y[(size_t)tok * rows + r] = sum;
 }
 
-// `mmvq` at 64 registers (72 unbounded, no spills at 64): eight blocks an
-// SM instead of seven, so that attention's 4,096-row projections (1,024
-// blocks) fit the H200's 132 SMs in one wave, not one and a ninth, and the
-// LM head keeps more rows in flight. `mmvq_id_sum` (256 threads) at four
-// blocks an SM instead of three. The other id kernels spill at 64.
-#define MMVQ_KERNELS(NAME, T)                                                                            \
-    extern "C" __global__ void __launch_bounds__(128, 8) mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,   \
-                                           float* y, int rows, int cols, int t, int kw) {                \
-        mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t, kw, blockIdx.x);                                 \
-    }                                                                                                     \
-    extern "C" __global__ void mmvq_id_##NAME(const u64* experts, const u32* ids, int n_exp,             \
-                                              u64 row_bytes, const i8* xq, const float* xds, int x_div,  \
-                                              float* y, int rows, int cols, int kw) {                    \
-        mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols, kw);                    \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256, 4) mmvq_id_sum_##NAME(const u64* experts, const u32* ids, int n_exp,         \
-                                                  u64 row_bytes, const i8* xq, const float* xds,         \
-                                                  const float* w, int k, float* y, int rows, int cols) { \
-        mmvq_id_sum<T>(experts, ids, n_exp, row_bytes, xq, xds, w, k, y, rows, cols);                     \
-    }                                                                                                     \
-    extern "C" __global__ void mmvq_swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,   \
-                                                     int n_exp, u64 row_bytes, const i8* xq,             \
-                                                     const float* xds, int k, float* y, int rows,        \
-                                                     int cols, int kw) {                                  \
-        mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols, kw);              \
+#define MMVQ_KERNELS(NAME, T)                                                                           \
+    extern "C" __global__ void mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,  \
+                                           float* y, int rows, int cols, int t, int lanes) {            \
+        mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t, lanes, blockIdx.x);                             \
+    }                                                                                                    \
+    extern "C" __global__ void mmvq_id_##NAME(const u64* experts, const u32* ids, int n_exp,            \
+                                              u64 row_bytes, const i8* xq, const float* xds, int x_div, \
+                                              float* y, int rows, int cols, int lanes) {                \
+        mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols, lanes);                \
+    }                                                                                                    \
+    extern "C" __global__ void mmvq_id_sum_##NAME(const u64* experts, const u32* ids, int n_exp,        \
+                                                  u64 row_bytes, const i8* xq, const float* xds,        \
+                                                  const float* w, int k, float* y, int rows, int cols,  \
+                                                  int lanes) {                                          \
+        mmvq_id_sum<T>(experts, ids, n_exp, row_bytes, xq, xds, w, k, y, rows, cols, lanes);             \
+    }                                                                                                    \
+    extern "C" __global__ void mmvq_swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,  \
+                                                     int n_exp, u64 row_bytes, const i8* xq,            \
+                                                     const float* xds, int k, float* y, int rows,       \
+                                                     int cols, int lanes) {                             \
+        mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols, lanes);          \
     }
 
 MMVQ_KERNELS(q4_k, T_Q4_K)
@@ -1018,13 +1006,13 @@ MMVQ_KERNELS(q6_k, T_Q6_K)
 
 // Up to three matrices over the same rounded activations in one launch
 // (attention's q, k and v; two launches fewer a layer): matrix i, of type
-// ty_i (q4_k or q6_k), takes the next n_i = ceil(rows_i / (MQ_WARPS / kw))
+// ty_i (q4_k or q6_k), takes the next n_i = ceil(rows_i / rows a block)
 // blocks, each as `mmvq` would run it; rows_i 0 leaves a matrix out.
 extern "C" __global__ void mmvq_each(const u8* w0, const u8* w1, const u8* w2, u64 rb0, u64 rb1, u64 rb2,
                                      int rows0, int rows1, int rows2, int ty0, int ty1, int ty2, float* y0,
                                      float* y1, float* y2, const i8* xq, const float* xds, int cols, int t,
-                                     int kw) {
-    int per = MQ_WARPS / kw, b = blockIdx.x;
+                                     int lanes) {
+    int per = MQ_WARPS * (32 / lanes), b = blockIdx.x;
     int n0 = (rows0 + per - 1) / per, n1 = (rows1 + per - 1) / per;
     const u8* w = w0;
     u64 rb = rb0;
@@ -1038,9 +1026,9 @@ extern "C" __global__ void mmvq_each(const u8* w0, const u8* w1, const u8* w2, u
         w = w1, rb = rb1, rows = rows1, ty = ty1, y = y1;
     }
     if (ty == T_Q4_K)
-        mmvq<T_Q4_K>(w, rb, xq, xds, y, rows, cols, t, kw, b);
+        mmvq<T_Q4_K>(w, rb, xq, xds, y, rows, cols, t, lanes, b);
     else
-        mmvq<T_Q6_K>(w, rb, xq, xds, y, rows, cols, t, kw, b);
+        mmvq<T_Q6_K>(w, rb, xq, xds, y, rows, cols, t, lanes, b);
 }
 
 // ---- Tiled products on int8 activations (prefill's default for q4_k and

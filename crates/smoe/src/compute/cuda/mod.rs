@@ -66,15 +66,13 @@ pub const MATVEC_MAX_TOKENS: usize = 8;
 /// kernel's square tile (`TILE`).
 const MV_ROWS: u32 = 4;
 const TILE: u32 = 64;
-/// Warps of an int8-activation kernel's block (`MQ_WARPS` in `matmul.cu`),
-/// and the rows per SM from which they take one warp a row (a quarter of
-/// an SM's 64 resident warps; see [`Gpu::q8_warps_per_row`]).
+/// Warps of an int8-activation kernel's block (`MQ_WARPS` in `matmul.cu`)
+/// and the units (32 weights each) a lane loads at once (`MQ_UNROLL`;
+/// see [`q8_lanes`]).
 const MQ_WARPS: u32 = 4;
-/// Most warps of `mmvq_id_sum`'s block (one a pair) and the most pairs a
-/// token it takes (`SUM_WARPS`, `SUM_MAX_K`).
-const SUM_WARPS: u32 = 8;
+const MQ_UNROLL: usize = 2;
+/// Most pairs a token `mmvq_id_sum` takes (`SUM_MAX_K`).
 const SUM_MAX_K: usize = 32;
-const Q8_ROWS_PER_SM: usize = 16;
 /// Most experts and groups the routing kernel takes (`ROUTE_MAX`,
 /// `ROUTE_MAX_GROUPS`).
 const ROUTE_MAX: usize = 1024;
@@ -302,10 +300,9 @@ pub struct Gpu {
     /// [`Gpu::set_int8_activations`] say otherwise (so that one binary
     /// measures both; the float kernels stay for the exact product).
     mmvq: std::sync::atomic::AtomicBool,
-    /// Warps per row of the int8 kernels when set (1, 2 or 4), else
-    /// chosen per call by [`Gpu::q8_warps_per_row`]; `cuda_bench` sets it
-    /// to time each.
-    q8_kw: std::sync::atomic::AtomicU32,
+    /// Lanes per row of the int8 kernels when set (8, 16 or 32), else
+    /// chosen per call by [`q8_lanes`]; `cuda_bench` sets it to time each.
+    q8_lanes: std::sync::atomic::AtomicU32,
     /// The last graph captured by [`Gpu::captured`] in each slot (a step's
     /// part), instantiated: the next capture of the slot updates it in
     /// place.
@@ -425,7 +422,7 @@ impl Gpu {
             mmvq: std::env::var_os("SMOE_CUDA_MMVQ")
                 .is_none_or(|v| v != "0")
                 .into(),
-            q8_kw: 0.into(),
+            q8_lanes: 0.into(),
             graphs: Mutex::default(),
             mmq: std::env::var_os("SMOE_CUDA_MMQ")
                 .is_none_or(|v| v != "0")
@@ -1297,45 +1294,34 @@ impl Gpu {
         self.mmvq.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Fixes the int8 kernels' warps per row (1, 2 or 4; `None` for the
-    /// choice by shape), for timing each.
-    pub fn set_q8_warps_per_row(&self, kw: Option<u32>) {
-        let kw = kw.map_or(0, |k| k.clamp(1, MQ_WARPS).next_power_of_two());
-        self.q8_kw.store(kw, std::sync::atomic::Ordering::Relaxed);
+    /// Fixes the int8 kernels' lanes per row (8, 16 or 32; `None` for the
+    /// choice by width, [`q8_lanes`]), for timing each.
+    pub fn set_q8_lanes_per_row(&self, lanes: Option<u32>) {
+        let lanes = lanes.map_or(0, |l| l.clamp(8, 32).next_power_of_two());
+        self.q8_lanes
+            .store(lanes, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Warps per row for `rows` rows in all (pairs included): one where
-    /// there are rows enough to keep loads in flight by themselves, more
-    /// where they are few. On the H200 (132 SMs): one expert's 768 rows
-    /// 107 GB/s at four warps against 78 at one; 4,096 rows (attention's
-    /// q) 416 at one against 303 at four; the 151,936-row LM head 1,628 at
-    /// one against 689 at four.
-    fn q8_warps_per_row(&self, rows: usize) -> u32 {
-        match self.q8_kw.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => {
-                let want = Q8_ROWS_PER_SM * self.info.sm_count.max(1);
-                (want.div_ceil(rows.max(1)) as u32)
-                    .next_power_of_two()
-                    .min(MQ_WARPS)
-            }
-            kw => kw,
+    /// Lanes per row for rows `cols` wide: the fixed count, else
+    /// [`q8_lanes`].
+    fn q8_lanes_for(&self, cols: usize) -> u32 {
+        match self.q8_lanes.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => q8_lanes(cols),
+            lanes => lanes,
         }
     }
 
-    /// The int8 kernels' blocks for `rows` rows of `pairs` pairs: a grid row
-    /// per pair.
-    fn per_q8_row(&self, rows: usize, pairs: usize) -> Result<(LaunchConfig, i32)> {
-        let kw = self.q8_warps_per_row(rows * pairs);
+    /// The int8 kernels' blocks for `rows` rows `cols` wide of `pairs`
+    /// pairs (a grid row per pair), and their lanes per row.
+    fn per_q8_row(&self, rows: usize, cols: usize, pairs: usize) -> Result<(LaunchConfig, i32)> {
+        let lanes = self.q8_lanes_for(cols);
+        let per_block = (MQ_WARPS * (32 / lanes)) as usize;
         let cfg = LaunchConfig {
-            grid_dim: (
-                int(rows.div_ceil((MQ_WARPS / kw) as usize))? as u32,
-                int(pairs)? as u32,
-                1,
-            ),
+            grid_dim: (int(rows.div_ceil(per_block))? as u32, int(pairs)? as u32, 1),
             block_dim: (32, MQ_WARPS, 1),
             shared_mem_bytes: 0,
         };
-        Ok((cfg, kw as i32))
+        Ok((cfg, lanes as i32))
     }
 
     /// Whether the id kernels take the int8-activation path for `w`.
@@ -1483,9 +1469,8 @@ impl Gpu {
                 other.name()
             ))),
         };
-        let rows_all = a.0.rows + b.0.rows + c.as_ref().map_or(0, |c| c.0.rows);
-        let kw = self.q8_warps_per_row(rows_all);
-        let per = (MQ_WARPS / kw) as usize;
+        let lanes = self.q8_lanes_for(a.0.cols);
+        let per = (MQ_WARPS * (32 / lanes)) as usize;
         let blocks = |w: &GpuMatrix| w.rows.div_ceil(per);
         let n = blocks(a.0) + blocks(b.0) + c.as_ref().map_or(0, |c| blocks(c.0));
         let cfg = LaunchConfig {
@@ -1494,7 +1479,7 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let rb = |w: &GpuMatrix| w.dtype.row_bytes(w.cols) as u64;
-        let (cols, t, kw) = (int(a.0.cols)?, int(t)?, kw as i32);
+        let (cols, t, lanes) = (int(a.0.cols)?, int(t)?, lanes as i32);
         // A missing third matrix: 0 rows, never read (the second's
         // pointers stand in).
         let third = c.as_ref().map_or(b.0, |c| c.0);
@@ -1533,7 +1518,7 @@ impl Gpu {
             xds,
             &cols,
             &t,
-            &kw
+            &lanes
         )
     }
 
@@ -1549,8 +1534,8 @@ impl Gpu {
     ) -> Result<()> {
         let (rows, cols, tokens) = (int(w.rows)?, int(w.cols)?, int(t)?);
         let row_bytes = w.dtype.row_bytes(w.cols) as u64;
-        let (cfg, kw) = self.per_q8_row(w.rows, 1)?;
-        launch!(self, name, cfg, &w.data, &row_bytes, xq, xds, y, &rows, &cols, &tokens, &kw)
+        let (cfg, lanes) = self.per_q8_row(w.rows, w.cols, 1)?;
+        launch!(self, name, cfg, &w.data, &row_bytes, xq, xds, y, &rows, &cols, &tokens, &lanes)
     }
 
     /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
@@ -2391,10 +2376,10 @@ impl Gpu {
         );
         let row_bytes = gate.dtype.row_bytes(gate.cols) as u64;
         let name = format!("mmvq_swiglu_id_{}", kernel_dtype(gate.dtype)?);
-        let (cfg, kw) = self.per_q8_row(gate.rows, pairs)?;
+        let (cfg, lanes) = self.per_q8_row(gate.rows, gate.cols, pairs)?;
         launch!(
             self, &name, cfg, &gate.ptrs, &up.ptrs, ids, &n_exp, &row_bytes, xq, xds, &k, y, &rows,
-            &cols, &kw
+            &cols, &lanes
         )
     }
 
@@ -2427,10 +2412,10 @@ impl Gpu {
             let mut q8 = self.quantize_q8(x, pairs * w.cols)?;
             let (xq, xds) = q8.as_mut().expect("quantized above");
             let name = format!("mmvq_id_{}", kernel_dtype(w.dtype)?);
-            let (cfg, kw) = self.per_q8_row(w.rows, pairs)?;
+            let (cfg, lanes) = self.per_q8_row(w.rows, w.cols, pairs)?;
             return launch!(
                 self, &name, cfg, &w.ptrs, ids, &n_exp, &row_bytes, &*xq, &*xds, &one, y, &rows,
-                &cols, &kw
+                &cols, &lanes
             );
         }
         let name = format!("matvec_id_{}", kernel_dtype(w.dtype)?);
@@ -2551,15 +2536,19 @@ impl Gpu {
         let mut q8 = self.quantize_q8(x, pairs * w.cols)?;
         let (xq, xds) = q8.as_mut().expect("quantized above");
         let name = format!("mmvq_id_sum_{}", kernel_dtype(w.dtype)?);
-        // A warp a pair up to SUM_WARPS (Mixtral's two leave none idle).
+        // A group of lanes a pair, up to MQ_WARPS warps of them (Mixtral's
+        // two pairs leave no warp idle).
+        let lanes = self.q8_lanes_for(w.cols);
+        let warps = (k as u32 * lanes).div_ceil(32).min(MQ_WARPS);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, int(t)? as u32, 1),
-            block_dim: (32, SUM_WARPS.min(k as u32), 1),
+            block_dim: (32, warps, 1),
             shared_mem_bytes: 0,
         };
+        let lanes = lanes as i32;
         launch!(
             self, &name, cfg, &w.ptrs, ids, &n_exp, &row_bytes, &*xq, &*xds, weights, &k, y, &rows,
-            &cols
+            &cols, &lanes
         )
     }
 
@@ -2704,6 +2693,16 @@ fn kernel_dtype(d: DType) -> Result<&'static str> {
         ))),
         _ => Ok(d.name()),
     }
+}
+
+/// Lanes of the int8 kernels per row `cols` wide (`cols / 32` units of 32
+/// weights): enough that each lane's [`MQ_UNROLL`] units cover the row in
+/// one round, from 8 (a quarter warp a row) to 32. Fewer lanes a row means
+/// more rows a warp, so short rows (an expert's 768-wide down projection:
+/// 24 units on 16 lanes) leave fewer lanes idle and long ones (4,096: two
+/// rounds on 32) keep a warp's loads to one row.
+fn q8_lanes(cols: usize) -> u32 {
+    ((cols / 32).div_ceil(MQ_UNROLL).next_power_of_two() as u32).clamp(8, 32)
 }
 
 /// Whether the int8 kernels take rows of `dtype`, `cols` wide.
