@@ -2696,13 +2696,15 @@ fn kernel_dtype(d: DType) -> Result<&'static str> {
 }
 
 /// Lanes of the int8 kernels per row `cols` wide (`cols / 32` units of 32
-/// weights): enough that each lane's [`MQ_UNROLL`] units cover the row in
-/// one round, from 8 (a quarter warp a row) to 32. Fewer lanes a row means
-/// more rows a warp, so short rows (an expert's 768-wide down projection:
-/// 24 units on 16 lanes) leave fewer lanes idle and long ones (4,096: two
-/// rounds on 32) keep a warp's loads to one row.
+/// weights): about four units a lane (two rounds of [`MQ_UNROLL`]), from
+/// 16 to 32 lanes. `cuda_bench` on the H200, 8 / 16 / 32 lanes: the q6_k
+/// LM head [151,936, 2,048] 116 / 118 / 130 us, a decode step's 8 experts
+/// (gate/up [768, 2,048], down [2,048, 768]) 21.4 / 20.1 / 23.1 us,
+/// attention's q [4,096, 2,048] 10.0 / 8.8 / 9.0 us: 16 for the
+/// 2,048-wide rows all three read, and for an expert's 768-wide down
+/// projection too (24 units).
 fn q8_lanes(cols: usize) -> u32 {
-    ((cols / 32).div_ceil(MQ_UNROLL).next_power_of_two() as u32).clamp(8, 32)
+    ((cols / 32).div_ceil(2 * MQ_UNROLL).next_power_of_two() as u32).clamp(16, 32)
 }
 
 /// Whether the int8 kernels take rows of `dtype`, `cols` wide.
@@ -2764,11 +2766,14 @@ fn per_pair(rows: usize, pairs: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// One 256-thread block per row.
+/// One 512-thread block per row (the norms): a decode step's one row is
+/// one block, so the more warps share its values, the fewer each waits
+/// through one after another (`ROW_REGS` in `ops.cu` holds 8,192 values
+/// in registers at this size).
 fn per_row(rows: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (int(rows)? as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (512, 1, 1),
         shared_mem_bytes: 0,
     })
 }

@@ -2,13 +2,23 @@
 // the CPU backend's results (kernels/ops.rs) up to f32 summation order.
 
 // A norm's row values a thread holds in registers between its two passes:
-// rows up to ROW_REGS * 256 wide (4,096: Qwen3's, Mixtral's hidden sizes)
-// never go back to memory; wider ones (DeepSeek-V3's 7,168) re-read the
-// rest. A decode step normalises one row on one block, so its time is the
-// latency of each thread's loads: a loop that waited on a load a turn,
-// twice (sum of squares, then scale), took 11 us over 2,048 values; here
-// every load is issued before any is used.
+// rows up to ROW_REGS * 512 wide (the launcher's 512 threads: every
+// released model's hidden size) never go back to memory; wider ones
+// re-read the rest. A decode step normalises one row on one block, so its
+// time is the latency of each thread's loads: a loop that waited on a load
+// a turn, twice (sum of squares, then scale), took 11 us over 2,048
+// values; here every load is issued before any is used. A warp stops at
+// its last slot inside the row (`row_slots`): the slots past it, issued
+// predicated off, were most of `norm_q8`'s 12 us on the H200.
 #define ROW_REGS 16
+
+// Slots of ROW_REGS this thread's warp holds inside a row `width` wide:
+// slot k is element threadIdx.x + k * blockDim.x. The same for every lane
+// of a warp, so loops may stop there without diverging.
+__device__ __forceinline__ int row_slots(int width) {
+    int base = threadIdx.x & ~31;
+    return base < width ? min(ROW_REGS, (width - base + (int)blockDim.x - 1) / (int)blockDim.x) : 0;
+}
 
 // First pass of a norm of row xr (plus dr, when not null, the sum written
 // back to xr): this thread's values and their weights into v and wv; its
@@ -17,15 +27,18 @@
 __device__ __forceinline__ float norm_load(float* xr, const float* dr, const float* w, int width,
                                            float* v, float* wv) {
     float ss = 0.0f;
+    int slots = row_slots(width);
 #pragma unroll
     for (int k = 0; k < ROW_REGS; k++) {
         int i = threadIdx.x + k * blockDim.x;
         v[k] = i < width ? xr[i] : 0.0f;
         wv[k] = i < width ? w[i] : 0.0f;
         if (dr && i < width) v[k] += dr[i];
+        if (k + 1 >= slots) break;
     }
 #pragma unroll
     for (int k = 0; k < ROW_REGS; k++) {
+        if (k >= slots) break;
         int i = threadIdx.x + k * blockDim.x;
         if (dr && i < width) xr[i] = v[k];
         ss += v[k] * v[k];
@@ -50,12 +63,15 @@ __device__ __forceinline__ float norm_inv(float ss, int width, float eps) {
 }
 
 // RMSNorm of row xr (plus dr, as norm_load) into orow, which may be xr:
-// each thread reads and writes only its own elements. 256 threads.
+// each thread reads and writes only its own elements. blockDim.x a
+// multiple of 32.
 __device__ void rms_row(float* xr, const float* dr, float* orow, const float* w, int width, float eps) {
     float v[ROW_REGS], wv[ROW_REGS];
     float inv = norm_inv(norm_load(xr, dr, w, width, v, wv), width, eps);
+    int slots = row_slots(width);
 #pragma unroll
     for (int k = 0; k < ROW_REGS; k++) {
+        if (k >= slots) break;
         int i = threadIdx.x + k * blockDim.x;
         if (i < width) orow[i] = wv[k] * (v[k] * inv);
     }
@@ -108,46 +124,48 @@ extern "C" __global__ void norm_q8(float* x, const float* d, float* out, const f
     // warp reductions for all of them at once: one after another (as
     // `round_q8` goes) a decode step's norm waited out 2 x 5 shuffles'
     // latency per value, 8.9 us of a 2,048-wide row on the H100. Same
-    // operations per value, so the same bits. `held(k)` is uniform over a
-    // warp (width and blockDim.x multiples of 32).
-    int base = threadIdx.x & ~31;
-    auto held = [&](int k) { return base + k * (int)blockDim.x < width; };
+    // operations per value, so the same bits. Slots are whole warps
+    // (width and blockDim.x multiples of 32).
+    int slots = row_slots(width);
     float a[ROW_REGS];
 #pragma unroll
     for (int k = 0; k < ROW_REGS; k++) {
+        if (k >= slots) break;
         v[k] = wv[k] * (v[k] * inv);
         a[k] = fabsf(v[k]);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
-        for (int k = 0; k < ROW_REGS; k++)
-            if (held(k)) a[k] = fmaxf(a[k], __shfl_xor_sync(FULL_MASK, a[k], o));
+        for (int k = 0; k < ROW_REGS; k++) {
+            if (k >= slots) break;
+            a[k] = fmaxf(a[k], __shfl_xor_sync(FULL_MASK, a[k], o));
+        }
 #pragma unroll
     for (int k = 0; k < ROW_REGS; k++) {
-        if (held(k)) {
-            size_t i = at + threadIdx.x + k * blockDim.x;
-            orow[i - at] = v[k];
-            float dq = a[k] / 127.0f;
-            int q = a[k] == 0.0f ? 0 : __float2int_rn(v[k] / dq);
-            xq[i] = (i8)q;
-            wv[k] = (float)q;
-            a[k] = dq;
-        }
+        if (k >= slots) break;
+        size_t i = at + threadIdx.x + k * blockDim.x;
+        orow[i - at] = v[k];
+        float dq = a[k] / 127.0f;
+        int q = a[k] == 0.0f ? 0 : __float2int_rn(v[k] / dq);
+        xq[i] = (i8)q;
+        wv[k] = (float)q;
+        a[k] = dq;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
-        for (int k = 0; k < ROW_REGS; k++)
-            if (held(k)) wv[k] += __shfl_xor_sync(FULL_MASK, wv[k], o);
+        for (int k = 0; k < ROW_REGS; k++) {
+            if (k >= slots) break;
+            wv[k] += __shfl_xor_sync(FULL_MASK, wv[k], o);
+        }
     if ((threadIdx.x & 31) == 0)
 #pragma unroll
         for (int k = 0; k < ROW_REGS; k++) {
-            if (held(k)) {
-                size_t blk = (at + threadIdx.x + k * blockDim.x) >> 5;
-                xds[2 * blk] = a[k];
-                xds[2 * blk + 1] = a[k] * wv[k];
-            }
+            if (k >= slots) break;
+            size_t blk = (at + threadIdx.x + k * blockDim.x) >> 5;
+            xds[2 * blk] = a[k];
+            xds[2 * blk + 1] = a[k] * wv[k];
         }
     for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < width; i += blockDim.x) {
         float o = w[i] * (xr[i] * inv);

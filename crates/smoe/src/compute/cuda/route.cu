@@ -20,6 +20,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
     __shared__ float choice[ROUTE_MAX];
     __shared__ float gscore[ROUTE_MAX_GROUPS];
     __shared__ int keep[ROUTE_MAX_GROUPS];
+    __shared__ int chosen[ROUTE_MAX];
     __shared__ float sh[32];
     const float* l = logits + (size_t)blockIdx.x * n;
 
@@ -77,47 +78,50 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
     // The top k by the first warp alone: a round is a scan of shared
     // memory (four scores a lane for 128 experts) and shuffles, where the
     // whole block's argmax cost a round three barriers (9 us a decode
-    // step's routing for Qwen3's k = 8).
+    // step's routing for Qwen3's k = 8). The winners' ids stay in shared
+    // memory and their sum in a register until the lanes write them all
+    // at once: the weights read back from global memory to be normalised
+    // were a load latency a pair.
+    if (threadIdx.x >= 32) return;
+    float total = 0.0f;
+    for (int r = 0; r < k; r++) {
+        float v = -INF;
+        int i = 0x7fffffff;
+        for (int e = threadIdx.x; e < n; e += 32) {
+            if (choice[e] > v || (choice[e] == v && e < i)) {
+                v = choice[e];
+                i = e;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(FULL_MASK, v, o);
+            int oi = __shfl_xor_sync(FULL_MASK, i, o);
+            if (ov > v || (ov == v && oi < i)) {
+                v = ov;
+                i = oi;
+            }
+        }
+        // Only NaN scores leave no candidate: expert 0, as the CPU's
+        // scan from the first expert picks then.
+        if (i >= n) i = 0;
+        if (threadIdx.x == 0) {
+            chosen[r] = i;
+            choice[i] = -INF;
+        }
+        total += score[i];
+        __syncwarp();
+    }
+    // The weights as the CPU makes them: each score over the sum of the
+    // chosen ones (added in the order chosen), then scaled.
     u32* out_ids = ids + (size_t)blockIdx.x * k;
     float* out_w = weights + (size_t)blockIdx.x * k;
-    if (threadIdx.x < 32) {
-        for (int r = 0; r < k; r++) {
-            float v = -INF;
-            int i = 0x7fffffff;
-            for (int e = threadIdx.x; e < n; e += 32) {
-                if (choice[e] > v || (choice[e] == v && e < i)) {
-                    v = choice[e];
-                    i = e;
-                }
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                float ov = __shfl_xor_sync(FULL_MASK, v, o);
-                int oi = __shfl_xor_sync(FULL_MASK, i, o);
-                if (ov > v || (ov == v && oi < i)) {
-                    v = ov;
-                    i = oi;
-                }
-            }
-            // Only NaN scores leave no candidate: expert 0, as the CPU's
-            // scan from the first expert picks then.
-            if (i >= n) i = 0;
-            if (threadIdx.x == 0) {
-                out_ids[r] = (u32)i;
-                out_w[r] = score[i];
-                choice[i] = -INF;
-            }
-            __syncwarp();
-        }
-    }
-    if (threadIdx.x == 0) {
-        if (norm) {
-            float s = 0.0f;
-            for (int r = 0; r < k; r++) s += out_w[r];
-            for (int r = 0; r < k; r++) out_w[r] /= s;
-        }
-        if (scale != 1.0f) {
-            for (int r = 0; r < k; r++) out_w[r] *= scale;
-        }
+    for (int r = threadIdx.x; r < k; r += 32) {
+        int i = chosen[r];
+        float w = score[i];
+        if (norm) w /= total;
+        if (scale != 1.0f) w *= scale;
+        out_ids[r] = (u32)i;
+        out_w[r] = w;
     }
 }
