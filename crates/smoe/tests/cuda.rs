@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use cuda_common::{values, Weights};
-use smoe::compute::cuda::{self, Gpu, MATVEC_MAX_TOKENS};
+use smoe::compute::cuda::{self, Gpu, KvTarget, MATVEC_MAX_TOKENS};
 use smoe::compute::{route, AttnShape, Backend, Cpu, Device, Placement, Rope, RouteScratch};
 use smoe::config::{GroupLimit, RopeScaling, Routing, Scoring};
 use smoe::engine::Engine;
@@ -1127,22 +1127,69 @@ fn rope_matches_cpu() {
         Cpu.rms_norm(x, head, w, eps);
         Cpu.rope(x, t, head, 0, &cos, &sin, false);
     }
-    let (mut dq, mut dk) = (gpu.upload(&q).unwrap(), gpu.upload(&k).unwrap());
     let up = |v: &[f32]| gpu.upload(v).unwrap();
     let (dwq, dwk, dc, ds) = (up(&wq), up(&wk), up(&cos), up(&sin));
-    gpu.qk_norm_rope(
-        &mut dq.as_view_mut(),
-        &mut dk.as_view_mut(),
-        &dwq.as_view(),
-        &dwk.as_view(),
-        t,
-        &dc.as_view(),
-        &ds.as_view(),
-        eps,
-    )
-    .unwrap();
-    check("qk_norm_rope q", &gpu.download(&dq).unwrap(), &want_q, 1e-5);
-    check("qk_norm_rope k", &gpu.download(&dk).unwrap(), &want_k, 1e-5);
+    // Alone, then writing a layer's cache at position 5 in the same launch
+    // (the rotated keys, and values copied), as kv_write would, rows after
+    // them left as they were.
+    let (kw, pos) = (4 * head, 5);
+    let cap = pos + t + 2;
+    let v = values(t * kw, 46);
+    let (dv, dpos) = (up(&v), gpu.upload(&[pos as u32]).unwrap());
+    for cached in [false, true] {
+        let what = if cached {
+            "qk_norm_rope with the cache"
+        } else {
+            "qk_norm_rope"
+        };
+        let (mut dq, mut dk) = (up(&q), up(&k));
+        let mut keys = gpu.zeros::<f32>(cap * kw).unwrap();
+        let mut vals = gpu.zeros::<f32>(cap * kw).unwrap();
+        let target = cached.then(|| KvTarget {
+            v: dv.as_view(),
+            keys: keys.as_view_mut(),
+            values: vals.as_view_mut(),
+            pos,
+            pos_at: dpos.as_view(),
+        });
+        gpu.qk_norm_rope(
+            &mut dq.as_view_mut(),
+            &mut dk.as_view_mut(),
+            &dwq.as_view(),
+            &dwk.as_view(),
+            t,
+            &dc.as_view(),
+            &ds.as_view(),
+            eps,
+            target,
+        )
+        .unwrap();
+        let got_k = gpu.download(&dk).unwrap();
+        check(
+            &format!("{what}: q"),
+            &gpu.download(&dq).unwrap(),
+            &want_q,
+            1e-5,
+        );
+        check(&format!("{what}: k"), &got_k, &want_k, 1e-5);
+        let (keys, vals) = (gpu.download(&keys).unwrap(), gpu.download(&vals).unwrap());
+        let at = pos * kw..(pos + t) * kw;
+        if cached {
+            assert_eq!(&keys[at.clone()], &got_k[..], "{what}: cached keys");
+            assert_eq!(&vals[at.clone()], &v[..], "{what}: cached values");
+        }
+        let untouched = |c: &[f32]| c[..at.start].iter().chain(&c[at.end..]).all(|&x| x == 0.0);
+        assert!(
+            untouched(&keys) && untouched(&vals),
+            "{what}: wrote outside its rows"
+        );
+        if !cached {
+            assert!(
+                keys.iter().chain(&vals).all(|&x| x == 0.0),
+                "{what}: wrote a cache"
+            );
+        }
+    }
 }
 
 /// Tolerance 1e-5: one exp per element.

@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::checkpoint::Weight;
-use crate::compute::cuda::{ExpertTable, Gpu, GpuMatrix, HostPin, Rounded, MATVEC_MAX_TOKENS};
+use crate::compute::cuda::{
+    ExpertTable, Gpu, GpuMatrix, HostPin, KvTarget, Rounded, MATVEC_MAX_TOKENS,
+};
 use crate::compute::profile::{self, Op};
 use crate::compute::{AttnShape, Embedding, KvCache, Matrix, MlaShape};
 use crate::config::ModelConfig;
@@ -926,18 +928,43 @@ impl GpuDecoder {
         )?;
         let half = hd / 2;
         let (cos, sin) = rope_tables(&b.rope, b.rope_len, t * half)?;
+        // One sequence's keys and values go into its cache in the launch
+        // that rotates them, where there is one (Qwen3's per-head norms).
+        let mut cached = false;
         match (q_norm, k_norm, a.clip) {
             // Qwen3's per-head norms: with the rotation, one launch.
-            (Some(wq), Some(wk), None) if wq.len() == hd && wk.len() == hd => g.qk_norm_rope(
-                &mut b.q.part(0..t * nq)?,
-                &mut b.k.part(0..t * nkv)?,
-                &wq.as_view(),
-                &wk.as_view(),
-                t,
-                &cos,
-                &sin,
-                a.eps,
-            )?,
+            (Some(wq), Some(wk), None) if wq.len() == hd && wk.len() == hd => {
+                let target = match seqs {
+                    [seq] => {
+                        let pos = seq.kv.len();
+                        let (kv, widths) = seq.kv.device_mut().ok_or_else(no_device_kv)?;
+                        kv.reserve(g, layer, pos, widths, t)?;
+                        match kv.buffers_mut(layer) {
+                            Some((keys, Some(values))) => Some(KvTarget {
+                                v: b.v.v(0..t * nkv)?,
+                                keys,
+                                values,
+                                pos,
+                                pos_at: b.step.v(0..1)?,
+                            }),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                cached = target.is_some();
+                g.qk_norm_rope(
+                    &mut b.q.part(0..t * nq)?,
+                    &mut b.k.part(0..t * nkv)?,
+                    &wq.as_view(),
+                    &wk.as_view(),
+                    t,
+                    &cos,
+                    &sin,
+                    a.eps,
+                    target,
+                )?
+            }
             _ => {
                 if let Some(w) = q_norm {
                     g.rms_norm(&mut b.q.part(0..t * nq)?, w.len(), &w.as_view(), a.eps)?;
@@ -959,9 +986,11 @@ impl GpuDecoder {
             let (pos0, first, len) = (seq.kv.len(), seq.start, seq.len);
             let rows = |w: usize| first * w..(first + len) * w;
             let (kv, widths) = seq.kv.device_mut().ok_or_else(no_device_kv)?;
-            let (k, v) = (b.k.v(rows(nkv))?, b.v.v(rows(nkv))?);
             let pos_at = b.step.v(i..i + 1)?;
-            kv.append(g, layer, (pos0, &pos_at), widths, len, &k, &v)?;
+            if !cached {
+                let (k, v) = (b.k.v(rows(nkv))?, b.v.v(rows(nkv))?);
+                kv.append(g, layer, (pos0, &pos_at), widths, len, &k, &v)?;
+            }
             let (keys, values) = kv.layer(layer).ok_or_else(no_device_kv)?;
             let shape = AttnShape::grouped(a.n_heads, a.n_kv_heads, hd, pos0, a.window);
             let q = b.q.v(rows(nq))?;

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 
 use super::Gpu;
 use crate::Result;
@@ -34,10 +34,9 @@ impl DeviceKv {
 
     /// Writes `t` positions of keys `k` (`t * k_width`) and values `v`
     /// (`t * v_width`, empty for latent attention) at position `len` of
-    /// `layer`, growing its buffers (doubling, so a long generation copies
-    /// each position a bounded number of times) when they are full. The
-    /// kernels take the position from `pos_at` on the device (holding
-    /// `len`), so a captured step replays at the next.
+    /// `layer`, growing its buffers ([`DeviceKv::reserve`]) when they are
+    /// full. The kernels take the position from `pos_at` on the device
+    /// (holding `len`), so a captured step replays at the next.
     #[allow(clippy::too_many_arguments)]
     pub fn append(
         &mut self,
@@ -50,6 +49,29 @@ impl DeviceKv {
         v: &CudaView<'_, f32>,
     ) -> Result<()> {
         let (kw, vw) = widths;
+        self.reserve(gpu, layer, len, widths, t)?;
+        let Some((mut keys, mut values)) = self.buffers_mut(layer) else {
+            return Ok(());
+        };
+        gpu.kv_write(
+            (k, &mut keys, kw),
+            values.as_mut().map(|b| (v, b, vw)),
+            t,
+            (len, pos_at),
+        )
+    }
+
+    /// Room for `t` positions after the first `len` of `layer`, its
+    /// buffers grown (doubling, so a long generation copies each position
+    /// a bounded number of times) when they are full.
+    pub fn reserve(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        len: usize,
+        (kw, vw): (usize, usize),
+        t: usize,
+    ) -> Result<()> {
         let l = &mut self.layers[layer];
         if len + t > l.cap {
             let cap = (len + t).max(2 * l.cap).max(64);
@@ -59,16 +81,18 @@ impl DeviceKv {
             }
             l.cap = cap;
         }
-        let Some(keys) = &mut l.k else {
-            return Ok(());
-        };
-        let mut values = l.v.as_mut().map(|b| b.as_view_mut());
-        gpu.kv_write(
-            (k, &mut keys.as_view_mut(), kw),
-            values.as_mut().map(|b| (v, b, vw)),
-            t,
-            (len, pos_at),
-        )
+        Ok(())
+    }
+
+    /// `layer`'s key buffer and value buffer (none for latent attention)
+    /// to write; `None` before [`DeviceKv::reserve`].
+    pub fn buffers_mut(
+        &mut self,
+        layer: usize,
+    ) -> Option<(CudaViewMut<'_, f32>, Option<CudaViewMut<'_, f32>>)> {
+        let l = &mut self.layers[layer];
+        let keys = l.k.as_mut()?.as_view_mut();
+        Some((keys, l.v.as_mut().map(|b| b.as_view_mut())))
     }
 
     /// Keys and values of `layer` (its keys twice for latent attention);

@@ -225,6 +225,19 @@ pub struct ExpertTable {
 /// locked while held.
 pub type Rounded<'a> = std::sync::MutexGuard<'a, Option<(CudaSlice<u8>, CudaSlice<f32>)>>;
 
+/// A layer's cache writes that [`Gpu::qk_norm_rope`] makes in the same
+/// launch, as [`Gpu::kv_write`] would: the step's values `v` (`t` rows),
+/// the layer's key and value buffers, and the position to write at, on
+/// the host (for the bounds) and on the device (for the kernel, so that a
+/// captured step replays at the next).
+pub struct KvTarget<'a> {
+    pub v: CudaView<'a, f32>,
+    pub keys: CudaViewMut<'a, f32>,
+    pub values: CudaViewMut<'a, f32>,
+    pub pos: usize,
+    pub pos_at: CudaView<'a, u32>,
+}
+
 /// A weight matrix on the device, rows as stored (quantized blocks stay
 /// quantized).
 #[derive(Debug)]
@@ -1670,7 +1683,9 @@ impl Gpu {
 
     /// Per-head RMSNorm (weights `wq`, `wk`, one head wide) then NeoX
     /// rotary embedding of `t` rows of q's and k's heads, in place, in
-    /// one launch: as [`Gpu::rms_norm`] then [`Gpu::rope`] on each.
+    /// one launch: as [`Gpu::rms_norm`] then [`Gpu::rope`] on each. With
+    /// `cache`, the same launch also makes [`Gpu::kv_write`]'s writes of
+    /// the rotated keys and of `cache.v` into a layer's buffers.
     #[allow(clippy::too_many_arguments)]
     pub fn qk_norm_rope(
         &self,
@@ -1682,6 +1697,7 @@ impl Gpu {
         cos: &CudaView<'_, f32>,
         sin: &CudaView<'_, f32>,
         eps: f32,
+        cache: Option<KvTarget<'_>>,
     ) -> Result<()> {
         let head = wq.len();
         let half = head / 2;
@@ -1708,12 +1724,53 @@ impl Gpu {
             )));
         }
         let (q_heads, k_heads) = (q.len() / (t * head), k.len() / (t * head));
-        let blocks = t * (q_heads + k_heads);
-        let (head, q_heads, k_heads, t) = (int(head)?, int(q_heads)?, int(k_heads)?, int(t)?);
+        let heads = t * (q_heads + k_heads);
+        let (head, q_heads, k_heads, t32) = (int(head)?, int(q_heads)?, int(k_heads)?, int(t)?);
+        let Some(mut c) = cache else {
+            return launch!(
+                self,
+                "qk_norm_rope",
+                per_row(heads)?,
+                q,
+                k,
+                wq,
+                wk,
+                cos,
+                sin,
+                &head,
+                &q_heads,
+                &k_heads,
+                &t32,
+                &eps,
+                &0u64,
+                &0u64,
+                &0u64,
+                &0i32,
+                &0u64
+            );
+        };
+        let (kw, vw) = (k.len() / t, c.v.len() / t);
+        if c.keys.len() < (c.pos + t) * kw
+            || c.values.len() < (c.pos + t) * vw
+            || c.v.len() != t * vw
+            || c.pos_at.is_empty()
+        {
+            return Err(Error::invalid(format!(
+                "CUDA qk_norm_rope: {t} rows of {kw} keys and {} values at {} into caches of {} \
+                 and {}",
+                c.v.len(),
+                c.pos,
+                c.keys.len(),
+                c.values.len()
+            )));
+        }
+        // The value copy's blocks, after the heads'.
+        let cfg = per_row(heads + (t * vw).div_ceil(ROW_THREADS as usize))?;
+        let vw = int(vw)?;
         launch!(
             self,
             "qk_norm_rope",
-            per_row(blocks)?,
+            cfg,
             q,
             k,
             wq,
@@ -1723,8 +1780,13 @@ impl Gpu {
             &head,
             &q_heads,
             &k_heads,
-            &t,
-            &eps
+            &t32,
+            &eps,
+            &c.v,
+            &mut c.keys,
+            &mut c.values,
+            &vw,
+            &c.pos_at
         )
     }
 
@@ -2766,14 +2828,17 @@ fn per_pair(rows: usize, pairs: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// One 512-thread block per row (the norms): a decode step's one row is
-/// one block, so the more warps share its values, the fewer each waits
-/// through one after another (`ROW_REGS` in `ops.cu` holds 8,192 values
-/// in registers at this size).
+/// Threads of a norm's block: a decode step's one row is one block, so
+/// the more warps share its values, the fewer each waits through one
+/// after another (`ROW_REGS` in `ops.cu` holds 8,192 values in registers
+/// at this size).
+const ROW_THREADS: u32 = 512;
+
+/// One [`ROW_THREADS`]-thread block per row (the norms).
 fn per_row(rows: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (int(rows)? as u32, 1, 1),
-        block_dim: (512, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
         shared_mem_bytes: 0,
     })
 }

@@ -177,11 +177,21 @@ extern "C" __global__ void norm_q8(float* x, const float* d, float* out, const f
 // Per-head RMSNorm then NeoX rotary embedding of q's and k's heads (`head`
 // wide, t rows of q_heads and k_heads), in place, one block per head: q's
 // heads first, then k's. As rms_norm_in_place then rope on each, in one
-// launch instead of four.
+// launch instead of four. With `pos_at` (else null), also the layer's
+// cache writes `kv_write` would make next: each k head as rotated, and v's
+// t rows (vw wide) copied by the blocks after k's, at the position pos_at
+// holds: a launch a layer fewer in a decode step.
 extern "C" __global__ void qk_norm_rope(float* q, float* k, const float* wq, const float* wk,
                                         const float* cos_t, const float* sin_t, int head, int q_heads,
-                                        int k_heads, int t, float eps) {
-    int b = blockIdx.x, qn = t * q_heads;
+                                        int k_heads, int t, float eps, const float* v, float* keys,
+                                        float* values, int vw, const u32* pos_at) {
+    int b = blockIdx.x, qn = t * q_heads, heads_all = qn + t * k_heads;
+    if (b >= heads_all) {
+        u64 pos = *pos_at, n = (u64)t * vw, step = (u64)(gridDim.x - heads_all) * blockDim.x;
+        for (u64 i = (u64)(b - heads_all) * blockDim.x + threadIdx.x; i < n; i += step)
+            values[pos * vw + i] = v[i];
+        return;
+    }
     bool is_q = b < qn;
     int hb = is_q ? b : b - qn, heads = is_q ? q_heads : k_heads;
     int tok = hb / heads;
@@ -190,10 +200,18 @@ extern "C" __global__ void qk_norm_rope(float* q, float* k, const float* wq, con
     __syncthreads();
     int half = head / 2;
     const float *c = cos_t + (size_t)tok * half, *s = sin_t + (size_t)tok * half;
+    // k's row hb of t * k_heads is at hb * head of k, and so at position
+    // pos + hb / k_heads of the cache, whose rows are k_heads * head wide.
+    float* cached = !is_q && pos_at ? keys + (size_t)*pos_at * k_heads * head + (size_t)hb * head : nullptr;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float x0 = r[i], x1 = r[i + half];
-        r[i] = x0 * c[i] - x1 * s[i];
-        r[i + half] = x1 * c[i] + x0 * s[i];
+        float y0 = x0 * c[i] - x1 * s[i], y1 = x1 * c[i] + x0 * s[i];
+        r[i] = y0;
+        r[i + half] = y1;
+        if (cached) {
+            cached[i] = y0;
+            cached[i + half] = y1;
+        }
     }
 }
 
