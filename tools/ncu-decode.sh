@@ -9,6 +9,10 @@
 #
 # Profiles LAUNCHES launches (default 900: six steps of the 8-layer bench
 # model) after the first SKIP (the prompt and the first decode steps).
+# PROMPT (default 64) sets the prompt's tokens: decode attention's splits
+# and time follow the cache's length, so PROMPT=512 profiles the steps
+# bench/cuda.sh times (with SKIP large enough to pass the prompt's
+# launches).
 # KERNELS=REGEX keeps to the kernels it matches and, instead of their
 # times, collects why they take them (memory throughput, occupancy,
 # registers, what warps stall on), each launch replayed by ncu:
@@ -29,5 +33,5 @@ else
         --launch-count "${LAUNCHES:-900}" --print-summary per-kernel)
 fi
 "$NCU" "${what[@]}" \
-    "$SMOE" bench --model "$VAULT" --device cuda --prompt-tokens 64 --gen-tokens 24 --repeat 1 "$@" 2>&1 |
+    "$SMOE" bench --model "$VAULT" --device cuda --prompt-tokens "${PROMPT:-64}" --gen-tokens 24 --repeat 1 "$@" 2>&1 |
     grep -vE '^==PROF==|^\s*$' | cut -c1-160
