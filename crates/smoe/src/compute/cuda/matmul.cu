@@ -681,8 +681,9 @@ __device__ __forceinline__ int ld_u32_2(const u8* p) {
 
 // A lane's work is a unit: 32 weights of a row (an eighth of a 256-weight
 // super-block) against the same 32 columns of each token's activations,
-// eight `dp4a`s on 32 bytes of weights loaded 16 at a time straight from
-// global memory, one scale decode per unit. `lanes` (8, 16 or 32) lanes of
+// eight `dp4a`s on weights loaded 16 bytes at a time straight from global
+// memory (q4_k's 16 bytes of nibbles; q6_k's 16 of low and 16 of high
+// bits), one scale decode per unit. `lanes` (8, 16 or 32) lanes of
 // a warp share a row, lane `sub` taking units sub, sub + lanes, ...,
 // MQ_UNROLL of them loaded before any is multiplied, so that every lane has
 // its loads in flight at once and no warp waits on another. The first
