@@ -1304,6 +1304,66 @@ fn routing_matches_cpu() {
             &weights(&want),
             1e-5,
         );
+
+        // The router's product and the routing in one launch
+        // (`router_route`, up to MATVEC_MAX_TOKENS tokens; more take the
+        // two launches): an identity router (columns padded to 32) gives
+        // the logits back exactly, so the choice is the same as above.
+        let cols = n.next_multiple_of(32);
+        let mut eye = vec![0f32; n * cols];
+        for e in 0..n {
+            eye[e * cols + e] = 1.0;
+        }
+        let bytes: Vec<u8> = eye.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let router = gpu
+            .upload_matrix(kernels::Matrix::new(DType::F32, &bytes, n, cols))
+            .unwrap();
+        for tt in [1, MATVEC_MAX_TOKENS, t] {
+            let mut x = vec![0f32; tt * cols];
+            for tok in 0..tt {
+                x[tok * cols..tok * cols + n].copy_from_slice(&logits[tok * n..(tok + 1) * n]);
+            }
+            let dx = gpu.upload(&x).unwrap();
+            let mut dlog = gpu.zeros::<f32>(tt * n).unwrap();
+            let mut di = gpu.zeros::<u32>(tt * r.top_k).unwrap();
+            let mut ws = gpu.zeros::<f32>(tt * r.top_k).unwrap();
+            for _ in 0..2 {
+                // Twice: the first launch must leave its counter at zero.
+                gpu.router_route(
+                    &dx.as_view(),
+                    tt,
+                    &router,
+                    &r,
+                    db.as_ref(),
+                    &mut dlog.as_view_mut(),
+                    &mut di.as_view_mut(),
+                    &mut ws.as_view_mut(),
+                )
+                .unwrap();
+            }
+            let what = format!("router_route {name}, {tt} tokens");
+            let rows = tt * r.top_k;
+            // Exact through the matrix-vector kernel (products by 1 and 0);
+            // past MATVEC_MAX_TOKENS the tiled kernel's split TF32 keeps
+            // about 21 bits.
+            check(
+                &format!("{what}: logits"),
+                &gpu.download(&dlog).unwrap(),
+                &logits[..tt * n],
+                1e-6,
+            );
+            assert_eq!(
+                gpu.download(&di).unwrap(),
+                ids(&want[..rows]),
+                "{what}: chosen experts"
+            );
+            check(
+                &format!("{what}: weights"),
+                &gpu.download(&ws).unwrap(),
+                &weights(&want[..rows]),
+                1e-5,
+            );
+        }
     }
 }
 

@@ -1524,15 +1524,22 @@ impl GpuDecoder {
             Input::Normed => b.h.v(0..t * router.cols)?,
             Input::Head => b.head.v(0..t * router.cols)?,
         };
-        g.matmul(&x, t, router, &mut b.router.m(g, t * n_exp)?)?;
         let bias = bias.map(|b| b.as_view());
-        let logits = b.router.v(0..t * n_exp)?;
         let (ids, w) = match input {
             Input::Normed => (&mut b.ids, &mut b.weights),
             Input::Head => (&mut b.pred_ids, &mut b.pred_weights),
         };
         let (mut ids, mut w) = (ids.m(g, t * k)?, w.m(g, t * k)?);
-        g.route(&logits, t, &m.routing, bias.as_ref(), &mut ids, &mut w)
+        g.router_route(
+            &x,
+            t,
+            router,
+            &m.routing,
+            bias.as_ref(),
+            &mut b.router.m(g, t * n_exp)?,
+            &mut ids,
+            &mut w,
+        )
     }
 
     /// What the host needs of a streamed layer, in one wait: the `pairs`

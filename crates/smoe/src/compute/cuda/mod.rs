@@ -303,6 +303,8 @@ pub struct Gpu {
     /// splits per (head, token) ([`Gpu::attention`]), grown to the largest
     /// call; every use is on the compute stream, in order.
     attn_parts: Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
+    /// `router_route`'s count of finished blocks (zero between launches).
+    router_done: Mutex<Option<CudaSlice<u32>>>,
     /// [`Gpu::matmul_q8`]'s rounded activations and their block scales.
     q8: Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
     /// The rows a norm rounded as it wrote them ([`Gpu::norm_rows_rounded`]),
@@ -430,6 +432,7 @@ impl Gpu {
             functions: Mutex::default(),
             timed: profile::enabled().then(Mutex::default),
             attn_parts: Mutex::default(),
+            router_done: Mutex::default(),
             q8: Mutex::default(),
             rounded: Mutex::default(),
             mmvq: std::env::var_os("SMOE_CUDA_MMVQ")
@@ -1906,40 +1909,18 @@ impl Gpu {
         if t == 0 {
             return Ok(());
         }
-        let n = logits.len() / t;
-        let (n_group, topk_group) = r.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
-        let bad = n * t != logits.len()
-            || n > ROUTE_MAX
-            || r.top_k == 0
-            || r.top_k > n
-            || ids.len() < t * r.top_k
-            || weights.len() < t * r.top_k
-            || bias.is_some_and(|b| b.len() < n)
-            || (n_group > 0
-                && (n_group > ROUTE_MAX_GROUPS
-                    || !n.is_multiple_of(n_group)
-                    || topk_group == 0
-                    || topk_group > n_group
-                    || topk_group * (n / n_group) < r.top_k));
-        if bad {
-            return Err(Error::invalid(format!(
-                "CUDA route: {} logits for {t} tokens, top {} of at most {ROUTE_MAX} experts, \
-                 groups {n_group} (best {topk_group}, at most {ROUTE_MAX_GROUPS}); \
-                 outputs of {} and {}",
-                logits.len(),
-                r.top_k,
-                ids.len(),
-                weights.len()
-            )));
-        }
-        let (n, k) = (int(n)?, int(r.top_k)?);
-        let has_bias = bias.is_some() as i32;
-        let sigmoid = matches!(r.scoring, Scoring::Sigmoid) as i32;
-        let (n_group, topk_group) = (int(n_group)?, int(topk_group)?);
-        let norm = r.norm_topk_prob as i32;
+        let a = route_args(
+            logits.len(),
+            t,
+            r,
+            bias.map(|b| b.len()),
+            ids.len(),
+            weights.len(),
+        )?;
+        // One warp a token.
         let cfg = LaunchConfig {
             grid_dim: (int(t)? as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
         // Without a bias the kernel never reads the second buffer.
@@ -1949,16 +1930,89 @@ impl Gpu {
             cfg,
             logits,
             bias.unwrap_or(logits),
-            &has_bias,
-            &n,
-            &k,
-            &sigmoid,
-            &n_group,
-            &topk_group,
-            &norm,
+            &a.has_bias,
+            &a.n,
+            &a.k,
+            &a.sigmoid,
+            &a.n_group,
+            &a.topk_group,
+            &a.norm,
             &r.scale,
             ids,
             weights
+        )
+    }
+
+    /// `x`'s router logits through `router` into `logits` (`[t, n]`) and
+    /// their routing into `ids` and `weights`, as [`Gpu::matmul`] then
+    /// [`Gpu::route`]: in one launch for a few tokens through a float
+    /// router (`router_route`: its last block to finish routes), else those
+    /// two.
+    #[allow(clippy::too_many_arguments)]
+    pub fn router_route(
+        &self,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        router: &GpuMatrix,
+        r: &Routing,
+        bias: Option<&CudaView<'_, f32>>,
+        logits: &mut CudaViewMut<'_, f32>,
+        ids: &mut CudaViewMut<'_, u32>,
+        weights: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let fused = matches!(router.dtype, DType::F32 | DType::F16 | DType::BF16)
+            && router.cols.is_multiple_of(32)
+            && (1..=MATVEC_MAX_TOKENS).contains(&t)
+            && x.len() >= t * router.cols
+            && logits.len() >= t * router.rows;
+        if !fused {
+            self.matmul(x, t, router, logits)?;
+            let logits = logits.slice(..t * router.rows);
+            return self.route(&logits, t, r, bias, ids, weights);
+        }
+        let n = router.rows;
+        let a = route_args(t * n, t, r, bias.map(|b| b.len()), ids.len(), weights.len())?;
+        let mut done = self.router_done.lock().unwrap_or_else(|e| e.into_inner());
+        if done.is_none() {
+            self.not_capturing("allocating the routing counter")?;
+            *done = Some(self.zeros(1)?);
+        }
+        let done = done.as_mut().expect("allocated above");
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(MV_ROWS as usize) as u32, 1, 1),
+            block_dim: (32, MV_ROWS, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = format!("router_route_{}", kernel_dtype(router.dtype)?);
+        let (row_bytes, cols, t) = (
+            router.dtype.row_bytes(router.cols) as u64,
+            int(router.cols)?,
+            int(t)?,
+        );
+        // Without a bias the kernel never reads the bias argument.
+        let x_bias = bias.map_or(x.slice(..1), |b| b.slice(..));
+        launch!(
+            self,
+            &name,
+            cfg,
+            &router.data,
+            &row_bytes,
+            x,
+            logits,
+            &a.n,
+            &cols,
+            &t,
+            &x_bias,
+            &a.has_bias,
+            &a.k,
+            &a.sigmoid,
+            &a.n_group,
+            &a.topk_group,
+            &a.norm,
+            &r.scale,
+            ids,
+            weights,
+            &mut *done
         )
     }
 
@@ -2825,6 +2879,59 @@ fn per_pair(rows: usize, pairs: usize) -> Result<LaunchConfig> {
         ),
         block_dim: (32, MV_ROWS, 1),
         shared_mem_bytes: 0,
+    })
+}
+
+/// The routing kernels' arguments, checked: `len` logits of `t` tokens.
+struct RouteArgs {
+    n: i32,
+    k: i32,
+    has_bias: i32,
+    sigmoid: i32,
+    n_group: i32,
+    topk_group: i32,
+    norm: i32,
+}
+
+fn route_args(
+    len: usize,
+    t: usize,
+    r: &Routing,
+    bias: Option<usize>,
+    ids: usize,
+    weights: usize,
+) -> Result<RouteArgs> {
+    let n = len / t.max(1);
+    let (n_group, topk_group) = r.groups.map_or((0, 0), |g| (g.n_group, g.topk_group));
+    let bad = n * t != len
+        || n > ROUTE_MAX
+        || r.top_k == 0
+        || r.top_k > n
+        || ids < t * r.top_k
+        || weights < t * r.top_k
+        || bias.is_some_and(|b| b < n)
+        || (n_group > 0
+            && (n_group > ROUTE_MAX_GROUPS
+                || !n.is_multiple_of(n_group)
+                || topk_group == 0
+                || topk_group > n_group
+                || topk_group * (n / n_group) < r.top_k));
+    if bad {
+        return Err(Error::invalid(format!(
+            "CUDA route: {len} logits for {t} tokens, top {} of at most {ROUTE_MAX} experts, \
+             groups {n_group} (best {topk_group}, at most {ROUTE_MAX_GROUPS}); outputs of {ids} \
+             and {weights}",
+            r.top_k,
+        )));
+    }
+    Ok(RouteArgs {
+        n: int(n)?,
+        k: int(r.top_k)?,
+        has_bias: bias.is_some() as i32,
+        sigmoid: matches!(r.scoring, Scoring::Sigmoid) as i32,
+        n_group: int(n_group)?,
+        topk_group: int(topk_group)?,
+        norm: r.norm_topk_prob as i32,
     })
 }
 

@@ -7,45 +7,49 @@
 // top `k` win, ties to the lower expert; weights are the unbiased scores,
 // optionally renormalised, then scaled.
 //
-// One block of 256 threads per token; up to ROUTE_MAX experts and
-// ROUTE_MAX_GROUPS groups.
+// One warp per token (`route_row`); up to ROUTE_MAX experts and
+// ROUTE_MAX_GROUPS groups. A token's 128 scores are four a lane: the
+// warp's shuffles do what block barriers did, and a decode step's router
+// product can end in its routing (`router_route`).
 
 #define ROUTE_MAX 1024
 #define ROUTE_MAX_GROUPS 64
 
-extern "C" __global__ void route(const float* logits, const float* bias, int has_bias, int n, int k,
-                                 int sigmoid, int n_group, int topk_group, int norm, float scale,
-                                 u32* ids, float* weights) {
+// Token row `l` routed by the calling warp (lane threadIdx.x % 32; no other
+// warp of the block may call it) into out_ids / out_w (k each). The logits
+// are read with `__ldcg` (through L2), as `router_route`'s last block reads
+// logits the other blocks wrote.
+__device__ void route_row(const float* l, const float* bias, int has_bias, int n, int k, int sigmoid,
+                          int n_group, int topk_group, int norm, float scale, u32* out_ids, float* out_w) {
     __shared__ float score[ROUTE_MAX];
     __shared__ float choice[ROUTE_MAX];
     __shared__ float gscore[ROUTE_MAX_GROUPS];
     __shared__ int keep[ROUTE_MAX_GROUPS];
     __shared__ int chosen[ROUTE_MAX];
-    __shared__ float sh[32];
-    const float* l = logits + (size_t)blockIdx.x * n;
+    int lane = threadIdx.x & 31;
 
     if (sigmoid) {
-        for (int e = threadIdx.x; e < n; e += blockDim.x) score[e] = 1.0f / (1.0f + expf(-l[e]));
+        for (int e = lane; e < n; e += 32) score[e] = 1.0f / (1.0f + expf(-__ldcg(l + e)));
     } else {
         float m = -INF;
-        for (int e = threadIdx.x; e < n; e += blockDim.x) m = fmaxf(m, l[e]);
-        m = block_max(m, sh);
+        for (int e = lane; e < n; e += 32) m = fmaxf(m, __ldcg(l + e));
+        m = warp_max(m);
         float s = 0.0f;
-        for (int e = threadIdx.x; e < n; e += blockDim.x) {
-            float p = expf(l[e] - m);
+        for (int e = lane; e < n; e += 32) {
+            float p = expf(__ldcg(l + e) - m);
             score[e] = p;
             s += p;
         }
-        float inv = 1.0f / block_sum(s, sh);
-        for (int e = threadIdx.x; e < n; e += blockDim.x) score[e] *= inv;
+        float inv = 1.0f / warp_sum(s);
+        for (int e = lane; e < n; e += 32) score[e] *= inv;
     }
-    for (int e = threadIdx.x; e < n; e += blockDim.x) choice[e] = score[e] + (has_bias ? bias[e] : 0.0f);
-    __syncthreads();
+    for (int e = lane; e < n; e += 32) choice[e] = score[e] + (has_bias ? bias[e] : 0.0f);
+    __syncwarp();
 
     if (n_group > 0) {
         int per = n / n_group;
-        if (threadIdx.x < n_group) {
-            const float* c = choice + threadIdx.x * per;
+        for (int g = lane; g < n_group; g += 32) {
+            const float* c = choice + g * per;
             float a = -INF, b = -INF;
             for (int e = 0; e < per; e++) {
                 if (c[e] > a) {
@@ -55,11 +59,11 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
                     b = c[e];
                 }
             }
-            gscore[threadIdx.x] = sigmoid ? a + b : a;
-            keep[threadIdx.x] = 0;
+            gscore[g] = sigmoid ? a + b : a;
+            keep[g] = 0;
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
+        __syncwarp();
+        if (lane == 0) {
             for (int r = 0; r < topk_group; r++) {
                 int best = -1;
                 for (int g = 0; g < n_group; g++) {
@@ -68,26 +72,24 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
                 keep[best] = 1;
             }
         }
-        __syncthreads();
-        for (int e = threadIdx.x; e < n_group * per; e += blockDim.x) {
+        __syncwarp();
+        for (int e = lane; e < n_group * per; e += 32) {
             if (!keep[e / per]) choice[e] = -INF;
         }
-        __syncthreads();
+        __syncwarp();
     }
 
-    // The top k by the first warp alone: a round is a scan of shared
-    // memory (four scores a lane for 128 experts) and shuffles, where the
-    // whole block's argmax cost a round three barriers (9 us a decode
-    // step's routing for Qwen3's k = 8). The winners' ids stay in shared
-    // memory and their sum in a register until the lanes write them all
-    // at once: the weights read back from global memory to be normalised
-    // were a load latency a pair.
-    if (threadIdx.x >= 32) return;
+    // The top k: a round is a scan of shared memory (four scores a lane
+    // for 128 experts) and shuffles, where a whole block's argmax cost a
+    // round three barriers (9 us a decode step's routing for Qwen3's
+    // k = 8). The winners' ids stay in shared memory and their sum in a
+    // register until the lanes write them all at once: the weights read
+    // back from global memory to be normalised were a load latency a pair.
     float total = 0.0f;
     for (int r = 0; r < k; r++) {
         float v = -INF;
         int i = 0x7fffffff;
-        for (int e = threadIdx.x; e < n; e += 32) {
+        for (int e = lane; e < n; e += 32) {
             if (choice[e] > v || (choice[e] == v && e < i)) {
                 v = choice[e];
                 i = e;
@@ -105,7 +107,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
         // Only NaN scores leave no candidate: expert 0, as the CPU's
         // scan from the first expert picks then.
         if (i >= n) i = 0;
-        if (threadIdx.x == 0) {
+        if (lane == 0) {
             chosen[r] = i;
             choice[i] = -INF;
         }
@@ -114,9 +116,7 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
     }
     // The weights as the CPU makes them: each score over the sum of the
     // chosen ones (added in the order chosen), then scaled.
-    u32* out_ids = ids + (size_t)blockIdx.x * k;
-    float* out_w = weights + (size_t)blockIdx.x * k;
-    for (int r = threadIdx.x; r < k; r += 32) {
+    for (int r = lane; r < k; r += 32) {
         int i = chosen[r];
         float w = score[i];
         if (norm) w /= total;
@@ -124,4 +124,49 @@ extern "C" __global__ void route(const float* logits, const float* bias, int has
         out_ids[r] = (u32)i;
         out_w[r] = w;
     }
+    __syncwarp();
 }
+
+// Token blockIdx.x's routing; one warp a block.
+extern "C" __global__ void route(const float* logits, const float* bias, int has_bias, int n, int k,
+                                 int sigmoid, int n_group, int topk_group, int norm, float scale,
+                                 u32* ids, float* weights) {
+    size_t tok = blockIdx.x;
+    route_row(logits + tok * n, bias, has_bias, n, k, sigmoid, n_group, topk_group, norm, scale,
+              ids + tok * k, weights + tok * k);
+}
+
+// A few tokens' router product (as `matvec`: MV_ROWS rows a block, into
+// `logits`) and their routing in one launch: the block that finishes its
+// rows last (a count in `done`, left at zero again for the next launch,
+// so a captured step replays) routes every token with its first warp, a
+// launch and its gap fewer a layer.
+template <int T>
+__device__ void router_route(const u8* w, u64 row_bytes, const float* x, float* logits, int n, int cols,
+                             int t, const float* bias, int has_bias, int k, int sigmoid, int n_group,
+                             int topk_group, int norm, float scale, u32* ids, float* weights, u32* done) {
+    __shared__ bool last;
+    matvec<T>(w, row_bytes, x, logits, n, cols, t);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last || threadIdx.y != 0) return;
+    for (int tok = 0; tok < t; tok++)
+        route_row(logits + (size_t)tok * n, bias, has_bias, n, k, sigmoid, n_group, topk_group, norm, scale,
+                  ids + (size_t)tok * k, weights + (size_t)tok * k);
+    if (threadIdx.x == 0) *done = 0;
+}
+
+#define ROUTER_KERNEL(NAME, T)                                                                           \
+    extern "C" __global__ void router_route_##NAME(                                                      \
+        const u8* w, u64 row_bytes, const float* x, float* logits, int n, int cols, int t,               \
+        const float* bias, int has_bias, int k, int sigmoid, int n_group, int topk_group, int norm,      \
+        float scale, u32* ids, float* weights, u32* done) {                                              \
+        router_route<T>(w, row_bytes, x, logits, n, cols, t, bias, has_bias, k, sigmoid, n_group,       \
+                        topk_group, norm, scale, ids, weights, done);                                    \
+    }
+
+ROUTER_KERNEL(f32, T_F32)
+ROUTER_KERNEL(f16, T_F16)
+ROUTER_KERNEL(bf16, T_BF16)
