@@ -656,21 +656,29 @@ GET_ROWS_KERNEL(q6_k, T_Q6_K)
 // `q8_units` for how a row's work is split). Blocks are MQ_WARPS warps.
 #define MQ_WARPS 4
 
+// Rounds a warp's 32 consecutive values (one block of 32: `at` is the
+// index of this lane's value) to int8 with the block's scale d (its
+// largest magnitude over 127) and the pair (d, d * the sum of the int8s).
+// `quantize_q8` and the norms that round as they write (`norm_q8`) share it.
+__device__ __forceinline__ void round_q8(float v, size_t at, i8* xq, float* xds) {
+    float amax = warp_max(fabsf(v));
+    float dq = amax / 127.0f;
+    int q = amax == 0.0f ? 0 : __float2int_rn(v / dq);
+    xq[at] = (i8)q;
+    float sum = warp_sum((float)q);
+    if ((threadIdx.x & 31) == 0) {
+        size_t blk = at >> 5;
+        xds[2 * blk] = dq;
+        xds[2 * blk + 1] = dq * sum;
+    }
+}
+
 // Block blk (32 values) of the t * cols activations, one warp each.
 extern "C" __global__ void quantize_q8(const float* x, i8* xq, float* xds, u64 blocks) {
     u64 blk = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (blk >= blocks) return;
-    int lane = threadIdx.x & 31;
-    float v = x[blk * 32 + lane];
-    float amax = warp_max(fabsf(v));
-    float d = amax / 127.0f;
-    int q = amax == 0.0f ? 0 : __float2int_rn(v / d);
-    xq[blk * 32 + lane] = (i8)q;
-    float sum = warp_sum((float)q);
-    if (lane == 0) {
-        xds[2 * blk] = d;
-        xds[2 * blk + 1] = d * sum;
-    }
+    u64 at = blk * 32 + (threadIdx.x & 31);
+    round_q8(x[at], at, xq, xds);
 }
 
 // Four bytes at a 2-byte aligned address (q6_k's 210-byte blocks).

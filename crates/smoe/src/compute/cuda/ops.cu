@@ -93,21 +93,6 @@ extern "C" __global__ void add_rms_norm(float* x, const float* d, float* out, co
     rms_row(x + at, d + at, out + at, w, width, eps);
 }
 
-// Rounds a warp's 32 consecutive outputs (one block: `at` is its first
-// element's index) to int8 as `quantize_q8` does.
-__device__ __forceinline__ void round_q8(float v, size_t at, i8* xq, float* xds) {
-    float amax = warp_max(fabsf(v));
-    float dq = amax / 127.0f;
-    int q = amax == 0.0f ? 0 : __float2int_rn(v / dq);
-    xq[at] = (i8)q;
-    float sum = warp_sum((float)q);
-    if ((threadIdx.x & 31) == 0) {
-        size_t blk = at >> 5;
-        xds[2 * blk] = dq;
-        xds[2 * blk + 1] = dq * sum;
-    }
-}
-
 // `add_rms_norm` (d null: `rms_norm`, x only read) whose output is also
 // rounded to int8 per 32-block as `quantize_q8` rounds it, for the int8
 // kernels that read it next (attention's projections, a decode step's
@@ -120,53 +105,17 @@ extern "C" __global__ void norm_q8(float* x, const float* d, float* out, const f
     float *xr = x + at, *orow = out + at;
     float v[ROW_REGS], wv[ROW_REGS];
     float inv = norm_inv(norm_load(xr, d ? d + at : nullptr, w, width, v, wv), width, eps);
-    // The held values' roundings side by side, each shuffle step of their
-    // warp reductions for all of them at once: one after another (as
-    // `round_q8` goes) a decode step's norm waited out 2 x 5 shuffles'
-    // latency per value, 8.9 us of a 2,048-wide row on the H100. Same
-    // operations per value, so the same bits. Slots are whole warps
-    // (width and blockDim.x multiples of 32).
+    // Slots are whole warps inside the row (width and blockDim.x multiples
+    // of 32): each warp stops at its last.
     int slots = row_slots(width);
-    float a[ROW_REGS];
 #pragma unroll
     for (int k = 0; k < ROW_REGS; k++) {
         if (k >= slots) break;
-        v[k] = wv[k] * (v[k] * inv);
-        a[k] = fabsf(v[k]);
+        int i = threadIdx.x + k * blockDim.x;
+        float o = wv[k] * (v[k] * inv);
+        orow[i] = o;
+        round_q8(o, at + i, xq, xds);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-        for (int k = 0; k < ROW_REGS; k++) {
-            if (k >= slots) break;
-            a[k] = fmaxf(a[k], __shfl_xor_sync(FULL_MASK, a[k], o));
-        }
-#pragma unroll
-    for (int k = 0; k < ROW_REGS; k++) {
-        if (k >= slots) break;
-        size_t i = at + threadIdx.x + k * blockDim.x;
-        orow[i - at] = v[k];
-        float dq = a[k] / 127.0f;
-        int q = a[k] == 0.0f ? 0 : __float2int_rn(v[k] / dq);
-        xq[i] = (i8)q;
-        wv[k] = (float)q;
-        a[k] = dq;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-        for (int k = 0; k < ROW_REGS; k++) {
-            if (k >= slots) break;
-            wv[k] += __shfl_xor_sync(FULL_MASK, wv[k], o);
-        }
-    if ((threadIdx.x & 31) == 0)
-#pragma unroll
-        for (int k = 0; k < ROW_REGS; k++) {
-            if (k >= slots) break;
-            size_t blk = (at + threadIdx.x + k * blockDim.x) >> 5;
-            xds[2 * blk] = a[k];
-            xds[2 * blk + 1] = a[k] * wv[k];
-        }
     for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < width; i += blockDim.x) {
         float o = w[i] * (xr[i] * inv);
         orow[i] = o;
