@@ -1416,8 +1416,35 @@ fn attention_matches_cpu() {
             1,
             true,
         ),
-        // A short context: one split, one query (the one-row kernel).
+        // A short context: one split, one query.
         ("decode at 30", gqa(30, None), 1, false),
+        // Decode by KV group: 16 heads a group (Qwen3-235B) over 32
+        // splits; 32 a group (past the grouped kernel's 16: one block a
+        // head); heads of 64 (half the lanes) and of 80.
+        (
+            "decode at 2000, 64 heads in 4 groups",
+            AttnShape::grouped(64, 4, 128, 2000, None),
+            1,
+            false,
+        ),
+        (
+            "decode at 100, 32 heads of one group",
+            AttnShape::grouped(32, 1, 128, 100, None),
+            1,
+            false,
+        ),
+        (
+            "decode at 70, 16 heads of 64 in 2 groups",
+            AttnShape::grouped(16, 2, 64, 70, None),
+            1,
+            false,
+        ),
+        (
+            "decode at 40, 8 heads of 80 in 2 groups",
+            AttnShape::grouped(8, 2, 80, 40, None),
+            1,
+            false,
+        ),
         // The tiled kernel with a KV head per query head (OLMoE) and with
         // heads of 80 (neither a power of two nor a multiple of 32).
         (
@@ -1493,6 +1520,76 @@ fn attention_matches_cpu() {
             &gpu.download(&out).unwrap(),
             &want,
             1e-4,
+        );
+    }
+}
+
+#[test]
+fn rounded_attention_matches_attention_then_round() {
+    let Some(gpu) = gpu_or_skip("rounded attention") else {
+        return;
+    };
+    if !gpu.int8_activations() {
+        println!("SKIPPED rounded attention: int8 activations off (SMOE_CUDA_MMVQ=0)");
+        return;
+    }
+    // Qwen3's shape at a context of several splits; heads of 64 (eight
+    // lanes of each warp past the head); heads of 80 (not whole 32-blocks:
+    // not rounded).
+    let cases = [
+        (AttnShape::grouped(32, 4, 128, 300, None), true),
+        (AttnShape::grouped(16, 2, 64, 70, None), true),
+        (AttnShape::grouped(8, 2, 80, 40, None), false),
+    ];
+    for (i, (s, rounds)) in cases.into_iter().enumerate() {
+        let what = format!("{} heads of {} at {}", s.n_heads, s.v_dim, s.pos0);
+        let seed = 700 + 5 * i as u64;
+        let cols = s.n_heads * s.v_dim;
+        let q = gpu.upload(&values(s.n_heads * s.head_dim, seed)).unwrap();
+        let keys = gpu.upload(&values((s.pos0 + 1) * s.k_stride, seed + 1)).unwrap();
+        let vals = gpu.upload(&values((s.pos0 + 1) * s.v_stride, seed + 2)).unwrap();
+        let pos = gpu.upload(&[s.pos0 as u32]).unwrap();
+        let (mut out, mut plain) = (gpu.zeros::<f32>(cols).unwrap(), gpu.zeros::<f32>(cols).unwrap());
+        let w = Weights::new(DType::Quant(QuantType::Q4K), 64, cols.next_multiple_of(256), seed);
+        let m = gpu.upload_matrix(w.matrix()).unwrap();
+        let (mut y1, mut y2) = (gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap());
+        let run = |out: &mut cuda::CudaSlice<f32>, round: bool| {
+            gpu.attention_rounded(
+                &q.as_view(),
+                &keys.as_view(),
+                &vals.as_view(),
+                s,
+                Some(&pos.as_view()),
+                1,
+                &mut out.as_view_mut(),
+                round,
+            )
+            .unwrap()
+        };
+        run(&mut plain, false);
+        let rounded = run(&mut out, true);
+        assert_eq!(rounded.is_some(), rounds, "{what}: rounded or not");
+        assert_eq!(
+            gpu.download(&out).unwrap(),
+            gpu.download(&plain).unwrap(),
+            "{what}: the output as without rounding"
+        );
+        let Some(r) = rounded else {
+            continue;
+        };
+        if cols % 256 != 0 {
+            continue;
+        }
+        gpu.matmul_each_rounded(&r, 1, &mut [(&m, &mut y1.as_view_mut())])
+            .unwrap();
+        drop(r);
+        gpu.matmul_each(&out.as_view(), 1, &mut [(&m, &mut y2.as_view_mut())])
+            .unwrap();
+        check(
+            &format!("{what}: product of the rounded output"),
+            &gpu.download(&y1).unwrap(),
+            &gpu.download(&y2).unwrap(),
+            1e-6,
         );
     }
 }

@@ -982,6 +982,10 @@ impl GpuDecoder {
             }
         }
         let mut attn = b.attn.m(g, t * nq)?;
+        // One token of one sequence: the attention launch also rounds its
+        // output for the output projection where that takes int8.
+        let round = t == 1 && seqs.len() == 1 && g.takes_int8(&wo.w, 1);
+        let mut attn_rounded = None;
         for (i, seq) in seqs.iter_mut().enumerate() {
             let (pos0, first, len) = (seq.kv.len(), seq.start, seq.len);
             let rows = |w: usize| first * w..(first + len) * w;
@@ -994,7 +998,7 @@ impl GpuDecoder {
             let (keys, values) = kv.layer(layer).ok_or_else(no_device_kv)?;
             let shape = AttnShape::grouped(a.n_heads, a.n_kv_heads, hd, pos0, a.window);
             let q = b.q.v(rows(nq))?;
-            g.attention(
+            attn_rounded = g.attention_rounded(
                 &q,
                 &keys,
                 &values,
@@ -1002,9 +1006,16 @@ impl GpuDecoder {
                 Some(&pos_at),
                 len,
                 &mut attn.slice_mut(rows(nq)),
+                round,
             )?;
         }
-        forward(g, wo, &b.attn.v(0..t * nq)?, t, &mut b.out.m(g, t * h)?)
+        let x = b.attn.v(0..t * nq)?;
+        forward_each(
+            g,
+            (&x, attn_rounded.as_ref()),
+            t,
+            &mut [(wo, &mut b.out.m(g, t * h)?)],
+        )
     }
 
     /// Multi-head latent attention of `b.h` into `b.out`, as

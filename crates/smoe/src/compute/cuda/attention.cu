@@ -181,6 +181,215 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
     combine_splits(parts, out, n_heads, v_dim, splits, h, tok);
 }
 
+// Decode's attention (one query a head) with the heads of a KV group
+// together: block (KV head j, split) takes every query head reading j, so
+// each key and value of its split is loaded once for the group, 16 bytes a
+// lane, the key and the value in the same turn. `attention` loads them once
+// per query head (8 times for Qwen3's 32 over 4) and waits on a key's
+// score before loading its value: 22.9 us a layer at 600 keys on the H100
+// (ncu), where the bytes take about one.
+//
+// GM (4, 8 or 16) bounds the group; heads past it have zero queries and
+// are never written, so every loop is unrolled and branch-free: a turn's
+// GM x STEP scores reduce in independent shuffles and their softmax
+// updates overlap (a first version walked heads one after another behind
+// a branch: 17 us at 600 keys, slower than `attention`).
+//
+// A split takes at least GQA_MIN_KEYS keys, so at a short context only the
+// first few splits of the grid have keys and the rest leave at once: the
+// grid is sized once for the cache's capacity (a captured step replays at
+// every position) and the merge reads only the splits used. Lane i holds
+// dims 4i..4i+3 (heads and values at most 128 wide). The block merges its
+// warps eight heads at a time, a warp a head, into its split's (max, sum,
+// output); the split finishing last merges the splits, each head's weights
+// computed once by one warp. With `xq`, that block also rounds the output
+// to int8 per 32-block as `quantize_q8` would (the output projection's
+// int8 input), one launch for two.
+#define GQA_MAX_SPLITS 64
+#define GQA_MIN_KEYS 32
+template <int GM>
+__device__ void attention_group(const float* q, const float* keys, const float* values, float* out, float* parts,
+                                int n_heads, int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride,
+                                float scale, int pos0, const u32* pos_at, int window, u32* done, i8* xq,
+                                float* xds) {
+    // Keys a warp loads at once: GM x STEP scores in flight.
+    constexpr int STEP = GM >= 16 ? 2 : 32 / GM;
+    constexpr int MERGE = GM < ATT_WARPS ? GM : ATT_WARPS;
+    __shared__ float4 qs[GM][32];
+    __shared__ float4 wo[ATT_WARPS][MERGE][32];
+    __shared__ float wm[ATT_WARPS][MERGE], wl[ATT_WARPS][MERGE];
+    __shared__ float sw[GM][GQA_MAX_SPLITS];
+    __shared__ bool last;
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    int j = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int group = n_heads / n_kv_heads;
+    if (pos_at) pos0 = (int)*pos_at;
+    int end = pos0 + 1;
+    int begin = window > 0 && end > window ? end - window : 0;
+    int chunk = max(GQA_MIN_KEYS, (end - begin + splits - 1) / splits);
+    int used = (end - begin + chunk - 1) / chunk;
+    if (split >= used) return;
+    int lo = begin + split * chunk, hi = min(end, lo + chunk);
+    // Row stride of `parts`: max, sum, two unused, the output (16-byte aligned).
+    int pw = v_dim + 4;
+
+    for (int e = threadIdx.x; e < GM * 32; e += blockDim.x) {
+        int g = e >> 5, d = (e & 31) * 4;
+        float4 x = zero;
+        if (g < group && d < head_dim) {
+            x = *(const float4*)(q + (size_t)(j * group + g) * head_dim + d);
+            x = make_float4(x.x * scale, x.y * scale, x.z * scale, x.w * scale);
+        }
+        qs[g][e & 31] = x;
+    }
+    __syncthreads();
+
+    float m[GM], l[GM];
+    float4 o[GM];
+#pragma unroll
+    for (int g = 0; g < GM; g++) {
+        m[g] = NEG;
+        l[g] = 0.0f;
+        o[g] = zero;
+    }
+    const float* kb = keys + (size_t)j * head_dim + 4 * lane;
+    const float* vb = values + (size_t)j * v_dim + 4 * lane;
+    bool kin = 4 * lane < head_dim, vin = 4 * lane < v_dim;
+    for (int p0 = lo + warp; p0 < hi; p0 += ATT_WARPS * STEP) {
+        float4 k4[STEP], v4[STEP];
+#pragma unroll
+        for (int s = 0; s < STEP; s++) {
+            int p = p0 + s * ATT_WARPS;
+            k4[s] = p < hi && kin ? *(const float4*)(kb + (size_t)p * k_stride) : zero;
+            v4[s] = p < hi && vin ? *(const float4*)(vb + (size_t)p * v_stride) : zero;
+        }
+        float sc[GM][STEP];
+#pragma unroll
+        for (int g = 0; g < GM; g++) {
+            float4 qv = qs[g][lane];
+#pragma unroll
+            for (int s = 0; s < STEP; s++)
+                sc[g][s] = qv.x * k4[s].x + qv.y * k4[s].y + qv.z * k4[s].z + qv.w * k4[s].w;
+        }
+#pragma unroll
+        for (int o_ = 16; o_ > 0; o_ >>= 1)
+#pragma unroll
+            for (int g = 0; g < GM; g++)
+#pragma unroll
+                for (int s = 0; s < STEP; s++) sc[g][s] += __shfl_xor_sync(FULL_MASK, sc[g][s], o_);
+#pragma unroll
+        for (int g = 0; g < GM; g++) {
+            float mn = m[g];
+#pragma unroll
+            for (int s = 0; s < STEP; s++)
+                if (p0 + s * ATT_WARPS < hi) mn = fmaxf(mn, sc[g][s]);
+            float corr = expf(m[g] - mn);
+            float4 acc = make_float4(o[g].x * corr, o[g].y * corr, o[g].z * corr, o[g].w * corr);
+            float sum = l[g] * corr;
+#pragma unroll
+            for (int s = 0; s < STEP; s++) {
+                float e = p0 + s * ATT_WARPS < hi ? expf(sc[g][s] - mn) : 0.0f;
+                sum += e;
+                acc = make_float4(acc.x + e * v4[s].x, acc.y + e * v4[s].y, acc.z + e * v4[s].z,
+                                  acc.w + e * v4[s].w);
+            }
+            o[g] = acc;
+            l[g] = sum;
+            m[g] = mn;
+        }
+    }
+
+    // The warps merged MERGE heads at a time, warp w taking head g0 + w,
+    // into this split's row of `parts`.
+#pragma unroll
+    for (int g0 = 0; g0 < GM; g0 += MERGE) {
+#pragma unroll
+        for (int i = 0; i < MERGE; i++) {
+            if (lane == 0) {
+                wm[warp][i] = m[g0 + i];
+                wl[warp][i] = l[g0 + i];
+            }
+            wo[warp][i][lane] = o[g0 + i];
+        }
+        __syncthreads();
+        int g = g0 + warp;
+        if (warp < MERGE && g < group) {
+            float mx = NEG;
+#pragma unroll
+            for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, wm[w][warp]);
+            float total = 0.0f;
+            float4 acc = zero;
+#pragma unroll
+            for (int w = 0; w < ATT_WARPS; w++) {
+                float c = expf(wm[w][warp] - mx);
+                float4 x = wo[w][warp][lane];
+                total += wl[w][warp] * c;
+                acc = make_float4(acc.x + c * x.x, acc.y + c * x.y, acc.z + c * x.z, acc.w + c * x.w);
+            }
+            float* pr = parts + ((size_t)(j * group + g) * splits + split) * pw;
+            if (lane == 0) {
+                pr[0] = mx;
+                pr[1] = total;
+            }
+            if (vin) *(float4*)(pr + 4 + 4 * lane) = acc;
+        }
+        __syncthreads();
+    }
+
+    // The last split of KV head j merges them all (see `attention`).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(done + j, 1u) == (u32)used - 1;
+        if (last) done[j] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // Each head's weight per split, e^(m_s - m) / sum_s l_s e^(m_s - m).
+    for (int g = warp; g < group; g += ATT_WARPS) {
+        const float* pg = parts + (size_t)(j * group + g) * splits * pw;
+        float mx = NEG;
+        for (int s = lane; s < used; s += 32) mx = fmaxf(mx, pg[(size_t)s * pw]);
+        mx = warp_max(mx);
+        float total = 0.0f;
+        for (int s = lane; s < used; s += 32) total += pg[(size_t)s * pw + 1] * expf(pg[(size_t)s * pw] - mx);
+        total = warp_sum(total);
+        for (int s = lane; s < used; s += 32) sw[g][s] = expf(pg[(size_t)s * pw] - mx) / total;
+    }
+    __syncthreads();
+    // Warp-uniform: group * 32 is a whole number of warps.
+    for (int e = threadIdx.x; e < group * 32; e += blockDim.x) {
+        int g = e >> 5, h = j * group + g;
+        const float* pg = parts + (size_t)h * splits * pw + 4 + 4 * lane;
+        float4 acc = zero;
+        if (vin) {
+#pragma unroll 8
+            for (int s = 0; s < used; s++) {
+                float c = sw[g][s];
+                float4 x = *(const float4*)(pg + (size_t)s * pw);
+                acc = make_float4(acc.x + c * x.x, acc.y + c * x.y, acc.z + c * x.z, acc.w + c * x.w);
+            }
+            *(float4*)(out + (size_t)h * v_dim + 4 * lane) = acc;
+        }
+        // v_dim a multiple of 32: eight lanes' 32 values are all in or all out.
+        if (xq) round_q8x4(acc, (size_t)h * v_dim + 4 * lane, vin, xq, xds);
+    }
+}
+
+#define ATTENTION_GROUP(GM)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_group##GM(                        \
+        const float* q, const float* keys, const float* values, float* out, float* parts, int n_heads,       \
+        int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride, float scale, int pos0,         \
+        const u32* pos_at, int window, u32* done, i8* xq, float* xds) {                                     \
+        attention_group<GM>(q, keys, values, out, parts, n_heads, n_kv_heads, head_dim, v_dim, k_stride,     \
+                            v_stride, scale, pos0, pos_at, window, done, xq, xds);                            \
+    }
+ATTENTION_GROUP(4)
+ATTENTION_GROUP(8)
+ATTENTION_GROUP(16)
+
 // A prompt's attention with its keys and values read once per block
 // rather than once per query: `attention` walks every key of a layer's
 // cache for each (head, token), 4 GB from L2 a layer at 512 tokens (1.07

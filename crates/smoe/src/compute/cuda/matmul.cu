@@ -673,6 +673,34 @@ __device__ __forceinline__ void round_q8(float v, size_t at, i8* xq, float* xds)
     }
 }
 
+// `round_q8` where each lane holds four consecutive values (`at`: the
+// index of v.x, a multiple of 4): eight lanes make a 32-block. The same
+// scale, rounding and sum, so the same bytes as `quantize_q8` writes. Every
+// lane of the warp calls it; eight lanes with `in` false (a whole block
+// past the row's end) take part in the shuffles and write nothing.
+__device__ __forceinline__ void round_q8x4(float4 v, size_t at, bool in, i8* xq, float* xds) {
+    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, o));
+    float dq = amax / 127.0f;
+    int a = 0, b = 0, c = 0, d = 0;
+    if (amax != 0.0f) {
+        a = __float2int_rn(v.x / dq);
+        b = __float2int_rn(v.y / dq);
+        c = __float2int_rn(v.z / dq);
+        d = __float2int_rn(v.w / dq);
+    }
+    if (in) *(u32*)(xq + at) = (u32)(u8)a | ((u32)(u8)b << 8) | ((u32)(u8)c << 16) | ((u32)(u8)d << 24);
+    float sum = (float)(a + b + c + d);
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);
+    if (in && (at & 31) == 0) {
+        size_t blk = at >> 5;
+        xds[2 * blk] = dq;
+        xds[2 * blk + 1] = dq * sum;
+    }
+}
+
 // Block blk (32 values) of the t * cols activations, one warp each.
 extern "C" __global__ void quantize_q8(const float* x, i8* xq, float* xds, u64 blocks) {
     u64 blk = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);

@@ -88,6 +88,13 @@ const ATT_ROWS: usize = 32;
 /// takes (eight per warp).
 const ATT_BLOCKS_PER_SM: usize = 4;
 const ATT_MIN_SPLIT: usize = 64;
+/// Decode attention by KV group (`attention_group4/8/16`, named by the
+/// most query heads a KV head they take): most splits of the keys, fewest
+/// keys a split (`GQA_MAX_SPLITS`, `GQA_MIN_KEYS`); heads and values at
+/// most 128 wide.
+const GQA_MAX_GROUP: usize = 16;
+const GQA_MAX_SPLITS: usize = 64;
+const GQA_MIN_KEYS: usize = 32;
 
 /// A usable GPU, as [`probe`] found it.
 #[derive(Debug, Clone)]
@@ -1189,12 +1196,7 @@ impl Gpu {
     /// The first `n` activations of `x` rounded to 8 bits per 32-block
     /// into the q8 scratch (`(int8 values, (d, d * sum) per block)`), held
     /// locked for the launch that reads them.
-    #[allow(clippy::type_complexity)]
-    fn quantize_q8(
-        &self,
-        x: &CudaView<'_, f32>,
-        n: usize,
-    ) -> Result<std::sync::MutexGuard<'_, Option<(CudaSlice<u8>, CudaSlice<f32>)>>> {
+    fn quantize_q8(&self, x: &CudaView<'_, f32>, n: usize) -> Result<Rounded<'_>> {
         if !n.is_multiple_of(32) || x.len() < n {
             return Err(Error::invalid(format!(
                 "CUDA quantize_q8: {n} values (whole 32-blocks) of {}",
@@ -1202,13 +1204,8 @@ impl Gpu {
             )));
         }
         let blocks = n / 32;
-        let mut q8 = self.q8.lock().unwrap_or_else(|e| e.into_inner());
-        if q8.as_ref().is_none_or(|(q, _)| q.len() < blocks * 32) {
-            self.not_capturing("growing the int8 scratch")?;
-            *q8 = None;
-            *q8 = Some((self.zeros(blocks * 32)?, self.zeros(blocks * 2)?));
-        }
-        let (xq, xds) = q8.as_mut().expect("allocated above");
+        let mut q8 = self.int8_scratch(&self.q8, n)?;
+        let (xq, xds) = q8.as_mut().expect("allocated by int8_scratch");
         let warps = 4u32;
         let cfg = LaunchConfig {
             grid_dim: ((blocks as u32).div_ceil(warps), 1, 1),
@@ -1218,6 +1215,22 @@ impl Gpu {
         let blocks = blocks as u64;
         launch!(self, "quantize_q8", cfg, x, &mut *xq, &mut *xds, &blocks)?;
         Ok(q8)
+    }
+
+    /// `scratch` locked, holding room for `n` activations rounded to int8
+    /// and their (d, d * sum) pairs per 32-block.
+    fn int8_scratch<'a>(
+        &self,
+        scratch: &'a Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
+        n: usize,
+    ) -> Result<Rounded<'a>> {
+        let mut r = scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if r.as_ref().is_none_or(|(q, _)| q.len() < n) {
+            self.not_capturing("growing an int8 scratch")?;
+            *r = None;
+            *r = Some((self.zeros(n)?, self.zeros(n.div_ceil(32) * 2)?));
+        }
+        Ok(r)
     }
 
     /// The tiled products (prefill) in 3xTF32, f32's accuracy (`true`, the
@@ -1642,12 +1655,7 @@ impl Gpu {
             )));
         }
         let n = x.len();
-        let mut r = self.rounded.lock().unwrap_or_else(|e| e.into_inner());
-        if r.as_ref().is_none_or(|(q, _)| q.len() < n) {
-            self.not_capturing("growing the rounded rows")?;
-            *r = None;
-            *r = Some((self.zeros(n)?, self.zeros(n / 16)?));
-        }
+        let mut r = self.int8_scratch(&self.rounded, n)?;
         let (rows, width) = (n / width, int(width)?);
         if rows == 0 {
             return Ok(r);
@@ -2051,8 +2059,30 @@ impl Gpu {
         t: usize,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
+        self.attention_rounded(q, keys, values, s, pos_at, t, out, false)
+            .map(drop)
+    }
+
+    /// [`Gpu::attention`]; with `round`, where the launch can also round its
+    /// output to int8 per 32-block (one token, the heads of a KV group in
+    /// one block, values a multiple of 32 wide, int8 activations on), it
+    /// does, and returns the rounded rows locked for
+    /// [`Gpu::matmul_each_rounded`] (the output projection's input, one
+    /// launch fewer); else `None`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_rounded(
+        &self,
+        q: &CudaView<'_, f32>,
+        keys: &CudaView<'_, f32>,
+        values: &CudaView<'_, f32>,
+        s: AttnShape,
+        pos_at: Option<&CudaView<'_, u32>>,
+        t: usize,
+        out: &mut CudaViewMut<'_, f32>,
+        round: bool,
+    ) -> Result<Option<Rounded<'_>>> {
         if t == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let total = s.pos0 + t;
         let bad = s.n_kv_heads == 0
@@ -2089,6 +2119,100 @@ impl Gpu {
             None => total,
         };
         let longest = s.window.map_or(held, |w| w.min(held));
+        // Rows of whole 16-byte loads: the tiled prompt kernel and the
+        // grouped decode kernel read keys, values and queries 4 at a time.
+        let aligned = |p: u64| p.is_multiple_of(16);
+        let by_4 = [s.head_dim, s.v_dim, s.k_stride, s.v_stride]
+            .iter()
+            .all(|d| d.is_multiple_of(4))
+            && s.head_dim <= 128
+            && s.v_dim <= 128
+            && aligned(q.device_ptr(&self.compute).0)
+            && aligned(keys.device_ptr(&self.compute).0)
+            && aligned(values.device_ptr(&self.compute).0)
+            && aligned(out.device_ptr(&self.compute).0);
+        // A null pointer: the kernel takes `pos0` as given.
+        let pos_at = pos_at.map_or(0, |p| {
+            let (ptr, _sync) = p.device_ptr(&self.compute);
+            ptr
+        });
+        if t == 1 && by_4 && s.n_heads / s.n_kv_heads <= GQA_MAX_GROUP {
+            let splits = longest.div_ceil(GQA_MIN_KEYS).clamp(1, GQA_MAX_SPLITS);
+            let cfg = LaunchConfig {
+                grid_dim: (n_kv as u32, splits as u32, 1),
+                block_dim: (ATT_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (need, counters) = (s.n_heads * GQA_MAX_SPLITS * (s.v_dim + 4), s.n_kv_heads);
+            let mut parts = self.attn_parts.lock().unwrap_or_else(|e| e.into_inner());
+            if parts
+                .as_ref()
+                .is_none_or(|(p, d)| p.len() < need || d.len() < counters)
+            {
+                self.not_capturing("growing the attention scratch")?;
+                *parts = None;
+                *parts = Some((self.zeros(need)?, self.zeros(counters)?));
+            }
+            let (parts, done) = parts.as_mut().expect("allocated above");
+            let name = format!(
+                "attention_group{}",
+                (s.n_heads / s.n_kv_heads).next_power_of_two().max(4)
+            );
+            let round = round && s.v_dim.is_multiple_of(32) && self.int8_activations();
+            let mut rounded = match round {
+                true => Some(self.int8_scratch(&self.q8, s.n_heads * s.v_dim)?),
+                false => None,
+            };
+            match rounded.as_mut().and_then(|r| r.as_mut()) {
+                Some((xq, xds)) => launch!(
+                    self,
+                    &name,
+                    cfg,
+                    q,
+                    keys,
+                    values,
+                    &mut *out,
+                    &mut *parts,
+                    &n_heads,
+                    &n_kv,
+                    &hd,
+                    &vd,
+                    &ks,
+                    &vs,
+                    &s.scale,
+                    &pos0,
+                    &pos_at,
+                    &window,
+                    &mut *done,
+                    &mut *xq,
+                    &mut *xds
+                )?,
+                None => launch!(
+                    self,
+                    &name,
+                    cfg,
+                    q,
+                    keys,
+                    values,
+                    &mut *out,
+                    &mut *parts,
+                    &n_heads,
+                    &n_kv,
+                    &hd,
+                    &vd,
+                    &ks,
+                    &vs,
+                    &s.scale,
+                    &pos0,
+                    &pos_at,
+                    &window,
+                    &mut *done,
+                    &0u64,
+                    &0u64
+                )?,
+            }
+            return Ok(rounded);
+        }
         let blocks = s.n_heads * t;
         let want = ATT_BLOCKS_PER_SM * self.info.sm_count;
         let splits = if blocks >= want {
@@ -2125,28 +2249,8 @@ impl Gpu {
         let (parts, done) = parts.as_mut().expect("allocated above");
         let n_splits = int(splits)?;
         // A prompt (blocks enough unsplit) with heads the tiled kernel
-        // takes: keys and values read once per block of query rows, in
-        // 16-byte loads. Not one token: a block per KV head would leave
-        // most of the device idle where the one-row kernel has a block
-        // per head.
-        let aligned = |p: u64| p.is_multiple_of(16);
-        let tiled = splits == 1
-            && t > 1
-            && s.head_dim <= 128
-            && s.v_dim <= 128
-            && [s.head_dim, s.v_dim, s.k_stride, s.v_stride]
-                .iter()
-                .all(|d| d.is_multiple_of(4))
-            && aligned(q.device_ptr(&self.compute).0)
-            && aligned(keys.device_ptr(&self.compute).0)
-            && aligned(values.device_ptr(&self.compute).0)
-            && aligned(out.device_ptr(&self.compute).0);
-        // A null pointer: the kernel takes `pos0` as given.
-        let pos_at = pos_at.map_or(0, |p| {
-            let (ptr, _sync) = p.device_ptr(&self.compute);
-            ptr
-        });
-        if tiled {
+        // takes: keys and values read once per block of query rows.
+        if splits == 1 && t > 1 && by_4 {
             let rows = t * (s.n_heads / s.n_kv_heads);
             let cfg = LaunchConfig {
                 grid_dim: (n_kv as u32, int(rows.div_ceil(ATT_ROWS))? as u32, 1),
@@ -2154,7 +2258,7 @@ impl Gpu {
                 shared_mem_bytes: 0,
             };
             let t = int(t)?;
-            return launch!(
+            launch!(
                 self,
                 "attention_rows",
                 cfg,
@@ -2173,7 +2277,8 @@ impl Gpu {
                 &pos_at,
                 &window,
                 &t
-            );
+            )?;
+            return Ok(None);
         }
         launch!(
             self,
@@ -2196,7 +2301,8 @@ impl Gpu {
             &window,
             &n_splits,
             done
-        )
+        )?;
+        Ok(None)
     }
 }
 
