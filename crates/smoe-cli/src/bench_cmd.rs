@@ -212,6 +212,17 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             g.graph_steps,
             g.graph_replays
         )?;
+        if let Some(w) = g.one_token {
+            let gb = |r: f64| r / 1e9;
+            writeln!(
+                out,
+                "one-token batches of streamed experts: {} (median expert GB/s: copied to the GPU                  {:.1}, on the CPU {:.1}, split between them {:.1})",
+                w.kept.map_or("still measuring".to_string(), |k| format!("{k} kept")),
+                gb(w.copy_bytes_s),
+                gb(w.cpu_bytes_s),
+                gb(w.split_bytes_s)
+            )?;
+        }
     }
     if let Some(st) = report.get("streaming") {
         let g = |k: &str| st[k].as_f64().unwrap_or(0.0);

@@ -36,7 +36,7 @@ use super::blocks::{
     group_by_expert, Attention, Experts, LatentAttention, Linear, Moe, QueryProj, Scratch,
 };
 use super::decoder::{Attn, Decoder, Layer, Mlp};
-use super::{check_input, CausalLm, GpuExpertStats, Logits, Session, Step};
+use super::{check_input, CausalLm, ExpertWays, GpuExpertStats, Logits, Session, Step};
 
 /// A [`Decoder`] running on GPU `N`.
 pub struct GpuDecoder {
@@ -643,6 +643,30 @@ impl ExpertPaths {
         } else {
             0.5
         }
+    }
+
+    /// Batch size `t`'s trials so far, for the stats.
+    fn ways(&self, t: usize) -> Option<ExpertWays> {
+        let i = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS)?;
+        let rate = |way| {
+            let m = self.median(i, way);
+            if m.is_finite() && m > 0.0 {
+                1.0 / m
+            } else {
+                0.0
+            }
+        };
+        Some(ExpertWays {
+            kept: self.kept[i].map(|w| match w {
+                ExpertPath::Copy => "copy",
+                ExpertPath::Cpu => "CPU",
+                ExpertPath::Split => "split",
+            }),
+            copy_bytes_s: rate(ExpertPath::Copy),
+            cpu_bytes_s: rate(ExpertPath::Cpu),
+            split_bytes_s: rate(ExpertPath::Split),
+        })
+        .filter(|w| w.copy_bytes_s > 0.0 || w.cpu_bytes_s > 0.0)
     }
 
     fn record(&mut self, t: usize, way: ExpertPath, secs: f64, bytes: usize) {
@@ -1969,6 +1993,8 @@ impl CausalLm for GpuDecoder {
             cpu_runs: t.cpu_runs.load(Relaxed),
             graph_steps: t.graph_steps.load(Relaxed),
             graph_replays: t.graph_replays.load(Relaxed),
+            // Not while a step holds the buffers (a status line mid-step).
+            one_token: self.bufs.try_lock().ok().and_then(|b| b.paths.ways(1)),
         })
     }
 

@@ -104,6 +104,20 @@ pub struct GpuExpertStats {
     /// Of those, steps whose graphs were replayed as captured before,
     /// without recording the step's launches again.
     pub graph_replays: u64,
+    /// How one-token batches of streamed experts ran, once measured.
+    pub one_token: Option<ExpertWays>,
+}
+
+/// The ways a small batch's streamed experts can run (copied to the GPU,
+/// on the CPU, or both at once on shares), as the decoder measured them:
+/// each way's median rate over its trials, in expert bytes per second,
+/// and the way it kept (`None` while still trying them).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ExpertWays {
+    pub kept: Option<&'static str>,
+    pub copy_bytes_s: f64,
+    pub cpu_bytes_s: f64,
+    pub split_bytes_s: f64,
 }
 
 impl GpuExpertStats {
@@ -116,6 +130,7 @@ impl GpuExpertStats {
             cpu_runs: self.cpu_runs.saturating_sub(before.cpu_runs),
             graph_steps: self.graph_steps.saturating_sub(before.graph_steps),
             graph_replays: self.graph_replays.saturating_sub(before.graph_replays),
+            one_token: self.one_token,
         }
     }
 }

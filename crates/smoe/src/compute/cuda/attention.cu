@@ -54,6 +54,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
     attention(const float* q, const float* keys, const float* values, float* out, float* parts,
               int n_heads, int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride,
               float scale, int pos0, const u32* pos_at, int window, int splits, u32* done) {
+    grid_wait();
     __shared__ float qs[ATT_MAX_HEAD];
     __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
     __shared__ float part_o[ATT_WARPS][ATT_MAX_V];
@@ -382,7 +383,7 @@ __device__ void attention_group(const float* q, const float* keys, const float* 
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_group##GM(                        \
         const float* q, const float* keys, const float* values, float* out, float* parts, int n_heads,       \
         int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride, float scale, int pos0,         \
-        const u32* pos_at, int window, u32* done, i8* xq, float* xds) {                                     \
+        const u32* pos_at, int window, u32* done, i8* xq, float* xds) { grid_wait();                        \
         attention_group<GM>(q, keys, values, out, parts, n_heads, n_kv_heads, head_dim, v_dim, k_stride,     \
                             v_stride, scale, pos0, pos_at, window, done, xq, xds);                            \
     }
@@ -408,6 +409,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
     attention_rows(const float* q, const float* keys, const float* values, float* out, int n_heads,
                    int n_kv_heads, int head_dim, int v_dim, int k_stride, int v_stride, float scale, int pos0,
                    const u32* pos_at, int window, int t) {
+    grid_wait();
     __shared__ float4 ks[ATT_KEYS][32], vs[ATT_KEYS][32];
     int j = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int group = n_heads / n_kv_heads;
@@ -489,6 +491,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 // as `attention` reads it: the write is the same launch at every position.
 extern "C" __global__ void kv_write(const float* k, float* keys, int kw, const float* v, float* values, int vw,
                                    int t, const u32* pos_at) {
+    grid_wait();
     u64 pos = *pos_at, nk = (u64)t * kw, n = nk + (u64)t * vw;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         if (i < nk)

@@ -30,6 +30,22 @@ __device__ __forceinline__ float ld_f16(const u8* p) {
     return f16_to_f32(*(const u16*)p);
 }
 
+// Programmatic dependent launch: every kernel starts here. Launched with
+// the programmatic-serialization attribute (sm_90 on), a kernel's blocks
+// are placed while the one before it on the stream still runs and wait
+// here until that one's writes are visible, rather than the kernel being
+// launched only once the one before is done (about 1.5 us a kernel between
+// a decode step's ~100 small ones). Past the wait, a block lets the next
+// kernel be placed in turn: one kernel ahead at most, so that waiting
+// blocks never crowd out running ones. Both return at once for a kernel
+// launched the ordinary way.
+__device__ __forceinline__ void grid_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

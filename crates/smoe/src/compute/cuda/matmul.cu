@@ -544,29 +544,29 @@ __device__ void gemm_id(const u64* experts, const u32* used, const u32* start, u
 
 #define MATMUL_KERNELS(NAME, T)                                                                   \
     extern "C" __global__ void matvec_##NAME(const u8* w, u64 row_bytes, const float* x, float* y, \
-                                             int rows, int cols, int t) {                          \
+                                             int rows, int cols, int t) { grid_wait();             \
         matvec<T>(w, row_bytes, x, y, rows, cols, t);                                              \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         gemm_##NAME(const u8* w, u64 row_bytes, const float* x, float* y, int rows, int cols,      \
-                    int t, int exact, int kc) {                                                    \
+                    int t, int exact, int kc) { grid_wait();                                       \
         int kb = blockIdx.z * kc;                                                                  \
         gemm<T>(w, row_bytes, x, y + (size_t)blockIdx.z * t * rows, rows, cols, t, exact, kb,      \
                 min(cols, kb + kc));                                                               \
     }                                                                                              \
     extern "C" __global__ void matvec_id_##NAME(const u64* experts, const u32* ids, int n_exp,     \
                                                 u64 row_bytes, const float* x, int x_div, float* y, \
-                                                int rows, int cols) {                              \
+                                                int rows, int cols) { grid_wait();                 \
         matvec_id<T>(experts, ids, n_exp, row_bytes, x, x_div, y, rows, cols);                     \
     }                                                                                              \
     extern "C" __global__ void swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,  \
                                                 int n_exp, u64 row_bytes, const float* x, int k,   \
-                                                float* y, int rows, int cols) {                    \
+                                                float* y, int rows, int cols) { grid_wait();       \
         swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, x, k, y, rows, cols);                      \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         gemm_id_##NAME(const u64* experts, const u32* used, const u32* start, u64 row_bytes,       \
-                       const float* x, float* y, int rows, int cols, int exact) {                  \
+                       const float* x, float* y, int rows, int cols, int exact) { grid_wait();     \
         gemm_id<T>(experts, used, start, row_bytes, x, y, rows, cols, exact);                      \
     }
 
@@ -598,7 +598,7 @@ __device__ void ragged(const u8* w, u64 row_bytes, const float* x, float* y, int
 
 #define RAGGED_KERNEL(NAME, T)                                                                    \
     extern "C" __global__ void ragged_##NAME(const u8* w, u64 row_bytes, const float* x, float* y, \
-                                             int rows, int cols, int t) {                          \
+                                             int rows, int cols, int t) { grid_wait();             \
         ragged<T>(w, row_bytes, x, y, rows, cols, t);                                              \
     }
 
@@ -633,7 +633,7 @@ __device__ void get_rows(const u8* w, u64 row_bytes, u32 rows, const u32* ids, f
 
 #define GET_ROWS_KERNEL(NAME, T)                                                                     \
     extern "C" __global__ void get_rows_##NAME(const u8* w, u64 row_bytes, u32 rows, const u32* ids, \
-                                               float* x, int cols) {                                 \
+                                               float* x, int cols) { grid_wait();                    \
         get_rows<T>(w, row_bytes, rows, ids, x, cols);                                               \
     }
 
@@ -703,6 +703,7 @@ __device__ __forceinline__ void round_q8x4(float4 v, size_t at, bool in, i8* xq,
 
 // Block blk (32 values) of the t * cols activations, one warp each.
 extern "C" __global__ void quantize_q8(const float* x, i8* xq, float* xds, u64 blocks) {
+    grid_wait();
     u64 blk = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (blk >= blocks) return;
     u64 at = blk * 32 + (threadIdx.x & 31);
@@ -1017,24 +1018,24 @@ __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 r
 
 #define MMVQ_KERNELS(NAME, T)                                                                           \
     extern "C" __global__ void mmvq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds,  \
-                                           float* y, int rows, int cols, int t, int lanes) {            \
+                                           float* y, int rows, int cols, int t, int lanes) { grid_wait();            \
         mmvq<T>(w, row_bytes, xq, xds, y, rows, cols, t, lanes, blockIdx.x);                             \
     }                                                                                                    \
     extern "C" __global__ void mmvq_id_##NAME(const u64* experts, const u32* ids, int n_exp,            \
                                               u64 row_bytes, const i8* xq, const float* xds, int x_div, \
-                                              float* y, int rows, int cols, int lanes) {                \
+                                              float* y, int rows, int cols, int lanes) { grid_wait();   \
         mmvq_id<T>(experts, ids, n_exp, row_bytes, xq, xds, x_div, y, rows, cols, lanes);                \
     }                                                                                                    \
     extern "C" __global__ void mmvq_id_sum_##NAME(const u64* experts, const u32* ids, int n_exp,        \
                                                   u64 row_bytes, const i8* xq, const float* xds,        \
                                                   const float* w, int k, float* y, int rows, int cols,  \
-                                                  int lanes) {                                          \
+                                                  int lanes) { grid_wait();                             \
         mmvq_id_sum<T>(experts, ids, n_exp, row_bytes, xq, xds, w, k, y, rows, cols, lanes);             \
     }                                                                                                    \
     extern "C" __global__ void mmvq_swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,  \
                                                      int n_exp, u64 row_bytes, const i8* xq,            \
                                                      const float* xds, int k, float* y, int rows,       \
-                                                     int cols, int lanes) {                             \
+                                                     int cols, int lanes) { grid_wait();                \
         mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols, lanes);          \
     }
 
@@ -1049,6 +1050,7 @@ extern "C" __global__ void mmvq_each(const u8* w0, const u8* w1, const u8* w2, u
                                      int rows0, int rows1, int rows2, int ty0, int ty1, int ty2, float* y0,
                                      float* y1, float* y2, const i8* xq, const float* xds, int cols, int t,
                                      int lanes) {
+    grid_wait();
     int per = MQ_WARPS * (32 / lanes), b = blockIdx.x;
     int n0 = (rows0 + per - 1) / per, n1 = (rows1 + per - 1) / per;
     const u8* w = w0;
@@ -1294,12 +1296,12 @@ __device__ void mmq_id(const u64* experts, const u32* used, const u32* start, u6
 #define MMQ_KERNELS(NAME, T)                                                                            \
     extern "C" __global__ void __launch_bounds__(256, 2)                                                 \
         mmq_##NAME(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows,       \
-                   int cols, int t) {                                                                    \
+                   int cols, int t) { grid_wait();                                                       \
         mmq<T>(w, row_bytes, xq, xds, y, rows, cols, t);                                                  \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 2)                                                 \
         mmq_id_##NAME(const u64* experts, const u32* used, const u32* start, u64 row_bytes,              \
-                      const i8* xq, const float* xds, float* y, int rows, int cols) {                    \
+                      const i8* xq, const float* xds, float* y, int rows, int cols) { grid_wait();       \
         mmq_id<T>(experts, used, start, row_bytes, xq, xds, y, rows, cols);                               \
     }
 

@@ -20,6 +20,7 @@
 //! [`GpuMatrix`] uploads of the stored rows, quantized blocks included.
 
 mod kv;
+mod launch;
 mod load;
 
 pub use kv::DeviceKv;
@@ -29,7 +30,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     self, CudaContext, CudaEvent, CudaFunction, CudaModule, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    LaunchConfig, ValidAsZeroBits,
 };
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
@@ -47,12 +48,10 @@ macro_rules! launch {
         let name = $name;
         let timing = $gpu.time_start()?;
         let f = $gpu.function(&name)?;
-        let mut b = $gpu.compute.launch_builder(&f);
-        $(b.arg($arg);)+
+        let mut slots = [$(launch::KernelArg::slot(&*$arg, &$gpu.compute)),+];
         // SAFETY: every caller checks its buffers against the shapes it
         // passes, which bound what the kernel reads and writes.
-        unsafe { b.launch($cfg) }
-            .map(|_| ())
+        unsafe { launch::launch(&$gpu.compute, &f, $cfg, &mut slots, $gpu.programmatic) }
             .map_err(|e| device_error(format!("launching {name}"), e))?;
         $gpu.time_end(timing, &name)
     }};
@@ -303,6 +302,9 @@ pub struct Gpu {
     /// Kernels by name, looked up in the module once: a lookup costs a
     /// driver call, about as much as the launch itself.
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Whether kernels launch as programmatic dependents of the one before
+    /// ([`launch::launch`]): on sm_90 and later unless `SMOE_CUDA_PDL=0`.
+    programmatic: bool,
     /// Launches timed but not yet read back, when profiling
     /// ([`super::profile::enable`] before the GPU was opened).
     timed: Option<Mutex<Vec<Timed>>>,
@@ -423,6 +425,8 @@ impl Gpu {
         // Called before any buffer is made, so none is tracked.
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx);
+        let programmatic = info.compute_capability.0 >= 9
+            && std::env::var_os("SMOE_CUDA_PDL").is_none_or(|v| v != "0");
         let cubin = load::cubin(info.compute_capability)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
@@ -437,6 +441,7 @@ impl Gpu {
             info,
             module,
             functions: Mutex::default(),
+            programmatic,
             timed: profile::enabled().then(Mutex::default),
             attn_parts: Mutex::default(),
             router_done: Mutex::default(),

@@ -81,6 +81,7 @@ __device__ void rms_row(float* xr, const float* dr, float* orow, const float* w,
 // Row blockIdx.x of x into the same row of out (x only read: no dr).
 extern "C" __global__ void rms_norm(const float* x, float* out, const float* w, int width,
                                     float eps) {
+    grid_wait();
     size_t at = (size_t)blockIdx.x * width;
     rms_row((float*)x + at, nullptr, out + at, w, width, eps);
 }
@@ -89,6 +90,7 @@ extern "C" __global__ void rms_norm(const float* x, float* out, const float* w, 
 // add and the next norm in one launch.
 extern "C" __global__ void add_rms_norm(float* x, const float* d, float* out, const float* w, int width,
                                         float eps) {
+    grid_wait();
     size_t at = (size_t)blockIdx.x * width;
     rms_row(x + at, d + at, out + at, w, width, eps);
 }
@@ -101,6 +103,7 @@ extern "C" __global__ void add_rms_norm(float* x, const float* d, float* out, co
 // block and `i < width` holds for a whole warp or none of it.
 extern "C" __global__ void norm_q8(float* x, const float* d, float* out, const float* w, int width, float eps,
                                    i8* xq, float* xds) {
+    grid_wait();
     size_t at = (size_t)blockIdx.x * width;
     float *xr = x + at, *orow = out + at;
     float v[ROW_REGS], wv[ROW_REGS];
@@ -134,6 +137,7 @@ extern "C" __global__ void qk_norm_rope(float* q, float* k, const float* wq, con
                                         const float* cos_t, const float* sin_t, int head, int q_heads,
                                         int k_heads, int t, float eps, const float* v, float* keys,
                                         float* values, int vw, const u32* pos_at) {
+    grid_wait();
     int b = blockIdx.x, qn = t * q_heads, heads_all = qn + t * k_heads;
     if (b >= heads_all) {
         u64 pos = *pos_at, n = (u64)t * vw, step = (u64)(gridDim.x - heads_all) * blockDim.x;
@@ -167,6 +171,7 @@ extern "C" __global__ void qk_norm_rope(float* q, float* k, const float* wq, con
 // The first `width` values of row blockIdx.x (rows `stride` apart), in place.
 extern "C" __global__ void rms_norm_in_place(float* x, const float* w, int width, int stride,
                                              float eps) {
+    grid_wait();
     float* r = x + (size_t)blockIdx.x * stride;
     rms_row(r, nullptr, r, w, width, eps);
 }
@@ -177,6 +182,7 @@ extern "C" __global__ void rms_norm_in_place(float* x, const float* w, int width
 // One thread per pair.
 extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t, int t, int width,
                                 int head, int skip, int interleaved) {
+    grid_wait();
     int half = (head - skip) / 2, heads = width / head;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)t * heads * half) return;
@@ -193,6 +199,7 @@ extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t
 
 // gate = silu(gate) * up, element-wise.
 extern "C" __global__ void silu_mul(float* gate, const float* up, u64 n) {
+    grid_wait();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float g = gate[i];
@@ -202,6 +209,7 @@ extern "C" __global__ void silu_mul(float* gate, const float* up, u64 n) {
 // y = the sum of `splits` parts of n values each, in part order (a split
 // product's partial sums: the same order every run).
 extern "C" __global__ void sum_parts(const float* parts, float* y, u64 n, int splits) {
+    grid_wait();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float s = 0.0f;
@@ -211,17 +219,20 @@ extern "C" __global__ void sum_parts(const float* parts, float* y, u64 n, int sp
 
 // y += x.
 extern "C" __global__ void add(float* y, const float* x, u64 n) {
+    grid_wait();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] += x[i];
 }
 
 // row added to every `width`-wide row of y (a bias).
 extern "C" __global__ void add_rows(float* y, const float* row, u64 n, int width) {
+    grid_wait();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] += row[i % width];
 }
 
 extern "C" __global__ void clamp(float* x, u64 n, float limit) {
+    grid_wait();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = fminf(fmaxf(x[i], -limit), limit);
 }
@@ -229,6 +240,7 @@ extern "C" __global__ void clamp(float* x, u64 n, float limit) {
 // y[tok] += sigmoid(g[tok]) * x[tok], rows `width` wide (Qwen2-MoE's gated
 // shared expert).
 extern "C" __global__ void gated_add(float* y, const float* x, const float* g, u64 n, int width) {
+    grid_wait();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float s = 1.0f / (1.0f + expf(-g[i / width]));
@@ -239,6 +251,7 @@ extern "C" __global__ void gated_add(float* y, const float* x, const float* g, u
 // expert order. Rows past x's `rows` (a bad order) are left alone.
 extern "C" __global__ void gather(const float* x, const u32* order, int k, int width, int rows,
                                   float* out, u64 n) {
+    grid_wait();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     size_t r = i / width;
@@ -251,6 +264,7 @@ extern "C" __global__ void gather(const float* x, const u32* order, int k, int w
 // from zero in that order, as the CPU sums them.
 extern "C" __global__ void scatter(const float* ys, const u32* pos, const float* w, int k, int width,
                                    int rows, float* y, u64 n) {
+    grid_wait();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     size_t tok = i / width, c = i % width;
@@ -270,6 +284,7 @@ extern "C" __global__ void scatter(const float* ys, const u32* pos, const float*
 // selection.
 extern "C" __global__ void moe_combine(const float* ys, const u32* ids, const float* w, int k, int width,
                                        float* y, u64 n) {
+    grid_wait();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     size_t tok = i / width, c = i % width;
@@ -297,6 +312,7 @@ extern "C" __global__ void moe_combine(const float* ys, const u32* ids, const fl
 // One thread per output; correct first, a tiled product is the fast one.
 extern "C" __global__ void mla_absorb(const float* q, const float* kv_b, float* qa, int t, int nh,
                                       int nope, int rope, int vd, int rank) {
+    grid_wait();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     int row = rank + rope;
     if (idx >= (size_t)t * nh * row) return;
@@ -318,6 +334,7 @@ extern "C" __global__ void mla_absorb(const float* q, const float* kv_b, float* 
 // sum_r lat[tok, h, r] * kv_b[h * (nope + vd) + nope + d, r].
 extern "C" __global__ void mla_values(const float* lat, const float* kv_b, float* out, int t, int nh,
                                       int nope, int vd, int rank) {
+    grid_wait();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)t * nh * vd) return;
     int d = (int)(idx % vd);

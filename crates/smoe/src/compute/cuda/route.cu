@@ -131,6 +131,7 @@ __device__ void route_row(const float* l, const float* bias, int has_bias, int n
 extern "C" __global__ void route(const float* logits, const float* bias, int has_bias, int n, int k,
                                  int sigmoid, int n_group, int topk_group, int norm, float scale,
                                  u32* ids, float* weights) {
+    grid_wait();
     size_t tok = blockIdx.x;
     route_row(logits + tok * n, bias, has_bias, n, k, sigmoid, n_group, topk_group, norm, scale,
               ids + tok * k, weights + tok * k);
@@ -162,7 +163,7 @@ __device__ void router_route(const u8* w, u64 row_bytes, const float* x, float* 
     extern "C" __global__ void router_route_##NAME(                                                      \
         const u8* w, u64 row_bytes, const float* x, float* logits, int n, int cols, int t,               \
         const float* bias, int has_bias, int k, int sigmoid, int n_group, int topk_group, int norm,      \
-        float scale, u32* ids, float* weights, u32* done) {                                              \
+        float scale, u32* ids, float* weights, u32* done) { grid_wait();                                 \
         router_route<T>(w, row_bytes, x, logits, n, cols, t, bias, has_bias, k, sigmoid, n_group,       \
                         topk_group, norm, scale, ids, weights, done);                                    \
     }
