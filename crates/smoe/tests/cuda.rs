@@ -1546,11 +1546,23 @@ fn rounded_attention_matches_attention_then_round() {
         let seed = 700 + 5 * i as u64;
         let cols = s.n_heads * s.v_dim;
         let q = gpu.upload(&values(s.n_heads * s.head_dim, seed)).unwrap();
-        let keys = gpu.upload(&values((s.pos0 + 1) * s.k_stride, seed + 1)).unwrap();
-        let vals = gpu.upload(&values((s.pos0 + 1) * s.v_stride, seed + 2)).unwrap();
+        let keys = gpu
+            .upload(&values((s.pos0 + 1) * s.k_stride, seed + 1))
+            .unwrap();
+        let vals = gpu
+            .upload(&values((s.pos0 + 1) * s.v_stride, seed + 2))
+            .unwrap();
         let pos = gpu.upload(&[s.pos0 as u32]).unwrap();
-        let (mut out, mut plain) = (gpu.zeros::<f32>(cols).unwrap(), gpu.zeros::<f32>(cols).unwrap());
-        let w = Weights::new(DType::Quant(QuantType::Q4K), 64, cols.next_multiple_of(256), seed);
+        let (mut out, mut plain) = (
+            gpu.zeros::<f32>(cols).unwrap(),
+            gpu.zeros::<f32>(cols).unwrap(),
+        );
+        let w = Weights::new(
+            DType::Quant(QuantType::Q4K),
+            64,
+            cols.next_multiple_of(256),
+            seed,
+        );
         let m = gpu.upload_matrix(w.matrix()).unwrap();
         let (mut y1, mut y2) = (gpu.zeros::<f32>(64).unwrap(), gpu.zeros::<f32>(64).unwrap());
         let run = |out: &mut cuda::CudaSlice<f32>, round: bool| {

@@ -572,12 +572,31 @@ struct Host {
 /// ways round differently (the CPU's kernels round activations to 8 bits
 /// per 256, the GPU's per 32), so a later switch would change a run's
 /// outputs mid-way.
-#[derive(Default)]
+///
+/// `SMOE_STREAMED_WAY=copy|cpu|split` forces one way for every small
+/// batch (the split half on the CPU), to measure each in a bench.
 struct ExpertPaths {
     /// Per batch size `i + 1`, per way `[copy, cpu, split]`: calls, and
     /// the seconds per expert byte of each counted one.
     trials: [[(u32, Vec<f64>); 3]; MATVEC_MAX_TOKENS],
     kept: [Option<ExpertPath>; MATVEC_MAX_TOKENS],
+    forced: Option<ExpertPath>,
+}
+
+impl Default for ExpertPaths {
+    fn default() -> Self {
+        let forced = match std::env::var("SMOE_STREAMED_WAY").as_deref() {
+            Ok("copy") => Some(ExpertPath::Copy),
+            Ok("cpu") => Some(ExpertPath::Cpu),
+            Ok("split") => Some(ExpertPath::Split),
+            _ => None,
+        };
+        Self {
+            trials: Default::default(),
+            kept: Default::default(),
+            forced,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -598,7 +617,7 @@ impl ExpertPaths {
             return ExpertPath::Copy;
         };
         let [copy, cpu, _] = &self.trials[i];
-        match self.kept[i] {
+        match self.kept[i].or(self.forced) {
             Some(way) => way,
             None if cpu.0 < copy.0 => ExpertPath::Cpu,
             None if cpu.0 > Self::TRIALS => ExpertPath::Split,
@@ -609,9 +628,10 @@ impl ExpertPaths {
     /// Whether batch size `t`'s way is kept (or `t` is too large to have
     /// a choice): then nothing needs its time.
     fn settled(&self, t: usize) -> bool {
-        t.checked_sub(1)
-            .filter(|&i| i < MATVEC_MAX_TOKENS)
-            .is_none_or(|i| self.kept[i].is_some())
+        self.forced.is_some()
+            || t.checked_sub(1)
+                .filter(|&i| i < MATVEC_MAX_TOKENS)
+                .is_none_or(|i| self.kept[i].is_some())
     }
 
     /// Median seconds per expert byte of way `way` at batch index `i`
@@ -673,7 +693,7 @@ impl ExpertPaths {
         let Some(i) = t.checked_sub(1).filter(|&i| i < MATVEC_MAX_TOKENS) else {
             return;
         };
-        if self.kept[i].is_some() {
+        if self.kept[i].is_some() || self.forced.is_some() {
             return;
         }
         let (calls, per_byte) = &mut self.trials[i][way as usize];
@@ -1349,6 +1369,10 @@ impl GpuDecoder {
         let small = t <= MATVEC_MAX_TOKENS;
         let pairs = b.host.order.len();
         let mut spent = std::time::Duration::ZERO;
+        // The CPU's workers spin between this layer's experts and the
+        // next's rather than park (waking them costs milliseconds on a VM,
+        // which the CPU's trials would be charged): see `stay_awake`.
+        let _awake = (path != ExpertPath::Copy).then(crate::kernels::stay_awake);
         if path != ExpertPath::Copy {
             // The rows in expert order, as the `gather` kernel would have
             // put them (its rows are the ones `moe` downloaded).

@@ -84,7 +84,8 @@ pub unsafe fn launch<const N: usize>(
     programmatic: bool,
 ) -> Result<(), DriverError> {
     stream.context().bind_to_thread()?;
-    let mut params: [*mut c_void; N] = std::array::from_fn(|i| &mut slots[i] as *mut u64 as *mut c_void);
+    let mut params: [*mut c_void; N] =
+        std::array::from_fn(|i| &mut slots[i] as *mut u64 as *mut c_void);
     // SAFETY: a plain-data union; the field set is the one the id names.
     let mut value: CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
     value.programmaticStreamSerializationAllowed = 1;
