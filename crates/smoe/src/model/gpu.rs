@@ -477,8 +477,9 @@ struct Bufs {
     v: Buf<f32>,
     attn: Buf<f32>,
     out: Buf<f32>,
-    /// The step's RoPE cosines (`rope_len` of them) then sines.
-    rope: Buf<f32>,
+    /// Where the step's RoPE cosines (`rope_len` of them) then sines
+    /// start in [`Bufs::step`].
+    rope_at: usize,
     rope_len: usize,
     gate: Buf<f32>,
     up: Buf<f32>,
@@ -495,9 +496,10 @@ struct Bufs {
     /// What a streamed layer sends the host, back to back for one
     /// download ([`GpuDecoder::layer_to_host`]).
     to_host: Buf<u32>,
-    order: Buf<u32>,
-    pos: Buf<u32>,
-    pos_weights: Buf<f32>,
+    /// What the host sends a streamed layer back, in one upload: its pairs
+    /// in expert order, each token's pairs' rows of that order, and their
+    /// weights (as bits) ([`Host::routes`]).
+    routes: Buf<u32>,
     used: Buf<u32>,
     start: Buf<u32>,
     head: Buf<f32>,
@@ -538,10 +540,10 @@ struct Host {
     start: Vec<usize>,
     fill: Vec<usize>,
     order: Vec<usize>,
-    order32: Vec<u32>,
     start32: Vec<u32>,
     used: Vec<u32>,
-    pos: Vec<u32>,
+    /// [`Bufs::routes`]: the order, then the rows, then the weights.
+    routes: Vec<u32>,
     pos_weights: Vec<f32>,
     slots: Vec<usize>,
     best: Vec<f32>,
@@ -724,8 +726,9 @@ impl GpuDecoder {
         &self.cpu.cfg
     }
 
-    /// Every layer over the rows of `seqs` (ids `ids`), leaving the last
-    /// hidden states in `b.x`.
+    /// Every layer over the rows of `seqs` (ids `ids`), leaving the
+    /// residual stream before the last layer's MLP in `b.x` and that MLP's
+    /// output in `b.out`, for [`GpuDecoder::head`] to add.
     fn rows(&self, ids: &[u32], seqs: &mut [Seq<'_>], b: &mut Bufs) -> Result<()> {
         let g = &self.gpu;
         let (t, h) = (ids.len(), self.cfg().hidden_size);
@@ -735,10 +738,11 @@ impl GpuDecoder {
         // A sequence of more than one row is a prompt (decoding gives one).
         b.prompt = seqs.iter().any(|s| s.len > 1);
 
-        // What the step's kernels read that varies per step, in two
-        // uploads: each sequence's position (the KV writes and attention
-        // read it on the device) then the token ids, as u32; the RoPE
-        // tables' cosines then sines.
+        // What the step's kernels read that varies per step, in one
+        // upload (each a driver call the GPU idles through): each
+        // sequence's position (the KV writes and attention read it on the
+        // device), the token ids, the RoPE tables' cosines then sines (as
+        // bits).
         let host = &mut b.host;
         host.step.clear();
         host.step.extend(
@@ -747,18 +751,6 @@ impl GpuDecoder {
         );
         if self.embed.is_some() {
             host.step.extend_from_slice(ids);
-        }
-        g.upload_into(&host.step, &mut b.step.m(g, host.step.len())?)?;
-        match &self.embed {
-            Some(table) => {
-                let ids = b.step.v(seqs.len()..seqs.len() + t)?;
-                g.get_rows(table, &ids, t, &mut b.x.m(g, t * h)?)?;
-            }
-            None => {
-                host.x.resize(t * h, 0.0);
-                self.cpu.backend.embed(&self.cpu.embed, ids, &mut host.x)?;
-                g.upload_into(&host.x, &mut b.x.m(g, t * h)?)?;
-            }
         }
         host.rope.clear();
         host.sin.clear();
@@ -771,9 +763,24 @@ impl GpuDecoder {
             host.rope.extend_from_slice(&host.seq_cos);
             host.sin.extend_from_slice(&host.seq_sin);
         }
+        // The tables 16-byte aligned, as a buffer of their own would be.
+        host.step.resize(host.step.len().next_multiple_of(4), 0);
+        b.rope_at = host.step.len();
         b.rope_len = host.rope.len();
-        host.rope.extend_from_slice(&host.sin);
-        g.upload_into(&host.rope, &mut b.rope.m(g, host.rope.len())?)?;
+        host.step.extend(host.rope.iter().map(|c| c.to_bits()));
+        host.step.extend(host.sin.iter().map(|s| s.to_bits()));
+        g.upload_into(&host.step, &mut b.step.m(g, host.step.len())?)?;
+        match &self.embed {
+            Some(table) => {
+                let ids = b.step.v(seqs.len()..seqs.len() + t)?;
+                g.get_rows(table, &ids, t, &mut b.x.m(g, t * h)?)?;
+            }
+            None => {
+                host.x.resize(t * h, 0.0);
+                self.cpu.backend.embed(&self.cpu.embed, ids, &mut host.x)?;
+                g.upload_into(&host.x, &mut b.x.m(g, t * h)?)?;
+            }
+        }
 
         // A step whose every launch stays on the GPU (nothing streamed,
         // no buffer growing), of the shape the previous step sized the
@@ -831,9 +838,6 @@ impl GpuDecoder {
                     b.graph = Some(key);
                 }
             }
-        }
-        if n > 0 {
-            g.add(&mut b.x.part(0..t * h)?, &b.out.v(0..t * h)?)?;
         }
         for seq in seqs.iter_mut() {
             seq.kv.advance(seq.len);
@@ -971,7 +975,7 @@ impl GpuDecoder {
             ],
         )?;
         let half = hd / 2;
-        let (cos, sin) = rope_tables(&b.rope, b.rope_len, t * half)?;
+        let (cos, sin) = rope_tables(&b.step, b.rope_at, b.rope_len, t * half)?;
         // One sequence's keys and values go into its cache in the launch
         // that rotates them, where there is one (Qwen3's per-head norms).
         let mut cached = false;
@@ -1105,7 +1109,7 @@ impl GpuDecoder {
         forward(g, kv_a, &hn, t, &mut b.v.m(g, t * row)?)?;
         g.rms_norm(&mut b.v.part(0..t * row)?, row, &kv_norm.as_view(), a.eps)?;
         let half = rope / 2;
-        let (cos, sin) = rope_tables(&b.rope, b.rope_len, t * half)?;
+        let (cos, sin) = rope_tables(&b.step, b.rope_at, b.rope_len, t * half)?;
         let il = a.interleave;
         g.rope(&mut b.v.part(0..t * row)?, t, row, rank, &cos, &sin, il)?;
         g.rope(&mut b.q.part(0..t * nh * qk)?, t, qk, nope, &cos, &sin, il)?;
@@ -1260,25 +1264,25 @@ impl GpuDecoder {
         for (i, &slot) in host.order.iter().enumerate() {
             host.slots[slot] = i;
         }
-        host.pos.clear();
+        host.routes.clear();
+        host.routes.extend(host.order.iter().map(|&o| o as u32));
         host.pos_weights.clear();
         for tok in 0..t {
             let mut pairs: smallvec::SmallVec<[(usize, f32); 16]> = (tok * k..(tok + 1) * k)
                 .map(|s| (host.slots[s], host.chosen[s].1))
                 .collect();
             pairs.sort_by_key(|p| p.0);
-            host.pos.extend(pairs.iter().map(|p| p.0 as u32));
+            host.routes.extend(pairs.iter().map(|p| p.0 as u32));
             host.pos_weights.extend(pairs.iter().map(|p| p.1));
         }
-        host.order32.clear();
-        host.order32.extend(host.order.iter().map(|&o| o as u32));
+        host.routes
+            .extend(host.pos_weights.iter().map(|w| w.to_bits()));
 
+        // One upload: each is a driver call the GPU idles through.
         let pairs = host.order.len();
-        g.upload_into(&host.order32, &mut b.order.m(g, pairs)?)?;
-        g.upload_into(&host.pos, &mut b.pos.m(g, pairs)?)?;
-        g.upload_into(&host.pos_weights, &mut b.pos_weights.m(g, pairs)?)?;
+        g.upload_into(&host.routes, &mut b.routes.m(g, 3 * pairs)?)?;
         if path != ExpertPath::Cpu {
-            let (hn, order) = (b.h.v(0..t * hidden)?, b.order.v(0..pairs)?);
+            let (hn, order) = (b.h.v(0..t * hidden)?, b.routes.v(0..pairs)?);
             g.gather(&hn, hidden, &order, k, &mut b.xs.m(g, pairs * hidden)?)?;
         }
         b.ys.m(g, pairs * hidden)?;
@@ -1314,7 +1318,8 @@ impl GpuDecoder {
         ran?;
 
         let ys = b.ys.v(0..pairs * hidden)?;
-        let (pos, w) = (b.pos.v(0..pairs)?, b.pos_weights.v(0..pairs)?);
+        let pos = b.routes.v(pairs..2 * pairs)?;
+        let w = recast(b.routes.v(2 * pairs..3 * pairs)?)?;
         g.scatter(&ys, &pos, &w, k, t, &mut b.out.m(g, t * hidden)?)?;
         self.shared_expert(shared.as_ref(), t, hidden, b)
     }
@@ -1621,14 +1626,14 @@ impl GpuDecoder {
             let mut parts = Vec::with_capacity(5);
             if pairs > 0 {
                 parts.push(b.ids.v(0..pairs)?);
-                parts.push(words(b.weights.v(0..pairs)?)?);
+                parts.push(recast(b.weights.v(0..pairs)?)?);
             }
             if predicted > 0 {
                 parts.push(b.pred_ids.v(0..predicted)?);
-                parts.push(words(b.pred_weights.v(0..predicted)?)?);
+                parts.push(recast(b.pred_weights.v(0..predicted)?)?);
             }
             if rows > 0 {
-                parts.push(words(b.h.v(0..rows)?)?);
+                parts.push(recast(b.h.v(0..rows)?)?);
             }
             let mut stage = b.to_host.m(g, n)?;
             let mut at = 0;
@@ -1658,11 +1663,37 @@ impl GpuDecoder {
         Ok(())
     }
 
-    /// Logits of rows `rows` of `b.x` into `out`, `[rows, vocab]`.
-    fn head(&self, b: &mut Bufs, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+    /// Logits of rows `rows` of the `t` rows of the last hidden states
+    /// (`b.x` plus `b.out`, see [`GpuDecoder::rows`]) into `out`,
+    /// `[rows, vocab]`.
+    fn head(&self, b: &mut Bufs, t: usize, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let g = &self.gpu;
         let (h, vocab) = (self.cfg().hidden_size, self.cfg().vocab_size);
         let n = rows.len();
+        let eps = self.cfg().rms_norm_eps;
+        // The last layer's output is left in `b.out` for this to add.
+        let added = (!self.layers.is_empty())
+            .then(|| b.out.v(0..t * h))
+            .transpose()?;
+        if n > 0 && rows.iter().copied().eq(0..t) && g.takes_int8(&self.lm_head, n) {
+            // Every row (a decode step): the add, the norm and the int8
+            // rounding the head reads in one launch.
+            let r = g.norm_rows_rounded(
+                &mut b.x.part(0..t * h)?,
+                added.as_ref(),
+                &self.norm.as_view(),
+                eps,
+                &mut b.head.m(g, t * h)?,
+            )?;
+            let logits = &mut b.logits.m(g, n * vocab)?;
+            g.matmul_each_rounded(&r, n, &mut [(&self.lm_head, logits)])?;
+            drop(r);
+            out.resize(n * vocab, 0.0);
+            return g.download_into(&b.logits.v(0..n * vocab)?, out);
+        }
+        if let Some(d) = &added {
+            g.add(&mut b.x.part(0..t * h)?, d)?;
+        }
         {
             let mut picked = b.attn.m(g, n * h)?;
             for (i, &r) in rows.iter().enumerate() {
@@ -1670,7 +1701,6 @@ impl GpuDecoder {
                 g.copy(&src, &mut picked.slice_mut(i * h..(i + 1) * h))?;
             }
         }
-        let eps = self.cfg().rms_norm_eps;
         let picked = b.attn.v(0..n * h)?;
         g.rms_norm_rows(&picked, &self.norm.as_view(), eps, &mut b.head.m(g, n * h)?)?;
         let hn = b.head.v(0..n * h)?;
@@ -1704,12 +1734,18 @@ enum Input {
 
 /// The step's first `n` RoPE cosines and sines (`rope` holds the
 /// cosines, then the sines from `at`).
+/// The first `n` RoPE cosines and sines of the step, `len` of each from
+/// `at` in `step` ([`Bufs::rope_at`]).
 fn rope_tables(
-    rope: &Buf<f32>,
+    step: &Buf<u32>,
     at: usize,
+    len: usize,
     n: usize,
 ) -> Result<(CudaView<'_, f32>, CudaView<'_, f32>)> {
-    Ok((rope.v(0..n)?, rope.v(at..at + n)?))
+    Ok((
+        recast(step.v(at..at + n)?)?,
+        recast(step.v(at + len..at + len + n)?)?,
+    ))
 }
 
 fn no_device_kv() -> Error {
@@ -1980,13 +2016,20 @@ fn uploaded_tables(
     })
 }
 
-/// A float buffer's view as the words [`GpuDecoder::layer_to_host`]
-/// downloads.
-fn words(v: CudaView<'_, f32>) -> Result<CudaView<'_, u32>> {
-    // SAFETY: f32 and u32 have one size, and every bit pattern is a u32;
-    // the host turns them back with `f32::from_bits`.
-    unsafe { v.transmute::<u32>(v.len()) }
-        .ok_or_else(|| Error::invalid("CUDA decoder: a view as words"))
+/// A 4-byte type every bit pattern of which is a value.
+trait Word {}
+impl Word for u32 {}
+impl Word for f32 {}
+
+/// A view as another 4-byte type: floats among the words
+/// [`GpuDecoder::layer_to_host`] downloads, and back among those the host
+/// uploads ([`Bufs::routes`]).
+fn recast<A: Word, B: Word>(v: CudaView<'_, A>) -> Result<CudaView<'_, B>> {
+    const { assert!(size_of::<A>() == 4 && size_of::<B>() == 4) };
+    // SAFETY: one size, and every bit pattern of either is a value of the
+    // other; the other side turns them back with `to_bits`/`from_bits`.
+    unsafe { v.transmute::<B>(v.len()) }
+        .ok_or_else(|| Error::invalid("CUDA decoder: a view as another type"))
 }
 
 /// One expert's SwiGLU over its rows `rows` of the gathered `b.xs` into
@@ -2057,7 +2100,7 @@ impl CausalLm for GpuDecoder {
             Logits::Last => vec![t - 1],
             Logits::All => (0..t).collect(),
         };
-        self.head(&mut b, &rows, &mut session.logits)?;
+        self.head(&mut b, t, &rows, &mut session.logits)?;
         Ok(&mut session.logits)
     }
 
@@ -2087,11 +2130,12 @@ impl CausalLm for GpuDecoder {
             })
             .collect();
         let ran = self.rows(&ids, &mut seqs, &mut b);
+        let t = ids.len();
         s.ids = ids;
         ran?;
         drop(seqs);
         let mut all = std::mem::take(&mut s.logits);
-        let done = self.head(&mut b, &last, &mut all);
+        let done = self.head(&mut b, t, &last, &mut all);
         let vocab = self.cfg().vocab_size;
         if done.is_ok() {
             let wanted = steps.iter_mut().filter(|step| step.logits);
