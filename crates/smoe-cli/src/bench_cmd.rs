@@ -212,6 +212,15 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             g.graph_steps,
             g.graph_replays
         )?;
+        if g.copied_ahead > 0 {
+            writeln!(
+                out,
+                "copied while the layer before ran (its prediction): {} experts, {} of them used ({:.1}%)",
+                g.copied_ahead,
+                g.ahead_used,
+                100.0 * g.ahead_used as f64 / g.copied_ahead as f64
+            )?;
+        }
         if let Some(w) = g.one_token {
             let gb = |r: f64| r / 1e9;
             writeln!(

@@ -1839,6 +1839,49 @@ fn a_batch_on_cuda_equals_its_sequences_alone() {
     }
 }
 
+/// One-token steps whose streamed experts are copied to the GPU (the way
+/// forced) copy the next layer's predicted experts while the layer before
+/// runs: the same greedy ids and logits as the CPU's, the copies made
+/// ahead counted, none used that was not copied.
+#[test]
+fn experts_copied_ahead_match_the_cpu() {
+    if gpu_or_skip("experts copied ahead").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "qwen3-moe-a";
+    let vault = tmp.path().join(name);
+    let opts = ConvertOptions {
+        experts: DType::BF16,
+        backbone: DType::BF16,
+        allow_lossy: false,
+        stop_after_layers: None,
+    };
+    convert(&fixture(name), &vault, &opts, &mut |_| ()).unwrap();
+    let cpu = engine(&vault, Device::Cpu, Budget::Auto);
+    let ids = prompt(name);
+    let (want_all, want_ids, want_steps) = prefill_and_decode(&cpu, &ids, 8);
+    // Read once, as the decoder is made; the GPU tests run one at a time
+    // (tools/test-cuda.sh), and any other decoder made meanwhile would
+    // only copy where it might have computed on the CPU.
+    std::env::set_var("SMOE_STREAMED_WAY", "copy");
+    let gpu = engine_in(&vault, Device::Cuda(0), Budget::Auto, Budget::Bytes(0));
+    std::env::remove_var("SMOE_STREAMED_WAY");
+    let what = format!("{name} vault, experts copied ahead ({})", gpu.device());
+    let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, 8);
+    check(&format!("{what}: prefill"), &got_all, &want_all, 1e-3);
+    assert_eq!(got_ids, want_ids, "{what}: greedy ids");
+    check(&format!("{what}: decode"), &got_steps, &want_steps, 1e-3);
+    let g = gpu
+        .gpu_expert_stats()
+        .expect("a GPU decoder counts its tiers");
+    println!("{what}: {g:?}");
+    assert!(
+        g.copied_ahead > 0 && g.ahead_used <= g.copied_ahead && g.cpu_runs == 0,
+        "{what}: {g:?}"
+    );
+}
+
 /// Experts streamed from a vault through a 3-slot RAM cache (so a
 /// prefill's experts come in groups), uploaded per use, against the CPU on
 /// the same vault; then with about half and with all of the layers'

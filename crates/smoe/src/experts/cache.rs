@@ -452,6 +452,32 @@ impl ExpertCache {
         self.inner.lock().spare_jobs = jobs;
     }
 
+    /// Pins those of `experts` of `layer` that are resident now, in the
+    /// order asked, without reading the others or counting anything: for
+    /// copying a layer's likely experts to a GPU while the layer before it
+    /// runs. The layer's own request pins and counts them as it always
+    /// does.
+    pub fn pin_resident(&self, layer: usize, experts: &[u32]) -> Pinned<'_> {
+        let mut st = self.inner.lock();
+        let mut slots = st.spare_pins.pop().unwrap_or_default();
+        slots.clear();
+        for &e in experts {
+            if let Some(&s) = st.map.get(&(layer, e)) {
+                if st.slots[s].fill == Fill::Ready {
+                    st.slots[s].pins += 1;
+                    slots.push((e, s));
+                }
+            }
+        }
+        drop(st);
+        Pinned {
+            cache: self,
+            layer,
+            slots,
+            counts: None,
+        }
+    }
+
     /// Makes `experts` of `layer` resident and pins them. At most
     /// [`capacity`](Self::capacity) experts at once.
     pub fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Pinned<'_>> {
@@ -947,5 +973,38 @@ mod tests {
         file.inject(Some(Fault::Short(ALIGN as usize)));
         assert_eq!(logits(&engine).unwrap(), want, "short reads");
         assert!(misses() > before, "the pass read no experts");
+    }
+
+    /// `pin_resident` pins what is resident, in the order asked, and
+    /// neither reads the rest nor counts a hit or a miss; what it pins
+    /// stays until dropped, so a request evicting everything else keeps it.
+    #[test]
+    fn pinning_what_is_resident_reads_and_counts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = streamed(dir.path());
+        let cache = engine.cache().unwrap();
+        let (&layer, lay) = cache.inner.layers.iter().min_by_key(|l| l.0).unwrap();
+        let all: Vec<u32> = (0..lay.experts() as u32).collect();
+        drop(cache.fetch(layer, &[3, 1]).unwrap());
+        let before = cache.stats().snapshot();
+        let pinned = cache.pin_resident(layer, &all);
+        let ids: Vec<u32> = pinned.slots.iter().map(|&(e, _)| e).collect();
+        assert!(ids.contains(&1) && ids.contains(&3), "{ids:?}");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "not in the order asked: {ids:?}"
+        );
+        assert!(ids.len() < all.len(), "the cache holds every expert");
+        assert_eq!(cache.stats().snapshot(), before);
+        let (e, mats) = pinned.get(0);
+        let want: Vec<Vec<u8>> = mats.iter().map(|m| m.data.to_vec()).collect();
+        // Every other expert of the layer through the cache, a slot at a time.
+        for &other in all.iter().filter(|o| !ids.contains(o)) {
+            drop(cache.fetch(layer, &[other]).unwrap());
+        }
+        let (again, mats) = pinned.get(0);
+        assert_eq!(again, e);
+        let got: Vec<Vec<u8>> = mats.iter().map(|m| m.data.to_vec()).collect();
+        assert!(got == want, "a pinned expert was overwritten");
     }
 }

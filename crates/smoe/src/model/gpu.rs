@@ -174,6 +174,8 @@ struct TierCounters {
     vram_hits: AtomicU64,
     copied: AtomicU64,
     pcie_bytes: AtomicU64,
+    copied_ahead: AtomicU64,
+    ahead_used: AtomicU64,
     cpu_runs: AtomicU64,
     graph_steps: AtomicU64,
     graph_replays: AtomicU64,
@@ -714,6 +716,41 @@ impl ExpertPaths {
     }
 }
 
+/// A streamed layer's likely experts (the layer before's prediction)
+/// copied to the GPU while the layer before ran, behind its own copies: a
+/// one-token step's copies then overlap that layer's last kernels, the
+/// next attention and the host's routing round trip, rather than all
+/// following them (PCIe is most of a streamed layer's time). Their RAM
+/// slots stay pinned until the copies have read them.
+struct Ahead<'a> {
+    gpu: &'a Gpu,
+    /// The decoder layer they are for.
+    layer: usize,
+    _pins: Pinned<'a>,
+    /// Per expert, its id and (until taken) its matrices and upload event.
+    uploads: Vec<(u32, Option<(GpuFfn, CudaEvent)>)>,
+    /// After the last of the copies.
+    done: CudaEvent,
+}
+
+impl Ahead<'_> {
+    /// Expert `e`'s upload, if it was copied ahead and not taken yet.
+    fn take(&mut self, e: u32) -> Option<(GpuFfn, CudaEvent)> {
+        let (_, upload) = self.uploads.iter_mut().find(|(id, _)| *id == e)?;
+        upload.take()
+    }
+}
+
+impl Drop for Ahead<'_> {
+    fn drop(&mut self) {
+        // The slots are unpinned after this returns: not before the copies
+        // have read them (a device that fails this wait is lost anyway).
+        let _ = self.done.synchronize();
+        let unused = self.uploads.drain(..).filter_map(|(_, u)| u);
+        self.gpu.recycle(unused.flat_map(|(m, _)| m));
+    }
+}
+
 /// One sequence's rows of a call and its device cache.
 struct Seq<'a> {
     kv: &'a mut KvCache,
@@ -823,11 +860,13 @@ impl GpuDecoder {
             // runs eagerly, after the parts before it in stream order.
             let hits = self.tiers.vram_hits.load(Relaxed);
             let mut whole = graph;
+            let mut ahead = None;
             for (slot, first) in (0..n).step_by(GRAPH_LAYERS).enumerate() {
                 let part = first..(first + GRAPH_LAYERS).min(n);
-                if !(graph && g.captured(slot, &mut || self.layers(part.clone(), t, seqs, b))?) {
+                let mut run = || self.layers(part.clone(), t, seqs, b, &mut ahead);
+                if !(graph && g.captured(slot, &mut run)?) {
                     whole = false;
-                    self.layers(part, t, seqs, b)?;
+                    run()?;
                 }
             }
             if whole {
@@ -848,12 +887,13 @@ impl GpuDecoder {
     /// Layers `range` of a step over `b.x` (after [`GpuDecoder::rows`] has
     /// uploaded the rows and tables): each adds the previous layer's MLP
     /// output into the residual, the last layer's is left in `b.out`.
-    fn layers(
-        &self,
+    fn layers<'s>(
+        &'s self,
         range: std::ops::Range<usize>,
         t: usize,
         seqs: &mut [Seq<'_>],
         b: &mut Bufs,
+        ahead: &mut Option<Ahead<'s>>,
     ) -> Result<()> {
         let g = &self.gpu;
         let th = t * self.cfg().hidden_size;
@@ -891,7 +931,7 @@ impl GpuDecoder {
                     swiglu(g, w, &b.h.v(0..th)?, t, &mut b.gate, &mut b.up, &mut b.out)?
                 }
                 (Mlp::Sparse(m), GpuMlp::Sparse { .. }) => {
-                    self.moe(m, &dev.mlp, i, t, b, rounded.as_ref())?
+                    self.moe(m, &dev.mlp, i, t, b, rounded.as_ref(), ahead)?
                 }
                 _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
             }
@@ -1166,14 +1206,16 @@ impl GpuDecoder {
     /// rows, the weighted sum.
     /// `rounded`: `b.h` rounded by its norm, for the few-token path's
     /// int8 experts.
-    fn moe(
-        &self,
+    #[allow(clippy::too_many_arguments)]
+    fn moe<'s>(
+        &'s self,
         m: &Moe,
         dev: &GpuMlp,
         layer: usize,
         t: usize,
         b: &mut Bufs,
         rounded: Option<&Rounded<'_>>,
+        ahead: &mut Option<Ahead<'s>>,
     ) -> Result<()> {
         let GpuMlp::Sparse {
             router,
@@ -1309,6 +1351,7 @@ impl GpuDecoder {
                 path,
                 predicted.is_some(),
                 b,
+                ahead,
             ),
             (None, None, Experts::Resident(_)) => Err(Error::invalid(
                 "CUDA decoder: resident experts not uploaded",
@@ -1357,8 +1400,8 @@ impl GpuDecoder {
     /// always copied to the GPU, where its rows run in one pass over
     /// each expert. Only the time after the reads is what a way costs.
     #[allow(clippy::too_many_arguments)]
-    fn streamed(
-        &self,
+    fn streamed<'s>(
+        &'s self,
         cache: &Arc<ExpertCache>,
         cache_layer: usize,
         layer: usize,
@@ -1369,8 +1412,15 @@ impl GpuDecoder {
         path: ExpertPath,
         mut predict: bool,
         b: &mut Bufs,
+        ahead: &mut Option<Ahead<'s>>,
     ) -> Result<()> {
         let g = &self.gpu;
+        let predicted_next = predict;
+        // What the layer before copied ahead for this one, if anything
+        // (dropped here, after its copies, when this layer does not copy).
+        let mut early = ahead
+            .take()
+            .filter(|a| a.layer == layer && path == ExpertPath::Copy);
         let small = t <= MATVEC_MAX_TOKENS;
         let pairs = b.host.order.len();
         let mut spent = std::time::Duration::ZERO;
@@ -1409,19 +1459,45 @@ impl GpuDecoder {
                 ExpertPath::Cpu => self.cpu_experts(&pinned, pinned.len(), &mut b.host),
                 ExpertPath::Copy => {
                     let (ids, mats) = pinned_group(&pinned);
-                    let uploads = g.upload_experts(&mats)?;
-                    self.count_copies(&mats);
+                    // Those copied ahead, and the rest now.
+                    let mut uploads: Vec<_> = ids
+                        .iter()
+                        .map(|&e| early.as_mut().and_then(|a| a.take(e)))
+                        .collect();
+                    let (fresh_at, fresh): (Vec<usize>, Vec<_>) = (0..ids.len())
+                        .filter(|&i| uploads[i].is_none())
+                        .map(|i| (i, mats[i]))
+                        .unzip();
+                    let copied = g.upload_experts(&fresh)?;
+                    self.count_copies(&fresh);
+                    let used_ahead = (ids.len() - fresh.len()) as u64;
+                    self.tiers.ahead_used.fetch_add(used_ahead, Relaxed);
+                    for (i, u) in fresh_at.into_iter().zip(copied) {
+                        uploads[i] = Some(u);
+                    }
+                    let uploads: Vec<_> = uploads.into_iter().flatten().collect();
                     let ran = if small {
                         run_copied(g, t, &ids, &uploads, hidden, b)
                     } else {
                         run_uploaded(g, &ids, &uploads, pairs, hidden, b)
                     };
-                    // The copies read the slots, and write the device
-                    // matrices, after `upload_experts` has returned: both
-                    // (the matrices kept for the next upload, the pins
-                    // dropped with this scope) wait for them.
-                    let finished = g.finish_uploads();
-                    ran.and(finished)?;
+                    // The next layer's likely experts queue behind this
+                    // layer's copies. The copies read the slots, and write
+                    // the device matrices, after `upload_experts` has
+                    // returned: both (the matrices kept for the next
+                    // upload, the pins dropped with this scope) wait for
+                    // this layer's, not for those.
+                    let mark = g.uploads_mark();
+                    let next = match (&ran, &mark) {
+                        (Ok(()), Ok(_)) if predicted_next => self.copy_ahead(layer, t, b),
+                        _ => Ok(None),
+                    };
+                    let finished = match &mark {
+                        Ok(mark) => g.finish_uploads_to(mark),
+                        Err(_) => g.finish_uploads(),
+                    };
+                    ran.and(mark.map(drop)).and(finished)?;
+                    *ahead = next?;
                     g.recycle(uploads.into_iter().flat_map(|(m, _)| m));
                     if small && timed {
                         // What the choice compares: the experts' kernels too.
@@ -1472,6 +1548,55 @@ impl GpuDecoder {
         Ok(())
     }
 
+    /// After layer `layer`'s one-token step has queued its own copies, the
+    /// next layer's predicted experts that are in RAM, copied to the GPU
+    /// ([`Ahead`]), where its small batches' way is settled on copying
+    /// and its cache has room beside them for its own request.
+    fn copy_ahead(&self, layer: usize, t: usize, b: &Bufs) -> Result<Option<Ahead<'_>>> {
+        if t != 1 || !b.paths.settled(1) || b.paths.pick(1) != ExpertPath::Copy {
+            return Ok(None);
+        }
+        let Some((m, ..)) = self.next_streamed(layer) else {
+            return Ok(None);
+        };
+        let Experts::Streamed { cache, layer: l } = &m.experts else {
+            return Ok(None);
+        };
+        let k = m.routing.top_k;
+        if cache.capacity() < 4 * k {
+            return Ok(None);
+        }
+        let predicted = &b.host.predicted;
+        let pins = cache.pin_resident(*l, &predicted[..k.min(predicted.len())]);
+        if pins.len() == 0 {
+            return Ok(None);
+        }
+        let g = &self.gpu;
+        let (ids, uploads) = {
+            let (ids, mats) = pinned_group(&pins);
+            let uploads = g.upload_experts(&mats)?;
+            self.count_copies(&mats);
+            (ids, uploads)
+        };
+        self.tiers.copied_ahead.fetch_add(ids.len() as u64, Relaxed);
+        let done = match g.uploads_mark() {
+            Ok(done) => done,
+            Err(e) => {
+                // The pins go with this return: not before the copies.
+                g.finish_uploads()?;
+                return Err(e);
+            }
+        };
+        let uploads = ids.into_iter().zip(uploads.into_iter().map(Some)).collect();
+        Ok(Some(Ahead {
+            gpu: g,
+            layer: layer + 1,
+            _pins: pins,
+            uploads,
+            done,
+        }))
+    }
+
     /// The first `n` of `pinned`'s experts on the CPU, over the host's
     /// gathered rows into its outputs.
     fn cpu_experts(&self, pinned: &Pinned<'_>, n: usize, host: &mut Host) {
@@ -1498,6 +1623,7 @@ impl GpuDecoder {
                         router,
                         score_bias,
                         experts: None,
+                        tables: None,
                         ..
                     },
                 post_norm,
@@ -2057,6 +2183,8 @@ impl CausalLm for GpuDecoder {
             vram_hits: t.vram_hits.load(Relaxed),
             copied: t.copied.load(Relaxed),
             pcie_bytes: t.pcie_bytes.load(Relaxed),
+            copied_ahead: t.copied_ahead.load(Relaxed),
+            ahead_used: t.ahead_used.load(Relaxed),
             cpu_runs: t.cpu_runs.load(Relaxed),
             graph_steps: t.graph_steps.load(Relaxed),
             graph_replays: t.graph_replays.load(Relaxed),

@@ -95,6 +95,10 @@ pub struct GpuExpertStats {
     /// crossed PCIe for them.
     pub copied: u64,
     pub pcie_bytes: u64,
+    /// Of those, copied while the layer before ran (its prediction of
+    /// this layer's experts), and how many of them the layer then used.
+    pub copied_ahead: u64,
+    pub ahead_used: u64,
     /// Experts run on the CPU from their RAM slots instead (a small
     /// batch's, where that was measured faster).
     pub cpu_runs: u64,
@@ -127,6 +131,8 @@ impl GpuExpertStats {
             vram_hits: self.vram_hits.saturating_sub(before.vram_hits),
             copied: self.copied.saturating_sub(before.copied),
             pcie_bytes: self.pcie_bytes.saturating_sub(before.pcie_bytes),
+            copied_ahead: self.copied_ahead.saturating_sub(before.copied_ahead),
+            ahead_used: self.ahead_used.saturating_sub(before.ahead_used),
             cpu_runs: self.cpu_runs.saturating_sub(before.cpu_runs),
             graph_steps: self.graph_steps.saturating_sub(before.graph_steps),
             graph_replays: self.graph_replays.saturating_sub(before.graph_replays),

@@ -1002,6 +1002,23 @@ impl Gpu {
             .map_err(|e| device_error("waiting for an upload", e))
     }
 
+    /// An event after every upload queued so far, for
+    /// [`Gpu::finish_uploads_to`]: uploads queued later are not waited for.
+    pub fn uploads_mark(&self) -> Result<CudaEvent> {
+        self.copy
+            .record_event(None)
+            .map_err(|e| device_error("marking the uploads", e))
+    }
+
+    /// Blocks until every upload queued before `mark` has read its host
+    /// memory.
+    pub fn finish_uploads_to(&self, mark: &CudaEvent) -> Result<()> {
+        self.not_capturing("waiting for uploads")?;
+        let _w = profile::wait(Op::wait_copies);
+        mark.synchronize()
+            .map_err(|e| device_error("finishing uploads", e))
+    }
+
     /// Blocks until every upload queued so far has read its host memory.
     pub fn finish_uploads(&self) -> Result<()> {
         self.not_capturing("waiting for uploads")?;
