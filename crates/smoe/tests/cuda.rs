@@ -1840,9 +1840,9 @@ fn a_batch_on_cuda_equals_its_sequences_alone() {
 }
 
 /// One-token steps whose streamed experts are copied to the GPU (the way
-/// forced) copy the next layer's predicted experts while the layer before
-/// runs: the same greedy ids and logits as the CPU's, the copies made
-/// ahead counted, none used that was not copied.
+/// forced), copying ahead on, copy the next layer's predicted experts
+/// while the layer before runs: the same greedy ids and logits as the
+/// CPU's, the copies made ahead counted, none used that was not copied.
 #[test]
 fn experts_copied_ahead_match_the_cpu() {
     if gpu_or_skip("experts copied ahead").is_none() {
@@ -1865,8 +1865,10 @@ fn experts_copied_ahead_match_the_cpu() {
     // (tools/test-cuda.sh), and any other decoder made meanwhile would
     // only copy where it might have computed on the CPU.
     std::env::set_var("SMOE_STREAMED_WAY", "copy");
+    std::env::set_var("SMOE_COPY_AHEAD", "1");
     let gpu = engine_in(&vault, Device::Cuda(0), Budget::Auto, Budget::Bytes(0));
     std::env::remove_var("SMOE_STREAMED_WAY");
+    std::env::remove_var("SMOE_COPY_AHEAD");
     let what = format!("{name} vault, experts copied ahead ({})", gpu.device());
     let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, 8);
     check(&format!("{what}: prefill"), &got_all, &want_all, 1e-3);
