@@ -13,6 +13,9 @@
 # and time follow the cache's length, so PROMPT=512 profiles the steps
 # bench/cuda.sh times (with SKIP large enough to pass the prompt's
 # launches).
+# WARM=1 leaves the caches as the step before left them (ncu flushes L2
+# before each kernel by default, which makes the many small kernels of a
+# decode step read cold what a real step finds in L2).
 # KERNELS=REGEX keeps to the kernels it matches and, instead of their
 # times, collects why they take them (memory throughput, occupancy,
 # registers, what warps stall on), each launch replayed by ncu:
@@ -32,6 +35,7 @@ else
     what=(--clock-control none --metrics gpu__time_duration.sum --launch-skip "${SKIP:-1500}"
         --launch-count "${LAUNCHES:-900}" --print-summary per-kernel)
 fi
+[ "${WARM:-0}" = 1 ] && what+=(--cache-control none)
 "$NCU" "${what[@]}" \
     "$SMOE" bench --model "$VAULT" --device cuda --prompt-tokens "${PROMPT:-64}" --gen-tokens 24 --repeat 1 "$@" 2>&1 |
     grep -vE '^==PROF==|^\s*$' | cut -c1-160
