@@ -1839,6 +1839,20 @@ fn a_batch_on_cuda_equals_its_sequences_alone() {
     }
 }
 
+/// Family fixture `name` as a vault under `dir` that keeps bf16 (see
+/// `streamed_experts_match_the_cpu` for why).
+fn bf16_vault(dir: &Path, name: &str) -> PathBuf {
+    let vault = dir.join(name);
+    let opts = ConvertOptions {
+        experts: DType::BF16,
+        backbone: DType::BF16,
+        allow_lossy: false,
+        stop_after_layers: None,
+    };
+    convert(&fixture(name), &vault, &opts, &mut |_| ()).unwrap();
+    vault
+}
+
 /// One-token steps whose streamed experts are copied to the GPU (the way
 /// forced), copying ahead on, copy the next layer's predicted experts
 /// while the layer before runs: the same greedy ids and logits as the
@@ -1850,14 +1864,7 @@ fn experts_copied_ahead_match_the_cpu() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let name = "qwen3-moe-a";
-    let vault = tmp.path().join(name);
-    let opts = ConvertOptions {
-        experts: DType::BF16,
-        backbone: DType::BF16,
-        allow_lossy: false,
-        stop_after_layers: None,
-    };
-    convert(&fixture(name), &vault, &opts, &mut |_| ()).unwrap();
+    let vault = bf16_vault(tmp.path(), name);
     let cpu = engine(&vault, Device::Cpu, Budget::Auto);
     let ids = prompt(name);
     let (want_all, want_ids, want_steps) = prefill_and_decode(&cpu, &ids, 8);
@@ -1901,14 +1908,7 @@ fn streamed_experts_match_the_cpu() {
     };
     let tmp = tempfile::tempdir().unwrap();
     for name in ["qwen3-moe-a", "olmoe"] {
-        let vault = tmp.path().join(name);
-        let opts = ConvertOptions {
-            experts: DType::BF16,
-            backbone: DType::BF16,
-            allow_lossy: false,
-            stop_after_layers: None,
-        };
-        convert(&fixture(name), &vault, &opts, &mut |_| ()).unwrap();
+        let vault = bf16_vault(tmp.path(), name);
         // Three experts' records.
         let budget = Budget::Bytes(3 * 3 * 2 * 64 * 32 + 4096);
         let cpu = engine(&vault, Device::Cpu, budget);

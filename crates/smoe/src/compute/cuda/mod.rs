@@ -1255,6 +1255,33 @@ impl Gpu {
         Ok(r)
     }
 
+    /// The attention splits' scratch locked ([`Gpu::attention`]): grown
+    /// where smaller to `need` partial values and `counters` counters
+    /// (made zero, as the kernels leave them).
+    #[allow(clippy::type_complexity)]
+    fn attn_scratch(
+        &self,
+        need: usize,
+        counters: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Option<(CudaSlice<f32>, CudaSlice<u32>)>>> {
+        let mut parts = self.attn_parts.lock().unwrap_or_else(|e| e.into_inner());
+        if parts
+            .as_ref()
+            .is_none_or(|(p, d)| p.len() < need || d.len() < counters)
+        {
+            self.not_capturing("growing the attention scratch")?;
+            *parts = None;
+            *parts = Some((self.zeros(need)?, self.zeros(counters)?));
+        }
+        Ok(parts)
+    }
+
+    /// `v`'s device address, or a null pointer for `None`: how a kernel
+    /// takes a buffer it may go without.
+    fn address<T, P: DevicePtr<T>>(&self, v: Option<&P>) -> u64 {
+        v.map_or(0, |p| p.device_ptr(&self.compute).0)
+    }
+
     /// The tiled products (prefill) in 3xTF32, f32's accuracy (`true`, the
     /// default), or in one TF32 product each (an experiment: a third of
     /// the tensor work, 10 bits of mantissa), for what is queued from now
@@ -1682,35 +1709,21 @@ impl Gpu {
         if rows == 0 {
             return Ok(r);
         }
-        let (xq, xds) = r.as_mut().expect("allocated above");
-        match d {
-            Some(d) => launch!(
-                self,
-                "norm_q8",
-                per_row(rows)?,
-                x,
-                d,
-                out,
-                w,
-                &width,
-                &eps,
-                &mut *xq,
-                &mut *xds
-            )?,
-            None => launch!(
-                self,
-                "norm_q8",
-                per_row(rows)?,
-                x,
-                &0u64,
-                out,
-                w,
-                &width,
-                &eps,
-                &mut *xq,
-                &mut *xds
-            )?,
-        }
+        let (xq, xds) = r.as_mut().expect("allocated by int8_scratch");
+        let d = self.address(d);
+        launch!(
+            self,
+            "norm_q8",
+            per_row(rows)?,
+            x,
+            &d,
+            out,
+            w,
+            &width,
+            &eps,
+            &mut *xq,
+            &mut *xds
+        )?;
         Ok(r)
     }
 
@@ -2154,10 +2167,7 @@ impl Gpu {
             && aligned(values.device_ptr(&self.compute).0)
             && aligned(out.device_ptr(&self.compute).0);
         // A null pointer: the kernel takes `pos0` as given.
-        let pos_at = pos_at.map_or(0, |p| {
-            let (ptr, _sync) = p.device_ptr(&self.compute);
-            ptr
-        });
+        let pos_at = self.address(pos_at);
         if t == 1 && by_4 && s.n_heads / s.n_kv_heads <= GQA_MAX_GROUP {
             let splits = longest.div_ceil(GQA_MIN_KEYS).clamp(1, GQA_MAX_SPLITS);
             let cfg = LaunchConfig {
@@ -2165,74 +2175,46 @@ impl Gpu {
                 block_dim: (ATT_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (need, counters) = (s.n_heads * GQA_MAX_SPLITS * (s.v_dim + 4), s.n_kv_heads);
-            let mut parts = self.attn_parts.lock().unwrap_or_else(|e| e.into_inner());
-            if parts
-                .as_ref()
-                .is_none_or(|(p, d)| p.len() < need || d.len() < counters)
-            {
-                self.not_capturing("growing the attention scratch")?;
-                *parts = None;
-                *parts = Some((self.zeros(need)?, self.zeros(counters)?));
-            }
-            let (parts, done) = parts.as_mut().expect("allocated above");
-            let name = format!(
-                "attention_group{}",
-                (s.n_heads / s.n_kv_heads).next_power_of_two().max(4)
-            );
+            let need = s.n_heads * GQA_MAX_SPLITS * (s.v_dim + 4);
+            let mut parts = self.attn_scratch(need, s.n_kv_heads)?;
+            let (parts, done) = parts.as_mut().expect("allocated by attn_scratch");
+            let name = match s.n_heads / s.n_kv_heads {
+                ..=4 => "attention_group4",
+                5..=8 => "attention_group8",
+                _ => "attention_group16",
+            };
             let round = round && s.v_dim.is_multiple_of(32) && self.int8_activations();
-            let mut rounded = match round {
+            let rounded = match round {
                 true => Some(self.int8_scratch(&self.q8, s.n_heads * s.v_dim)?),
                 false => None,
             };
-            match rounded.as_mut().and_then(|r| r.as_mut()) {
-                Some((xq, xds)) => launch!(
-                    self,
-                    &name,
-                    cfg,
-                    q,
-                    keys,
-                    values,
-                    &mut *out,
-                    &mut *parts,
-                    &n_heads,
-                    &n_kv,
-                    &hd,
-                    &vd,
-                    &ks,
-                    &vs,
-                    &s.scale,
-                    &pos0,
-                    &pos_at,
-                    &window,
-                    &mut *done,
-                    &mut *xq,
-                    &mut *xds
-                )?,
-                None => launch!(
-                    self,
-                    &name,
-                    cfg,
-                    q,
-                    keys,
-                    values,
-                    &mut *out,
-                    &mut *parts,
-                    &n_heads,
-                    &n_kv,
-                    &hd,
-                    &vd,
-                    &ks,
-                    &vs,
-                    &s.scale,
-                    &pos0,
-                    &pos_at,
-                    &window,
-                    &mut *done,
-                    &0u64,
-                    &0u64
-                )?,
-            }
+            let (xq, xds) = match rounded.as_ref().and_then(|r| r.as_ref()) {
+                Some((xq, xds)) => (self.address(Some(xq)), self.address(Some(xds))),
+                None => (0, 0),
+            };
+            launch!(
+                self,
+                name,
+                cfg,
+                q,
+                keys,
+                values,
+                &mut *out,
+                &mut *parts,
+                &n_heads,
+                &n_kv,
+                &hd,
+                &vd,
+                &ks,
+                &vs,
+                &s.scale,
+                &pos0,
+                &pos_at,
+                &window,
+                &mut *done,
+                &xq,
+                &xds
+            )?;
             return Ok(rounded);
         }
         let blocks = s.n_heads * t;
@@ -2249,7 +2231,6 @@ impl Gpu {
             block_dim: (ATT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut parts = self.attn_parts.lock().unwrap_or_else(|e| e.into_inner());
         // Sized for the most splits this shape reaches as the keys grow (a
         // few hundred KB), not this call's: a decode step captured as a
         // graph must not find it growing.
@@ -2260,15 +2241,8 @@ impl Gpu {
         } else {
             (1, 1)
         };
-        if parts
-            .as_ref()
-            .is_none_or(|(p, d)| p.len() < need || d.len() < counters)
-        {
-            self.not_capturing("growing the attention scratch")?;
-            *parts = None;
-            *parts = Some((self.zeros(need)?, self.zeros(counters)?));
-        }
-        let (parts, done) = parts.as_mut().expect("allocated above");
+        let mut parts = self.attn_scratch(need, counters)?;
+        let (parts, done) = parts.as_mut().expect("allocated by attn_scratch");
         let n_splits = int(splits)?;
         // A prompt (blocks enough unsplit) with heads the tiled kernel
         // takes: keys and values read once per block of query rows.
