@@ -518,7 +518,10 @@ fn products_of_one_input_match_each_alone() {
 /// (`norm_rows_rounded`, with and without the residual add) against the
 /// norm then the products rounding it themselves: the same values, the
 /// same rounding, so the products agree to 1e-6 and the norm's outputs
-/// exactly; and the experts' gate/up from the rounded rows likewise.
+/// exactly; and the experts' gate/up from the rounded rows likewise, their
+/// outputs rounded as written (for the down projection) to the bytes
+/// `quantize_q8` makes of them: the down projections and sum from either
+/// agree exactly.
 #[test]
 fn rounded_norms_match_norm_then_round() {
     let Some(gpu) = gpu_or_skip("rounded norms") else {
@@ -616,6 +619,20 @@ fn rounded_norms_match_norm_then_round() {
         gpu.zeros::<f32>(t * k * INTER).unwrap(),
     );
     let (gate, up) = (&tables[0].0, &tables[1].0);
+    let downs: Vec<_> = (0..n_exp as u64)
+        .map(|e| {
+            let w = Weights::new(q4, HIDDEN, INTER, 970 + e);
+            gpu.upload_matrix(w.matrix()).unwrap()
+        })
+        .collect();
+    let refs: Vec<_> = downs.iter().collect();
+    let down = gpu.expert_table(&refs).unwrap().expect("a table");
+    let weights = gpu.upload(&values(t * k, 45)).unwrap();
+    let mut ys = gpu.zeros::<f32>(t * k * HIDDEN).unwrap();
+    let (mut y1, mut y2) = (
+        gpu.zeros::<f32>(t * HIDDEN).unwrap(),
+        gpu.zeros::<f32>(t * HIDDEN).unwrap(),
+    );
     {
         let r = gpu
             .norm_rows_rounded(
@@ -626,9 +643,38 @@ fn rounded_norms_match_norm_then_round() {
                 &mut h.as_view_mut(),
             )
             .unwrap();
-        gpu.swiglu_id_rounded(gate, up, &ids.as_view(), &r, k, &mut a.as_view_mut())
+        let act = gpu
+            .swiglu_id_rounded(gate, up, &ids.as_view(), &r, k, &mut a.as_view_mut(), true)
             .unwrap();
+        assert!(act.is_some(), "768 rows a pair are whole 32-blocks");
+        gpu.matvec_id_sum(
+            &down,
+            &ids.as_view(),
+            (&a.as_view(), act.as_ref()),
+            &weights.as_view(),
+            k,
+            t,
+            &mut ys.as_view_mut(),
+            &mut y1.as_view_mut(),
+        )
+        .unwrap();
     }
+    gpu.matvec_id_sum(
+        &down,
+        &ids.as_view(),
+        (&a.as_view(), None),
+        &weights.as_view(),
+        k,
+        t,
+        &mut ys.as_view_mut(),
+        &mut y2.as_view_mut(),
+    )
+    .unwrap();
+    assert_eq!(
+        gpu.download(&y1).unwrap(),
+        gpu.download(&y2).unwrap(),
+        "down and sum from the rounding swiglu made against quantize_q8's"
+    );
     gpu.swiglu_id(
         gate,
         up,
@@ -785,7 +831,7 @@ fn experts_by_id(gpu: &Gpu, what: &str) {
             gpu.matvec_id_sum(
                 &down,
                 &dids.as_view(),
-                &act.as_view(),
+                (&act.as_view(), None),
                 &dw.as_view(),
                 k,
                 t,

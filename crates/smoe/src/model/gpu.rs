@@ -63,6 +63,11 @@ pub struct GpuDecoder {
     /// queue before the next layer's demand copies (27% of them wasted
     /// guesses), and it has not been measured against copying without it.
     ahead_on: bool,
+    /// Whether a decode step's experts' gate/up launch also rounds its
+    /// output for the down projection (a `quantize_q8` launch fewer a
+    /// layer): on unless `SMOE_CUDA_FUSE=0` (so that one binary measures
+    /// both).
+    fuse: bool,
     /// The device's activations; one forward pass at a time uses them, as
     /// the GPU runs one pass at a time on its compute stream anyway.
     bufs: Mutex<Bufs>,
@@ -165,6 +170,7 @@ impl GpuDecoder {
             _pins: pins,
             tiers: TierCounters::default(),
             ahead_on: std::env::var_os("SMOE_COPY_AHEAD").is_some_and(|v| v == "1"),
+            fuse: std::env::var_os("SMOE_CUDA_FUSE").is_none_or(|v| v != "0"),
             bufs: Mutex::new(Bufs::default()),
         })
     }
@@ -1245,14 +1251,20 @@ impl GpuDecoder {
             self.tiers.vram_hits.fetch_add(pairs as u64, Relaxed);
             let ids = b.ids.v(0..pairs)?;
             let act = &mut b.gate.m(g, pairs * inter)?;
-            match rounded {
-                Some(r) => g.swiglu_id_rounded(gate, up, &ids, r, k, act)?,
-                None => g.swiglu_id(gate, up, &ids, &b.h.v(0..t * hidden)?, k, act)?,
-            }
+            // The down projection's int8 input rounded by the launch that
+            // writes it, where that one takes rounded rows itself.
+            let round_act = self.fuse && g.takes_int8_experts(down);
+            let act_rounded = match rounded {
+                Some(r) => g.swiglu_id_rounded(gate, up, &ids, r, k, act, round_act)?,
+                None => {
+                    g.swiglu_id(gate, up, &ids, &b.h.v(0..t * hidden)?, k, act)?;
+                    None
+                }
+            };
             g.matvec_id_sum(
                 down,
                 &ids,
-                &b.gate.v(0..pairs * inter)?,
+                (&b.gate.v(0..pairs * inter)?, act_rounded.as_ref()),
                 &b.weights.v(0..pairs)?,
                 k,
                 t,

@@ -58,10 +58,15 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block, returned to every thread. `sh` holds 32 floats;
-// blockDim.x is a multiple of 32.
+// A thread's place in its block and the block's threads, for blocks of
+// any shape (`router_route`'s are a matrix product's (32, warps)).
+__device__ __forceinline__ int flat_tid() { return threadIdx.y * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int flat_threads() { return blockDim.x * blockDim.y; }
+
+// Sum over the block, returned to every thread. `sh` holds 32 floats; the
+// block's threads are a multiple of 32.
 __device__ float block_sum(float v, float* sh) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int tid = flat_tid(), lane = tid & 31, warp = tid >> 5, nw = flat_threads() >> 5;
     v = warp_sum(v);
     __syncthreads();
     if (lane == 0) sh[warp] = v;
@@ -71,7 +76,7 @@ __device__ float block_sum(float v, float* sh) {
 }
 
 __device__ float block_max(float v, float* sh) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int tid = flat_tid(), lane = tid & 31, warp = tid >> 5, nw = flat_threads() >> 5;
     v = warp_max(v);
     __syncthreads();
     if (lane == 0) sh[warp] = v;

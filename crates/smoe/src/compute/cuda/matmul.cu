@@ -237,6 +237,8 @@ __device__ __forceinline__ void dot_row(const u8* wr, int cols, const float* x, 
     int lane = threadIdx.x, groups = cols >> 5;
     if constexpr (is_float<T>()) {
         float v[32];
+        // Two groups' loads in flight (a router row of 2,048 is two a lane).
+#pragma unroll 2
         for (int g = lane; g < groups; g += 32) {
             dequant32<T>(wr, g, v);
             dot32<NT>(v, x, cols, t, g, acc);
@@ -947,24 +949,44 @@ __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_b
 }
 
 // As `swiglu_id`: y[p, row] = silu(gate . x) * (up . x) for pair p's token
-// (p / k).
+// (p / k). With yq (else null), y is also rounded to int8 into yq/yds as
+// `quantize_q8` would round it, for the down projection (a launch fewer a
+// layer; rows a multiple of 32): the last of the blocks writing a 32-block
+// of y to finish (a count a 32-block in `done`, left at zero) rounds it.
 template <int T>
 __device__ void mmvq_swiglu_id(const u64* gates, const u64* ups, const u32* ids, int n_exp, u64 row_bytes,
-                               const i8* xq, const float* xds, int k, float* y, int rows, int cols, int lanes) {
+                               const i8* xq, const float* xds, int k, float* y, int rows, int cols, int lanes,
+                               i8* yq, float* yds, u32* done) {
+    __shared__ bool last;
     Q8Row r = q8_row(rows, lanes);
     int p = blockIdx.y;
     u32 e = ids[p];
-    if (e >= (u32)n_exp) {
-        if (q8_writes(r)) y[(size_t)p * rows + r.row] = 0.0f;
-        return;
+    float v = 0.0f;
+    // An id past n_exp (which `route` never writes) gives 0; the same for
+    // the whole block, so every lane reaches lanes_sum.
+    if (e < (u32)n_exp) {
+        size_t x = (size_t)(p / k), at = (size_t)r.row * row_bytes;
+        const u8* wr[2] = {(const u8*)gates[e] + at, (const u8*)ups[e] + at};
+        float acc[2][1] = {{0.0f}, {0.0f}};
+        if (r.valid)
+            q8_units<T, 1, 2>(wr, xq + x * cols, xds + 2 * x * (cols >> 5), cols, 1, r.sub, lanes, acc);
+        float g = lanes_sum(acc[0][0], lanes);
+        float u = lanes_sum(acc[1][0], lanes);
+        v = g / (1.0f + expf(-g)) * u;
     }
-    size_t x = (size_t)(p / k), at = (size_t)r.row * row_bytes;
-    const u8* wr[2] = {(const u8*)gates[e] + at, (const u8*)ups[e] + at};
-    float acc[2][1] = {{0.0f}, {0.0f}};
-    if (r.valid) q8_units<T, 1, 2>(wr, xq + x * cols, xds + 2 * x * (cols >> 5), cols, 1, r.sub, lanes, acc);
-    float g = lanes_sum(acc[0][0], lanes);
-    float u = lanes_sum(acc[1][0], lanes);
-    if (q8_writes(r)) y[(size_t)p * rows + r.row] = g / (1.0f + expf(-g)) * u;
+    if (q8_writes(r)) y[(size_t)p * rows + r.row] = v;
+    if (!yq) return;
+    // A block's rows (MQ_WARPS * 32 / lanes of them) divide 32.
+    int per = MQ_WARPS * (32 / lanes), first = (blockIdx.x * per) & ~31;
+    u32* c = done + (size_t)p * (rows >> 5) + (first >> 5);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) last = atomicAdd(c, 1u) == 32 / per - 1;
+    __syncthreads();
+    if (!last || threadIdx.y != 0) return;
+    size_t at = (size_t)p * rows + first + threadIdx.x;
+    round_q8(__ldcg(y + at), at, yq, yds);
+    if (threadIdx.x == 0) *c = 0;
 }
 
 // The chosen experts' down projections and their weighted sum in one
@@ -1035,8 +1057,11 @@ __device__ void mmvq_id_sum(const u64* experts, const u32* ids, int n_exp, u64 r
     extern "C" __global__ void mmvq_swiglu_id_##NAME(const u64* gates, const u64* ups, const u32* ids,  \
                                                      int n_exp, u64 row_bytes, const i8* xq,            \
                                                      const float* xds, int k, float* y, int rows,       \
-                                                     int cols, int lanes) { grid_wait();                \
-        mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols, lanes);          \
+                                                     int cols, int lanes, i8* yq, float* yds,           \
+                                                     u32* done) {                                       \
+        grid_wait();                                                                                     \
+        mmvq_swiglu_id<T>(gates, ups, ids, n_exp, row_bytes, xq, xds, k, y, rows, cols, lanes, yq, yds,  \
+                          done);                                                                         \
     }
 
 MMVQ_KERNELS(q4_k, T_Q4_K)

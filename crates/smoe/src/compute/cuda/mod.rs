@@ -312,8 +312,11 @@ pub struct Gpu {
     /// splits per (head, token) ([`Gpu::attention`]), grown to the largest
     /// call; every use is on the compute stream, in order.
     attn_parts: Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
-    /// `router_route`'s count of finished blocks (zero between launches).
-    router_done: Mutex<Option<CudaSlice<u32>>>,
+    /// Counts of finished blocks for the kernels whose last block to
+    /// finish does the rest (`router_route` routes, `mmvq_swiglu_id`
+    /// rounds): each kernel leaves them at zero, and kernels use them one
+    /// after another (the compute stream's order).
+    done: Mutex<Option<CudaSlice<u32>>>,
     /// [`Gpu::matmul_q8`]'s rounded activations and their block scales.
     q8: Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
     /// The rows a norm rounded as it wrote them ([`Gpu::norm_rows_rounded`]),
@@ -444,7 +447,7 @@ impl Gpu {
             programmatic,
             timed: profile::enabled().then(Mutex::default),
             attn_parts: Mutex::default(),
-            router_done: Mutex::default(),
+            done: Mutex::default(),
             q8: Mutex::default(),
             rounded: Mutex::default(),
             mmvq: std::env::var_os("SMOE_CUDA_MMVQ")
@@ -1276,6 +1279,19 @@ impl Gpu {
         Ok(parts)
     }
 
+    /// The counts of finished blocks ([`Gpu::done`]) locked, at least `n`
+    /// of them (a few thousand at first, so that a captured step never
+    /// finds them growing).
+    fn done_counters(&self, n: usize) -> Result<std::sync::MutexGuard<'_, Option<CudaSlice<u32>>>> {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        if done.as_ref().is_none_or(|d| d.len() < n) {
+            self.not_capturing("growing the block counters")?;
+            *done = None;
+            *done = Some(self.zeros(n.max(4096))?);
+        }
+        Ok(done)
+    }
+
     /// `v`'s device address, or a null pointer for `None`: how a kernel
     /// takes a buffer it may go without.
     fn address<T, P: DevicePtr<T>>(&self, v: Option<&P>) -> u64 {
@@ -1960,10 +1976,10 @@ impl Gpu {
             ids.len(),
             weights.len(),
         )?;
-        // One warp a token.
+        // A block a token, an expert or more a thread.
         let cfg = LaunchConfig {
             grid_dim: (int(t)? as u32, 1, 1),
-            block_dim: (32, 1, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         // Without a bias the kernel never reads the second buffer.
@@ -2015,12 +2031,8 @@ impl Gpu {
         }
         let n = router.rows;
         let a = route_args(t * n, t, r, bias.map(|b| b.len()), ids.len(), weights.len())?;
-        let mut done = self.router_done.lock().unwrap_or_else(|e| e.into_inner());
-        if done.is_none() {
-            self.not_capturing("allocating the routing counter")?;
-            *done = Some(self.zeros(1)?);
-        }
-        let done = done.as_mut().expect("allocated above");
+        let mut done = self.done_counters(1)?;
+        let done = done.as_mut().expect("allocated by done_counters");
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(MV_ROWS as usize) as u32, 1, 1),
             block_dim: (32, MV_ROWS, 1),
@@ -2518,7 +2530,7 @@ impl Gpu {
             let tokens = pairs.div_ceil(k as usize);
             let q8 = self.quantize_q8(x, tokens * gate.cols)?;
             let (xq, xds) = q8.as_ref().expect("quantized above");
-            return self.swiglu_id_q8(gate, up, ids, (xq, xds), k as usize, y);
+            return self.swiglu_id_q8(gate, up, ids, (xq, xds), k as usize, y, None);
         }
         let name = format!("swiglu_id_{}", kernel_dtype(gate.dtype)?);
         launch!(
@@ -2540,6 +2552,10 @@ impl Gpu {
 
     /// As [`Gpu::swiglu_id`] on rows a norm rounded as it wrote them; the
     /// experts must take the int8 kernels ([`Gpu::takes_int8_experts`]).
+    /// With `round` (and rows a multiple of 32), `y` is also rounded to
+    /// int8 as it is written, as [`Gpu::matvec_id_sum`] would round it
+    /// first: returned for that call, a launch fewer a layer.
+    #[allow(clippy::too_many_arguments)]
     pub fn swiglu_id_rounded(
         &self,
         gate: &ExpertTable,
@@ -2548,7 +2564,8 @@ impl Gpu {
         rounded: &Rounded<'_>,
         k: usize,
         y: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()> {
+        round: bool,
+    ) -> Result<Option<Rounded<'_>>> {
         let pairs = ids.len();
         let ok = rounded.as_ref().filter(|(xq, _)| {
             let same = (gate.dtype, gate.rows, gate.cols, gate.ptrs.len())
@@ -2570,12 +2587,20 @@ impl Gpu {
             )));
         };
         if pairs == 0 || gate.rows == 0 {
-            return Ok(());
+            return Ok(None);
         }
-        self.swiglu_id_q8(gate, up, ids, (xq, xds), k, y)
+        let mut out = match round && gate.rows.is_multiple_of(32) {
+            true => Some(self.int8_scratch(&self.q8, pairs * gate.rows)?),
+            false => None,
+        };
+        let yq = out.as_mut().and_then(|o| o.as_mut()).map(|(q, d)| (q, d));
+        self.swiglu_id_q8(gate, up, ids, (xq, xds), k, y, yq)?;
+        Ok(out)
     }
 
-    /// The int8 `swiglu_id` launch on rounded rows.
+    /// The int8 `swiglu_id` launch on rounded rows, its outputs also
+    /// rounded into `yq` when given.
+    #[allow(clippy::too_many_arguments)]
     fn swiglu_id_q8(
         &self,
         gate: &ExpertTable,
@@ -2584,6 +2609,7 @@ impl Gpu {
         (xq, xds): (&CudaSlice<u8>, &CudaSlice<f32>),
         k: usize,
         y: &mut CudaViewMut<'_, f32>,
+        yq: Option<(&mut CudaSlice<u8>, &mut CudaSlice<f32>)>,
     ) -> Result<()> {
         let pairs = ids.len();
         let (n_exp, k, rows, cols) = (
@@ -2595,9 +2621,18 @@ impl Gpu {
         let row_bytes = gate.dtype.row_bytes(gate.cols) as u64;
         let name = format!("mmvq_swiglu_id_{}", kernel_dtype(gate.dtype)?);
         let (cfg, lanes) = self.per_q8_row(gate.rows, gate.cols, pairs)?;
+        let mut done = match yq {
+            Some(_) => Some(self.done_counters(pairs * gate.rows / 32)?),
+            None => None,
+        };
+        let (q, ds, done) = (
+            self.address(yq.as_ref().map(|y| &*y.0)),
+            self.address(yq.as_ref().map(|y| &*y.1)),
+            self.address(done.as_mut().and_then(|d| d.as_ref())),
+        );
         launch!(
             self, &name, cfg, &gate.ptrs, &up.ptrs, ids, &n_exp, &row_bytes, xq, xds, &k, y, &rows,
-            &cols, &lanes
+            &cols, &lanes, &q, &ds, &done
         )
     }
 
@@ -2709,12 +2744,14 @@ impl Gpu {
     /// in one launch where the int8 kernels take `w` and `k` is at most
     /// SUM_MAX_K: a decode step's experts' down projections and their sum.
     /// `ys` (`[t * k, w.rows]`) holds the outputs where it takes two.
+    /// `rounded`: `x` as [`Gpu::swiglu_id_rounded`] rounded it, if it did
+    /// (else the int8 kernel rounds `x` first).
     #[allow(clippy::too_many_arguments)]
     pub fn matvec_id_sum(
         &self,
         w: &ExpertTable,
         ids: &CudaView<'_, u32>,
-        x: &CudaView<'_, f32>,
+        (x, rounded): (&CudaView<'_, f32>, Option<&Rounded<'_>>),
         weights: &CudaView<'_, f32>,
         k: usize,
         t: usize,
@@ -2751,8 +2788,26 @@ impl Gpu {
         }
         let (n_exp, rows, cols) = (int(w.ptrs.len())?, int(w.rows)?, int(w.cols)?);
         let (row_bytes, k) = (w.dtype.row_bytes(w.cols) as u64, int(k)?);
-        let mut q8 = self.quantize_q8(x, pairs * w.cols)?;
-        let (xq, xds) = q8.as_mut().expect("quantized above");
+        let n = pairs * w.cols;
+        // A guard given holds the scratch `quantize_q8` would lock.
+        let given = match rounded {
+            Some(r) => match r.as_ref().filter(|(xq, _)| xq.len() >= n) {
+                Some(r) => Some(r),
+                None => {
+                    return Err(Error::invalid(format!(
+                        "CUDA matvec_id_sum: fewer than {n} rounded inputs"
+                    )))
+                }
+            },
+            None => None,
+        };
+        let q8 = match given {
+            Some(_) => None,
+            None => Some(self.quantize_q8(x, n)?),
+        };
+        let (xq, xds) = given
+            .or_else(|| q8.as_ref().and_then(|q| q.as_ref()))
+            .expect("rounded above");
         let name = format!("mmvq_id_sum_{}", kernel_dtype(w.dtype)?);
         // A group of lanes a pair, up to MQ_WARPS warps of them (Mixtral's
         // two pairs leave no warp idle).
@@ -2765,7 +2820,7 @@ impl Gpu {
         };
         let lanes = lanes as i32;
         launch!(
-            self, &name, cfg, &w.ptrs, ids, &n_exp, &row_bytes, &*xq, &*xds, weights, &k, y, &rows,
+            self, &name, cfg, &w.ptrs, ids, &n_exp, &row_bytes, xq, xds, weights, &k, y, &rows,
             &cols, &lanes
         )
     }
