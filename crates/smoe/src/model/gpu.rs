@@ -116,6 +116,10 @@ enum GpuAttn {
 /// Gate, up and down.
 type GpuFfn = [GpuMatrix; 3];
 
+/// An expert copied to the GPU, and the event its copy (with others of
+/// its batch) finishes at ([`Gpu::upload_experts`]).
+type Copied = (GpuFfn, Arc<CudaEvent>);
+
 // One per layer, never moved after load: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 enum GpuMlp {
@@ -742,14 +746,14 @@ struct Ahead<'a> {
     layer: usize,
     _pins: Pinned<'a>,
     /// Per expert, its id and (until taken) its matrices and upload event.
-    uploads: Vec<(u32, Option<(GpuFfn, CudaEvent)>)>,
+    uploads: Vec<(u32, Option<Copied>)>,
     /// After the last of the copies.
     done: CudaEvent,
 }
 
 impl Ahead<'_> {
     /// Expert `e`'s upload, if it was copied ahead and not taken yet.
-    fn take(&mut self, e: u32) -> Option<(GpuFfn, CudaEvent)> {
+    fn take(&mut self, e: u32) -> Option<Copied> {
         let (_, upload) = self.uploads.iter_mut().find(|(id, _)| *id == e)?;
         upload.take()
     }
@@ -2035,7 +2039,7 @@ const UPLOADED_GROUP: usize = 16;
 fn run_uploaded(
     g: &Gpu,
     ids: &[u32],
-    uploads: &[(GpuFfn, CudaEvent)],
+    uploads: &[Copied],
     pairs: usize,
     hidden: usize,
     b: &mut Bufs,
@@ -2070,7 +2074,7 @@ fn run_copied(
     g: &Gpu,
     t: usize,
     ids: &[u32],
-    uploads: &[(GpuFfn, CudaEvent)],
+    uploads: &[Copied],
     hidden: usize,
     b: &mut Bufs,
 ) -> Result<()> {
@@ -2095,7 +2099,7 @@ fn run_copied_by_id(
     g: &Gpu,
     t: usize,
     ids: &[u32],
-    uploads: &[(GpuFfn, CudaEvent)],
+    uploads: &[Copied],
     hidden: usize,
     b: &mut Bufs,
 ) -> Result<bool> {
@@ -2147,7 +2151,7 @@ fn uploaded_tables(
     g: &Gpu,
     n_exp: usize,
     ids: &[u32],
-    uploads: &[(GpuFfn, CudaEvent)],
+    uploads: &[Copied],
 ) -> Result<Option<[ExpertTable; 3]>> {
     let table = |i: usize| {
         let mats: Vec<_> = ids

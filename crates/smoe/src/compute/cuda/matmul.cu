@@ -929,6 +929,61 @@ __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds,
     }
 }
 
+// `mmvq` for q6_k rows staged through shared memory (`extern` smem of
+// MQ_WARPS * 32 / lanes rows): each warp copies its rows with 16-byte
+// loads of consecutive addresses, all in flight at once, then multiplies
+// from shared memory. q6_k's 210-byte blocks leave a unit's bytes only
+// 2-byte aligned, so `unit_load` from global memory takes thirteen loads
+// of 1-4 bytes a unit, the lanes of a warp spread over several blocks of
+// two rows: each load instruction costs the L1 a pass per line touched,
+// which held the q6_k LM head to 2.1 TB/s (121 us on the H100). Rows
+// 16-byte aligned (row_bytes a multiple of 16).
+#define STAGE_LOADS 8
+__device__ void mmvq_q6k_staged(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows,
+                                int cols, int t, int lanes) {
+    extern __shared__ __align__(16) u8 staged[];
+    int per_warp = 32 / lanes, lane = threadIdx.x;
+    int first = (blockIdx.x * MQ_WARPS + threadIdx.y) * per_warp;
+    int n = max(0, min(per_warp, rows - first));
+    u8* st = staged + (size_t)threadIdx.y * per_warp * row_bytes;
+    const uint4* src = (const uint4*)(w + (size_t)first * row_bytes);
+    uint4* dst = (uint4*)st;
+    int words = (int)(n * row_bytes / 16);
+    for (int base = 0; base < words; base += STAGE_LOADS * 32) {
+        uint4 r[STAGE_LOADS];
+#pragma unroll
+        for (int k = 0; k < STAGE_LOADS; k++) {
+            int i = base + lane + 32 * k;
+            if (i < words) r[k] = __ldcs(src + i);
+        }
+#pragma unroll
+        for (int k = 0; k < STAGE_LOADS; k++) {
+            int i = base + lane + 32 * k;
+            if (i < words) dst[i] = r[k];
+        }
+    }
+    __syncwarp();
+    Q8Row r = q8_row(rows, lanes);
+    float acc[1][MV_TOKENS];
+#pragma unroll
+    for (int i = 0; i < MV_TOKENS; i++) acc[0][i] = 0.0f;
+    const u8* wr = st + (size_t)(r.row - first) * row_bytes;
+    if (r.valid) q8_units<T_Q6_K, MV_TOKENS, 1>(&wr, xq, xds, cols, t, r.sub, lanes, acc);
+#pragma unroll
+    for (int tok = 0; tok < MV_TOKENS; tok++) {
+        if (tok < t) {
+            float s = lanes_sum(acc[0][tok], lanes);
+            if (q8_writes(r)) y[(size_t)tok * rows + r.row] = s;
+        }
+    }
+}
+
+extern "C" __global__ void mmvq_q6_k_staged(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y,
+                                            int rows, int cols, int t, int lanes) {
+    grid_wait();
+    mmvq_q6k_staged(w, row_bytes, xq, xds, y, rows, cols, t, lanes);
+}
+
 // As `matvec_id`, pair p's activations being row p / x_div of xq/xds.
 template <int T>
 __device__ void mmvq_id(const u64* experts, const u32* ids, int n_exp, u64 row_bytes, const i8* xq,
