@@ -269,10 +269,13 @@ echo "--ram-budget $QUARTER --vram-budget $TENTH|$(cat "$DIR/last-rates")" >>"$D
 # Issue 22: what `smoe plan` forecast for each row on this machine's
 # figures, beside what the row measured.
 echo
-echo "smoe plan's forecast of each row (fixtures/machines/h200-host.toml), measured / forecast:"
+# The machine file of the card at hand (its own measured GPU figures).
+MACHINE=fixtures/machines/h200-host.toml
+nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 && MACHINE=fixtures/machines/h100-host.toml
+echo "smoe plan's forecast of each row ($MACHINE), measured / forecast:"
 while IFS='|' read -r flags pp tg; do
     # shellcheck disable=SC2086 # the row's flags, one word each
-    "$BIN/smoe" plan "$VAULT" --machine fixtures/machines/h200-host.toml --device cuda $flags \
+    "$BIN/smoe" plan "$VAULT" --machine "$MACHINE" --device cuda $flags \
         --ctx 1024 --json | python3 -c "
 import json, sys
 f = json.load(sys.stdin)['forecast']

@@ -113,17 +113,19 @@ struct MachineFile {
     gflops: Option<f64>,
     cores: Option<usize>,
     loop_us: Option<f64>,
-    /// The GPU, for --device cuda: its memory, host-to-device GB/s, and
+    /// The GPU, for --device cuda: its memory, host-to-device GB/s,
     /// milliseconds of one layer of a decoded token and of one layer over
-    /// a 512-token prompt (default: this engine on an H200).
+    /// a 512-token prompt, and the LM head's GB/s (default: this engine on
+    /// an H100).
     vram: Option<String>,
     pcie_gbps: Option<f64>,
     gpu_layer_decode_ms: Option<f64>,
     gpu_layer_prefill_ms: Option<f64>,
+    gpu_head_gbps: Option<f64>,
 }
 
 /// Keys a machine file may have, for the message that names a wrong one.
-const MACHINE_KEYS: &str = "name, ram, disk_gbps, mem_gbps, gflops, cores, loop_us, vram, pcie_gbps, gpu_layer_decode_ms, gpu_layer_prefill_ms";
+const MACHINE_KEYS: &str = "name, ram, disk_gbps, mem_gbps, gflops, cores, loop_us, vram, pcie_gbps, gpu_layer_decode_ms, gpu_layer_prefill_ms, gpu_head_gbps";
 
 fn machine_file(path: &Path) -> Result<MachineFile> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
@@ -142,6 +144,7 @@ fn machine_file(path: &Path) -> Result<MachineFile> {
         (at("pcie_gbps"), m.pcie_gbps),
         (at("gpu_layer_decode_ms"), m.gpu_layer_decode_ms),
         (at("gpu_layer_prefill_ms"), m.gpu_layer_prefill_ms),
+        (at("gpu_head_gbps"), m.gpu_head_gbps),
     ])?;
     if m.loop_us.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
         bail!(
@@ -311,9 +314,9 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
                 .pcie_gbps
                 .or(file.pcie_gbps)
                 .unwrap_or(gpu::DEFAULT_PCIE_GBPS),
-            layer_decode_s: ms(file.gpu_layer_decode_ms, gpu::H200_LAYER_DECODE_S),
-            layer_prefill_s: ms(file.gpu_layer_prefill_ms, gpu::H200_LAYER_PREFILL_S),
-            head_gbps: gpu::H200_HEAD_GBPS,
+            layer_decode_s: ms(file.gpu_layer_decode_ms, gpu::MEASURED_LAYER_DECODE_S),
+            layer_prefill_s: ms(file.gpu_layer_prefill_ms, gpu::MEASURED_LAYER_PREFILL_S),
+            head_gbps: file.gpu_head_gbps.unwrap_or(gpu::MEASURED_HEAD_GBPS),
             assumed: file.gpu_layer_decode_ms.is_none(),
         };
         let vram_budget = budget("--vram-budget", &a.vram_budget, &sizes, true)?;
@@ -469,7 +472,7 @@ fn print(
             human_bytes(v.vram),
             g.pcie_gbps,
             if g.assumed {
-                "; the GPU's own time is this engine's on an H200 (gpu_layer_decode_ms and gpu_layer_prefill_ms in --machine for another)"
+                "; the GPU's own time is this engine's on an H100 (gpu_layer_decode_ms, gpu_layer_prefill_ms and gpu_head_gbps in --machine for another)"
             } else {
                 ""
             }

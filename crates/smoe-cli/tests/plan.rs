@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value;
@@ -185,6 +185,21 @@ fn a_gpu_plan_places_whole_layers_in_vram_and_streams_the_rest() {
     assert_eq!(layers(&capped("25%")), 94 / 4);
     assert_eq!(layers(&capped(&format!("{}", 3 * layer + 1))), 3);
     assert!(decode(&capped("25%")) < decode(&big));
+    // A machine file's own GPU figures (the H100 bench machine's parse),
+    // and a slower LM head forecasts a slower token.
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow.toml");
+    fs::write(&slow, "gpu_head_gbps = 100.0\n").unwrap();
+    let h100 = fixture("machines").join("h100-host.toml");
+    let with = |machine: &Path| {
+        let mut args = vec![path_str(&path), "--machine", path_str(machine)];
+        args.extend(["--ram", "128GB"]);
+        args.extend(GIVEN);
+        args.extend(["--device", "cuda", "--vram", "141GB"]);
+        plan_json(&args)
+    };
+    assert!(decode(&with(&slow)) < decode(&big));
+    assert!(decode(&with(&h100)) > 0.0);
     // The CPU engine's forecast is not what a GPU plan prints.
     let mut cpu_args = vec![path_str(&path), "--ram", "128GB"];
     cpu_args.extend(GIVEN);
@@ -288,6 +303,10 @@ fn bad_input_gets_one_clear_line() {
         (
             "gpu_layer_decode_ms = -1.0\n",
             vec!["m.toml", "gpu_layer_decode_ms", "positive"],
+        ),
+        (
+            "gpu_head_gbps = 0.0\n",
+            vec!["m.toml", "gpu_head_gbps", "positive"],
         ),
         ("vram = 24\n", vec!["m.toml", "expected keys"]),
         ("ram = \"lots\"\n", vec!["\"lots\" is not a size"]),

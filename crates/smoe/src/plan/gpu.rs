@@ -12,11 +12,12 @@
 //!
 //! The GPU's own time is the one figure not derived from bytes: at these
 //! sizes a decoded token's layer is bound by kernel launches, not by HBM.
-//! It is taken from this engine measured on an H200 (`bench/cuda.sh` at
-//! 3a745b5, the 8-layer Qwen3-30B-A3B q4_k vault with every expert in
-//! VRAM: 408.1 tok/s decode, 5,976 tok/s prefill of 512 tokens; the q6_k
-//! LM head at 496 GB/s in `cuda_bench` on the same tree), and can be
-//! given for another GPU.
+//! It is taken from this engine measured on an H100 (`bench/cuda.sh` at
+//! 389b76e, the 8-layer Qwen3-30B-A3B q4_k vault with every expert in
+//! VRAM: 1,220.2 tok/s decode, 24,363 tok/s prefill of 512 tokens; the
+//! q6_k LM head at 2,360 GB/s in `cuda_bench` on the same tree), and can
+//! be given for another GPU. (The H200 figures of 3a745b5, 408.1 and
+//! 5,976 tok/s, were an engine three times slower.)
 
 use serde_json::{json, Value};
 
@@ -25,14 +26,14 @@ use crate::error::{Error, Result};
 use crate::memory::{vram_headroom, Budget, MemoryPlan};
 use crate::model::human_bytes;
 
-/// One decoded token's layer on the H200, seconds: (1 / 408.1 - the LM
-/// head's 0.515 ms) / 8 layers.
-pub const H200_LAYER_DECODE_S: f64 = 0.242e-3;
-/// One layer over a 512-token prompt on the H200, seconds: 512 / 5,976 /
-/// 8 layers.
-pub const H200_LAYER_PREFILL_S: f64 = 10.7e-3;
-/// The LM head's matrix-vector product on the H200, GB/s.
-pub const H200_HEAD_GBPS: f64 = 496.0;
+/// One decoded token's layer on the H100, seconds: (1 / 1,220.2 - the LM
+/// head's 0.108 ms) / 8 layers.
+pub const MEASURED_LAYER_DECODE_S: f64 = 0.0889e-3;
+/// One layer over a 512-token prompt on the H100, seconds: 512 / 24,363
+/// / 8 layers.
+pub const MEASURED_LAYER_PREFILL_S: f64 = 2.63e-3;
+/// The LM head's matrix-vector product on the H100, GB/s.
+pub const MEASURED_HEAD_GBPS: f64 = 2360.0;
 /// Host-to-device copies when no figure is given: PCIe 4.0 x16 as
 /// measured on common desktops from page-locked memory.
 pub const DEFAULT_PCIE_GBPS: f64 = 25.0;
@@ -47,7 +48,7 @@ pub struct Gpu {
     pub layer_decode_s: f64,
     pub layer_prefill_s: f64,
     pub head_gbps: f64,
-    /// Whether the GPU figures are the H200's defaults.
+    /// Whether the GPU figures are the measured H100's defaults.
     pub assumed: bool,
 }
 
