@@ -910,15 +910,16 @@ __device__ __forceinline__ Q8Row q8_row(int rows, int lanes) { return q8_row_in(
 
 __device__ __forceinline__ bool q8_writes(const Q8Row& r) { return r.valid && r.sub == 0; }
 
-// y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`.
+// y[tok, row] = x[tok] . w[row] for tok < t <= MV_TOKENS, as `matvec`;
+// `w` holds the rows from row0 on (`mmvq_q6k_staged` passes its copy).
 template <int T>
 __device__ void mmvq(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y, int rows, int cols,
-                     int t, int lanes, int block) {
+                     int t, int lanes, int block, int row0 = 0) {
     Q8Row r = q8_row_in(block, rows, lanes);
     float acc[1][MV_TOKENS];
 #pragma unroll
     for (int i = 0; i < MV_TOKENS; i++) acc[0][i] = 0.0f;
-    const u8* wr = w + (size_t)r.row * row_bytes;
+    const u8* wr = w + (size_t)(r.row - row0) * row_bytes;
     if (r.valid) q8_units<T, MV_TOKENS, 1>(&wr, xq, xds, cols, t, r.sub, lanes, acc);
 #pragma unroll
     for (int tok = 0; tok < MV_TOKENS; tok++) {
@@ -963,19 +964,7 @@ __device__ void mmvq_q6k_staged(const u8* w, u64 row_bytes, const i8* xq, const 
         }
     }
     __syncwarp();
-    Q8Row r = q8_row(rows, lanes);
-    float acc[1][MV_TOKENS];
-#pragma unroll
-    for (int i = 0; i < MV_TOKENS; i++) acc[0][i] = 0.0f;
-    const u8* wr = st + (size_t)(r.row - first) * row_bytes;
-    if (r.valid) q8_units<T_Q6_K, MV_TOKENS, 1>(&wr, xq, xds, cols, t, r.sub, lanes, acc);
-#pragma unroll
-    for (int tok = 0; tok < MV_TOKENS; tok++) {
-        if (tok < t) {
-            float s = lanes_sum(acc[0][tok], lanes);
-            if (q8_writes(r)) y[(size_t)tok * rows + r.row] = s;
-        }
-    }
+    mmvq<T_Q6_K>(st, row_bytes, xq, xds, y, rows, cols, t, lanes, blockIdx.x, first);
 }
 
 extern "C" __global__ void mmvq_q6_k_staged(const u8* w, u64 row_bytes, const i8* xq, const float* xds, float* y,

@@ -302,6 +302,10 @@ pub struct Gpu {
     /// memory (`mmvq_q6_k_staged`): on unless `SMOE_CUDA_STAGED=0` (so
     /// that one binary measures both).
     staged_q6k: bool,
+    /// Whether [`Gpu::upload_experts`] copies a decode step's experts in
+    /// one driver call: on CUDA 13 drivers unless `SMOE_COPY_BATCH=0`,
+    /// which copies matrix by matrix (so that one binary measures both).
+    batch_copies: bool,
     /// Recorded on the compute stream for the copy stream to wait on
     /// ([`Gpu::upload_experts`]).
     computed: CudaEvent,
@@ -453,6 +457,8 @@ impl Gpu {
             compute: stream("compute")?,
             copy: stream("copy")?,
             staged_q6k: std::env::var_os("SMOE_CUDA_STAGED").is_none_or(|v| v != "0"),
+            batch_copies: info.driver_version.0 >= 13
+                && std::env::var_os("SMOE_COPY_BATCH").is_none_or(|v| v != "0"),
             computed: ctx
                 .new_event(None)
                 .map_err(|e| device_error("creating an event", e))?,
@@ -969,10 +975,7 @@ impl Gpu {
             .record(&self.compute)
             .and_then(|()| self.copy.wait(&self.computed))
             .map_err(order)?;
-        // SMOE_COPY_BATCH=0 copies matrix by matrix (to measure both).
-        let batched = self.info.driver_version.0 >= 13
-            && experts.len() <= UPLOAD_BATCH
-            && std::env::var_os("SMOE_COPY_BATCH").is_none_or(|v| v != "0");
+        let batched = self.batch_copies && experts.len() <= UPLOAD_BATCH;
         let mut out = out.into_iter();
         let mut queued = Vec::with_capacity(experts.len());
         for group in experts.chunks(if batched { UPLOAD_BATCH } else { 1 }) {
