@@ -81,8 +81,10 @@ const ROUTE_MAX_GROUPS: usize = 64;
 const ATT_MAX_HEAD: usize = 1024;
 const ATT_MAX_V: usize = 512;
 const ATT_THREADS: u32 = 8 * 32;
-/// Query rows of a block of the tiled prompt kernel (`ATT_ROWS`).
-const ATT_ROWS: usize = 32;
+/// Query rows and threads of a block of the tiled prompt kernel
+/// (`attention_rows`: `PR_ROWS`, `PR_WARPS`).
+const PR_ROWS: usize = 16;
+const PR_THREADS: u32 = 4 * 32;
 /// Split attention: blocks wanted per SM, and the fewest keys a split
 /// takes (eight per warp).
 const ATT_BLOCKS_PER_SM: usize = 4;
@@ -2367,8 +2369,8 @@ impl Gpu {
         if splits == 1 && t > 1 && by_4 {
             let rows = t * (s.n_heads / s.n_kv_heads);
             let cfg = LaunchConfig {
-                grid_dim: (n_kv as u32, int(rows.div_ceil(ATT_ROWS))? as u32, 1),
-                block_dim: (ATT_THREADS, 1, 1),
+                grid_dim: (n_kv as u32, int(rows.div_ceil(PR_ROWS))? as u32, 1),
+                block_dim: (PR_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             let t = int(t)?;
