@@ -147,6 +147,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             f64::INFINITY
         };
         let decode = med(&|r| r.decode_tok_s);
+        let predicted = runs.iter().any(|r| r.decode.predicted > 0);
         report["streaming"] = json!({
             "ram_budget_bytes": cache.capacity() * cache.slot_bytes(),
             "cache_slots": cache.capacity(),
@@ -158,8 +159,10 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             "prefill_hit_rate": med(&|r| r.prefill.hit_rate()),
             "prefill_bytes_read": med(&|r| r.prefill.bytes_read() as f64),
             "decode_hit_rate": med(&|r| r.decode.hit_rate()),
-            "recall": med(&|r| r.decode.recall()),
-            "precision": med(&|r| r.decode.precision()),
+            // Null where nothing was predicted: the CUDA decoder guesses
+            // only where a read-ahead or a copy ahead acts on the guess.
+            "recall": predicted.then(|| med(&|r| r.decode.recall())),
+            "precision": predicted.then(|| med(&|r| r.decode.precision())),
             "bytes_read_per_token": decode_bytes,
             "read_gb_s": med(&|r| r.decode.read_gb_s()),
             "blocked_ms_per_token": med(&|r| per_tok(r, 1e3 * r.decode.blocked_s)),
@@ -225,7 +228,7 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             let gb = |r: f64| r / 1e9;
             writeln!(
                 out,
-                "one-token batches of streamed experts: {} (median expert GB/s: copied to the GPU                  {:.1}, on the CPU {:.1}, split between them {:.1})",
+                "one-token batches of streamed experts: {} (median expert GB/s: copied to the GPU {:.1}, on the CPU {:.1}, split between them {:.1})",
                 w.kept.map_or("still measuring".to_string(), |k| format!("{k} kept")),
                 gb(w.copy_bytes_s),
                 gb(w.cpu_bytes_s),
@@ -245,12 +248,18 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             100.0 * g("prefill_hit_rate"),
             human_bytes(g("prefill_bytes_read") as u64)
         )?;
+        let prediction = match (st["recall"].as_f64(), st["precision"].as_f64()) {
+            (Some(r), Some(p)) => format!(
+                "prediction recall {:.1}%, precision {:.1}%",
+                100.0 * r,
+                100.0 * p
+            ),
+            _ => "no prediction (nothing read or copied ahead)".to_string(),
+        };
         writeln!(
             out,
-            "decode: hit {:.1}% | prediction recall {:.1}%, precision {:.1}% | {:.1} MB read/token at {:.2} GB/s | blocked {:.1} ms/token",
+            "decode: hit {:.1}% | {prediction} | {:.1} MB read/token at {:.2} GB/s | blocked {:.1} ms/token",
             100.0 * g("decode_hit_rate"),
-            100.0 * g("recall"),
-            100.0 * g("precision"),
             g("bytes_read_per_token") / 1e6,
             g("read_gb_s"),
             g("blocked_ms_per_token")

@@ -102,7 +102,7 @@ impl ReadAhead {
 
     /// Whether a forward pass reads ahead; `prompt` when it processes
     /// prompt tokens.
-    fn reads(self, prompt: bool) -> bool {
+    pub fn reads(self, prompt: bool) -> bool {
         match self {
             ReadAhead::Off => false,
             ReadAhead::Prompts => prompt,

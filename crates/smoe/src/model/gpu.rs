@@ -1283,7 +1283,7 @@ impl GpuDecoder {
         // batch's streamed experts, the normed rows it gathers itself.
         let streamed =
             tables.is_none() && experts.is_none() && matches!(m.experts, Experts::Streamed { .. });
-        let predicted = if streamed {
+        let predicted = if streamed && self.predicts(layer, t, b.prompt) {
             self.launch_prediction(layer, t, b)?
         } else {
             None
@@ -1480,7 +1480,10 @@ impl GpuDecoder {
             drop(waiting);
             let start = std::time::Instant::now();
             match path {
-                ExpertPath::Cpu => self.cpu_experts(&pinned, pinned.len(), &mut b.host),
+                ExpertPath::Cpu => {
+                    let host = &mut b.host;
+                    self.cpu_experts(&pinned, pinned.len(), &host.start, &host.xs, &mut host.ys)
+                }
                 ExpertPath::Copy => {
                     let (ids, mats) = pinned_group(&pinned);
                     // Those copied ahead, and the rest now.
@@ -1529,27 +1532,38 @@ impl GpuDecoder {
                     }
                 }
                 ExpertPath::Split => {
-                    // The GPU's share queued first (copies, and kernels
-                    // waiting for them on the device), so that it runs
-                    // while the CPU computes the first `on_cpu` experts,
-                    // whose rows come first (rows go by expert id, as the
-                    // group does).
+                    // The CPU computes the first `on_cpu` experts, whose rows
+                    // come first (rows go by expert id, as the group does),
+                    // while the GPU copies and runs the rest: their copies
+                    // and kernels are queued beside the CPU's first loop
+                    // (`beside`), so that neither waits for the other to
+                    // start.
                     let (ids, mats) = pinned_group(&pinned);
                     let share = b.paths.cpu_share(t);
                     let on_cpu = ((ids.len() as f64 * share).round() as usize).min(ids.len());
-                    let uploads = g.upload_experts(&mats[on_cpu..])?;
-                    self.count_copies(&mats[on_cpu..]);
-                    let ran =
-                        run_copied(g, t, &ids[on_cpu..], &uploads, hidden, b).and_then(|()| {
-                            let Some(&last) = ids[..on_cpu].last() else {
-                                return Ok(());
-                            };
-                            let host = &mut b.host;
-                            self.cpu_experts(&pinned, on_cpu, host);
-                            let rows = host.start[ids[0] as usize] * hidden
-                                ..host.start[last as usize + 1] * hidden;
-                            g.upload_into(&host.ys[rows.clone()], &mut b.ys.part(rows)?)
-                        });
+                    let (xs, mut ys) = (std::mem::take(&mut b.host.xs), std::mem::take(&mut b.host.ys));
+                    let cpu_start = b.host.start.clone();
+                    let mut uploads = Vec::new();
+                    let mut queued = Ok(());
+                    let gpu_share = || {
+                        queued = g.upload_experts(&mats[on_cpu..]).and_then(|u| {
+                            self.count_copies(&mats[on_cpu..]);
+                            uploads = u;
+                            run_copied(g, t, &ids[on_cpu..], &uploads, hidden, b)
+                        })
+                    };
+                    crate::kernels::beside(gpu_share, || {
+                        self.cpu_experts(&pinned, on_cpu, &cpu_start, &xs, &mut ys)
+                    });
+                    let ran = queued.and_then(|()| {
+                        let Some(&last) = ids[..on_cpu].last() else {
+                            return Ok(());
+                        };
+                        let rows = cpu_start[ids[0] as usize] * hidden
+                            ..cpu_start[last as usize + 1] * hidden;
+                        g.upload_into(&ys[rows.clone()], &mut b.ys.part(rows)?)
+                    });
+                    (b.host.xs, b.host.ys) = (xs, ys);
                     let finished = g.finish_uploads();
                     ran.and(finished)?;
                     g.recycle(uploads.into_iter().flat_map(|(m, _)| m));
@@ -1624,10 +1638,15 @@ impl GpuDecoder {
 
     /// The first `n` of `pinned`'s experts on the CPU, over the host's
     /// gathered rows into its outputs.
-    fn cpu_experts(&self, pinned: &Pinned<'_>, n: usize, host: &mut Host) {
-        self.cpu
-            .backend
-            .experts(n, &|i| pinned.get(i), &host.start, &host.xs, &mut host.ys);
+    fn cpu_experts(
+        &self,
+        pinned: &Pinned<'_>,
+        n: usize,
+        start: &[usize],
+        xs: &[f32],
+        ys: &mut [f32],
+    ) {
+        self.cpu.backend.experts(n, &|i| pinned.get(i), start, xs, ys);
         self.tiers.cpu_runs.fetch_add(n as u64, Relaxed);
     }
 
@@ -1667,6 +1686,22 @@ impl GpuDecoder {
             score_bias.as_ref(),
             post_norm,
         ))
+    }
+
+    /// Whether layer `layer`'s step guesses the next layer's experts: only
+    /// where something acts on the guess, its cache reading ahead for this
+    /// pass or the copies ahead ([`Ahead`]). A guess is a norm and a
+    /// router launch (15 µs a layer on the H100) that the host's one wait
+    /// per layer waits out, and with the experts in RAM the guesses fed
+    /// only the recall figure (which then reads as no prediction).
+    fn predicts(&self, layer: usize, t: usize, prompt: bool) -> bool {
+        let Some((m, ..)) = self.next_streamed(layer) else {
+            return false;
+        };
+        let Experts::Streamed { cache, .. } = &m.experts else {
+            return false;
+        };
+        cache.read_ahead().reads(prompt) || (self.ahead_on && t == 1)
     }
 
     /// When the next layer is sparse and streamed, its experts guessed
