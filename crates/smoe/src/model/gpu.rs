@@ -1541,7 +1541,10 @@ impl GpuDecoder {
                     let (ids, mats) = pinned_group(&pinned);
                     let share = b.paths.cpu_share(t);
                     let on_cpu = ((ids.len() as f64 * share).round() as usize).min(ids.len());
-                    let (xs, mut ys) = (std::mem::take(&mut b.host.xs), std::mem::take(&mut b.host.ys));
+                    let (xs, mut ys) = (
+                        std::mem::take(&mut b.host.xs),
+                        std::mem::take(&mut b.host.ys),
+                    );
                     let cpu_start = b.host.start.clone();
                     let mut uploads = Vec::new();
                     let mut queued = Ok(());
@@ -1646,7 +1649,9 @@ impl GpuDecoder {
         xs: &[f32],
         ys: &mut [f32],
     ) {
-        self.cpu.backend.experts(n, &|i| pinned.get(i), start, xs, ys);
+        self.cpu
+            .backend
+            .experts(n, &|i| pinned.get(i), start, xs, ys);
         self.tiers.cpu_runs.fetch_add(n as u64, Relaxed);
     }
 
