@@ -1283,7 +1283,7 @@ impl GpuDecoder {
         // batch's streamed experts, the normed rows it gathers itself.
         let streamed =
             tables.is_none() && experts.is_none() && matches!(m.experts, Experts::Streamed { .. });
-        let predicted = if streamed && self.predicts(layer, t, b.prompt) {
+        let predicted = if streamed && self.predicts(layer, t, b) {
             self.launch_prediction(layer, t, b)?
         } else {
             None
@@ -1595,7 +1595,7 @@ impl GpuDecoder {
     /// batches' way is settled on copying and the cache has room beside
     /// them for the next layer's own request.
     fn copy_ahead(&self, layer: usize, t: usize, b: &Bufs) -> Result<Option<Ahead<'_>>> {
-        if !self.ahead_on || t != 1 || !b.paths.settled(1) || b.paths.pick(1) != ExpertPath::Copy {
+        if !self.copies_ahead(t, b) {
             return Ok(None);
         }
         let Some((m, ..)) = self.next_streamed(layer) else {
@@ -1699,14 +1699,21 @@ impl GpuDecoder {
     /// router launch (15 µs a layer on the H100) that the host's one wait
     /// per layer waits out, and with the experts in RAM the guesses fed
     /// only the recall figure (which then reads as no prediction).
-    fn predicts(&self, layer: usize, t: usize, prompt: bool) -> bool {
+    fn predicts(&self, layer: usize, t: usize, b: &Bufs) -> bool {
         let Some((m, ..)) = self.next_streamed(layer) else {
             return false;
         };
         let Experts::Streamed { cache, .. } = &m.experts else {
             return false;
         };
-        cache.read_ahead().reads(prompt) || (self.ahead_on && t == 1)
+        cache.read_ahead().reads(b.prompt) || self.copies_ahead(t, b)
+    }
+
+    /// Whether a `t`-token step copies the next layer's guesses ahead
+    /// ([`GpuDecoder::ahead_on`]): one-token steps whose way is settled on
+    /// copying.
+    fn copies_ahead(&self, t: usize, b: &Bufs) -> bool {
+        self.ahead_on && t == 1 && b.paths.settled(1) && b.paths.pick(1) == ExpertPath::Copy
     }
 
     /// When the next layer is sparse and streamed, its experts guessed
