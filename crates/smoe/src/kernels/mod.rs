@@ -24,7 +24,9 @@ pub use attention::{attention, AttnShape};
 pub use ops::{
     add_in_place, rms_norm, rms_norm_rows, sigmoid, silu_mul, silu_mul_rows, softmax, Rope,
 };
-pub(crate) use pool::{beside, for_each_task, stay_awake};
+#[cfg(feature = "cuda")]
+pub(crate) use pool::beside;
+pub(crate) use pool::{for_each_task, stay_awake};
 pub use pool::{set_threads, threads};
 pub use simd::{axpy, dot, dot_f32, widen};
 

@@ -78,6 +78,7 @@ thread_local! {
 ///
 /// # Panics
 /// With `side`'s panic, after the loop it ran in has finished.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn beside<R>(side: impl FnOnce(), main: impl FnOnce() -> R) -> R {
     let mut side = Some(side);
     let mut call = || {
