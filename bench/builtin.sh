@@ -52,7 +52,8 @@ for setting in "100 off" "25 off" "25 on"; do
 import json, sys
 r = json.loads(sys.argv[1]); s = r['streaming']; base = sys.argv[2]
 ratio = r['decode_tok_s'] / float(base) if base else 1.0
-print(f\"{r['decode_tok_s']:.1f} {ratio:.2f} {100*s['prefill_hit_rate']:.1f}% {100*s['decode_hit_rate']:.1f}% {100*s['recall']:.1f}% {s['bytes_read_per_token']/1e6:.3f} {s['blocked_ms_per_token']:.2f}\")
+rc = '-' if s['recall'] is None else '%.1f%%' % (100 * s['recall'])
+print(f\"{r['decode_tok_s']:.1f} {ratio:.2f} {100*s['prefill_hit_rate']:.1f}% {100*s['decode_hit_rate']:.1f}% {rc} {s['bytes_read_per_token']/1e6:.3f} {s['blocked_ms_per_token']:.2f}\")
 " "$json" "$base")
     read -r tps ratio phit dhit recall mb blocked <<<"$line"
     [ -n "$base" ] || base=$tps

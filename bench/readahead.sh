@@ -44,8 +44,9 @@ for pct in $BUDGETS; do
 import json, sys
 r = json.load(sys.stdin); s = r['streaming']
 roof = s['decode_vs_roofline']
-print('%-7s %-9s %-6s %10.2f %8.2f %8.3f %8.3f %9.3f %9.1f %12.1f %9s' % ('$pct%', '$prefetch', '$policy',
-      r['decode_tok_s'], r['ttft_s'], s['decode_hit_rate'], s['recall'], s['precision'],
+share = lambda v: '-' if v is None else '%.3f' % v
+print('%-7s %-9s %-6s %10.2f %8.2f %8.3f %8s %9s %9.1f %12.1f %9s' % ('$pct%', '$prefetch', '$policy',
+      r['decode_tok_s'], r['ttft_s'], s['decode_hit_rate'], share(s['recall']), share(s['precision']),
       s['bytes_read_per_token'] / 1e6, s['blocked_ms_per_token'], '-' if roof is None else '%.0f%%' % (100 * roof)))"
     done
 done

@@ -84,6 +84,11 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         })
         .collect::<smoe::Result<Vec<_>>>()?;
     let med = |f: &dyn Fn(&smoe::bench::BenchRun) -> f64| median(runs.iter().map(f).collect());
+    // The median of the runs that have the figure, if any has.
+    let med_of = |f: &dyn Fn(&smoe::bench::BenchRun) -> Option<f64>| {
+        let v: Vec<f64> = runs.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
     let per_tok = |r: &smoe::bench::BenchRun, x: f64| x / r.decode_tokens.max(1) as f64;
     let decode_bytes = med(&|r| per_tok(r, r.decode.bytes_read() as f64));
     let streaming = engine.cache().map(|c| {
@@ -147,7 +152,6 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             f64::INFINITY
         };
         let decode = med(&|r| r.decode_tok_s);
-        let predicted = runs.iter().any(|r| r.decode.predicted > 0);
         report["streaming"] = json!({
             "ram_budget_bytes": cache.capacity() * cache.slot_bytes(),
             "cache_slots": cache.capacity(),
@@ -159,10 +163,8 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
             "prefill_hit_rate": med(&|r| r.prefill.hit_rate()),
             "prefill_bytes_read": med(&|r| r.prefill.bytes_read() as f64),
             "decode_hit_rate": med(&|r| r.decode.hit_rate()),
-            // Null where nothing was predicted: the CUDA decoder guesses
-            // only where a read-ahead or a copy ahead acts on the guess.
-            "recall": predicted.then(|| med(&|r| r.decode.recall())),
-            "precision": predicted.then(|| med(&|r| r.decode.precision())),
+            "recall": med_of(&|r| r.decode.recall()),
+            "precision": med_of(&|r| r.decode.precision()),
             "bytes_read_per_token": decode_bytes,
             "read_gb_s": med(&|r| r.decode.read_gb_s()),
             "blocked_ms_per_token": med(&|r| per_tok(r, 1e3 * r.decode.blocked_s)),

@@ -123,8 +123,9 @@ pub struct CacheReport {
     pub prefetches: u64,
     pub prefetch_cancelled: u64,
     pub prefetch_wasted: u64,
-    pub recall: f64,
-    pub precision: f64,
+    /// Null where nothing was predicted.
+    pub recall: Option<f64>,
+    pub precision: Option<f64>,
     pub prefetch: &'static str,
     pub cache_policy: &'static str,
     pub read_gb_s: f64,

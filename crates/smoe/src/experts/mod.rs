@@ -185,14 +185,18 @@ impl StatsSnapshot {
         self.demand_bytes + self.prefetch_bytes
     }
 
-    /// Share of routed experts that had been predicted.
-    pub fn recall(&self) -> f64 {
-        ratio(self.predicted_used, self.routed)
+    /// Share of routed experts that had been predicted, over the layers
+    /// that had a prediction; none where nothing was predicted (the CUDA
+    /// decoder guesses only where a read-ahead or a copy ahead uses it),
+    /// which a share of 0 would misreport.
+    pub fn recall(&self) -> Option<f64> {
+        (self.routed > 0).then(|| ratio(self.predicted_used, self.routed))
     }
 
-    /// Share of predicted experts that were then routed.
-    pub fn precision(&self) -> f64 {
-        ratio(self.predicted_used, self.predicted)
+    /// Share of predicted experts that were then routed; none where
+    /// nothing was predicted.
+    pub fn precision(&self) -> Option<f64> {
+        (self.predicted > 0).then(|| ratio(self.predicted_used, self.predicted))
     }
 
     /// Demand bytes per second of blocked compute time: the read throughput

@@ -1782,14 +1782,13 @@ impl GpuDecoder {
     /// per layer waits out, and with the experts in RAM the guesses fed
     /// only the recall figure (which then reads as no prediction).
     fn predicts(&self, layer: usize, t: usize, b: &Bufs) -> bool {
-        let prompt = b.prompt;
         let Some((m, ..)) = self.next_streamed(layer) else {
             return false;
         };
         let Experts::Streamed { cache, .. } = &m.experts else {
             return false;
         };
-        cache.read_ahead().reads(prompt) || self.ahead_n(t, b) > 0
+        cache.read_ahead().reads(b.prompt) || self.ahead_n(t, b) > 0
     }
 
     /// How many predicted experts a `t`-token step copies ahead: none but
