@@ -1624,9 +1624,8 @@ impl GpuDecoder {
 
     /// After layer `layer`'s one-token step has queued its own copies, the
     /// next layer's predicted experts that are in RAM, copied to the GPU
-    /// ([`Ahead`]), where that is on ([`GpuDecoder::ahead_on`]), small
-    /// batches' way is settled on copying and the cache has room beside
-    /// them for the next layer's own request.
+    /// ([`Ahead`]), as many as [`GpuDecoder::ahead_n`] says, where the
+    /// cache has room beside them for the next layer's own request.
     fn copy_ahead(&self, layer: usize, t: usize, b: &Bufs) -> Result<Option<Ahead<'_>>> {
         let n = self.ahead_n(t, b);
         if n == 0 {
