@@ -171,9 +171,14 @@ impl GpuDecoder {
             vram_experts,
             _pins: pins,
             tiers: TierCounters::default(),
-            ahead: std::env::var("SMOE_COPY_AHEAD")
-                .ok()
-                .and_then(|v| v.parse().ok()),
+            ahead: match std::env::var("SMOE_COPY_AHEAD") {
+                Ok(v) => Some(v.parse().map_err(|_| {
+                    Error::invalid(format!(
+                        "SMOE_COPY_AHEAD={v:?}: a count of experts to copy ahead (0 for none)"
+                    ))
+                })?),
+                Err(_) => None,
+            },
             fuse: std::env::var_os("SMOE_CUDA_FUSE").is_none_or(|v| v != "0"),
             bufs: Mutex::new(Bufs::default()),
         })
