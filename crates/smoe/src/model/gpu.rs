@@ -57,10 +57,9 @@ pub struct GpuDecoder {
     _pins: Vec<HostPin>,
     tiers: TierCounters,
     /// How many of the next streamed layer's predicted experts a
-    /// one-token step copies ahead ([`Ahead`]), when set
-    /// (`SMOE_COPY_AHEAD=n`, 0 for none); else [`GpuDecoder::ahead_n`]'s
-    /// default for the way kept.
-    ahead: Option<usize>,
+    /// one-token step copies ahead ([`Ahead`]): `SMOE_COPY_AHEAD=n`, none
+    /// unset (see [`GpuDecoder::ahead_n`] for why).
+    ahead: usize,
     /// Whether a decode step's experts' gate/up launch also rounds its
     /// output for the down projection (a `quantize_q8` launch fewer a
     /// layer): on unless `SMOE_CUDA_FUSE=0` (so that one binary measures
@@ -172,12 +171,12 @@ impl GpuDecoder {
             _pins: pins,
             tiers: TierCounters::default(),
             ahead: match std::env::var("SMOE_COPY_AHEAD") {
-                Ok(v) => Some(v.parse().map_err(|_| {
+                Ok(v) => v.parse().map_err(|_| {
                     Error::invalid(format!(
                         "SMOE_COPY_AHEAD={v:?}: a count of experts to copy ahead (0 for none)"
                     ))
-                })?),
-                Err(_) => None,
+                })?,
+                Err(_) => 0,
             },
             fuse: std::env::var_os("SMOE_CUDA_FUSE").is_none_or(|v| v != "0"),
             bufs: Mutex::new(Bufs::default()),
@@ -1796,21 +1795,19 @@ impl GpuDecoder {
     }
 
     /// How many predicted experts a `t`-token step copies ahead: none but
-    /// for one-token steps whose way is settled; [`GpuDecoder::ahead`]
-    /// where set, else [`SPLIT_AHEAD`] for a split and none for copying
-    /// every expert (there the guesses' copies queue before the demand
-    /// copies with no idle PCIe to fill: 189.8 tok/s copying with eight
-    /// ahead against 224-226 splitting, H100).
+    /// for one-token steps whose way is settled on copying or splitting,
+    /// and there [`GpuDecoder::ahead`] (`SMOE_COPY_AHEAD`, none unset).
+    /// Off by default because it has not paid either way on the H100
+    /// host: copying every expert with eight ahead ran 189.8 tok/s against
+    /// 224-226 splitting (the guesses' copies queue before the demand
+    /// copies), and a split with two ahead, 95% of them used, decoded
+    /// 305 tok/s against 319 without (host RAM; a quarter in VRAM 361
+    /// against 370; medians of four alternating runs in one call, 2026-12-06).
     fn ahead_n(&self, t: usize, b: &Bufs) -> usize {
-        if t != 1 || !b.paths.settled(1) {
+        if t != 1 || !b.paths.settled(1) || b.paths.pick(1) == ExpertPath::Cpu {
             return 0;
         }
-        match (self.ahead, b.paths.pick(1)) {
-            (_, ExpertPath::Cpu) => 0,
-            (Some(n), _) => n,
-            (None, ExpertPath::Split) => SPLIT_AHEAD,
-            (None, ExpertPath::Copy) => 0,
-        }
+        self.ahead
     }
 
     /// When the next layer is sparse and streamed, its experts guessed
@@ -2169,13 +2166,6 @@ fn pinned_group<'a>(pinned: &'a Pinned<'_>) -> (Vec<u32>, Vec<[Matrix<'a>; 3]>) 
 /// enough that each part's launch and update cost little against its
 /// kernels (an 8-layer model: two parts).
 const GRAPH_LAYERS: usize = 4;
-
-/// The next layer's most likely experts a one-token split copies ahead
-/// (`SMOE_COPY_AHEAD` sets another count): PCIe idles through the CPU's
-/// tail, the scatter, the next attention and the routing round trip, about
-/// 140 us a layer on the H100 host (an expert of the bench model, 2.65 MB,
-/// copies in 56 us); two fit that, and the likeliest guesses are the best.
-const SPLIT_AHEAD: usize = 2;
 
 /// Experts a grouped launch takes at a time from a prompt's uploads.
 const UPLOADED_GROUP: usize = 16;
