@@ -1899,10 +1899,12 @@ fn bf16_vault(dir: &Path, name: &str) -> PathBuf {
     vault
 }
 
-/// One-token steps whose streamed experts are copied to the GPU (the way
-/// forced), copying ahead on, copy the next layer's predicted experts
-/// while the layer before runs: the same greedy ids and logits as the
-/// CPU's, the copies made ahead counted, none used that was not copied.
+/// One-token steps that copy the next layer's predicted experts while the
+/// layer before runs (`SMOE_COPY_AHEAD`), the way forced: copying every
+/// expert, and splitting them with the CPU, whose run of experts then
+/// skips those copied ahead (the GPU's share two runs of rows either side
+/// of it). The same greedy ids and logits as the CPU's, the copies made
+/// ahead counted, none used that was not copied.
 #[test]
 fn experts_copied_ahead_match_the_cpu() {
     if gpu_or_skip("experts copied ahead").is_none() {
@@ -1914,27 +1916,33 @@ fn experts_copied_ahead_match_the_cpu() {
     let cpu = engine(&vault, Device::Cpu, Budget::Auto);
     let ids = prompt(name);
     let (want_all, want_ids, want_steps) = prefill_and_decode(&cpu, &ids, 8);
-    // Read once, as the decoder is made; the GPU tests run one at a time
-    // (tools/test-cuda.sh), and any other decoder made meanwhile would
-    // only copy where it might have computed on the CPU.
-    std::env::set_var("SMOE_STREAMED_WAY", "copy");
-    std::env::set_var("SMOE_COPY_AHEAD", "1");
-    let gpu = engine_in(&vault, Device::Cuda(0), Budget::Auto, Budget::Bytes(0));
-    std::env::remove_var("SMOE_STREAMED_WAY");
-    std::env::remove_var("SMOE_COPY_AHEAD");
-    let what = format!("{name} vault, experts copied ahead ({})", gpu.device());
-    let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, 8);
-    check(&format!("{what}: prefill"), &got_all, &want_all, 1e-3);
-    assert_eq!(got_ids, want_ids, "{what}: greedy ids");
-    check(&format!("{what}: decode"), &got_steps, &want_steps, 1e-3);
-    let g = gpu
-        .gpu_expert_stats()
-        .expect("a GPU decoder counts its tiers");
-    println!("{what}: {g:?}");
-    assert!(
-        g.copied_ahead > 0 && g.ahead_used <= g.copied_ahead && g.cpu_runs == 0,
-        "{what}: {g:?}"
-    );
+    for (way, ahead) in [("copy", "8"), ("split", "1")] {
+        // Read once, as the decoder is made; the GPU tests run one at a
+        // time (tools/test-cuda.sh), and any other decoder made meanwhile
+        // would only take another way.
+        std::env::set_var("SMOE_STREAMED_WAY", way);
+        std::env::set_var("SMOE_COPY_AHEAD", ahead);
+        let gpu = engine_in(&vault, Device::Cuda(0), Budget::Auto, Budget::Bytes(0));
+        std::env::remove_var("SMOE_STREAMED_WAY");
+        std::env::remove_var("SMOE_COPY_AHEAD");
+        let what = format!(
+            "{name} vault, {way}, {ahead} copied ahead ({})",
+            gpu.device()
+        );
+        let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, 8);
+        check(&format!("{what}: prefill"), &got_all, &want_all, 1e-3);
+        assert_eq!(got_ids, want_ids, "{what}: greedy ids");
+        check(&format!("{what}: decode"), &got_steps, &want_steps, 1e-3);
+        let g = gpu
+            .gpu_expert_stats()
+            .expect("a GPU decoder counts its tiers");
+        println!("{what}: {g:?}");
+        assert!(
+            g.copied_ahead > 0 && g.ahead_used <= g.copied_ahead,
+            "{what}: {g:?}"
+        );
+        assert_eq!(g.cpu_runs > 0, way == "split", "{what}: {g:?}");
+    }
 }
 
 /// Experts streamed from a vault through a 3-slot RAM cache (so a

@@ -56,13 +56,10 @@ pub struct GpuDecoder {
     /// uploads from them.
     _pins: Vec<HostPin>,
     tiers: TierCounters,
-    /// Whether one-token steps copy the next streamed layer's predicted
-    /// experts ahead ([`Ahead`]): `SMOE_COPY_AHEAD=1`. Off by default: on
-    /// the H100 machine, copying every expert with it ran 189.8 tok/s
-    /// against 224-226 for the split the decoder keeps there; its copies
-    /// queue before the next layer's demand copies (27% of them wasted
-    /// guesses), and it has not been measured against copying without it.
-    ahead_on: bool,
+    /// How many of the next streamed layer's predicted experts a
+    /// one-token step copies ahead ([`Ahead`]): `SMOE_COPY_AHEAD=n`, none
+    /// unset (see [`GpuDecoder::ahead_n`] for why).
+    ahead: usize,
     /// Whether a decode step's experts' gate/up launch also rounds its
     /// output for the down projection (a `quantize_q8` launch fewer a
     /// layer): on unless `SMOE_CUDA_FUSE=0` (so that one binary measures
@@ -173,7 +170,14 @@ impl GpuDecoder {
             vram_experts,
             _pins: pins,
             tiers: TierCounters::default(),
-            ahead_on: std::env::var_os("SMOE_COPY_AHEAD").is_some_and(|v| v == "1"),
+            ahead: match std::env::var("SMOE_COPY_AHEAD") {
+                Ok(v) => v.parse().map_err(|_| {
+                    Error::invalid(format!(
+                        "SMOE_COPY_AHEAD={v:?}: a count of experts to copy ahead (0 for none)"
+                    ))
+                })?,
+                Err(_) => 0,
+            },
             fuse: std::env::var_os("SMOE_CUDA_FUSE").is_none_or(|v| v != "0"),
             bufs: Mutex::new(Bufs::default()),
         })
@@ -1444,7 +1448,7 @@ impl GpuDecoder {
         // (dropped here, after its copies, when this layer does not copy).
         let mut early = ahead
             .take()
-            .filter(|a| a.layer == layer && path == ExpertPath::Copy);
+            .filter(|a| a.layer == layer && path != ExpertPath::Cpu);
         let small = t <= MATVEC_MAX_TOKENS;
         let pairs = b.host.order.len();
         let mut spent = std::time::Duration::ZERO;
@@ -1482,7 +1486,13 @@ impl GpuDecoder {
             match path {
                 ExpertPath::Cpu => {
                     let host = &mut b.host;
-                    self.cpu_experts(&pinned, pinned.len(), &host.start, &host.xs, &mut host.ys)
+                    self.cpu_experts(
+                        &pinned,
+                        0..pinned.len(),
+                        &host.start,
+                        &host.xs,
+                        &mut host.ys,
+                    )
                 }
                 ExpertPath::Copy => {
                     let (ids, mats) = pinned_group(&pinned);
@@ -1504,7 +1514,7 @@ impl GpuDecoder {
                     }
                     let uploads: Vec<_> = uploads.into_iter().flatten().collect();
                     let ran = if small {
-                        run_copied(g, t, &ids, &uploads, hidden, b)
+                        run_copied(g, t, &[(&ids, &uploads)], hidden, b)
                     } else {
                         run_uploaded(g, &ids, &uploads, pairs, hidden, b)
                     };
@@ -1532,44 +1542,71 @@ impl GpuDecoder {
                     }
                 }
                 ExpertPath::Split => {
-                    // The CPU computes the first `on_cpu` experts, whose rows
-                    // come first (rows go by expert id, as the group does),
-                    // while the GPU copies and runs the rest: their copies
-                    // and kernels are queued beside the CPU's first loop
-                    // (`beside`), so that neither waits for the other to
-                    // start.
+                    // The CPU computes a run of the experts (rows go by
+                    // expert id, as the group does) while the GPU copies and
+                    // runs the rest, those copied ahead among them whatever
+                    // the share: their copies and kernels are queued beside
+                    // the CPU's first loop (`beside`), so that neither waits
+                    // for the other to start, and the next layer's likely
+                    // experts are copied ahead behind them, while PCIe would
+                    // otherwise idle through the CPU's tail, the next
+                    // attention and the routing round trip.
                     let (ids, mats) = pinned_group(&pinned);
+                    let mut ready: Vec<Option<Copied>> = ids
+                        .iter()
+                        .map(|&e| early.as_mut().and_then(|a| a.take(e)))
+                        .collect();
+                    let hits = ready.iter().filter(|u| u.is_some()).count();
+                    self.tiers.ahead_used.fetch_add(hits as u64, Relaxed);
                     let share = b.paths.cpu_share(t);
-                    let on_cpu = ((ids.len() as f64 * share).round() as usize).min(ids.len());
+                    let want = ((ids.len() - hits) as f64 * share).round() as usize;
+                    let ahead_of: Vec<bool> = ready.iter().map(Option::is_some).collect();
+                    let cpu = cpu_run(&ahead_of, want);
                     let (xs, mut ys) = (
                         std::mem::take(&mut b.host.xs),
                         std::mem::take(&mut b.host.ys),
                     );
                     let cpu_start = b.host.start.clone();
-                    let mut uploads = Vec::new();
-                    let mut queued = Ok(());
+                    let mut used = Vec::new();
+                    let mut queued = Ok(None);
+                    let mut next = Ok(None);
                     let gpu_share = || {
-                        queued = g.upload_experts(&mats[on_cpu..]).and_then(|u| {
-                            self.count_copies(&mats[on_cpu..]);
-                            uploads = u;
-                            run_copied(g, t, &ids[on_cpu..], &uploads, hidden, b)
-                        })
+                        queued = self.queue_split_share(
+                            t,
+                            &ids,
+                            &mats,
+                            &mut ready,
+                            cpu.clone(),
+                            hidden,
+                            b,
+                            &mut used,
+                        );
+                        if matches!(queued, Ok(Some(_))) && predicted_next {
+                            next = self.copy_ahead(layer, t, b);
+                        }
                     };
                     crate::kernels::beside(gpu_share, || {
-                        self.cpu_experts(&pinned, on_cpu, &cpu_start, &xs, &mut ys)
+                        self.cpu_experts(&pinned, cpu.clone(), &cpu_start, &xs, &mut ys)
                     });
-                    let ran = queued.and_then(|()| {
-                        let Some(&last) = ids[..on_cpu].last() else {
-                            return Ok(());
-                        };
-                        let rows = cpu_start[ids[0] as usize] * hidden
-                            ..cpu_start[last as usize + 1] * hidden;
-                        g.upload_into(&ys[rows.clone()], &mut b.ys.part(rows)?)
+                    let ran = queued.and_then(|mark| {
+                        if let (Some(&first), Some(&last)) =
+                            (ids[cpu.clone()].first(), ids[cpu.clone()].last())
+                        {
+                            let rows = cpu_start[first as usize] * hidden
+                                ..cpu_start[last as usize + 1] * hidden;
+                            g.upload_into(&ys[rows.clone()], &mut b.ys.part(rows)?)?;
+                        }
+                        Ok(mark)
                     });
                     (b.host.xs, b.host.ys) = (xs, ys);
-                    let finished = g.finish_uploads();
+                    // This layer's copies only: those ahead go on.
+                    let finished = match &ran {
+                        Ok(Some(mark)) => g.finish_uploads_to(mark),
+                        _ => g.finish_uploads(),
+                    };
                     ran.and(finished)?;
-                    g.recycle(uploads.into_iter().flat_map(|(m, _)| m));
+                    *ahead = next?;
+                    g.recycle(used.into_iter().flat_map(|(m, _)| m));
                     if timed {
                         g.synchronize()?;
                     }
@@ -1591,11 +1628,11 @@ impl GpuDecoder {
 
     /// After layer `layer`'s one-token step has queued its own copies, the
     /// next layer's predicted experts that are in RAM, copied to the GPU
-    /// ([`Ahead`]), where that is on ([`GpuDecoder::ahead_on`]), small
-    /// batches' way is settled on copying and the cache has room beside
-    /// them for the next layer's own request.
+    /// ([`Ahead`]), as many as [`GpuDecoder::ahead_n`] says, where the
+    /// cache has room beside them for the next layer's own request.
     fn copy_ahead(&self, layer: usize, t: usize, b: &Bufs) -> Result<Option<Ahead<'_>>> {
-        if !self.copies_ahead(t, b) {
+        let n = self.ahead_n(t, b);
+        if n == 0 {
             return Ok(None);
         }
         let Some((m, ..)) = self.next_streamed(layer) else {
@@ -1609,7 +1646,7 @@ impl GpuDecoder {
             return Ok(None);
         }
         let predicted = &b.host.predicted;
-        let pins = cache.pin_resident(*l, &predicted[..k.min(predicted.len())]);
+        let pins = cache.pin_resident(*l, &predicted[..n.min(predicted.len())]);
         if pins.len() == 0 {
             return Ok(None);
         }
@@ -1639,20 +1676,68 @@ impl GpuDecoder {
         }))
     }
 
-    /// The first `n` of `pinned`'s experts on the CPU, over the host's
-    /// gathered rows into its outputs.
+    /// Experts `run` of `pinned`'s on the CPU, over the host's gathered
+    /// rows into its outputs.
     fn cpu_experts(
         &self,
         pinned: &Pinned<'_>,
-        n: usize,
+        run: std::ops::Range<usize>,
         start: &[usize],
         xs: &[f32],
         ys: &mut [f32],
     ) {
+        let n = run.len();
         self.cpu
             .backend
-            .experts(n, &|i| pinned.get(i), start, xs, ys);
+            .experts(n, &|i| pinned.get(run.start + i), start, xs, ys);
         self.tiers.cpu_runs.fetch_add(n as u64, Relaxed);
+    }
+
+    /// A split's GPU share queued: the experts of group `ids` (matrices
+    /// `mats`) outside the CPU's run `cpu` copied, where not copied ahead
+    /// (`ready`), and run on either side of the CPU's rows; what it
+    /// uploads and ran moved into `used`. The mark after its copies, or
+    /// none where it copied nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_split_share(
+        &self,
+        t: usize,
+        ids: &[u32],
+        mats: &[[Matrix<'_>; 3]],
+        ready: &mut [Option<Copied>],
+        cpu: std::ops::Range<usize>,
+        hidden: usize,
+        b: &mut Bufs,
+        used: &mut Vec<Copied>,
+    ) -> Result<Option<CudaEvent>> {
+        let g = &self.gpu;
+        let fresh_at: Vec<usize> = (0..ids.len())
+            .filter(|&i| !cpu.contains(&i) && ready[i].is_none())
+            .collect();
+        let fresh: Vec<_> = fresh_at.iter().map(|&i| mats[i]).collect();
+        let copied = g.upload_experts(&fresh)?;
+        self.count_copies(&fresh);
+        for (i, u) in fresh_at.into_iter().zip(copied) {
+            ready[i] = Some(u);
+        }
+        let mark = g.uploads_mark()?;
+        let mut take = |r: std::ops::Range<usize>| {
+            ready[r]
+                .iter_mut()
+                .map(|u| {
+                    u.take()
+                        .ok_or_else(|| Error::invalid("CUDA split: an expert not copied"))
+                })
+                .collect::<Result<Vec<Copied>>>()
+        };
+        let (before, after) = (take(0..cpu.start)?, take(cpu.end..ids.len())?);
+        let runs = [
+            (&ids[..cpu.start], &before[..]),
+            (&ids[cpu.end..], &after[..]),
+        ];
+        let ran = run_copied(g, t, &runs, hidden, b);
+        used.extend(before.into_iter().chain(after));
+        ran.map(|()| Some(mark))
     }
 
     /// Counts experts copied to the GPU and their bytes.
@@ -1706,14 +1791,23 @@ impl GpuDecoder {
         let Experts::Streamed { cache, .. } = &m.experts else {
             return false;
         };
-        cache.read_ahead().reads(b.prompt) || self.copies_ahead(t, b)
+        cache.read_ahead().reads(b.prompt) || self.ahead_n(t, b) > 0
     }
 
-    /// Whether a `t`-token step copies the next layer's guesses ahead
-    /// ([`GpuDecoder::ahead_on`]): one-token steps whose way is settled on
-    /// copying.
-    fn copies_ahead(&self, t: usize, b: &Bufs) -> bool {
-        self.ahead_on && t == 1 && b.paths.settled(1) && b.paths.pick(1) == ExpertPath::Copy
+    /// How many predicted experts a `t`-token step copies ahead: none but
+    /// for one-token steps whose way is settled on copying or splitting,
+    /// and there [`GpuDecoder::ahead`] (`SMOE_COPY_AHEAD`, none unset).
+    /// Off by default because it has not paid either way on the H100
+    /// host: copying every expert with eight ahead ran 189.8 tok/s against
+    /// 224-226 splitting (the guesses' copies queue before the demand
+    /// copies), and a split with two ahead, 95% of them used, decoded
+    /// 305 tok/s against 319 without (host RAM; a quarter in VRAM 361
+    /// against 370; medians of four alternating runs in one call, 2026-12-06).
+    fn ahead_n(&self, t: usize, b: &Bufs) -> usize {
+        if t != 1 || !b.paths.settled(1) || b.paths.pick(1) == ExpertPath::Cpu {
+            return 0;
+        }
+        self.ahead
     }
 
     /// When the next layer is sparse and streamed, its experts guessed
@@ -2100,7 +2194,8 @@ fn run_uploaded(
             continue;
         };
         g.wait_upload(last)?;
-        let grouped = uploaded_tables(g, n_exp, ids, ups)?.filter(tiled);
+        let experts: Vec<_> = ids.iter().copied().zip(ups).collect();
+        let grouped = uploaded_tables(g, n_exp, &experts)?.filter(tiled);
         match grouped {
             Some(tables) => run_grouped(g, &tables, ids, pairs, hidden, b)?,
             None => {
@@ -2114,45 +2209,52 @@ fn run_uploaded(
     Ok(())
 }
 
-/// A small batch's copied experts, each once its copy is in (a wait on
-/// the device, not the host); one token's through the id kernels where
-/// they take the matrices.
+/// Copied experts on their rows of `b.xs` into the same rows of `b.ys`,
+/// in runs of consecutive rows: each run's expert ids, and beside each its
+/// upload (copied now or ahead, so its event may be any of a few).
 fn run_copied(
     g: &Gpu,
     t: usize,
-    ids: &[u32],
-    uploads: &[Copied],
+    runs: &[(&[u32], &[Copied])],
     hidden: usize,
     b: &mut Bufs,
 ) -> Result<()> {
-    if run_copied_by_id(g, t, ids, uploads, hidden, b)? {
+    if run_copied_by_id(g, t, runs, hidden, b)? {
         return Ok(());
     }
-    ids.iter().zip(uploads).try_for_each(|(&e, (w, ready))| {
-        g.wait_upload(ready)?;
-        let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
-        run_expert(g, w, rows, hidden, b)
-    })
+    for (ids, uploads) in runs {
+        ids.iter().zip(*uploads).try_for_each(|(&e, (w, ready))| {
+            g.wait_upload(ready)?;
+            let rows = b.host.start[e as usize]..b.host.start[e as usize + 1];
+            run_expert(g, w, rows, hidden, b)
+        })?;
+    }
+    Ok(())
 }
 
-/// A one-token batch's copied experts in four launches (the input
-/// rounded, gate and up together, the activations rounded, down), after
-/// the last copy, where one by one takes four launches an expert: the
-/// host queues them in a few microseconds and gets on with its own share
-/// of a split. False, with nothing queued, where the batch has several
-/// tokens, an expert has other than one row (routing that repeated an
-/// expert) or the id kernels do not take the matrices.
+/// A one-token batch's copied experts in two launches a run (gate and up
+/// together, then down), after their copies, where one by one takes four
+/// launches an expert: the host queues them in a few microseconds and gets
+/// on with its own share of a split. One upload of the ids and one table a
+/// matrix serve every run: an upload from pageable memory behind queued
+/// kernels would hold the host until they ran. False, with nothing
+/// queued, where the batch has several tokens, an expert has other than
+/// one row (routing that repeated an expert) or the id kernels do not take
+/// the matrices.
 fn run_copied_by_id(
     g: &Gpu,
     t: usize,
-    ids: &[u32],
-    uploads: &[Copied],
+    runs: &[(&[u32], &[Copied])],
     hidden: usize,
     b: &mut Bufs,
 ) -> Result<bool> {
-    let (Some(&first), Some((_, last))) = (ids.first(), uploads.last()) else {
+    let all: Vec<(u32, &Copied)> = runs
+        .iter()
+        .flat_map(|(ids, ups)| ids.iter().copied().zip(ups.iter()))
+        .collect();
+    if all.is_empty() {
         return Ok(false);
-    };
+    }
     let start = &b.host.start;
     let one_row = |e: u32| {
         let e = e as usize;
@@ -2161,50 +2263,64 @@ fn run_copied_by_id(
             .zip(start.get(e))
             .is_some_and(|(b, a)| b - a == 1)
     };
-    if t != 1 || !ids.iter().all(|&e| one_row(e)) {
+    if t != 1 || !all.iter().all(|&(e, _)| one_row(e)) {
         return Ok(false);
     }
     let n_exp = start.len().saturating_sub(1);
-    let Some([gate, up, down]) = uploaded_tables(g, n_exp, ids, uploads)? else {
+    let Some([gate, up, down]) = uploaded_tables(g, n_exp, &all)? else {
         return Ok(false);
     };
-    // One row per expert, in ascending id: the share's rows are one run.
-    let (pairs, inter, row) = (ids.len(), gate.rows, b.host.start[first as usize]);
-    g.upload_into(ids, &mut b.used.m(g, pairs)?)?;
-    g.wait_upload(last)?;
-    let used = b.used.v(0..pairs)?;
-    g.swiglu_id(
-        &gate,
-        &up,
-        &used,
-        &b.h.v(0..hidden)?,
-        pairs,
-        &mut b.gate.m(g, pairs * inter)?,
-    )?;
-    let act = b.gate.v(0..pairs * inter)?;
-    g.matvec_id(
-        &down,
-        &used,
-        &act,
-        &mut b.ys.part(row * hidden..(row + pairs) * hidden)?,
-    )?;
+    let ids: Vec<u32> = all.iter().map(|&(e, _)| e).collect();
+    g.upload_into(&ids, &mut b.used.m(g, ids.len())?)?;
+    // Copies ahead and now were queued apart, each batch with its event.
+    let mut events: Vec<&Arc<CudaEvent>> = Vec::new();
+    for (_, (_, ready)) in &all {
+        if !events.iter().any(|e| Arc::ptr_eq(e, ready)) {
+            events.push(ready);
+            g.wait_upload(ready)?;
+        }
+    }
+    let inter = gate.rows;
+    let mut at = 0;
+    for (run, _) in runs {
+        let Some(&first) = run.first() else {
+            continue;
+        };
+        // One row per expert, in ascending id: a run's rows are one block.
+        let (pairs, row) = (run.len(), b.host.start[first as usize]);
+        let used = b.used.v(at..at + pairs)?;
+        g.swiglu_id(
+            &gate,
+            &up,
+            &used,
+            &b.h.v(0..hidden)?,
+            pairs,
+            &mut b.gate.m(g, pairs * inter)?,
+        )?;
+        let act = b.gate.v(0..pairs * inter)?;
+        g.matvec_id(
+            &down,
+            &used,
+            &act,
+            &mut b.ys.part(row * hidden..(row + pairs) * hidden)?,
+        )?;
+        at += pairs;
+    }
     Ok(true)
 }
 
-/// The id kernels' tables (gate, up, down) of copied experts `ids` among
-/// `n_exp`, their matrices in `uploads`; `None` where the kernels do not
-/// take the matrices.
+/// The id kernels' tables (gate, up, down) of copied experts (ids among
+/// `n_exp`, each with its upload); `None` where the kernels do not take
+/// the matrices.
 fn uploaded_tables(
     g: &Gpu,
     n_exp: usize,
-    ids: &[u32],
-    uploads: &[Copied],
+    experts: &[(u32, &Copied)],
 ) -> Result<Option<[ExpertTable; 3]>> {
     let table = |i: usize| {
-        let mats: Vec<_> = ids
+        let mats: Vec<_> = experts
             .iter()
-            .zip(uploads)
-            .map(|(&e, (m, _))| (e as usize, &m[i]))
+            .map(|&(e, (m, _))| (e as usize, &m[i]))
             .collect();
         g.expert_table_of(n_exp, &mats)
     };
@@ -2212,6 +2328,35 @@ fn uploaded_tables(
         (Some(gate), Some(up), Some(down)) => Some([gate, up, down]),
         _ => None,
     })
+}
+
+/// The experts of a split's group (by index) that the CPU computes: `want`
+/// consecutive ones none of which was copied ahead (`ahead`), the first
+/// such run; where no run of them is that long, the longest (the GPU takes
+/// the rest). The CPU's rows are then one block, uploaded at once.
+fn cpu_run(ahead: &[bool], want: usize) -> std::ops::Range<usize> {
+    let mut best = 0..0;
+    if want == 0 {
+        return best;
+    }
+    let mut i = 0;
+    while i < ahead.len() {
+        if ahead[i] {
+            i += 1;
+            continue;
+        }
+        let from = i;
+        while i < ahead.len() && !ahead[i] {
+            i += 1;
+        }
+        if i - from >= want {
+            return from..from + want;
+        }
+        if i - from > best.len() {
+            best = from..i;
+        }
+    }
+    best
 }
 
 /// A 4-byte type every bit pattern of which is a value.
@@ -2351,7 +2496,22 @@ impl CausalLm for GpuDecoder {
 
 #[cfg(test)]
 mod tests {
-    use super::{ExpertPath, ExpertPaths};
+    use super::{cpu_run, ExpertPath, ExpertPaths};
+
+    #[test]
+    fn the_cpu_takes_a_run_of_experts_not_copied_ahead() {
+        let (o, x) = (false, true);
+        // Nothing ahead: the first `want`, as a split without copies ahead.
+        assert_eq!(cpu_run(&[o; 8], 5), 0..5);
+        assert_eq!(cpu_run(&[o; 8], 0), 0..0);
+        assert_eq!(cpu_run(&[o; 8], 9), 0..8);
+        // The first run long enough, from its start.
+        assert_eq!(cpu_run(&[x, o, x, o, o, o, o, x], 3), 3..6);
+        assert_eq!(cpu_run(&[o, o, x, o, o, o, x, o], 2), 0..2);
+        // None long enough: the longest (the GPU takes the rest).
+        assert_eq!(cpu_run(&[o, x, o, o, x, o, x, o], 3), 2..4);
+        assert_eq!(cpu_run(&[x; 8], 2), 0..0);
+    }
 
     #[test]
     fn each_way_is_tried_in_turn_then_the_faster_kept() {

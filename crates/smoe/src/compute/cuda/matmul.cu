@@ -703,13 +703,20 @@ __device__ __forceinline__ void round_q8x4(float4 v, size_t at, bool in, i8* xq,
     }
 }
 
-// Block blk (32 values) of the t * cols activations, one warp each.
+// `blocks` blocks of 32 of the t * cols activations, four a warp, each
+// lane four consecutive values (`round_q8x4`): a value a lane took ten
+// shuffles per 32 values and ran at a fifth of the memory's rate on a
+// prompt's rows (57 launches, 2.15 ms of a 512-token prefill on the H100).
+// Loads stay scalar: views may start anywhere a 32-block does.
 extern "C" __global__ void quantize_q8(const float* x, i8* xq, float* xds, u64 blocks) {
     grid_wait();
-    u64 blk = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (blk >= blocks) return;
-    u64 at = blk * 32 + (threadIdx.x & 31);
-    round_q8(x[at], at, xq, xds);
+    u64 warp = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    // A whole warp leaves or stays: its lanes shuffle together.
+    if (warp * 4 >= blocks) return;
+    u64 at = warp * 128 + 4 * (threadIdx.x & 31);
+    bool in = at < blocks * 32;
+    float4 v = in ? make_float4(x[at], x[at + 1], x[at + 2], x[at + 3]) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    round_q8x4(v, at, in, xq, xds);
 }
 
 // Four bytes at a 2-byte aligned address (q6_k's 210-byte blocks).

@@ -1327,9 +1327,10 @@ impl Gpu {
         let blocks = n / 32;
         let mut q8 = self.int8_scratch(&self.q8, n)?;
         let (xq, xds) = q8.as_mut().expect("allocated by int8_scratch");
+        // Four 32-blocks a warp (matmul.cu).
         let warps = 4u32;
         let cfg = LaunchConfig {
-            grid_dim: ((blocks as u32).div_ceil(warps), 1, 1),
+            grid_dim: ((int(blocks.div_ceil(4))? as u32).div_ceil(warps), 1, 1),
             block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1894,13 +1895,21 @@ impl Gpu {
             )));
         }
         let (q_heads, k_heads) = (q.len() / (t * head), k.len() / (t * head));
-        let heads = t * (q_heads + k_heads);
+        // A warp a head, QK_WARPS heads a block (ops.cu).
+        let head_blocks = (t * (q_heads + k_heads)).div_ceil(QK_WARPS);
+        let blocks = |n| -> Result<LaunchConfig> {
+            Ok(LaunchConfig {
+                grid_dim: (int(n)? as u32, 1, 1),
+                block_dim: (32 * QK_WARPS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        };
         let (head, q_heads, k_heads, t32) = (int(head)?, int(q_heads)?, int(k_heads)?, int(t)?);
         let Some(mut c) = cache else {
             return launch!(
                 self,
                 "qk_norm_rope",
-                per_row(heads)?,
+                blocks(head_blocks)?,
                 q,
                 k,
                 wq,
@@ -1935,7 +1944,7 @@ impl Gpu {
             )));
         }
         // The value copy's blocks, after the heads'.
-        let cfg = per_row(heads + (t * vw).div_ceil(ROW_THREADS as usize))?;
+        let cfg = blocks(head_blocks + (t * vw).div_ceil(32 * QK_WARPS))?;
         let vw = int(vw)?;
         launch!(
             self,
@@ -3205,6 +3214,9 @@ fn route_args(
 /// after another (`ROW_REGS` in `ops.cu` holds 8,192 values in registers
 /// at this size).
 const ROW_THREADS: u32 = 512;
+
+/// `qk_norm_rope`'s heads a block, a warp each (ops.cu's `QK_WARPS`).
+const QK_WARPS: usize = 8;
 
 /// One [`ROW_THREADS`]-thread block per row (the norms).
 fn per_row(rows: usize) -> Result<LaunchConfig> {
