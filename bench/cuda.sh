@@ -12,6 +12,8 @@
 #                          # per-kernel profile of the first three rows
 #   bench/cuda.sh ab       # there: checkpoint and vault only, then the
 #                          # three rows' smoe against $BASE's (bench/ab.sh)
+#   bench/cuda.sh models   # there: the checkpoint and vault only (beside a
+#                          # GPU job that needs the cores little)
 #
 # BASE=path/to/smoe at `pack` carries another smoe binary (built with
 # --features cuda from the commit to compare against) for `ab`.
@@ -238,8 +240,9 @@ pack) pack && exit 0 ;;
 setup) setup && exit 0 ;;
 profile) profile && exit 0 ;;
 ab) ab && exit 0 ;;
+models) smoe_models && exit 0 ;;
 "") ;;
-*) echo "usage: bench/cuda.sh [pack|setup|profile|ab]" >&2 && exit 2 ;;
+*) echo "usage: bench/cuda.sh [pack|setup|profile|ab|models]" >&2 && exit 2 ;;
 esac
 
 setup
