@@ -170,6 +170,14 @@ fn a_gpu_plan_places_whole_layers_in_vram_and_streams_the_rest() {
     let fast_bus = gpu("24GB", "400");
     assert_eq!(fast_bus["gpu"]["per_token"]["streamed_way"], "PCIe");
     assert!(decode(&fast_bus) > decode(&p));
+    // Rates close enough that a layer split between the two beats either
+    // (0.74 of 100 + 55 against 100): the engine's split way.
+    let both = gpu("24GB", "55");
+    assert_eq!(
+        both["gpu"]["per_token"]["streamed_way"],
+        "the CPU and PCIe, split"
+    );
+    assert!(decode(&both) > decode(&p) && decode(&both) < decode(&fast_bus));
     // --vram-budget caps the experts' share as run's does: none, a
     // quarter of the expert bytes (whole layers under it), or a size.
     let capped = |budget: &str| {
