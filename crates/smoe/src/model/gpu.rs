@@ -23,7 +23,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut, DeviceRepr, Va
 
 use crate::checkpoint::Weight;
 use crate::compute::cuda::{
-    ExpertTable, Gpu, GpuMatrix, HostPin, KvTarget, Rounded, MATVEC_MAX_TOKENS,
+    ExpertTable, Gpu, GpuMatrix, HostBuf, HostPin, KvTarget, Rounded, MATVEC_MAX_TOKENS,
 };
 use crate::compute::profile::{self, Op};
 use crate::compute::{AttnShape, Embedding, KvCache, Matrix, MlaShape};
@@ -528,6 +528,8 @@ struct Bufs {
     start: Buf<u32>,
     head: Buf<f32>,
     logits: Buf<f32>,
+    /// A batch's logits rows on the host, before they go to their sessions.
+    host_logits: Option<HostBuf<f32>>,
     host: Host,
     paths: ExpertPaths,
     /// This pass processes prompt tokens (for [`crate::experts::ReadAhead`]).
@@ -557,7 +559,7 @@ struct Host {
     weights: Vec<f32>,
     pred_ids: Vec<u32>,
     pred_weights: Vec<f32>,
-    to_host: Vec<u32>,
+    to_host: Option<HostBuf<u32>>,
     /// A small batch's normed rows, for the CPU's gather.
     h: Vec<f32>,
     chosen: Vec<(u32, f32)>,
@@ -1935,9 +1937,8 @@ impl GpuDecoder {
             }
         }
         let host = &mut b.host;
-        host.to_host.resize(n, 0);
-        g.download_into(&b.to_host.v(0..n)?, &mut host.to_host)?;
-        let (ids, rest) = host.to_host.split_at(pairs);
+        let got = g.download_into(&b.to_host.v(0..n)?, &mut host.to_host)?;
+        let (ids, rest) = got.split_at(pairs);
         let (weights, rest) = rest.split_at(pairs);
         let (pred_ids, rest) = rest.split_at(predicted);
         let (pred_weights, h) = rest.split_at(predicted);
@@ -1957,8 +1958,14 @@ impl GpuDecoder {
 
     /// Logits of rows `rows` of the `t` rows of the last hidden states
     /// (`b.x` plus `b.out`, see [`GpuDecoder::rows`]) into `out`,
-    /// `[rows, vocab]`.
-    fn head(&self, b: &mut Bufs, t: usize, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+    /// `[rows, vocab]`, page-locked ([`HostBuf`]).
+    fn head<'o>(
+        &self,
+        b: &mut Bufs,
+        t: usize,
+        rows: &[usize],
+        out: &'o mut Option<HostBuf<f32>>,
+    ) -> Result<&'o mut [f32]> {
         let g = &self.gpu;
         let (h, vocab) = (self.cfg().hidden_size, self.cfg().vocab_size);
         let n = rows.len();
@@ -1980,7 +1987,6 @@ impl GpuDecoder {
             let logits = &mut b.logits.m(g, n * vocab)?;
             g.matmul_each_rounded(&r, n, &mut [(&self.lm_head, logits)])?;
             drop(r);
-            out.resize(n * vocab, 0.0);
             return g.download_into(&b.logits.v(0..n * vocab)?, out);
         }
         if let Some(d) = &added {
@@ -1997,7 +2003,6 @@ impl GpuDecoder {
         g.rms_norm_rows(&picked, &self.norm.as_view(), eps, &mut b.head.m(g, n * h)?)?;
         let hn = b.head.v(0..n * h)?;
         g.matmul(&hn, n, &self.lm_head, &mut b.logits.m(g, n * vocab)?)?;
-        out.resize(n * vocab, 0.0);
         g.download_into(&b.logits.v(0..n * vocab)?, out)
     }
 
@@ -2445,8 +2450,7 @@ impl CausalLm for GpuDecoder {
             Logits::Last => vec![t - 1],
             Logits::All => (0..t).collect(),
         };
-        self.head(&mut b, t, &rows, &mut session.logits)?;
-        Ok(&mut session.logits)
+        self.head(&mut b, t, &rows, &mut session.host_logits)
     }
 
     fn forward_batch(&self, steps: &mut [Step<'_>], s: &mut Scratch) -> Result<()> {
@@ -2479,17 +2483,20 @@ impl CausalLm for GpuDecoder {
         s.ids = ids;
         ran?;
         drop(seqs);
-        let mut all = std::mem::take(&mut s.logits);
-        let done = self.head(&mut b, t, &last, &mut all);
+        // The rows come down together, then each goes to its session's own
+        // page-locked buffer (a copy on the host, where a download each
+        // would wait on the device once a sequence).
+        let mut all = b.host_logits.take();
         let vocab = self.cfg().vocab_size;
-        if done.is_ok() {
+        let done = self.head(&mut b, t, &last, &mut all).map(|rows| {
             let wanted = steps.iter_mut().filter(|step| step.logits);
-            for (step, row) in wanted.zip(all.chunks_exact(vocab)) {
-                step.session.logits.clear();
-                step.session.logits.extend_from_slice(row);
+            for (step, row) in wanted.zip(rows.chunks_exact(vocab)) {
+                HostBuf::resize(&mut step.session.host_logits, &self.gpu, vocab)
+                    .as_mut_slice()
+                    .copy_from_slice(row);
             }
-        }
-        s.logits = all;
+        });
+        b.host_logits = all;
         done
     }
 }

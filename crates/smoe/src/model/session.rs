@@ -13,6 +13,11 @@ pub struct Session {
     pub kv: KvCache,
     pub(crate) scratch: blocks::Scratch,
     pub(crate) logits: Vec<f32>,
+    /// A GPU decoder's logits, where it downloads them: page-locked
+    /// memory the device copies into directly. Once set, the logits are
+    /// these, not [`Session::logits`]'s vector.
+    #[cfg(feature = "cuda")]
+    pub(crate) host_logits: Option<crate::compute::cuda::HostBuf<f32>>,
     /// The ids behind the KV cache, as recorded by the engine.
     tokens: Vec<u32>,
     /// Set when the cache changed without the engine recording it (a bare
@@ -40,6 +45,10 @@ impl Session {
     /// positions, or a batched pass's next-token row
     /// ([`super::Step::logits`]).
     pub fn logits(&mut self) -> &mut [f32] {
+        #[cfg(feature = "cuda")]
+        if let Some(host) = &mut self.host_logits {
+            return host.as_mut_slice();
+        }
         &mut self.logits
     }
 

@@ -19,10 +19,12 @@
 //! `load.rs`). Activations are row-major f32 device buffers; weights are
 //! [`GpuMatrix`] uploads of the stored rows, quantized blocks included.
 
+mod host;
 mod kv;
 mod launch;
 mod load;
 
+pub use host::HostBuf;
 pub use kv::DeviceKv;
 
 use std::collections::HashMap;
@@ -38,6 +40,7 @@ use super::profile::{self, Op};
 use super::{AttnShape, Matrix, MlaShape};
 use crate::config::{Routing, Scoring};
 use crate::experts::io::AlignedBuf;
+use crate::memory::human_bytes;
 use crate::quant::{DType, QuantType};
 use crate::{Error, Result};
 use load::device_error;
@@ -768,24 +771,27 @@ impl Gpu {
             .map_err(|e| device_error(format!("uploading {} bytes", size_of_val(host)), e))
     }
 
-    /// Copies `dst.len()` elements of `src` back, after the work queued
-    /// before.
-    pub fn download_into<T: DeviceRepr>(&self, src: &CudaView<'_, T>, dst: &mut [T]) -> Result<()> {
+    /// Copies `src` back into `dst` (resized to it), after the work queued
+    /// before, and waits for it. Into page-locked memory the copy is
+    /// asynchronous, so this waits on the compute stream alone: the copy
+    /// stream may be carrying the next layer's experts meanwhile.
+    pub fn download_into<'d, T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        src: &CudaView<'_, T>,
+        dst: &'d mut Option<HostBuf<T>>,
+    ) -> Result<&'d mut [T]> {
         self.not_capturing("a download")?;
-        if dst.len() < src.len() {
-            return Err(Error::invalid(format!(
-                "CUDA download: {} elements into {}",
-                src.len(),
-                dst.len()
-            )));
-        }
+        let dst = HostBuf::resize(dst, self, src.len());
         {
             let _w = profile::wait(Op::wait_gpu);
+            let n = src.len();
             self.compute
-                .memcpy_dtoh(src, dst)
-                .map_err(|e| device_error(format!("downloading {} elements", dst.len()), e))?;
+                .memcpy_dtoh(src, dst.as_mut_slice())
+                .and_then(|()| self.compute.synchronize())
+                .map_err(|e| device_error(format!("downloading {n} elements"), e))?;
         }
-        self.read_timings()
+        self.read_timings()?;
+        Ok(dst.as_mut_slice())
     }
 
     /// Copies `src` into `dst` on the device, in stream order.
@@ -926,7 +932,10 @@ impl Gpu {
         };
         if r != driver::sys::cudaError_enum::CUDA_SUCCESS {
             return Err(device_error(
-                format!("page-locking {} MiB of expert slots", mem.len() >> 20),
+                format!(
+                    "page-locking {} of host memory",
+                    human_bytes(mem.len() as u64)
+                ),
                 r,
             ));
         }
