@@ -411,13 +411,23 @@ impl Engine {
         dec.timings.prefill_s = start.elapsed().as_secs_f64();
 
         let decode_start = Instant::now();
+        // A greedy pick the model made where the logits are, if it could.
+        let mut picked = None;
         let stop_reason = loop {
             let held = session.len();
-            match dec.pick(self, session.logits(), held, |tok| on_token(tok).flow()) {
+            let next = match picked.take() {
+                Some(tok) => dec.accept(self, tok, held, |tok| on_token(tok).flow()),
+                None => dec.pick(self, session.logits(), held, |tok| on_token(tok).flow()),
+            };
+            match next {
                 Err(reason) => break reason,
                 Ok(tok) => {
                     session.record(&[tok]);
-                    self.model.forward(&[tok], session, Logits::Last)?;
+                    if dec.sampler.is_greedy() {
+                        picked = self.model.forward_greedy(&[tok], session)?;
+                    } else {
+                        self.model.forward(&[tok], session, Logits::Last)?;
+                    }
                     dec.timings.decode_tokens += 1;
                 }
             }
@@ -510,10 +520,22 @@ impl Decoding {
         held: usize,
         on_token: impl FnOnce(u32) -> ControlFlow<()>,
     ) -> std::result::Result<u32, StopReason> {
+        let tok = self.sampler.sample(logits, &self.history);
+        self.accept(engine, tok, held, on_token)
+    }
+
+    /// [`Decoding::pick`] of a token already chosen (by the model:
+    /// [`crate::model::CausalLm::forward_greedy`]).
+    pub(crate) fn accept(
+        &mut self,
+        engine: &Engine,
+        tok: u32,
+        held: usize,
+        on_token: impl FnOnce(u32) -> ControlFlow<()>,
+    ) -> std::result::Result<u32, StopReason> {
         if self.tokens.len() >= self.max_tokens {
             return Err(StopReason::Length);
         }
-        let tok = self.sampler.sample(logits, &self.history);
         self.tokens.push(tok);
         self.history.push(tok);
         let flow = on_token(tok);

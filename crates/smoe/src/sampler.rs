@@ -114,6 +114,15 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether [`Sampler::sample`] is the plain argmax of the logits (no
+    /// temperature, no repetition penalty), which a model on a GPU can
+    /// take where the logits are ([`crate::model::CausalLm::forward_greedy`]).
+    pub fn is_greedy(&self) -> bool {
+        let p = &self.params;
+        (p.temperature.is_nan() || p.temperature <= 0.0)
+            && (p.repeat_penalty == 1.0 || p.repeat_last_n == 0)
+    }
+
     /// Picks the next token. `logits` may be modified in place (scratch).
     /// `history` is all tokens so far (prompt + generated); the penalty looks
     /// at the last `repeat_last_n`. Ids in `history` outside `logits` are
@@ -396,6 +405,23 @@ mod tests {
         assert_eq!(p.repeat_last_n, 64);
         assert_eq!(p.seed, 0);
         p.validate().unwrap();
+    }
+
+    #[test]
+    fn greedy_means_no_temperature_and_no_penalty() {
+        let greedy = |p: SamplingParams| Sampler::new(p).is_greedy();
+        assert!(greedy(SamplingParams::default()));
+        assert!(!greedy(sampling(0.7)));
+        let penalised = SamplingParams {
+            repeat_penalty: 1.1,
+            ..SamplingParams::default()
+        };
+        assert!(!greedy(penalised.clone()));
+        // A penalty over no tokens is none.
+        assert!(greedy(SamplingParams {
+            repeat_last_n: 0,
+            ..penalised
+        }));
     }
 
     #[test]

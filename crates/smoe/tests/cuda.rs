@@ -25,6 +25,7 @@ use smoe::kernels::{self, DType};
 use smoe::model::blocks::Scratch;
 use smoe::model::{Budget, LoadOptions, Logits, Step};
 use smoe::quant::{dequantize_rows, QuantType};
+use smoe::sampler::{Sampler, SamplingParams};
 use smoe::vault::convert::{convert, ConvertOptions};
 
 const HIDDEN: usize = 2048;
@@ -1761,8 +1762,61 @@ fn every_family_matches_the_cpu() {
             &want_steps,
             TOL,
         );
+        // Generation with the greedy sampler: the GPU picks each token
+        // where its logits are (`forward_greedy`), the CPU from the logits.
+        let generate = |e: &Engine| {
+            let mut s = e.new_session();
+            e.generate(&mut s, &ids, &SamplingParams::default(), 8, |_| ())
+                .unwrap()
+                .tokens
+        };
+        assert_eq!(generate(&gpu), generate(&cpu), "{name}: generated greedily");
         println!("{name}: greedy ids {got_ids:?} as on the CPU");
     }
+}
+
+/// The device's greedy pick against the sampler's on rows that test its
+/// rule: ties to the lowest index (also -0 against 0), NaN never chosen
+/// (a row of NaN gives 0), a row of -inf its first, a maximum at either
+/// end, and Qwen3's vocabulary width with a tie far apart.
+#[test]
+fn greedy_pick_on_the_device_is_the_samplers() {
+    let Some(gpu) = gpu_or_skip("argmax_rows") else {
+        return;
+    };
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let mut wide = values(151_936, 41);
+    wide[150_001] = 9.0;
+    wide[77_777] = 9.0;
+    let rows: Vec<Vec<f32>> = vec![
+        vec![0.1, 3.0, -2.0, 2.9],
+        vec![1.0, 5.0, 5.0, 5.0],
+        vec![nan, -1.0, nan, -0.5],
+        vec![nan, nan, nan],
+        vec![-inf, -inf, -inf],
+        vec![nan, -inf, nan, -inf],
+        vec![-0.0, 0.0, -1.0],
+        vec![-1.0, 0.0, -0.0],
+        vec![7.0, 1.0, 2.0],
+        (0..1000).map(|i| i as f32).collect(),
+        vec![inf, nan, inf],
+        wide,
+    ];
+    let mut sampler = Sampler::new(SamplingParams::default());
+    for row in &rows {
+        let want = sampler.sample(&mut row.clone(), &[]);
+        let mut out = gpu.zeros::<u32>(1).unwrap();
+        gpu.argmax_rows(&gpu.upload(row).unwrap().as_view(), row.len(), &mut out.as_view_mut())
+            .unwrap();
+        let got = gpu.download(&out).unwrap()[0];
+        assert_eq!(got, want, "row of {} beginning {:?}", row.len(), &row[..3]);
+    }
+    // Several rows in one launch, each its own.
+    let flat: Vec<f32> = rows[..3].iter().flat_map(|r| r[..3].to_vec()).collect();
+    let mut out = gpu.zeros::<u32>(3).unwrap();
+    gpu.argmax_rows(&gpu.upload(&flat).unwrap().as_view(), 3, &mut out.as_view_mut())
+        .unwrap();
+    assert_eq!(gpu.download(&out).unwrap(), [1, 1, 1]);
 }
 
 /// Captured decode steps replay only where they still hold: two sessions

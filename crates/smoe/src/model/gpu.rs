@@ -530,6 +530,9 @@ struct Bufs {
     logits: Buf<f32>,
     /// A batch's logits rows on the host, before they go to their sessions.
     host_logits: Option<HostBuf<f32>>,
+    /// A greedy step's pick ([`CausalLm::forward_greedy`]), there and here.
+    token: Buf<u32>,
+    host_token: Option<HostBuf<u32>>,
     host: Host,
     paths: ExpertPaths,
     /// This pass processes prompt tokens (for [`crate::experts::ReadAhead`]).
@@ -1966,6 +1969,12 @@ impl GpuDecoder {
         rows: &[usize],
         out: &'o mut Option<HostBuf<f32>>,
     ) -> Result<&'o mut [f32]> {
+        let n = self.head_on_device(b, t, rows)?;
+        self.gpu.download_into(&b.logits.v(0..n)?, out)
+    }
+
+    /// [`GpuDecoder::head`]'s logits, left in `b.logits`; how many.
+    fn head_on_device(&self, b: &mut Bufs, t: usize, rows: &[usize]) -> Result<usize> {
         let g = &self.gpu;
         let (h, vocab) = (self.cfg().hidden_size, self.cfg().vocab_size);
         let n = rows.len();
@@ -1986,8 +1995,7 @@ impl GpuDecoder {
             )?;
             let logits = &mut b.logits.m(g, n * vocab)?;
             g.matmul_each_rounded(&r, n, &mut [(&self.lm_head, logits)])?;
-            drop(r);
-            return g.download_into(&b.logits.v(0..n * vocab)?, out);
+            return Ok(n * vocab);
         }
         if let Some(d) = &added {
             g.add(&mut b.x.part(0..t * h)?, d)?;
@@ -2003,7 +2011,7 @@ impl GpuDecoder {
         g.rms_norm_rows(&picked, &self.norm.as_view(), eps, &mut b.head.m(g, n * h)?)?;
         let hn = b.head.v(0..n * h)?;
         g.matmul(&hn, n, &self.lm_head, &mut b.logits.m(g, n * vocab)?)?;
-        g.download_into(&b.logits.v(0..n * vocab)?, out)
+        Ok(n * vocab)
     }
 
     fn bufs(&self) -> std::sync::MutexGuard<'_, Bufs> {
@@ -2451,6 +2459,28 @@ impl CausalLm for GpuDecoder {
             Logits::All => (0..t).collect(),
         };
         self.head(&mut b, t, &rows, &mut session.host_logits)
+    }
+
+    fn forward_greedy(&self, ids: &[u32], session: &mut Session) -> Result<Option<u32>> {
+        let t = ids.len();
+        check_input(self.cfg(), ids, session.kv.len())?;
+        let mut b = self.bufs();
+        let mut seqs = [Seq {
+            kv: &mut session.kv,
+            start: 0,
+            len: t,
+        }];
+        self.rows(ids, &mut seqs, &mut b)?;
+        let vocab = self.head_on_device(&mut b, t, &[t - 1])?;
+        let (g, b) = (&self.gpu, &mut *b);
+        g.argmax_rows(&b.logits.v(0..vocab)?, vocab, &mut b.token.m(g, 1)?)?;
+        let tok = g.download_into(&b.token.v(0..1)?, &mut b.host_token)?[0];
+        // The logits there are an earlier position's.
+        if let Some(l) = &mut session.host_logits {
+            l.clear();
+        }
+        session.logits.clear();
+        Ok(Some(tok))
     }
 
     fn forward_batch(&self, steps: &mut [Step<'_>], s: &mut Scratch) -> Result<()> {

@@ -70,6 +70,18 @@ pub trait CausalLm: Send + Sync {
         logits: Logits,
     ) -> Result<&'s mut [f32]>;
 
+    /// Appends `ids` to the session as [`CausalLm::forward`] does and
+    /// returns the greedy next token (the sampler's argmax of the last
+    /// position's logits: the largest, the lowest id among equal ones, NaN
+    /// never chosen) where the model picks it without handing the host
+    /// every logit (a GPU's 608 KB of Qwen3 logits a step become 4 bytes);
+    /// the session then holds no logits. `None` where it cannot: the
+    /// logits are in the session, as after `forward`.
+    fn forward_greedy(&self, ids: &[u32], session: &mut Session) -> Result<Option<u32>> {
+        self.forward(ids, session, Logits::Last)?;
+        Ok(None)
+    }
+
     /// Appends each step's ids to its session in one pass over the layers:
     /// the rows of all steps go through every projection, norm and expert
     /// together (each routed expert is read once for all the tokens that

@@ -70,6 +70,11 @@ impl<T: DeviceRepr + ValidAsZeroBits> HostBuf<T> {
         b
     }
 
+    /// Holds no values (the memory stays for the next [`HostBuf::resize`]).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
     pub fn as_slice(&self) -> &[T] {
         // SAFETY: the buffer is at least `len` values long (`resize`),
         // page-aligned, and zeroed when mapped, which is a valid `T`

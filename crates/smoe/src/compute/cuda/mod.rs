@@ -1773,6 +1773,29 @@ impl Gpu {
         launch!(self, "rms_norm", per_row(rows)?, x, out, w, &width, &eps)
     }
 
+    /// The greedy pick of each `width`-wide row of `x` into `out`, by the
+    /// sampler's rule (`sampler::argmax`: the largest value, the lowest
+    /// index among equal ones, NaN never chosen, 0 for a row of NaN).
+    pub fn argmax_rows(
+        &self,
+        x: &CudaView<'_, f32>,
+        width: usize,
+        out: &mut CudaViewMut<'_, u32>,
+    ) -> Result<()> {
+        if width == 0 || !x.len().is_multiple_of(width) || out.len() < x.len() / width {
+            return Err(Error::invalid(format!(
+                "CUDA argmax_rows: {} values in rows of {width}, {} outputs",
+                x.len(),
+                out.len()
+            )));
+        }
+        let rows = x.len() / width;
+        if rows == 0 {
+            return Ok(());
+        }
+        launch!(self, "argmax_rows", per_row(rows)?, x, &int(width)?, out)
+    }
+
     /// `x += d`, then RMSNorm of each `w.len()`-wide row of the sum into
     /// `out`: a residual add and the next norm in one launch.
     pub fn add_rms_norm_rows(

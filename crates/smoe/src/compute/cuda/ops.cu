@@ -356,3 +356,51 @@ extern "C" __global__ void mla_values(const float* lat, const float* kv_b, float
     for (int r = 0; r < rank; r++) s += l[r] * wr[r];
     out[idx] = s;
 }
+
+// The sampler's greedy pick (sampler.rs `argmax`) of row blockIdx.x of x
+// (rows n wide) into out: the largest value, the lowest index among equal
+// ones (== : -0 and 0 tie), NaN never chosen, 0 for a row of NaN alone.
+// A decode step's 151,936 logits are read here, from L2 where the LM head
+// just wrote them, instead of crossing PCIe for the host to read. NONE
+// (no index yet) loses every tie, so a row of -inf gives its first index.
+#define NONE 0xffffffffu
+__device__ __forceinline__ void argmax_merge(float& m, u32& at, float om, u32 oa) {
+    if (om > m || (om == m && oa < at)) {
+        m = om;
+        at = oa;
+    }
+}
+
+extern "C" __global__ void argmax_rows(const float* x, int n, u32* out) {
+    grid_wait();
+    const float* r = x + (size_t)blockIdx.x * n;
+    float m = -INF;
+    u32 at = NONE;
+    // Ascending within a thread: the first of equal values is kept.
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = r[i];
+        if (v > m || (at == NONE && v == m)) {
+            m = v;
+            at = (u32)i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_merge(m, at, __shfl_xor_sync(FULL_MASK, m, o), __shfl_xor_sync(FULL_MASK, at, o));
+    __shared__ float sm[32];
+    __shared__ u32 sa[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) {
+        sm[warp] = m;
+        sa[warp] = at;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    m = lane < nw ? sm[lane] : -INF;
+    at = lane < nw ? sa[lane] : NONE;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_merge(m, at, __shfl_xor_sync(FULL_MASK, m, o), __shfl_xor_sync(FULL_MASK, at, o));
+    if (lane == 0) out[blockIdx.x] = at == NONE ? 0 : at;
+}
+#undef NONE
