@@ -1778,7 +1778,8 @@ fn every_family_matches_the_cpu() {
 /// The device's greedy pick against the sampler's on rows that test its
 /// rule: ties to the lowest index (also -0 against 0), NaN never chosen
 /// (a row of NaN gives 0), a row of -inf its first, a maximum at either
-/// end, and Qwen3's vocabulary width with a tie far apart.
+/// end, and Qwen3's vocabulary width (64 parts a row) with a tie far
+/// apart, NaN but for one value in the last part, and NaN alone.
 #[test]
 fn greedy_pick_on_the_device_is_the_samplers() {
     let Some(gpu) = gpu_or_skip("argmax_rows") else {
@@ -1788,7 +1789,12 @@ fn greedy_pick_on_the_device_is_the_samplers() {
     let mut wide = values(151_936, 41);
     wide[150_001] = 9.0;
     wide[77_777] = 9.0;
+    let mut nans = vec![nan; 151_936];
+    let all_nan = nans.clone();
+    nans[151_000] = -5.0;
     let rows: Vec<Vec<f32>> = vec![
+        nans,
+        all_nan,
         vec![0.1, 3.0, -2.0, 2.9],
         vec![1.0, 5.0, 5.0, 5.0],
         vec![nan, -1.0, nan, -0.5],
@@ -1811,12 +1817,13 @@ fn greedy_pick_on_the_device_is_the_samplers() {
         let got = gpu.download(&out).unwrap()[0];
         assert_eq!(got, want, "row of {} beginning {:?}", row.len(), &row[..3]);
     }
-    // Several rows in one launch, each its own.
-    let flat: Vec<f32> = rows[..3].iter().flat_map(|r| r[..3].to_vec()).collect();
+    // Several rows in one launch, each its own (and its parts' count).
+    let wide = [&rows[0], &rows[1], &rows[rows.len() - 1]];
+    let flat: Vec<f32> = wide.iter().flat_map(|r| r.to_vec()).collect();
     let mut out = gpu.zeros::<u32>(3).unwrap();
-    gpu.argmax_rows(&gpu.upload(&flat).unwrap().as_view(), 3, &mut out.as_view_mut())
+    gpu.argmax_rows(&gpu.upload(&flat).unwrap().as_view(), 151_936, &mut out.as_view_mut())
         .unwrap();
-    assert_eq!(gpu.download(&out).unwrap(), [1, 1, 1]);
+    assert_eq!(gpu.download(&out).unwrap(), [151_000, 0, 77_777]);
 }
 
 /// Captured decode steps replay only where they still hold: two sessions

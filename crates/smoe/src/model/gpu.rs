@@ -57,9 +57,9 @@ pub struct GpuDecoder {
     _pins: Vec<HostPin>,
     tiers: TierCounters,
     /// How many of the next streamed layer's predicted experts a
-    /// one-token step copies ahead ([`Ahead`]): `SMOE_COPY_AHEAD=n`, none
-    /// unset (see [`GpuDecoder::ahead_n`] for why).
-    ahead: usize,
+    /// one-token step copies ahead ([`Ahead`]) where `SMOE_COPY_AHEAD=n`
+    /// says; unset, [`GpuDecoder::ahead_n`] decides.
+    ahead: Option<usize>,
     /// Whether a decode step's experts' gate/up launch also rounds its
     /// output for the down projection (a `quantize_q8` launch fewer a
     /// layer): on unless `SMOE_CUDA_FUSE=0` (so that one binary measures
@@ -171,12 +171,12 @@ impl GpuDecoder {
             _pins: pins,
             tiers: TierCounters::default(),
             ahead: match std::env::var("SMOE_COPY_AHEAD") {
-                Ok(v) => v.parse().map_err(|_| {
+                Ok(v) => Some(v.parse().map_err(|_| {
                     Error::invalid(format!(
                         "SMOE_COPY_AHEAD={v:?}: a count of experts to copy ahead (0 for none)"
                     ))
-                })?,
-                Err(_) => 0,
+                })?),
+                Err(_) => None,
             },
             fuse: std::env::var_os("SMOE_CUDA_FUSE").is_none_or(|v| v != "0"),
             bufs: Mutex::new(Bufs::default()),
@@ -1801,18 +1801,26 @@ impl GpuDecoder {
 
     /// How many predicted experts a `t`-token step copies ahead: none but
     /// for one-token steps whose way is settled on copying or splitting,
-    /// and there [`GpuDecoder::ahead`] (`SMOE_COPY_AHEAD`, none unset).
-    /// Off by default because it has not paid either way on the H100
-    /// host: copying every expert with eight ahead ran 189.8 tok/s against
-    /// 224-226 splitting (the guesses' copies queue before the demand
-    /// copies), and a split with two ahead, 95% of them used, decoded
-    /// 305 tok/s against 319 without (host RAM; a quarter in VRAM 361
-    /// against 370; medians of four alternating runs in one call, 2026-12-06).
+    /// and there [`GpuDecoder::ahead`] (`SMOE_COPY_AHEAD`) or, unset, one
+    /// in a split and none when copying. One fits the time the PCIe link
+    /// idles between a split layer's copies and the next layer's (about
+    /// 70 us on the H100 host, an expert's copy 56): with one ahead the
+    /// host-RAM row decoded 358/347/368/335/366 tok/s against
+    /// 357/332/357/341/344 without (five alternating rounds, medians of
+    /// three, one call, H100, 2026-12-06). More spill into the next
+    /// layer's demand copies: two ahead, 95% of them used, decoded 305
+    /// against 319, and copying every expert with eight ahead 189.8
+    /// against 224-226 splitting.
     fn ahead_n(&self, t: usize, b: &Bufs) -> usize {
-        if t != 1 || !b.paths.settled(1) || b.paths.pick(1) == ExpertPath::Cpu {
+        if t != 1 || !b.paths.settled(1) {
             return 0;
         }
-        self.ahead
+        match b.paths.pick(1) {
+            ExpertPath::Cpu => 0,
+            way => self
+                .ahead
+                .unwrap_or(usize::from(way == ExpertPath::Split)),
+        }
     }
 
     /// When the next layer is sparse and streamed, its experts guessed

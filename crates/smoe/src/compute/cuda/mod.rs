@@ -333,6 +333,10 @@ pub struct Gpu {
     /// rounds): each kernel leaves them at zero, and kernels use them one
     /// after another (the compute stream's order).
     done: Mutex<Option<CudaSlice<u32>>>,
+    /// [`Gpu::argmax_rows`]' picks of each part of a row.
+    argmax_parts: Mutex<Option<CudaSlice<u32>>>,
+    /// Page-locked host buffers no [`HostBuf`] holds now.
+    host_pool: Arc<host::HostPool>,
     /// [`Gpu::matmul_q8`]'s rounded activations and their block scales.
     q8: Mutex<Option<(CudaSlice<u8>, CudaSlice<f32>)>>,
     /// The rows a norm rounded as it wrote them ([`Gpu::norm_rows_rounded`]),
@@ -474,6 +478,8 @@ impl Gpu {
             timed: profile::enabled().then(Mutex::default),
             attn_parts: Mutex::default(),
             done: Mutex::default(),
+            argmax_parts: Mutex::default(),
+            host_pool: Arc::default(),
             q8: Mutex::default(),
             rounded: Mutex::default(),
             mmvq: std::env::var_os("SMOE_CUDA_MMVQ")
@@ -1793,7 +1799,23 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        launch!(self, "argmax_rows", per_row(rows)?, x, &int(width)?, out)
+        // Parts of about 2,400 values (Qwen3's row in 64), a block each.
+        let per_row = width.div_ceil(2048 + 256).clamp(1, 64);
+        let mut parts = self.argmax_parts.lock().unwrap_or_else(|e| e.into_inner());
+        if parts.as_ref().is_none_or(|p| p.len() < rows * per_row * 2) {
+            self.not_capturing("growing argmax_rows' parts")?;
+            *parts = None;
+            *parts = Some(self.zeros(rows * per_row * 2)?);
+        }
+        let parts = parts.as_mut().expect("allocated above");
+        let mut done = self.done_counters(rows)?;
+        let done = done.as_mut().expect("allocated by done_counters");
+        let cfg = LaunchConfig {
+            grid_dim: (per_row as u32, int(rows)? as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "argmax_rows", cfg, x, &int(width)?, parts, done, out)
     }
 
     /// `x += d`, then RMSNorm of each `w.len()`-wide row of the sum into

@@ -357,12 +357,16 @@ extern "C" __global__ void mla_values(const float* lat, const float* kv_b, float
     out[idx] = s;
 }
 
-// The sampler's greedy pick (sampler.rs `argmax`) of row blockIdx.x of x
-// (rows n wide) into out: the largest value, the lowest index among equal
-// ones (== : -0 and 0 tie), NaN never chosen, 0 for a row of NaN alone.
-// A decode step's 151,936 logits are read here, from L2 where the LM head
-// just wrote them, instead of crossing PCIe for the host to read. NONE
-// (no index yet) loses every tie, so a row of -inf gives its first index.
+// The sampler's greedy pick (sampler.rs `argmax`) of each row of x (rows n
+// wide, blockIdx.y) into out: the largest value, the lowest index among
+// equal ones (== : -0 and 0 tie), NaN never chosen, 0 for a row of NaN
+// alone. A decode step's 151,936 logits are read here, from L2 where the
+// LM head just wrote them, instead of crossing PCIe for the host to read.
+// Each of gridDim.x blocks takes a contiguous part of the row (one block
+// over the whole row waited on a load at a time: 68 us on the H100) and
+// leaves its pick in `parts`; the row's last block to finish (a count in
+// `done`, left at zero again) picks among them. NONE (no index yet) loses
+// every tie, so a row of -inf gives its first index.
 #define NONE 0xffffffffu
 __device__ __forceinline__ void argmax_merge(float& m, u32& at, float om, u32 oa) {
     if (om > m || (om == m && oa < at)) {
@@ -371,36 +375,61 @@ __device__ __forceinline__ void argmax_merge(float& m, u32& at, float om, u32 oa
     }
 }
 
-extern "C" __global__ void argmax_rows(const float* x, int n, u32* out) {
+// The block's pick, to thread 0. blockDim.x a multiple of 32.
+__device__ void block_argmax(float& m, u32& at) {
+    __shared__ float sm[32];
+    __shared__ u32 sa[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_merge(m, at, __shfl_xor_sync(FULL_MASK, m, o), __shfl_xor_sync(FULL_MASK, at, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) {
+        sm[warp] = m;
+        sa[warp] = at;
+    }
+    __syncthreads();
+    m = lane < nw ? sm[lane] : -INF;
+    at = lane < nw ? sa[lane] : NONE;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_merge(m, at, __shfl_xor_sync(FULL_MASK, m, o), __shfl_xor_sync(FULL_MASK, at, o));
+}
+
+extern "C" __global__ void argmax_rows(const float* x, int n, u32* parts, u32* done, u32* out) {
     grid_wait();
-    const float* r = x + (size_t)blockIdx.x * n;
+    int row = blockIdx.y, part = blockIdx.x, np = gridDim.x;
+    const float* r = x + (size_t)row * n;
+    int chunk = (n + np - 1) / np, lo = part * chunk, hi = min(n, lo + chunk);
     float m = -INF;
     u32 at = NONE;
     // Ascending within a thread: the first of equal values is kept.
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
         float v = r[i];
         if (v > m || (at == NONE && v == m)) {
             m = v;
             at = (u32)i;
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        argmax_merge(m, at, __shfl_xor_sync(FULL_MASK, m, o), __shfl_xor_sync(FULL_MASK, at, o));
-    __shared__ float sm[32];
-    __shared__ u32 sa[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) {
-        sm[warp] = m;
-        sa[warp] = at;
+    block_argmax(m, at);
+    u32* pr = parts + (size_t)row * np * 2;
+    __shared__ bool last;
+    if (threadIdx.x == 0) {
+        pr[part] = __float_as_uint(m);
+        pr[np + part] = at;
+        __threadfence();
+        last = atomicAdd(done + row, 1u) == (u32)np - 1;
     }
     __syncthreads();
-    if (warp != 0) return;
-    m = lane < nw ? sm[lane] : -INF;
-    at = lane < nw ? sa[lane] : NONE;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        argmax_merge(m, at, __shfl_xor_sync(FULL_MASK, m, o), __shfl_xor_sync(FULL_MASK, at, o));
-    if (lane == 0) out[blockIdx.x] = at == NONE ? 0 : at;
+    if (!last) return;
+    m = -INF;
+    at = NONE;
+    // Past L1: the other blocks wrote these from other SMs.
+    for (int j = threadIdx.x; j < np; j += blockDim.x) argmax_merge(m, at, __uint_as_float(__ldcg(pr + j)), __ldcg(pr + np + j));
+    block_argmax(m, at);
+    if (threadIdx.x == 0) {
+        out[row] = at == NONE ? 0 : at;
+        done[row] = 0;
+    }
 }
 #undef NONE
