@@ -1812,8 +1812,12 @@ fn greedy_pick_on_the_device_is_the_samplers() {
     for row in &rows {
         let want = sampler.sample(&mut row.clone(), &[]);
         let mut out = gpu.zeros::<u32>(1).unwrap();
-        gpu.argmax_rows(&gpu.upload(row).unwrap().as_view(), row.len(), &mut out.as_view_mut())
-            .unwrap();
+        gpu.argmax_rows(
+            &gpu.upload(row).unwrap().as_view(),
+            row.len(),
+            &mut out.as_view_mut(),
+        )
+        .unwrap();
         let got = gpu.download(&out).unwrap()[0];
         assert_eq!(got, want, "row of {} beginning {:?}", row.len(), &row[..3]);
     }
@@ -1821,8 +1825,12 @@ fn greedy_pick_on_the_device_is_the_samplers() {
     let wide = [&rows[0], &rows[1], &rows[rows.len() - 1]];
     let flat: Vec<f32> = wide.iter().flat_map(|r| r.to_vec()).collect();
     let mut out = gpu.zeros::<u32>(3).unwrap();
-    gpu.argmax_rows(&gpu.upload(&flat).unwrap().as_view(), 151_936, &mut out.as_view_mut())
-        .unwrap();
+    gpu.argmax_rows(
+        &gpu.upload(&flat).unwrap().as_view(),
+        151_936,
+        &mut out.as_view_mut(),
+    )
+    .unwrap();
     assert_eq!(gpu.download(&out).unwrap(), [151_000, 0, 77_777]);
 }
 

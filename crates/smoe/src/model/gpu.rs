@@ -1817,9 +1817,7 @@ impl GpuDecoder {
         }
         match b.paths.pick(1) {
             ExpertPath::Cpu => 0,
-            way => self
-                .ahead
-                .unwrap_or(usize::from(way == ExpertPath::Split)),
+            way => self.ahead.unwrap_or(usize::from(way == ExpertPath::Split)),
         }
     }
 

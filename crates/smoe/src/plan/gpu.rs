@@ -13,10 +13,10 @@
 //! The GPU's own time is the one figure not derived from bytes: at these
 //! sizes a decoded token's layer is bound by kernel launches, not by HBM.
 //! It is taken from this engine measured on an H100 (`bench/cuda.sh` at
-//! 389b76e, the 8-layer Qwen3-30B-A3B q4_k vault with every expert in
-//! VRAM: 1,220.2 tok/s decode, 24,363 tok/s prefill of 512 tokens; the
-//! q6_k LM head at 2,360 GB/s in `cuda_bench` on the same tree), and can
-//! be given for another GPU. (The H200 figures of 3a745b5, 408.1 and
+//! 998069f, the 8-layer Qwen3-30B-A3B q4_k vault with every expert in
+//! VRAM: 1,598.6 tok/s decode, 31,117 tok/s prefill of 512 tokens; the
+//! q6_k LM head at 2,360 GB/s in `cuda_bench` at 389b76e), and can be
+//! given for another GPU. (The H200 figures of 3a745b5, 408.1 and
 //! 5,976 tok/s, were an engine three times slower.)
 
 use serde_json::{json, Value};
@@ -26,12 +26,12 @@ use crate::error::{Error, Result};
 use crate::memory::{vram_headroom, Budget, MemoryPlan};
 use crate::model::human_bytes;
 
-/// One decoded token's layer on the H100, seconds: (1 / 1,220.2 - the LM
+/// One decoded token's layer on the H100, seconds: (1 / 1,598.6 - the LM
 /// head's 0.108 ms) / 8 layers.
-pub const MEASURED_LAYER_DECODE_S: f64 = 0.0889e-3;
-/// One layer over a 512-token prompt on the H100, seconds: 512 / 24,363
+pub const MEASURED_LAYER_DECODE_S: f64 = 0.0647e-3;
+/// One layer over a 512-token prompt on the H100, seconds: 512 / 31,117
 /// / 8 layers.
-pub const MEASURED_LAYER_PREFILL_S: f64 = 2.63e-3;
+pub const MEASURED_LAYER_PREFILL_S: f64 = 2.06e-3;
 /// The LM head's matrix-vector product on the H100, GB/s.
 pub const MEASURED_HEAD_GBPS: f64 = 2360.0;
 /// Host-to-device copies when no figure is given: PCIe 4.0 x16 as
