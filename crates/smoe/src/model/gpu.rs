@@ -1807,10 +1807,11 @@ impl GpuDecoder {
     /// 70 us on the H100 host, an expert's copy 56): with one ahead the
     /// host-RAM row decoded 358/347/368/335/366 tok/s against
     /// 357/332/357/341/344 without (five alternating rounds, medians of
-    /// three, one call, H100, 2026-12-06). More spill into the next
-    /// layer's demand copies: two ahead, 95% of them used, decoded 305
-    /// against 319, and copying every expert with eight ahead 189.8
-    /// against 224-226 splitting.
+    /// three, one call, H100, 2026-12-06), and two no better than one
+    /// (medians of three rounds: 384.8, 396.5, 396.9 with 0, 1, 2). More
+    /// spilled into the next layer's demand copies before: two ahead
+    /// decoded 305 against 319, and copying every expert with eight ahead
+    /// 189.8 against 224-226 splitting.
     fn ahead_n(&self, t: usize, b: &Bufs) -> usize {
         if t != 1 || !b.paths.settled(1) {
             return 0;
