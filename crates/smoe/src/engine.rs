@@ -412,6 +412,7 @@ impl Engine {
 
         let decode_start = Instant::now();
         // A greedy pick the model made where the logits are, if it could.
+        let greedy = dec.sampler.is_greedy();
         let mut picked = None;
         let stop_reason = loop {
             let held = session.len();
@@ -423,7 +424,7 @@ impl Engine {
                 Err(reason) => break reason,
                 Ok(tok) => {
                     session.record(&[tok]);
-                    if dec.sampler.is_greedy() {
+                    if greedy {
                         picked = self.model.forward_greedy(&[tok], session)?;
                     } else {
                         self.model.forward(&[tok], session, Logits::Last)?;

@@ -1980,6 +1980,15 @@ impl GpuDecoder {
         self.gpu.download_into(&b.logits.v(0..n)?, out)
     }
 
+    /// The greedy picks of [`GpuDecoder::head`]'s rows (the sampler's
+    /// argmax, on the device): a token a row comes back, not its logits.
+    fn head_picks<'b>(&self, b: &'b mut Bufs, t: usize, rows: &[usize]) -> Result<&'b [u32]> {
+        let n = self.head_on_device(b, t, rows)?;
+        let (g, vocab) = (&self.gpu, self.cfg().vocab_size);
+        g.argmax_rows(&b.logits.v(0..n)?, vocab, &mut b.token.m(g, rows.len())?)?;
+        Ok(g.download_into(&b.token.v(0..rows.len())?, &mut b.host_token)?)
+    }
+
     /// [`GpuDecoder::head`]'s logits, left in `b.logits`; how many.
     fn head_on_device(&self, b: &mut Bufs, t: usize, rows: &[usize]) -> Result<usize> {
         let g = &self.gpu;
@@ -2019,6 +2028,21 @@ impl GpuDecoder {
         let hn = b.head.v(0..n * h)?;
         g.matmul(&hn, n, &self.lm_head, &mut b.logits.m(g, n * vocab)?)?;
         Ok(n * vocab)
+    }
+
+    /// One sequence's `ids` through every layer after its cache `kv`
+    /// ([`CausalLm::forward`] and [`CausalLm::forward_greedy`]): the
+    /// buffers, holding the last hidden states for the head.
+    fn run_one(&self, ids: &[u32], kv: &mut KvCache) -> Result<std::sync::MutexGuard<'_, Bufs>> {
+        check_input(self.cfg(), ids, kv.len())?;
+        let mut b = self.bufs();
+        let mut seqs = [Seq {
+            kv,
+            start: 0,
+            len: ids.len(),
+        }];
+        self.rows(ids, &mut seqs, &mut b)?;
+        Ok(b)
     }
 
     fn bufs(&self) -> std::sync::MutexGuard<'_, Bufs> {
@@ -2453,14 +2477,7 @@ impl CausalLm for GpuDecoder {
         logits: Logits,
     ) -> Result<&'s mut [f32]> {
         let t = ids.len();
-        check_input(self.cfg(), ids, session.kv.len())?;
-        let mut b = self.bufs();
-        let mut seqs = [Seq {
-            kv: &mut session.kv,
-            start: 0,
-            len: t,
-        }];
-        self.rows(ids, &mut seqs, &mut b)?;
+        let mut b = self.run_one(ids, &mut session.kv)?;
         let rows: Vec<usize> = match logits {
             Logits::Last => vec![t - 1],
             Logits::All => (0..t).collect(),
@@ -2470,23 +2487,9 @@ impl CausalLm for GpuDecoder {
 
     fn forward_greedy(&self, ids: &[u32], session: &mut Session) -> Result<Option<u32>> {
         let t = ids.len();
-        check_input(self.cfg(), ids, session.kv.len())?;
-        let mut b = self.bufs();
-        let mut seqs = [Seq {
-            kv: &mut session.kv,
-            start: 0,
-            len: t,
-        }];
-        self.rows(ids, &mut seqs, &mut b)?;
-        let vocab = self.head_on_device(&mut b, t, &[t - 1])?;
-        let (g, b) = (&self.gpu, &mut *b);
-        g.argmax_rows(&b.logits.v(0..vocab)?, vocab, &mut b.token.m(g, 1)?)?;
-        let tok = g.download_into(&b.token.v(0..1)?, &mut b.host_token)?[0];
-        // The logits there are an earlier position's.
-        if let Some(l) = &mut session.host_logits {
-            l.clear();
-        }
-        session.logits.clear();
+        let mut b = self.run_one(ids, &mut session.kv)?;
+        let tok = self.head_picks(&mut b, t, &[t - 1])?[0];
+        session.forget_logits();
         Ok(Some(tok))
     }
 

@@ -52,6 +52,17 @@ impl Session {
         &mut self.logits
     }
 
+    /// Drops the logits a pass left, when a pass picked the next token on
+    /// the device instead ([`super::CausalLm::forward_greedy`]): they are
+    /// an earlier position's.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forget_logits(&mut self) {
+        if let Some(l) = &mut self.host_logits {
+            l.clear();
+        }
+        self.logits.clear();
+    }
+
     /// Tokens already processed.
     pub fn len(&self) -> usize {
         self.kv.len()
