@@ -787,17 +787,48 @@ impl Gpu {
         dst: &'d mut Option<HostBuf<T>>,
     ) -> Result<&'d mut [T]> {
         self.not_capturing("a download")?;
-        let dst = HostBuf::resize(dst, self, src.len());
+        self.download_queued(src, dst)?;
+        self.downloaded(dst)
+    }
+
+    /// Queues the copy of `src` into `dst` (resized to it) on the compute
+    /// stream, without waiting: [`Gpu::downloaded`] waits and reads it.
+    /// While a step is captured the copy becomes a node of its graph, so
+    /// `dst` must already be page-locked and large enough (a graph cannot
+    /// copy into pageable memory, nor may the buffer move before a replay).
+    pub fn download_queued<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        src: &CudaView<'_, T>,
+        dst: &mut Option<HostBuf<T>>,
+    ) -> Result<()> {
+        let n = src.len();
+        let capturing = self.capturing.load(std::sync::atomic::Ordering::Relaxed);
+        if capturing && !dst.as_ref().is_some_and(|d| d.holds(n) && d.locked()) {
+            return Err(Error::invalid(
+                "CUDA: a download into memory not yet page-locked while a step is captured",
+            ));
+        }
+        let dst = HostBuf::resize(dst, self, n);
+        self.compute
+            .memcpy_dtoh(src, dst.as_mut_slice())
+            .map_err(|e| device_error(format!("downloading {n} elements"), e))
+    }
+
+    /// Waits for the compute stream, so for what [`Gpu::download_queued`]
+    /// copied into `dst` (directly or in a replayed graph), and returns it.
+    pub fn downloaded<'d, T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        dst: &'d mut Option<HostBuf<T>>,
+    ) -> Result<&'d mut [T]> {
+        self.not_capturing("waiting for a download")?;
         {
             let _w = profile::wait(Op::wait_gpu);
-            let n = src.len();
             self.compute
-                .memcpy_dtoh(src, dst.as_mut_slice())
-                .and_then(|()| self.compute.synchronize())
-                .map_err(|e| device_error(format!("downloading {n} elements"), e))?;
+                .synchronize()
+                .map_err(|e| device_error("waiting for a download", e))?;
         }
         self.read_timings()?;
-        Ok(dst.as_mut_slice())
+        Ok(dst.as_mut().map_or(&mut [], |d| d.as_mut_slice()))
     }
 
     /// Copies `src` into `dst` on the device, in stream order.
