@@ -2046,16 +2046,16 @@ fn experts_copied_ahead_match_the_cpu() {
         assert!(g.ahead_used <= g.copied_ahead, "{what}: {g:?}");
         assert_eq!(g.copied_ahead > 0, way != "cpu", "{what}: {g:?}");
         assert_eq!(g.cpu_runs > 0, way != "copy", "{what}: {g:?}");
-        // Every decode step after the second replays its stretches (the
-        // first sizes the buffers, the second records them), the whole
-        // step never (its layers wait on the host).
-        let layers = gpu.model().config().num_hidden_layers as u64;
+        // The whole step never runs as one graph (its layers wait on the
+        // host); its stretches do from the second decode step on (the
+        // first sizes the buffers), recorded once and then replayed: at
+        // most two steps' worth recorded (the streamed experts' copies
+        // allocate as they go, which must not make the graphs stale).
         assert_eq!(g.graph_steps, 0, "{what}: {g:?}");
         if Gpu::new(0).unwrap().graphs() {
-            assert!(
-                g.stretch_replays >= (steps as u64 - 3) * layers,
-                "{what}: {g:?}"
-            );
+            let per_step = g.graph_stretches / (steps as u64 - 2);
+            let recorded = g.graph_stretches - g.stretch_replays;
+            assert!(per_step > 0 && recorded <= 2 * per_step, "{what}: {g:?}");
         }
     }
 }

@@ -500,6 +500,12 @@ struct Bufs {
     /// counted (a replay counts them again).
     stretch_step: Option<StretchStep>,
     stretches: Vec<Option<(StretchKey, u64)>>,
+    /// Stretches recorded since one was last replayed: past
+    /// [`STRETCH_TRIES`] steps' worth the decoder stops recording them
+    /// (`stretches_off`), since a graph recorded for one launch costs
+    /// more host time than the launches it holds.
+    recorded_unused: usize,
+    stretches_off: bool,
     /// Each sequence's position (its cache's length) for the step, then
     /// the token ids when the embedding lookup is on the device.
     step: Buf<u32>,
@@ -949,7 +955,7 @@ impl GpuDecoder {
             // at their routing: a small step runs the stretches between
             // those waits as graphs (`stretch`), for the same reason a
             // step on the GPU alone runs as one.
-            let stretches = replayable && t <= MATVEC_MAX_TOKENS;
+            let stretches = replayable && t <= MATVEC_MAX_TOKENS && !b.stretches_off;
             if stretches {
                 let at = self.size_for_stretches(t, b)?;
                 let step = StretchStep {
@@ -1050,6 +1056,7 @@ impl GpuDecoder {
                 self.tiers.vram_hits.fetch_add(*hits, Relaxed);
                 self.tiers.graph_stretches.fetch_add(1, Relaxed);
                 self.tiers.stretch_replays.fetch_add(1, Relaxed);
+                b.recorded_unused = 0;
                 return Ok(());
             }
         }
@@ -1065,6 +1072,8 @@ impl GpuDecoder {
             return run(b);
         }
         self.tiers.graph_stretches.fetch_add(1, Relaxed);
+        b.recorded_unused += 1;
+        b.stretches_off = b.recorded_unused > STRETCH_TRIES * self.layers.len();
         // Recorded without allocating: valid while nothing is.
         if key.allocations == g.allocations() {
             let hits = self.tiers.vram_hits.load(Relaxed) - hits;
@@ -2455,6 +2464,13 @@ fn pinned_group<'a>(pinned: &'a Pinned<'_>) -> (Vec<u32>, Vec<[Matrix<'a>; 3]>) 
 /// enough that each part's launch and update cost little against its
 /// kernels (an 8-layer model: two parts).
 const GRAPH_LAYERS: usize = 4;
+
+/// Steps' worth of stretches ([`GpuDecoder::stretch`]) recorded with none
+/// replayed after which a decoder records no more: while the way a
+/// streamed layer's experts run is being chosen its stretches change from
+/// step to step (a few steps), after that one that still never repeats
+/// would only pay for recording.
+const STRETCH_TRIES: usize = 16;
 
 /// Experts a grouped launch takes at a time from a prompt's uploads.
 const UPLOADED_GROUP: usize = 16;
