@@ -178,7 +178,8 @@ g = r.get('gpu_experts')
 if g:
     print(f\"GPU tiers over all runs: VRAM hits {g['vram_hits']:,}, experts copied {g['copied']:,} \"
           f\"({g['pcie_bytes'] / 1e9:.1f} GB over PCIe), run on the CPU {g['cpu_runs']:,}, \"
-          f\"steps run as one CUDA graph {g.get('graph_steps', 0):,} ({g.get('graph_replays', 0):,} replayed)\")"
+          f\"steps run as one CUDA graph {g.get('graph_steps', 0):,} ({g.get('graph_replays', 0):,} replayed), \"
+          f\"stretches between the host's waits {g.get('graph_stretches', 0):,} ({g.get('stretch_replays', 0):,} replayed)\")"
 }
 
 median() { python3 -c "import statistics, sys; print(statistics.median(float(v) for v in sys.argv[1:]))" "$@"; }

@@ -209,13 +209,16 @@ pub(crate) fn bench_cmd(mut a: BenchArgs) -> Result<()> {
         writeln!(
             out,
             "GPU tiers over all runs: VRAM hits {}, copied {} ({}), run on the CPU {}; \
-             steps run as one CUDA graph {} ({} replayed)",
+             steps run as one CUDA graph {} ({} replayed), stretches between the host's \
+             waits {} ({} replayed)",
             g.vram_hits,
             g.copied,
             human_bytes(g.pcie_bytes),
             g.cpu_runs,
             g.graph_steps,
-            g.graph_replays
+            g.graph_replays,
+            g.graph_stretches,
+            g.stretch_replays
         )?;
         if g.copied_ahead > 0 {
             writeln!(

@@ -683,13 +683,16 @@ impl Chat<'_> {
             if let Some(g) = self.engine.gpu_expert_stats() {
                 out += &format!(
                     "  GPU tiers   VRAM hits {}, copied to the GPU {} ({} over PCIe), run on the CPU {}; \
-                     steps run as one CUDA graph {} ({} replayed)\n",
+                     steps run as one CUDA graph {} ({} replayed), stretches between the host's \
+                     waits {} ({} replayed)\n",
                     g.vram_hits,
                     g.copied,
                     human_bytes(g.pcie_bytes),
                     g.cpu_runs,
                     g.graph_steps,
-                    g.graph_replays
+                    g.graph_replays,
+                    g.graph_stretches,
+                    g.stretch_replays
                 );
             }
         }

@@ -237,6 +237,7 @@ impl<'e, K> Batch<'e, K> {
                 ids,
                 session: &mut slot.session,
                 logits: *logits,
+                greedy: seq.dec.greedy(),
             });
         }
         engine.model.forward_batch(&mut steps, &mut self.scratch)?;
@@ -261,9 +262,13 @@ impl<'e, K> Batch<'e, K> {
             }
             let held = slot.session.len();
             let key = &mut seq.key;
-            match seq.dec.pick(engine, slot.session.logits(), held, |tok| {
-                on_token(key, tok)
-            }) {
+            let next = match slot.session.take_pick() {
+                Some(tok) => seq.dec.accept(engine, tok, held, |tok| on_token(key, tok)),
+                None => seq.dec.pick(engine, slot.session.logits(), held, |tok| {
+                    on_token(key, tok)
+                }),
+            };
+            match next {
                 Ok(tok) => seq.next = Some(tok),
                 Err(reason) => finished.extend(slot.seq.take().map(|q| q.finish(reason))),
             }

@@ -412,7 +412,7 @@ impl Engine {
 
         let decode_start = Instant::now();
         // A greedy pick the model made where the logits are, if it could.
-        let greedy = dec.sampler.is_greedy();
+        let greedy = dec.greedy();
         let mut picked = None;
         let stop_reason = loop {
             let held = session.len();
@@ -523,6 +523,12 @@ impl Decoding {
     ) -> std::result::Result<u32, StopReason> {
         let tok = self.sampler.sample(logits, &self.history);
         self.accept(engine, tok, held, on_token)
+    }
+
+    /// Whether the next token is the logits' argmax
+    /// ([`Sampler::is_greedy`]), which the model may pick itself.
+    pub(crate) fn greedy(&self) -> bool {
+        self.sampler.is_greedy()
     }
 
     /// [`Decoding::pick`] of a token already chosen (by the model:

@@ -1929,11 +1929,13 @@ fn a_batch_on_cuda_equals_its_sequences_alone() {
                 ids: &ids[5..6],
                 session: &mut sa,
                 logits: true,
+                greedy: false,
             },
             Step {
                 ids: b,
                 session: &mut sb,
                 logits: true,
+                greedy: false,
             },
         ];
         m.forward_batch(&mut steps, &mut scratch).unwrap();
@@ -1951,6 +1953,38 @@ fn a_batch_on_cuda_equals_its_sequences_alone() {
             &want_b,
             1e-4,
         );
+        // The same batch with greedy steps: picks in place of the logits,
+        // the argmax of the logits above; where one step is not greedy,
+        // logits for both and no picks.
+        let want = [argmax(sa.logits()), argmax(sb.logits())];
+        for greedy in [[true, true], [true, false]] {
+            let (mut ga, mut gb) = (m.new_session(), m.new_session());
+            m.forward(a, &mut ga, Logits::Last).unwrap();
+            let mut steps = [
+                Step {
+                    ids: &ids[5..6],
+                    session: &mut ga,
+                    logits: true,
+                    greedy: greedy[0],
+                },
+                Step {
+                    ids: b,
+                    session: &mut gb,
+                    logits: true,
+                    greedy: greedy[1],
+                },
+            ];
+            m.forward_batch(&mut steps, &mut scratch).unwrap();
+            for (s, want) in [&mut ga, &mut gb].into_iter().zip(want) {
+                if greedy == [true, true] {
+                    assert_eq!(s.take_pick(), Some(want), "{name}: picked in a batch");
+                    assert!(s.logits().is_empty(), "{name}: no logits beside a pick");
+                } else {
+                    assert_eq!(s.take_pick(), None, "{name}: a mixed batch picks nothing");
+                    assert_eq!(argmax(s.logits()), want, "{name}: a mixed batch's logits");
+                }
+            }
+        }
     }
 }
 
@@ -1984,8 +2018,11 @@ fn experts_copied_ahead_match_the_cpu() {
     let vault = bf16_vault(tmp.path(), name);
     let cpu = engine(&vault, Device::Cpu, Budget::Auto);
     let ids = prompt(name);
-    let (want_all, want_ids, want_steps) = prefill_and_decode(&cpu, &ids, 8);
-    for (way, ahead) in [("copy", "8"), ("split", "1")] {
+    // Enough steps that each stretch between the host's waits is captured
+    // and then replayed (the first step sizes the buffers).
+    let steps = 24;
+    let (want_all, want_ids, want_steps) = prefill_and_decode(&cpu, &ids, steps);
+    for (way, ahead) in [("copy", "8"), ("split", "1"), ("cpu", "0")] {
         // Read once, as the decoder is made; the GPU tests run one at a
         // time (tools/test-cuda.sh), and any other decoder made meanwhile
         // would only take another way.
@@ -1998,7 +2035,7 @@ fn experts_copied_ahead_match_the_cpu() {
             "{name} vault, {way}, {ahead} copied ahead ({})",
             gpu.device()
         );
-        let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, 8);
+        let (got_all, got_ids, got_steps) = prefill_and_decode(&gpu, &ids, steps);
         check(&format!("{what}: prefill"), &got_all, &want_all, 1e-3);
         assert_eq!(got_ids, want_ids, "{what}: greedy ids");
         check(&format!("{what}: decode"), &got_steps, &want_steps, 1e-3);
@@ -2006,11 +2043,20 @@ fn experts_copied_ahead_match_the_cpu() {
             .gpu_expert_stats()
             .expect("a GPU decoder counts its tiers");
         println!("{what}: {g:?}");
-        assert!(
-            g.copied_ahead > 0 && g.ahead_used <= g.copied_ahead,
-            "{what}: {g:?}"
-        );
-        assert_eq!(g.cpu_runs > 0, way == "split", "{what}: {g:?}");
+        assert!(g.ahead_used <= g.copied_ahead, "{what}: {g:?}");
+        assert_eq!(g.copied_ahead > 0, way != "cpu", "{what}: {g:?}");
+        assert_eq!(g.cpu_runs > 0, way != "copy", "{what}: {g:?}");
+        // The whole step never runs as one graph (its layers wait on the
+        // host); its stretches do from the second decode step on (the
+        // first sizes the buffers), recorded once and then replayed: at
+        // most two steps' worth recorded (the streamed experts' copies
+        // allocate as they go, which must not make the graphs stale).
+        assert_eq!(g.graph_steps, 0, "{what}: {g:?}");
+        if Gpu::new(0).unwrap().graphs() {
+            let per_step = g.graph_stretches / (steps as u64 - 2);
+            let recorded = g.graph_stretches - g.stretch_replays;
+            assert!(per_step > 0 && recorded <= 2 * per_step, "{what}: {g:?}");
+        }
     }
 }
 
@@ -2060,7 +2106,8 @@ fn streamed_experts_match_the_cpu() {
             match vram {
                 Budget::Bytes(0) => {
                     assert_eq!(g.vram_hits, 0, "{what}: {g:?}");
-                    // Streamed layers wait on the host: no graphs.
+                    // Streamed layers wait on the host: no whole step
+                    // runs as one graph (its stretches may).
                     assert_eq!(g.graph_steps, 0, "{what}: {g:?}");
                     // A small batch tries both ways before it settles.
                     assert!(g.copied > 0 && g.cpu_runs > 0, "{what}: {g:?}");

@@ -201,6 +201,8 @@ struct TierCounters {
     cpu_runs: AtomicU64,
     graph_steps: AtomicU64,
     graph_replays: AtomicU64,
+    graph_stretches: AtomicU64,
+    stretch_replays: AtomicU64,
 }
 
 /// Page-locks the slots of every RAM expert cache the model streams
@@ -491,6 +493,19 @@ struct Bufs {
     /// expert hits recording them counted (a replay counts them again).
     graph: Option<GraphKey>,
     graph_hits: u64,
+    /// A step with layers the host drives, captured stretch by stretch
+    /// ([`GpuDecoder::stretch`]): what every stretch's graph holds in
+    /// common (the host buffer the routing comes down into among it),
+    /// then each stretch's own, with the VRAM expert hits its recording
+    /// counted (a replay counts them again).
+    stretch_step: Option<StretchStep>,
+    stretches: Vec<Option<(StretchKey, u64)>>,
+    /// Stretches recorded since one was last replayed: past
+    /// [`STRETCH_TRIES`] steps' worth the decoder stops recording them
+    /// (`stretches_off`), since a graph recorded for one launch costs
+    /// more host time than the launches it holds.
+    recorded_unused: usize,
+    stretches_off: bool,
     /// Each sequence's position (its cache's length) for the step, then
     /// the token ids when the embedding lookup is on the device.
     step: Buf<u32>,
@@ -514,9 +529,6 @@ struct Bufs {
     router: Buf<f32>,
     ids: Buf<u32>,
     weights: Buf<f32>,
-    /// The next sparse layer's routing guessed from this layer's residual.
-    pred_ids: Buf<u32>,
-    pred_weights: Buf<f32>,
     /// What a streamed layer sends the host, back to back for one
     /// download ([`GpuDecoder::layer_to_host`]).
     to_host: Buf<u32>,
@@ -546,6 +558,37 @@ struct GraphKey {
     shape: (usize, usize),
     allocations: u64,
     caches: Vec<u64>,
+}
+
+/// What every stretch's graph of a step holds ([`Bufs::stretch_step`]):
+/// the step's shape, its sequences' cache buffers and the host buffer the
+/// routes come down into.
+#[derive(PartialEq)]
+struct StretchStep {
+    shape: (usize, usize),
+    caches: Vec<u64>,
+    to_host: u64,
+}
+
+/// What a stretch's captured graph was recorded for ([`Bufs::stretches`]),
+/// beside its step's [`StretchStep`]: its layers, the plan of the layer that
+/// ends it, and the device's allocation count when it was recorded (a
+/// buffer grown since may be one it holds).
+#[derive(PartialEq)]
+struct StretchKey {
+    layers: std::ops::Range<usize>,
+    plan: Option<HostLayer>,
+    allocations: u64,
+}
+
+/// How a sparse layer whose experts the host drives (streamed ones, or a
+/// prompt's) runs its step, settled before its device work is queued: a
+/// captured stretch holds that work. `predicted`: the next layer's guess
+/// launched and downloaded with the routes, its `(pairs, experts)`.
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct HostLayer {
+    predicted: Option<(usize, usize)>,
+    path: ExpertPath,
 }
 
 /// Host buffers: the embedding rows and RoPE tables before upload,
@@ -850,10 +893,10 @@ impl GpuDecoder {
         // no buffer growing), of the shape the previous step sized the
         // buffers for, runs as captured graphs.
         let shape = (t, seqs.len());
-        let graph = g.graphs()
+        let replayable = g.graphs()
             && b.last_shape == Some(shape)
-            && self.on_gpu_only(t)
             && seqs.iter().all(|s| s.kv.device_fits(s.len));
+        let graph = replayable && self.on_gpu_only(t);
         b.last_shape = Some(shape);
         // The graphs of the last capture hold the addresses of every
         // buffer they touch (and the attention's split, sized for the
@@ -880,18 +923,20 @@ impl GpuDecoder {
             self.tiers.vram_hits.fetch_add(b.graph_hits, Relaxed);
             self.tiers.graph_steps.fetch_add(1, Relaxed);
             self.tiers.graph_replays.fetch_add(1, Relaxed);
-        } else {
+        } else if graph {
             b.graph = None;
+            // The stretches' graphs share the slots.
+            b.stretch_step = None;
             // One graph per GRAPH_LAYERS layers: the GPU runs a part while
             // the host records the next. A part that cannot be captured
             // runs eagerly, after the parts before it in stream order.
             let hits = self.tiers.vram_hits.load(Relaxed);
-            let mut whole = graph;
+            let mut whole = true;
             let mut ahead = None;
             for (slot, first) in (0..n).step_by(GRAPH_LAYERS).enumerate() {
                 let part = first..(first + GRAPH_LAYERS).min(n);
-                let mut run = || self.layers(part.clone(), t, seqs, b, &mut ahead);
-                if !(graph && g.captured(slot, &mut run)?) {
+                let mut run = || self.layers(part.clone(), t, seqs, b, &mut ahead, false);
+                if !g.captured(slot, &mut run)? {
                     whole = false;
                     run()?;
                 }
@@ -904,6 +949,29 @@ impl GpuDecoder {
                     b.graph = Some(key);
                 }
             }
+        } else {
+            b.graph = None;
+            // Layers whose experts the host drives stop the device's work
+            // at their routing: a small step runs the stretches between
+            // those waits as graphs (`stretch`), for the same reason a
+            // step on the GPU alone runs as one.
+            let stretches = replayable && t <= MATVEC_MAX_TOKENS && !b.stretches_off;
+            if stretches {
+                let at = self.size_for_stretches(t, b)?;
+                let step = StretchStep {
+                    shape,
+                    caches: key.caches,
+                    to_host: at,
+                };
+                if b.stretch_step.as_ref() != Some(&step) {
+                    b.stretches.clear();
+                    b.stretch_step = Some(step);
+                }
+            } else {
+                b.stretch_step = None;
+            }
+            let mut ahead = None;
+            self.layers(0..n, t, seqs, b, &mut ahead, stretches)?;
         }
         for seq in seqs.iter_mut() {
             seq.kv.advance(seq.len);
@@ -914,6 +982,10 @@ impl GpuDecoder {
     /// Layers `range` of a step over `b.x` (after [`GpuDecoder::rows`] has
     /// uploaded the rows and tables): each adds the previous layer's MLP
     /// output into the residual, the last layer's is left in `b.out`.
+    /// The device's work runs in stretches, each up to and including the
+    /// routing of a layer whose experts the host drives, which the host
+    /// then waits for and runs; with `graphs`, each stretch as a captured
+    /// graph ([`GpuDecoder::stretch`]).
     fn layers<'s>(
         &'s self,
         range: std::ops::Range<usize>,
@@ -921,49 +993,145 @@ impl GpuDecoder {
         seqs: &mut [Seq<'_>],
         b: &mut Bufs,
         ahead: &mut Option<Ahead<'s>>,
+        graphs: bool,
+    ) -> Result<()> {
+        let mut first = range.start;
+        for slot in 0.. {
+            if first >= range.end {
+                break;
+            }
+            let host = (first..range.end).find_map(|i| Some((i, self.host_layer(i, t, b)?)));
+            let end = host.map_or(range.end, |(i, _)| i + 1);
+            let plan = host.map(|(_, plan)| plan);
+            self.stretch(slot, first..end, plan, t, seqs, b, graphs)?;
+            if let Some((i, plan)) = host {
+                self.moe_experts(i, t, b, plan, ahead)?;
+            }
+            first = end;
+        }
+        Ok(())
+    }
+
+    /// The device's work of layers `range`, the last one's only up to its
+    /// routing's download where `plan` says the host drives its experts:
+    /// with `graphs`, replayed as the graph captured in `slot` when that
+    /// was recorded for the same (a decode step's stretches repeat from
+    /// token to token, the position read on the device), else captured
+    /// there and launched; eagerly where not, or where it cannot be
+    /// captured. A streamed layer's attention and routing are about a
+    /// dozen small launches that the GPU, waiting on the host's, ran
+    /// about as slowly as the host made them.
+    #[allow(clippy::too_many_arguments)]
+    fn stretch(
+        &self,
+        slot: usize,
+        range: std::ops::Range<usize>,
+        plan: Option<HostLayer>,
+        t: usize,
+        seqs: &mut [Seq<'_>],
+        b: &mut Bufs,
+        graphs: bool,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let mut run = |b: &mut Bufs| {
+            range.clone().try_for_each(|i| {
+                self.layer_front(i, t, seqs, b, plan.filter(|_| i + 1 == range.end))
+            })
+        };
+        if !graphs {
+            return run(b);
+        }
+        let key = StretchKey {
+            layers: range.clone(),
+            plan,
+            allocations: g.allocations(),
+        };
+        if let Some(Some((kept, hits))) = b.stretches.get(slot) {
+            if *kept == key {
+                if !g.replay(slot)? {
+                    return Err(Error::invalid(
+                        "CUDA decoder: a captured stretch is missing",
+                    ));
+                }
+                self.tiers.vram_hits.fetch_add(*hits, Relaxed);
+                self.tiers.graph_stretches.fetch_add(1, Relaxed);
+                self.tiers.stretch_replays.fetch_add(1, Relaxed);
+                b.recorded_unused = 0;
+                return Ok(());
+            }
+        }
+        if b.stretches.len() <= slot {
+            b.stretches.resize_with(slot + 1, || None);
+        }
+        b.stretches[slot] = None;
+        let hits = self.tiers.vram_hits.load(Relaxed);
+        if !g.captured(slot, &mut || run(&mut *b))? {
+            // Nothing recorded ran: neither do its hits count.
+            let recorded = self.tiers.vram_hits.load(Relaxed) - hits;
+            self.tiers.vram_hits.fetch_sub(recorded, Relaxed);
+            return run(b);
+        }
+        self.tiers.graph_stretches.fetch_add(1, Relaxed);
+        b.recorded_unused += 1;
+        b.stretches_off = b.recorded_unused > STRETCH_TRIES * self.layers.len();
+        // Recorded without allocating: valid while nothing is.
+        if key.allocations == g.allocations() {
+            let hits = self.tiers.vram_hits.load(Relaxed) - hits;
+            b.stretches[slot] = Some((key, hits));
+        }
+        Ok(())
+    }
+
+    /// Layer `i`'s device work: its attention, and its MLP, of which only
+    /// the routing and its download where `plan` says the host drives the
+    /// experts ([`GpuDecoder::moe_experts`] then runs them).
+    fn layer_front(
+        &self,
+        i: usize,
+        t: usize,
+        seqs: &mut [Seq<'_>],
+        b: &mut Bufs,
+        plan: Option<HostLayer>,
     ) -> Result<()> {
         let g = &self.gpu;
         let th = t * self.cfg().hidden_size;
-        for i in range {
-            let (layer, dev) = (&self.cpu.layers[i], &self.layers[i]);
-            // The previous layer's MLP output joins the residual in the
-            // same launch as this layer's norm, which also rounds its
-            // output for the int8 kernels where all that read it take
-            // them (its guard dropped before the next norm's).
-            {
-                let round = t <= MATVEC_MAX_TOKENS
-                    && match &dev.attn {
-                        GpuAttn::Grouped { q, k, v, .. } => {
-                            [q, k, v].iter().all(|l| g.takes_int8(&l.w, t))
-                        }
-                        GpuAttn::Latent { .. } => false,
-                    };
-                let rounded = self.norm(b, i > 0, &dev.input_norm, th, round)?;
-                match (&layer.attn, &dev.attn) {
-                    (Attn::Grouped(a), GpuAttn::Grouped { .. }) => {
-                        self.grouped(a, &dev.attn, i, t, seqs, b, rounded.as_ref())?
-                    }
-                    (Attn::Latent(a), GpuAttn::Latent { .. }) => {
-                        self.latent(a, &dev.attn, i, t, seqs, b)?
-                    }
-                    _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
-                }
-            }
+        let (layer, dev) = (&self.cpu.layers[i], &self.layers[i]);
+        // The previous layer's MLP output joins the residual in the same
+        // launch as this layer's norm, which also rounds its output for
+        // the int8 kernels where all that read it take them (its guard
+        // dropped before the next norm's).
+        {
             let round = t <= MATVEC_MAX_TOKENS
-                && matches!(&dev.mlp, GpuMlp::Sparse { tables: Some([gate, ..]), .. }
-                    if g.takes_int8_experts(gate));
-            let rounded = self.norm(b, true, &dev.post_norm, th, round)?;
-            match (&layer.mlp, &dev.mlp) {
-                (Mlp::Dense(_), GpuMlp::Dense(w)) => {
-                    swiglu(g, w, &b.h.v(0..th)?, t, &mut b.gate, &mut b.up, &mut b.out)?
+                && match &dev.attn {
+                    GpuAttn::Grouped { q, k, v, .. } => {
+                        [q, k, v].iter().all(|l| g.takes_int8(&l.w, t))
+                    }
+                    GpuAttn::Latent { .. } => false,
+                };
+            let rounded = self.norm(b, i > 0, &dev.input_norm, th, round)?;
+            match (&layer.attn, &dev.attn) {
+                (Attn::Grouped(a), GpuAttn::Grouped { .. }) => {
+                    self.grouped(a, &dev.attn, i, t, seqs, b, rounded.as_ref())?
                 }
-                (Mlp::Sparse(m), GpuMlp::Sparse { .. }) => {
-                    self.moe(m, &dev.mlp, i, t, b, rounded.as_ref(), ahead)?
+                (Attn::Latent(a), GpuAttn::Latent { .. }) => {
+                    self.latent(a, &dev.attn, i, t, seqs, b)?
                 }
                 _ => return Err(Error::invalid("CUDA decoder: layer kinds differ")),
             }
         }
-        Ok(())
+        let round = t <= MATVEC_MAX_TOKENS
+            && matches!(&dev.mlp, GpuMlp::Sparse { tables: Some([gate, ..]), .. }
+                if g.takes_int8_experts(gate));
+        let rounded = self.norm(b, true, &dev.post_norm, th, round)?;
+        match (&layer.mlp, &dev.mlp) {
+            (Mlp::Dense(_), GpuMlp::Dense(w)) => {
+                swiglu(g, w, &b.h.v(0..th)?, t, &mut b.gate, &mut b.up, &mut b.out)
+            }
+            (Mlp::Sparse(m), GpuMlp::Sparse { .. }) => {
+                self.moe(m, &dev.mlp, i, t, b, rounded.as_ref(), plan)
+            }
+            _ => Err(Error::invalid("CUDA decoder: layer kinds differ")),
+        }
     }
 
     /// The RMSNorm of `b.x` (after adding `b.out` to it when `add`) with
@@ -1234,33 +1402,44 @@ impl GpuDecoder {
     /// `rounded`: `b.h` rounded by its norm, for the few-token path's
     /// int8 experts.
     #[allow(clippy::too_many_arguments)]
-    fn moe<'s>(
-        &'s self,
+    fn moe(
+        &self,
         m: &Moe,
         dev: &GpuMlp,
         layer: usize,
         t: usize,
         b: &mut Bufs,
         rounded: Option<&Rounded<'_>>,
-        ahead: &mut Option<Ahead<'s>>,
+        plan: Option<HostLayer>,
     ) -> Result<()> {
         let GpuMlp::Sparse {
             router,
             score_bias,
-            experts,
             tables,
             shared,
+            ..
         } = dev
         else {
             return Err(Error::invalid("CUDA decoder: not a sparse layer"));
         };
         let g = &self.gpu;
-        let (hidden, n_exp, k) = (router.cols, router.rows, m.routing.top_k);
-        self.route_on_device(m, router, score_bias.as_ref(), Input::Normed, t, b)?;
-        if let (Some([gate, up, down]), true) = (tables, t <= MATVEC_MAX_TOKENS) {
+        let (hidden, k) = (router.cols, m.routing.top_k);
+        let bias = score_bias.as_ref();
+        let Some(plan) = plan else {
+            let Some([gate, up, down]) = tables else {
+                return Err(Error::invalid(
+                    "CUDA decoder: streamed experts run on the device",
+                ));
+            };
             // Few tokens: every chosen expert in one launch per matrix,
             // reading the ids `route` wrote; nothing goes to the host.
             let (pairs, inter) = (t * k, gate.rows);
+            {
+                let x = b.h.v(0..t * hidden)?;
+                let (mut ids, mut w) = (b.ids.m(g, pairs)?, b.weights.m(g, pairs)?);
+                let out = (&mut ids, &mut w);
+                self.route_on_device(m, router, bias, &x, t, &mut b.router, out)?;
+            }
             self.tiers.vram_hits.fetch_add(pairs as u64, Relaxed);
             let ids = b.ids.v(0..pairs)?;
             let act = &mut b.gate.m(g, pairs * inter)?;
@@ -1285,31 +1464,95 @@ impl GpuDecoder {
                 &mut b.out.m(g, t * hidden)?,
             )?;
             return self.shared_expert(shared.as_ref(), t, hidden, b);
+        };
+        self.layer_to_host(m, router, bias, layer, t, plan, b)
+    }
+
+    /// How layer `layer`'s step of `t` tokens a sequence runs where the
+    /// host drives its experts; `None` where it does not (a dense layer,
+    /// or a small step over experts in VRAM: all on the device).
+    fn host_layer(&self, layer: usize, t: usize, b: &Bufs) -> Option<HostLayer> {
+        let (
+            Mlp::Sparse(m),
+            GpuMlp::Sparse {
+                tables, experts, ..
+            },
+        ) = (&self.cpu.layers[layer].mlp, &self.layers[layer].mlp)
+        else {
+            return None;
+        };
+        if tables.is_some() && t <= MATVEC_MAX_TOKENS {
+            return None;
         }
-        // Everything the host needs from this layer in one wait: the
-        // routes (which experts to fetch), the next layer's predicted
-        // routes (what to read ahead) and, when the CPU will run a small
-        // batch's streamed experts, the normed rows it gathers itself.
         let streamed =
             tables.is_none() && experts.is_none() && matches!(m.experts, Experts::Streamed { .. });
-        let predicted = if streamed && self.predicts(layer, t, b) {
-            self.launch_prediction(layer, t, b)?
-        } else {
-            None
-        };
-        let path = if !streamed {
-            ExpertPath::Copy
-        } else if t <= MATVEC_MAX_TOKENS {
+        let predicted = (streamed && self.predicts(layer, t, b))
+            .then(|| self.next_streamed(layer))
+            .flatten()
+            .map(|(next, router, ..)| (t * next.routing.top_k, router.rows));
+        let path = if streamed && t <= MATVEC_MAX_TOKENS {
             b.paths.pick(t)
         } else {
             ExpertPath::Copy
         };
-        let rows = if path == ExpertPath::Copy {
-            0
-        } else {
-            t * hidden
+        Some(HostLayer { predicted, path })
+    }
+
+    /// Sizes what a stretch's routing download and guess write for a step
+    /// of `t` tokens a sequence, to the most any layer's plan needs: a
+    /// buffer that grows while a stretch is recorded fails the capture
+    /// (and past a few, graphs are given up), and the host buffer the
+    /// routes come down into, which every stretch's graph holds, must not
+    /// move. Its address.
+    fn size_for_stretches(&self, t: usize, b: &mut Bufs) -> Result<u64> {
+        let g = &self.gpu;
+        let k = self
+            .cpu
+            .layers
+            .iter()
+            .filter_map(|l| match &l.mlp {
+                Mlp::Sparse(m) => Some(m.routing.top_k),
+                Mlp::Dense(_) => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let h = self.cfg().hidden_size;
+        let most = t * (4 * k + h);
+        b.to_host.m(g, most)?;
+        b.head.m(g, t * h)?;
+        let host = HostBuf::resize(&mut b.host.to_host, g, most);
+        Ok(host.as_slice().as_ptr() as u64)
+    }
+
+    /// Layer `layer`'s experts where the host drives them, once its
+    /// routing's download ([`GpuDecoder::moe`] queued it) has come: the
+    /// pairs grouped by expert, run the way `plan` says, and their outputs
+    /// summed into `b.out`.
+    fn moe_experts<'s>(
+        &'s self,
+        layer: usize,
+        t: usize,
+        b: &mut Bufs,
+        plan: HostLayer,
+        ahead: &mut Option<Ahead<'s>>,
+    ) -> Result<()> {
+        let (
+            Mlp::Sparse(m),
+            GpuMlp::Sparse {
+                router,
+                experts,
+                tables,
+                shared,
+                ..
+            },
+        ) = (&self.cpu.layers[layer].mlp, &self.layers[layer].mlp)
+        else {
+            return Err(Error::invalid("CUDA decoder: not a sparse layer"));
         };
-        self.layer_to_host(t * k, predicted.map_or(0, |p| p.0), rows, b)?;
+        let g = &self.gpu;
+        let (hidden, n_exp, k) = (router.cols, router.rows, m.routing.top_k);
+        let HostLayer { predicted, path } = plan;
+        self.layer_from_host(t * k, plan, t * hidden, b)?;
         if let Some((_, n_exp)) = predicted {
             self.digest_prediction(n_exp, b)?;
         }
@@ -1822,30 +2065,27 @@ impl GpuDecoder {
         }
     }
 
-    /// When the next layer is sparse and streamed, its experts guessed
-    /// from the residual stream as it is now (as [`Moe::predict`]): the
-    /// routing launched into `b.pred_ids` and `b.pred_weights`; its
-    /// (pairs, experts) if there is one.
+    /// Layer `layer + 1`'s experts (sparse and streamed) guessed from the
+    /// residual stream `x` as it is now (as [`Moe::predict`]), its norm
+    /// into `head`: ids then weights into `out` (`2 * t * k` words).
     fn launch_prediction(
         &self,
         layer: usize,
         t: usize,
-        b: &mut Bufs,
-    ) -> Result<Option<(usize, usize)>> {
+        (x, head, logits): (&Buf<f32>, &mut Buf<f32>, &mut Buf<f32>),
+        out: &mut CudaViewMut<'_, u32>,
+    ) -> Result<()> {
         let Some((m, router, score_bias, post_norm)) = self.next_streamed(layer) else {
-            return Ok(None);
+            return Err(Error::invalid("CUDA decoder: a guess of no streamed layer"));
         };
         let g = &self.gpu;
         let th = t * router.cols;
         let eps = self.cfg().rms_norm_eps;
-        g.rms_norm_rows(
-            &b.x.v(0..th)?,
-            &post_norm.as_view(),
-            eps,
-            &mut b.head.m(g, th)?,
-        )?;
-        self.route_on_device(m, router, score_bias, Input::Head, t, b)?;
-        Ok(Some((t * m.routing.top_k, router.rows)))
+        g.rms_norm_rows(&x.v(0..th)?, &post_norm.as_view(), eps, &mut head.m(g, th)?)?;
+        let (mut ids, mut w) = out.split_at_mut(t * m.routing.top_k);
+        let x = head.v(0..th)?;
+        let routes = (&mut ids, &mut recast_mut(&mut w)?);
+        self.route_on_device(m, router, score_bias, &x, t, logits, routes)
     }
 
     /// The routes [`GpuDecoder::launch_prediction`] launched, downloaded
@@ -1874,80 +2114,92 @@ impl GpuDecoder {
         Ok(())
     }
 
-    /// Router logits of `input` through `router`, the top-k on the device
-    /// into `b.ids` and `b.weights` (a prediction's into `b.pred_ids` and
-    /// `b.pred_weights`).
+    /// Router logits of `x` (`t` rows) through `router` into `logits`, the
+    /// top-k on the device into `ids` and `w`.
+    #[allow(clippy::too_many_arguments)]
     fn route_on_device(
         &self,
         m: &Moe,
         router: &GpuMatrix,
         bias: Option<&CudaSlice<f32>>,
-        input: Input,
+        x: &CudaView<'_, f32>,
         t: usize,
+        logits: &mut Buf<f32>,
+        (ids, w): (&mut CudaViewMut<'_, u32>, &mut CudaViewMut<'_, f32>),
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let bias = bias.map(|b| b.as_view());
+        let logits = &mut logits.m(g, t * router.rows)?;
+        g.router_route(x, t, router, &m.routing, bias.as_ref(), logits, ids, w)
+    }
+
+    /// Layer `layer`'s routing where the host drives its experts, and
+    /// everything else the host needs of it, written back to back into
+    /// `b.to_host` (all are four-byte words) and queued for one download:
+    /// its `t * k` chosen ids, then their weights, the next layer's guess
+    /// where `plan` has one, and, where the CPU runs experts, the normed
+    /// rows (for its own gather). The host waits for the device and the
+    /// bus once ([`GpuDecoder::layer_from_host`]), not once a buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_to_host(
+        &self,
+        m: &Moe,
+        router: &GpuMatrix,
+        bias: Option<&CudaSlice<f32>>,
+        layer: usize,
+        t: usize,
+        plan: HostLayer,
         b: &mut Bufs,
     ) -> Result<()> {
         let g = &self.gpu;
-        let (n_exp, k) = (router.rows, m.routing.top_k);
-        let x = match input {
-            Input::Normed => b.h.v(0..t * router.cols)?,
-            Input::Head => b.head.v(0..t * router.cols)?,
-        };
-        let bias = bias.map(|b| b.as_view());
-        let (ids, w) = match input {
-            Input::Normed => (&mut b.ids, &mut b.weights),
-            Input::Head => (&mut b.pred_ids, &mut b.pred_weights),
-        };
-        let (mut ids, mut w) = (ids.m(g, t * k)?, w.m(g, t * k)?);
-        g.router_route(
-            &x,
-            t,
-            router,
-            &m.routing,
-            bias.as_ref(),
-            &mut b.router.m(g, t * n_exp)?,
-            &mut ids,
-            &mut w,
-        )
+        let pairs = t * m.routing.top_k;
+        let (predicted, rows) = to_host_words(plan, t * router.cols);
+        let n = 2 * pairs + 2 * predicted + rows;
+        {
+            let Bufs {
+                to_host,
+                h,
+                x,
+                head,
+                router: logits,
+                ..
+            } = b;
+            let mut stage = to_host.m(g, n)?;
+            let (mut routes, mut rest) = stage.split_at_mut(2 * pairs);
+            let (mut ids, mut w) = routes.split_at_mut(pairs);
+            let hn = h.v(0..t * router.cols)?;
+            let out = (&mut ids, &mut recast_mut(&mut w)?);
+            self.route_on_device(m, router, bias, &hn, t, logits, out)?;
+            let (mut guess, mut normed) = rest.split_at_mut(2 * predicted);
+            if predicted > 0 {
+                self.launch_prediction(layer, t, (x, head, logits), &mut guess)?;
+            }
+            if rows > 0 {
+                g.copy(&h.v(0..rows)?, &mut recast_mut(&mut normed)?)?;
+            }
+        }
+        g.download_queued(&b.to_host.v(0..n)?, &mut b.host.to_host)
     }
 
-    /// What the host needs of a streamed layer, in one wait: the `pairs`
-    /// routing choices [`GpuDecoder::route_on_device`] left in `b.ids` and
-    /// `b.weights`, the `predicted` pairs of the next layer's guess, and
-    /// `rows` floats of the normed rows `b.h` (for the CPU's own gather),
-    /// into the same names on `b.host`. Copied back to back on the device
-    /// first (all are four-byte words), so the host waits for the device
-    /// and the bus once, not once a buffer.
-    fn layer_to_host(
+    /// Waits for what [`GpuDecoder::layer_to_host`] queued (the same
+    /// arguments) and puts it under the same names on `b.host`.
+    fn layer_from_host(
         &self,
         pairs: usize,
-        predicted: usize,
+        plan: HostLayer,
         rows: usize,
         b: &mut Bufs,
     ) -> Result<()> {
-        let g = &self.gpu;
-        let n = 2 * pairs + 2 * predicted + rows;
-        {
-            let mut parts = Vec::with_capacity(5);
-            if pairs > 0 {
-                parts.push(b.ids.v(0..pairs)?);
-                parts.push(recast(b.weights.v(0..pairs)?)?);
-            }
-            if predicted > 0 {
-                parts.push(b.pred_ids.v(0..predicted)?);
-                parts.push(recast(b.pred_weights.v(0..predicted)?)?);
-            }
-            if rows > 0 {
-                parts.push(recast(b.h.v(0..rows)?)?);
-            }
-            let mut stage = b.to_host.m(g, n)?;
-            let mut at = 0;
-            for part in &parts {
-                g.copy(part, &mut stage.slice_mut(at..at + part.len()))?;
-                at += part.len();
-            }
-        }
+        let (predicted, rows) = to_host_words(plan, rows);
         let host = &mut b.host;
-        let got = g.download_into(&b.to_host.v(0..n)?, &mut host.to_host)?;
+        let got = self.gpu.downloaded(&mut host.to_host)?;
+        if got.len() != 2 * pairs + 2 * predicted + rows {
+            return Err(Error::invalid(format!(
+                "CUDA decoder: {} words of routing downloaded where {} were queued",
+                got.len(),
+                2 * pairs + 2 * predicted + rows
+            )));
+        }
         let (ids, rest) = got.split_at(pairs);
         let (weights, rest) = rest.split_at(pairs);
         let (pred_ids, rest) = rest.split_at(predicted);
@@ -2059,13 +2311,15 @@ type NextSparse<'a> = (
     &'a CudaSlice<f32>,
 );
 
-/// Which device buffer routing reads.
-#[derive(Clone, Copy)]
-enum Input {
-    /// The layer's normed input (`b.h`).
-    Normed,
-    /// A prediction's normed residual stream (`b.head`).
-    Head,
+/// Of [`GpuDecoder::layer_to_host`]'s download under `plan`, the guessed
+/// pairs and the normed rows' words (`rows` where the CPU runs experts).
+fn to_host_words(plan: HostLayer, rows: usize) -> (usize, usize) {
+    let rows = if plan.path == ExpertPath::Copy {
+        0
+    } else {
+        rows
+    };
+    (plan.predicted.map_or(0, |p| p.0), rows)
 }
 
 /// The step's first `n` RoPE cosines and sines (`rope` holds the
@@ -2210,6 +2464,13 @@ fn pinned_group<'a>(pinned: &'a Pinned<'_>) -> (Vec<u32>, Vec<[Matrix<'a>; 3]>) 
 /// enough that each part's launch and update cost little against its
 /// kernels (an 8-layer model: two parts).
 const GRAPH_LAYERS: usize = 4;
+
+/// Steps' worth of stretches ([`GpuDecoder::stretch`]) recorded with none
+/// replayed after which a decoder records no more: while the way a
+/// streamed layer's experts run is being chosen its stretches change from
+/// step to step (a few steps), after that one that still never repeats
+/// would only pay for recording.
+const STRETCH_TRIES: usize = 16;
 
 /// Experts a grouped launch takes at a time from a prompt's uploads.
 const UPLOADED_GROUP: usize = 16;
@@ -2408,6 +2669,15 @@ trait Word {}
 impl Word for u32 {}
 impl Word for f32 {}
 
+/// [`recast`] of a view to write.
+fn recast_mut<'a, A: Word, B: Word>(v: &'a mut CudaViewMut<'_, A>) -> Result<CudaViewMut<'a, B>> {
+    const { assert!(size_of::<A>() == 4 && size_of::<B>() == 4) };
+    let len = v.len();
+    // SAFETY: as in `recast`.
+    unsafe { v.transmute_mut::<B>(len) }
+        .ok_or_else(|| Error::invalid("CUDA decoder: a view as another type"))
+}
+
 /// A view as another 4-byte type: floats among the words
 /// [`GpuDecoder::layer_to_host`] downloads, and back among those the host
 /// uploads ([`Bufs::routes`]).
@@ -2449,6 +2719,8 @@ impl CausalLm for GpuDecoder {
             cpu_runs: t.cpu_runs.load(Relaxed),
             graph_steps: t.graph_steps.load(Relaxed),
             graph_replays: t.graph_replays.load(Relaxed),
+            graph_stretches: t.graph_stretches.load(Relaxed),
+            stretch_replays: t.stretch_replays.load(Relaxed),
             // Not while a step holds the buffers (a status line mid-step).
             one_token: self.bufs.try_lock().ok().and_then(|b| b.paths.ways(1)),
         })
@@ -2523,6 +2795,18 @@ impl CausalLm for GpuDecoder {
         s.ids = ids;
         ran?;
         drop(seqs);
+        // Where every sequence wanting a token takes the argmax, the device
+        // picks them and only the picks come back.
+        let wanted = || steps.iter().filter(|step| step.logits);
+        if !last.is_empty() && wanted().all(|step| step.greedy) {
+            let picks = self.head_picks(&mut b, t, &last)?;
+            let wanted = steps.iter_mut().filter(|step| step.logits);
+            for (step, &tok) in wanted.zip(picks) {
+                step.session.forget_logits();
+                step.session.picked = Some(tok);
+            }
+            return Ok(());
+        }
         // The rows come down together, then each goes to its session's own
         // page-locked buffer (a copy on the host, where a download each
         // would wait on the device once a sequence).

@@ -50,6 +50,11 @@ pub struct Step<'a> {
     /// Whether to leave the next token's logits in the session
     /// ([`Session::logits`]); a prompt chunk that is not the last needs none.
     pub logits: bool,
+    /// Whether the caller takes the argmax of those logits (a greedy
+    /// sampler), which a model may then pick itself and leave in the
+    /// session instead of the logits ([`Session::take_pick`]), as
+    /// [`CausalLm::forward_greedy`] does.
+    pub greedy: bool,
 }
 
 /// A causal language model: tokens in, next-token logits out, with the
@@ -120,6 +125,12 @@ pub struct GpuExpertStats {
     /// Of those, steps whose graphs were replayed as captured before,
     /// without recording the step's launches again.
     pub graph_replays: u64,
+    /// Where the host drives some layers' experts (streamed ones), the
+    /// stretches of a decode step between its waits for their routing,
+    /// each run as a captured CUDA graph, and of those the ones replayed
+    /// as captured before.
+    pub graph_stretches: u64,
+    pub stretch_replays: u64,
     /// How one-token batches of streamed experts ran, once measured.
     pub one_token: Option<ExpertWays>,
 }
@@ -148,6 +159,8 @@ impl GpuExpertStats {
             cpu_runs: self.cpu_runs.saturating_sub(before.cpu_runs),
             graph_steps: self.graph_steps.saturating_sub(before.graph_steps),
             graph_replays: self.graph_replays.saturating_sub(before.graph_replays),
+            graph_stretches: self.graph_stretches.saturating_sub(before.graph_stretches),
+            stretch_replays: self.stretch_replays.saturating_sub(before.stretch_replays),
             one_token: self.one_token,
         }
     }

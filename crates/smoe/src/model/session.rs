@@ -18,6 +18,9 @@ pub struct Session {
     /// these, not [`Session::logits`]'s vector.
     #[cfg(feature = "cuda")]
     pub(crate) host_logits: Option<crate::compute::cuda::HostBuf<f32>>,
+    /// The next token a batched pass picked on the device for a greedy
+    /// step ([`super::Step::greedy`]), in place of its logits.
+    pub(crate) picked: Option<u32>,
     /// The ids behind the KV cache, as recorded by the engine.
     tokens: Vec<u32>,
     /// Set when the cache changed without the engine recording it (a bare
@@ -50,6 +53,12 @@ impl Session {
             return host.as_mut_slice();
         }
         &mut self.logits
+    }
+
+    /// The token the last batched pass picked for this sequence, where it
+    /// left a pick instead of logits ([`super::Step::greedy`]); taken once.
+    pub fn take_pick(&mut self) -> Option<u32> {
+        self.picked.take()
     }
 
     /// Drops the logits a pass left, when a pass picked the next token on

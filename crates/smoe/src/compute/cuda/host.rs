@@ -125,6 +125,16 @@ impl<T: DeviceRepr + ValidAsZeroBits> HostBuf<T> {
         b
     }
 
+    /// Whether `len` values fit without growing.
+    pub fn holds(&self, len: usize) -> bool {
+        self.bytes() >= len * size_of::<T>()
+    }
+
+    /// Whether the driver locked the memory (else it is pageable).
+    pub fn locked(&self) -> bool {
+        self.mem.as_ref().is_some_and(|m| m.pin.is_some())
+    }
+
     fn bytes(&self) -> usize {
         self.mem.as_ref().map_or(0, |m| m.mem.len())
     }

@@ -370,9 +370,13 @@ pub struct Gpu {
     /// Captures that fell back to running eagerly; past
     /// [`GRAPH_FALLBACKS`] no more are tried.
     graph_fallbacks: std::sync::atomic::AtomicU32,
-    /// Device allocations made so far: a captured graph holds the
-    /// addresses of the buffers it was captured with, so it is replayed
-    /// only while this count is the one it was captured at.
+    /// Device allocations made so far that a captured graph may hold:
+    /// it holds the addresses of the buffers it was captured with, so it
+    /// is replayed only while this count is the one it was captured at.
+    /// Streamed experts' matrices and the tables of their addresses,
+    /// made as a layer runs and read only by launches made then, are not
+    /// counted: a streamed layer makes some every step, which made every
+    /// stretch of a streamed step look stale (66 recorded, none replayed).
     allocations: std::sync::atomic::AtomicU64,
     /// Streamed experts' device matrices given back after use
     /// ([`Gpu::recycle`]), for [`Gpu::upload_experts`] to copy the next
@@ -734,8 +738,14 @@ impl Gpu {
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.not_capturing("an upload")?;
         self.allocated();
+        self.upload_transient(host)
+    }
+
+    /// [`Gpu::upload`] of a buffer no captured graph holds (see
+    /// [`Gpu::allocations`]).
+    fn upload_transient<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.not_capturing("an upload")?;
         self.compute
             .clone_htod(host)
             .map_err(|e| device_error(format!("uploading {} bytes", size_of_val(host)), e))
@@ -787,17 +797,48 @@ impl Gpu {
         dst: &'d mut Option<HostBuf<T>>,
     ) -> Result<&'d mut [T]> {
         self.not_capturing("a download")?;
-        let dst = HostBuf::resize(dst, self, src.len());
+        self.download_queued(src, dst)?;
+        self.downloaded(dst)
+    }
+
+    /// Queues the copy of `src` into `dst` (resized to it) on the compute
+    /// stream, without waiting: [`Gpu::downloaded`] waits and reads it.
+    /// While a step is captured the copy becomes a node of its graph, so
+    /// `dst` must already be page-locked and large enough (a graph cannot
+    /// copy into pageable memory, nor may the buffer move before a replay).
+    pub fn download_queued<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        src: &CudaView<'_, T>,
+        dst: &mut Option<HostBuf<T>>,
+    ) -> Result<()> {
+        let n = src.len();
+        let capturing = self.capturing.load(std::sync::atomic::Ordering::Relaxed);
+        if capturing && !dst.as_ref().is_some_and(|d| d.holds(n) && d.locked()) {
+            return Err(Error::invalid(
+                "CUDA: a download into memory not yet page-locked while a step is captured",
+            ));
+        }
+        let dst = HostBuf::resize(dst, self, n);
+        self.compute
+            .memcpy_dtoh(src, dst.as_mut_slice())
+            .map_err(|e| device_error(format!("downloading {n} elements"), e))
+    }
+
+    /// Waits for the compute stream, so for what [`Gpu::download_queued`]
+    /// copied into `dst` (directly or in a replayed graph), and returns it.
+    pub fn downloaded<'d, T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        dst: &'d mut Option<HostBuf<T>>,
+    ) -> Result<&'d mut [T]> {
+        self.not_capturing("waiting for a download")?;
         {
             let _w = profile::wait(Op::wait_gpu);
-            let n = src.len();
             self.compute
-                .memcpy_dtoh(src, dst.as_mut_slice())
-                .and_then(|()| self.compute.synchronize())
-                .map_err(|e| device_error(format!("downloading {n} elements"), e))?;
+                .synchronize()
+                .map_err(|e| device_error("waiting for a download", e))?;
         }
         self.read_timings()?;
-        Ok(dst.as_mut_slice())
+        Ok(dst.as_mut().map_or(&mut [], |d| d.as_mut_slice()))
     }
 
     /// Copies `src` into `dst` on the device, in stream order.
@@ -821,6 +862,7 @@ impl Gpu {
 
     /// Uploads a weight matrix on the compute stream.
     pub fn upload_matrix(&self, w: Matrix<'_>) -> Result<GpuMatrix> {
+        self.allocated();
         self.matrix_on(&self.compute, w, true)
     }
 
@@ -833,6 +875,7 @@ impl Gpu {
         fill: impl FnOnce(&mut dyn FnMut(usize, &[u8]) -> Result<()>) -> Result<()>,
     ) -> Result<GpuMatrix> {
         let len = rows * dtype.row_bytes(cols);
+        self.allocated();
         let mut m = self.matrix_on(
             &self.compute,
             Matrix {
@@ -1144,7 +1187,8 @@ impl Gpu {
 
     /// A matrix of `w`'s shape on `stream`, holding `w`'s rows when
     /// `fill`, else uninitialised for the caller to fill (`w.data` then
-    /// unread).
+    /// unread). Not counted in [`Gpu::allocations`]: the callers that
+    /// upload weights a graph reads count theirs.
     fn matrix_on(&self, stream: &Arc<CudaStream>, w: Matrix<'_>, fill: bool) -> Result<GpuMatrix> {
         self.not_capturing("an allocation")?;
         let name = w.dtype.name();
@@ -1162,7 +1206,6 @@ impl Gpu {
                 w.data.len()
             )));
         }
-        self.allocated();
         let data = if fill {
             stream.clone_htod(w.data)
         } else {
@@ -1196,6 +1239,9 @@ impl Gpu {
     /// share a type and shape the id kernels take; `None` otherwise (the
     /// caller runs the experts one by one).
     pub fn expert_table(&self, mats: &[&GpuMatrix]) -> Result<Option<ExpertTable>> {
+        // A VRAM layer's table, which graphs read (`expert_table_of`'s
+        // own are a streamed layer's, per call).
+        self.allocated();
         let all: Vec<_> = mats.iter().copied().enumerate().collect();
         self.expert_table_of(mats.len(), &all)
     }
@@ -1231,7 +1277,7 @@ impl Gpu {
             dtype,
             rows,
             cols,
-            ptrs: self.upload(&ptrs)?,
+            ptrs: self.upload_transient(&ptrs)?,
         }))
     }
 
