@@ -502,10 +502,9 @@ struct Bufs {
     stretches: Vec<Option<(StretchKey, u64)>>,
     /// Stretches recorded since one was last replayed: past
     /// [`STRETCH_TRIES`] steps' worth the decoder stops recording them
-    /// (`stretches_off`), since a graph recorded for one launch costs
-    /// more host time than the launches it holds.
+    /// ([`GpuDecoder::stretches_given_up`]), since a graph recorded for
+    /// one launch costs more host time than the launches it holds.
     recorded_unused: usize,
-    stretches_off: bool,
     /// Each sequence's position (its cache's length) for the step, then
     /// the token ids when the embedding lookup is on the device.
     step: Buf<u32>,
@@ -955,7 +954,7 @@ impl GpuDecoder {
             // at their routing: a small step runs the stretches between
             // those waits as graphs (`stretch`), for the same reason a
             // step on the GPU alone runs as one.
-            let stretches = replayable && t <= MATVEC_MAX_TOKENS && !b.stretches_off;
+            let stretches = replayable && t <= MATVEC_MAX_TOKENS && !self.stretches_given_up(b);
             if stretches {
                 let at = self.size_for_stretches(t, b)?;
                 let step = StretchStep {
@@ -1073,13 +1072,19 @@ impl GpuDecoder {
         }
         self.tiers.graph_stretches.fetch_add(1, Relaxed);
         b.recorded_unused += 1;
-        b.stretches_off = b.recorded_unused > STRETCH_TRIES * self.layers.len();
         // Recorded without allocating: valid while nothing is.
         if key.allocations == g.allocations() {
             let hits = self.tiers.vram_hits.load(Relaxed) - hits;
             b.stretches[slot] = Some((key, hits));
         }
         Ok(())
+    }
+
+    /// Whether [`STRETCH_TRIES`] steps' worth of stretches were recorded
+    /// and none replayed: then no more are (nothing records once this
+    /// holds, so it holds for good).
+    fn stretches_given_up(&self, b: &Bufs) -> bool {
+        b.recorded_unused > STRETCH_TRIES * self.layers.len()
     }
 
     /// Layer `i`'s device work: its attention, and its MLP, of which only
@@ -1486,10 +1491,7 @@ impl GpuDecoder {
         }
         let streamed =
             tables.is_none() && experts.is_none() && matches!(m.experts, Experts::Streamed { .. });
-        let predicted = (streamed && self.predicts(layer, t, b))
-            .then(|| self.next_streamed(layer))
-            .flatten()
-            .map(|(next, router, ..)| (t * next.routing.top_k, router.rows));
+        let predicted = streamed.then(|| self.guess(layer, t, b)).flatten();
         let path = if streamed && t <= MATVEC_MAX_TOKENS {
             b.paths.pick(t)
         } else {
@@ -1506,17 +1508,8 @@ impl GpuDecoder {
     /// move. Its address.
     fn size_for_stretches(&self, t: usize, b: &mut Bufs) -> Result<u64> {
         let g = &self.gpu;
-        let k = self
-            .cpu
-            .layers
-            .iter()
-            .filter_map(|l| match &l.mlp {
-                Mlp::Sparse(m) => Some(m.routing.top_k),
-                Mlp::Dense(_) => None,
-            })
-            .max()
-            .unwrap_or(0);
-        let h = self.cfg().hidden_size;
+        // Every sparse layer routes by the config's rule.
+        let (k, h) = (self.cfg().routing.top_k, self.cfg().hidden_size);
         let most = t * (4 * k + h);
         b.to_host.m(g, most)?;
         b.head.m(g, t * h)?;
@@ -2026,20 +2019,20 @@ impl GpuDecoder {
         ))
     }
 
-    /// Whether layer `layer`'s step guesses the next layer's experts: only
-    /// where something acts on the guess, its cache reading ahead for this
-    /// pass or the copies ahead ([`Ahead`]). A guess is a norm and a
-    /// router launch (15 µs a layer on the H100) that the host's one wait
-    /// per layer waits out, and with the experts in RAM the guesses fed
-    /// only the recall figure (which then reads as no prediction).
-    fn predicts(&self, layer: usize, t: usize, b: &Bufs) -> bool {
-        let Some((m, ..)) = self.next_streamed(layer) else {
-            return false;
-        };
+    /// Whether layer `layer`'s step guesses the next layer's experts, and
+    /// then the guess's `(pairs, experts)`: only where something acts on
+    /// it, the next layer's cache reading ahead for this pass or the
+    /// copies ahead ([`Ahead`]). A guess is a norm and a router launch
+    /// (15 µs a layer on the H100) that the host's one wait per layer
+    /// waits out, and with the experts in RAM the guesses fed only the
+    /// recall figure (which then reads as no prediction).
+    fn guess(&self, layer: usize, t: usize, b: &Bufs) -> Option<(usize, usize)> {
+        let (m, router, ..) = self.next_streamed(layer)?;
         let Experts::Streamed { cache, .. } = &m.experts else {
-            return false;
+            return None;
         };
-        cache.read_ahead().reads(b.prompt) || self.ahead_n(t, b) > 0
+        (cache.read_ahead().reads(b.prompt) || self.ahead_n(t, b) > 0)
+            .then_some((t * m.routing.top_k, router.rows))
     }
 
     /// How many predicted experts a `t`-token step copies ahead: none but
