@@ -1152,6 +1152,11 @@ impl Gpu {
         }
     }
 
+    /// Device matrices kept by [`Gpu::recycle`] for the next uploads.
+    pub fn spare_matrices(&self) -> usize {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Makes the kernels queued from now on wait for one expert's upload.
     pub fn wait_upload(&self, ready: &CudaEvent) -> Result<()> {
         self.compute
