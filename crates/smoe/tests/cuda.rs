@@ -2027,9 +2027,11 @@ fn experts_copied_ahead_match_the_cpu() {
         // would only take another way.
         std::env::set_var("SMOE_STREAMED_WAY", way);
         std::env::set_var("SMOE_COPY_AHEAD", ahead);
+        std::env::set_var("SMOE_CUDA_STRETCHES", "1");
         let gpu = engine_in(&vault, Device::Cuda(0), Budget::Auto, Budget::Bytes(0));
         std::env::remove_var("SMOE_STREAMED_WAY");
         std::env::remove_var("SMOE_COPY_AHEAD");
+        std::env::remove_var("SMOE_CUDA_STRETCHES");
         let what = format!(
             "{name} vault, {way}, {ahead} copied ahead ({})",
             gpu.device()

@@ -65,6 +65,11 @@ pub struct GpuDecoder {
     /// layer): on unless `SMOE_CUDA_FUSE=0` (so that one binary measures
     /// both).
     fuse: bool,
+    /// Whether a streamed step's stretches run as captured graphs
+    /// ([`GpuDecoder::stretch`]): only with `SMOE_CUDA_STRETCHES=1` until
+    /// their replays have been run on a GPU (the first replays, on the
+    /// ninth session's H100, read the routing wrong: mended, not yet run).
+    stretch_graphs: bool,
     /// The device's activations; one forward pass at a time uses them, as
     /// the GPU runs one pass at a time on its compute stream anyway.
     bufs: Mutex<Bufs>,
@@ -179,6 +184,7 @@ impl GpuDecoder {
                 Err(_) => None,
             },
             fuse: std::env::var_os("SMOE_CUDA_FUSE").is_none_or(|v| v != "0"),
+            stretch_graphs: std::env::var_os("SMOE_CUDA_STRETCHES").is_some_and(|v| v == "1"),
             bufs: Mutex::new(Bufs::default()),
         })
     }
@@ -954,7 +960,10 @@ impl GpuDecoder {
             // at their routing: a small step runs the stretches between
             // those waits as graphs (`stretch`), for the same reason a
             // step on the GPU alone runs as one.
-            let stretches = replayable && t <= MATVEC_MAX_TOKENS && !self.stretches_given_up(b);
+            let stretches = self.stretch_graphs
+                && replayable
+                && t <= MATVEC_MAX_TOKENS
+                && !self.stretches_given_up(b);
             if stretches {
                 let at = self.size_for_stretches(t, b)?;
                 let step = StretchStep {
