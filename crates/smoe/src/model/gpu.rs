@@ -67,8 +67,8 @@ pub struct GpuDecoder {
     fuse: bool,
     /// Whether a streamed step's stretches run as captured graphs
     /// ([`GpuDecoder::stretch`]): only with `SMOE_CUDA_STRETCHES=1` until
-    /// their replays have been run on a GPU (the first replays, on the
-    /// ninth session's H100, read the routing wrong: mended, not yet run).
+    /// their replays have run correctly on a GPU (the first ones read the
+    /// routing wrong; the mend has not run there yet).
     stretch_graphs: bool,
     /// The device's activations; one forward pass at a time uses them, as
     /// the GPU runs one pass at a time on its compute stream anyway.
@@ -2194,17 +2194,8 @@ impl GpuDecoder {
     ) -> Result<()> {
         let (predicted, rows) = to_host_words(plan, rows);
         let host = &mut b.host;
-        // A replayed stretch's copy fills the start of the buffer its graph
-        // was recorded with, sized for the largest layer, whatever length
-        // the last eager download left it at.
         let n = 2 * pairs + 2 * predicted + rows;
-        let all = self.gpu.downloaded(&mut host.to_host)?;
-        let Some(got) = all.get(..n) else {
-            return Err(Error::invalid(format!(
-                "CUDA decoder: {} words of routing downloaded where {n} were queued",
-                all.len()
-            )));
-        };
+        let got = self.gpu.downloaded(&mut host.to_host, n)?;
         let (ids, rest) = got.split_at(pairs);
         let (weights, rest) = rest.split_at(pairs);
         let (pred_ids, rest) = rest.split_at(predicted);

@@ -798,7 +798,7 @@ impl Gpu {
     ) -> Result<&'d mut [T]> {
         self.not_capturing("a download")?;
         self.download_queued(src, dst)?;
-        self.downloaded(dst)
+        self.downloaded(dst, src.len())
     }
 
     /// Queues the copy of `src` into `dst` (resized to it) on the compute
@@ -824,11 +824,15 @@ impl Gpu {
             .map_err(|e| device_error(format!("downloading {n} elements"), e))
     }
 
-    /// Waits for the compute stream, so for what [`Gpu::download_queued`]
-    /// copied into `dst` (directly or in a replayed graph), and returns it.
+    /// Waits for the compute stream, so for the `n` values
+    /// [`Gpu::download_queued`] copied into `dst` (directly or in a
+    /// replayed graph), and returns them. A replayed copy fills the start
+    /// of the buffer it was recorded with, whatever length the last eager
+    /// one left it at: hence the count, not the buffer's length.
     pub fn downloaded<'d, T: DeviceRepr + ValidAsZeroBits>(
         &self,
         dst: &'d mut Option<HostBuf<T>>,
+        n: usize,
     ) -> Result<&'d mut [T]> {
         self.not_capturing("waiting for a download")?;
         {
@@ -838,7 +842,13 @@ impl Gpu {
                 .map_err(|e| device_error("waiting for a download", e))?;
         }
         self.read_timings()?;
-        Ok(dst.as_mut().map_or(&mut [], |d| d.as_mut_slice()))
+        let all = dst.as_mut().map_or(&mut [][..], |d| d.as_mut_slice());
+        let held = all.len();
+        all.get_mut(..n).ok_or_else(|| {
+            Error::invalid(format!(
+                "CUDA: {held} values downloaded where {n} were queued"
+            ))
+        })
     }
 
     /// Copies `src` into `dst` on the device, in stream order.
