@@ -40,7 +40,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LAYERS=${LAYERS:-8}
-REPEAT=${REPEAT:-3}
+# Each row's runs per engine (the median): a streamed row's decode on
+# these shared machines spreads by a tenth from run to run (279-341 tok/s
+# in one call), so three can land the ratio on either side of a bound.
+REPEAT=${REPEAT:-5}
 # smoe's own runs per call (its median): the first reads the experts from
 # the vault with O_DIRECT, cold, where llama.cpp's mapped GGUF is in the
 # page cache, so a median of three leaves it out.
@@ -262,6 +265,22 @@ row "experts in host RAM" "-ngl 99 -fa 1 -ot exps=CPU" "--vram-budget 0"
 row "2 of 8 layers' experts in VRAM" "-ngl 99 -fa 1 -ncmoe 6" "--vram-budget $QUARTER"
 echo
 echo "smoe's placement in the last row: $(cat "$DIR/smoe-last.device")"
+
+# The host-RAM row's roofline: every token reads its experts from host RAM,
+# some by the cores and the rest by the GPU's copies, so what the RAM gives
+# both at once bounds the decode (bench/host-bandwidth.py, torch).
+echo
+host_tg=$(sed -n 's/^--vram-budget 0|[^|]*|//p' "$DIR/measured")
+python3 bench/host-bandwidth.py "$THREADS" | python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+c = json.load(open('$CKPT/config.json'))
+per_token = $(stat -c %s "$VAULT/experts.bin") * c['num_experts_per_tok'] / c['num_experts']
+rate = float('$host_tg') * per_token / 1e9
+print(f\"host RAM ({r['threads']} threads): the cores read {r['cpu_read_gb_s']} GB/s, page-locked copies to the GPU \"
+      f\"{r['pinned_h2d_gb_s']} GB/s, both at once {r['together_gb_s']} GB/s ({r['together_cpu_gb_s']} + {r['together_h2d_gb_s']}); \"
+      f\"the host-RAM row decodes {per_token / 2**20:,.1f} MiB of experts a token at {rate:.1f} GB/s, \"
+      f\"{rate / r['together_gb_s']:.0%} of both at once\")" || echo "host RAM roofline: not measured (bench/host-bandwidth.py needs torch with CUDA)"
 
 # No llama.cpp row: it has no mode that reads experts from the disk on
 # demand (only mmap, through the page cache).
