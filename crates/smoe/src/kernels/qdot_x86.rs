@@ -432,9 +432,14 @@ pub unsafe fn q4k_rows4<const N: usize>(
         _mm256_setr_epi64x(0, 0x0008_0008_0008_0008, 0, 0x0008_0008_0008_0008),
     );
     let mut acc = [_mm256_setzero_ps(); N];
+    // The next four rows, a block's share at a time: see `q4k_rows8`.
+    let next = w[0].wrapping_add(4 * blocks * Q4K);
     for b in 0..blocks {
         let wb = w.map(|w| w.add(b * Q4K));
         let ab = a.map(|a| a.add(b * Q8K));
+        for line in (0..4 * Q4K).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * 4 * Q4K + line).cast());
+        }
         // A loop rather than `map`: the closure `map` takes is not inlined
         // into this function (2-3% of its time in calls).
         let (mut sc, mut mn) = ([0i64; 4], [0i64; 4]);
