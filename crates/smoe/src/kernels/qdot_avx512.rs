@@ -694,13 +694,14 @@ pub unsafe fn q4k_rows8<const N: usize>(
     // The first two i32 lanes of each 128-bit lane of two vectors.
     let firsts: __m512i = transmute([0i32, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29]);
     let mut acc = [_mm512_setzero_ps(); N];
-    // The next eight rows, which follow these in memory: a decode step's
-    // weights come from DRAM, and eight rows read a block at a time are
-    // eight short interleaved streams that the hardware prefetchers do not
-    // follow, so the group ahead is fetched a block's share at a time
-    // (18 lines). Cold one-token products on an EPYC core: 6.9 -> 12.5
-    // GB/s at Qwen3-30B-A3B's gate/up shape (kernels bench). Never
-    // dereferenced: past the matrix the prefetches are merely wasted.
+    // The eight rows after these (`matmul` hands a matrix's rows over in
+    // order, so they follow in memory): a decode step's weights come from
+    // DRAM, and eight rows read a block at a time are eight short
+    // interleaved streams that the hardware prefetchers do not follow, so
+    // the group ahead is fetched a block's share at a time (18 lines).
+    // Cold one-token products on one EPYC core: 6.9 -> 12.5 GB/s at
+    // Qwen3-30B-A3B's gate/up shape (kernels bench). Never dereferenced:
+    // past the matrix, or for rows not in order, a prefetch is wasted.
     let next = w[0].wrapping_add(8 * blocks * Q4K);
     for b in 0..blocks {
         let wb = w.map(|w| w.add(b * Q4K));
