@@ -266,22 +266,6 @@ row "2 of 8 layers' experts in VRAM" "-ngl 99 -fa 1 -ncmoe 6" "--vram-budget $QU
 echo
 echo "smoe's placement in the last row: $(cat "$DIR/smoe-last.device")"
 
-# The host-RAM row's roofline: every token reads its experts from host RAM,
-# some by the cores and the rest by the GPU's copies, so what the RAM gives
-# both at once bounds the decode (bench/host-bandwidth.py, torch).
-echo
-host_tg=$(sed -n 's/^--vram-budget 0|[^|]*|//p' "$DIR/measured")
-python3 bench/host-bandwidth.py "$THREADS" | python3 -c "
-import json, sys
-r = json.load(sys.stdin)
-c = json.load(open('$CKPT/config.json'))
-per_token = $(stat -c %s "$VAULT/experts.bin") * c['num_experts_per_tok'] / c['num_experts']
-rate = float('$host_tg') * per_token / 1e9
-print(f\"host RAM ({r['threads']} threads): the cores read {r['cpu_read_gb_s']} GB/s, page-locked copies to the GPU \"
-      f\"{r['pinned_h2d_gb_s']} GB/s, both at once {r['together_gb_s']} GB/s ({r['together_cpu_gb_s']} + {r['together_h2d_gb_s']}); \"
-      f\"the host-RAM row decodes {per_token / 2**20:,.1f} MiB of experts a token at {rate:.1f} GB/s, \"
-      f\"{rate / r['together_gb_s']:.0%} of both at once\")" || echo "host RAM roofline: not measured (bench/host-bandwidth.py needs torch with CUDA)"
-
 # No llama.cpp row: it has no mode that reads experts from the disk on
 # demand (only mmap, through the page cache).
 echo
@@ -306,3 +290,21 @@ d, p = f['decode_tok_s']['expected'], f['prefill_tok_s']['expected']
 print(f'{sys.argv[1]}: decode {float(sys.argv[3]):,.1f} / {d:,.1f} = {float(sys.argv[3]) / d:.2f}, '
       f'prefill {float(sys.argv[2]):,.0f} / {p:,.0f} = {float(sys.argv[2]) / p:.2f}')" "$flags" "$pp" "$tg"
 done <"$DIR/measured"
+
+# The host-RAM row's roofline: every token reads its experts from host RAM,
+# some by the cores and the rest by the GPU's copies, so what the RAM gives
+# both at once bounds the decode (bench/host-bandwidth.py, torch). The
+# bytes a token are `smoe plan`'s expert records.
+echo
+host_tg=$(sed -n 's/^--vram-budget 0|[^|]*|//p' "$DIR/measured")
+records=$("$BIN/smoe" plan "$VAULT" --machine "$MACHINE" --json |
+    python3 -c "import json, sys; m = json.load(sys.stdin)['model']; print(m['moe_layers'] * m['expert_record_bytes'])")
+python3 bench/host-bandwidth.py "$THREADS" | python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+per_token = $records * json.load(open('$VAULT/config.json'))['num_experts_per_tok']
+rate = float('$host_tg') * per_token / 1e9
+print(f\"host RAM ({r['threads']} threads): the cores read {r['cpu_read_gb_s']} GB/s, page-locked copies to the GPU \"
+      f\"{r['pinned_h2d_gb_s']} GB/s, both at once {r['together_gb_s']} GB/s ({r['together_cpu_gb_s']} + {r['together_h2d_gb_s']}); \"
+      f\"the host-RAM row decodes {per_token / 2**20:,.1f} MiB of experts a token at {rate:.1f} GB/s, \"
+      f\"{rate / r['together_gb_s']:.0%} of both at once\")" || echo "host RAM roofline: not measured (bench/host-bandwidth.py needs torch with CUDA)"

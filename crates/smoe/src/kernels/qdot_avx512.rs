@@ -18,7 +18,7 @@ use std::mem::transmute;
 
 use super::qdot::{iq4xs_scale, iq4xs_scale_words, scales_mins};
 use super::qdot::{IQ4_NL, IQ4_XS, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8K, Q8_0};
-use super::qdot_x86::{bit_bytes, iq4_table, nibbles32, stream_ahead};
+use super::qdot_x86::{bit_bytes, iq4_table, nibbles32, prefetch_share, stream_ahead};
 use super::qdot_x86::{q2k_head, q3k_head, q6k_head, Head16};
 
 /// Whether these kernels can run here.
@@ -694,21 +694,15 @@ pub unsafe fn q4k_rows8<const N: usize>(
     // The first two i32 lanes of each 128-bit lane of two vectors.
     let firsts: __m512i = transmute([0i32, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29]);
     let mut acc = [_mm512_setzero_ps(); N];
-    // The eight rows after these (`matmul` hands a matrix's rows over in
-    // order, so they follow in memory): a decode step's weights come from
-    // DRAM, and eight rows read a block at a time are eight short
-    // interleaved streams that the hardware prefetchers do not follow, so
-    // the group ahead is fetched a block's share at a time (18 lines).
-    // Cold one-token products on one EPYC core: 6.9 -> 12.5 GB/s at
-    // Qwen3-30B-A3B's gate/up shape (kernels bench). Never dereferenced:
-    // past the matrix, or for rows not in order, a prefetch is wasted.
+    // The eight rows after these, a block's share (18 lines) a step
+    // ([`prefetch_share`]): a decode step's weights come from DRAM, and
+    // cold one-token products on one EPYC core went 6.9 -> 12.5 GB/s at
+    // Qwen3-30B-A3B's gate/up shape (kernels bench).
     let next = w[0].wrapping_add(8 * blocks * Q4K);
     for b in 0..blocks {
         let wb = w.map(|w| w.add(b * Q4K));
         let ab = a.map(|a| a.add(b * Q8K));
-        for line in (0..8 * Q4K).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * 8 * Q4K + line).cast());
-        }
+        prefetch_share(next, b, 8 * Q4K);
         let h = heads8(wb);
 
         let mut sumi = [_mm512_setzero_si512(); N];

@@ -283,6 +283,19 @@ pub(super) unsafe fn stream_ahead<const N: usize>(p: *const u8) {
     }
 }
 
+/// What [`stream_ahead`] is to one row, for a kernel that reads several
+/// rows a block at a time: those are short interleaved streams the
+/// hardware prefetchers do not follow, so block `b`'s step asks for its
+/// share (`share` bytes) of the rows after the kernel's own, from `next`
+/// (where they start, as `matmul` hands rows over in order).
+#[inline(always)]
+pub(super) unsafe fn prefetch_share(next: *const u8, b: usize, share: usize) {
+    for line in (0..share).step_by(64) {
+        // A prefetch never faults, even past the end of the weights.
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * share + line).cast());
+    }
+}
+
 /// Q4_K weights against the Q8_K activations of `N` tokens. A block's
 /// product is `d*d8*sum_j scale_j*(q4.q8)_j - dmin*d8*sum_j min_j*sum(q8)_j`,
 /// where the sums of q8 come precomputed in the activation block.
@@ -432,14 +445,12 @@ pub unsafe fn q4k_rows4<const N: usize>(
         _mm256_setr_epi64x(0, 0x0008_0008_0008_0008, 0, 0x0008_0008_0008_0008),
     );
     let mut acc = [_mm256_setzero_ps(); N];
-    // The next four rows, a block's share at a time: see `q4k_rows8`.
+    // The next four rows (see `q4k_rows8`).
     let next = w[0].wrapping_add(4 * blocks * Q4K);
     for b in 0..blocks {
         let wb = w.map(|w| w.add(b * Q4K));
         let ab = a.map(|a| a.add(b * Q8K));
-        for line in (0..4 * Q4K).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * 4 * Q4K + line).cast());
-        }
+        prefetch_share(next, b, 4 * Q4K);
         // A loop rather than `map`: the closure `map` takes is not inlined
         // into this function (2-3% of its time in calls).
         let (mut sc, mut mn) = ([0i64; 4], [0i64; 4]);

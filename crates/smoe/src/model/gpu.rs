@@ -66,9 +66,9 @@ pub struct GpuDecoder {
     /// both).
     fuse: bool,
     /// Whether a streamed step's stretches run as captured graphs
-    /// ([`GpuDecoder::stretch`]): only with `SMOE_CUDA_STRETCHES=1` until
-    /// their replays have run correctly on a GPU (the first ones read the
-    /// routing wrong; the mend has not run there yet).
+    /// ([`GpuDecoder::stretch`]): only with `SMOE_CUDA_STRETCHES=1`, since
+    /// their replays, correct on an H100, decoded the host-RAM row slower
+    /// than the eager stretches (docs/cuda.md).
     stretch_graphs: bool,
     /// The device's activations; one forward pass at a time uses them, as
     /// the GPU runs one pass at a time on its compute stream anyway.
