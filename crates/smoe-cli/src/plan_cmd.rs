@@ -113,6 +113,12 @@ struct MachineFile {
     gflops: Option<f64>,
     cores: Option<usize>,
     loop_us: Option<f64>,
+    /// mem_gbps and pcie_gbps are this engine's own rates measured on
+    /// that machine (`smoe bench`'s ways), not rated figures, so the
+    /// forecast takes the narrow range for them that a plan measured here
+    /// takes. A disk probe is not what a layer's few reads get: disk_gbps
+    /// keeps the wide range.
+    rates_measured: Option<bool>,
     /// The GPU, for --device cuda: its memory, host-to-device GB/s,
     /// milliseconds of one layer of a decoded token and of one layer over
     /// a 512-token prompt, and the LM head's GB/s (default: this engine on
@@ -125,7 +131,7 @@ struct MachineFile {
 }
 
 /// Keys a machine file may have, for the message that names a wrong one.
-const MACHINE_KEYS: &str = "name, ram, disk_gbps, mem_gbps, gflops, cores, loop_us, vram, pcie_gbps, gpu_layer_decode_ms, gpu_layer_prefill_ms, gpu_head_gbps";
+const MACHINE_KEYS: &str = "name, ram, disk_gbps, mem_gbps, gflops, cores, loop_us, rates_measured, vram, pcie_gbps, gpu_layer_decode_ms, gpu_layer_prefill_ms, gpu_head_gbps";
 
 fn machine_file(path: &Path) -> Result<MachineFile> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
@@ -249,6 +255,9 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
         None => available_memory()
             .context("cannot read this machine's available memory; give --ram SIZE")?,
     };
+    // A file's word that its rates are the engine's own holds only for
+    // the rate it gave, not one a flag put in its place.
+    let rates_measured = file.rates_measured == Some(true) && a.mem_gbps.is_none();
     let disk = a.disk_gbps.or(file.disk_gbps);
     let mem = a.mem_gbps.or(file.mem_gbps);
     let gflops = a.gflops.or(file.gflops);
@@ -272,6 +281,7 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
             },
             disk_gbps: disk.unwrap_or(here.disk_gbps),
             measured: mem.is_none() && gflops.is_none(),
+            mem_measured: mem.is_none() || rates_measured,
             layer: here.layer.filter(|_| mem.is_none() && gflops.is_none()),
             mem_gbps: mem.unwrap_or(here.mem_gbps),
             gflops: gflops.unwrap_or(here.gflops),
@@ -294,6 +304,7 @@ pub(crate) fn plan_cmd(a: PlanArgs) -> Result<()> {
             cores,
             layer: None,
             measured: false,
+            mem_measured: rates_measured,
         }
     };
     let forecast = plan::forecast(&sizes, &memory, &machine, &curve);
@@ -435,8 +446,13 @@ fn print(
             m.cores
         ),
         None => format!(
-            "SSD {:.2} GB/s | memory {:.1} GB/s | {:.0} GFLOP/s | {} cores, {:.0} us a parallel loop (given)",
-            m.disk_gbps, m.mem_gbps, m.gflops, m.cores, m.loop_us
+            "SSD {:.2} GB/s | memory {:.1} GB/s{} | {:.0} GFLOP/s | {} cores, {:.0} us a parallel loop (given)",
+            m.disk_gbps,
+            m.mem_gbps,
+            if m.mem_measured { " (this engine's, measured there)" } else { "" },
+            m.gflops,
+            m.cores,
+            m.loop_us
         ),
     };
     writeln!(

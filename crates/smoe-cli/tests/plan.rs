@@ -208,6 +208,27 @@ fn a_gpu_plan_places_whole_layers_in_vram_and_streams_the_rest() {
     };
     assert!(decode(&with(&slow)) < decode(&big));
     assert!(decode(&with(&h100)) > 0.0);
+    // Its rates are the engine's own (rates_measured): the same figures
+    // as rated ones forecast a slower streamed token, since the engine
+    // gets only a share of a rated figure; a --mem-gbps flag in the
+    // file's place is a rated figure again.
+    let text = fs::read_to_string(&h100).unwrap();
+    assert!(text.contains("rates_measured = true"));
+    let rated = dir.path().join("rated.toml");
+    fs::write(&rated, text.replace("rates_measured = true", "")).unwrap();
+    let streamed = |machine: &Path, extra: &[&str]| {
+        let mut args = vec![path_str(&path), "--machine", path_str(machine)];
+        args.extend(["--ram", "512GB"]);
+        args.extend(["--device", "cuda", "--vram-budget", "0"]);
+        args.extend_from_slice(extra);
+        plan_json(&args)
+    };
+    let (own, given) = (streamed(&h100, &[]), streamed(&rated, &[]));
+    assert_eq!(own["machine"]["mem_measured"], true);
+    assert_eq!(given["machine"]["mem_measured"], false);
+    assert!(decode(&own) > 1.3 * decode(&given), "{own}\n{given}");
+    let flagged = streamed(&h100, &["--mem-gbps", "52"]);
+    assert_eq!(flagged["machine"]["mem_measured"], false);
     // The CPU engine's forecast is not what a GPU plan prints.
     let mut cpu_args = vec![path_str(&path), "--ram", "128GB"];
     cpu_args.extend(GIVEN);

@@ -480,6 +480,10 @@ pub struct Machine {
     pub layer: Option<LayerTimes>,
     /// Measured here by [`measure`] rather than given.
     pub measured: bool,
+    /// `mem_gbps` (and a GPU plan's PCIe rate) given, but as this engine's
+    /// own rates on that machine (`smoe bench`'s ways), which it gets
+    /// whole rather than a rated figure's share.
+    pub mem_measured: bool,
 }
 
 impl Machine {
@@ -488,15 +492,20 @@ impl Machine {
     /// DRAM figure is more than CPU cores stream (two cores here: 17 of ~20
     /// GB/s), a rated SSD figure more than a layer's few reads get.
     fn efficiency(&self) -> Efficiency {
+        const MEASURED_MEM: (f64, f64) = (0.85, 1.15);
         if self.measured {
             Efficiency {
-                mem: (0.85, 1.15),
+                mem: MEASURED_MEM,
                 disk: (0.8, 1.2),
                 compute: (0.85, 1.15),
             }
         } else {
             Efficiency {
-                mem: (0.45, 0.85),
+                mem: if self.mem_measured {
+                    MEASURED_MEM
+                } else {
+                    (0.45, 0.85)
+                },
                 disk: (0.5, 0.9),
                 compute: (0.5, 1.0),
             }
@@ -931,6 +940,7 @@ pub fn measure(sizes: &Sizes, model: &Path, ram: u64) -> Result<Machine> {
         cores: threads(),
         layer: Some(layer),
         measured: true,
+        mem_measured: true,
     })
 }
 
@@ -1099,6 +1109,7 @@ pub fn to_json(
             "layer_s": m.layer.map(|l| json!({"prefill": l.prefill_s, "session": l.session_s, "decode": l.decode_s})),
             "cores": m.cores,
             "measured": m.measured,
+            "mem_measured": m.mem_measured,
         },
         "memory": {
             "ram": {
@@ -1174,6 +1185,7 @@ mod tests {
             cores: 12,
             layer: None,
             measured: false,
+            mem_measured: false,
         }
     }
 
