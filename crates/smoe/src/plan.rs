@@ -480,9 +480,10 @@ pub struct Machine {
     pub layer: Option<LayerTimes>,
     /// Measured here by [`measure`] rather than given.
     pub measured: bool,
-    /// `mem_gbps` (and a GPU plan's PCIe rate) given, but as this engine's
-    /// own rates on that machine (`smoe bench`'s ways), which it gets
-    /// whole rather than a rated figure's share.
+    /// `mem_gbps` (and a GPU plan's PCIe rate) is this engine's own rate,
+    /// measured here or on the machine a file describes (`smoe bench`'s
+    /// ways), which it gets nearly whole rather than a rated figure's
+    /// share, even where other figures are given.
     pub mem_measured: bool,
 }
 
