@@ -131,10 +131,12 @@ for r in json.load(sys.stdin):
 }
 
 smoe_bench() { # model (vault or GGUF), prompt tokens, generated tokens, runs, extra args...
+    # --device cpu: llama.cpp here is a CPU build, and smoe's default (auto)
+    # would take a GPU where the machine has one.
     local model=$1 pp=$2 tg=$3 runs=$4 engine=smoe
     shift 4
     [ "$model" = "$GGUF" ] && engine=smoe-gguf
-    "$SMOE" bench --model "$model" --threads "$THREADS" --prompt-tokens "$pp" --gen-tokens "$tg" \
+    "$SMOE" bench --model "$model" --device cpu --threads "$THREADS" --prompt-tokens "$pp" --gen-tokens "$tg" \
         --repeat "$runs" --json "$@" |
         python3 -c "
 import json, sys
