@@ -29,7 +29,7 @@ for r in $(seq "$ROUNDS"); do
         for entry in $MODES; do
             mode=${entry%%=*}
             IFS=, read -r -a flags <<<"${entry#*=}"
-            "$exe" bench --model "$VAULT" --threads "$THREADS" --prompt-tokens "$PP" \
+            "$exe" bench --model "$VAULT" --device cpu --threads "$THREADS" --prompt-tokens "$PP" \
                 --gen-tokens "$TG" --repeat 1 "${flags[@]}" --json |
                 python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({'bin':'$bin','mode':'$mode','prefill':r['prefill_tok_s'],'decode':r['decode_tok_s']}))" >>"$OUT"
         done

@@ -46,7 +46,7 @@ base=""
 for setting in "100 off" "25 off" "25 on"; do
     pct=${setting% *}
     prefetch=${setting#* }
-    json=$($SMOE bench --prompts "$EVAL" --gen-tokens "$GEN" --repeat "$REPEAT" \
+    json=$($SMOE bench --device cpu --prompts "$EVAL" --gen-tokens "$GEN" --repeat "$REPEAT" \
         --ram-budget $((EXPERT_BYTES * pct / 100)) --prefetch "$prefetch" --json 2>/dev/null)
     line=$(python3 -c "
 import json, sys

@@ -154,7 +154,7 @@ for mode in $MODES; do
                 [ -n "$SMOE_MODEL" ] && model=(--model "$SMOE_MODEL")
                 budget=8GiB
                 [ "$mode" = capped ] && budget=auto
-                start_server "$mode" "$SMOE" serve "${model[@]}" --port "$PORT" --threads "$THREADS" \
+                start_server "$mode" "$SMOE" serve "${model[@]}" --device cpu --port "$PORT" --threads "$THREADS" \
                     --parallel "$n" --ctx "$CTX" --ram-budget "$budget" --no-check || continue
                 ;;
             llama)

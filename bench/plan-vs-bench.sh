@@ -44,7 +44,7 @@ SYNTH=${SYNTH:-target/release/examples/synth}
 if [[ "${1:-}" == --calibrate ]]; then
     # Built-in model: 256 records of 16 KiB.
     for kib in 640 1024 2048 4096; do
-        "$SMOE" bench --prompts models/builtin/eval.json --gen-tokens 64 --repeat 1 \
+        "$SMOE" bench --device cpu --prompts models/builtin/eval.json --gen-tokens 64 --repeat 1 \
             --threads "$THREADS" --ram-budget "${kib}KiB" --json 2>/dev/null
     done | python3 -c '
 import json, sys
@@ -66,7 +66,7 @@ results=$(mktemp)
 calibration=$(mktemp)
 trap 'rm -f "$results" "$calibration"' EXIT
 budget_bytes() {
-    "$SMOE" plan "$VAULT" --ram-budget "$1%" --ctx 4096 --json |
+    "$SMOE" plan "$VAULT" --device cpu --ram-budget "$1%" --ctx 4096 --json |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["memory"]["ram"]["expert_cache_bytes"])'
 }
 CURVE_ARGS=()
@@ -74,7 +74,7 @@ case "${CURVE:-}" in
     builtin) ;;
     "")
         for pct in 15 35 70; do
-            "$SMOE" bench --model "$VAULT" --threads "$THREADS" --ram-budget "$(budget_bytes $pct)" --ctx 4096 \
+            "$SMOE" bench --model "$VAULT" --device cpu --threads "$THREADS" --ram-budget "$(budget_bytes $pct)" --ctx 4096 \
                 --prompt-tokens 512 --gen-tokens 32 --repeat 3 --seed 1 --json 2>/dev/null >>"$calibration"
         done
         CURVE_ARGS=(--hit-curve "$calibration")
@@ -86,11 +86,11 @@ print(", ".join("%.0f%% -> %.3f" % (100 * s["expert_fraction"], s["decode_hit_ra
     *) CURVE_ARGS=(--hit-curve "$CURVE") ;;
 esac
 for pct in 10 25 50 100; do
-    plan=$("$SMOE" plan "$VAULT" --measure --threads "$THREADS" --ram-budget "$pct%" --ctx 4096 "${CURVE_ARGS[@]}" --json)
+    plan=$("$SMOE" plan "$VAULT" --device cpu --measure --threads "$THREADS" --ram-budget "$pct%" --ctx 4096 "${CURVE_ARGS[@]}" --json)
     bytes=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["memory"]["ram"]["expert_cache_bytes"])' "$plan")
-    builtin=$("$SMOE" plan "$VAULT" --ram-budget "$pct%" --ctx 4096 --json |
+    builtin=$("$SMOE" plan "$VAULT" --device cpu --ram-budget "$pct%" --ctx 4096 --json |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["locality"]["hit_rate"])')
-    bench=$("$SMOE" bench --model "$VAULT" --threads "$THREADS" --ram-budget "$bytes" --ctx 4096 \
+    bench=$("$SMOE" bench --model "$VAULT" --device cpu --threads "$THREADS" --ram-budget "$bytes" --ctx 4096 \
         --prompt-tokens 512 --gen-tokens 32 --repeat 3 --json 2>/dev/null)
     printf '%s\t%s\t%s\t%s\n' "$pct" "$plan" "$bench" "$builtin" >>"$results"
 done

@@ -38,7 +38,7 @@ for pct in $BUDGETS; do
     for setting in $SETTINGS; do
         prefetch=${setting%/*}
         policy=${setting#*/}
-        "$SMOE" bench --model "$VAULT" --ram-budget "$budget" --prefetch "$prefetch" --cache-policy "$policy" \
+        "$SMOE" bench --model "$VAULT" --device cpu --ram-budget "$budget" --prefetch "$prefetch" --cache-policy "$policy" \
             --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --repeat "$REPEAT" --json |
         python3 -c "
 import json, sys

@@ -30,7 +30,7 @@ runs = [json.loads(l) for l in sys.stdin if l.strip()]
 print('smoe run (a process per reply)   decode %.2f tok/s' % statistics.median(r['timings']['decode_tok_s'] for r in runs))"
 
 log=$(mktemp)
-"$SMOE" serve --model "$MODEL" --port 0 --ram-budget "$BUDGET" 2>"$log" &
+"$SMOE" serve --model "$MODEL" --device cpu --port 0 --ram-budget "$BUDGET" 2>"$log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -f "$log"' EXIT
 python3 - "$log" "$TOKENS" "$REPEAT" "$PROMPT" <<'PY'

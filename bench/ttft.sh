@@ -19,7 +19,7 @@ m=json.load(open('$VAULT/manifest.json'))
 print(sum(l['record_len']*len(l['offsets']) for l in m['experts']))")
 budget=$((EXPERT_BYTES * PCT / 100))
 for chunk in "$PROMPT" 1; do
-    target/release/smoe bench --model "$VAULT" --ram-budget "$budget" --prefetch off \
+    target/release/smoe bench --model "$VAULT" --device cpu --ram-budget "$budget" --prefetch off \
         --prompt-tokens "$PROMPT" --gen-tokens 1 --repeat 1 --prefill-chunk "$chunk" --json |
     python3 -c "
 import json, sys
