@@ -578,10 +578,11 @@ fn print_gpu(
     let k = s.config.num_experts_per_tok;
     writeln!(
         out,
-        "GPU tiers  {} sparse layers' experts in VRAM, {} streamed: RAM cache hit rate {:.1}% over those",
+        "GPU tiers  {} sparse layers' experts in VRAM, {} streamed: RAM cache hit rate {:.1}% over those, {:.1}% of a prompt's",
         v.expert_layers,
         g.streamed_layers,
-        100.0 * g.hit_rate
+        100.0 * g.hit_rate,
+        100.0 * g.prompt_hit_rate
     )?;
     writeln!(
         out,

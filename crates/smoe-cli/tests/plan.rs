@@ -229,6 +229,21 @@ fn a_gpu_plan_places_whole_layers_in_vram_and_streams_the_rest() {
     assert!(decode(&own) > 1.3 * decode(&given), "{own}\n{given}");
     let flagged = streamed(&h100, &["--mem-gbps", "52"]);
     assert_eq!(flagged["machine"]["mem_measured"], false);
+    // A prompt's hit rate is its own, not a token's: all in RAM holds
+    // every expert it touches; a cache of a tenth of the expert bytes
+    // holds what LFU keeps of each of the 94 streamed layers beside the
+    // one computing, (C - U) / (93 U) of the U = 128 (1 - (1 - 8/128)^512)
+    // experts a 512-token prompt touches in a layer.
+    let f = |p: &Value, key: &str| p["gpu"][key].as_f64().unwrap();
+    assert_eq!(f(&own, "ram_prompt_hit_rate"), 1.0);
+    let tenth = streamed(&h100, &["--ram-budget", "10%"]);
+    let c = tenth["memory"]["ram"]["expert_cache_slots"]
+        .as_f64()
+        .unwrap();
+    let u = 128.0 * (1.0 - (1.0f64 - 8.0 / 128.0).powi(512));
+    let prompt = f(&tenth, "ram_prompt_hit_rate");
+    assert!((prompt - (c - u) / (93.0 * u)).abs() < 1e-9, "{prompt}");
+    assert!(prompt < f(&tenth, "ram_hit_rate"));
     // The CPU engine's forecast is not what a GPU plan prints.
     let mut cpu_args = vec![path_str(&path), "--ram", "128GB"];
     cpu_args.extend(GIVEN);

@@ -660,6 +660,28 @@ fn time(work: f64, eff: (f64, f64)) -> Range {
     }
 }
 
+/// Distinct experts a layer routes a prompt of [`PROMPT_TOKENS`] to, by
+/// uniform routing: `E (1 - (1 - k/E)^t)`.
+fn prompt_touched(c: &ModelConfig) -> f64 {
+    let (e, k) = (c.num_experts.max(1) as f64, c.num_experts_per_tok as f64);
+    e * (1.0 - (1.0 - k / e).powf(PROMPT_TOKENS as f64))
+}
+
+/// The share of a prompt's experts the cache of `slots` holds over
+/// `layers` streamed layers that each touch `touched`. The cache pins a
+/// layer's `U = touched` while it computes and, by LFU, keeps a stable set
+/// of the rest from prompt to prompt: s per layer with L s = C - (U - s),
+/// so s = (C - U) / (L - 1), all of them once C holds every layer's U.
+fn prompt_hit(slots: f64, layers: f64, touched: f64) -> f64 {
+    if slots >= layers * touched {
+        1.0
+    } else if layers <= 1.0 {
+        0.0
+    } else {
+        ((slots - touched) / ((layers - 1.0) * touched)).clamp(0.0, 1.0)
+    }
+}
+
 /// The longer of two times that overlap, bound by bound.
 fn longer(a: Range, b: Range) -> Range {
     Range {
@@ -835,23 +857,10 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
         "memory bandwidth (resident weights and cached experts)"
     };
 
-    // Prefill: one chunk of PROMPT_TOKENS, layer-major. Uniform routing
-    // touches U distinct experts per layer. The cache pins a layer's U
-    // while it computes and, by LFU, keeps a stable set of the rest from
-    // prompt to prompt: s per layer with L s = C - (U - s), so
-    // s = (C - U) / (L - 1), all of them once C holds every layer's U.
-    let t = PROMPT_TOKENS as f64;
-    let (e, kf) = (c.num_experts.max(1) as f64, k as f64);
-    let touched = e * (1.0 - (1.0 - kf / e).powf(t));
+    // Prefill: one chunk of PROMPT_TOKENS, layer-major.
+    let touched = prompt_touched(c);
     let ls = sizes.moe_layers as f64;
-    let slots = plan.cache_slots as f64;
-    let prefill_hit = if slots >= ls * touched {
-        1.0
-    } else if ls <= 1.0 {
-        0.0
-    } else {
-        ((slots - touched) / ((ls - 1.0) * touched)).clamp(0.0, 1.0)
-    };
+    let prefill_hit = prompt_hit(plan.cache_slots as f64, ls, touched);
     let cold_reads = time(ls * m.read_s(touched, record), eff.disk);
     let warm_reads = time(
         ls * waits(
@@ -883,7 +892,7 @@ pub fn forecast(sizes: &Sizes, plan: &MemoryPlan, m: &Machine, curve: &HitCurve)
         prefill_hit_rate: prefill_hit,
         prefill_compute_s: prefill_compute,
         prefill_read_s: warm_reads,
-        prefill_tok_s: Range::rate(t, ttft),
+        prefill_tok_s: Range::rate(PROMPT_TOKENS as f64, ttft),
         prefill_limit,
         ttft_s: ttft,
         ttft_cold_s: sum(prefill_compute, cold_reads),

@@ -21,7 +21,9 @@
 
 use serde_json::{json, Value};
 
-use super::{fraction, time, HitCurve, Machine, Range, Sizes, PROMPT_TOKENS};
+use super::{
+    fraction, prompt_hit, prompt_touched, time, HitCurve, Machine, Range, Sizes, PROMPT_TOKENS,
+};
 use crate::error::{Error, Result};
 use crate::memory::{vram_headroom, Budget, MemoryPlan};
 use crate::model::human_bytes;
@@ -120,6 +122,8 @@ pub fn vram_plan(sizes: &Sizes, ram: &MemoryPlan, vram: u64, budget: Budget) -> 
 pub struct GpuForecast {
     /// Decode hit rate of the RAM cache over the layers that stream.
     pub hit_rate: f64,
+    /// The share of a prompt's experts in those layers the cache holds.
+    pub prompt_hit_rate: f64,
     pub streamed_layers: usize,
     /// Per decoded token: expert bytes that come from RAM (to the GPU or
     /// to the CPU) and from the SSD.
@@ -207,15 +211,17 @@ pub fn forecast(
     // of a layer overlap its compute (the engine runs the uploaded experts
     // a group at a time while the next group copies), so a streamed
     // layer takes the longer of the two.
-    let t = PROMPT_TOKENS as f64;
-    let (e, kf) = (c.num_experts.max(1) as f64, k as f64);
-    let touched = e * (1.0 - (1.0 - kf / e).powf(t));
+    // The prompt's hit rate, not decode's: a prompt touches most of a
+    // layer's experts, and the cache keeps only a share of each streamed
+    // layer's between prompts.
+    let touched = prompt_touched(c);
+    let prompt_hit = prompt_hit(ram.cache_slots as f64, streamed as f64, touched);
     let prefill_copy = time(
         streamed as f64 * touched * record as f64 / (gpu.pcie_gbps * 1e9),
         eff.mem,
     );
     let prefill_read = time(
-        streamed as f64 * m.read_s(touched * (1.0 - hit), record),
+        streamed as f64 * m.read_s(touched * (1.0 - prompt_hit), record),
         eff.disk,
     );
     let streamed_gpu = time(streamed as f64 * gpu.layer_prefill_s, gpu_eff);
@@ -230,6 +236,7 @@ pub fn forecast(
     ]);
     GpuForecast {
         hit_rate: hit,
+        prompt_hit_rate: prompt_hit,
         streamed_layers: streamed,
         streamed_bytes_per_token: streamed as u64 * per_layer,
         ssd_bytes_per_token: ((1.0 - hit) * (streamed as u64 * per_layer) as f64) as u64,
@@ -239,7 +246,7 @@ pub fn forecast(
         decode_read_s: decode_read,
         decode_tok_s: Range::rate(1.0, decode),
         decode_limit,
-        prefill_tok_s: Range::rate(t, ttft),
+        prefill_tok_s: Range::rate(PROMPT_TOKENS as f64, ttft),
         ttft_s: ttft,
         prefill_limit,
     }
@@ -272,6 +279,7 @@ pub fn to_json(v: &VramPlan, g: &Gpu, f: &GpuForecast) -> Value {
         },
         "streamed_layers": f.streamed_layers,
         "ram_hit_rate": f.hit_rate,
+        "ram_prompt_hit_rate": f.prompt_hit_rate,
         "per_token": {
             "streamed_bytes": f.streamed_bytes_per_token,
             "streamed_way": f.stream_way,
