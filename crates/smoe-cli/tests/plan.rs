@@ -298,6 +298,21 @@ fn bad_input_gets_one_clear_line() {
         &["one token needs 8 per layer"],
     );
     bad(&[path_str(&big), "--ram-budget", "150%"], &["at most 100%"]);
+    // Sizes each within bounds whose product is not: 94 layers of 2^24
+    // experts once took the planner's listing of every expert's tensors
+    // past all memory (an abort, not an error).
+    let mut many: Value = serde_json::from_str(&fs::read_to_string(&big).unwrap()).unwrap();
+    many["num_experts"] = (1u64 << 24).into();
+    let many_dir = dir.path().join("many");
+    fs::create_dir(&many_dir).unwrap();
+    fs::write(many_dir.join("config.json"), many.to_string()).unwrap();
+    bad(
+        &[path_str(&many_dir.join("config.json"))],
+        &[
+            "config.json",
+            "num_hidden_layers 94 x num_experts 16777216 is 1577058304 routed experts, expected at most 262144",
+        ],
+    );
     bad(&[path_str(&gguf)], &["model.gguf", "truncated"]);
     bad(&[path_str(&big), "--device", "cuda"], &["give --vram"]);
     bad(&[path_str(&big), "--device", "tpu"], &["tpu", "cpu, cuda"]);

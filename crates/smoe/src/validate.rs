@@ -22,6 +22,11 @@ use crate::vault::{self, Vault, ALIGN};
 /// Checked before the per-layer tables are allocated, so a config that
 /// says 10^12 gets an error instead of an allocation failure.
 pub const MAX_LAYERS: usize = 4096;
+/// Most routed experts over all layers (layers x experts a layer): the
+/// loader and the planner hold a record of each, so a count near
+/// `MAX_LAYERS x MAX_DIM` would exhaust memory before any tensor is
+/// read. Kimi-K2 has 23,424 (61 x 384), Qwen3-235B-A22B 12,032.
+pub const MAX_ROUTED_EXPERTS: usize = 1 << 18;
 /// Largest single dimension (hidden size, vocabulary, expert count, widths):
 /// far above any published model, small enough that products of two of
 /// them cannot overflow when memory is planned.
@@ -58,6 +63,13 @@ pub fn sizes(cfg: &ModelConfig, path: &Path) -> Result<()> {
     }
     if cfg.num_experts == 0 {
         return bad("num_experts is 0, expected a Mixture-of-Experts model's expert count".into());
+    }
+    let routed = cfg.num_hidden_layers * cfg.num_experts;
+    if routed > MAX_ROUTED_EXPERTS {
+        return bad(format!(
+            "num_hidden_layers {} x num_experts {} is {routed} routed experts, expected at most {MAX_ROUTED_EXPERTS}",
+            cfg.num_hidden_layers, cfg.num_experts
+        ));
     }
     Ok(())
 }

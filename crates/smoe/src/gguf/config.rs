@@ -90,7 +90,10 @@ pub fn config_json(g: &Gguf) -> Result<Value> {
             ))
         }
     };
-    let layers = k.usize("block_count")?;
+    let layers = match g.block_count()? {
+        Some(n) => n,
+        None => k.usize("block_count")?,
+    };
     let heads = k.usize("attention.head_count")?;
     let mut c = Map::new();
     c.insert("model_type".into(), json!(family.model_types[0]));

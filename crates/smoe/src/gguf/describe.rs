@@ -51,7 +51,7 @@ impl Gguf {
             .collect();
         out.push(format!("tensors by type: {}", types.join(", ")));
 
-        let blocks = self.opt_usize(&format!("{arch}.block_count"))?.unwrap_or(0);
+        let blocks = self.block_count()?.unwrap_or(0);
         let mut layers = 0usize;
         let mut expert_bytes = 0u64;
         let mut first_layer: Option<(u64, u64, Vec<String>)> = None;

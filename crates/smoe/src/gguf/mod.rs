@@ -35,6 +35,7 @@ pub use weights::{
     EXPERT_PARTS,
 };
 
+use crate::validate::MAX_LAYERS;
 use crate::{Error, Result};
 
 /// Bytes `len` at `offset` of shard `shard`: where a tensor, or one
@@ -305,6 +306,20 @@ impl Gguf {
         match self.metadata().get(key) {
             None => Ok(None),
             Some(_) => self.usize(key).map(Some),
+        }
+    }
+
+    /// `{arch}.block_count`, if present, bounded as a config's layer count
+    /// is: the loops over a GGUF's blocks run before the config is
+    /// validated, and a damaged count (2^60) would never end.
+    pub fn block_count(&self) -> Result<Option<usize>> {
+        let key = format!("{}.block_count", self.architecture()?);
+        match self.opt_usize(&key)? {
+            Some(n) if n > MAX_LAYERS => Err(Error::format(
+                self.path(),
+                format!("{key} is {n}, expected at most {MAX_LAYERS}"),
+            )),
+            n => Ok(n),
         }
     }
 

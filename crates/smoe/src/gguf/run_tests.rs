@@ -14,7 +14,7 @@ use crate::config::{ModelConfig, RopeScaling, Scoring};
 use crate::engine::Engine;
 use crate::load::LoadOptions;
 use crate::model::Logits;
-use crate::quant;
+use crate::quant::{self, QuantType};
 use crate::sampler::SamplingParams;
 
 fn fixture(name: &str) -> PathBuf {
@@ -584,4 +584,66 @@ fn an_interrupted_gguf_conversion_resumes_to_the_same_vault() {
     let report = convert(&out).unwrap();
     assert_eq!(report.resumed_layers, 0);
     assert!(disk_full::vault_files(&out) == want);
+}
+
+/// Every byte of a GGUF's header, metadata and tensor table flipped, one
+/// at a time: each file is refused with an error naming it (or the memory
+/// it would need), or it loads and runs; `smoe plan` and `inspect`'s
+/// reading of it end either way. A flipped `block_count` once aborted
+/// here, allocating a per-layer table of 2^33 entries before the config
+/// was validated, and a flipped `expert_count` took the planner past all
+/// memory listing every expert's tensors.
+#[test]
+fn every_flipped_header_byte_is_refused_or_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, b) = from_fixture("qwen3-moe-a", GgmlType::Q8_0);
+    let good = b.build();
+    let end = Gguf::open(&write(d.path(), "good.gguf", &good))
+        .unwrap()
+        .shards()[0]
+        .data_offset();
+    let q4k = crate::kernels::DType::Quant(QuantType::Q4K);
+    for at in 0..end as usize {
+        let mut bytes = good.clone();
+        bytes[at] ^= 0xff;
+        let path = write(d.path(), "flipped.gguf", &bytes);
+        let _ = crate::plan::sizes_of(&path, q4k, q4k);
+        if let Ok(g) = Gguf::open(&path) {
+            let _ = g.describe();
+        }
+        match Engine::load_with(&path, &opts()) {
+            Ok(engine) => {
+                all_logits(&engine, &[1, 2, 3]);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("flipped.gguf") || msg.contains("memory is smaller than"),
+                    "byte {at}: {msg}"
+                );
+            }
+        }
+    }
+
+    // The count itself, named.
+    let (c, b) = from_fixture("qwen3-moe-a", GgmlType::Q8_0);
+    let mut meta = metadata(&c);
+    let n = meta
+        .iter()
+        .position(|(k, _)| k == "qwen3moe.block_count")
+        .unwrap();
+    meta[n].1 = Value::U64(1 << 60);
+    let path = write(d.path(), "layers.gguf", &b.with_metadata(meta).build());
+    let err = load_err(&path);
+    assert!(
+        err.contains("layers.gguf")
+            && err.contains("qwen3moe.block_count is 1152921504606846976, expected at most 4096"),
+        "{err}"
+    );
+    let err = Gguf::open(&path)
+        .unwrap()
+        .describe()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("block_count"), "{err}");
 }
