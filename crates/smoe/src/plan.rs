@@ -342,7 +342,11 @@ impl TensorSource for Shapes {
         let bytes = DType::BF16.row_bytes(shape.iter().product());
         let mut z = self.zeros.borrow_mut();
         if z.as_ref().is_none_or(|m| m.len() < bytes) {
-            *z = Some(zeros(bytes)?);
+            // Sizes within each bound can still make one tensor larger
+            // than the address space this machine lends; say which.
+            *z = Some(zeros(bytes).map_err(|e| {
+                Error::invalid(format!("tensor {name} {shape:?} cannot be laid out: {e}"))
+            })?);
         }
         self.seen
             .borrow_mut()
@@ -1083,7 +1087,10 @@ pub fn sizes_of(model: &Path, experts: DType, backbone: DType) -> Result<Sizes> 
         model.to_path_buf()
     };
     let config = ModelConfig::from_json(&read_json(&path)?, &path)?;
-    Sizes::of_config(config, experts, backbone)
+    Sizes::of_config(config, experts, backbone).map_err(|e| match e {
+        Error::Invalid(msg) => Error::format(&path, msg),
+        e => e,
+    })
 }
 
 /// The whole plan as one JSON object, for tools.
