@@ -487,7 +487,8 @@ pub struct Machine {
     /// `mem_gbps` (and a GPU plan's PCIe rate) is this engine's own rate,
     /// measured here or on the machine a file describes (`smoe bench`'s
     /// ways), which it gets nearly whole rather than a rated figure's
-    /// share, even where other figures are given.
+    /// share, even where other figures are given; set wherever `measured`
+    /// is.
     pub mem_measured: bool,
 }
 
@@ -497,23 +498,11 @@ impl Machine {
     /// DRAM figure is more than CPU cores stream (two cores here: 17 of ~20
     /// GB/s), a rated SSD figure more than a layer's few reads get.
     fn efficiency(&self) -> Efficiency {
-        const MEASURED_MEM: (f64, f64) = (0.85, 1.15);
-        if self.measured {
-            Efficiency {
-                mem: MEASURED_MEM,
-                disk: (0.8, 1.2),
-                compute: (0.85, 1.15),
-            }
-        } else {
-            Efficiency {
-                mem: if self.mem_measured {
-                    MEASURED_MEM
-                } else {
-                    (0.45, 0.85)
-                },
-                disk: (0.5, 0.9),
-                compute: (0.5, 1.0),
-            }
+        let pick = |measured: bool, narrow, wide| if measured { narrow } else { wide };
+        Efficiency {
+            mem: pick(self.mem_measured, (0.85, 1.15), (0.45, 0.85)),
+            disk: pick(self.measured, (0.8, 1.2), (0.5, 0.9)),
+            compute: pick(self.measured, (0.85, 1.15), (0.5, 1.0)),
         }
     }
 
@@ -1301,6 +1290,7 @@ mod tests {
                     decode_s: 0.001,
                 }),
                 measured: true,
+                mem_measured: true,
                 ..laptop(5.0)
             };
             forecast(&s, &t, &m, &HitCurve::builtin()).prefill_compute_s
