@@ -6,8 +6,8 @@
 MODEL is a vault, a checkpoint or a bare config.json, as for `smoe plan`;
 --ram-budget is the expert cache the container will be started with
 (`smoe serve --ram-budget SIZE`). smoe plans the RAM as backbone + KV cache
-+ expert cache + headroom, where the headroom (binary, tokenizer,
-activations, stacks) is a tenth of the memory and at least 192 MiB
++ activations + expert cache + headroom, where the headroom (binary,
+tokenizer, stacks) is a tenth of the memory and at least 192 MiB
 (crates/smoe/src/memory.rs, `headroom`). This finds the least memory M, in
 MiB, on which `smoe plan --ram M` plans that cache, and prints it as a
 Kubernetes quantity for the container's memory request and limit.
@@ -50,7 +50,12 @@ def main():
         sys.exit(err)
     # Solving M = fixed + headroom(M) gives a start; the budget asked may
     # be a little over the whole slots it buys, so search up from there.
-    fixed = big["backbone_bytes"] + big["kv_bytes"] + big["expert_cache_bytes"]
+    fixed = (
+        big["backbone_bytes"]
+        + big["kv_bytes"]
+        + big["activation_bytes"]
+        + big["expert_cache_bytes"]
+    )
     low = math.ceil(max(fixed + MIN_HEADROOM, fixed / 0.9) / MIB) - 1
     high, step = low + 1, 1
     while (exact := plan(ours.smoe, rest, high * MIB)[0]) is None:
@@ -69,6 +74,7 @@ def main():
         "backbone_bytes": exact["backbone_bytes"],
         "kv_bytes": exact["kv_bytes"],
         "ctx": exact["ctx"],
+        "activation_bytes": exact["activation_bytes"],
         "expert_cache_bytes": exact["expert_cache_bytes"],
         "headroom_bytes": exact["headroom_bytes"],
     }
@@ -78,6 +84,7 @@ def main():
     gib = lambda b: f"{b / (1 << 30):.2f} GiB"
     print(
         f"# backbone {gib(exact['backbone_bytes'])} + KV {gib(exact['kv_bytes'])} ({exact['sequences']} x {exact['ctx']} tokens)"
+        f" + activations {gib(exact['activation_bytes'])}"
         f" + expert cache {gib(exact['expert_cache_bytes'])} + headroom {gib(exact['headroom_bytes'])}"
     )
     print("resources:")

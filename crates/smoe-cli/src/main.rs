@@ -465,7 +465,7 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
 
 fn describe_plan(p: &MemoryPlan) -> String {
     format!(
-        "memory plan: backbone {} | expert cache {} ({} slots of {}, {:.0}% of {} experts) | KV {} for {} | free {} | direct I/O {}",
+        "memory plan: backbone {} | expert cache {} ({} slots of {}, {:.0}% of {} experts) | KV {} for {} | activations {} | free {} | direct I/O {}",
         human_bytes(p.backbone_bytes),
         human_bytes(p.cache_bytes),
         p.cache_slots,
@@ -474,8 +474,13 @@ fn describe_plan(p: &MemoryPlan) -> String {
         human_bytes(p.expert_bytes),
         human_bytes(p.kv_bytes),
         kv_extent(p.sequences, p.ctx),
+        human_bytes(p.activation_bytes),
         p.available_bytes
-            .map(|a| human_bytes(a.saturating_sub(p.backbone_bytes + p.cache_bytes + p.kv_bytes)))
+            .map(|a| {
+                human_bytes(a.saturating_sub(
+                    p.backbone_bytes + p.cache_bytes + p.kv_bytes + p.activation_bytes,
+                ))
+            })
             .unwrap_or_else(|| "unknown".into()),
         if p.direct_io { "on" } else { "off (buffered + fadvise)" },
     )

@@ -463,15 +463,18 @@ fn print(
     )?;
     writeln!(
         out,
-        "RAM        backbone {} + KV {} ({}) + headroom {} + expert cache {} ({} slots, {:.1}% of the experts) = {}; {} left",
+        "RAM        backbone {} + KV {} ({}) + activations {} + headroom {} + expert cache {} ({} slots, {:.1}% of the experts) = {}; {} left",
         human_bytes(t.backbone_bytes),
         human_bytes(t.kv_bytes),
         crate::kv_extent(t.sequences, t.ctx),
+        human_bytes(t.activation_bytes),
         human_bytes(t.headroom_bytes),
         human_bytes(t.cache_bytes),
         t.cache_slots,
         100.0 * fraction,
-        human_bytes(t.backbone_bytes + t.kv_bytes + t.headroom_bytes + t.cache_bytes),
+        human_bytes(
+            t.backbone_bytes + t.kv_bytes + t.activation_bytes + t.headroom_bytes + t.cache_bytes
+        ),
         human_bytes(t.room_bytes.unwrap_or(0).saturating_sub(t.cache_bytes))
     )?;
     if let Some((g, v, _)) = on_gpu {

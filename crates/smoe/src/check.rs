@@ -499,7 +499,9 @@ fn memory_findings(
                     human_bytes(b)
                 ),
             )),
-            (Budget::Auto, Some(avail)) if fp.resident_bytes + fp.kv_bytes > avail => {
+            (Budget::Auto, Some(avail))
+                if fp.resident_bytes + fp.kv_bytes + fp.activation_bytes > avail =>
+            {
                 out.push(Finding::error(
                     Code::NeedsVault,
                     format!(
@@ -526,12 +528,12 @@ fn memory_findings(
     let Some(avail) = available else {
         return out;
     };
-    let base = fp.resident_bytes + fp.kv_bytes;
+    let base = fp.resident_bytes + fp.kv_bytes + fp.activation_bytes;
     match budget {
         Budget::Auto if base + fp.min_cache_bytes > avail => {
             let mut fixes = Vec::new();
             if let Some((q, bytes)) = fp.smaller_backbone {
-                let verdict = if bytes + fp.kv_bytes + fp.min_cache_bytes <= avail {
+                let verdict = if bytes + base - fp.resident_bytes + fp.min_cache_bytes <= avail {
                     "would fit"
                 } else {
                     "would still not fit"
@@ -552,10 +554,11 @@ fn memory_findings(
             out.push(Finding::error(
                 Code::BackboneTooLarge,
                 format!(
-                    "{d}: not enough memory even for the backbone: it needs {} resident + {} KV for {} tokens + {} for one token's experts, and {} is available; {}",
+                    "{d}: not enough memory even for the backbone: it needs {} resident + {} KV for {} tokens + {} activations + {} for one token's experts, and {} is available; {}",
                     human_bytes(fp.resident_bytes),
                     human_bytes(fp.kv_bytes),
                     fp.ctx,
+                    human_bytes(fp.activation_bytes),
                     human_bytes(fp.min_cache_bytes),
                     human_bytes(avail),
                     fixes.join("; ")
@@ -565,9 +568,10 @@ fn memory_findings(
         Budget::Bytes(b) if base + b > avail => out.push(Finding::warning(
             Code::OverCommitted,
             format!(
-                "{d}: backbone {} + KV {} + --ram-budget {} exceed the {} available: expect swapping; lower --ram-budget or use auto",
+                "{d}: backbone {} + KV {} + activations {} + --ram-budget {} exceed the {} available: expect swapping; lower --ram-budget or use auto",
                 human_bytes(fp.resident_bytes),
                 human_bytes(fp.kv_bytes),
+                human_bytes(fp.activation_bytes),
                 human_bytes(b),
                 human_bytes(avail)
             ),
@@ -604,6 +608,7 @@ mod tests {
             kv_bytes: 1 << 30,
             ctx: 4096,
             sequences: 1,
+            activation_bytes: 256 << 20,
             quant: "bf16".into(),
             direct_io: vault.then_some(true),
         }

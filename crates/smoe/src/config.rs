@@ -330,6 +330,44 @@ impl ModelConfig {
         (self.num_hidden_layers * ctx * self.kv_floats_per_position() * 4) as u64
     }
 
+    /// f32 activations a forward pass over `tokens` tokens of `sequences`
+    /// sequences holds at once.
+    /// Its buffers are reused layer after layer, so this is one layer's
+    /// largest: the residual stream and its norm, attention's queries, keys,
+    /// values and outputs (MLA's latents and absorbed queries instead), the
+    /// router's logits, the MoE's rows gathered by expert with their outputs
+    /// and the experts' gate and up products, a dense or shared FFN's gate
+    /// and up, and one row of LM-head logits. Small per-thread buffers
+    /// (attention partials, quantized activations) are left out.
+    pub fn activation_bytes(&self, tokens: usize, sequences: usize) -> u64 {
+        let attention = match self.mla {
+            Some(m) => {
+                let row = m.kv_lora_rank + m.qk_rope_head_dim;
+                self.num_attention_heads
+                    * (m.qk_nope_head_dim + m.qk_rope_head_dim + row + 2 * m.kv_lora_rank)
+            }
+            None => 2 * (self.num_attention_heads + self.num_key_value_heads) * self.head_dim,
+        };
+        let moe = if self.num_experts > 0 {
+            self.num_experts
+                + 2 * self.num_experts_per_tok * (self.hidden_size + self.moe_intermediate_size)
+        } else {
+            0
+        };
+        let dense = (0..self.num_hidden_layers).any(|i| !self.is_moe_layer(i));
+        let ffn = 2 * if dense {
+            self.intermediate_size
+                .max(self.shared_expert_intermediate_size)
+        } else {
+            self.shared_expert_intermediate_size
+        };
+        let per_token = 3 * self.hidden_size + attention + moe + ffn;
+        (tokens as u64)
+            .saturating_mul(per_token as u64)
+            .saturating_add((sequences * self.vocab_size) as u64)
+            .saturating_mul(4)
+    }
+
     fn validate(&self, path: &Path) -> Result<()> {
         crate::validate::sizes(self, path)?;
         let bad = |msg: String| Err(Error::format(path, msg));

@@ -38,9 +38,11 @@ pub struct MemoryPlan {
     pub kv_bytes: u64,
     pub ctx: usize,
     pub sequences: usize,
+    /// One forward pass's activations at the largest batch it runs.
+    pub activation_bytes: u64,
     /// Memory the OS reported available at start, if known.
     pub available_bytes: Option<u64>,
-    /// What is kept free of that beside backbone, KV and cache.
+    /// What is kept free of that beside backbone, KV, activations and cache.
     pub headroom_bytes: u64,
     /// What the available memory leaves for the expert cache; a budget
     /// given above it may not fit.
@@ -73,6 +75,9 @@ pub struct Footprint {
     pub kv_bytes: u64,
     pub ctx: usize,
     pub sequences: usize,
+    /// One forward pass's activations at the largest batch it runs
+    /// ([`activation_bytes`]).
+    pub activation_bytes: u64,
     /// What the tensors are stored as, e.g. "bf16" or "experts q4_k,
     /// backbone bf16".
     pub quant: String,
@@ -116,6 +121,7 @@ impl Footprint {
             kv_bytes: cfg.kv_bytes(ctx) * sequences(opts) as u64,
             ctx,
             sequences: sequences(opts),
+            activation_bytes: activation_bytes(cfg, opts.prefill_chunk, sequences(opts)),
             quant: dtypes.into_iter().collect::<Vec<_>>().join(", "),
             direct_io: None,
         })
@@ -158,6 +164,7 @@ impl Footprint {
             kv_bytes: cfg.kv_bytes(ctx) * sequences(opts) as u64,
             ctx,
             sequences: sequences(opts),
+            activation_bytes: activation_bytes(cfg, opts.prefill_chunk, sequences(opts)),
             quant: format!("experts {}, backbone {}", join(experts), join(backbone)),
             direct_io: Some(DirectFile::open(g.path())?.direct),
         })
@@ -202,6 +209,7 @@ impl Footprint {
             kv_bytes: cfg.kv_bytes(ctx) * sequences(opts) as u64,
             ctx,
             sequences: sequences(opts),
+            activation_bytes: activation_bytes(cfg, opts.prefill_chunk, sequences(opts)),
             quant: m.stored_quant(),
             direct_io: Some(DirectFile::open(&vault.experts_path())?.direct),
         })
@@ -218,7 +226,8 @@ impl Footprint {
         let (slot_bytes, kv_bytes) = (self.slot_bytes, self.kv_bytes);
         let backbone_bytes = self.resident_bytes;
         let headroom_bytes = available_bytes.map_or(0, headroom);
-        let base = backbone_bytes + kv_bytes + headroom_bytes;
+        let activation_bytes = self.activation_bytes;
+        let base = backbone_bytes + kv_bytes + activation_bytes + headroom_bytes;
         let room_bytes = available_bytes.map(|a| a.saturating_sub(base));
         let budget = match budget {
             Budget::Bytes(b) => b,
@@ -232,11 +241,12 @@ impl Footprint {
                 // backbone and cache are read into memory and must fit.
                 if slot_bytes > 0 && base + self.min_cache_bytes > avail {
                     return Err(Error::invalid(format!(
-                        "{} of memory is smaller than the backbone's needs: {} resident + {} KV for {} tokens + {} headroom + {} for one token's experts of one layer = {}; a smaller --ctx, a q4_k backbone, or more memory",
+                        "{} of memory is smaller than the backbone's needs: {} resident + {} KV for {} tokens + {} activations + {} headroom + {} for one token's experts of one layer = {}; a smaller --ctx, a q4_k backbone, or more memory",
                         human_bytes(avail),
                         human_bytes(backbone_bytes),
                         human_bytes(kv_bytes),
                         self.ctx,
+                        human_bytes(activation_bytes),
                         human_bytes(headroom_bytes),
                         human_bytes(self.min_cache_bytes),
                         human_bytes(base + self.min_cache_bytes)
@@ -266,6 +276,7 @@ impl Footprint {
             kv_bytes,
             ctx: self.ctx,
             sequences: self.sequences,
+            activation_bytes,
             available_bytes,
             headroom_bytes,
             room_bytes,
@@ -280,10 +291,19 @@ fn sequences(opts: &LoadOptions) -> usize {
     opts.parallel.max(1)
 }
 
-/// What `--ram-budget auto` leaves beside backbone, KV and cache out of
-/// `avail` bytes: the binary's pages, tokenizer, activations, thread stacks.
-/// Under an 824 MiB cgroup with the 8-layer bench vault (331 MiB backbone,
-/// 48 MiB KV), peak usage stayed 140-190 MiB above backbone + budget
+/// Activations of the largest forward pass `sequences` sequences run with
+/// prompts cut into `prefill_chunk`-token chunks: a batch step feeds one
+/// chunk's worth of prompt tokens beside a token of each other sequence.
+pub fn activation_bytes(cfg: &ModelConfig, prefill_chunk: usize, sequences: usize) -> u64 {
+    let sequences = sequences.max(1);
+    cfg.activation_bytes(prefill_chunk.max(1) + sequences - 1, sequences)
+}
+
+/// What `--ram-budget auto` leaves beside backbone, KV, activations and
+/// cache out of `avail` bytes: the binary's pages, tokenizer, thread stacks,
+/// the allocator's slack. Under an 824 MiB cgroup with the 8-layer bench
+/// vault (331 MiB backbone, 48 MiB KV, 118 MiB of activations for a
+/// 512-token chunk), peak usage stayed 140-190 MiB above backbone + budget
 /// (`bench/vs-llama.cpp.sh`).
 pub fn headroom(avail: u64) -> u64 {
     (avail / 10).max(192 << 20)

@@ -579,6 +579,7 @@ pub fn memory_plan(
         kv_bytes: c.kv_bytes(ctx) * sequences as u64,
         ctx,
         sequences,
+        activation_bytes: crate::memory::activation_bytes(c, PROMPT_TOKENS, sequences),
         quant: sizes.quant.clone(),
         direct_io: None,
     };
@@ -587,12 +588,13 @@ pub fn memory_plan(
     if let Budget::Bytes(asked) = budget {
         if plan.cache_bytes > room {
             return Err(Error::invalid(format!(
-                "an expert cache of {} does not fit: {} of RAM leaves {} beside backbone {}, KV {} and headroom {}",
+                "an expert cache of {} does not fit: {} of RAM leaves {} beside backbone {}, KV {}, activations {} and headroom {}",
                 human_bytes(asked),
                 human_bytes(ram),
                 human_bytes(room),
                 human_bytes(plan.backbone_bytes),
                 human_bytes(plan.kv_bytes),
+                human_bytes(plan.activation_bytes),
                 human_bytes(plan.headroom_bytes)
             )));
         }
@@ -1123,6 +1125,7 @@ pub fn to_json(
                 "kv_bytes": plan.kv_bytes,
                 "ctx": plan.ctx,
                 "sequences": plan.sequences,
+                "activation_bytes": plan.activation_bytes,
                 "headroom_bytes": plan.headroom_bytes,
                 "expert_cache_bytes": plan.cache_bytes,
                 "expert_cache_slots": plan.cache_slots,

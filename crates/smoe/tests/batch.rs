@@ -296,10 +296,15 @@ fn the_memory_plan_holds_a_kv_cache_per_sequence() {
     assert_eq!((one.sequences, four.sequences), (1, 4));
     assert!(one.kv_bytes > 0);
     assert_eq!(four.kv_bytes, 4 * one.kv_bytes);
-    // Memory for the backbone, four caches, the headroom and a few slots:
-    // one sequence leaves room to cache every expert, four do not.
-    let avail =
-        smoe::memory::headroom(0) + one.resident_bytes + four.kv_bytes + 12 * one.slot_bytes;
+    assert!(four.activation_bytes > one.activation_bytes);
+    // Memory for the backbone, four caches, a batch's activations, the
+    // headroom and a few slots: one sequence leaves room to cache every
+    // expert, four do not.
+    let avail = smoe::memory::headroom(0)
+        + one.resident_bytes
+        + four.kv_bytes
+        + four.activation_bytes
+        + 12 * one.slot_bytes;
     let (one, four) = (
         one.plan(Budget::Auto, Some(avail)).unwrap(),
         four.plan(Budget::Auto, Some(avail)).unwrap(),
