@@ -70,6 +70,31 @@ fn published_configs_give_plans_of_their_published_size() {
     }
 }
 
+/// A matrix larger than this machine's memory and swap is listed in
+/// address space the kernel does not charge: `smoe plan` once refused a
+/// config with one on a host without overcommit ("mapping 137438953472
+/// bytes of address space: Cannot allocate memory").
+#[test]
+fn a_config_larger_than_this_machine_is_planned() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wide: Value =
+        serde_json::from_str(&fs::read_to_string(config("Qwen3-235B-A22B")).unwrap()).unwrap();
+    // Each expert matrix 2^24 x 4096 = 2^36 elements, 128 GiB as bf16.
+    wide["moe_intermediate_size"] = (1u64 << 24).into();
+    fs::write(dir.path().join("config.json"), wide.to_string()).unwrap();
+    let path = dir.path().join("config.json");
+    let mut args = vec![path_str(&path), "--ram", "4096TiB"];
+    args.extend(GIVEN);
+    let plan = plan_json(&args);
+    let experts = plan["model"]["expert_bytes"]["q4_k"].as_f64().unwrap();
+    // 94 layers x 128 experts x 3 matrices of 2^36 q4_k weights (4.5 bits).
+    let expected = 94.0 * 128.0 * 3.0 * (1u64 << 36) as f64 * 4.5 / 8.0;
+    assert!(
+        (experts / expected - 1.0).abs() < 0.01,
+        "{experts} expert bytes, expected about {expected}"
+    );
+}
+
 #[test]
 fn a_vault_is_planned_exactly_as_its_config_predicted() {
     let dir = tempfile::tempdir().unwrap();
@@ -313,6 +338,31 @@ fn bad_input_gets_one_clear_line() {
             "num_hidden_layers 94 x num_experts 16777216 is 1577058304 routed experts, expected at most 262144",
         ],
     );
+    // Dimensions within bounds whose matrix is terabytes: the planner once
+    // planned them where the host lends that much address space, and
+    // failed with the OS's error where it does not.
+    for (key, value, expect) in [
+        (
+            "hidden_size",
+            1u64 << 24,
+            "vocab_size (151936) x hidden_size (16777216) is a matrix of 2549063090176 elements",
+        ),
+        (
+            "num_attention_heads",
+            1 << 20,
+            "num_attention_heads x head_dim (134217728) x hidden_size (4096)",
+        ),
+    ] {
+        let mut wide: Value = serde_json::from_str(&fs::read_to_string(&big).unwrap()).unwrap();
+        wide[key] = value.into();
+        let wide_dir = dir.path().join(format!("wide-{key}"));
+        fs::create_dir(&wide_dir).unwrap();
+        fs::write(wide_dir.join("config.json"), wide.to_string()).unwrap();
+        bad(
+            &[path_str(&wide_dir.join("config.json"))],
+            &["config.json", expect, "expected at most 68719476736"],
+        );
+    }
     bad(&[path_str(&gguf)], &["model.gguf", "truncated"]);
     bad(&[path_str(&big), "--device", "cuda"], &["give --vram"]);
     bad(&[path_str(&big), "--device", "tpu"], &["tpu", "cpu, cuda"]);

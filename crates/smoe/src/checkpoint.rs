@@ -40,10 +40,14 @@ pub fn map_file(path: &Path) -> Result<MappedFile> {
 
 /// `len` bytes of zeros that [`Weight`]s can point into, costing address
 /// space only: the planner hands them to [`crate::model::Decoder::load`] to
-/// learn which tensors a config implies without any weights at hand.
+/// learn which tensors a config implies without any weights at hand. The
+/// pages are never written, so they are not charged against the memory the
+/// kernel lets a process commit (MAP_NORESERVE): a 100 GB tensor is
+/// planned on a 24 GB machine without swap as on any other.
 pub fn zeros(len: usize) -> Result<MappedFile> {
     let map = memmap2::MmapOptions::new()
         .len(len.max(1))
+        .no_reserve_swap()
         .map_anon()
         .and_then(|m| m.make_read_only())
         .map_err(|e| Error::invalid(format!("mapping {len} bytes of address space: {e}")))?;

@@ -31,6 +31,11 @@ pub const MAX_ROUTED_EXPERTS: usize = 1 << 18;
 /// far above any published model, small enough that products of two of
 /// them cannot overflow when memory is planned.
 pub const MAX_DIM: usize = 1 << 24;
+/// Most elements in one weight matrix: 2^36 (128 GiB as bf16), 58x the
+/// largest published one (Kimi-K2's embedding, 163,840 x 7,168). Two
+/// dimensions under [`MAX_DIM`] can still multiply to terabytes, which the
+/// planner's tensor listing would try to map.
+pub const MAX_MATRIX: u64 = 1 << 36;
 
 /// Bounds on the config's sizes, before any allocation or per-layer loop
 /// depends on them; [`ModelConfig`]'s own validation runs this first.
@@ -59,6 +64,65 @@ pub fn sizes(cfg: &ModelConfig, path: &Path) -> Result<()> {
     ] {
         if v > MAX_DIM {
             return bad(format!("{key} is {v}, expected at most {MAX_DIM}"));
+        }
+    }
+    let hidden = cfg.hidden_size;
+    let mut matrices = vec![
+        ("vocab_size", cfg.vocab_size, "hidden_size", hidden),
+        (
+            "intermediate_size",
+            cfg.intermediate_size,
+            "hidden_size",
+            hidden,
+        ),
+        (
+            "moe_intermediate_size",
+            cfg.moe_intermediate_size,
+            "hidden_size",
+            hidden,
+        ),
+        (
+            "shared_expert_intermediate_size",
+            cfg.shared_expert_intermediate_size,
+            "hidden_size",
+            hidden,
+        ),
+        (
+            "num_attention_heads x head_dim",
+            cfg.num_attention_heads * cfg.head_dim,
+            "hidden_size",
+            hidden,
+        ),
+    ];
+    if let Some(m) = cfg.mla {
+        let heads = cfg.num_attention_heads;
+        matrices.extend([
+            (
+                "num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim)",
+                heads * (m.qk_nope_head_dim + m.qk_rope_head_dim),
+                "q_lora_rank",
+                m.q_lora_rank.unwrap_or(hidden),
+            ),
+            (
+                "num_attention_heads x (qk_nope_head_dim + v_head_dim)",
+                heads * (m.qk_nope_head_dim + m.v_head_dim),
+                "kv_lora_rank",
+                m.kv_lora_rank,
+            ),
+            (
+                "num_attention_heads x v_head_dim",
+                heads * m.v_head_dim,
+                "hidden_size",
+                hidden,
+            ),
+        ]);
+    }
+    for (rows_key, rows, cols_key, cols) in matrices {
+        let elements = (rows as u64).saturating_mul(cols as u64);
+        if elements > MAX_MATRIX {
+            return bad(format!(
+                "{rows_key} ({rows}) x {cols_key} ({cols}) is a matrix of {elements} elements, expected at most {MAX_MATRIX}"
+            ));
         }
     }
     if cfg.num_experts == 0 {
