@@ -529,11 +529,15 @@ fn memory_findings(
         return out;
     };
     let base = fp.resident_bytes + fp.kv_bytes + fp.activation_bytes;
+    // What the memory planner keeps free under auto, so that this check
+    // refuses exactly what loading would.
+    let headroom = crate::memory::headroom(avail);
     match budget {
-        Budget::Auto if base + fp.min_cache_bytes > avail => {
+        Budget::Auto if base + headroom + fp.min_cache_bytes > avail => {
             let mut fixes = Vec::new();
             if let Some((q, bytes)) = fp.smaller_backbone {
-                let verdict = if bytes + base - fp.resident_bytes + fp.min_cache_bytes <= avail {
+                let rest = base - fp.resident_bytes + headroom + fp.min_cache_bytes;
+                let verdict = if bytes + rest <= avail {
                     "would fit"
                 } else {
                     "would still not fit"
@@ -554,11 +558,12 @@ fn memory_findings(
             out.push(Finding::error(
                 Code::BackboneTooLarge,
                 format!(
-                    "{d}: not enough memory even for the backbone: it needs {} resident + {} KV for {} tokens + {} activations + {} for one token's experts, and {} is available; {}",
+                    "{d}: not enough memory even for the backbone: it needs {} resident + {} KV for {} tokens + {} activations + {} headroom + {} for one token's experts, and {} is available; {}",
                     human_bytes(fp.resident_bytes),
                     human_bytes(fp.kv_bytes),
                     fp.ctx,
                     human_bytes(fp.activation_bytes),
+                    human_bytes(headroom),
                     human_bytes(fp.min_cache_bytes),
                     human_bytes(avail),
                     fixes.join("; ")
@@ -661,6 +666,27 @@ mod tests {
         let f = memory_findings(dir, &fp, Budget::Bytes(4 << 30), Some(12 << 30));
         assert_eq!(codes(&f), [Code::OverCommitted]);
         assert!(!f[0].is_error() && !f[0].code.blocks_loading());
+    }
+
+    #[test]
+    fn auto_refuses_exactly_what_the_planner_refuses() {
+        let dir = Path::new("/v");
+        let fp = footprint(true);
+        // Smallest memory the planner accepts: find it, then check both
+        // sides of it.
+        let (mut lo, mut hi) = (1u64 << 30, 64u64 << 30);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fp.plan(Budget::Auto, Some(mid)).is_ok() {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        assert!(memory_findings(dir, &fp, Budget::Auto, Some(hi)).is_empty());
+        let f = memory_findings(dir, &fp, Budget::Auto, Some(lo));
+        assert_eq!(codes(&f), [Code::BackboneTooLarge]);
+        assert!(f[0].message.contains("headroom"), "{}", f[0].message);
     }
 
     #[test]
