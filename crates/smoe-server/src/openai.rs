@@ -210,23 +210,27 @@ pub(crate) fn chat_request(body: &[u8]) -> Result<Parsed, ApiError> {
         Some("none") => None,
         _ => req.tools.filter(|t| !t.is_empty()).map(Value::from),
     };
-    Ok(Parsed {
-        gen: Generate {
-            prompt: PromptInput::Chat {
-                messages: template_messages(req.messages)?,
-                tools,
-                kwargs: req.chat_template_kwargs.unwrap_or_default(),
-            },
-            params: req.sampling.params()?,
-            max_tokens,
-            stop: Stop::list(req.stop),
+    let gen = Generate {
+        prompt: PromptInput::Chat {
+            messages: template_messages(req.messages)?,
+            tools,
+            kwargs: req.chat_template_kwargs.unwrap_or_default(),
         },
-        stream: req.stream.unwrap_or(false),
-        include_usage: req
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-    })
+        params: req.sampling.params()?,
+        max_tokens,
+        stop: Stop::list(req.stop),
+    };
+    Ok(parsed(gen, req.stream, req.stream_options))
+}
+
+/// A request as the engine takes it, with whether the reply streams and,
+/// if so, ends with a usage chunk (`stream_options.include_usage`).
+fn parsed(gen: Generate, stream: Option<bool>, options: Option<StreamOptions>) -> Parsed {
+    Parsed {
+        gen,
+        stream: stream.unwrap_or(false),
+        include_usage: options.and_then(|o| o.include_usage).unwrap_or(false),
+    }
 }
 
 pub(crate) async fn chat_completions(
@@ -538,19 +542,13 @@ pub(crate) fn completion_request(body: &[u8]) -> Result<Parsed, ApiError> {
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt must not be empty").param("prompt"));
     }
-    Ok(Parsed {
-        gen: Generate {
-            prompt: PromptInput::Raw(prompt),
-            params: req.sampling.params()?,
-            max_tokens,
-            stop: Stop::list(req.stop),
-        },
-        stream: req.stream.unwrap_or(false),
-        include_usage: req
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-    })
+    let gen = Generate {
+        prompt: PromptInput::Raw(prompt),
+        params: req.sampling.params()?,
+        max_tokens,
+        stop: Stop::list(req.stop),
+    };
+    Ok(parsed(gen, req.stream, req.stream_options))
 }
 
 pub(crate) async fn completions(
