@@ -330,27 +330,37 @@ impl ModelConfig {
         (self.num_hidden_layers * ctx * self.kv_floats_per_position() * 4) as u64
     }
 
-    /// f32 activations a forward pass over `tokens` tokens of `sequences`
-    /// sequences holds at once.
-    /// Its buffers are reused layer after layer, so this is one layer's
-    /// largest: the residual stream and its norm, attention's queries, keys,
-    /// values and outputs (MLA's latents and absorbed queries instead), the
+    /// Bytes of activations a forward pass over `tokens` tokens of
+    /// `sequences` sequences holds at once. Its buffers are reused layer
+    /// after layer, so this is one layer's largest, in f32: the residual
+    /// stream and its norm, RoPE's tables, attention's queries, keys, values
+    /// and outputs (MLA's latents and absorbed queries instead), the
     /// router's logits, the MoE's rows gathered by expert with their outputs
     /// and the experts' gate and up products, a dense or shared FFN's gate
-    /// and up, and one row of LM-head logits. Small per-thread buffers
-    /// (attention partials, quantized activations) are left out.
+    /// and up, a row of LM-head logits per sequence; the routing's
+    /// bookkeeping, and the quantized copy a quantized product makes of its
+    /// widest input (the gathered rows: a byte a value and block scales).
+    /// What is left out does not grow with `tokens`: the kernels'
+    /// per-thread buffers, a few KiB each (`tests/alloc.rs` measures both).
     pub fn activation_bytes(&self, tokens: usize, sequences: usize) -> u64 {
         let attention = match self.mla {
             Some(m) => {
-                let row = m.kv_lora_rank + m.qk_rope_head_dim;
-                self.num_attention_heads
-                    * (m.qk_nope_head_dim + m.qk_rope_head_dim + row + 2 * m.kv_lora_rank)
+                // Queries (later the values), absorbed queries, each
+                // head's latent output and its absorbed copy; the shared
+                // latent row, one head's latent and values.
+                let (rank, row) = (m.kv_lora_rank, m.kv_lora_rank + m.qk_rope_head_dim);
+                let q = (m.qk_nope_head_dim + m.qk_rope_head_dim).max(m.v_head_dim);
+                self.num_attention_heads * (q + row + 2 * rank) + row + rank + m.v_head_dim
             }
             None => 2 * (self.num_attention_heads + self.num_key_value_heads) * self.head_dim,
         };
+        let k = self.num_experts_per_tok;
+        let widest = k * self.hidden_size.max(self.moe_intermediate_size);
         let moe = if self.num_experts > 0 {
-            self.num_experts
-                + 2 * self.num_experts_per_tok * (self.hidden_size + self.moe_intermediate_size)
+            // Router logits; each (token, expert) pair's id and weight and
+            // its place in expert order (16 bytes); gathered rows, outputs,
+            // gate and up.
+            self.num_experts + 4 * k + 2 * k * (self.hidden_size + self.moe_intermediate_size)
         } else {
             0
         };
@@ -361,11 +371,14 @@ impl ModelConfig {
         } else {
             self.shared_expert_intermediate_size
         };
-        let per_token = 3 * self.hidden_size + attention + moe + ffn;
+        // The call's cos and sin tables, and one sequence's before joining.
+        let rope = 2 * self.rope_dim();
+        let floats = 3 * self.hidden_size + rope + attention + moe + ffn;
+        // q8 blocks: 32 values in 34 bytes, or 256 in 292 (q8_k).
+        let quantized = widest + widest / 7;
         (tokens as u64)
-            .saturating_mul(per_token as u64)
-            .saturating_add((sequences * self.vocab_size) as u64)
-            .saturating_mul(4)
+            .saturating_mul((4 * floats + quantized) as u64)
+            .saturating_add((4 * sequences * self.vocab_size) as u64)
     }
 
     fn validate(&self, path: &Path) -> Result<()> {

@@ -302,7 +302,7 @@ pub fn activation_bytes(cfg: &ModelConfig, prefill_chunk: usize, sequences: usiz
 /// What `--ram-budget auto` leaves beside backbone, KV, activations and
 /// cache out of `avail` bytes: the binary's pages, tokenizer, thread stacks,
 /// the allocator's slack. Under an 824 MiB cgroup with the 8-layer bench
-/// vault (331 MiB backbone, 48 MiB KV, 118 MiB of activations for a
+/// vault (331 MiB backbone, 48 MiB KV, 129 MiB of activations for a
 /// 512-token chunk), peak usage stayed 140-190 MiB above backbone + budget
 /// (`bench/vs-llama.cpp.sh`).
 pub fn headroom(avail: u64) -> u64 {

@@ -3,11 +3,13 @@
 //! are sized once and reused. Counted with a global allocator
 //! (this test binary only), resident and streamed from a q8_0 vault whose
 //! cache holds a third of the experts, so that misses, reads and evictions
-//! happen during the counted steps.
+//! happen during the counted steps. And a prompt's forward pass holds no
+//! more than the memory plan's activations for it, in every family.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use smoe::engine::Engine;
 use smoe::kernels::DType;
@@ -19,18 +21,46 @@ use smoe::vault::convert::{convert, ConvertOptions};
 struct Counting;
 
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+/// Bytes allocated and not yet freed, and the most of them since the
+/// last [`reset_peak`].
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// Held by each test for its whole run: the counters are the process's,
+/// and tests run on threads side by side.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn grew(by: usize) {
+    let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+fn reset_peak() -> usize {
+    let now = LIVE.load(Ordering::Relaxed);
+    PEAK.store(now, Ordering::Relaxed);
+    now
+}
 
 // SAFETY: forwards every call to the system allocator unchanged.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        grew(layout.size());
         System.alloc(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
         System.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // Both blocks may be live while the contents move.
+        grew(new_size);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
         System.realloc(ptr, layout, new_size)
     }
 }
@@ -77,6 +107,7 @@ fn decode_allocations(engine: &Engine) -> (usize, u64) {
 
 #[test]
 fn warm_decode_steps_allocate_nothing() {
+    let _serial = serial();
     let engine = Engine::load(&fixture("qwen3-moe-a")).unwrap();
     let (resident, _) = decode_allocations(&engine);
 
@@ -117,4 +148,65 @@ fn warm_decode_steps_allocate_nothing() {
         streamed as u64 <= 2 * threads as u64 + reads,
         "24 warm decode steps with {reads} expert reads allocated {streamed} times"
     );
+}
+
+/// Bytes a fresh engine of `name` allocates for a `tokens`-token prompt's
+/// forward pass (and one sampled token) beyond its KV cache, and what the
+/// memory plan reserves for those activations.
+fn prompt_allocation(name: &str, tokens: usize) -> (u64, u64) {
+    let engine = Engine::load(&fixture(name)).unwrap();
+    let cfg = engine.config();
+    let prompt: Vec<u32> = (0..tokens as u32)
+        .map(|i| (i * 37) % cfg.vocab_size as u32)
+        .collect();
+    // The session reserves the prompt's positions and one more.
+    let kv = cfg.kv_bytes(tokens + 1);
+    let mut session = engine.new_session();
+    let before = reset_peak();
+    engine
+        .generate(&mut session, &prompt, &SamplingParams::default(), 1, |_| ())
+        .unwrap();
+    let used = (PEAK.load(Ordering::Relaxed) - before) as u64 - kv;
+    (used, cfg.activation_bytes(tokens, 1))
+}
+
+/// The memory plan reserves `ModelConfig::activation_bytes` for a forward
+/// pass. Per prompt token, what a pass allocates grows no faster than
+/// that, and not at half its rate; what does not grow with the prompt
+/// (the kernels' per-thread buffers, which the plan leaves to its
+/// headroom) stays within 64 KiB. Fixtures with bf16 weights, so the
+/// plan's quantized copy of the experts' input is not made: it is one of
+/// the reasons the ratio is below 1.
+#[test]
+fn a_prompt_allocates_what_the_plan_reserves_for_activations() {
+    const UNPLANNED: u64 = 64 << 10;
+    let _serial = serial();
+    for name in [
+        "qwen3-moe-a",
+        "qwen2-moe",
+        "mixtral",
+        "olmoe",
+        "deepseek-v2",
+        "deepseek-v3",
+    ] {
+        let (short, long) = (64, 511);
+        let (used_short, planned_short) = prompt_allocation(name, short);
+        let (used, planned) = prompt_allocation(name, long);
+        let per_token = |a: u64, b: u64| (a as f64 - b as f64) / (long - short) as f64;
+        let (used_rate, planned_rate) = (
+            per_token(used, used_short),
+            per_token(planned, planned_short),
+        );
+        println!(
+            "{name}: {long} tokens {used} bytes beyond KV, {planned} planned; per token {used_rate:.0} bytes, {planned_rate:.0} planned"
+        );
+        assert!(
+            used_rate <= planned_rate && used_rate > planned_rate / 2.0,
+            "{name}: a prompt token allocates {used_rate:.0} bytes, the plan reserves {planned_rate:.0}"
+        );
+        assert!(
+            used <= planned + UNPLANNED,
+            "{name}: {long} tokens allocated {used} bytes beyond their KV cache, the plan reserves {planned}"
+        );
+    }
 }
