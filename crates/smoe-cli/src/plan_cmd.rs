@@ -47,8 +47,8 @@ pub(crate) struct PlanArgs {
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
     /// Sequences decoding at once, each with a KV cache of --ctx tokens:
-    /// `serve --parallel` (run and chat decode one).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    /// `serve --parallel` (run and chat decode one), which takes 1 to 256.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     parallel: u64,
     /// Where the model runs: cpu, cuda, cuda:N, or auto (the GPU where
     /// there is one). On a GPU: the backbone, KV and as many layers'

@@ -287,3 +287,29 @@ fn device_cuda_where_it_cannot_run() {
     let err = String::from_utf8_lossy(&smoe(&args("gpu")).stderr).into_owned();
     assert!(err.contains("expected cpu, cuda, cuda:N or auto"), "{err}");
 }
+
+/// The largest numbers the flags take plan and run: the memory plan once
+/// overflowed summing activations for a 2^64-1-token prefill chunk (a
+/// panic in a debug build), and `smoe plan --parallel` took any count.
+#[test]
+fn the_largest_sizes_flags_take_plan_and_run() {
+    let dir = fixture("qwen3-moe-a");
+    let most = u64::MAX.to_string();
+    for flags in [
+        vec!["--prefill-chunk", most.as_str()],
+        vec!["--ctx", most.as_str(), "--prefill-chunk", most.as_str()],
+    ] {
+        let mut args = vec!["run", "--model", path_str(&dir), "--ids", "1,2,3"];
+        args.extend(["--max-tokens", "2"]);
+        args.extend(flags);
+        smoe_ok(&args);
+    }
+    let config = dir.join("config.json");
+    let out = smoe(&["plan", path_str(&config), "--parallel", "257"]);
+    // A usage error: clap's status 2 and message.
+    assert_eq!(out.status.code(), Some(2));
+    assert_mentions(
+        &String::from_utf8_lossy(&out.stderr),
+        &["--parallel", "1..=256"],
+    );
+}

@@ -121,7 +121,7 @@ impl Footprint {
             kv_bytes: cfg.kv_bytes(ctx) * sequences(opts) as u64,
             ctx,
             sequences: sequences(opts),
-            activation_bytes: activation_bytes(cfg, opts.prefill_chunk, sequences(opts)),
+            activation_bytes: activation_bytes(cfg, opts.prefill_chunk.min(ctx), sequences(opts)),
             quant: dtypes.into_iter().collect::<Vec<_>>().join(", "),
             direct_io: None,
         })
@@ -164,7 +164,7 @@ impl Footprint {
             kv_bytes: cfg.kv_bytes(ctx) * sequences(opts) as u64,
             ctx,
             sequences: sequences(opts),
-            activation_bytes: activation_bytes(cfg, opts.prefill_chunk, sequences(opts)),
+            activation_bytes: activation_bytes(cfg, opts.prefill_chunk.min(ctx), sequences(opts)),
             quant: format!("experts {}, backbone {}", join(experts), join(backbone)),
             direct_io: Some(DirectFile::open(g.path())?.direct),
         })
@@ -209,7 +209,7 @@ impl Footprint {
             kv_bytes: cfg.kv_bytes(ctx) * sequences(opts) as u64,
             ctx,
             sequences: sequences(opts),
-            activation_bytes: activation_bytes(cfg, opts.prefill_chunk, sequences(opts)),
+            activation_bytes: activation_bytes(cfg, opts.prefill_chunk.min(ctx), sequences(opts)),
             quant: m.stored_quant(),
             direct_io: Some(DirectFile::open(&vault.experts_path())?.direct),
         })
@@ -294,9 +294,13 @@ fn sequences(opts: &LoadOptions) -> usize {
 /// Activations of the largest forward pass `sequences` sequences run with
 /// prompts cut into `prefill_chunk`-token chunks: a batch step feeds one
 /// chunk's worth of prompt tokens beside a token of each other sequence.
+/// Callers pass a chunk no longer than the context, as no prompt is.
 pub fn activation_bytes(cfg: &ModelConfig, prefill_chunk: usize, sequences: usize) -> u64 {
     let sequences = sequences.max(1);
-    cfg.activation_bytes(prefill_chunk.max(1) + sequences - 1, sequences)
+    cfg.activation_bytes(
+        prefill_chunk.max(1).saturating_add(sequences - 1),
+        sequences,
+    )
 }
 
 /// What `--ram-budget auto` leaves beside backbone, KV, activations and

@@ -579,7 +579,7 @@ pub fn memory_plan(
         kv_bytes: c.kv_bytes(ctx) * sequences as u64,
         ctx,
         sequences,
-        activation_bytes: crate::memory::activation_bytes(c, PROMPT_TOKENS, sequences),
+        activation_bytes: crate::memory::activation_bytes(c, PROMPT_TOKENS.min(ctx), sequences),
         quant: sizes.quant.clone(),
         direct_io: None,
     };
