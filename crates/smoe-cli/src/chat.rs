@@ -208,11 +208,7 @@ fn summary(engine: &Engine, a: &ChatArgs, params: &SamplingParams, ctx: usize) -
                 fp.quant
             );
             let free = smoe::model::available_memory()
-                .map(|a| {
-                    human_bytes(
-                        a.saturating_sub(fp.resident_bytes + fp.kv_bytes + fp.activation_bytes),
-                    )
-                })
+                .map(|a| human_bytes(a.saturating_sub(fp.fixed_bytes())))
                 .unwrap_or_else(|| "unknown".into());
             format!(
                 "weights {} | KV {} for {} tokens | free {free} | direct I/O not used (no vault: smoe convert makes one)",

@@ -476,11 +476,7 @@ fn describe_plan(p: &MemoryPlan) -> String {
         kv_extent(p.sequences, p.ctx),
         human_bytes(p.activation_bytes),
         p.available_bytes
-            .map(|a| {
-                human_bytes(a.saturating_sub(
-                    p.backbone_bytes + p.cache_bytes + p.kv_bytes + p.activation_bytes,
-                ))
-            })
+            .map(|a| human_bytes(a.saturating_sub(p.planned_bytes())))
             .unwrap_or_else(|| "unknown".into()),
         if p.direct_io { "on" } else { "off (buffered + fadvise)" },
     )

@@ -472,9 +472,7 @@ fn print(
         human_bytes(t.cache_bytes),
         t.cache_slots,
         100.0 * fraction,
-        human_bytes(
-            t.backbone_bytes + t.kv_bytes + t.activation_bytes + t.headroom_bytes + t.cache_bytes
-        ),
+        human_bytes(t.planned_bytes() + t.headroom_bytes),
         human_bytes(t.room_bytes.unwrap_or(0).saturating_sub(t.cache_bytes))
     )?;
     if let Some((g, v, _)) = on_gpu {

@@ -499,9 +499,7 @@ fn memory_findings(
                     human_bytes(b)
                 ),
             )),
-            (Budget::Auto, Some(avail))
-                if fp.resident_bytes + fp.kv_bytes + fp.activation_bytes > avail =>
-            {
+            (Budget::Auto, Some(avail)) if fp.fixed_bytes() > avail => {
                 out.push(Finding::error(
                     Code::NeedsVault,
                     format!(
@@ -528,16 +526,14 @@ fn memory_findings(
     let Some(avail) = available else {
         return out;
     };
-    let base = fp.resident_bytes + fp.kv_bytes + fp.activation_bytes;
-    // What the memory planner keeps free under auto, so that this check
-    // refuses exactly what loading would.
-    let headroom = crate::memory::headroom(avail);
+    // The planner's own floor, so that this check refuses exactly what
+    // loading would.
+    let least = fp.least_memory(avail);
     match budget {
-        Budget::Auto if base + headroom + fp.min_cache_bytes > avail => {
+        Budget::Auto if least > avail => {
             let mut fixes = Vec::new();
             if let Some((q, bytes)) = fp.smaller_backbone {
-                let rest = base - fp.resident_bytes + headroom + fp.min_cache_bytes;
-                let verdict = if bytes + rest <= avail {
+                let verdict = if least - fp.resident_bytes + bytes <= avail {
                     "would fit"
                 } else {
                     "would still not fit"
@@ -563,14 +559,14 @@ fn memory_findings(
                     human_bytes(fp.kv_bytes),
                     fp.ctx,
                     human_bytes(fp.activation_bytes),
-                    human_bytes(headroom),
+                    human_bytes(crate::memory::headroom(avail)),
                     human_bytes(fp.min_cache_bytes),
                     human_bytes(avail),
                     fixes.join("; ")
                 ),
             ));
         }
-        Budget::Bytes(b) if base + b > avail => out.push(Finding::warning(
+        Budget::Bytes(b) if fp.fixed_bytes() + b > avail => out.push(Finding::warning(
             Code::OverCommitted,
             format!(
                 "{d}: backbone {} + KV {} + activations {} + --ram-budget {} exceed the {} available: expect swapping; lower --ram-budget or use auto",

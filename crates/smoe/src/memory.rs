@@ -51,6 +51,14 @@ pub struct MemoryPlan {
     pub direct_io: bool,
 }
 
+impl MemoryPlan {
+    /// Everything planned but the headroom: backbone, KV cache,
+    /// activations and expert cache.
+    pub fn planned_bytes(&self) -> u64 {
+        self.backbone_bytes + self.kv_bytes + self.activation_bytes + self.cache_bytes
+    }
+}
+
 /// What a model needs in RAM on this machine as it is stored, known
 /// before anything is loaded.
 #[derive(Debug, Clone)]
@@ -215,6 +223,19 @@ impl Footprint {
         })
     }
 
+    /// What stays in RAM beside the expert cache: the resident weights, the
+    /// KV cache and one forward pass's activations.
+    pub fn fixed_bytes(&self) -> u64 {
+        self.resident_bytes + self.kv_bytes + self.activation_bytes
+    }
+
+    /// The least memory `--ram-budget auto` runs a vault in, out of `avail`
+    /// bytes: what stays beside the cache, the [`headroom`] and one
+    /// token's experts of one layer.
+    pub fn least_memory(&self, avail: u64) -> u64 {
+        self.fixed_bytes() + headroom(avail) + self.min_cache_bytes
+    }
+
     /// The one memory planner (run, chat, serve, check, inspect, plan): a
     /// vault's expert cache gets the budget, in whole slots: at least one
     /// token's experts of one layer (fewer could not run a layer at all),
@@ -224,10 +245,9 @@ impl Footprint {
     /// least cache is refused with the sum it needed.
     pub fn plan(&self, budget: Budget, available_bytes: Option<u64>) -> Result<MemoryPlan> {
         let (slot_bytes, kv_bytes) = (self.slot_bytes, self.kv_bytes);
-        let backbone_bytes = self.resident_bytes;
+        let (backbone_bytes, activation_bytes) = (self.resident_bytes, self.activation_bytes);
         let headroom_bytes = available_bytes.map_or(0, headroom);
-        let activation_bytes = self.activation_bytes;
-        let base = backbone_bytes + kv_bytes + activation_bytes + headroom_bytes;
+        let base = self.fixed_bytes() + headroom_bytes;
         let room_bytes = available_bytes.map(|a| a.saturating_sub(base));
         let budget = match budget {
             Budget::Bytes(b) => b,
@@ -239,7 +259,7 @@ impl Footprint {
                 })?;
                 // A checkpoint is mapped whole and may page; a vault's
                 // backbone and cache are read into memory and must fit.
-                if slot_bytes > 0 && base + self.min_cache_bytes > avail {
+                if slot_bytes > 0 && self.least_memory(avail) > avail {
                     return Err(Error::invalid(format!(
                         "{} of memory is smaller than the backbone's needs: {} resident + {} KV for {} tokens + {} activations + {} headroom + {} for one token's experts of one layer = {}; a smaller --ctx, a q4_k backbone, or more memory",
                         human_bytes(avail),
@@ -249,7 +269,7 @@ impl Footprint {
                         human_bytes(activation_bytes),
                         human_bytes(headroom_bytes),
                         human_bytes(self.min_cache_bytes),
-                        human_bytes(base + self.min_cache_bytes)
+                        human_bytes(self.least_memory(avail))
                     )));
                 }
                 avail - base
